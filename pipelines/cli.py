@@ -1,0 +1,73 @@
+"""The `nlpctr` command: a thin dispatcher onto each job's own `run(argv)`.
+
+Each job parses its own flags and hands the rest to Beam's PipelineOptions, so any Beam
+option (`--runner`, `--direct_num_workers`, ...) passes straight through. A user's mistake
+(`UserError`) prints one line and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from nlpctr.errors import UserError
+
+# command words -> (module, one-line help). Modules are imported on use: `nlpctr --help`
+# should not pay for importing Beam or torch.
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("data", "prepare"): ("nlpctr.pipelines.ingest", "validate a source log into impressions (Beam)"),
+    ("data", "simulate"): (
+        "nlpctr.pipelines.simulate",
+        "generate a sponsored-search log with known redundancy",
+    ),
+    ("ctr-stats",): ("nlpctr.pipelines.ctr_stats", "historical CTR features from training rows (Beam)"),
+    ("embed",): ("nlpctr.pipelines.embed_text", "frozen-BERT embeddings of unique texts (Beam RunInference)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: nlpctr COMMAND [options]  (nlpctr COMMAND --help for its options)", "", "commands:"]
+    for words, (_, text) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<16} {text}")
+    return "\n".join(lines)
+
+
+def resolve(argv: list[str]) -> tuple[Callable[[list[str]], Any], list[str]]:
+    for words, (module, _) in sorted(COMMANDS.items(), key=lambda item: -len(item[0])):
+        if tuple(argv[: len(words)]) == words:
+            return importlib.import_module(module).run, argv[len(words) :]
+    raise UserError(f"unknown command {' '.join(argv[:2])!r}\n{usage()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    # Weights come from the installed package; never reach for a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run, rest = resolve(argv)
+        result = run(rest)
+    except UserError as error:
+        print(f"nlpctr: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nlpctr: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, dict) and "summary" in result:
+        print(result["summary"])
+    elif result is not None:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

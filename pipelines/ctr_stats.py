@@ -1,0 +1,277 @@
+"""Historical CTR features per declared entity, from training rows only (Beam).
+
+    nlpctr ctr-stats --data DIR [--prior-strength 10] [beam options]
+
+For each entity in the manifest (test_id, image_id, ad_id, query_id, position, ...) it sums
+impressions and clicks over the *training* rows and smooths the CTR toward the global
+training CTR p0:  ctr = (clicks + m * p0) / (impressions + m).
+
+Two outputs, both ready to become Feast feature views:
+- `DIR/ctr_history/<entity>/`: one row per entity key (what serving looks up). Its
+  event_timestamp is the snapshot time: the earliest impression in the dataset, so every
+  impression's point-in-time join sees the snapshot (the within-group split is not temporal).
+- `DIR/ctr_history_rows/`: one row per impression (what training frames join). Training rows
+  are leave-one-out: their own impressions and clicks are subtracted first, so a row never
+  sees its own label. Valid/test rows get exactly the entity-level values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from nlpctr.errors import UserError
+from nlpctr.models.schema import SPLITS
+
+TRAIN = SPLITS[0]
+META_FILE = "_meta.json"
+
+
+def smoothed_ctr(clicks: float, impressions: float, prior_ctr: float, prior_strength: float) -> float:
+    """CTR shrunk toward the prior by `prior_strength` pseudo-impressions."""
+    return (clicks + prior_strength * prior_ctr) / (impressions + prior_strength)
+
+
+def entity_schema(entity: str) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field(entity, pa.string(), nullable=False),
+            pa.field("event_timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field(f"{entity}_impressions", pa.int64(), nullable=False),
+            pa.field(f"{entity}_clicks", pa.int64(), nullable=False),
+            pa.field(f"{entity}_ctr", pa.float64(), nullable=False),
+        ]
+    )
+
+
+def row_schema(entities: Iterable[str]) -> pa.Schema:
+    fields = [
+        pa.field("impression_id", pa.string(), nullable=False),
+        pa.field("event_timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+    for entity in entities:
+        fields.append(pa.field(f"{entity}_ctr", pa.float64(), nullable=False))
+        fields.append(pa.field(f"{entity}_impressions", pa.int64(), nullable=False))
+    return pa.schema(fields)
+
+
+def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    impressions = clicks = 0
+    for i, c in pairs:
+        impressions += i
+        clicks += c
+    return impressions, clicks
+
+
+class EntityTotals(beam.PTransform):
+    """Training rows -> (entity key, (impressions, clicks)); null keys have no history."""
+
+    def __init__(self, entity: str) -> None:
+        super().__init__()
+        self.entity = entity
+
+    def expand(self, train_rows: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
+        entity = self.entity
+        return (
+            train_rows
+            | "Key"
+            >> beam.FlatMap(
+                lambda r: [(r[entity], (r["impressions"], r["clicks"]))] if r[entity] is not None else []
+            )
+            | "Sum" >> beam.CombinePerKey(_sum_pairs)
+        )
+
+
+def _entity_row(
+    key_and_totals: tuple[str, tuple[int, int]],
+    entity: str,
+    snapshot: Any,
+    prior: dict[str, float],
+    prior_strength: float,
+) -> dict[str, Any]:
+    key, (impressions, clicks) = key_and_totals
+    return {
+        entity: key,
+        "event_timestamp": snapshot,
+        f"{entity}_impressions": impressions,
+        f"{entity}_clicks": clicks,
+        f"{entity}_ctr": smoothed_ctr(clicks, impressions, prior["ctr"], prior_strength),
+    }
+
+
+def _row_features(
+    key_and_groups: tuple[Any, dict[str, list[Any]]],
+    entity: str,
+    prior: dict[str, float],
+    prior_strength: float,
+) -> Iterator[tuple[str, tuple[str, float, int]]]:
+    """Per impression of one entity key: (impression_id, (entity, smoothed ctr, count)),
+    leave-one-out for training rows."""
+    _, groups = key_and_groups
+    totals = groups["totals"]
+    impressions, clicks = totals[0] if totals else (0, 0)
+    for row in groups["rows"]:
+        own_i, own_c = (row["impressions"], row["clicks"]) if row["split"] == TRAIN else (0, 0)
+        i, c = impressions - own_i, clicks - own_c
+        yield row["impression_id"], (entity, smoothed_ctr(c, i, prior["ctr"], prior_strength), i)
+
+
+def _merge_row(
+    id_and_groups: tuple[str, dict[str, list[Any]]],
+    entities: tuple[str, ...],
+    prior: dict[str, float],
+) -> dict[str, Any]:
+    impression_id, groups = id_and_groups
+    row: dict[str, Any] = {"impression_id": impression_id, "event_timestamp": groups["timestamp"][0]}
+    found = {entity: (ctr, count) for entity, ctr, count in groups["features"]}
+    for entity in entities:
+        # A null key has no history: it gets the prior, like a key never seen in training.
+        ctr, count = found.get(entity, (prior["ctr"], 0))
+        row[f"{entity}_ctr"] = ctr
+        row[f"{entity}_impressions"] = count
+    return row
+
+
+class CtrHistory(beam.PTransform):
+    """Impression rows -> entity-level and row-level (leave-one-out) CTR history, written."""
+
+    def __init__(self, entities: tuple[str, ...], prior_strength: float, out: Path) -> None:
+        super().__init__()
+        self.entities, self.prior_strength, self.out = entities, prior_strength, out
+
+    def expand(self, rows: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
+        train = rows | "TrainOnly" >> beam.Filter(lambda r: r["split"] == TRAIN)
+        prior = (
+            train
+            | "TrainTotals" >> beam.Map(lambda r: (r["impressions"], r["clicks"]))
+            | "GlobalSum" >> beam.CombineGlobally(_sum_pairs)
+            | "Prior" >> beam.Map(lambda t: {"impressions": t[0], "clicks": t[1], "ctr": t[1] / max(t[0], 1)})
+        )
+        snapshot = (
+            rows
+            | "Stamps" >> beam.Map(lambda r: r["event_timestamp"])
+            | "Snapshot" >> beam.CombineGlobally(min)
+        )
+        per_row = []
+        for entity in self.entities:
+            totals = train | f"Totals[{entity}]" >> EntityTotals(entity)
+            _ = (
+                totals
+                | f"Format[{entity}]"
+                >> beam.Map(
+                    _entity_row,
+                    entity,
+                    beam.pvalue.AsSingleton(snapshot),
+                    beam.pvalue.AsSingleton(prior),
+                    self.prior_strength,
+                )
+                | f"Write[{entity}]"
+                >> beam.io.WriteToParquet(
+                    str(self.out / "ctr_history" / entity / "part"),
+                    entity_schema(entity),
+                    file_name_suffix=".parquet",
+                )
+            )
+            keyed_rows = rows | f"RowsBy[{entity}]" >> beam.Map(lambda r, e=entity: (r[e], r))
+            per_row.append(
+                {"totals": totals, "rows": keyed_rows}
+                | f"Join[{entity}]" >> beam.CoGroupByKey()
+                | f"RowFeatures[{entity}]"
+                >> beam.FlatMap(_row_features, entity, beam.pvalue.AsSingleton(prior), self.prior_strength)
+            )
+        features = tuple(per_row) | "AllRowFeatures" >> beam.Flatten()
+        timestamps = rows | "RowStamps" >> beam.Map(lambda r: (r["impression_id"], r["event_timestamp"]))
+        _ = (
+            {"features": features, "timestamp": timestamps}
+            | "ByImpression" >> beam.CoGroupByKey()
+            | "MergeRow" >> beam.Map(_merge_row, self.entities, beam.pvalue.AsSingleton(prior))
+            | "WriteRows"
+            >> beam.io.WriteToParquet(
+                str(self.out / "ctr_history_rows" / "part"),
+                row_schema(self.entities),
+                file_name_suffix=".parquet",
+            )
+        )
+        meta = (
+            prior
+            | "Meta"
+            >> beam.Map(
+                lambda p, snap: json.dumps(
+                    {
+                        "entities": list(self.entities),
+                        "prior_strength": self.prior_strength,
+                        "global_ctr": p["ctr"],
+                        "train_impressions": p["impressions"],
+                        "train_clicks": p["clicks"],
+                        "snapshot_timestamp": snap.isoformat(),
+                    },
+                    sort_keys=True,
+                ),
+                beam.pvalue.AsSingleton(snapshot),
+            )
+            | "WriteMeta"
+            >> beam.io.WriteToText(str(self.out / "ctr_history" / META_FILE), shard_name_template="")
+        )
+        return meta
+
+
+def load_manifest(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        raise UserError(
+            f"{data_dir} has no manifest.json; run `nlpctr data prepare --dataset NAME --out {data_dir}`"
+        )
+    return json.loads(path.read_text())
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="nlpctr ctr-stats", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
+    parser.add_argument(
+        "--prior-strength", type=float, default=10.0, help="pseudo-impressions of the global CTR (default 10)"
+    )
+    return parser.parse_known_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    args, beam_args = parse_args(argv)
+    data_dir: Path = args.data.resolve()
+    manifest = load_manifest(data_dir)
+    entities = tuple(manifest["entities"])
+    if args.prior_strength <= 0:
+        raise UserError("--prior-strength must be positive")
+    columns = ["impression_id", "event_timestamp", "split", "impressions", "clicks", *entities]
+    staging = data_dir / f".ctr_stats.tmp-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    try:
+        with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+            rows = pipeline | "ReadImpressions" >> beam.io.ReadFromParquet(
+                str(data_dir / "impressions" / "*.parquet"), columns=columns
+            )
+            _ = rows | "CtrHistory" >> CtrHistory(entities, args.prior_strength, staging)
+        # Swap both outputs in together: a crash before this leaves the old ones untouched.
+        for name in ("ctr_history", "ctr_history_rows"):
+            target = data_dir / name
+            if target.exists():
+                shutil.rmtree(target)
+            (staging / name).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    meta = json.loads((data_dir / "ctr_history" / META_FILE).read_text())
+    wall = time.perf_counter() - started
+    summary = (
+        f"ctr-stats {manifest['dataset']}: {len(entities)} entities ({', '.join(entities)}), "
+        f"global train CTR {meta['global_ctr']:.4f}, prior strength {args.prior_strength:g}; "
+        f"{wall:.1f} s -> {data_dir / 'ctr_history'}"
+    )
+    return {**meta, "wall_seconds": round(wall, 3), "summary": summary}

@@ -1,0 +1,495 @@
+"""Ingest: a source log -> validated impressions (parquet), dead-letter records and a manifest.
+
+    nlpctr data prepare --dataset upworthy --out data/upworthy [--seed 0] [beam options]
+
+The pipeline is built from standard PipelineOptions, so `--runner` picks DirectRunner (the
+default), FlinkRunner, SparkRunner or DataflowRunner without code changes. Every source
+record ends as exactly one written row or one rejected record; the manifest's counts are
+computed inside the pipeline and checked: rows_in == rows_written + rows_rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io import fileio
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from nlpctr import __version__
+from nlpctr.errors import UserError
+from nlpctr.models.schema import SPLITS, impression_schema, unit_interval
+from nlpctr.pipelines import ubi
+from nlpctr.pipelines.records import (
+    DUPLICATE_IMPRESSION_ID,
+    Limits,
+    Mapped,
+    Rejection,
+    delimited_header,
+    map_record,
+    parse_delimited,
+    parse_json_line,
+)
+from nlpctr.pipelines.specs import DatasetSpec, load_spec
+
+LOG = logging.getLogger(__name__)
+STATS_FILE = "_stats.json"
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+class ReadSourceRecords(beam.PTransform):
+    """Source file(s) -> {"records": raw records (dicts of source columns, or malformed
+    markers), "stats": counter pairs for source facts that are not rows (e.g. UBI click
+    events with no impression)}."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.pvalue.PCollection]:
+        spec = self.spec
+        if spec.source.format == "ubi_ndjson":
+            lines = pbegin | "ReadLines" >> beam.io.ReadFromText(
+                str(spec.source.path), coder=beam.coders.BytesCoder()
+            )
+            return lines | "JoinUbiEvents" >> JoinUbiEvents()
+        return {
+            "records": pbegin | "ReadRecords" >> self._read_records(),
+            "stats": pbegin | "NoSourceStats" >> beam.Create([]),
+        }
+
+    def _read_records(self) -> beam.PTransform:
+        spec = self.spec
+        path = str(spec.source.path)
+        if spec.source.format == "parquet":
+            return beam.io.ReadFromParquet(path)
+        if spec.source.format == "csv":
+            # Whole files, not lines: quoted fields may hold newlines.
+            return (
+                "MatchFiles" >> fileio.MatchFiles(path)
+                | "ReadMatches" >> fileio.ReadMatches()
+                | "ParseDelimited"
+                >> beam.FlatMap(
+                    lambda f, d: parse_delimited(f.read(), d, os.path.basename(f.metadata.path)),
+                    spec.source.delimiter,
+                )
+            )
+        return (
+            "ReadLines" >> beam.io.ReadFromText(path, coder=beam.coders.BytesCoder())
+            | "ParseJson" >> beam.Map(parse_json_line)
+            | "SkipBlank" >> beam.Filter(lambda r: r is not None)
+        )
+
+
+class JoinUbiEvents(beam.PTransform):
+    """UBI bulk lines -> one record per impression event, with its click label, product title
+    and query text joined in by key (CoGroupByKey, so it scales past memory)."""
+
+    def expand(self, lines: beam.pvalue.PCollection) -> dict[str, beam.pvalue.PCollection]:
+        items = lines | "Classify" >> beam.FlatMap(ubi.classify_line)
+        by_tag = items | "ByTag" >> beam.Partition(lambda item, _: _UBI_TAGS.index(item[0]), len(_UBI_TAGS))
+        tagged = dict(zip(_UBI_TAGS, by_tag, strict=True))
+        kv = {
+            tag: tagged[tag] | f"Key{tag}" >> beam.Map(lambda item: (item[1], item[2])) for tag in _UBI_TAGS
+        }
+        labelled = (
+            {ubi.IMPRESSION: kv[ubi.IMPRESSION], ubi.CLICK: kv[ubi.CLICK]}
+            | "GroupByImpression" >> beam.CoGroupByKey()
+            | "JoinClicks" >> beam.FlatMapTuple(ubi.label_impressions)
+        )
+        records = labelled | "Records" >> beam.Filter(lambda kv_: kv_[0] == "record") | beam.Values()
+        orphans = labelled | "OrphanClicks" >> beam.Filter(lambda kv_: kv_[0] == "orphan_click")
+        titled = (
+            {
+                "records": records | "ByObject" >> beam.Map(lambda r: (str(r["object_id"]), r)),
+                ubi.TITLE: kv[ubi.TITLE],
+            }
+            | "GroupByObject" >> beam.CoGroupByKey()
+            | "FillTitle" >> beam.FlatMapTuple(ubi.fill_title)
+        )
+        with_query = (
+            {
+                "records": titled | "BySearch" >> beam.Map(lambda r: (str(r["search_id"]), r)),
+                ubi.QUERY: kv[ubi.QUERY],
+            }
+            | "GroupBySearch" >> beam.CoGroupByKey()
+            | "FillQuery" >> beam.FlatMapTuple(ubi.fill_query)
+        )
+        malformed = tagged[ubi.MALFORMED] | "Malformed" >> beam.Map(lambda item: item[2])
+        # Source facts for the manifest: events that are not rows, and clicks with no impression.
+        stats = (
+            tagged[ubi.CLICK] | "CountClicks" >> beam.Map(lambda _: ("source:click_events", 1)),
+            orphans | "CountOrphans" >> beam.MapTuple(lambda _, n: ("source:click_events_unmatched", n)),
+            tagged[ubi.OTHER_EVENT] | "CountOther" >> beam.Map(lambda _: ("source:other_events", 1)),
+            tagged[ubi.QUERY] | "CountQueries" >> beam.Map(lambda _: ("source:query_documents", 1)),
+        ) | "FlattenUbiStats" >> beam.Flatten()
+        return {"records": (with_query, malformed) | "AllRecords" >> beam.Flatten(), "stats": stats}
+
+
+_UBI_TAGS = (ubi.QUERY, ubi.IMPRESSION, ubi.CLICK, ubi.TITLE, ubi.MALFORMED, ubi.OTHER_EVENT)
+
+
+# ------------------------------------------------------------------------------- validating
+
+
+class MapToSchema(beam.DoFn):
+    """Raw record -> canonical row (main output) or Rejection (`rejected` output)."""
+
+    REJECTED = "rejected"
+
+    def __init__(self, spec: DatasetSpec, limits: Limits) -> None:
+        self.spec = spec
+        self.limits = limits
+
+    def process(self, record: dict[str, Any]) -> Iterator[Any]:
+        result = map_record(self.spec, record, self.limits)
+        if isinstance(result, Rejection):
+            yield beam.pvalue.TaggedOutput(self.REJECTED, result)
+        else:
+            yield result
+
+
+def _keep_first(impression_id: str, mapped: Iterable[Mapped]) -> Iterator[Any]:
+    """Keep one row per impression_id (the smallest by content, so reruns agree); the others
+    go to the dead-letter output as duplicates."""
+    ordered = sorted(mapped, key=lambda m: json.dumps(m.row, sort_keys=True, default=str))
+    yield ordered[0]
+    for extra in ordered[1:]:
+        yield beam.pvalue.TaggedOutput(
+            MapToSchema.REJECTED,
+            Rejection(
+                DUPLICATE_IMPRESSION_ID, f"impression_id {impression_id!r} seen more than once", extra.row
+            ),
+        )
+
+
+class ValidateImpressions(beam.PTransform):
+    """Map, validate and deduplicate; returns (rows, rejections, truncated-column counters)."""
+
+    def __init__(self, spec: DatasetSpec, limits: Limits) -> None:
+        super().__init__()
+        self.spec = spec
+        self.limits = limits
+
+    def expand(self, records: beam.pvalue.PCollection) -> tuple[Any, Any, Any]:
+        mapped = records | "Map" >> beam.ParDo(MapToSchema(self.spec, self.limits)).with_outputs(
+            MapToSchema.REJECTED, main="rows"
+        )
+        deduped = (
+            mapped.rows
+            | "KeyById" >> beam.Map(lambda m: (m.row["impression_id"], m))
+            | "GroupById" >> beam.GroupByKey()
+            | "KeepFirst" >> beam.FlatMapTuple(_keep_first).with_outputs(MapToSchema.REJECTED, main="rows")
+        )
+        truncated = deduped.rows | "CountTruncated" >> beam.FlatMap(
+            lambda m: [(f"truncated:{column}", 1) for column in m.truncated]
+        )
+        rows = deduped.rows | "Rows" >> beam.Map(lambda m: m.row)
+        rejected = (
+            mapped[MapToSchema.REJECTED],
+            deduped[MapToSchema.REJECTED],
+        ) | "AllRejected" >> beam.Flatten()
+        return rows, rejected, truncated
+
+
+# ------------------------------------------------------------------------------- splitting
+
+
+def split_of(u: float, fractions: tuple[float, float, float]) -> str:
+    if u < fractions[0]:
+        return SPLITS[0]
+    if u < fractions[0] + fractions[1]:
+        return SPLITS[1]
+    return SPLITS[2]
+
+
+class AssignSplits(beam.PTransform):
+    """Deterministic train/valid/test by seed.
+
+    within_group: each row independently (rows of one group fall across splits);
+    cold_group: whole groups; time: by event_timestamp quantiles (earliest rows train).
+    """
+
+    def __init__(self, mode: str, fractions: tuple[float, float, float], seed: int, group: str) -> None:
+        super().__init__()
+        self.mode, self.fractions, self.seed, self.group = mode, fractions, seed, group
+
+    def expand(self, rows: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
+        fractions, seed, group = self.fractions, self.seed, self.group
+        if self.mode == "within_group":
+            return rows | "SplitRows" >> beam.Map(
+                lambda r: {**r, "split": split_of(unit_interval(seed, "row", r["impression_id"]), fractions)}
+            )
+        if self.mode == "cold_group":
+
+            def by_group(row: dict[str, Any]) -> dict[str, Any]:
+                # A row with no group value is its own group.
+                key = row.get(group) or f"row:{row['impression_id']}"
+                return {**row, "split": split_of(unit_interval(seed, "group", key), fractions)}
+
+            return rows | "SplitGroups" >> beam.Map(by_group)
+        # Time: exact cut points from the sorted timestamps of all rows; ties go to the earlier split.
+        cut_points = (
+            rows
+            | "Timestamps" >> beam.Map(lambda r: r["event_timestamp"])
+            | "CutPoints" >> beam.combiners.ToList()
+            | "Quantiles" >> beam.Map(_time_cut_points, fractions)
+        )
+
+        def by_time(row: dict[str, Any], cuts: tuple[Any, Any]) -> dict[str, Any]:
+            ts = row["event_timestamp"]
+            split = SPLITS[0] if ts <= cuts[0] else SPLITS[1] if ts <= cuts[1] else SPLITS[2]
+            return {**row, "split": split}
+
+        return rows | "SplitTime" >> beam.Map(by_time, beam.pvalue.AsSingleton(cut_points))
+
+
+def _time_cut_points(stamps: list[Any], fractions: tuple[float, float, float]) -> tuple[Any, Any]:
+    ordered = sorted(stamps)
+    n = len(ordered)
+    train_end = max(0, min(n - 1, int(n * fractions[0]) - 1))
+    valid_end = max(train_end, min(n - 1, int(n * (fractions[0] + fractions[1])) - 1))
+    return ordered[train_end], ordered[valid_end]
+
+
+# ------------------------------------------------------------------------------- counting
+
+
+class CountOutcomes(beam.PTransform):
+    """Counter pairs from every branch -> one JSON file of totals (read by the driver)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def expand(self, pairs: beam.pvalue.PCollection) -> beam.pvalue.PDone:
+        return (
+            pairs
+            | "Sum" >> beam.CombinePerKey(sum)
+            | "ToDict" >> beam.combiners.ToDict()
+            | "Json" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
+            | "Write" >> beam.io.WriteToText(self.path, shard_name_template="")
+        )
+
+
+# ------------------------------------------------------------------------------- the job
+
+
+def build_pipeline(
+    pipeline: beam.Pipeline,
+    spec: DatasetSpec,
+    staging: Path,
+    seed: int,
+    split_mode: str,
+    limits: Limits,
+    num_shards: int,
+) -> None:
+    source = pipeline | "ReadSource" >> ReadSourceRecords(spec)
+    records = source["records"]
+    rows, rejected, truncated = records | "Validate" >> ValidateImpressions(spec, limits)
+    rows = rows | "AssignSplits" >> AssignSplits(split_mode, spec.split_fractions, seed, spec.group)
+
+    schema = impression_schema(spec.context_columns)
+    _ = rows | "WriteImpressions" >> beam.io.WriteToParquet(
+        str(staging / "impressions" / "part"),
+        schema,
+        file_name_suffix=".parquet",
+        num_shards=num_shards,
+    )
+    _ = (
+        rejected
+        | "RejectedJson" >> beam.Map(lambda r: r.to_json())
+        | "WriteRejected"
+        >> beam.io.WriteToText(
+            str(staging / "rejected" / "part"), file_name_suffix=".jsonl", num_shards=num_shards
+        )
+    )
+    counters = [
+        records | "CountIn" >> beam.Map(lambda _: ("rows_in", 1)),
+        rows | "CountWritten" >> beam.Map(lambda r: ("rows_written", 1)),
+        rows | "CountSplits" >> beam.Map(lambda r: (f"split:{r['split']}", 1)),
+        rows
+        | "CountSplitImpressions"
+        >> beam.Map(lambda r: (f"split_impressions:{r['split']}", r["impressions"])),
+        rows | "CountSplitClicks" >> beam.Map(lambda r: (f"split_clicks:{r['split']}", r["clicks"])),
+        rejected | "CountRejected" >> beam.Map(lambda r: (f"rejected:{r.reason}", 1)),
+        truncated,
+        source["stats"],
+    ]
+    _ = (
+        counters
+        | "AllCounters" >> beam.Flatten()
+        | "CountOutcomes" >> CountOutcomes(str(staging / STATS_FILE))
+    )
+
+
+def manifest_from_counts(
+    spec: DatasetSpec, counts: dict[str, int], seed: int, split_mode: str, limits: Limits, wall_s: float
+) -> dict[str, Any]:
+    rows_in = counts.get("rows_in", 0)
+    rows_written = counts.get("rows_written", 0)
+    rejected_by_reason = {
+        k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("rejected:")
+    }
+    rows_rejected = sum(rejected_by_reason.values())
+    return {
+        "dataset": spec.name,
+        "description": spec.description,
+        "spec_path": str(spec.spec_path),
+        "spec_hash": spec.spec_hash,
+        "spec": spec.raw,
+        "source": str(spec.source.path),
+        "rows_in": rows_in,
+        "rows_written": rows_written,
+        "rows_rejected": rows_rejected,
+        "rejected_by_reason": rejected_by_reason,
+        "rows_truncated": {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("truncated:")},
+        "source_stats": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("source:")},
+        "split": {
+            "mode": split_mode,
+            "seed": seed,
+            "fractions": list(spec.split_fractions),
+            "group": spec.group,
+            "rows": {s: counts.get(f"split:{s}", 0) for s in SPLITS},
+            "impressions": {s: counts.get(f"split_impressions:{s}", 0) for s in SPLITS},
+            "clicks": {s: counts.get(f"split_clicks:{s}", 0) for s in SPLITS},
+        },
+        "context_columns": list(spec.context_columns),
+        "entities": list(spec.entities),
+        "group": spec.group,
+        "label_form": spec.label.form,
+        "limits": {"max_text_chars": limits.max_text_chars, "truncate_long_text": limits.truncate_long_text},
+        "code_version": __version__,
+        "wall_seconds": round(wall_s, 3),
+    }
+
+
+def source_columns(spec: DatasetSpec) -> list[str] | None:
+    """The columns the source offers, read from its header; None where records are free-form
+    (JSONL rows may each carry different keys, so a missing one is a row-level rejection)."""
+    path = spec.source.path
+    if not path.exists():
+        raise UserError(f"source file {path} does not exist; fix source.path in {spec.spec_path.name}")
+    try:
+        if spec.source.format == "parquet":
+            return list(pq.read_schema(path).names)
+        if spec.source.format == "csv":
+            return delimited_header(str(path), spec.source.delimiter)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"source {path.name} is not a readable {spec.source.format} file ({first}); "
+            "fix source.format in the spec or the file"
+        ) from None
+    if spec.source.format == "ubi_ndjson":
+        return ["search_id", "object_id", "user_query", "title", "position", "timestamp",
+                "application", "session_id", "clicked"]  # fmt: skip
+    return None
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Swap a finished staging folder into place; a previous output is replaced whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(retired)
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)
+    # A dead-letter folder left by an earlier failed run of the same output is stale now.
+    shutil.rmtree(out.parent / f"{out.name}.failed", ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="nlpctr data prepare", description="Validate a source log into canonical impressions."
+    )
+    parser.add_argument("--dataset", required=True, help="bundled dataset name or path of a YAML spec")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="split seed")
+    parser.add_argument(
+        "--split-mode",
+        choices=["within_group", "cold_group", "time"],
+        default=None,
+        help="overrides the spec's split mode",
+    )
+    parser.add_argument(
+        "--max-reject-rate",
+        type=float,
+        default=None,
+        help="fail when more than this fraction of rows is rejected (default: the "
+        "spec's max_reject_rate, else 0.01)",
+    )
+    parser.add_argument("--max-text-chars", type=int, default=None, help="overrides the spec's limit")
+    parser.add_argument(
+        "--truncate-long-text",
+        action="store_true",
+        help="truncate texts over the limit (counted in the manifest) instead of rejecting",
+    )
+    parser.add_argument("--num-shards", type=int, default=0, help="output shards (0: the runner decides)")
+    return parser.parse_known_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the ingest job; returns the manifest. Raises UserError for a user's mistake."""
+    args, beam_args = parse_args(argv)
+    spec = load_spec(args.dataset)
+    available = source_columns(spec)
+    if available is not None:
+        spec.check_source_columns(available)
+    limits = Limits(
+        max_text_chars=args.max_text_chars or spec.max_text_chars, truncate_long_text=args.truncate_long_text
+    )
+    max_reject_rate = spec.max_reject_rate if args.max_reject_rate is None else args.max_reject_rate
+    split_mode = args.split_mode or spec.split_mode
+    out: Path = args.out.resolve()
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        options = PipelineOptions(beam_args)
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, spec, staging, args.seed, split_mode, limits, args.num_shards)
+        counts = json.loads((staging / STATS_FILE).read_text())
+        (staging / STATS_FILE).unlink()
+        manifest = manifest_from_counts(
+            spec, counts, args.seed, split_mode, limits, time.perf_counter() - started
+        )
+        if manifest["rows_in"] != manifest["rows_written"] + manifest["rows_rejected"]:
+            raise RuntimeError(f"ingest lost rows: {counts}")  # a bug, not a user error
+        manifest["max_reject_rate"] = max_reject_rate
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        rate = manifest["rows_rejected"] / max(manifest["rows_in"], 1)
+        if manifest["rows_written"] == 0 or rate > max_reject_rate:
+            failed = out.parent / f"{out.name}.failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            staging.rename(failed)
+            reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
+            raise UserError(
+                f"{manifest['rows_rejected']} of {manifest['rows_in']} rows rejected ({rate:.2%}) > "
+                f"--max-reject-rate {max_reject_rate:.2%} (reasons: {reasons}); nothing was written "
+                f"to {out}; the rejected records are in {failed}/rejected/; fix the source or the "
+                "spec, or raise --max-reject-rate"
+            )
+        publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
+    splits = ", ".join(f"{k}={v}" for k, v in manifest["split"]["rows"].items())
+    summary = (
+        f"prepared {spec.name}: {manifest['rows_in']} rows in, {manifest['rows_written']} written, "
+        f"{manifest['rows_rejected']} rejected ({reasons}); splits {splits}; "
+        f"{manifest['wall_seconds']:.1f} s -> {out}"
+    )
+    return {**manifest, "summary": summary}

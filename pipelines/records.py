@@ -1,0 +1,452 @@
+"""Row-level parsing and validation for ingest: pure Python, so it is unit-testable and fuzzable
+without a pipeline. Each source record becomes either a canonical impression row or a
+`Rejection` with a reason code; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html import unescape
+from html.parser import HTMLParser
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from nlpctr.models.schema import stable_hash, text_id
+from nlpctr.pipelines.specs import ColumnRule, DatasetSpec, TimestampRule
+
+# Reason codes of dead-letter records (README documents each).
+MALFORMED_RECORD = "malformed_record"
+MISSING_TEXT = "missing_text"
+MISSING_ID = "missing_id"
+BAD_TIMESTAMP = "bad_timestamp"
+CLICKS_GT_IMPRESSIONS = "clicks_gt_impressions"
+BAD_COUNT = "bad_count"
+BAD_LABEL = "bad_label"
+ZERO_IMPRESSIONS = "zero_impressions"
+BAD_ENCODING = "bad_encoding"
+DUPLICATE_IMPRESSION_ID = "duplicate_impression_id"
+TEXT_TOO_LONG = "text_too_long"
+REASONS = (
+    MALFORMED_RECORD, MISSING_TEXT, MISSING_ID, BAD_TIMESTAMP, CLICKS_GT_IMPRESSIONS, BAD_COUNT,
+    BAD_LABEL, ZERO_IMPRESSIONS, BAD_ENCODING, DUPLICATE_IMPRESSION_ID, TEXT_TOO_LONG,
+)  # fmt: skip
+
+# Marks a source record that could not even be parsed into fields.
+MALFORMED_KEY = "__malformed__"
+RAW_KEY = "__raw__"
+# Control characters other than tab and newlines are corruption in a text field.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_C1 = re.compile(r"[\x80-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    message: str
+    record: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"reason": self.reason, "message": self.message, "record": json_safe(self.record)},
+            sort_keys=True,
+            ensure_ascii=True,
+        )
+
+
+class _Invalid(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def json_safe(value: Any) -> Any:
+    """Make a source record JSON-serialisable without losing what was wrong with it."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    if isinstance(value, str):
+        # Lone surrogates (from undecodable bytes) cannot be encoded; show them escaped.
+        return value.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return str(value)
+
+
+def malformed(raw: str, message: str) -> dict[str, Any]:
+    """A source record that could not be split into fields."""
+    return {MALFORMED_KEY: message, RAW_KEY: raw}
+
+
+# ---------------------------------------------------------------------------------- readers
+
+
+def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[str, Any]]:
+    """Records of a CSV/TSV file with a header row. Undecodable bytes survive as surrogates so
+    the row carrying them is rejected as bad_encoding instead of failing the whole file."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        yield malformed(text[:200], f"{source}: unreadable header: {exc}")
+        return
+    width = len(header)
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield malformed("", f"{source} line {reader.line_num}: {exc}")
+            continue
+        if not fields:
+            continue  # a blank line is not a record
+        if len(fields) != width:
+            yield malformed(
+                delimiter.join(fields),
+                f"{source} line {reader.line_num}: {len(fields)} fields, header has {width}",
+            )
+            continue
+        yield dict(zip(header, fields, strict=True))
+
+
+def delimited_header(path: str, delimiter: str) -> list[str]:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        return next(csv.reader(handle, delimiter=delimiter), [])
+
+
+def parse_json_line(line: bytes | str) -> dict[str, Any] | None:
+    """One JSONL record; None for a blank line, a malformed marker for anything unparseable."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return malformed(line.decode("utf-8", errors="backslashreplace"), f"invalid UTF-8: {exc}")
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return malformed(line, f"not JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(value, dict):
+        return malformed(line, f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------- values
+
+
+class _TextOnly(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+
+def strip_html(value: str) -> str:
+    """Visible text of an HTML fragment, entities decoded, whitespace collapsed."""
+    parser = _TextOnly()
+    parser.feed(value)
+    parser.close()
+    return _WHITESPACE.sub(" ", unescape(" ".join(parser.parts))).strip()
+
+
+def _cp1252_specials() -> dict[str, int]:
+    specials = {}
+    for byte in range(0x80, 0xA0):
+        try:
+            specials[bytes([byte]).decode("cp1252")] = byte
+        except UnicodeDecodeError:
+            specials[chr(byte)] = byte  # undefined in cp1252: latin-1 passes it through
+    return specials
+
+
+_CP1252_BYTE = _cp1252_specials()
+_CONTINUATION = "\x80-\xbf" + "".join(re.escape(c) for c in _CP1252_BYTE if ord(c) > 0xFF)
+# A UTF-8 lead byte followed by 1-3 continuation bytes, all seen through windows-1252/latin-1.
+_MOJIBAKE = re.compile(f"[\xc2-\xf4][{_CONTINUATION}]{{1,3}}")
+
+
+def fix_mojibake(value: str) -> str:
+    """Repair the commonest mojibake: UTF-8 bytes decoded as windows-1252 ("â€\x9d" -> "”"),
+    and C1 control characters that are windows-1252 punctuation decoded as latin-1
+    (U+0096 -> "–"). What cannot be repaired stays, so the row is still rejected."""
+
+    def utf8(match: re.Match[str]) -> str:
+        raw = bytes(_CP1252_BYTE.get(c, ord(c)) for c in match.group())
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return match.group()
+
+    def cp1252(match: re.Match[str]) -> str:
+        try:
+            return match.group().encode("latin-1").decode("cp1252")
+        except UnicodeDecodeError:
+            return match.group()
+
+    return _C1.sub(cp1252, _MOJIBAKE.sub(utf8, value))
+
+
+TEXT_TRANSFORMS = {"strip_html": strip_html, "fix_mojibake": fix_mojibake}
+
+
+def as_text(value: Any) -> str | None:
+    """A source value as a string; None when missing. Integral floats print as integers
+    (CSV and pandas often turn an integer id column into floats)."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return str(int(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogateescape")
+    return str(value)
+
+
+def _column_value(rule: ColumnRule, record: dict[str, Any]) -> str | None:
+    if rule.column:
+        value = as_text(record.get(rule.column))
+    elif rule.text_id_of:
+        source = as_text(record.get(rule.text_id_of))
+        value = text_id(source) if source and source.strip() else None
+    else:
+        parts = [as_text(record.get(c)) for c in (rule.hash_of or rule.concat)]
+        if any(p is None or not p.strip() for p in parts):
+            return None
+        value = stable_hash(*parts) if rule.hash_of else ":".join(parts)  # type: ignore[arg-type]
+    for transform in rule.transforms if value is not None else ():
+        value = TEXT_TRANSFORMS[transform](value)
+    return value
+
+
+def parse_count(value: Any, column: str) -> int:
+    """A non-negative integer count; bad_count otherwise."""
+    if isinstance(value, bool):
+        raise _Invalid(BAD_COUNT, f"{column}={value!r} is not an integer count")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.0*)?\s*", value):
+        number = int(float(value)) if "." in value else int(value)
+    else:
+        raise _Invalid(BAD_COUNT, f"{column}={json_safe(value)!r} is not an integer count")
+    if number < 0:
+        raise _Invalid(BAD_COUNT, f"{column}={number} is negative")
+    return number
+
+
+_CLICKED = {"0": 0, "1": 1, "false": 0, "true": 1}
+
+
+def parse_clicked(value: Any, column: str) -> int:
+    text = as_text(value)
+    key = text.strip().lower() if text is not None else None
+    if key not in _CLICKED:
+        raise _Invalid(BAD_LABEL, f"{column}={json_safe(value)!r} is not a 0/1 click")
+    return _CLICKED[key]
+
+
+def _zone(name: str) -> dt.tzinfo:
+    if name.upper() == "UTC":
+        return dt.UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _Invalid(BAD_TIMESTAMP, f"unknown timezone {name!r}") from None
+
+
+def parse_timestamp(rule: TimestampRule, record: dict[str, Any]) -> dt.datetime:
+    """event_timestamp as an aware UTC datetime with microsecond precision."""
+    try:
+        if rule.format == "offset":
+            base = dt.datetime.fromisoformat(str(rule.base))
+            if base.tzinfo is None:
+                base = base.replace(tzinfo=dt.UTC)
+            seconds = 0.0
+            for column, unit in rule.offsets:
+                value = record.get(column)
+                number = float(value) if not isinstance(value, bool) else math.nan
+                if not math.isfinite(number):
+                    raise ValueError(f"{column}={value!r}")
+                seconds += number * unit
+            stamp = base + dt.timedelta(seconds=seconds)
+        else:
+            value = record.get(str(rule.column))
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError("missing")
+            stamp = _parse_one_timestamp(rule, value)
+    except _Invalid:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        column = rule.column or ",".join(c for c, _ in rule.offsets)
+        raise _Invalid(BAD_TIMESTAMP, f"cannot parse {column} as {rule.format}: {exc}") from None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=_zone(rule.timezone))
+    stamp = stamp.astimezone(dt.UTC)
+    if not 1970 <= stamp.year <= 2200:
+        raise _Invalid(BAD_TIMESTAMP, f"timestamp {stamp.isoformat()} is outside 1970-2200")
+    return stamp
+
+
+def _parse_one_timestamp(rule: TimestampRule, value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value
+    if rule.format == "iso8601":
+        return dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    if rule.format == "iso_week":
+        text = as_text(value) or ""
+        if not re.fullmatch(r"\d{6}", text.strip()):
+            raise ValueError(f"{value!r} is not YYYYWW")
+        year, week = int(text[:4]), int(text[4:6])
+        return dt.datetime.combine(dt.date.fromisocalendar(year, week, 1), dt.time(), tzinfo=dt.UTC)
+    if rule.format == "year_week":
+        text = as_text(value) or ""
+        if not re.fullmatch(r"\d{6}", text.strip()):
+            raise ValueError(f"{value!r} is not YYYYWW")
+        # %W week 00 holds the days before the first Monday; its Monday lies in December before.
+        return dt.datetime.strptime(f"{text.strip()}1", "%Y%W%w").replace(tzinfo=dt.UTC)
+    if rule.format in ("epoch_s", "epoch_ms"):
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"{value!r} is not finite")
+        divisor = 1000.0 if rule.format == "epoch_ms" else 1.0
+        return dt.datetime.fromtimestamp(number / divisor, tz=dt.UTC)
+    return dt.datetime.strptime(str(value).strip(), str(rule.pattern))
+
+
+# ---------------------------------------------------------------------------------- mapping
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run text policy: texts longer than max_text_chars are rejected, or truncated when
+    truncate_long_text is set (and counted in the manifest)."""
+
+    max_text_chars: int
+    truncate_long_text: bool = False
+
+
+@dataclass(frozen=True)
+class Mapped:
+    row: dict[str, Any]
+    truncated: tuple[str, ...]
+
+
+def _check_text(column: str, value: str, limits: Limits) -> tuple[str, bool]:
+    if _SURROGATE.search(value):
+        raise _Invalid(BAD_ENCODING, f"{column} contains bytes that are not valid UTF-8")
+    bad = _CONTROL.search(value)
+    if bad:
+        raise _Invalid(
+            BAD_ENCODING,
+            f"{column} contains control character U+{ord(bad.group()):04X} at offset {bad.start()}",
+        )
+    if len(value) > limits.max_text_chars:
+        if not limits.truncate_long_text:
+            raise _Invalid(
+                TEXT_TOO_LONG,
+                f"{column} has {len(value)} characters, limit {limits.max_text_chars} "
+                "(raise max_text_chars or pass --truncate-long-text)",
+            )
+        return value[: limits.max_text_chars], True
+    return value, False
+
+
+def map_record(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped | Rejection:
+    """Map one source record onto the canonical schema, or say why it cannot be."""
+    if MALFORMED_KEY in record:
+        reason = BAD_ENCODING if "UTF-8" in str(record[MALFORMED_KEY]) else MALFORMED_RECORD
+        return Rejection(reason, str(record[MALFORMED_KEY]), {RAW_KEY: record.get(RAW_KEY)})
+    try:
+        return _map(spec, record, limits)
+    except _Invalid as invalid:
+        return Rejection(invalid.reason, invalid.message, record)
+
+
+def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
+    row: dict[str, Any] = {}
+    truncated: list[str] = []
+    for target in ("impression_id", "query_id", "ad_id"):
+        rule = spec.columns.get(target)
+        row[target] = _column_value(rule, record) if rule else None
+    for target in ("query_text", "ad_text", "ad_extra_text"):
+        rule = spec.columns.get(target)
+        value = _column_value(rule, record) if rule else None
+        if value is not None:
+            value = unicodedata.normalize("NFC", value).strip()
+        if not value:
+            if target == "ad_text" or (target == "query_text" and rule is not None):
+                source = rule.sources[0] if rule else target
+                raise _Invalid(MISSING_TEXT, f"{target} (source column {source!r}) is missing or empty")
+            row[target] = None
+            continue
+        value, was_cut = _check_text(target, value, limits)
+        if was_cut:
+            truncated.append(target)
+        row[target] = value
+    for target, rule in spec.context.items():
+        value = _column_value(rule, record)
+        if value is not None:
+            value, _ = _check_text(target, value.strip(), Limits(max_text_chars=1000))
+        row[target] = value or None
+    for target in ("ad_id", "query_id", "impression_id"):
+        if row[target] is not None:
+            row[target], _ = _check_text(target, row[target].strip(), Limits(max_text_chars=1000))
+    if not row["ad_id"]:
+        raise _Invalid(MISSING_ID, f"ad_id (from {', '.join(spec.columns['ad_id'].sources)}) is missing")
+    if spec.columns.get("query_id") and not row["query_id"]:
+        raise _Invalid(MISSING_ID, "query_id is missing")
+    if not row["impression_id"]:
+        if "impression_id" in spec.columns:
+            raise _Invalid(MISSING_ID, "impression_id is missing")
+        # No id in the source: the record's own content identifies it (exact duplicates collide).
+        row["impression_id"] = stable_hash(json.dumps(json_safe(record), sort_keys=True))
+
+    row["event_timestamp"] = parse_timestamp(spec.timestamp, record)
+
+    label = spec.label
+    if label.form == "binary":
+        row["impressions"] = 1
+        row["clicks"] = parse_clicked(record.get(str(label.clicked)), str(label.clicked))
+    else:
+        impressions = parse_count(record.get(str(label.impressions)), str(label.impressions))
+        clicks = parse_count(record.get(str(label.clicks)), str(label.clicks))
+        if impressions == 0:
+            raise _Invalid(ZERO_IMPRESSIONS, f"{label.impressions}=0: a row must have impressions >= 1")
+        if clicks > impressions:
+            raise _Invalid(
+                CLICKS_GT_IMPRESSIONS, f"{label.clicks}={clicks} > {label.impressions}={impressions}"
+            )
+        row["impressions"], row["clicks"] = impressions, clicks
+
+    row["query_text_id"] = text_id(row["query_text"]) if row["query_text"] else None
+    row["ad_text_id"] = text_id(row["ad_text"])
+    return Mapped(row=row, truncated=tuple(truncated))

@@ -1,0 +1,399 @@
+"""Dataset specs: a small YAML file that maps a source log onto the canonical impression schema.
+
+A spec is validated when it is loaded (unknown keys, wrong types, leakage columns) and again
+against the source's header before any row is read (unknown source columns), so a wrong spec
+fails with one line that names the field and the fix, never with a traceback mid-pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nlpctr.errors import UserError
+from nlpctr.models.schema import RESERVED_COLUMNS
+
+BUNDLED_SPEC_DIR = Path(__file__).resolve().parent / "specs"
+FORMATS = ("parquet", "csv", "jsonl", "ubi_ndjson")
+TIMESTAMP_FORMATS = ("iso8601", "iso_week", "year_week", "epoch_s", "epoch_ms", "strptime", "offset")
+LABEL_FORMS = ("binary", "aggregated")
+SPLIT_MODES = ("within_group", "cold_group", "time")
+TRANSFORMS = ("strip_html", "fix_mojibake")
+# Target columns a spec maps (context columns are declared separately under `context`).
+MAPPED_COLUMNS = ("impression_id", "query_id", "query_text", "ad_id", "ad_text", "ad_extra_text")
+REQUIRED_MAPPED = ("ad_id", "ad_text")
+TEXT_COLUMNS = ("query_text", "ad_text", "ad_extra_text")
+
+
+def data_root() -> Path:
+    """Where bundled datasets live: $NLPCTR_DATA_ROOT, else ../shared/data beside the project."""
+    env = os.environ.get("NLPCTR_DATA_ROOT")
+    if env:
+        return Path(env).resolve()
+    project_root = Path(__file__).resolve().parent.parent
+    for base in (project_root, Path.cwd()):
+        candidate = (base / ".." / "shared" / "data").resolve()
+        if candidate.is_dir():
+            return candidate
+    return (project_root / ".." / "shared" / "data").resolve()
+
+
+@dataclass(frozen=True)
+class ColumnRule:
+    """How one target column is built from source columns.
+
+    Exactly one of: `column` (copy), `hash_of` (stable hash of several columns),
+    `concat` (values joined with ':'), `text_id_of` (hash of one column's normalised text).
+    """
+
+    column: str | None = None
+    hash_of: tuple[str, ...] = ()
+    concat: tuple[str, ...] = ()
+    text_id_of: str | None = None
+    transforms: tuple[str, ...] = ()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        if self.column:
+            return (self.column,)
+        if self.text_id_of:
+            return (self.text_id_of,)
+        return self.hash_of or self.concat
+
+
+@dataclass(frozen=True)
+class TimestampRule:
+    """How event_timestamp is parsed.
+
+    iso8601 (naive values are read as `timezone`), iso_week (ISO YYYYWW -> Monday 00:00 UTC),
+    year_week (strftime %Y%W, Monday-based, week 00 = the days before the year's first Monday),
+    epoch_s / epoch_ms, strptime (with `pattern`), offset (base + sum(column * seconds)).
+    """
+
+    format: str
+    column: str | None = None
+    pattern: str | None = None
+    timezone: str = "UTC"
+    base: str | None = None
+    offsets: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        if self.format == "offset":
+            return tuple(name for name, _ in self.offsets)
+        return (self.column,) if self.column else ()
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    form: str
+    clicked: str | None = None
+    impressions: str | None = None
+    clicks: str | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        if self.form == "binary":
+            return (self.clicked,) if self.clicked else ()
+        return tuple(c for c in (self.impressions, self.clicks) if c)
+
+
+@dataclass(frozen=True)
+class SourceRule:
+    path: Path
+    format: str
+    delimiter: str = ","
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A validated dataset spec. `raw` keeps the YAML mapping for the manifest and the hash."""
+
+    name: str
+    description: str
+    source: SourceRule
+    columns: dict[str, ColumnRule]
+    timestamp: TimestampRule
+    context: dict[str, ColumnRule]
+    label: LabelRule
+    group: str
+    entities: tuple[str, ...]
+    split_mode: str
+    split_fractions: tuple[float, float, float]
+    max_text_chars: int
+    max_reject_rate: float
+    forbidden: tuple[str, ...]
+    notes: str
+    spec_path: Path
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def context_columns(self) -> tuple[str, ...]:
+        return tuple(self.context)
+
+    @property
+    def spec_hash(self) -> str:
+        canonical = json.dumps(self.raw, sort_keys=True, default=str).encode("utf-8")
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+    def source_columns(self) -> set[str]:
+        """Every source column the spec reads."""
+        used: set[str] = set()
+        for rule in (*self.columns.values(), *self.context.values()):
+            used.update(rule.sources)
+        used.update(self.timestamp.sources)
+        used.update(self.label.sources)
+        return used
+
+    def check_source_columns(self, available: list[str]) -> None:
+        """Fail with one line if the spec reads a column the source does not have."""
+        missing = sorted(self.source_columns() - set(available))
+        if missing:
+            raise UserError(
+                f"spec {self.spec_path.name}: source column {missing[0]!r} is not in "
+                f"{self.source.path.name} (it has: {', '.join(sorted(available))}); "
+                "fix the column name in the spec"
+            )
+
+
+def _fail(spec_path: Path, where: str, message: str) -> UserError:
+    return UserError(f"spec {spec_path.name}: {where}: {message}")
+
+
+def _expect_keys(spec_path: Path, where: str, mapping: Any, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(mapping, dict):
+        raise _fail(spec_path, where, f"expected a mapping, got {type(mapping).__name__}")
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise _fail(spec_path, where, f"unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    return mapping
+
+
+def _str_list(spec_path: Path, where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _fail(spec_path, where, "expected a column name or a non-empty list of column names")
+    return tuple(value)
+
+
+def _column_rule(spec_path: Path, where: str, value: Any) -> ColumnRule:
+    if isinstance(value, str):
+        return ColumnRule(column=value)
+    mapping = _expect_keys(
+        spec_path, where, value, {"column", "hash_of", "concat", "text_id_of", "transform"}
+    )
+    kinds = [k for k in ("column", "hash_of", "concat", "text_id_of") if k in mapping]
+    if len(kinds) != 1:
+        raise _fail(spec_path, where, "give exactly one of column, hash_of, concat, text_id_of")
+    transforms = (
+        _str_list(spec_path, f"{where}.transform", mapping["transform"]) if "transform" in mapping else ()
+    )
+    for transform in transforms:
+        if transform not in TRANSFORMS:
+            raise _fail(
+                spec_path, f"{where}.transform", f"{transform!r} is not one of {', '.join(TRANSFORMS)}"
+            )
+    kind = kinds[0]
+    if kind in ("column", "text_id_of"):
+        if not isinstance(mapping[kind], str):
+            raise _fail(spec_path, f"{where}.{kind}", "expected a column name")
+        return ColumnRule(**{kind: mapping[kind]}, transforms=transforms)
+    return ColumnRule(**{kind: _str_list(spec_path, f"{where}.{kind}", mapping[kind])}, transforms=transforms)
+
+
+def _timestamp_rule(spec_path: Path, value: Any) -> TimestampRule:
+    where = "timestamp"
+    mapping = _expect_keys(
+        spec_path, where, value, {"column", "format", "pattern", "timezone", "base", "offsets"}
+    )
+    fmt = mapping.get("format")
+    if fmt not in TIMESTAMP_FORMATS:
+        raise _fail(spec_path, f"{where}.format", f"{fmt!r} is not one of {', '.join(TIMESTAMP_FORMATS)}")
+    if fmt == "offset":
+        offsets = mapping.get("offsets")
+        if not isinstance(offsets, dict) or not offsets or "base" not in mapping:
+            raise _fail(spec_path, where, "format offset needs `base` and `offsets: {column: seconds}`")
+        for name, seconds in offsets.items():
+            if not isinstance(seconds, int | float):
+                raise _fail(spec_path, f"{where}.offsets.{name}", "expected seconds as a number")
+        return TimestampRule(
+            format=fmt, base=str(mapping["base"]), offsets=tuple((k, float(v)) for k, v in offsets.items())
+        )
+    if not isinstance(mapping.get("column"), str):
+        raise _fail(spec_path, f"{where}.column", "expected the source column holding the timestamp")
+    if fmt == "strptime" and not isinstance(mapping.get("pattern"), str):
+        raise _fail(spec_path, f"{where}.pattern", "format strptime needs a pattern, e.g. '%Y-%m-%d %H:%M'")
+    return TimestampRule(
+        format=fmt,
+        column=mapping["column"],
+        pattern=mapping.get("pattern"),
+        timezone=str(mapping.get("timezone", "UTC")),
+    )
+
+
+def _label_rule(spec_path: Path, value: Any) -> LabelRule:
+    mapping = _expect_keys(spec_path, "label", value, {"form", "clicked", "impressions", "clicks"})
+    form = mapping.get("form")
+    if form not in LABEL_FORMS:
+        raise _fail(spec_path, "label.form", f"{form!r} is not one of {', '.join(LABEL_FORMS)}")
+    if form == "binary":
+        if not isinstance(mapping.get("clicked"), str) or {"impressions", "clicks"} & set(mapping):
+            raise _fail(spec_path, "label", "form binary takes exactly `clicked: <0/1 column>`")
+        return LabelRule(form=form, clicked=mapping["clicked"])
+    if not isinstance(mapping.get("impressions"), str) or not isinstance(mapping.get("clicks"), str):
+        raise _fail(spec_path, "label", "form aggregated takes `impressions:` and `clicks:` columns")
+    return LabelRule(form=form, impressions=mapping["impressions"], clicks=mapping["clicks"])
+
+
+def _source_rule(spec_path: Path, value: Any, bundled: bool) -> SourceRule:
+    mapping = _expect_keys(spec_path, "source", value, {"path", "format", "delimiter"})
+    fmt = mapping.get("format")
+    if fmt not in FORMATS:
+        raise _fail(spec_path, "source.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+    if not isinstance(mapping.get("path"), str):
+        raise _fail(spec_path, "source.path", "expected the path of the source file")
+    path = Path(os.path.expanduser(mapping["path"]))
+    if not path.is_absolute():
+        path = (data_root() if bundled else spec_path.parent) / path
+    delimiter = mapping.get("delimiter", ",")
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
+        raise _fail(spec_path, "source.delimiter", "expected one character, e.g. ',' or '\\t'")
+    return SourceRule(path=path.resolve(), format=fmt, delimiter=delimiter)
+
+
+TOP_LEVEL_KEYS = {
+    "name", "description", "source", "columns", "timestamp", "context", "label", "group",
+    "entities", "split", "max_text_chars", "max_reject_rate", "forbidden", "notes",
+}  # fmt: skip
+
+
+def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
+    """Validate a spec mapping (already parsed from YAML)."""
+    mapping = _expect_keys(spec_path, "top level", raw, TOP_LEVEL_KEYS)
+    for key in ("name", "source", "columns", "timestamp", "label", "group"):
+        if key not in mapping:
+            raise _fail(spec_path, key, "missing; see the spec format in README.md")
+    name = mapping["name"]
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise _fail(spec_path, "name", "expected a short identifier (letters, digits, _ and -)")
+
+    columns_raw = _expect_keys(spec_path, "columns", mapping["columns"], set(MAPPED_COLUMNS))
+    columns = {
+        target: _column_rule(spec_path, f"columns.{target}", value)
+        for target, value in columns_raw.items()
+        if value is not None
+    }
+    for target in REQUIRED_MAPPED:
+        if target not in columns:
+            raise _fail(spec_path, f"columns.{target}", "required; map it from a source column")
+    if "query_id" in columns and "query_text" not in columns:
+        raise _fail(spec_path, "columns.query_text", "query_id is mapped, so query_text must be too")
+
+    context_raw = mapping.get("context") or {}
+    if not isinstance(context_raw, dict):
+        raise _fail(spec_path, "context", "expected a mapping of context column -> source column")
+    context = {}
+    for target, value in context_raw.items():
+        if target in RESERVED_COLUMNS or not str(target).isidentifier():
+            raise _fail(spec_path, f"context.{target}", "is a reserved schema column or not an identifier")
+        context[target] = _column_rule(spec_path, f"context.{target}", value)
+
+    timestamp = _timestamp_rule(spec_path, mapping["timestamp"])
+    label = _label_rule(spec_path, mapping["label"])
+    source = _source_rule(spec_path, mapping["source"], bundled)
+
+    known_targets = {"ad_id", "query_id", *context}
+    group = mapping["group"]
+    if group not in known_targets:
+        raise _fail(
+            spec_path,
+            "group",
+            f"{group!r} must be one of the mapped ids or context columns: {', '.join(sorted(known_targets))}",
+        )
+    entities = _str_list(spec_path, "entities", mapping.get("entities", ["ad_id"]))
+    for entity in entities:
+        if entity not in known_targets:
+            raise _fail(
+                spec_path, "entities", f"{entity!r} must be one of {', '.join(sorted(known_targets))}"
+            )
+
+    split_raw = _expect_keys(spec_path, "split", mapping.get("split") or {}, {"mode", "fractions"})
+    split_mode = split_raw.get("mode", "within_group")
+    if split_mode not in SPLIT_MODES:
+        raise _fail(spec_path, "split.mode", f"{split_mode!r} is not one of {', '.join(SPLIT_MODES)}")
+    fractions = tuple(split_raw.get("fractions", [0.8, 0.1, 0.1]))
+    if (
+        len(fractions) != 3
+        or any(not isinstance(f, int | float) or f < 0 for f in fractions)
+        or (abs(sum(fractions) - 1.0) > 1e-6)
+    ):
+        raise _fail(spec_path, "split.fractions", "expected three non-negative numbers summing to 1")
+
+    max_chars = mapping.get("max_text_chars", 2000)
+    if not isinstance(max_chars, int) or max_chars < 1:
+        raise _fail(spec_path, "max_text_chars", "expected a positive integer")
+
+    max_reject_rate = mapping.get("max_reject_rate", 0.01)
+    if not isinstance(max_reject_rate, int | float) or not 0 <= max_reject_rate <= 1:
+        raise _fail(spec_path, "max_reject_rate", "expected a fraction between 0 and 1")
+
+    forbidden = _str_list(spec_path, "forbidden", mapping["forbidden"]) if "forbidden" in mapping else ()
+    spec = DatasetSpec(
+        name=name,
+        description=str(mapping.get("description", "")),
+        source=source,
+        columns=columns,
+        timestamp=timestamp,
+        context=context,
+        label=label,
+        group=group,
+        entities=entities,
+        split_mode=split_mode,
+        split_fractions=(float(fractions[0]), float(fractions[1]), float(fractions[2])),
+        max_text_chars=max_chars,
+        max_reject_rate=float(max_reject_rate),
+        forbidden=forbidden,
+        notes=str(mapping.get("notes", "")),
+        spec_path=spec_path,
+        raw=mapping,
+    )
+    leaked = sorted(spec.source_columns() & set(forbidden))
+    if leaked:
+        raise _fail(
+            spec_path,
+            "forbidden",
+            f"column {leaked[0]!r} is computed from the outcome "
+            "(label leakage) and may not be used; remove it from the mapping",
+        )
+    return spec
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.stem for p in BUNDLED_SPEC_DIR.glob("*.yaml"))
+
+
+def load_spec(name_or_path: str) -> DatasetSpec:
+    """Load a bundled spec by name (`upworthy`) or a user's spec by path (`my_log.yaml`)."""
+    bundled = BUNDLED_SPEC_DIR / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        path, is_bundled = bundled, True
+    else:
+        path, is_bundled = Path(name_or_path).expanduser().resolve(), False
+        if not path.is_file():
+            raise UserError(
+                f"dataset {name_or_path!r} is neither a bundled dataset ({', '.join(bundled_names())}) "
+                "nor a spec file; pass a bundled name or the path of a YAML spec"
+            )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"spec {path.name}: not valid YAML ({first_line}); fix the file") from None
+    return parse_spec(raw, path, bundled=is_bundled)
