@@ -127,7 +127,16 @@ def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[s
                 f"{source} line {reader.line_num}: {len(fields)} fields, header has {width}",
             )
             continue
-        yield dict(zip(header, fields, strict=True))
+        record = dict(zip(header, fields, strict=True))
+        # Lone surrogates cannot cross a pipeline boundary, so the row becomes its dead letter here.
+        bad = next((k for k, v in record.items() if _SURROGATE.search(v)), None)
+        if bad is not None:
+            yield malformed(
+                json.dumps(json_safe(record), sort_keys=True),
+                f"{source} line {reader.line_num}: invalid UTF-8 in column {bad!r}",
+            )
+            continue
+        yield record
 
 
 def delimited_header(path: str, delimiter: str) -> list[str]:

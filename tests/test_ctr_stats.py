@@ -1,0 +1,83 @@
+"""CTR history: counts from training rows only, smoothed, leave-one-out on training rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from nlpctr.errors import UserError
+from nlpctr.pipelines import ctr_stats, ingest
+
+
+@pytest.fixture(scope="module")
+def trec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ctr") / "trec"
+    ingest.run(["--dataset", "trec2013", "--out", str(out)])
+    ctr_stats.run(["--data", str(out), "--prior-strength", "5"])
+    return out
+
+
+def frame(path: Path) -> pd.DataFrame:
+    return ds.dataset(path, format="parquet").to_table().to_pandas()
+
+
+def test_entity_level_stats_match_a_pandas_groupby_over_train_rows(trec: Path) -> None:
+    rows = frame(trec / "impressions")
+    train = rows[rows.split == "train"]
+    p0 = train.clicks.sum() / train.impressions.sum()
+    meta = json.loads((trec / "ctr_history" / "_meta.json").read_text())
+    assert meta["global_ctr"] == pytest.approx(p0)
+    for entity in ("ad_id", "query_id", "position"):
+        expected = train.groupby(entity)[["impressions", "clicks"]].sum()
+        got = frame(trec / "ctr_history" / entity).set_index(entity).sort_index()
+        assert len(got) == len(expected)
+        assert (got[f"{entity}_impressions"] == expected.impressions.loc[got.index]).all()
+        assert (got[f"{entity}_clicks"] == expected.clicks.loc[got.index]).all()
+        smoothed = (expected.clicks + 5 * p0) / (expected.impressions + 5)
+        assert got[f"{entity}_ctr"].to_numpy() == pytest.approx(smoothed.loc[got.index].to_numpy())
+        assert (got.event_timestamp == rows.event_timestamp.min()).all()
+
+
+def test_training_rows_never_see_their_own_label(trec: Path) -> None:
+    rows = frame(trec / "impressions").set_index("impression_id")
+    history = frame(trec / "ctr_history_rows").set_index("impression_id").loc[rows.index]
+    assert len(history) == len(rows)
+    train = rows.split == "train"
+    p0 = rows[train].clicks.sum() / rows[train].impressions.sum()
+    totals = rows[train].groupby("position")[["impressions", "clicks"]].sum()
+    per_row = totals.reindex(rows.position).fillna(0).set_axis(rows.index)
+    own = rows[["impressions", "clicks"]].where(train, 0)
+    loo_i = per_row.impressions - own.impressions
+    loo_c = per_row.clicks - own.clicks
+    assert (history.position_impressions == loo_i).all()
+    assert history.position_ctr.to_numpy() == pytest.approx(((loo_c + 5 * p0) / (loo_i + 5)).to_numpy())
+    # Flip one training row's label: its own feature must not move.
+    clicked = rows[train & (rows.clicks == 1)].index[0]
+    key = rows.loc[clicked, "position"]
+    others = rows[train & (rows.position == key)].drop(index=clicked)
+    assert history.loc[clicked, "position_ctr"] == pytest.approx(
+        (others.clicks.sum() + 5 * p0) / (others.impressions.sum() + 5)
+    )
+
+
+def test_valid_and_test_rows_get_the_entity_level_values(trec: Path) -> None:
+    rows = frame(trec / "impressions").set_index("impression_id")
+    history = frame(trec / "ctr_history_rows").set_index("impression_id")
+    entity = frame(trec / "ctr_history" / "ad_id").set_index("ad_id")
+    held_out = rows[(rows.split != "train") & rows.ad_id.isin(entity.index)]
+    assert len(held_out) > 50
+    expected = entity.loc[held_out.ad_id, "ad_id_ctr"].to_numpy()
+    assert history.loc[held_out.index, "ad_id_ctr"].to_numpy() == pytest.approx(expected)
+
+
+def test_rerun_is_identical_and_missing_manifest_is_a_user_error(trec: Path, tmp_path: Path) -> None:
+    before = frame(trec / "ctr_history_rows").sort_values("impression_id").reset_index(drop=True)
+    ctr_stats.run(["--data", str(trec), "--prior-strength", "5"])
+    after = frame(trec / "ctr_history_rows").sort_values("impression_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)
+    with pytest.raises(UserError, match="nlpctr data prepare"):
+        ctr_stats.run(["--data", str(tmp_path)])

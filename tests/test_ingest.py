@@ -1,0 +1,248 @@
+"""The Beam ingest job end to end: bundled datasets, every reject reason, splits, atomic output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from nlpctr.errors import UserError
+from nlpctr.models.schema import SPLITS, impression_schema, stable_hash
+from nlpctr.pipelines import ingest, records
+
+BAD_CSV = """id,ad,title,ts,n,k,test
+1,a1,Good headline one,2024-01-01T00:00:00Z,10,2,t1
+2,a2,Good headline two,2024-01-02T00:00:00Z,5,0,t1
+3,a3,,2024-01-02T00:00:00Z,5,0,t2
+4,a4,Bad time,not a time,5,0,t2
+5,a5,Too many clicks,2024-01-03T00:00:00Z,5,6,t2
+6,a6,Negative,2024-01-03T00:00:00Z,-5,0,t3
+7,a7,Fraction,2024-01-03T00:00:00Z,2.5,0,t3
+8,a8,Zero,2024-01-03T00:00:00Z,0,0,t3
+9,a9,Control \x01 char,2024-01-03T00:00:00Z,5,1,t4
+10,a10,Invalid \xff byte,2024-01-03T00:00:00Z,5,1,t4
+1,a1,Duplicate of one,2024-01-01T00:00:00Z,10,2,t1
+12,a12,This headline is far too long for the limit,2024-01-03T00:00:00Z,5,1,t5
+13,a13,ragged row
+14,a14,Good headline three,2024-01-04T00:00:00Z,7,7,t5
+"""
+EXPECTED_REASONS = {
+    records.MISSING_TEXT: 1, records.BAD_TIMESTAMP: 1, records.CLICKS_GT_IMPRESSIONS: 1, records.BAD_COUNT: 2,
+    records.ZERO_IMPRESSIONS: 1, records.BAD_ENCODING: 2, records.DUPLICATE_IMPRESSION_ID: 1,
+    records.TEXT_TOO_LONG: 1, records.MALFORMED_RECORD: 1,
+}  # fmt: skip
+SPEC = {
+    "name": "badlog",
+    "source": {"path": "log.csv", "format": "csv"},
+    "columns": {"impression_id": "id", "ad_id": "ad", "ad_text": "title"},
+    "context": {"test_id": "test"},
+    "timestamp": {"column": "ts", "format": "iso8601"},
+    "label": {"form": "aggregated", "impressions": "n", "clicks": "k"},
+    "group": "test_id",
+    "max_text_chars": 30,
+}
+
+
+def make_log(tmp_path: Path, spec: dict = SPEC, csv: str = BAD_CSV) -> Path:
+    (tmp_path / "log.csv").write_bytes(csv.encode("latin-1"))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def read_rows(out: Path) -> list[dict]:
+    table = ds.dataset(out / "impressions", format="parquet").to_table()
+    return sorted(table.to_pylist(), key=lambda row: row["impression_id"])
+
+
+def read_rejected(out: Path) -> list[dict]:
+    lines = [line for f in sorted((out / "rejected").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    return sorted((json.loads(line) for line in lines), key=json.dumps)
+
+
+def test_every_reason_is_a_dead_letter_and_counts_add_up(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    manifest = ingest.run(["--dataset", str(make_log(tmp_path)), "--out", str(out), "--max-reject-rate", "1"])
+    assert manifest["rows_in"] == 14
+    assert manifest["rows_written"] == 3
+    assert manifest["rows_in"] == manifest["rows_written"] + manifest["rows_rejected"]
+    assert manifest["rejected_by_reason"] == EXPECTED_REASONS
+    rejected = read_rejected(out)
+    assert len(rejected) == manifest["rows_rejected"]
+    assert all(set(r) == {"reason", "message", "record"} and r["message"] for r in rejected)
+    duplicate = next(r for r in rejected if r["reason"] == records.DUPLICATE_IMPRESSION_ID)
+    assert duplicate["record"]["ad_text"] in {"Good headline one", "Duplicate of one"}
+    assert json.loads((out / "manifest.json").read_text())["rows_written"] == 3
+    assert pq.read_schema(
+        next((out / "impressions").glob("*.parquet"))
+    ).remove_metadata() == impression_schema(["test_id"])
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_long_text_truncated_under_the_flag_is_counted(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    manifest = ingest.run(
+        [
+            "--dataset",
+            str(make_log(tmp_path)),
+            "--out",
+            str(out),
+            "--max-reject-rate",
+            "1",
+            "--truncate-long-text",
+        ]
+    )
+    assert manifest["rows_truncated"] == {"ad_text": 1}
+    assert records.TEXT_TOO_LONG not in manifest["rejected_by_reason"]
+    assert any(len(row["ad_text"]) == 30 for row in read_rows(out))
+
+
+def test_reject_rate_over_the_limit_fails_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"rows rejected .* > --max-reject-rate 1.00%.*nothing was written"):
+        ingest.run(["--dataset", str(make_log(tmp_path)), "--out", str(out)])
+    assert not out.exists()
+    assert (tmp_path / "out.failed" / "rejected").is_dir()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_crash_mid_run_leaves_previous_output_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    spec = make_log(tmp_path)
+    ingest.run(["--dataset", str(spec), "--out", str(out), "--max-reject-rate", "1"])
+    before = read_rows(out)
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("worker died")
+
+    monkeypatch.setattr(ingest, "map_record", explode)
+    with pytest.raises(Exception, match="worker died"):
+        ingest.run(["--dataset", str(spec), "--out", str(out), "--max-reject-rate", "1"])
+    assert read_rows(out) == before
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_upworthy_all_packages_in(tmp_path: Path) -> None:
+    out = tmp_path / "upworthy"
+    manifest = ingest.run(["--dataset", "upworthy", "--out", str(out), "--seed", "7"])
+    assert manifest["rows_in"] == 22666
+    assert manifest["rows_written"] + manifest["rows_rejected"] == 22666
+    assert sum(manifest["split"]["rows"].values()) == manifest["rows_written"]
+    assert sum(manifest["split"]["impressions"].values()) == 81_024_151 or manifest["rows_rejected"] > 0
+    rows = read_rows(out)
+    first = next(row for row in rows if row["impression_id"] == "0")
+    assert first["ad_id"] == stable_hash(first["ad_text"], first["test_id"])
+    assert "<" not in (first["ad_extra_text"] or "")
+    assert first["event_timestamp"].weekday() == 0  # Monday 00:00 UTC of its week
+    assert not {"significance", "winner", "ctr"} & set(rows[0])
+    # within_group: the packages of one test fall across splits
+    splits_per_test: dict[str, set[str]] = {}
+    for row in rows:
+        splits_per_test.setdefault(row["test_id"], set()).add(row["split"])
+    assert sum(len(s) > 1 for s in splits_per_test.values()) > 1000
+
+
+def test_trec_and_esci(tmp_path: Path) -> None:
+    trec = ingest.run(["--dataset", "trec2013", "--out", str(tmp_path / "trec")])
+    assert trec["rows_in"] == 4449
+    assert trec["rejected_by_reason"][records.MISSING_TEXT] == 53
+    rows = read_rows(tmp_path / "trec")
+    assert {row["impressions"] for row in rows} == {1} and {row["clicks"] for row in rows} == {0, 1}
+    assert all(row["query_text"] and row["position"] for row in rows)
+    esci = ingest.run(["--dataset", "esci_ubi", "--out", str(tmp_path / "esci")])
+    assert esci["rows_in"] == 1999
+    assert esci["rows_written"] + esci["rows_rejected"] == 1999
+    assert esci["source_stats"]["click_events"] == 287
+    assert sum(row["clicks"] for row in read_rows(tmp_path / "esci")) > 0
+
+
+def test_rerun_gives_the_same_rows_and_seed_changes_splits(tmp_path: Path) -> None:
+    spec = ["--dataset", "trec2013"]
+    ingest.run([*spec, "--out", str(tmp_path / "a"), "--seed", "1"])
+    ingest.run([*spec, "--out", str(tmp_path / "b"), "--seed", "1"])
+    ingest.run([*spec, "--out", str(tmp_path / "c"), "--seed", "2"])
+    a, b, c = (read_rows(tmp_path / name) for name in "abc")
+    assert a == b
+    assert [row["split"] for row in a] != [row["split"] for row in c]
+    assert read_rejected(tmp_path / "a") == read_rejected(tmp_path / "b")
+
+
+@pytest.mark.parametrize("mode", ["cold_group", "time"])
+def test_split_modes(tmp_path: Path, mode: str) -> None:
+    out = tmp_path / mode
+    manifest = ingest.run(["--dataset", "trec2013", "--out", str(out), "--split-mode", mode])
+    rows = read_rows(out)
+    assert all(manifest["split"]["rows"][s] > 0 for s in SPLITS)
+    if mode == "cold_group":
+        groups: dict[str, set[str]] = {}
+        for row in rows:
+            groups.setdefault(row["query_id"], set()).add(row["split"])
+        assert all(len(s) == 1 for s in groups.values())
+    else:
+        by_split = {s: [row["event_timestamp"] for row in rows if row["split"] == s] for s in SPLITS}
+        assert max(by_split["train"]) <= min(by_split["valid"])
+        assert max(by_split["valid"]) <= min(by_split["test"])
+
+
+def test_jsonl_source_with_malformed_lines(tmp_path: Path) -> None:
+    lines = [
+        json.dumps(
+            {"q": "red shoes", "title": "Red running shoes", "ts": 1717527762025, "click": 1, "pos": 1}
+        ),
+        "{not json",
+        json.dumps(
+            {"q": "red shoes", "title": "Blue sandals", "ts": 1717527762999, "click": "maybe", "pos": 2}
+        ),
+        json.dumps({"q": "red shoes", "title": "Red boots", "ts": 1717527763999, "click": 0, "pos": 3}),
+    ]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    spec = {
+        "name": "shop",
+        "source": {"path": "log.jsonl", "format": "jsonl"},
+        "columns": {"query_id": {"text_id_of": "q"}, "query_text": "q", "ad_id": {"hash_of": ["title"]},
+                    "ad_text": "title"},
+        "context": {"position": "pos"},
+        "timestamp": {"column": "ts", "format": "epoch_ms"},
+        "label": {"form": "binary", "clicked": "click"},
+        "group": "query_id",
+    }  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    manifest = ingest.run(
+        ["--dataset", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out"), "--max-reject-rate", "0.6"]
+    )
+    assert (manifest["rows_in"], manifest["rows_written"]) == (4, 2)
+    assert manifest["rejected_by_reason"] == {records.MALFORMED_RECORD: 1, records.BAD_LABEL: 1}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nlpctr.pipelines.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    wrong = dict(SPEC, columns={**SPEC["columns"], "ad_text": "headline"})
+    spec = make_log(tmp_path, wrong)
+    result = run_cli("data", "prepare", "--dataset", str(spec), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("nlpctr: error")]
+    assert (
+        len(error_lines) == 1 and "'headline'" in error_lines[0] and "fix the column name" in error_lines[0]
+    )
+
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    spec_path = tmp_path / "p.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC, "source": {"path": "broken.parquet", "format": "parquet"}}))
+    result = run_cli("data", "prepare", "--dataset", str(spec_path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "not a readable parquet file" in result.stderr
+    assert not (tmp_path / "o").exists()

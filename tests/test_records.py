@@ -1,0 +1,134 @@
+"""Row-level validation: each kind of bad row gets its reason code; good rows map exactly."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nlpctr.models.schema import text_id
+from nlpctr.pipelines import records as r
+from nlpctr.pipelines.specs import load_spec
+
+AGGREGATED = {
+    "name": "agg",
+    "source": {"path": "log.csv", "format": "csv"},
+    "columns": {
+        "impression_id": "id",
+        "ad_id": "ad",
+        "ad_text": "title",
+        "ad_extra_text": {"column": "body", "transform": "strip_html"},
+    },
+    "context": {"test_id": "test"},
+    "timestamp": {"column": "ts", "format": "iso8601"},
+    "label": {"form": "aggregated", "impressions": "n", "clicks": "k"},
+    "group": "test_id",
+    "max_text_chars": 40,
+}
+GOOD_ROW = {"id": "1", "ad": "a1", "title": "Ten Dogs", "body": "<p>Hi &amp; bye</p>", "test": "t1",
+            "ts": "2024-01-02T03:04:05", "n": "10", "k": "3"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("spec") / "agg.yaml"
+    path.write_text(yaml.safe_dump(AGGREGATED))
+    return load_spec(str(path))
+
+
+def test_good_row_maps_onto_schema(spec) -> None:
+    mapped = r.map_record(spec, GOOD_ROW, r.Limits(40))
+    assert isinstance(mapped, r.Mapped)
+    row = mapped.row
+    assert row["event_timestamp"] == dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    assert (row["impressions"], row["clicks"]) == (10, 3)
+    assert row["ad_extra_text"] == "Hi & bye"
+    assert row["ad_text_id"] == text_id("ten  dogs")
+    assert row["query_text_id"] is None and row["test_id"] == "t1"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"title": "  "}, r.MISSING_TEXT),
+        ({"title": None}, r.MISSING_TEXT),
+        ({"ts": "yesterday"}, r.BAD_TIMESTAMP),
+        ({"ts": ""}, r.BAD_TIMESTAMP),
+        ({"k": "11"}, r.CLICKS_GT_IMPRESSIONS),
+        ({"n": "-1"}, r.BAD_COUNT),
+        ({"n": "2.5"}, r.BAD_COUNT),
+        ({"k": "three"}, r.BAD_COUNT),
+        ({"n": "0", "k": "0"}, r.ZERO_IMPRESSIONS),
+        ({"title": "bad\x00byte"}, r.BAD_ENCODING),
+        ({"title": "caf\udce9"}, r.BAD_ENCODING),
+        ({"title": "x" * 41}, r.TEXT_TOO_LONG),
+        ({"ad": ""}, r.MISSING_ID),
+    ],
+)
+def test_bad_rows_get_their_reason(spec, change: dict, reason: str) -> None:
+    result = r.map_record(spec, {**GOOD_ROW, **change}, r.Limits(40))
+    assert isinstance(result, r.Rejection)
+    assert result.reason == reason, result.message
+    assert r.json_safe(result.record)  # the original row survives into the dead letter
+
+
+def test_long_text_is_truncated_only_under_the_flag(spec) -> None:
+    result = r.map_record(spec, {**GOOD_ROW, "title": "y" * 50}, r.Limits(40, truncate_long_text=True))
+    assert isinstance(result, r.Mapped)
+    assert result.row["ad_text"] == "y" * 40 and result.truncated == ("ad_text",)
+
+
+def test_integral_floats_are_counts_and_ids() -> None:
+    assert r.parse_count(3.0, "n") == 3
+    assert r.as_text(201446.0) == "201446"
+    with pytest.raises(r._Invalid):
+        r.parse_count(True, "n")
+
+
+def test_timestamp_formats() -> None:
+    from nlpctr.pipelines.specs import TimestampRule
+
+    def ts(fmt: str, value: object, **kw: object) -> dt.datetime:
+        return r.parse_timestamp(TimestampRule(format=fmt, column="c", **kw), {"c": value})
+
+    # strftime %Y%W: week 00 of 2015 and week 52 of 2014 are the same Monday.
+    assert ts("year_week", 201500) == ts("year_week", "201452") == dt.datetime(2014, 12, 29, tzinfo=dt.UTC)
+    assert ts("iso_week", "201501") == dt.datetime(2014, 12, 29, tzinfo=dt.UTC)
+    assert ts("epoch_ms", 1717527762025).year == 2024
+    assert ts("iso8601", "2024-06-01T00:00:00+02:00") == dt.datetime(2024, 5, 31, 22, tzinfo=dt.UTC)
+    naive_berlin = ts("iso8601", "2024-06-01T00:00:00", timezone="Europe/Berlin")
+    assert naive_berlin == dt.datetime(2024, 5, 31, 22, tzinfo=dt.UTC)
+    with pytest.raises(r._Invalid):
+        ts("iso_week", "201500")  # ISO has no week 00
+
+
+def test_delimited_parser_flags_ragged_rows_and_keeps_quoted_newlines() -> None:
+    data = b'a,b\n1,"two\nlines"\n3\n4,5\n'
+    rows = list(r.parse_delimited(data, ",", "f.csv"))
+    assert rows[0] == {"a": "1", "b": "two\nlines"}
+    assert r.MALFORMED_KEY in rows[1] and "1 fields, header has 2" in rows[1][r.MALFORMED_KEY]
+    assert rows[2] == {"a": "4", "b": "5"}
+
+
+def test_json_line_parser() -> None:
+    assert r.parse_json_line(b"  ") is None
+    assert r.MALFORMED_KEY in r.parse_json_line(b"{oops")
+    assert r.MALFORMED_KEY in r.parse_json_line(b"[1, 2]")
+    assert "UTF-8" in r.parse_json_line(b'{"a": "\xff"}')[r.MALFORMED_KEY]
+
+
+def test_fix_mojibake_repairs_what_it_can() -> None:
+    assert r.fix_mojibake("Product \u0096 Scooters") == "Product – Scooters"
+    assert r.fix_mojibake("Power\u00e2\u0084\u00a2") == "Power™"
+    assert r.fix_mojibake("café naïve") == "café naïve"
+    assert "\u0081" in r.fix_mojibake("x\u0081y")  # undefined in cp1252: left for rejection
+
+
+def test_strip_html() -> None:
+    assert r.strip_html("<p>When I saw <em>why</em> &mdash; wow</p>\n<p>ok</p>") == "When I saw why — wow ok"
+
+
+def test_spec_dir_is_package_data() -> None:
+    assert (Path(r.__file__).parent / "specs" / "upworthy.yaml").is_file()
