@@ -240,12 +240,13 @@ class AssignSplits(beam.PTransform):
                 return {**row, "split": split_of(unit_interval(seed, "group", key), fractions)}
 
             return rows | "SplitGroups" >> beam.Map(by_group)
-        # Time: exact cut points from the sorted timestamps of all rows; ties go to the earlier split.
+        # Time: cut points from approximate quantiles of the timestamps (bounded memory; exact
+        # while the data fits the combiner's buffers); rows tied at a cut go to the earlier split.
         cut_points = (
             rows
             | "Timestamps" >> beam.Map(lambda r: r["event_timestamp"])
-            | "CutPoints" >> beam.combiners.ToList()
-            | "Quantiles" >> beam.Map(_time_cut_points, fractions)
+            | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(QUANTILES + 1)
+            | "CutPoints" >> beam.Map(_time_cut_points, fractions)
         )
 
         def by_time(row: dict[str, Any], cuts: tuple[Any, Any]) -> dict[str, Any]:
@@ -256,12 +257,14 @@ class AssignSplits(beam.PTransform):
         return rows | "SplitTime" >> beam.Map(by_time, beam.pvalue.AsSingleton(cut_points))
 
 
-def _time_cut_points(stamps: list[Any], fractions: tuple[float, float, float]) -> tuple[Any, Any]:
-    ordered = sorted(stamps)
-    n = len(ordered)
-    train_end = max(0, min(n - 1, int(n * fractions[0]) - 1))
-    valid_end = max(train_end, min(n - 1, int(n * (fractions[0] + fractions[1])) - 1))
-    return ordered[train_end], ordered[valid_end]
+QUANTILES = 1000
+
+
+def _time_cut_points(quantiles: list[Any], fractions: tuple[float, float, float]) -> tuple[Any, Any]:
+    """Timestamps at the train and valid fractions, from evenly spaced quantiles (all the
+    sorted timestamps when there are fewer rows than QUANTILES)."""
+    last = len(quantiles) - 1
+    return quantiles[round(fractions[0] * last)], quantiles[round((fractions[0] + fractions[1]) * last)]
 
 
 # ------------------------------------------------------------------------------- counting
