@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/nlpctr embed --data $(DATA)/upworthy
 	$(BIN)/nlpctr features apply --data $(DATA)/upworthy
 	$(BIN)/nlpctr features materialize --data $(DATA)/upworthy
-	$(BIN)/nlpctr features get --data $(DATA)/upworthy --service cascade_frozen --first-row
+	$(BIN)/nlpctr features get --data $(DATA)/upworthy --service cascade_frozen --impression 0
 
 test: setup
 	$(BIN)/ruff check .

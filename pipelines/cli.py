@@ -27,6 +27,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ),
     ("ctr-stats",): ("nlpctr.pipelines.ctr_stats", "historical CTR features from training rows (Beam)"),
     ("embed",): ("nlpctr.pipelines.embed_text", "frozen-BERT embeddings of unique texts (Beam RunInference)"),
+    ("features",): ("nlpctr.pipelines.feature_store_cli", "Feast: apply | materialize | get (online lookup)"),
+    ("score-batch",): (
+        "nlpctr.pipelines.score_batch",
+        "enrich impressions from the online store (Beam Enrichment)",
+    ),
 }
 
 

@@ -1,0 +1,504 @@
+"""Embed every unique query and ad text once with the frozen encoder (Beam RunInference).
+
+    nlpctr embed --data DIR [--layers K] [--pooling mean|cls] [--max-length N]
+                 [--batch-size B] [--torch-threads T] [--no-length-grouping] [beam options]
+
+Reads `DIR/impressions/*.parquet` (canonical schema), keeps one element per text id (the
+text identity of `models/schema.py`) with the earliest event_timestamp it appears at, so a
+Feast point-in-time join sees the embedding from the first impression on, tokenises, batches
+texts of similar token length together (Beam's SortAndBatchElements), runs the encoder
+of `models/encoder.py` through RunInference and writes
+
+    DIR/embeddings/<EncoderConfig.slug>/part-*.parquet   text_id, embedding (list<float32>, 384),
+                                                         encoder_version, event_timestamp (us, UTC)
+    DIR/embeddings/<EncoderConfig.slug>/_manifest.json  provenance and counts
+
+into a hidden staging folder that is renamed into place only after the pipeline succeeds, so
+a failed run never leaves a half-written folder and each encoder version has its own folder.
+Counts are computed inside the pipeline (not from runner metrics, which not every runner
+commits) and checked: forwarded texts == unique texts == rows written.
+
+The pipeline is built from standard PipelineOptions: DirectRunner here (also
+`--direct_running_mode=multi_processing --direct_num_workers=2`), Flink/Spark/Dataflow
+unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+from nlpctr import __version__
+from nlpctr.errors import UserError
+from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
+
+LOG = logging.getLogger(__name__)
+
+# (id column, text column) pairs of the canonical schema whose texts are embedded.
+TEXT_COLUMN_PAIRS: tuple[tuple[str, str], ...] = (("query_text_id", "query_text"), ("ad_text_id", "ad_text"))
+INPUT_COLUMNS: tuple[str, ...] = (*(c for pair in TEXT_COLUMN_PAIRS for c in pair), "event_timestamp")
+EMBEDDING_SCHEMA = pa.schema(
+    [
+        pa.field("text_id", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+        pa.field("encoder_version", pa.string(), nullable=False),
+        pa.field("event_timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+MANIFEST_FILE = "_manifest.json"  # "_" prefix: parquet dataset readers (pyarrow, Feast) skip it
+STATS_FILE = "_stats.json"
+# Rows per written arrow table (a parquet row group): big enough to amortise, small in memory.
+WRITE_BATCH_ROWS = 1024
+
+
+def embeddings_dir(data: Path, config: EncoderConfig) -> Path:
+    """Where the embeddings of `config`'s encoder for the dataset in `data` live."""
+    return Path(data) / "embeddings" / config.slug
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+class UniqueText(NamedTuple):
+    """A unique text and the earliest time (microseconds since the epoch, UTC) it was shown."""
+
+    first_seen_us: int
+    text: str
+
+
+def texts_of_table(table: pa.Table) -> Iterator[tuple[str, UniqueText]]:
+    """(text_id, UniqueText) for each distinct text id in one chunk of impressions.
+
+    Deduplicating inside the chunk first (earliest timestamp, then smallest spelling) keeps
+    the shuffle small: a text shown a million times crosses it once per chunk, not per row.
+    """
+    ts = table.column("event_timestamp").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    frames = []
+    for id_column, text_column in TEXT_COLUMN_PAIRS:
+        frames.append(
+            pd.DataFrame(
+                {
+                    "id": table.column(id_column).to_pandas(),
+                    "text": table.column(text_column).to_pandas(),
+                    "ts": ts.to_pandas(),
+                }
+            )
+        )
+    frame = pd.concat(frames, ignore_index=True).dropna(subset=["id", "text"])
+    # min over (ts, text) per id is the same rule CombinePerKey(min) applies across chunks, so
+    # the representative spelling does not depend on how the input was split.
+    frame = frame.sort_values(["id", "ts", "text"], kind="stable").drop_duplicates("id", keep="first")
+    for text_id, text, first_seen in zip(frame["id"], frame["text"], frame["ts"], strict=True):
+        yield str(text_id), UniqueText(int(first_seen), str(text))
+
+
+class ReadUniqueTexts(beam.PTransform):
+    """impressions parquet -> one (text_id, UniqueText) per distinct query or ad text id."""
+
+    def __init__(self, file_pattern: str) -> None:
+        super().__init__()
+        self.file_pattern = file_pattern
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "ReadImpressions"
+            >> beam.io.ReadFromParquetBatched(self.file_pattern, columns=list(INPUT_COLUMNS))
+            | "DistinctPerChunk" >> beam.FlatMap(texts_of_table)
+            # min of (first_seen_us, text): earliest impression wins; ties go to the smallest spelling.
+            | "EarliestPerTextId" >> beam.CombinePerKey(min)
+        )
+
+
+# ------------------------------------------------------------------------------- encoding
+
+
+class TokenizedText(NamedTuple):
+    """A unique text, tokenised (unpadded) and ready to batch."""
+
+    text_id: str
+    first_seen_us: int
+    input_ids: tuple[int, ...]
+
+
+class Encoded(NamedTuple):
+    """One text's vector plus what its forward pass cost, for the job's padding/throughput counts."""
+
+    vector: np.ndarray
+    padded_length: int
+    batch_size: int
+    first_in_batch: bool
+    forward_seconds: float
+
+
+def token_length(example: TokenizedText) -> int:
+    """Length used to bucket a text for batching: its number of tokens."""
+    return len(example.input_ids)
+
+
+class TokenizeTexts(beam.DoFn):
+    """(text_id, UniqueText) -> TokenizedText; the tokenizer is loaded once per DoFn instance."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        self.config = config
+        self._tokenizer: Any = None
+
+    def setup(self) -> None:
+        self._tokenizer = load_tokenizer()
+
+    def process(self, element: tuple[str, UniqueText]) -> Iterator[TokenizedText]:
+        text_id, unique = element
+        ids = token_ids(self._tokenizer, unique.text, self.config.max_length)
+        yield TokenizedText(text_id, unique.first_seen_us, tuple(ids))
+
+
+class TextEncoderModelHandler(ModelHandler[TokenizedText, PredictionResult, TextEncoder]):
+    """RunInference handler for `TextEncoder`: pads each batch to its longest text and pools.
+
+    Beam's HuggingFace handler imports TensorFlow and its PyTorch handlers expect
+    ready-made tensors of one shape, so this handler loads the encoder itself
+    (`from_pretrained` inside `TextEncoder`) and does the dynamic padding.
+
+    Model sharing: MiniLM-L6 is 22.7 M parameters (~90 MB in float32), so one private copy
+    per worker process is cheap and lets every process run its own forward passes in
+    parallel. `large_model=True` / `model_copies` would instead serve one copy from a shared
+    process and send every batch to it over IPC: worth it for a multi-GB model or a single
+    GPU, not for this one on CPUs, so both stay off.
+    """
+
+    def __init__(self, config: EncoderConfig, *, torch_threads: int | None = None) -> None:
+        super().__init__(large_model=False, model_copies=None)
+        self.config = config
+        self.torch_threads = torch_threads
+
+    def load_model(self) -> TextEncoder:
+        if self.torch_threads:
+            # Per process: with N worker processes on C cores, C // N threads each avoids
+            # oversubscribing the cores (set by `run`).
+            torch.set_num_threads(self.torch_threads)
+        return TextEncoder(self.config)
+
+    def run_inference(
+        self,
+        batch: Sequence[TokenizedText],
+        model: TextEncoder,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        started = time.perf_counter()
+        padded = model.pad([example.input_ids for example in batch])
+        with torch.inference_mode():
+            vectors = model(padded["input_ids"], padded["attention_mask"]).float().numpy()
+        seconds = time.perf_counter() - started
+        length = int(padded["input_ids"].shape[1])
+        return [
+            PredictionResult(example, Encoded(vectors[i], length, len(batch), i == 0, seconds))
+            for i, example in enumerate(batch)
+        ]
+
+    def get_metrics_namespace(self) -> str:
+        return "nlpctr_embed"
+
+
+class EncodeTexts(beam.PTransform):
+    """(text_id, UniqueText) -> PredictionResult(TokenizedText, Encoded), one forward per text.
+
+    Batching by length uses Beam's `SortAndBatchElements` (sorts each bundle by token count,
+    then cuts batches of `batch_size`), ahead of a RunInference that skips its own batching.
+    It groups only within a bundle, so how much padding it saves depends on the runner's
+    bundle sizes; the job reports its padding ratio so that this stays visible.
+    Beam 2.77's other length-aware options do not fit a batch job here:
+    `batch_length_fn`/`batch_bucket_boundaries` only act on the stateful BatchElements path
+    (`max_batch_duration_secs`), whose processing-time timer makes the DirectRunner fall back
+    to its legacy bundle runner (no multi_processing; it fails on this pipeline), and
+    `max_batch_weight` set on a model handler is forwarded to `BatchElements`, which rejects
+    that keyword (TypeError).
+    """
+
+    def __init__(
+        self, handler: TextEncoderModelHandler, batch_size: int, *, group_by_length: bool = True
+    ) -> None:
+        super().__init__()
+        self.handler = handler
+        self.batch_size = batch_size
+        self.group_by_length = group_by_length
+
+    def expand(self, texts: beam.PCollection) -> beam.PCollection:
+        tokenized = texts | "Tokenize" >> beam.ParDo(TokenizeTexts(self.handler.config))
+        if self.group_by_length:
+            batches = tokenized | "BatchByLength" >> beam.SortAndBatchElements(
+                min_batch_size=1,
+                max_batch_size=self.batch_size,
+                # No token budget beyond batch_size full-length texts: the count is the limit.
+                max_batch_weight=self.batch_size * self.handler.config.max_length + 1,
+                element_size_fn=token_length,
+            )
+        else:
+            batches = tokenized | "BatchInArrivalOrder" >> beam.BatchElements(
+                min_batch_size=self.batch_size, max_batch_size=self.batch_size
+            )
+        return batches | "RunInference" >> RunInference(self.handler.with_no_batching())
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def rows_to_table(results: list[PredictionResult], encoder_version: str) -> pa.Table:
+    """A batch of inference results -> an arrow table in EMBEDDING_SCHEMA."""
+    vectors = np.stack([r.inference.vector for r in results]).astype(np.float32, copy=False)
+    n, dim = vectors.shape
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    embedding = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1), pa.float32()))
+    return pa.Table.from_arrays(
+        [
+            pa.array([r.example.text_id for r in results], pa.string()),
+            embedding,
+            pa.array([encoder_version] * n, pa.string()),
+            pa.array([r.example.first_seen_us for r in results], pa.int64()).cast(
+                pa.timestamp("us", tz="UTC")
+            ),
+        ],
+        schema=EMBEDDING_SCHEMA,
+    )
+
+
+class WriteEmbeddings(beam.PTransform):
+    """Inference results -> parquet files `<prefix>-SSSSS-of-NNNNN.parquet`; returns row counts."""
+
+    def __init__(self, file_path_prefix: str, encoder_version: str, num_shards: int = 0) -> None:
+        super().__init__()
+        self.file_path_prefix = file_path_prefix
+        self.encoder_version = encoder_version
+        self.num_shards = num_shards
+
+    def expand(self, results: beam.PCollection) -> beam.PCollection:
+        tables = (
+            results
+            | "Batch" >> beam.BatchElements(min_batch_size=WRITE_BATCH_ROWS, max_batch_size=WRITE_BATCH_ROWS)
+            | "ToArrow" >> beam.Map(rows_to_table, self.encoder_version)
+        )
+        _ = tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
+            self.file_path_prefix,
+            EMBEDDING_SCHEMA,
+            codec="snappy",
+            file_name_suffix=".parquet",
+            num_shards=self.num_shards,
+        )
+        return tables | "CountRows" >> beam.Map(lambda table: ("rows_written", table.num_rows))
+
+
+def inference_counts(result: PredictionResult) -> Iterator[tuple[str, float]]:
+    """Counter pairs of one encoded text; summed they prove one forward per unique text."""
+    encoded: Encoded = result.inference
+    yield "texts_encoded", 1
+    yield "real_tokens", len(result.example.input_ids)
+    yield "token_slots", encoded.padded_length  # its row of the padded (B, L) batch
+    if encoded.first_in_batch:
+        yield "forward_passes", 1
+        yield "forward_seconds", encoded.forward_seconds
+
+
+class WriteStats(beam.PTransform):
+    """(name, number) pairs -> one JSON object of their sums, written to a single file."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def expand(self, pairs: beam.PCollection) -> beam.pvalue.PDone:
+        return (
+            pairs
+            | "Sum" >> beam.CombinePerKey(sum)
+            | "ToDict" >> beam.combiners.ToDict()
+            | "Json" >> beam.Map(lambda counts: json.dumps(counts, sort_keys=True))
+            | "Write" >> beam.io.WriteToText(self.path, shard_name_template="")
+        )
+
+
+# ------------------------------------------------------------------------------- the job
+
+
+def build_pipeline(
+    pipeline: beam.Pipeline,
+    impressions_pattern: str,
+    staging: Path,
+    handler: TextEncoderModelHandler,
+    batch_size: int,
+    *,
+    group_by_length: bool = True,
+    num_shards: int = 0,
+) -> None:
+    """Wire ReadUniqueTexts -> EncodeTexts -> WriteEmbeddings (+ counts) into `pipeline`."""
+    unique = pipeline | "ReadUniqueTexts" >> ReadUniqueTexts(impressions_pattern)
+    results = unique | "EncodeTexts" >> EncodeTexts(handler, batch_size, group_by_length=group_by_length)
+    written = results | "WriteEmbeddings" >> WriteEmbeddings(
+        str(staging / "part"), handler.config.version, num_shards
+    )
+    counts = [
+        unique | "CountUnique" >> beam.Map(lambda _: ("unique_texts", 1)),
+        results | "CountInference" >> beam.FlatMap(inference_counts),
+        written,
+    ]
+    _ = counts | "AllCounts" >> beam.Flatten() | "WriteStats" >> WriteStats(str(staging / STATS_FILE))
+
+
+def check_impressions(data: Path) -> str:
+    """The glob of the impressions files under `data`; UserError naming the fix if unusable."""
+    folder = data / "impressions"
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise UserError(
+            f"no impressions in {folder} (expected *.parquet); run `nlpctr data prepare --dataset NAME "
+            f"--out {data}` first"
+        )
+    missing = [c for c in INPUT_COLUMNS if c not in pq.read_schema(files[0]).names]
+    if missing:
+        raise UserError(
+            f"{files[0]} lacks column(s) {', '.join(missing)} of the canonical impression schema; "
+            f"re-run `nlpctr data prepare` to rebuild {folder}"
+        )
+    return str(folder / "*.parquet")
+
+
+def default_torch_threads(options: PipelineOptions) -> int | None:
+    """Threads per worker process: the cores split among DirectRunner's worker processes.
+
+    Left to torch elsewhere (in-process runs; remote runners size their own workers).
+    """
+    direct = options.view_as(DirectOptions)
+    workers = direct.direct_num_workers or 1
+    if direct.direct_running_mode == "multi_processing" and workers > 1:
+        return max(1, (os.cpu_count() or 1) // workers)
+    return None
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Swap a finished staging folder into place; a previous output is replaced whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(retired)
+    staging.rename(out)  # one rename: readers see the old folder or the new one, never a mix
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    defaults = EncoderConfig()
+    parser = argparse.ArgumentParser(
+        prog="nlpctr embed", description="Embed each unique query/ad text once with the frozen encoder."
+    )
+    parser.add_argument("--data", required=True, type=Path, help="dataset folder (holds impressions/)")
+    parser.add_argument("--layers", type=int, default=defaults.layers, help="keep the first K of 6 layers")
+    parser.add_argument("--pooling", choices=["mean", "cls"], default=defaults.pooling)
+    parser.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads per worker process (default: cores / DirectRunner workers)",
+    )
+    parser.add_argument(
+        "--no-length-grouping",
+        action="store_true",
+        help="batch texts in arrival order instead of by token length (for comparison)",
+    )
+    parser.add_argument("--num-shards", type=int, default=0, help="output files (0: the runner decides)")
+    return parser.parse_known_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the embedding job; returns its summary. Raises UserError for a user's mistake."""
+    args, beam_args = parse_args(argv)
+    config = EncoderConfig(layers=args.layers, pooling=args.pooling, max_length=args.max_length)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise UserError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    data: Path = args.data.resolve()
+    pattern = check_impressions(data)
+    out = embeddings_dir(data, config)
+    options = PipelineOptions(beam_args)
+    handler = TextEncoderModelHandler(
+        config, torch_threads=args.torch_threads or default_torch_threads(options)
+    )
+    # Hidden (dot) name: dataset readers and `embeddings/*` globs never pick up a partial run.
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(
+                pipeline,
+                pattern,
+                staging,
+                handler,
+                args.batch_size,
+                group_by_length=not args.no_length_grouping,
+                num_shards=args.num_shards,
+            )
+        wall = time.perf_counter() - started
+        counts = json.loads((staging / STATS_FILE).read_text())
+        (staging / STATS_FILE).unlink()
+        unique = int(counts.get("unique_texts", 0))
+        encoded = int(counts.get("texts_encoded", 0))
+        rows = int(counts.get("rows_written", 0))
+        if unique == 0:
+            raise UserError(f"{data / 'impressions'} holds no query or ad texts; nothing to embed")
+        if not unique == encoded == rows:
+            # A bug (a lost or repeated forward), never the user's: refuse to publish.
+            raise RuntimeError(f"embed counts disagree: {counts}")
+        manifest = {
+            "encoder_version": config.version,
+            "slug": config.slug,
+            "dim": EMBEDDING_DIM,
+            "rows": rows,
+            "source": str(data / "impressions"),
+            "nlpctr_version": __version__,
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    slots = counts.get("token_slots", 0)
+    forward_seconds = counts.get("forward_seconds", 0.0)
+    summary = {
+        "encoder_version": config.version,
+        "out": str(out),
+        "unique_texts": unique,
+        "rows_written": rows,
+        "forward_passes": int(counts.get("forward_passes", 0)),
+        "texts_encoded": encoded,
+        "batch_size": args.batch_size,
+        "group_by_length": not args.no_length_grouping,
+        "real_tokens": int(counts.get("real_tokens", 0)),
+        "token_slots": int(slots),
+        "padding_ratio": (1.0 - counts.get("real_tokens", 0) / slots) if slots else 0.0,
+        "wall_seconds": wall,
+        "texts_per_second": unique / wall if wall > 0 else 0.0,
+        # Summed over worker processes: the encoder's own rate, without Beam's overhead.
+        "forward_seconds": forward_seconds,
+        "forward_texts_per_second": encoded / forward_seconds if forward_seconds > 0 else 0.0,
+    }
+    summary["summary"] = (
+        f"embedded {unique} unique texts in {summary['forward_passes']} forward passes "
+        f"(padding {summary['padding_ratio']:.1%}) -> {rows} rows, {wall:.1f} s, "
+        f"{summary['texts_per_second']:.0f} texts/s -> {out}"
+    )
+    return summary

@@ -1,0 +1,161 @@
+"""`nlpctr features ...`: the Feast store of a prepared dataset.
+
+    nlpctr features apply --data DIR [--online sqlite|redis --redis-url HOST:PORT] [--encoder SLUG]
+    nlpctr features materialize --data DIR [--start ISO --end ISO | --incremental]
+    nlpctr features get --data DIR --service NAME --entity KEY=VALUE ... [--json]
+
+`apply` renders DIR/feature_repo/ (a stock Feast repo: `feast -c DIR/feature_repo
+feature-views list`, `feast -c DIR/feature_repo serve` work on it) and registers the views the
+jobs' outputs back. `get` is an online lookup: give each key the service needs; give a key
+several times to look up several rows (a key given once applies to every row). Unknown keys
+come back null and are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from nlpctr.errors import UserError
+from nlpctr.features import store
+
+SUBCOMMANDS = ("apply", "materialize", "get")
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `nlpctr features` parser with its three subcommands."""
+    top = argparse.ArgumentParser(prog="nlpctr features", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+
+    apply = sub.add_parser("apply", help="render DIR/feature_repo and register the views")
+    apply.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
+    apply.add_argument("--online", choices=store.ONLINE_STORES, default="sqlite", help="online store")
+    apply.add_argument("--redis-url", default=None, help=f"HOST:PORT (default {store.DEFAULT_REDIS_URL})")
+    apply.add_argument("--encoder", default=None, help="embedding slug `cascade_frozen` serves")
+
+    mat = sub.add_parser("materialize", help="load the online views into the online store")
+    mat.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
+    mat.add_argument("--start", type=_timestamp, default=None, help="window start (ISO-8601; naive = UTC)")
+    mat.add_argument("--end", type=_timestamp, default=None, help="window end (default: now)")
+    mat.add_argument("--incremental", action="store_true", help="from each view's last materialised end")
+
+    get = sub.add_parser("get", help="online lookup of a feature service")
+    get.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
+    get.add_argument(
+        "--service", default=store.CASCADE_FROZEN, help="feature service (default cascade_frozen)"
+    )
+    get.add_argument(
+        "--entity", action="append", default=[], metavar="KEY=VALUE", help="an entity key (repeatable)"
+    )
+    get.add_argument(
+        "--impression",
+        action="append",
+        default=[],
+        metavar="IMPRESSION_ID",
+        help="look up the keys serving would send for this impression of DIR/impressions (repeatable)",
+    )
+    get.add_argument("--json", action="store_true", help="print the full result as JSON")
+    return top
+
+
+def entity_rows(pairs: list[str]) -> list[dict[str, str]]:
+    """`KEY=VALUE` pairs -> entity rows: the i-th value of each key forms row i."""
+    values: dict[str, list[str]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--entity takes KEY=VALUE, got {pair!r}")
+        values.setdefault(key, []).append(value)
+    if not values:
+        raise UserError("give at least one --entity KEY=VALUE")
+    n = max(len(v) for v in values.values())
+    uneven = {k: len(v) for k, v in values.items() if len(v) not in (1, n)}
+    if uneven:
+        raise UserError(f"each --entity key must be given once or {n} times; got {uneven}")
+    return [{k: v[i] if len(v) == n else v[0] for k, v in values.items()} for i in range(n)]
+
+
+def impression_rows(data_dir: Path, impression_ids: list[str], keys: list[str]) -> list[dict[str, str]]:
+    """The service's entity keys as they stand on the given impressions, in the order given."""
+    table = ds.dataset(data_dir / "impressions", format="parquet").to_table(
+        columns=["impression_id", *keys], filter=pc.field("impression_id").isin(impression_ids)
+    )
+    found = {row["impression_id"]: row for row in table.to_pylist()}
+    missing = [i for i in impression_ids if i not in found]
+    if missing:
+        raise UserError(f"--impression {missing[0]!r} is not in {data_dir / 'impressions'}")
+    return [{k: "" if found[i][k] is None else str(found[i][k]) for k in keys} for i in impression_ids]
+
+
+def _show(value: Any) -> str:
+    """One value, short enough for a terminal line (vectors are abbreviated)."""
+    if isinstance(value, list):
+        head = ", ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in value[:4])
+        return f"[{len(value)} values: {head}{', ...' if len(value) > 4 else ''}]"
+    if isinstance(value, float) and not math.isnan(value):
+        return f"{value:.6g}"
+    return "null" if value is None else str(value)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """`nlpctr features apply|materialize|get`; returns a dict whose `summary` the CLI prints."""
+    args = parser().parse_args(argv)
+    if args.command == "apply":
+        if args.redis_url and args.online != "redis":
+            raise UserError("--redis-url goes with --online redis")
+        return store.apply(args.data, online=args.online, redis_url=args.redis_url, encoder=args.encoder)
+    if args.command == "materialize":
+        if args.incremental and (args.start or args.end):
+            raise UserError("--incremental takes no --start/--end")
+        if args.end is not None and args.start is None:
+            raise UserError("--end goes with --start (or use --incremental)")
+        return store.materialize(args.data, start=args.start, end=args.end, incremental=args.incremental)
+
+    lookup = store.OnlineFeatures(args.data, args.service)
+    if args.impression and args.entity:
+        raise UserError("give --entity KEY=VALUE or --impression ID, not both")
+    if args.impression:
+        rows = impression_rows(args.data.resolve(), args.impression, list(lookup.keys))
+    else:
+        rows = entity_rows(args.entity)
+    unknown = sorted(set(rows[0]) - set(lookup.keys))
+    if unknown:
+        raise UserError(
+            f"--entity {', '.join(unknown)}: not a key of service {args.service} "
+            f"(its keys: {', '.join(lookup.keys)})"
+        )
+    result = lookup.get(rows)
+    out: dict[str, Any] = {
+        "service": args.service,
+        "rows": result.rows,
+        "features": result.feature_names,
+        "null_counts": result.null_counts,
+        "rows_with_nulls": result.rows_with_nulls,
+        "values": result.to_records(),
+    }
+    if args.json:
+        return out
+    for i, record in enumerate(out["values"]):
+        print(f"row {i}:")
+        for name, value in record.items():
+            print(f"  {name} = {_show(value)}")
+    nulls = sum(result.null_counts.values())
+    out["summary"] = (
+        f"{result.rows} row(s) x {len(result.feature_names)} features from {args.service}: "
+        f"{nulls} null value(s), {result.rows_with_nulls} row(s) with an unknown key or missing feature"
+    )
+    # The values were printed above; the summary line is what the CLI prints last.
+    return {k: v for k, v in out.items() if k != "values"} | {"summary": out["summary"]}

@@ -1,0 +1,253 @@
+"""Batch enrichment: impressions + online features, read the way serving reads them (Beam).
+
+    nlpctr score-batch --data DIR [--service cascade_frozen] [--enrichment batched|per-element]
+                       [--batch-size 256] [--splits test ...] [--out PATH] [beam options]
+
+Each impression is enriched from the Feast online store with Beam's `Enrichment` transform, so a
+batch job sees exactly the values a live model would (the model itself arrives in a later
+issue). `per-element` is Beam's stock `FeastFeatureStoreEnrichmentHandler`: one
+`get_online_features` call per row, each paying Feast's fixed per-call cost. `batched` (the
+default) is the same handler with Beam's request batching switched on (`batch_elements_kwargs`),
+one call per batch of rows: bench/bench_feast.py measures both.
+
+Writes `DIR/enriched/<service>/part-*.parquet` (or --out): the impression columns plus
+`<projection>__<feature>` columns, the names `training_frame()` gives. Unknown keys come back null
+and are counted per feature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.enrichment import Enrichment
+from apache_beam.transforms.enrichment_handlers.feast_feature_store import FeastFeatureStoreEnrichmentHandler
+
+from nlpctr.errors import UserError
+from nlpctr.features import store as feature_store
+from nlpctr.features.definitions import arrow_type, parquet_files, read_manifest
+from nlpctr.models.schema import SPLITS, impression_schema
+
+METRICS_NAMESPACE = "nlpctr.score_batch"
+ENRICHMENT_MODES = ("batched", "per-element")
+
+
+class EntityRow:
+    """Request row -> Feast entity row for the service's keys (a picklable callable).
+
+    Null keys become a key no entity has: Feast cannot take a null join key.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = list(keys)
+
+    def __call__(self, row: beam.Row) -> dict[str, str]:
+        values = row._asdict()
+        return {k: feature_store.MISSING_KEY if values.get(k) is None else str(values[k]) for k in self.keys}
+
+
+class KeepFeatures:
+    """Enrichment join: the request row plus the feature columns of the response.
+
+    Beam's default cross join would also compare the entity keys Feast echoes back, and log a
+    warning for every row whose null key we sent as the empty id.
+    """
+
+    def __init__(self, feature_names: Sequence[str]) -> None:
+        self.feature_names = list(feature_names)
+
+    def __call__(self, left: Mapping[str, Any], right: Mapping[str, Any]) -> beam.Row:
+        return beam.Row(**{**left, **{name: right.get(name) for name in self.feature_names}})
+
+
+class BatchedFeastEnrichmentHandler(FeastFeatureStoreEnrichmentHandler):
+    """Beam's Feast handler with request batching: one `get_online_features` per batch.
+
+    `RequestResponseIO` batches requests with `BatchElements` when a caller returns
+    `batch_elements_kwargs`, then hands `__call__` a list and expects a list of
+    (request, response) pairs back.
+    """
+
+    def __init__(self, *args: Any, batch_size: int = 256, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(request, list):
+            return super().__call__(request, *args, **kwargs)
+        assert self.entity_row_fn is not None
+        values = self.store.get_online_features(
+            features=self.features,
+            entity_rows=[self.entity_row_fn(r) for r in request],
+            full_feature_names=self.full_feature_names,
+        ).to_dict()
+        return [(r, beam.Row(**{k: v[i] for k, v in values.items()})) for i, r in enumerate(request)]
+
+    def get_cache_key(self, request: Any) -> str:
+        # Cache on every key the service joins on, not only the first (the stock handler's choice).
+        assert self.entity_row_fn is not None
+        return "entity: " + "\x1f".join(f"{k}={v}" for k, v in self.entity_row_fn(request).items())
+
+
+def enrichment_handler(
+    config_path: Path, service: str, keys: Sequence[str], mode: str, batch_size: int
+) -> FeastFeatureStoreEnrichmentHandler:
+    """The Feast enrichment handler for `mode` (stock per-element, or batched)."""
+    common: dict[str, Any] = {
+        "feature_store_yaml_path": str(config_path),
+        "feature_service_name": service,
+        # Two projections of one embedding view (ad and query text) share feature names.
+        "full_feature_names": True,
+        "entity_row_fn": EntityRow(keys),
+    }
+    if mode == "per-element":
+        return FeastFeatureStoreEnrichmentHandler(**common)
+    if mode == "batched":
+        return BatchedFeastEnrichmentHandler(**common, batch_size=batch_size)
+    raise UserError(f"--enrichment must be one of {', '.join(ENRICHMENT_MODES)}, got {mode!r}")
+
+
+class CountNulls(beam.DoFn):
+    """Count rows and null features (Beam metrics, read back by the driver)."""
+
+    def __init__(self, feature_names: Sequence[str]) -> None:
+        self.feature_names = list(feature_names)
+
+    def setup(self) -> None:
+        self.rows = Metrics.counter(METRICS_NAMESPACE, "rows")
+        self.rows_with_nulls = Metrics.counter(METRICS_NAMESPACE, "rows_with_nulls")
+        self.nulls = {n: Metrics.counter(METRICS_NAMESPACE, f"null:{n}") for n in self.feature_names}
+
+    def process(self, row: dict[str, Any]) -> Any:
+        self.rows.inc()
+        missing = [n for n in self.feature_names if row.get(n) is None]
+        for name in missing:
+            self.nulls[name].inc()
+        if missing:
+            self.rows_with_nulls.inc()
+        yield row
+
+
+def output_schema(context_columns: Sequence[str], service_fields: Sequence[tuple[str, Any]]) -> pa.Schema:
+    """Impression schema plus one nullable column per served feature."""
+    base = impression_schema(context_columns)
+    return pa.schema([*base, *(pa.field(name, arrow_type(dtype)) for name, dtype in service_fields)])
+
+
+def build_pipeline(
+    pipeline: beam.Pipeline,
+    impressions: str,
+    splits: Sequence[str] | None,
+    handler: FeastFeatureStoreEnrichmentHandler,
+    feature_names: Sequence[str],
+    schema: pa.Schema,
+    out_prefix: str,
+) -> None:
+    """Read impressions -> (keep splits) -> Enrichment from the online store -> count -> parquet."""
+    rows = pipeline | "ReadImpressions" >> beam.io.ReadFromParquet(impressions)
+    if splits:
+        wanted = frozenset(splits)
+        rows = rows | "KeepSplits" >> beam.Filter(lambda r: r["split"] in wanted)
+    _ = (
+        rows
+        | "ToRows" >> beam.Map(lambda r: beam.Row(**r))
+        | "Enrich" >> Enrichment(handler, join_fn=KeepFeatures(feature_names))
+        | "ToDicts" >> beam.Map(lambda r: r._asdict())
+        | "CountNulls" >> beam.ParDo(CountNulls(feature_names))
+        | "Write" >> beam.io.WriteToParquet(out_prefix, schema, file_name_suffix=".parquet")
+    )
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags; everything else goes to Beam's PipelineOptions."""
+    parser = argparse.ArgumentParser(prog="nlpctr score-batch", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
+    parser.add_argument("--service", default=feature_store.CASCADE_FROZEN, help="feature service")
+    parser.add_argument("--enrichment", choices=ENRICHMENT_MODES, default="batched")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per online lookup (batched)")
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=None, help="only these splits")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default DIR/enriched/SERVICE)")
+    return parser.parse_known_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Enrich impressions from the online store; returns counts, timing and a `summary` line."""
+    args, beam_args = parse_args(argv)
+    data_dir: Path = args.data.resolve()
+    # Fail before the pipeline starts: not applied, stale, not materialised, Redis down.
+    online = feature_store.OnlineFeatures(data_dir, args.service)
+    if not parquet_files(data_dir / "impressions"):
+        raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
+    manifest = read_manifest(data_dir)
+    fields = [
+        (f"{p.name_to_use()}__{f.name}", f.dtype)
+        for p in online.service.feature_view_projections
+        for f in p.features
+    ]
+    schema = output_schema(manifest.get("context_columns", []), fields)
+    handler = enrichment_handler(
+        feature_store.config_path(data_dir), args.service, online.keys, args.enrichment, args.batch_size
+    )
+    out: Path = (args.out or data_dir / "enriched" / args.service).resolve()
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+        build_pipeline(
+            pipeline,
+            str(data_dir / "impressions" / "*.parquet"),
+            args.splits,
+            handler,
+            online.feature_names,
+            schema,
+            str(staging / "part"),
+        )
+        result = pipeline.run()
+        result.wait_until_finish()
+        wall = time.perf_counter() - started
+        counters = {
+            c.key.metric.name: c.committed
+            for c in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
+        }
+        retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            out.rename(retired)
+        staging.rename(out)  # readers see the old output or the new one, never a mix
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    rows = int(counters.get("rows", 0))
+    nulls = {n: int(counters.get(f"null:{n}", 0)) for n in online.feature_names}
+    with_nulls = int(counters.get("rows_with_nulls", 0))
+    summary = (
+        f"score-batch {args.service} ({args.enrichment}): {rows} rows enriched in {wall:.1f} s "
+        f"({rows / max(wall, 1e-9):.0f} rows/s); {with_nulls} row(s) with a null feature; -> {out}"
+    )
+    return {
+        "service": args.service,
+        "enrichment": args.enrichment,
+        "batch_size": args.batch_size if args.enrichment == "batched" else 1,
+        "rows": rows,
+        "rows_with_nulls": with_nulls,
+        "null_counts": nulls,
+        "wall_seconds": round(wall, 3),
+        "rows_per_second": rows / max(wall, 1e-9),
+        "out": str(out),
+        "summary": summary,
+    }

@@ -1,0 +1,269 @@
+"""The Beam embedding job: one forward per unique text, exact output layout, atomic publish."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from nlpctr.errors import UserError
+from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder
+from nlpctr.models.schema import impression_schema, text_id
+from nlpctr.pipelines import embed_text
+
+CONFIG = EncoderConfig(layers=1)
+BATCH = 16
+BASE = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
+# fmt: off
+WORDS = [
+    "the", "a", "dog", "cat", "surf", "wave", "city", "tiny", "giant", "secret", "trick", "why",
+    "how", "you", "will", "never", "believe", "what", "happened", "next", "mother", "father",
+    "school", "money", "health", "food", "water", "climate", "science", "video", "photo", "story",
+]
+# fmt: on
+
+
+def impressions_rows(seed: int = 0) -> list[dict[str, Any]]:
+    """~300 impressions over ~100 ads and 12 queries, with respelled duplicates and null queries."""
+    rng = random.Random(seed)
+    ads = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 45))) for _ in range(100)]
+    queries = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(12)]
+    rows = []
+    for i in range(300):
+        ad = rng.choice(ads)
+        if rng.random() < 0.2:  # same text id, other spelling: must not be encoded twice
+            ad = "  " + ad.upper().replace(" ", "   ") + " "
+        query = rng.choice(queries) if rng.random() < 0.5 else None
+        rows.append(
+            {
+                "impression_id": f"i{i}",
+                "event_timestamp": BASE + dt.timedelta(minutes=rng.randint(0, 10_000)),
+                "query_id": None if query is None else text_id(query),
+                "query_text": query,
+                "ad_id": text_id(ad),
+                "ad_text": ad,
+                "ad_extra_text": None,
+                "impressions": 1,
+                "clicks": int(rng.random() < 0.1),
+                "query_text_id": None if query is None else text_id(query),
+                "ad_text_id": text_id(ad),
+                "split": "train",
+            }
+        )
+    return rows
+
+
+def write_impressions(folder: Path, rows: list[dict[str, Any]], files: int = 2) -> Path:
+    """A prepared-dataset folder: impressions/*.parquet in the canonical schema."""
+    (folder / "impressions").mkdir(parents=True)
+    schema = impression_schema([])
+    step = max(1, math.ceil(len(rows) / files))
+    for n, start in enumerate(range(0, max(len(rows), 1), step)):
+        table = pa.Table.from_pylist(rows[start : start + step], schema=schema)
+        pq.write_table(table, folder / "impressions" / f"part-{n}.parquet")
+    return folder
+
+
+def expected_texts(rows: list[dict[str, Any]]) -> dict[str, tuple[dt.datetime, str]]:
+    """text id -> (earliest timestamp, spelling at that timestamp), computed without the job."""
+    best: dict[str, tuple[dt.datetime, str]] = {}
+    for row in rows:
+        for id_col, text_col in (("query_text_id", "query_text"), ("ad_text_id", "ad_text")):
+            if row[text_col] is None:
+                continue
+            key = row[id_col]
+            candidate = (row["event_timestamp"], row[text_col])
+            if key not in best or candidate < best[key]:
+                best[key] = candidate
+    return best
+
+
+def read_output(folder: str | Path) -> pa.Table:
+    return pads.dataset(str(folder), format="parquet").to_table().sort_by("text_id")
+
+
+def job_args(data: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--layers", str(CONFIG.layers), "--batch-size", str(BATCH), *extra]
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict[str, Any]]:
+    return impressions_rows()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory, rows: list[dict[str, Any]]) -> Path:
+    return write_impressions(tmp_path_factory.mktemp("data"), rows)
+
+
+@pytest.fixture(scope="module")
+def first_run(dataset: Path) -> dict[str, Any]:
+    return embed_text.run(job_args(dataset))
+
+
+def test_one_row_per_unique_text(first_run: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    expected = expected_texts(rows)
+    assert 50 < len(expected) <= 200
+    table = read_output(first_run["out"])
+    assert table.schema.equals(embed_text.EMBEDDING_SCHEMA)
+    ids = table.column("text_id").to_pylist()
+    assert ids == sorted(expected)  # every unique text, each exactly once
+    assert {len(v) for v in table.column("embedding").to_pylist()} == {EMBEDDING_DIM}
+    assert set(table.column("encoder_version").to_pylist()) == {CONFIG.version}
+    first_seen = table.column("event_timestamp").to_pylist()
+    assert first_seen == [expected[i][0] for i in ids]
+
+
+def test_exactly_one_forward_per_unique_text(first_run: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    unique = len(expected_texts(rows))
+    assert first_run["unique_texts"] == first_run["texts_encoded"] == first_run["rows_written"] == unique
+    assert math.ceil(unique / BATCH) <= first_run["forward_passes"] < unique
+    assert 0 <= first_run["padding_ratio"] < 1
+    assert first_run["out"] == str(embed_text.embeddings_dir(first_run_data(first_run), CONFIG))
+    assert "embedded" in first_run["summary"] and "\n" not in first_run["summary"]
+
+
+def first_run_data(summary: dict[str, Any]) -> Path:
+    return Path(summary["out"]).parent.parent
+
+
+def test_embeddings_equal_direct_encode(first_run: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    expected = expected_texts(rows)
+    table = read_output(first_run["out"])
+    ids = table.column("text_id").to_pylist()
+    direct = TextEncoder(CONFIG).encode([expected[i][1] for i in ids], batch_size=BATCH)
+    written = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(written, direct, atol=1e-5, rtol=0)
+
+
+def test_manifest_and_no_leftovers(first_run: dict[str, Any]) -> None:
+    out = Path(first_run["out"])
+    manifest = json.loads((out / embed_text.MANIFEST_FILE).read_text())
+    assert manifest["encoder_version"] == CONFIG.version
+    assert manifest["rows"] == first_run["rows_written"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [CONFIG.slug]  # no staging folders
+    assert not (out / embed_text.STATS_FILE).exists()
+
+
+def test_rerun_gives_identical_content(first_run: dict[str, Any], dataset: Path) -> None:
+    before = read_output(first_run["out"])
+    manifest = (Path(first_run["out"]) / embed_text.MANIFEST_FILE).read_text()
+    again = embed_text.run(job_args(dataset))
+    assert again["out"] == first_run["out"]
+    assert read_output(again["out"]).equals(before)
+    assert (Path(again["out"]) / embed_text.MANIFEST_FILE).read_text() == manifest
+    assert sorted(p.name for p in Path(again["out"]).parent.iterdir()) == [CONFIG.slug]
+
+
+def test_length_grouping_cuts_padding_same_vectors(
+    first_run: dict[str, Any], tmp_path: Path, rows: list
+) -> None:
+    data = write_impressions(tmp_path / "data", rows)
+    arrival = embed_text.run(job_args(data, "--no-length-grouping"))
+    assert arrival["padding_ratio"] > first_run["padding_ratio"]
+    assert arrival["texts_encoded"] == first_run["texts_encoded"]
+    a, b = read_output(arrival["out"]), read_output(first_run["out"])
+    assert a.column("text_id").equals(b.column("text_id"))
+    np.testing.assert_allclose(
+        np.asarray(a.column("embedding").to_pylist()),
+        np.asarray(b.column("embedding").to_pylist()),
+        atol=1e-5,
+    )
+
+
+def test_other_encoder_goes_to_its_own_folder(first_run: dict[str, Any], dataset: Path) -> None:
+    cls = embed_text.run(job_args(dataset, "--pooling", "cls", "--max-length", "16"))
+    other = EncoderConfig(layers=CONFIG.layers, pooling="cls", max_length=16)
+    assert cls["out"] == str(embed_text.embeddings_dir(dataset, other)) != first_run["out"]
+    assert set(read_output(cls["out"]).column("encoder_version").to_pylist()) == {other.version}
+    assert set(read_output(first_run["out"]).column("encoder_version").to_pylist()) == {CONFIG.version}
+
+
+def test_failed_run_leaves_previous_output_and_no_partial_folder(
+    tmp_path: Path, rows: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_impressions(tmp_path / "data", rows[:40])
+    good = embed_text.run(job_args(data))
+    before = read_output(good["out"])
+
+    def broken(results: list, encoder_version: str) -> pa.Table:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(embed_text, "rows_to_table", broken)
+    with pytest.raises(Exception, match="disk full"):
+        embed_text.run(job_args(data))
+    assert read_output(good["out"]).equals(before)
+    assert sorted(p.name for p in (data / "embeddings").iterdir()) == [CONFIG.slug]
+    with pytest.raises(Exception, match="disk full"):
+        embed_text.run(job_args(data, "--pooling", "cls"))
+    assert sorted(p.name for p in (data / "embeddings").iterdir()) == [CONFIG.slug]
+
+
+def test_missing_impressions_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="nlpctr data prepare"):
+        embed_text.run(["--data", str(tmp_path / "nowhere")])
+    (tmp_path / "empty" / "impressions").mkdir(parents=True)
+    with pytest.raises(UserError, match="nlpctr data prepare"):
+        embed_text.run(["--data", str(tmp_path / "empty")])
+    assert not (tmp_path / "nowhere").exists()
+    write_impressions(tmp_path / "no_rows", [], files=1)
+    with pytest.raises(UserError, match="no query or ad texts"):
+        embed_text.run(["--data", str(tmp_path / "no_rows"), "--layers", "1"])
+    assert sorted(p.name for p in (tmp_path / "no_rows" / "embeddings").iterdir()) == []
+
+
+def test_wrong_schema_and_bad_flags_are_user_errors(tmp_path: Path, dataset: Path) -> None:
+    (tmp_path / "impressions").mkdir()
+    pq.write_table(pa.table({"ad_text": ["x"]}), tmp_path / "impressions" / "part-0.parquet")
+    with pytest.raises(UserError, match="ad_text_id"):
+        embed_text.run(["--data", str(tmp_path)])
+    for flags in (["--layers", "7"], ["--layers", "0"], ["--batch-size", "0"], ["--max-length", "1000"]):
+        with pytest.raises(UserError):
+            embed_text.run(["--data", str(dataset), *flags])
+
+
+def test_dedup_within_a_chunk_takes_the_earliest_spelling() -> None:
+    t0 = BASE
+    table = pa.table(
+        {
+            "query_text_id": [None, text_id("q one"), text_id("q one")],
+            "query_text": [None, "Q  One", "q one"],
+            "ad_text_id": [text_id("ad"), text_id("ad"), text_id("q one")],
+            "ad_text": ["AD", "ad", "q one"],
+            "event_timestamp": pa.array(
+                [t0 + dt.timedelta(hours=2), t0 + dt.timedelta(hours=1), t0], pa.timestamp("us", tz="UTC")
+            ),
+        }
+    )
+    got = dict(embed_text.texts_of_table(table))
+    us = int(t0.timestamp() * 1_000_000)
+    assert got == {
+        text_id("ad"): embed_text.UniqueText(us + 3_600_000_000, "ad"),
+        # the ad column shows "q one" first (t0), before the query column's spellings
+        text_id("q one"): embed_text.UniqueText(us, "q one"),
+    }
+
+
+def test_multi_processing_matches_in_process(first_run: dict[str, Any], tmp_path: Path, rows: list) -> None:
+    data = write_impressions(tmp_path / "data", rows)
+    multi = embed_text.run(job_args(data, "--direct_running_mode=multi_processing", "--direct_num_workers=2"))
+    assert (
+        multi["unique_texts"] == multi["texts_encoded"] == multi["rows_written"] == first_run["rows_written"]
+    )
+    a, b = read_output(multi["out"]), read_output(first_run["out"])
+    for column in ("text_id", "encoder_version", "event_timestamp"):
+        assert a.column(column).equals(b.column(column)), column
+    np.testing.assert_allclose(
+        np.asarray(a.column("embedding").to_pylist()),
+        np.asarray(b.column("embedding").to_pylist()),
+        atol=1e-5,
+    )
