@@ -1,0 +1,181 @@
+"""CTR networks composed from small layers (FuxiCTR style): the E0 tower, text towers, fusions.
+
+Configuration lives in `NetConfig` (filled from YAML by the trainer), not in the code.
+
+- `CtrTower` (E0): an embedding per categorical column (IDs and context) + dense CTR history
+  features -> MLP (optionally after a DCN cross layer) -> penultimate vector h -> logit.
+- Cascade: a precomputed text vector (frozen BERT, or a fine-tuned LM's output read from
+  Feast) enters the tower as dense input after a small linear projection.
+- Joint fusions of a trainable LM's pooled vector v:
+  `score`  logit = tower(x) + head(v);
+  `concat` v (projected) joins the MLP input;
+  `gate`   g(x) * proj(v) joins the MLP input, with g a sigmoid gate conditioned on the CTR features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+FUSIONS = ("score", "concat", "gate")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    embedding_dim: int = 16
+    hidden: tuple[int, ...] = (128, 64)
+    dropout: float = 0.1
+    cross_layers: int = 0  # DCN cross layers before the MLP (0: plain MLP)
+    text_projection: int = 32  # size a text vector is projected to before it joins the MLP input
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """What the data offers the network: vocabulary sizes, dense width, text-vector widths."""
+
+    vocab_sizes: tuple[int, ...]
+    dense_dim: int
+    cascade_dims: tuple[int, ...] = field(default=())  # precomputed text vectors (E1/E2 features)
+
+
+class CrossLayer(nn.Module):
+    """DCN-v2 cross layer: x_{l+1} = x0 * (W x_l + b) + x_l."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.linear(x) + x
+
+
+class MLP(nn.Module):
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
+            in_dim = width
+        self.net = nn.Sequential(*layers)
+        self.out_dim = in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def base_width(shape: InputShape, config: NetConfig) -> int:
+    """Width of E0's concatenated input: ID/context embeddings, dense features, cascade projections."""
+    return (
+        len(shape.vocab_sizes) * config.embedding_dim
+        + shape.dense_dim
+        + len(shape.cascade_dims) * config.text_projection
+    )
+
+
+class CtrTower(nn.Module):
+    """The E0 network; `extra_dim` widens its MLP input for fused text vectors."""
+
+    def __init__(self, shape: InputShape, config: NetConfig, extra_dim: int = 0) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(size, config.embedding_dim) for size in shape.vocab_sizes
+        )
+        self.cascade_projections = nn.ModuleList(
+            nn.Linear(dim, config.text_projection) for dim in shape.cascade_dims
+        )
+        in_dim = base_width(shape, config) + extra_dim
+        self.cross = nn.ModuleList(CrossLayer(in_dim) for _ in range(config.cross_layers))
+        self.mlp = MLP(in_dim, config.hidden, config.dropout)
+        self.head = nn.Linear(self.mlp.out_dim, 1)
+
+    def base_input(
+        self, categorical: torch.Tensor, dense: torch.Tensor, cascade: tuple[torch.Tensor, ...] = ()
+    ) -> torch.Tensor:
+        """The features E0 knows (plus cascade vectors), concatenated."""
+        parts = [emb(categorical[:, i]) for i, emb in enumerate(self.embeddings)]
+        parts.append(dense)
+        parts += [proj(vec) for proj, vec in zip(self.cascade_projections, cascade, strict=True)]
+        return torch.cat(parts, dim=1)
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = x
+        for layer in self.cross:
+            x = layer(x0, x)
+        return self.mlp(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.penultimate(x)).squeeze(-1)
+
+
+class TextFusion(nn.Module):
+    """How a trainable LM's pooled vector joins the CTR tower (joint training, E3)."""
+
+    def __init__(self, fusion: str, text_dim: int, base_dim: int, config: NetConfig) -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
+        if fusion == "score":
+            self.score = nn.Sequential(
+                nn.Linear(text_dim, config.text_projection), nn.Tanh(), nn.Linear(config.text_projection, 1)
+            )
+            self.extra_dim = 0
+        else:
+            self.project = nn.Linear(text_dim, config.text_projection)
+            self.extra_dim = config.text_projection
+        if fusion == "gate":
+            self.gate = nn.Linear(base_dim, config.text_projection)
+
+    def supplementary(self, text_vector: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The LM's contribution: a logit (score) or the vector that joins the MLP input."""
+        if self.fusion == "score":
+            return self.score(text_vector).squeeze(-1)
+        projected = self.project(text_vector)
+        if self.fusion == "gate":
+            projected = torch.sigmoid(self.gate(base)) * projected
+        return projected
+
+
+class CtrModel(nn.Module):
+    """E0 tower with optional cascade vectors and an optional jointly-trained text fusion.
+
+    `text_vector` is the pooled output of the LM for the row's text (None without an LM);
+    the LM itself lives in the trainer so that each unique text is encoded once per batch.
+    """
+
+    def __init__(
+        self, shape: InputShape, config: NetConfig, fusion: str | None = None, text_dim: int = 0
+    ) -> None:
+        super().__init__()
+        self.fusion = TextFusion(fusion, text_dim, base_width(shape, config), config) if fusion else None
+        self.tower = CtrTower(shape, config, extra_dim=self.fusion.extra_dim if self.fusion else 0)
+
+    def forward(
+        self,
+        categorical: torch.Tensor,
+        dense: torch.Tensor,
+        cascade: tuple[torch.Tensor, ...] = (),
+        text_vector: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        base = self.tower.base_input(categorical, dense, cascade)
+        if self.fusion is None or text_vector is None:
+            return self.tower(base)
+        extra = self.fusion.supplementary(text_vector, base)
+        if self.fusion.fusion == "score":
+            return self.tower(base) + extra
+        return self.tower(torch.cat([base, extra], dim=1))
+
+    def penultimate(
+        self, categorical: torch.Tensor, dense: torch.Tensor, cascade: tuple[torch.Tensor, ...] = ()
+    ) -> torch.Tensor:
+        """E0's representation of the non-text features (for redundancy probes)."""
+        return self.tower.penultimate(self.tower.base_input(categorical, dense, cascade))
+
+
+def binomial_loss(logits: torch.Tensor, impressions: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
+    """Log loss per impression of aggregated rows: -(c log p + (n - c) log(1 - p)) / sum n."""
+    positive = nn.functional.softplus(-logits)  # -log sigmoid(z)
+    negative = nn.functional.softplus(logits)  # -log(1 - sigmoid(z))
+    return (clicks * positive + (impressions - clicks) * negative).sum() / impressions.sum()

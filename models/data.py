@@ -1,0 +1,125 @@
+"""A training frame (pandas, from Feast) -> tensors the trainers consume.
+
+Categorical columns get vocabularies built from the training split only (index 0 is
+"unknown or missing", so a key never seen in training gets no fitted embedding). CTR
+history enters as logit(ctr) and log1p(count). Texts for the LM are the (query, ad) pair of
+a row; each unique pair is tokenised once, up front, and batches refer to it by index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from nlpctr.models.schema import SPLITS
+
+
+@dataclass(frozen=True)
+class FeatureColumns:
+    categorical: tuple[str, ...]
+    ctr: tuple[str, ...]  # smoothed CTRs in (0, 1)
+    counts: tuple[str, ...]  # impression counts behind them
+    cascade: tuple[str, ...] = ()  # precomputed text vectors (lists of floats)
+
+    @classmethod
+    def for_manifest(cls, manifest: dict, cascade: Sequence[str] = ()) -> FeatureColumns:
+        """E0's inputs for a prepared dataset: ids, context columns and each entity's CTR history."""
+        ids = ["ad_id"] + (["query_id"] if manifest["spec"]["columns"].get("query_id") else [])
+        categorical = tuple(dict.fromkeys([*ids, *manifest["context_columns"]]))
+        entities = manifest["entities"]
+        return cls(
+            categorical=categorical,
+            ctr=tuple(f"{e}_ctr" for e in entities),
+            counts=tuple(f"{e}_impressions" for e in entities),
+            cascade=tuple(cascade),
+        )
+
+
+Vocabularies = dict[str, dict[str, int]]
+
+
+def build_vocabularies(frame: pd.DataFrame, columns: Sequence[str]) -> Vocabularies:
+    train = frame[frame["split"] == SPLITS[0]]
+    return {
+        column: {value: i + 1 for i, value in enumerate(sorted(train[column].dropna().astype(str).unique()))}
+        for column in columns
+    }
+
+
+@dataclass
+class Tensors:
+    """One dataset as tensors; rows in the frame's order."""
+
+    categorical: torch.Tensor  # (N, C) long
+    dense: torch.Tensor  # (N, D) float
+    cascade: tuple[torch.Tensor, ...]  # each (N, d) float
+    impressions: torch.Tensor  # (N,) float
+    clicks: torch.Tensor  # (N,) float
+    text_index: torch.Tensor  # (N,) long: index into `texts`
+    texts: list[tuple[str | None, str]]  # unique (query_text, ad_text) pairs
+    split: np.ndarray
+    groups: np.ndarray
+    impression_id: np.ndarray
+
+    def rows(self, split: str) -> torch.Tensor:
+        return torch.as_tensor(np.flatnonzero(self.split == split))
+
+    @property
+    def vocab_sizes(self) -> tuple[int, ...]:
+        return tuple(int(self.categorical[:, i].max()) + 1 for i in range(self.categorical.shape[1]))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def tensorize(
+    frame: pd.DataFrame, columns: FeatureColumns, group: str, vocabularies: Vocabularies | None = None
+) -> tuple[Tensors, Vocabularies]:
+    """Tensors for a training frame; pass `vocabularies` to encode new rows like a trained model."""
+    frame = frame.sort_values("impression_id", kind="stable").reset_index(drop=True)
+    vocabularies = vocabularies or build_vocabularies(frame, columns.categorical)
+    categorical = (
+        np.stack(
+            [
+                frame[c].astype("string").map(vocabularies[c]).fillna(0).to_numpy(dtype=np.int64)
+                for c in columns.categorical
+            ],
+            axis=1,
+        )
+        if columns.categorical
+        else np.zeros((len(frame), 0), dtype=np.int64)
+    )
+    dense = np.concatenate(
+        [
+            _logit(frame[list(columns.ctr)].to_numpy(dtype=np.float64)),
+            np.log1p(frame[list(columns.counts)].to_numpy(dtype=np.float64)),
+        ],
+        axis=1,
+    ).astype(np.float32)
+    cascade = tuple(
+        torch.as_tensor(np.stack(frame[c].map(lambda v: np.asarray(v, dtype=np.float32)).to_list()))
+        for c in columns.cascade
+    )
+    query = frame["query_text"] if "query_text" in frame else pd.Series([None] * len(frame))
+    pairs = list(zip(query.where(query.notna(), None), frame["ad_text"], strict=True))
+    unique: dict[tuple[str | None, str], int] = {}
+    text_index = np.array([unique.setdefault(pair, len(unique)) for pair in pairs], dtype=np.int64)
+    tensors = Tensors(
+        categorical=torch.as_tensor(categorical),
+        dense=torch.as_tensor(dense),
+        cascade=cascade,
+        impressions=torch.as_tensor(frame["impressions"].to_numpy(dtype=np.float32)),
+        clicks=torch.as_tensor(frame["clicks"].to_numpy(dtype=np.float32)),
+        text_index=torch.as_tensor(text_index),
+        texts=list(unique),
+        split=frame["split"].to_numpy(dtype=object),
+        groups=frame[group].astype("string").fillna("").to_numpy(dtype=object),
+        impression_id=frame["impression_id"].to_numpy(dtype=object),
+    )
+    return tensors, vocabularies

@@ -1,0 +1,256 @@
+"""One training loop for every mode (nanoGPT style: plain PyTorch, no framework).
+
+Modes differ only in the model handed in and whether an LM encodes the row's text:
+- baseline / cascade: `CtrModel` on ID, context, CTR-history (and cascade vector) inputs;
+- lm (the E2 standalone LM): `TextScorer`, the LM plus a head, on text alone;
+- joint: `CtrModel` with a text fusion, LM fine-tuned end to end.
+
+Each unique text of a batch is encoded once and padded to the batch's longest text. Every
+epoch is checkpointed (state dicts, loadable with `weights_only=True`); `last.pt` also holds
+the optimizer and RNG states, so an interrupted run resumes where it stopped and ends with
+the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nlpctr.models import metrics
+from nlpctr.models.ctr_net import binomial_loss
+from nlpctr.models.data import Tensors
+from nlpctr.models.encoder import TextEncoder
+
+LAST = "last.pt"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 1e-3
+    lm_lr: float = 5e-5
+    weight_decay: float = 1e-5
+    patience: int = 2
+    early_stop: str = "logloss"  # or "auc" (the E2 LM stops at peak validation AUC)
+    seed: int = 0
+    max_batches_per_epoch: int | None = None  # quick runs and tests
+
+
+class TextScorer(nn.Module):
+    """The E2 LM head: a logit from the pooled text vector alone."""
+
+    def __init__(self, text_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(text_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(
+        self,
+        categorical: torch.Tensor,
+        dense: torch.Tensor,
+        cascade: tuple[torch.Tensor, ...] = (),
+        text_vector: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        assert text_vector is not None
+        return self.head(text_vector).squeeze(-1)
+
+
+def pair_text(query: str | None, ad: str) -> str:
+    """What the LM reads for a row: the ad text, after the query when there is one."""
+    return f"{query} [SEP] {ad}" if query else ad
+
+
+@dataclass
+class TextBatcher:
+    """Unique texts tokenised once; a batch of rows -> the LM's vectors, one forward per unique text."""
+
+    lm: TextEncoder
+    tokens: list[list[int]] = field(default_factory=list)
+
+    @classmethod
+    def for_data(cls, lm: TextEncoder, data: Tensors) -> TextBatcher:
+        return cls(lm, [lm.token_ids(pair_text(q, a)) for q, a in data.texts])
+
+    def vectors(self, text_index: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(text_index, return_inverse=True)
+        batch = self.lm.pad([self.tokens[i] for i in unique.tolist()])
+        return self.lm(**batch)[inverse]
+
+
+def forward_rows(
+    model: nn.Module, data: Tensors, rows: torch.Tensor, texts: TextBatcher | None
+) -> torch.Tensor:
+    vector = texts.vectors(data.text_index[rows]) if texts is not None else None
+    return model(data.categorical[rows], data.dense[rows], tuple(c[rows] for c in data.cascade), vector)
+
+
+def predict(
+    model: nn.Module, data: Tensors, rows: torch.Tensor, texts: TextBatcher | None, batch_size: int = 1024
+) -> np.ndarray:
+    """Click probabilities for rows, in order."""
+    model.eval()
+    if texts is not None:
+        texts.lm.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            out.append(torch.sigmoid(forward_rows(model, data, rows[start : start + batch_size], texts)))
+    return torch.cat(out).numpy().astype(np.float64) if out else np.empty(0)
+
+
+def labels_of(data: Tensors, rows: torch.Tensor) -> metrics.Labels:
+    index = rows.numpy()
+    return metrics.Labels(
+        data.impressions[rows].numpy().astype(np.int64),
+        data.clicks[rows].numpy().astype(np.int64),
+        data.groups[index],
+    )
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    history: list[dict[str, float]]
+    wall_seconds: float
+    train_rows_per_s: float
+
+
+def _batches(rows: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    order = rows[torch.randperm(len(rows), generator=generator)]
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _score(history_entry: dict[str, float], early_stop: str) -> float:
+    """Higher is better."""
+    return history_entry["valid_auc"] if early_stop == "auc" else -history_entry["valid_logloss"]
+
+
+def fit(
+    model: nn.Module,
+    data: Tensors,
+    config: LoopConfig,
+    checkpoint_dir: Path,
+    texts: TextBatcher | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train on the train split, early-stop on valid, keep the best epoch's weights in `model`."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    lm_params = list(texts.lm.parameters()) if texts is not None else []
+    groups = [{"params": list(model.parameters()), "lr": config.lr}]
+    if any(p.requires_grad for p in lm_params):
+        groups.append({"params": [p for p in lm_params if p.requires_grad], "lr": config.lm_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    train_rows, valid_rows = data.rows("train"), data.rows("valid")
+    valid_labels = labels_of(data, valid_rows)
+
+    history: list[dict[str, float]] = []
+    start_epoch, best_epoch, stale = 0, -1, 0
+    last = checkpoint_dir / LAST
+    if last.exists():
+        state = torch.load(last, weights_only=True)
+        _load_weights(model, texts, state)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = json.loads(state["history"])
+        start_epoch, best_epoch, stale = (
+            int(state["epoch"]) + 1,
+            int(state["best_epoch"]),
+            int(state["stale"]),
+        )
+
+    started, seen = time.perf_counter(), 0
+    for epoch in range(start_epoch, config.epochs):
+        if stale >= config.patience:
+            break
+        model.train()
+        if texts is not None:
+            texts.lm.train(any(p.requires_grad for p in lm_params))
+        n_batches = math.ceil(len(train_rows) / config.batch_size)
+        if config.max_batches_per_epoch:
+            n_batches = min(n_batches, config.max_batches_per_epoch)
+        bar = tqdm(
+            total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False
+        )
+        running = None
+        for step, rows in enumerate(_batches(train_rows, config.batch_size, generator)):
+            if step >= n_batches:
+                break
+            loss = binomial_loss(
+                forward_rows(model, data, rows, texts), data.impressions[rows], data.clicks[rows]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(rows)
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            bar.set_postfix(loss=f"{running:.4f}")
+            bar.update()
+        bar.close()
+        valid_p = predict(model, data, valid_rows, texts)
+        entry = {
+            "epoch": epoch,
+            "train_loss": float(running if running is not None else float("nan")),
+            "valid_logloss": metrics.logloss(valid_labels, valid_p),
+            "valid_auc": metrics.auc(valid_labels, valid_p),
+        }
+        history.append(entry)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, valid logloss "
+                f"{entry['valid_logloss']:.4f}, valid AUC {entry['valid_auc']:.4f}"
+            )
+        improved = best_epoch < 0 or _score(entry, config.early_stop) > _score(
+            history[best_epoch], config.early_stop
+        )
+        best_epoch, stale = (epoch, 0) if improved else (best_epoch, stale + 1)
+        weights = _weights(model, texts)
+        torch.save(weights, checkpoint_dir / f"epoch-{epoch}.pt")
+        torch.save(
+            {
+                **weights,
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": json.dumps(history),
+                "epoch": epoch,
+                "best_epoch": best_epoch,
+                "stale": stale,
+            },
+            checkpoint_dir / f".{LAST}.tmp",
+        )
+        (checkpoint_dir / f".{LAST}.tmp").replace(last)  # atomic: a crash never leaves half a checkpoint
+
+    best = torch.load(checkpoint_dir / f"epoch-{best_epoch}.pt", weights_only=True)
+    _load_weights(model, texts, best)
+    wall = time.perf_counter() - started
+    return FitResult(best_epoch, history, wall, seen / wall if wall > 0 and seen else float("nan"))
+
+
+def _weights(model: nn.Module, texts: TextBatcher | None) -> dict[str, dict[str, torch.Tensor]]:
+    weights = {"model": model.state_dict()}
+    if texts is not None:
+        weights["lm"] = texts.lm.state_dict()
+    return weights
+
+
+def _load_weights(model: nn.Module, texts: TextBatcher | None, state: dict) -> None:
+    model.load_state_dict(state["model"])
+    if texts is not None and "lm" in state:
+        texts.lm.load_state_dict(state["lm"])
+
+
+def config_dict(config: LoopConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,119 @@
+"""The training loop: learns, is deterministic, resumes after an interruption, encodes texts once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nlpctr.models import metrics
+from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig, binomial_loss
+from nlpctr.models.data import FeatureColumns, tensorize
+from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.trainer import LoopConfig, TextBatcher, TextScorer, fit, predict
+
+COLUMNS = FeatureColumns(categorical=("ad_id", "position"), ctr=("ad_id_ctr",), counts=("ad_id_impressions",))
+WORDS_GOOD = ["free", "best", "new", "sale", "official"]
+WORDS_BAD = ["old", "broken", "spam", "slow", "used"]
+
+
+def synthetic_frame(n: int = 3000, seed: int = 0) -> pd.DataFrame:
+    """Clicks depend on position and on words in the ad text (which the ids do not know)."""
+    rng = np.random.default_rng(seed)
+    position = rng.integers(1, 6, size=n)
+    good = rng.random(n) < 0.5
+    word = np.where(good, rng.choice(WORDS_GOOD, n), rng.choice(WORDS_BAD, n))
+    ad_text = [f"{w} shoes model {i % 40}" for i, w in enumerate(word)]
+    logit = -1.0 - 0.4 * position + 1.5 * good
+    clicks = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    split = np.where(rng.random(n) < 0.7, "train", np.where(rng.random(n) < 0.5, "valid", "test"))
+    return pd.DataFrame(
+        {
+            "impression_id": [f"{i:06d}" for i in range(n)],
+            "ad_id": [f"ad{i % 40}" for i in range(n)],
+            "position": position.astype(str),
+            "ad_id_ctr": 0.1,
+            "ad_id_impressions": 50,
+            "ad_text": ad_text,
+            "impressions": 1,
+            "clicks": clicks,
+            "split": split,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def data():
+    tensors, _ = tensorize(synthetic_frame(), COLUMNS, group="ad_id")
+    return tensors
+
+
+def baseline(data) -> CtrModel:
+    torch.manual_seed(0)
+    return CtrModel(InputShape(data.vocab_sizes, data.dense.shape[1]), NetConfig(hidden=(32,)))
+
+
+def test_binomial_loss_equals_expanded_bce() -> None:
+    logits = torch.tensor([0.3, -1.2])
+    impressions, clicks = torch.tensor([4.0, 3.0]), torch.tensor([1.0, 0.0])
+    expanded = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([0.3] * 4 + [-1.2] * 3), torch.tensor([1.0, 0, 0, 0, 0, 0, 0])
+    )
+    assert binomial_loss(logits, impressions, clicks).item() == pytest.approx(expanded.item(), rel=1e-6)
+
+
+def test_baseline_learns_position_and_is_deterministic(data, tmp_path: Path) -> None:
+    config = LoopConfig(epochs=3, batch_size=128, lr=3e-3)
+    a, b = baseline(data), baseline(data)
+    fit(a, data, config, tmp_path / "a", progress=False)
+    fit(b, data, config, tmp_path / "b", progress=False)
+    test = data.rows("test")
+    pa, pb = predict(a, data, test, None), predict(b, data, test, None)
+    np.testing.assert_array_equal(pa, pb)
+    labels_auc = metrics.auc(
+        metrics.Labels(data.impressions[test].numpy().astype(int), data.clicks[test].numpy().astype(int)), pa
+    )
+    assert labels_auc > 0.6
+
+
+def test_interrupted_run_resumes_to_the_same_weights(data, tmp_path: Path) -> None:
+    full = baseline(data)
+    fit(full, data, LoopConfig(epochs=3, batch_size=128, patience=5), tmp_path / "full", progress=False)
+    part = baseline(data)
+    fit(part, data, LoopConfig(epochs=1, batch_size=128, patience=5), tmp_path / "part", progress=False)
+    resumed = baseline(data)  # a fresh process: weights come from the checkpoint
+    result = fit(
+        resumed, data, LoopConfig(epochs=3, batch_size=128, patience=5), tmp_path / "part", progress=False
+    )
+    assert len(result.history) == 3
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value)
+    state = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2
+
+
+def test_joint_lm_learns_text_signal_and_encodes_each_text_once(data, tmp_path: Path) -> None:
+    lm = TextEncoder(EncoderConfig(layers=1, max_length=16), trainable=True)
+    texts = TextBatcher.for_data(lm, data)
+    calls: list[int] = []
+    lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    torch.manual_seed(0)
+    scorer = TextScorer(lm.dim)
+    fit(scorer, data, LoopConfig(epochs=1, batch_size=64, lm_lr=1e-4, lr=1e-3, max_batches_per_epoch=25,
+                                 early_stop="auc"), tmp_path / "lm", texts=texts, progress=False)  # fmt: skip
+    rows = data.rows("train")[:64]
+    calls.clear()
+    with torch.no_grad():
+        texts.vectors(data.text_index[rows])
+    assert calls == [len(torch.unique(data.text_index[rows]))]
+    test = data.rows("test")
+    p = predict(scorer, data, test, texts)
+    auc = metrics.auc(
+        metrics.Labels(data.impressions[test].numpy().astype(int), data.clicks[test].numpy().astype(int)), p
+    )
+    assert auc > 0.6  # the words carry the signal; ids and position are not inputs here
