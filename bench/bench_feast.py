@@ -26,9 +26,7 @@ import json
 import platform
 import resource
 import shutil
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from nlpctr.features import store
 from nlpctr.features.definitions import Layout, embedding_view_name, parquet_files
+from nlpctr.features.local_redis import LocalRedisServer
 
 DIM = 384
 
@@ -260,41 +259,6 @@ def materialize_bench(data: Path) -> dict[str, Any]:
     }
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import redis
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if client.ping():
-                return process, f"127.0.0.1:{port}"
-        except redis.exceptions.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-
-
 def run_store(data: Path, online: str, args: argparse.Namespace, url: str | None) -> dict[str, Any]:
     applied = store.apply(data, online=online, redis_url=url)
     result: dict[str, Any] = {"project": applied["project"]}
@@ -383,12 +347,11 @@ def main() -> None:
         }
         results["stores"]["sqlite"] = run_store(data, "sqlite", args, None)
         if not args.no_redis and shutil.which("redis-server"):
-            process, url = start_redis(workdir)
+            server = LocalRedisServer(workdir)
             try:
-                results["stores"]["redis"] = run_store(data, "redis", args, url)
+                results["stores"]["redis"] = run_store(data, "redis", args, server.url)
             finally:
-                process.terminate()
-                process.wait(timeout=20)
+                server.stop()
         elif not args.no_redis:
             print("redis-server not on PATH: Redis skipped", file=sys.stderr)
         print(f"{results['dataset']}: {results['texts']} texts x {results['dim']}-d")

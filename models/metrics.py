@@ -154,6 +154,16 @@ class Interval:
         return [self.low, self.high]
 
 
+def _percentile_interval(
+    statistic: Callable[[np.ndarray], float], labels: Labels, rounds: int, seed: int, level: float
+) -> Interval:
+    """Percentile CI of statistic(row indices), resampling groups (rows when there are none)."""
+    groups = labels.groups if labels.groups is not None else np.arange(len(labels.impressions))
+    values = [statistic(idx) for idx in group_bootstrap_indices(groups, rounds, seed)]
+    low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(statistic(np.arange(len(labels.impressions))), float(low), float(high))
+
+
 def bootstrap_ci(
     metric: Metric,
     labels: Labels,
@@ -163,12 +173,9 @@ def bootstrap_ci(
     level: float = 0.95,
 ) -> Interval:
     """Percentile CI of a metric, resampling groups (rows when there are no groups)."""
-    groups = labels.groups if labels.groups is not None else np.arange(len(labels.impressions))
-    values = [
-        metric(labels.subset(idx), predictions[idx]) for idx in group_bootstrap_indices(groups, rounds, seed)
-    ]
-    low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(metric(labels, predictions), float(low), float(high))
+    return _percentile_interval(
+        lambda idx: metric(labels.subset(idx), predictions[idx]), labels, rounds, seed, level
+    )
 
 
 def paired_bootstrap_diff(
@@ -181,10 +188,9 @@ def paired_bootstrap_diff(
     level: float = 0.95,
 ) -> Interval:
     """CI of metric(a) - metric(b) on the same resampled groups for both models."""
-    groups = labels.groups if labels.groups is not None else np.arange(len(labels.impressions))
-    diffs = []
-    for idx in group_bootstrap_indices(groups, rounds, seed):
+
+    def diff(idx: np.ndarray) -> float:
         sub = labels.subset(idx)
-        diffs.append(metric(sub, predictions_a[idx]) - metric(sub, predictions_b[idx]))
-    low, high = np.nanquantile(diffs, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(metric(labels, predictions_a) - metric(labels, predictions_b), float(low), float(high))
+        return metric(sub, predictions_a[idx]) - metric(sub, predictions_b[idx])
+
+    return _percentile_interval(diff, labels, rounds, seed, level)

@@ -48,6 +48,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
+from nlpctr.pipelines.counting import WriteCounts
 
 LOG = logging.getLogger(__name__)
 
@@ -314,23 +315,6 @@ def inference_counts(result: PredictionResult) -> Iterator[tuple[str, float]]:
         yield "forward_seconds", encoded.forward_seconds
 
 
-class WriteStats(beam.PTransform):
-    """(name, number) pairs -> one JSON object of their sums, written to a single file."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path
-
-    def expand(self, pairs: beam.PCollection) -> beam.pvalue.PDone:
-        return (
-            pairs
-            | "Sum" >> beam.CombinePerKey(sum)
-            | "ToDict" >> beam.combiners.ToDict()
-            | "Json" >> beam.Map(lambda counts: json.dumps(counts, sort_keys=True))
-            | "Write" >> beam.io.WriteToText(self.path, shard_name_template="")
-        )
-
-
 # ------------------------------------------------------------------------------- the job
 
 
@@ -355,7 +339,7 @@ def build_pipeline(
         results | "CountInference" >> beam.FlatMap(inference_counts),
         written,
     ]
-    _ = counts | "AllCounts" >> beam.Flatten() | "WriteStats" >> WriteStats(str(staging / STATS_FILE))
+    _ = counts | "AllCounts" >> beam.Flatten() | "WriteStats" >> WriteCounts(str(staging / STATS_FILE))
 
 
 def check_impressions(data: Path) -> str:

@@ -30,6 +30,7 @@ from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS, impression_schema, unit_interval
 from nlpctr.pipelines import ubi
+from nlpctr.pipelines.counting import WriteCounts
 from nlpctr.pipelines.records import (
     DUPLICATE_IMPRESSION_ID,
     Limits,
@@ -267,26 +268,6 @@ def _time_cut_points(quantiles: list[Any], fractions: tuple[float, float, float]
     return quantiles[round(fractions[0] * last)], quantiles[round((fractions[0] + fractions[1]) * last)]
 
 
-# ------------------------------------------------------------------------------- counting
-
-
-class CountOutcomes(beam.PTransform):
-    """Counter pairs from every branch -> one JSON file of totals (read by the driver)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path
-
-    def expand(self, pairs: beam.pvalue.PCollection) -> beam.pvalue.PDone:
-        return (
-            pairs
-            | "Sum" >> beam.CombinePerKey(sum)
-            | "ToDict" >> beam.combiners.ToDict()
-            | "Json" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
-            | "Write" >> beam.io.WriteToText(self.path, shard_name_template="")
-        )
-
-
 # ------------------------------------------------------------------------------- the job
 
 
@@ -331,11 +312,7 @@ def build_pipeline(
         truncated,
         source["stats"],
     ]
-    _ = (
-        counters
-        | "AllCounters" >> beam.Flatten()
-        | "CountOutcomes" >> CountOutcomes(str(staging / STATS_FILE))
-    )
+    _ = counters | "AllCounters" >> beam.Flatten() | "CountOutcomes" >> WriteCounts(str(staging / STATS_FILE))
 
 
 def manifest_from_counts(

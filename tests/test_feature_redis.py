@@ -6,9 +6,6 @@ Skipped, with the reason, when `redis-server` is not on PATH (CI installs it).
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +13,11 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-import redis
 from test_features import SLUG, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
+from nlpctr.features.local_redis import LocalRedisServer
 from nlpctr.pipelines import feature_store_cli, score_batch
 
 pytestmark = [
@@ -32,65 +29,9 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, no persistence; stop() ends it."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        self.client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if self.client.ping():
-                    break
-            except redis.exceptions.ConnectionError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on {self.url}")
-            time.sleep(0.05)
-
-    def dump(self) -> dict[bytes, dict[bytes, bytes]]:
-        """Every hash in the server, as raw bytes."""
-        return {key: self.client.hgetall(key) for key in self.client.scan_iter(count=1000)}
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    running = RedisServer(tmp_path)
+def server(tmp_path: Path) -> Iterator[LocalRedisServer]:
+    running = LocalRedisServer(tmp_path)
     yield running
     running.stop()
 
@@ -102,7 +43,7 @@ def dataset(tmp_path: Path) -> dict[str, Any]:
     return {"data": data, "vectors": write_embeddings(data, seed=5)}
 
 
-def test_apply_materialize_get_on_redis(server: RedisServer, dataset: dict[str, Any]) -> None:
+def test_apply_materialize_get_on_redis(server: LocalRedisServer, dataset: dict[str, Any]) -> None:
     data, vectors = dataset["data"], dataset["vectors"]
     applied = feature_store_cli.run(
         ["apply", "--data", str(data), "--online", "redis", "--redis-url", server.url]
@@ -161,7 +102,7 @@ def test_apply_materialize_get_on_redis(server: RedisServer, dataset: dict[str, 
         np.testing.assert_allclose(vector, vectors[tid], atol=1e-5)
 
 
-def test_redis_down_names_the_fix(server: RedisServer, dataset: dict[str, Any]) -> None:
+def test_redis_down_names_the_fix(server: LocalRedisServer, dataset: dict[str, Any]) -> None:
     data = dataset["data"]
     store.apply(data, online="redis", redis_url=server.url)
     store.materialize(data)
@@ -178,7 +119,7 @@ def test_redis_down_names_the_fix(server: RedisServer, dataset: dict[str, Any]) 
 
 
 def test_switching_online_store_forgets_old_materialisation(
-    server: RedisServer, dataset: dict[str, Any]
+    server: LocalRedisServer, dataset: dict[str, Any]
 ) -> None:
     data = dataset["data"]
     store.apply(data)
