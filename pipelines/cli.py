@@ -35,6 +35,15 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
+class _QuietOptionalImports(logging.Filter):
+    """Beam warns at import time about cloud clients (GCS, BigQuery) that offline jobs never use."""
+
+    NOISE = ("Failed to import GCSFileSystem", "apitools not found")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOISE)
+
+
 def usage() -> str:
     lines = ["usage: nlpctr COMMAND [options]  (nlpctr COMMAND --help for its options)", "", "commands:"]
     for words, (_, text) in COMMANDS.items():
@@ -58,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietOptionalImports())
     try:
         run, rest = resolve(argv)
         result = run(rest)
