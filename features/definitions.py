@@ -9,10 +9,16 @@ definitions file only calls `build_definitions` on its own folder, which keeps t
 What becomes a view (only what the jobs produced, never a placeholder):
 - `DIR/ctr_history/<entity>/` -> `ctr_<entity>`: entity-level CTR history, the online view;
 - `DIR/ctr_history_rows/` -> `ctr_rows`: row-level leave-one-out history, offline only (training);
-- `DIR/embeddings/<slug>/` -> `text_embedding_<slug>`: one view per encoder, keyed by text_id.
+- `DIR/embeddings/<slug>/` -> `text_embedding_<slug>`: one view per encoder, keyed by text_id;
+- `DIR/lm_features/<run>/epoch-<k>/` -> `lm_<run>`: a trained LM's output (E2's fine-tuned score
+  and pooled vector, or E3's supplementary feature) for the checkpoint `_meta.json` names. The LM
+  reads the (query, ad) pair, so the view has a composite key (query_text_id, ad_text_id), the
+  columns every impression already carries; a missing query is the empty id (the key an online
+  lookup sends for it). Datasets without query text key it by ad_text_id alone.
 
 Services: `baseline` (CTR history), `cascade_frozen` (baseline + the ad's and the query's text
-embedding) and `cascade_frozen_<slug>` per encoder, each with an offline twin `<name>_training`
+embedding), `cascade_frozen_<slug>` per encoder, `cascade_finetuned_<run>` / `joint_<run>` per
+LM feature set (baseline + `lm_<run>`), each with an offline twin `<name>_training`
 that reads the leave-one-out view instead. Twins alias their projections to the serving names,
 so a training frame and an online lookup yield the same column names.
 
@@ -41,6 +47,9 @@ FEATURE_REPO = "feature_repo"
 CTR_DIR = "ctr_history"
 CTR_ROWS_DIR = "ctr_history_rows"
 EMBEDDINGS_DIR = "embeddings"
+LM_FEATURES_DIR = "lm_features"
+LM_META = "_meta.json"
+LM_KINDS = ("cascade_finetuned", "joint")
 TIMESTAMP = "event_timestamp"
 TEXT_ID = "text_id"
 IMPRESSION_ID = "impression_id"
@@ -79,6 +88,17 @@ def embedding_view_name(slug: str) -> str:
 def text_projection_name(role: str, slug: str) -> str:
     """Alias of the embedding view as read for one text role (`ad_text_<slug>`)."""
     return f"{role}_{slug}"
+
+
+def lm_view_name(run: str) -> str:
+    """The view of one run's LM output (`lm_<run>`)."""
+    return f"lm_{run}"
+
+
+def lm_feature_slug(run: str) -> str:
+    """A run name as a view/service identifier: [a-z0-9_], starting with a letter."""
+    slug = re.sub(r"[^a-z0-9_]", "_", run.lower())
+    return slug if slug[:1].isalpha() else f"r_{slug}"
 
 
 def training_service_name(service: str) -> str:
@@ -181,6 +201,18 @@ class EmbeddingSet:
 
 
 @dataclass(frozen=True)
+class LmFeatureSet:
+    """One trained LM's output per text pair, for the checkpoint the run chose."""
+
+    run: str  # safe identifier (lm_feature_slug)
+    kind: str  # cascade_finetuned | joint
+    path: Path  # DIR/lm_features/<run>/epoch-<k>
+    keys: tuple[str, ...]  # query_text_id?, ad_text_id
+    model_version: str
+    features: tuple[tuple[str, pa.DataType], ...]
+
+
+@dataclass(frozen=True)
 class Layout:
     """What the jobs wrote under a prepared dataset folder, read from files and schemas only."""
 
@@ -192,6 +224,7 @@ class Layout:
     ctr_rows_features: tuple[tuple[str, pa.DataType], ...]
     embeddings: tuple[EmbeddingSet, ...]
     text_roles: tuple[str, ...]
+    lm_features: tuple[LmFeatureSet, ...] = ()
 
     @classmethod
     def discover(cls, data_dir: Path) -> Layout:
@@ -223,6 +256,7 @@ class Layout:
             ctr_rows_features=rows_features,
             embeddings=tuple(embeddings),
             text_roles=_text_roles(data_dir),
+            lm_features=_lm_feature_sets(data_dir / LM_FEATURES_DIR),
         )
 
     def sources(self) -> dict[str, Path]:
@@ -231,6 +265,7 @@ class Layout:
         if self.ctr_rows is not None:
             out[CTR_ROWS_VIEW] = self.ctr_rows
         out.update({embedding_view_name(e.slug): e.path for e in self.embeddings})
+        out.update({lm_view_name(f.run): f.path for f in self.lm_features})
         return out
 
     def check_unique_keys(self) -> None:
@@ -241,19 +276,22 @@ class Layout:
         online too; a created-timestamp column does not help. Our jobs write one row per key,
         so a tie means a stray or appended file, and the fix is to re-run the job.
         """
-        keyed = [(c.path, c.entity) for c in self.ctr]
-        keyed += [(e.path, TEXT_ID) for e in self.embeddings]
+        keyed: list[tuple[Path, tuple[str, ...]]] = [(c.path, (c.entity,)) for c in self.ctr]
+        keyed += [(e.path, (TEXT_ID,)) for e in self.embeddings]
+        keyed += [(f.path, f.keys) for f in self.lm_features]
         if self.ctr_rows is not None:
-            keyed.append((self.ctr_rows, IMPRESSION_ID))
-        for path, key in keyed:
-            table = ds.dataset(parquet_files(path), format="parquet").to_table(columns=[key, TIMESTAMP])
-            counts = table.group_by([key, TIMESTAMP]).aggregate([([], "count_all")])
+            keyed.append((self.ctr_rows, (IMPRESSION_ID,)))
+        for path, keys in keyed:
+            table = ds.dataset(parquet_files(path), format="parquet").to_table(columns=[*keys, TIMESTAMP])
+            counts = table.group_by([*keys, TIMESTAMP]).aggregate([([], "count_all")])
             dupes = counts.filter(pc.greater(counts["count_all"], 1))
             if dupes.num_rows:
                 example = dupes.slice(0, 1).to_pylist()[0]
+                key = ", ".join(keys)
+                value = tuple(example[k] for k in keys)
                 raise UserError(
                     f"{path.relative_to(self.data_dir)} has {dupes.num_rows} {key} value(s) with "
-                    f"several rows at one {TIMESTAMP} (e.g. {example[key]!r}: {example['count_all']} rows); "
+                    f"several rows at one {TIMESTAMP} (e.g. {value!r}: {example['count_all']} rows); "
                     "Feast's file store picks one arbitrarily (feast-dev/feast#3360). Keep one row per "
                     "key and time: re-run the job that wrote it into a clean folder"
                 )
@@ -282,6 +320,32 @@ def _embedding_set(path: Path) -> EmbeddingSet:
     first = dataset.head(1, columns=[EMBEDDING])[EMBEDDING]
     dim = len(first[0].as_py() or []) if len(first) else 0
     return EmbeddingSet(slug=slug, path=path, encoder_version=str(versions[0]), dim=dim)
+
+
+def _lm_feature_sets(root: Path) -> tuple[LmFeatureSet, ...]:
+    """Each `<run>/` with a `_meta.json` naming its chosen epoch folder (written by `nlpctr train`)."""
+    sets = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name.startswith((".", "_")) or not (folder / LM_META).is_file():
+            continue
+        meta = json.loads((folder / LM_META).read_text())
+        path = folder / meta["chosen"]
+        if meta.get("kind") not in LM_KINDS or not parquet_files(path):
+            raise UserError(f"{folder} is incomplete (no {meta.get('chosen')} features); re-run its training")
+        if folder.name != lm_feature_slug(folder.name):
+            raise UserError(f"LM feature folder name {folder.name!r} is not a safe identifier")
+        keys = tuple(meta["keys"])
+        sets.append(
+            LmFeatureSet(
+                run=folder.name,
+                kind=meta["kind"],
+                path=path,
+                keys=keys,
+                model_version=str(meta["model_version"]),
+                features=_feature_columns(path, exclude={*keys, TIMESTAMP}),
+            )
+        )
+    return tuple(sets)
 
 
 def _text_roles(data_dir: Path) -> tuple[str, ...]:
@@ -358,6 +422,9 @@ def build_definitions(
         if name in join_keys and join_keys[name] != column:
             raise UserError(f"entity column {column!r} clashes with the built-in entity {name!r}")
         join_keys[name] = column
+    for lm in layout.lm_features:
+        for key in lm.keys:  # the text-id columns of an impression, each its own entity
+            join_keys.setdefault(entity_name(key), key)
     entities = {
         name: Entity(name=name, join_keys=[key], value_type=ValueType.STRING, description=f"keyed by {key}")
         for name, key in join_keys.items()
@@ -369,7 +436,7 @@ def build_definitions(
     def add_view(
         name: str,
         path: Path,
-        key: str,
+        key: str | tuple[str, ...],
         features: tuple[tuple[str, pa.DataType], ...],
         online: bool,
         description: str,
@@ -381,14 +448,15 @@ def build_definitions(
             timestamp_field=TIMESTAMP,
             description=f"parquet written by the batch job: {path.relative_to(layout.data_dir)}",
         )
-        schema = [Field(name=key, dtype=String)]
+        keys = (key,) if isinstance(key, str) else key
+        schema = [Field(name=k, dtype=String) for k in keys]
         schema += [
             Field(name=col, dtype=feast_type(typ, f"{path.relative_to(layout.data_dir)}:{col}"))
             for col, typ in features
         ]
         view = FeatureView(
             name=name,
-            entities=[entities[entity_name(key)]],
+            entities=[entities[entity_name(k)] for k in keys],
             ttl=ttl,
             schema=schema,
             source=source,
@@ -431,6 +499,17 @@ def build_definitions(
             online=True,
             description=f"frozen text embeddings ({emb.dim}-d) of {emb.encoder_version}",
             extra_tags={"encoder_version": emb.encoder_version, "slug": emb.slug, "dim": str(emb.dim)},
+        )
+
+    for lm in layout.lm_features:
+        add_view(
+            lm_view_name(lm.run),
+            lm.path,
+            lm.keys,
+            lm.features,
+            online=True,
+            description=f"{lm.kind} LM output per (query, ad) text pair of {lm.model_version}",
+            extra_tags={"model_version": lm.model_version, "kind": lm.kind, "run": lm.run},
         )
 
     default_encoder = _default_encoder(layout, encoder)
@@ -492,6 +571,12 @@ def _services(
         groups[f"{CASCADE_FROZEN}_{emb.slug}"] = (serving_ctr + texts, training_ctr + texts, about)
         if emb.slug == default_encoder:
             groups[CASCADE_FROZEN] = (serving_ctr + texts, training_ctr + texts, about)
+    for lm in layout.lm_features:
+        if not serving_ctr:
+            continue
+        view = views[lm_view_name(lm.run)]
+        about = f"baseline + {lm.kind} LM output of {lm.model_version}"
+        groups[f"{lm.kind}_{lm.run}"] = ([*serving_ctr, view], [*training_ctr, view], about)
 
     services: dict[str, FeatureService] = {}
     for name, (serving, training, about) in groups.items():

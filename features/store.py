@@ -255,6 +255,21 @@ def apply(
     }
 
 
+def reapply(data_dir: Path) -> dict[str, Any]:
+    """`apply` again with the online store and encoder the last apply chose (after a job, such
+    as a trainer, adds a view); a fresh dataset gets the defaults."""
+    repo = repo_dir(data_dir)
+    online, redis_url, encoder = "sqlite", None, None
+    if (repo / CONFIG_FILE).is_file():
+        config = yaml.safe_load((repo / CONFIG_FILE).read_text())
+        if config.get("online_store", {}).get("type") == "redis":
+            online, redis_url = "redis", config["online_store"].get("connection_string")
+    if (repo / REPO_MODULE).is_file():
+        found = re.search(r"encoder=('([a-z0-9_]+)'|None)\)", (repo / REPO_MODULE).read_text())
+        encoder = found.group(2) if found else None
+    return apply(data_dir, online=online, redis_url=redis_url, encoder=encoder)
+
+
 def open_store(data_dir: Path) -> FeatureStore:
     """The applied store of DIR, or a UserError that says to run apply."""
     path = config_path(data_dir)
@@ -313,6 +328,7 @@ def materialize(
     start: datetime | None = None,
     end: datetime | None = None,
     incremental: bool = False,
+    views: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Load the online views of DIR into the online store.
 
@@ -320,11 +336,17 @@ def materialize(
     job needs, since its rows keep data-time timestamps. `incremental`: from each view's last
     materialised end; a view never materialised gets the full range, because Feast would start a
     ttl=0 view at "now - 1 year" and skip older data. `start`/`end`: an explicit window.
+    `views` limits it to these views (a trainer publishing one new LM feature view).
     """
     store = open_store(data_dir)
     layout = check_current(store, data_dir)
     layout.check_unique_keys()
-    views = [v for v in store.list_feature_views(allow_cache=False) if v.online]
+    only = set(views) if views is not None else None
+    views = [
+        v
+        for v in store.list_feature_views(allow_cache=False)
+        if v.online and (only is None or v.name in only)
+    ]
     if not views:
         raise UserError(f"no online feature views in {layout.data_dir}; run {_fix('apply', data_dir)}")
     paths = {v.name: Path(v.batch_source.path) for v in views}
@@ -340,7 +362,7 @@ def materialize(
     with online_store_errors(store):
         if start is not None:
             mode = "window"
-            store.materialize(_utc(start), end)
+            store.materialize(_utc(start), end, feature_views=[v.name for v in views])
         elif incremental:
             mode = "incremental"
             fresh = [v.name for v in views if not v.materialization_intervals]
@@ -351,7 +373,7 @@ def materialize(
                 store.materialize_incremental(end, feature_views=seen)
         else:
             mode = "full"
-            store.materialize(span[0], end)
+            store.materialize(span[0], end, feature_views=[v.name for v in views])
     seconds = (datetime.now(UTC) - started).total_seconds()
     rows = {
         name: sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(p)) for name, p in paths.items()
@@ -521,9 +543,12 @@ def historical_features(data_dir: Path, entity_df: pd.DataFrame, service: str) -
     for (view_name, key_map), projections in groups.items():
         view_keys = [c.name for c in store.get_feature_view(view_name).entity_columns]
         frame_keys = [dict(key_map).get(k, k) for k in view_keys]
-        group = frame.groupby([*frame_keys, TIMESTAMP], dropna=False, sort=False).ngroup().to_numpy()
+        # A null key is asked as the empty id, as online lookups send it: a key no text has,
+        # except in LM feature views, which store a missing query text under it.
+        keyed = frame.assign(**{k: frame[k].fillna(MISSING_KEY) for k in frame_keys})
+        group = keyed.groupby([*frame_keys, TIMESTAMP], dropna=False, sort=False).ngroup().to_numpy()
         requests = (
-            frame[[*frame_keys, TIMESTAMP]]
+            keyed[[*frame_keys, TIMESTAMP]]
             .assign(__nlpctr_group=group)
             .drop_duplicates("__nlpctr_group")
             .rename(columns=dict(zip(frame_keys, view_keys, strict=True)))

@@ -2,8 +2,11 @@
 
 Categorical columns get vocabularies built from the training split only (index 0 is
 "unknown or missing", so a key never seen in training gets no fitted embedding). CTR
-history enters as logit(ctr) and log1p(count). Texts for the LM are the (query, ad) pair of
-a row; each unique pair is tokenised once, up front, and batches refer to it by index.
+history enters as logit(ctr) and log1p(count); a missing value (an online lookup of a key
+never seen in training) is filled with the prior a never-seen key gets offline: the global
+training CTR and 0 impressions. Extra dense columns (an LM's score) enter as they are.
+Texts for the LM are the (query, ad) pair of a row; each unique pair is tokenised once, up
+front, and batches refer to it by index.
 """
 
 from __future__ import annotations
@@ -24,18 +27,23 @@ class FeatureColumns:
     ctr: tuple[str, ...]  # smoothed CTRs in (0, 1)
     counts: tuple[str, ...]  # impression counts behind them
     cascade: tuple[str, ...] = ()  # precomputed text vectors (lists of floats)
+    scores: tuple[str, ...] = ()  # extra dense scalars used as they are (an LM's logit)
 
     @classmethod
-    def for_manifest(cls, manifest: dict, cascade: Sequence[str] = ()) -> FeatureColumns:
-        """E0's inputs for a prepared dataset: ids, context columns and each entity's CTR history."""
+    def for_manifest(
+        cls, manifest: dict, cascade: Sequence[str] = (), scores: Sequence[str] = ()
+    ) -> FeatureColumns:
+        """E0's inputs for a prepared dataset: ids, context columns and each entity's CTR history,
+        under the names a Feast lookup gives them (`ctr_<entity>__<entity>_ctr`)."""
         ids = ["ad_id"] + (["query_id"] if manifest["spec"]["columns"].get("query_id") else [])
         categorical = tuple(dict.fromkeys([*ids, *manifest["context_columns"]]))
         entities = manifest["entities"]
         return cls(
             categorical=categorical,
-            ctr=tuple(f"{e}_ctr" for e in entities),
-            counts=tuple(f"{e}_impressions" for e in entities),
+            ctr=tuple(f"ctr_{e}__{e}_ctr" for e in entities),
+            counts=tuple(f"ctr_{e}__{e}_impressions" for e in entities),
             cascade=tuple(cascade),
+            scores=tuple(scores),
         )
 
 
@@ -78,10 +86,32 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _vectors(values: pd.Series, dim: int | None) -> torch.Tensor:
+    """A column of float lists -> (N, d); a missing vector (no query text) becomes zeros."""
+    present = [np.asarray(v, dtype=np.float32) for v in values if v is not None and not _is_nan(v)]
+    dim = dim if dim is not None else (len(present[0]) if present else 0)
+    zeros = np.zeros(dim, dtype=np.float32)
+    rows = [zeros if v is None or _is_nan(v) else np.asarray(v, dtype=np.float32) for v in values]
+    return torch.as_tensor(np.stack(rows)) if rows else torch.zeros((0, dim))
+
+
+def _is_nan(value: object) -> bool:
+    return isinstance(value, float) and np.isnan(value)
+
+
 def tensorize(
-    frame: pd.DataFrame, columns: FeatureColumns, group: str, vocabularies: Vocabularies | None = None
+    frame: pd.DataFrame,
+    columns: FeatureColumns,
+    group: str,
+    vocabularies: Vocabularies | None = None,
+    fill_ctr: float = 0.5,
+    cascade_dims: Sequence[int] | None = None,
 ) -> tuple[Tensors, Vocabularies]:
-    """Tensors for a training frame; pass `vocabularies` to encode new rows like a trained model."""
+    """Tensors for a training frame; pass `vocabularies` to encode new rows like a trained model.
+
+    `fill_ctr` replaces a missing CTR (use the global training CTR), `cascade_dims` fixes the
+    width of vector columns that may be all null; a missing score counts as logit 0.
+    """
     frame = frame.sort_values("impression_id", kind="stable").reset_index(drop=True)
     vocabularies = vocabularies or build_vocabularies(frame, columns.categorical)
     categorical = (
@@ -95,17 +125,14 @@ def tensorize(
         if columns.categorical
         else np.zeros((len(frame), 0), dtype=np.int64)
     )
-    dense = np.concatenate(
-        [
-            _logit(frame[list(columns.ctr)].to_numpy(dtype=np.float64)),
-            np.log1p(frame[list(columns.counts)].to_numpy(dtype=np.float64)),
-        ],
-        axis=1,
-    ).astype(np.float32)
-    cascade = tuple(
-        torch.as_tensor(np.stack(frame[c].map(lambda v: np.asarray(v, dtype=np.float32)).to_list()))
-        for c in columns.cascade
+    ctr = frame[list(columns.ctr)].astype("float64").fillna(fill_ctr).to_numpy(dtype=np.float64)
+    counts = frame[list(columns.counts)].astype("float64").fillna(0.0).to_numpy(dtype=np.float64)
+    scores = frame[list(columns.scores)].astype("float64").fillna(0.0)
+    dense = np.concatenate([_logit(ctr), np.log1p(counts), scores.to_numpy(dtype=np.float64)], axis=1).astype(
+        np.float32
     )
+    dims = list(cascade_dims) if cascade_dims is not None else [None] * len(columns.cascade)
+    cascade = tuple(_vectors(frame[c], d) for c, d in zip(columns.cascade, dims, strict=True))
     query = frame["query_text"] if "query_text" in frame else pd.Series([None] * len(frame))
     pairs = list(zip(query.where(query.notna(), None), frame["ad_text"], strict=True))
     unique: dict[tuple[str | None, str], int] = {}

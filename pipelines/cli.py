@@ -28,6 +28,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("ctr-stats",): ("nlpctr.pipelines.ctr_stats", "historical CTR features from training rows (Beam)"),
     ("embed",): ("nlpctr.pipelines.embed_text", "frozen-BERT embeddings of unique texts (Beam RunInference)"),
     ("features",): ("nlpctr.pipelines.feature_store_cli", "Feast: apply | materialize | get (online lookup)"),
+    ("train",): ("nlpctr.pipelines.train", "train E0/E1/E2/E3 on Feast features; writes runs/NAME/"),
+    ("evaluate",): ("nlpctr.pipelines.evaluate", "re-evaluate a run on test, paired delta vs a baseline"),
     ("score-batch",): (
         "nlpctr.pipelines.score_batch",
         "enrich impressions from the online store (Beam Enrichment)",

@@ -1,23 +1,28 @@
 """Batch enrichment: impressions + online features, read the way serving reads them (Beam).
 
     nlpctr score-batch --data DIR [--service cascade_frozen] [--enrichment batched|per-element]
-                       [--batch-size 256] [--splits test ...] [--out PATH] [beam options]
+                       [--batch-size 256] [--splits test ...] [--out PATH]
+                       [--run NAME [--runs-dir runs]] [beam options]
 
 Each impression is enriched from the Feast online store with Beam's `Enrichment` transform, so a
-batch job sees exactly the values a live model would (the model itself arrives in a later
-issue). `per-element` is Beam's stock `FeastFeatureStoreEnrichmentHandler`: one
-`get_online_features` call per row, each paying Feast's fixed per-call cost. `batched` (the
+batch job sees exactly the values a live model would. With `--run`, the run's trained model
+(rebuilt from `RUNS/NAME/run.json`; a joint run's LM reads the row's texts) scores the enriched
+rows in batches and a `p` column is added; the service defaults to the one the run trained on.
+`per-element` is Beam's stock `FeastFeatureStoreEnrichmentHandler`: one `get_online_features` call
+per row, each paying Feast's fixed per-call cost. `batched` (the
 default) is the same handler with Beam's request batching switched on (`batch_elements_kwargs`),
 one call per batch of rows: bench/bench_feast.py measures both.
 
-Writes `DIR/enriched/<service>/part-*.parquet` (or --out): the impression columns plus
-`<projection>__<feature>` columns, the names `training_frame()` gives. Unknown keys come back null
+Writes `DIR/enriched/<service>/part-*.parquet` (`DIR/scored/<run>/` with --run; or --out): the
+impression columns plus `<projection>__<feature>` columns (and `p`), the names `training_frame()`
+gives. Unknown keys come back null
 and are counted per feature.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 import uuid
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+import pandas as pd
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
@@ -36,6 +42,7 @@ from apache_beam.transforms.enrichment_handlers.feast_feature_store import Feast
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.definitions import arrow_type, parquet_files, read_manifest
+from nlpctr.models.experiment import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
 
 METRICS_NAMESPACE = "nlpctr.score_batch"
@@ -143,6 +150,23 @@ class CountNulls(beam.DoFn):
         yield row
 
 
+class ScoreRows(beam.DoFn):
+    """A trained run's click probability for each row of a batch (the model loads once per worker)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def setup(self) -> None:
+        self.trained = TrainedRun.load(self.run_dir)
+
+    def process(self, batch: list[dict[str, Any]]) -> Any:
+        frame = pd.DataFrame(batch)
+        data, p = self.trained.predict_frame(frame)
+        by_id = {row["impression_id"]: row for row in batch}
+        for impression_id, value in zip(data.impression_id, p, strict=True):
+            yield {**by_id[impression_id], "p": float(value)}
+
+
 def output_schema(context_columns: Sequence[str], service_fields: Sequence[tuple[str, Any]]) -> pa.Schema:
     """Impression schema plus one nullable column per served feature."""
     base = impression_schema(context_columns)
@@ -157,31 +181,43 @@ def build_pipeline(
     feature_names: Sequence[str],
     schema: pa.Schema,
     out_prefix: str,
+    run_dir: Path | None = None,
 ) -> None:
-    """Read impressions -> (keep splits) -> Enrichment from the online store -> count -> parquet."""
+    """Read impressions -> (keep splits) -> Enrichment from the online store -> count -> (score)
+    -> parquet."""
     rows = pipeline | "ReadImpressions" >> beam.io.ReadFromParquet(impressions)
     if splits:
         wanted = frozenset(splits)
         rows = rows | "KeepSplits" >> beam.Filter(lambda r: r["split"] in wanted)
-    _ = (
+    rows = (
         rows
         | "ToRows" >> beam.Map(lambda r: beam.Row(**r))
         | "Enrich" >> Enrichment(handler, join_fn=KeepFeatures(feature_names))
         | "ToDicts" >> beam.Map(lambda r: r._asdict())
         | "CountNulls" >> beam.ParDo(CountNulls(feature_names))
-        | "Write" >> beam.io.WriteToParquet(out_prefix, schema, file_name_suffix=".parquet")
     )
+    if run_dir is not None:
+        rows = (
+            rows
+            | "BatchRows" >> beam.BatchElements(min_batch_size=64, max_batch_size=512)
+            | "Score" >> beam.ParDo(ScoreRows(run_dir))
+        )
+    _ = rows | "Write" >> beam.io.WriteToParquet(out_prefix, schema, file_name_suffix=".parquet")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """Our flags; everything else goes to Beam's PipelineOptions."""
     parser = argparse.ArgumentParser(prog="nlpctr score-batch", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
-    parser.add_argument("--service", default=feature_store.CASCADE_FROZEN, help="feature service")
+    parser.add_argument(
+        "--service", default=None, help="feature service (default: the run's, else cascade_frozen)"
+    )
     parser.add_argument("--enrichment", choices=ENRICHMENT_MODES, default="batched")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per online lookup (batched)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=None, help="only these splits")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default DIR/enriched/SERVICE)")
+    parser.add_argument("--run", default=None, help="score with this trained run (RUNS/NAME)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     return parser.parse_known_args(argv)
 
 
@@ -189,6 +225,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Enrich impressions from the online store; returns counts, timing and a `summary` line."""
     args, beam_args = parse_args(argv)
     data_dir: Path = args.data.resolve()
+    run_dir = None
+    if args.run is not None:
+        run_dir = (args.runs_dir / args.run).resolve()
+        spec_path = run_dir / "run.json"
+        if not spec_path.is_file():
+            raise UserError(f"{run_dir} is not a finished run (no run.json); train it with `nlpctr train`")
+        trained_service = json.loads(spec_path.read_text())["service"]
+        if args.service not in (None, trained_service):
+            raise UserError(
+                f"run {args.run} was trained on service {trained_service!r}, not {args.service!r}"
+            )
+        args.service = trained_service
+    args.service = args.service or feature_store.CASCADE_FROZEN
     # Fail before the pipeline starts: not applied, stale, not materialised, Redis down.
     online = feature_store.OnlineFeatures(data_dir, args.service)
     if not parquet_files(data_dir / "impressions"):
@@ -200,10 +249,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         for f in p.features
     ]
     schema = output_schema(manifest.get("context_columns", []), fields)
+    if run_dir is not None:
+        schema = schema.append(pa.field("p", pa.float64()))
     handler = enrichment_handler(
         feature_store.config_path(data_dir), args.service, online.keys, args.enrichment, args.batch_size
     )
-    out: Path = (args.out or data_dir / "enriched" / args.service).resolve()
+    default_out = data_dir / "scored" / args.run if args.run else data_dir / "enriched" / args.service
+    out: Path = (args.out or default_out).resolve()
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     started = time.perf_counter()
@@ -217,6 +269,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             online.feature_names,
             schema,
             str(staging / "part"),
+            run_dir,
         )
         result = pipeline.run()
         result.wait_until_finish()
@@ -235,12 +288,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     rows = int(counters.get("rows", 0))
     nulls = {n: int(counters.get(f"null:{n}", 0)) for n in online.feature_names}
     with_nulls = int(counters.get("rows_with_nulls", 0))
+    scored = f", scored by run {args.run}" if args.run else ""
     summary = (
-        f"score-batch {args.service} ({args.enrichment}): {rows} rows enriched in {wall:.1f} s "
+        f"score-batch {args.service} ({args.enrichment}{scored}): {rows} rows enriched in {wall:.1f} s "
         f"({rows / max(wall, 1e-9):.0f} rows/s); {with_nulls} row(s) with a null feature; -> {out}"
     )
     return {
         "service": args.service,
+        "run": args.run,
         "enrichment": args.enrichment,
         "batch_size": args.batch_size if args.enrichment == "batched" else 1,
         "rows": rows,

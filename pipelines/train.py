@@ -1,0 +1,415 @@
+"""Train a CTR model on a prepared dataset's Feast features, and evaluate it offline.
+
+    nlpctr train --mode {baseline,cascade-frozen,cascade-finetuned,joint} [--fusion score|concat|gate]
+                 [--layers K] [--epochs N] [--seed S] --data DIR --run NAME [--runs-dir runs]
+                 [--config FILE] [--no-progress]
+    nlpctr evaluate --run NAME [--baseline RUN] [--runs-dir runs]
+
+Modes (DESIGN.md, experiment protocol): `baseline` (E0) reads the `baseline` service;
+`cascade-frozen` (E1) reads `cascade_frozen` (+ frozen text vectors); `cascade-finetuned` (E2)
+first fine-tunes the LM alone on clicks (stopped at peak validation AUC, every epoch kept),
+writes each epoch's score and pooled vector per text pair to `DIR/lm_features/<run>/epoch-<k>/`,
+registers the chosen epoch as the Feast view `lm_<run>` (service `cascade_finetuned_<run>`), then
+trains E0 + that feature; `joint` (E3) trains the LM and E0 end to end through a fusion and writes
+the LM's output back the same way (service `joint_<run>`). One loop (`models.trainer.fit`) trains
+everything; configuration comes from `models/configs/default.yaml` (+ `--config`).
+
+Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
+from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import nlpctr
+from nlpctr.errors import UserError
+from nlpctr.features import store as feature_store
+from nlpctr.features.definitions import (
+    BASELINE,
+    CASCADE_FROZEN,
+    CTR_DIR,
+    LM_FEATURES_DIR,
+    LM_META,
+    Layout,
+    lm_feature_slug,
+    lm_view_name,
+    read_manifest,
+)
+from nlpctr.models import experiment, metrics
+from nlpctr.models.data import FeatureColumns, Tensors
+from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict
+
+FUSIONS = ("score", "concat", "gate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nlpctr train", description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", required=True, choices=experiment.MODES)
+    parser.add_argument("--fusion", choices=FUSIONS, default=None, help="joint mode: how the LM joins")
+    parser.add_argument("--layers", type=int, default=None, help="LM depth (E2, E3): first K MiniLM layers")
+    parser.add_argument("--epochs", type=int, default=None, help="max epochs (E2: of the LM step)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
+    parser.add_argument("--run", required=True, help="run name: RUNS/NAME/")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--config", type=Path, default=None, help="YAML merged over the defaults")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def run_dir_of(runs_dir: Path, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise UserError(f"--run must be a plain folder name, got {name!r}")
+    return Path(runs_dir).resolve() / name
+
+
+def code_version() -> str:
+    """nlpctr's version plus `git describe` of the checkout when there is one."""
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        described = ""
+    return f"{nlpctr.__version__}+{described}" if described else nlpctr.__version__
+
+
+def global_ctr(data_dir: Path) -> float:
+    """The global training CTR the CTR job smoothed toward (what a never-seen key gets)."""
+    path = data_dir / CTR_DIR / "_meta.json"
+    if not path.is_file():
+        raise UserError(f"{data_dir} has no CTR history; run `nlpctr ctr-stats --data {data_dir}`")
+    return float(json.loads(path.read_text())["global_ctr"])
+
+
+def train_ctr(labels: metrics.Labels) -> float:
+    return float(labels.clicks.sum() / max(labels.impressions.sum(), 1))
+
+
+def frozen_encoder_version(data_dir: Path, frame: pd.DataFrame) -> str | None:
+    """The encoder behind the frame's frozen text vectors (from the embedding view's folder)."""
+    slugs = {c[len("ad_text_") : -len("__embedding")] for c in frame.columns if c.startswith("ad_text_")}
+    versions = [e.encoder_version for e in Layout.discover(data_dir).embeddings if e.slug in slugs]
+    return versions[0] if versions else None
+
+
+# ------------------------------------------------------------------------------- LM features
+
+
+def has_query_text(frame: pd.DataFrame) -> bool:
+    return "query_text_id" in frame and bool(frame["query_text_id"].notna().any())
+
+
+def write_lm_features(
+    folder: Path, pairs: pd.DataFrame, outputs: dict[str, np.ndarray], model_version: str, with_query: bool
+) -> None:
+    """One parquet of the LM's outputs per text pair, keyed as the Feast view reads it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    columns: dict[str, pa.Array] = {}
+    if with_query:
+        columns["query_text_id"] = pa.array(pairs["query_text_id"], pa.string())
+    columns["ad_text_id"] = pa.array(pairs["ad_text_id"], pa.string())
+    columns["event_timestamp"] = pa.array(
+        pd.to_datetime(pairs["event_timestamp"], utc=True), pa.timestamp("us", tz="UTC")
+    )
+    for name, values in outputs.items():
+        if values.ndim == 1:
+            columns[name] = pa.array(values.astype(np.float32), pa.float32())
+        else:
+            columns[name] = pa.array(list(values.astype(np.float32)), pa.list_(pa.float32()))
+    columns["model_version"] = pa.array([model_version] * len(pairs), pa.string())
+    pq.write_table(pa.table(columns), folder / "part-0.parquet")
+
+
+def publish_lm_features(data_dir: Path, slug: str, meta: dict[str, Any]) -> str:
+    """Name the chosen epoch, register the view and materialise it; returns the view name."""
+    folder = data_dir / LM_FEATURES_DIR / slug
+    (folder / LM_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    feature_store.reapply(data_dir)
+    view = lm_view_name(slug)
+    feature_store.materialize(data_dir, views=[view])
+    return view
+
+
+def lm_feature_root(data_dir: Path, slug: str) -> Path:
+    folder = data_dir / LM_FEATURES_DIR / slug
+    shutil.rmtree(folder, ignore_errors=True)  # a re-run replaces the run's features whole
+    return folder
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def fit_ctr(
+    frame: pd.DataFrame,
+    columns: FeatureColumns,
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    fill_ctr: float,
+    checkpoints: Path,
+    fusion: str | None,
+    progress: bool,
+) -> tuple[experiment.Preprocessing, Tensors, torch.nn.Module, TextBatcher | None, FitResult]:
+    """Tensors, model (with a trainable LM when there is a fusion) and the fitted loop."""
+    pre = experiment.Preprocessing.fit(frame, columns, manifest["group"], fill_ctr)
+    data = pre.tensorize(frame)
+    texts = None
+    if fusion:
+        lm = TextEncoder(experiment.encoder_config(config), trainable=True)
+        texts = TextBatcher.for_data(lm, data)
+    model = experiment.build_model(pre, config, fusion, texts.lm.dim if texts else 0)
+    result = fit(model, data, experiment.loop_config(config), checkpoints, texts=texts, progress=progress)
+    return pre, data, model, texts, result
+
+
+def train_lm_alone(
+    frame: pd.DataFrame,
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    fill_ctr: float,
+    run_dir: Path,
+    data_dir: Path,
+    slug: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """E2 step 1 and 2: fine-tune the LM on clicks, write every epoch's features, publish the best."""
+    pre = experiment.Preprocessing.fit(
+        frame, FeatureColumns.for_manifest(manifest), manifest["group"], fill_ctr
+    )
+    data = pre.tensorize(frame)
+    encoder = experiment.encoder_config(config)
+    lm = TextEncoder(encoder, trainable=True)
+    scorer = experiment.build_scorer(config, lm.dim)
+    texts = TextBatcher.for_data(lm, data)
+    result = fit(
+        scorer,
+        data,
+        experiment.loop_config(config, "lm_loop"),
+        run_dir / experiment.CHECKPOINTS / "lm",
+        texts=texts,
+        progress=progress,
+    )
+    test = data.rows("test")
+    labels = labels_of(data, test)
+    test_auc = metrics.auc(labels, predict(scorer, data, test, texts))
+
+    pairs = experiment.text_pairs(frame)
+    root = lm_feature_root(data_dir, slug)
+    with_query = has_query_text(frame)
+    folders = []
+    for entry in result.history:
+        epoch = int(entry["epoch"])
+        state = torch.load(run_dir / experiment.CHECKPOINTS / "lm" / f"epoch-{epoch}.pt", weights_only=True)
+        scorer.load_state_dict(state["model"])
+        lm.load_state_dict(state["lm"])
+        outputs = experiment.lm_outputs(lm, {"lm_score": scorer.head}, pairs["text"].tolist())
+        version = f"{slug}@epoch-{epoch}/{encoder.version}/nlpctr=={nlpctr.__version__}"
+        write_lm_features(root / f"epoch-{epoch}", pairs, outputs, version, with_query)
+        folders.append(f"epoch-{epoch}")
+    chosen = f"epoch-{result.best_epoch}"
+    meta = {
+        "run": slug,
+        "kind": "cascade_finetuned",
+        "chosen": chosen,
+        "epochs": folders,
+        "keys": ["query_text_id", "ad_text_id"] if with_query else ["ad_text_id"],
+        "model_version": f"{slug}@{chosen}/{encoder.version}/nlpctr=={nlpctr.__version__}",
+        "valid_auc": {f"epoch-{int(h['epoch'])}": h["valid_auc"] for h in result.history},
+    }
+    view = publish_lm_features(data_dir, slug, meta)
+    return {
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "wall_seconds": result.wall_seconds,
+        "test_auc_standalone": test_auc,
+        "feature_view": view,
+        "features": {f: str(root / f) for f in folders},
+        "chosen": chosen,
+        "encoder_version": encoder.version,
+    }
+
+
+def write_joint_features(
+    model: torch.nn.Module,
+    texts: TextBatcher,
+    frame: pd.DataFrame,
+    config: dict[str, Any],
+    data_dir: Path,
+    slug: str,
+    best_epoch: int,
+) -> str:
+    """E3: the trained LM's supplementary output per text pair, as the view `lm_<run>`."""
+    fusion = model.fusion
+    assert fusion is not None
+    head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
+    pairs = experiment.text_pairs(frame)
+    outputs = experiment.lm_outputs(texts.lm, head, pairs["text"].tolist())
+    encoder = experiment.encoder_config(config)
+    chosen = f"epoch-{best_epoch}"
+    version = f"{slug}@{chosen}/joint-{fusion.fusion}/{encoder.version}/nlpctr=={nlpctr.__version__}"
+    with_query = has_query_text(frame)
+    write_lm_features(lm_feature_root(data_dir, slug) / chosen, pairs, outputs, version, with_query)
+    meta = {
+        "run": slug,
+        "kind": "joint",
+        "chosen": chosen,
+        "epochs": [chosen],
+        "keys": ["query_text_id", "ad_text_id"] if with_query else ["ad_text_id"],
+        "model_version": version,
+        "fusion": fusion.fusion,
+    }
+    return publish_lm_features(data_dir, slug, meta)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train one run; returns its results with a one-line `summary`."""
+    args = parse_args(argv)
+    started = time.perf_counter()
+    data_dir: Path = args.data.resolve()
+    manifest = read_manifest(data_dir)
+    if args.mode == "joint" and args.fusion is None:
+        args.fusion = "score"
+    if args.mode != "joint" and args.fusion is not None:
+        raise UserError(f"--fusion applies to --mode joint only (got --mode {args.mode})")
+    overrides: dict[str, Any] = {}
+    if args.epochs is not None:
+        # E2's expensive step is the LM's; its CTR step keeps the configured (E0) budget.
+        overrides["lm_loop" if args.mode == "cascade-finetuned" else "loop"] = {"epochs": args.epochs}
+    if args.seed is not None:
+        for key in ("loop", "lm_loop"):
+            overrides.setdefault(key, {})["seed"] = args.seed
+    if args.layers is not None:
+        overrides["encoder"] = {"layers": args.layers}
+    config = experiment.load_config(args.mode, args.config, overrides)
+    run_dir = run_dir_of(args.runs_dir, args.run)
+    slug = lm_feature_slug(args.run)
+    identity = {"mode": args.mode, "fusion": args.fusion, "data_dir": str(data_dir), "config": config}
+    config_file = run_dir / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()) != identity:
+        raise UserError(
+            f"run {args.run} exists with another configuration ({config_file}); "
+            f"use another --run or delete {run_dir}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    fill_ctr = global_ctr(data_dir)
+    progress = not args.no_progress
+    group = manifest["group"]
+
+    lm_step: dict[str, Any] | None = None
+    if args.mode == "cascade-finetuned":
+        base = feature_store.training_frame(data_dir, BASELINE)
+        lm_step = train_lm_alone(base, manifest, config, fill_ctr, run_dir, data_dir, slug, progress)
+        service = f"cascade_finetuned_{slug}"
+        view = lm_view_name(slug)
+        frame = feature_store.training_frame(data_dir, service)
+        columns = FeatureColumns.for_manifest(
+            manifest, cascade=[f"{view}__lm_embedding"], scores=[f"{view}__lm_score"]
+        )
+        encoder_version = lm_step["encoder_version"]
+    else:
+        service = CASCADE_FROZEN if args.mode == "cascade-frozen" else BASELINE
+        frame = feature_store.training_frame(data_dir, service)
+        cascade = [c for c in frame.columns if c.endswith("__embedding")] if service == CASCADE_FROZEN else []
+        columns = FeatureColumns.for_manifest(manifest, cascade=cascade)
+        encoder_version = (
+            frozen_encoder_version(data_dir, frame)
+            if args.mode == "cascade-frozen"
+            else experiment.encoder_config(config).version
+            if args.mode == "joint"
+            else None
+        )
+
+    pre, data, model, texts, result = fit_ctr(
+        frame,
+        columns,
+        manifest,
+        config,
+        fill_ctr,
+        run_dir / experiment.CHECKPOINTS / "ctr",
+        args.fusion,
+        progress,
+    )
+    test = data.rows("test")
+    p_test = predict(model, data, test, texts)
+    labels = labels_of(data, test)
+    ctr_train = train_ctr(labels_of(data, data.rows("train")))
+    report = experiment.metric_report(labels, p_test, ctr_train, config["evaluation"])
+
+    supplementary = None
+    if args.mode == "joint":
+        assert texts is not None
+        supplementary = write_joint_features(model, texts, frame, config, data_dir, slug, result.best_epoch)
+
+    pd.DataFrame(
+        {"impression_id": data.impression_id[test.numpy()], "split": "test", "p": p_test}
+    ).to_parquet(run_dir / experiment.PREDICTIONS_FILE, index=False)
+    spec = {
+        **identity,
+        "service": service,
+        "checkpoint": f"{experiment.CHECKPOINTS}/ctr/epoch-{result.best_epoch}.pt",
+        "preprocessing": pre.to_json(),
+        "train_ctr": ctr_train,
+    }
+    (run_dir / experiment.RUN_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    wall = time.perf_counter() - started
+    results = {
+        "dataset": manifest["dataset"],
+        "run": args.run,
+        "seed": int(config["loop"]["seed"]),
+        "split": manifest["split"]["mode"],
+        "mode": args.mode,
+        "fusion": args.fusion,
+        "layers": int(config["encoder"]["layers"]) if args.mode in ("cascade-finetuned", "joint") else None,
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "wall_seconds": wall,
+        "fit_wall_seconds": result.wall_seconds,
+        "train_rows_per_s": result.train_rows_per_s,
+        "metrics": {"test": report},
+        "lm": lm_step,
+        "supplementary_feature_view": supplementary,
+        "config": config,
+        "provenance": {
+            "dataset": manifest["dataset"],
+            "data_dir": str(data_dir),
+            "spec_hash": manifest.get("spec_hash"),
+            "split_mode": manifest["split"]["mode"],
+            "split_seed": manifest["split"]["seed"],
+            "encoder_version": encoder_version,
+            "code_version": code_version(),
+            "feature_service": service,
+            "group": group,
+        },
+    }
+    (run_dir / experiment.RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    label = args.mode + (f"/{args.fusion}" if args.fusion else "")
+    results["summary"] = (
+        f"train {args.run} ({label}, {manifest['dataset']}): test AUC {report['auc']:.4f} "
+        f"[{report['auc_ci'][0]:.4f}, {report['auc_ci'][1]:.4f}], GAUC {report['gauc']:.4f}, "
+        f"logloss {report['logloss']:.4f}, RIG {report['rig']:.4f}, calibration "
+        f"{report['calibration']['ratio']:.3f}; best epoch {result.best_epoch + 1}/{len(result.history)}; "
+        f"{wall:.1f} s -> {run_dir}"
+    )
+    return results

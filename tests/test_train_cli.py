@@ -1,0 +1,209 @@
+"""`nlpctr train` / `evaluate` / `score-batch --run` end to end on TREC 2013 (tiny budgets).
+
+One module fixture prepares TREC with the real ingest job, CTR history and random frozen vectors
+(the embedding job has its own tests), then trains E0, E1, E2 (1-layer LM) and E3 (gate) with a
+few batches per epoch; the tests read what those runs wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+import yaml
+from test_features import SLUG, impressions, write_ctr_history, write_embeddings
+
+from nlpctr.errors import UserError
+from nlpctr.features import store
+from nlpctr.models import experiment, metrics
+from nlpctr.pipelines import evaluate, ingest, score_batch, train
+
+pytestmark = pytest.mark.slow
+
+QUICK = {
+    "loop": {"epochs": 2, "max_batches_per_epoch": 4},
+    "lm_loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 16},
+    "encoder": {"max_length": 16},
+    "evaluation": {"bootstrap_rounds": 30},
+    "modes": {"joint": {"loop": {"epochs": 1, "batch_size": 16}}},
+}
+RESULT_KEYS = {
+    "dataset", "seed", "split", "mode", "fusion", "layers", "epochs", "best_epoch", "history",
+    "wall_seconds", "train_rows_per_s", "metrics", "provenance",
+}  # fmt: skip
+TEST_KEYS = {"auc", "auc_ci", "gauc", "logloss", "rig", "rig_ci", "calibration"}
+MODES = {
+    "e0": ["--mode", "baseline"],
+    "e1": ["--mode", "cascade-frozen"],
+    "e2": ["--mode", "cascade-finetuned", "--layers", "1"],
+    "e3": ["--mode", "joint", "--fusion", "gate", "--layers", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("train")
+    data = root / "trec"
+    ingest.run(["--dataset", "trec2013", "--out", str(data)])
+    write_ctr_history(data)
+    write_embeddings(data, dim=8)
+    store.apply(data)
+    store.materialize(data)
+    config = root / "quick.yaml"
+    config.write_text(yaml.safe_dump(QUICK))
+    runs = root / "runs"
+    results = {}
+    for name, flags in MODES.items():
+        argv = [*flags, "--data", str(data), "--run", name, "--runs-dir", str(runs), "--config", str(config)]
+        results[name] = train.run([*argv, "--no-progress"])
+    return {"data": data, "runs": runs, "config": config, "results": results}
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_each_mode_writes_results_and_test_predictions(trained: dict[str, Any], name: str) -> None:
+    run_dir = trained["runs"] / name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results) >= RESULT_KEYS
+    test = results["metrics"]["test"]
+    assert set(test) >= TEST_KEYS
+    for metric in ("auc", "rig"):
+        low, high = test[f"{metric}_ci"]
+        assert low <= test[metric] <= high
+    assert 0.3 < test["auc"] < 1 and test["logloss"] > 0
+    assert {"ratio", "ece", "curve"} <= set(test["calibration"])
+    assert results["provenance"]["dataset"] == "trec2013"
+    assert results["provenance"]["split_seed"] == 0
+    assert len(results["history"]) == results["epochs"]
+    predictions = pd.read_parquet(run_dir / "predictions.parquet")
+    rows = impressions(trained["data"])
+    assert sorted(predictions.impression_id) == sorted(rows[rows.split == "test"].impression_id)
+    assert predictions.p.between(0, 1).all()
+    assert trained["results"][name]["summary"].startswith(f"train {name} ")
+
+
+def test_modes_read_their_services_and_encoders(trained: dict[str, Any]) -> None:
+    prov = {n: r["provenance"] for n, r in trained["results"].items()}
+    assert prov["e0"]["feature_service"] == "baseline" and prov["e0"]["encoder_version"] is None
+    assert prov["e1"]["feature_service"] == "cascade_frozen"
+    assert (
+        prov["e1"]["encoder_version"]
+        == json.loads((trained["data"] / "embeddings" / SLUG / "_manifest.json").read_text())[
+            "encoder_version"
+        ]
+    )
+    assert prov["e2"]["feature_service"] == "cascade_finetuned_e2"
+    assert "layers=1" in prov["e3"]["encoder_version"]
+    spec = json.loads((trained["runs"] / "e1" / "run.json").read_text())
+    assert spec["preprocessing"]["columns"]["cascade"] == [
+        f"ad_text_{SLUG}__embedding",
+        f"query_text_{SLUG}__embedding",
+    ]
+    assert spec["preprocessing"]["vocabularies"]["position"]  # saved with the run
+
+
+@pytest.mark.parametrize("name", ["e1", "e2", "e3"])
+def test_evaluate_reproduces_train_predictions_and_adds_the_delta(trained: dict[str, Any], name: str) -> None:
+    runs = trained["runs"]
+    out = evaluate.run(["--run", name, "--baseline", "e0", "--runs-dir", str(runs)])
+    assert out["evaluate"]["max_abs_diff_vs_train_predictions"] <= 1e-6
+    results = json.loads((runs / name / "results.json").read_text())
+    delta = results["delta_vs_baseline"]
+    e0 = json.loads((runs / "e0" / "results.json").read_text())["metrics"]["test"]
+    assert delta["delta_auc"] == pytest.approx(results["metrics"]["test"]["auc"] - e0["auc"], abs=1e-9)
+    for metric in ("auc", "rig", "gauc"):
+        low, high = delta[f"delta_{metric}_ci"]
+        assert low <= high
+        assert delta[f"delta_{metric}_significant"] == (low > 0 or high < 0)
+
+
+def test_e2_writes_every_epoch_and_serves_the_chosen_one(trained: dict[str, Any]) -> None:
+    data = trained["data"]
+    lm = trained["results"]["e2"]["lm"]
+    rows = impressions(data)
+    pairs = rows[["query_text_id", "ad_text_id"]].fillna("").drop_duplicates()
+    assert sorted(lm["features"]) == ["epoch-0", "epoch-1"]
+    tables = {
+        k: ds.dataset(Path(v), format="parquet").to_table().to_pandas() for k, v in lm["features"].items()
+    }
+    for table in tables.values():
+        assert len(table) == len(pairs)
+        assert len(table.lm_embedding.iloc[0]) == 384
+    # each epoch's checkpoint gives its own scores
+    assert not np.allclose(tables["epoch-0"].lm_score, tables["epoch-1"].lm_score)
+    assert lm["chosen"] == f"epoch-{lm['best_epoch']}"
+    chosen = tables[lm["chosen"]].set_index(["query_text_id", "ad_text_id"])
+    row = rows.iloc[0]
+    online = store.OnlineFeatures(data, "cascade_finetuned_e2").get([row.to_dict()])
+    key = (row.query_text_id or "", row.ad_text_id)
+    assert online.columns["lm_e2__lm_score"][0] == pytest.approx(chosen.loc[key, "lm_score"], rel=1e-6)
+    frame = store.training_frame(data, "cascade_finetuned_e2", ["test"]).head(20)
+    for q, a, score in zip(frame.query_text_id, frame.ad_text_id, frame["lm_e2__lm_score"], strict=True):
+        assert score == pytest.approx(chosen.loc[(q or "", a), "lm_score"], rel=1e-6)
+
+
+def test_joint_run_writes_its_supplementary_feature_view(trained: dict[str, Any]) -> None:
+    data = trained["data"]
+    assert trained["results"]["e3"]["supplementary_feature_view"] == "lm_e3"
+    online = store.OnlineFeatures(data, "joint_e3")
+    assert "lm_e3__supplementary" in online.feature_names
+    got = online.get(impressions(data).head(3).to_dict("records"))
+    assert got.null_counts["lm_e3__supplementary"] == 0
+    assert len(got.columns["lm_e3__supplementary"][0]) == QUICK.get("net", {}).get("text_projection", 32)
+
+
+def test_batch_scoring_equals_the_trainers_predictions(trained: dict[str, Any]) -> None:
+    data, runs = trained["data"], trained["runs"]
+    for name in ("e1", "e3"):  # cascade vectors from the online store; the joint LM reads texts
+        out = data / f"scored_{name}"
+        argv = ["--data", str(data), "--run", name, "--runs-dir", str(runs), "--splits", "test"]
+        result = score_batch.run([*argv, "--out", str(out), "--direct_num_workers", "1"])
+        scored = ds.dataset(out, format="parquet").to_table().to_pandas().set_index("impression_id")
+        saved = pd.read_parquet(runs / name / "predictions.parquet").set_index("impression_id")
+        assert result["rows"] == len(saved)
+        np.testing.assert_allclose(scored.p.reindex(saved.index), saved.p, atol=1e-6, rtol=0)
+
+
+def test_training_is_deterministic_and_a_changed_config_is_refused(trained: dict[str, Any]) -> None:
+    data, runs, config = trained["data"], trained["runs"], trained["config"]
+    argv = ["--mode", "baseline", "--data", str(data), "--runs-dir", str(runs), "--config", str(config)]
+    train.run([*argv, "--run", "e0_again", "--no-progress"])
+    a = pd.read_parquet(runs / "e0" / "predictions.parquet")
+    b = pd.read_parquet(runs / "e0_again" / "predictions.parquet")
+    np.testing.assert_array_equal(a.p, b.p)
+    with pytest.raises(UserError, match="another configuration"):
+        train.run([*argv, "--run", "e0", "--seed", "7", "--no-progress"])
+
+
+def test_config_layers_merge_in_order(tmp_path: Path) -> None:
+    override = tmp_path / "c.yaml"
+    override.write_text(yaml.safe_dump({"loop": {"epochs": 5}, "modes": {"joint": {"loop": {"lr": 0.5}}}}))
+    joint = experiment.load_config("joint", override, {"encoder": {"layers": 1}})
+    assert joint["loop"]["epochs"] == 5  # the user's file beats the defaults' per-mode section
+    assert joint["loop"]["lr"] == 0.5 and joint["loop"]["batch_size"] == 32
+    assert joint["encoder"]["layers"] == 1
+    assert experiment.load_config("baseline", override)["loop"]["lr"] == 0.001
+    override.write_text(yaml.safe_dump({"loop": {"epochz": 5}}))
+    with pytest.raises(UserError, match="epochz"):
+        experiment.load_config("baseline", override)
+
+
+def test_fast_gauc_bootstrap_equals_resampling_rows() -> None:
+    rng = np.random.default_rng(1)
+    n = 400
+    groups = rng.integers(0, 40, n).astype(str)
+    impressions_ = rng.integers(1, 5, n)
+    clicks = rng.binomial(impressions_, 0.3)
+    labels = metrics.Labels(impressions_, clicks, groups)
+    p, q = rng.random(n), rng.random(n)
+    slow = metrics.bootstrap_ci(metrics.gauc, labels, p, rounds=25, seed=3)
+    fast = experiment.gauc_bootstrap(labels, p, rounds=25, seed=3)
+    assert fast.estimate == pytest.approx(metrics.gauc(labels, p), abs=1e-12)
+    assert fast.as_list() == pytest.approx(slow.as_list(), abs=1e-9)
+    slow_diff = metrics.paired_bootstrap_diff(metrics.gauc, labels, p, q, rounds=25, seed=3)
+    fast_diff = experiment.gauc_bootstrap(labels, p, q, rounds=25, seed=3)
+    assert fast_diff.as_list() == pytest.approx(slow_diff.as_list(), abs=1e-9)
