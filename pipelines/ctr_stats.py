@@ -117,11 +117,13 @@ def _row_features(
 ) -> Iterator[tuple[str, tuple[str, float, int]]]:
     """Per impression of one entity key: (impression_id, (entity, smoothed ctr, count)),
     leave-one-out for training rows."""
-    _, groups = key_and_groups
+    key, groups = key_and_groups
     totals = groups["totals"]
     impressions, clicks = totals[0] if totals else (0, 0)
     for row in groups["rows"]:
-        own_i, own_c = (row["impressions"], row["clicks"]) if row["split"] == TRAIN else (0, 0)
+        # A null key has no history (EntityTotals skips it), so there is nothing to leave out.
+        own = key is not None and row["split"] == TRAIN
+        own_i, own_c = (row["impressions"], row["clicks"]) if own else (0, 0)
         i, c = impressions - own_i, clicks - own_c
         yield row["impression_id"], (entity, smoothed_ctr(c, i, prior["ctr"], prior_strength), i)
 

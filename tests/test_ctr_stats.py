@@ -81,3 +81,34 @@ def test_rerun_is_identical_and_missing_manifest_is_a_user_error(trec: Path, tmp
     pd.testing.assert_frame_equal(before, after)
     with pytest.raises(UserError, match="nlpctr data prepare"):
         ctr_stats.run(["--data", str(tmp_path)])
+
+
+def test_null_entity_keys_get_the_prior_and_no_count(tmp_path: Path) -> None:
+    image = ["" if i % 4 == 0 else f"m{i % 2}" for i in range(40)]  # every 4th row has no image
+    csv = "id,ad,title,ts,n,k,img\n" + "".join(
+        f"{i},a{i % 3},Headline {i},2024-01-0{1 + i % 5}T00:00:00Z,{10 + i},{i % 4},{image[i]}\n"
+        for i in range(40)
+    )
+    (tmp_path / "log.csv").write_text(csv)
+    spec = {
+        "name": "nulls",
+        "source": {"path": "log.csv", "format": "csv"},
+        "columns": {"impression_id": "id", "ad_id": "ad", "ad_text": "title"},
+        "context": {"image_id": "img"},
+        "timestamp": {"column": "ts", "format": "iso8601"},
+        "label": {"form": "aggregated", "impressions": "n", "clicks": "k"},
+        "group": "ad_id",
+        "entities": ["ad_id", "image_id"],
+    }
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    ingest.run(["--dataset", str(tmp_path / "spec.yaml"), "--out", str(out)])
+    ctr_stats.run(["--data", str(out)])
+    rows = frame(out / "impressions").set_index("impression_id")
+    history = frame(out / "ctr_history_rows").set_index("impression_id").loc[rows.index]
+    meta = json.loads((out / "ctr_history" / "_meta.json").read_text())
+    null_rows = rows.image_id.isna()
+    assert null_rows.sum() == 10
+    assert (history.image_id_impressions >= 0).all()
+    assert (history.loc[null_rows, "image_id_impressions"] == 0).all()
+    assert history.loc[null_rows, "image_id_ctr"].to_numpy() == pytest.approx(meta["global_ctr"])
