@@ -21,7 +21,6 @@ import argparse
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS
+from nlpctr.pipelines.outputs import publish, staging_dir
 
 TRAIN = SPLITS[0]
 META_FILE = "_meta.json"
@@ -253,7 +253,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.prior_strength <= 0:
         raise UserError("--prior-strength must be positive")
     columns = ["impression_id", "event_timestamp", "split", "impressions", "clicks", *entities]
-    staging = data_dir / f".ctr_stats.tmp-{uuid.uuid4().hex[:8]}"
+    staging = staging_dir(data_dir / "ctr_stats")
     started = time.perf_counter()
     try:
         with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
@@ -263,10 +263,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             _ = rows | "CtrHistory" >> CtrHistory(entities, args.prior_strength, staging)
         # Swap both outputs in together: a crash before this leaves the old ones untouched.
         for name in ("ctr_history", "ctr_history_rows"):
-            target = data_dir / name
-            if target.exists():
-                shutil.rmtree(target)
-            (staging / name).rename(target)
+            publish(staging / name, data_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     meta = json.loads((data_dir / "ctr_history" / META_FILE).read_text())

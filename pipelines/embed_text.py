@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,7 +47,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
-from nlpctr.pipelines.counting import WriteCounts
+from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -372,16 +371,6 @@ def default_torch_threads(options: PipelineOptions) -> int | None:
     return None
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Swap a finished staging folder into place; a previous output is replaced whole."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        out.rename(retired)
-    staging.rename(out)  # one rename: readers see the old folder or the new one, never a mix
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     defaults = EncoderConfig()
     parser = argparse.ArgumentParser(
@@ -422,9 +411,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     handler = TextEncoderModelHandler(
         config, torch_threads=args.torch_threads or default_torch_threads(options)
     )
-    # Hidden (dot) name: dataset readers and `embeddings/*` globs never pick up a partial run.
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)
     started = time.perf_counter()
     try:
         with beam.Pipeline(options=options) as pipeline:
@@ -438,8 +425,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 num_shards=args.num_shards,
             )
         wall = time.perf_counter() - started
-        counts = json.loads((staging / STATS_FILE).read_text())
-        (staging / STATS_FILE).unlink()
+        counts = read_counts(staging / STATS_FILE)
         unique = int(counts.get("unique_texts", 0))
         encoded = int(counts.get("texts_encoded", 0))
         rows = int(counts.get("rows_written", 0))

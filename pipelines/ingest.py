@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS, impression_schema, unit_interval
 from nlpctr.pipelines import ubi
-from nlpctr.pipelines.counting import WriteCounts
+from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
 from nlpctr.pipelines.records import (
     DUPLICATE_IMPRESSION_ID,
     Limits,
@@ -379,18 +378,6 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
     return None
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Swap a finished staging folder into place; a previous output is replaced whole."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        out.rename(retired)
-    staging.rename(out)
-    shutil.rmtree(retired, ignore_errors=True)
-    # A dead-letter folder left by an earlier failed run of the same output is stale now.
-    shutil.rmtree(out.parent / f"{out.name}.failed", ignore_errors=True)
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="nlpctr data prepare", description="Validate a source log into canonical impressions."
@@ -434,15 +421,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     max_reject_rate = spec.max_reject_rate if args.max_reject_rate is None else args.max_reject_rate
     split_mode = args.split_mode or spec.split_mode
     out: Path = args.out.resolve()
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)
     started = time.perf_counter()
     try:
         options = PipelineOptions(beam_args)
         with beam.Pipeline(options=options) as pipeline:
             build_pipeline(pipeline, spec, staging, args.seed, split_mode, limits, args.num_shards)
-        counts = json.loads((staging / STATS_FILE).read_text())
-        (staging / STATS_FILE).unlink()
+        counts = read_counts(staging / STATS_FILE)
         manifest = manifest_from_counts(
             spec, counts, args.seed, split_mode, limits, time.perf_counter() - started
         )
@@ -463,6 +448,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "spec, or raise --max-reject-rate"
             )
         publish(staging, out)
+        # A dead-letter folder left by an earlier failed run of the same output is stale now.
+        shutil.rmtree(out.parent / f"{out.name}.failed", ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"

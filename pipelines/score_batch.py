@@ -25,7 +25,6 @@ import argparse
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from nlpctr.features import store as feature_store
 from nlpctr.features.definitions import arrow_type, parquet_files, read_manifest
 from nlpctr.models.experiment import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
+from nlpctr.pipelines.outputs import publish, staging_dir
 
 METRICS_NAMESPACE = "nlpctr.score_batch"
 ENRICHMENT_MODES = ("batched", "per-element")
@@ -256,8 +256,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     default_out = data_dir / "scored" / args.run if args.run else data_dir / "enriched" / args.service
     out: Path = (args.out or default_out).resolve()
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)
     started = time.perf_counter()
     try:
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
@@ -278,11 +277,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             c.key.metric.name: c.committed
             for c in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
         }
-        retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        if out.exists():
-            out.rename(retired)
-        staging.rename(out)  # readers see the old output or the new one, never a mix
-        shutil.rmtree(retired, ignore_errors=True)
+        publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     rows = int(counters.get("rows", 0))
