@@ -47,6 +47,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _C1 = re.compile(r"[\x80-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _WHITESPACE = re.compile(r"\s+")
+# Python refuses str() of integers beyond 4300 digits; anything this long is not a value.
+_MAX_INT_BITS = 4096
+_MAX_COUNT = 2**63 - 1  # impressions and clicks are int64 columns
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ def json_safe(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _MAX_INT_BITS:
+        return f"<integer of {value.bit_length()} bits>"  # str() refuses it (digit limit)
     if value is None or isinstance(value, bool | int | float):
         return value
     return str(value)
@@ -236,17 +241,27 @@ def as_text(value: Any) -> str | None:
         return "true" if value else "false"
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="surrogateescape")
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        raise _Invalid(MALFORMED_RECORD, f"an integer of {value.bit_length()} bits is not a usable value")
     return str(value)
+
+
+def _hashable(column: str, value: str | None) -> str | None:
+    """A source value that an id is hashed from: undecodable bytes would make the hash fail."""
+    if value is not None and _SURROGATE.search(value):
+        raise _Invalid(BAD_ENCODING, f"{column} contains bytes that are not valid UTF-8")
+    return value
 
 
 def _column_value(rule: ColumnRule, record: dict[str, Any]) -> str | None:
     if rule.column:
         value = as_text(record.get(rule.column))
     elif rule.text_id_of:
-        source = as_text(record.get(rule.text_id_of))
+        source = _hashable(rule.text_id_of, as_text(record.get(rule.text_id_of)))
         value = text_id(source) if source and source.strip() else None
     else:
-        parts = [as_text(record.get(c)) for c in (rule.hash_of or rule.concat)]
+        columns = rule.hash_of or rule.concat
+        parts = [_hashable(c, as_text(record.get(c))) for c in columns]
         if any(p is None or not p.strip() for p in parts):
             return None
         value = stable_hash(*parts) if rule.hash_of else ":".join(parts)  # type: ignore[arg-type]
@@ -269,6 +284,8 @@ def parse_count(value: Any, column: str) -> int:
         raise _Invalid(BAD_COUNT, f"{column}={json_safe(value)!r} is not an integer count")
     if number < 0:
         raise _Invalid(BAD_COUNT, f"{column}={number} is negative")
+    if number > _MAX_COUNT:
+        raise _Invalid(BAD_COUNT, f"{column}={number} does not fit the int64 count column")
     return number
 
 
@@ -312,14 +329,15 @@ def parse_timestamp(rule: TimestampRule, record: dict[str, Any]) -> dt.datetime:
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise ValueError("missing")
             stamp = _parse_one_timestamp(rule, value)
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=_zone(rule.timezone))
+        stamp = stamp.astimezone(dt.UTC)  # overflows for year 1 or 9999 at an offset
     except _Invalid:
         raise
-    except (ValueError, TypeError, OverflowError) as exc:
+    # OSError: fromtimestamp() beyond the platform's time_t.
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
         column = rule.column or ",".join(c for c, _ in rule.offsets)
         raise _Invalid(BAD_TIMESTAMP, f"cannot parse {column} as {rule.format}: {exc}") from None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=_zone(rule.timezone))
-    stamp = stamp.astimezone(dt.UTC)
     if not 1970 <= stamp.year <= 2200:
         raise _Invalid(BAD_TIMESTAMP, f"timestamp {stamp.isoformat()} is outside 1970-2200")
     return stamp

@@ -7,12 +7,15 @@ fails with one line that names the field and the fix, never with a traceback mid
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -162,6 +165,20 @@ class DatasetSpec:
             )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _known_zone(name: str) -> bool:
+    if name.upper() == "UTC":
+        return True
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
 def _fail(spec_path: Path, where: str, message: str) -> UserError:
     return UserError(f"spec {spec_path.name}: {where}: {message}")
 
@@ -169,7 +186,7 @@ def _fail(spec_path: Path, where: str, message: str) -> UserError:
 def _expect_keys(spec_path: Path, where: str, mapping: Any, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(mapping, dict):
         raise _fail(spec_path, where, f"expected a mapping, got {type(mapping).__name__}")
-    unknown = sorted(set(mapping) - allowed)
+    unknown = sorted((set(mapping) - allowed), key=str)
     if unknown:
         raise _fail(spec_path, where, f"unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
     return mapping
@@ -221,20 +238,25 @@ def _timestamp_rule(spec_path: Path, value: Any) -> TimestampRule:
         if not isinstance(offsets, dict) or not offsets or "base" not in mapping:
             raise _fail(spec_path, where, "format offset needs `base` and `offsets: {column: seconds}`")
         for name, seconds in offsets.items():
-            if not isinstance(seconds, int | float):
-                raise _fail(spec_path, f"{where}.offsets.{name}", "expected seconds as a number")
-        return TimestampRule(
-            format=fmt, base=str(mapping["base"]), offsets=tuple((k, float(v)) for k, v in offsets.items())
-        )
+            if not isinstance(name, str):
+                raise _fail(spec_path, f"{where}.offsets", f"expected column names, got {name!r}")
+            if not _is_number(seconds):
+                raise _fail(spec_path, f"{where}.offsets.{name}", "expected seconds as a finite number")
+        base = str(mapping["base"])
+        try:
+            dt.datetime.fromisoformat(base)
+        except ValueError:
+            raise _fail(spec_path, f"{where}.base", f"{base!r} is not an ISO-8601 time") from None
+        return TimestampRule(format=fmt, base=base, offsets=tuple((k, float(v)) for k, v in offsets.items()))
     if not isinstance(mapping.get("column"), str):
         raise _fail(spec_path, f"{where}.column", "expected the source column holding the timestamp")
     if fmt == "strptime" and not isinstance(mapping.get("pattern"), str):
         raise _fail(spec_path, f"{where}.pattern", "format strptime needs a pattern, e.g. '%Y-%m-%d %H:%M'")
+    timezone = mapping.get("timezone", "UTC")
+    if not isinstance(timezone, str) or not _known_zone(timezone):
+        raise _fail(spec_path, f"{where}.timezone", f"{timezone!r} is not an IANA time zone (e.g. UTC)")
     return TimestampRule(
-        format=fmt,
-        column=mapping["column"],
-        pattern=mapping.get("pattern"),
-        timezone=str(mapping.get("timezone", "UTC")),
+        format=fmt, column=mapping["column"], pattern=mapping.get("pattern"), timezone=timezone
     )
 
 
@@ -301,7 +323,7 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
         raise _fail(spec_path, "context", "expected a mapping of context column -> source column")
     context = {}
     for target, value in context_raw.items():
-        if target in RESERVED_COLUMNS or not str(target).isidentifier():
+        if not isinstance(target, str) or target in RESERVED_COLUMNS or not target.isidentifier():
             raise _fail(spec_path, f"context.{target}", "is a reserved schema column or not an identifier")
         context[target] = _column_rule(spec_path, f"context.{target}", value)
 
@@ -311,7 +333,7 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
 
     known_targets = {"ad_id", "query_id", *context}
     group = mapping["group"]
-    if group not in known_targets:
+    if not isinstance(group, str) or group not in known_targets:
         raise _fail(
             spec_path,
             "group",
@@ -328,23 +350,27 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
     split_mode = split_raw.get("mode", "within_group")
     if split_mode not in SPLIT_MODES:
         raise _fail(spec_path, "split.mode", f"{split_mode!r} is not one of {', '.join(SPLIT_MODES)}")
-    fractions = tuple(split_raw.get("fractions", [0.8, 0.1, 0.1]))
+    fractions = split_raw.get("fractions", [0.8, 0.1, 0.1])
     if (
-        len(fractions) != 3
-        or any(not isinstance(f, int | float) or f < 0 for f in fractions)
+        not isinstance(fractions, list)
+        or len(fractions) != 3
+        or any(not _is_number(f) or f < 0 for f in fractions)
         or (abs(sum(fractions) - 1.0) > 1e-6)
     ):
         raise _fail(spec_path, "split.fractions", "expected three non-negative numbers summing to 1")
 
     max_chars = mapping.get("max_text_chars", 2000)
-    if not isinstance(max_chars, int) or max_chars < 1:
+    if not isinstance(max_chars, int) or isinstance(max_chars, bool) or max_chars < 1:
         raise _fail(spec_path, "max_text_chars", "expected a positive integer")
 
     max_reject_rate = mapping.get("max_reject_rate", 0.01)
-    if not isinstance(max_reject_rate, int | float) or not 0 <= max_reject_rate <= 1:
+    if not _is_number(max_reject_rate) or not 0 <= max_reject_rate <= 1:
         raise _fail(spec_path, "max_reject_rate", "expected a fraction between 0 and 1")
 
     forbidden = _str_list(spec_path, "forbidden", mapping["forbidden"]) if "forbidden" in mapping else ()
+    for key in ("description", "notes"):
+        if not isinstance(mapping.get(key, ""), str):
+            raise _fail(spec_path, key, "expected text")
     spec = DatasetSpec(
         name=name,
         description=str(mapping.get("description", "")),
@@ -379,14 +405,22 @@ def bundled_names() -> list[str]:
     return sorted(p.stem for p in BUNDLED_SPEC_DIR.glob("*.yaml"))
 
 
+def _spec_file(name_or_path: str) -> Path | None:
+    """The spec file a user named, or None (a NUL byte, a too-long name, an unknown ~user)."""
+    try:
+        path = Path(name_or_path).expanduser().resolve()
+        return path if path.is_file() else None
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
 def load_spec(name_or_path: str) -> DatasetSpec:
     """Load a bundled spec by name (`upworthy`) or a user's spec by path (`my_log.yaml`)."""
-    bundled = BUNDLED_SPEC_DIR / f"{name_or_path}.yaml"
-    if bundled.is_file():
-        path, is_bundled = bundled, True
+    if name_or_path in bundled_names():
+        path, is_bundled = BUNDLED_SPEC_DIR / f"{name_or_path}.yaml", True
     else:
-        path, is_bundled = Path(name_or_path).expanduser().resolve(), False
-        if not path.is_file():
+        path, is_bundled = _spec_file(name_or_path), False
+        if path is None:
             raise UserError(
                 f"dataset {name_or_path!r} is neither a bundled dataset ({', '.join(bundled_names())}) "
                 "nor a spec file; pass a bundled name or the path of a YAML spec"
@@ -396,4 +430,6 @@ def load_spec(name_or_path: str) -> DatasetSpec:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"spec {path.name}: not valid YAML ({first_line}); fix the file") from None
+    except OSError as exc:
+        raise UserError(f"spec {path}: cannot be read ({exc.strerror}); check the path") from None
     return parse_spec(raw, path, bundled=is_bundled)
