@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -125,9 +126,12 @@ def _read_state(data_dir: Path) -> dict[str, Any]:
 
 
 def _write_state(data_dir: Path, state: dict[str, Any]) -> None:
+    """Write the state file whole or not at all (a process killed mid-write leaves the old one)."""
     path = _state_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
 
 
 def _unreachable(connection_string: str, exc: BaseException) -> UserError:
@@ -358,6 +362,14 @@ def materialize(
     now = datetime.now(UTC)
     end = _utc(end) if end else max(now, span[1] + timedelta(seconds=1))
     probe_online_store(store)
+    # Until the end, these views count as half-written: Feast records each view as materialised
+    # as soon as its own rows are in, so a run killed (or a Redis lost) midway would otherwise
+    # leave a store that says "materialised" beside a view that is only partly there.
+    state = _read_state(layout.data_dir)
+    for name in paths:
+        state.setdefault("materialized", {}).pop(name, None)
+    state["unfinished"] = sorted(set(state.get("unfinished", [])) | set(paths))
+    _write_state(layout.data_dir, state)
     started = datetime.now(UTC)
     with online_store_errors(store):
         if start is not None:
@@ -380,6 +392,7 @@ def materialize(
     }
     state = _read_state(layout.data_dir)
     state.setdefault("materialized", {}).update({name: fingerprint(p) for name, p in paths.items()})
+    state["unfinished"] = sorted(set(state.get("unfinished", [])) - set(paths))
     _write_state(layout.data_dir, state)
     total = sum(rows.values())
     online = store.config.online_store.type
@@ -491,14 +504,20 @@ class OnlineFeatures:
 def check_materialized(store: FeatureStore, service: FeatureService, data_dir: Path) -> None:
     """Refuse a service whose views were never materialised, or whose inputs changed since;
     probe the online store once so an unreachable Redis fails here, not mid-job."""
-    state = _read_state(data_dir).get("materialized", {})
+    state = _read_state(data_dir)
     for projection in service.feature_view_projections:
         view: FeatureView = store.get_feature_view(projection.name, allow_registry_cache=False)
+        if view.name in state.get("unfinished", []):
+            raise UserError(
+                f"the last materialize of feature view {view.name} did not finish (killed, or the "
+                "online store went away), so the store may be half-written: "
+                f"run {_fix('materialize', data_dir)}"
+            )
         if not view.materialization_intervals:
             raise UserError(
                 f"feature view {view.name} is not materialised: run {_fix('materialize', data_dir)}"
             )
-        if state.get(view.name) != fingerprint(Path(view.batch_source.path)):
+        if state.get("materialized", {}).get(view.name) != fingerprint(Path(view.batch_source.path)):
             raise UserError(
                 f"the input of feature view {view.name} changed since it was materialised: "
                 f"run {_fix('materialize', data_dir)}"

@@ -1,10 +1,14 @@
 """How a Beam job publishes its output: counts computed inside the pipeline (not runner
 metrics, which not every runner commits), and a hidden staging folder swapped into place
-only when the run succeeded, so a crash never leaves a half-written output."""
+only when the run succeeded, so a crash never leaves a half-written output, and the next run
+removes what a killed one left behind (`remove_abandoned`)."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -38,16 +42,53 @@ def read_counts(path: Path) -> dict[str, int]:
 
 
 def staging_dir(out: Path) -> Path:
-    """A new hidden folder beside `out`: dataset readers and globs never pick up a partial run."""
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    """A new hidden folder beside `out`: dataset readers and globs never pick up a partial run.
+
+    Its name carries this process's id, so that a later run can tell the staging folder of a
+    run that was killed (its process is gone) from one still being written, and remove it.
+    """
+    remove_abandoned(out)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     return staging
+
+
+def remove_abandoned(out: Path) -> list[Path]:
+    """Remove what killed runs left beside `out` (staging folders of dead processes, and a
+    retired output whose run died between its two renames); returns what was removed."""
+    removed = []
+    for path in out.parent.glob(glob.escape(f".{out.name}.") + "*"):
+        found = _LEFTOVER.fullmatch(path.name[len(out.name) + 1 :])
+        if found is None or (found["pid"] is not None and _alive(int(found["pid"]))):
+            continue
+        if found["kind"] == "old" and not out.exists():
+            path.rename(out)  # killed between publish's renames: the previous output comes back
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+_LEFTOVER = re.compile(r"\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # this process's own run (a failed one removes its staging itself)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def publish(staging: Path, out: Path) -> None:
     """Swap a finished staging folder into place; a previous output is replaced whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    remove_abandoned(out)
+    retired = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if out.exists():
         out.rename(retired)
     staging.rename(out)  # one rename: readers see the old folder or the new one, never a mix
