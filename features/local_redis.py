@@ -17,10 +17,16 @@ def free_port() -> int:
 
 
 class LocalRedisServer:
-    """redis-server bound to 127.0.0.1 on a free port, no persistence; `stop()` ends it."""
+    """redis-server bound to 127.0.0.1 on a free port, no persistence; `stop()` ends it.
 
-    def __init__(self, workdir: Path, start_timeout_s: float = 20) -> None:
-        self.port = free_port()
+    `stop(save=True)` writes a snapshot to `workdir` first, and a new server started on the same
+    `workdir` and `port` loads it: a Redis that went away and came back with its data.
+    """
+
+    def __init__(self, workdir: Path, start_timeout_s: float = 20, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -45,7 +51,10 @@ class LocalRedisServer:
         """Every hash in the server, as raw bytes."""
         return {key: self.client.hgetall(key) for key in self.client.scan_iter(count=1000)}
 
-    def stop(self) -> None:
+    def stop(self, save: bool = False) -> None:
+        if save and self.process.poll() is None:
+            self.client.shutdown(save=True)  # snapshot to workdir/dump.rdb, then exit
+            self.process.wait(timeout=20)
         self.client.close()
         if self.process.poll() is None:
             self.process.terminate()

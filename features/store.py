@@ -153,12 +153,10 @@ def online_store_errors(store: FeatureStore) -> Iterator[None]:
         raise _unreachable(getattr(store.config.online_store, "connection_string", "?"), exc) from None
 
 
-def ping_redis(connection_string: str) -> None:
-    """Fail fast, with the fix, when a Redis server does not answer a PING.
-
-    redis-py retries a refused connection with backoff for several seconds per call; one probe
-    without retries gives the same verdict at once.
-    """
+@contextlib.contextmanager
+def _redis(connection_string: str) -> Iterator[Any]:
+    """A client of the (first) Redis node, without retries: redis-py retries a refused
+    connection with backoff for several seconds per call, one try gives the same verdict."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -168,19 +166,60 @@ def ping_redis(connection_string: str) -> None:
         host=host, port=int(port or 6379), socket_connect_timeout=3, retry=Retry(NoBackoff(), 0)
     )
     try:
-        client.ping()
+        yield client
     except redis.exceptions.ConnectionError as exc:
         raise _unreachable(connection_string, exc) from None
     finally:
         client.close()
 
 
-def probe_online_store(store: FeatureStore) -> None:
-    """Ping a (single-node) Redis online store before using it; SQLite needs no probe."""
+def ping_redis(connection_string: str) -> None:
+    """Fail fast, with the fix, when a Redis server does not answer a PING."""
+    with _redis(connection_string) as client:
+        client.ping()
+
+
+def _single_redis(store: FeatureStore) -> str | None:
+    """The connection string of a single-node Redis online store; None for SQLite (or a cluster)."""
     config = store.config.online_store
     kind = getattr(config, "redis_type", None)
-    if config.type == "redis" and getattr(kind, "value", kind) == "redis":
-        ping_redis(config.connection_string)
+    return (
+        config.connection_string
+        if config.type == "redis" and getattr(kind, "value", kind) == "redis"
+        else None
+    )
+
+
+def probe_online_store(store: FeatureStore) -> None:
+    """Ping a (single-node) Redis online store before using it; SQLite needs no probe."""
+    if (url := _single_redis(store)) is not None:
+        ping_redis(url)
+
+
+# A Redis that restarts without persistence (or is flushed) comes back empty, and every lookup
+# would then read as "unknown key". materialize leaves this hash in Redis (under the project,
+# so each dataset has its own); serving checks that it is still there.
+def _materialized_mark(store: FeatureStore) -> str:
+    return f"nlpctr:{store.config.project}:materialized"
+
+
+def _write_mark(store: FeatureStore) -> None:
+    if (url := _single_redis(store)) is not None:
+        with _redis(url) as client:
+            client.hset(_materialized_mark(store), "by", "nlpctr features materialize")
+
+
+def _check_mark(store: FeatureStore, data_dir: Path) -> None:
+    if (url := _single_redis(store)) is None:
+        return
+    with _redis(url) as client:
+        found = client.exists(_materialized_mark(store))
+    if not found:
+        raise UserError(
+            f"the Redis online store at {url} holds none of the materialised features of "
+            f"{Path(data_dir).resolve()} (restarted without persistence, or flushed?): "
+            f"run {_fix('materialize', data_dir)}"
+        )
 
 
 # ------------------------------------------------------------------------------- apply
@@ -393,6 +432,7 @@ def materialize(
     state = _read_state(layout.data_dir)
     state.setdefault("materialized", {}).update({name: fingerprint(p) for name, p in paths.items()})
     state["unfinished"] = sorted(set(state.get("unfinished", [])) - set(paths))
+    _write_mark(store)
     _write_state(layout.data_dir, state)
     total = sum(rows.values())
     online = store.config.online_store.type
@@ -523,6 +563,7 @@ def check_materialized(store: FeatureStore, service: FeatureService, data_dir: P
                 f"run {_fix('materialize', data_dir)}"
             )
     probe_online_store(store)
+    _check_mark(store, data_dir)
     keys = service_join_keys(store, service)
     with online_store_errors(store):
         store.get_online_features(

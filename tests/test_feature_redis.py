@@ -5,6 +5,7 @@ Skipped, with the reason, when `redis-server` is not on PATH (CI installs it).
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,14 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+import yaml
+from feast.infra.online_stores.redis import RedisOnlineStore
 from test_features import SLUG, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.local_redis import LocalRedisServer
-from nlpctr.pipelines import feature_store_cli, score_batch
+from nlpctr.pipelines import cli, feature_store_cli, score_batch
 
 pytestmark = [
     pytest.mark.redis,
@@ -134,3 +137,95 @@ def test_switching_online_store_forgets_old_materialisation(
         store.OnlineFeatures(data, "baseline").get([{"ad_id": "x", "query_id": "y", "position": "2"}]).rows
         == 1
     )
+
+
+def test_cli_names_the_unreachable_redis_in_one_line_then_recovers(
+    server: LocalRedisServer, dataset: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, vectors = dataset["data"], dataset["vectors"]
+    store.apply(data, online="redis", redis_url=server.url)
+    store.materialize(data)
+    text = next(iter(vectors))
+    get = ["features", "get", "--data", str(data), "--json", "--entity", f"ad_text_id={text}",
+           "--entity", "query_text_id=none", "--entity", "ad_id=ad000", "--entity", "query_id=q",
+           "--entity", "position=1"]  # fmt: skip
+    materialize = ["features", "materialize", "--data", str(data)]
+    server.stop()
+    for argv in (get, materialize):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"nlpctr: error: the Redis online store at {server.url} is unreachable")
+        assert err.count("\n") == 1 and "Traceback" not in err
+
+    # Back at the same address, but empty (it kept no data): serving must not return nulls as
+    # if the keys were unknown; a rerun of materialize brings the values back.
+    back = LocalRedisServer(server.workdir, port=server.port)
+    try:
+        assert cli.main(get) == 2
+        assert "holds none of the materialised features" in capsys.readouterr().err
+        assert cli.main(materialize) == 0
+        capsys.readouterr()
+        assert cli.main(get) == 0
+        out = json.loads(capsys.readouterr().out)
+        np.testing.assert_allclose(out["values"][0][f"ad_text_{SLUG}__embedding"], vectors[text], atol=1e-6)
+    finally:
+        back.stop()
+
+
+def test_redis_lost_mid_materialize_rerun_gives_one_row_per_key(
+    tmp_path: Path, dataset: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = dataset["data"]
+    reference = LocalRedisServer(tmp_path / "reference")
+    try:
+        store.apply(data, online="redis", redis_url=reference.url)
+        store.materialize(data)  # never interrupted
+        expected = reference.dump()
+    finally:
+        reference.stop()
+
+    server = LocalRedisServer(tmp_path / "redis")
+    store.apply(data, online="redis", redis_url=server.url)
+    config_file = store.config_path(data)
+    config = yaml.safe_load(config_file.read_text())
+    config["materialization"]["online_write_batch_size"] = 8  # many writes: lose Redis between two
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    writes = []
+    write_batch = RedisOnlineStore.online_write_batch
+
+    def write_then_lose_redis(self: RedisOnlineStore, *args: Any, **kwargs: Any) -> None:
+        write_batch(self, *args, **kwargs)
+        writes.append(1)
+        if len(writes) == 3:
+            server.stop(save=True)  # goes away, keeping what was written so far
+
+    monkeypatch.setattr(RedisOnlineStore, "online_write_batch", write_then_lose_redis)
+    with pytest.raises(UserError, match=f"Redis online store at {server.url} is unreachable"):
+        store.materialize(data)
+    monkeypatch.undo()
+    assert len(writes) == 3
+
+    back = LocalRedisServer(server.workdir, port=server.port)
+    try:
+        assert 0 < len(back.dump()) < len(expected)  # back with the first writes only
+        with pytest.raises(UserError, match=r"did not finish .* half-written"):
+            store.OnlineFeatures(data, "cascade_frozen")
+        store.materialize(data)
+        recovered = back.dump()
+        assert recovered == expected  # every key, field and value of the uninterrupted run
+        # One hash per entity key, each stamped by exactly one view (+ materialize's own mark).
+        keys = sum(len(ds.dataset(p).to_table(columns=[k]).column(k).unique()) for p, k in online_keys(data))
+        entity_hashes = {k: v for k, v in recovered.items() if not k.startswith(b"nlpctr:")}
+        assert len(entity_hashes) == keys == len(recovered) - 1
+        assert all(sum(f.startswith(b"_ts:") for f in fields) == 1 for fields in entity_hashes.values())
+        store.OnlineFeatures(data, "cascade_frozen")
+    finally:
+        back.stop()
+
+
+def online_keys(data: Path) -> list[tuple[Path, str]]:
+    """(source folder, join key) of every online view of the dataset."""
+    fs = store.open_store(data)
+    return [
+        (Path(v.batch_source.path), v.entity_columns[0].name) for v in fs.list_feature_views() if v.online
+    ]
