@@ -16,6 +16,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 from feast.infra.online_stores.redis import RedisOnlineStore
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from test_features import SLUG, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
@@ -200,6 +202,16 @@ def test_redis_lost_mid_materialize_rerun_gives_one_row_per_key(
             server.stop(save=True)  # goes away, keeping what was written so far
 
     monkeypatch.setattr(RedisOnlineStore, "online_write_batch", write_then_lose_redis)
+    get_client = RedisOnlineStore._get_client
+
+    def client_without_retries(self: RedisOnlineStore, config: Any) -> Any:
+        # Feast's client retries a refused connection for ~5 s (redis-py's default backoff)
+        # before it gives up; the outcome is the same, the test need not wait for it.
+        client = get_client(self, config)
+        client.set_retry(Retry(NoBackoff(), 0))
+        return client
+
+    monkeypatch.setattr(RedisOnlineStore, "_get_client", client_without_retries)
     with pytest.raises(UserError, match=f"Redis online store at {server.url} is unreachable"):
         store.materialize(data)
     monkeypatch.undo()
