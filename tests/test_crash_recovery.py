@@ -89,25 +89,25 @@ def copy_dataset(source: Path, target: Path) -> Path:
     return target
 
 
-def start(*argv: str) -> subprocess.Popen[str]:
-    """`nlpctr ARGV` as its own process, as a user (or a scheduler) starts it."""
+def start(log: Path, *argv: str) -> subprocess.Popen[bytes]:
+    """`nlpctr ARGV` as its own process, as a user (or a scheduler) starts it; output to `log`
+    (a file, not a pipe: a full pipe would stall the job)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "nlpctr.pipelines.cli", *argv],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "nlpctr.pipelines.cli", *argv], env=env, stdout=out, stderr=out
+        )
 
 
-def kill_when(process: subprocess.Popen[str], halfway: Callable[[], bool], timeout_s: float = 120) -> None:
+def kill_when(
+    process: subprocess.Popen[bytes], halfway: Callable[[], bool], log: Path, timeout_s: float = 120
+) -> None:
     """SIGKILL `process` as soon as `halfway()` holds; fail if it ends or times out first."""
     deadline = time.monotonic() + timeout_s
     while not halfway():
         if process.poll() is not None:
             pytest.fail(f"the job ended (exit {process.returncode}) before it could be killed half-way:\n"
-                        f"{process.stdout.read() if process.stdout else ''}")  # fmt: skip
+                        f"{log.read_text(errors='replace')[-3000:]}")  # fmt: skip
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail("no sign of progress to kill on")
@@ -155,7 +155,8 @@ def test_embed_killed_mid_run_reruns_to_the_clean_output(
         # texts are encoded and being written, and the job has not published yet.
         return any(folder.parent.glob(f".{folder.name}.tmp-*/**/*.parquet"))
 
-    kill_when(start(*args), writing_parquet)
+    log = data.parent / "embed.log"
+    kill_when(start(log, *args), writing_parquet, log)
     assert not folder.exists()  # nothing was published
     assert hidden_entries(data / "embeddings")  # the killed run's staging folder is still there
 
@@ -218,7 +219,9 @@ def test_materialize_killed_mid_run_reruns_to_one_row_per_key(
     table = f"{config['project']}_{embedding_view_name(CONFIG.slug)}"
     texts = clean_embeddings.num_rows
 
-    kill_when(start("features", "materialize", "--data", str(data)), lambda: count_rows(database, table) > 0)
+    log = data.parent / "materialize.log"
+    started = start(log, "features", "materialize", "--data", str(data))
+    kill_when(started, lambda: count_rows(database, table) > 0, log)
     partial = count_rows(database, table)
     assert 0 < partial < texts, partial
     with pytest.raises(UserError, match=r"did not finish .* half-written: run `nlpctr features materialize"):
