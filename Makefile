@@ -18,15 +18,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the embedded default (local parquet, SQLite online store):
-# ingest Upworthy, CTR history, frozen-BERT embeddings, Feast apply + materialize, one lookup.
+# The main job on the embedded default (local parquet, SQLite online store): the whole
+# experiment protocol on Upworthy in its quick size (prepare, CTR history, frozen-BERT
+# embeddings, Feast apply + materialize, E0-E4, redundancy; report in $(RUNS)/upworthy-quick/),
+# then one online lookup from the store it built.
+RUNS ?= runs
 demo: setup
-	$(BIN)/nlpctr data prepare --dataset upworthy --out $(DATA)/upworthy
-	$(BIN)/nlpctr ctr-stats --data $(DATA)/upworthy
-	$(BIN)/nlpctr embed --data $(DATA)/upworthy
-	$(BIN)/nlpctr features apply --data $(DATA)/upworthy
-	$(BIN)/nlpctr features materialize --data $(DATA)/upworthy
-	$(BIN)/nlpctr features get --data $(DATA)/upworthy --service cascade_frozen --impression 0
+	$(BIN)/nlpctr experiment --dataset upworthy --quick --out $(RUNS)/upworthy-quick
+	$(BIN)/nlpctr features get --data $(RUNS)/upworthy-quick/data --service cascade_frozen --impression 0
 
 test: setup
 	$(BIN)/ruff check .

@@ -8,7 +8,8 @@ Modes differ only in the model handed in and whether an LM encodes the row's tex
 Each unique text of a batch is encoded once and padded to the batch's longest text. Every
 epoch is checkpointed (state dicts, loadable with `weights_only=True`); `last.pt` also holds
 the optimizer and RNG states, so an interrupted run resumes where it stopped and ends with
-the same weights as an uninterrupted one.
+the same weights as an uninterrupted one. An optional `auxiliary_loss` adds a term computed from
+the batch's texts to the click loss (SuKD's distance to a teacher, in `models/distill.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import TextEncoder
 
 LAST = "last.pt"
+
+# (text_index, text_vector) of a batch's rows -> a scalar added to the click loss.
+AuxiliaryLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,16 @@ class TextBatcher:
 
 
 def forward_rows(
-    model: nn.Module, data: Tensors, rows: torch.Tensor, texts: TextBatcher | None
+    model: nn.Module,
+    data: Tensors,
+    rows: torch.Tensor,
+    texts: TextBatcher | None,
+    text_vector: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    vector = texts.vectors(data.text_index[rows]) if texts is not None else None
-    return model(data.categorical[rows], data.dense[rows], tuple(c[rows] for c in data.cascade), vector)
+    """Logits of rows; `text_vector` is the rows' LM vectors when the caller has already encoded them."""
+    if text_vector is None and texts is not None:
+        text_vector = texts.vectors(data.text_index[rows])
+    return model(data.categorical[rows], data.dense[rows], tuple(c[rows] for c in data.cascade), text_vector)
 
 
 def predict(
@@ -142,13 +152,19 @@ def fit(
     checkpoint_dir: Path,
     texts: TextBatcher | None = None,
     progress: bool = True,
+    auxiliary_loss: AuxiliaryLoss | None = None,
 ) -> FitResult:
-    """Train on the train split, early-stop on valid, keep the best epoch's weights in `model`."""
+    """Train on the train split, early-stop on valid, keep the best epoch's weights in `model`.
+
+    Parameters with `requires_grad=False` (a frozen tower) are left out of the optimizer.
+    """
+    if auxiliary_loss is not None and texts is None:
+        raise ValueError("auxiliary_loss is computed from the batch's text vectors: pass texts")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     lm_params = list(texts.lm.parameters()) if texts is not None else []
-    groups = [{"params": list(model.parameters()), "lr": config.lr}]
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
     if any(p.requires_grad for p in lm_params):
         groups.append({"params": [p for p in lm_params if p.requires_grad], "lr": config.lm_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -188,9 +204,13 @@ def fit(
         for step, rows in enumerate(_batches(train_rows, config.batch_size, generator)):
             if step >= n_batches:
                 break
+            text_index = data.text_index[rows]
+            vector = texts.vectors(text_index) if texts is not None else None
             loss = binomial_loss(
-                forward_rows(model, data, rows, texts), data.impressions[rows], data.clicks[rows]
+                forward_rows(model, data, rows, texts, vector), data.impressions[rows], data.clicks[rows]
             )
+            if auxiliary_loss is not None:
+                loss = loss + auxiliary_loss(text_index, vector)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -30,6 +30,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("features",): ("nlpctr.pipelines.feature_store_cli", "Feast: apply | materialize | get (online lookup)"),
     ("train",): ("nlpctr.pipelines.train", "train E0/E1/E2/E3 on Feast features; writes runs/NAME/"),
     ("evaluate",): ("nlpctr.pipelines.evaluate", "re-evaluate a run on test, paired delta vs a baseline"),
+    ("experiment",): (
+        "nlpctr.pipelines.experiment",
+        "the whole protocol: prepare .. E0-E4 .. redundancy; results.json, report.md, plots",
+    ),
     ("score-batch",): (
         "nlpctr.pipelines.score_batch",
         "enrich impressions from the online store (Beam Enrichment)",

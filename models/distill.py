@@ -1,0 +1,253 @@
+"""E4 distillation: k-layer students of a joint (E3) teacher, trained three ways.
+
+- SuKD: the student LM learns the teacher's *supplementary* output inside the joint model, with
+  the teacher's E0 tower frozen: click loss + λ · MSE(student's output, teacher's output), where
+  the output is the fusion's logit for `score` and the LM's pooled vector for `concat`/`gate`.
+- No-KD: the same student, same init, same frozen tower, λ = 0.
+- Feature-KD: the same student learns the teacher LM's pooled vector from text alone (MSE); the
+  caller then uses its vectors as a cascade feature, like any frozen encoder's.
+
+Students start from the teacher's embeddings and first k transformer layers. SuKD and No-KD run
+in `models.trainer.fit` (the distance enters through its `auxiliary_loss`), so their checkpoints,
+resume and determinism are fit's. Pure PyTorch: no Beam, no Feast.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nlpctr.errors import UserError
+from nlpctr.models.ctr_net import CtrModel
+from nlpctr.models.data import Tensors
+from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.trainer import FitResult, LoopConfig, TextBatcher, fit, pair_text
+
+FEATURE_KD_WEIGHTS = "student.pt"
+FEATURE_KD_HISTORY = "history.json"
+
+
+def student_encoder(teacher: TextEncoder, layers: int) -> TextEncoder:
+    """A trainable k-layer encoder with the teacher's embeddings, first k layers, pooling and length."""
+    teacher_layers = teacher.config.layers
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= teacher_layers:
+        raise UserError(
+            f"student layers must be an integer in 1..{teacher_layers} (the teacher's), got {layers!r}"
+        )
+    config = EncoderConfig(
+        layers=layers, pooling=teacher.config.pooling, max_length=teacher.config.max_length
+    )
+    student = TextEncoder(config, trainable=True)
+    dropped = tuple(f"model.encoder.layer.{i}." for i in range(layers, teacher_layers))
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(dropped)}
+    student.load_state_dict(state)  # strict: every student parameter comes from the teacher
+    return student
+
+
+def pooled_vectors(
+    lm: TextEncoder, data: Tensors, index: torch.Tensor | None = None, batch_size: int = 64
+) -> torch.Tensor:
+    """The LM's pooled vector of each unique text of `data` (or of the texts `index` names),
+    (n, dim), in inference mode; row i is `data.texts[i]`, as `data.text_index` counts."""
+    lm.eval()
+    pairs = data.texts if index is None else [data.texts[i] for i in index.tolist()]
+    return torch.as_tensor(lm.encode([pair_text(q, a) for q, a in pairs], batch_size=batch_size))
+
+
+def supplementary_outputs(
+    model: CtrModel, lm: TextEncoder, data: Tensors, index: torch.Tensor | None = None, batch_size: int = 64
+) -> torch.Tensor:
+    """What SuKD matches, per unique text (as `pooled_vectors` orders them): the fusion's
+    logit (n,) for `score`, the LM's pooled vector (n, dim) for `concat` and `gate`."""
+    fusion = model.fusion
+    if fusion is None:
+        raise UserError("the teacher has no text fusion: distil from a joint (E3) run")
+    vectors = pooled_vectors(lm, data, index, batch_size)
+    if fusion.fusion != "score":
+        return vectors
+    fusion.eval()
+    with torch.inference_mode():
+        return fusion.score(vectors).squeeze(-1)
+
+
+def distance(model: CtrModel, lm: TextEncoder, data: Tensors, targets: torch.Tensor, split: str) -> float:
+    """MSE between a model's supplementary outputs and `targets` over the unique texts of a split."""
+    index = torch.unique(data.text_index[data.rows(split)])
+    return float(nn.functional.mse_loss(supplementary_outputs(model, lm, data, index), targets[index]))
+
+
+@dataclass
+class JointStudent:
+    model: CtrModel  # a copy of the teacher's CtrModel: frozen E0 tower, trained fusion head
+    lm: TextEncoder  # the k-layer student LM
+    result: FitResult
+
+
+def fit_joint_student(
+    teacher_model: CtrModel,
+    teacher_lm: TextEncoder,
+    data: Tensors,
+    layers: int,
+    distill_weight: float,
+    config: LoopConfig,
+    checkpoint_dir: Path,
+    targets: torch.Tensor | None = None,
+    progress: bool = True,
+) -> JointStudent:
+    """SuKD (distill_weight λ > 0) or No-KD (λ = 0): a k-layer student trained in the joint model.
+
+    The student model is a copy of the teacher's (same fusion head as init) with its E0 tower
+    frozen; the student LM and the fusion head train on click loss + λ · MSE to the teacher's
+    supplementary output of each row's text (`targets`, from `supplementary_outputs` on the same
+    `data`, computed here when not given), the MSE averaged over the batch's rows (and vector
+    dimensions). Checkpoints are fit's: `{"model", "lm"}` state dicts per epoch.
+    """
+    if distill_weight < 0:
+        raise UserError(f"distillation weight must be >= 0, got {distill_weight}")
+    if teacher_model.fusion is None:
+        raise UserError("the teacher has no text fusion: distil from a joint (E3) run")
+    lm = student_encoder(teacher_lm, layers)
+    model = copy.deepcopy(teacher_model)
+    model.tower.requires_grad_(False)  # the E0 tower is fixed from the teacher
+    auxiliary = None
+    if distill_weight > 0:
+        teacher = targets if targets is not None else supplementary_outputs(teacher_model, teacher_lm, data)
+        fusion = model.fusion
+        assert fusion is not None
+
+        def distill_loss(text_index: torch.Tensor, text_vector: torch.Tensor) -> torch.Tensor:
+            output = fusion.score(text_vector).squeeze(-1) if fusion.fusion == "score" else text_vector
+            return distill_weight * nn.functional.mse_loss(output, teacher[text_index])
+
+        auxiliary = distill_loss
+    texts = TextBatcher.for_data(lm, data)
+    result = fit(
+        model, data, config, checkpoint_dir, texts=texts, progress=progress, auxiliary_loss=auxiliary
+    )
+    return JointStudent(model, lm, result)
+
+
+@dataclass
+class FeatureStudent:
+    lm: TextEncoder  # the k-layer student, best epoch's weights
+    best_epoch: int
+    history: list[dict[str, float]]  # per epoch: train and valid MSE to the teacher's pooled vectors
+    wall_seconds: float
+
+
+def _text_mse(texts: TextBatcher, targets: torch.Tensor, index: torch.Tensor, batch_size: int) -> float:
+    texts.lm.eval()
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(index), batch_size):
+            batch = index[start : start + batch_size]
+            total += float(nn.functional.mse_loss(texts.vectors(batch), targets[batch], reduction="sum"))
+    return total / (len(index) * targets.shape[1])
+
+
+def fit_feature_kd(
+    teacher_lm: TextEncoder,
+    data: Tensors,
+    layers: int,
+    config: LoopConfig,
+    checkpoint_dir: Path,
+    targets: torch.Tensor | None = None,
+    progress: bool = True,
+) -> FeatureStudent:
+    """Feature-KD: a k-layer student learns the teacher LM's pooled vector (MSE) from text alone.
+
+    Trains on the unique texts of the train rows (shuffled, `config.batch_size` texts a batch,
+    AdamW at `config.lm_lr`, `config.seed`), early-stops on the valid rows' texts after
+    `config.patience` epochs without a lower MSE, and keeps the best epoch. `config.lr` and
+    `config.early_stop` do not apply. Writes the best student's state dict to
+    `checkpoint_dir/student.pt` (loadable with weights_only=True) and the history beside it.
+
+    A separate loop, not `fit`: fit iterates over impression rows, with a click loss and
+    AUC/log-loss early stopping; this one iterates over unique texts with no click at all.
+    """
+    targets = targets if targets is not None else pooled_vectors(teacher_lm, data)
+    lm = student_encoder(teacher_lm, layers)
+    texts = TextBatcher.for_data(lm, data)
+    train = torch.unique(data.text_index[data.rows("train")])
+    valid = torch.unique(data.text_index[data.rows("valid")])
+    if len(train) == 0 or len(valid) == 0:
+        raise UserError("feature-KD needs texts in both the train and the valid split")
+    torch.manual_seed(config.seed)  # dropout
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lm_lr, weight_decay=config.weight_decay)
+    n_batches = math.ceil(len(train) / config.batch_size)
+    if config.max_batches_per_epoch:
+        n_batches = min(n_batches, config.max_batches_per_epoch)
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    weights = checkpoint_dir / FEATURE_KD_WEIGHTS
+    history: list[dict[str, float]] = []
+    best_epoch, stale, started = -1, 0, time.perf_counter()
+    for epoch in range(config.epochs):
+        if stale >= config.patience:
+            break
+        lm.train()
+        order = train[torch.randperm(len(train), generator=generator)]
+        running = None
+        for step in tqdm(
+            range(n_batches), desc=f"feature-KD epoch {epoch + 1}", disable=not progress, leave=False
+        ):
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            loss = nn.functional.mse_loss(texts.vectors(batch), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        entry = {
+            "epoch": epoch,
+            "train_mse": float(running if running is not None else float("nan")),
+            "valid_mse": _text_mse(texts, targets, valid, config.batch_size),
+        }
+        history.append(entry)
+        if progress:
+            tqdm.write(
+                f"feature-KD epoch {epoch + 1}: train MSE {entry['train_mse']:.5f}, "
+                f"valid MSE {entry['valid_mse']:.5f}"
+            )
+        if best_epoch < 0 or entry["valid_mse"] < history[best_epoch]["valid_mse"]:
+            best_epoch, stale = epoch, 0
+            torch.save(lm.state_dict(), checkpoint_dir / f".{FEATURE_KD_WEIGHTS}.tmp")
+            (checkpoint_dir / f".{FEATURE_KD_WEIGHTS}.tmp").replace(weights)  # atomic
+        else:
+            stale += 1
+    (checkpoint_dir / FEATURE_KD_HISTORY).write_text(
+        json.dumps({"best_epoch": best_epoch, "history": history}, indent=2)
+    )
+    lm.load_state_dict(torch.load(weights, weights_only=True))
+    lm.eval()
+    return FeatureStudent(lm, best_epoch, history, time.perf_counter() - started)
+
+
+def conversion_rate(student_metric: float, baseline_metric: float, teacher_metric: float) -> float | None:
+    """(student − E0) / (teacher − E0): the share of the teacher's gain the student keeps;
+    None when the teacher gains nothing (the ratio is undefined)."""
+    teacher_gain = teacher_metric - baseline_metric
+    if teacher_gain == 0 or not math.isfinite(teacher_gain) or not math.isfinite(student_metric):
+        return None
+    return (student_metric - baseline_metric) / teacher_gain
+
+
+def inference_rows_per_s(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 64) -> float:
+    """Encoder-only throughput (texts per second) of `encoder.encode` on these texts, after one
+    warm-up batch; measure teacher and student on the same texts, one after the other."""
+    if not texts:
+        raise UserError("inference throughput needs at least one text")
+    encoder.eval()
+    encoder.encode(list(texts[:batch_size]), batch_size=batch_size)
+    started = time.perf_counter()
+    encoder.encode(list(texts), batch_size=batch_size)
+    return len(texts) / (time.perf_counter() - started)

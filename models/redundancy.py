@@ -1,0 +1,380 @@
+"""How much of an NLP feature the CTR model already knows (the redundancy measures of DESIGN.md).
+
+A feature is one value per row (an LM's score, shape (n,)) or a vector (an embedding, (n, d)).
+Rows are aggregated, so every measure weights a row by its impressions: a row with 100
+impressions counts as 100 rows. Everything takes numpy arrays and `metrics.Labels`, so it can
+be checked without training anything; the caller trains E0 and E0 + feature and passes their
+outputs in.
+
+- standalone AUC: an impression-weighted logistic regression on the feature alone;
+- explained fraction: held-out R² of a ridge probe predicting the feature from E0's inputs
+  (`e0_design_matrix`) or from E0's penultimate representation (`e0_representation`);
+- linear CKA between the feature and E0's representation;
+- the E2 curve: standalone AUC against incremental gain across fine-tuning checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from nlpctr.models import metrics
+from nlpctr.models.ctr_net import CtrModel
+from nlpctr.models.data import Tensors
+from nlpctr.models.schema import SPLITS
+
+KINDS = ("frozen", "cascade_finetuned", "joint", "student")
+# Ridge penalties tried by the probes, for weights normalised to mean 1 (so alpha is in rows).
+ALPHAS = (1.0, 10.0, 100.0, 1000.0)
+VARIANCE_COVERED = 0.9  # an embedding is probed through the principal components covering this
+
+Matrix = np.ndarray | sp.spmatrix
+
+
+def subsample(rows: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """At most `max_rows` of `rows`, drawn without replacement (seeded), in their original order."""
+    rows = np.asarray(rows)
+    if len(rows) <= max_rows:
+        return rows
+    keep = np.random.default_rng(seed).choice(len(rows), size=max_rows, replace=False)
+    return rows[np.sort(keep)]
+
+
+def _as_matrix(feature: np.ndarray) -> np.ndarray:
+    """A score (n,) or an embedding (n, d) as an (n, d) float64 matrix."""
+    values = np.asarray(feature, dtype=np.float64)
+    return values[:, None] if values.ndim == 1 else values
+
+
+# ------------------------------------------------------------------------------- standalone AUC
+
+
+def standalone_auc(
+    train_feature: np.ndarray,
+    train_labels: metrics.Labels,
+    test_feature: np.ndarray,
+    test_labels: metrics.Labels,
+    seed: int = 0,
+) -> float:
+    """Test AUC of a logistic regression on the feature alone, fitted on the train rows.
+
+    Each aggregated row is a clicked sample weighted by its clicks and a non-clicked one weighted
+    by its non-clicks, which is the binomial likelihood of the row. For a score the fit is
+    monotone in it, so this is metrics.auc of the score, or of minus the score.
+    """
+    x = _as_matrix(train_feature)
+    clicks = train_labels.clicks.astype(np.float64)
+    non_clicks = train_labels.impressions.astype(np.float64) - clicks
+    samples = np.concatenate([x, x])
+    y = np.concatenate([np.ones(len(x)), np.zeros(len(x))])
+    weight = np.concatenate([clicks, non_clicks])
+    keep = weight > 0
+    samples, y, weight = samples[keep], y[keep], weight[keep] / weight[keep].mean()
+    if len(np.unique(y)) < 2:
+        raise ValueError("standalone_auc needs both clicks and non-clicks in the training rows")
+    scaler = StandardScaler().fit(samples, sample_weight=weight)
+    model = LogisticRegression(max_iter=1000, random_state=seed)
+    model.fit(scaler.transform(samples), y, sample_weight=weight)
+    logit = model.decision_function(scaler.transform(_as_matrix(test_feature)))
+    # metrics.auc clips predictions to (EPS, 1 - EPS); ranks in (0, 1) keep every distinction.
+    return metrics.auc(test_labels, rankdata(logit) / (len(logit) + 1))
+
+
+# ------------------------------------------------------------------------------- what E0 sees
+
+
+def e0_design_matrix(data: Tensors, rows: np.ndarray | torch.Tensor) -> sp.csr_matrix:
+    """E0's inputs for `rows` as a linear probe sees them: a one-hot block per categorical column
+    (index 0, unknown, has its own column) and the dense columns standardised on the training split.
+
+    Pass E0's own tensors (the dense block must not hold an LM's score). Matrices built from the
+    same `data` have the same columns, so train and test rows line up.
+    """
+    index = np.asarray(rows, dtype=np.int64)
+    categorical = data.categorical.numpy()
+    blocks = []
+    for column, size in enumerate(data.vocab_sizes):
+        codes = categorical[index, column]
+        blocks.append(
+            sp.csr_matrix((np.ones(len(index)), (np.arange(len(index)), codes)), shape=(len(index), size))
+        )
+    dense = data.dense.numpy().astype(np.float64)
+    train = dense[data.split == SPLITS[0]]
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    blocks.append(sp.csr_matrix((dense[index] - mean) / np.where(std > 0, std, 1.0)))
+    return sp.hstack(blocks, format="csr")
+
+
+def e0_representation(
+    model: CtrModel, data: Tensors, rows: np.ndarray | torch.Tensor, batch_size: int = 4096
+) -> np.ndarray:
+    """E0's penultimate vector (`CtrModel.penultimate`) for each of `rows`, in order."""
+    index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(index), batch_size):
+            batch = index[start : start + batch_size]
+            cascade = tuple(vectors[batch] for vectors in data.cascade)
+            out.append(model.penultimate(data.categorical[batch], data.dense[batch], cascade))
+    width = model.tower.mlp.out_dim
+    return torch.cat(out).numpy().astype(np.float64) if out else np.empty((0, width))
+
+
+# ------------------------------------------------------------------------------- probes
+
+
+def _principal_targets(
+    train: np.ndarray, test: np.ndarray, weights: np.ndarray, max_components: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test projected on the train rows' weighted principal axes (top ones only).
+
+    sklearn's PCA takes no sample weights, and the weighted covariance is d × d, so eigh does it.
+    Keeps the components covering VARIANCE_COVERED of the variance, at most `max_components`.
+    """
+    mean = np.average(train, axis=0, weights=weights)
+    centred = train - mean
+    covariance = (centred * weights[:, None]).T @ centred / weights.sum()
+    variances, axes = np.linalg.eigh(covariance)
+    order = np.argsort(variances)[::-1]
+    variances, axes = np.clip(variances[order], 0, None), axes[:, order]
+    covered = np.cumsum(variances) / max(variances.sum(), np.finfo(float).tiny)
+    k = min(max_components, int(np.searchsorted(covered, VARIANCE_COVERED)) + 1, len(variances))
+    return centred @ axes[:, :k], (test - mean) @ axes[:, :k]
+
+
+def _fit_ridge(x: Matrix, targets: np.ndarray, weights: np.ndarray, seed: int) -> Ridge:
+    """Ridge with its penalty chosen from ALPHAS on a seeded, weighted 25% hold-out of the rows.
+
+    Not RidgeCV: its leave-one-out path builds a dense n × n or p × p matrix (E0's one-hot inputs
+    have ~30k columns on Upworthy), and its cv= path scores without sample weights. lsqr works on
+    sparse and dense inputs alike. Penalties are tried from the largest down, stopping when the
+    held-out R² falls: a small penalty is the slow one for lsqr, and the curve is single-peaked.
+    """
+    fit_rows, held_rows = train_test_split(np.arange(len(targets)), test_size=0.25, random_state=seed)
+    best_alpha, best_score = None, -np.inf
+    for alpha in sorted(ALPHAS, reverse=True):
+        ridge = Ridge(alpha=alpha, solver="lsqr").fit(
+            x[fit_rows], targets[fit_rows], sample_weight=weights[fit_rows]
+        )
+        score = r2_score(
+            targets[held_rows],
+            ridge.predict(x[held_rows]),
+            sample_weight=weights[held_rows],
+            multioutput="variance_weighted",
+        )
+        if score <= best_score:
+            break
+        best_alpha, best_score = alpha, score
+    return Ridge(alpha=best_alpha, solver="lsqr").fit(x, targets, sample_weight=weights)
+
+
+def probe_r2(
+    x_train: Matrix,
+    feature_train: np.ndarray,
+    x_test: Matrix,
+    feature_test: np.ndarray,
+    weights_train: np.ndarray | None = None,
+    weights_test: np.ndarray | None = None,
+    max_components: int = 16,
+    seed: int = 0,
+) -> float:
+    """Held-out R² of a ridge probe predicting the feature from x (rows weighted, e.g. by impressions).
+
+    A score is predicted as it is; an embedding through its top principal components (fitted on
+    train), the R² weighted by each component's variance. The raw held-out R² is returned: it
+    is negative when the probe predicts worse than the weighted test mean. NaN for a feature
+    that is constant on the train rows.
+    """
+    y_train, y_test = _as_matrix(feature_train), _as_matrix(feature_test)
+    w_train = np.ones(len(y_train)) if weights_train is None else np.asarray(weights_train, dtype=np.float64)
+    w_train = w_train / w_train.mean()
+    if y_train.shape[1] > 1:
+        y_train, y_test = _principal_targets(y_train, y_test, w_train, max_components)
+    if np.allclose(y_train, y_train[0]):
+        return float("nan")
+    ridge = _fit_ridge(x_train, y_train, w_train, seed)
+    return float(
+        r2_score(y_test, ridge.predict(x_test), sample_weight=weights_test, multioutput="variance_weighted")
+    )
+
+
+def explained_fraction(
+    x_train: Matrix,
+    feature_train: np.ndarray,
+    x_test: Matrix,
+    feature_test: np.ndarray,
+    labels_train: metrics.Labels,
+    labels_test: metrics.Labels,
+    max_components: int = 16,
+    seed: int = 0,
+) -> float:
+    """The fraction of the feature that x already explains: `probe_r2` weighted by impressions."""
+    return probe_r2(
+        x_train,
+        feature_train,
+        x_test,
+        feature_test,
+        labels_train.impressions,
+        labels_test.impressions,
+        max_components,
+        seed,
+    )
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two representations of the same rows.
+
+    ||Yᵀ X||²_F / (||Xᵀ X||_F ||Yᵀ Y||_F) on column-centred matrices: O(n d²), never n × n.
+    With weights, a row counts `weight` times (weighted centring, rows scaled by √weight).
+    """
+    a, b = _as_matrix(x), _as_matrix(y)
+    w = np.ones(len(a)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    a = (a - w @ a) * np.sqrt(w)[:, None]
+    b = (b - w @ b) * np.sqrt(w)[:, None]
+    denominator = np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)
+    if denominator == 0:
+        return float("nan")
+    return float(np.linalg.norm(b.T @ a) ** 2 / denominator)
+
+
+# ------------------------------------------------------------------------------- one feature
+
+
+@dataclass(frozen=True)
+class FeatureRedundancy:
+    """Every redundancy measure of one NLP feature against E0 (one entry of results.json)."""
+
+    kind: str
+    standalone_auc: float
+    delta_auc: float | None
+    delta_auc_ci: list[float] | None
+    delta_rig: float | None
+    delta_rig_ci: list[float] | None
+    delta_gauc: float | None
+    delta_gauc_ci: list[float] | None
+    explained_fraction: float
+    explained_fraction_representation: float
+    cka: float
+    rows: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_feature(
+    kind: str,
+    feature_train: np.ndarray,
+    feature_test: np.ndarray,
+    labels_train: metrics.Labels,
+    labels_test: metrics.Labels,
+    e0_inputs_train: Matrix,
+    e0_inputs_test: Matrix,
+    e0_representation_train: np.ndarray,
+    e0_representation_test: np.ndarray,
+    delta: Mapping[str, Any],
+    max_rows: int = 20_000,
+    max_components: int = 16,
+    seed: int = 0,
+) -> FeatureRedundancy:
+    """All measures for one feature; arrays are aligned on the train rows and on the test rows.
+
+    `delta` is `experiment.paired_delta` of E0 + feature against E0 on the test rows. The
+    logistic fit and the probes use at most `max_rows` train rows, the probes and CKA at most
+    `max_rows` test rows (seeded draws); standalone AUC is scored on every test row.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    train = subsample(np.arange(len(labels_train.impressions)), max_rows, seed)
+    test = subsample(np.arange(len(labels_test.impressions)), max_rows, seed + 1)
+    feature_train, feature_test = np.asarray(feature_train), np.asarray(feature_test)
+    sub_train, sub_test = labels_train.subset(train), labels_test.subset(test)
+    scaler = StandardScaler().fit(e0_representation_train[train], sample_weight=sub_train.impressions)
+    representation_train = scaler.transform(e0_representation_train[train])
+    representation_test = scaler.transform(e0_representation_test[test])
+
+    def ci(key: str) -> list[float] | None:
+        value = delta.get(key)
+        return None if value is None else [float(v) for v in value]
+
+    def number(key: str) -> float | None:
+        value = delta.get(key)
+        return None if value is None else float(value)
+
+    return FeatureRedundancy(
+        kind=kind,
+        standalone_auc=standalone_auc(feature_train[train], sub_train, feature_test, labels_test, seed),
+        delta_auc=number("delta_auc"),
+        delta_auc_ci=ci("delta_auc_ci"),
+        delta_rig=number("delta_rig"),
+        delta_rig_ci=ci("delta_rig_ci"),
+        delta_gauc=number("delta_gauc"),
+        delta_gauc_ci=ci("delta_gauc_ci"),
+        explained_fraction=explained_fraction(
+            e0_inputs_train[train],
+            feature_train[train],
+            e0_inputs_test[test],
+            feature_test[test],
+            sub_train,
+            sub_test,
+            max_components,
+            seed,
+        ),
+        explained_fraction_representation=explained_fraction(
+            representation_train,
+            feature_train[train],
+            representation_test,
+            feature_test[test],
+            sub_train,
+            sub_test,
+            max_components,
+            seed,
+        ),
+        cka=linear_cka(feature_test[test], e0_representation_test[test], sub_test.impressions),
+        rows={"train": len(train), "test": len(test), "test_standalone_auc": len(labels_test.impressions)},
+    )
+
+
+# ------------------------------------------------------------------------------- the E2 curve
+
+
+def e2_curve(checkpoints: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Standalone AUC against incremental gain across E2's checkpoints.
+
+    Each checkpoint is {checkpoint, standalone_auc, delta_auc, delta_rig, [chosen]}. `chosen`
+    defaults to the peak standalone AUC checkpoint (E2's early-stopping rule); pass it when the
+    trainer chose on another split. Answers whether the peak-AUC checkpoint gives the best
+    incremental ΔAUC (and the best ΔRIG); ties go to the earliest checkpoint.
+    """
+    if not checkpoints:
+        raise ValueError("e2_curve needs at least one checkpoint")
+    names = [point["checkpoint"] for point in checkpoints]
+
+    def best(key: str) -> Any:
+        return names[int(np.nanargmax([float(point[key]) for point in checkpoints]))]
+
+    peak = best("standalone_auc")
+    has_chosen = any("chosen" in point for point in checkpoints)
+    points = [
+        {**point, "chosen": bool(point.get("chosen")) if has_chosen else point["checkpoint"] == peak}
+        for point in checkpoints
+    ]
+    return {
+        "points": points,
+        "peak_auc_checkpoint": peak,
+        "best_delta_auc_checkpoint": best("delta_auc"),
+        "best_delta_rig_checkpoint": best("delta_rig"),
+        "peak_auc_is_best_feature": peak == best("delta_auc"),
+        "peak_auc_is_best_by_rig": peak == best("delta_rig"),
+    }

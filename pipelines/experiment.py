@@ -1,0 +1,607 @@
+"""The whole experiment protocol in one command (DESIGN.md, "Experiment protocol").
+
+    nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--no-progress]
+    nlpctr experiment --dataset simulated [--rho 0,0.5,1] [--rows N] [--quick] --out DIR
+
+prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
+materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint per fusion (each
+`nlpctr train`, through Feast) -> E4 distillation (SuKD, feature-KD, no-KD per student depth) ->
+redundancy of every NLP feature. Writes `DIR/results.json`, `DIR/report.md` and PNG plots; data
+under `DIR/data/`, runs under `DIR/runs/`. Sizes come from `models/configs/experiment.yaml`
+(`--quick`: its `quick:` section, a small LM and few steps).
+
+`--dataset simulated` runs the redundancy sweep instead: for each rho a simulated log
+(`nlpctr data simulate`), the protocol without E4, then the trend of each measure against rho,
+which must follow the known redundancy (`DIR/rho-<r>/` per value, the sweep in `DIR/results.json`).
+
+Redundancy increments (E0 + one feature) are trained in memory on the cascade-frozen training
+frame, the LM features joined on their (query_text_id, ad_text_id) key: each LM feature has one
+row per key, stamped at the key's first impression, so this join gives what Feast's
+point-in-time join gives (E2's chosen checkpoint, trained both ways, is checked to agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from scipy import stats
+
+from nlpctr.errors import UserError
+from nlpctr.features import store as feature_store
+from nlpctr.features.definitions import CASCADE_FROZEN, LM_FEATURES_DIR, lm_feature_slug, read_manifest
+from nlpctr.models import distill, experiment, redundancy, report
+from nlpctr.models.data import FeatureColumns
+from nlpctr.models.trainer import TextBatcher, labels_of, pair_text, predict
+from nlpctr.pipelines import train
+from nlpctr.pipelines.cli import resolve
+
+PROTOCOL = Path(__file__).resolve().parents[1] / "models" / "configs" / "experiment.yaml"
+SIMULATED = "simulated"
+BASELINE_RUN = "baseline"
+KEYS = ["query_text_id", "ad_text_id"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nlpctr experiment", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help=f"bundled dataset, spec YAML, or {SIMULATED!r}")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--quick", action="store_true", help="small LM, few steps (minutes on a laptop)")
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed")
+    parser.add_argument("--config", type=Path, default=None, help="YAML merged over the protocol sizes")
+    parser.add_argument("--rho", default=None, help="simulated: comma-separated redundancy values")
+    parser.add_argument("--rows", type=int, default=None, help="simulated: impressions per log")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def load_protocol(quick: bool, config_file: Path | None) -> dict[str, Any]:
+    """experiment.yaml, its `quick:` section when asked, then `--config`."""
+    protocol = yaml.safe_load(PROTOCOL.read_text())
+    quick_section = protocol.pop("quick")
+    if quick:
+        protocol = experiment.deep_merge(protocol, quick_section)
+    if config_file is not None:
+        if not config_file.is_file():
+            raise UserError(f"--config {config_file} does not exist")
+        protocol = experiment.deep_merge(protocol, yaml.safe_load(config_file.read_text()) or {})
+    students = [int(k) for k in protocol["distill"]["students"]]
+    if students and max(students) > int(protocol["lm_layers"]):
+        raise UserError(
+            f"students of {max(students)} layers need a teacher of at least as many; lm_layers is "
+            f"{protocol['lm_layers']}"
+        )
+    if students and protocol["distill"]["teacher_fusion"] not in protocol["fusions"]:
+        raise UserError(f"distill.teacher_fusion must be one of fusions {protocol['fusions']}")
+    return protocol
+
+
+def command(argv: Sequence[str]) -> dict[str, Any]:
+    """Run an `nlpctr` command in this process (Beam, Feast and torch load once)."""
+    job, rest = resolve(list(argv))
+    return job(rest)
+
+
+# ------------------------------------------------------------------------------- features
+
+
+@dataclass
+class NlpFeature:
+    """One NLP feature on every row of the base frame (rows in impression_id order).
+
+    `measured` is what the redundancy probes look at (a score, or a vector); `cascade` and
+    `score` are what joins E0 when the feature's increment is trained.
+    """
+
+    name: str
+    kind: str  # frozen | cascade_finetuned | joint | student
+    measured: np.ndarray
+    cascade: np.ndarray | None = None
+    score: np.ndarray | None = None
+
+
+def pair_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """The (query_text_id, ad_text_id) key LM features are stored under; no query -> ''."""
+    query = frame["query_text_id"] if "query_text_id" in frame else pd.Series("", index=frame.index)
+    return pd.DataFrame({"query_text_id": query.fillna("").astype(str), "ad_text_id": frame["ad_text_id"]})
+
+
+def join_pair_table(frame: pd.DataFrame, table: pd.DataFrame, column: str) -> np.ndarray:
+    """`table[column]` (keyed by KEYS) for every row of `frame`, in order; a missing key is an error."""
+    keys = pair_keys(frame)
+    if "query_text_id" not in table:
+        table = table.assign(query_text_id="")
+    joined = keys.merge(table[[*KEYS, column]], on=KEYS, how="left", validate="many_to_one")
+    if joined[column].isna().any():
+        raise RuntimeError(f"{column}: {int(joined[column].isna().sum())} rows have no LM feature")
+    values = joined[column].to_numpy()
+    return np.stack(values).astype(np.float32) if values.dtype == object else values.astype(np.float32)
+
+
+def lm_feature_table(data_dir: Path, run: str, epoch_folder: str) -> pd.DataFrame:
+    folder = data_dir / LM_FEATURES_DIR / lm_feature_slug(run) / epoch_folder
+    return pd.read_parquet(folder)
+
+
+def frozen_vectors(frame: pd.DataFrame) -> np.ndarray:
+    """E1's text input: the ad's and (when there is one) the query's frozen vectors, side by side."""
+    columns = sorted(c for c in frame.columns if c.endswith("__embedding"))
+    parts = []
+    for column in columns:
+        present = frame[column].dropna()
+        dim = len(present.iloc[0])
+        parts.append(
+            np.stack(
+                [np.zeros(dim, np.float32) if v is None else np.asarray(v, np.float32) for v in frame[column]]
+            )
+        )
+    return np.concatenate(parts, axis=1)
+
+
+# ------------------------------------------------------------------------------- the protocol
+
+
+class Experiment:
+    """One dataset through the protocol; each step records its wall time in `timings`."""
+
+    def __init__(self, args: argparse.Namespace, protocol: dict[str, Any], out: Path) -> None:
+        self.args, self.protocol, self.out = args, protocol, out
+        self.data_dir = out / "data"
+        self.runs_dir = out / "runs"
+        self.seed = int(args.seed)
+        self.progress = not args.no_progress
+        self.timings: dict[str, float] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.train_config_file = out / "train_config.yaml"
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        print(f"[experiment] {name} ...", flush=True)
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 2)
+        print(f"[experiment] {name}: {self.timings[name]:.1f} s", flush=True)
+
+    # -------------------------------------------------------------------- data and features
+
+    def prepare(self, dataset: str) -> None:
+        with self.stage("prepare"):
+            command(
+                [
+                    "data",
+                    "prepare",
+                    "--dataset",
+                    dataset,
+                    "--out",
+                    str(self.data_dir),
+                    "--seed",
+                    str(self.seed),
+                ]
+            )
+        with self.stage("ctr_stats"):
+            command(["ctr-stats", "--data", str(self.data_dir)])
+        with self.stage("embed"):
+            command(["embed", "--data", str(self.data_dir), "--layers", str(self.protocol["embed_layers"])])
+        with self.stage("feast_apply_materialize"):
+            command(["features", "apply", "--data", str(self.data_dir)])
+            command(["features", "materialize", "--data", str(self.data_dir)])
+        self.manifest = read_manifest(self.data_dir)
+
+    # -------------------------------------------------------------------- E0-E3
+
+    def train(self, run: str, mode: str, fusion: str | None = None) -> dict[str, Any]:
+        argv = ["--mode", mode, "--data", str(self.data_dir), "--run", run, "--runs-dir", str(self.runs_dir)]
+        argv += ["--config", str(self.train_config_file), "--seed", str(self.seed)]
+        if fusion:
+            argv += ["--fusion", fusion]
+        if mode in ("cascade-finetuned", "joint"):
+            argv += ["--layers", str(self.protocol["lm_layers"])]
+        if not self.progress:
+            argv.append("--no-progress")
+        with self.stage(f"train_{run}"):
+            results = train.run(argv)
+        print(results["summary"], flush=True)
+        return results
+
+    def train_runs(self) -> None:
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.train_config_file.write_text(yaml.safe_dump(self.protocol["train_config"], sort_keys=True))
+        self.trained = {BASELINE_RUN: self.train(BASELINE_RUN, "baseline")}
+        self.trained["cascade_frozen"] = self.train("cascade_frozen", "cascade-frozen")
+        self.trained["cascade_finetuned"] = self.train("cascade_finetuned", "cascade-finetuned")
+        for fusion in self.protocol["fusions"]:
+            self.trained[f"joint_{fusion}"] = self.train(f"joint_{fusion}", "joint", fusion)
+        self.load_test_set()
+        for name, results in self.trained.items():
+            self.runs[name] = self.run_entry(name, results)
+
+    def load_test_set(self) -> None:
+        """The frame every analysis shares: cascade-frozen's training frame (a superset of E0's)."""
+        with self.stage("training_frame"):
+            self.frame = feature_store.training_frame(self.data_dir, CASCADE_FROZEN)
+        self.frame = self.frame.sort_values("impression_id", kind="stable").reset_index(drop=True)
+        self.e0 = experiment.TrainedRun.load(self.runs_dir / BASELINE_RUN)
+        self.data = self.e0.pre.tensorize(self.frame)
+        self.test_rows = self.data.rows("test")
+        self.train_rows = self.data.rows("train")
+        self.test_labels = labels_of(self.data, self.test_rows)
+        self.train_ctr = float(self.e0.spec["train_ctr"])
+        self.evaluation = self.e0.spec["config"]["evaluation"]
+        self.e0_p = self.saved_predictions(BASELINE_RUN)
+
+    def saved_predictions(self, run: str) -> np.ndarray:
+        saved = pd.read_parquet(self.runs_dir / run / experiment.PREDICTIONS_FILE).set_index("impression_id")
+        p = saved["p"].reindex(self.data.impression_id[self.test_rows.numpy()]).to_numpy()
+        if np.isnan(p).any():
+            raise RuntimeError(f"run {run} did not predict every test row")
+        return p
+
+    def report_of(self, p: np.ndarray) -> dict[str, Any]:
+        """Test metrics of predictions `p` and their paired delta over E0's."""
+        entry = experiment.metric_report(self.test_labels, p, self.train_ctr, self.evaluation)
+        delta = experiment.paired_delta(self.test_labels, p, self.e0_p, self.train_ctr, self.evaluation)
+        entry["delta_auc_vs_baseline"] = delta["delta_auc"]
+        entry["delta_rig_vs_baseline"] = delta["delta_rig"]
+        entry.update({k: v for k, v in delta.items() if k not in ("delta_auc", "delta_rig")})
+        return entry
+
+    def run_entry(self, name: str, results: dict[str, Any]) -> dict[str, Any]:
+        if name == BASELINE_RUN:
+            entry = experiment.metric_report(self.test_labels, self.e0_p, self.train_ctr, self.evaluation)
+            entry.update(dict.fromkeys(["delta_auc_vs_baseline", "delta_auc_ci", "delta_rig_vs_baseline"]))
+            entry.update(dict.fromkeys(["delta_rig_ci", "delta_gauc", "delta_gauc_ci", "significant"]))
+        else:
+            entry = self.report_of(self.saved_predictions(name))
+        entry.update(
+            mode=results["mode"],
+            fusion=results["fusion"],
+            layers=results["layers"],
+            epochs=results["epochs"],
+            best_epoch=results["best_epoch"],
+            wall_seconds=results["wall_seconds"],
+            train_rows_per_s=results["train_rows_per_s"],
+        )
+        return entry
+
+    # -------------------------------------------------------------------- features and increments
+
+    def feature_of_lm(self, run: str, epoch_folder: str, kind: str, name: str) -> NlpFeature:
+        table = lm_feature_table(self.data_dir, run, epoch_folder)
+        columns = [c for c in ("lm_score", "supplementary", "lm_embedding") if c in table]
+        values = {c: join_pair_table(self.frame, table, c) for c in columns}
+        if "lm_embedding" in values and "lm_score" in values:  # E2: the score is its output
+            return NlpFeature(name, kind, values["lm_score"], values["lm_embedding"], values["lm_score"])
+        if "lm_score" in values:
+            return NlpFeature(name, kind, values["lm_score"], score=values["lm_score"])
+        return NlpFeature(name, kind, values["supplementary"], cascade=values["supplementary"])
+
+    def fit_increment(self, feature: NlpFeature) -> np.ndarray:
+        """Test predictions of E0 + the feature, trained like E0 (same config, seed and rows)."""
+        frame = self.frame.copy()
+        cascade, scores = [], []
+        if feature.cascade is not None:
+            frame["nlp_feature__vector"] = list(feature.cascade)
+            cascade.append("nlp_feature__vector")
+        if feature.score is not None:
+            frame["nlp_feature__score"] = feature.score
+            scores.append("nlp_feature__score")
+        columns = FeatureColumns.for_manifest(self.manifest, cascade=cascade, scores=scores)
+        config = experiment.load_config("baseline", self.train_config_file, {"loop": {"seed": self.seed}})
+        checkpoints = self.runs_dir / "_increments" / feature.name
+        shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another feature's weights
+        _, data, model, _, _ = train.fit_ctr(
+            frame, columns, self.manifest, config, self.e0.pre.fill_ctr, checkpoints, None, False
+        )
+        return predict(model, data, data.rows("test"), None)
+
+    def measure(self, feature: NlpFeature, increment: np.ndarray) -> dict[str, Any]:
+        """Standalone AUC, incremental gain (E0 + feature vs E0), explained fraction and CKA."""
+        if not hasattr(self, "e0_inputs"):  # E0's side of every probe, computed once
+            rows = (self.train_rows, self.test_rows)
+            self.e0_inputs = [redundancy.e0_design_matrix(self.data, r) for r in rows]
+            self.e0_repr = [redundancy.e0_representation(self.e0.model, self.data, r) for r in rows]
+        delta = experiment.paired_delta(
+            self.test_labels, increment, self.e0_p, self.train_ctr, self.evaluation
+        )
+        measured = redundancy.measure_feature(
+            feature.kind,
+            feature.measured[self.train_rows.numpy()],
+            feature.measured[self.test_rows.numpy()],
+            labels_of(self.data, self.train_rows),
+            self.test_labels,
+            *self.e0_inputs,
+            *self.e0_repr,
+            delta,
+            max_rows=int(self.protocol["redundancy"]["max_rows"]),
+            max_components=int(self.protocol["redundancy"]["max_components"]),
+            seed=self.seed,
+        ).to_dict()
+        measured["significant"] = delta["significant"]
+        measured["dim"] = int(feature.measured.shape[1]) if feature.measured.ndim == 2 else 1
+        return measured
+
+    def redundancy(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every NLP feature's measures, and E2's standalone-vs-gain curve over its checkpoints."""
+        measures: dict[str, Any] = {}
+        with self.stage("redundancy_frozen"):
+            frozen = NlpFeature("frozen", "frozen", frozen_vectors(self.frame))
+            measures["frozen"] = self.measure(frozen, self.saved_predictions("cascade_frozen"))
+        e2 = self.trained["cascade_finetuned"]["lm"]
+        points = []
+        with self.stage("redundancy_cascade_finetuned"):
+            for folder in sorted(e2["features"], key=lambda f: int(f.split("-")[1])):
+                name = f"cascade_finetuned@{folder}"
+                feature = self.feature_of_lm("cascade_finetuned", folder, "cascade_finetuned", name)
+                increment = self.fit_increment(feature)
+                if folder == e2["chosen"]:
+                    through_feast = self.saved_predictions("cascade_finetuned")
+                    self.feast_agreement = float(np.max(np.abs(increment - through_feast)))
+                measures[name] = self.measure(feature, increment)
+                points.append(
+                    {
+                        "checkpoint": folder,
+                        "standalone_auc": measures[name]["standalone_auc"],
+                        "delta_auc": measures[name]["delta_auc"],
+                        "delta_rig": measures[name]["delta_rig"],
+                        "chosen": folder == e2["chosen"],
+                        "valid_auc_standalone": next(
+                            h["valid_auc"] for h in e2["history"] if f"epoch-{int(h['epoch'])}" == folder
+                        ),
+                    }
+                )
+        for fusion in self.protocol["fusions"]:
+            run = f"joint_{fusion}"
+            with self.stage(f"redundancy_{run}"):
+                folder = f"epoch-{self.trained[run]['best_epoch']}"
+                feature = self.feature_of_lm(run, folder, "joint", run)
+                measures[run] = self.measure(feature, self.fit_increment(feature))
+        return measures, redundancy.e2_curve(points)
+
+    # -------------------------------------------------------------------- E4
+
+    def distillation(self, measures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """SuKD, No-KD and feature-KD students of the teacher (the LM of E3 `teacher_fusion`).
+
+        Every student's output is also measured as an NLP feature (into `measures`).
+        """
+        settings = self.protocol["distill"]
+        teacher_run = f"joint_{settings['teacher_fusion']}"
+        teacher = experiment.TrainedRun.load(self.runs_dir / teacher_run)
+        assert teacher.lm is not None
+        data = teacher.pre.tensorize(self.frame)
+        test = data.rows("test")
+        teacher_entry = self.runs[teacher_run]
+        joint_loop = experiment.loop_config({"loop": {**settings["loop"], "seed": self.seed}})
+        text_loop = experiment.loop_config({"loop": {**settings["feature_kd"], "seed": self.seed}})
+        targets = distill.supplementary_outputs(teacher.model, teacher.lm, data)
+        teacher_vectors = distill.pooled_vectors(teacher.lm, data)
+        sample = [pair_text(q, a) for q, a in data.texts[: int(settings["throughput_texts"])]]
+        rows_of_text = data.text_index.numpy()
+        out: dict[str, Any] = {}
+        speeds: dict[int, tuple[float, float]] = {}
+        for layers in (int(k) for k in settings["students"]):
+            for method in ("sukd", "nokd", "featurekd"):
+                key = f"{method}_L{layers}"
+                folder = self.runs_dir / "_students" / key
+                shutil.rmtree(folder, ignore_errors=True)  # a student never resumes another's weights
+                with self.stage(f"distill_{key}"):
+                    if method == "featurekd":
+                        student = distill.fit_feature_kd(
+                            teacher.lm, data, layers, text_loop, folder, teacher_vectors, self.progress
+                        )
+                        vectors = distill.pooled_vectors(student.lm, data).numpy()[rows_of_text]
+                        feature = NlpFeature(key, "student", vectors, cascade=vectors)
+                        p = increment = self.fit_increment(feature)  # a cascade feature: E0 + it
+                        lm = student.lm
+                    else:
+                        weight = float(settings["weight"]) if method == "sukd" else 0.0
+                        joint = distill.fit_joint_student(
+                            teacher.model,
+                            teacher.lm,
+                            data,
+                            layers,
+                            weight,
+                            joint_loop,
+                            folder,
+                            targets,
+                            self.progress,
+                        )
+                        p = predict(joint.model, data, test, TextBatcher.for_data(joint.lm, data))
+                        output = distill.supplementary_outputs(joint.model, joint.lm, data).numpy()[
+                            rows_of_text
+                        ]
+                        feature = (
+                            NlpFeature(key, "student", output, score=output)
+                            if output.ndim == 1
+                            else NlpFeature(key, "student", output, cascade=output)
+                        )
+                        increment = self.fit_increment(feature)
+                        lm = joint.lm
+                    measures[key] = self.measure(feature, increment)
+                    if layers not in speeds:  # timed side by side, on the same texts
+                        speeds[layers] = (
+                            distill.inference_rows_per_s(lm, sample),
+                            distill.inference_rows_per_s(teacher.lm, sample),
+                        )
+                    out[key] = self.student_entry(method, layers, p, teacher_entry)
+                    out[key]["rows_per_s"], out[key]["teacher_rows_per_s"] = speeds[layers]
+        teacher_info = {
+            "run": teacher_run,
+            "fusion": settings["teacher_fusion"],
+            "layers": int(self.protocol["lm_layers"]),
+            "auc": teacher_entry["auc"],
+            "rig": teacher_entry["rig"],
+            "gauc": teacher_entry["gauc"],
+        }
+        return out, teacher_info
+
+    def student_entry(
+        self, method: str, layers: int, p: np.ndarray, teacher: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        entry = self.report_of(p)
+        base = self.runs[BASELINE_RUN]
+        return {
+            "method": method,
+            "layers": layers,
+            "auc": entry["auc"],
+            "auc_ci": entry["auc_ci"],
+            "rig": entry["rig"],
+            "gauc": entry["gauc"],
+            "logloss": entry["logloss"],
+            "delta_auc": entry["delta_auc_vs_baseline"],
+            "delta_auc_ci": entry["delta_auc_ci"],
+            "delta_rig": entry["delta_rig_vs_baseline"],
+            "delta_rig_ci": entry["delta_rig_ci"],
+            "conversion_auc": distill.conversion_rate(entry["auc"], base["auc"], teacher["auc"]),
+            "conversion_rig": distill.conversion_rate(entry["rig"], base["rig"], teacher["rig"]),
+        }
+
+    def results(self, dataset: str, started: float, **sections: Any) -> dict[str, Any]:
+        return {
+            "dataset": self.manifest["dataset"],
+            "source": dataset,
+            "seed": self.seed,
+            "split": self.manifest["split"]["mode"],
+            "quick": bool(self.args.quick),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "timings": self.timings,
+            "runs": self.runs,
+            **sections,
+            "protocol": self.protocol,
+            "provenance": {
+                "dataset": self.manifest["dataset"],
+                "spec_hash": self.manifest.get("spec_hash"),
+                "split_mode": self.manifest["split"]["mode"],
+                "split_seed": self.manifest["split"]["seed"],
+                "frozen_encoder": train.frozen_encoder_version(self.data_dir, self.frame),
+                "lm_encoder": self.trained[f"joint_{self.protocol['fusions'][0]}"]["provenance"][
+                    "encoder_version"
+                ],
+                "code_version": train.code_version(),
+                "torch": torch.__version__,
+                "data_dir": str(self.data_dir),
+                "runs_dir": str(self.runs_dir),
+                "e2_feast_vs_in_memory_max_abs_diff": getattr(self, "feast_agreement", None),
+            },
+        }
+
+
+def run_protocol(
+    args: argparse.Namespace, protocol: dict[str, Any], dataset: str, out: Path
+) -> dict[str, Any]:
+    """One dataset: prepare, E0-E3, redundancy, and E4 when the protocol asks for it."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    exp = Experiment(args, protocol, out)
+    exp.prepare(dataset)
+    exp.train_runs()
+    measures, curve = exp.redundancy()
+    sections: dict[str, Any] = {"redundancy": measures, "e2_curve": curve}
+    if protocol["distill"]["students"]:
+        sections["distillation"], sections["teacher"] = exp.distillation(measures)
+    results = exp.results(dataset, started, **sections)
+    write_results(results, out)
+    return results
+
+
+def write_results(results: dict[str, Any], out: Path) -> list[Path]:
+    """results.json (written to a temporary name, then renamed), report.md and the plots."""
+    staged = out / ".results.json.tmp"
+    staged.write_text(json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
+    staged.replace(out / "results.json")
+    return report.write_report(results, out)
+
+
+# ------------------------------------------------------------------------------- the simulator sweep
+
+
+def sweep_trends(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
+    """How each measure moves as rho rises: Spearman rho, and whether it is monotone."""
+    rhos = sorted(per_rho)
+    trends: dict[str, Any] = {}
+    for measure in ("explained_fraction", "explained_fraction_representation", "delta_auc", "delta_rig"):
+        for feature in per_rho[rhos[0]]["redundancy"]:
+            values = [per_rho[r]["redundancy"][feature][measure] for r in rhos]
+            trends[f"{feature}:{measure}"] = {
+                "values": values,
+                "spearman": float(stats.spearmanr(rhos, values).statistic),
+                "rises": bool(all(b >= a for a, b in itertools.pairwise(values))),
+                "falls": bool(all(b <= a for a, b in itertools.pairwise(values))),
+            }
+    return trends
+
+
+def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, Any]:
+    """The protocol (without E4) on a simulated log per rho, and the trends against rho."""
+    started = time.perf_counter()
+    settings = protocol["simulator"]
+    rhos = [float(r) for r in args.rho.split(",")] if args.rho else [float(r) for r in settings["rho"]]
+    rows = int(args.rows or settings["rows"])
+    if not settings.get("distill", False):
+        protocol = experiment.deep_merge(protocol, {"distill": {"students": []}})
+    per_rho: dict[float, dict[str, Any]] = {}
+    for rho in rhos:
+        out = args.out / f"rho-{rho:g}"
+        log = out / "log" / "log.parquet"
+        simulate = ["data", "simulate", "--rows", str(rows), "--rho", str(rho), "--seed", str(args.seed)]
+        simulate += ["--text-strength", str(settings["text_strength"]), "--out", str(log)]
+        command(simulate + (["--no-progress"] if args.no_progress else []))
+        per_rho[rho] = run_protocol(args, protocol, str(log.with_name("log.spec.yaml")), out)
+    results = {
+        "dataset": SIMULATED,
+        "seed": int(args.seed),
+        "quick": bool(args.quick),
+        "rows": rows,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "simulator": {
+            "rho": rhos,
+            "per_rho": {
+                f"{r:g}": {"redundancy": per_rho[r]["redundancy"], "runs": per_rho[r]["runs"]} for r in rhos
+            },
+            "trends": sweep_trends(per_rho),
+        },
+        "protocol": protocol,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_results(results, args.out)
+    return results
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """`nlpctr experiment`; returns the results with a one-line `summary`."""
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    protocol = load_protocol(args.quick, args.config)
+    if args.dataset == SIMULATED:
+        results = run_sweep(args, protocol)
+        trends = results["simulator"]["trends"]
+        shown = ", ".join(f"{k} {v['spearman']:+.2f}" for k, v in trends.items() if k.endswith(":delta_auc"))
+        results["summary"] = (
+            f"experiment simulated: {len(results['simulator']['rho'])} rho values x {results['rows']} rows; "
+            f"Spearman vs rho of ΔAUC: {shown}; {results['wall_seconds']:.0f} s -> {args.out}/results.json"
+        )
+        return results
+    if args.rho or args.rows:
+        raise UserError(f"--rho and --rows go with --dataset {SIMULATED}")
+    results = run_protocol(args, protocol, args.dataset, args.out)
+    runs = results["runs"]
+    best = max((k for k in runs if k != BASELINE_RUN), key=lambda k: runs[k]["auc"])
+    results["summary"] = (
+        f"experiment {results['dataset']}: E0 AUC {runs[BASELINE_RUN]['auc']:.4f}; best {best} "
+        f"{runs[best]['auc']:.4f} (ΔAUC {runs[best]['delta_auc_vs_baseline']:+.4f}); "
+        f"{len(results['redundancy'])} features measured, {len(results.get('distillation', {}))} students; "
+        f"{results['wall_seconds']:.0f} s -> {args.out}/report.md"
+    )
+    return results

@@ -1,0 +1,148 @@
+"""`nlpctr experiment`: the whole protocol on a small simulated log, and the redundancy sweep.
+
+Both use a 1-layer LM and a few hundred training steps; sizes are in the YAML written here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nlpctr.errors import UserError
+from nlpctr.pipelines import experiment
+
+TINY = {
+    "embed_layers": 1,
+    "lm_layers": 1,
+    "fusions": ["score", "concat"],
+    "train_config": {
+        "net": {"hidden": [32, 16]},
+        "loop": {"epochs": 4, "patience": 1},
+        "lm_loop": {"epochs": 2, "max_batches_per_epoch": 25},
+        "encoder": {"max_length": 24},
+        "evaluation": {"bootstrap_rounds": 50},
+        "modes": {"joint": {"loop": {"epochs": 1, "max_batches_per_epoch": 30}}},
+    },
+    "distill": {
+        "teacher_fusion": "score",
+        "students": [1],
+        "loop": {"epochs": 1, "max_batches_per_epoch": 20},
+        "feature_kd": {"epochs": 1, "max_batches_per_epoch": 20},
+        "throughput_texts": 64,
+    },
+    "redundancy": {"max_rows": 2000},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> dict:
+    root = tmp_path_factory.mktemp("experiment")
+    log = root / "log" / "log.parquet"
+    experiment.command(
+        ["data", "simulate", "--rows", "4000", "--rho", "0.3", "--out", str(log), "--no-progress"]
+    )
+    out = root / "out"
+    spec = str(log.with_name("log.spec.yaml"))
+    experiment.run(
+        ["--dataset", spec, "--quick", "--config", str(tiny_config), "--out", str(out), "--no-progress"]
+    )
+    return {"out": out, "results": json.loads((out / "results.json").read_text())}
+
+
+def test_results_follow_the_documented_schema(protocol_run: dict) -> None:
+    results = protocol_run["results"]
+    assert {"dataset", "seed", "split", "runs", "redundancy", "distillation", "provenance"} <= set(results)
+    assert set(results["runs"]) == {
+        "baseline",
+        "cascade_frozen",
+        "cascade_finetuned",
+        "joint_score",
+        "joint_concat",
+    }
+    for name, run in results["runs"].items():
+        assert 0.0 < run["auc"] < 1.0 and run["auc_ci"][0] <= run["auc"] <= run["auc_ci"][1]
+        if name != "baseline":
+            assert run["delta_auc_ci"][0] <= run["delta_auc_vs_baseline"] <= run["delta_auc_ci"][1]
+    assert set(results["distillation"]) == {"sukd_L1", "nokd_L1", "featurekd_L1"}
+    for entry in results["distillation"].values():
+        assert entry["rows_per_s"] > 0 and entry["teacher_rows_per_s"] > 0
+        base, teacher = results["runs"]["baseline"]["auc"], results["teacher"]["auc"]
+        expected = (entry["auc"] - base) / (teacher - base)
+        assert entry["conversion_auc"] == pytest.approx(expected)
+
+
+def test_every_nlp_feature_is_measured(protocol_run: dict) -> None:
+    redundancy = protocol_run["results"]["redundancy"]
+    kinds = {name: entry["kind"] for name, entry in redundancy.items()}
+    assert kinds["frozen"] == "frozen"
+    assert {"joint_score", "joint_concat"} <= {k for k, v in kinds.items() if v == "joint"}
+    assert sum(v == "cascade_finetuned" for v in kinds.values()) == 2  # one per E2 checkpoint
+    assert {"sukd_L1", "nokd_L1", "featurekd_L1"} == {k for k, v in kinds.items() if v == "student"}
+    for entry in redundancy.values():
+        assert 0.0 <= entry["standalone_auc"] <= 1.0
+        assert entry["cka"] == pytest.approx(entry["cka"]) and 0.0 <= entry["cka"] <= 1.0 + 1e-9
+        assert entry["explained_fraction"] <= 1.0
+    curve = protocol_run["results"]["e2_curve"]
+    assert sum(point["chosen"] for point in curve["points"]) == 1
+
+
+def test_in_memory_increment_equals_the_feast_trained_run(protocol_run: dict) -> None:
+    # E2's chosen checkpoint trained through Feast (`nlpctr train`) and in memory: same model.
+    assert protocol_run["results"]["provenance"]["e2_feast_vs_in_memory_max_abs_diff"] < 1e-6
+
+
+def test_report_and_plots_are_written(protocol_run: dict) -> None:
+    out = protocol_run["out"]
+    report = (out / "report.md").read_text()
+    assert "sukd_L1" in report and "joint_concat" in report
+    plots = sorted(out.glob("*.png"))
+    assert len(plots) >= 5
+    for plot in plots:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert plot.name in report
+
+
+def test_students_deeper_than_the_teacher_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"lm_layers": 1, "distill": {"students": [1, 2]}}))
+    with pytest.raises(UserError, match="students of 2 layers"):
+        experiment.load_protocol(quick=True, config_file=config)
+
+
+def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
+    """As rho (the share of the text effect the ad ID knows) rises, the cascade-finetuned
+    feature is more explained by E0's inputs, and it adds less over E0."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**TINY, **SWEEP}))
+    out = tmp_path / "sweep"
+    results = experiment.run(
+        ["--dataset", "simulated", "--rho", "0,0.5,1", "--quick", "--config", str(config), "--out", str(out)]
+    )
+    trends = results["simulator"]["trends"]
+    feature = next(k.split(":")[0] for k in trends if k.startswith("cascade_finetuned@"))
+    explained = trends[f"{feature}:explained_fraction"]
+    gain = trends[f"{feature}:delta_auc"]
+    assert explained["rises"], explained["values"]
+    assert gain["falls"], gain["values"]
+    assert (out / "simulator.png").is_file()
+
+
+SWEEP = {
+    "fusions": ["concat"],
+    "distill": {**TINY["distill"], "students": []},
+    "simulator": {"rows": 6000, "text_strength": 1.5, "distill": False},
+    "train_config": {
+        **TINY["train_config"],
+        "lm_loop": {"epochs": 1, "max_batches_per_epoch": 60},
+    },
+}

