@@ -3,9 +3,12 @@ manifests are well-formed and agree with each other and with the pins (no cluste
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 import tomllib
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -148,3 +151,33 @@ def test_k8s_manifests_parse_and_services_select_pods(path: Path) -> None:
     for service in (d for d in docs if d["kind"] == "Service"):
         selector = service["spec"]["selector"].items()
         assert any(selector <= labels.items() for labels in pods), f"{service['metadata']['name']}"
+
+
+def load_bench_scaling() -> ModuleType:  # bench/ holds scripts, not a package
+    path = INFRA.parent / "bench" / "bench_scaling.py"
+    spec = importlib.util.spec_from_file_location("bench_scaling", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_benchmark_fits_exponents_and_flags_worse_than_linear() -> None:
+    bench = load_bench_scaling()
+
+    def size(rows: int, prepare_s: float, embed_status: str = "ok") -> dict:
+        stage = {"status": "ok", "wall_s": prepare_s, "cpu_s": prepare_s, "peak_rss_mib": 100.0}
+        stage["reason"] = None
+        failed = {**stage, "status": embed_status, "reason": None if embed_status == "ok" else "exit 1: boom"}
+        return {"rows": rows, "unique_texts": 10, "stages": {"prepare": stage, "embed": failed}}
+
+    # prepare: linear then quadratic; embed fails at the largest size and is left out of its fit
+    sizes = [size(1_000, 1.0), size(10_000, 10.0), size(100_000, 1000.0, embed_status="failed")]
+    growth = bench.growth(sizes)
+    assert [round(step["wall"], 6) for step in growth["prepare"]] == [1.0, 2.0]
+    assert [step["worse_than_linear"] for step in growth["prepare"]] == [False, True]
+    assert [step["rss"] for step in growth["prepare"]] == [0.0, 0.0]
+    assert len(growth["embed"]) == 1
+    report = {"machine": bench.machine(), "config": {"joint_batches": 5}, "sizes": sizes, "growth": growth}
+    text = bench.markdown(report)
+    assert "**worse than linear**" in text and "**failed** after" in text and "exit 1: boom" in text
