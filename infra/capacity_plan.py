@@ -74,9 +74,12 @@ def inputs(scaling: dict[str, Any], redis: dict[str, Any]) -> dict[str, Input]:
     add("joint_gpu_speedup", "joint training GPU vs 2 CPU cores", 50, "x",
         "ASSUMPTION (UNMEASURED): one GPU = 50x two CPU cores for a 2-layer MiniLM at batch 32")  # fmt: skip
     add("lookup", "online lookup, 1 id, Redis p50", 0.3, "ms", "MEASURED: bench/bench_feast.py")
+    add("lookups_per_impression", "online calls per scored impression", 1, "calls",
+        "ASSUMPTION: one batched get_online_features call per impression (its ad and query)")  # fmt: skip
+    add("peak_to_mean", "peak / mean traffic", 3, "x", "ASSUMPTION: a daily traffic peak")
     text = redis["text_embedding_view"]
     add("redis_text_key", "Redis bytes per text embedding key (through Feast)", text["bytes_per_key"],
-        "bytes/key", f"MEASURED: infra/redis_memory.json ({text['new_keys']:,} keys, INFO used_memory delta)")  # fmt: skip
+        "bytes/key", f"MEASURED: infra/redis_memory.json ({text['new_keys']:,} keys)")  # fmt: skip
     add("redis_text_payload", "of which field+value payload", text["payload_bytes_mean"], "bytes/key",
         "MEASURED: infra/redis_memory.json (HGETALL of sampled keys)")  # fmt: skip
     other = redis["other_views"]
@@ -109,7 +112,9 @@ def render(found: dict[str, Input]) -> str:
     def core_hours(name: str, units: float, unit: str, ms_per_unit: float, basis: str) -> None:
         hours = units * ms_per_unit / 1e3 / 3600
         cores = hours / 24
-        compute.append([name, f"{units:,.3g} {unit}", f"{ms_per_unit:.3g}", f"{hours:,.0f}", f"{cores:,.1f}", basis])
+        compute.append(
+            [name, f"{units:,.3g} {unit}", f"{ms_per_unit:.3g}", f"{hours:,.0f}", f"{cores:,.1f}", basis]
+        )
 
     if "ingest" in v:
         core_hours("ingest (data prepare)", impressions, "rows", v["ingest"], "scaling bench, marginal")
@@ -139,7 +144,11 @@ def render(found: dict[str, Input]) -> str:
         "",
         table(
             [
-                ["embed 50M texts", f"{texts:,.0f} / {v['embed_gpu']:,.0f} texts/s / 3600", f"{gpu_embed_h:,.1f}"],
+                [
+                    "embed 50M texts",
+                    f"{texts:,.0f} / {v['embed_gpu']:,.0f} texts/s / 3600",
+                    f"{gpu_embed_h:,.1f}",
+                ],
                 [
                     "joint training, one epoch over 1B rows",
                     f"1e9 rows x {v['joint_cpu']:.3g} core-ms / 2 cores / {v['joint_gpu_speedup']:g}x / 3600",
@@ -150,20 +159,46 @@ def render(found: dict[str, Input]) -> str:
         ),
     ]
     dim = 384
+    key_bytes, per_text, per_ctr = v["text_id_bytes"], v["redis_text_key"], v["redis_other_key"]
     storage = []
     for dtype, width in (("float32", 4), ("float16", 2)):
-        per = dim * width + v["text_id_bytes"]
-        storage.append([f"embeddings, {dtype}", f"50M x ({dim} x {width} + {v['text_id_bytes']:.0f}) B", f"{v['texts'] * per / 1e9:,.1f} GB"])
-    redis_text = v["texts"] * v["redis_text_key"]
-    redis_f16 = v["texts"] * (v["redis_text_key"] - dim * 2)
-    redis_ctr = v["ctr_keys"] * v["redis_other_key"]
+        size = v["texts"] * (dim * width + key_bytes)
+        storage.append([f"embeddings (parquet), {dtype}", f"50M x ({dim} x {width} + {key_bytes:.0f}) B",
+                        f"{size / 1e9:,.1f} GB"])  # fmt: skip
+    redis_text = v["texts"] * per_text
+    redis_f16 = v["texts"] * (per_text - dim * 2)
+    redis_ctr = v["ctr_keys"] * per_ctr
     storage += [
-        ["Redis, text embeddings (float32, as Feast stores them)", f"50M x {v['redis_text_key']:,.0f} B", f"{redis_text / 2**30:,.1f} GiB"],
-        ["Redis, text embeddings if stored as float16 bytes", f"50M x ({v['redis_text_key']:,.0f} - {dim * 2}) B", f"{redis_f16 / 2**30:,.1f} GiB"],
-        ["Redis, CTR-history keys", f"{v['ctr_keys']:,.0f} x {v['redis_other_key']:,.0f} B", f"{redis_ctr / 2**30:,.1f} GiB"],
-        ["Redis total (float32)", "", f"{(redis_text + redis_ctr) / 2**30:,.1f} GiB"],
+        ["Redis, text embeddings (float32, as Feast stores them)", f"50M x {per_text:,.0f} B",
+         f"{redis_text / 2**30:,.1f} GiB"],
+        ["Redis, text embeddings as float16 bytes (a custom encoding, not Feast's float list)",
+         f"50M x ({per_text:,.0f} - {dim * 2}) B", f"{redis_f16 / 2**30:,.1f} GiB"],
+        ["Redis, CTR-history keys", f"{v['ctr_keys']:,.0f} x {per_ctr:,.0f} B",
+         f"{redis_ctr / 2**30:,.1f} GiB"],
+        ["Redis total (float32 embeddings)", "", f"{(redis_text + redis_ctr) / 2**30:,.1f} GiB"],
     ]  # fmt: skip
     out += ["", "## Storage and online memory", "", table(storage, ["what", "arithmetic", "size"])]
+    mean_qps = impressions / DAY_S
+    peak_qps = mean_qps * v["peak_to_mean"]
+    lookups = v["lookups_per_impression"]
+    threads = peak_qps * lookups * v["lookup"] / 1e3
+    out += [
+        "",
+        "## Serving lookups",
+        "",
+        table(
+            [
+                ["mean impressions/s", "1e9 / 86,400", f"{mean_qps:,.0f}"],
+                ["peak impressions/s", f"x {v['peak_to_mean']:g}", f"{peak_qps:,.0f}"],
+                [
+                    "client threads busy at peak (one Feast call each, sequential)",
+                    f"{peak_qps:,.0f} x {lookups:g} calls x {v['lookup']} ms / 1000",
+                    f"{threads:,.0f}",
+                ],
+            ],
+            ["what", "arithmetic", "value"],
+        ),
+    ]
     return "\n".join(out) + "\n"
 
 
