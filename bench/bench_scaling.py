@@ -9,14 +9,14 @@ as its own `nlpctr` subprocess, exactly as a user would:
     simulate -> prepare -> ctr-stats -> embed -> features apply -> materialize
              -> train E0 (baseline) -> train joint (concat) -> evaluate (joint vs E0)
 
-Per stage it records wall time, CPU time (user + sys) and peak RSS. The peak is that stage's
-own: `os.wait4` on the stage's process returns the rusage of that process and its waited-for
-children only, never the running maximum over earlier stages that RUSAGE_CHILDREN reports.
+Per stage it records wall time, CPU time (user + sys) and peak RSS, read by GNU time from
+the stage's own process: per stage, never the running maximum over earlier stages that
+RUSAGE_CHILDREN reports (see `run_stage` for why not wait4 either).
 
 Bounded work, so that sizes compare:
-- embed uses a 1-layer truncated MiniLM (the cost per unique text of 6 layers is ~6x, measured
-  in bench_embed.py); it encodes each unique text once, so its cost follows unique texts,
-  which are reported per size;
+- embed uses a 1-layer truncated MiniLM, for speed (the encoder's cost grows about linearly
+  with its layers; 6-layer throughput is measured in bench_embed.py); it encodes each unique
+  text once, so its cost follows unique texts, which are reported per size;
 - train E0 runs a fixed 3 epochs (no early stop), so its cost follows rows, not convergence;
 - train joint uses a 1-layer LM, 1 epoch of at most `--joint-batches` batches (via
   `loop.max_batches_per_epoch` in a --config YAML); its loading, validation, test prediction
@@ -26,7 +26,8 @@ A failed stage (non-zero exit, over `--max-rss-gb`, over `--stage-timeout`) is r
 reason and the stages that need its output are skipped; the benchmark goes on to the next size.
 Results merge into OUT/scaling.json by size, so sizes can be run separately. Writes
 OUT/scaling.json, OUT/scaling.md and OUT/scaling.png; the data and logs of each size go to
-OUT/work/ (git-ignored; deleted after each size unless --keep-data).
+OUT/work/ (git-ignored; all but the logs deleted after each size unless --keep-data).
+Needs GNU time at /usr/bin/time (Debian package `time`).
 """
 
 from __future__ import annotations
@@ -269,7 +270,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Each cell: wall time / CPU time (user+sys) / peak RSS of that stage's process. "
         f"embed: {EMBED_LAYERS}-layer MiniLM; train E0: {E0_EPOCHS} fixed epochs; train joint: "
         f"{JOINT_LAYERS}-layer LM, 1 epoch of <= {report['config']['joint_batches']} batches "
-        "(bounded work; loading, validation and test prediction still cover every row).",
+        "(bounded work; loading, validation and test prediction still cover every row). "
+        "On a shared machine, contention inflates wall time; CPU time is the steadier figure.",
         "",
         header,
         "|---|" + "---|" * len(sizes),
@@ -308,8 +310,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    panels = [("wall_s", "wall time (s)"), ("peak_rss_mib", "peak RSS (MiB)")]
+    figure, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    panels = [("wall_s", "wall time (s)"), ("cpu_s", "CPU time, user+sys (s)")]
+    panels.append(("peak_rss_mib", "peak RSS (MiB)"))
     for axis, (key, label) in zip(axes, panels, strict=True):
         for stage in STAGES:
             points = [
@@ -337,7 +340,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set_xlabel("rows (impressions)")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left")
     figure.suptitle("nlpctr stages vs log size (each stage its own process)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
