@@ -382,6 +382,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage-timeout", type=float, default=3600.0, help="kill a stage after this (s)")
     parser.add_argument("--keep-data", action="store_true", help="keep OUT/work/<rows>/ after each size")
     parser.add_argument("--fresh", action="store_true", help="drop earlier sizes from OUT/scaling.json")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild scaling.md/.png from scaling.json; run nothing"
+    )
     args = parser.parse_args(argv)
     args.max_rss = int(args.max_rss_gb * 2**30)
     args.sizes = sorted({int(float(size)) for size in args.rows.split(",") if size.strip()})
@@ -399,6 +402,13 @@ def main(argv: list[str] | None = None) -> None:
     kept = {}
     if previous.is_file() and not args.fresh:
         kept = {s["rows"]: s for s in json.loads(previous.read_text())["sizes"]}
+    if args.report_only:
+        config = json.loads(previous.read_text())["config"]  # report the settings it ran with
+        args.joint_batches, args.stage_timeout = config["joint_batches"], config["stage_timeout_s"]
+        args.max_rss = int(config["max_rss_gb"] * 2**30)
+        write_report(list(kept.values()), out, args)
+        print(f"rebuilt {out / 'scaling.md'} and {out / 'scaling.png'} from {previous}")
+        return
     for rows in args.sizes:
         print(f"{rows:,} rows:", flush=True)
         work = out / "work" / str(rows)
