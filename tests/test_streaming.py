@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from feast import FeatureStore
-from test_features import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
+from test_features import BASE, make_dataset, write_ctr_history, write_embeddings
 from test_trainer import COLUMNS, baseline, synthetic_frame
 
 from nlpctr.features import store
