@@ -4,6 +4,7 @@ metrics on small data."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from feast import FeatureStore
-from test_features import BASE, make_dataset, write_ctr_history, write_embeddings
+from test_features import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
 from test_trainer import COLUMNS, baseline, synthetic_frame
 
 from nlpctr.features import store
@@ -23,6 +25,7 @@ from nlpctr.models import experiment, metrics
 from nlpctr.models.data import tensorize
 from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns
 from nlpctr.models.trainer import LoopConfig, fit, predict_split
+from nlpctr.pipelines import evaluate, train
 
 # ------------------------------------------------------------------------------- the join
 
@@ -150,17 +153,17 @@ def test_streamed_metrics_equal_the_in_memory_report() -> None:
     rng = np.random.default_rng(0)
     n = 6000
     groups = np.array([f"q{g}" for g in rng.integers(0, 150, n)], dtype=object)
-    impressions = rng.integers(1, 4, n)
+    shown = rng.integers(1, 4, n)
     p = 1 / (1 + np.exp(-rng.normal(-1.5, 1.0, n)))
     p[:200] = 0.2  # exact ties
-    clicks = rng.binomial(impressions, np.clip(p * rng.uniform(0.6, 1.4, n), 0, 1))
-    labels = metrics.Labels(impressions, clicks, groups)
+    clicks = rng.binomial(shown, np.clip(p * rng.uniform(0.6, 1.4, n), 0, 1))
+    labels = metrics.Labels(shown, clicks, groups)
     evaluation = {"bootstrap_rounds": 50, "bootstrap_seed": 3, "calibration_bins": 10}
     expected = experiment.metric_report(labels, p, 0.15, evaluation)
     streamed = metrics.StreamingMetrics()
     for start in range(0, n, 700):
         chunk = slice(start, start + 700)
-        streamed.add(metrics.Labels(impressions[chunk], clicks[chunk], groups[chunk]), p[chunk])
+        streamed.add(metrics.Labels(shown[chunk], clicks[chunk], groups[chunk]), p[chunk])
     got = streamed.report(0.15, 50, 3, 10)
     assert got["rows"] == n and got["clicks"] == expected["clicks"]
     for key in ("auc", "gauc", "logloss", "rig"):
@@ -169,4 +172,44 @@ def test_streamed_metrics_equal_the_in_memory_report() -> None:
         np.testing.assert_allclose(got[key], expected[key], atol=2e-4, err_msg=key)
     assert got["calibration"]["ratio"] == pytest.approx(expected["calibration"]["ratio"], rel=1e-9)
     assert got["calibration"]["ece"] == pytest.approx(expected["calibration"]["ece"], abs=2e-3)
-    assert impressions.sum() == got["impressions"]
+    assert shown.sum() == got["impressions"]
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+QUICK_EVAL = {"bootstrap_rounds": 20, "bootstrap_seed": 0, "calibration_bins": 15}
+QUICK = {
+    "loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 64},
+    "encoder": {"max_length": 16},
+    "evaluation": {"bootstrap_rounds": 20},
+    "modes": {"joint": {"loop": {"epochs": 1, "batch_size": 16}}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags", [["--mode", "baseline"], ["--mode", "joint", "--fusion", "concat", "--layers", "1"]]
+)
+def test_train_and_evaluate_stream(prepared: Path, tmp_path: Path, flags: list[str]) -> None:
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest.update(spec={"columns": {"query_id": "query_id"}}, split={"mode": "random", "seed": 0})
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    config = tmp_path / "quick.yaml"
+    config.write_text(yaml.safe_dump(QUICK))
+    runs = tmp_path / "runs"
+    argv = [*flags, "--data", str(prepared), "--run", "r", "--runs-dir", str(runs), "--config", str(config)]
+    results = train.run([*argv, "--streaming", "--no-progress"])
+    spec = json.loads((runs / "r" / "run.json").read_text())
+    assert spec["streaming"] is True
+    report = results["metrics"]["test"]
+    predictions = pd.read_parquet(runs / "r" / "predictions.parquet")
+    rows = impressions(prepared)
+    test = rows[rows.split == "test"].sort_values("impression_id")
+    assert predictions.impression_id.tolist() == test.impression_id.tolist()
+    labels = metrics.Labels(test.impressions.to_numpy(), test.clicks.to_numpy(), test.query_id.to_numpy())
+    in_memory = experiment.metric_report(labels, predictions.p.to_numpy(), spec["train_ctr"], QUICK_EVAL)
+    for key in ("auc", "gauc", "logloss", "rig"):
+        assert report[key] == pytest.approx(in_memory[key], abs=2e-4), key
+    out = evaluate.run(["--run", "r", "--runs-dir", str(runs)])
+    assert out["evaluate"]["max_abs_diff_vs_train_predictions"] <= 1e-6
+    assert out["metrics"]["test"]["auc"] == pytest.approx(report["auc"], abs=1e-6)
