@@ -683,6 +683,7 @@ def _duckdb(temp_dir: Path, memory_limit: str = JOIN_MEMORY_LIMIT) -> Any:
 
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")  # a naive timestamp is UTC, as Feast reads it
+    con.execute("SET enable_progress_bar = false")
     con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute(f"SET temp_directory = '{temp_dir}'")
     con.execute("SET preserve_insertion_order = true")
@@ -702,7 +703,6 @@ def training_shards_dir(data_dir: Path, service: str) -> Path:
 def write_training_shards(
     data_dir: Path,
     service: str = CASCADE_FROZEN,
-    splits: Sequence[str] | None = None,
     memory_limit: str = JOIN_MEMORY_LIMIT,
 ) -> Path:
     """`training_frame` for data that does not fit in memory: the same point-in-time join, run
@@ -719,12 +719,10 @@ def write_training_shards(
     if not files:
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     out = training_shards_dir(data_dir, service)
-    wanted = sorted(splits) if splits else None
     identity = {
         "service": feature_service.name,
         "impressions": fingerprint(data_dir / "impressions"),
         "sources": {j.view: fingerprint(j.path) for j in joins},
-        "splits": wanted,
         "registry": hashlib.sha1(
             json.dumps([j.__dict__ for j in joins], default=str, sort_keys=True).encode()
         ).hexdigest()[:16],
@@ -736,14 +734,15 @@ def write_training_shards(
     staging = out.parent / f".{out.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    con = _duckdb(staging, memory_limit)
+    con = _duckdb(staging / ".spill", memory_limit)
     try:
         con.execute(f"CREATE VIEW impressions AS SELECT * FROM read_parquet({_files_sql(files)})")
         present = [r[0] for r in con.execute("SELECT DISTINCT split FROM impressions ORDER BY 1").fetchall()]
         rows: dict[str, int] = {}
-        for split in [s for s in present if wanted is None or s in wanted]:
+        for split in present:
+            quoted = split.replace("'", "''")
             con.execute(
-                f"CREATE OR REPLACE TEMP VIEW entity AS SELECT * FROM impressions WHERE split = '{split}'"
+                f"CREATE OR REPLACE TEMP VIEW entity AS SELECT * FROM impressions WHERE split = '{quoted}'"
             )
             (staging / split).mkdir()
             target = str(staging / split / "part-0.parquet").replace("'", "''")
@@ -754,9 +753,7 @@ def write_training_shards(
             rows[split] = pq.ParquetFile(staging / split / "part-0.parquet").metadata.num_rows
     finally:
         con.close()
-    for leftover in staging.iterdir():  # DuckDB's spill files
-        if leftover.is_file() or not leftover.name or not (leftover / "part-0.parquet").is_file():
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+    shutil.rmtree(staging / ".spill", ignore_errors=True)
     (staging / "_meta.json").write_text(json.dumps({"identity": identity, "rows": rows}, indent=2) + "\n")
     retired = out.parent / f".{out.name}.old"
     shutil.rmtree(retired, ignore_errors=True)

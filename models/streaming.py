@@ -154,6 +154,7 @@ def unique_text_pairs(root: Path, splits: Sequence[str] = SPLITS) -> pd.DataFram
     files = [str(p) for s in splits for p in split_files(root, s)]
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET enable_progress_bar = false")
     probe = pq.read_schema(files[0]).names
     query_id = "query_text_id" if "query_text_id" in probe else "NULL"
     query_text = "query_text" if "query_text" in probe else "NULL"

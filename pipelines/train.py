@@ -61,7 +61,7 @@ from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predic
 FUSIONS = ("score", "concat", "gate")
 STREAMING_ROWS = 500_000  # impressions above which `train` streams (a frame of ~1 GB in memory)
 STREAMING_MODES = ("baseline", "cascade-frozen", "joint")
-TEXT_CACHE = 200_000  # unique texts whose LM vectors one evaluation pass keeps (~300 MB at 384-d)
+TEXT_CACHE = 300_000  # unique texts whose LM vectors one evaluation pass keeps (<= 460 MB at 384-d)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
