@@ -213,6 +213,11 @@ def weighted_mean_ci(
     return Interval(estimate, float(low), float(high))
 
 
+def _interval(estimate: float, values: np.ndarray, level: float) -> Interval:
+    low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(estimate, float(low), float(high))
+
+
 # ------------------------------------------------------------------------------- streaming
 
 SCORE_BINS = 1 << 20
@@ -268,28 +273,44 @@ class StreamingMetrics:
         self._chunks: list[tuple[np.ndarray, ...]] = []
 
     def add(self, labels: Labels, predictions: np.ndarray) -> None:
-        p = np.clip(np.asarray(predictions, dtype=np.float64), EPS, 1 - EPS)
-        clicks = labels.clicks.astype(np.float64)
-        impressions = labels.impressions.astype(np.float64)
-        bins = score_bin(p)
-        self.positive += np.bincount(bins, clicks, minlength=SCORE_BINS)
-        self.negative += np.bincount(bins, impressions - clicks, minlength=SCORE_BINS)
-        self.predicted += np.bincount(bins, p * impressions, minlength=SCORE_BINS)
-        loss = -(clicks * np.log(p) + (impressions - clicks) * np.log1p(-p))
-        self.loss += float(loss.sum())
-        groups = labels.groups if labels.groups is not None else np.full(len(p), "")
+        groups = labels.groups if labels.groups is not None else np.full(len(predictions), "")
         codes = np.fromiter(
-            (self.group_codes.setdefault(g, len(self.group_codes)) for g in groups), np.int32, len(p)
+            (self.group_codes.setdefault(g, len(self.group_codes)) for g in groups), np.int32, len(groups)
         )
+        self._add(codes, labels.clicks, labels.impressions, predictions)
+
+    def _add(
+        self, codes: np.ndarray, clicks: np.ndarray, impressions: np.ndarray, predictions: np.ndarray
+    ) -> None:
+        p = np.clip(np.asarray(predictions, dtype=np.float64), EPS, 1 - EPS)
+        positives = clicks.astype(np.float64)
+        shown = impressions.astype(np.float64)
+        bins = score_bin(p)
+        self.positive += np.bincount(bins, positives, minlength=SCORE_BINS)
+        self.negative += np.bincount(bins, shown - positives, minlength=SCORE_BINS)
+        self.predicted += np.bincount(bins, p * shown, minlength=SCORE_BINS)
+        loss = -(positives * np.log(p) + (shown - positives) * np.log1p(-p))
+        self.loss += float(loss.sum())
         self._chunks.append(
             (
                 bins.astype(np.int32),
-                codes,
-                labels.clicks.astype(np.int32),
-                labels.impressions.astype(np.int32),
+                codes.astype(np.int32),
+                clicks.astype(np.int32),
+                impressions.astype(np.int32),
                 loss,
             )
         )
+
+    def rescored(self, predictions: np.ndarray) -> StreamingMetrics:
+        """The same rows (labels and groups, in the order they were added) with other predictions:
+        a baseline's, for `paired_delta`."""
+        _, codes, clicks, impressions, _ = self._rows()
+        if len(predictions) != len(codes):
+            raise ValueError(f"{len(predictions)} predictions for {len(codes)} rows")
+        other = StreamingMetrics()
+        other.group_codes = dict(self.group_codes)
+        other._add(codes, clicks, impressions, predictions)
+        return other
 
     def _rows(self) -> tuple[np.ndarray, ...]:
         """Per-row columns with group codes renumbered in sorted group order (the order the
@@ -351,37 +372,58 @@ class StreamingMetrics:
         bins, codes, clicks, impressions, _ = self._rows()
         return binned_aucs(codes, bins, clicks, impressions - clicks, len(self.group_codes))
 
-    def bootstrap(self, train_ctr: float, rounds: int, seed: int, level: float = 0.95) -> dict[str, Interval]:
-        """AUC and RIG with group-bootstrap CIs: each round draws groups as `bootstrap_ci` does
-        and reweights rows by how often their group was drawn."""
+    def _bootstrap_rounds(self, train_ctr: float, rounds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """AUC and RIG of each group-bootstrap round: groups drawn as `bootstrap_ci` draws them,
+        rows reweighted by how often their group was drawn."""
         bins, codes, clicks, impressions, loss = self._rows()
+        occupied, bins = np.unique(bins, return_inverse=True)  # same order and ties, fewer bins
         n_groups = len(self.group_codes)
         group_loss = np.bincount(codes, loss, minlength=n_groups)
         group_impressions = np.bincount(codes, impressions, minlength=n_groups)
         negatives = (impressions - clicks).astype(np.float64)
         h = entropy(train_ctr)
         rng = np.random.default_rng(seed)
-        aucs, rigs = [], []
-        for _ in range(rounds):
+        aucs, rigs = np.empty(rounds), np.empty(rounds)
+        for r in range(rounds):
             drawn = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups).astype(
                 np.float64
             )
             weight = drawn[codes]
-            pos = np.bincount(bins, clicks * weight, minlength=SCORE_BINS)
-            neg = np.bincount(bins, negatives * weight, minlength=SCORE_BINS)
+            pos = np.bincount(bins, clicks * weight, minlength=len(occupied))
+            neg = np.bincount(bins, negatives * weight, minlength=len(occupied))
             total = pos.sum() * neg.sum()
             below = np.cumsum(neg) - neg
-            aucs.append(float(np.sum(pos * (below + 0.5 * neg)) / total) if total else np.nan)
+            aucs[r] = float(np.sum(pos * (below + 0.5 * neg)) / total) if total else np.nan
             n = float(np.sum(drawn * group_impressions))
-            rigs.append(1.0 - float(np.sum(drawn * group_loss)) / n / h if n else np.nan)
-        out = {}
-        for name, values, estimate in (
-            ("auc", aucs, self.auc()),
-            ("rig", rigs, 1.0 - self.logloss() / h),
+            rigs[r] = 1.0 - float(np.sum(drawn * group_loss)) / n / h if n else np.nan
+        return aucs, rigs
+
+    def bootstrap(self, train_ctr: float, rounds: int, seed: int, level: float = 0.95) -> dict[str, Interval]:
+        """AUC and RIG with group-bootstrap percentile CIs."""
+        aucs, rigs = self._bootstrap_rounds(train_ctr, rounds, seed)
+        estimates = {"auc": self.auc(), "rig": 1.0 - self.logloss() / entropy(train_ctr)}
+        return {
+            name: _interval(estimates[name], values, level) for name, values in (("auc", aucs), ("rig", rigs))
+        }
+
+    def paired_delta(
+        self, baseline: StreamingMetrics, train_ctr: float, rounds: int, seed: int, level: float = 0.95
+    ) -> dict[str, Interval]:
+        """ΔAUC, ΔRIG, ΔGAUC over a baseline scored on the same rows in the same order: both
+        resampled with the same group draws (`paired_bootstrap_diff`)."""
+        if baseline.group_codes.keys() != self.group_codes.keys() or len(baseline._rows()[0]) != len(
+            self._rows()[0]
         ):
-            low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
-            out[name] = Interval(estimate, float(low), float(high))
-        return out
+            raise ValueError("the baseline was not scored on the same rows")
+        aucs, rigs = self._bootstrap_rounds(train_ctr, rounds, seed)
+        base_aucs, base_rigs = baseline._bootstrap_rounds(train_ctr, rounds, seed)
+        h = entropy(train_ctr)
+        group_auc, weights = self.group_aucs()
+        return {
+            "auc": _interval(self.auc() - baseline.auc(), aucs - base_aucs, level),
+            "rig": _interval((baseline.logloss() - self.logloss()) / h, rigs - base_rigs, level),
+            "gauc": weighted_mean_ci(group_auc - baseline.group_aucs()[0], weights, rounds, seed, level),
+        }
 
     def report(self, train_ctr: float, rounds: int, seed: int, calibration_bins: int) -> dict:
         """The keys of `experiment.metric_report`, streamed."""

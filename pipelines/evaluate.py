@@ -56,10 +56,10 @@ def streamed_test_metrics(run_dir: Path) -> tuple[experiment.TrainedRun, metrics
     texts = TextBatcher(trained.lm, cache_limit=TEXT_CACHE) if trained.lm is not None else None
     fresh = run_dir / ".evaluate-predictions.parquet"
     scored = streamed_test(trained.model, source, texts, fresh)
-    saved_path = run_dir / experiment.PREDICTIONS_FILE
-    if not saved_path.is_file():
-        raise UserError(f"{run_dir} has no {experiment.PREDICTIONS_FILE}; train the run first")
-    new, old = pq.read_table(fresh), pq.read_table(saved_path)  # both in test-shard order
+    new, old = (
+        pq.read_table(fresh),
+        pq.read_table(saved_predictions_path(run_dir)),
+    )  # both in test-shard order
     fresh.unlink()
     if (
         new.num_rows != old.num_rows
@@ -70,11 +70,15 @@ def streamed_test_metrics(run_dir: Path) -> tuple[experiment.TrainedRun, metrics
     return trained, scored, float(diff or 0.0)
 
 
-def saved_predictions(run_dir: Path) -> pd.DataFrame:
+def saved_predictions_path(run_dir: Path) -> Path:
     path = run_dir / experiment.PREDICTIONS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {experiment.PREDICTIONS_FILE}; train the run first")
-    return pd.read_parquet(path)
+    return path
+
+
+def saved_predictions(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(saved_predictions_path(run_dir))
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -115,19 +119,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """`run` for a run trained streaming: the same report, streamed."""
-    if args.baseline:
-        raise UserError(
-            f"{args.run} was trained streaming; paired deltas against a baseline need every test row's "
-            "two predictions and are not streamed yet: evaluate without --baseline"
-        )
     trained, scored, max_diff = streamed_test_metrics(run_dir)
     evaluation = trained.spec["config"]["evaluation"]
-    report = scored.report(
-        trained.spec["train_ctr"],
-        int(evaluation["bootstrap_rounds"]),
-        int(evaluation["bootstrap_seed"]),
-        int(evaluation["calibration_bins"]),
-    )
+    rounds, seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
+    train_ctr = trained.spec["train_ctr"]
+    report = scored.report(train_ctr, rounds, seed, int(evaluation["calibration_bins"]))
     results_path = run_dir / experiment.RESULTS_FILE
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("metrics", {})["test"] = report
@@ -139,6 +135,29 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     summary = (
         f"evaluate {args.run} (streamed): test AUC {report['auc']:.4f}, GAUC {report['gauc']:.4f}, "
-        f"RIG {report['rig']:.4f}; max |p - train's p| {max_diff:.2e}"
+        f"RIG {report['rig']:.4f}"
     )
-    return {**results, "summary": summary}
+    if args.baseline:
+        # Both runs predicted the test shards in their order; the baseline's p lines up row by row.
+        base = pq.read_table(saved_predictions_path(run_dir_of(args.runs_dir, args.baseline)))
+        ours = pq.read_table(run_dir / experiment.PREDICTIONS_FILE, columns=["impression_id"])
+        if (
+            base.num_rows != ours.num_rows
+            or not pc.all(pc.equal(base["impression_id"], ours["impression_id"])).as_py()
+        ):
+            raise UserError(f"baseline {args.baseline} did not predict the same test rows as {args.run}")
+        delta = scored.paired_delta(scored.rescored(base["p"].to_numpy()), train_ctr, rounds, seed)
+        out: dict[str, Any] = {}
+        for name, interval in delta.items():
+            out[f"delta_{name}"] = interval.estimate
+            out[f"delta_{name}_ci"] = interval.as_list()
+            out[f"delta_{name}_significant"] = interval.significant
+        out["significant"] = delta["auc"].significant
+        results["delta_vs_baseline"] = {"baseline": args.baseline, **out}
+        lo, hi = out["delta_auc_ci"]
+        summary += (
+            f"; ΔAUC vs {args.baseline} {out['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            f"{' (significant)' if out['significant'] else ''}"
+        )
+    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}

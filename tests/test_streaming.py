@@ -173,6 +173,12 @@ def test_streamed_metrics_equal_the_in_memory_report() -> None:
     assert got["calibration"]["ratio"] == pytest.approx(expected["calibration"]["ratio"], rel=1e-9)
     assert got["calibration"]["ece"] == pytest.approx(expected["calibration"]["ece"], abs=2e-3)
     assert shown.sum() == got["impressions"]
+    baseline = np.clip(p + rng.normal(0, 0.05, n), 0.01, 0.99)
+    paired = experiment.paired_delta(labels, p, baseline, 0.15, evaluation)
+    delta = streamed.paired_delta(streamed.rescored(baseline), 0.15, 50, 3)
+    for key in ("auc", "rig", "gauc"):
+        assert delta[key].estimate == pytest.approx(paired[f"delta_{key}"], abs=2e-4), key
+        np.testing.assert_allclose(delta[key].as_list(), paired[f"delta_{key}_ci"], atol=2e-4, err_msg=key)
 
 
 # ------------------------------------------------------------------------------- the CLI
@@ -187,29 +193,42 @@ QUICK = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "flags", [["--mode", "baseline"], ["--mode", "joint", "--fusion", "concat", "--layers", "1"]]
-)
-def test_train_and_evaluate_stream(prepared: Path, tmp_path: Path, flags: list[str]) -> None:
+def test_train_and_evaluate_stream(prepared: Path, tmp_path: Path) -> None:
     manifest = json.loads((prepared / "manifest.json").read_text())
     manifest.update(spec={"columns": {"query_id": "query_id"}}, split={"mode": "random", "seed": 0})
     (prepared / "manifest.json").write_text(json.dumps(manifest))
     config = tmp_path / "quick.yaml"
     config.write_text(yaml.safe_dump(QUICK))
     runs = tmp_path / "runs"
-    argv = [*flags, "--data", str(prepared), "--run", "r", "--runs-dir", str(runs), "--config", str(config)]
-    results = train.run([*argv, "--streaming", "--no-progress"])
-    spec = json.loads((runs / "r" / "run.json").read_text())
-    assert spec["streaming"] is True
-    report = results["metrics"]["test"]
-    predictions = pd.read_parquet(runs / "r" / "predictions.parquet")
     rows = impressions(prepared)
     test = rows[rows.split == "test"].sort_values("impression_id")
-    assert predictions.impression_id.tolist() == test.impression_id.tolist()
     labels = metrics.Labels(test.impressions.to_numpy(), test.clicks.to_numpy(), test.query_id.to_numpy())
-    in_memory = experiment.metric_report(labels, predictions.p.to_numpy(), spec["train_ctr"], QUICK_EVAL)
-    for key in ("auc", "gauc", "logloss", "rig"):
-        assert report[key] == pytest.approx(in_memory[key], abs=2e-4), key
-    out = evaluate.run(["--run", "r", "--runs-dir", str(runs)])
+    p = {}
+    for name, flags in (("e0", ["--mode", "baseline"]), ("e3", ["--mode", "joint", "--fusion", "concat"])):
+        argv = [
+            *flags,
+            "--data",
+            str(prepared),
+            "--run",
+            name,
+            "--runs-dir",
+            str(runs),
+            "--config",
+            str(config),
+        ]
+        layers = ["--layers", "1"] if name == "e3" else []
+        results = train.run([*argv, *layers, "--streaming", "--no-progress"])
+        spec = json.loads((runs / name / "run.json").read_text())
+        assert spec["streaming"] is True
+        predictions = pd.read_parquet(runs / name / "predictions.parquet")
+        assert predictions.impression_id.tolist() == test.impression_id.tolist()
+        p[name] = predictions.p.to_numpy()
+        in_memory = experiment.metric_report(labels, p[name], spec["train_ctr"], QUICK_EVAL)
+        for key in ("auc", "gauc", "logloss", "rig"):
+            assert results["metrics"]["test"][key] == pytest.approx(in_memory[key], abs=2e-4), key
+    out = evaluate.run(["--run", "e3", "--baseline", "e0", "--runs-dir", str(runs)])
     assert out["evaluate"]["max_abs_diff_vs_train_predictions"] <= 1e-6
-    assert out["metrics"]["test"]["auc"] == pytest.approx(report["auc"], abs=1e-6)
+    assert out["metrics"]["test"]["auc"] == pytest.approx(results["metrics"]["test"]["auc"], abs=1e-9)
+    expected = experiment.paired_delta(labels, p["e3"], p["e0"], spec["train_ctr"], QUICK_EVAL)
+    for key in ("delta_auc", "delta_rig", "delta_gauc"):
+        assert out["delta_vs_baseline"][key] == pytest.approx(expected[key], abs=2e-4), key
