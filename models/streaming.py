@@ -155,6 +155,7 @@ def unique_text_pairs(root: Path, splits: Sequence[str] = SPLITS) -> pd.DataFram
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     con.execute("SET enable_progress_bar = false")
+    con.execute("SET memory_limit = '1GB'")  # spills to the system temp folder beyond it
     probe = pq.read_schema(files[0]).names
     query_id = "query_text_id" if "query_text_id" in probe else "NULL"
     query_text = "query_text" if "query_text" in probe else "NULL"
