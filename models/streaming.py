@@ -12,6 +12,7 @@ at a time permuted together. Evaluation reads in order.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -152,20 +153,20 @@ def unique_text_pairs(root: Path, splits: Sequence[str] = SPLITS) -> pd.DataFram
     import duckdb
 
     files = [str(p) for s in splits for p in split_files(root, s)]
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    con.execute("SET enable_progress_bar = false")
-    con.execute("SET memory_limit = '1GB'")  # spills to the system temp folder beyond it
     probe = pq.read_schema(files[0]).names
     query_id = "query_text_id" if "query_text_id" in probe else "NULL"
     query_text = "query_text" if "query_text" in probe else "NULL"
-    frame = con.execute(
-        f"SELECT {query_id} AS query_text_id, ad_text_id, "
-        f"arg_min({query_text}, event_timestamp) AS query_text, "
-        "arg_min(ad_text, event_timestamp) AS ad_text, "
-        "min(event_timestamp) AS event_timestamp "
-        f"FROM read_parquet({files!r}) GROUP BY ALL ORDER BY 1, 2"
-    ).df()
-    con.close()
+    with tempfile.TemporaryDirectory() as spill, duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute("SET enable_progress_bar = false")
+        con.execute("SET memory_limit = '1GB'")
+        con.execute(f"SET temp_directory = '{spill}'")
+        frame = con.execute(
+            f"SELECT {query_id} AS query_text_id, ad_text_id, "
+            f"arg_min({query_text}, event_timestamp) AS query_text, "
+            "arg_min(ad_text, event_timestamp) AS ad_text, "
+            "min(event_timestamp) AS event_timestamp "
+            f"FROM read_parquet({files!r}) GROUP BY ALL ORDER BY 1, 2"
+        ).df()
     frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
     return frame
