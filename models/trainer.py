@@ -113,15 +113,23 @@ class TextBatcher:
         return torch.stack([self.cache[p] if p in self.cache else fresh[p] for p in pairs])[inverse]
 
 
-def forward_batch(model: nn.Module, batch: Tensors, texts: TextBatcher | None) -> torch.Tensor:
-    vector = texts.batch_vectors(batch) if texts is not None else None
-    return model(batch.categorical, batch.dense, batch.cascade, vector)
+def forward_batch(
+    model: nn.Module, batch: Tensors, texts: TextBatcher | None, text_vector: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits of a batch; `text_vector` is its rows' LM vectors when the caller has encoded them."""
+    if text_vector is None and texts is not None:
+        text_vector = texts.batch_vectors(batch)
+    return model(batch.categorical, batch.dense, batch.cascade, text_vector)
 
 
 def forward_rows(
-    model: nn.Module, data: Tensors, rows: torch.Tensor, texts: TextBatcher | None
+    model: nn.Module,
+    data: Tensors,
+    rows: torch.Tensor,
+    texts: TextBatcher | None,
+    text_vector: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return forward_batch(model, data.take(rows), texts)
+    return forward_batch(model, data.take(rows), texts, text_vector)
 
 
 def predict_batches(
