@@ -4,6 +4,7 @@
     materialize(DIR)      loads the online views from parquet into SQLite or Redis
     OnlineFeatures(DIR, service).get(rows)   online lookup with null counts
     training_frame(DIR, service)             point-in-time join of impressions with the features
+    write_training_shards(DIR, service)      the same join in DuckDB, bounded memory, into parquet shards
 
 Feast does the point-in-time joins, materialisation and serving. What is written here is what
 Feast does not do: refuse a store that is missing, stale or unreachable with a message that
