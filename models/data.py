@@ -11,8 +11,9 @@ front, and batches refer to it by index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -50,12 +51,14 @@ class FeatureColumns:
 Vocabularies = dict[str, dict[str, int]]
 
 
+def vocabulary(values: Iterable[str]) -> dict[str, int]:
+    """Index of each distinct training value, from 1 in sorted order (0 is unknown or missing)."""
+    return {value: i + 1 for i, value in enumerate(sorted(set(values)))}
+
+
 def build_vocabularies(frame: pd.DataFrame, columns: Sequence[str]) -> Vocabularies:
     train = frame[frame["split"] == SPLITS[0]]
-    return {
-        column: {value: i + 1 for i, value in enumerate(sorted(train[column].dropna().astype(str).unique()))}
-        for column in columns
-    }
+    return {column: vocabulary(train[column].dropna().astype(str).unique()) for column in columns}
 
 
 @dataclass
@@ -76,9 +79,51 @@ class Tensors:
     def rows(self, split: str) -> torch.Tensor:
         return torch.as_tensor(np.flatnonzero(self.split == split))
 
+    def rows_in(self, split: str) -> int:
+        return int(np.count_nonzero(self.split == split))
+
+    def take(self, rows: torch.Tensor) -> Tensors:
+        """These rows as a batch; `texts` is shared, so `text_index` still points into it."""
+        index = rows.numpy()
+        return Tensors(
+            categorical=self.categorical[rows],
+            dense=self.dense[rows],
+            cascade=tuple(c[rows] for c in self.cascade),
+            impressions=self.impressions[rows],
+            clicks=self.clicks[rows],
+            text_index=self.text_index[rows],
+            texts=self.texts,
+            split=self.split[index],
+            groups=self.groups[index],
+            impression_id=self.impression_id[index],
+        )
+
+    def batches(
+        self, split: str, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[Tensors]:
+        """A split's rows in batches: shuffled by `generator`, else in order (see BatchSource)."""
+        rows = self.rows(split)
+        if generator is not None:
+            rows = rows[torch.randperm(len(rows), generator=generator)]
+        for start in range(0, len(rows), batch_size):
+            yield self.take(rows[start : start + batch_size])
+
     @property
     def vocab_sizes(self) -> tuple[int, ...]:
         return tuple(int(self.categorical[:, i].max()) + 1 for i in range(self.categorical.shape[1]))
+
+
+class BatchSource(Protocol):
+    """Where the training loop gets its rows: in-memory `Tensors`, or parquet shards streamed
+    in bounded memory (`models.streaming.ShardSource`). Every batch is a `Tensors`."""
+
+    def rows_in(self, split: str) -> int: ...
+
+    def batches(
+        self, split: str, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[Tensors]:
+        """A split's rows: shuffled (seeded by `generator`) when one is given, else in order."""
+        ...
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -267,14 +267,7 @@ def gauc_bootstrap(
     """
     _, auc_a, w = group_aucs(labels, predictions_a)
     values = auc_a if predictions_b is None else auc_a - group_aucs(labels, predictions_b)[1]
-    rng = np.random.default_rng(seed)
-    estimates = []
-    for _ in range(rounds):
-        counts = np.bincount(rng.integers(0, len(w), size=len(w)), minlength=len(w)) * w
-        estimates.append(float(np.sum(counts * values) / counts.sum()) if counts.sum() else np.nan)
-    low, high = np.nanquantile(estimates, [(1 - level) / 2, (1 + level) / 2])
-    estimate = float(np.sum(w * values) / w.sum()) if w.sum() else float("nan")
-    return metrics.Interval(estimate, float(low), float(high))
+    return metrics.weighted_mean_ci(values, w, rounds, seed, level)
 
 
 def metric_report(

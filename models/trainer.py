@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nlpctr.models import metrics
 from nlpctr.models.ctr_net import binomial_loss
-from nlpctr.models.data import Tensors
+from nlpctr.models.data import BatchSource, Tensors
 from nlpctr.models.encoder import TextEncoder
 
 LAST = "last.pt"
@@ -75,19 +75,55 @@ def pair_text(query: str | None, ad: str) -> str:
 
 @dataclass
 class TextBatcher:
-    """Unique texts tokenised once; a batch of rows -> the LM's vectors, one forward per unique text."""
+    """A batch of rows -> the LM's vectors, one forward per unique (query, ad) text of the batch.
+
+    `for_data` tokenises an in-memory dataset's texts once up front. A streamed batch carries
+    its own texts (`Tensors.texts`), tokenised as it comes; with `cache_limit`, inference
+    (`predict_batches`) also keeps each text's vector for the rest of the pass, so a text
+    repeated across batches is encoded once per pass.
+    """
 
     lm: TextEncoder
     tokens: list[list[int]] = field(default_factory=list)
+    texts: list[tuple[str | None, str]] | None = None  # what `tokens` tokenised
+    cache_limit: int = 0
+    cache: dict[tuple[str | None, str], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def for_data(cls, lm: TextEncoder, data: Tensors) -> TextBatcher:
-        return cls(lm, [lm.token_ids(pair_text(q, a)) for q, a in data.texts])
+        return cls(lm, [lm.token_ids(pair_text(q, a)) for q, a in data.texts], data.texts)
 
     def vectors(self, text_index: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(text_index, return_inverse=True)
         batch = self.lm.pad([self.tokens[i] for i in unique.tolist()])
         return self.lm(**batch)[inverse]
+
+    def batch_vectors(self, batch: Tensors) -> torch.Tensor:
+        if batch.texts is self.texts:
+            return self.vectors(batch.text_index)
+        unique, inverse = torch.unique(batch.text_index, return_inverse=True)
+        pairs = [batch.texts[i] for i in unique.tolist()]
+        caching = self.cache_limit > 0 and not torch.is_grad_enabled()
+        todo = [p for p in pairs if p not in self.cache] if caching else pairs
+        encoded = (
+            self.lm(**self.lm.pad([self.lm.token_ids(pair_text(q, a)) for q, a in todo])) if todo else None
+        )
+        if not caching:
+            assert encoded is not None
+            return encoded[inverse]
+        fresh = dict(zip(todo, encoded, strict=True)) if encoded is not None else {}
+        if len(self.cache) < self.cache_limit:
+            self.cache.update(fresh)
+        return torch.stack([self.cache[p] if p in self.cache else fresh[p] for p in pairs])[inverse]
+
+
+def forward_batch(
+    model: nn.Module, batch: Tensors, texts: TextBatcher | None, text_vector: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits of a batch; `text_vector` is its rows' LM vectors when the caller has encoded them."""
+    if text_vector is None and texts is not None:
+        text_vector = texts.batch_vectors(batch)
+    return model(batch.categorical, batch.dense, batch.cascade, text_vector)
 
 
 def forward_rows(
@@ -98,23 +134,66 @@ def forward_rows(
     text_vector: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits of rows; `text_vector` is the rows' LM vectors when the caller has already encoded them."""
-    if text_vector is None and texts is not None:
-        text_vector = texts.vectors(data.text_index[rows])
-    return model(data.categorical[rows], data.dense[rows], tuple(c[rows] for c in data.cascade), text_vector)
+    return forward_batch(model, data.take(rows), texts, text_vector)
+
+
+def predict_batches(
+    model: nn.Module,
+    batches: Iterable[Tensors],
+    texts: TextBatcher | None,
+    each: Callable[[Tensors, np.ndarray], None] | None = None,
+) -> np.ndarray | None:
+    """Click probabilities of batches, in order; with `each`, hands each batch's probabilities
+    to it and keeps nothing (a pass over more rows than memory holds)."""
+    model.eval()
+    if texts is not None:
+        texts.lm.eval()
+        texts.cache.clear()  # vectors of another pass may come from other weights
+    out = []
+    with torch.inference_mode():
+        for batch in batches:
+            p = torch.sigmoid(forward_batch(model, batch, texts)).numpy().astype(np.float64)
+            if each is not None:
+                each(batch, p)
+            else:
+                out.append(p)
+    if texts is not None:
+        texts.cache.clear()
+    if each is not None:
+        return None
+    return np.concatenate(out) if out else np.empty(0)
 
 
 def predict(
     model: nn.Module, data: Tensors, rows: torch.Tensor, texts: TextBatcher | None, batch_size: int = 1024
 ) -> np.ndarray:
     """Click probabilities for rows, in order."""
-    model.eval()
-    if texts is not None:
-        texts.lm.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            out.append(torch.sigmoid(forward_rows(model, data, rows[start : start + batch_size], texts)))
-    return torch.cat(out).numpy().astype(np.float64) if out else np.empty(0)
+    chunks = (data.take(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size))
+    p = predict_batches(model, chunks, texts)
+    assert p is not None
+    return p
+
+
+def predict_split(
+    model: nn.Module, data: BatchSource, split: str, texts: TextBatcher | None, batch_size: int = 1024
+) -> tuple[np.ndarray, metrics.Labels]:
+    """Probabilities and labels of a split's rows, in the source's order."""
+    impressions: list[np.ndarray] = []
+    clicks: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
+
+    def keep(batch: Tensors, p: np.ndarray) -> None:
+        impressions.append(batch.impressions.numpy().astype(np.int64))
+        clicks.append(batch.clicks.numpy().astype(np.int64))
+        groups.append(batch.groups)
+        predictions.append(p)
+
+    predictions: list[np.ndarray] = []
+    predict_batches(model, data.batches(split, batch_size), texts, keep)
+    if not predictions:
+        return np.empty(0), metrics.Labels(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, object))
+    labels = metrics.Labels(np.concatenate(impressions), np.concatenate(clicks), np.concatenate(groups))
+    return np.concatenate(predictions), labels
 
 
 def labels_of(data: Tensors, rows: torch.Tensor) -> metrics.Labels:
@@ -134,12 +213,6 @@ class FitResult:
     train_rows_per_s: float
 
 
-def _batches(rows: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    order = rows[torch.randperm(len(rows), generator=generator)]
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
-
-
 def _score(history_entry: dict[str, float], early_stop: str) -> float:
     """Higher is better."""
     return history_entry["valid_auc"] if early_stop == "auc" else -history_entry["valid_logloss"]
@@ -147,7 +220,7 @@ def _score(history_entry: dict[str, float], early_stop: str) -> float:
 
 def fit(
     model: nn.Module,
-    data: Tensors,
+    data: BatchSource,
     config: LoopConfig,
     checkpoint_dir: Path,
     texts: TextBatcher | None = None,
@@ -156,7 +229,9 @@ def fit(
 ) -> FitResult:
     """Train on the train split, early-stop on valid, keep the best epoch's weights in `model`.
 
-    Parameters with `requires_grad=False` (a frozen tower) are left out of the optimizer.
+    `data` is in-memory `Tensors` or a stream of parquet shards; the loop is the same. Parameters
+    with `requires_grad=False` (a frozen tower) are left out of the optimizer. `auxiliary_loss`
+    gets the batch's `text_index` and LM vectors (in-memory data: indices into `data.texts`).
     """
     if auxiliary_loss is not None and texts is None:
         raise ValueError("auxiliary_loss is computed from the batch's text vectors: pass texts")
@@ -168,8 +243,7 @@ def fit(
     if any(p.requires_grad for p in lm_params):
         groups.append({"params": [p for p in lm_params if p.requires_grad], "lr": config.lm_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    train_rows, valid_rows = data.rows("train"), data.rows("valid")
-    valid_labels = labels_of(data, valid_rows)
+    train_rows = data.rows_in("train")
 
     history: list[dict[str, float]] = []
     start_epoch, best_epoch, stale = 0, -1, 0
@@ -194,32 +268,29 @@ def fit(
         model.train()
         if texts is not None:
             texts.lm.train(any(p.requires_grad for p in lm_params))
-        n_batches = math.ceil(len(train_rows) / config.batch_size)
+        n_batches = math.ceil(train_rows / config.batch_size)
         if config.max_batches_per_epoch:
             n_batches = min(n_batches, config.max_batches_per_epoch)
         bar = tqdm(
             total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False
         )
         running = None
-        for step, rows in enumerate(_batches(train_rows, config.batch_size, generator)):
+        for step, batch in enumerate(data.batches("train", config.batch_size, generator)):
             if step >= n_batches:
                 break
-            text_index = data.text_index[rows]
-            vector = texts.vectors(text_index) if texts is not None else None
-            loss = binomial_loss(
-                forward_rows(model, data, rows, texts, vector), data.impressions[rows], data.clicks[rows]
-            )
+            vector = texts.batch_vectors(batch) if texts is not None else None
+            loss = binomial_loss(forward_batch(model, batch, texts, vector), batch.impressions, batch.clicks)
             if auxiliary_loss is not None:
-                loss = loss + auxiliary_loss(text_index, vector)
+                loss = loss + auxiliary_loss(batch.text_index, vector)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            seen += len(rows)
+            seen += len(batch.impressions)
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             bar.set_postfix(loss=f"{running:.4f}")
             bar.update()
         bar.close()
-        valid_p = predict(model, data, valid_rows, texts)
+        valid_p, valid_labels = predict_split(model, data, "valid", texts)
         entry = {
             "epoch": epoch,
             "train_loss": float(running if running is not None else float("nan")),

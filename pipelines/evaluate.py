@@ -5,7 +5,9 @@
 Rebuilds the model from `RUNS/NAME/run.json` and its best checkpoint, reads the test rows from
 the same Feast service it was trained on, recomputes the metrics (group-bootstrap CIs), checks
 the predictions against the ones `train` saved, and with `--baseline` adds the paired bootstrap
-ΔAUC / ΔRIG / ΔGAUC (95% CIs) to `results.json` under `delta_vs_baseline`.
+ΔAUC / ΔRIG / ΔGAUC (95% CIs) to `results.json` under `delta_vs_baseline`. A run trained
+streaming is evaluated the same way: test shards streamed, metrics accumulated
+(`models.metrics.StreamingMetrics`), the LM's vector of each unique text computed once.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.models import experiment
-from nlpctr.models.trainer import labels_of
-from nlpctr.pipelines.train import run_dir_of
+from nlpctr.models import experiment, metrics, streaming
+from nlpctr.models.trainer import TextBatcher, labels_of
+from nlpctr.pipelines.train import TEXT_CACHE, run_dir_of, streamed_test
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,17 +47,46 @@ def test_predictions(run_dir: Path) -> tuple[experiment.TrainedRun, pd.DataFrame
     return trained, pd.DataFrame({"impression_id": data.impression_id, "p": p}), labels
 
 
-def saved_predictions(run_dir: Path) -> pd.DataFrame:
+def streamed_test_metrics(run_dir: Path) -> tuple[experiment.TrainedRun, metrics.StreamingMetrics, float]:
+    """A streamed run's model applied to its test shards: (run, metrics, max |p - train's p|)."""
+    trained = experiment.TrainedRun.load(run_dir)
+    root = feature_store.write_training_shards(Path(trained.spec["data_dir"]), trained.spec["service"])
+    pre = trained.pre
+    source = streaming.ShardSource(root, pre.tensorize, streaming.needed_columns(pre.columns, pre.group))
+    texts = TextBatcher(trained.lm, cache_limit=TEXT_CACHE) if trained.lm is not None else None
+    fresh = run_dir / ".evaluate-predictions.parquet"
+    scored = streamed_test(trained.model, source, texts, fresh)
+    new, old = (
+        pq.read_table(fresh),
+        pq.read_table(saved_predictions_path(run_dir)),
+    )  # both in test-shard order
+    fresh.unlink()
+    if (
+        new.num_rows != old.num_rows
+        or not pc.all(pc.equal(new["impression_id"], old["impression_id"])).as_py()
+    ):
+        raise UserError(f"the test rows of {run_dir} changed since training; re-train the run")
+    diff = pc.max(pc.abs(pc.subtract(new["p"], old["p"]))).as_py() if new.num_rows else 0.0
+    return trained, scored, float(diff or 0.0)
+
+
+def saved_predictions_path(run_dir: Path) -> Path:
     path = run_dir / experiment.PREDICTIONS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {experiment.PREDICTIONS_FILE}; train the run first")
-    return pd.read_parquet(path)
+    return path
+
+
+def saved_predictions(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(saved_predictions_path(run_dir))
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Recompute a run's test metrics (and the delta vs a baseline) into its results.json."""
     args = parse_args(argv)
     run_dir = run_dir_of(args.runs_dir, args.run)
+    if experiment.TrainedRun.load(run_dir).spec.get("streaming"):
+        return run_streamed(args, run_dir)
     trained, predicted, labels = test_predictions(run_dir)
     evaluation = trained.spec["config"]["evaluation"]
     p = predicted["p"].to_numpy()
@@ -79,6 +112,52 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         summary += (
             f"; ΔAUC vs {args.baseline} {delta['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
             f"{' (significant)' if delta['significant'] else ''}"
+        )
+    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}
+
+
+def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """`run` for a run trained streaming: the same report, streamed."""
+    trained, scored, max_diff = streamed_test_metrics(run_dir)
+    evaluation = trained.spec["config"]["evaluation"]
+    rounds, seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
+    train_ctr = trained.spec["train_ctr"]
+    report = scored.report(train_ctr, rounds, seed, int(evaluation["calibration_bins"]))
+    results_path = run_dir / experiment.RESULTS_FILE
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.setdefault("metrics", {})["test"] = report
+    results["evaluate"] = {
+        "rows": report["rows"],
+        "max_abs_diff_vs_train_predictions": max_diff,
+        "streamed": True,
+    }
+    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    summary = (
+        f"evaluate {args.run} (streamed): test AUC {report['auc']:.4f}, GAUC {report['gauc']:.4f}, "
+        f"RIG {report['rig']:.4f}"
+    )
+    if args.baseline:
+        # Both runs predicted the test shards in their order; the baseline's p lines up row by row.
+        base = pq.read_table(saved_predictions_path(run_dir_of(args.runs_dir, args.baseline)))
+        ours = pq.read_table(run_dir / experiment.PREDICTIONS_FILE, columns=["impression_id"])
+        if (
+            base.num_rows != ours.num_rows
+            or not pc.all(pc.equal(base["impression_id"], ours["impression_id"])).as_py()
+        ):
+            raise UserError(f"baseline {args.baseline} did not predict the same test rows as {args.run}")
+        delta = scored.paired_delta(scored.rescored(base["p"].to_numpy()), train_ctr, rounds, seed)
+        out: dict[str, Any] = {}
+        for name, interval in delta.items():
+            out[f"delta_{name}"] = interval.estimate
+            out[f"delta_{name}_ci"] = interval.as_list()
+            out[f"delta_{name}_significant"] = interval.significant
+        out["significant"] = delta["auc"].significant
+        results["delta_vs_baseline"] = {"baseline": args.baseline, **out}
+        lo, hi = out["delta_auc_ci"]
+        summary += (
+            f"; ΔAUC vs {args.baseline} {out['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            f"{' (significant)' if out['significant'] else ''}"
         )
     results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}

@@ -2,7 +2,7 @@
 
     nlpctr train --mode {baseline,cascade-frozen,cascade-finetuned,joint} [--fusion score|concat|gate]
                  [--layers K] [--epochs N] [--seed S] --data DIR --run NAME [--runs-dir runs]
-                 [--config FILE] [--no-progress]
+                 [--config FILE] [--streaming | --in-memory] [--no-progress]
     nlpctr evaluate --run NAME [--baseline RUN] [--runs-dir runs]
 
 Modes (DESIGN.md, experiment protocol): `baseline` (E0) reads the `baseline` service;
@@ -13,6 +13,11 @@ registers the chosen epoch as the Feast view `lm_<run>` (service `cascade_finetu
 trains E0 + that feature; `joint` (E3) trains the LM and E0 end to end through a fusion and writes
 the LM's output back the same way (service `joint_<run>`). One loop (`models.trainer.fit`) trains
 everything; configuration comes from `models/configs/default.yaml` (+ `--config`).
+
+Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
+point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
+the loop reads them as a stream (`models.streaming.ShardSource`) and test metrics are streamed
+(`models.metrics.StreamingMetrics`); modes baseline, cascade-frozen and joint.
 
 Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
 from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`.
@@ -48,12 +53,15 @@ from nlpctr.features.definitions import (
     lm_view_name,
     read_manifest,
 )
-from nlpctr.models import experiment, metrics
+from nlpctr.models import experiment, metrics, streaming
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict
+from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict, predict_batches
 
 FUSIONS = ("score", "concat", "gate")
+STREAMING_ROWS = 500_000  # impressions above which `train` streams (a frame of ~1 GB in memory)
+STREAMING_MODES = ("baseline", "cascade-frozen", "joint")
+TEXT_CACHE = 300_000  # unique texts whose LM vectors one evaluation pass keeps (<= 460 MB at 384-d)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +75,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run", required=True, help="run name: RUNS/NAME/")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--config", type=Path, default=None, help="YAML merged over the defaults")
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument(
+        "--streaming",
+        action="store_true",
+        default=None,
+        help=f"stream the training frame from parquet shards (default above {STREAMING_ROWS:,} impressions)",
+    )
+    memory.add_argument("--in-memory", dest="streaming", action="store_false", help="load it in memory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -281,6 +297,95 @@ def write_joint_features(
     return publish_lm_features(data_dir, slug, meta)
 
 
+# ------------------------------------------------------------------------------- streaming
+
+
+def use_streaming(manifest: dict[str, Any], requested: bool | None) -> bool:
+    """`--streaming` / `--in-memory` when given, else stream above STREAMING_ROWS impressions."""
+    if requested is not None:
+        return requested
+    return int(manifest.get("rows_written", 0)) > STREAMING_ROWS
+
+
+def stream_source(
+    data_dir: Path, service: str, manifest: dict[str, Any], fill_ctr: float
+) -> tuple[experiment.Preprocessing, streaming.ShardSource]:
+    """The service's training frame as parquet shards (DuckDB point-in-time join), the run's
+    preprocessing fitted on the training shards, and a stream of Tensors over them."""
+    root = feature_store.write_training_shards(data_dir, service)
+    names = pq.read_schema(next(iter(sorted(root.glob("*/*.parquet"))))).names
+    cascade = [c for c in names if c.endswith("__embedding")] if service == CASCADE_FROZEN else []
+    columns = FeatureColumns.for_manifest(manifest, cascade=cascade)
+    dims = []
+    for column in cascade:
+        width = streaming.first_vector_width(root, column)
+        if width is None:
+            raise UserError(f"feature column {column} is null on every row; re-run the job behind it")
+        dims.append(width)
+    group = manifest["group"]
+    vocabularies = streaming.fit_vocabularies(root, columns.categorical)
+    pre = experiment.Preprocessing(columns, vocabularies, fill_ctr, tuple(dims), group)
+    return pre, streaming.ShardSource(root, pre.tensorize, streaming.needed_columns(columns, group))
+
+
+def streamed_test(
+    model: torch.nn.Module, source: streaming.ShardSource, texts: TextBatcher | None, predictions: Path
+) -> metrics.StreamingMetrics:
+    """One in-order pass over the test shards: metrics accumulated and each batch's predictions
+    appended to `predictions` (parquet, published when complete), nothing else kept."""
+    scored = metrics.StreamingMetrics()
+    staging = predictions.with_name(f".{predictions.name}.tmp")
+    schema = pa.schema([("impression_id", pa.string()), ("split", pa.string()), ("p", pa.float64())])
+    with pq.ParquetWriter(staging, schema) as writer:
+
+        def each(batch: Tensors, p: np.ndarray) -> None:
+            labels = metrics.Labels(
+                batch.impressions.numpy().astype(np.int64),
+                batch.clicks.numpy().astype(np.int64),
+                batch.groups,
+            )
+            scored.add(labels, p)
+            ids = pa.array(batch.impression_id, pa.string())
+            writer.write_table(pa.table([ids, pa.array(["test"] * len(p)), pa.array(p)], schema=schema))
+
+        predict_batches(model, source.batches("test", 1024), texts, each)
+    staging.replace(predictions)
+    return scored
+
+
+def train_streaming(
+    data_dir: Path,
+    service: str,
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    fill_ctr: float,
+    run_dir: Path,
+    fusion: str | None,
+    progress: bool,
+) -> tuple[experiment.Preprocessing, torch.nn.Module, TextBatcher | None, FitResult, dict[str, Any], float]:
+    """`fit_ctr` and the test pass on shards: (preprocessing, model, LM batcher, fit, test report,
+    train CTR); predictions are written to the run folder as they are made."""
+    pre, source = stream_source(data_dir, service, manifest, fill_ctr)
+    texts = None
+    if fusion:
+        lm = TextEncoder(experiment.encoder_config(config), trainable=True)
+        texts = TextBatcher(lm, cache_limit=TEXT_CACHE)
+    model = experiment.build_model(pre, config, fusion, texts.lm.dim if texts else 0)
+    checkpoints = run_dir / experiment.CHECKPOINTS / "ctr"
+    result = fit(model, source, experiment.loop_config(config), checkpoints, texts=texts, progress=progress)
+    _, impressions, clicks = streaming.split_totals(source.root, "train")
+    ctr_train = clicks / max(impressions, 1)
+    scored = streamed_test(model, source, texts, run_dir / experiment.PREDICTIONS_FILE)
+    evaluation = config["evaluation"]
+    report = scored.report(
+        ctr_train,
+        int(evaluation["bootstrap_rounds"]),
+        int(evaluation["bootstrap_seed"]),
+        int(evaluation["calibration_bins"]),
+    )
+    return pre, model, texts, result, report, ctr_train
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Train one run; returns its results with a one-line `summary`."""
     args = parse_args(argv)
@@ -316,60 +421,83 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     progress = not args.no_progress
     group = manifest["group"]
 
-    lm_step: dict[str, Any] | None = None
-    if args.mode == "cascade-finetuned":
-        base = feature_store.training_frame(data_dir, BASELINE)
-        lm_step = train_lm_alone(base, manifest, config, fill_ctr, run_dir, data_dir, slug, progress)
-        service = f"cascade_finetuned_{slug}"
-        view = lm_view_name(slug)
-        frame = feature_store.training_frame(data_dir, service)
-        columns = FeatureColumns.for_manifest(
-            manifest, cascade=[f"{view}__lm_embedding"], scores=[f"{view}__lm_score"]
+    streamed = use_streaming(manifest, args.streaming)
+    if streamed and args.mode not in STREAMING_MODES:
+        raise UserError(
+            f"--mode {args.mode} does not stream yet (modes that do: {', '.join(STREAMING_MODES)}); "
+            "use --in-memory on data that fits in memory"
         )
-        encoder_version = lm_step["encoder_version"]
-    else:
+    lm_step: dict[str, Any] | None = None
+    if streamed:
         service = CASCADE_FROZEN if args.mode == "cascade-frozen" else BASELINE
-        frame = feature_store.training_frame(data_dir, service)
-        cascade = [c for c in frame.columns if c.endswith("__embedding")] if service == CASCADE_FROZEN else []
-        columns = FeatureColumns.for_manifest(manifest, cascade=cascade)
+        pre, model, texts, result, report, ctr_train = train_streaming(
+            data_dir, service, manifest, config, fill_ctr, run_dir, args.fusion, progress
+        )
+        root = feature_store.training_shards_dir(data_dir, service)
+        frame = streaming.unique_text_pairs(root) if args.mode == "joint" else pd.DataFrame()
         encoder_version = (
-            frozen_encoder_version(data_dir, frame)
+            frozen_encoder_version(data_dir, pd.DataFrame(columns=list(pre.columns.cascade)))
             if args.mode == "cascade-frozen"
             else experiment.encoder_config(config).version
             if args.mode == "joint"
             else None
         )
+    else:
+        if args.mode == "cascade-finetuned":
+            base = feature_store.training_frame(data_dir, BASELINE)
+            lm_step = train_lm_alone(base, manifest, config, fill_ctr, run_dir, data_dir, slug, progress)
+            service = f"cascade_finetuned_{slug}"
+            view = lm_view_name(slug)
+            frame = feature_store.training_frame(data_dir, service)
+            columns = FeatureColumns.for_manifest(
+                manifest, cascade=[f"{view}__lm_embedding"], scores=[f"{view}__lm_score"]
+            )
+            encoder_version = lm_step["encoder_version"]
+        else:
+            service = CASCADE_FROZEN if args.mode == "cascade-frozen" else BASELINE
+            frame = feature_store.training_frame(data_dir, service)
+            cascade = (
+                [c for c in frame.columns if c.endswith("__embedding")] if service == CASCADE_FROZEN else []
+            )
+            columns = FeatureColumns.for_manifest(manifest, cascade=cascade)
+            encoder_version = (
+                frozen_encoder_version(data_dir, frame)
+                if args.mode == "cascade-frozen"
+                else experiment.encoder_config(config).version
+                if args.mode == "joint"
+                else None
+            )
 
-    pre, data, model, texts, result = fit_ctr(
-        frame,
-        columns,
-        manifest,
-        config,
-        fill_ctr,
-        run_dir / experiment.CHECKPOINTS / "ctr",
-        args.fusion,
-        progress,
-    )
-    test = data.rows("test")
-    p_test = predict(model, data, test, texts)
-    labels = labels_of(data, test)
-    ctr_train = train_ctr(labels_of(data, data.rows("train")))
-    report = experiment.metric_report(labels, p_test, ctr_train, config["evaluation"])
+        pre, data, model, texts, result = fit_ctr(
+            frame,
+            columns,
+            manifest,
+            config,
+            fill_ctr,
+            run_dir / experiment.CHECKPOINTS / "ctr",
+            args.fusion,
+            progress,
+        )
+        test = data.rows("test")
+        p_test = predict(model, data, test, texts)
+        labels = labels_of(data, test)
+        ctr_train = train_ctr(labels_of(data, data.rows("train")))
+        report = experiment.metric_report(labels, p_test, ctr_train, config["evaluation"])
+        pd.DataFrame(
+            {"impression_id": data.impression_id[test.numpy()], "split": "test", "p": p_test}
+        ).to_parquet(run_dir / experiment.PREDICTIONS_FILE, index=False)
 
     supplementary = None
     if args.mode == "joint":
         assert texts is not None
         supplementary = write_joint_features(model, texts, frame, config, data_dir, slug, result.best_epoch)
-
-    pd.DataFrame(
-        {"impression_id": data.impression_id[test.numpy()], "split": "test", "p": p_test}
-    ).to_parquet(run_dir / experiment.PREDICTIONS_FILE, index=False)
     spec = {
         **identity,
         "service": service,
         "checkpoint": f"{experiment.CHECKPOINTS}/ctr/epoch-{result.best_epoch}.pt",
         "preprocessing": pre.to_json(),
         "train_ctr": ctr_train,
+        "streaming": streamed,
     }
     (run_dir / experiment.RUN_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     wall = time.perf_counter() - started

@@ -1,0 +1,41 @@
+"""A prepared dataset k times larger, for memory benchmarks where ingest itself cannot run:
+impressions and row-level CTR history replicated k times with distinct impression ids
+(`<id>-<copy>`); entity-level CTR history, texts and splits as in the source.
+
+    python bench/replicate_prepared.py SRC_DIR DST_DIR K      # then: nlpctr features apply --data DST_DIR
+
+Row counts, not values, drive the costs measured on it (joins, streaming, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import duckdb
+
+
+def replicate(src: Path, dst: Path, copies: int) -> None:
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false; SET memory_limit = '1GB'")
+    for folder in ("impressions", "ctr_history_rows"):
+        (dst / folder).mkdir()
+        for i in range(copies):
+            con.execute(
+                f"COPY (SELECT * REPLACE (impression_id || '-{i}' AS impression_id) "
+                f"FROM read_parquet('{src}/{folder}/*.parquet')) TO '{dst}/{folder}/part-{i:05d}.parquet' "
+                "(FORMAT parquet)"
+            )
+    shutil.copytree(src / "ctr_history", dst / "ctr_history")
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest.update(rows_in=manifest["rows_in"] * copies, rows_written=manifest["rows_written"] * copies)
+    manifest["description"] = f"{manifest['description']} (replicated {copies}x with distinct impression ids)"
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    replicate(Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve(), int(sys.argv[3]))

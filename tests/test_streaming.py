@@ -1,0 +1,234 @@
+"""Training and evaluation in bounded memory: the DuckDB point-in-time join gives Feast's
+answers, streamed batches train like in-memory ones, and streamed metrics equal the in-memory
+metrics on small data."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from feast import FeatureStore
+from test_features import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
+from test_trainer import COLUMNS, baseline, synthetic_frame
+
+from nlpctr.features import store
+from nlpctr.features.definitions import Layout, build_definitions
+from nlpctr.models import experiment, metrics
+from nlpctr.models.data import tensorize
+from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns
+from nlpctr.models.trainer import LoopConfig, fit, predict_split
+from nlpctr.pipelines import evaluate, train
+
+# ------------------------------------------------------------------------------- the join
+
+
+def feature_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if "__" in c]
+
+
+def assert_same_frames(shards: Path, expected: pd.DataFrame) -> None:
+    got = pd.concat([pq.read_table(p).to_pandas() for p in sorted(shards.glob("*/*.parquet"))])
+    got = got.sort_values("impression_id").reset_index(drop=True)
+    expected = expected.sort_values("impression_id").reset_index(drop=True)
+    assert list(got.columns) == list(expected.columns)
+    assert got.impression_id.tolist() == expected.impression_id.tolist()
+    for column in feature_columns(expected):
+        left, right = expected[column].tolist(), got[column].tolist()
+        for a, b in zip(left, right, strict=True):
+            a_null = a is None or (np.isscalar(a) and pd.isna(a))
+            b_null = b is None or (np.isscalar(b) and pd.isna(b))
+            assert a_null == b_null, column
+            if not a_null:
+                np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = make_dataset(tmp_path_factory.mktemp("streaming") / "ds", rows=400)
+    write_ctr_history(data)
+    write_embeddings(data, dim=8)
+    store.apply(data)
+    return data
+
+
+def test_duckdb_join_equals_feast_training_frame(prepared: Path) -> None:
+    shards = store.write_training_shards(prepared, "cascade_frozen")
+    expected = store.training_frame(prepared, "cascade_frozen")
+    assert expected[feature_columns(expected)].notna().any().all()
+    assert_same_frames(shards, expected)
+    test = pq.read_table(shards / "test" / "part-0.parquet").to_pandas()
+    assert test.impression_id.is_monotonic_increasing and set(test.split) == {"test"}
+
+
+def test_duckdb_join_keeps_feast_snapshot_and_ttl_semantics(tmp_path: Path) -> None:
+    # Three snapshots per key, one of them before every row; then a 30-day ttl: the latest row
+    # at or before each time, null once older than ttl; rows at a snapshot's exact time see it.
+    data = make_dataset(tmp_path / "snapshots", rows=120)
+    write_ctr_history(data)
+    path = data / "ctr_history_rows" / "part-0.parquet"
+    rows = pd.read_parquet(path)
+    times = [BASE - pd.Timedelta(days=1), BASE + pd.Timedelta(days=30), BASE + pd.Timedelta(days=60)]
+    pd.concat([rows.assign(event_timestamp=t, position_ctr=float(k)) for k, t in enumerate(times)]).sample(
+        frac=1.0, random_state=0
+    ).to_parquet(path, index=False)
+    store.apply(data)
+    frame = store.training_frame(data, "baseline")
+    assert frame["ctr_position__position_ctr"].nunique() == 3
+    assert_same_frames(store.write_training_shards(data, "baseline"), frame)
+
+    fs = FeatureStore(repo_path=str(store.repo_dir(data)))
+    fs.apply(build_definitions(Layout.discover(data), ttl=timedelta(days=20)).objects())
+    frame = store.training_frame(data, "baseline")
+    assert frame["ctr_position__position_ctr"].isna().any()
+    assert_same_frames(store.write_training_shards(data, "baseline"), frame)
+
+
+# ------------------------------------------------------------------------------- streaming
+
+
+def write_frame_shards(frame: pd.DataFrame, root: Path, row_group: int) -> None:
+    for split, rows in frame.groupby("split"):
+        (root / split).mkdir(parents=True)
+        rows = rows.sort_values("impression_id")
+        rows.to_parquet(root / split / "part-0.parquet", index=False, row_group_size=row_group)
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    frame = synthetic_frame(4000)
+    root = tmp_path_factory.mktemp("shards")
+    write_frame_shards(frame, root, row_group=300)
+    data, vocabularies = tensorize(frame, COLUMNS, group="ad_id")
+    return {"frame": frame, "root": root, "data": data, "vocabularies": vocabularies}
+
+
+def shard_source(frames: dict[str, Any]) -> ShardSource:
+    vocabularies = fit_vocabularies(frames["root"], COLUMNS.categorical)
+    assert vocabularies == frames["vocabularies"]
+    pre = experiment.Preprocessing(COLUMNS, vocabularies, 0.5, (), "ad_id")
+    return ShardSource(frames["root"], pre.tensorize, needed_columns(COLUMNS, "ad_id"), shuffle_rows=1000)
+
+
+def test_streamed_batches_are_the_in_memory_tensors(frames: dict[str, Any]) -> None:
+    source, data = shard_source(frames), frames["data"]
+    ordered = list(source.batches("test", 128))
+    rows = data.rows("test")
+    assert source.rows_in("test") == len(rows) == sum(len(b.impression_id) for b in ordered)
+    assert np.concatenate([b.impression_id for b in ordered]).tolist() == data.impression_id[rows].tolist()
+    torch.testing.assert_close(torch.cat([b.dense for b in ordered]), data.dense[rows])
+    torch.testing.assert_close(torch.cat([b.categorical for b in ordered]), data.categorical[rows])
+    first = [b.impression_id for b in source.batches("train", 64, torch.Generator().manual_seed(1))]
+    again = [b.impression_id for b in source.batches("train", 64, torch.Generator().manual_seed(1))]
+    other = [b.impression_id for b in source.batches("train", 64, torch.Generator().manual_seed(2))]
+    assert all((a == b).all() for a, b in zip(first, again, strict=True))
+    assert sorted(np.concatenate(first)) == sorted(data.impression_id[data.rows("train")])
+    assert not (np.concatenate(first) == np.concatenate(other)).all()
+
+
+def test_fit_trains_on_a_stream_with_the_same_loop(frames: dict[str, Any], tmp_path: Path) -> None:
+    source, data = shard_source(frames), frames["data"]
+    config = LoopConfig(epochs=2, batch_size=128, lr=3e-3)
+    model = baseline(data)
+    result = fit(model, source, config, tmp_path / "stream", progress=False)
+    again = baseline(data)
+    fit(again, source, config, tmp_path / "again", progress=False)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value)
+    p, labels = predict_split(model, source, "test", None)
+    assert len(result.history) == 2 and metrics.auc(labels, p) > 0.6
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+def test_streamed_metrics_equal_the_in_memory_report() -> None:
+    rng = np.random.default_rng(0)
+    n = 6000
+    groups = np.array([f"q{g}" for g in rng.integers(0, 150, n)], dtype=object)
+    shown = rng.integers(1, 4, n)
+    p = 1 / (1 + np.exp(-rng.normal(-1.5, 1.0, n)))
+    p[:200] = 0.2  # exact ties
+    clicks = rng.binomial(shown, np.clip(p * rng.uniform(0.6, 1.4, n), 0, 1))
+    labels = metrics.Labels(shown, clicks, groups)
+    evaluation = {"bootstrap_rounds": 50, "bootstrap_seed": 3, "calibration_bins": 10}
+    expected = experiment.metric_report(labels, p, 0.15, evaluation)
+    streamed = metrics.StreamingMetrics()
+    for start in range(0, n, 700):
+        chunk = slice(start, start + 700)
+        streamed.add(metrics.Labels(shown[chunk], clicks[chunk], groups[chunk]), p[chunk])
+    got = streamed.report(0.15, 50, 3, 10)
+    assert got["rows"] == n and got["clicks"] == expected["clicks"]
+    for key in ("auc", "gauc", "logloss", "rig"):
+        assert got[key] == pytest.approx(expected[key], abs=2e-4), key
+    for key in ("auc_ci", "gauc_ci", "rig_ci"):
+        np.testing.assert_allclose(got[key], expected[key], atol=2e-4, err_msg=key)
+    assert got["calibration"]["ratio"] == pytest.approx(expected["calibration"]["ratio"], rel=1e-9)
+    assert got["calibration"]["ece"] == pytest.approx(expected["calibration"]["ece"], abs=2e-3)
+    assert shown.sum() == got["impressions"]
+    baseline = np.clip(p + rng.normal(0, 0.05, n), 0.01, 0.99)
+    paired = experiment.paired_delta(labels, p, baseline, 0.15, evaluation)
+    delta = streamed.paired_delta(streamed.rescored(baseline), 0.15, 50, 3)
+    for key in ("auc", "rig", "gauc"):
+        assert delta[key].estimate == pytest.approx(paired[f"delta_{key}"], abs=2e-4), key
+        np.testing.assert_allclose(delta[key].as_list(), paired[f"delta_{key}_ci"], atol=2e-4, err_msg=key)
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+QUICK_EVAL = {"bootstrap_rounds": 20, "bootstrap_seed": 0, "calibration_bins": 15}
+QUICK = {
+    "loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 64},
+    "encoder": {"max_length": 16},
+    "evaluation": {"bootstrap_rounds": 20},
+    "modes": {"joint": {"loop": {"epochs": 1, "batch_size": 16}}},
+}
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_stream(prepared: Path, tmp_path: Path) -> None:
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest.update(spec={"columns": {"query_id": "query_id"}}, split={"mode": "random", "seed": 0})
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    config = tmp_path / "quick.yaml"
+    config.write_text(yaml.safe_dump(QUICK))
+    runs = tmp_path / "runs"
+    rows = impressions(prepared)
+    test = rows[rows.split == "test"].sort_values("impression_id")
+    labels = metrics.Labels(test.impressions.to_numpy(), test.clicks.to_numpy(), test.query_id.to_numpy())
+    p = {}
+    for name, flags in (("e0", ["--mode", "baseline"]), ("e3", ["--mode", "joint", "--fusion", "concat"])):
+        argv = [
+            *flags,
+            "--data",
+            str(prepared),
+            "--run",
+            name,
+            "--runs-dir",
+            str(runs),
+            "--config",
+            str(config),
+        ]
+        layers = ["--layers", "1"] if name == "e3" else []
+        results = train.run([*argv, *layers, "--streaming", "--no-progress"])
+        spec = json.loads((runs / name / "run.json").read_text())
+        assert spec["streaming"] is True
+        predictions = pd.read_parquet(runs / name / "predictions.parquet")
+        assert predictions.impression_id.tolist() == test.impression_id.tolist()
+        p[name] = predictions.p.to_numpy()
+        in_memory = experiment.metric_report(labels, p[name], spec["train_ctr"], QUICK_EVAL)
+        for key in ("auc", "gauc", "logloss", "rig"):
+            assert results["metrics"]["test"][key] == pytest.approx(in_memory[key], abs=2e-4), key
+    out = evaluate.run(["--run", "e3", "--baseline", "e0", "--runs-dir", str(runs)])
+    assert out["evaluate"]["max_abs_diff_vs_train_predictions"] <= 1e-6
+    assert out["metrics"]["test"]["auc"] == pytest.approx(results["metrics"]["test"]["auc"], abs=1e-9)
+    expected = experiment.paired_delta(labels, p["e3"], p["e0"], spec["train_ctr"], QUICK_EVAL)
+    for key in ("delta_auc", "delta_rig", "delta_gauc"):
+        assert out["delta_vs_baseline"][key] == pytest.approx(expected[key], abs=2e-4), key
