@@ -82,7 +82,9 @@ class _SideInputSpec:
 
 def _run_dofn(
     items: Iterable[Any],
-    transform: beam.ParDo,
+    fn: beam.DoFn,
+    label: str,
+    raw_side_inputs: tuple[Sequence[Any], dict[str, Any]],
     window_fn: Any,
     side_specs: Sequence[_SideInputSpec],
     *side_values: list[Any],
@@ -90,13 +92,13 @@ def _run_dofn(
     """One Dask partition as one Beam bundle: setup, start, process each, finish, teardown.
     Returns (tag, value) for every output, including those emitted by finish_bundle."""
     receivers = _Receivers()
-    args, kwargs = transform.raw_side_inputs
+    args, kwargs = raw_side_inputs
     side_inputs = [
         SideInputMap(spec.view_class, spec.view_options, [get_windowed_value(v, window_fn) for v in values])
         for spec, values in zip(side_specs, side_values, strict=True)
     ]
     invoker = DoFnInvoker.create_invoker(
-        DoFnSignature(transform.fn),
+        DoFnSignature(fn),
         _OutputHandler(
             window_fn=window_fn,
             main_receivers=receivers[None],
@@ -106,7 +108,7 @@ def _run_dofn(
             process_yields_batches=False,
             process_batch_yields_elements=False,
         ),
-        context=DoFnContext(transform.label, state=None),
+        context=DoFnContext(label, state=None),
         side_inputs=side_inputs,
         input_args=list(args),
         input_kwargs=kwargs,
@@ -221,7 +223,10 @@ class _DaskBagTranslator(PipelineVisitor):
             specs.append(_SideInputSpec(type(side), side._view_options(), side._window_mapping_fn))
             parts = self.bag_of(side.pvalue).to_delayed(optimize_graph=False)
             values.append(dask.delayed(_concat, pure=True)(*parts))  # computed once, sent to every task
-        return input_bag.map_partitions(_run_dofn, node.transform, window_fn, specs, *values)
+        transform = node.transform  # its DoFn and arguments only: the transform refers to its pipeline
+        return input_bag.map_partitions(
+            _run_dofn, transform.fn, transform.label, transform.raw_side_inputs, window_fn, specs, *values
+        )
 
     @staticmethod
     def _concat(bags: list[Any]) -> Any:
