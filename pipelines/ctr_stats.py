@@ -1,6 +1,7 @@
 """Historical CTR features per declared entity, from training rows only (Beam).
 
-    nlpctr ctr-stats --data DIR [--prior-strength 10] [beam options]
+    nlpctr ctr-stats --data DIR [--prior-strength 10] [beam options, e.g. --runner
+        nlpctr.pipelines.dask_runner.DaskRunner]
 
 For each entity in the manifest (test_id, image_id, ad_id, query_id, position, ...) it sums
 impressions and clicks over the *training* rows and smooths the CTR toward the global

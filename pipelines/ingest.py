@@ -3,9 +3,15 @@
     nlpctr data prepare --dataset upworthy --out data/upworthy [--seed 0] [beam options]
 
 The pipeline is built from standard PipelineOptions, so `--runner` picks DirectRunner (the
-default), FlinkRunner, SparkRunner or DataflowRunner without code changes. Every source
-record ends as exactly one written row or one rejected record; the manifest's counts are
-computed inside the pipeline and checked: rows_in == rows_written + rows_rejected.
+default), Dask (`--runner nlpctr.pipelines.dask_runner.DaskRunner [--dask_client_address
+tcp://HOST:PORT]`), FlinkRunner, SparkRunner or DataflowRunner without code changes. Every
+source record ends as exactly one written row or one rejected record; the manifest's counts
+are computed inside the pipeline and checked: rows_in == rows_written + rows_rejected.
+
+Memory stays flat as the log grows: the source is read twice, first to find the impression
+ids that occur more than once (64-bit hashes in a combiner), then to stream every row to the
+sink; only the rows of repeated ids go through a shuffle (GroupByKey) to be deduplicated.
+Those kept rows are written as `impressions/deduped-*.parquet` beside `impressions/part-*`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exact and conflicting duplicates of an impression_id, and rows without ad text."""
     folder = tmp_path_factory.mktemp("dist")
     log = folder / "log.parquet"
-    argv = ["--rows", "2000", "--rho", "0.5", "--seed", "0", "--chunk-rows", "500", "--no-progress"]
+    argv = ["--rows", "1000", "--rho", "0.5", "--seed", "0", "--chunk-rows", "250", "--no-progress"]
     simulate.run([*argv, "--out", str(log)])
     table = pq.read_table(log)
     duplicates = table.slice(0, 10)
@@ -47,7 +47,7 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     no_text = table.slice(20, 5).set_column(
         table.schema.get_field_index("ad_text"), table.schema.field("ad_text"), pa.array([""] * 5)
     )
-    pq.write_table(pa.concat_tables([table, duplicates, conflicting, no_text]), log, row_group_size=500)
+    pq.write_table(pa.concat_tables([table, duplicates, conflicting, no_text]), log, row_group_size=250)
     spec = folder / "log.spec.yaml"
     spec.write_text(spec.read_text().replace("max_reject_rate: 0.0", "max_reject_rate: 0.05"))
     return spec
@@ -68,10 +68,10 @@ def test_ingest_and_ctr_stats_on_dask_match_the_direct_runner(
 ) -> None:
     direct = prepare_and_stats(spec, tmp_path / "direct", [])
     dask_args = ["--runner", RUNNER, "--dask_client_address", cluster.scheduler_address,
-                 "--dask_npartitions", "4"]  # fmt: skip
+                 "--dask_npartitions", "2"]  # fmt: skip
     on_dask = prepare_and_stats(spec, tmp_path / "dask", dask_args)
 
-    assert direct["rows_in"] == 2025 and direct["rejected_by_reason"] == {
+    assert direct["rows_in"] == 1025 and direct["rejected_by_reason"] == {
         "duplicate_impression_id": 20,
         "missing_text": 5,
     }
