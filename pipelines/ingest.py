@@ -206,7 +206,7 @@ class RepeatedIdHashes(beam.CombineFn):
 
 
 class FindRepeatedIds(beam.PTransform):
-    """A first, cheap pass over the valid rows: which impression ids may occur more than once
+    """A first pass over the valid rows: which impression ids may occur more than once
     (their 64-bit hashes; a rare collision only sends a unique row through the exact
     deduplication), and their timestamps (for the time split's cut points)."""
 
@@ -265,7 +265,7 @@ class ValidateImpressions(beam.PTransform):
         self.limits = limits
         self.repeated = repeated
 
-    def expand(self, records: beam.pvalue.PCollection) -> tuple[Any, Any, Any, Any]:
+    def expand(self, records: beam.pvalue.PCollection) -> tuple[Any, Any, Any]:
         mapped = records | "Map" >> beam.ParDo(MapToSchema(self.spec, self.limits)).with_outputs(
             MapToSchema.REJECTED, main="rows"
         )
