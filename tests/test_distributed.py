@@ -7,14 +7,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import distributed
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from nlpctr.pipelines import ctr_stats, ingest, simulate
-
-distributed = pytest.importorskip("distributed")
 
 pytestmark = pytest.mark.slow
 RUNNER = "nlpctr.pipelines.dask_runner.DaskRunner"
