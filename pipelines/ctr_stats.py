@@ -1,6 +1,7 @@
 """Historical CTR features per declared entity, from training rows only (Beam).
 
-    nlpctr ctr-stats --data DIR [--prior-strength 10] [beam options]
+    nlpctr ctr-stats --data DIR [--prior-strength 10] [beam options, e.g. --runner
+        nlpctr.pipelines.dask_runner.DaskRunner]
 
 For each entity in the manifest (test_id, image_id, ad_id, query_id, position, ...) it sums
 impressions and clicks over the *training* rows and smooths the CTR toward the global
@@ -21,7 +22,7 @@ import argparse
 import json
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -109,49 +110,52 @@ def _entity_row(
     }
 
 
-def _row_features(
-    key_and_groups: tuple[Any, dict[str, list[Any]]],
-    entity: str,
-    prior: dict[str, float],
-    prior_strength: float,
-) -> Iterator[tuple[str, tuple[str, float, int]]]:
-    """Per impression of one entity key: (impression_id, (entity, smoothed ctr, count)),
-    leave-one-out for training rows."""
-    key, groups = key_and_groups
-    totals = groups["totals"]
-    impressions, clicks = totals[0] if totals else (0, 0)
-    for row in groups["rows"]:
-        # A null key has no history (EntityTotals skips it), so there is nothing to leave out.
-        own = key is not None and row["split"] == TRAIN
-        own_i, own_c = (row["impressions"], row["clicks"]) if own else (0, 0)
-        i, c = impressions - own_i, clicks - own_c
-        yield row["impression_id"], (entity, smoothed_ctr(c, i, prior["ctr"], prior_strength), i)
-
-
-def _merge_row(
-    id_and_groups: tuple[str, dict[str, list[Any]]],
+def _row_history(
+    row: dict[str, Any],
     entities: tuple[str, ...],
     prior: dict[str, float],
+    prior_strength: float,
+    *totals_by_entity: dict[str, tuple[int, int]],
 ) -> dict[str, Any]:
-    impression_id, groups = id_and_groups
-    row: dict[str, Any] = {"impression_id": impression_id, "event_timestamp": groups["timestamp"][0]}
-    found = {entity: (ctr, count) for entity, ctr, count in groups["features"]}
-    for entity in entities:
-        # A null key has no history: it gets the prior, like a key never seen in training.
-        ctr, count = found.get(entity, (prior["ctr"], 0))
-        row[f"{entity}_ctr"] = ctr
-        row[f"{entity}_impressions"] = count
-    return row
+    """One impression's CTR history: per entity, the smoothed CTR and count of the entity's
+    training totals, leave-one-out for a training row (its own impressions and clicks are
+    subtracted, so it never sees its own label)."""
+    history: dict[str, Any] = {
+        "impression_id": row["impression_id"],
+        "event_timestamp": row["event_timestamp"],
+    }
+    for entity, totals in zip(entities, totals_by_entity, strict=True):
+        key = row[entity]
+        # A null key has no history (EntityTotals skips it), so there is nothing to leave out;
+        # a key never seen in training has totals (0, 0): both get the prior and count 0.
+        impressions, clicks = totals.get(key, (0, 0)) if key is not None else (0, 0)
+        if key is not None and row["split"] == TRAIN:
+            impressions, clicks = impressions - row["impressions"], clicks - row["clicks"]
+        history[f"{entity}_ctr"] = smoothed_ctr(clicks, impressions, prior["ctr"], prior_strength)
+        history[f"{entity}_impressions"] = impressions
+    return history
 
 
 class CtrHistory(beam.PTransform):
-    """Impression rows -> entity-level and row-level (leave-one-out) CTR history, written."""
+    """Impression rows -> entity-level and row-level (leave-one-out) CTR history, written.
 
-    def __init__(self, entities: tuple[str, ...], prior_strength: float, out: Path) -> None:
+    Reads the impressions twice: once for the totals (small: one per entity key), once to
+    stream each row past them (side inputs) to the sink, so no row waits in a shuffle.
+    """
+
+    def __init__(
+        self,
+        read_rows: Callable[[], beam.PTransform],
+        entities: tuple[str, ...],
+        prior_strength: float,
+        out: Path,
+    ) -> None:
         super().__init__()
+        self.read_rows = read_rows
         self.entities, self.prior_strength, self.out = entities, prior_strength, out
 
-    def expand(self, rows: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.PCollection:
+        rows = pbegin | "ReadForTotals" >> self.read_rows()
         train = rows | "TrainOnly" >> beam.Filter(lambda r: r["split"] == TRAIN)
         prior = (
             train
@@ -164,9 +168,10 @@ class CtrHistory(beam.PTransform):
             | "Stamps" >> beam.Map(lambda r: r["event_timestamp"])
             | "Snapshot" >> beam.CombineGlobally(min)
         )
-        per_row = []
+        totals_by_entity = []
         for entity in self.entities:
             totals = train | f"Totals[{entity}]" >> EntityTotals(entity)
+            totals_by_entity.append(beam.pvalue.AsDict(totals))
             _ = (
                 totals
                 | f"Format[{entity}]"
@@ -184,19 +189,17 @@ class CtrHistory(beam.PTransform):
                     file_name_suffix=".parquet",
                 )
             )
-            keyed_rows = rows | f"RowsBy[{entity}]" >> beam.Map(lambda r, e=entity: (r[e], r))
-            per_row.append(
-                {"totals": totals, "rows": keyed_rows}
-                | f"Join[{entity}]" >> beam.CoGroupByKey()
-                | f"RowFeatures[{entity}]"
-                >> beam.FlatMap(_row_features, entity, beam.pvalue.AsSingleton(prior), self.prior_strength)
-            )
-        features = tuple(per_row) | "AllRowFeatures" >> beam.Flatten()
-        timestamps = rows | "RowStamps" >> beam.Map(lambda r: (r["impression_id"], r["event_timestamp"]))
         _ = (
-            {"features": features, "timestamp": timestamps}
-            | "ByImpression" >> beam.CoGroupByKey()
-            | "MergeRow" >> beam.Map(_merge_row, self.entities, beam.pvalue.AsSingleton(prior))
+            pbegin
+            | "ReadRows" >> self.read_rows()
+            | "RowHistory"
+            >> beam.Map(
+                _row_history,
+                self.entities,
+                beam.pvalue.AsSingleton(prior),
+                self.prior_strength,
+                *totals_by_entity,
+            )
             | "WriteRows"
             >> beam.io.WriteToParquet(
                 str(self.out / "ctr_history_rows" / "part"),
@@ -256,11 +259,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     staging = staging_dir(data_dir / "ctr_stats")
     started = time.perf_counter()
     try:
+        pattern = str(data_dir / "impressions" / "*.parquet")
         with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
-            rows = pipeline | "ReadImpressions" >> beam.io.ReadFromParquet(
-                str(data_dir / "impressions" / "*.parquet"), columns=columns
+            _ = pipeline | "CtrHistory" >> CtrHistory(
+                lambda: beam.io.ReadFromParquet(pattern, columns=columns),
+                entities,
+                args.prior_strength,
+                staging,
             )
-            _ = rows | "CtrHistory" >> CtrHistory(entities, args.prior_strength, staging)
         # Swap both outputs in together: a crash before this leaves the old ones untouched.
         for name in ("ctr_history", "ctr_history_rows"):
             publish(staging / name, data_dir / name)

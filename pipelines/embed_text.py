@@ -338,7 +338,7 @@ def build_pipeline(
         results | "CountInference" >> beam.FlatMap(inference_counts),
         written,
     ]
-    _ = counts | "AllCounts" >> beam.Flatten() | "WriteStats" >> WriteCounts(str(staging / STATS_FILE))
+    _ = tuple(counts) | "WriteStats" >> WriteCounts(str(staging / STATS_FILE))
 
 
 def check_impressions(data: Path) -> str:

@@ -3,14 +3,21 @@
     nlpctr data prepare --dataset upworthy --out data/upworthy [--seed 0] [beam options]
 
 The pipeline is built from standard PipelineOptions, so `--runner` picks DirectRunner (the
-default), FlinkRunner, SparkRunner or DataflowRunner without code changes. Every source
-record ends as exactly one written row or one rejected record; the manifest's counts are
-computed inside the pipeline and checked: rows_in == rows_written + rows_rejected.
+default), Dask (`--runner nlpctr.pipelines.dask_runner.DaskRunner [--dask_client_address
+tcp://HOST:PORT]`), FlinkRunner, SparkRunner or DataflowRunner without code changes. Every
+source record ends as exactly one written row or one rejected record; the manifest's counts
+are computed inside the pipeline and checked: rows_in == rows_written + rows_rejected.
+
+Memory stays flat as the log grows: the source is read twice, first to find the impression
+ids that occur more than once (64-bit hashes in a combiner), then to stream every row to the
+sink; only the rows of repeated ids go through a shuffle (GroupByKey) to be deduplicated.
+Those kept rows are written as `impressions/deduped-*.parquet` beside `impressions/part-*`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -161,6 +169,73 @@ class MapToSchema(beam.DoFn):
             yield result
 
 
+def id_hash(impression_id: str) -> int:
+    """A 64-bit digest of an impression id, the same in every process (unlike `hash`)."""
+    return int.from_bytes(hashlib.blake2b(impression_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class RepeatedIdHashes(beam.CombineFn):
+    """id hashes -> the frozenset of those seen more than once, in compact numpy arrays
+    (8 bytes per distinct id), so a log of millions of ids needs tens of MB, not a shuffle."""
+
+    COMPACT_EVERY = 1 << 18
+
+    def create_accumulator(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        empty = np.empty(0, np.uint64)
+        return empty, empty, []  # distinct hashes, repeated hashes, not yet compacted
+
+    def add_input(self, acc: tuple[np.ndarray, np.ndarray, list[int]], h: int) -> Any:
+        acc[2].append(h)
+        return self._compact(acc) if len(acc[2]) >= self.COMPACT_EVERY else acc
+
+    @staticmethod
+    def _compact(acc: tuple[np.ndarray, np.ndarray, list[int]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        return RepeatedIdHashes._merge([acc[0], np.array(acc[2], np.uint64)], [acc[1]])
+
+    @staticmethod
+    def _merge(distinct: list[np.ndarray], repeated: list[np.ndarray]) -> Any:
+        values, counts = np.unique(np.concatenate(distinct), return_counts=True)
+        return values, np.union1d(np.concatenate(repeated), values[counts > 1]), []
+
+    def merge_accumulators(self, accs: Iterable[tuple[np.ndarray, np.ndarray, list[int]]]) -> Any:
+        compacted = [self._compact(acc) for acc in accs]
+        return self._merge([a[0] for a in compacted], [a[1] for a in compacted])
+
+    def extract_output(self, acc: tuple[np.ndarray, np.ndarray, list[int]]) -> frozenset[int]:
+        return frozenset(int(h) for h in self._compact(acc)[1])
+
+
+class FindRepeatedIds(beam.PTransform):
+    """A first pass over the valid rows: which impression ids may occur more than once
+    (their 64-bit hashes; a rare collision only sends a unique row through the exact
+    deduplication), and their timestamps (for the time split's cut points)."""
+
+    def __init__(self, spec: DatasetSpec, limits: Limits) -> None:
+        super().__init__()
+        self.spec = spec
+        self.limits = limits
+
+    def expand(self, records: beam.pvalue.PCollection) -> dict[str, beam.pvalue.PCollection]:
+        spec, limits = self.spec, self.limits
+
+        def valid_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+            result = map_record(spec, record, limits)
+            return [] if isinstance(result, Rejection) else [result.row]
+
+        rows = records | "ValidRows" >> beam.FlatMap(valid_rows)
+        repeated = (
+            rows
+            | "IdHashes" >> beam.Map(lambda r: id_hash(r["impression_id"]))
+            | "Repeated" >> beam.CombineGlobally(RepeatedIdHashes())
+        )
+        timestamps = rows | "Timestamps" >> beam.Map(lambda r: r["event_timestamp"])
+        return {"repeated": repeated, "timestamps": timestamps}
+
+
+def _truncated_counts(mapped: Mapped) -> list[tuple[str, int]]:
+    return [(f"truncated:{column}", 1) for column in mapped.truncated]
+
+
 def _keep_first(impression_id: str, mapped: Iterable[Mapped]) -> Iterator[Any]:
     """Keep one row per impression_id (the smallest by content, so reruns agree); the others
     go to the dead-letter output as duplicates."""
@@ -176,32 +251,49 @@ def _keep_first(impression_id: str, mapped: Iterable[Mapped]) -> Iterator[Any]:
 
 
 class ValidateImpressions(beam.PTransform):
-    """Map, validate and deduplicate; returns (rows, rejections, truncated-column counters)."""
+    """Map, validate and deduplicate; returns the rows as two streams (those whose id occurs
+    once, and the kept one of each repeated id), the rejections and truncated-column counters.
 
-    def __init__(self, spec: DatasetSpec, limits: Limits) -> None:
+    Only rows whose id is in `repeated` (a side input from `FindRepeatedIds`) are shuffled
+    to deduplicate; every other row streams from the source to the sink, so memory does not
+    grow with the log on runners that hold a shuffle in memory (the DirectRunner).
+    """
+
+    def __init__(self, spec: DatasetSpec, limits: Limits, repeated: beam.pvalue.PCollection) -> None:
         super().__init__()
         self.spec = spec
         self.limits = limits
+        self.repeated = repeated
 
     def expand(self, records: beam.pvalue.PCollection) -> tuple[Any, Any, Any]:
         mapped = records | "Map" >> beam.ParDo(MapToSchema(self.spec, self.limits)).with_outputs(
             MapToSchema.REJECTED, main="rows"
         )
+        once, maybe_repeated = mapped.rows | "ByIdCount" >> beam.Partition(
+            lambda m, _, repeated: int(id_hash(m.row["impression_id"]) in repeated),
+            2,
+            beam.pvalue.AsSingleton(self.repeated),
+        )
         deduped = (
-            mapped.rows
+            maybe_repeated
             | "KeyById" >> beam.Map(lambda m: (m.row["impression_id"], m))
             | "GroupById" >> beam.GroupByKey()
             | "KeepFirst" >> beam.FlatMapTuple(_keep_first).with_outputs(MapToSchema.REJECTED, main="rows")
         )
-        truncated = deduped.rows | "CountTruncated" >> beam.FlatMap(
-            lambda m: [(f"truncated:{column}", 1) for column in m.truncated]
+        truncated = tuple(
+            kept
+            | f"CountTruncated{i}" >> beam.FlatMap(lambda m: [(f"truncated:{c}", 1) for c in m.truncated])
+            for i, kept in enumerate((once, deduped.rows))
         )
-        rows = deduped.rows | "Rows" >> beam.Map(lambda m: m.row)
+        streams = (
+            once | "Rows" >> beam.Map(lambda m: m.row),
+            deduped.rows | "DedupedRows" >> beam.Map(lambda m: m.row),
+        )
         rejected = (
             mapped[MapToSchema.REJECTED],
             deduped[MapToSchema.REJECTED],
         ) | "AllRejected" >> beam.Flatten()
-        return rows, rejected, truncated
+        return streams, rejected, truncated
 
 
 # ------------------------------------------------------------------------------- splitting
@@ -219,12 +311,21 @@ class AssignSplits(beam.PTransform):
     """Deterministic train/valid/test by seed.
 
     within_group: each row independently (rows of one group fall across splits);
-    cold_group: whole groups; time: by event_timestamp quantiles (earliest rows train).
+    cold_group: whole groups; time: by event_timestamp, at `cut_points` (a singleton from
+    `TimeCutPoints`; earliest rows train).
     """
 
-    def __init__(self, mode: str, fractions: tuple[float, float, float], seed: int, group: str) -> None:
+    def __init__(
+        self,
+        mode: str,
+        fractions: tuple[float, float, float],
+        seed: int,
+        group: str,
+        cut_points: beam.pvalue.PCollection | None = None,
+    ) -> None:
         super().__init__()
         self.mode, self.fractions, self.seed, self.group = mode, fractions, seed, group
+        self.cut_points = cut_points
 
     def expand(self, rows: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
         fractions, seed, group = self.fractions, self.seed, self.group
@@ -240,21 +341,33 @@ class AssignSplits(beam.PTransform):
                 return {**row, "split": split_of(unit_interval(seed, "group", key), fractions)}
 
             return rows | "SplitGroups" >> beam.Map(by_group)
-        # Time: cut points from approximate quantiles of the timestamps (bounded memory; exact
-        # while the data fits the combiner's buffers); rows tied at a cut go to the earlier split.
-        cut_points = (
-            rows
-            | "Timestamps" >> beam.Map(lambda r: r["event_timestamp"])
-            | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(QUANTILES + 1)
-            | "CutPoints" >> beam.Map(_time_cut_points, fractions)
-        )
 
         def by_time(row: dict[str, Any], cuts: tuple[Any, Any]) -> dict[str, Any]:
             ts = row["event_timestamp"]
             split = SPLITS[0] if ts <= cuts[0] else SPLITS[1] if ts <= cuts[1] else SPLITS[2]
             return {**row, "split": split}
 
-        return rows | "SplitTime" >> beam.Map(by_time, beam.pvalue.AsSingleton(cut_points))
+        if self.cut_points is None:
+            raise ValueError("the time split needs cut_points")
+        return rows | "SplitTime" >> beam.Map(by_time, beam.pvalue.AsSingleton(self.cut_points))
+
+
+class TimeCutPoints(beam.PTransform):
+    """Timestamps -> (last train time, last valid time), from approximate quantiles (bounded
+    memory; exact while the data fits the combiner's buffers); rows tied at a cut go to the
+    earlier split. The timestamps are those of every valid row, before deduplication, so the
+    cut points are known before any row is written."""
+
+    def __init__(self, fractions: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.fractions = fractions
+
+    def expand(self, timestamps: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
+        return (
+            timestamps
+            | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(QUANTILES + 1)
+            | "CutPoints" >> beam.Map(_time_cut_points, self.fractions)
+        )
 
 
 QUANTILES = 1000
@@ -279,18 +392,46 @@ def build_pipeline(
     limits: Limits,
     num_shards: int,
 ) -> None:
+    """Two reads of the source: the first finds the repeated ids (and the time split's cut
+    points); the second streams every row to the sink, shuffling only the repeated ids."""
+    first_pass = pipeline | "ReadForIds" >> ReadSourceRecords(spec)
+    ids = first_pass["records"] | "FindRepeatedIds" >> FindRepeatedIds(spec, limits)
+    cut_points = (
+        ids["timestamps"] | "TimeCutPoints" >> TimeCutPoints(spec.split_fractions)
+        if split_mode == "time"
+        else None
+    )
+
     source = pipeline | "ReadSource" >> ReadSourceRecords(spec)
     records = source["records"]
-    rows, rejected, truncated = records | "Validate" >> ValidateImpressions(spec, limits)
-    rows = rows | "AssignSplits" >> AssignSplits(split_mode, spec.split_fractions, seed, spec.group)
-
+    streams, rejected, truncated = records | "Validate" >> ValidateImpressions(spec, limits, ids["repeated"])
+    counters = [
+        records | "CountIn" >> beam.Map(lambda _: ("rows_in", 1)),
+        rejected | "CountRejected" >> beam.Map(lambda r: (f"rejected:{r.reason}", 1)),
+        *truncated,
+        source["stats"],
+    ]
     schema = impression_schema(spec.context_columns)
-    _ = rows | "WriteImpressions" >> beam.io.WriteToParquet(
-        str(staging / "impressions" / "part"),
-        schema,
-        file_name_suffix=".parquet",
-        num_shards=num_shards,
-    )
+    # Two sinks into one folder, not a Flatten: a runner may materialise a Flatten's inputs.
+    for name, prefix, shards, stream in (
+        ("", "part", num_shards, streams[0]),
+        ("Deduped", "deduped", min(num_shards, 1), streams[1]),
+    ):
+        rows = stream | f"AssignSplits{name}" >> AssignSplits(
+            split_mode, spec.split_fractions, seed, spec.group, cut_points
+        )
+        _ = rows | f"WriteImpressions{name}" >> beam.io.WriteToParquet(
+            str(staging / "impressions" / prefix), schema, file_name_suffix=".parquet", num_shards=shards
+        )
+        counters += [
+            rows | f"CountWritten{name}" >> beam.Map(lambda r: ("rows_written", 1)),
+            rows | f"CountSplits{name}" >> beam.Map(lambda r: (f"split:{r['split']}", 1)),
+            rows
+            | f"CountSplitImpressions{name}"
+            >> beam.Map(lambda r: (f"split_impressions:{r['split']}", r["impressions"])),
+            rows
+            | f"CountSplitClicks{name}" >> beam.Map(lambda r: (f"split_clicks:{r['split']}", r["clicks"])),
+        ]
     _ = (
         rejected
         | "RejectedJson" >> beam.Map(lambda r: r.to_json())
@@ -299,19 +440,7 @@ def build_pipeline(
             str(staging / "rejected" / "part"), file_name_suffix=".jsonl", num_shards=num_shards
         )
     )
-    counters = [
-        records | "CountIn" >> beam.Map(lambda _: ("rows_in", 1)),
-        rows | "CountWritten" >> beam.Map(lambda r: ("rows_written", 1)),
-        rows | "CountSplits" >> beam.Map(lambda r: (f"split:{r['split']}", 1)),
-        rows
-        | "CountSplitImpressions"
-        >> beam.Map(lambda r: (f"split_impressions:{r['split']}", r["impressions"])),
-        rows | "CountSplitClicks" >> beam.Map(lambda r: (f"split_clicks:{r['split']}", r["clicks"])),
-        rejected | "CountRejected" >> beam.Map(lambda r: (f"rejected:{r.reason}", 1)),
-        truncated,
-        source["stats"],
-    ]
-    _ = counters | "AllCounters" >> beam.Flatten() | "CountOutcomes" >> WriteCounts(str(staging / STATS_FILE))
+    _ = tuple(counters) | "CountOutcomes" >> WriteCounts(str(staging / STATS_FILE))
 
 
 def manifest_from_counts(

@@ -18,15 +18,22 @@ import apache_beam as beam
 
 class WriteCounts(beam.PTransform):
     """(name, number) pairs from every branch -> one JSON object of their sums, in one file
-    that the driver reads after the pipeline finishes (`read_counts`)."""
+    that the driver reads after the pipeline finishes (`read_counts`).
+
+    Takes the branches' PCollections as a tuple and sums each before flattening them: a
+    runner may materialise a Flatten's inputs (Beam's FnApiRunner does), so only the
+    per-bundle partial sums, never one pair per row, cross it.
+    """
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
 
-    def expand(self, pairs: beam.pvalue.PCollection) -> beam.pvalue.PDone:
+    def expand(self, branches: tuple[beam.pvalue.PCollection, ...]) -> beam.pvalue.PDone:
+        partial_sums = tuple(pairs | f"Sum{i}" >> beam.CombinePerKey(sum) for i, pairs in enumerate(branches))
         return (
-            pairs
+            partial_sums
+            | "Flatten" >> beam.Flatten()
             | "Sum" >> beam.CombinePerKey(sum)
             | "ToDict" >> beam.combiners.ToDict()
             | "Json" >> beam.Map(lambda counts: json.dumps(counts, sort_keys=True))

@@ -246,3 +246,22 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "not a readable parquet file" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_repeated_id_hashes_finds_exactly_the_ids_seen_twice_across_bundles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ingest.RepeatedIdHashes, "COMPACT_EVERY", 7)  # compact many times
+    combine = ingest.RepeatedIdHashes()
+    ids = [f"imp-{i}" for i in range(100)]
+    # Three bundles: one repeat inside a bundle, two across bundles, one id thrice.
+    bundles = [[*ids[:40], "imp-3"], [*ids[40:80], "imp-10", "imp-50"], [*ids[80:], "imp-99", "imp-3"]]
+    accumulators = []
+    for bundle in bundles:
+        acc = combine.create_accumulator()
+        for impression_id in bundle:
+            acc = combine.add_input(acc, ingest.id_hash(impression_id))
+        accumulators.append(acc)
+    repeated = combine.extract_output(combine.merge_accumulators(accumulators))
+    assert repeated == {ingest.id_hash(i) for i in ("imp-3", "imp-10", "imp-50", "imp-99")}
+    assert ingest.id_hash("imp-3") == ingest.id_hash("imp-3") != ingest.id_hash("imp-4")
