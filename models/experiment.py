@@ -309,7 +309,6 @@ def paired_delta(
 ) -> dict[str, Any]:
     """ΔAUC, ΔRIG, ΔGAUC of a model over a baseline on the same rows, paired group bootstrap."""
     rounds, seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
-    out: dict[str, Any] = {}
     intervals = {
         "auc": metrics.paired_bootstrap_diff(metrics.auc, labels, predictions, baseline, rounds, seed),
         "rig": metrics.paired_bootstrap_diff(
@@ -317,9 +316,24 @@ def paired_delta(
         ),
         "gauc": gauc_bootstrap(labels, predictions, baseline, rounds, seed),
     }
+    return delta_fields(intervals)
+
+
+def delta_fields(intervals: Mapping[str, metrics.Interval]) -> dict[str, Any]:
+    """`delta_<metric>`, `_ci`, `_significant` per interval; `significant` is the AUC's."""
+    out: dict[str, Any] = {}
     for name, interval in intervals.items():
         out[f"delta_{name}"] = interval.estimate
         out[f"delta_{name}_ci"] = interval.as_list()
         out[f"delta_{name}_significant"] = interval.significant
     out["significant"] = intervals["auc"].significant
     return out
+
+
+def delta_summary(baseline: str, delta: Mapping[str, Any]) -> str:
+    """The `; ΔAUC vs RUN ...` clause of a one-line summary."""
+    lo, hi = delta["delta_auc_ci"]
+    return (
+        f"; ΔAUC vs {baseline} {delta['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        f"{' (significant)' if delta['significant'] else ''}"
+    )

@@ -108,11 +108,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             raise UserError(f"baseline {args.baseline} did not predict the same test rows as {args.run}")
         delta = experiment.paired_delta(labels, p, aligned, trained.spec["train_ctr"], evaluation)
         results["delta_vs_baseline"] = {"baseline": args.baseline, **delta}
-        lo, hi = delta["delta_auc_ci"]
-        summary += (
-            f"; ΔAUC vs {args.baseline} {delta['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            f"{' (significant)' if delta['significant'] else ''}"
-        )
+        summary += experiment.delta_summary(args.baseline, delta)
     results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}
 
@@ -147,17 +143,8 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         ):
             raise UserError(f"baseline {args.baseline} did not predict the same test rows as {args.run}")
         delta = scored.paired_delta(scored.rescored(base["p"].to_numpy()), train_ctr, rounds, seed)
-        out: dict[str, Any] = {}
-        for name, interval in delta.items():
-            out[f"delta_{name}"] = interval.estimate
-            out[f"delta_{name}_ci"] = interval.as_list()
-            out[f"delta_{name}_significant"] = interval.significant
-        out["significant"] = delta["auc"].significant
+        out = experiment.delta_fields(delta)
         results["delta_vs_baseline"] = {"baseline": args.baseline, **out}
-        lo, hi = out["delta_auc_ci"]
-        summary += (
-            f"; ΔAUC vs {args.baseline} {out['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            f"{' (significant)' if out['significant'] else ''}"
-        )
+        summary += experiment.delta_summary(args.baseline, out)
     results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}
