@@ -167,6 +167,30 @@ class CtrModel(nn.Module):
             return self.tower(base) + extra
         return self.tower(torch.cat([base, extra], dim=1))
 
+    def warm_start(self, baseline: CtrModel) -> None:
+        """Start from a trained E0 (same inputs): its tower's weights, the columns a fusion adds
+        to the MLP's first layer and the fusion's output layer at zero, so the model computes
+        exactly E0 before joint training and the LM learns what E0 misses."""
+        if baseline.fusion is not None:
+            raise ValueError("warm start from a model without a text fusion (an E0 run)")
+        own = self.tower.state_dict()
+        for name, value in baseline.tower.state_dict().items():
+            if name not in own:
+                raise ValueError(f"the baseline has a tower weight {name} this model lacks")
+            target = own[name]
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif target.dim() == 2 and target.shape[0] == value.shape[0] and target.shape[1] > value.shape[1]:
+                target.zero_()  # the fused text's extra input columns
+                target[:, : value.shape[1]].copy_(value)
+            else:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
+        self.tower.load_state_dict(own)
+        if self.fusion is not None and self.fusion.fusion == "score":
+            last = self.fusion.score[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
     def penultimate(
         self, categorical: torch.Tensor, dense: torch.Tensor, cascade: tuple[torch.Tensor, ...] = ()
     ) -> torch.Tensor:

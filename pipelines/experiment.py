@@ -208,6 +208,8 @@ class Experiment:
             argv += ["--fusion", fusion]
         if mode in ("cascade-finetuned", "joint"):
             argv += ["--layers", str(self.protocol["lm_layers"])]
+        if mode == "joint" and self.protocol["joint_init_from_baseline"]:
+            argv += ["--init-from", BASELINE_RUN]
         if not self.progress:
             argv.append("--no-progress")
         with self.stage(f"train_{run}"):

@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run", required=True, help="run name: RUNS/NAME/")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--config", type=Path, default=None, help="YAML merged over the defaults")
+    parser.add_argument(
+        "--init-from", default=None, help="joint mode: start the CTR tower from this E0 run (in RUNS)"
+    )
     memory = parser.add_mutually_exclusive_group()
     memory.add_argument(
         "--streaming",
@@ -184,8 +187,10 @@ def fit_ctr(
     checkpoints: Path,
     fusion: str | None,
     progress: bool,
+    warm_start: experiment.TrainedRun | None = None,
 ) -> tuple[experiment.Preprocessing, Tensors, torch.nn.Module, TextBatcher | None, FitResult]:
-    """Tensors, model (with a trainable LM when there is a fusion) and the fitted loop."""
+    """Tensors, model (with a trainable LM when there is a fusion) and the fitted loop;
+    `warm_start` (an E0 run on the same inputs) initialises the CTR tower."""
     pre = experiment.Preprocessing.fit(frame, columns, manifest["group"], fill_ctr)
     data = pre.tensorize(frame)
     texts = None
@@ -193,8 +198,22 @@ def fit_ctr(
         lm = TextEncoder(experiment.encoder_config(config), trainable=True)
         texts = TextBatcher.for_data(lm, data)
     model = experiment.build_model(pre, config, fusion, texts.lm.dim if texts else 0)
+    if warm_start is not None:
+        start_from(model, pre, warm_start)
     result = fit(model, data, experiment.loop_config(config), checkpoints, texts=texts, progress=progress)
     return pre, data, model, texts, result
+
+
+def start_from(
+    model: torch.nn.Module, pre: experiment.Preprocessing, baseline: experiment.TrainedRun
+) -> None:
+    """Initialise a joint model's CTR tower from a trained E0 that read the same inputs."""
+    if pre.to_json() != baseline.pre.to_json():
+        raise UserError(
+            f"--init-from {baseline.directory.name} was trained on other inputs (columns or vocabularies "
+            "differ); train it on the same data and service"
+        )
+    model.warm_start(baseline.model)
 
 
 def train_lm_alone(
@@ -362,6 +381,7 @@ def train_streaming(
     run_dir: Path,
     fusion: str | None,
     progress: bool,
+    warm_start: experiment.TrainedRun | None = None,
 ) -> tuple[experiment.Preprocessing, torch.nn.Module, TextBatcher | None, FitResult, dict[str, Any], float]:
     """`fit_ctr` and the test pass on shards: (preprocessing, model, LM batcher, fit, test report,
     train CTR); predictions are written to the run folder as they are made."""
@@ -371,6 +391,8 @@ def train_streaming(
         lm = TextEncoder(experiment.encoder_config(config), trainable=True)
         texts = TextBatcher(lm, cache_limit=TEXT_CACHE)
     model = experiment.build_model(pre, config, fusion, texts.lm.dim if texts else 0)
+    if warm_start is not None:
+        start_from(model, pre, warm_start)
     checkpoints = run_dir / experiment.CHECKPOINTS / "ctr"
     result = fit(model, source, experiment.loop_config(config), checkpoints, texts=texts, progress=progress)
     _, impressions, clicks = streaming.split_totals(source.root, "train")
@@ -396,6 +418,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         args.fusion = "score"
     if args.mode != "joint" and args.fusion is not None:
         raise UserError(f"--fusion applies to --mode joint only (got --mode {args.mode})")
+    if args.mode != "joint" and args.init_from is not None:
+        raise UserError(f"--init-from applies to --mode joint only (got --mode {args.mode})")
     overrides: dict[str, Any] = {}
     if args.epochs is not None:
         # E2's expensive step is the LM's; its CTR step keeps the configured (E0) budget.
@@ -409,6 +433,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = run_dir_of(args.runs_dir, args.run)
     slug = lm_feature_slug(args.run)
     identity = {"mode": args.mode, "fusion": args.fusion, "data_dir": str(data_dir), "config": config}
+    if args.init_from:
+        identity["init_from"] = args.init_from
+    warm_start = None
+    if args.init_from:
+        warm_start = experiment.TrainedRun.load(run_dir_of(args.runs_dir, args.init_from))
+        if warm_start.spec["mode"] != "baseline":
+            raise UserError(
+                f"--init-from needs an E0 (--mode baseline) run; {args.init_from} is "
+                f"{warm_start.spec['mode']}"
+            )
     config_file = run_dir / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()) != identity:
         raise UserError(
@@ -431,7 +465,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if streamed:
         service = CASCADE_FROZEN if args.mode == "cascade-frozen" else BASELINE
         pre, model, texts, result, report, ctr_train = train_streaming(
-            data_dir, service, manifest, config, fill_ctr, run_dir, args.fusion, progress
+            data_dir, service, manifest, config, fill_ctr, run_dir, args.fusion, progress, warm_start
         )
         root = feature_store.training_shards_dir(data_dir, service)
         frame = streaming.unique_text_pairs(root) if args.mode == "joint" else pd.DataFrame()
@@ -477,6 +511,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir / experiment.CHECKPOINTS / "ctr",
             args.fusion,
             progress,
+            warm_start,
         )
         test = data.rows("test")
         p_test = predict(model, data, test, texts)

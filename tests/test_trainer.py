@@ -117,3 +117,20 @@ def test_joint_lm_learns_text_signal_and_encodes_each_text_once(data, tmp_path: 
         metrics.Labels(data.impressions[test].numpy().astype(int), data.clicks[test].numpy().astype(int)), p
     )
     assert auc > 0.6  # the words carry the signal; ids and position are not inputs here
+
+
+@pytest.mark.parametrize("fusion", ["score", "concat", "gate"])
+def test_warm_start_computes_exactly_e0_before_joint_training(data, fusion: str) -> None:
+    e0 = baseline(data)
+    torch.manual_seed(1)
+    joint = CtrModel(InputShape(data.vocab_sizes, data.dense.shape[1]), NetConfig(hidden=(32,)), fusion, 8)
+    joint.warm_start(e0)
+    rows = torch.arange(64)
+    vectors = torch.randn(64, 8)
+    e0.eval(), joint.eval()
+    with torch.no_grad():
+        expected = e0(data.categorical[rows], data.dense[rows])
+        got = joint(data.categorical[rows], data.dense[rows], (), vectors)
+    assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="without a text fusion"):
+        e0.warm_start(joint)
