@@ -62,13 +62,7 @@ def protocol_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) ->
 def test_results_follow_the_documented_schema(protocol_run: dict) -> None:
     results = protocol_run["results"]
     assert {"dataset", "seed", "split", "runs", "redundancy", "distillation", "provenance"} <= set(results)
-    assert set(results["runs"]) == {
-        "baseline",
-        "cascade_frozen",
-        "cascade_finetuned",
-        "joint_score",
-        "joint_concat",
-    }
+    assert set(results["runs"]) == {"baseline", "cascade_frozen", "cascade_finetuned", "joint_score"}
     for name, run in results["runs"].items():
         assert 0.0 < run["auc"] < 1.0 and run["auc_ci"][0] <= run["auc"] <= run["auc_ci"][1]
         if name != "baseline":
