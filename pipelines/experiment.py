@@ -165,6 +165,7 @@ class Experiment:
         self.timings: dict[str, float] = {}
         self.runs: dict[str, dict[str, Any]] = {}
         self.train_config_file = out / "train_config.yaml"
+        self.feast_agreement: float | None = None  # E2's chosen checkpoint: Feast vs in-memory
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -242,6 +243,9 @@ class Experiment:
         self.train_ctr = float(self.e0.spec["train_ctr"])
         self.evaluation = self.e0.spec["config"]["evaluation"]
         self.e0_p = self.saved_predictions(BASELINE_RUN)
+        rows = (self.train_rows, self.test_rows)  # E0's side of every redundancy probe, once
+        self.e0_inputs = [redundancy.e0_design_matrix(self.data, r) for r in rows]
+        self.e0_repr = [redundancy.e0_representation(self.e0.model, self.data, r) for r in rows]
 
     def saved_predictions(self, run: str) -> np.ndarray:
         saved = pd.read_parquet(self.runs_dir / run / experiment.PREDICTIONS_FILE).set_index("impression_id")
@@ -310,10 +314,6 @@ class Experiment:
 
     def measure(self, feature: NlpFeature, increment: np.ndarray) -> dict[str, Any]:
         """Standalone AUC, incremental gain (E0 + feature vs E0), explained fraction and CKA."""
-        if not hasattr(self, "e0_inputs"):  # E0's side of every probe, computed once
-            rows = (self.train_rows, self.test_rows)
-            self.e0_inputs = [redundancy.e0_design_matrix(self.data, r) for r in rows]
-            self.e0_repr = [redundancy.e0_representation(self.e0.model, self.data, r) for r in rows]
         delta = experiment.paired_delta(
             self.test_labels, increment, self.e0_p, self.train_ctr, self.evaluation
         )
@@ -495,7 +495,7 @@ class Experiment:
                 "torch": torch.__version__,
                 "data_dir": str(self.data_dir),
                 "runs_dir": str(self.runs_dir),
-                "e2_feast_vs_in_memory_max_abs_diff": getattr(self, "feast_agreement", None),
+                "e2_feast_vs_in_memory_max_abs_diff": self.feast_agreement,
             },
         }
 
