@@ -17,7 +17,8 @@ Bounded work, so that sizes compare:
 - embed uses a 1-layer truncated MiniLM, for speed (the encoder's cost grows about linearly
   with its layers; 6-layer throughput is measured in bench_embed.py); it encodes each unique
   text once, so its cost follows unique texts, which are reported per size;
-- train E0 runs a fixed 3 epochs (no early stop), so its cost follows rows, not convergence;
+- train E0 runs a fixed `--e0-epochs` (default 1, no early stop), so its cost follows rows, not
+  convergence;
 - train joint uses a 1-layer LM, 1 epoch of at most `--joint-batches` batches (via
   `loop.max_batches_per_epoch` in a --config YAML); its loading, validation, test prediction
   and LM-feature write-back still cover every row.
@@ -56,7 +57,6 @@ TIME = "/usr/bin/time"  # GNU time (Debian package `time`)
 WORSE_THAN_LINEAR = 1.15  # growth exponent above which a stage is flagged
 EMBED_LAYERS = 1
 JOINT_LAYERS = 1
-E0_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,10 @@ class StageResult:
     reason: str | None = None
 
 
-def train_config(joint_batches: int) -> dict[str, Any]:
+def train_config(e0_epochs: int, joint_batches: int) -> dict[str, Any]:
     """The --config both trainings get: fixed-length E0, a bounded joint run."""
     return {
-        "loop": {"epochs": E0_EPOCHS, "patience": E0_EPOCHS + 1},
+        "loop": {"epochs": e0_epochs, "patience": e0_epochs + 1},
         "modes": {"joint": {"loop": {"epochs": 1, "max_batches_per_epoch": joint_batches}}},
     }
 
@@ -173,7 +173,7 @@ def run_size(
     shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True)
     config = work / "train.yaml"
-    config.write_text(yaml.safe_dump(train_config(args.joint_batches), sort_keys=False))
+    config.write_text(yaml.safe_dump(train_config(args.e0_epochs, args.joint_batches), sort_keys=False))
     fill = {
         "{rows}": str(rows),
         "{log}": str(work / "log.parquet"),
@@ -265,10 +265,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Scaling benchmark (`bench/bench_scaling.py`)",
         "",
-        f"Machine: {report['machine']['cpus']} CPU cores (shared with other work), "
+        f"Machine: {report['machine']['cpus']} CPU cores, torch threads "
+        f"{report['machine']['torch_threads']}, "
         f"{report['machine']['memory_gib']} GiB RAM, Python {report['machine']['python']}. "
         f"Each cell: wall time / CPU time (user+sys) / peak RSS of that stage's process. "
-        f"embed: {EMBED_LAYERS}-layer MiniLM; train E0: {E0_EPOCHS} fixed epochs; train joint: "
+        f"embed: {EMBED_LAYERS}-layer MiniLM; train E0: {report['config']['e0_epochs']} fixed epoch(s); "
+        "train joint: "
         f"{JOINT_LAYERS}-layer LM, 1 epoch of <= {report['config']['joint_batches']} batches "
         "(bounded work; loading, validation and test prediction still cover every row). "
         "On a shared machine, contention inflates wall time; CPU time is the steadier figure.",
@@ -350,7 +352,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def machine() -> dict[str, Any]:
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     memory = round(pages / 2**30, 1)
-    return {"cpus": os.cpu_count(), "memory_gib": memory, "python": platform.python_version()}
+    # OMP_NUM_THREADS caps torch's intra-op threads in every stage (unset: one per core)
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": memory,
+        "python": platform.python_version(),
+        "torch_threads": threads,
+    }
 
 
 def write_report(sizes: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -359,7 +368,7 @@ def write_report(sizes: list[dict[str, Any]], out: Path, args: argparse.Namespac
         "config": {
             "embed_layers": EMBED_LAYERS,
             "joint_layers": JOINT_LAYERS,
-            "e0_epochs": E0_EPOCHS,
+            "e0_epochs": args.e0_epochs,
             "joint_batches": args.joint_batches,
             "max_rss_gb": args.max_rss / 2**30,
             "stage_timeout_s": args.stage_timeout,
@@ -377,6 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="10000,100000,1000000,5000000", help="comma-separated sizes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--e0-epochs", type=int, default=1, help="train E0: fixed epochs")
     parser.add_argument("--joint-batches", type=int, default=50, help="joint: batches in its one epoch")
     parser.add_argument("--max-rss-gb", type=float, default=12.0, help="kill a stage above this RSS")
     parser.add_argument("--stage-timeout", type=float, default=3600.0, help="kill a stage after this (s)")
@@ -405,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         config = json.loads(previous.read_text())["config"]  # report the settings it ran with
         args.joint_batches, args.stage_timeout = config["joint_batches"], config["stage_timeout_s"]
+        args.e0_epochs = config["e0_epochs"]
         args.max_rss = int(config["max_rss_gb"] * 2**30)
         write_report(list(kept.values()), out, args)
         print(f"rebuilt {out / 'scaling.md'} and {out / 'scaling.png'} from {previous}")

@@ -33,6 +33,7 @@ MAX_LAYERS = 6
 EMBEDDING_DIM = 384
 # BERT's learned position table has 512 rows; max_length counts [CLS] and [SEP] too.
 _MAX_POSITIONS = 512
+ENCODE_CHUNK = 65_536  # texts tokenised at a time by `TextEncoder.encode`
 Pooling = Literal["mean", "cls"]
 _POOLINGS: tuple[str, ...] = ("mean", "cls")
 
@@ -184,23 +185,26 @@ class TextEncoder(nn.Module):
     ) -> np.ndarray:
         """Embed texts as float32 (n, 384), in input order.
 
-        Batches are formed from texts sorted by length (then restored to input order) so that
-        little compute goes to padding; masked pooling makes the result independent of that.
+        Batches are formed from texts sorted by length (within chunks of ENCODE_CHUNK texts, then
+        restored to input order) so that little compute goes to padding; masked pooling makes the
+        result independent of that.
         """
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         texts = list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
-        ids = [token_ids(self.tokenizer, t, self.config.max_length) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i])) if sort_by_length else range(len(texts))
-        order = list(order)
         device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = self.pad([ids[i] for i in rows])
-                pooled = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                out[rows] = pooled.float().cpu().numpy()
+        # Token ids are Python lists (~1 KB a text): tokenise a chunk at a time, not every text.
+        for first in range(0, len(texts), ENCODE_CHUNK):
+            chunk = texts[first : first + ENCODE_CHUNK]
+            ids = [token_ids(self.tokenizer, t, self.config.max_length) for t in chunk]
+            order = list(range(len(chunk)))
+            if sort_by_length:
+                order.sort(key=lambda i: len(ids[i]))
+            with torch.inference_mode():
+                for start in range(0, len(order), batch_size):
+                    rows = order[start : start + batch_size]
+                    batch = self.pad([ids[i] for i in rows])
+                    pooled = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                    out[[first + i for i in rows]] = pooled.float().cpu().numpy()
         return out

@@ -154,7 +154,9 @@ def write_lm_features(
         if values.ndim == 1:
             columns[name] = pa.array(values.astype(np.float32), pa.float32())
         else:
-            columns[name] = pa.array(list(values.astype(np.float32)), pa.list_(pa.float32()))
+            flat = pa.array(values.astype(np.float32, copy=False).reshape(-1))  # no per-row Python objects
+            rows = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+            columns[name] = rows.cast(pa.list_(pa.float32()))
     columns["model_version"] = pa.array([model_version] * len(pairs), pa.string())
     pq.write_table(pa.table(columns), folder / "part-0.parquet")
 
@@ -297,8 +299,13 @@ def write_joint_features(
     fusion = model.fusion
     assert fusion is not None
     head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
+    texts.cache.clear()  # the test pass's vectors: not needed past it
     pairs = experiment.text_pairs(frame)
     outputs = experiment.lm_outputs(texts.lm, head, pairs["text"].tolist())
+    # The view serves the supplementary output alone: nothing reads a joint run's 384-d pooled
+    # vector, and with it the view is 12x larger (the concat/gate output is 32-d), which is what
+    # the online write of millions of pairs holds in memory at once.
+    del outputs["lm_embedding"]
     encoder = experiment.encoder_config(config)
     chosen = f"epoch-{best_epoch}"
     version = f"{slug}@{chosen}/joint-{fusion.fusion}/{encoder.version}/nlpctr=={nlpctr.__version__}"

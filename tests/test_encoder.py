@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nlpctr.errors import UserError
+from nlpctr.models import encoder as encoder_module
 from nlpctr.models.encoder import (
     EMBEDDING_DIM,
     MAX_LAYERS,
@@ -40,6 +41,16 @@ def test_mean_pooling_ignores_padding(encoder: TextEncoder) -> None:
     alone = encoder.encode([SHORT], batch_size=1)
     padded = encoder.encode([SHORT, LONG], batch_size=2, sort_by_length=False)
     np.testing.assert_allclose(padded[0], alone[0], atol=1e-5, rtol=0)
+
+
+def test_encode_in_chunks_keeps_input_order(encoder: TextEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [LONG, SHORT, "a", LONG + " again", SHORT.lower()]
+    whole = encoder.encode(texts, batch_size=2)
+    monkeypatch.setattr(encoder_module, "ENCODE_CHUNK", 2)  # 3 chunks, the last one short
+    chunked = encoder.encode(texts, batch_size=2)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5, rtol=0)
+    alone = np.stack([encoder.encode([t], batch_size=1)[0] for t in texts])
+    np.testing.assert_allclose(chunked, alone, atol=1e-5, rtol=0)
 
 
 def test_pool_matches_manual_mean_and_cls() -> None:

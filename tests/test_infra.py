@@ -178,6 +178,7 @@ def test_scaling_benchmark_fits_exponents_and_flags_worse_than_linear() -> None:
     assert [step["worse_than_linear"] for step in growth["prepare"]] == [False, True]
     assert [step["rss"] for step in growth["prepare"]] == [0.0, 0.0]
     assert len(growth["embed"]) == 1
-    report = {"machine": bench.machine(), "config": {"joint_batches": 5}, "sizes": sizes, "growth": growth}
+    config = {"joint_batches": 5, "e0_epochs": 1}
+    report = {"machine": bench.machine(), "config": config, "sizes": sizes, "growth": growth}
     text = bench.markdown(report)
     assert "**worse than linear**" in text and "**failed** after" in text and "exit 1: boom" in text

@@ -151,6 +151,7 @@ def test_joint_run_writes_its_supplementary_feature_view(trained: dict[str, Any]
     assert trained["results"]["e3"]["supplementary_feature_view"] == "lm_e3"
     online = store.OnlineFeatures(data, "joint_e3")
     assert "lm_e3__supplementary" in online.feature_names
+    assert "lm_e3__lm_embedding" not in online.feature_names  # the supplementary output alone
     got = online.get(impressions(data).head(3).to_dict("records"))
     assert got.null_counts["lm_e3__supplementary"] == 0
     assert len(got.columns["lm_e3__supplementary"][0]) == QUICK.get("net", {}).get("text_projection", 32)
