@@ -166,6 +166,7 @@ class Experiment:
         self.runs: dict[str, dict[str, Any]] = {}
         self.train_config_file = out / "train_config.yaml"
         self.feast_agreement: float | None = None  # E2's chosen checkpoint: Feast vs in-memory
+        self.code_version = train.code_version()  # at the start: the tree may change during a long run
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -491,7 +492,7 @@ class Experiment:
                 "lm_encoder": self.trained[f"joint_{self.protocol['fusions'][0]}"]["provenance"][
                     "encoder_version"
                 ],
-                "code_version": train.code_version(),
+                "code_version": self.code_version,
                 "torch": torch.__version__,
                 "data_dir": str(self.data_dir),
                 "runs_dir": str(self.runs_dir),
