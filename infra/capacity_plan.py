@@ -58,7 +58,7 @@ def inputs(scaling: dict[str, Any], redis: dict[str, Any]) -> dict[str, Input]:
             value, source = per_row
             if stage == "train-e0":
                 value /= scaling["config"]["e0_epochs"]
-                source += f" / {scaling['config']['e0_epochs']} epochs (Feast load included)"
+                source += f" / {scaling['config']['e0_epochs']} epoch(s) (point-in-time join included)"
             add(key, f"{stage} CPU per row", value * 1e3, "core-ms/row", source)
     add("ingest_1m", "ingest, 1M rows (closing note of issue 2)", 156 * 2 / 1e6 * 1e3, "core-ms/row",
         "MEASURED: 156 s wall on 2 cores for 1M rows (DirectRunner), upper bound 2 cores busy")  # fmt: skip
