@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results"
 TIME = "/usr/bin/time"  # GNU time (Debian package `time`)
 WORSE_THAN_LINEAR = 1.15  # growth exponent above which a stage is flagged
+MEMORY_TARGET_MIB = 4096  # peak RSS every stage must stay under (drawn on the plot)
 EMBED_LAYERS = 1
 JOINT_LAYERS = 1
 
@@ -343,6 +344,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper left")
+    # the target the issue sets for every stage at 5M rows
+    axes[2].axhline(MEMORY_TARGET_MIB, color="red", linestyle=":", label="4 GiB target")
+    axes[2].legend(handles=axes[2].get_lines()[-1:], fontsize=8, loc="upper left")
     figure.suptitle("nlpctr stages vs log size (each stage its own process)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -362,9 +366,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_report(sizes: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def write_report(
+    sizes: list[dict[str, Any]], out: Path, args: argparse.Namespace, ran_on: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`ran_on`: the machine the sizes were measured on (default: this one, now)."""
     report = {
-        "machine": machine(),
+        "machine": ran_on or machine(),
         "config": {
             "embed_layers": EMBED_LAYERS,
             "joint_layers": JOINT_LAYERS,
@@ -413,11 +420,12 @@ def main(argv: list[str] | None = None) -> None:
     if previous.is_file() and not args.fresh:
         kept = {s["rows"]: s for s in json.loads(previous.read_text())["sizes"]}
     if args.report_only:
-        config = json.loads(previous.read_text())["config"]  # report the settings it ran with
+        measured = json.loads(previous.read_text())
+        config = measured["config"]  # report the settings and machine it ran with
         args.joint_batches, args.stage_timeout = config["joint_batches"], config["stage_timeout_s"]
         args.e0_epochs = config["e0_epochs"]
         args.max_rss = int(config["max_rss_gb"] * 2**30)
-        write_report(list(kept.values()), out, args)
+        write_report(list(kept.values()), out, args, ran_on=measured["machine"])
         print(f"rebuilt {out / 'scaling.md'} and {out / 'scaling.png'} from {previous}")
         return
     for rows in args.sizes:
