@@ -299,7 +299,6 @@ def write_joint_features(
     fusion = model.fusion
     assert fusion is not None
     head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
-    texts.cache.clear()  # the test pass's vectors: not needed past it
     pairs = experiment.text_pairs(frame)
     outputs = experiment.lm_outputs(texts.lm, head, pairs["text"].tolist())
     # The view serves the supplementary output alone: nothing reads a joint run's 384-d pooled
