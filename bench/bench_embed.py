@@ -40,8 +40,9 @@ from transformers import AutoModel, AutoTokenizer
 from nlpctr.models.encoder import EncoderConfig, model_path
 from nlpctr.models.schema import impression_schema, text_id
 from nlpctr.pipelines import embed_text
+from nlpctr.pipelines.specs import data_root
 
-UPWORTHY = Path("/work/shared/data/upworthy/upworthy_exploratory.parquet")
+UPWORTHY = data_root() / "upworthy" / "upworthy_exploratory.parquet"
 TARGET_RATIO = 0.85
 
 

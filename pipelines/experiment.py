@@ -494,8 +494,9 @@ class Experiment:
                 ],
                 "code_version": self.code_version,
                 "torch": torch.__version__,
-                "data_dir": str(self.data_dir),
-                "runs_dir": str(self.runs_dir),
+                # Relative to the results folder: a result never names a path outside its tree.
+                "data_dir": self.data_dir.relative_to(self.out).as_posix(),
+                "runs_dir": self.runs_dir.relative_to(self.out).as_posix(),
                 "e2_feast_vs_in_memory_max_abs_diff": self.feast_agreement,
             },
         }

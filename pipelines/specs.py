@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from nlpctr.datasets import BUNDLED_DATA_DIR
 from nlpctr.errors import UserError
 from nlpctr.models.schema import RESERVED_COLUMNS
 
@@ -35,16 +36,9 @@ TEXT_COLUMNS = ("query_text", "ad_text", "ad_extra_text")
 
 
 def data_root() -> Path:
-    """Where bundled datasets live: $NLPCTR_DATA_ROOT, else ../shared/data beside the project."""
+    """Where bundled datasets live: $NLPCTR_DATA_ROOT, else the copies inside the package."""
     env = os.environ.get("NLPCTR_DATA_ROOT")
-    if env:
-        return Path(env).resolve()
-    project_root = Path(__file__).resolve().parent.parent
-    for base in (project_root, Path.cwd()):
-        candidate = (base / ".." / "shared" / "data").resolve()
-        if candidate.is_dir():
-            return candidate
-    return (project_root / ".." / "shared" / "data").resolve()
+    return Path(env).resolve() if env else BUNDLED_DATA_DIR
 
 
 @dataclass(frozen=True)
