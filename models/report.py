@@ -15,6 +15,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 PLOTS = {
+    "forest": "paired_differences.png",
     "metrics": "metric_bars.png",
     "calibration": "calibration.png",
     "e2_curve": "e2_curve.png",
@@ -96,6 +97,38 @@ def plot_metric_bars(runs: Mapping[str, Any], path: Path) -> Path:
             highs = [h + e[1] for h, e in zip(heights, errors, strict=True)]
             pad = 0.1 * (max(highs) - min(lows)) or 0.01
             axes.set_ylim(min(lows) - pad, max(highs) + pad)
+    return _save(figure, path)
+
+
+def forest_rows(
+    redundancy: Mapping[str, Any], claims: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, float, tuple[float, float]]]:
+    """(label, ΔAUC, CI) of every feature's gain over E0, then of every claim's paired difference."""
+    rows = [
+        (f"{name} − E0", float(m["delta_auc"]), (float(m["delta_auc_ci"][0]), float(m["delta_auc_ci"][1])))
+        for name, m in redundancy.items()
+        if m.get("delta_auc") is not None and m.get("delta_auc_ci")
+    ]
+    rows += [(c["id"], float(c["estimate"]), (float(c["ci"][0]), float(c["ci"][1]))) for c in claims]
+    return rows
+
+
+def plot_forest(redundancy: Mapping[str, Any], claims: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Paired differences with their 95% CIs: each feature's gain over E0, then the claims.
+
+    Paired CIs, unlike the CIs of absolute metrics, show the differences the test can resolve.
+    """
+    rows = forest_rows(redundancy, claims)
+    figure = Figure(figsize=(8, 0.32 * len(rows) + 1.4))
+    axes = figure.add_subplot(1, 1, 1)
+    for y, (_, estimate, (low, high)) in enumerate(reversed(rows)):
+        color = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:grey"
+        axes.errorbar(
+            estimate, y, xerr=[[estimate - low], [high - estimate]], fmt="o", color=color, capsize=3
+        )
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_yticks(range(len(rows)), [label for label, _, _ in reversed(rows)], fontsize=8)
+    axes.set_xlabel("ΔAUC (paired group bootstrap, 95% CI)")
     return _save(figure, path)
 
 
@@ -285,6 +318,30 @@ def significance_statements(runs: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def claims_section(claims: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The paper's claims first: each a paired ΔAUC with its CI, ΔRIG beside it, and the verdict."""
+    rows = [
+        [
+            c["id"],
+            c["statement"],
+            _with_ci(c["estimate"], c["ci"], signed=True),
+            _with_ci(c.get("delta_rig"), c.get("delta_rig_ci"), signed=True),
+            f"**{c['verdict']}**",
+        ]
+        for c in claims
+    ]
+    return [
+        "## The paper's claims",
+        "",
+        "Each estimate is a paired difference in test ΔAUC with a group-bootstrap 95% CI; the verdict "
+        "follows from the CI alone: *holds* when it excludes 0 on the claimed side, *contradicted* "
+        "when it excludes 0 on the other side, *not significant* otherwise.",
+        "",
+        markdown_table(["claim", "statement", "ΔAUC [95% CI]", "ΔRIG [95% CI]", "verdict"], rows),
+        "",
+    ]
+
+
 def _redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
     rows = [
         [
@@ -423,6 +480,12 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         _sentence(", ".join(facts)),
         "",
     ]
+    if results.get("claims"):
+        lines += claims_section(results["claims"])
+        written.append(
+            plot_forest(results.get("redundancy") or {}, results["claims"], out_dir / PLOTS["forest"])
+        )
+        lines += [f"![paired differences with 95% CIs]({PLOTS['forest']})", ""]
     if runs:
         lines += _runs_section(runs)
         written.append(plot_metric_bars(runs, out_dir / PLOTS["metrics"]))

@@ -50,6 +50,17 @@ def results() -> dict[str, Any]:
         "quick": True,
         "wall_seconds": 512.0,
         "timings": {"prepare": 4.3, "train": 400.2},
+        "claims": [
+            {
+                "id": "joint_feature_beats_finetuned_feature",
+                "statement": "the joint feature gains more than the E2 feature",
+                "estimate": 0.0012,
+                "ci": [0.0004, 0.0020],
+                "verdict": "holds",
+                "delta_rig": 0.0003,
+                "delta_rig_ci": [0.0001, 0.0005],
+            }
+        ],
         "runs": {
             "baseline": run(0.6765, None, None, None),
             "cascade_frozen": run(0.6788, 0.0023, [0.0013, 0.0033], None),
@@ -181,7 +192,7 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
 
 def test_report_skips_missing_sections(results: dict[str, Any], tmp_path: Path) -> None:
     partial = copy.deepcopy(results)
-    for key in ("simulator", "distillation", "teacher", "e2_curve", "redundancy"):
+    for key in ("simulator", "distillation", "teacher", "e2_curve", "redundancy", "claims"):
         del partial[key]
     written = report.write_report(partial, tmp_path)
     assert {p.name for p in written} == {"report.md", report.PLOTS["metrics"], report.PLOTS["calibration"]}
@@ -200,3 +211,14 @@ def test_significance_changes_with_the_interval(results: dict[str, Any]) -> None
 def test_markdown_table() -> None:
     table = report.markdown_table(["a", "b"], [[1, "x"], [2.5, "–"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | – |"]
+
+
+def test_claims_lead_the_report_with_a_forest_plot(results: dict[str, Any], tmp_path: Path) -> None:
+    written = report.write_report(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert text.index("## The paper's claims") < text.index("| run |")
+    assert "+0.0012 [+0.0004, +0.0020]" in text and "**holds**" in text
+    forest = tmp_path / report.PLOTS["forest"]
+    assert forest in written and forest.read_bytes().startswith(PNG_HEADER)
+    labels = [label for label, _, _ in report.forest_rows(results["redundancy"], results["claims"])]
+    assert labels[-1] == "joint_feature_beats_finetuned_feature" and len(labels) > 1
