@@ -1,10 +1,10 @@
 """The Feast definitions of one prepared dataset: entities, sources, feature views, services.
 
-This is the declarative module of the feature repository (Feast-repo style): the objects are a
-pure function of what the batch jobs wrote under a dataset folder DIR, so the same code serves
-every dataset spec. `nlpctr features apply --data DIR` renders `DIR/feature_repo/` whose
-definitions file only calls `build_definitions` on its own folder, which keeps the stock
-`feast` CLI and `nlpctr` on one set of objects.
+The objects are a pure function of what the batch jobs wrote under a dataset folder DIR, so the
+same code serves every dataset spec. `nlpctr features apply --data DIR` writes them out as plain
+declarations, Feast-template style, in `DIR/feature_repo/repo_definitions.py` (features/render.py),
+and checks that the file yields exactly these objects, which keeps the stock `feast` CLI and
+`nlpctr` on one set of objects.
 
 What becomes a view (only what the jobs produced, never a placeholder):
 - `DIR/ctr_history/<entity>/` -> `ctr_<entity>`: entity-level CTR history, the online view;
@@ -383,18 +383,6 @@ class Definitions:
             *self.views.values(),
             *self.services.values(),
         ]
-
-    def module_attributes(self) -> dict[str, Any]:
-        """Objects under unique attribute names, for a repo module Feast's parser can read."""
-        out: dict[str, Any] = {}
-        for kind, objects in (
-            ("entity", self.entities),
-            ("source", self.sources),
-            ("view", self.views),
-            ("service", self.services),
-        ):
-            out.update({f"{kind}_{name}": obj for name, obj in objects.items()})
-        return out
 
 
 def entity_name(column: str) -> str:

@@ -30,7 +30,7 @@ import pytest
 from feast import FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features import store
+from nlpctr.features import render, store
 from nlpctr.features.definitions import Layout, build_definitions
 from nlpctr.models.schema import impression_schema, text_id
 
@@ -234,10 +234,11 @@ def test_apply_registers_one_view_per_job_output(trained: dict[str, Any]) -> Non
     ]
     config = (data / "feature_repo" / "feature_store.yaml").read_text()
     assert str(data / "feature_repo" / "data" / "registry.db") in config  # absolute paths
-    # The rendered definitions module yields the same objects (what `feast plan` would read).
-    namespace: dict[str, Any] = {"__file__": str(data / "feature_repo" / "repo_definitions.py")}
-    exec((data / "feature_repo" / "repo_definitions.py").read_text(), namespace)
-    assert {k for k in namespace if k.startswith("view_")} == {f"view_{name}" for name in views}
+    # The written definitions module declares the same objects (what `feast plan` reads).
+    module = data / "feature_repo" / "repo_definitions.py"
+    built = build_definitions(Layout.discover(data))
+    assert render.differences(module.read_text(), module, built) == []
+    assert f"text_embedding_{SLUG}_fv = FeatureView(" in module.read_text()
 
 
 def test_dataset_without_query_text_gets_no_query_projection(tmp_path: Path) -> None:
@@ -347,6 +348,7 @@ def test_a_second_encoder_gets_its_own_view(tmp_path: Path) -> None:
         store.apply(data)
     applied = store.apply(data, encoder="enc_b")
     assert {"text_embedding_enc_a", "text_embedding_enc_b"} <= set(applied["feature_views"])
+    assert store.reapply(data)["default_encoder"] == "enc_b"  # as a trainer re-applies
     store.materialize(data)
     tid = next(iter(first))
     row = {"ad_id": "ad000", "query_id": "q", "position": "1", "ad_text_id": tid, "query_text_id": tid}
