@@ -86,7 +86,7 @@ def is_prepared_dataset(folder: Path) -> bool:
 
 
 def is_embeddings(folder: Path) -> bool:
-    return _has_keys(folder / "_manifest.json", ("encoder_version", "slug", "rows"))
+    return _has_keys(folder / "_manifest.json", ("encoder_version", "slug"))
 
 
 def is_ctr_history(folder: Path) -> bool:
@@ -117,6 +117,11 @@ def is_simulated_log(log: Path) -> bool:
     )
 
 
+def is_bench_work(folder: Path) -> bool:
+    """bench/bench_scaling.py's OUT/work/<rows>/ from before it wrote a marker."""
+    return (folder / "logs").is_dir() and (folder / "train.yaml").is_file()
+
+
 # The jobs that publish a folder -> how an earlier output of theirs is recognised (besides the
 # marker). A job missing here recognises its outputs by the marker only.
 RECOGNISED: dict[str, Callable[[Path], bool]] = {
@@ -126,6 +131,7 @@ RECOGNISED: dict[str, Callable[[Path], bool]] = {
     "score-batch": _only_beam_parts,
     "train": is_train_run,
     "experiment": is_experiment,
+    "bench scaling": is_bench_work,
 }
 
 
