@@ -51,8 +51,11 @@ from typing import Any
 
 import yaml
 
+from nlpctr.pipelines.ownership import claim_output_dir, write_marker
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results"
+BENCH_JOB = "bench scaling"  # OUT/work/<rows>/ is this script's (ownership.RECOGNISED)
 TIME = "/usr/bin/time"  # GNU time (Debian package `time`)
 WORSE_THAN_LINEAR = 1.15  # growth exponent above which a stage is flagged
 MEMORY_TARGET_MIB = 4096  # peak RSS every stage must stay under (drawn on the plot)
@@ -171,8 +174,11 @@ def run_size(
     rows: int, work: Path, args: argparse.Namespace, on_stage: Callable[[dict[str, Any]], None]
 ) -> dict[str, Any]:
     """Every stage at one size; `on_stage` gets the partial result after each stage."""
+    # The size's folder is replaced only when it is new, empty or this script's earlier one.
+    claim_output_dir(work, BENCH_JOB, flag="--out")
     shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True)
+    write_marker(work, BENCH_JOB)
     config = work / "train.yaml"
     config.write_text(yaml.safe_dump(train_config(args.e0_epochs, args.joint_batches), sort_keys=False))
     fill = {

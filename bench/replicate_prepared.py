@@ -16,8 +16,13 @@ from pathlib import Path
 
 import duckdb
 
+from nlpctr.errors import UserError
+from nlpctr.pipelines.ownership import claim_output_dir
+
 
 def replicate(src: Path, dst: Path, copies: int) -> None:
+    # DST is replaced only when it is new, empty or a prepared dataset (a user's folder never).
+    claim_output_dir(dst, "data prepare", inputs=[src], flag="DST_DIR")
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     con = duckdb.connect()
@@ -38,4 +43,8 @@ def replicate(src: Path, dst: Path, copies: int) -> None:
 
 
 if __name__ == "__main__":
-    replicate(Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve(), int(sys.argv[3]))
+    try:
+        replicate(Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve(), int(sys.argv[3]))
+    except UserError as error:
+        print(f"replicate_prepared: error: {error}", file=sys.stderr)
+        sys.exit(2)

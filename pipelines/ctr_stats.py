@@ -33,6 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS
 from nlpctr.pipelines.outputs import publish, staging_dir
+from nlpctr.pipelines.ownership import claim_output_dir
 
 TRAIN = SPLITS[0]
 META_FILE = "_meta.json"
@@ -256,6 +257,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.prior_strength <= 0:
         raise UserError("--prior-strength must be positive")
     columns = ["impression_id", "event_timestamp", "split", "impressions", "clicks", *entities]
+    outputs = ("ctr_history", "ctr_history_rows")
+    for name in outputs:  # before any work: each is new, empty or this job's earlier output
+        claim_output_dir(data_dir / name, "ctr-stats", flag=f"--data {data_dir}:")
     staging = staging_dir(data_dir / "ctr_stats")
     started = time.perf_counter()
     try:
@@ -268,8 +272,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 staging,
             )
         # Swap both outputs in together: a crash before this leaves the old ones untouched.
-        for name in ("ctr_history", "ctr_history_rows"):
-            publish(staging / name, data_dir / name)
+        for name in outputs:
+            publish(staging / name, data_dir / name, "ctr-stats")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     meta = json.loads((data_dir / "ctr_history" / META_FILE).read_text())

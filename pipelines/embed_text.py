@@ -48,6 +48,7 @@ from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
+from nlpctr.pipelines.ownership import claim_output_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     data: Path = args.data.resolve()
     pattern = check_impressions(data)
-    out = embeddings_dir(data, config)
+    out = claim_output_dir(embeddings_dir(data, config), "embed", flag=f"--data {data}:")
     options = PipelineOptions(beam_args)
     handler = TextEncoderModelHandler(
         config, torch_threads=args.torch_threads or default_torch_threads(options)
@@ -443,7 +444,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "nlpctr_version": __version__,
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        publish(staging, out)
+        publish(staging, out, "embed")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     slots = counts.get("token_slots", 0)

@@ -10,6 +10,9 @@ redundancy of every NLP feature. Writes `DIR/results.json`, `DIR/report.md` and 
 under `DIR/data/`, runs under `DIR/runs/`. Sizes come from `models/configs/experiment.yaml`
 (`--quick`: its `quick:` section, a small LM and few steps).
 
+DIR must be new, empty, or an earlier experiment's folder (marked by a hidden `.nlpctr-output`
+file, or its results.json); anything else is refused before any work starts.
+
 `--dataset simulated` runs the redundancy sweep instead: for each rho a simulated log
 (`nlpctr data simulate`), the protocol without E4, then the trend of each measure against rho,
 which must follow the known redundancy (`DIR/rho-<r>/` per value, the sweep in `DIR/results.json`).
@@ -47,9 +50,12 @@ from nlpctr.models.data import FeatureColumns
 from nlpctr.models.trainer import TextBatcher, labels_of, pair_text, predict
 from nlpctr.pipelines import train
 from nlpctr.pipelines.cli import resolve
+from nlpctr.pipelines.ownership import claim_output_dir
+from nlpctr.pipelines.specs import load_spec
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "models" / "configs" / "experiment.yaml"
 SIMULATED = "simulated"
+JOB = "experiment"
 BASELINE_RUN = "baseline"
 KEYS = ["query_text_id", "ad_text_id"]
 
@@ -507,7 +513,7 @@ def run_protocol(
 ) -> dict[str, Any]:
     """One dataset: prepare, E0-E3, redundancy, and E4 when the protocol asks for it."""
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out, JOB, create=True)
     exp = Experiment(args, protocol, out)
     exp.prepare(dataset)
     exp.train_runs()
@@ -557,7 +563,7 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
         protocol = experiment.deep_merge(protocol, {"distill": {"students": []}})
     per_rho: dict[float, dict[str, Any]] = {}
     for rho in rhos:
-        out = args.out / f"rho-{rho:g}"
+        out = claim_output_dir(args.out / f"rho-{rho:g}", JOB, create=True)
         log = out / "log" / "log.parquet"
         simulate = ["data", "simulate", "--rows", str(rows), "--rho", str(rho), "--seed", str(args.seed)]
         simulate += ["--text-strength", str(settings["text_strength"]), "--out", str(log)]
@@ -588,6 +594,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out = args.out.resolve()
     protocol = load_protocol(args.quick, args.config)
+    if args.dataset != SIMULATED and (args.rho or args.rows):
+        raise UserError(f"--rho and --rows go with --dataset {SIMULATED}")
+    # Before any work: --out is new, empty or an earlier experiment's folder (then marked as
+    # this job's), and holds neither the spec nor the source log.
+    inputs = []
+    if args.dataset != SIMULATED:
+        spec = load_spec(args.dataset)
+        inputs = [spec.spec_path, spec.source.path]
+    claim_output_dir(args.out, JOB, inputs=inputs, create=True)
     if args.dataset == SIMULATED:
         results = run_sweep(args, protocol)
         trends = results["simulator"]["trends"]
@@ -597,8 +612,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             f"Spearman vs rho of ΔAUC: {shown}; {results['wall_seconds']:.0f} s -> {args.out}/results.json"
         )
         return results
-    if args.rho or args.rows:
-        raise UserError(f"--rho and --rows go with --dataset {SIMULATED}")
     results = run_protocol(args, protocol, args.dataset, args.out)
     runs = results["runs"]
     best = max((k for k in runs if k != BASELINE_RUN), key=lambda k: runs[k]["auc"])

@@ -38,6 +38,7 @@ from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS, impression_schema, unit_interval
 from nlpctr.pipelines import ubi
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
+from nlpctr.pipelines.ownership import MARKER, claim_output_dir, is_output_of
 from nlpctr.pipelines.records import (
     DUPLICATE_IMPRESSION_ID,
     Limits,
@@ -52,6 +53,7 @@ from nlpctr.pipelines.specs import DatasetSpec, load_spec
 
 LOG = logging.getLogger(__name__)
 STATS_FILE = "_stats.json"
+JOB = "data prepare"
 
 
 # ------------------------------------------------------------------------------- reading
@@ -550,6 +552,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     max_reject_rate = spec.max_reject_rate if args.max_reject_rate is None else args.max_reject_rate
     split_mode = args.split_mode or spec.split_mode
     out: Path = args.out.resolve()
+    failed = out.parent / f"{out.name}.failed"
+    # Before any work: --out (and its dead-letter folder) must be new, empty or this job's own
+    # earlier output, and must not hold the spec or the source log.
+    inputs = [spec.spec_path, spec.source.path]
+    claim_output_dir(out, JOB, inputs=inputs)
+    claim_output_dir(failed, JOB, inputs=inputs, flag="the dead-letter folder")
     staging = staging_dir(out)
     started = time.perf_counter()
     try:
@@ -566,8 +574,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         rate = manifest["rows_rejected"] / max(manifest["rows_in"], 1)
         if manifest["rows_written"] == 0 or rate > max_reject_rate:
-            failed = out.parent / f"{out.name}.failed"
+            claim_output_dir(failed, JOB, flag="the dead-letter folder")  # still ours (or absent)?
             shutil.rmtree(failed, ignore_errors=True)
+            (staging / MARKER).unlink(missing_ok=True)  # recognised by its manifest, like DIR
             staging.rename(failed)
             reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
             raise UserError(
@@ -576,9 +585,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 f"to {out}; the rejected records are in {failed}/rejected/; fix the source or the "
                 "spec, or raise --max-reject-rate"
             )
-        publish(staging, out)
-        # A dead-letter folder left by an earlier failed run of the same output is stale now.
-        shutil.rmtree(out.parent / f"{out.name}.failed", ignore_errors=True)
+        publish(staging, out, JOB)
+        # A dead-letter folder left by an earlier failed run of the same output is stale now
+        # (removed only when it is recognisably that: its manifest is this job's).
+        if failed.is_dir() and not failed.is_symlink() and is_output_of(failed, JOB):
+            shutil.rmtree(failed, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"

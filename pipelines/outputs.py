@@ -1,7 +1,8 @@
 """How a Beam job publishes its output: counts computed inside the pipeline (not runner
 metrics, which not every runner commits), and a hidden staging folder swapped into place
 only when the run succeeded, so a crash never leaves a half-written output, and the next run
-removes what a killed one left behind (`remove_abandoned`)."""
+removes what a killed one left behind (`remove_abandoned`). Which folders a job may replace at
+all is `ownership.claim_output_dir`'s to say."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import uuid
 from pathlib import Path
 
 import apache_beam as beam
+
+from nlpctr.errors import UserError
+from nlpctr.pipelines.ownership import MARKER, STAGING, claim_output_dir, has_marker, write_marker
 
 
 class WriteCounts(beam.PTransform):
@@ -52,24 +56,37 @@ def staging_dir(out: Path) -> Path:
     """A new hidden folder beside `out`: dataset readers and globs never pick up a partial run.
 
     Its name carries this process's id, so that a later run can tell the staging folder of a
-    run that was killed (its process is gone) from one still being written, and remove it.
+    run that was killed (its process is gone) from one still being written, and remove it; it
+    holds the tool's marker, so that only the tool's own folders are ever removed. The caller
+    has claimed `out` first (`ownership.claim_output_dir`).
     """
     remove_abandoned(out)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+        write_marker(staging, STAGING)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write beside {out} ({exc.strerror}); choose another location") from None
     return staging
 
 
 def remove_abandoned(out: Path) -> list[Path]:
     """Remove what killed runs left beside `out` (staging folders of dead processes, and a
-    retired output whose run died between its two renames); returns what was removed."""
+    retired output whose run died between its two renames); returns what was removed.
+
+    Only the tool's own leftovers are touched: a name of the form `.NAME.tmp-PID-HEX` or
+    `.NAME.old-PID-HEX` whose process is gone, holding the tool's staging marker."""
     removed = []
     for path in out.parent.glob(glob.escape(f".{out.name}.") + "*"):
         found = _LEFTOVER.fullmatch(path.name[len(out.name) + 1 :])
         if found is None or (found["pid"] is not None and _alive(int(found["pid"]))):
             continue
+        if path.is_symlink() or not path.is_dir() or not has_marker(path, STAGING):
+            continue  # not recognisably ours: never removed
         if found["kind"] == "old" and not out.exists():
             path.rename(out)  # killed between publish's renames: the previous output comes back
+            (out / MARKER).unlink(missing_ok=True)
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -91,12 +108,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Swap a finished staging folder into place; a previous output is replaced whole."""
+def publish(staging: Path, out: Path, job: str | None = None) -> None:
+    """Swap a finished staging folder into place; a previous output is replaced whole.
+
+    With `job`, `out` is claimed again just before the swap (`ownership.claim_output_dir`): a
+    folder that stopped being the job's output while it ran (a user's files put there) is
+    refused, not replaced. The previous output is renamed to a marked `.NAME.old-PID-HEX` and
+    removed once the new one is in place.
+    """
+    if job is not None:
+        claim_output_dir(out, job)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(out)
     retired = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if out.exists():
+        write_marker(out, STAGING)  # so that a run killed right after the rename is recognisable
         out.rename(retired)
+    (staging / MARKER).unlink(missing_ok=True)  # the published folder carries no marker
     staging.rename(out)  # one rename: readers see the old folder or the new one, never a mix
     shutil.rmtree(retired, ignore_errors=True)

@@ -44,6 +44,7 @@ from nlpctr.features.definitions import arrow_type, parquet_files, read_manifest
 from nlpctr.models.experiment import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
 from nlpctr.pipelines.outputs import publish, staging_dir
+from nlpctr.pipelines.ownership import claim_output_dir
 
 METRICS_NAMESPACE = "nlpctr.score_batch"
 ENRICHMENT_MODES = ("batched", "per-element")
@@ -238,6 +239,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             )
         args.service = trained_service
     args.service = args.service or feature_store.CASCADE_FROZEN
+    # Before any work: --out is new, empty or an earlier score-batch output, holding no input.
+    default_out = data_dir / "scored" / args.run if args.run else data_dir / "enriched" / args.service
+    inputs = [data_dir / "impressions", *([run_dir] if run_dir is not None else [])]
+    out = claim_output_dir(args.out or default_out, "score-batch", inputs=inputs)
     # Fail before the pipeline starts: not applied, stale, not materialised, Redis down.
     online = feature_store.OnlineFeatures(data_dir, args.service)
     if not parquet_files(data_dir / "impressions"):
@@ -254,8 +259,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     handler = enrichment_handler(
         feature_store.config_path(data_dir), args.service, online.keys, args.enrichment, args.batch_size
     )
-    default_out = data_dir / "scored" / args.run if args.run else data_dir / "enriched" / args.service
-    out: Path = (args.out or default_out).resolve()
     staging = staging_dir(out)
     started = time.perf_counter()
     try:
@@ -277,7 +280,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             c.key.metric.name: c.committed
             for c in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
         }
-        publish(staging, out)
+        publish(staging, out, "score-batch")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     rows = int(counters.get("rows", 0))

@@ -37,7 +37,9 @@ The click model (per impression; every coefficient is written to <stem>.truth.js
   fixed word class, length or lexical overlap, which a language model can learn from the text.
 - Position and device are drawn independently of the ad and query, so they do not confound.
 
-Outputs, beside FILE (written to temporary names first and renamed, so a crash leaves none)
+Outputs, beside FILE (written to temporary names first and renamed, so a crash leaves none;
+existing files are replaced only when they are this command's earlier output, named by the
+<stem>.truth.json it wrote, else the run is refused before anything is written)
 - FILE: the log (impression_id, event_time, query_id, query_text, ad_id, ad_text,
   advertiser_id, position, device, clicked), time-ordered over 30 days from 2024-03-01 UTC.
 - <stem>.truth.parquet: impression_id + base, ad/advertiser/query/position/device/text
@@ -78,6 +80,7 @@ from tqdm import tqdm
 
 from nlpctr import __version__
 from nlpctr.errors import UserError
+from nlpctr.pipelines.ownership import claim_output_files, is_simulated_log
 from nlpctr.pipelines.records import fix_mojibake
 from nlpctr.pipelines.specs import data_root
 
@@ -807,7 +810,10 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
     """Generate the world and the rows; write all four files; return truth.json's content."""
     pools = load_pools(data_root())
     world = build_world(pools, params.rows, params.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: {out.parent} cannot be created ({exc.strerror})") from None
     paths = _paths(out)
     tag = uuid.uuid4().hex[:8]
     temp = {key: path.with_name(f".{path.name}.tmp-{tag}") for key, path in paths.items()}
@@ -949,6 +955,8 @@ def _validate(args: argparse.Namespace) -> tuple[Params, Path]:
         raise UserError(f"--out must name a .parquet file (e.g. data/sim/log.parquet), got {args.out}")
     if out.is_dir():
         raise UserError(f"--out {args.out} is a folder; name the .parquet file to write")
+    # The four files are replaced only when they are this job's own earlier output.
+    claim_output_files(list(_paths(out).values()), "data simulate", is_simulated_log)
     params = Params(
         rows=args.rows,
         rho=float(args.rho),

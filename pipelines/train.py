@@ -57,6 +57,7 @@ from nlpctr.models import experiment, metrics, streaming
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict, predict_batches
+from nlpctr.pipelines.ownership import claim_output_dir
 
 FUSIONS = ("score", "concat", "gate")
 STREAMING_ROWS = 500_000  # impressions above which `train` streams (a frame of ~1 GB in memory)
@@ -449,13 +450,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 f"--init-from needs an E0 (--mode baseline) run; {args.init_from} is "
                 f"{warm_start.spec['mode']}"
             )
+    # A run writes into its folder: a new or empty one, or an earlier run's (its config.json).
+    claim_output_dir(run_dir, "train", flag="--runs-dir/--run")
     config_file = run_dir / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()) != identity:
         raise UserError(
             f"run {args.run} exists with another configuration ({config_file}); "
             f"use another --run or delete {run_dir}"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--runs-dir/--run {run_dir} cannot be created ({exc.strerror})") from None
     config_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
     fill_ctr = global_ctr(data_dir)
     progress = not args.no_progress
