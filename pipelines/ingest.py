@@ -17,12 +17,14 @@ Those kept rows are written as `impressions/deduped-*.parquet` beside `impressio
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,7 @@ class ReadSourceRecords(beam.PTransform):
         spec = self.spec
         if spec.source.format == "ubi_ndjson":
             lines = pbegin | "ReadLines" >> beam.io.ReadFromText(
-                str(spec.source.path), coder=beam.coders.BytesCoder()
+                literal_pattern(spec.source.path), coder=beam.coders.BytesCoder()
             )
             return lines | "JoinUbiEvents" >> JoinUbiEvents()
         return {
@@ -80,7 +82,7 @@ class ReadSourceRecords(beam.PTransform):
 
     def _read_records(self) -> beam.PTransform:
         spec = self.spec
-        path = str(spec.source.path)
+        path = literal_pattern(spec.source.path)
         if spec.source.format == "parquet":
             return beam.io.ReadFromParquet(path)
         if spec.source.format == "csv":
@@ -99,6 +101,18 @@ class ReadSourceRecords(beam.PTransform):
             | "ParseJson" >> beam.Map(parse_json_line)
             | "SkipBlank" >> beam.Filter(lambda r: r is not None)
         )
+
+
+def literal_pattern(path: Path) -> str:
+    """The pattern that matches exactly the file `path`: Beam's readers take a glob, so a
+    file named `base[1].csv` would read `base1.csv` instead (and fail when none matches)."""
+    return glob.escape(str(path))
+
+
+# An escaped `[` is the set `[[]`, which Beam compiles into a regex that Python warns about.
+warnings.filterwarnings(
+    "ignore", message="Possible nested set", category=FutureWarning, module="apache_beam.io.filesystem"
+)
 
 
 class JoinUbiEvents(beam.PTransform):
@@ -490,6 +504,10 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
     path = spec.source.path
     if not path.exists():
         raise UserError(f"source file {path} does not exist; fix source.path in {spec.spec_path.name}")
+    if not path.is_file():
+        raise UserError(
+            f"source {path} is not a file; point source.path in {spec.spec_path.name} at one file"
+        )
     try:
         if spec.source.format == "parquet":
             return list(pq.read_schema(path).names)
