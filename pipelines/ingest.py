@@ -17,6 +17,7 @@ Those kept rows are written as `impressions/deduped-*.parquet` beside `impressio
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import hashlib
 import json
@@ -513,7 +514,7 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
             return list(pq.read_schema(path).names)
         if spec.source.format == "csv":
             return delimited_header(str(path), spec.source.delimiter)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, csv.Error) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"source {path.name} is not a readable {spec.source.format} file ({first}); "

@@ -96,25 +96,65 @@ def json_safe(value: Any) -> Any:
 
 
 def malformed(raw: str, message: str) -> dict[str, Any]:
-    """A source record that could not be split into fields."""
-    return {MALFORMED_KEY: message, RAW_KEY: raw}
+    """A source record that could not be split into fields (undecodable bytes in its text are
+    escaped: a lone surrogate cannot cross a pipeline boundary)."""
+    return {MALFORMED_KEY: message, RAW_KEY: json_safe(raw)}
 
 
 # ---------------------------------------------------------------------------------- readers
 
 
+# Python's csv module refuses a field over 131,072 characters. The whole file is in memory
+# already, so a long field is a long value (rejected as text_too_long, or truncated under
+# --truncate-long-text, with the original row kept), not a broken file. 2**31 - 1 fits a C long
+# everywhere.
+FIELD_SIZE_LIMIT = 2**31 - 1
+csv.field_size_limit(max(csv.field_size_limit(), FIELD_SIZE_LIMIT))
+
+
+class _RecordedLines:
+    """The lines of a text, remembering those a csv.reader took since the last `take()`: the
+    original text of a record, for a dead letter when the record cannot be parsed."""
+
+    def __init__(self, text: str) -> None:
+        self._lines = io.StringIO(text, newline="")
+        self._taken: list[str] = []
+
+    def __iter__(self) -> _RecordedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self._taken.append(line)
+        return line
+
+    def drop(self) -> None:
+        self._taken.clear()
+
+    def take(self) -> str:
+        raw = "".join(self._taken)
+        self._taken.clear()
+        for ending in ("\r\n", "\n", "\r"):
+            if raw.endswith(ending):
+                return raw[: -len(ending)]
+        return raw
+
+
 def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[str, Any]]:
     """Records of a CSV/TSV file with a header row. Undecodable bytes survive as surrogates so
-    the row carrying them is rejected as bad_encoding instead of failing the whole file."""
+    the row carrying them is rejected as bad_encoding instead of failing the whole file. A row
+    that cannot be parsed becomes a malformed marker that keeps its original text."""
     text = data.decode("utf-8", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    lines = _RecordedLines(text)
+    reader = csv.reader(lines, delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
         return
     except csv.Error as exc:
-        yield malformed(text[:200], f"{source}: unreadable header: {exc}")
+        yield malformed(lines.take(), f"{source}: unreadable header: {exc}")
         return
+    lines.drop()
     width = len(header)
     while True:
         try:
@@ -122,16 +162,16 @@ def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[s
         except StopIteration:
             return
         except csv.Error as exc:
-            yield malformed("", f"{source} line {reader.line_num}: {exc}")
+            yield malformed(lines.take(), f"{source} line {reader.line_num}: {exc}")
             continue
-        if not fields:
-            continue  # a blank line is not a record
         if len(fields) != width:
-            yield malformed(
-                delimiter.join(fields),
-                f"{source} line {reader.line_num}: {len(fields)} fields, header has {width}",
-            )
+            if not fields:  # a blank line is not a record
+                lines.drop()
+                continue
+            message = f"{source} line {reader.line_num}: {len(fields)} fields, header has {width}"
+            yield malformed(lines.take(), message)
             continue
+        lines.drop()
         record = dict(zip(header, fields, strict=True))
         # Lone surrogates cannot cross a pipeline boundary, so the row becomes its dead letter here.
         bad = next((k for k, v in record.items() if _SURROGATE.search(v)), None)

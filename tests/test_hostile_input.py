@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from nlpctr.errors import UserError
-from nlpctr.pipelines import ingest
+from nlpctr.pipelines import ingest, records
+from nlpctr.pipelines.specs import DatasetSpec, load_spec, parse_spec
 
 SPEC: dict[str, Any] = {
     "name": "hostile",
@@ -50,6 +51,10 @@ def write_source(
     path = tmp_path / f"{Path(name).stem}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def load(spec: Path) -> DatasetSpec:
+    return load_spec(str(spec))
 
 
 def prepare(spec: Path, out: Path, *flags: str) -> dict[str, Any]:
@@ -107,3 +112,47 @@ def test_a_source_path_that_is_a_folder_is_one_line(tmp_path: Path) -> None:
     spec.write_text(yaml.safe_dump({**SPEC, "source": {"path": "logs", "format": "jsonl"}}))
     with pytest.raises(UserError, match=r"is not a file; point source\.path"):
         prepare(spec, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------- 4, 5: long fields
+
+LONG = 200_000  # Python's csv module refused fields over 131,072 characters
+
+
+def test_a_header_field_over_the_csv_limit_is_read(tmp_path: Path) -> None:
+    header = [*HEADER, "x" * LONG]
+    data = csv_bytes([{**r, header[-1]: "1"} for r in rows(2)], header)
+    spec = load(write_source(tmp_path, "log.csv", data))
+    assert ingest.source_columns(spec) == header  # was a csv.Error traceback
+
+
+def test_a_field_over_the_csv_limit_keeps_its_row_and_can_be_truncated() -> None:
+    title = "t" * LONG
+    data = csv_bytes([{**rows(1)[0], "title": title}, rows(2)[1]])
+    parsed = list(records.parse_delimited(data, ",", "log.csv"))
+    assert [r["title"] for r in parsed] == [title, "Headline r 1"]  # was {"__raw__": ""}
+    spec = parse_spec(SPEC, Path("s.yaml"))
+    rejected = records.map_record(spec, parsed[0], records.Limits(2000))
+    assert isinstance(rejected, records.Rejection) and rejected.reason == records.TEXT_TOO_LONG
+    assert json.loads(rejected.to_json())["record"]["title"] == title
+    cut = records.map_record(spec, parsed[0], records.Limits(2000, truncate_long_text=True))
+    assert isinstance(cut, records.Mapped) and cut.row["ad_text"] == "t" * 2000
+
+
+def test_a_malformed_row_keeps_its_original_text() -> None:
+    data = b'id,ad,title,ts,click\n7,"a,7",x\n8,"unterminated,y,2024,0\n9,a9,z,2024,1\n'
+    parsed = list(records.parse_delimited(data, ",", "log.csv"))
+    assert [p[records.RAW_KEY] for p in parsed] == ['7,"a,7",x', '8,"unterminated,y,2024,0\n9,a9,z,2024,1']
+    bad_bytes = list(records.parse_delimited(b"a,b\n1,\xff,3\n", ",", "log.csv"))
+    assert bad_bytes[0][records.RAW_KEY] == "1,\\udcff,3"  # escaped: it crosses a pipeline boundary
+
+
+def test_long_fields_end_to_end(tmp_path: Path) -> None:
+    header = [*HEADER, "n" * LONG]
+    data = csv_bytes([{**r, header[-1]: "v" * LONG} for r in rows(3)], header)
+    data += f"9,a9,{'t' * LONG},2024-01-01T00:00:00Z,1,v\n".encode()
+    out = tmp_path / "out"
+    manifest = prepare(write_source(tmp_path, "log.csv", data), out, "--max-reject-rate", "0.5")
+    assert (manifest["rows_in"], manifest["rows_written"]) == (4, 3)
+    [dead] = read_rejected(out)
+    assert dead["reason"] == records.TEXT_TOO_LONG and dead["record"]["title"] == "t" * LONG
