@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import gzip
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import os
 import shutil
 import time
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr import __version__
@@ -46,6 +49,7 @@ from nlpctr.pipelines.records import (
     Limits,
     Mapped,
     Rejection,
+    compression_of,
     delimited_header,
     map_record,
     parse_delimited,
@@ -73,7 +77,9 @@ class ReadSourceRecords(beam.PTransform):
         spec = self.spec
         if spec.source.format == "ubi_ndjson":
             lines = pbegin | "ReadLines" >> beam.io.ReadFromText(
-                literal_pattern(spec.source.path), coder=beam.coders.BytesCoder()
+                literal_pattern(spec.source.path),
+                coder=beam.coders.BytesCoder(),
+                compression_type=text_compression(spec.source.path),
             )
             return lines | "JoinUbiEvents" >> JoinUbiEvents()
         return {
@@ -87,10 +93,12 @@ class ReadSourceRecords(beam.PTransform):
         if spec.source.format == "parquet":
             return beam.io.ReadFromParquet(path)
         if spec.source.format == "csv":
-            # Whole files, not lines: quoted fields may hold newlines.
+            # Whole files, not lines: quoted fields may hold newlines. The bytes as they are
+            # (parse_delimited unzips gzip by content; Beam would go by the name, and its
+            # decompressing reader returns only the first 16 MiB to a plain read()).
             return (
                 "MatchFiles" >> fileio.MatchFiles(path)
-                | "ReadMatches" >> fileio.ReadMatches()
+                | "ReadMatches" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
                 | "ParseDelimited"
                 >> beam.FlatMap(
                     lambda f, d: parse_delimited(f.read(), d, os.path.basename(f.metadata.path)),
@@ -98,7 +106,10 @@ class ReadSourceRecords(beam.PTransform):
                 )
             )
         return (
-            "ReadLines" >> beam.io.ReadFromText(path, coder=beam.coders.BytesCoder())
+            "ReadLines"
+            >> beam.io.ReadFromText(
+                path, coder=beam.coders.BytesCoder(), compression_type=text_compression(spec.source.path)
+            )
             | "ParseJson" >> beam.Map(parse_json_line)
             | "SkipBlank" >> beam.Filter(lambda r: r is not None)
         )
@@ -108,6 +119,39 @@ def literal_pattern(path: Path) -> str:
     """The pattern that matches exactly the file `path`: Beam's readers take a glob, so a
     file named `base[1].csv` would read `base1.csv` instead (and fail when none matches)."""
     return glob.escape(str(path))
+
+
+def first_bytes(path: Path, n: int = 16) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(n)
+
+
+def text_compression(path: Path) -> str:
+    """How Beam should read a line-based source: by its content, not its name (a plain file
+    named .gz is plain; a gzipped one named .jsonl is gzip)."""
+    gzipped = compression_of(first_bytes(path)) == "gzip"
+    return CompressionTypes.GZIP if gzipped else CompressionTypes.UNCOMPRESSED
+
+
+def check_compression(path: Path, spec_name: str) -> None:
+    """Gzip is read (checked to the end here, so damage is one line, not a failed worker);
+    another compression is refused in one line."""
+    compression = compression_of(first_bytes(path))
+    if compression is None:
+        return
+    if compression != "gzip":
+        raise UserError(
+            f"source {path.name} is {compression}-compressed; decompress it, or gzip it "
+            f"(plain and gzipped files are read), and fix source.path in {spec_name}"
+        )
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(
+            f"source {path.name} is a damaged gzip file ({type(exc).__name__}); fix or replace the file"
+        ) from None
 
 
 # An escaped `[` is the set `[[]`, which Beam compiles into a regex that Python warns about.
@@ -510,6 +554,8 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
             f"source {path} is not a file; point source.path in {spec.spec_path.name} at one file"
         )
     try:
+        if spec.source.format != "parquet":
+            check_compression(path, spec.spec_path.name)
         if spec.source.format == "parquet":
             return list(pq.read_schema(path).names)
         if spec.source.format == "csv":

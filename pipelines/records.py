@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import gzip
 import io
 import json
 import math
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html import unescape
@@ -140,10 +142,36 @@ class _RecordedLines:
         return raw
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+# Other compressed files, known by their first bytes, so they are refused in one line instead
+# of being read as text (a column list of binary bytes).
+_COMPRESSED = (
+    (re.compile(rb"BZh[1-9]1AY&SY", re.DOTALL), "bzip2"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
+    (re.compile(rb"PK\x03\x04"), "zip"),
+)
+
+
+def compression_of(head: bytes) -> str | None:
+    """'gzip' or the name of another compression a file's first bytes show; None for a plain
+    file. By content, not by name: a plain file named .gz is plain."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    return next((name for magic, name in _COMPRESSED if magic.match(head)), None)
+
+
 def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[str, Any]]:
-    """Records of a CSV/TSV file with a header row. Undecodable bytes survive as surrogates so
-    the row carrying them is rejected as bad_encoding instead of failing the whole file. A row
-    that cannot be parsed becomes a malformed marker that keeps its original text."""
+    """Records of a CSV/TSV file with a header row, gzipped or not. Undecodable bytes survive
+    as surrogates so the row carrying them is rejected as bad_encoding instead of failing the
+    whole file. A row that cannot be parsed becomes a malformed marker that keeps its original
+    text."""
+    if data.startswith(GZIP_MAGIC):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:  # ingest checks the file before it runs
+            yield malformed("", f"{source}: damaged gzip data: {exc}")
+            return
     text = data.decode("utf-8", errors="surrogateescape")
     lines = _RecordedLines(text)
     reader = csv.reader(lines, delimiter=delimiter)
@@ -185,7 +213,11 @@ def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[s
 
 
 def delimited_header(path: str, delimiter: str) -> list[str]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    """The header row of a CSV/TSV file, gzipped or not."""
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == GZIP_MAGIC
+    opener = gzip.open if gzipped else open
+    with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline="") as handle:
         return next(csv.reader(handle, delimiter=delimiter), [])
 
 
