@@ -51,6 +51,7 @@ from nlpctr.pipelines.records import (
     Rejection,
     compression_of,
     delimited_header,
+    json_safe,
     map_record,
     parse_delimited,
     parse_json_line,
@@ -296,15 +297,24 @@ def _truncated_counts(mapped: Mapped) -> list[tuple[str, int]]:
 
 
 def _keep_first(impression_id: str, mapped: Iterable[Mapped]) -> Iterator[Any]:
-    """Keep one row per impression_id (the smallest by content, so reruns agree); the others
-    go to the dead-letter output as duplicates."""
-    ordered = sorted(mapped, key=lambda m: json.dumps(m.row, sort_keys=True, default=str))
+    """Keep one row per impression_id (the smallest by content, then by source record, so
+    reruns agree); the others go to the dead-letter output as duplicates, with their original
+    source records."""
+    ordered = sorted(
+        mapped,
+        key=lambda m: (
+            json.dumps(m.row, sort_keys=True, default=str),
+            json.dumps(json_safe(m.source), sort_keys=True),
+        ),
+    )
     yield ordered[0]
     for extra in ordered[1:]:
         yield beam.pvalue.TaggedOutput(
             MapToSchema.REJECTED,
             Rejection(
-                DUPLICATE_IMPRESSION_ID, f"impression_id {impression_id!r} seen more than once", extra.row
+                DUPLICATE_IMPRESSION_ID,
+                f"impression_id {impression_id!r} seen more than once",
+                extra.source if extra.source is not None else extra.row,
             ),
         )
 

@@ -455,8 +455,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class Mapped:
+    """A canonical row, the text columns it truncated, and the source record it came from (a
+    duplicate's dead letter holds the original row, not the mapped one)."""
+
     row: dict[str, Any]
     truncated: tuple[str, ...]
+    source: dict[str, Any] | None = None
 
 
 def _check_text(column: str, value: str, limits: Limits) -> tuple[str, bool]:
@@ -548,4 +552,4 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
 
     row["query_text_id"] = text_id(row["query_text"]) if row["query_text"] else None
     row["ad_text_id"] = text_id(row["ad_text"])
-    return Mapped(row=row, truncated=tuple(truncated))
+    return Mapped(row=row, truncated=tuple(truncated), source=record)
