@@ -172,7 +172,9 @@ def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[s
         except (OSError, EOFError, zlib.error) as exc:  # ingest checks the file before it runs
             yield malformed("", f"{source}: damaged gzip data: {exc}")
             return
-    text = data.decode("utf-8", errors="surrogateescape")
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark, which is not part of the
+    # first column's name.
+    text = data.decode("utf-8-sig", errors="surrogateescape")
     lines = _RecordedLines(text)
     reader = csv.reader(lines, delimiter=delimiter)
     try:
@@ -217,17 +219,20 @@ def delimited_header(path: str, delimiter: str) -> list[str]:
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == GZIP_MAGIC
     opener = gzip.open if gzipped else open
-    with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         return next(csv.reader(handle, delimiter=delimiter), [])
 
 
 def parse_json_line(line: bytes | str) -> dict[str, Any] | None:
-    """One JSONL record; None for a blank line, a malformed marker for anything unparseable."""
+    """One JSONL record; None for a blank line, a malformed marker for anything unparseable.
+    A byte order mark (a file saved as "UTF-8 with BOM") is not part of the record."""
     if isinstance(line, bytes):
+        line = line.removeprefix(b"\xef\xbb\xbf")
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             return malformed(line.decode("utf-8", errors="backslashreplace"), f"invalid UTF-8: {exc}")
+    line = line.removeprefix("\ufeff")
     if not line.strip():
         return None
     try:

@@ -197,3 +197,20 @@ def test_other_compression_and_damaged_gzip_are_one_line(tmp_path: Path, data: b
     spec = load(write_source(tmp_path, "log.csv", data))
     with pytest.raises(UserError, match=message):
         ingest.source_columns(spec)
+
+
+# ------------------------------------------------------------------------ 6: BOM, types, invisible text
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" was refused: "source column 'id' is not in log.csv (it has: \\ufeffid, ...)"."""
+    spec = write_source(tmp_path, "log.csv", b"\xef\xbb\xbf" + csv_bytes(rows(4)))
+    assert ingest.source_columns(load(spec)) == HEADER
+    manifest = prepare(spec, tmp_path / "out")
+    assert (manifest["rows_in"], manifest["rows_written"]) == (4, 4)
+    assert read_ids(tmp_path / "out") == {f"r{i}" for i in range(4)}
+
+
+def test_a_json_line_with_a_byte_order_mark_is_read() -> None:
+    assert records.parse_json_line(b'\xef\xbb\xbf{"id": "1"}') == {"id": "1"}
+    assert records.parse_json_line('\ufeff{"id": "1"}') == {"id": "1"}
