@@ -36,9 +36,10 @@ ZERO_IMPRESSIONS = "zero_impressions"
 BAD_ENCODING = "bad_encoding"
 DUPLICATE_IMPRESSION_ID = "duplicate_impression_id"
 TEXT_TOO_LONG = "text_too_long"
+BAD_TYPE = "bad_type"
 REASONS = (
     MALFORMED_RECORD, MISSING_TEXT, MISSING_ID, BAD_TIMESTAMP, CLICKS_GT_IMPRESSIONS, BAD_COUNT,
-    BAD_LABEL, ZERO_IMPRESSIONS, BAD_ENCODING, DUPLICATE_IMPRESSION_ID, TEXT_TOO_LONG,
+    BAD_LABEL, ZERO_IMPRESSIONS, BAD_ENCODING, DUPLICATE_IMPRESSION_ID, TEXT_TOO_LONG, BAD_TYPE,
 )  # fmt: skip
 
 # Marks a source record that could not even be parsed into fields.
@@ -323,6 +324,30 @@ def as_text(value: Any) -> str | None:
     return str(value)
 
 
+def _source_text(column: str, record: dict[str, Any]) -> str | None:
+    """A source column's value as text for an id, a text or a context column. A JSON object
+    or list (or a parquet struct/list) is not text: printing it would invent a value."""
+    value = record.get(column)
+    if isinstance(value, dict | list | tuple | set | frozenset):
+        kind = "an object" if isinstance(value, dict) else "a list"
+        raise _Invalid(BAD_TYPE, f"{column} is {kind}, not a text, number or id")
+    return as_text(value)
+
+
+# Characters that show nothing on their own: format characters (zero-width space and joiners,
+# bidi marks, soft hyphen, BOM), separators, combining marks with no base, and the blank
+# fillers of Hangul and Braille. Other control characters are corruption (bad_encoding).
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _blank(value: str | None) -> bool:
+    """True when a value is missing or has no visible character."""
+    return value is None or all(
+        c.isspace() or c in _BLANK_FILLERS or unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in value
+    )
+
+
 def _hashable(column: str, value: str | None) -> str | None:
     """A source value that an id is hashed from: undecodable bytes would make the hash fail."""
     if value is not None and _SURROGATE.search(value):
@@ -332,14 +357,14 @@ def _hashable(column: str, value: str | None) -> str | None:
 
 def _column_value(rule: ColumnRule, record: dict[str, Any]) -> str | None:
     if rule.column:
-        value = as_text(record.get(rule.column))
+        value = _source_text(rule.column, record)
     elif rule.text_id_of:
-        source = _hashable(rule.text_id_of, as_text(record.get(rule.text_id_of)))
-        value = text_id(source) if source and source.strip() else None
+        source = _hashable(rule.text_id_of, _source_text(rule.text_id_of, record))
+        value = None if source is None or _blank(source) else text_id(source)
     else:
         columns = rule.hash_of or rule.concat
-        parts = [_hashable(c, as_text(record.get(c))) for c in columns]
-        if any(p is None or not p.strip() for p in parts):
+        parts = [_hashable(c, _source_text(c, record)) for c in columns]
+        if any(_blank(p) for p in parts):
             return None
         value = stable_hash(*parts) if rule.hash_of else ":".join(parts)  # type: ignore[arg-type]
     for transform in rule.transforms if value is not None else ():
@@ -510,10 +535,12 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
         value = _column_value(rule, record) if rule else None
         if value is not None:
             value = unicodedata.normalize("NFC", value).strip()
-        if not value:
+        if _blank(value):
             if target == "ad_text" or (target == "query_text" and rule is not None):
                 source = rule.sources[0] if rule else target
-                raise _Invalid(MISSING_TEXT, f"{target} (source column {source!r}) is missing or empty")
+                raise _Invalid(
+                    MISSING_TEXT, f"{target} (source column {source!r}) is missing, empty or invisible"
+                )
             row[target] = None
             continue
         value, was_cut = _check_text(target, value, limits)
@@ -522,11 +549,14 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
         row[target] = value
     for target, rule in spec.context.items():
         value = _column_value(rule, record)
-        if value is not None:
-            value, _ = _check_text(target, value.strip(), Limits(max_text_chars=1000))
-        row[target] = value or None
+        if value is None or _blank(value):
+            row[target] = None
+        else:
+            row[target], _ = _check_text(target, value.strip(), Limits(max_text_chars=1000))
     for target in ("ad_id", "query_id", "impression_id"):
-        if row[target] is not None:
+        if row[target] is not None and _blank(row[target]):
+            row[target] = None
+        elif row[target] is not None:
             row[target], _ = _check_text(target, row[target].strip(), Limits(max_text_chars=1000))
     if not row["ad_id"]:
         raise _Invalid(MISSING_ID, f"ad_id (from {', '.join(spec.columns['ad_id'].sources)}) is missing")

@@ -214,3 +214,51 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
 def test_a_json_line_with_a_byte_order_mark_is_read() -> None:
     assert records.parse_json_line(b'\xef\xbb\xbf{"id": "1"}') == {"id": "1"}
     assert records.parse_json_line('\ufeff{"id": "1"}') == {"id": "1"}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"title": {"a": 1}}, records.BAD_TYPE),  # was stored as the text "{'a': 1}"
+        ({"title": ["a", "b"]}, records.BAD_TYPE),
+        ({"ad": {"id": 7}}, records.BAD_TYPE),
+        ({"id": [1]}, records.BAD_TYPE),
+        ({"title": "\u200b"}, records.MISSING_TEXT),  # a zero-width space was a headline
+        ({"title": " \u200b\u200d\ufeff\u00ad\u2060 "}, records.MISSING_TEXT),
+        ({"title": "\u3164\u2800"}, records.MISSING_TEXT),  # Hangul filler, Braille blank
+        ({"title": "\u0301"}, records.MISSING_TEXT),  # a combining mark with no base
+        ({"ad": "\u200b"}, records.MISSING_ID),
+        ({"title": "\u200bok"}, None),
+        ({"title": "\x00"}, records.BAD_ENCODING),  # a control character stays corruption
+    ],
+)
+def test_objects_and_invisible_text_are_dead_letters(change: dict[str, Any], reason: str | None) -> None:
+    spec = parse_spec({**SPEC, "context": {"slot": "slot"}}, Path("s.yaml"))
+    record = {**rows(1)[0], "slot": "top", **change}
+    result = records.map_record(spec, record, records.Limits(100))
+    if reason is None:
+        assert isinstance(result, records.Mapped)
+        return
+    assert isinstance(result, records.Rejection) and result.reason == reason, result
+    assert json.loads(result.to_json())["record"] == records.json_safe(record)
+
+
+def test_an_object_or_invisible_context_value_is_not_a_category() -> None:
+    spec = parse_spec({**SPEC, "context": {"slot": "slot"}}, Path("s.yaml"))
+    rejected = records.map_record(spec, {**rows(1)[0], "slot": {"x": 1}}, records.Limits(100))
+    assert isinstance(rejected, records.Rejection) and rejected.reason == records.BAD_TYPE
+    mapped = records.map_record(spec, {**rows(1)[0], "slot": "\u200b"}, records.Limits(100))
+    assert isinstance(mapped, records.Mapped) and mapped.row["slot"] is None
+
+
+def test_objects_and_invisible_titles_end_to_end(tmp_path: Path) -> None:
+    lines = [
+        {**r, "title": t} for r, t in zip(rows(4), ["Fine", {"a": 1}, "\u200b", "Also fine"], strict=True)
+    ]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "source": {"path": "log.jsonl", "format": "jsonl"}}))
+    manifest = prepare(spec, tmp_path / "out", "--max-reject-rate", "0.5")
+    assert (manifest["rows_in"], manifest["rows_written"]) == (4, 2)
+    assert manifest["rejected_by_reason"] == {records.BAD_TYPE: 1, records.MISSING_TEXT: 1}
+    assert sorted(d["record"]["id"] for d in read_rejected(tmp_path / "out")) == ["r1", "r2"]
