@@ -355,6 +355,17 @@ def _hashable(column: str, value: str | None) -> str | None:
     return value
 
 
+def concat_id(parts: list[str]) -> str:
+    """Values joined with ':', each with its ':' and '\\' escaped by a '\\', so different
+    values never give one id (('1', '2:3') and ('1:2', '3') used to), and values with
+    neither character (numbers, UUIDs) give the same id as a plain join."""
+    return ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in parts)
+
+
+# stable_hash joins its parts with U+001F: a part holding one could give another's hash.
+_HASH_SEPARATOR = "\x1f"
+
+
 def _column_value(rule: ColumnRule, record: dict[str, Any]) -> str | None:
     if rule.column:
         value = _source_text(rule.column, record)
@@ -364,9 +375,13 @@ def _column_value(rule: ColumnRule, record: dict[str, Any]) -> str | None:
     else:
         columns = rule.hash_of or rule.concat
         parts = [_hashable(c, _source_text(c, record)) for c in columns]
-        if any(_blank(p) for p in parts):
+        if any(p is None or _blank(p) for p in parts):
             return None
-        value = stable_hash(*parts) if rule.hash_of else ":".join(parts)  # type: ignore[arg-type]
+        if rule.hash_of:
+            bad = next((c for c, p in zip(columns, parts, strict=True) if _HASH_SEPARATOR in p), None)
+            if bad is not None:
+                raise _Invalid(BAD_ENCODING, f"{bad} contains control character U+001F")
+        value = stable_hash(*parts) if rule.hash_of else concat_id(parts)  # type: ignore[arg-type]
     for transform in rule.transforms if value is not None else ():
         value = TEXT_TRANSFORMS[transform](value)
     return value

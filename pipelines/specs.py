@@ -46,7 +46,8 @@ class ColumnRule:
     """How one target column is built from source columns.
 
     Exactly one of: `column` (copy), `hash_of` (stable hash of several columns),
-    `concat` (values joined with ':'), `text_id_of` (hash of one column's normalised text).
+    `concat` (values joined with ':', a ':' or '\\' inside a value escaped with '\\'),
+    `text_id_of` (hash of one column's normalised text).
     """
 
     column: str | None = None

@@ -262,3 +262,37 @@ def test_objects_and_invisible_titles_end_to_end(tmp_path: Path) -> None:
     assert (manifest["rows_in"], manifest["rows_written"]) == (4, 2)
     assert manifest["rejected_by_reason"] == {records.BAD_TYPE: 1, records.MISSING_TEXT: 1}
     assert sorted(d["record"]["id"] for d in read_rejected(tmp_path / "out")) == ["r1", "r2"]
+
+
+# ------------------------------------------------------------------------------- 7: id collisions
+
+
+def test_concat_ids_are_injective_and_plain_values_keep_their_ids() -> None:
+    spec = parse_spec(
+        {**SPEC, "columns": {**SPEC["columns"], "impression_id": {"concat": ["a", "b"]}}}, Path("s")
+    )
+
+    def impression_id(a: str, b: str) -> str:
+        result = records.map_record(spec, {**rows(1)[0], "a": a, "b": b}, records.Limits(100))
+        assert isinstance(result, records.Mapped)
+        return result.row["impression_id"]
+
+    assert impression_id("1", "2:3") != impression_id("1:2", "3")  # both were "1:2:3"
+    assert impression_id("a\\", ":b") != impression_id("a\\:", "b")
+    assert impression_id("a\\", "b") != impression_id("a", "\\b")
+    assert impression_id("17", "4") == "17:4"  # the bundled specs' ids (numbers, UUIDs) do not change
+    assert records.concat_id(["1", "2", "3"]) == "1:2:3"
+
+
+def test_hash_of_refuses_its_separator() -> None:
+    spec = parse_spec({**SPEC, "columns": {**SPEC["columns"], "ad_id": {"hash_of": ["a", "b"]}}}, Path("s"))
+    result = records.map_record(spec, {**rows(1)[0], "a": "x\x1fy", "b": "z"}, records.Limits(100))
+    assert isinstance(result, records.Rejection) and result.reason == records.BAD_ENCODING
+
+
+def test_concat_collision_no_longer_drops_a_clicked_row(tmp_path: Path) -> None:
+    data = b"a,b,ad,title,ts,click\n1,2:3,x,Shown,2024-01-01,0\n1:2,3,y,Clicked,2024-01-01,1\n"
+    spec = {**SPEC, "columns": {**SPEC["columns"], "impression_id": {"concat": ["a", "b"]}}}
+    manifest = prepare(write_source(tmp_path, "log.csv", data, spec), tmp_path / "out")
+    assert (manifest["rows_written"], manifest["rows_rejected"]) == (2, 0)
+    assert read_ids(tmp_path / "out") == {"1:2\\:3", "1\\:2:3"}
