@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -50,7 +51,8 @@ from nlpctr.pipelines.records import (
     Mapped,
     Rejection,
     compression_of,
-    delimited_header,
+    delimited_head,
+    has_lines,
     json_safe,
     map_record,
     parse_delimited,
@@ -563,13 +565,23 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
         raise UserError(
             f"source {path} is not a file; point source.path in {spec.spec_path.name} at one file"
         )
+    fix = f"point source.path in {spec.spec_path.name} at a log that holds records"
     try:
         if spec.source.format != "parquet":
             check_compression(path, spec.spec_path.name)
         if spec.source.format == "parquet":
+            if pq.read_metadata(path).num_rows == 0:
+                raise UserError(f"source {path.name} has no rows; {fix}")
             return list(pq.read_schema(path).names)
         if spec.source.format == "csv":
-            return delimited_header(str(path), spec.source.delimiter)
+            header, has_rows = delimited_head(str(path), spec.source.delimiter)
+            if not header:
+                raise UserError(f"source {path.name} is empty (no header row); {fix}")
+            if not has_rows:
+                raise UserError(f"source {path.name} has a header row but no rows; {fix}")
+            return header
+        if not has_lines(str(path)):
+            raise UserError(f"source {path.name} is empty; {fix}")
     except (OSError, ValueError, csv.Error) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
@@ -580,6 +592,31 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
         return ["search_id", "object_id", "user_query", "title", "position", "timestamp",
                 "application", "session_id", "clicked"]  # fmt: skip
     return None
+
+
+def rejection_message(manifest: dict[str, Any], max_reject_rate: float, out: Path, failed: Path) -> str:
+    """Why a run wrote nothing: no rows at all, every row rejected, or too many rejected."""
+    rows_in, rejected = manifest["rows_in"], manifest["rows_rejected"]
+    reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
+    if rows_in == 0:
+        return (
+            f"source {Path(manifest['source']).name} has no rows; nothing was written to {out}; "
+            "point source.path at a log that holds records"
+        )
+    if manifest["rows_written"] == 0:
+        return (
+            f"all {rows_in} rows were rejected (reasons: {reasons}); nothing was written to {out}; "
+            f"the rejected records are in {failed}/rejected/; fix the source or the spec"
+        )
+    rate = rejected / rows_in
+    shown, limit = f"{rate:.2%}", f"{max_reject_rate:.2%}"
+    if shown == limit:  # 1.004% > 1%: show the digits that differ
+        shown, limit = f"{rate:.4%}", f"{max_reject_rate:.4%}"
+    return (
+        f"{rejected} of {rows_in} rows rejected ({shown}) > --max-reject-rate {limit} (reasons: "
+        f"{reasons}); nothing was written to {out}; the rejected records are in {failed}/rejected/; "
+        "fix the source or the spec, or raise --max-reject-rate"
+    )
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -609,7 +646,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="truncate texts over the limit (counted in the manifest) instead of rejecting",
     )
     parser.add_argument("--num-shards", type=int, default=0, help="output shards (0: the runner decides)")
-    return parser.parse_known_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
+    check_args(args)
+    return args, beam_args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that parse but mean nothing are refused before any work (not after the job ran)."""
+    rate = args.max_reject_rate
+    if rate is not None and not (math.isfinite(rate) and 0 <= rate <= 1):
+        raise UserError(
+            f"--max-reject-rate {rate:g} is not a fraction between 0 and 1; pass e.g. 0.05 for 5%"
+        )
+    if args.max_text_chars is not None and args.max_text_chars < 1:
+        raise UserError(f"--max-text-chars {args.max_text_chars} must be at least 1 (characters per text)")
+    if args.num_shards < 0:
+        raise UserError(f"--num-shards {args.num_shards} must be 0 (the runner decides) or a positive count")
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -644,13 +696,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             failed = out.parent / f"{out.name}.failed"
             shutil.rmtree(failed, ignore_errors=True)
             staging.rename(failed)
-            reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
-            raise UserError(
-                f"{manifest['rows_rejected']} of {manifest['rows_in']} rows rejected ({rate:.2%}) > "
-                f"--max-reject-rate {max_reject_rate:.2%} (reasons: {reasons}); nothing was written "
-                f"to {out}; the rejected records are in {failed}/rejected/; fix the source or the "
-                "spec, or raise --max-reject-rate"
-            )
+            raise UserError(rejection_message(manifest, max_reject_rate, out, failed))
         publish(staging, out)
         # A dead-letter folder left by an earlier failed run of the same output is stale now.
         shutil.rmtree(out.parent / f"{out.name}.failed", ignore_errors=True)

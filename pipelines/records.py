@@ -180,6 +180,8 @@ def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[s
     reader = csv.reader(lines, delimiter=delimiter)
     try:
         header = next(reader)
+        while not header:  # blank lines before the header
+            header = next(reader)
     except StopIteration:
         return
     except csv.Error as exc:
@@ -215,13 +217,25 @@ def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[s
         yield record
 
 
-def delimited_header(path: str, delimiter: str) -> list[str]:
-    """The header row of a CSV/TSV file, gzipped or not."""
+def _open_text(path: str) -> Any:
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == GZIP_MAGIC
     opener = gzip.open if gzipped else open
-    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        return next(csv.reader(handle, delimiter=delimiter), [])
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def delimited_head(path: str, delimiter: str) -> tuple[list[str], bool]:
+    """The header row of a CSV/TSV file, gzipped or not, and whether any row follows it."""
+    with _open_text(path) as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next((fields for fields in reader if fields), [])  # blank lines before it
+        return header, any(fields for fields in reader)
+
+
+def has_lines(path: str) -> bool:
+    """Whether a line-based file, gzipped or not, holds anything but blank lines."""
+    with _open_text(path) as handle:
+        return any(line.strip() for line in handle)
 
 
 def parse_json_line(line: bytes | str) -> dict[str, Any] | None:

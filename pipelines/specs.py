@@ -220,6 +220,22 @@ def _column_rule(spec_path: Path, where: str, value: Any) -> ColumnRule:
     return ColumnRule(**{kind: _str_list(spec_path, f"{where}.{kind}", mapping[kind])}, transforms=transforms)
 
 
+def strptime_problem(pattern: str) -> str | None:
+    """What is wrong with a strptime pattern (a bad directive such as %Q, a stray %), or None.
+    Checked when the spec loads: otherwise every row would be rejected one by one."""
+    if "%" not in pattern:
+        return "it has no % directive"
+    try:
+        dt.datetime.strptime("", pattern)
+    except ValueError as exc:
+        message = str(exc)
+        # The pattern compiled and the empty value did not match it: the pattern is fine.
+        if message.startswith(("time data ", "unconverted data remains")):
+            return None
+        return message.splitlines()[0] if message else "invalid"
+    return None
+
+
 def _timestamp_rule(spec_path: Path, value: Any) -> TimestampRule:
     where = "timestamp"
     mapping = _expect_keys(
@@ -247,6 +263,15 @@ def _timestamp_rule(spec_path: Path, value: Any) -> TimestampRule:
         raise _fail(spec_path, f"{where}.column", "expected the source column holding the timestamp")
     if fmt == "strptime" and not isinstance(mapping.get("pattern"), str):
         raise _fail(spec_path, f"{where}.pattern", "format strptime needs a pattern, e.g. '%Y-%m-%d %H:%M'")
+    if fmt == "strptime":
+        problem = strptime_problem(mapping["pattern"])
+        if problem:
+            raise _fail(
+                spec_path,
+                f"{where}.pattern",
+                f"{mapping['pattern']!r} is not a strptime pattern ({problem}); "
+                "use the directives of Python's datetime.strptime, e.g. '%Y-%m-%d %H:%M'",
+            )
     timezone = mapping.get("timezone", "UTC")
     if not isinstance(timezone, str) or not _known_zone(timezone):
         raise _fail(spec_path, f"{where}.timezone", f"{timezone!r} is not an IANA time zone (e.g. UTC)")

@@ -296,3 +296,104 @@ def test_concat_collision_no_longer_drops_a_clicked_row(tmp_path: Path) -> None:
     manifest = prepare(write_source(tmp_path, "log.csv", data, spec), tmp_path / "out")
     assert (manifest["rows_written"], manifest["rows_rejected"]) == (2, 0)
     assert read_ids(tmp_path / "out") == {"1:2\\:3", "1\\:2:3"}
+
+
+# ------------------------------------------------------------------------------- 8: unchecked flags
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-reject-rate", "-1"], r"--max-reject-rate -1 is not a fraction between 0 and 1"),
+        (["--max-reject-rate", "1.5"], r"--max-reject-rate 1\.5 is not a fraction"),
+        (["--max-reject-rate", "nan"], r"--max-reject-rate nan is not a fraction"),
+        (["--max-text-chars", "0"], r"--max-text-chars 0 must be at least 1"),
+        (["--max-text-chars", "-5"], r"--max-text-chars -5 must be at least 1"),
+        (["--num-shards", "-3"], r"--num-shards -3 must be 0"),
+    ],
+)
+def test_meaningless_flags_are_refused_before_the_job_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str
+) -> None:
+    spec = write_source(tmp_path, "log.csv", csv_bytes(rows(3)))
+    monkeypatch.setattr(ingest, "build_pipeline", lambda *a, **k: pytest.fail("the job ran"))
+    with pytest.raises(UserError, match=message):
+        prepare(spec, tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.failed").exists()
+
+
+def test_an_invalid_strptime_pattern_fails_when_the_spec_loads(tmp_path: Path) -> None:
+    for pattern, problem in [
+        ("%Y-%m-%Q", "bad directive"),
+        ("%Y-%m-%d %", "stray %"),
+        ("date", "no % directive"),
+    ]:
+        spec = {**SPEC, "timestamp": {"column": "ts", "format": "strptime", "pattern": pattern}}
+        with pytest.raises(
+            UserError, match=rf"timestamp\.pattern: .* is not a strptime pattern \(.*{problem}"
+        ):
+            parse_spec(spec, Path("s.yaml"))
+    good = {**SPEC, "timestamp": {"column": "ts", "format": "strptime", "pattern": "%Y-%m-%d %H:%M %%"}}
+    assert parse_spec(good, Path("s.yaml")).timestamp.pattern == "%Y-%m-%d %H:%M %%"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("log.csv", b"", r"source log\.csv is empty \(no header row\)"),  # was "(it has: )"
+        ("log.csv", b"\n\n", r"source log\.csv is empty \(no header row\)"),
+        (
+            "log.csv",
+            csv_bytes([]) + b"\n\n",
+            r"source log\.csv has a header row but no rows",
+        ),  # was 0 of 0 > 1%
+        ("log.csv", gzip.compress(csv_bytes([]), mtime=0), r"has a header row but no rows"),
+        ("log.jsonl", b"\n  \n", r"source log\.jsonl is empty"),
+    ],
+    ids=["empty", "blank-lines", "header-only", "gzipped-header-only", "blank-jsonl"],
+)
+def test_a_source_with_no_rows_says_so(tmp_path: Path, name: str, data: bytes, message: str) -> None:
+    fmt = "jsonl" if name.endswith("jsonl") else "csv"
+    spec = write_source(tmp_path, name, data, format=fmt)
+    with pytest.raises(
+        UserError, match=message + r"; point source\.path in log\.yaml at a log that holds records"
+    ):
+        ingest.source_columns(load(spec))
+
+
+def test_an_empty_parquet_source_says_so(tmp_path: Path) -> None:
+    pq.write_table(
+        pa.Table.from_pylist([], schema=pa.schema([(c, pa.string()) for c in HEADER])), tmp_path / "e.parquet"
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "source": {"path": "e.parquet", "format": "parquet"}}))
+    with pytest.raises(UserError, match=r"source e\.parquet has no rows"):
+        ingest.source_columns(load(spec))
+
+
+def test_every_row_rejected_says_nothing_was_written(tmp_path: Path) -> None:
+    """Under --max-reject-rate 1 this said "5 of 5 rows rejected (100.00%) > 100.00%"."""
+    data = csv_bytes([{**r, "title": ""} for r in rows(5)])
+    with pytest.raises(
+        UserError, match=r"^all 5 rows were rejected \(reasons: missing_text=5\); nothing was written"
+    ):
+        prepare(write_source(tmp_path, "log.csv", data), tmp_path / "out", "--max-reject-rate", "1")
+    assert not (tmp_path / "out").exists()
+    assert len(read_rejected(tmp_path / "out.failed")) == 5
+
+
+def test_the_rejection_message_never_shows_a_rate_over_an_equal_limit() -> None:
+    manifest = {"rows_in": 100_000, "rows_written": 98_996, "rows_rejected": 1004,
+                "rejected_by_reason": {"x": 1004}, "source": "/d/log.csv"}  # fmt: skip
+    message = ingest.rejection_message(manifest, 0.01, Path("/o"), Path("/o.failed"))
+    assert "(1.0040%) > --max-reject-rate 1.0000%" in message  # not "1.00% > 1.00%"
+    no_rows = ingest.rejection_message(
+        {**manifest, "rows_in": 0, "rows_written": 0}, 0.01, Path("/o"), Path("/f")
+    )
+    assert no_rows.startswith("source log.csv has no rows; nothing was written to /o")
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
+    data = b"\n\r\n" + csv_bytes(rows(2))
+    assert ingest.source_columns(load(write_source(tmp_path, "log.csv", data))) == HEADER
+    assert [r["id"] for r in records.parse_delimited(data, ",", "log.csv")] == ["r0", "r1"]
