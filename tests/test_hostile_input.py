@@ -397,3 +397,79 @@ def test_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
     data = b"\n\r\n" + csv_bytes(rows(2))
     assert ingest.source_columns(load(write_source(tmp_path, "log.csv", data))) == HEADER
     assert [r["id"] for r in records.parse_delimited(data, ",", "log.csv")] == ["r0", "r1"]
+
+
+# ------------------------------------------------------------------------------- 9: hostile specs
+
+LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def spec_text(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_aliases_are_refused(tmp_path: Path) -> None:
+    """Nine lines of aliases are 10**9 strings once expanded (the manifest stores the spec)."""
+    good = yaml.safe_dump(SPEC)
+    for text in [
+        good + LAUGHS,
+        good + "notes: &n hi\ndescription: *n\n",
+        good.replace("name: hostile", "name: &x h"),
+    ]:
+        if "*" not in text:
+            assert load(spec_text(tmp_path, text)).name == "h"  # an anchor alone is harmless
+            continue
+        with pytest.raises(
+            UserError, match=r"hostile\.yaml: refused: line \d+: YAML aliases \(\*\w+\) are not allowed"
+        ):
+            load(spec_text(tmp_path, text))
+
+
+def test_a_spec_over_64_kib_or_nested_deeper_than_32_is_refused(tmp_path: Path) -> None:
+    big = yaml.safe_dump({**SPEC, "notes": "x" * 70_000})
+    with pytest.raises(UserError, match=r"refused: 70,\d{3} bytes; a spec is at most 64 KiB"):
+        load(spec_text(tmp_path, big))
+    deep = yaml.safe_dump(SPEC) + "notes: " + "[" * 10_000 + "]" * 10_000 + "\n"  # was a RecursionError
+    with pytest.raises(UserError, match=r"refused: line \d+: nested more than 32 levels deep"):
+        load(spec_text(tmp_path, deep))
+
+
+def test_errors_name_the_column_and_the_file_never_its_content(tmp_path: Path) -> None:
+    """A spec pointed at /etc/passwd echoed its first line in the error."""
+    secret = b"root:x:0:0:secret-token-123:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/sh\n"
+    spec = load(write_source(tmp_path, "passwd", secret))
+    with pytest.raises(UserError) as info:
+        spec.check_source_columns(ingest.source_columns(spec) or [])
+    message = str(info.value)
+    assert "secret" not in message and "root" not in message
+    assert (
+        "source column 'ad' is not in passwd (its header has 1 column; if it has more, source.delimiter"
+        in message
+    )
+
+    bad_yaml = spec_text(tmp_path, "name: ok\ncolumns: {a: b\npassword: hunter2 secret\n")
+    with pytest.raises(UserError, match=r"not valid YAML \(.* at line \d+, column \d+\)") as info:
+        load(bad_yaml)
+    assert "hunter2" not in str(info.value)
+    (tmp_path / "latin1.yaml").write_bytes(b"name: \xff\n")
+    with pytest.raises(UserError, match=r"not valid YAML \(not UTF-8 at byte 6\); save it as UTF-8"):
+        load(tmp_path / "latin1.yaml")
+
+
+def test_long_spec_values_are_cut_in_errors(tmp_path: Path) -> None:
+    spec = {**SPEC, "timestamp": {"column": "ts", "format": "x" * 5000}}
+    with pytest.raises(UserError) as info:
+        parse_spec(spec, Path("s.yaml"))
+    assert len(str(info.value)) < 300 and "timestamp.format: 'xxx" in str(info.value)
