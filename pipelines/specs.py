@@ -153,6 +153,13 @@ class DatasetSpec:
         """Fail with one line if the spec reads a column the source does not have. The line
         names the column and the file, never the file's content: a spec may point at any file
         its user can read, and an error message travels further than the file does."""
+        repeated = sorted(c for c in self.source_columns() if available.count(c) > 1)
+        if repeated:  # a record keeps one of the copies: which one the spec reads is arbitrary
+            raise UserError(
+                f"spec {self.spec_path.name}: source column {_shown(repeated[0])} appears "
+                f"{available.count(repeated[0])} times in the header of {self.source.path.name}; "
+                "rename the copies so that the spec reads one"
+            )
         missing = sorted(self.source_columns() - set(available))
         if missing:
             count = f"{len(available)} column{'s' if len(available) != 1 else ''}"

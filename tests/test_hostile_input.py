@@ -473,3 +473,14 @@ def test_long_spec_values_are_cut_in_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         parse_spec(spec, Path("s.yaml"))
     assert len(str(info.value)) < 300 and "timestamp.format: 'xxx" in str(info.value)
+
+
+def test_a_column_the_spec_reads_twice_in_the_header_is_refused(tmp_path: Path) -> None:
+    """`id,ad,title,ts,click,title`: the last (empty) title silently won, the real one was lost."""
+    data = b"id,ad,title,ts,click,title\n1,a,Real title,2024-01-01T00:00:00Z,1,\n"
+    spec = load(write_source(tmp_path, "log.csv", data))
+    with pytest.raises(
+        UserError, match=r"source column 'title' appears 2 times in the header of log\.csv; rename"
+    ):
+        spec.check_source_columns(ingest.source_columns(spec) or [])
+    spec.check_source_columns([*HEADER, "unused", "unused"])  # a copy the spec does not read is harmless
