@@ -31,7 +31,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import apache_beam as beam
 import numpy as np
@@ -619,8 +619,15 @@ def rejection_message(manifest: dict[str, Any], max_reject_rate: float, out: Pat
     )
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """A flag that does not parse is a user's mistake: one line (UserError), not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="nlpctr data prepare", description="Validate a source log into canonical impressions."
     )
     parser.add_argument("--dataset", required=True, help="bundled dataset name or path of a YAML spec")

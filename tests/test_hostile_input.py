@@ -484,3 +484,22 @@ def test_a_column_the_spec_reads_twice_in_the_header_is_refused(tmp_path: Path) 
     ):
         spec.check_source_columns(ingest.source_columns(spec) or [])
     spec.check_source_columns([*HEADER, "unused", "unused"])  # a copy the spec does not read is harmless
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--dataset", "x", "--out", "o", "--max-text-chars", "abc"],
+            "argument --max-text-chars: invalid int value",
+        ),
+        (["--dataset", "x"], "the following arguments are required: --out"),
+        (["--dataset", "x", "--out", "o", "--split-mode", "random"], "argument --split-mode: invalid choice"),
+    ],
+)
+def test_flags_that_do_not_parse_are_one_line(argv: list[str], message: str) -> None:
+    """argparse printed its usage and exited (SystemExit), not one line naming the flag."""
+    with pytest.raises(
+        UserError, match=rf"^nlpctr data prepare: {message}.*; see nlpctr data prepare --help$"
+    ):
+        ingest.run(argv)
