@@ -17,20 +17,27 @@ Those kept rows are written as `impressions/deduped-*.parquet` beside `impressio
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
+import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr import __version__
@@ -44,7 +51,10 @@ from nlpctr.pipelines.records import (
     Limits,
     Mapped,
     Rejection,
-    delimited_header,
+    compression_of,
+    delimited_head,
+    has_lines,
+    json_safe,
     map_record,
     parse_delimited,
     parse_json_line,
@@ -72,7 +82,9 @@ class ReadSourceRecords(beam.PTransform):
         spec = self.spec
         if spec.source.format == "ubi_ndjson":
             lines = pbegin | "ReadLines" >> beam.io.ReadFromText(
-                str(spec.source.path), coder=beam.coders.BytesCoder()
+                literal_pattern(spec.source.path),
+                coder=beam.coders.BytesCoder(),
+                compression_type=text_compression(spec.source.path),
             )
             return lines | "JoinUbiEvents" >> JoinUbiEvents()
         return {
@@ -82,14 +94,16 @@ class ReadSourceRecords(beam.PTransform):
 
     def _read_records(self) -> beam.PTransform:
         spec = self.spec
-        path = str(spec.source.path)
+        path = literal_pattern(spec.source.path)
         if spec.source.format == "parquet":
             return beam.io.ReadFromParquet(path)
         if spec.source.format == "csv":
-            # Whole files, not lines: quoted fields may hold newlines.
+            # Whole files, not lines: quoted fields may hold newlines. The bytes as they are
+            # (parse_delimited unzips gzip by content; Beam would go by the name, and its
+            # decompressing reader returns only the first 16 MiB to a plain read()).
             return (
                 "MatchFiles" >> fileio.MatchFiles(path)
-                | "ReadMatches" >> fileio.ReadMatches()
+                | "ReadMatches" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
                 | "ParseDelimited"
                 >> beam.FlatMap(
                     lambda f, d: parse_delimited(f.read(), d, os.path.basename(f.metadata.path)),
@@ -97,10 +111,58 @@ class ReadSourceRecords(beam.PTransform):
                 )
             )
         return (
-            "ReadLines" >> beam.io.ReadFromText(path, coder=beam.coders.BytesCoder())
+            "ReadLines"
+            >> beam.io.ReadFromText(
+                path, coder=beam.coders.BytesCoder(), compression_type=text_compression(spec.source.path)
+            )
             | "ParseJson" >> beam.Map(parse_json_line)
             | "SkipBlank" >> beam.Filter(lambda r: r is not None)
         )
+
+
+def literal_pattern(path: Path) -> str:
+    """The pattern that matches exactly the file `path`: Beam's readers take a glob, so a
+    file named `base[1].csv` would read `base1.csv` instead (and fail when none matches)."""
+    return glob.escape(str(path))
+
+
+def first_bytes(path: Path, n: int = 16) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(n)
+
+
+def text_compression(path: Path) -> str:
+    """How Beam should read a line-based source: by its content, not its name (a plain file
+    named .gz is plain; a gzipped one named .jsonl is gzip)."""
+    gzipped = compression_of(first_bytes(path)) == "gzip"
+    return CompressionTypes.GZIP if gzipped else CompressionTypes.UNCOMPRESSED
+
+
+def check_compression(path: Path, spec_name: str) -> None:
+    """Gzip is read (checked to the end here, so damage is one line, not a failed worker);
+    another compression is refused in one line."""
+    compression = compression_of(first_bytes(path))
+    if compression is None:
+        return
+    if compression != "gzip":
+        raise UserError(
+            f"source {path.name} is {compression}-compressed; decompress it, or gzip it "
+            f"(plain and gzipped files are read), and fix source.path in {spec_name}"
+        )
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(
+            f"source {path.name} is a damaged gzip file ({type(exc).__name__}); fix or replace the file"
+        ) from None
+
+
+# An escaped `[` is the set `[[]`, which Beam compiles into a regex that Python warns about.
+warnings.filterwarnings(
+    "ignore", message="Possible nested set", category=FutureWarning, module="apache_beam.io.filesystem"
+)
 
 
 class JoinUbiEvents(beam.PTransform):
@@ -239,15 +301,24 @@ def _truncated_counts(mapped: Mapped) -> list[tuple[str, int]]:
 
 
 def _keep_first(impression_id: str, mapped: Iterable[Mapped]) -> Iterator[Any]:
-    """Keep one row per impression_id (the smallest by content, so reruns agree); the others
-    go to the dead-letter output as duplicates."""
-    ordered = sorted(mapped, key=lambda m: json.dumps(m.row, sort_keys=True, default=str))
+    """Keep one row per impression_id (the smallest by content, then by source record, so
+    reruns agree); the others go to the dead-letter output as duplicates, with their original
+    source records."""
+    ordered = sorted(
+        mapped,
+        key=lambda m: (
+            json.dumps(m.row, sort_keys=True, default=str),
+            json.dumps(json_safe(m.source), sort_keys=True),
+        ),
+    )
     yield ordered[0]
     for extra in ordered[1:]:
         yield beam.pvalue.TaggedOutput(
             MapToSchema.REJECTED,
             Rejection(
-                DUPLICATE_IMPRESSION_ID, f"impression_id {impression_id!r} seen more than once", extra.row
+                DUPLICATE_IMPRESSION_ID,
+                f"impression_id {impression_id!r} seen more than once",
+                extra.source if extra.source is not None else extra.row,
             ),
         )
 
@@ -492,12 +563,28 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
     path = spec.source.path
     if not path.exists():
         raise UserError(f"source file {path} does not exist; fix source.path in {spec.spec_path.name}")
+    if not path.is_file():
+        raise UserError(
+            f"source {path} is not a file; point source.path in {spec.spec_path.name} at one file"
+        )
+    fix = f"point source.path in {spec.spec_path.name} at a log that holds records"
     try:
+        if spec.source.format != "parquet":
+            check_compression(path, spec.spec_path.name)
         if spec.source.format == "parquet":
+            if pq.read_metadata(path).num_rows == 0:
+                raise UserError(f"source {path.name} has no rows; {fix}")
             return list(pq.read_schema(path).names)
         if spec.source.format == "csv":
-            return delimited_header(str(path), spec.source.delimiter)
-    except (OSError, ValueError) as exc:
+            header, has_rows = delimited_head(str(path), spec.source.delimiter)
+            if not header:
+                raise UserError(f"source {path.name} is empty (no header row); {fix}")
+            if not has_rows:
+                raise UserError(f"source {path.name} has a header row but no rows; {fix}")
+            return header
+        if not has_lines(str(path)):
+            raise UserError(f"source {path.name} is empty; {fix}")
+    except (OSError, ValueError, csv.Error) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"source {path.name} is not a readable {spec.source.format} file ({first}); "
@@ -509,8 +596,40 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
     return None
 
 
+def rejection_message(manifest: dict[str, Any], max_reject_rate: float, out: Path, failed: Path) -> str:
+    """Why a run wrote nothing: no rows at all, every row rejected, or too many rejected."""
+    rows_in, rejected = manifest["rows_in"], manifest["rows_rejected"]
+    reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
+    if rows_in == 0:
+        return (
+            f"source {Path(manifest['source']).name} has no rows; nothing was written to {out}; "
+            "point source.path at a log that holds records"
+        )
+    if manifest["rows_written"] == 0:
+        return (
+            f"all {rows_in} rows were rejected (reasons: {reasons}); nothing was written to {out}; "
+            f"the rejected records are in {failed}/rejected/; fix the source or the spec"
+        )
+    rate = rejected / rows_in
+    shown, limit = f"{rate:.2%}", f"{max_reject_rate:.2%}"
+    if shown == limit:  # 1.004% > 1%: show the digits that differ
+        shown, limit = f"{rate:.4%}", f"{max_reject_rate:.4%}"
+    return (
+        f"{rejected} of {rows_in} rows rejected ({shown}) > --max-reject-rate {limit} (reasons: "
+        f"{reasons}); nothing was written to {out}; the rejected records are in {failed}/rejected/; "
+        "fix the source or the spec, or raise --max-reject-rate"
+    )
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """A flag that does not parse is a user's mistake: one line (UserError), not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="nlpctr data prepare", description="Validate a source log into canonical impressions."
     )
     parser.add_argument("--dataset", required=True, help="bundled dataset name or path of a YAML spec")
@@ -536,7 +655,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="truncate texts over the limit (counted in the manifest) instead of rejecting",
     )
     parser.add_argument("--num-shards", type=int, default=0, help="output shards (0: the runner decides)")
-    return parser.parse_known_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
+    check_args(args)
+    return args, beam_args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that parse but mean nothing are refused before any work (not after the job ran)."""
+    rate = args.max_reject_rate
+    if rate is not None and not (math.isfinite(rate) and 0 <= rate <= 1):
+        raise UserError(
+            f"--max-reject-rate {rate:g} is not a fraction between 0 and 1; pass e.g. 0.05 for 5%"
+        )
+    if args.max_text_chars is not None and args.max_text_chars < 1:
+        raise UserError(f"--max-text-chars {args.max_text_chars} must be at least 1 (characters per text)")
+    if args.num_shards < 0:
+        raise UserError(f"--num-shards {args.num_shards} must be 0 (the runner decides) or a positive count")
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -578,13 +712,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(failed, ignore_errors=True)
             (staging / MARKER).unlink(missing_ok=True)  # recognised by its manifest, like DIR
             staging.rename(failed)
-            reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
-            raise UserError(
-                f"{manifest['rows_rejected']} of {manifest['rows_in']} rows rejected ({rate:.2%}) > "
-                f"--max-reject-rate {max_reject_rate:.2%} (reasons: {reasons}); nothing was written "
-                f"to {out}; the rejected records are in {failed}/rejected/; fix the source or the "
-                "spec, or raise --max-reject-rate"
-            )
+            raise UserError(rejection_message(manifest, max_reject_rate, out, failed))
         publish(staging, out, JOB)
         # A dead-letter folder left by an earlier failed run of the same output is stale now
         # (removed only when it is recognisably that: its manifest is this job's).

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import gzip
 import io
 import json
 import math
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html import unescape
@@ -34,9 +36,10 @@ ZERO_IMPRESSIONS = "zero_impressions"
 BAD_ENCODING = "bad_encoding"
 DUPLICATE_IMPRESSION_ID = "duplicate_impression_id"
 TEXT_TOO_LONG = "text_too_long"
+BAD_TYPE = "bad_type"
 REASONS = (
     MALFORMED_RECORD, MISSING_TEXT, MISSING_ID, BAD_TIMESTAMP, CLICKS_GT_IMPRESSIONS, BAD_COUNT,
-    BAD_LABEL, ZERO_IMPRESSIONS, BAD_ENCODING, DUPLICATE_IMPRESSION_ID, TEXT_TOO_LONG,
+    BAD_LABEL, ZERO_IMPRESSIONS, BAD_ENCODING, DUPLICATE_IMPRESSION_ID, TEXT_TOO_LONG, BAD_TYPE,
 )  # fmt: skip
 
 # Marks a source record that could not even be parsed into fields.
@@ -96,25 +99,95 @@ def json_safe(value: Any) -> Any:
 
 
 def malformed(raw: str, message: str) -> dict[str, Any]:
-    """A source record that could not be split into fields."""
-    return {MALFORMED_KEY: message, RAW_KEY: raw}
+    """A source record that could not be split into fields (undecodable bytes in its text are
+    escaped: a lone surrogate cannot cross a pipeline boundary)."""
+    return {MALFORMED_KEY: message, RAW_KEY: json_safe(raw)}
 
 
 # ---------------------------------------------------------------------------------- readers
 
 
+# Python's csv module refuses a field over 131,072 characters. The whole file is in memory
+# already, so a long field is a long value (rejected as text_too_long, or truncated under
+# --truncate-long-text, with the original row kept), not a broken file. 2**31 - 1 fits a C long
+# everywhere.
+FIELD_SIZE_LIMIT = 2**31 - 1
+csv.field_size_limit(max(csv.field_size_limit(), FIELD_SIZE_LIMIT))
+
+
+class _RecordedLines:
+    """The lines of a text, remembering those a csv.reader took since the last `take()`: the
+    original text of a record, for a dead letter when the record cannot be parsed."""
+
+    def __init__(self, text: str) -> None:
+        self._lines = io.StringIO(text, newline="")
+        self._taken: list[str] = []
+
+    def __iter__(self) -> _RecordedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self._taken.append(line)
+        return line
+
+    def drop(self) -> None:
+        self._taken.clear()
+
+    def take(self) -> str:
+        raw = "".join(self._taken)
+        self._taken.clear()
+        for ending in ("\r\n", "\n", "\r"):
+            if raw.endswith(ending):
+                return raw[: -len(ending)]
+        return raw
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+# Other compressed files, known by their first bytes, so they are refused in one line instead
+# of being read as text (a column list of binary bytes).
+_COMPRESSED = (
+    (re.compile(rb"BZh[1-9]1AY&SY", re.DOTALL), "bzip2"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
+    (re.compile(rb"PK\x03\x04"), "zip"),
+)
+
+
+def compression_of(head: bytes) -> str | None:
+    """'gzip' or the name of another compression a file's first bytes show; None for a plain
+    file. By content, not by name: a plain file named .gz is plain."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    return next((name for magic, name in _COMPRESSED if magic.match(head)), None)
+
+
 def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[str, Any]]:
-    """Records of a CSV/TSV file with a header row. Undecodable bytes survive as surrogates so
-    the row carrying them is rejected as bad_encoding instead of failing the whole file."""
-    text = data.decode("utf-8", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    """Records of a CSV/TSV file with a header row, gzipped or not. Undecodable bytes survive
+    as surrogates so the row carrying them is rejected as bad_encoding instead of failing the
+    whole file. A row that cannot be parsed becomes a malformed marker that keeps its original
+    text."""
+    if data.startswith(GZIP_MAGIC):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:  # ingest checks the file before it runs
+            yield malformed("", f"{source}: damaged gzip data: {exc}")
+            return
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark, which is not part of the
+    # first column's name.
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    lines = _RecordedLines(text)
+    reader = csv.reader(lines, delimiter=delimiter)
     try:
         header = next(reader)
+        while not header:  # blank lines before the header
+            header = next(reader)
     except StopIteration:
         return
     except csv.Error as exc:
-        yield malformed(text[:200], f"{source}: unreadable header: {exc}")
+        yield malformed(lines.take(), f"{source}: unreadable header: {exc}")
         return
+    lines.drop()
     width = len(header)
     while True:
         try:
@@ -122,16 +195,16 @@ def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[s
         except StopIteration:
             return
         except csv.Error as exc:
-            yield malformed("", f"{source} line {reader.line_num}: {exc}")
+            yield malformed(lines.take(), f"{source} line {reader.line_num}: {exc}")
             continue
-        if not fields:
-            continue  # a blank line is not a record
         if len(fields) != width:
-            yield malformed(
-                delimiter.join(fields),
-                f"{source} line {reader.line_num}: {len(fields)} fields, header has {width}",
-            )
+            if not fields:  # a blank line is not a record
+                lines.drop()
+                continue
+            message = f"{source} line {reader.line_num}: {len(fields)} fields, header has {width}"
+            yield malformed(lines.take(), message)
             continue
+        lines.drop()
         record = dict(zip(header, fields, strict=True))
         # Lone surrogates cannot cross a pipeline boundary, so the row becomes its dead letter here.
         bad = next((k for k, v in record.items() if _SURROGATE.search(v)), None)
@@ -144,18 +217,37 @@ def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[s
         yield record
 
 
-def delimited_header(path: str, delimiter: str) -> list[str]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
-        return next(csv.reader(handle, delimiter=delimiter), [])
+def _open_text(path: str) -> Any:
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == GZIP_MAGIC
+    opener = gzip.open if gzipped else open
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def delimited_head(path: str, delimiter: str) -> tuple[list[str], bool]:
+    """The header row of a CSV/TSV file, gzipped or not, and whether any row follows it."""
+    with _open_text(path) as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next((fields for fields in reader if fields), [])  # blank lines before it
+        return header, any(fields for fields in reader)
+
+
+def has_lines(path: str) -> bool:
+    """Whether a line-based file, gzipped or not, holds anything but blank lines."""
+    with _open_text(path) as handle:
+        return any(line.strip() for line in handle)
 
 
 def parse_json_line(line: bytes | str) -> dict[str, Any] | None:
-    """One JSONL record; None for a blank line, a malformed marker for anything unparseable."""
+    """One JSONL record; None for a blank line, a malformed marker for anything unparseable.
+    A byte order mark (a file saved as "UTF-8 with BOM") is not part of the record."""
     if isinstance(line, bytes):
+        line = line.removeprefix(b"\xef\xbb\xbf")
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             return malformed(line.decode("utf-8", errors="backslashreplace"), f"invalid UTF-8: {exc}")
+    line = line.removeprefix("\ufeff")
     if not line.strip():
         return None
     try:
@@ -246,6 +338,30 @@ def as_text(value: Any) -> str | None:
     return str(value)
 
 
+def _source_text(column: str, record: dict[str, Any]) -> str | None:
+    """A source column's value as text for an id, a text or a context column. A JSON object
+    or list (or a parquet struct/list) is not text: printing it would invent a value."""
+    value = record.get(column)
+    if isinstance(value, dict | list | tuple | set | frozenset):
+        kind = "an object" if isinstance(value, dict) else "a list"
+        raise _Invalid(BAD_TYPE, f"{column} is {kind}, not a text, number or id")
+    return as_text(value)
+
+
+# Characters that show nothing on their own: format characters (zero-width space and joiners,
+# bidi marks, soft hyphen, BOM), separators, combining marks with no base, and the blank
+# fillers of Hangul and Braille. Other control characters are corruption (bad_encoding).
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _blank(value: str | None) -> bool:
+    """True when a value is missing or has no visible character."""
+    return value is None or all(
+        c.isspace() or c in _BLANK_FILLERS or unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in value
+    )
+
+
 def _hashable(column: str, value: str | None) -> str | None:
     """A source value that an id is hashed from: undecodable bytes would make the hash fail."""
     if value is not None and _SURROGATE.search(value):
@@ -253,18 +369,33 @@ def _hashable(column: str, value: str | None) -> str | None:
     return value
 
 
+def concat_id(parts: list[str]) -> str:
+    """Values joined with ':', each with its ':' and '\\' escaped by a '\\', so different
+    values never give one id (('1', '2:3') and ('1:2', '3') used to), and values with
+    neither character (numbers, UUIDs) give the same id as a plain join."""
+    return ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in parts)
+
+
+# stable_hash joins its parts with U+001F: a part holding one could give another's hash.
+_HASH_SEPARATOR = "\x1f"
+
+
 def _column_value(rule: ColumnRule, record: dict[str, Any]) -> str | None:
     if rule.column:
-        value = as_text(record.get(rule.column))
+        value = _source_text(rule.column, record)
     elif rule.text_id_of:
-        source = _hashable(rule.text_id_of, as_text(record.get(rule.text_id_of)))
-        value = text_id(source) if source and source.strip() else None
+        source = _hashable(rule.text_id_of, _source_text(rule.text_id_of, record))
+        value = None if source is None or _blank(source) else text_id(source)
     else:
         columns = rule.hash_of or rule.concat
-        parts = [_hashable(c, as_text(record.get(c))) for c in columns]
-        if any(p is None or not p.strip() for p in parts):
+        parts = [_hashable(c, _source_text(c, record)) for c in columns]
+        if any(p is None or _blank(p) for p in parts):
             return None
-        value = stable_hash(*parts) if rule.hash_of else ":".join(parts)  # type: ignore[arg-type]
+        if rule.hash_of:
+            bad = next((c for c, p in zip(columns, parts, strict=True) if _HASH_SEPARATOR in p), None)
+            if bad is not None:
+                raise _Invalid(BAD_ENCODING, f"{bad} contains control character U+001F")
+        value = stable_hash(*parts) if rule.hash_of else concat_id(parts)  # type: ignore[arg-type]
     for transform in rule.transforms if value is not None else ():
         value = TEXT_TRANSFORMS[transform](value)
     return value
@@ -383,8 +514,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class Mapped:
+    """A canonical row, the text columns it truncated, and the source record it came from (a
+    duplicate's dead letter holds the original row, not the mapped one)."""
+
     row: dict[str, Any]
     truncated: tuple[str, ...]
+    source: dict[str, Any] | None = None
 
 
 def _check_text(column: str, value: str, limits: Limits) -> tuple[str, bool]:
@@ -429,10 +564,12 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
         value = _column_value(rule, record) if rule else None
         if value is not None:
             value = unicodedata.normalize("NFC", value).strip()
-        if not value:
+        if _blank(value):
             if target == "ad_text" or (target == "query_text" and rule is not None):
                 source = rule.sources[0] if rule else target
-                raise _Invalid(MISSING_TEXT, f"{target} (source column {source!r}) is missing or empty")
+                raise _Invalid(
+                    MISSING_TEXT, f"{target} (source column {source!r}) is missing, empty or invisible"
+                )
             row[target] = None
             continue
         value, was_cut = _check_text(target, value, limits)
@@ -441,11 +578,14 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
         row[target] = value
     for target, rule in spec.context.items():
         value = _column_value(rule, record)
-        if value is not None:
-            value, _ = _check_text(target, value.strip(), Limits(max_text_chars=1000))
-        row[target] = value or None
+        if value is None or _blank(value):
+            row[target] = None
+        else:
+            row[target], _ = _check_text(target, value.strip(), Limits(max_text_chars=1000))
     for target in ("ad_id", "query_id", "impression_id"):
-        if row[target] is not None:
+        if row[target] is not None and _blank(row[target]):
+            row[target] = None
+        elif row[target] is not None:
             row[target], _ = _check_text(target, row[target].strip(), Limits(max_text_chars=1000))
     if not row["ad_id"]:
         raise _Invalid(MISSING_ID, f"ad_id (from {', '.join(spec.columns['ad_id'].sources)}) is missing")
@@ -476,4 +616,4 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
 
     row["query_text_id"] = text_id(row["query_text"]) if row["query_text"] else None
     row["ad_text_id"] = text_id(row["ad_text"])
-    return Mapped(row=row, truncated=tuple(truncated))
+    return Mapped(row=row, truncated=tuple(truncated), source=record)

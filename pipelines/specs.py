@@ -46,7 +46,8 @@ class ColumnRule:
     """How one target column is built from source columns.
 
     Exactly one of: `column` (copy), `hash_of` (stable hash of several columns),
-    `concat` (values joined with ':'), `text_id_of` (hash of one column's normalised text).
+    `concat` (values joined with ':', a ':' or '\\' inside a value escaped with '\\'),
+    `text_id_of` (hash of one column's normalised text).
     """
 
     column: str | None = None
@@ -149,13 +150,25 @@ class DatasetSpec:
         return used
 
     def check_source_columns(self, available: list[str]) -> None:
-        """Fail with one line if the spec reads a column the source does not have."""
+        """Fail with one line if the spec reads a column the source does not have. The line
+        names the column and the file, never the file's content: a spec may point at any file
+        its user can read, and an error message travels further than the file does."""
+        repeated = sorted(c for c in self.source_columns() if available.count(c) > 1)
+        if repeated:  # a record keeps one of the copies: which one the spec reads is arbitrary
+            raise UserError(
+                f"spec {self.spec_path.name}: source column {_shown(repeated[0])} appears "
+                f"{available.count(repeated[0])} times in the header of {self.source.path.name}; "
+                "rename the copies so that the spec reads one"
+            )
         missing = sorted(self.source_columns() - set(available))
         if missing:
+            count = f"{len(available)} column{'s' if len(available) != 1 else ''}"
+            hint = ""
+            if self.source.format == "csv" and len(available) == 1:
+                hint = f"; if it has more, source.delimiter {self.source.delimiter!r} is not its delimiter"
             raise UserError(
-                f"spec {self.spec_path.name}: source column {missing[0]!r} is not in "
-                f"{self.source.path.name} (it has: {', '.join(sorted(available))}); "
-                "fix the column name in the spec"
+                f"spec {self.spec_path.name}: source column {_shown(missing[0])} is not in "
+                f"{self.source.path.name} (its header has {count}{hint}); fix the column name in the spec"
             )
 
 
@@ -173,7 +186,14 @@ def _known_zone(name: str) -> bool:
     return True
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A spec value in an error message: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _fail(spec_path: Path, where: str, message: str) -> UserError:
+    where = where if len(where) <= 80 else where[:79] + "…"
     return UserError(f"spec {spec_path.name}: {where}: {message}")
 
 
@@ -182,7 +202,9 @@ def _expect_keys(spec_path: Path, where: str, mapping: Any, allowed: set[str]) -
         raise _fail(spec_path, where, f"expected a mapping, got {type(mapping).__name__}")
     unknown = sorted((set(mapping) - allowed), key=str)
     if unknown:
-        raise _fail(spec_path, where, f"unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        raise _fail(
+            spec_path, where, f"unknown key {_shown(unknown[0])}; allowed: {', '.join(sorted(allowed))}"
+        )
     return mapping
 
 
@@ -209,7 +231,7 @@ def _column_rule(spec_path: Path, where: str, value: Any) -> ColumnRule:
     for transform in transforms:
         if transform not in TRANSFORMS:
             raise _fail(
-                spec_path, f"{where}.transform", f"{transform!r} is not one of {', '.join(TRANSFORMS)}"
+                spec_path, f"{where}.transform", f"{_shown(transform)} is not one of {', '.join(TRANSFORMS)}"
             )
     kind = kinds[0]
     if kind in ("column", "text_id_of"):
@@ -219,6 +241,22 @@ def _column_rule(spec_path: Path, where: str, value: Any) -> ColumnRule:
     return ColumnRule(**{kind: _str_list(spec_path, f"{where}.{kind}", mapping[kind])}, transforms=transforms)
 
 
+def strptime_problem(pattern: str) -> str | None:
+    """What is wrong with a strptime pattern (a bad directive such as %Q, a stray %), or None.
+    Checked when the spec loads: otherwise every row would be rejected one by one."""
+    if "%" not in pattern:
+        return "it has no % directive"
+    try:
+        dt.datetime.strptime("", pattern)
+    except ValueError as exc:
+        message = str(exc)
+        # The pattern compiled and the empty value did not match it: the pattern is fine.
+        if message.startswith(("time data ", "unconverted data remains")):
+            return None
+        return message.splitlines()[0][:100] if message else "invalid"
+    return None
+
+
 def _timestamp_rule(spec_path: Path, value: Any) -> TimestampRule:
     where = "timestamp"
     mapping = _expect_keys(
@@ -226,29 +264,40 @@ def _timestamp_rule(spec_path: Path, value: Any) -> TimestampRule:
     )
     fmt = mapping.get("format")
     if fmt not in TIMESTAMP_FORMATS:
-        raise _fail(spec_path, f"{where}.format", f"{fmt!r} is not one of {', '.join(TIMESTAMP_FORMATS)}")
+        raise _fail(
+            spec_path, f"{where}.format", f"{_shown(fmt)} is not one of {', '.join(TIMESTAMP_FORMATS)}"
+        )
     if fmt == "offset":
         offsets = mapping.get("offsets")
         if not isinstance(offsets, dict) or not offsets or "base" not in mapping:
             raise _fail(spec_path, where, "format offset needs `base` and `offsets: {column: seconds}`")
         for name, seconds in offsets.items():
             if not isinstance(name, str):
-                raise _fail(spec_path, f"{where}.offsets", f"expected column names, got {name!r}")
+                raise _fail(spec_path, f"{where}.offsets", f"expected column names, got {_shown(name)}")
             if not _is_number(seconds):
                 raise _fail(spec_path, f"{where}.offsets.{name}", "expected seconds as a finite number")
         base = str(mapping["base"])
         try:
             dt.datetime.fromisoformat(base)
         except ValueError:
-            raise _fail(spec_path, f"{where}.base", f"{base!r} is not an ISO-8601 time") from None
+            raise _fail(spec_path, f"{where}.base", f"{_shown(base)} is not an ISO-8601 time") from None
         return TimestampRule(format=fmt, base=base, offsets=tuple((k, float(v)) for k, v in offsets.items()))
     if not isinstance(mapping.get("column"), str):
         raise _fail(spec_path, f"{where}.column", "expected the source column holding the timestamp")
     if fmt == "strptime" and not isinstance(mapping.get("pattern"), str):
         raise _fail(spec_path, f"{where}.pattern", "format strptime needs a pattern, e.g. '%Y-%m-%d %H:%M'")
+    if fmt == "strptime":
+        problem = strptime_problem(mapping["pattern"])
+        if problem:
+            raise _fail(
+                spec_path,
+                f"{where}.pattern",
+                f"{_shown(mapping['pattern'])} is not a strptime pattern ({problem}); "
+                "use the directives of Python's datetime.strptime, e.g. '%Y-%m-%d %H:%M'",
+            )
     timezone = mapping.get("timezone", "UTC")
     if not isinstance(timezone, str) or not _known_zone(timezone):
-        raise _fail(spec_path, f"{where}.timezone", f"{timezone!r} is not an IANA time zone (e.g. UTC)")
+        raise _fail(spec_path, f"{where}.timezone", f"{_shown(timezone)} is not an IANA time zone (e.g. UTC)")
     return TimestampRule(
         format=fmt, column=mapping["column"], pattern=mapping.get("pattern"), timezone=timezone
     )
@@ -258,7 +307,7 @@ def _label_rule(spec_path: Path, value: Any) -> LabelRule:
     mapping = _expect_keys(spec_path, "label", value, {"form", "clicked", "impressions", "clicks"})
     form = mapping.get("form")
     if form not in LABEL_FORMS:
-        raise _fail(spec_path, "label.form", f"{form!r} is not one of {', '.join(LABEL_FORMS)}")
+        raise _fail(spec_path, "label.form", f"{_shown(form)} is not one of {', '.join(LABEL_FORMS)}")
     if form == "binary":
         if not isinstance(mapping.get("clicked"), str) or {"impressions", "clicks"} & set(mapping):
             raise _fail(spec_path, "label", "form binary takes exactly `clicked: <0/1 column>`")
@@ -272,7 +321,7 @@ def _source_rule(spec_path: Path, value: Any, bundled: bool) -> SourceRule:
     mapping = _expect_keys(spec_path, "source", value, {"path", "format", "delimiter"})
     fmt = mapping.get("format")
     if fmt not in FORMATS:
-        raise _fail(spec_path, "source.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+        raise _fail(spec_path, "source.format", f"{_shown(fmt)} is not one of {', '.join(FORMATS)}")
     if not isinstance(mapping.get("path"), str):
         raise _fail(spec_path, "source.path", "expected the path of the source file")
     path = Path(os.path.expanduser(mapping["path"]))
@@ -331,19 +380,20 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
         raise _fail(
             spec_path,
             "group",
-            f"{group!r} must be one of the mapped ids or context columns: {', '.join(sorted(known_targets))}",
+            f"{_shown(group)} must be one of the mapped ids or context columns: "
+            f"{', '.join(sorted(known_targets))}",
         )
     entities = _str_list(spec_path, "entities", mapping.get("entities", ["ad_id"]))
     for entity in entities:
         if entity not in known_targets:
             raise _fail(
-                spec_path, "entities", f"{entity!r} must be one of {', '.join(sorted(known_targets))}"
+                spec_path, "entities", f"{_shown(entity)} must be one of {', '.join(sorted(known_targets))}"
             )
 
     split_raw = _expect_keys(spec_path, "split", mapping.get("split") or {}, {"mode", "fractions"})
     split_mode = split_raw.get("mode", "within_group")
     if split_mode not in SPLIT_MODES:
-        raise _fail(spec_path, "split.mode", f"{split_mode!r} is not one of {', '.join(SPLIT_MODES)}")
+        raise _fail(spec_path, "split.mode", f"{_shown(split_mode)} is not one of {', '.join(SPLIT_MODES)}")
     fractions = split_raw.get("fractions", [0.8, 0.1, 0.1])
     if (
         not isinstance(fractions, list)
@@ -389,7 +439,7 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
         raise _fail(
             spec_path,
             "forbidden",
-            f"column {leaked[0]!r} is computed from the outcome "
+            f"column {_shown(leaked[0])} is computed from the outcome "
             "(label leakage) and may not be used; remove it from the mapping",
         )
     return spec
@@ -408,6 +458,60 @@ def _spec_file(name_or_path: str) -> Path | None:
         return None
 
 
+# A spec is a page of YAML. Bounds against a hostile one: its size, and no aliases (an
+# 813-byte spec of nested aliases expanded into a 34.6 MB manifest; 10**9 elements would
+# exhaust memory), and its nesting (the YAML composer recurses).
+MAX_SPEC_BYTES = 64 * 1024
+MAX_SPEC_DEPTH = 32
+
+
+class _RefusedYaml(Exception):
+    pass
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases and with bounded nesting."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1 if event.start_mark else 0
+        if isinstance(event, yaml.AliasEvent):
+            raise _RefusedYaml(
+                f"line {line}: YAML aliases (*{str(event.anchor)[:40]}) are not allowed in a spec; "
+                "write the value out"
+            )
+        if self._depth >= MAX_SPEC_DEPTH:
+            raise _RefusedYaml(f"line {line}: nested more than {MAX_SPEC_DEPTH} levels deep")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _read_yaml(path: Path) -> Any:
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise _RefusedYaml(f"{size:,} bytes; a spec is at most {MAX_SPEC_BYTES // 1024} KiB")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise _RefusedYaml(f"more than {MAX_SPEC_BYTES // 1024} KiB; a spec is at most that")
+    return yaml.load(data.decode("utf-8"), Loader=_SpecLoader)  # a SafeLoader
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, in one line, without the file's text (PyYAML's message quotes it)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = (exc.problem or exc.context or type(exc).__name__)[:80]
+        return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark else what
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first[:80]
+
+
 def load_spec(name_or_path: str) -> DatasetSpec:
     """Load a bundled spec by name (`upworthy`) or a user's spec by path (`my_log.yaml`)."""
     if name_or_path in bundled_names():
@@ -416,14 +520,19 @@ def load_spec(name_or_path: str) -> DatasetSpec:
         path, is_bundled = _spec_file(name_or_path), False
         if path is None:
             raise UserError(
-                f"dataset {name_or_path!r} is neither a bundled dataset ({', '.join(bundled_names())}) "
+                f"dataset {_shown(name_or_path)} is neither a bundled dataset ({', '.join(bundled_names())}) "
                 "nor a spec file; pass a bundled name or the path of a YAML spec"
             )
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"spec {path.name}: not valid YAML ({first_line}); fix the file") from None
+        raw = _read_yaml(path)
+    except _RefusedYaml as exc:
+        raise UserError(f"spec {path.name}: refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"spec {path.name}: not valid YAML ({_yaml_problem(exc)}); fix the file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"spec {path.name}: not valid YAML (not UTF-8 at byte {exc.start}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise UserError(f"spec {path}: cannot be read ({exc.strerror}); check the path") from None
     return parse_spec(raw, path, bundled=is_bundled)
