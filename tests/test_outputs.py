@@ -264,7 +264,7 @@ def test_dead_letter_folder_is_removed_only_when_it_is_the_tools(
     (failed / "mine.txt").unlink()
     bad = write_user_files(tmp_path / "bad", {**SPEC, "max_text_chars": 5})  # every row too long
     code, err = prepare(capsys, bad, tmp_path / "out")
-    assert code == 2 and "rows rejected" in err
+    assert code == 2 and "rows were rejected" in err
     assert (failed / "manifest.json").is_file() and not (failed / ownership.MARKER).exists()
     assert prepare(capsys, spec, tmp_path / "out")[0] == 0
     assert not failed.exists()
