@@ -46,6 +46,15 @@ CONFIG_FILE = "feature_store.yaml"
 REPO_MODULE = "repo_definitions.py"
 ONLINE_STORES = ("sqlite", "redis")
 DEFAULT_REDIS_URL = "localhost:6379"
+# A Redis that accepts the connection and then stops answering must fail a call, not hang it:
+# Feast passes these connection-string parameters to redis-py (seconds).
+REDIS_TIMEOUTS = {"socket_connect_timeout": 3, "socket_timeout": 5}
+
+
+def with_redis_timeouts(url: str) -> str:
+    """`url` with the socket timeouts it does not already set."""
+    given = {part.split("=", 1)[0] for part in url.split(",")[1:] if "=" in part}
+    return ",".join([url, *(f"{k}={v}" for k, v in REDIS_TIMEOUTS.items() if k not in given)])
 
 
 # ------------------------------------------------------------------------------- configuration
@@ -87,7 +96,7 @@ def render_config(layout: Layout, online: str = "sqlite", redis_url: str | None 
         url = redis_url or DEFAULT_REDIS_URL
         if not re.match(r"^[^:,\s]+:\d+(,.*)?$", url):
             raise UserError(f"--redis-url must be HOST:PORT (e.g. 127.0.0.1:6379), got {url!r}")
-        config["online_store"]["connection_string"] = url
+        config["online_store"]["connection_string"] = with_redis_timeouts(url)
     return config
 
 

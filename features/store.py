@@ -46,6 +46,7 @@ from nlpctr.features.definitions import (
 )
 from nlpctr.features.render import (
     CONFIG_FILE,
+    REDIS_TIMEOUTS,
     REPO_MODULE,
     check_module,
     config_path,
@@ -93,8 +94,9 @@ def _write_state(data_dir: Path, state: dict[str, Any]) -> None:
 
 
 def _unreachable(connection_string: str, exc: BaseException) -> UserError:
+    node = connection_string.split(",")[0]  # the address, not the client parameters
     return UserError(
-        f"the Redis online store at {connection_string} is unreachable ({str(exc).splitlines()[0]}); "
+        f"the Redis online store at {node} is unreachable ({str(exc).splitlines()[0]}); "
         "start redis-server there, or re-apply with `--online redis --redis-url HOST:PORT` "
         "(or `--online sqlite`)"
     )
@@ -107,7 +109,7 @@ def online_store_errors(store: FeatureStore) -> Iterator[None]:
 
     try:
         yield
-    except redis.exceptions.ConnectionError as exc:
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise _unreachable(getattr(store.config.online_store, "connection_string", "?"), exc) from None
 
 
@@ -121,11 +123,15 @@ def _redis(connection_string: str) -> Iterator[Any]:
 
     host, _, port = connection_string.split(",")[0].partition(":")
     client = redis.Redis(
-        host=host, port=int(port or 6379), socket_connect_timeout=3, retry=Retry(NoBackoff(), 0)
+        host=host,
+        port=int(port or 6379),
+        socket_connect_timeout=REDIS_TIMEOUTS["socket_connect_timeout"],
+        socket_timeout=REDIS_TIMEOUTS["socket_timeout"],
+        retry=Retry(NoBackoff(), 0),
     )
     try:
         yield client
-    except redis.exceptions.ConnectionError as exc:
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise _unreachable(connection_string, exc) from None
     finally:
         client.close()
@@ -174,7 +180,7 @@ def _check_mark(store: FeatureStore, data_dir: Path) -> None:
         found = client.exists(_materialized_mark(store))
     if not found:
         raise UserError(
-            f"the Redis online store at {url} holds none of the materialised features of "
+            f"the Redis online store at {url.split(',')[0]} holds none of the materialised features of "
             f"{Path(data_dir).resolve()} (restarted without persistence, or flushed?): "
             f"run {_fix('materialize', data_dir)}"
         )

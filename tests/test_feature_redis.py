@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,3 +243,30 @@ def online_keys(data: Path) -> list[tuple[Path, str]]:
     return [
         (Path(v.batch_source.path), v.entity_columns[0].name) for v in fs.list_feature_views() if v.online
     ]
+
+
+def test_a_redis_that_stops_answering_fails_in_one_line_not_a_hang(
+    server: LocalRedisServer, dataset: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that accepts connections but never answers (SIGSTOP) hits the socket timeout."""
+    data = dataset["data"]
+    store.apply(data, online="redis", redis_url=server.url)
+    store.materialize(data)
+    config = (data / "feature_repo" / "feature_store.yaml").read_text()
+    assert "socket_timeout=5" in config and "socket_connect_timeout=3" in config
+    get = ["features", "get", "--data", str(data), "--json", "--entity", "ad_id=ad000",
+           "--entity", "query_id=q", "--entity", "position=1", "--service", "baseline"]  # fmt: skip
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert cli.main(get) == 2
+        elapsed = time.monotonic() - started
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    err = capsys.readouterr().err
+    assert err.startswith(f"nlpctr: error: the Redis online store at {server.url}")
+    assert "unreachable" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert elapsed < 60  # bounded by the timeouts; it hung for more than 90 s before
+    # The re-apply keeps the timeouts once, not twice.
+    store.reapply(data)
+    assert (data / "feature_repo" / "feature_store.yaml").read_text().count("socket_timeout=") == 1
