@@ -61,6 +61,7 @@ from nlpctr.features.render import (
 from nlpctr.features.render import DEFAULT_REDIS_URL as DEFAULT_REDIS_URL
 from nlpctr.features.render import ONLINE_STORES as ONLINE_STORES
 from nlpctr.features.render import project_name as project_name
+from nlpctr.models import sql
 
 STATE_FILE = "nlpctr_state.json"
 # Feast's online store cannot take a null join key (it sorts keys by value); an impression with
@@ -651,14 +652,6 @@ def service_view_joins(store: FeatureStore, service: FeatureService) -> list[Vie
     return list(joins.values())
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _files_sql(paths: Sequence[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
 def point_in_time_sql(joins: Sequence[ViewJoin], entity: str) -> str:
     """DuckDB SQL: every row of the relation `entity`, plus each view's features as of its time.
 
@@ -671,14 +664,18 @@ def point_in_time_sql(joins: Sequence[ViewJoin], entity: str) -> str:
     ctes, selects, joins_sql = [], [], []
     for i, join in enumerate(joins):
         alias = f"v{i}"
-        keys = ", ".join(f"CAST({_quote(k)} AS VARCHAR) AS {_quote(k)}" for k in join.view_keys)
-        features = ", ".join(dict.fromkeys(_quote(f) for f, _ in join.columns))
+        keys = ", ".join(
+            f"CAST({sql.identifier(k)} AS VARCHAR) AS {sql.identifier(k)}" for k in join.view_keys
+        )
+        features = ", ".join(dict.fromkeys(sql.identifier(f) for f, _ in join.columns))
         ctes.append(
-            f"{alias} AS (SELECT {keys}, CAST({_quote(join.timestamp_field)} AS TIMESTAMPTZ) AS __ts, "
-            f"{features} FROM read_parquet({_files_sql(parquet_files(join.path))}))"
+            f"{alias} AS (SELECT {keys}, "
+            f"CAST({sql.identifier(join.timestamp_field)} AS TIMESTAMPTZ) AS __ts, "
+            f"{features} FROM read_parquet({sql.file_list(parquet_files(join.path))}))"
         )
         on = " AND ".join(
-            f"coalesce(CAST(e.{_quote(ek)} AS VARCHAR), '{MISSING_KEY}') = {alias}.{_quote(vk)}"
+            f"coalesce(CAST(e.{sql.identifier(ek)} AS VARCHAR), {sql.literal(MISSING_KEY)}) "
+            f"= {alias}.{sql.identifier(vk)}"
             for vk, ek in zip(join.view_keys, join.entity_keys, strict=True)
         )
         joins_sql.append(f"ASOF LEFT JOIN {alias} ON {on} AND e.__entity_ts >= {alias}.__ts")
@@ -688,26 +685,19 @@ def point_in_time_sql(joins: Sequence[ViewJoin], entity: str) -> str:
             else "TRUE"
         )
         for feature, column in join.columns:
-            selects.append(f"CASE WHEN {fresh} THEN {alias}.{_quote(feature)} END AS {_quote(column)}")
+            selects.append(
+                f"CASE WHEN {fresh} THEN {alias}.{sql.identifier(feature)} END AS {sql.identifier(column)}"
+            )
     with_sql = ",\n".join(
-        [f"e AS (SELECT *, CAST({_quote(TIMESTAMP)} AS TIMESTAMPTZ) AS __entity_ts FROM {entity})", *ctes]
+        [
+            f"e AS (SELECT *, CAST({sql.identifier(TIMESTAMP)} AS TIMESTAMPTZ) AS __entity_ts FROM {entity})",
+            *ctes,
+        ]
     )
     return (
         f"WITH {with_sql}\nSELECT e.* EXCLUDE (__entity_ts), {', '.join(selects)}\n"
         f"FROM e {' '.join(joins_sql)}"
     )
-
-
-def _duckdb(temp_dir: Path, memory_limit: str = JOIN_MEMORY_LIMIT) -> Any:
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")  # a naive timestamp is UTC, as Feast reads it
-    con.execute("SET enable_progress_bar = false")
-    con.execute(f"SET memory_limit = '{memory_limit}'")
-    con.execute(f"SET temp_directory = '{temp_dir}'")
-    con.execute("SET preserve_insertion_order = true")
-    return con
 
 
 def _training_service(store: FeatureStore, service: str, data_dir: Path) -> FeatureService:
@@ -754,20 +744,20 @@ def write_training_shards(
     staging = out.parent / f".{out.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    con = _duckdb(staging / ".spill", memory_limit)
+    con = sql.connect(staging / ".spill", memory_limit)
     try:
-        con.execute(f"CREATE VIEW impressions AS SELECT * FROM read_parquet({_files_sql(files)})")
+        con.execute(f"CREATE VIEW impressions AS SELECT * FROM read_parquet({sql.file_list(files)})")
         present = [r[0] for r in con.execute("SELECT DISTINCT split FROM impressions ORDER BY 1").fetchall()]
         rows: dict[str, int] = {}
         for split in present:
-            quoted = split.replace("'", "''")
             con.execute(
-                f"CREATE OR REPLACE TEMP VIEW entity AS SELECT * FROM impressions WHERE split = '{quoted}'"
+                "CREATE OR REPLACE TEMP VIEW entity AS SELECT * FROM impressions "
+                f"WHERE split = {sql.literal(split)}"
             )
             (staging / split).mkdir()
-            target = str(staging / split / "part-0.parquet").replace("'", "''")
+            target = sql.literal(staging / split / "part-0.parquet")
             con.execute(
-                f"COPY ({point_in_time_sql(joins, 'entity')} ORDER BY e.impression_id) TO '{target}' "
+                f"COPY ({point_in_time_sql(joins, 'entity')} ORDER BY e.impression_id) TO {target} "
                 f"(FORMAT parquet, ROW_GROUP_SIZE {SHARD_ROWS})"
             )
             rows[split] = pq.ParquetFile(staging / split / "part-0.parquet").metadata.num_rows

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from nlpctr.models import sql
 from nlpctr.models.data import FeatureColumns, Tensors, Vocabularies, vocabulary
 from nlpctr.models.schema import SPLITS
 
@@ -150,23 +151,17 @@ class ShardSource:
 def unique_text_pairs(root: Path, splits: Sequence[str] = SPLITS) -> pd.DataFrame:
     """One row per (query_text_id, ad_text_id) of the shards, with its texts and earliest time
     (the input of `experiment.text_pairs`, without holding every impression)."""
-    import duckdb
-
     files = [str(p) for s in splits for p in split_files(root, s)]
     probe = pq.read_schema(files[0]).names
     query_id = "query_text_id" if "query_text_id" in probe else "NULL"
     query_text = "query_text" if "query_text" in probe else "NULL"
-    with tempfile.TemporaryDirectory() as spill, duckdb.connect() as con:
-        con.execute("SET TimeZone = 'UTC'")
-        con.execute("SET enable_progress_bar = false")
-        con.execute("SET memory_limit = '1GB'")
-        con.execute(f"SET temp_directory = '{spill}'")
+    with tempfile.TemporaryDirectory() as spill, sql.connect(spill, "1GB") as con:
         frame = con.execute(
             f"SELECT {query_id} AS query_text_id, ad_text_id, "
             f"arg_min({query_text}, event_timestamp) AS query_text, "
             "arg_min(ad_text, event_timestamp) AS ad_text, "
             "min(event_timestamp) AS event_timestamp "
-            f"FROM read_parquet({files!r}) GROUP BY ALL ORDER BY 1, 2"
+            f"FROM read_parquet({sql.file_list(files)}) GROUP BY ALL ORDER BY 1, 2"
         ).df()
     frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
     return frame

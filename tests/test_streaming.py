@@ -23,7 +23,7 @@ from nlpctr.features import store
 from nlpctr.features.definitions import Layout, build_definitions
 from nlpctr.models import experiment, metrics
 from nlpctr.models.data import tensorize
-from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns
+from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns, unique_text_pairs
 from nlpctr.models.trainer import LoopConfig, fit, predict_split
 from nlpctr.pipelines import evaluate, train
 
@@ -66,6 +66,19 @@ def test_duckdb_join_equals_feast_training_frame(prepared: Path) -> None:
     assert_same_frames(shards, expected)
     test = pq.read_table(shards / "test" / "part-0.parquet").to_pandas()
     assert test.impression_id.is_monotonic_increasing and set(test.split) == {"test"}
+
+
+def test_a_quote_in_the_data_path_is_data_not_sql(tmp_path: Path) -> None:
+    """DuckDB gets paths as string literals: a `'` in a folder name must not end them."""
+    data = make_dataset(tmp_path / "it's here" / "ds", rows=120)
+    write_ctr_history(data)
+    write_embeddings(data, dim=8)
+    store.apply(data)
+    shards = store.write_training_shards(data, "cascade_frozen")
+    assert_same_frames(shards, store.training_frame(data, "cascade_frozen"))
+    pairs = unique_text_pairs(shards)
+    rows = impressions(data)
+    assert len(pairs) == len(rows.drop_duplicates(["query_text_id", "ad_text_id"]))
 
 
 def test_duckdb_join_keeps_feast_snapshot_and_ttl_semantics(tmp_path: Path) -> None:
