@@ -90,6 +90,27 @@ def test_every_nlp_feature_is_measured(protocol_run: dict) -> None:
     assert sum(point["chosen"] for point in curve["points"]) == 1
 
 
+def test_ceilings_from_the_simulator_truth_bound_every_model(protocol_run: dict) -> None:
+    results = protocol_run["results"]
+    ceilings, runs = results["ceilings"], results["runs"]
+    oracle, no_text = ceilings["oracle"], ceilings["no_text_oracle"]
+    assert ceilings["kind"] == "simulated"
+    # The true probability ranks and predicts best: above E0 and above everything but the text.
+    assert oracle["auc"] > runs["baseline"]["auc"] and oracle["auc"] > no_text["auc"]
+    assert oracle["rig"] > runs["baseline"]["rig"] and oracle["rig"] > no_text["rig"]
+    assert ceilings["text_gain"]["auc"]["estimate"] > 0  # its CI: ~30 test clicks at this size
+    ratio = ceilings["e0_rig_over_no_text_oracle_rig"]
+    assert ceilings["e0_near_no_text_oracle"] == (ratio >= 0.9)
+    # No model recovers more than the achievable text gain, up to noise.
+    entries = {**{k: v for k, v in runs.items() if k != "baseline"}, **results["redundancy"]}
+    for name, entry in entries.items():
+        for metric in ("rig", "auc"):
+            share = entry["share_of_text_gain"][metric]
+            assert share["ci"][0] <= share["estimate"] <= share["ci"][1], (name, metric, share)
+            assert share["ci"][0] < 1.0, (name, metric, share)
+    assert "## Ceilings" in (protocol_run["out"] / "report.md").read_text()
+
+
 def test_in_memory_increment_equals_the_feast_trained_run(protocol_run: dict) -> None:
     # E2's chosen checkpoint trained through Feast (`nlpctr train`) and in memory: same model.
     assert protocol_run["results"]["provenance"]["e2_feast_vs_in_memory_max_abs_diff"] < 1e-6
@@ -137,6 +158,12 @@ def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
     frozen_gain = trends["frozen:delta_auc"]["values"]
     assert joint_gain[0] - joint_gain[-1] < frozen_gain[0] - frozen_gain[-1], (joint_gain, frozen_gain)
     assert (out / "simulator.png").is_file()
+    # Every rho has its ceilings and says whether E0 is near its no-text oracle.
+    for entry in results["simulator"]["per_rho"].values():
+        assert entry["ceilings"]["oracle"]["auc"] > entry["ceilings"]["no_text_oracle"]["auc"]
+        assert isinstance(entry["e0_near_no_text_oracle"], bool)
+        assert entry["e0_rig_over_no_text_oracle_rig"] == entry["ceilings"]["e0_rig_over_no_text_oracle_rig"]
+    assert (out / "simulator_shares.png").is_file()
 
 
 SWEEP = {
