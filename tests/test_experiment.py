@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -166,10 +167,51 @@ def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
     assert (out / "simulator_shares.png").is_file()
 
 
+def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_oracle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[list[str]] = []
+
+    def fake_protocol(args: Any, protocol: dict, dataset: str, out: Path) -> dict:
+        rho = float(out.name.removeprefix("rho-"))
+        share = {"rig": {"estimate": 1.0 - rho, "ci": [0.0, 1.0]}, "auc": {"estimate": 0.5, "ci": None}}
+        feature = {
+            "explained_fraction": rho,
+            "explained_fraction_representation": rho,
+            "delta_auc": 0.01 - rho,
+        }
+        feature.update(delta_rig=0.01 * (1 - rho), share_of_text_gain=share)
+        ceiling = {
+            "kind": "simulated",
+            "e0_near_no_text_oracle": rho > 0,
+            "e0_rig_over_no_text_oracle_rig": 0.8 + rho,
+        }
+        return {"redundancy": {"frozen": feature}, "runs": {}, "ceilings": ceiling}
+
+    monkeypatch.setattr(experiment, "command", commands.append)
+    monkeypatch.setattr(experiment, "run_protocol", fake_protocol)
+    argv = ["--dataset", "simulated", "--rho", "0,1", "--rows", "500", "--out", str(tmp_path / "sweep")]
+    results = experiment.run([*argv, "--impressions-per-row", "20"])
+    assert [c[c.index("--impressions-per-row") + 1] for c in commands] == ["20", "20"]
+    assert results["impressions_per_row"] == 20
+    per_rho = results["simulator"]["per_rho"]
+    assert [per_rho[r]["e0_near_no_text_oracle"] for r in ("0", "1")] == [False, True]
+    assert per_rho["1"]["e0_rig_over_no_text_oracle_rig"] == pytest.approx(1.8)
+    assert results["simulator"]["trends"]["frozen:share_of_text_gain_rig"]["falls"]
+    assert (tmp_path / "sweep" / "simulator_shares.png").is_file()
+    # 0: one binary impression per row, as before the flag existed.
+    commands.clear()
+    experiment.run([*argv, "--impressions-per-row", "0", "--out", str(tmp_path / "binary")])
+    assert all("--impressions-per-row" not in c for c in commands)
+    with pytest.raises(UserError, match="--impressions-per-row"):
+        experiment.run(["--dataset", "upworthy", "--out", str(tmp_path / "x"), "--impressions-per-row", "5"])
+
+
 SWEEP = {
     "fusions": ["concat"],
     "distill": {**TINY["distill"], "students": []},
-    "simulator": {"rows": 6000, "text_strength": 1.5, "distill": False},
+    # Binary rows: the trends below were established on them (E0 weak, text strong).
+    "simulator": {"rows": 6000, "text_strength": 1.5, "distill": False, "impressions_per_row": 0},
     "train_config": {
         **TINY["train_config"],
         "lm_loop": {"epochs": 1, "max_batches_per_epoch": 60},
