@@ -572,7 +572,7 @@ def simulator_shares(simulator: Mapping[str, Any]) -> dict[str, dict[str, list[f
         series: dict[str, list[float | None]] = {}
         e0 = [_dig(e, "ceilings", "e0_share_of_text_gain", metric, "estimate") for e in entries]
         if any(v is not None for v in e0):
-            series["E0 (its IDs)"] = e0
+            series["E0 itself (vs no-text oracle)"] = e0
         for feature in features:
             values = [
                 _dig(e, "redundancy", feature, "share_of_text_gain", metric, "estimate") for e in entries
@@ -597,9 +597,8 @@ def plot_simulator_shares(simulator: Mapping[str, Any], path: Path) -> Path:
         axes.axhline(0, color="grey", linewidth=0.8)
         axes.axhline(1, color="grey", linestyle=":", linewidth=0.8)
         axes.set_xlabel("ρ (how much of the text effect the IDs already carry)")
-        axes.set_ylabel(
-            f"share of the text gain ({SHARE_LABELS[metric]}): (E0 + f − E0) / (oracle − no-text)"
-        )
+        axes.set_ylabel(f"share of the text gain ({SHARE_LABELS[metric]})")
+        axes.set_title("(E0 + feature − E0) / (oracle − no-text oracle)", fontsize=9)
         axes.legend(fontsize=7)
     return _save(figure, path)
 

@@ -241,7 +241,7 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
         "| 0 | 0.8000 | 0.7200 | 0.7000 | 0.1900 | 0.0700 | 0.0500 | 0.800 | no |",
         "| 1 | 0.8000 | 0.7200 | 0.7000 | 0.1900 | 0.0700 | 0.0700 | 1.000 | yes |",
         "| frozen | 0.40 | 0.20 | 0.00 |",
-        "| E0 (its IDs) | 0.00 | 0.25 | 0.50 |",
+        "| E0 itself (vs no-text oracle) | 0.00 | 0.25 | 0.50 |",
     ):
         assert cell in text, cell
     assert "(epoch-2) is not the one with the best incremental ΔAUC (epoch-1)" in text
