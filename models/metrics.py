@@ -139,6 +139,21 @@ def group_bootstrap_indices(groups: np.ndarray, rounds: int, seed: int) -> list[
     return samples
 
 
+def group_bootstrap_counts(groups: np.ndarray, rounds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The draws of `group_bootstrap_indices` (same groups, rounds and seed) as counts.
+
+    Returns (the sorted unique groups, a (rounds, groups) array of how many times each group is
+    drawn): a resample is then a reweighting of rows by their group's count, which gives every
+    metric here the value it has on the concatenated resampled rows.
+    """
+    rng = np.random.default_rng(seed)
+    unique = np.unique(groups)
+    counts = np.zeros((rounds, len(unique)), dtype=np.int64)
+    for r in range(rounds):
+        counts[r] = np.bincount(rng.integers(0, len(unique), size=len(unique)), minlength=len(unique))
+    return unique, counts
+
+
 @dataclass(frozen=True)
 class Interval:
     estimate: float
@@ -232,16 +247,21 @@ def score_bin(predictions: np.ndarray, bins: int = SCORE_BINS) -> np.ndarray:
 
 
 def binned_aucs(
-    cells: np.ndarray, bins: np.ndarray, positives: np.ndarray, negatives: np.ndarray, n_cells: int
+    cells: np.ndarray,
+    bins: np.ndarray,
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    n_cells: int,
+    n_bins: int = SCORE_BINS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """AUC per cell (a group, or 0 for all rows) from weighted positives/negatives per score bin;
     a bin's positives and negatives count as ties (half). Returns (auc, impressions where the AUC
-    is defined else 0)."""
-    key = cells.astype(np.int64) * SCORE_BINS + bins
+    is defined else 0). Bins are in [0, n_bins): fine logit bins, or exact score ranks."""
+    key = cells.astype(np.int64) * n_bins + bins
     unique, inverse = np.unique(key, return_inverse=True)
     pos = np.bincount(inverse, positives, minlength=len(unique))
     neg = np.bincount(inverse, negatives, minlength=len(unique))
-    cell = unique // SCORE_BINS
+    cell = unique // n_bins
     cum = np.cumsum(neg)
     before = np.r_[0.0, cum][np.searchsorted(cell, cell, side="left")]  # negatives of earlier cells
     below = cum - neg - before  # negatives of the same cell in lower bins

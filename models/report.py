@@ -22,6 +22,7 @@ PLOTS = {
     "redundancy": "explained_fraction.png",
     "conversion": "conversion_rate.png",
     "simulator": "simulator.png",
+    "simulator_shares": "simulator_shares.png",
 }
 RUN_ORDER = ("baseline", "cascade_frozen", "cascade_finetuned", "joint_score", "joint_concat", "joint_gate")
 DPI = 110
@@ -64,6 +65,39 @@ def _excludes_zero(ci: Sequence[float] | None) -> bool | None:
 
 def _ordered_runs(runs: Mapping[str, Any]) -> list[str]:
     return [r for r in RUN_ORDER if r in runs] + sorted(r for r in runs if r not in RUN_ORDER)
+
+
+SHARE_LABELS = {"rig": "RIG", "auc": "AUC", "gauc": "GAUC"}
+
+
+def _dig(mapping: Mapping[str, Any] | None, *keys: str) -> Any:
+    """mapping[k1][k2]...: None where a level is missing or None."""
+    value: Any = mapping
+    for key in keys:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _interval_cell(interval: Mapping[str, Any] | None, digits: int = 4, signed: bool = False) -> str:
+    """An {estimate, ci} entry as `value [low, high]`."""
+    return _with_ci(_dig(interval, "estimate"), _dig(interval, "ci"), digits, signed)
+
+
+def share_metrics(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The metrics the entries' `share_of_text_gain` is given on (simulated: rig, auc; real: gauc, auc)."""
+    found: dict[str, None] = {}
+    for entry in entries:
+        found.update(dict.fromkeys((entry or {}).get("share_of_text_gain") or {}))
+    return list(found)
+
+
+def _share_cell(entry: Mapping[str, Any], metric: str) -> str:
+    share = _dig(entry, "share_of_text_gain", metric) or {}
+    if share.get("estimate") is None:
+        return "–" if not share.get("reason") else "n/a"
+    return _interval_cell(share, digits=2)
 
 
 # ------------------------------------------------------------------------------- plots
@@ -287,7 +321,15 @@ def _runs_section(runs: Mapping[str, Any]) -> list[str]:
         )
     header = ["run", "AUC [95% CI]", "GAUC [95% CI]", "log loss", "RIG [95% CI]", "calib. ratio", "ECE"]
     header += ["ΔAUC vs E0 [95% CI]", "ΔRIG vs E0 [95% CI]", "ΔGAUC [95% CI]", "LM layers", "epochs (best)"]
-    return ["## Runs", "", markdown_table([*header, "wall s"], rows), ""]
+    header.append("wall s")
+    shares = share_metrics([runs[name] for name in _ordered_runs(runs)])
+    for row, name in zip(rows, _ordered_runs(runs), strict=True):
+        row += [_share_cell(runs[name], metric) for metric in shares]
+    header += [f"share ({SHARE_LABELS.get(m, m)}) [95% CI]" for m in shares]
+    lines = ["## Runs", "", markdown_table(header, rows), ""]
+    if shares:
+        lines += [SHARE_NOTE, ""]
+    return lines
 
 
 def significance_statements(runs: Mapping[str, Any]) -> list[str]:
@@ -358,6 +400,10 @@ def _redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
     ]
     header = ["feature", "kind", "standalone AUC", "ΔAUC [95% CI]", "ΔRIG [95% CI]"]
     header += ["explained (E0 inputs)", "explained (E0 representation)", "CKA vs E0"]
+    shares = share_metrics(list(redundancy.values()))
+    for row, entry in zip(rows, redundancy.values(), strict=True):
+        row += [_share_cell(entry, metric) for metric in shares]
+    header += [f"share ({SHARE_LABELS.get(m, m)}) [95% CI]" for m in shares]
     return [
         "## Redundancy",
         "",
@@ -458,7 +504,201 @@ def _simulator_section(simulator: Mapping[str, Any]) -> list[str]:
             markdown_table(["feature:measure", "Spearman", "rises", "falls"], rows),
             "",
         ]
+    lines += _simulator_ceilings_section(simulator)
     return [*lines, f"![simulator sweep]({PLOTS['simulator']})", ""]
+
+
+SHARE_NOTE = (
+    "Share = (model − E0) / (ceiling gap): on simulated data the gap is the Bayes oracle − the "
+    "no-text oracle (the achievable text gain); on real data the split-half ceiling − E0. "
+    "n/a: not meaningful here (see Ceilings). Paired group bootstrap, the draws of the Δ CIs."
+)
+
+
+def _ceilings_section(ceilings: Mapping[str, Any], runs: Mapping[str, Any]) -> list[str]:
+    lines = ["## Ceilings", ""]
+    base = runs.get("baseline") or {}
+    if ceilings.get("kind") == "simulated":
+        lines += [
+            "From the simulator's truth on the test split: the Bayes oracle scores each row with its "
+            "true click probability, the no-text oracle with sigmoid(true logit − text effect); the "
+            "text gain is the gap between them, the most any text feature can add.",
+            "",
+        ]
+        rows = []
+        for name, card in (
+            ("Bayes oracle", ceilings["oracle"]),
+            ("no-text oracle", ceilings["no_text_oracle"]),
+        ):
+            rows.append(
+                [
+                    name,
+                    _with_ci(card.get("auc"), card.get("auc_ci")),
+                    _num(card.get("logloss"), 5),
+                    _with_ci(card.get("rig"), card.get("rig_ci")),
+                    _with_ci(card.get("gauc"), card.get("gauc_ci")),
+                ]
+            )
+        if base:
+            rows.append(
+                [
+                    "E0 (baseline)",
+                    _with_ci(base.get("auc"), base.get("auc_ci")),
+                    _num(base.get("logloss"), 5),
+                    _with_ci(base.get("rig"), base.get("rig_ci")),
+                    _with_ci(base.get("gauc"), base.get("gauc_ci")),
+                ]
+            )
+        gain = ceilings.get("text_gain") or {}
+        rows.append(
+            [
+                "text gain (oracle − no-text)",
+                _interval_cell(gain.get("auc"), signed=True),
+                _interval_cell(gain.get("logloss"), 5, signed=True),
+                _interval_cell(gain.get("rig"), signed=True),
+                _interval_cell(gain.get("gauc"), signed=True),
+            ]
+        )
+        header = ["scores", "AUC [95% CI]", "log loss", "RIG [95% CI]", "GAUC [95% CI]"]
+        lines += [markdown_table(header, rows), ""]
+        if ceilings.get("e0_rig_over_no_text_oracle_rig") is not None:
+            near = "is" if ceilings.get("e0_near_no_text_oracle") else "is not"
+            lines.append(
+                f"E0's RIG is {_num(ceilings['e0_rig_over_no_text_oracle_rig'], 3)} × the no-text oracle's: "
+                f"E0 {near} near its no-text oracle ({ceilings.get('e0_near_criterion', '')})."
+            )
+        e0_share = ceilings.get("e0_share_of_text_gain") or {}
+        if e0_share:
+            cells = ", ".join(f"{SHARE_LABELS.get(m, m)} {_interval_cell(v, 2)}" for m, v in e0_share.items())
+            lines.append(f"E0's own share of the text gain (E0 − no-text oracle, over the gap): {cells}.")
+        return [*lines, ""]
+    half = ceilings.get("split_half") or {}
+    lines += [
+        "No truth on real data: the split-half ceiling splits each item's test impressions in two "
+        "(clicks drawn hypergeometrically), scores one half by the other half's CTR (shrunk toward "
+        "its mean) and measures AUC and GAUC there. It includes every non-text cause of an item's "
+        "CTR, and a half's CTR is noisy, so it is a rough ceiling, not a bound.",
+        "",
+    ]
+    rows = [
+        [
+            f"split half (seed {half.get('seed')})",
+            _with_ci(half.get("auc"), half.get("auc_ci")),
+            _with_ci(half.get("gauc"), half.get("gauc_ci")),
+        ],
+        [
+            "in sample (optimistic)",
+            _num(_dig(half, "in_sample", "auc")),
+            _num(_dig(half, "in_sample", "gauc")),
+        ],
+        ["random scores", _num(_dig(half, "random", "auc")), _num(_dig(half, "random", "gauc"))],
+    ]
+    if base:
+        rows.append(
+            [
+                "E0 (baseline)",
+                _with_ci(base.get("auc"), base.get("auc_ci")),
+                _with_ci(base.get("gauc"), base.get("gauc_ci")),
+            ]
+        )
+    gap = ceilings.get("e0_gap") or {}
+    if gap:
+        gap_cells = [_interval_cell(gap.get(m), signed=True) for m in ("auc", "gauc")]
+        rows.append(["gap (split half − E0)", *gap_cells])
+    lines += [markdown_table(["scores", "AUC [95% CI]", "GAUC [95% CI]"], rows), ""]
+    applies = "applies" if half.get("applicable") else "does not apply"
+    lines.append(
+        f"Items: {half.get('item', '–')}, {half.get('items', '–')} of them; "
+        f"{_num(100 * (half.get('splittable_impression_share') or 0.0), 1)}% of the test impressions are on "
+        f"items shown at least twice; the ceiling {applies}."
+    )
+    for metric, verdict in (ceilings.get("meaningful") or {}).items():
+        if verdict is not True:
+            reason = verdict.get("reason") if isinstance(verdict, Mapping) else ""
+            lines.append(f"No share of the {metric.upper()} gap: {reason}.")
+    return [*lines, ""]
+
+
+def simulator_shares(simulator: Mapping[str, Any]) -> dict[str, dict[str, list[float | None]]]:
+    """{metric: {feature or E0: [share of the text gain per rho]}}; E0's is its own share over the
+    no-text oracle (what its IDs already know of the text)."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    entries = [simulator["per_rho"][f"{float(rho):g}"] for rho in simulator["rho"]]
+    features = list(dict.fromkeys(f for e in entries for f in (e.get("redundancy") or {})))
+    for metric in ("rig", "auc"):
+        series: dict[str, list[float | None]] = {}
+        e0 = [_dig(e, "ceilings", "e0_share_of_text_gain", metric, "estimate") for e in entries]
+        if any(v is not None for v in e0):
+            series["E0 itself (vs no-text oracle)"] = e0
+        for feature in features:
+            values = [
+                _dig(e, "redundancy", feature, "share_of_text_gain", metric, "estimate") for e in entries
+            ]
+            if any(v is not None for v in values):
+                series[feature] = values
+        if series:
+            out[metric] = series
+    return out
+
+
+def plot_simulator_shares(simulator: Mapping[str, Any], path: Path) -> Path:
+    """Each feature's share of the achievable text gain (RIG, AUC) against ρ, and E0's own."""
+    series = simulator_shares(simulator)
+    figure = Figure(figsize=(10, 4))
+    for i, (metric, lines) in enumerate(series.items()):
+        axes = figure.add_subplot(1, len(series), i + 1)
+        for name, values in lines.items():
+            y = [float("nan") if v is None else v for v in values]
+            style = {"linestyle": "--", "color": "black"} if name.startswith("E0") else {}
+            axes.plot(simulator["rho"], y, marker="o", label=name, **style)
+        axes.axhline(0, color="grey", linewidth=0.8)
+        axes.axhline(1, color="grey", linestyle=":", linewidth=0.8)
+        axes.set_xlabel("ρ (how much of the text effect the IDs already carry)")
+        axes.set_ylabel(f"share of the text gain ({SHARE_LABELS[metric]})")
+        axes.set_title("(E0 + feature − E0) / (oracle − no-text oracle)", fontsize=9)
+        axes.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def _simulator_ceilings_section(simulator: Mapping[str, Any]) -> list[str]:
+    entries = {f"{float(rho):g}": simulator["per_rho"][f"{float(rho):g}"] for rho in simulator["rho"]}
+    if not any(e.get("ceilings") for e in entries.values()):
+        return []
+    rows = []
+    for rho, entry in entries.items():
+        c = entry.get("ceilings") or {}
+        o, n = c.get("oracle") or {}, c.get("no_text_oracle") or {}
+        e0 = (entry.get("runs") or {}).get("baseline") or {}
+        near = entry.get("e0_near_no_text_oracle")
+        rows.append(
+            [
+                rho,
+                _num(o.get("auc")),
+                _num(n.get("auc")),
+                _num(e0.get("auc")),
+                _num(o.get("rig")),
+                _num(n.get("rig")),
+                _num(e0.get("rig")),
+                _num(entry.get("e0_rig_over_no_text_oracle_rig"), 3),
+                "–" if near is None else ("yes" if near else "no"),
+            ]
+        )
+    header = ["ρ", "oracle AUC", "no-text AUC", "E0 AUC", "oracle RIG", "no-text RIG", "E0 RIG"]
+    header += ["E0 RIG / no-text RIG", "E0 near no-text oracle"]
+    lines = ["**Ceilings** by ρ (test split):", "", markdown_table(header, rows), ""]
+    shares = simulator_shares(simulator)
+    header = ["feature", *(f"ρ={rho}" for rho in entries)]
+    for metric, series in shares.items():
+        table = [[name, *(_num(v, 2) for v in values)] for name, values in series.items()]
+        lines += [
+            f"**Share of the text gain ({SHARE_LABELS[metric]})** by ρ:",
+            "",
+            markdown_table(header, table),
+            "",
+        ]
+    if shares:
+        lines += [f"![share of the text ceiling against ρ]({PLOTS['simulator_shares']})", ""]
+    return lines
 
 
 # ------------------------------------------------------------------------------- report
@@ -503,6 +743,8 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
                 *statements,
                 "",
             ]
+    if results.get("ceilings"):
+        lines += _ceilings_section(results["ceilings"], runs)
     if results.get("redundancy"):
         lines += _redundancy_section(results["redundancy"])
         written.append(plot_explained_fraction(results["redundancy"], out_dir / PLOTS["redundancy"]))
@@ -515,6 +757,8 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     if results.get("simulator"):
         lines += _simulator_section(results["simulator"])
         written.append(plot_simulator(results["simulator"], out_dir / PLOTS["simulator"]))
+        if simulator_shares(results["simulator"]):
+            written.append(plot_simulator_shares(results["simulator"], out_dir / PLOTS["simulator_shares"]))
     if results.get("timings"):
         rows = [[stage, _num(seconds, 1)] for stage, seconds in results["timings"].items()]
         lines += ["## Timings", "", markdown_table(["stage", "seconds"], rows), ""]

@@ -34,6 +34,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "nlpctr.pipelines.experiment",
         "the whole protocol: prepare .. E0-E4 .. redundancy; results.json, report.md, plots",
     ),
+    ("ceilings",): (
+        "nlpctr.models.ceilings",
+        "ceilings of a prepared split: the simulator's oracles, or the split-half ceiling",
+    ),
     ("score-batch",): (
         "nlpctr.pipelines.score_batch",
         "enrich impressions from the online store (Beam Enrichment)",

@@ -45,7 +45,7 @@ from scipy import stats
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.definitions import CASCADE_FROZEN, LM_FEATURES_DIR, lm_feature_slug, read_manifest
-from nlpctr.models import distill, experiment, redundancy, report
+from nlpctr.models import ceilings, distill, experiment, redundancy, report
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.trainer import TextBatcher, labels_of, pair_text, predict
 from nlpctr.pipelines import train
@@ -68,7 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--config", type=Path, default=None, help="YAML merged over the protocol sizes")
     parser.add_argument("--rho", default=None, help="simulated: comma-separated redundancy values")
-    parser.add_argument("--rows", type=int, default=None, help="simulated: impressions per log")
+    parser.add_argument("--rows", type=int, default=None, help="simulated: rows per log")
+    parser.add_argument(
+        "--impressions-per-row",
+        type=int,
+        default=None,
+        help="simulated: aggregated rows of N impressions each (0: one binary impression per row)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -253,6 +259,16 @@ class Experiment:
         rows = (self.train_rows, self.test_rows)  # E0's side of every redundancy probe, once
         self.e0_inputs = [redundancy.e0_design_matrix(self.data, r) for r in rows]
         self.e0_repr = [redundancy.e0_representation(self.e0.model, self.data, r) for r in rows]
+        self.ceiling = self.text_ceiling()
+
+    def text_ceiling(self) -> ceilings.Ceiling:
+        """The test split's ceilings (`models/ceilings.py`): the simulator's oracles when its truth
+        file sits beside the source, else the split-half ceiling; shares pair with E0's CIs."""
+        with self.stage("ceilings"):
+            frame = self.frame.iloc[self.test_rows.numpy()]
+            return ceilings.for_split(
+                self.manifest, frame, self.test_labels, self.e0_p, self.train_ctr, self.evaluation, self.seed
+            )
 
     def saved_predictions(self, run: str) -> np.ndarray:
         saved = pd.read_parquet(self.runs_dir / run / experiment.PREDICTIONS_FILE).set_index("impression_id")
@@ -268,6 +284,7 @@ class Experiment:
         entry["delta_auc_vs_baseline"] = delta["delta_auc"]
         entry["delta_rig_vs_baseline"] = delta["delta_rig"]
         entry.update({k: v for k, v in delta.items() if k not in ("delta_auc", "delta_rig")})
+        entry["share_of_text_gain"] = self.ceiling.share(p)
         return entry
 
     def run_entry(self, name: str, results: dict[str, Any]) -> dict[str, Any]:
@@ -338,6 +355,7 @@ class Experiment:
             seed=self.seed,
         ).to_dict()
         measured["significant"] = delta["significant"]
+        measured["share_of_text_gain"] = self.ceiling.share(increment)
         measured["dim"] = int(feature.measured.shape[1]) if feature.measured.ndim == 2 else 1
         return measured
 
@@ -487,6 +505,7 @@ class Experiment:
             "wall_seconds": round(time.perf_counter() - started, 1),
             "timings": self.timings,
             "runs": self.runs,
+            "ceilings": self.ceiling.summary(),
             **sections,
             "protocol": self.protocol,
             "provenance": {
@@ -537,6 +556,27 @@ def write_results(results: dict[str, Any], out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------- the simulator sweep
 
 
+def sweep_impressions_per_row(args: argparse.Namespace, settings: Mapping[str, Any]) -> int:
+    """Impressions per simulated row: --impressions-per-row, else the protocol's; 0 = binary rows."""
+    value = args.impressions_per_row
+    value = int(settings.get("impressions_per_row") or 0) if value is None else int(value)
+    if value < 0:
+        raise UserError(f"--impressions-per-row must be >= 0, got {value}")
+    return value
+
+
+def sweep_entry(results: Mapping[str, Any]) -> dict[str, Any]:
+    """What the sweep keeps of one rho's protocol: redundancy, runs, ceilings, and whether E0 is
+    near its no-text oracle (the sweep is sized for it: E0 must know what the IDs can know)."""
+    entry = {"redundancy": results["redundancy"], "runs": results["runs"]}
+    ceiling = results.get("ceilings") or {}
+    if ceiling:
+        entry["ceilings"] = ceiling
+        for key in ("e0_near_no_text_oracle", "e0_rig_over_no_text_oracle_rig"):
+            entry[key] = ceiling.get(key)
+    return entry
+
+
 def sweep_trends(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
     """How each measure moves as rho rises: Spearman rho, and whether it is monotone."""
     rhos = sorted(per_rho)
@@ -550,6 +590,15 @@ def sweep_trends(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
                 "rises": bool(all(b >= a for a, b in itertools.pairwise(values))),
                 "falls": bool(all(b <= a for a, b in itertools.pairwise(values))),
             }
+    for feature in per_rho[rhos[0]]["redundancy"]:  # the share of the text ceiling, on RIG
+        shares = [ceilings.share_estimate(per_rho[r]["redundancy"][feature], "rig") for r in rhos]
+        if all(v is not None and np.isfinite(v) for v in shares):
+            trends[f"{feature}:share_of_text_gain_rig"] = {
+                "values": shares,
+                "spearman": float(stats.spearmanr(rhos, shares).statistic),
+                "rises": bool(all(b >= a for a, b in itertools.pairwise(shares))),
+                "falls": bool(all(b <= a for a, b in itertools.pairwise(shares))),
+            }
     return trends
 
 
@@ -559,6 +608,7 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
     settings = protocol["simulator"]
     rhos = [float(r) for r in args.rho.split(",")] if args.rho else [float(r) for r in settings["rho"]]
     rows = int(args.rows or settings["rows"])
+    per_row = sweep_impressions_per_row(args, settings)
     if not settings.get("distill", False):
         protocol = experiment.deep_merge(protocol, {"distill": {"students": []}})
     per_rho: dict[float, dict[str, Any]] = {}
@@ -567,6 +617,7 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
         log = out / "log" / "log.parquet"
         simulate = ["data", "simulate", "--rows", str(rows), "--rho", str(rho), "--seed", str(args.seed)]
         simulate += ["--text-strength", str(settings["text_strength"]), "--out", str(log)]
+        simulate += ["--impressions-per-row", str(per_row)] if per_row else []
         command(simulate + (["--no-progress"] if args.no_progress else []))
         per_rho[rho] = run_protocol(args, protocol, str(log.with_name("log.spec.yaml")), out)
     results = {
@@ -574,12 +625,11 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
         "seed": int(args.seed),
         "quick": bool(args.quick),
         "rows": rows,
+        "impressions_per_row": per_row or None,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "simulator": {
             "rho": rhos,
-            "per_rho": {
-                f"{r:g}": {"redundancy": per_rho[r]["redundancy"], "runs": per_rho[r]["runs"]} for r in rhos
-            },
+            "per_rho": {f"{r:g}": sweep_entry(per_rho[r]) for r in rhos},
             "trends": sweep_trends(per_rho),
         },
         "protocol": protocol,
@@ -594,8 +644,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out = args.out.resolve()
     protocol = load_protocol(args.quick, args.config)
-    if args.dataset != SIMULATED and (args.rho or args.rows):
-        raise UserError(f"--rho and --rows go with --dataset {SIMULATED}")
+    if args.dataset != SIMULATED and (args.rho or args.rows or args.impressions_per_row is not None):
+        raise UserError(f"--rho, --rows and --impressions-per-row go with --dataset {SIMULATED}")
     # Before any work: --out is new, empty or an earlier experiment's folder (then marked as
     # this job's), and holds neither the spec nor the source log.
     inputs = []

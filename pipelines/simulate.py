@@ -1,6 +1,7 @@
 """A sponsored-search click log with a known redundancy knob (`nlpctr data simulate`).
 
     nlpctr data simulate --rows 1000000 --redundancy 0.5 --seed 0 --out data/sim/log.parquet
+    nlpctr data simulate --rows 20000 --redundancy 0.5 --impressions-per-row 50 --out data/sim/agg.parquet
 
 It validates the redundancy measures of DESIGN.md: how much of an NLP feature the ID
 features already know, and what text adds over them, are known here by construction.
@@ -20,6 +21,7 @@ The click model (per impression; every coefficient is written to <stem>.truth.js
     logit = base + u_ad + u_advertiser + u_query + pos(position) + dev(device) + text
     text  = beta * (sqrt(rho) * T_ad + sqrt(1 - rho) * T_pair)
     click ~ Bernoulli(sigmoid(logit))
+    (--impressions-per-row N: clicks ~ Binomial(N, sigmoid(logit)) on a row of N impressions)
 - u_* ~ N(0, sd_*^2) per entity; pos = -0.8 ln(position); dev is fixed per device.
 - T_ad depends only on the ad's own text: a weighted sum of lexical cues (contains a number,
   a superlative, a deal word, a brand-ish token, a "you" word, a question mark, and a length
@@ -37,11 +39,19 @@ The click model (per impression; every coefficient is written to <stem>.truth.js
   fixed word class, length or lexical overlap, which a language model can learn from the text.
 - Position and device are drawn independently of the ad and query, so they do not confound.
 
+Aggregated rows (--impressions-per-row N): each row is one (query, ad, position, device,
+day) cell shown N times, with `impressions` = N and `clicks` ~ Binomial(N, p) instead of
+`clicked`, and the spec reads it as `label: {form: aggregated, ...}`. The world (entity counts)
+is sized from --rows as before, so each ad gets N times the impressions: E0's ID and CTR
+history features become precise at a row count the CPU can train on. The truth is per row,
+unchanged (every impression of a row has the same click probability).
+
 Outputs, beside FILE (written to temporary names first and renamed, so a crash leaves none;
 existing files are replaced only when they are this command's earlier output, named by the
 <stem>.truth.json it wrote, else the run is refused before anything is written)
 - FILE: the log (impression_id, event_time, query_id, query_text, ad_id, ad_text,
-  advertiser_id, position, device, clicked), time-ordered over 30 days from 2024-03-01 UTC.
+  advertiser_id, position, device, clicked | impressions + clicks), time-ordered over 30 days
+  from 2024-03-01 UTC.
 - <stem>.truth.parquet: impression_id + base, ad/advertiser/query/position/device/text
   effects, t_ad, t_pair, logit, click_prob, rho (components sum to the logit).
 - <stem>.truth.json: rho, seed, rows, coefficients, entity counts, realised CTR, variance of
@@ -650,6 +660,14 @@ LOG_SCHEMA = pa.schema(
         pa.field("clicked", pa.int8(), nullable=False),
     ]
 )
+# --impressions-per-row: the same rows with aggregated labels instead of `clicked`.
+AGGREGATED_LOG_SCHEMA = pa.schema(
+    [
+        *(LOG_SCHEMA.field(i) for i in range(len(LOG_SCHEMA) - 1)),
+        pa.field("impressions", pa.int64(), nullable=False),
+        pa.field("clicks", pa.int64(), nullable=False),
+    ]
+)
 COMPONENTS = ("base", "ad_effect", "advertiser_effect", "query_effect", "position_effect",
               "device_effect", "text_effect")  # fmt: skip
 TRUTH_SCHEMA = pa.schema(
@@ -670,6 +688,15 @@ class Params:
     base: float
     text_strength: float
     chunk_rows: int
+    impressions_per_row: int | None = None  # None: one binary impression per row
+
+    @property
+    def impressions(self) -> int:
+        return self.rows * (self.impressions_per_row or 1)
+
+
+def log_schema(params: Params) -> pa.Schema:
+    return LOG_SCHEMA if params.impressions_per_row is None else AGGREGATED_LOG_SCHEMA
 
 
 def simulate_chunk(world: World, params: Params, start: int, stop: int) -> tuple[pa.Table, pa.Table]:
@@ -705,7 +732,11 @@ def simulate_chunk(world: World, params: Params, start: int, stop: int) -> tuple
     for name in COMPONENTS:
         logit += components[name]
     prob = 1.0 / (1.0 + np.exp(-logit))
-    clicked = (rng.random(n) < prob).astype(np.int8)
+    if params.impressions_per_row is None:
+        labels = [pa.array((rng.random(n) < prob).astype(np.int8), pa.int8())]
+    else:
+        clicks = rng.binomial(params.impressions_per_row, prob).astype(np.int64)
+        labels = [pa.array(np.full(n, params.impressions_per_row, np.int64)), pa.array(clicks)]
 
     digits = pc.utf8_lpad(pa.array(np.arange(start, stop), pa.int64()).cast(pa.string()), 10, "0")
     impression_id = pc.binary_join_element_wise("imp", digits, "")
@@ -720,9 +751,9 @@ def simulate_chunk(world: World, params: Params, start: int, stop: int) -> tuple
             world.advertiser_id.take(adv),
             pa.array(position, pa.int32()),
             pa.array(np.asarray(DEVICES, dtype=object)[device], pa.string()),
-            pa.array(clicked, pa.int8()),
+            *labels,
         ],
-        schema=LOG_SCHEMA,
+        schema=log_schema(params),
     )
     truth_columns = [impression_id, *(pa.array(components[name]) for name in COMPONENTS)]
     truth_columns += [pa.array(t_ad), pa.array(t_pair), pa.array(logit), pa.array(prob)]
@@ -770,10 +801,16 @@ def spec_for(log_path: Path, params: Params) -> dict[str, Any]:
     stem = log_path.name.removesuffix(".parquet")
     name = re.sub(r"[^A-Za-z0-9_-]", "_", stem).strip("_-")
     name = name if name.replace("_", "").replace("-", "").isalnum() else "simulated"
+    if params.impressions_per_row is None:
+        label: dict[str, str] = {"form": "binary", "clicked": "clicked"}
+        rows = f"{params.rows} rows"
+    else:
+        label = {"form": "aggregated", "impressions": "impressions", "clicks": "clicks"}
+        rows = f"{params.rows} rows of {params.impressions_per_row} impressions"
     return {
         "name": name,
         "description": (
-            f"Simulated sponsored-search log: {params.rows} rows, redundancy rho={params.rho}, "
+            f"Simulated sponsored-search log: {rows}, redundancy rho={params.rho}, "
             f"seed={params.seed}; ground truth in {stem}.truth.parquet"
         ),
         "source": {"path": log_path.name, "format": "parquet"},
@@ -786,7 +823,7 @@ def spec_for(log_path: Path, params: Params) -> dict[str, Any]:
         },
         "context": {"position": "position", "device": "device", "advertiser_id": "advertiser_id"},
         "timestamp": {"column": "event_time", "format": "iso8601"},
-        "label": {"form": "binary", "clicked": "clicked"},
+        "label": label,
         "group": "query_id",
         "entities": ["ad_id", "advertiser_id", "query_id", "position"],
         "split": {"mode": "time", "fractions": [0.8, 0.1, 0.1]},
@@ -823,7 +860,7 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
     try:
         # zstd, no statistics-dependent options: same inputs give the same bytes.
         with (
-            pq.ParquetWriter(temp["log"], LOG_SCHEMA, compression="zstd") as log_writer,
+            pq.ParquetWriter(temp["log"], log_schema(params), compression="zstd") as log_writer,
             pq.ParquetWriter(temp["truth"], TRUTH_SCHEMA, compression="zstd") as truth_writer,
         ):
             starts = range(0, params.rows, params.chunk_rows)
@@ -832,7 +869,8 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
                 log, truth = simulate_chunk(world, params, start, stop)
                 log_writer.write_table(log, row_group_size=params.chunk_rows)
                 truth_writer.write_table(truth, row_group_size=params.chunk_rows)
-                clicks += int(pc.sum(log.column("clicked").cast(pa.int64())).as_py())
+                label = "clicked" if params.impressions_per_row is None else "clicks"
+                clicks += int(pc.sum(log.column(label).cast(pa.int64())).as_py())
                 moments.add(truth)
                 del log, truth
         logit_var = moments.variance("logit")
@@ -842,13 +880,19 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
             "rho": params.rho,
             "seed": params.seed,
             "rows": params.rows,
+            "impressions_per_row": params.impressions_per_row,
+            "impressions": params.impressions,
             "chunk_rows": params.chunk_rows,
             "files": {key: path.name for key, path in paths.items()},
             "model": {
                 "logit": "base + ad_effect + advertiser_effect + query_effect + position_effect "
                 "+ device_effect + text_effect",
                 "text_effect": "text_strength * (sqrt(rho) * t_ad + sqrt(1 - rho) * t_pair)",
-                "click": "Bernoulli(sigmoid(logit))",
+                "click": (
+                    "Bernoulli(sigmoid(logit))"
+                    if params.impressions_per_row is None
+                    else f"clicks ~ Binomial({params.impressions_per_row}, sigmoid(logit)) per row"
+                ),
                 "t_ad": "standardised sum of t_ad_weights over the ad text's cues (ad text only)",
                 "t_pair": "standardised, double-centred (zero mean within every ad and query) sum of "
                 "t_pair_weights over query-ad overlap and word-class agreement",
@@ -870,7 +914,8 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
             "time": {"start": START.isoformat(), "days": DAYS},
             "realised": {
                 "clicks": clicks,
-                "ctr": clicks / params.rows,
+                "impressions": params.impressions,
+                "ctr": clicks / params.impressions,
                 "mean_click_prob": moments.mean("click_prob"),
                 "mean_logit": moments.mean("logit"),
             },
@@ -933,6 +978,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_CHUNK_ROWS,
         help="rows generated and written at a time (bounds memory; part of what the seed reproduces)",
     )
+    parser.add_argument(
+        "--impressions-per-row",
+        type=int,
+        default=None,
+        help="aggregated rows: each row is shown N times, clicks ~ Binomial(N, p) "
+        "(default: one binary impression per row)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -946,6 +998,8 @@ def _validate(args: argparse.Namespace) -> tuple[Params, Path]:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.chunk_rows <= 0:
         raise UserError(f"--chunk-rows must be positive, got {args.chunk_rows}")
+    if args.impressions_per_row is not None and args.impressions_per_row < 1:
+        raise UserError(f"--impressions-per-row must be >= 1, got {args.impressions_per_row}")
     if not (math.isfinite(args.text_strength) and args.text_strength >= 0):
         raise UserError(f"--text-strength must be a finite number >= 0, got {args.text_strength}")
     if not math.isfinite(args.base_logit):
@@ -964,6 +1018,7 @@ def _validate(args: argparse.Namespace) -> tuple[Params, Path]:
         base=float(args.base_logit),
         text_strength=float(args.text_strength),
         chunk_rows=args.chunk_rows,
+        impressions_per_row=args.impressions_per_row,
     )
     return params, out
 
@@ -977,8 +1032,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - started
     paths = _paths(out)
     world = truth["world"]
+    per_row = f" x {params.impressions_per_row} impressions" if params.impressions_per_row else ""
     summary = (
-        f"simulated {params.rows} rows (rho={params.rho:g}, seed={params.seed}): "
+        f"simulated {params.rows} rows{per_row} (rho={params.rho:g}, seed={params.seed}): "
         f"CTR {truth['realised']['ctr']:.4f}, {world['ads']} ads of {world['advertisers']} advertisers, "
         f"{world['queries']} queries; text = {truth['variance']['shares']['text_effect']:.0%} of logit "
         f"variance; {wall:.1f} s -> {out} (+ {paths['truth'].name}, {paths['truth_json'].name}, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -90,6 +91,27 @@ def test_every_nlp_feature_is_measured(protocol_run: dict) -> None:
     assert sum(point["chosen"] for point in curve["points"]) == 1
 
 
+def test_ceilings_from_the_simulator_truth_bound_every_model(protocol_run: dict) -> None:
+    results = protocol_run["results"]
+    ceilings, runs = results["ceilings"], results["runs"]
+    oracle, no_text = ceilings["oracle"], ceilings["no_text_oracle"]
+    assert ceilings["kind"] == "simulated"
+    # The true probability ranks and predicts best: above E0 and above everything but the text.
+    assert oracle["auc"] > runs["baseline"]["auc"] and oracle["auc"] > no_text["auc"]
+    assert oracle["rig"] > runs["baseline"]["rig"] and oracle["rig"] > no_text["rig"]
+    assert ceilings["text_gain"]["auc"]["estimate"] > 0  # its CI: ~30 test clicks at this size
+    ratio = ceilings["e0_rig_over_no_text_oracle_rig"]
+    assert ceilings["e0_near_no_text_oracle"] == (ratio >= 0.9)
+    # No model recovers more than the achievable text gain, up to noise.
+    entries = {**{k: v for k, v in runs.items() if k != "baseline"}, **results["redundancy"]}
+    for name, entry in entries.items():
+        for metric in ("rig", "auc"):
+            share = entry["share_of_text_gain"][metric]
+            assert share["ci"][0] <= share["estimate"] <= share["ci"][1], (name, metric, share)
+            assert share["ci"][0] < 1.0, (name, metric, share)
+    assert "## Ceilings" in (protocol_run["out"] / "report.md").read_text()
+
+
 def test_in_memory_increment_equals_the_feast_trained_run(protocol_run: dict) -> None:
     # E2's chosen checkpoint trained through Feast (`nlpctr train`) and in memory: same model.
     assert protocol_run["results"]["provenance"]["e2_feast_vs_in_memory_max_abs_diff"] < 1e-6
@@ -137,12 +159,59 @@ def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
     frozen_gain = trends["frozen:delta_auc"]["values"]
     assert joint_gain[0] - joint_gain[-1] < frozen_gain[0] - frozen_gain[-1], (joint_gain, frozen_gain)
     assert (out / "simulator.png").is_file()
+    # Every rho has its ceilings and says whether E0 is near its no-text oracle.
+    for entry in results["simulator"]["per_rho"].values():
+        assert entry["ceilings"]["oracle"]["auc"] > entry["ceilings"]["no_text_oracle"]["auc"]
+        assert isinstance(entry["e0_near_no_text_oracle"], bool)
+        assert entry["e0_rig_over_no_text_oracle_rig"] == entry["ceilings"]["e0_rig_over_no_text_oracle_rig"]
+    assert (out / "simulator_shares.png").is_file()
+
+
+def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_oracle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[list[str]] = []
+
+    def fake_protocol(args: Any, protocol: dict, dataset: str, out: Path) -> dict:
+        rho = float(out.name.removeprefix("rho-"))
+        share = {"rig": {"estimate": 1.0 - rho, "ci": [0.0, 1.0]}, "auc": {"estimate": 0.5, "ci": None}}
+        feature = {
+            "explained_fraction": rho,
+            "explained_fraction_representation": rho,
+            "delta_auc": 0.01 - rho,
+        }
+        feature.update(delta_rig=0.01 * (1 - rho), share_of_text_gain=share)
+        ceiling = {
+            "kind": "simulated",
+            "e0_near_no_text_oracle": rho > 0,
+            "e0_rig_over_no_text_oracle_rig": 0.8 + rho,
+        }
+        return {"redundancy": {"frozen": feature}, "runs": {}, "ceilings": ceiling}
+
+    monkeypatch.setattr(experiment, "command", commands.append)
+    monkeypatch.setattr(experiment, "run_protocol", fake_protocol)
+    argv = ["--dataset", "simulated", "--rho", "0,1", "--rows", "500", "--out", str(tmp_path / "sweep")]
+    results = experiment.run([*argv, "--impressions-per-row", "20"])
+    assert [c[c.index("--impressions-per-row") + 1] for c in commands] == ["20", "20"]
+    assert results["impressions_per_row"] == 20
+    per_rho = results["simulator"]["per_rho"]
+    assert [per_rho[r]["e0_near_no_text_oracle"] for r in ("0", "1")] == [False, True]
+    assert per_rho["1"]["e0_rig_over_no_text_oracle_rig"] == pytest.approx(1.8)
+    assert results["simulator"]["trends"]["frozen:share_of_text_gain_rig"]["falls"]
+    assert (tmp_path / "sweep" / "simulator_shares.png").is_file()
+    # 0: one binary impression per row, as before the flag existed.
+    commands.clear()
+    experiment.run([*argv, "--impressions-per-row", "0", "--out", str(tmp_path / "binary")])
+    assert all("--impressions-per-row" not in c for c in commands)
+    with pytest.raises(UserError, match="--impressions-per-row"):
+        experiment.run(["--dataset", "upworthy", "--out", str(tmp_path / "x"), "--impressions-per-row", "5"])
 
 
 SWEEP = {
     "fusions": ["concat"],
     "distill": {**TINY["distill"], "students": []},
-    "simulator": {"rows": 6000, "text_strength": 1.5, "distill": False},
+    # Binary rows: the trends below were established on them (E0 weak, text strong).
+    "simulator": {"rows": 6000, "text_strength": 1.5, "distill": False, "impressions_per_row": 0},
     "train_config": {
         **TINY["train_config"],
         "lm_loop": {"epochs": 1, "max_batches_per_epoch": 60},

@@ -41,6 +41,34 @@ def run(auc: float, delta: float | None, delta_ci: list[float] | None, layers: i
     }
 
 
+def share(estimate: float | None, ci: list[float] | None, reason: str | None = None) -> dict[str, Any]:
+    return {"estimate": estimate, "ci": ci, **({"reason": reason} if reason else {})}
+
+
+def simulated_ceilings(rho: float) -> dict[str, Any]:
+    """A sweep entry's ceilings: oracle, no-text oracle, E0's share, and whether E0 is near."""
+    card = {"auc": 0.80, "auc_ci": [0.79, 0.81], "logloss": 0.28, "rig": 0.19, "rig_ci": [0.18, 0.20]}
+    no_text = {"auc": 0.72, "auc_ci": [0.71, 0.73], "logloss": 0.31, "rig": 0.07, "rig_ci": [0.06, 0.08]}
+    ratio = 0.8 + 0.2 * rho
+    return {
+        "ceilings": {
+            "kind": "simulated",
+            "oracle": {**card, "gauc": 0.69, "gauc_ci": [0.68, 0.70]},
+            "no_text_oracle": {**no_text, "gauc": 0.64, "gauc_ci": [0.63, 0.65]},
+            "text_gain": {"auc": share(0.08, [0.07, 0.09]), "rig": share(0.12, [0.11, 0.13])},
+            "e0_share_of_text_gain": {
+                "rig": share(0.5 * rho, [0.4 * rho, 0.6 * rho]),
+                "auc": share(rho, None),
+            },
+            "e0_near_no_text_oracle": ratio >= 0.9,
+            "e0_rig_over_no_text_oracle_rig": ratio,
+            "e0_near_criterion": "E0's test RIG >= 0.9 x the no-text oracle's RIG",
+        },
+        "e0_near_no_text_oracle": ratio >= 0.9,
+        "e0_rig_over_no_text_oracle_rig": ratio,
+    }
+
+
 @pytest.fixture
 def results() -> dict[str, Any]:
     return {
@@ -66,6 +94,27 @@ def results() -> dict[str, Any]:
             "cascade_frozen": run(0.6788, 0.0023, [0.0013, 0.0033], None),
             "joint_score": run(0.6745, -0.0020, [-0.0031, -0.0010], 2),
             "joint_concat": run(0.6768, 0.0003, [-0.0009, 0.0014], 2),
+        },
+        "ceilings": {
+            "kind": "split_half",
+            "split_half": {
+                "auc": 0.6843,
+                "auc_ci": [0.67, 0.70],
+                "gauc": 0.5085,
+                "gauc_ci": [0.5061, 0.5110],
+                "seed": 0,
+                "item": "row",
+                "items": 2202,
+                "splittable_impression_share": 1.0,
+                "applicable": True,
+                "in_sample": {"auc": 0.6955, "gauc": 0.5139},
+                "random": {"auc": 0.4918, "gauc": 0.5001},
+            },
+            "e0_gap": {"auc": share(0.0078, [-0.001, 0.016]), "gauc": share(0.0076, [0.005, 0.010])},
+            "meaningful": {
+                "gauc": True,
+                "auc": {"value": False, "reason": "the split-half AUC is not above E0's"},
+            },
         },
         "redundancy": {
             "frozen_embedding": {
@@ -143,10 +192,15 @@ def results() -> dict[str, Any]:
                             "explained_fraction_representation": rho * 0.5,
                             "delta_auc": (0.063 if feature == "frozen" else 0.07) * (1 - rho) + 0.004,
                             "delta_rig": 0.01 * (1 - rho),
+                            "share_of_text_gain": {
+                                "rig": share(0.4 * (1 - rho), [0.3 * (1 - rho), 0.5 * (1 - rho)]),
+                                "auc": share(0.3 * (1 - rho), None),
+                            },
                         }
                         for feature in ("frozen", "joint_score")
                     },
-                    "runs": {},
+                    "runs": {"baseline": {"auc": 0.70, "rig": 0.05 + 0.02 * rho}},
+                    **simulated_ceilings(rho),
                 }
                 for rho in (0.0, 0.5, 1.0)
             },
@@ -157,6 +211,11 @@ def results() -> dict[str, Any]:
 
 
 def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp_path: Path) -> None:
+    results["runs"]["cascade_frozen"]["share_of_text_gain"] = {
+        "gauc": share(0.28, [0.1, 0.45]),
+        "auc": share(None, None, "the split-half AUC is not above E0's"),
+    }
+    results["redundancy"]["frozen_embedding"]["share_of_text_gain"] = {"gauc": share(0.31, [0.12, 0.5])}
     written = report.write_report(results, tmp_path)
     assert {p.name for p in written} == {"report.md", *report.PLOTS.values()}
     for path in written:
@@ -180,6 +239,20 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
         "| joint_score | 0.0740 | 0.0390 | 0.0040 |",
         "| frozen:explained_fraction | 1.00 | yes | no |",
         '"code_version": "abc1234"',
+        # Ceilings (real data: the split half) and each run's and feature's share of the gap.
+        "## Ceilings",
+        "| split half (seed 0) | 0.6843 [0.6700, 0.7000] | 0.5085 [0.5061, 0.5110] |",
+        "| random scores | 0.4918 | 0.5001 |",
+        "| gap (split half − E0) | +0.0078 [-0.0010, +0.0160] | +0.0076 [+0.0050, +0.0100] |",
+        "No share of the AUC gap: the split-half AUC is not above E0's.",
+        "| 0.28 [0.10, 0.45] | n/a |",
+        "| 0.087 | 0.31 [0.12, 0.50] |",
+        "share (GAUC) [95% CI]",
+        # The sweep: ceilings by rho, whether E0 is near its no-text oracle, shares by rho.
+        "| 0 | 0.8000 | 0.7200 | 0.7000 | 0.1900 | 0.0700 | 0.0500 | 0.800 | no |",
+        "| 1 | 0.8000 | 0.7200 | 0.7000 | 0.1900 | 0.0700 | 0.0700 | 1.000 | yes |",
+        "| frozen | 0.40 | 0.20 | 0.00 |",
+        "| E0 itself (vs no-text oracle) | 0.00 | 0.25 | 0.50 |",
     ):
         assert cell in text, cell
     assert "(epoch-2) is not the one with the best incremental ΔAUC (epoch-1)" in text
@@ -190,15 +263,34 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
     assert "- baseline:" not in text
 
 
+def test_simulated_ceilings_section(results: dict[str, Any], tmp_path: Path) -> None:
+    results["ceilings"] = simulated_ceilings(0.0)["ceilings"]
+    results["runs"]["cascade_frozen"]["share_of_text_gain"] = {
+        "rig": share(0.12, [0.05, 0.2]),
+        "auc": share(0.2, None),
+    }
+    report.write_report(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    for cell in (
+        "| Bayes oracle | 0.8000 [0.7900, 0.8100] | 0.28000 | 0.1900 [0.1800, 0.2000] | 0.6900 [0.6800",
+        "| text gain (oracle − no-text) | +0.0800 [+0.0700, +0.0900] |",
+        "E0's RIG is 0.800 × the no-text oracle's: E0 is not near its no-text oracle",
+        "share (RIG) [95% CI] | share (AUC) [95% CI] |",
+        "| 0.12 [0.05, 0.20] | 0.20 |",
+    ):
+        assert cell in text, cell
+
+
 def test_report_skips_missing_sections(results: dict[str, Any], tmp_path: Path) -> None:
     partial = copy.deepcopy(results)
-    for key in ("simulator", "distillation", "teacher", "e2_curve", "redundancy", "claims"):
+    for key in ("simulator", "distillation", "teacher", "e2_curve", "redundancy", "claims", "ceilings"):
         del partial[key]
     written = report.write_report(partial, tmp_path)
     assert {p.name for p in written} == {"report.md", report.PLOTS["metrics"], report.PLOTS["calibration"]}
     text = (tmp_path / "report.md").read_text()
     assert "## Runs" in text and "## Simulator" not in text and "## Distillation" not in text
-    assert "## Redundancy" not in text and "E2" not in text
+    assert "## Redundancy" not in text and "E2" not in text and "## Ceilings" not in text
+    assert "share (" not in text
 
 
 def test_significance_changes_with_the_interval(results: dict[str, Any]) -> None:

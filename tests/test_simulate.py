@@ -210,6 +210,7 @@ def test_redundancy_knob_moves_what_ids_know_about_text(tmp_path: Path) -> None:
         (["--redundancy", "nan"], "--redundancy"),
         (["--seed", "-1"], "--seed"),
         (["--chunk-rows", "0"], "--chunk-rows"),
+        (["--impressions-per-row", "0"], "--impressions-per-row"),
         (["--out", "log.csv"], ".parquet"),
     ],
 )
