@@ -131,6 +131,25 @@ def test_warm_start_computes_exactly_e0_before_joint_training(data, fusion: str)
     with torch.no_grad():
         expected = e0(data.categorical[rows], data.dense[rows])
         got = joint(data.categorical[rows], data.dense[rows], (), vectors)
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(got, expected)  # bitwise: the fusion adds an exact zero
+    assert all(
+        torch.equal(a, b) for a, b in zip(joint.tower.parameters(), e0.tower.parameters(), strict=True)
+    )
     with pytest.raises(ValueError, match="without a text fusion"):
         e0.warm_start(joint)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gate"])
+def test_a_checkpoint_with_the_fused_columns_in_the_first_layer_still_loads(data, fusion: str) -> None:
+    shape = InputShape(data.vocab_sizes, data.dense.shape[1])
+    torch.manual_seed(2)
+    model = CtrModel(shape, NetConfig(hidden=(32,)), fusion, 8)
+    state = model.state_dict()
+    old = {k: v for k, v in state.items() if k != "fusion.into_mlp.weight"}  # the layout before W_u moved
+    old["tower.mlp.net.0.weight"] = torch.cat(
+        [state["tower.mlp.net.0.weight"], state["fusion.into_mlp.weight"]], 1
+    )
+    loaded = CtrModel(shape, NetConfig(hidden=(32,)), fusion, 8)
+    loaded.load_state_dict(old)
+    for key, value in state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
