@@ -239,6 +239,8 @@ class TextEncoder(nn.Module):
         self.tokenizer = load_tokenizer()
         self.model = load_model(self.config.layers)
         self.model.requires_grad_(trainable)
+        if self.model.pooler is not None:
+            self.model.pooler.requires_grad_(False)  # BERT's pooler is unused: `pool` pools
         self.frozen_layers = self.config.frozen_layers
         for module in self.frozen_modules():
             module.requires_grad_(False)

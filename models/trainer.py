@@ -252,11 +252,12 @@ class FitResult:
     checkpoint: Path | None = None  # the best weights: `epoch-<k>.pt` or `best.pt`
     eval_seconds: float = 0.0  # of wall_seconds, spent validating
     stages: list[dict[str, Any]] = field(default_factory=list)  # the joint recipe's (models/joint.py)
+    best_index: int = -1  # of the best evaluation in `history`
 
     @property
     def best(self) -> dict[str, Any]:
         """The best evaluation's history entry."""
-        return next(h for h in self.history if h["step"] == self.best_step and h["epoch"] == self.best_epoch)
+        return self.history[self.best_index]
 
 
 def _score(history_entry: Mapping[str, Any], early_stop: str) -> float:
@@ -467,6 +468,7 @@ def fit(
         steps=step,
         checkpoint=checkpoint,
         eval_seconds=evaluating,
+        best_index=best,
     )
 
 
