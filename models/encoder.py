@@ -62,11 +62,12 @@ def model_path() -> Path:
 class EncoderConfig:
     """Which encoder: how many of MiniLM's layers, how to pool, how many tokens per text.
 
-    The last four fields say how a trainable encoder fine-tunes; they are not part of its
+    The last five fields say how a trainable encoder fine-tunes; they are not part of its
     identity (`version`, `slug`). With `trainable_layers` = k (or `freeze_embeddings`), the
     embeddings and the layers below the top k are frozen (eval mode, no gradient): their output
     for a text never changes, so it is computed once per text and cached (`StateCache`, real
-    tokens only, in `cache_dtype`, up to `cache_max_mb`) and each step runs the top k layers alone.
+    tokens only, in `cache_dtype`, up to `cache_max_mb`) and each step runs the top k layers alone
+    (in bf16 autocast with `autocast: bfloat16`; it applies only above a frozen prefix).
     """
 
     layers: int = MAX_LAYERS
@@ -76,6 +77,7 @@ class EncoderConfig:
     freeze_embeddings: bool = False  # keep the token/position embeddings fixed (implied by trainable_layers)
     cache_dtype: str = "float32"  # frozen-prefix states kept per text: float32 (exact) or float16
     cache_max_mb: int = 2048  # beyond this, states are recomputed instead of kept
+    autocast: str | None = None  # "bfloat16": the layers above the cached prefix in bf16 autocast
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, bool) or not isinstance(self.layers, int):
@@ -110,6 +112,8 @@ class EncoderConfig:
             or self.cache_max_mb < 0
         ):
             raise UserError(f"encoder cache_max_mb must be an integer >= 0, got {self.cache_max_mb!r}")
+        if self.autocast not in (None, "bfloat16"):
+            raise UserError(f"encoder autocast must be null or bfloat16, got {self.autocast!r}")
 
     @property
     def frozen_layers(self) -> int | None:
@@ -397,7 +401,10 @@ class TextEncoder(nn.Module):
         hidden = nn.utils.rnn.pad_sequence(states, batch_first=True)  # zeros past each text: masked
         mask = attention_mask[:, : hidden.shape[1]]
         layers = list(self.model.encoder.layer)[self.frozen_layers :]
-        return self._run_layers(hidden, mask, layers), mask
+        if self.config.autocast is None:
+            return self._run_layers(hidden, mask, layers), mask
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+            return self._run_layers(hidden, mask, layers).float(), mask
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, *, sort_by_length: bool = True

@@ -271,3 +271,17 @@ def test_timing_runs_every_layer(fresh_caches) -> None:
     with lm.without_cache():
         lm.encode(TEXTS)
     assert calls and lm.state_cache is not None
+
+
+def test_bf16_autocast_above_the_prefix_is_close_and_trains(fresh_caches) -> None:
+    full = TextEncoder(EncoderConfig(layers=2))
+    fast = TextEncoder(EncoderConfig(layers=2, trainable_layers=1, autocast="bfloat16"), trainable=True)
+    batch = full.tokenize(TEXTS)
+    with torch.no_grad():
+        expected = full(**batch)
+        got = fast.eval()(**batch)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    fast.train()
+    fast(**batch).pow(2).sum().backward()
+    assert fast.model.encoder.layer[1].output.dense.weight.grad is not None
