@@ -10,6 +10,10 @@ Configuration lives in `NetConfig` (filled from YAML by the trainer), not in the
   `score`  logit = tower(x) + head(v);
   `concat` v (projected) joins the MLP input;
   `gate`   g(x) * proj(v) joins the MLP input, with g a sigmoid gate conditioned on the CTR features.
+  "Joins the MLP input" is computed as W [x; u] = W_x x + W_u u: the tower keeps E0's shape and
+  the fusion owns W_u (`TextFusion.into_mlp`), so a tower warm-started from E0 computes exactly
+  E0's logits while W_u = 0, and freezing the tower leaves W_u trainable. (With DCN cross layers
+  the vector joins the cross layers' input instead: the tower is widened, the older layout.)
 """
 
 from __future__ import annotations
@@ -61,8 +65,13 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.out_dim = in_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, added: torch.Tensor | None = None) -> torch.Tensor:
+        """`added` joins the first layer's pre-activation (a fused input's W_u u)."""
+        if added is None:
+            return self.net(x)
+        if not len(self.net):
+            raise ValueError("an MLP without layers has no first layer to add to")
+        return self.net[1:](self.net[0](x) + added)
 
 
 def base_width(shape: InputShape, config: NetConfig) -> int:
@@ -99,14 +108,22 @@ class CtrTower(nn.Module):
         parts += [proj(vec) for proj, vec in zip(self.cascade_projections, cascade, strict=True)]
         return torch.cat(parts, dim=1)
 
-    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+    def penultimate(self, x: torch.Tensor, added: torch.Tensor | None = None) -> torch.Tensor:
         x0 = x
         for layer in self.cross:
             x = layer(x0, x)
-        return self.mlp(x)
+        return self.mlp(x, added)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.penultimate(x)).squeeze(-1)
+    @property
+    def first_width(self) -> int:
+        """Output width of the first linear layer the input meets (the MLP's, else the head's)."""
+        return self.mlp.net[0].out_features if len(self.mlp.net) else self.head.out_features
+
+    def forward(self, x: torch.Tensor, added: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; `added` joins the first linear layer's pre-activation (see `TextFusion.into_mlp`)."""
+        if added is not None and not len(self.mlp.net):
+            return (self.head(self.penultimate(x)) + added).squeeze(-1)
+        return self.head(self.penultimate(x, added)).squeeze(-1)
 
 
 class TextFusion(nn.Module):
@@ -117,16 +134,26 @@ class TextFusion(nn.Module):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.fusion = fusion
+        self.extra_dim = 0  # columns added to the tower's input (the cross-layer layout only)
         if fusion == "score":
             self.score = nn.Sequential(
                 nn.Linear(text_dim, config.text_projection), nn.Tanh(), nn.Linear(config.text_projection, 1)
             )
-            self.extra_dim = 0
         else:
             self.project = nn.Linear(text_dim, config.text_projection)
-            self.extra_dim = config.text_projection
+            if config.cross_layers:
+                self.extra_dim = config.text_projection
+            else:  # W_u of the first layer: its pre-activation gets W_u u (see the module docstring)
+                first = config.hidden[0] if config.hidden else 1
+                self.into_mlp = nn.Linear(config.text_projection, first, bias=False)
         if fusion == "gate":
             self.gate = nn.Linear(base_dim, config.text_projection)
+
+    def output_layer(self) -> nn.Linear | None:
+        """The layer through which the fusion reaches the logit from nothing: zero at a warm start."""
+        if self.fusion == "score":
+            return self.score[-1]
+        return getattr(self, "into_mlp", None)
 
     def supplementary(self, text_vector: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The LM's contribution: a logit (score) or the vector that joins the MLP input."""
@@ -165,12 +192,28 @@ class CtrModel(nn.Module):
         extra = self.fusion.supplementary(text_vector, base)
         if self.fusion.fusion == "score":
             return self.tower(base) + extra
-        return self.tower(torch.cat([base, extra], dim=1))
+        if self.fusion.extra_dim:
+            return self.tower(torch.cat([base, extra], dim=1))
+        return self.tower(base, self.fusion.into_mlp(extra))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # Runs saved before the fusion owned W_u kept it as extra columns of the first layer.
+        into = f"{prefix}fusion.into_mlp.weight"
+        first = f"{prefix}tower.mlp.net.0.weight" if len(self.tower.mlp.net) else f"{prefix}tower.head.weight"
+        if self.fusion is not None and hasattr(self.fusion, "into_mlp") and into not in state_dict:
+            weight = state_dict.get(first)
+            width = (
+                self.tower.mlp.net[0].in_features if len(self.tower.mlp.net) else self.tower.head.in_features
+            )
+            if weight is not None and weight.shape[1] == width + self.fusion.into_mlp.in_features:
+                state_dict[first], state_dict[into] = weight[:, :width].clone(), weight[:, width:].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def warm_start(self, baseline: CtrModel) -> None:
-        """Start from a trained E0 (same inputs): its tower's weights, the columns a fusion adds
-        to the MLP's first layer and the fusion's output layer at zero, so the model computes
-        exactly E0 before joint training and the LM learns what E0 misses."""
+        """Start from a trained E0 (same inputs): its tower's weights, and the fusion's output layer
+        (the score head's last layer; W_u for concat and gate) at zero, so the model computes exactly
+        E0's logits before joint training (bitwise: the tower computes what E0 computes, plus an
+        exact zero) and the LM learns what E0 misses."""
         if baseline.fusion is not None:
             raise ValueError("warm start from a model without a text fusion (an E0 run)")
         own = self.tower.state_dict()
@@ -181,15 +224,16 @@ class CtrModel(nn.Module):
             if target.shape == value.shape:
                 target.copy_(value)
             elif target.dim() == 2 and target.shape[0] == value.shape[0] and target.shape[1] > value.shape[1]:
-                target.zero_()  # the fused text's extra input columns
+                target.zero_()  # the fused text's extra input columns (cross-layer layout)
                 target[:, : value.shape[1]].copy_(value)
             else:
                 raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
         self.tower.load_state_dict(own)
-        if self.fusion is not None and self.fusion.fusion == "score":
-            last = self.fusion.score[-1]
+        last = self.fusion.output_layer() if self.fusion is not None else None
+        if last is not None:
             nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
 
     def penultimate(
         self, categorical: torch.Tensor, dense: torch.Tensor, cascade: tuple[torch.Tensor, ...] = ()

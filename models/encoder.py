@@ -13,8 +13,11 @@ import os
 # transformers import; `local_files_only=True` below also holds if it was imported earlier.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import hashlib
 import importlib.metadata
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.masking_utils import create_bidirectional_mask
 
 from nlpctr.errors import UserError
 
@@ -36,6 +40,7 @@ _MAX_POSITIONS = 512
 ENCODE_CHUNK = 65_536  # texts tokenised at a time by `TextEncoder.encode`
 Pooling = Literal["mean", "cls"]
 _POOLINGS: tuple[str, ...] = ("mean", "cls")
+_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @cache
@@ -55,11 +60,24 @@ def model_path() -> Path:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Which encoder: how many of MiniLM's layers, how to pool, how many tokens per text."""
+    """Which encoder: how many of MiniLM's layers, how to pool, how many tokens per text.
+
+    The last five fields say how a trainable encoder fine-tunes; they are not part of its
+    identity (`version`, `slug`). With `trainable_layers` = k (or `freeze_embeddings`), the
+    embeddings and the layers below the top k are frozen (eval mode, no gradient): their output
+    for a text never changes, so it is computed once per text and cached (`StateCache`, real
+    tokens only, in `cache_dtype`, up to `cache_max_mb`) and each step runs the top k layers alone
+    (in bf16 autocast with `autocast: bfloat16`; it applies only above a frozen prefix).
+    """
 
     layers: int = MAX_LAYERS
     pooling: Pooling = "mean"
     max_length: int = 32
+    trainable_layers: int | None = None  # top layers that train; None: all; more than `layers`: all
+    freeze_embeddings: bool = False  # keep the token/position embeddings fixed (implied by trainable_layers)
+    cache_dtype: str = "float32"  # frozen-prefix states kept per text: float32 (exact) or float16
+    cache_max_mb: int = 2048  # beyond this, states are recomputed instead of kept
+    autocast: str | None = None  # "bfloat16": the layers above the cached prefix in bf16 autocast
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, bool) or not isinstance(self.layers, int):
@@ -72,6 +90,38 @@ class EncoderConfig:
             raise UserError(f"encoder max_length must be an integer, got {self.max_length!r}")
         if not 2 < self.max_length <= _MAX_POSITIONS:
             raise UserError(f"encoder max_length must be in 3..{_MAX_POSITIONS}, got {self.max_length}")
+        if self.trainable_layers is not None and (
+            isinstance(self.trainable_layers, bool)
+            or not isinstance(self.trainable_layers, int)
+            or self.trainable_layers < 0
+        ):
+            raise UserError(
+                f"encoder trainable_layers must be null or an integer >= 0, got {self.trainable_layers!r}"
+            )
+        if not isinstance(self.freeze_embeddings, bool):
+            raise UserError(
+                f"encoder freeze_embeddings must be true or false, got {self.freeze_embeddings!r}"
+            )
+        if self.cache_dtype not in _CACHE_DTYPES:
+            raise UserError(
+                f"encoder cache_dtype must be one of {', '.join(_CACHE_DTYPES)}, got {self.cache_dtype!r}"
+            )
+        if (
+            isinstance(self.cache_max_mb, bool)
+            or not isinstance(self.cache_max_mb, int)
+            or self.cache_max_mb < 0
+        ):
+            raise UserError(f"encoder cache_max_mb must be an integer >= 0, got {self.cache_max_mb!r}")
+        if self.autocast not in (None, "bfloat16"):
+            raise UserError(f"encoder autocast must be null or bfloat16, got {self.autocast!r}")
+
+    @property
+    def frozen_layers(self) -> int | None:
+        """Layers below the trainable ones (frozen and cached, with the embeddings); None when
+        nothing is frozen (every layer and the embeddings train)."""
+        if self.trainable_layers is not None:
+            return self.layers - min(self.trainable_layers, self.layers)
+        return 0 if self.freeze_embeddings else None
 
     @property
     def version(self) -> str:
@@ -123,12 +173,68 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+FROZEN_BATCH = 64  # texts of one length run through the frozen prefix together
+
+
+class StateCache:
+    """Hidden states of texts after an encoder's frozen prefix (embeddings + lower layers).
+
+    One (tokens, hidden) tensor per text, its real tokens only (no padding), keyed by its token
+    ids, stored in `dtype`; states past `max_bytes` are not kept (they are recomputed when needed).
+    """
+
+    def __init__(self, dtype: torch.dtype, max_bytes: int) -> None:
+        self.dtype = dtype
+        self.max_bytes = max_bytes
+        self.states: dict[tuple[int, ...], torch.Tensor] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        return self.states.get(key)
+
+    def put(self, key: tuple[int, ...], state: torch.Tensor) -> None:
+        size = state.numel() * state.element_size()
+        if key not in self.states and self.bytes + size <= self.max_bytes:
+            self.states[key] = state
+            self.bytes += size
+
+
+# Encoders with the same frozen prefix (the same weights, e.g. the three E3 fusions of one
+# experiment, or a trained run reloaded for evaluation) share one cache in a process.
+_SHARED_CACHES: OrderedDict[tuple, StateCache] = OrderedDict()
+_SHARED_KEEP = 2  # prefixes kept at once; the least recently attached is dropped first
+
+
+def _shared_cache(key: tuple, dtype: torch.dtype, max_bytes: int) -> StateCache:
+    cache = _SHARED_CACHES.pop(key, None)
+    if cache is None:
+        cache = StateCache(dtype, max_bytes)
+    _SHARED_CACHES[key] = cache
+    while len(_SHARED_CACHES) > _SHARED_KEEP:
+        _SHARED_CACHES.popitem(last=False)
+    return cache
+
+
+def clear_state_caches() -> None:
+    """Drop every cached frozen-prefix state of this process (tests, memory)."""
+    _SHARED_CACHES.clear()
+
+
 class TextEncoder(nn.Module):
     """MiniLM-L6 (first k layers) plus pooling: texts in, float32 vectors of size 384 out.
 
     Frozen by default (eval mode, no gradients) for the cascade features; trainers that
     fine-tune pass `trainable=True` and call `forward` inside their own loop. The HF model
     is `.model`, the tokenizer `.tokenizer`.
+
+    With a frozen prefix (`EncoderConfig.trainable_layers` or `freeze_embeddings`), the
+    embeddings and the layers below the trainable ones never train and always run in eval mode;
+    `forward` takes each text's prefix output from `state_cache` (computing what is missing,
+    texts of one length together, unpadded) and runs only the layers above it, which gives the
+    full encoder's output up to float rounding (padding is masked out of attention either way).
     """
 
     def __init__(self, config: EncoderConfig | None = None, *, trainable: bool = False) -> None:
@@ -137,7 +243,48 @@ class TextEncoder(nn.Module):
         self.tokenizer = load_tokenizer()
         self.model = load_model(self.config.layers)
         self.model.requires_grad_(trainable)
+        if self.model.pooler is not None:
+            self.model.pooler.requires_grad_(False)  # BERT's pooler is unused: `pool` pools
+        self.frozen_layers = self.config.frozen_layers
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        self.state_cache: StateCache | None = None
+        if self.frozen_layers is not None:
+            self._attach_cache()
+            # new weights (a checkpoint, a teacher's) may change the prefix: find its cache again
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._attach_cache())
         self.train(trainable)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The embeddings and the layers below the trainable ones (none without a frozen prefix)."""
+        if self.frozen_layers is None:
+            return []
+        return [self.model.embeddings, *list(self.model.encoder.layer)[: self.frozen_layers]]
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()  # no dropout: the prefix output of a text is fixed, so it can be cached
+        return self
+
+    @contextmanager
+    def without_cache(self) -> Iterator[None]:
+        """Run the whole encoder for every text (timing its real cost: a cache would hide it)."""
+        cache, self.state_cache = self.state_cache, None
+        try:
+            yield
+        finally:
+            self.state_cache = cache
+
+    def _attach_cache(self) -> None:
+        digest = hashlib.sha1()
+        for module in self.frozen_modules():
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        dtype = _CACHE_DTYPES[self.config.cache_dtype]
+        key = (digest.hexdigest(), self.frozen_layers, self.config.cache_dtype)
+        self.state_cache = _shared_cache(key, dtype, self.config.cache_max_mb * 2**20)
 
     @property
     def dim(self) -> int:
@@ -176,9 +323,88 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled vectors (B, 384); differentiable when the encoder is trainable."""
-        # token_type_ids default to zeros inside BertModel, which is what single texts use.
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.state_cache is None:
+            # token_type_ids default to zeros inside BertModel, which is what single texts use.
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden, attention_mask = self._forward_from_cache(input_ids, attention_mask)
         return pool(hidden, attention_mask, self.config.pooling)
+
+    def _run_layers(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[nn.Module]
+    ) -> torch.Tensor:
+        """BertModel's encoder loop over some of its layers, with the mask it would build."""
+        if not layers:
+            return hidden
+        mask = create_bidirectional_mask(
+            config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        for layer in layers:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def _compute_frozen(self, keys: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
+        """Prefix states of texts, computed texts of one length at a time (no padding, so a text's
+        state does not depend on the others), kept in the cache; normal tensors even when called
+        under inference mode, since training reuses them."""
+        assert self.state_cache is not None and self.frozen_layers is not None
+        cache = self.state_cache
+        device = self.model.embeddings.word_embeddings.weight.device
+        layers = list(self.model.encoder.layer)[: self.frozen_layers]
+        out: dict[tuple[int, ...], torch.Tensor] = {}
+        ordered = sorted(keys, key=lambda k: (len(k), k))
+        with torch.inference_mode(False), torch.no_grad():
+            for start in range(0, len(ordered), FROZEN_BATCH):
+                chunk = ordered[start : start + FROZEN_BATCH]
+                for length in sorted({len(k) for k in chunk}):
+                    same = [k for k in chunk if len(k) == length]
+                    ids = torch.tensor(same, dtype=torch.long, device=device)
+                    hidden = self._run_layers(
+                        self.model.embeddings(input_ids=ids), torch.ones_like(ids), layers
+                    )
+                    for row, key in enumerate(same):
+                        state = hidden[row].to(cache.dtype, copy=True)
+                        cache.put(key, state)
+                        out[key] = state
+        return out
+
+    def prefill(self, token_ids: Sequence[Sequence[int]]) -> int:
+        """Compute and cache the prefix states of texts not cached yet; returns how many were new."""
+        if self.state_cache is None:
+            return 0
+        cache = self.state_cache
+        missing = [k for k in dict.fromkeys(tuple(ids) for ids in token_ids) if cache.get(k) is None]
+        for start in range(0, len(missing), ENCODE_CHUNK):
+            self._compute_frozen(missing[start : start + ENCODE_CHUNK])
+        return len(missing)
+
+    def frozen_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Each text's hidden states after the frozen prefix, (its tokens, hidden) float32."""
+        assert self.state_cache is not None
+        cache = self.state_cache
+        keys = [tuple(ids) for ids in token_ids]
+        found = {k: cache.get(k) for k in dict.fromkeys(keys)}
+        missing = [k for k, v in found.items() if v is None]
+        if missing:
+            found.update(self._compute_frozen(missing))
+        return [found[k].float() for k in keys]  # type: ignore[union-attr]
+
+    def _forward_from_cache(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = attention_mask.sum(dim=1)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        if not torch.equal(attention_mask.bool(), positions < lengths[:, None]):
+            raise ValueError("the cached encoder reads right-padded batches (real tokens first)")
+        counts = lengths.tolist()
+        states = self.frozen_states([row[:n] for row, n in zip(input_ids.tolist(), counts, strict=True)])
+        hidden = nn.utils.rnn.pad_sequence(states, batch_first=True)  # zeros past each text: masked
+        mask = attention_mask[:, : hidden.shape[1]]
+        layers = list(self.model.encoder.layer)[self.frozen_layers :]
+        if self.config.autocast is None:
+            return self._run_layers(hidden, mask, layers), mask
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+            return self._run_layers(hidden, mask, layers).float(), mask
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, *, sort_by_length: bool = True

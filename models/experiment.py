@@ -25,6 +25,7 @@ from nlpctr.models import metrics
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
 from nlpctr.models.data import FeatureColumns, Tensors, Vocabularies, build_vocabularies, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.joint import JointConfig
 from nlpctr.models.trainer import LoopConfig, TextBatcher, TextScorer, pair_text, predict
 
 MODES = ("baseline", "cascade-frozen", "cascade-finetuned", "joint")
@@ -65,7 +66,7 @@ def load_config(
     config = deep_merge(config, overrides or {})
     try:  # fail on a misspelt key now, not after an hour of training
         net_config(config), loop_config(config, "loop"), loop_config(config, "lm_loop")
-        encoder_config(config)
+        encoder_config(config), joint_config(config)
     except TypeError as exc:
         raise UserError(f"bad training config: {exc}") from None
     return config
@@ -82,6 +83,10 @@ def loop_config(config: Mapping[str, Any], key: str = "loop") -> LoopConfig:
 
 def encoder_config(config: Mapping[str, Any]) -> EncoderConfig:
     return EncoderConfig(**config["encoder"])
+
+
+def joint_config(config: Mapping[str, Any]) -> JointConfig:
+    return JointConfig.from_dict(config.get("joint"))
 
 
 # ------------------------------------------------------------------------------- inputs

@@ -23,6 +23,7 @@ PLOTS = {
     "conversion": "conversion_rate.png",
     "simulator": "simulator.png",
     "simulator_shares": "simulator_shares.png",
+    "joint_curves": "joint_curves.png",
 }
 RUN_ORDER = ("baseline", "cascade_frozen", "cascade_finetuned", "joint_score", "joint_concat", "joint_gate")
 DPI = 110
@@ -260,6 +261,28 @@ def plot_conversion(distillation: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
+def plot_joint_curves(runs: Mapping[str, Any], path: Path) -> Path:
+    """Validation log loss against training steps for each joint run, E0's best as a line."""
+    joint = [n for n in _ordered_runs(runs) if runs[n].get("valid_curve")]
+    figure = Figure(figsize=(5 * len(joint), 4))
+    baseline = (runs.get("baseline") or {}).get("best_valid_logloss")
+    for i, name in enumerate(joint):
+        axes = figure.add_subplot(1, len(joint), i + 1)
+        curve = runs[name]["valid_curve"]
+        for stage in dict.fromkeys(point["stage"] for point in curve):
+            points = [p for p in curve if p["stage"] == stage]
+            axes.plot(
+                [p["step"] for p in points], [p["valid_logloss"] for p in points], marker="o", label=stage
+            )
+        if baseline is not None:
+            axes.axhline(baseline, color="grey", linestyle="--", label="E0 best")
+        axes.set_title(name)
+        axes.set_xlabel("training step")
+        axes.set_ylabel("validation log loss")
+        axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
 SWEEP_MEASURES = {
     "explained_fraction": "explained fraction (E0 inputs)",
     "explained_fraction_representation": "explained fraction (E0 representation)",
@@ -330,6 +353,44 @@ def _runs_section(runs: Mapping[str, Any]) -> list[str]:
     if shares:
         lines += [SHARE_NOTE, ""]
     return lines
+
+
+def _joint_stages_section(runs: Mapping[str, Any]) -> list[str]:
+    """Per joint run and stage: steps, validation log loss at the stage's start and at its best."""
+    baseline = (runs.get("baseline") or {}).get("best_valid_logloss")
+    rows = []
+    for name in _ordered_runs(runs):
+        for stage in runs[name].get("stages") or []:
+            gain = None if baseline is None else stage["best_valid_logloss"] - baseline
+            rows.append(
+                [
+                    name,
+                    stage["name"],
+                    stage["steps"],
+                    _num(stage["start_valid_logloss"], 6),
+                    _num(stage["best_valid_logloss"], 6),
+                    stage["best_step"],
+                    _num(gain, 6, signed=True),
+                ]
+            )
+    if not rows:
+        return []
+    header = ["run", "stage", "steps", "start valid log loss", "best valid log loss", "best at step"]
+    intro = (
+        "Validation log loss of each joint run by stage (`lm`: E0's tower frozen; `all`: everything trains)"
+    )
+    if baseline is not None:
+        intro += f"; E0's best is {_num(baseline, 6)}"
+    return [
+        "### Joint training stages",
+        "",
+        intro + ".",
+        "",
+        markdown_table([*header, "best − E0"], rows),
+        "",
+        f"![validation log loss per joint run]({PLOTS['joint_curves']})",
+        "",
+    ]
 
 
 def significance_statements(runs: Mapping[str, Any]) -> list[str]:
@@ -733,6 +794,10 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         if any((run.get("calibration") or {}).get("curve") for run in runs.values()):
             written.append(plot_calibration(runs, out_dir / PLOTS["calibration"]))
             lines += [f"![calibration curves]({PLOTS['calibration']})", ""]
+        stages = _joint_stages_section(runs)
+        if stages:
+            lines += stages
+            written.append(plot_joint_curves(runs, out_dir / PLOTS["joint_curves"]))
         statements = significance_statements(runs)
         if statements:
             lines += [

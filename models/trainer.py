@@ -5,11 +5,20 @@ Modes differ only in the model handed in and whether an LM encodes the row's tex
 - lm (the E2 standalone LM): `TextScorer`, the LM plus a head, on text alone;
 - joint: `CtrModel` with a text fusion, LM fine-tuned end to end.
 
-Each unique text of a batch is encoded once and padded to the batch's longest text. Every
-epoch is checkpointed (state dicts, loadable with `weights_only=True`); `last.pt` also holds
-the optimizer and RNG states, so an interrupted run resumes where it stopped and ends with
-the same weights as an uninterrupted one. An optional `auxiliary_loss` adds a term computed from
-the batch's texts to the click loss (SuKD's distance to a teacher, in `models/distill.py`).
+Each unique text of a batch is encoded once and padded to the batch's longest text.
+
+Validation runs at every epoch end and, with `eval_every_steps` = K, every K optimizer steps;
+with `eval_at_start`, also on the starting weights (step 0: a warm start is a candidate, so a
+run never keeps a state worse than the one it started from). Each evaluation is one `history`
+entry (epoch, step, train loss, valid log loss and AUC); the best one's weights are kept and
+early stopping counts `patience` evaluations without improvement. Checkpoints are state dicts
+(loadable with `weights_only=True`): per epoch (`epoch-<k>.pt`) when validating at epoch ends
+only, else `best.pt`; `last.pt`, written at every evaluation, also holds the optimizer and RNG
+states and the position in the epoch, so an interrupted run resumes where it stopped (mid-epoch
+included) and ends with the same weights as an uninterrupted one. An optional `auxiliary_loss`
+adds a term computed from the batch's texts to the click loss (SuKD's distance to a teacher, in
+`models/distill.py`); `param_groups` replaces the default optimizer groups (the CTR network at
+`lr`, the LM at `lm_lr`), e.g. the joint recipe's tower / fusion head / LM (`models/joint.py`).
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +42,8 @@ from nlpctr.models.data import BatchSource, Tensors
 from nlpctr.models.encoder import TextEncoder
 
 LAST = "last.pt"
+BEST = "best.pt"
+INFERENCE_CHUNK = 64  # texts encoded together at inference, sorted by length
 
 # (text_index, text_vector) of a batch's rows -> a scalar added to the click loss.
 AuxiliaryLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,15 +51,25 @@ AuxiliaryLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class LoopConfig:
-    epochs: int = 3
+    """One `fit`. The defaults are `loop:` of models/configs/default.yaml (a test keeps them equal)."""
+
+    epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3
     lm_lr: float = 5e-5
     weight_decay: float = 1e-5
-    patience: int = 2
+    patience: int = 3  # evaluations without improvement before stopping
     early_stop: str = "logloss"  # or "auc" (the E2 LM stops at peak validation AUC)
     seed: int = 0
     max_batches_per_epoch: int | None = None  # quick runs and tests
+    eval_every_steps: int | None = None  # also validate every K steps; None or 0: at epoch ends only
+    eval_at_start: bool = False  # also validate the starting weights (step 0)
+    fused_optimizer: bool = False  # AdamW's fused kernel: no per-step temporaries (same math, other rounding)
+
+    @property
+    def stepwise(self) -> bool:
+        """Whether evaluations happen other than at epoch ends (then the best is `best.pt`)."""
+        return bool(self.eval_every_steps) or self.eval_at_start
 
 
 class TextScorer(nn.Module):
@@ -93,10 +115,26 @@ class TextBatcher:
     def for_data(cls, lm: TextEncoder, data: Tensors) -> TextBatcher:
         return cls(lm, [lm.token_ids(pair_text(q, a)) for q, a in data.texts], data.texts)
 
+    def prefill(self) -> int:
+        """Cache the frozen-prefix states of every text tokenised up front (`for_data`), computed
+        once and the same way in a resumed process; returns how many were computed."""
+        return self.lm.prefill(self.tokens)
+
+    def encode_tokens(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """The LM's vectors of tokenised texts: one padded batch when training; at inference, in
+        chunks of similar length (little padding: a validation pass encodes thousands of texts)."""
+        if torch.is_grad_enabled() or len(token_ids) <= INFERENCE_CHUNK:
+            return self.lm(**self.lm.pad(token_ids))
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        out = torch.empty((len(token_ids), self.lm.dim))
+        for start in range(0, len(order), INFERENCE_CHUNK):
+            rows = order[start : start + INFERENCE_CHUNK]
+            out[rows] = self.lm(**self.lm.pad([token_ids[i] for i in rows]))
+        return out
+
     def vectors(self, text_index: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(text_index, return_inverse=True)
-        batch = self.lm.pad([self.tokens[i] for i in unique.tolist()])
-        return self.lm(**batch)[inverse]
+        return self.encode_tokens([self.tokens[i] for i in unique.tolist()])[inverse]
 
     def batch_vectors(self, batch: Tensors) -> torch.Tensor:
         if batch.texts is self.texts:
@@ -105,9 +143,7 @@ class TextBatcher:
         pairs = [batch.texts[i] for i in unique.tolist()]
         caching = self.cache_limit > 0 and not torch.is_grad_enabled()
         todo = [p for p in pairs if p not in self.cache] if caching else pairs
-        encoded = (
-            self.lm(**self.lm.pad([self.lm.token_ids(pair_text(q, a)) for q, a in todo])) if todo else None
-        )
+        encoded = self.encode_tokens([self.lm.token_ids(pair_text(q, a)) for q, a in todo]) if todo else None
         if not caching:
             assert encoded is not None
             return encoded[inverse]
@@ -207,15 +243,46 @@ def labels_of(data: Tensors, rows: torch.Tensor) -> metrics.Labels:
 
 @dataclass
 class FitResult:
-    best_epoch: int
-    history: list[dict[str, float]]
+    best_epoch: int  # epoch of the best evaluation (0 for the starting weights)
+    history: list[dict[str, Any]]  # one entry per evaluation
     wall_seconds: float
     train_rows_per_s: float
+    best_step: int = 0  # optimizer steps before the best evaluation (0: the starting weights)
+    steps: int = 0  # optimizer steps taken
+    checkpoint: Path | None = None  # the best weights: `epoch-<k>.pt` or `best.pt`
+    eval_seconds: float = 0.0  # of wall_seconds, spent validating
+    stages: list[dict[str, Any]] = field(default_factory=list)  # the joint recipe's (models/joint.py)
+    best_index: int = -1  # of the best evaluation in `history`
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The best evaluation's history entry."""
+        return self.history[self.best_index]
 
 
-def _score(history_entry: dict[str, float], early_stop: str) -> float:
+def _score(history_entry: Mapping[str, Any], early_stop: str) -> float:
     """Higher is better."""
     return history_entry["valid_auc"] if early_stop == "auc" else -history_entry["valid_logloss"]
+
+
+ParamGroup = dict[str, Any]  # torch.optim group: params, lr, optional weight_decay and name
+
+
+def default_param_groups(model: nn.Module, texts: TextBatcher | None, config: LoopConfig) -> list[ParamGroup]:
+    """The CTR network (its trainable parameters) at `lr`, the LM's trainable ones at `lm_lr`."""
+    groups = [
+        {"name": "model", "params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}
+    ]
+    lm_params = [p for p in texts.lm.parameters() if p.requires_grad] if texts is not None else []
+    if lm_params:
+        groups.append({"name": "lm", "params": lm_params, "lr": config.lm_lr})
+    return groups
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, staging)
+    staging.replace(path)  # a crash never leaves half a checkpoint
 
 
 def fit(
@@ -226,58 +293,147 @@ def fit(
     texts: TextBatcher | None = None,
     progress: bool = True,
     auxiliary_loss: AuxiliaryLoss | None = None,
+    *,
+    param_groups: Sequence[ParamGroup] | None = None,
+    train_mode: Callable[[], None] | None = None,
+    start_entry: Mapping[str, Any] | None = None,
 ) -> FitResult:
-    """Train on the train split, early-stop on valid, keep the best epoch's weights in `model`.
+    """Train on the train split, validate (see the module docstring), keep the best evaluation's
+    weights in `model` (and `texts.lm`).
 
     `data` is in-memory `Tensors` or a stream of parquet shards; the loop is the same. Parameters
-    with `requires_grad=False` (a frozen tower) are left out of the optimizer. `auxiliary_loss`
-    gets the batch's `text_index` and LM vectors (in-memory data: indices into `data.texts`).
+    with `requires_grad=False` (a frozen tower) are left out of the default optimizer groups.
+    `auxiliary_loss` gets the batch's `text_index` and LM vectors (in-memory data: indices into
+    `data.texts`). `train_mode` puts the modules in training mode (default: `model.train()` and the
+    LM's train mode when it has trainable parameters). `start_entry` (valid_logloss, valid_auc) is
+    the known evaluation of the starting weights: recorded as the step-0 entry, not recomputed.
     """
     if auxiliary_loss is not None and texts is None:
         raise ValueError("auxiliary_loss is computed from the batch's text vectors: pass texts")
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {config.epochs}")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    lm_params = list(texts.lm.parameters()) if texts is not None else []
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
-    if any(p.requires_grad for p in lm_params):
-        groups.append({"params": [p for p in lm_params if p.requires_grad], "lr": config.lm_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    groups = list(param_groups) if param_groups is not None else default_param_groups(model, texts, config)
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        weight_decay=config.weight_decay,
+        fused=config.fused_optimizer or None,
+    )
     train_rows = data.rows_in("train")
+    stepwise = config.stepwise or start_entry is not None
+    n_batches = math.ceil(train_rows / config.batch_size)
+    if config.max_batches_per_epoch:
+        n_batches = min(n_batches, config.max_batches_per_epoch)
 
-    history: list[dict[str, float]] = []
-    start_epoch, best_epoch, stale = 0, -1, 0
+    def set_train_mode() -> None:
+        if train_mode is not None:
+            train_mode()
+            return
+        model.train()
+        if texts is not None:
+            texts.lm.train(any(p.requires_grad for p in texts.lm.parameters()))
+
+    history: list[dict[str, Any]] = []
+    best, stale, step, running = -1, 0, 0, None  # best: index into history
+    start_epoch, skip = 0, 0  # skip: batches of start_epoch already trained (a mid-epoch resume)
     last = checkpoint_dir / LAST
     if last.exists():
         state = torch.load(last, weights_only=True)
         _load_weights(model, texts, state)
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history = json.loads(state["history"])
-        start_epoch, best_epoch, stale = (
-            int(state["epoch"]) + 1,
-            int(state["best_epoch"]),
-            int(state["stale"]),
-        )
+        best, stale = int(state.get("best", state.get("best_epoch", -1))), int(state["stale"])
+        step, running = int(state.get("step", 0)), state.get("running")
+        if state.get("epoch_done", True):  # (checkpoints without the key were written at epoch ends)
+            start_epoch = int(state["epoch"]) + 1
+            generator.set_state(state["generator"])
+        else:
+            start_epoch, skip = int(state["epoch"]), int(state["batches_done"])
+            generator.set_state(state["epoch_generator"])
 
-    started, seen = time.perf_counter(), 0
+    started, seen, evaluating = time.perf_counter(), 0, 0.0
+    epoch_generator = generator.get_state()
+
+    def record(entry: dict[str, Any], epoch: int, batches_done: int, epoch_done: bool) -> bool:
+        """Keep an evaluation: history, best weights, resume point; True when patience is spent."""
+        nonlocal best, stale
+        history.append(entry)
+        improved = best < 0 or _score(entry, config.early_stop) > _score(history[best], config.early_stop)
+        best, stale = (len(history) - 1, 0) if improved else (best, stale + 1)
+        weights = _weights(model, texts)
+        if not stepwise:
+            torch.save(weights, checkpoint_dir / f"epoch-{epoch}.pt")
+        elif improved:
+            _save_atomic(weights, checkpoint_dir / BEST)
+        resume = {
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "epoch_generator": epoch_generator,
+            "torch_rng": torch.get_rng_state(),
+            "history": json.dumps(history),
+            "epoch": epoch,
+            "epoch_done": epoch_done,
+            "batches_done": batches_done,
+            "step": step,
+            "running": running,
+            "best": best,
+            "best_epoch": int(history[best]["epoch"]),
+            "stale": stale,
+        }
+        _save_atomic({**weights, **resume}, last)
+        return stale >= config.patience
+
+    def evaluate(epoch: int, batches_done: int, epoch_done: bool) -> bool:
+        nonlocal evaluating
+        began = time.perf_counter()
+        valid_p, valid_labels = predict_split(model, data, "valid", texts)
+        entry = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": None if running is None else float(running),
+            "valid_logloss": metrics.logloss(valid_labels, valid_p),
+            "valid_auc": metrics.auc(valid_labels, valid_p),
+        }
+        evaluating += time.perf_counter() - began
+        if progress:
+            loss = "-" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
+            tqdm.write(
+                f"epoch {epoch + 1} step {step}: train loss {loss}, valid logloss "
+                f"{entry['valid_logloss']:.5f}, valid AUC {entry['valid_auc']:.4f}"
+            )
+        stop = record(entry, epoch, batches_done, epoch_done)
+        set_train_mode()
+        return stop
+
+    stop = stale >= config.patience
+    if not history and (config.eval_at_start or start_entry is not None) and config.epochs > 0:
+        if start_entry is not None:
+            entry = {"epoch": 0, "step": 0, "train_loss": None}
+            entry.update({k: float(start_entry[k]) for k in ("valid_logloss", "valid_auc")})
+            stop = record(entry, 0, 0, False)
+        else:
+            stop = evaluate(0, 0, False)
     for epoch in range(start_epoch, config.epochs):
-        if stale >= config.patience:
+        if stop:
             break
-        model.train()
-        if texts is not None:
-            texts.lm.train(any(p.requires_grad for p in lm_params))
-        n_batches = math.ceil(train_rows / config.batch_size)
-        if config.max_batches_per_epoch:
-            n_batches = min(n_batches, config.max_batches_per_epoch)
+        set_train_mode()
+        if not skip:
+            epoch_generator = generator.get_state()
         bar = tqdm(
-            total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False
+            total=n_batches,
+            initial=skip,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not progress,
+            leave=False,
         )
-        running = None
-        for step, batch in enumerate(data.batches("train", config.batch_size, generator)):
-            if step >= n_batches:
+        for i, batch in enumerate(data.batches("train", config.batch_size, generator)):
+            if i >= n_batches:
                 break
+            if i < skip:  # trained before the interruption: the same batches, drawn the same way
+                continue
             vector = texts.batch_vectors(batch) if texts is not None else None
             loss = binomial_loss(forward_batch(model, batch, texts, vector), batch.impressions, batch.clicks)
             if auxiliary_loss is not None:
@@ -285,49 +441,35 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step += 1
             seen += len(batch.impressions)
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             bar.set_postfix(loss=f"{running:.4f}")
             bar.update()
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and i + 1 < n_batches:
+                stop = evaluate(epoch, i + 1, False)
+                if stop:
+                    break
         bar.close()
-        valid_p, valid_labels = predict_split(model, data, "valid", texts)
-        entry = {
-            "epoch": epoch,
-            "train_loss": float(running if running is not None else float("nan")),
-            "valid_logloss": metrics.logloss(valid_labels, valid_p),
-            "valid_auc": metrics.auc(valid_labels, valid_p),
-        }
-        history.append(entry)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, valid logloss "
-                f"{entry['valid_logloss']:.4f}, valid AUC {entry['valid_auc']:.4f}"
-            )
-        improved = best_epoch < 0 or _score(entry, config.early_stop) > _score(
-            history[best_epoch], config.early_stop
-        )
-        best_epoch, stale = (epoch, 0) if improved else (best_epoch, stale + 1)
-        weights = _weights(model, texts)
-        torch.save(weights, checkpoint_dir / f"epoch-{epoch}.pt")
-        torch.save(
-            {
-                **weights,
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": json.dumps(history),
-                "epoch": epoch,
-                "best_epoch": best_epoch,
-                "stale": stale,
-            },
-            checkpoint_dir / f".{LAST}.tmp",
-        )
-        (checkpoint_dir / f".{LAST}.tmp").replace(last)  # atomic: a crash never leaves half a checkpoint
+        skip = 0
+        if not stop:
+            stop = evaluate(epoch, n_batches, True)
 
-    best = torch.load(checkpoint_dir / f"epoch-{best_epoch}.pt", weights_only=True)
-    _load_weights(model, texts, best)
+    entry = history[best]
+    checkpoint = checkpoint_dir / (BEST if stepwise else f"epoch-{entry['epoch']}.pt")
+    _load_weights(model, texts, torch.load(checkpoint, weights_only=True))
     wall = time.perf_counter() - started
-    return FitResult(best_epoch, history, wall, seen / wall if wall > 0 and seen else float("nan"))
+    return FitResult(
+        best_epoch=int(entry["epoch"]),
+        history=history,
+        wall_seconds=wall,
+        train_rows_per_s=seen / wall if wall > 0 and seen else float("nan"),
+        best_step=int(entry["step"]),
+        steps=step,
+        checkpoint=checkpoint,
+        eval_seconds=evaluating,
+        best_index=best,
+    )
 
 
 def _weights(model: nn.Module, texts: TextBatcher | None) -> dict[str, dict[str, torch.Tensor]]:

@@ -90,10 +90,10 @@ def load_protocol(quick: bool, config_file: Path | None) -> dict[str, Any]:
             raise UserError(f"--config {config_file} does not exist")
         protocol = experiment.deep_merge(protocol, yaml.safe_load(config_file.read_text()) or {})
     students = [int(k) for k in protocol["distill"]["students"]]
-    if students and max(students) > int(protocol["lm_layers"]):
+    if students and max(students) > int(protocol["joint_lm_layers"]):
         raise UserError(
-            f"students of {max(students)} layers need a teacher of at least as many; lm_layers is "
-            f"{protocol['lm_layers']}"
+            f"students of {max(students)} layers need a teacher of at least as many; joint_lm_layers is "
+            f"{protocol['joint_lm_layers']}"
         )
     if students and protocol["distill"]["teacher_fusion"] not in protocol["fusions"]:
         raise UserError(f"distill.teacher_fusion must be one of fusions {protocol['fusions']}")
@@ -220,8 +220,10 @@ class Experiment:
         argv += ["--config", str(self.train_config_file), "--seed", str(self.seed)]
         if fusion:
             argv += ["--fusion", fusion]
-        if mode in ("cascade-finetuned", "joint"):
+        if mode == "cascade-finetuned":
             argv += ["--layers", str(self.protocol["lm_layers"])]
+        if mode == "joint":
+            argv += ["--layers", str(self.protocol["joint_lm_layers"])]
         if mode == "joint" and self.protocol["joint_init_from_baseline"]:
             argv += ["--init-from", BASELINE_RUN]
         if not self.progress:
@@ -302,7 +304,13 @@ class Experiment:
             best_epoch=results["best_epoch"],
             wall_seconds=results["wall_seconds"],
             train_rows_per_s=results["train_rows_per_s"],
+            best_valid_logloss=results.get("best_valid_logloss"),
         )
+        if results.get("stages"):  # the joint recipe: per stage, and its validation curve
+            entry["stages"] = results["stages"]
+            entry["valid_curve"] = [
+                {k: h[k] for k in ("stage", "step", "valid_logloss", "valid_auc")} for h in results["history"]
+            ]
         return entry
 
     # -------------------------------------------------------------------- features and increments
@@ -467,7 +475,7 @@ class Experiment:
         teacher_info = {
             "run": teacher_run,
             "fusion": settings["teacher_fusion"],
-            "layers": int(self.protocol["lm_layers"]),
+            "layers": int(self.protocol["joint_lm_layers"]),
             "auc": teacher_entry["auc"],
             "rig": teacher_entry["rig"],
             "gauc": teacher_entry["gauc"],

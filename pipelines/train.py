@@ -10,9 +10,12 @@ Modes (DESIGN.md, experiment protocol): `baseline` (E0) reads the `baseline` ser
 first fine-tunes the LM alone on clicks (stopped at peak validation AUC, every epoch kept),
 writes each epoch's score and pooled vector per text pair to `DIR/lm_features/<run>/epoch-<k>/`,
 registers the chosen epoch as the Feast view `lm_<run>` (service `cascade_finetuned_<run>`), then
-trains E0 + that feature; `joint` (E3) trains the LM and E0 end to end through a fusion and writes
-the LM's output back the same way (service `joint_<run>`). One loop (`models.trainer.fit`) trains
-everything; configuration comes from `models/configs/default.yaml` (+ `--config`).
+trains E0 + that feature; `joint` (E3) trains the LM and E0 end to end through a fusion by the
+recipe of `models.joint` (warm-started from `--init-from E0RUN`: stage 1 with E0's tower frozen,
+stage 2 with it unfrozen at its own learning rate, each validated from step 0 on and keeping its
+best state) and writes the LM's output back the same way (service `joint_<run>`). One loop
+(`models.trainer.fit`) trains everything; configuration comes from `models/configs/default.yaml`
+(+ `--config`).
 
 Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
 point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
@@ -54,8 +57,9 @@ from nlpctr.features.definitions import (
     read_manifest,
 )
 from nlpctr.models import experiment, metrics, streaming
-from nlpctr.models.data import FeatureColumns, Tensors
+from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.joint import fit_joint, stage_summary
 from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict, predict_batches
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -203,8 +207,25 @@ def fit_ctr(
     model = experiment.build_model(pre, config, fusion, texts.lm.dim if texts else 0)
     if warm_start is not None:
         start_from(model, pre, warm_start)
-    result = fit(model, data, experiment.loop_config(config), checkpoints, texts=texts, progress=progress)
+    result = train_model(model, data, config, checkpoints, texts, warm_start is not None, progress)
     return pre, data, model, texts, result
+
+
+def train_model(
+    model: torch.nn.Module,
+    data: BatchSource,
+    config: dict[str, Any],
+    checkpoints: Path,
+    texts: TextBatcher | None,
+    warm_started: bool,
+    progress: bool,
+) -> FitResult:
+    """`models.trainer.fit`, or the joint recipe (`models.joint.fit_joint`) for a model with an LM."""
+    loop = experiment.loop_config(config)
+    if texts is None:
+        return fit(model, data, loop, checkpoints, progress=progress)
+    joint_config = experiment.joint_config(config)
+    return fit_joint(model, data, loop, joint_config, checkpoints, texts, warm_started, progress)
 
 
 def start_from(
@@ -401,7 +422,7 @@ def train_streaming(
     if warm_start is not None:
         start_from(model, pre, warm_start)
     checkpoints = run_dir / experiment.CHECKPOINTS / "ctr"
-    result = fit(model, source, experiment.loop_config(config), checkpoints, texts=texts, progress=progress)
+    result = train_model(model, source, config, checkpoints, texts, warm_start is not None, progress)
     _, impressions, clicks = streaming.split_totals(source.root, "train")
     ctr_train = clicks / max(impressions, 1)
     scored = streamed_test(model, source, texts, run_dir / experiment.PREDICTIONS_FILE)
@@ -413,6 +434,15 @@ def train_streaming(
         int(evaluation["calibration_bins"]),
     )
     return pre, model, texts, result, report, ctr_train
+
+
+def epochs_trained(result: FitResult) -> int:
+    """Epochs a fit went through (summed over the joint recipe's stages)."""
+    last: dict[Any, int] = {}
+    for entry in result.history:
+        key = entry.get("stage")
+        last[key] = max(last.get(key, 0), int(entry["epoch"]) + 1)
+    return sum(last.values())
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -538,10 +568,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.mode == "joint":
         assert texts is not None
         supplementary = write_joint_features(model, texts, frame, config, data_dir, slug, result.best_epoch)
+    assert result.checkpoint is not None
     spec = {
         **identity,
         "service": service,
-        "checkpoint": f"{experiment.CHECKPOINTS}/ctr/epoch-{result.best_epoch}.pt",
+        "checkpoint": str(result.checkpoint.relative_to(run_dir)),
         "preprocessing": pre.to_json(),
         "train_ctr": ctr_train,
         "streaming": streamed,
@@ -556,11 +587,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "mode": args.mode,
         "fusion": args.fusion,
         "layers": int(config["encoder"]["layers"]) if args.mode in ("cascade-finetuned", "joint") else None,
-        "epochs": len(result.history),
+        "epochs": epochs_trained(result),
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
+        "steps": result.steps,
+        "evaluations": len(result.history),
+        "best_valid_logloss": result.best["valid_logloss"],
         "history": result.history,
+        "stages": result.stages or None,
         "wall_seconds": wall,
         "fit_wall_seconds": result.wall_seconds,
+        "eval_seconds": result.eval_seconds,
         "train_rows_per_s": result.train_rows_per_s,
         "metrics": {"test": report},
         "lm": lm_step,
@@ -580,11 +617,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (run_dir / experiment.RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     label = args.mode + (f"/{args.fusion}" if args.fusion else "")
+    stages = f"; valid logloss {stage_summary(result.stages)}" if result.stages else ""
     results["summary"] = (
         f"train {args.run} ({label}, {manifest['dataset']}): test AUC {report['auc']:.4f} "
         f"[{report['auc_ci'][0]:.4f}, {report['auc_ci'][1]:.4f}], GAUC {report['gauc']:.4f}, "
         f"logloss {report['logloss']:.4f}, RIG {report['rig']:.4f}, calibration "
-        f"{report['calibration']['ratio']:.3f}; best epoch {result.best_epoch + 1}/{len(result.history)}; "
-        f"{wall:.1f} s -> {run_dir}"
+        f"{report['calibration']['ratio']:.3f}; best epoch {result.best_epoch + 1}/{epochs_trained(result)}"
+        f"{stages}; {wall:.1f} s -> {run_dir}"
     )
     return results

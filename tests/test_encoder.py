@@ -158,3 +158,130 @@ def test_frozen_by_default_trainable_on_request(encoder: TextEncoder) -> None:
     trainable(batch["input_ids"], batch["attention_mask"]).pow(2).sum().backward()
     grad = trainable.model.encoder.layer[0].attention.self.query.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- frozen prefix + cache
+
+TEXTS = [
+    LONG,
+    SHORT,
+    "a",
+    "Another headline of middling length here",
+    SHORT,
+    "You won't believe it [SEP] " + SHORT,
+]
+
+
+@pytest.fixture
+def fresh_caches():
+    encoder_module.clear_state_caches()
+    yield
+    encoder_module.clear_state_caches()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"trainable_layers": 1}, {"trainable_layers": 0}, {"freeze_embeddings": True}, {"trainable_layers": 5}],
+)
+def test_cached_prefix_gives_the_full_encoders_output(fresh_caches, settings: dict) -> None:
+    full = TextEncoder(EncoderConfig(layers=2))
+    cached = TextEncoder(EncoderConfig(layers=2, **settings), trainable=True).eval()
+    batch = full.tokenize(TEXTS)  # right-padded to the longest: the short texts exercise the mask
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()
+    with torch.no_grad():
+        expected = full(**batch)
+        first = cached(**batch)  # computes the prefix states
+        again = cached(**batch)  # reads them from the cache
+    assert (first - expected).abs().max() < 1e-5
+    assert torch.equal(first, again)
+    np.testing.assert_allclose(cached.encode(TEXTS, batch_size=4), expected.numpy(), atol=1e-5, rtol=0)
+    # one state per unique text, its real tokens only (no padding), float32
+    cache = cached.state_cache
+    assert cache is not None
+    lengths = [len(cached.token_ids(t)) for t in dict.fromkeys(TEXTS)]
+    assert len(cache) == len(lengths)
+    assert sorted(s.shape[0] for s in cache.states.values()) == sorted(lengths)
+    assert cache.bytes == sum(lengths) * EMBEDDING_DIM * 4
+
+
+def test_float16_cache_halves_memory_with_a_small_error(fresh_caches) -> None:
+    full = TextEncoder(EncoderConfig(layers=2))
+    half = TextEncoder(EncoderConfig(layers=2, trainable_layers=1, cache_dtype="float16"))
+    exact = full.encode(TEXTS)
+    approx = half.encode(TEXTS)
+    assert half.state_cache is not None and half.state_cache.dtype == torch.float16
+    lengths = [len(half.token_ids(t)) for t in dict.fromkeys(TEXTS)]
+    assert half.state_cache.bytes == sum(lengths) * EMBEDDING_DIM * 2
+    error = np.abs(approx - exact).max()
+    assert 0 < error < 2e-3 * np.abs(exact).max()
+    np.testing.assert_array_equal(half.encode(TEXTS), approx)  # fresh and cached states agree
+
+
+def test_only_the_top_layers_train_and_the_prefix_stays_in_eval_mode(fresh_caches) -> None:
+    lm = TextEncoder(EncoderConfig(layers=3, trainable_layers=1), trainable=True)
+    assert lm.frozen_layers == 2
+    assert not any(p.requires_grad for p in lm.model.embeddings.parameters())
+    assert not any(p.requires_grad for layer in lm.model.encoder.layer[:2] for p in layer.parameters())
+    assert all(p.requires_grad for p in lm.model.encoder.layer[2].parameters())
+    lm.train()
+    assert lm.training and lm.model.encoder.layer[2].training
+    assert not lm.model.embeddings.training and not lm.model.encoder.layer[1].training
+    batch = lm.tokenize([SHORT, LONG])
+    lm(**batch).pow(2).sum().backward()
+    assert lm.model.encoder.layer[2].attention.self.query.weight.grad is not None
+    assert lm.model.embeddings.word_embeddings.weight.grad is None
+    # trainable_layers beyond the depth: every layer trains, embeddings frozen
+    assert TextEncoder(EncoderConfig(layers=1, trainable_layers=2)).frozen_layers == 0
+    assert TextEncoder(EncoderConfig(layers=1)).state_cache is None  # nothing frozen, nothing cached
+
+
+def test_the_cache_follows_the_prefix_weights(fresh_caches) -> None:
+    a = TextEncoder(EncoderConfig(layers=2, trainable_layers=1))
+    b = TextEncoder(EncoderConfig(layers=2, trainable_layers=1))
+    assert a.state_cache is b.state_cache  # same frozen weights: one cache per process
+    a.encode([SHORT])
+    state = b.state_dict()
+    state["model.embeddings.word_embeddings.weight"] = state["model.embeddings.word_embeddings.weight"] * 1.5
+    b.load_state_dict(state)
+    assert b.state_cache is not a.state_cache and len(b.state_cache) == 0
+    full = TextEncoder(EncoderConfig(layers=2))
+    full.load_state_dict(state)
+    np.testing.assert_allclose(b.encode(TEXTS), full.encode(TEXTS), atol=1e-5, rtol=0)
+
+
+def test_a_cache_without_room_recomputes(fresh_caches) -> None:
+    lm = TextEncoder(EncoderConfig(layers=2, trainable_layers=1, cache_max_mb=0))
+    full = TextEncoder(EncoderConfig(layers=2))
+    np.testing.assert_allclose(lm.encode(TEXTS), full.encode(TEXTS), atol=1e-5, rtol=0)
+    assert lm.state_cache is not None and len(lm.state_cache) == 0
+
+
+def test_the_cached_encoder_refuses_left_padding(fresh_caches) -> None:
+    lm = TextEncoder(EncoderConfig(layers=2, trainable_layers=1))
+    batch = lm.tokenize([SHORT, LONG])
+    with pytest.raises(ValueError, match="right-padded"):
+        lm(batch["input_ids"].flip(1), batch["attention_mask"].flip(1))
+
+
+def test_timing_runs_every_layer(fresh_caches) -> None:
+    lm = TextEncoder(EncoderConfig(layers=2, trainable_layers=1))
+    lm.encode(TEXTS)
+    calls: list[int] = []
+    lm.model.embeddings.register_forward_hook(lambda *args: calls.append(1))
+    with lm.without_cache():
+        lm.encode(TEXTS)
+    assert calls and lm.state_cache is not None
+
+
+def test_bf16_autocast_above_the_prefix_is_close_and_trains(fresh_caches) -> None:
+    full = TextEncoder(EncoderConfig(layers=2))
+    fast = TextEncoder(EncoderConfig(layers=2, trainable_layers=1, autocast="bfloat16"), trainable=True)
+    batch = full.tokenize(TEXTS)
+    with torch.no_grad():
+        expected = full(**batch)
+        got = fast.eval()(**batch)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    fast.train()
+    fast(**batch).pow(2).sum().backward()
+    assert fast.model.encoder.layer[1].output.dense.weight.grad is not None

@@ -18,6 +18,7 @@ from nlpctr.pipelines import experiment
 TINY = {
     "embed_layers": 1,
     "lm_layers": 1,
+    "joint_lm_layers": 2,
     "fusions": ["score"],
     "train_config": {
         "net": {"hidden": [32, 16]},
@@ -25,7 +26,12 @@ TINY = {
         "lm_loop": {"epochs": 2, "max_batches_per_epoch": 25},
         "encoder": {"max_length": 24},
         "evaluation": {"bootstrap_rounds": 50},
-        "modes": {"joint": {"loop": {"epochs": 1, "max_batches_per_epoch": 30}}},
+        "modes": {
+            "joint": {
+                "loop": {"epochs": 1, "max_batches_per_epoch": 30, "eval_every_steps": 10},
+                "encoder": {"trainable_layers": 1},
+            }
+        },
     },
     "distill": {
         "teacher_fusion": "score",
@@ -74,6 +80,17 @@ def test_results_follow_the_documented_schema(protocol_run: dict) -> None:
         base, teacher = results["runs"]["baseline"]["auc"], results["teacher"]["auc"]
         expected = (entry["auc"] - base) / (teacher - base)
         assert entry["conversion_auc"] == pytest.approx(expected)
+
+
+def test_joint_runs_record_their_stages_and_never_lose_to_e0(protocol_run: dict) -> None:
+    runs = protocol_run["results"]["runs"]
+    joint, e0 = runs["joint_score"], runs["baseline"]["best_valid_logloss"]
+    assert [s["name"] for s in joint["stages"]] == ["lm", "all"]
+    assert joint["stages"][0]["start_valid_logloss"] == e0
+    assert joint["best_valid_logloss"] <= e0
+    assert joint["valid_curve"][0] == {**joint["valid_curve"][0], "step": 0, "valid_logloss": e0}
+    assert protocol_run["results"]["teacher"]["layers"] == 2
+    assert "### Joint training stages" in (protocol_run["out"] / "report.md").read_text()
 
 
 def test_every_nlp_feature_is_measured(protocol_run: dict) -> None:
@@ -130,7 +147,7 @@ def test_report_and_plots_are_written(protocol_run: dict) -> None:
 
 def test_students_deeper_than_the_teacher_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text(yaml.safe_dump({"lm_layers": 1, "distill": {"students": [1, 2]}}))
+    config.write_text(yaml.safe_dump({"joint_lm_layers": 1, "distill": {"students": [1, 2]}}))
     with pytest.raises(UserError, match="students of 2 layers"):
         experiment.load_protocol(quick=True, config_file=config)
 

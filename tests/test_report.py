@@ -69,6 +69,33 @@ def simulated_ceilings(rho: float) -> dict[str, Any]:
     }
 
 
+JOINT_STAGES = {
+    "best_valid_logloss": 0.072751,
+    "stages": [
+        {
+            "name": "lm",
+            "steps": 60,
+            "start_valid_logloss": 0.072782,
+            "best_valid_logloss": 0.07276,
+            "best_step": 40,
+        },
+        {
+            "name": "all",
+            "steps": 60,
+            "start_valid_logloss": 0.07276,
+            "best_valid_logloss": 0.072751,
+            "best_step": 100,
+        },
+    ],
+    "valid_curve": [
+        {"stage": "lm", "step": 0, "valid_logloss": 0.072782, "valid_auc": 0.6704},
+        {"stage": "lm", "step": 40, "valid_logloss": 0.07276, "valid_auc": 0.6711},
+        {"stage": "all", "step": 60, "valid_logloss": 0.07276, "valid_auc": 0.6711},
+        {"stage": "all", "step": 100, "valid_logloss": 0.072751, "valid_auc": 0.6712},
+    ],
+}
+
+
 @pytest.fixture
 def results() -> dict[str, Any]:
     return {
@@ -90,9 +117,9 @@ def results() -> dict[str, Any]:
             }
         ],
         "runs": {
-            "baseline": run(0.6765, None, None, None),
+            "baseline": {**run(0.6765, None, None, None), "best_valid_logloss": 0.072782},
             "cascade_frozen": run(0.6788, 0.0023, [0.0013, 0.0033], None),
-            "joint_score": run(0.6745, -0.0020, [-0.0031, -0.0010], 2),
+            "joint_score": {**run(0.6745, -0.0020, [-0.0031, -0.0010], 2), **JOINT_STAGES},
             "joint_concat": run(0.6768, 0.0003, [-0.0009, 0.0014], 2),
         },
         "ceilings": {
@@ -237,6 +264,9 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
         "| featurekd_L1 |",
         "| frozen | 0.0200 | 0.5100 | 1.0000 |",
         "| joint_score | 0.0740 | 0.0390 | 0.0040 |",
+        "| joint_score | lm | 60 | 0.072782 | 0.072760 | 40 | -0.000022 |",
+        "| joint_score | all | 60 | 0.072760 | 0.072751 | 100 | -0.000031 |",
+        "E0's best is 0.072782",
         "| frozen:explained_fraction | 1.00 | yes | no |",
         '"code_version": "abc1234"',
         # Ceilings (real data: the split half) and each run's and feature's share of the gap.
@@ -285,12 +315,14 @@ def test_report_skips_missing_sections(results: dict[str, Any], tmp_path: Path) 
     partial = copy.deepcopy(results)
     for key in ("simulator", "distillation", "teacher", "e2_curve", "redundancy", "claims", "ceilings"):
         del partial[key]
+    for key in ("stages", "valid_curve"):
+        del partial["runs"]["joint_score"][key]
     written = report.write_report(partial, tmp_path)
     assert {p.name for p in written} == {"report.md", report.PLOTS["metrics"], report.PLOTS["calibration"]}
     text = (tmp_path / "report.md").read_text()
     assert "## Runs" in text and "## Simulator" not in text and "## Distillation" not in text
     assert "## Redundancy" not in text and "E2" not in text and "## Ceilings" not in text
-    assert "share (" not in text
+    assert "share (" not in text and "Joint training stages" not in text
 
 
 def test_significance_changes_with_the_interval(results: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ QUICK = {
     "lm_loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 16},
     "encoder": {"max_length": 16},
     "evaluation": {"bootstrap_rounds": 30},
-    "modes": {"joint": {"loop": {"epochs": 1, "batch_size": 16}}},
+    "modes": {"joint": {"loop": {"epochs": 1, "batch_size": 16}, "encoder": {"trainable_layers": 1}}},
 }
 RESULT_KEYS = {
     "dataset", "seed", "split", "mode", "fusion", "layers", "epochs", "best_epoch", "history",
@@ -42,6 +42,7 @@ MODES = {
     "e1": ["--mode", "cascade-frozen"],
     "e2": ["--mode", "cascade-finetuned", "--layers", "1"],
     "e3": ["--mode", "joint", "--fusion", "gate", "--layers", "1"],
+    "e3w": ["--mode", "joint", "--fusion", "score", "--layers", "2", "--init-from", "e0"],  # the E3 recipe
 }
 
 
@@ -78,7 +79,9 @@ def test_each_mode_writes_results_and_test_predictions(trained: dict[str, Any], 
     assert {"ratio", "ece", "curve"} <= set(test["calibration"])
     assert results["provenance"]["dataset"] == "trec2013"
     assert results["provenance"]["split_seed"] == 0
-    assert len(results["history"]) == results["epochs"]
+    assert len(results["history"]) == results["evaluations"]
+    if not results["stages"]:
+        assert len(results["history"]) == results["epochs"]
     predictions = pd.read_parquet(run_dir / "predictions.parquet")
     rows = impressions(trained["data"])
     assert sorted(predictions.impression_id) == sorted(rows[rows.split == "test"].impression_id)
@@ -106,7 +109,20 @@ def test_modes_read_their_services_and_encoders(trained: dict[str, Any]) -> None
     assert spec["preprocessing"]["vocabularies"]["position"]  # saved with the run
 
 
-@pytest.mark.parametrize("name", ["e1", "e2", "e3"])
+def test_a_warm_started_joint_run_starts_at_e0_and_keeps_its_best(trained: dict[str, Any]) -> None:
+    e0, e3w = trained["results"]["e0"], trained["results"]["e3w"]
+    history = e3w["history"]
+    assert history[0]["step"] == 0 and history[0]["valid_logloss"] == e0["best_valid_logloss"]
+    assert [s["name"] for s in e3w["stages"]] == ["lm", "all"]
+    assert e3w["stages"][0]["start_valid_logloss"] == e0["best_valid_logloss"]
+    assert e3w["best_valid_logloss"] == e3w["stages"][-1]["best_valid_logloss"] <= e0["best_valid_logloss"]
+    assert e3w["best_valid_logloss"] == min(h["valid_logloss"] for h in history)
+    spec = json.loads((trained["runs"] / "e3w" / "run.json").read_text())
+    assert spec["checkpoint"] == "checkpoints/ctr/stage2/best.pt"
+    assert "valid logloss lm " in e3w["summary"]
+
+
+@pytest.mark.parametrize("name", ["e1", "e2", "e3", "e3w"])
 def test_evaluate_reproduces_train_predictions_and_adds_the_delta(trained: dict[str, Any], name: str) -> None:
     runs = trained["runs"]
     out = evaluate.run(["--run", name, "--baseline", "e0", "--runs-dir", str(runs)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from nlpctr.models import metrics
+from nlpctr.models import metrics, trainer
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig, binomial_loss
 from nlpctr.models.data import FeatureColumns, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
-from nlpctr.models.trainer import LoopConfig, TextBatcher, TextScorer, fit, predict
+from nlpctr.models.trainer import LoopConfig, TextBatcher, TextScorer, fit, labels_of, predict
 
 COLUMNS = FeatureColumns(categorical=("ad_id", "position"), ctr=("ad_id_ctr",), counts=("ad_id_impressions",))
 WORDS_GOOD = ["free", "best", "new", "sale", "official"]
@@ -131,6 +132,76 @@ def test_warm_start_computes_exactly_e0_before_joint_training(data, fusion: str)
     with torch.no_grad():
         expected = e0(data.categorical[rows], data.dense[rows])
         got = joint(data.categorical[rows], data.dense[rows], (), vectors)
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(got, expected)  # bitwise: the fusion adds an exact zero
+    assert all(
+        torch.equal(a, b) for a, b in zip(joint.tower.parameters(), e0.tower.parameters(), strict=True)
+    )
     with pytest.raises(ValueError, match="without a text fusion"):
         e0.warm_start(joint)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gate"])
+def test_a_checkpoint_with_the_fused_columns_in_the_first_layer_still_loads(data, fusion: str) -> None:
+    shape = InputShape(data.vocab_sizes, data.dense.shape[1])
+    torch.manual_seed(2)
+    model = CtrModel(shape, NetConfig(hidden=(32,)), fusion, 8)
+    state = model.state_dict()
+    old = {k: v for k, v in state.items() if k != "fusion.into_mlp.weight"}  # the layout before W_u moved
+    old["tower.mlp.net.0.weight"] = torch.cat(
+        [state["tower.mlp.net.0.weight"], state["fusion.into_mlp.weight"]], 1
+    )
+    loaded = CtrModel(shape, NetConfig(hidden=(32,)), fusion, 8)
+    loaded.load_state_dict(old)
+    for key, value in state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at_evaluation(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Make the n-th validation pass raise, as a kill between two evaluations would."""
+    real, calls = trainer.predict_split, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "predict_split", flaky)
+
+
+def test_stepwise_evaluations_keep_the_best_state(data, tmp_path: Path) -> None:
+    config = LoopConfig(
+        epochs=2, batch_size=128, lr=3e-3, patience=20, eval_every_steps=5, eval_at_start=True
+    )
+    model = baseline(data)
+    result = fit(model, data, config, tmp_path, progress=False)
+    per_epoch = math.ceil(data.rows_in("train") / 128)
+    steps = [0, *range(5, per_epoch, 5), per_epoch, *range(per_epoch + 5 - per_epoch % 5, 2 * per_epoch, 5)]
+    assert [h["step"] for h in result.history] == [*steps, 2 * per_epoch]
+    assert result.history[0]["train_loss"] is None and result.steps == 2 * per_epoch
+    best = min(result.history, key=lambda h: h["valid_logloss"])
+    assert result.best == best and result.checkpoint == tmp_path / "best.pt"
+    assert not list(tmp_path.glob("epoch-*.pt"))
+    valid = data.rows("valid")
+    assert metrics.logloss(labels_of(data, valid), predict(model, data, valid, None)) == best["valid_logloss"]
+
+
+def test_a_run_interrupted_mid_epoch_resumes_to_the_same_weights(data, tmp_path: Path, monkeypatch) -> None:
+    config = LoopConfig(epochs=2, batch_size=128, patience=20, eval_every_steps=5, eval_at_start=True)
+    full = baseline(data)
+    expected = fit(full, data, config, tmp_path / "full", progress=False)
+    interrupt_at_evaluation(monkeypatch, 4)  # after the evaluations at steps 0, 5, 10
+    with pytest.raises(Interrupted):
+        fit(baseline(data), data, config, tmp_path / "part", progress=False)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert (state["step"], state["batches_done"], state["epoch_done"]) == (10, 10, False)
+    resumed = baseline(data)  # a fresh process: weights, optimizer, RNGs and data order from last.pt
+    result = fit(resumed, data, config, tmp_path / "part", progress=False)
+    assert result.history == expected.history  # every evaluation, to the last bit
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key

@@ -1,0 +1,173 @@
+"""The joint recipe (models/joint.py): a run warm-started from E0 never keeps a state worse than E0
+on validation, stage 1 leaves E0's tower alone, resumes are exact, configs have one set of defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_trainer import COLUMNS, Interrupted, interrupt_at_evaluation, synthetic_frame
+
+from nlpctr.models import encoder as encoder_module
+from nlpctr.models import experiment, metrics
+from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
+from nlpctr.models.data import Tensors, tensorize
+from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.joint import JointConfig, StageConfig, fit_joint, param_groups
+from nlpctr.models.trainer import FitResult, LoopConfig, TextBatcher, fit, labels_of, predict
+
+NET = NetConfig(hidden=(32,))
+LOOP = LoopConfig(epochs=1, batch_size=32, patience=10, max_batches_per_epoch=8, eval_every_steps=3)
+# Learning rates far too high: training hurts, and the run must still end at E0 or better.
+HARMFUL = JointConfig(
+    stage1=StageConfig(epochs=None, tower_lr=0.0, head_lr=0.3, lm_lr=3e-3),
+    stage2=StageConfig(epochs=1, tower_lr=0.05, head_lr=0.3, lm_lr=3e-3),
+)
+GENTLE = JointConfig()
+
+
+@pytest.fixture(scope="module")
+def data() -> Tensors:
+    return tensorize(synthetic_frame(n=1500, seed=3), COLUMNS, group="ad_id")[0]
+
+
+@pytest.fixture(scope="module")
+def e0(data: Tensors, tmp_path_factory: pytest.TempPathFactory) -> tuple[CtrModel, FitResult]:
+    torch.manual_seed(0)
+    model = CtrModel(InputShape(data.vocab_sizes, data.dense.shape[1]), NET)
+    result = fit(
+        model,
+        data,
+        LoopConfig(epochs=4, batch_size=128, lr=3e-3),
+        tmp_path_factory.mktemp("e0"),
+        progress=False,
+    )
+    return model.eval(), result
+
+
+def joint_model(data: Tensors, e0_model: CtrModel, fusion: str) -> tuple[CtrModel, TextBatcher]:
+    lm = TextEncoder(EncoderConfig(layers=2, trainable_layers=1, max_length=16), trainable=True)
+    torch.manual_seed(1)
+    model = CtrModel(InputShape(data.vocab_sizes, data.dense.shape[1]), NET, fusion, lm.dim)
+    model.warm_start(e0_model)
+    return model, TextBatcher.for_data(lm, data)
+
+
+def valid_logloss(model: CtrModel, data: Tensors, texts: TextBatcher | None) -> float:
+    valid = data.rows("valid")
+    return metrics.logloss(labels_of(data, valid), predict(model, data, valid, texts))
+
+
+@pytest.mark.parametrize("fusion", ["score", "concat", "gate"])
+def test_a_warm_started_run_never_ends_worse_than_e0(data, e0, fusion: str, tmp_path: Path) -> None:
+    e0_model, e0_fit = e0
+    e0_best = e0_fit.best["valid_logloss"]
+    assert valid_logloss(e0_model, data, None) == e0_best
+    model, texts = joint_model(data, e0_model, fusion)
+    result = fit_joint(model, data, LOOP, HARMFUL, tmp_path, texts, warm_started=True, progress=False)
+    assert result.history[0]["valid_logloss"] == e0_best  # step 0 is E0, to the last bit
+    assert [s["name"] for s in result.stages] == ["lm", "all"]
+    lm, both = result.stages
+    assert lm["start_valid_logloss"] == e0_best and both["start_valid_logloss"] == lm["best_valid_logloss"]
+    assert lm["best_valid_logloss"] <= e0_best and both["best_valid_logloss"] <= lm["best_valid_logloss"]
+    assert result.best["valid_logloss"] == both["best_valid_logloss"] <= e0_best
+    assert max(h["valid_logloss"] for h in result.history) > e0_best  # the learning rates did hurt
+    # the kept weights (model and LM) reproduce the best evaluation exactly
+    assert valid_logloss(model, data, texts) == result.best["valid_logloss"]
+    steps = [h["step"] for h in result.history]
+    assert steps == sorted(steps) and result.steps == lm["steps"] + both["steps"] == 16
+
+
+def test_stage_one_trains_the_lm_and_the_head_and_leaves_e0s_tower(data, e0, tmp_path: Path) -> None:
+    e0_model, _ = e0
+    model, texts = joint_model(data, e0_model, "concat")
+    prefix = {k: v.clone() for k, v in texts.lm.model.embeddings.state_dict().items()}
+    before = {k: v.clone() for k, v in texts.lm.model.encoder.layer[1].state_dict().items()}
+    one_stage = dataclasses.replace(GENTLE, stage2=StageConfig(epochs=0))
+    result = fit_joint(model, data, LOOP, one_stage, tmp_path, texts, warm_started=True, progress=False)
+    assert [s["name"] for s in result.stages] == ["lm"]
+    for a, b in zip(model.tower.parameters(), e0_model.tower.parameters(), strict=True):
+        assert torch.equal(a, b)
+    if result.best_step > 0:  # the best state was trained: the head and the top layer moved
+        assert model.fusion is not None and model.fusion.into_mlp.weight.abs().sum() > 0
+        layer = texts.lm.model.encoder.layer[1].state_dict()
+        assert any(not torch.equal(layer[k], v) for k, v in before.items())
+    for key, value in texts.lm.model.embeddings.state_dict().items():
+        assert torch.equal(value, prefix[key])  # frozen
+
+
+def test_param_groups_follow_the_stage(data, e0) -> None:
+    model, texts = joint_model(data, e0[0], "gate")
+    groups = param_groups(model, texts, tower_lr=0.0, head_lr=1e-3, lm_lr=1e-4)
+    assert [(g["name"], g["lr"]) for g in groups] == [("head", 1e-3), ("lm", 1e-4)]
+    assert not any(p.requires_grad for p in model.tower.parameters())
+    lm_params = {id(p) for p in groups[1]["params"]}
+    assert lm_params == {id(p) for p in texts.lm.model.encoder.layer[1].parameters()}
+    groups = param_groups(model, texts, tower_lr=1e-5, head_lr=1e-4, lm_lr=2e-5)
+    assert [(g["name"], g["lr"]) for g in groups] == [("tower", 1e-5), ("head", 1e-4), ("lm", 2e-5)]
+    assert all(p.requires_grad for p in model.tower.parameters())
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 6])  # stage 1 mid-epoch; stage 2 mid-epoch
+def test_an_interrupted_joint_run_resumes_to_the_same_weights(
+    data, e0, tmp_path: Path, monkeypatch, interrupt_at: int
+) -> None:
+    model, texts = joint_model(data, e0[0], "score")
+    expected = fit_joint(model, data, LOOP, GENTLE, tmp_path / "full", texts, True, progress=False)
+    encoder_module.clear_state_caches()  # the resumed process starts with an empty cache too
+    part, part_texts = joint_model(data, e0[0], "score")
+    interrupt_at_evaluation(monkeypatch, interrupt_at)
+    with pytest.raises(Interrupted):
+        fit_joint(part, data, LOOP, GENTLE, tmp_path / "part", part_texts, True, progress=False)
+    monkeypatch.undo()
+    encoder_module.clear_state_caches()
+    resumed, resumed_texts = joint_model(data, e0[0], "score")  # a fresh process
+    result = fit_joint(resumed, data, LOOP, GENTLE, tmp_path / "part", resumed_texts, True, progress=False)
+    assert result.history == expected.history
+    assert [{k: v for k, v in s.items() if k != "wall_seconds"} for s in result.stages] == [
+        {k: v for k, v in s.items() if k != "wall_seconds"} for s in expected.stages
+    ]
+    for key, value in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    for key, value in texts.lm.state_dict().items():
+        assert torch.equal(resumed_texts.lm.state_dict()[key], value), key
+
+
+def test_a_cold_run_is_one_stage_that_trains_everything(data, tmp_path: Path) -> None:
+    lm = TextEncoder(EncoderConfig(layers=1, max_length=16, freeze_embeddings=True), trainable=True)
+    torch.manual_seed(0)
+    model = CtrModel(InputShape(data.vocab_sizes, data.dense.shape[1]), NET, "score", lm.dim)
+    loop = dataclasses.replace(LOOP, max_batches_per_epoch=3, lr=2e-3)
+    result = fit_joint(
+        model, data, loop, GENTLE, tmp_path, TextBatcher.for_data(lm, data), False, progress=False
+    )
+    assert [(s["name"], s["lr"]["tower"]) for s in result.stages] == [("all", 2e-3)]
+
+
+def test_defaults_live_in_one_place() -> None:
+    defaults = yaml.safe_load(experiment.DEFAULT_CONFIG.read_text())
+    assert LoopConfig(**defaults["loop"]) == LoopConfig()
+    assert set(defaults["loop"]) == {f.name for f in dataclasses.fields(LoopConfig)}
+    assert JointConfig.from_dict(defaults["joint"]) == JointConfig()
+    for stage in ("stage1", "stage2"):
+        assert set(defaults["joint"][stage]) == {f.name for f in dataclasses.fields(StageConfig)}
+    assert set(defaults["encoder"]) == {f.name for f in dataclasses.fields(EncoderConfig)}
+    joint = experiment.load_config("joint")
+    assert (
+        experiment.loop_config(joint).eval_every_steps and experiment.encoder_config(joint).trainable_layers
+    )
+
+
+def test_bad_joint_configs_are_refused(tmp_path: Path) -> None:
+    from nlpctr.errors import UserError
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"joint": {"stage1": {"tower_lr": 0.1}}}))
+    with pytest.raises(UserError, match=r"stage1\.tower_lr must be 0"):
+        experiment.load_config("joint", config)
+    config.write_text(yaml.safe_dump({"joint": {"stage2": {"lr": 0.1}}}))
+    with pytest.raises(UserError, match="lr"):
+        experiment.load_config("joint", config)
