@@ -166,7 +166,7 @@ def resample(labels: metrics.Labels, predictions: np.ndarray, draws: Draws) -> R
     return Resampled(auc, logloss, gauc, aucs, losses, gaucs)
 
 
-def _ratio(numerator: np.ndarray | float, denominator: np.ndarray | float) -> np.ndarray:
+def ratio(numerator: np.ndarray | float, denominator: np.ndarray | float) -> np.ndarray:
     num = np.asarray(numerator, dtype=np.float64)
     den = np.asarray(denominator, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -244,7 +244,7 @@ class OracleCeiling:
             base_value, base_values = base.value(metric, self.train_ctr)
             gain, gains = self.gain(metric)
             out[metric] = self.draws.interval(
-                float(_ratio(value - base_value, gain)), _ratio(values - base_values, gains)
+                float(ratio(value - base_value, gain)), ratio(values - base_values, gains)
             )
         return out
 
@@ -275,10 +275,10 @@ class OracleCeiling:
     def near_no_text_oracle(self) -> dict[str, Any]:
         """E0's RIG over the no-text oracle's, and whether it is at least NEAR_NO_TEXT_RATIO."""
         assert self.e0 is not None
-        ratio = _finite_or_none(float(_ratio(self.e0.rig(self.train_ctr), self.no_text.rig(self.train_ctr))))
+        e0_over = _finite_or_none(float(ratio(self.e0.rig(self.train_ctr), self.no_text.rig(self.train_ctr))))
         return {
-            "e0_near_no_text_oracle": ratio is not None and ratio >= NEAR_NO_TEXT_RATIO,
-            "e0_rig_over_no_text_oracle_rig": ratio,
+            "e0_near_no_text_oracle": e0_over is not None and e0_over >= NEAR_NO_TEXT_RATIO,
+            "e0_rig_over_no_text_oracle_rig": e0_over,
             "e0_near_criterion": f"E0's test RIG >= {NEAR_NO_TEXT_RATIO:g} x the no-text oracle's RIG",
         }
 
@@ -463,7 +463,7 @@ class SplitHalfCeiling:
             base, base_values = self.e0.value(metric, 0.5)
             gap, gaps = self.gap(metric)
             out[metric] = self.draws.interval(
-                float(_ratio(value - base, gap)), _ratio(values - base_values, gaps)
+                float(ratio(value - base, gap)), ratio(values - base_values, gaps)
             )
         return out
 

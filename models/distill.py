@@ -7,6 +7,9 @@
 - Feature-KD: the same student learns the teacher LM's pooled vector from text alone (MSE); the
   caller then uses its vectors as a cascade feature, like any frozen encoder's.
 
+Each student is judged as an NLP feature added to E0 (the paper's deployment): its conversion
+rate is its feature gain over the teacher feature's gain, with a paired CI (`conversion`).
+
 Students start from the teacher's embeddings and first k transformer layers. SuKD and No-KD run
 in `models.trainer.fit` (the distance enters through its `auxiliary_loss`), so their checkpoints,
 resume and determinism are fit's. Pure PyTorch: no Beam, no Feast.
@@ -21,12 +24,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from nlpctr.errors import UserError
+from nlpctr.models import ceilings, metrics
 from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
@@ -232,13 +238,30 @@ def fit_feature_kd(
     return FeatureStudent(lm, best_epoch, history, time.perf_counter() - started)
 
 
-def conversion_rate(student_metric: float, baseline_metric: float, teacher_metric: float) -> float | None:
-    """(student − E0) / (teacher − E0): the share of the teacher's gain the student keeps;
-    None when the teacher gains nothing (the ratio is undefined)."""
-    teacher_gain = teacher_metric - baseline_metric
-    if teacher_gain == 0 or not math.isfinite(teacher_gain) or not math.isfinite(student_metric):
-        return None
-    return (student_metric - baseline_metric) / teacher_gain
+NOTHING_TO_DISTIL = "nothing to distil: the teacher feature's gain over E0 has a CI that includes 0"
+
+
+def conversion(
+    labels: metrics.Labels,
+    student: np.ndarray,
+    teacher: np.ndarray,
+    baseline: np.ndarray,
+    train_ctr: float,
+    rounds: int,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """(student − E0) / (teacher − E0) on AUC and RIG, each `{estimate, ci}`, where the three are
+    test predictions of E0 + the student feature, E0 + the teacher feature and E0 itself. The CI
+    draws the same groups for numerator and denominator (a paired group bootstrap)."""
+    draws = ceilings.Draws.of(labels.groups, rounds, seed)
+    s, t, e0 = (ceilings.resample(labels, p, draws) for p in (student, teacher, baseline))
+    out: dict[str, dict[str, Any]] = {}
+    for metric in ("auc", "rig"):
+        (sv, sd), (tv, td), (bv, bd) = (r.value(metric, train_ctr) for r in (s, t, e0))
+        out[metric] = draws.interval(
+            float(ceilings.ratio(sv - bv, tv - bv)), ceilings.ratio(sd - bd, td - bd)
+        )
+    return out
 
 
 def inference_rows_per_s(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 64) -> float:

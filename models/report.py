@@ -20,7 +20,7 @@ PLOTS = {
     "calibration": "calibration.png",
     "e2_curve": "e2_curve.png",
     "redundancy": "explained_fraction.png",
-    "conversion": "conversion_rate.png",
+    "conversion": "student_feature_gain.png",
     "simulator": "simulator.png",
     "simulator_shares": "simulator_shares.png",
     "joint_curves": "joint_curves.png",
@@ -241,23 +241,32 @@ def plot_explained_fraction(redundancy: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_conversion(distillation: Mapping[str, Any], path: Path) -> Path:
-    """Conversion rate (AUC and RIG) against student layers, one line per method."""
-    figure = Figure(figsize=(10, 4))
-    methods = sorted({entry["method"] for entry in distillation.values()})
-    for i, metric in enumerate(("conversion_auc", "conversion_rig")):
-        axes = figure.add_subplot(1, 2, i + 1)
-        for method in methods:
-            entries = sorted(
-                (e for e in distillation.values() if e["method"] == method and e.get(metric) is not None),
-                key=lambda e: e["layers"],
-            )
-            axes.plot([e["layers"] for e in entries], [e[metric] for e in entries], marker="o", label=method)
-        axes.axhline(1, color="grey", linestyle="--", linewidth=0.8)
-        axes.axhline(0, color="grey", linewidth=0.8)
-        axes.set_xticks(sorted({e["layers"] for e in distillation.values()}))
-        axes.set_xlabel("student layers")
-        axes.set_ylabel(f"conversion rate ({metric.split('_')[1].upper()})")
-        axes.legend()
+    """Each student's feature gain over E0 (ΔAUC, 95% CI) against its layers, one line per method:
+    what the conversion rate divides, shown even when there is nothing to distil."""
+    figure = Figure(figsize=(6, 4))
+    axes = figure.add_subplot(1, 1, 1)
+    for offset, method in enumerate(sorted({entry["method"] for entry in distillation.values()})):
+        entries = sorted(
+            (
+                e
+                for e in distillation.values()
+                if e["method"] == method and e.get("feature_delta_auc") is not None
+            ),
+            key=lambda e: e["layers"],
+        )
+        x = [e["layers"] + 0.06 * (offset - 1) for e in entries]
+        y = [e["feature_delta_auc"] for e in entries]
+        cis = [e.get("feature_delta_auc_ci") or [v, v] for e, v in zip(entries, y, strict=True)]
+        errors = [
+            [v - ci[0] for v, ci in zip(y, cis, strict=True)],
+            [ci[1] - v for v, ci in zip(y, cis, strict=True)],
+        ]
+        axes.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=method)
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_xticks(sorted({e["layers"] for e in distillation.values()}))
+    axes.set_xlabel("student layers")
+    axes.set_ylabel("feature ΔAUC over E0 (95% CI)")
+    axes.legend()
     return _save(figure, path)
 
 
@@ -512,12 +521,21 @@ def _distillation_section(distillation: Mapping[str, Any], teacher: Mapping[str,
     lines = ["## Distillation", ""]
     if teacher:
         lines += [
-            f"Teacher: run {teacher.get('run', '–')}, fusion {teacher.get('fusion', '–')}, "
-            f"{teacher.get('layers', '–')} layers, AUC {_num(teacher.get('auc'))}, "
-            f"RIG {_num(teacher.get('rig'))}. "
-            "Conversion rate = student gain over E0 / teacher gain over E0.",
+            f"Teacher: run {teacher.get('run', '–')} ({teacher.get('selected_by', 'configured')}), "
+            f"{teacher.get('layers', '–')} layers; end to end AUC {_num(teacher.get('auc'))}, RIG "
+            f"{_num(teacher.get('rig'))}; as a feature added to E0, ΔAUC "
+            + _with_ci(teacher.get("feature_delta_auc"), teacher.get("feature_delta_auc_ci"), signed=True)
+            + ". "
+            "Each student is judged as a feature added to E0; conversion rate = the student feature's "
+            "gain over E0 / the teacher feature's gain, with a paired group-bootstrap CI.",
             "",
         ]
+        if teacher.get("nothing_to_distil"):
+            lines += [
+                "**Nothing to distil:** the teacher feature's gain over E0 has a CI that includes 0 "
+                "(or lies below it), so no conversion rate is given.",
+                "",
+            ]
     entries = sorted(distillation.items(), key=lambda item: (item[1]["method"], item[1]["layers"]))
     rows = [
         [
@@ -525,20 +543,26 @@ def _distillation_section(distillation: Mapping[str, Any], teacher: Mapping[str,
             e["method"],
             e["layers"],
             _num(e.get("auc")),
-            _num(e.get("rig")),
-            _num(e.get("gauc")),
             _with_ci(e.get("delta_auc"), e.get("delta_auc_ci"), signed=True),
-            _num(e.get("delta_rig"), signed=True),
-            _num(e.get("conversion_auc"), 2),
-            _num(e.get("conversion_rig"), 2),
+            _with_ci(e.get("feature_delta_auc"), e.get("feature_delta_auc_ci"), signed=True),
+            _num(e.get("feature_delta_rig"), signed=True),
+            _with_ci(e.get("conversion_auc"), e.get("conversion_auc_ci"), 2),
+            _with_ci(e.get("conversion_rig"), e.get("conversion_rig_ci"), 2),
             _num(e.get("rows_per_s"), 0),
             _num(e.get("teacher_rows_per_s"), 0),
         ]
         for name, e in entries
     ]
-    header = ["student", "method", "layers", "AUC", "RIG", "GAUC", "ΔAUC [95% CI]", "ΔRIG"]
-    header += ["conversion (AUC)", "conversion (RIG)", "rows/s", "teacher rows/s"]
-    return [*lines, markdown_table(header, rows), "", f"![conversion rate]({PLOTS['conversion']})", ""]
+    header = ["student", "method", "layers", "AUC", "ΔAUC end to end [95% CI]", "feature ΔAUC [95% CI]"]
+    header += ["feature ΔRIG", "conversion (AUC) [95% CI]", "conversion (RIG) [95% CI]", "rows/s"]
+    header += ["teacher rows/s"]
+    return [
+        *lines,
+        markdown_table(header, rows),
+        "",
+        f"![student feature gain over E0]({PLOTS['conversion']})",
+        "",
+    ]
 
 
 def _simulator_section(simulator: Mapping[str, Any]) -> list[str]:

@@ -45,7 +45,7 @@ from scipy import stats
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.definitions import CASCADE_FROZEN, LM_FEATURES_DIR, lm_feature_slug, read_manifest
-from nlpctr.models import ceilings, distill, experiment, redundancy, report
+from nlpctr.models import ceilings, claims, distill, experiment, metrics, redundancy, report
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.trainer import TextBatcher, labels_of, pair_text, predict
 from nlpctr.pipelines import train
@@ -95,8 +95,8 @@ def load_protocol(quick: bool, config_file: Path | None) -> dict[str, Any]:
             f"students of {max(students)} layers need a teacher of at least as many; joint_lm_layers is "
             f"{protocol['joint_lm_layers']}"
         )
-    if students and protocol["distill"]["teacher_fusion"] not in protocol["fusions"]:
-        raise UserError(f"distill.teacher_fusion must be one of fusions {protocol['fusions']}")
+    if students and protocol["distill"]["teacher_fusion"] not in ["best", *protocol["fusions"]]:
+        raise UserError(f"distill.teacher_fusion must be `best` or one of fusions {protocol['fusions']}")
     return protocol
 
 
@@ -105,6 +105,15 @@ def command(argv: Sequence[str]) -> dict[str, Any]:
     job, rest = resolve(list(argv))
     return job(rest)
 
+
+# A student's conversion rate when the teacher feature gains nothing significant over E0.
+NOT_DISTILLED = {
+    "conversion_auc": None,
+    "conversion_auc_ci": None,
+    "conversion_rig": None,
+    "conversion_rig_ci": None,
+    "conversion_note": distill.NOTHING_TO_DISTIL,
+}
 
 # ------------------------------------------------------------------------------- features
 
@@ -178,6 +187,10 @@ class Experiment:
         self.runs: dict[str, dict[str, Any]] = {}
         self.train_config_file = out / "train_config.yaml"
         self.feast_agreement: float | None = None  # E2's chosen checkpoint: Feast vs in-memory
+        # Per NLP feature: test predictions of E0 + it, and its validation ΔAUC over E0 (what
+        # selects a teacher or a checkpoint, so the test split only judges).
+        self.increments: dict[str, np.ndarray] = {}
+        self.valid_gain: dict[str, float] = {}
         self.code_version = train.code_version()  # at the start: the tree may change during a long run
 
     @contextmanager
@@ -258,6 +271,11 @@ class Experiment:
         self.train_ctr = float(self.e0.spec["train_ctr"])
         self.evaluation = self.e0.spec["config"]["evaluation"]
         self.e0_p = self.saved_predictions(BASELINE_RUN)
+        self.valid_rows = self.data.rows("valid")
+        self.valid_labels = labels_of(self.data, self.valid_rows)
+        self.e0_valid_auc = metrics.auc(
+            self.valid_labels, predict(self.e0.model, self.data, self.valid_rows, None)
+        )
         rows = (self.train_rows, self.test_rows)  # E0's side of every redundancy probe, once
         self.e0_inputs = [redundancy.e0_design_matrix(self.data, r) for r in rows]
         self.e0_repr = [redundancy.e0_representation(self.e0.model, self.data, r) for r in rows]
@@ -342,6 +360,11 @@ class Experiment:
         _, data, model, _, _ = train.fit_ctr(
             frame, columns, self.manifest, config, self.e0.pre.fill_ctr, checkpoints, None, False
         )
+        valid = data.rows("valid")
+        assert torch.equal(valid, self.valid_rows)  # the same frame, so the same rows
+        self.valid_gain[feature.name] = (
+            metrics.auc(self.valid_labels, predict(model, data, valid, None)) - self.e0_valid_auc
+        )
         return predict(model, data, data.rows("test"), None)
 
     def measure(self, feature: NlpFeature, increment: np.ndarray) -> dict[str, Any]:
@@ -364,6 +387,8 @@ class Experiment:
         ).to_dict()
         measured["significant"] = delta["significant"]
         measured["share_of_text_gain"] = self.ceiling.share(increment)
+        measured["valid_delta_auc"] = self.valid_gain.get(feature.name)
+        self.increments[feature.name] = increment
         measured["dim"] = int(feature.measured.shape[1]) if feature.measured.ndim == 2 else 1
         return measured
 
@@ -406,24 +431,37 @@ class Experiment:
 
     # -------------------------------------------------------------------- E4
 
-    def distillation(self, measures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """SuKD, No-KD and feature-KD students of the teacher (the LM of E3 `teacher_fusion`).
+    def teacher_run(self) -> str:
+        """E4's teacher: the joint run named by `distill.teacher_fusion`, or with `best`, the one
+        whose LM feature adds most to E0 on validation (the test split only judges)."""
+        fusion = self.protocol["distill"]["teacher_fusion"]
+        if fusion in self.protocol["fusions"]:  # (checked when E4 runs; else `best`)
+            return f"joint_{fusion}"
+        candidates = [f"joint_{f}" for f in self.protocol["fusions"]]
+        return max(candidates, key=lambda run: self.valid_gain[run])  # ties: the first listed
 
-        Every student's output is also measured as an NLP feature (into `measures`).
+    def distillation(self, measures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """SuKD, No-KD and feature-KD students of the teacher LM (`teacher_run`).
+
+        Every student's output is measured as an NLP feature added to E0 (into `measures`), which
+        is how the paper deploys it; its conversion rate is that feature's gain over the teacher
+        feature's, with a paired CI, or "nothing to distil" when the teacher feature's own gain
+        over E0 is not significantly positive.
         """
         settings = self.protocol["distill"]
-        teacher_run = f"joint_{settings['teacher_fusion']}"
+        teacher_run = self.teacher_run()
         teacher = experiment.TrainedRun.load(self.runs_dir / teacher_run)
         assert teacher.lm is not None
         data = teacher.pre.tensorize(self.frame)
         test = data.rows("test")
-        teacher_entry = self.runs[teacher_run]
         joint_loop = experiment.loop_config({"loop": {**settings["loop"], "seed": self.seed}})
         text_loop = experiment.loop_config({"loop": {**settings["feature_kd"], "seed": self.seed}})
         targets = distill.supplementary_outputs(teacher.model, teacher.lm, data)
         teacher_vectors = distill.pooled_vectors(teacher.lm, data)
         sample = [pair_text(q, a) for q, a in data.texts[: int(settings["throughput_texts"])]]
         rows_of_text = data.text_index.numpy()
+        teacher_feature = measures[teacher_run]
+        distillable = claims.verdict(teacher_feature["delta_auc_ci"]) == claims.HOLDS
         out: dict[str, Any] = {}
         speeds: dict[int, tuple[float, float]] = {}
         for layers in (int(k) for k in settings["students"]):
@@ -470,23 +508,54 @@ class Experiment:
                             distill.inference_rows_per_s(lm, sample),
                             distill.inference_rows_per_s(teacher.lm, sample),
                         )
-                    out[key] = self.student_entry(method, layers, p, teacher_entry)
+                    out[key] = self.student_entry(method, layers, p, measures[key])
+                    out[key].update(self.conversion(key, teacher_run) if distillable else NOT_DISTILLED)
                     out[key]["rows_per_s"], out[key]["teacher_rows_per_s"] = speeds[layers]
+        teacher_entry = self.runs[teacher_run]
         teacher_info = {
             "run": teacher_run,
-            "fusion": settings["teacher_fusion"],
+            "fusion": teacher_run.removeprefix("joint_"),
+            "selected_by": "validation ΔAUC of its LM feature over E0"
+            if settings["teacher_fusion"] == "best"
+            else "distill.teacher_fusion",
+            "valid_delta_auc": {
+                f"joint_{f}": self.valid_gain[f"joint_{f}"] for f in self.protocol["fusions"]
+            },
             "layers": int(self.protocol["joint_lm_layers"]),
             "auc": teacher_entry["auc"],
             "rig": teacher_entry["rig"],
             "gauc": teacher_entry["gauc"],
+            "feature_delta_auc": teacher_feature["delta_auc"],
+            "feature_delta_auc_ci": teacher_feature["delta_auc_ci"],
+            "feature_delta_rig": teacher_feature["delta_rig"],
+            "nothing_to_distil": not distillable,
         }
         return out, teacher_info
 
+    def conversion(self, student: str, teacher: str) -> dict[str, Any]:
+        """The student feature's gain over E0 as a share of the teacher feature's, paired CIs."""
+        rounds, seed = int(self.evaluation["bootstrap_rounds"]), int(self.evaluation["bootstrap_seed"])
+        rates = distill.conversion(
+            self.test_labels,
+            self.increments[student],
+            self.increments[teacher],
+            self.e0_p,
+            self.train_ctr,
+            rounds,
+            seed,
+        )
+        return {
+            "conversion_auc": rates["auc"]["estimate"],
+            "conversion_auc_ci": rates["auc"]["ci"],
+            "conversion_rig": rates["rig"]["estimate"],
+            "conversion_rig_ci": rates["rig"]["ci"],
+        }
+
     def student_entry(
-        self, method: str, layers: int, p: np.ndarray, teacher: Mapping[str, Any]
+        self, method: str, layers: int, p: np.ndarray, feature: Mapping[str, Any]
     ) -> dict[str, Any]:
+        """The student end to end (`p`; for feature-KD that is E0 + its feature) and as a feature."""
         entry = self.report_of(p)
-        base = self.runs[BASELINE_RUN]
         return {
             "method": method,
             "layers": layers,
@@ -499,9 +568,64 @@ class Experiment:
             "delta_auc_ci": entry["delta_auc_ci"],
             "delta_rig": entry["delta_rig_vs_baseline"],
             "delta_rig_ci": entry["delta_rig_ci"],
-            "conversion_auc": distill.conversion_rate(entry["auc"], base["auc"], teacher["auc"]),
-            "conversion_rig": distill.conversion_rate(entry["rig"], base["rig"], teacher["rig"]),
+            "feature_delta_auc": feature["delta_auc"],
+            "feature_delta_auc_ci": feature["delta_auc_ci"],
+            "feature_delta_rig": feature["delta_rig"],
+            "feature_delta_rig_ci": feature["delta_rig_ci"],
         }
+
+    # -------------------------------------------------------------------- the paper's claims
+
+    def paired(self, feature: str, other: str) -> dict[str, Any]:
+        """Paired test delta between E0 + `feature` and E0 + `other` (group bootstrap)."""
+        return experiment.paired_delta(
+            self.test_labels,
+            self.increments[feature],
+            self.increments[other],
+            self.train_ctr,
+            self.evaluation,
+        )
+
+    def claims(self, teacher: str) -> list[dict[str, Any]]:
+        """The paper's three claims (`models/claims.py`), each judged as cascaded NLP features."""
+        e2 = self.trained["cascade_finetuned"]["lm"]
+        peak = f"cascade_finetuned@{e2['chosen']}"  # E2 stops at peak standalone valid AUC
+        checkpoints = [name for name in self.increments if name.startswith("cascade_finetuned@")]
+        best = max(checkpoints, key=lambda name: self.valid_gain[name])  # ties: the earliest
+        out = [
+            claims.from_delta(
+                claims.PEAK_AUC_NOT_BEST,
+                "E2's checkpoint with the best validation feature gain adds more to E0 than its "
+                "peak-standalone-AUC checkpoint",
+                self.paired(best, peak),
+                detail={
+                    "best_feature_checkpoint": best,
+                    "peak_auc_checkpoint": peak,
+                    "same_checkpoint": best == peak,
+                    "valid_delta_auc": {name: self.valid_gain[name] for name in checkpoints},
+                },
+            ),
+            claims.from_delta(
+                claims.JOINT_BEATS_FINETUNED,
+                "the joint LM's feature adds more to E0 than the E2 (peak-AUC) feature, both fed the "
+                "cascaded way",
+                self.paired(teacher, peak),
+                detail={"joint_feature": teacher, "finetuned_feature": peak},
+            ),
+        ]
+        for layers in (int(k) for k in self.protocol["distill"]["students"]):
+            sukd, featurekd = f"sukd_L{layers}", f"featurekd_L{layers}"
+            if sukd in self.increments and featurekd in self.increments:
+                out.append(
+                    claims.from_delta(
+                        claims.SUKD_BEATS_FEATUREKD,
+                        f"the {layers}-layer SuKD student's feature adds more to E0 than the "
+                        f"{layers}-layer feature-KD student's",
+                        self.paired(sukd, featurekd),
+                        detail={"layers": layers, "sukd": sukd, "featurekd": featurekd},
+                    )
+                )
+        return [claim.to_dict() for claim in out]
 
     def results(self, dataset: str, started: float, **sections: Any) -> dict[str, Any]:
         return {
@@ -548,6 +672,7 @@ def run_protocol(
     sections: dict[str, Any] = {"redundancy": measures, "e2_curve": curve}
     if protocol["distill"]["students"]:
         sections["distillation"], sections["teacher"] = exp.distillation(measures)
+    sections["claims"] = exp.claims(exp.teacher_run())
     results = exp.results(dataset, started, **sections)
     write_results(results, out)
     return results
@@ -673,10 +798,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_protocol(args, protocol, args.dataset, args.out)
     runs = results["runs"]
     best = max((k for k in runs if k != BASELINE_RUN), key=lambda k: runs[k]["auc"])
+    verdicts = ", ".join(
+        f"{c['id']}{'@L' + str(c['detail']['layers']) if 'layers' in c['detail'] else ''} {c['verdict']}"
+        for c in results["claims"]
+    )
     results["summary"] = (
         f"experiment {results['dataset']}: E0 AUC {runs[BASELINE_RUN]['auc']:.4f}; best {best} "
         f"{runs[best]['auc']:.4f} (ΔAUC {runs[best]['delta_auc_vs_baseline']:+.4f}); "
         f"{len(results['redundancy'])} features measured, {len(results.get('distillation', {}))} students; "
-        f"{results['wall_seconds']:.0f} s -> {args.out}/report.md"
+        f"claims: {verdicts}; {results['wall_seconds']:.0f} s -> {args.out}/report.md"
     )
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -76,8 +77,13 @@ def test_no_tracked_file_names_a_path_outside_the_tree() -> None:
 @pytest.mark.slow
 def test_a_built_wheel_carries_the_datasets(tmp_path: Path) -> None:
     """`pip install .` must give a package that finds its data with nothing beside it."""
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds.
+    source = tmp_path / "src"
+    shutil.copytree(
+        PROJECT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "data", "runs", "*.egg-info")
+    )
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(PROJECT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
     )

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from nlpctr.errors import UserError
+from nlpctr.models import metrics
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
 from nlpctr.models.data import FeatureColumns, Tensors, tensorize
 from nlpctr.models.distill import (
     FEATURE_KD_WEIGHTS,
-    conversion_rate,
+    conversion,
     distance,
     fit_feature_kd,
     fit_joint_student,
@@ -189,11 +190,30 @@ def test_feature_kd_learns_the_teachers_embedding_deterministically(data, teache
     )
 
 
-def test_conversion_rate() -> None:
-    assert conversion_rate(0.72, 0.70, 0.74) == pytest.approx(0.5)
-    assert conversion_rate(0.69, 0.70, 0.74) == pytest.approx(-0.25)  # worse than E0
-    assert conversion_rate(0.75, 0.70, 0.70) is None  # the teacher gains nothing
-    assert conversion_rate(float("nan"), 0.70, 0.74) is None
+def test_conversion_is_the_share_of_the_teacher_features_gain_with_a_paired_ci() -> None:
+    rng = np.random.default_rng(0)
+    n = 4000
+    signal = rng.normal(size=n)
+    labels = metrics.Labels(
+        np.full(n, 20), rng.binomial(20, 1 / (1 + np.exp(2.5 - signal))), np.arange(n) // 20
+    )
+    noise = rng.normal(size=n)
+    e0 = 1 / (1 + np.exp(2.5 - 0.2 * signal - noise))
+    teacher = 1 / (1 + np.exp(2.5 - 1.0 * signal - noise))
+    half = 1 / (1 + np.exp(2.5 - 0.5 * signal - noise))
+    out = conversion(labels, half, teacher, e0, 0.1, rounds=50, seed=0)
+    assert (
+        0 < out["auc"]["estimate"] < 1 and out["auc"]["ci"][0] < out["auc"]["estimate"] < out["auc"]["ci"][1]
+    )
+    gain = metrics.auc(labels, half) - metrics.auc(labels, e0)
+    assert out["auc"]["estimate"] == pytest.approx(
+        gain / (metrics.auc(labels, teacher) - metrics.auc(labels, e0))
+    )
+    assert conversion(labels, teacher, teacher, e0, 0.1, rounds=20, seed=0)["rig"][
+        "estimate"
+    ] == pytest.approx(1)
+    # A teacher no better than E0 leaves the ratio undefined, not a number.
+    assert conversion(labels, half, e0, e0, 0.1, rounds=20, seed=0)["auc"] == {"estimate": None, "ci": None}
 
 
 def test_a_teacher_without_fusion_or_a_negative_weight_is_refused(data, teacher, tmp_path: Path) -> None:

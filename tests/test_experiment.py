@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from nlpctr.errors import UserError
+from nlpctr.models import claims
 from nlpctr.pipelines import experiment
 
 TINY = {
@@ -75,11 +76,42 @@ def test_results_follow_the_documented_schema(protocol_run: dict) -> None:
         if name != "baseline":
             assert run["delta_auc_ci"][0] <= run["delta_auc_vs_baseline"] <= run["delta_auc_ci"][1]
     assert set(results["distillation"]) == {"sukd_L1", "nokd_L1", "featurekd_L1"}
-    for entry in results["distillation"].values():
+    teacher = results["teacher"]
+    assert teacher["run"] == "joint_score" and set(teacher["valid_delta_auc"]) == {"joint_score"}
+    for name, entry in results["distillation"].items():
         assert entry["rows_per_s"] > 0 and entry["teacher_rows_per_s"] > 0
-        base, teacher = results["runs"]["baseline"]["auc"], results["teacher"]["auc"]
-        expected = (entry["auc"] - base) / (teacher - base)
-        assert entry["conversion_auc"] == pytest.approx(expected)
+        # Judged as a feature added to E0: the student's feature gain over the teacher feature's.
+        assert entry["feature_delta_auc"] == results["redundancy"][name]["delta_auc"]
+        if teacher["nothing_to_distil"]:
+            assert entry["conversion_auc"] is None and entry["conversion_note"].startswith(
+                "nothing to distil"
+            )
+        else:
+            expected = entry["feature_delta_auc"] / teacher["feature_delta_auc"]
+            assert entry["conversion_auc"] == pytest.approx(expected, rel=1e-6)
+            low, high = entry["conversion_auc_ci"]
+            assert low <= entry["conversion_auc"] <= high
+
+
+def test_claims_carry_paired_cis_and_verdicts_that_follow_them(protocol_run: dict) -> None:
+    results = protocol_run["results"]
+    found = {c["id"]: c for c in results["claims"]}
+    assert set(found) == {claims.PEAK_AUC_NOT_BEST, claims.JOINT_BEATS_FINETUNED, claims.SUKD_BEATS_FEATUREKD}
+    for claim in results["claims"]:
+        low, high = claim["ci"]
+        assert low <= claim["estimate"] <= high
+        assert claim["verdict"] == claims.verdict(claim["ci"])
+    joint = found[claims.JOINT_BEATS_FINETUNED]
+    redundancy = results["redundancy"]
+    gap = (
+        redundancy["joint_score"]["delta_auc"] - redundancy[joint["detail"]["finetuned_feature"]]["delta_auc"]
+    )
+    assert joint["estimate"] == pytest.approx(gap, abs=1e-9)
+    peak = found[claims.PEAK_AUC_NOT_BEST]["detail"]
+    chosen = next(p["checkpoint"] for p in results["e2_curve"]["points"] if p["chosen"])
+    assert peak["peak_auc_checkpoint"] == f"cascade_finetuned@{chosen}"
+    report = (protocol_run["out"] / "report.md").read_text()
+    assert report.index("## The paper's claims") < report.index("## Runs")
 
 
 def test_joint_runs_record_their_stages_and_never_lose_to_e0(protocol_run: dict) -> None:
