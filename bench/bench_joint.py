@@ -36,6 +36,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -144,7 +145,9 @@ def main() -> None:
     data = pre.tensorize(frame)
     config = experiment.load_config("baseline", None, {"loop": {"epochs": 8, "patience": 2}})  # quick E0
     e0 = experiment.build_model(pre, config, None)
-    e0_fit = fit(e0, data, experiment.loop_config(config), args.out.parent / "work" / "e0", progress=False)
+    work = args.out.parent / "work" / "bench_joint_e0"
+    shutil.rmtree(work, ignore_errors=True)  # never resume an E0 of other data
+    e0_fit = fit(e0, data, experiment.loop_config(config), work, progress=False)
     e0.eval()
     e0_logloss, e0_auc, _ = evaluate(e0, data, None)
     assert e0_logloss == e0_fit.best["valid_logloss"]
