@@ -76,7 +76,7 @@ class EncoderConfig:
     trainable_layers: int | None = None  # top layers that train; None: all; more than `layers`: all
     freeze_embeddings: bool = False  # keep the token/position embeddings fixed (implied by trainable_layers)
     cache_dtype: str = "float32"  # frozen-prefix states kept per text: float32 (exact) or float16
-    cache_max_mb: int = 2048  # beyond this, states are recomputed instead of kept
+    cache_max_mb: int = 1024  # beyond this, states are recomputed instead of kept
     autocast: str | None = None  # "bfloat16": the layers above the cached prefix in bf16 autocast
 
     def __post_init__(self) -> None:
