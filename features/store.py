@@ -94,10 +94,14 @@ def _write_state(data_dir: Path, state: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
+def _node(connection_string: str) -> str:
+    """HOST:PORT of a Redis connection string's first node (not its client parameters)."""
+    return connection_string.split(",")[0]
+
+
 def _unreachable(connection_string: str, exc: BaseException) -> UserError:
-    node = connection_string.split(",")[0]  # the address, not the client parameters
     return UserError(
-        f"the Redis online store at {node} is unreachable ({str(exc).splitlines()[0]}); "
+        f"the Redis online store at {_node(connection_string)} is unreachable ({str(exc).splitlines()[0]}); "
         "start redis-server there, or re-apply with `--online redis --redis-url HOST:PORT` "
         "(or `--online sqlite`)"
     )
@@ -122,7 +126,7 @@ def _redis(connection_string: str) -> Iterator[Any]:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    host, _, port = connection_string.split(",")[0].partition(":")
+    host, _, port = _node(connection_string).partition(":")
     client = redis.Redis(
         host=host,
         port=int(port or 6379),
@@ -181,7 +185,7 @@ def _check_mark(store: FeatureStore, data_dir: Path) -> None:
         found = client.exists(_materialized_mark(store))
     if not found:
         raise UserError(
-            f"the Redis online store at {url.split(',')[0]} holds none of the materialised features of "
+            f"the Redis online store at {_node(url)} holds none of the materialised features of "
             f"{Path(data_dir).resolve()} (restarted without persistence, or flushed?): "
             f"run {_fix('materialize', data_dir)}"
         )

@@ -102,8 +102,7 @@ def is_train_run(folder: Path) -> bool:
 
 def is_experiment(folder: Path) -> bool:
     """`nlpctr experiment`'s folder from before it wrote a marker: its results.json."""
-    content = _read_json(folder / "results.json")
-    return content is not None and all(k in content for k in ("dataset", "protocol", "seed"))
+    return _has_keys(folder / "results.json", ("dataset", "protocol", "seed"))
 
 
 def is_simulated_log(log: Path) -> bool:
