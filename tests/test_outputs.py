@@ -457,6 +457,7 @@ def test_experiment_takes_an_empty_folder_or_its_own(tmp_path: Path, monkeypatch
         "dataset": "tiny",
         "runs": {"baseline": {"auc": 0.5}, "joint_score": {"auc": 0.6, "delta_auc_vs_baseline": 0.1}},
         "redundancy": {},
+        "claims": [],
         "wall_seconds": 0.0,
     }
 
