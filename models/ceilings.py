@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,120 +49,6 @@ DEFAULT_PRIOR_STRENGTH = 10.0  # the default of `nlpctr ctr-stats --prior-streng
 NEAR_NO_TEXT_RATIO = 0.9  # E0 is "near its no-text oracle" when its RIG is >= 90% of that oracle's
 MIN_SPLITTABLE_SHARE = 0.5  # a split-half ceiling needs most impressions on items shown twice or more
 SHARE_METRICS = {"simulated": ("rig", "auc"), "split_half": ("gauc", "auc")}
-
-
-# ------------------------------------------------------------------------------- resampling
-
-
-@dataclass(frozen=True)
-class Draws:
-    """Group-bootstrap draws as counts: `counts[r, g]` = times group `groups[g]` is drawn in round r."""
-
-    groups: np.ndarray  # sorted unique group ids
-    counts: np.ndarray  # (rounds, len(groups))
-    seed: int
-    level: float = 0.95
-
-    @classmethod
-    def of(cls, groups: np.ndarray, rounds: int, seed: int, level: float = 0.95) -> Draws:
-        unique, counts = metrics.group_bootstrap_counts(np.asarray(groups), rounds, seed)
-        return cls(unique, counts, seed, level)
-
-    @property
-    def rounds(self) -> int:
-        return int(self.counts.shape[0])
-
-    def codes(self, groups: np.ndarray) -> np.ndarray:
-        """Index into `self.groups` of each id; every id must be one of them."""
-        groups = np.asarray(groups)
-        index = np.searchsorted(self.groups, groups).clip(0, max(len(self.groups) - 1, 0))
-        if len(groups) and (len(self.groups) == 0 or np.any(self.groups[index] != groups)):
-            raise ValueError("rows of a group the bootstrap draws do not know")
-        return index
-
-    def interval(self, estimate: float, values: np.ndarray) -> dict[str, Any]:
-        """{estimate, ci}: the percentile interval of the per-round values (NaN rounds ignored)."""
-        finite = np.asarray(values, dtype=np.float64)
-        finite = finite[np.isfinite(finite)]
-        if not math.isfinite(estimate) or len(finite) == 0:
-            return {"estimate": _finite_or_none(estimate), "ci": None}
-        low, high = np.quantile(finite, [(1 - self.level) / 2, (1 + self.level) / 2])
-        return {"estimate": float(estimate), "ci": [float(low), float(high)]}
-
-    def settings(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "seed": self.seed, "level": self.level}
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-@dataclass(frozen=True)
-class Resampled:
-    """AUC, log loss and GAUC of one prediction vector on its rows, and in every bootstrap round."""
-
-    auc: float
-    logloss: float
-    gauc: float
-    auc_draws: np.ndarray
-    logloss_draws: np.ndarray
-    gauc_draws: np.ndarray
-
-    def rig(self, train_ctr: float) -> float:
-        return 1.0 - self.logloss / metrics.entropy(train_ctr)
-
-    def rig_draws(self, train_ctr: float) -> np.ndarray:
-        return 1.0 - self.logloss_draws / metrics.entropy(train_ctr)
-
-    def value(self, metric: str, train_ctr: float) -> tuple[float, np.ndarray]:
-        if metric == "rig":
-            return self.rig(train_ctr), self.rig_draws(train_ctr)
-        return getattr(self, metric), getattr(self, f"{metric}_draws")
-
-
-def _rank_auc(rank: np.ndarray, positives: np.ndarray, negatives: np.ndarray, n_ranks: int) -> float:
-    """Weighted AUC from exact score ranks; tied scores count half (sklearn's convention)."""
-    pos = np.bincount(rank, positives, minlength=n_ranks)
-    neg = np.bincount(rank, negatives, minlength=n_ranks)
-    total = pos.sum() * neg.sum()
-    if total <= 0:
-        return float("nan")
-    below = np.cumsum(neg) - neg
-    return float(np.sum(pos * (below + 0.5 * neg)) / total)
-
-
-def resample(labels: metrics.Labels, predictions: np.ndarray, draws: Draws) -> Resampled:
-    """Metrics of `predictions` on `labels`, and under each round of `draws` (rows reweighted by
-    their group's count). Equal to `metrics.auc`, `metrics.logloss` and `metrics.gauc` on the rows,
-    and to those metrics on `group_bootstrap_indices`' concatenated resamples in each round."""
-    p = np.clip(np.asarray(predictions, dtype=np.float64), metrics.EPS, 1 - metrics.EPS)
-    if p.shape != labels.impressions.shape:
-        raise ValueError(f"{len(p)} predictions for {len(labels.impressions)} rows")
-    values, rank = np.unique(p, return_inverse=True)
-    positives = labels.clicks.astype(np.float64)
-    shown = labels.impressions.astype(np.float64)
-    negatives = shown - positives
-    loss = -(positives * np.log(p) + negatives * np.log1p(-p))
-    has_groups = labels.groups is not None
-    codes = draws.codes(labels.groups if has_groups else np.arange(len(p)))
-    group_auc, group_weight = metrics.binned_aucs(
-        codes, rank, positives, negatives, len(draws.groups), n_bins=len(values)
-    )
-    auc = _rank_auc(rank, positives, negatives, len(values))
-    logloss = float(loss.sum() / shown.sum())
-    gauc = float(np.sum(group_weight * group_auc) / group_weight.sum()) if has_groups else float("nan")
-    if has_groups and group_weight.sum() == 0:
-        gauc = float("nan")
-    aucs, losses, gaucs = (np.full(draws.rounds, np.nan) for _ in range(3))
-    for r, counts in enumerate(draws.counts):
-        weight = counts[codes].astype(np.float64)
-        aucs[r] = _rank_auc(rank, positives * weight, negatives * weight, len(values))
-        n = float(np.sum(weight * shown))
-        losses[r] = float(np.sum(weight * loss)) / n if n > 0 else np.nan
-        if has_groups:
-            w = counts * group_weight
-            gaucs[r] = float(np.sum(w * group_auc) / w.sum()) if w.sum() > 0 else np.nan
-    return Resampled(auc, logloss, gauc, aucs, losses, gaucs)
 
 
 def ratio(numerator: np.ndarray | float, denominator: np.ndarray | float) -> np.ndarray:
@@ -196,7 +81,7 @@ def oracle_probabilities(truth_file: Path, impression_ids: Sequence[str]) -> tup
     return rows["click_prob"].to_numpy(), no_text
 
 
-def _card(result: Resampled, train_ctr: float, draws: Draws) -> dict[str, Any]:
+def _card(result: metrics.Resampled, train_ctr: float, draws: metrics.Draws) -> dict[str, Any]:
     """{auc, logloss, rig, gauc} with group-bootstrap CIs (`<metric>_ci`)."""
     card: dict[str, Any] = {}
     for metric in ("auc", "logloss", "rig", "gauc"):
@@ -226,10 +111,10 @@ class OracleCeiling:
     ) -> None:
         groups = labels.groups if labels.groups is not None else np.arange(len(labels.impressions))
         self.labels, self.train_ctr = labels, float(train_ctr)
-        self.draws = Draws.of(groups, rounds, seed, level)
-        self.oracle = resample(labels, oracle, self.draws)
-        self.no_text = resample(labels, no_text, self.draws)
-        self.e0 = None if e0 is None else resample(labels, e0, self.draws)
+        self.draws = metrics.Draws.of(groups, rounds, seed, level)
+        self.oracle = metrics.resample(labels, oracle, self.draws)
+        self.no_text = metrics.resample(labels, no_text, self.draws)
+        self.e0 = None if e0 is None else metrics.resample(labels, e0, self.draws)
 
     def gain(self, metric: str) -> tuple[float, np.ndarray]:
         """oracle - no-text oracle, on the rows and per round."""
@@ -237,7 +122,7 @@ class OracleCeiling:
         bottom, bottom_draws = self.no_text.value(metric, self.train_ctr)
         return top - bottom, top_draws - bottom_draws
 
-    def _share(self, model: Resampled, base: Resampled) -> dict[str, Any]:
+    def _share(self, model: metrics.Resampled, base: metrics.Resampled) -> dict[str, Any]:
         out = {}
         for metric in SHARE_METRICS[self.kind]:
             value, values = model.value(metric, self.train_ctr)
@@ -252,7 +137,7 @@ class OracleCeiling:
         """(model - E0) / (oracle - no-text oracle) on RIG and AUC, {estimate, ci} each."""
         if self.e0 is None:
             raise ValueError("a share of the text gain needs E0's predictions")
-        return self._share(resample(self.labels, predictions, self.draws), self.e0)
+        return self._share(metrics.resample(self.labels, predictions, self.draws), self.e0)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -275,7 +160,9 @@ class OracleCeiling:
     def near_no_text_oracle(self) -> dict[str, Any]:
         """E0's RIG over the no-text oracle's, and whether it is at least NEAR_NO_TEXT_RATIO."""
         assert self.e0 is not None
-        e0_over = _finite_or_none(float(ratio(self.e0.rig(self.train_ctr), self.no_text.rig(self.train_ctr))))
+        e0_over = metrics.finite_or_none(
+            float(ratio(self.e0.rig(self.train_ctr), self.no_text.rig(self.train_ctr)))
+        )
         return {
             "e0_near_no_text_oracle": e0_over is not None and e0_over >= NEAR_NO_TEXT_RATIO,
             "e0_rig_over_no_text_oracle_rig": e0_over,
@@ -421,10 +308,10 @@ class SplitHalfCeiling:
             items["impressions"].to_numpy(), items["clicks"].to_numpy(), items[group].astype(str).to_numpy(),
             split_seed, prior_strength,
         )  # fmt: skip
-        self.draws = Draws.of(labels.groups.astype(str), rounds, seed, level)
+        self.draws = metrics.Draws.of(labels.groups.astype(str), rounds, seed, level)
         b_labels, b_score = halves.half_b
-        self.ceiling = resample(b_labels, b_score, self.draws)
-        self.e0 = None if e0 is None else resample(self._labels(), e0, self.draws)
+        self.ceiling = metrics.resample(b_labels, b_score, self.draws)
+        self.e0 = None if e0 is None else metrics.resample(self._labels(), e0, self.draws)
 
     def _labels(self) -> metrics.Labels:
         labels = self.labels
@@ -452,7 +339,7 @@ class SplitHalfCeiling:
         """(model - E0) / (split-half ceiling - E0) on GAUC and AUC, where meaningful."""
         if self.e0 is None:
             raise ValueError("a share of the ceiling needs E0's predictions")
-        model = resample(self._labels(), predictions, self.draws)
+        model = metrics.resample(self._labels(), predictions, self.draws)
         out: dict[str, Any] = {}
         for metric in SHARE_METRICS[self.kind]:
             ok, reason = self.meaningful(metric)

@@ -253,8 +253,8 @@ def conversion(
     """(student − E0) / (teacher − E0) on AUC and RIG, each `{estimate, ci}`, where the three are
     test predictions of E0 + the student feature, E0 + the teacher feature and E0 itself. The CI
     draws the same groups for numerator and denominator (a paired group bootstrap)."""
-    draws = ceilings.Draws.of(labels.groups, rounds, seed)
-    s, t, e0 = (ceilings.resample(labels, p, draws) for p in (student, teacher, baseline))
+    draws = metrics.Draws.of(labels.groups, rounds, seed)
+    s, t, e0 = (metrics.resample(labels, p, draws) for p in (student, teacher, baseline))
     out: dict[str, dict[str, Any]] = {}
     for metric in ("auc", "rig"):
         (sv, sd), (tv, td), (bv, bd) = (r.value(metric, train_ctr) for r in (s, t, e0))

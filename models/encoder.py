@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import logging as hf_logging
 
 from nlpctr.errors import UserError
 
@@ -155,6 +156,8 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) ->
 def load_model(layers: int = MAX_LAYERS) -> PreTrainedModel:
     """The bundled BertModel, loaded offline and truncated to its first `layers` layers."""
     EncoderConfig(layers=layers)  # validates the range with the same UserError as the config
+    # The local load needs no progress bar: its "Loading weights" bar ignored --no-progress.
+    hf_logging.disable_progress_bar()
     model = AutoModel.from_pretrained(model_path(), local_files_only=True)
     if layers < len(model.encoder.layer):
         # Keeping the bottom k layers (not re-initialising fewer) is how students and quick runs

@@ -241,50 +241,15 @@ def lm_outputs(
 # ------------------------------------------------------------------------------- metrics
 
 
-def group_aucs(labels: metrics.Labels, predictions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per group (sorted unique ids): AUC and impressions, impressions 0 where AUC is undefined."""
-    assert labels.groups is not None
-    unique, inverse = np.unique(labels.groups, return_inverse=True)
-    aucs, weights = np.zeros(len(unique)), np.zeros(len(unique))
-    for g, rows in enumerate(
-        np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
-    ):
-        sub = labels.subset(rows)
-        clicks, impressions = sub.clicks.sum(), sub.impressions.sum()
-        if 0 < clicks < impressions:
-            aucs[g], weights[g] = metrics.auc(sub, predictions[rows]), impressions
-    return unique, aucs, weights
-
-
-def gauc_bootstrap(
-    labels: metrics.Labels,
-    predictions_a: np.ndarray,
-    predictions_b: np.ndarray | None = None,
-    rounds: int = 200,
-    seed: int = 0,
-    level: float = 0.95,
-) -> metrics.Interval:
-    """GAUC (or GAUC(a) - GAUC(b)) with a group-bootstrap CI, from per-group AUCs computed once.
-
-    Exact for group resampling: a group drawn twice has its rows twice, which leaves its AUC
-    and doubles its impressions, i.e. it counts twice in the weighted mean. Uses the same draws
-    as `metrics.group_bootstrap_indices` with the same seed.
-    """
-    _, auc_a, w = group_aucs(labels, predictions_a)
-    values = auc_a if predictions_b is None else auc_a - group_aucs(labels, predictions_b)[1]
-    return metrics.weighted_mean_ci(values, w, rounds, seed, level)
-
-
 def metric_report(
     labels: metrics.Labels, predictions: np.ndarray, train_ctr: float, evaluation: Mapping[str, Any]
 ) -> dict[str, Any]:
     """AUC, GAUC, log loss, RIG (with group-bootstrap CIs) and calibration of one split."""
-    rounds, seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
-    auc = metrics.bootstrap_ci(metrics.auc, labels, predictions, rounds=rounds, seed=seed)
-    rig = metrics.bootstrap_ci(
-        lambda lab, p: metrics.rig(lab, p, train_ctr), labels, predictions, rounds=rounds, seed=seed
+    draws = metrics.Draws.for_labels(
+        labels, int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
     )
-    gauc = gauc_bootstrap(labels, predictions, rounds=rounds, seed=seed)
+    result = metrics.resample(labels, predictions, draws)
+    auc, rig, gauc = (metrics.Interval.of(*result.value(m, train_ctr)) for m in ("auc", "rig", "gauc"))
     bins = int(evaluation["calibration_bins"])
     return {
         "rows": len(predictions),
@@ -313,14 +278,14 @@ def paired_delta(
     evaluation: Mapping[str, Any],
 ) -> dict[str, Any]:
     """ΔAUC, ΔRIG, ΔGAUC of a model over a baseline on the same rows, paired group bootstrap."""
-    rounds, seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
-    intervals = {
-        "auc": metrics.paired_bootstrap_diff(metrics.auc, labels, predictions, baseline, rounds, seed),
-        "rig": metrics.paired_bootstrap_diff(
-            lambda lab, p: metrics.rig(lab, p, train_ctr), labels, predictions, baseline, rounds, seed
-        ),
-        "gauc": gauc_bootstrap(labels, predictions, baseline, rounds, seed),
-    }
+    draws = metrics.Draws.for_labels(
+        labels, int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
+    )
+    model, base = (metrics.resample(labels, p, draws) for p in (predictions, baseline))
+    intervals = {}
+    for metric in ("auc", "rig", "gauc"):
+        (estimate, values), (base_estimate, base_values) = (r.value(metric, train_ctr) for r in (model, base))
+        intervals[metric] = metrics.Interval.of(estimate - base_estimate, values - base_values)
     return delta_fields(intervals)
 
 

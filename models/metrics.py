@@ -8,8 +8,10 @@ GAUC, group bootstrap) is written here once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
@@ -109,19 +111,13 @@ def gauc(labels: Labels, predictions: np.ndarray) -> float:
     """Impression-weighted mean of per-group AUCs over groups with both clicks and non-clicks."""
     if labels.groups is None:
         raise ValueError("GAUC needs groups")
-    p = np.asarray(predictions)
-    order = np.argsort(labels.groups, kind="stable")
-    groups = labels.groups[order]
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    total = weighted = 0.0
-    for chunk in np.split(order, starts[1:]):
-        sub = labels.subset(chunk)
-        clicks, impressions = sub.clicks.sum(), sub.impressions.sum()
-        if clicks == 0 or clicks == impressions:
-            continue
-        weighted += impressions * auc(sub, p[chunk])
-        total += impressions
-    return float(weighted / total) if total else float("nan")
+    _, codes = np.unique(labels.groups, return_inverse=True)
+    values, rank = np.unique(np.asarray(predictions, dtype=np.float64), return_inverse=True)
+    clicks = labels.clicks.astype(np.float64)
+    aucs, weights = binned_aucs(
+        codes, rank, clicks, labels.impressions - clicks, int(codes.max(initial=-1)) + 1, n_bins=len(values)
+    )
+    return float(np.sum(weights * aucs) / weights.sum()) if weights.sum() else float("nan")
 
 
 Metric = Callable[[Labels, np.ndarray], float]
@@ -167,6 +163,12 @@ class Interval:
 
     def as_list(self) -> list[float]:
         return [self.low, self.high]
+
+    @classmethod
+    def of(cls, estimate: float, values: np.ndarray, level: float = 0.95) -> Interval:
+        """The percentile interval of per-round values (NaN rounds ignored)."""
+        low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+        return cls(float(estimate), float(low), float(high))
 
 
 def _percentile_interval(
@@ -228,9 +230,125 @@ def weighted_mean_ci(
     return Interval(estimate, float(low), float(high))
 
 
-def _interval(estimate: float, values: np.ndarray, level: float) -> Interval:
-    low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(estimate, float(low), float(high))
+# ------------------------------------------------------------------------------- resampling as counts
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Group-bootstrap draws as counts: `counts[r, g]` = times group `groups[g]` is drawn in round r."""
+
+    groups: np.ndarray  # sorted unique group ids
+    counts: np.ndarray  # (rounds, len(groups))
+    seed: int
+    level: float = 0.95
+
+    @classmethod
+    def of(cls, groups: np.ndarray, rounds: int, seed: int, level: float = 0.95) -> Draws:
+        unique, counts = group_bootstrap_counts(np.asarray(groups), rounds, seed)
+        return cls(unique, counts, seed, level)
+
+    @classmethod
+    def for_labels(cls, labels: Labels, rounds: int, seed: int, level: float = 0.95) -> Draws:
+        """Draws of the labels' groups, or of single rows when they have none."""
+        groups = labels.groups if labels.groups is not None else np.arange(len(labels.impressions))
+        return cls.of(groups, rounds, seed, level)
+
+    @property
+    def rounds(self) -> int:
+        return int(self.counts.shape[0])
+
+    def codes(self, groups: np.ndarray) -> np.ndarray:
+        """Index into `self.groups` of each id; every id must be one of them."""
+        groups = np.asarray(groups)
+        index = np.searchsorted(self.groups, groups).clip(0, max(len(self.groups) - 1, 0))
+        if len(groups) and (len(self.groups) == 0 or np.any(self.groups[index] != groups)):
+            raise ValueError("rows of a group the bootstrap draws do not know")
+        return index
+
+    def interval(self, estimate: float, values: np.ndarray) -> dict[str, Any]:
+        """{estimate, ci}: the percentile interval of the per-round values (NaN rounds ignored)."""
+        finite = np.asarray(values, dtype=np.float64)
+        finite = finite[np.isfinite(finite)]
+        if not math.isfinite(estimate) or len(finite) == 0:
+            return {"estimate": finite_or_none(estimate), "ci": None}
+        low, high = np.quantile(finite, [(1 - self.level) / 2, (1 + self.level) / 2])
+        return {"estimate": float(estimate), "ci": [float(low), float(high)]}
+
+    def settings(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "seed": self.seed, "level": self.level}
+
+
+def finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class Resampled:
+    """AUC, log loss and GAUC of one prediction vector on its rows, and in every bootstrap round."""
+
+    auc: float
+    logloss: float
+    gauc: float
+    auc_draws: np.ndarray
+    logloss_draws: np.ndarray
+    gauc_draws: np.ndarray
+
+    def rig(self, train_ctr: float) -> float:
+        return 1.0 - self.logloss / entropy(train_ctr)
+
+    def rig_draws(self, train_ctr: float) -> np.ndarray:
+        return 1.0 - self.logloss_draws / entropy(train_ctr)
+
+    def value(self, metric: str, train_ctr: float) -> tuple[float, np.ndarray]:
+        if metric == "rig":
+            return self.rig(train_ctr), self.rig_draws(train_ctr)
+        return getattr(self, metric), getattr(self, f"{metric}_draws")
+
+
+def _rank_auc(rank: np.ndarray, positives: np.ndarray, negatives: np.ndarray, n_ranks: int) -> float:
+    """Weighted AUC from exact score ranks; tied scores count half (sklearn's convention)."""
+    pos = np.bincount(rank, positives, minlength=n_ranks)
+    neg = np.bincount(rank, negatives, minlength=n_ranks)
+    total = pos.sum() * neg.sum()
+    if total <= 0:
+        return float("nan")
+    below = np.cumsum(neg) - neg
+    return float(np.sum(pos * (below + 0.5 * neg)) / total)
+
+
+def resample(labels: Labels, predictions: np.ndarray, draws: Draws) -> Resampled:
+    """Metrics of `predictions` on `labels`, and under each round of `draws` (rows reweighted by
+    their group's count). Equal to `auc`, `logloss` and `gauc` on the rows,
+    and to those metrics on `group_bootstrap_indices`' concatenated resamples in each round."""
+    raw = np.asarray(predictions, dtype=np.float64)
+    if raw.shape != labels.impressions.shape:
+        raise ValueError(f"{len(raw)} predictions for {len(labels.impressions)} rows")
+    values, rank = np.unique(raw, return_inverse=True)  # AUCs rank the raw scores, as sklearn does
+    p = np.clip(raw, EPS, 1 - EPS)
+    positives = labels.clicks.astype(np.float64)
+    shown = labels.impressions.astype(np.float64)
+    negatives = shown - positives
+    loss = -(positives * np.log(p) + negatives * np.log1p(-p))
+    has_groups = labels.groups is not None
+    codes = draws.codes(labels.groups if has_groups else np.arange(len(p)))
+    group_auc, group_weight = binned_aucs(
+        codes, rank, positives, negatives, len(draws.groups), n_bins=len(values)
+    )
+    auc = _rank_auc(rank, positives, negatives, len(values))
+    logloss = float(loss.sum() / shown.sum())
+    gauc = float(np.sum(group_weight * group_auc) / group_weight.sum()) if has_groups else float("nan")
+    if has_groups and group_weight.sum() == 0:
+        gauc = float("nan")
+    aucs, losses, gaucs = (np.full(draws.rounds, np.nan) for _ in range(3))
+    for r, counts in enumerate(draws.counts):
+        weight = counts[codes].astype(np.float64)
+        aucs[r] = _rank_auc(rank, positives * weight, negatives * weight, len(values))
+        n = float(np.sum(weight * shown))
+        losses[r] = float(np.sum(weight * loss)) / n if n > 0 else np.nan
+        if has_groups:
+            w = counts * group_weight
+            gaucs[r] = float(np.sum(w * group_auc) / w.sum()) if w.sum() > 0 else np.nan
+    return Resampled(auc, logloss, gauc, aucs, losses, gaucs)
 
 
 # ------------------------------------------------------------------------------- streaming
@@ -423,7 +541,8 @@ class StreamingMetrics:
         aucs, rigs = self._bootstrap_rounds(train_ctr, rounds, seed)
         estimates = {"auc": self.auc(), "rig": 1.0 - self.logloss() / entropy(train_ctr)}
         return {
-            name: _interval(estimates[name], values, level) for name, values in (("auc", aucs), ("rig", rigs))
+            name: Interval.of(estimates[name], values, level)
+            for name, values in (("auc", aucs), ("rig", rigs))
         }
 
     def paired_delta(
@@ -440,8 +559,8 @@ class StreamingMetrics:
         h = entropy(train_ctr)
         group_auc, weights = self.group_aucs()
         return {
-            "auc": _interval(self.auc() - baseline.auc(), aucs - base_aucs, level),
-            "rig": _interval((baseline.logloss() - self.logloss()) / h, rigs - base_rigs, level),
+            "auc": Interval.of(self.auc() - baseline.auc(), aucs - base_aucs, level),
+            "rig": Interval.of((baseline.logloss() - self.logloss()) / h, rigs - base_rigs, level),
             "gauc": weighted_mean_ci(group_auc - baseline.group_aucs()[0], weights, rounds, seed, level),
         }
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nlpctr.errors import UserError
 from nlpctr.models import metrics
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import BatchSource, Tensors
@@ -65,6 +66,30 @@ class LoopConfig:
     eval_every_steps: int | None = None  # also validate every K steps; None or 0: at epoch ends only
     eval_at_start: bool = False  # also validate the starting weights (step 0)
     fused_optimizer: bool = False  # AdamW's fused kernel: no per-step temporaries (same math, other rounding)
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "patience": self.patience}
+        optional = {"max_batches_per_epoch": self.max_batches_per_epoch}
+        for name, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.eval_every_steps is not None and (
+            isinstance(self.eval_every_steps, bool)
+            or not isinstance(self.eval_every_steps, int)
+            or self.eval_every_steps < 0
+        ):
+            raise UserError(f"eval_every_steps must be an integer >= 0, got {self.eval_every_steps!r}")
+        for name in ("lr", "lm_lr", "weight_decay"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise UserError(f"{name} must be a number >= 0, got {value!r}")
+        if self.early_stop not in ("logloss", "auc"):
+            raise UserError(f"early_stop must be logloss or auc, got {self.early_stop!r}")
 
     @property
     def stepwise(self) -> bool:

@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_dir_of(runs_dir: Path, name: str) -> Path:
     if not name or "/" in name or name.startswith("."):
         raise UserError(f"--run must be a plain folder name, got {name!r}")
+    if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
+        raise UserError(f"--runs-dir {runs_dir} is not a folder")
     return Path(runs_dir).resolve() / name
 
 

@@ -49,8 +49,8 @@ def test_bootstrap_counts_are_the_draws_of_the_index_bootstrap(aggregated: Any) 
 
 def test_resampled_metrics_equal_the_metrics_on_resampled_rows(aggregated: Any) -> None:
     labels, p = aggregated
-    draws = ceilings.Draws.of(labels.groups, rounds=4, seed=1)
-    result = ceilings.resample(labels, p, draws)
+    draws = metrics.Draws.of(labels.groups, rounds=4, seed=1)
+    result = metrics.resample(labels, p, draws)
     assert result.auc == pytest.approx(metrics.auc(labels, p), abs=1e-12)
     assert result.logloss == pytest.approx(metrics.logloss(labels, p), abs=1e-12)
     assert result.gauc == pytest.approx(metrics.gauc(labels, p), abs=1e-12)

@@ -285,3 +285,9 @@ def test_bf16_autocast_above_the_prefix_is_close_and_trains(fresh_caches) -> Non
     fast.train()
     fast(**batch).pow(2).sum().backward()
     assert fast.model.encoder.layer[1].output.dense.weight.grad is not None
+
+
+def test_loading_the_model_draws_no_progress_bar(capfd: pytest.CaptureFixture[str]) -> None:
+    """transformers' "Loading weights" bar ignored --no-progress; a local load shows none."""
+    load_model(1)
+    assert "Loading weights" not in capfd.readouterr().err

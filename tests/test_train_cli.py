@@ -21,6 +21,7 @@ from test_features import SLUG, impressions, write_ctr_history, write_embeddings
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.models import experiment, metrics
+from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines import evaluate, ingest, score_batch, train
 
 pytestmark = pytest.mark.slow
@@ -209,18 +210,60 @@ def test_config_layers_merge_in_order(tmp_path: Path) -> None:
         experiment.load_config("baseline", override)
 
 
-def test_fast_gauc_bootstrap_equals_resampling_rows() -> None:
+def test_counted_bootstrap_equals_resampling_rows() -> None:
+    """metric_report and paired_delta reweight groups; the slow reference concatenates rows."""
     rng = np.random.default_rng(1)
     n = 400
     groups = rng.integers(0, 40, n).astype(str)
     impressions_ = rng.integers(1, 5, n)
     clicks = rng.binomial(impressions_, 0.3)
     labels = metrics.Labels(impressions_, clicks, groups)
-    p, q = rng.random(n), rng.random(n)
-    slow = metrics.bootstrap_ci(metrics.gauc, labels, p, rounds=25, seed=3)
-    fast = experiment.gauc_bootstrap(labels, p, rounds=25, seed=3)
-    assert fast.estimate == pytest.approx(metrics.gauc(labels, p), abs=1e-12)
-    assert fast.as_list() == pytest.approx(slow.as_list(), abs=1e-9)
-    slow_diff = metrics.paired_bootstrap_diff(metrics.gauc, labels, p, q, rounds=25, seed=3)
-    fast_diff = experiment.gauc_bootstrap(labels, p, q, rounds=25, seed=3)
-    assert fast_diff.as_list() == pytest.approx(slow_diff.as_list(), abs=1e-9)
+    p, q = np.round(rng.random(n), 1).clip(0.05, 0.95), rng.random(n)  # p has ties
+    evaluation = {"bootstrap_rounds": 25, "bootstrap_seed": 3, "calibration_bins": 5}
+    report = experiment.metric_report(labels, p, 0.3, evaluation)
+    delta = experiment.paired_delta(labels, p, q, 0.3, evaluation)
+
+    def rig(lab: metrics.Labels, x: np.ndarray) -> float:
+        return metrics.rig(lab, x, 0.3)
+
+    for name, metric in (("auc", metrics.auc), ("rig", rig), ("gauc", metrics.gauc)):
+        slow = metrics.bootstrap_ci(metric, labels, p, rounds=25, seed=3)
+        assert report[name] == pytest.approx(slow.estimate, abs=1e-12)
+        assert report[f"{name}_ci"] == pytest.approx(slow.as_list(), abs=1e-9)
+        slow_diff = metrics.paired_bootstrap_diff(metric, labels, p, q, rounds=25, seed=3)
+        assert delta[f"delta_{name}"] == pytest.approx(slow_diff.estimate, abs=1e-12)
+        assert delta[f"delta_{name}_ci"] == pytest.approx(slow_diff.as_list(), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+        (["--epochs", "-2"], "epochs must be an integer >= 1, got -2"),
+    ],
+)
+def test_meaningless_training_flags_are_one_line_and_make_no_run_folder(
+    trained: dict[str, Any], flags: list[str], message: str
+) -> None:
+    runs = trained["runs"]
+    argv = ["--mode", "baseline", "--data", str(trained["data"]), "--runs-dir", str(runs), "--run", "bad"]
+    with pytest.raises(UserError, match=f"^{message}$"):
+        train.run([*argv, *flags, "--no-progress"])
+    assert not (runs / "bad").exists()
+
+
+def test_a_runs_dir_that_is_a_file_is_one_line(trained: dict[str, Any], tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "runs.txt"
+    not_a_folder.write_text("mine\n")
+    argv = ["--mode", "baseline", "--data", str(trained["data"]), "--runs-dir", str(not_a_folder)]
+    with pytest.raises(UserError, match="is not a folder"):
+        train.run([*argv, "--run", "r", "--no-progress"])
+    assert not_a_folder.read_text() == "mine\n"
+
+
+def test_a_loop_config_refuses_values_that_cannot_train() -> None:
+    LoopConfig()  # the defaults are valid
+    for bad in ({"batch_size": 0}, {"lr": -1.0}, {"lr": float("nan")}, {"early_stop": "loss"},
+                {"max_batches_per_epoch": 0}, {"eval_every_steps": -1}, {"patience": True}):  # fmt: skip
+        with pytest.raises(UserError):
+            LoopConfig(**bad)
