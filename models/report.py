@@ -565,10 +565,40 @@ def _distillation_section(distillation: Mapping[str, Any], teacher: Mapping[str,
     ]
 
 
+def _predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The sweep's stated predictions first: each part's values against ρ, its test and verdict."""
+    lines = [
+        "## Predictions",
+        "",
+        "Trends: exact one-sided permutation test of Spearman's correlation with ρ (p ≤ 0.05). "
+        "Joint vs E2: the paired ΔRIG of the two features over E0 (group bootstrap, 95% CI).",
+        "",
+    ]
+    for prediction in predictions:
+        lines += [f"**{prediction['id']}**: {prediction['statement']}: **{prediction['verdict']}**", ""]
+        rows = []
+        for part, detail in prediction["parts"].items():
+            if "values" in detail:
+                values = ", ".join(_num(v) for v in detail["values"])
+                test = f"Spearman {_num(detail['spearman'], 2)}, p {_num(detail['p'], 3)}"
+                if "ci_at_last_rho" in detail:
+                    low, high = (_num(v, signed=True) for v in detail["ci_at_last_rho"])
+                    test += f"; ΔRIG at the last ρ [{low}, {high}]"
+                rows.append([part, values, test, detail["verdict"]])
+            else:
+                pair = f"{detail['joint_feature']} − {detail['finetuned_feature']}"
+                estimate = _with_ci(detail["delta_rig"], detail["delta_rig_ci"], signed=True)
+                rows.append([f"ρ={part}", pair, f"ΔRIG {estimate}", detail["verdict"]])
+        lines += [markdown_table(["part", "values / pair", "test", "verdict"], rows), ""]
+    return lines
+
+
 def _simulator_section(simulator: Mapping[str, Any]) -> list[str]:
     series = simulator_series(simulator)
     header = ["feature", *(f"ρ={float(rho):g}" for rho in simulator["rho"])]
     lines = ["## Simulator sweep", ""]
+    if simulator.get("predictions"):
+        lines += _predictions_section(simulator["predictions"])
     for measure, title in SWEEP_MEASURES.items():
         rows = [[feature, *(_num(v) for v in values)] for feature, values in series[measure].items()]
         lines += [f"**{title}** by ρ:", "", markdown_table(header, rows), ""]

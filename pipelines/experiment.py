@@ -26,7 +26,6 @@ point-in-time join gives (E2's chosen checkpoint, trained both ways, is checked 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import time
@@ -40,12 +39,11 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from scipy import stats
 
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.definitions import CASCADE_FROZEN, LM_FEATURES_DIR, lm_feature_slug, read_manifest
-from nlpctr.models import ceilings, claims, distill, experiment, metrics, redundancy, report
+from nlpctr.models import ceilings, claims, distill, experiment, metrics, redundancy, report, sweep
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.trainer import TextBatcher, labels_of, pair_text, predict
 from nlpctr.pipelines import train
@@ -79,10 +77,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_protocol(quick: bool, config_file: Path | None) -> dict[str, Any]:
-    """experiment.yaml, its `quick:` section when asked, then `--config`."""
+def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False) -> dict[str, Any]:
+    """experiment.yaml (for the sweep, its `simulator.train_config` over `train_config`), its
+    `quick:` section when asked, then `--config`."""
     protocol = yaml.safe_load(PROTOCOL.read_text())
     quick_section = protocol.pop("quick")
+    if simulated:
+        sweep_budget = protocol["simulator"].get("train_config") or {}
+        protocol = experiment.deep_merge(protocol, {"train_config": sweep_budget})
     if quick:
         protocol = experiment.deep_merge(protocol, quick_section)
     if config_file is not None:
@@ -698,43 +700,6 @@ def sweep_impressions_per_row(args: argparse.Namespace, settings: Mapping[str, A
     return value
 
 
-def sweep_entry(results: Mapping[str, Any]) -> dict[str, Any]:
-    """What the sweep keeps of one rho's protocol: redundancy, runs, ceilings, and whether E0 is
-    near its no-text oracle (the sweep is sized for it: E0 must know what the IDs can know)."""
-    entry = {"redundancy": results["redundancy"], "runs": results["runs"]}
-    ceiling = results.get("ceilings") or {}
-    if ceiling:
-        entry["ceilings"] = ceiling
-        for key in ("e0_near_no_text_oracle", "e0_rig_over_no_text_oracle_rig"):
-            entry[key] = ceiling.get(key)
-    return entry
-
-
-def sweep_trends(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
-    """How each measure moves as rho rises: Spearman rho, and whether it is monotone."""
-    rhos = sorted(per_rho)
-    trends: dict[str, Any] = {}
-    for measure in ("explained_fraction", "explained_fraction_representation", "delta_auc", "delta_rig"):
-        for feature in per_rho[rhos[0]]["redundancy"]:
-            values = [per_rho[r]["redundancy"][feature][measure] for r in rhos]
-            trends[f"{feature}:{measure}"] = {
-                "values": values,
-                "spearman": float(stats.spearmanr(rhos, values).statistic),
-                "rises": bool(all(b >= a for a, b in itertools.pairwise(values))),
-                "falls": bool(all(b <= a for a, b in itertools.pairwise(values))),
-            }
-    for feature in per_rho[rhos[0]]["redundancy"]:  # the share of the text ceiling, on RIG
-        shares = [ceilings.share_estimate(per_rho[r]["redundancy"][feature], "rig") for r in rhos]
-        if all(v is not None and np.isfinite(v) for v in shares):
-            trends[f"{feature}:share_of_text_gain_rig"] = {
-                "values": shares,
-                "spearman": float(stats.spearmanr(rhos, shares).statistic),
-                "rises": bool(all(b >= a for a, b in itertools.pairwise(shares))),
-                "falls": bool(all(b <= a for a, b in itertools.pairwise(shares))),
-            }
-    return trends
-
-
 def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, Any]:
     """The protocol (without E4) on a simulated log per rho, and the trends against rho."""
     started = time.perf_counter()
@@ -753,6 +718,7 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
         simulate += ["--impressions-per-row", str(per_row)] if per_row else []
         command(simulate + (["--no-progress"] if args.no_progress else []))
         per_rho[rho] = run_protocol(args, protocol, str(log.with_name("log.spec.yaml")), out)
+    kept = {rho: sweep.entry(results) for rho, results in per_rho.items()}
     results = {
         "dataset": SIMULATED,
         "seed": int(args.seed),
@@ -762,8 +728,9 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
         "wall_seconds": round(time.perf_counter() - started, 1),
         "simulator": {
             "rho": rhos,
-            "per_rho": {f"{r:g}": sweep_entry(per_rho[r]) for r in rhos},
-            "trends": sweep_trends(per_rho),
+            "per_rho": {f"{r:g}": kept[r] for r in rhos},
+            "trends": sweep.trends(kept),
+            "predictions": sweep.predictions(kept),
         },
         "protocol": protocol,
     }
@@ -776,7 +743,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """`nlpctr experiment`; returns the results with a one-line `summary`."""
     args = parse_args(argv)
     args.out = args.out.resolve()
-    protocol = load_protocol(args.quick, args.config)
+    protocol = load_protocol(args.quick, args.config, simulated=args.dataset == SIMULATED)
     if args.dataset != SIMULATED and (args.rho or args.rows or args.impressions_per_row is not None):
         raise UserError(f"--rho, --rows and --impressions-per-row go with --dataset {SIMULATED}")
     # Before any work: --out is new, empty or an earlier experiment's folder (then marked as

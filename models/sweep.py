@@ -1,0 +1,185 @@
+"""The simulator sweep's analysis: what each rho keeps, the trend of each measure against rho,
+and the three predictions the README states before the results, each with a verdict.
+
+The simulator's knob rho is the share of the text effect that the ad ID also carries. So as rho
+rises, E0's ID and history features know more of what the text says, and:
+
+1. `explained_fraction_rises`: E0 explains more of each click-trained NLP feature (E2's chosen
+   checkpoint, every joint fusion);
+2. `incremental_gain_falls`: every NLP feature adds less over E0 (ΔRIG), towards 0 at rho = 1;
+3. `joint_share_at_least_e2`: at rho >= 0.5 the joint feature recovers at least the E2 feature's
+   share of the text ceiling (the paired ΔRIG of the two features over E0, same test rows and
+   draws: the shares share one denominator, so their difference has this sign).
+
+A trend's verdict is an exact one-sided permutation test of Spearman's correlation with rho
+(n points, all n! orders equally likely under no trend): "holds" when p <= `TREND_ALPHA` in the
+predicted direction, "contradicted" when p <= `TREND_ALPHA` in the other, else "not
+significant". With 5 values of rho, p <= 0.05 needs Spearman >= 0.9.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from nlpctr.models import ceilings, claims
+
+TREND_ALPHA = 0.05
+TREND_MEASURES = ("explained_fraction", "explained_fraction_representation", "delta_auc", "delta_rig")
+JOINT_VS_E2_FROM_RHO = 0.5
+
+
+def entry(results: Mapping[str, Any]) -> dict[str, Any]:
+    """What the sweep keeps of one rho's protocol: redundancy, runs, claims, E2's chosen
+    checkpoint, ceilings, and whether E0 is near its no-text oracle (the sweep is sized for it:
+    E0 must know what the IDs can know)."""
+    kept = {"redundancy": results["redundancy"], "runs": results["runs"]}
+    kept["claims"] = results.get("claims") or []
+    chosen = [p["checkpoint"] for p in (results.get("e2_curve") or {}).get("points", []) if p.get("chosen")]
+    kept["e2_chosen"] = chosen[0] if chosen else None
+    ceiling = results.get("ceilings") or {}
+    if ceiling:
+        kept["ceilings"] = ceiling
+        for key in ("e0_near_no_text_oracle", "e0_rig_over_no_text_oracle_rig"):
+            kept[key] = ceiling.get(key)
+    return kept
+
+
+def _trend(rhos: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
+    return {
+        "values": list(values),
+        "spearman": float(stats.spearmanr(rhos, values).statistic),
+        "rises": bool(all(b >= a for a, b in itertools.pairwise(values))),
+        "falls": bool(all(b <= a for a, b in itertools.pairwise(values))),
+    }
+
+
+def trends(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
+    """How each measure moves as rho rises: Spearman's rho, and whether it is monotone."""
+    rhos = sorted(per_rho)
+    out: dict[str, Any] = {}
+    features = per_rho[rhos[0]]["redundancy"]
+    for measure in TREND_MEASURES:
+        for feature in features:
+            out[f"{feature}:{measure}"] = _trend(
+                rhos, [per_rho[r]["redundancy"][feature][measure] for r in rhos]
+            )
+    for feature in features:  # the share of the text ceiling, on RIG
+        shares = [ceilings.share_estimate(per_rho[r]["redundancy"][feature], "rig") for r in rhos]
+        if all(v is not None and np.isfinite(v) for v in shares):
+            out[f"{feature}:share_of_text_gain_rig"] = _trend(rhos, shares)
+    return out
+
+
+def spearman_p(x: Sequence[float], y: Sequence[float], side: int) -> float:
+    """Exact one-sided p-value of Spearman's correlation (side +1: rises, -1: falls) by
+    enumerating every order of y (fine for the few values of rho a sweep has)."""
+    n = len(x)
+    if n > 8:
+        raise ValueError(f"the exact test enumerates n! orders; {n} values is too many")
+    observed = side * stats.spearmanr(x, y).statistic
+    rank_x, rank_y = stats.rankdata(x), stats.rankdata(y)
+    at_least = 0
+    for order in itertools.permutations(rank_y):
+        at_least += side * stats.pearsonr(rank_x, order).statistic >= observed - 1e-12
+    return at_least / math.factorial(n)
+
+
+def trend_verdict(rhos: Sequence[float], values: Sequence[float], side: int) -> dict[str, Any]:
+    """{values, spearman, p, verdict} of the prediction that `values` move with rho on `side`."""
+    if any(v is None or not np.isfinite(v) for v in values) or len(set(values)) < 2:
+        return {"values": list(values), "spearman": None, "p": None, "verdict": claims.NOT_SIGNIFICANT}
+    p_predicted, p_other = spearman_p(rhos, values, side), spearman_p(rhos, values, -side)
+    verdict = claims.NOT_SIGNIFICANT
+    if p_predicted <= TREND_ALPHA:
+        verdict = claims.HOLDS
+    elif p_other <= TREND_ALPHA:
+        verdict = claims.CONTRADICTED
+    return {
+        "values": [float(v) for v in values],
+        "spearman": float(stats.spearmanr(rhos, values).statistic),
+        "p": p_predicted,
+        "verdict": verdict,
+    }
+
+
+def _overall(verdicts: Sequence[str]) -> str:
+    """Every part holds: holds; any part contradicted: contradicted; else not significant."""
+    if verdicts and all(v == claims.HOLDS for v in verdicts):
+        return claims.HOLDS
+    return claims.CONTRADICTED if claims.CONTRADICTED in verdicts else claims.NOT_SIGNIFICANT
+
+
+def click_trained_features(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Per rho, its click-trained features in a fixed order: E2's chosen checkpoint (named
+    "cascade_finetuned" across rho, since the chosen epoch may differ), then each joint fusion."""
+    out: dict[str, list[str]] = {}
+    for rho, kept in per_rho.items():
+        names = sorted(k for k in kept["redundancy"] if k.startswith("joint_"))
+        out[f"{rho:g}"] = [kept["e2_chosen"], *names] if kept.get("e2_chosen") else names
+    return out
+
+
+def predictions(per_rho: Mapping[float, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The README's three predictions against the sweep, each with its parts and a verdict."""
+    rhos = sorted(per_rho)
+    features = {r: per_rho[r]["redundancy"] for r in rhos}
+    click_trained = click_trained_features(per_rho)
+
+    def series(measure: str, feature: str) -> list[float]:
+        if feature == "cascade_finetuned":  # E2's chosen checkpoint at each rho
+            return [features[r][per_rho[r]["e2_chosen"]][measure] for r in rhos]
+        return [features[r][feature][measure] for r in rhos]
+
+    names = [
+        "cascade_finetuned" if n.startswith("cascade_finetuned@") else n
+        for n in click_trained[f"{rhos[0]:g}"]
+    ]
+    explained = {n: trend_verdict(rhos, series("explained_fraction", n), +1) for n in names}
+    gain = {}
+    for n in ["frozen", *names]:
+        gain[n] = trend_verdict(rhos, series("delta_rig", n), -1)
+        last = features[rhos[-1]][per_rho[rhos[-1]]["e2_chosen"] if n == "cascade_finetuned" else n]
+        gain[n]["ci_at_last_rho"] = last["delta_rig_ci"]
+        gain[n]["zero_in_ci_at_last_rho"] = bool(last["delta_rig_ci"][0] <= 0 <= last["delta_rig_ci"][1])
+    joint_vs_e2 = {}
+    for r in rhos:
+        if r < JOINT_VS_E2_FROM_RHO:
+            continue
+        claim = next((c for c in per_rho[r]["claims"] if c["id"] == claims.JOINT_BEATS_FINETUNED), None)
+        if claim is None:
+            continue
+        ci = claim["delta_rig_ci"]
+        # ">=": only a CI wholly below 0 contradicts it; one wholly above 0 shows it strictly.
+        joint_vs_e2[f"{r:g}"] = {
+            "joint_feature": claim["detail"]["joint_feature"],
+            "finetuned_feature": claim["detail"]["finetuned_feature"],
+            "delta_rig": claim["delta_rig"],
+            "delta_rig_ci": ci,
+            "verdict": claims.verdict(ci),
+        }
+    return [
+        {
+            "id": "explained_fraction_rises",
+            "statement": "E0 explains more of each click-trained NLP feature as rho rises",
+            "parts": explained,
+            "verdict": _overall([p["verdict"] for p in explained.values()]),
+        },
+        {
+            "id": "incremental_gain_falls",
+            "statement": "every NLP feature's ΔRIG over E0 falls as rho rises, towards 0 at rho = 1",
+            "parts": gain,
+            "verdict": _overall([p["verdict"] for p in gain.values()]),
+        },
+        {
+            "id": "joint_share_at_least_e2",
+            "statement": "at rho >= 0.5 the joint feature's share of the text ceiling is >= the E2 feature's",
+            "parts": joint_vs_e2,
+            "verdict": _overall([p["verdict"] for p in joint_vs_e2.values()]),
+        },
+    ]

@@ -1,0 +1,101 @@
+"""The sweep's predictions: the exact trend test and the verdicts on made-up sweeps (no training;
+the protocol run end to end is in test_experiment.py)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from nlpctr.models import claims, report, sweep
+from nlpctr.pipelines import experiment
+
+RHOS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_the_exact_trend_test_counts_orders() -> None:
+    assert sweep.spearman_p(RHOS, [1, 2, 3, 4, 5], +1) == pytest.approx(1 / 120)
+    assert sweep.spearman_p(RHOS, [1, 2, 3, 4, 5], -1) == pytest.approx(1.0)
+    # one swapped neighbour: Spearman 0.9, reached by the identity and 4 swaps (p 5/120)
+    assert sweep.spearman_p(RHOS, [1, 3, 2, 4, 5], +1) == pytest.approx(5 / 120)
+    assert sweep.trend_verdict(RHOS, [1, 3, 2, 4, 5], +1)["verdict"] == claims.HOLDS
+    assert sweep.trend_verdict(RHOS, [1, 4, 2, 5, 3], +1)["verdict"] == claims.NOT_SIGNIFICANT
+    assert sweep.trend_verdict(RHOS, [5, 4, 3, 2, 1], +1)["verdict"] == claims.CONTRADICTED
+    assert sweep.trend_verdict(RHOS, [1, 1, 1, 1, 1], +1)["verdict"] == claims.NOT_SIGNIFICANT
+    assert sweep.trend_verdict(RHOS, [1, math.nan, 3, 4, 5], +1)["verdict"] == claims.NOT_SIGNIFICANT
+
+
+def feature(explained: float, gain: float, ci: tuple[float, float]) -> dict[str, Any]:
+    return {
+        "explained_fraction": explained,
+        "explained_fraction_representation": explained,
+        "delta_auc": gain,
+        "delta_rig": gain,
+        "delta_rig_ci": list(ci),
+    }
+
+
+def made_up_sweep(joint_minus_e2: list[tuple[float, float]]) -> dict[float, dict[str, Any]]:
+    per_rho = {}
+    for i, rho in enumerate(RHOS):
+        gain = 0.01 * (1 - rho)
+        chosen = f"cascade_finetuned@epoch-{i % 2}"  # E2's chosen epoch differs across rho
+        per_rho[rho] = {
+            "redundancy": {
+                "frozen": feature(0.1, gain, (gain - 0.002, gain + 0.002)),
+                chosen: feature(0.2 + rho / 2, gain, (gain - 0.002, gain + 0.002)),
+                "joint_concat": feature(0.1 + rho / 2, gain, (gain - 0.002, gain + 0.002)),
+            },
+            "e2_chosen": chosen,
+            "claims": [
+                {
+                    "id": claims.JOINT_BEATS_FINETUNED,
+                    "delta_rig": sum(joint_minus_e2[i]) / 2,
+                    "delta_rig_ci": list(joint_minus_e2[i]),
+                    "detail": {"joint_feature": "joint_concat", "finetuned_feature": chosen},
+                }
+            ],
+        }
+    return per_rho
+
+
+def test_a_sweep_that_follows_the_redundancy_gets_holds() -> None:
+    predictions = {p["id"]: p for p in sweep.predictions(made_up_sweep([(0.001, 0.002)] * 5))}
+    assert predictions["explained_fraction_rises"]["verdict"] == claims.HOLDS
+    assert set(predictions["explained_fraction_rises"]["parts"]) == {"cascade_finetuned", "joint_concat"}
+    falls = predictions["incremental_gain_falls"]
+    assert falls["verdict"] == claims.HOLDS
+    assert falls["parts"]["frozen"]["zero_in_ci_at_last_rho"]
+    joint = predictions["joint_share_at_least_e2"]
+    assert list(joint["parts"]) == ["0.5", "0.75", "1"] and joint["verdict"] == claims.HOLDS
+
+
+def test_one_contradicting_rho_contradicts_the_joint_prediction() -> None:
+    cis = [(0.001, 0.002), (0.001, 0.002), (-0.001, 0.002), (-0.003, -0.001), (0.001, 0.002)]
+    predictions = {p["id"]: p for p in sweep.predictions(made_up_sweep(cis))}
+    joint = predictions["joint_share_at_least_e2"]
+    assert [p["verdict"] for p in joint["parts"].values()] == [
+        claims.NOT_SIGNIFICANT,
+        claims.CONTRADICTED,
+        claims.HOLDS,
+    ]
+    assert joint["verdict"] == claims.CONTRADICTED
+
+
+def test_the_report_states_each_prediction_with_its_verdict() -> None:
+    predictions = sweep.predictions(made_up_sweep([(0.001, 0.002)] * 5))
+    text = "\n".join(report._predictions_section(predictions))
+    for prediction in predictions:
+        assert f"**{prediction['id']}**" in text
+    assert "p 0.008" in text  # 1/120, the strongest a 5-point trend can be
+
+
+def test_the_sweep_caps_lm_steps_and_quick_caps_them_further() -> None:
+    def lm_cap(quick: bool, simulated: bool) -> Any:
+        protocol = experiment.load_protocol(quick, None, simulated=simulated)
+        return protocol["train_config"].get("lm_loop", {}).get("max_batches_per_epoch")
+
+    assert lm_cap(False, False) is None  # a real dataset's full protocol sees every row
+    assert lm_cap(False, True) == 300
+    assert lm_cap(True, True) == lm_cap(True, False) == 50
