@@ -1,4 +1,4 @@
-"""`report.md` and its PNG plots from an experiment's results.json (schema in the README).
+"""`report.md` and its PNG plots from an experiment's results.json (schema in docs/USAGE.md).
 
 Every sentence about significance is generated from the CI fields; a section whose results
 are absent (no simulator sweep, no distillation) is left out. Plots use matplotlib's

@@ -1,5 +1,5 @@
 """The simulator sweep's analysis: what each rho keeps, the trend of each measure against rho,
-and the three predictions the README states before the results, each with a verdict.
+and the three predictions docs/RESULTS.md states before the results, each with a verdict.
 
 The simulator's knob rho is the share of the text effect that the ad ID also carries. So as rho
 rises, E0's ID and history features know more of what the text says, and:
@@ -126,7 +126,7 @@ def click_trained_features(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[s
 
 
 def predictions(per_rho: Mapping[float, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The README's three predictions against the sweep, each with its parts and a verdict."""
+    """The three stated predictions (docs/RESULTS.md) against the sweep, each with its parts and a verdict."""
     rhos = sorted(per_rho)
     features = {r: per_rho[r]["redundancy"] for r in rhos}
     click_trained = click_trained_features(per_rho)

@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS
+from nlpctr.pipelines.loopback import direct_runner_on_loopback
 from nlpctr.pipelines.outputs import publish, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -264,7 +265,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         pattern = str(data_dir / "impressions" / "*.parquet")
-        with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+        options = PipelineOptions(beam_args)
+        with direct_runner_on_loopback(options), beam.Pipeline(options=options) as pipeline:
             _ = pipeline | "CtrHistory" >> CtrHistory(
                 lambda: beam.io.ReadFromParquet(pattern, columns=columns),
                 entities,

@@ -47,6 +47,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
+from nlpctr.pipelines.loopback import direct_runner_on_loopback
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -415,7 +416,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     staging = staging_dir(out)
     started = time.perf_counter()
     try:
-        with beam.Pipeline(options=options) as pipeline:
+        with direct_runner_on_loopback(options), beam.Pipeline(options=options) as pipeline:
             build_pipeline(
                 pipeline,
                 pattern,

@@ -44,6 +44,7 @@ from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS, impression_schema, unit_interval
 from nlpctr.pipelines import ubi
+from nlpctr.pipelines.loopback import direct_runner_on_loopback
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
 from nlpctr.pipelines.ownership import MARKER, claim_output_dir, is_output_of
 from nlpctr.pipelines.records import (
@@ -696,7 +697,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         options = PipelineOptions(beam_args)
-        with beam.Pipeline(options=options) as pipeline:
+        with direct_runner_on_loopback(options), beam.Pipeline(options=options) as pipeline:
             build_pipeline(pipeline, spec, staging, args.seed, split_mode, limits, args.num_shards)
         counts = read_counts(staging / STATS_FILE)
         manifest = manifest_from_counts(

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from nlpctr.models.schema import stable_hash, text_id
 from nlpctr.pipelines.specs import ColumnRule, DatasetSpec, TimestampRule
 
-# Reason codes of dead-letter records (README documents each).
+# Reason codes of dead-letter records (docs/USAGE.md documents each).
 MALFORMED_RECORD = "malformed_record"
 MISSING_TEXT = "missing_text"
 MISSING_ID = "missing_id"

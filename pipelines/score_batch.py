@@ -43,6 +43,7 @@ from nlpctr.features import store as feature_store
 from nlpctr.features.definitions import arrow_type, parquet_files, read_manifest
 from nlpctr.models.experiment import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
+from nlpctr.pipelines.loopback import direct_runner_on_loopback
 from nlpctr.pipelines.outputs import publish, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -262,7 +263,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     staging = staging_dir(out)
     started = time.perf_counter()
     try:
-        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+        options = PipelineOptions(beam_args)
+        pipeline = beam.Pipeline(options=options)
         build_pipeline(
             pipeline,
             str(data_dir / "impressions" / "*.parquet"),
@@ -273,8 +275,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             str(staging / "part"),
             run_dir,
         )
-        result = pipeline.run()
-        result.wait_until_finish()
+        with direct_runner_on_loopback(options):
+            result = pipeline.run()
+            result.wait_until_finish()
         wall = time.perf_counter() - started
         counters = {
             c.key.metric.name: c.committed

@@ -344,7 +344,7 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
     mapping = _expect_keys(spec_path, "top level", raw, TOP_LEVEL_KEYS)
     for key in ("name", "source", "columns", "timestamp", "label", "group"):
         if key not in mapping:
-            raise _fail(spec_path, key, "missing; see the spec format in README.md")
+            raise _fail(spec_path, key, "missing; see the spec format in docs/USAGE.md")
     name = mapping["name"]
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise _fail(spec_path, "name", "expected a short identifier (letters, digits, _ and -)")
