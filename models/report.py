@@ -581,7 +581,7 @@ def _predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:
             if "values" in detail:
                 values = ", ".join(_num(v) for v in detail["values"])
                 test = f"Spearman {_num(detail['spearman'], 2)}, p {_num(detail['p'], 3)}"
-                if "ci_at_last_rho" in detail:
+                if detail.get("ci_at_last_rho"):
                     low, high = (_num(v, signed=True) for v in detail["ci_at_last_rho"])
                     test += f"; ΔRIG at the last ρ [{low}, {high}]"
                 rows.append([part, values, test, detail["verdict"]])

@@ -145,8 +145,9 @@ def predictions(per_rho: Mapping[float, Mapping[str, Any]]) -> list[dict[str, An
     for n in ["frozen", *names]:
         gain[n] = trend_verdict(rhos, series("delta_rig", n), -1)
         last = features[rhos[-1]][per_rho[rhos[-1]]["e2_chosen"] if n == "cascade_finetuned" else n]
-        gain[n]["ci_at_last_rho"] = last["delta_rig_ci"]
-        gain[n]["zero_in_ci_at_last_rho"] = bool(last["delta_rig_ci"][0] <= 0 <= last["delta_rig_ci"][1])
+        ci = last.get("delta_rig_ci")
+        gain[n]["ci_at_last_rho"] = ci
+        gain[n]["zero_in_ci_at_last_rho"] = None if ci is None else bool(ci[0] <= 0 <= ci[1])
     joint_vs_e2 = {}
     for r in rhos:
         if r < JOINT_VS_E2_FROM_RHO:
