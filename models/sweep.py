@@ -32,6 +32,7 @@ from nlpctr.models import ceilings, claims
 TREND_ALPHA = 0.05
 TREND_MEASURES = ("explained_fraction", "explained_fraction_representation", "delta_auc", "delta_rig")
 JOINT_VS_E2_FROM_RHO = 0.5
+E2_FEATURE = "cascade_finetuned"  # E2's checkpoints are measured as `cascade_finetuned@<folder>`
 
 
 def entry(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,7 +42,8 @@ def entry(results: Mapping[str, Any]) -> dict[str, Any]:
     kept = {"redundancy": results["redundancy"], "runs": results["runs"]}
     kept["claims"] = results.get("claims") or []
     chosen = [p["checkpoint"] for p in (results.get("e2_curve") or {}).get("points", []) if p.get("chosen")]
-    kept["e2_chosen"] = chosen[0] if chosen else None
+    # the curve names checkpoints by folder (epoch-1); redundancy by feature (cascade_finetuned@epoch-1)
+    kept["e2_chosen"] = f"{E2_FEATURE}@{chosen[0]}" if chosen else None
     ceiling = results.get("ceilings") or {}
     if ceiling:
         kept["ceilings"] = ceiling

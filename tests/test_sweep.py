@@ -99,3 +99,15 @@ def test_the_sweep_caps_lm_steps_and_quick_caps_them_further() -> None:
     assert lm_cap(False, False) is None  # a real dataset's full protocol sees every row
     assert lm_cap(False, True) == 300
     assert lm_cap(True, True) == lm_cap(True, False) == 50
+
+
+def test_a_kept_rho_names_e2s_chosen_checkpoint_as_its_feature() -> None:
+    results = {
+        "redundancy": {"cascade_finetuned@epoch-1": {}},
+        "runs": {},
+        "e2_curve": {
+            "points": [{"checkpoint": "epoch-0", "chosen": False}, {"checkpoint": "epoch-1", "chosen": True}]
+        },
+    }
+    kept = sweep.entry(results)
+    assert kept["e2_chosen"] == "cascade_finetuned@epoch-1" and kept["e2_chosen"] in kept["redundancy"]
