@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from nlpctr.layout import IMPRESSIONS
 from nlpctr.models.encoder import EncoderConfig, model_path
 from nlpctr.models.schema import impression_schema, text_id
 from nlpctr.pipelines import embed_text
@@ -64,14 +65,14 @@ def build_fixture(headlines: list[str], folder: Path) -> Path:
         "ad_text_id": [text_id(h) for h in headlines],
         "split": ["train"] * n,
     }
-    (folder / "impressions").mkdir(parents=True)
-    pq.write_table(pa.table(columns, schema=impression_schema([])), folder / "impressions" / "part-0.parquet")
+    (folder / IMPRESSIONS).mkdir(parents=True)
+    pq.write_table(pa.table(columns, schema=impression_schema([])), folder / IMPRESSIONS / "part-0.parquet")
     return folder
 
 
 def unique_texts(folder: Path) -> tuple[list[str], list[str]]:
     """(text ids, texts) the job encodes: its own dedup rule applied to the fixture."""
-    table = pq.read_table(folder / "impressions")
+    table = pq.read_table(folder / IMPRESSIONS)
     pairs = sorted(embed_text.texts_of_table(table))
     return [p[0] for p in pairs], [p[1].text for p in pairs]
 

@@ -47,6 +47,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from nlpctr.features import store
 from nlpctr.features.definitions import Layout, embedding_view_name, parquet_files
 from nlpctr.features.local_redis import LocalRedisServer
+from nlpctr.layout import IMPRESSIONS, embeddings_dir
 
 DIM = 384
 
@@ -63,7 +64,7 @@ def prepare(root: Path) -> Path:
 
 def write_random_embeddings(data: Path, slug: str = "bench_random_384") -> None:
     """One random 384-d vector per unique text, in the embed job's layout."""
-    rows = pads.dataset(parquet_files(data / "impressions"), format="parquet").to_table(
+    rows = pads.dataset(parquet_files(data / IMPRESSIONS), format="parquet").to_table(
         columns=["ad_text_id", "query_text_id", "event_timestamp"]
     )
     frame = rows.to_pandas()
@@ -80,7 +81,7 @@ def write_random_embeddings(data: Path, slug: str = "bench_random_384") -> None:
             "event_timestamp": pa.array(first.to_list(), pa.timestamp("us", tz="UTC")),
         }
     )
-    out = data / "embeddings" / slug
+    out = embeddings_dir(data, slug)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "part-00000-of-00001.parquet")
 
@@ -181,7 +182,7 @@ def lookup_bench(data: Path, raw: Any, lookups: int, rng: np.random.Generator) -
             "ratio_p99": feast_t["p99_ms"] / raw_t["p99_ms"],
         }
     online = store.OnlineFeatures(data, "cascade_frozen")
-    impressions = pads.dataset(parquet_files(data / "impressions")).to_table(columns=online.keys).to_pylist()
+    impressions = pads.dataset(parquet_files(data / IMPRESSIONS)).to_table(columns=online.keys).to_pylist()
     for n in (1, 100):
 
         def service_read(n: int = n) -> Any:
@@ -198,7 +199,7 @@ def handler_bench(data: Path, rows: int = 2000) -> dict[str, float]:
     from nlpctr.pipelines import score_batch
 
     online = store.OnlineFeatures(data, "cascade_frozen")
-    frame = pads.dataset(parquet_files(data / "impressions")).to_table().to_pandas().head(rows)
+    frame = pads.dataset(parquet_files(data / IMPRESSIONS)).to_table().to_pandas().head(rows)
     requests = [beam.Row(**{k: r[k] for k in online.keys}) for r in frame.to_dict("records")]
     out = {}
     for mode in score_batch.ENRICHMENT_MODES:

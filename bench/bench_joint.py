@@ -45,8 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nlpctr.features.definitions import BASELINE, read_manifest
+from nlpctr.features.definitions import BASELINE
 from nlpctr.features.store import training_frame
+from nlpctr.layout import read_manifest
 from nlpctr.models import experiment, metrics
 from nlpctr.models.ctr_net import CtrModel, binomial_loss
 from nlpctr.models.data import FeatureColumns, Tensors

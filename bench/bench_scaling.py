@@ -51,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from nlpctr.layout import EMBEDDINGS, EMBEDDINGS_MANIFEST
 from nlpctr.pipelines.ownership import claim_output_dir, write_marker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def run_stage(argv: list[str], log: Path, max_rss: int, timeout_s: float) -> Sta
 
 def unique_texts(data: Path) -> int | None:
     """Texts the embedding job encoded (its manifest's rows: one per unique normalised text)."""
-    for manifest in sorted((data / "embeddings").glob("*/_manifest.json")):
+    for manifest in sorted((data / EMBEDDINGS).glob(f"*/{EMBEDDINGS_MANIFEST}")):
         return int(json.loads(manifest.read_text())["rows"])
     return None
 

@@ -9,7 +9,6 @@ Row counts, not values, drive the costs measured on it (joins, streaming, metric
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import duckdb
 
 from nlpctr.errors import UserError
+from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, IMPRESSIONS, read_manifest, write_manifest
 from nlpctr.pipelines.ownership import claim_output_dir
 
 
@@ -27,7 +27,7 @@ def replicate(src: Path, dst: Path, copies: int) -> None:
     dst.mkdir(parents=True)
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false; SET memory_limit = '1GB'")
-    for folder in ("impressions", "ctr_history_rows"):
+    for folder in (IMPRESSIONS, CTR_HISTORY_ROWS):
         (dst / folder).mkdir()
         for i in range(copies):
             con.execute(
@@ -35,11 +35,11 @@ def replicate(src: Path, dst: Path, copies: int) -> None:
                 f"FROM read_parquet('{src}/{folder}/*.parquet')) TO '{dst}/{folder}/part-{i:05d}.parquet' "
                 "(FORMAT parquet)"
             )
-    shutil.copytree(src / "ctr_history", dst / "ctr_history")
-    manifest = json.loads((src / "manifest.json").read_text())
+    shutil.copytree(src / CTR_HISTORY, dst / CTR_HISTORY)
+    manifest = read_manifest(src)
     manifest.update(rows_in=manifest["rows_in"] * copies, rows_written=manifest["rows_written"] * copies)
     manifest["description"] = f"{manifest['description']} (replicated {copies}x with distinct impression ids)"
-    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(dst, manifest)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Pure Feast and pyarrow: no Beam here.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,13 +41,16 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueT
 from feast.types import Array, Bool, FeastType, Float32, Float64, Int32, Int64, String
 
 from nlpctr.errors import UserError
+from nlpctr.layout import (
+    CTR_HISTORY,
+    CTR_HISTORY_ROWS,
+    EMBEDDINGS,
+    IMPRESSIONS,
+    LM_FEATURES,
+    LmFeatureMeta,
+    read_manifest,
+)
 
-FEATURE_REPO = "feature_repo"
-CTR_DIR = "ctr_history"
-CTR_ROWS_DIR = "ctr_history_rows"
-EMBEDDINGS_DIR = "embeddings"
-LM_FEATURES_DIR = "lm_features"
-LM_META = "_meta.json"
 LM_KINDS = ("cascade_finetuned", "joint")
 TIMESTAMP = "event_timestamp"
 TEXT_ID = "text_id"
@@ -169,15 +171,6 @@ def arrow_type(dtype: FeastType) -> pa.DataType:
     raise ValueError(f"no arrow type for Feast type {dtype}")
 
 
-def read_manifest(data_dir: Path) -> dict[str, Any]:
-    """DIR/manifest.json, or a UserError naming the command that writes it."""
-    path = Path(data_dir).resolve() / "manifest.json"
-    if not path.is_file():
-        fix = f"nlpctr data prepare --dataset NAME --out {path.parent}"
-        raise UserError(f"{path.parent} has no manifest.json; run `{fix}`")
-    return json.loads(path.read_text())
-
-
 # ------------------------------------------------------------------------------- layout
 
 
@@ -234,14 +227,14 @@ class Layout:
         entities = tuple(dict.fromkeys(manifest.get("entities", [])))
         ctr = []
         for entity in entities:
-            path = data_dir / CTR_DIR / entity
+            path = data_dir / CTR_HISTORY / entity
             if parquet_files(path):
                 ctr.append(CtrSet(entity, path, _feature_columns(path, exclude={entity, TIMESTAMP})))
-        rows_path = data_dir / CTR_ROWS_DIR
+        rows_path = data_dir / CTR_HISTORY_ROWS
         ctr_rows = rows_path if parquet_files(rows_path) else None
         rows_features = _feature_columns(rows_path, exclude={IMPRESSION_ID, TIMESTAMP}) if ctr_rows else ()
         embeddings = []
-        root = data_dir / EMBEDDINGS_DIR
+        root = data_dir / EMBEDDINGS
         for path in sorted(root.iterdir()) if root.is_dir() else []:
             # Dot and underscore names are a job's staging folders or metadata, never inputs.
             if path.name.startswith((".", "_")) or not parquet_files(path):
@@ -256,7 +249,7 @@ class Layout:
             ctr_rows_features=rows_features,
             embeddings=tuple(embeddings),
             text_roles=_text_roles(data_dir),
-            lm_features=_lm_feature_sets(data_dir / LM_FEATURES_DIR),
+            lm_features=_lm_feature_sets(data_dir / LM_FEATURES),
         )
 
     def sources(self) -> dict[str, Path]:
@@ -326,23 +319,22 @@ def _lm_feature_sets(root: Path) -> tuple[LmFeatureSet, ...]:
     """Each `<run>/` with a `_meta.json` naming its chosen epoch folder (written by `nlpctr train`)."""
     sets = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if folder.name.startswith((".", "_")) or not (folder / LM_META).is_file():
+        if folder.name.startswith((".", "_")) or not LmFeatureMeta.exists(folder):
             continue
-        meta = json.loads((folder / LM_META).read_text())
-        path = folder / meta["chosen"]
-        if meta.get("kind") not in LM_KINDS or not parquet_files(path):
-            raise UserError(f"{folder} is incomplete (no {meta.get('chosen')} features); re-run its training")
+        meta = LmFeatureMeta.read(folder)
+        path = folder / meta.chosen
+        if meta.kind not in LM_KINDS or not parquet_files(path):
+            raise UserError(f"{folder} is incomplete (no {meta.chosen} features); re-run its training")
         if folder.name != lm_feature_slug(folder.name):
             raise UserError(f"LM feature folder name {folder.name!r} is not a safe identifier")
-        keys = tuple(meta["keys"])
         sets.append(
             LmFeatureSet(
                 run=folder.name,
-                kind=meta["kind"],
+                kind=meta.kind,
                 path=path,
-                keys=keys,
-                model_version=str(meta["model_version"]),
-                features=_feature_columns(path, exclude={*keys, TIMESTAMP}),
+                keys=meta.keys,
+                model_version=meta.model_version,
+                features=_feature_columns(path, exclude={*meta.keys, TIMESTAMP}),
             )
         )
     return tuple(sets)
@@ -350,7 +342,7 @@ def _lm_feature_sets(root: Path) -> tuple[LmFeatureSet, ...]:
 
 def _text_roles(data_dir: Path) -> tuple[str, ...]:
     """Text roles that occur in the impressions (Upworthy has no query text)."""
-    files = parquet_files(data_dir / "impressions")
+    files = parquet_files(data_dir / IMPRESSIONS)
     if not files:
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     dataset = ds.dataset(files, format="parquet")
@@ -510,13 +502,13 @@ def _default_encoder(layout: Layout, encoder: str | None) -> str | None:
     if encoder is not None:
         if encoder not in slugs:
             raise UserError(
-                f"--encoder {encoder!r} has no embeddings in {layout.data_dir / EMBEDDINGS_DIR} "
+                f"--encoder {encoder!r} has no embeddings in {layout.data_dir / EMBEDDINGS} "
                 f"(found: {', '.join(slugs) or 'none'}); run `nlpctr embed --data {layout.data_dir}`"
             )
         return encoder
     if len(slugs) > 1:
         raise UserError(
-            f"{layout.data_dir / EMBEDDINGS_DIR} holds {len(slugs)} encoders ({', '.join(slugs)}); "
+            f"{layout.data_dir / EMBEDDINGS} holds {len(slugs)} encoders ({', '.join(slugs)}); "
             "pick the one `cascade_frozen` serves with --encoder SLUG (each still gets cascade_frozen_<slug>)"
         )
     return slugs[0] if slugs else None

@@ -61,6 +61,7 @@ from nlpctr.features.render import (
 from nlpctr.features.render import DEFAULT_REDIS_URL as DEFAULT_REDIS_URL
 from nlpctr.features.render import ONLINE_STORES as ONLINE_STORES
 from nlpctr.features.render import project_name as project_name
+from nlpctr.layout import IMPRESSIONS, TRAINING, TRAINING_META
 from nlpctr.models import sql
 
 STATE_FILE = "nlpctr_state.json"
@@ -603,7 +604,7 @@ def training_frame(
     """
     data_dir = Path(data_dir).resolve()
     twin = service if service.endswith(TRAINING_SUFFIX) else training_service_name(service)
-    files = parquet_files(data_dir / "impressions")
+    files = parquet_files(data_dir / IMPRESSIONS)
     if not files:
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     dataset = ds.dataset(files, format="parquet")
@@ -614,7 +615,6 @@ def training_frame(
 
 # ------------------------------------------------------------------------------- offline at scale
 
-TRAINING_DIR = "training"
 SHARD_ROWS = 65_536  # rows per parquet row group: the unit a streaming reader loads and shuffles
 JOIN_MEMORY_LIMIT = "1GB"  # DuckDB spills to disk beyond this
 
@@ -711,7 +711,7 @@ def _training_service(store: FeatureStore, service: str, data_dir: Path) -> Feat
 
 def training_shards_dir(data_dir: Path, service: str) -> Path:
     """Where `write_training_shards` puts a service's training frame: `<split>/part-0.parquet`."""
-    return Path(data_dir).resolve() / TRAINING_DIR / service
+    return Path(data_dir).resolve() / TRAINING / service
 
 
 def write_training_shards(
@@ -729,19 +729,19 @@ def write_training_shards(
     layout = check_current(store, data_dir)
     feature_service = _training_service(store, service, data_dir)
     joins = service_view_joins(store, feature_service)
-    files = parquet_files(data_dir / "impressions")
+    files = parquet_files(data_dir / IMPRESSIONS)
     if not files:
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     out = training_shards_dir(data_dir, service)
     identity = {
         "service": feature_service.name,
-        "impressions": fingerprint(data_dir / "impressions"),
+        "impressions": fingerprint(data_dir / IMPRESSIONS),
         "sources": {j.view: fingerprint(j.path) for j in joins},
         "registry": hashlib.sha1(
             json.dumps([j.__dict__ for j in joins], default=str, sort_keys=True).encode()
         ).hexdigest()[:16],
     }
-    meta_path = out / "_meta.json"
+    meta_path = out / TRAINING_META
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("identity") == identity:
         return out
     layout.check_unique_keys()
@@ -768,7 +768,7 @@ def write_training_shards(
     finally:
         con.close()
     shutil.rmtree(staging / ".spill", ignore_errors=True)
-    (staging / "_meta.json").write_text(json.dumps({"identity": identity, "rows": rows}, indent=2) + "\n")
+    (staging / TRAINING_META).write_text(json.dumps({"identity": identity, "rows": rows}, indent=2) + "\n")
     retired = out.parent / f".{out.name}.old"
     shutil.rmtree(retired, ignore_errors=True)
     if out.exists():

@@ -29,7 +29,6 @@ drawn, so numerator and denominator of a share move together in each round.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nlpctr.errors import UserError
+from nlpctr.layout import IMPRESSIONS, read_manifest
 from nlpctr.models import metrics
 
 TRUTH_SUFFIX = ".truth.parquet"
@@ -431,15 +431,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """`nlpctr ceilings --data DIR`: the ceilings of one split, without any trained model."""
     args = parse_args(argv)
-    manifest_path = args.data / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(
-            f"{args.data} is not a prepared dataset (no manifest.json); run `nlpctr data prepare`"
-        )
+    manifest = read_manifest(args.data)
     if args.prior_strength < 0 or args.bootstrap_rounds < 1:
         raise UserError("--prior-strength must be >= 0 and --bootstrap-rounds >= 1")
-    manifest = json.loads(manifest_path.read_text())
-    table = pq.read_table(args.data / "impressions")
+    table = pq.read_table(args.data / IMPRESSIONS)
     frame = table.filter(pc.equal(table.column("split"), args.split)).to_pandas()
     frame = frame.sort_values("impression_id", kind="stable").reset_index(drop=True)
     if frame.empty:

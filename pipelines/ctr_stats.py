@@ -31,13 +31,13 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr.errors import UserError
+from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, read_manifest
 from nlpctr.models.schema import SPLITS
 from nlpctr.pipelines.loopback import direct_runner_on_loopback
 from nlpctr.pipelines.outputs import publish, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
 
 TRAIN = SPLITS[0]
-META_FILE = "_meta.json"
 
 
 def smoothed_ctr(clicks: float, impressions: float, prior_ctr: float, prior_strength: float) -> float:
@@ -186,7 +186,7 @@ class CtrHistory(beam.PTransform):
                 )
                 | f"Write[{entity}]"
                 >> beam.io.WriteToParquet(
-                    str(self.out / "ctr_history" / entity / "part"),
+                    str(self.out / CTR_HISTORY / entity / "part"),
                     entity_schema(entity),
                     file_name_suffix=".parquet",
                 )
@@ -204,7 +204,7 @@ class CtrHistory(beam.PTransform):
             )
             | "WriteRows"
             >> beam.io.WriteToParquet(
-                str(self.out / "ctr_history_rows" / "part"),
+                str(self.out / CTR_HISTORY_ROWS / "part"),
                 row_schema(self.entities),
                 file_name_suffix=".parquet",
             )
@@ -227,18 +227,9 @@ class CtrHistory(beam.PTransform):
                 beam.pvalue.AsSingleton(snapshot),
             )
             | "WriteMeta"
-            >> beam.io.WriteToText(str(self.out / "ctr_history" / META_FILE), shard_name_template="")
+            >> beam.io.WriteToText(str(self.out / CTR_HISTORY / CTR_META), shard_name_template="")
         )
         return meta
-
-
-def load_manifest(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        raise UserError(
-            f"{data_dir} has no manifest.json; run `nlpctr data prepare --dataset NAME --out {data_dir}`"
-        )
-    return json.loads(path.read_text())
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -253,18 +244,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args, beam_args = parse_args(argv)
     data_dir: Path = args.data.resolve()
-    manifest = load_manifest(data_dir)
+    manifest = read_manifest(data_dir)
     entities = tuple(manifest["entities"])
     if args.prior_strength <= 0:
         raise UserError("--prior-strength must be positive")
     columns = ["impression_id", "event_timestamp", "split", "impressions", "clicks", *entities]
-    outputs = ("ctr_history", "ctr_history_rows")
+    outputs = (CTR_HISTORY, CTR_HISTORY_ROWS)
     for name in outputs:  # before any work: each is new, empty or this job's earlier output
         claim_output_dir(data_dir / name, "ctr-stats", flag=f"--data {data_dir}:")
     staging = staging_dir(data_dir / "ctr_stats")
     started = time.perf_counter()
     try:
-        pattern = str(data_dir / "impressions" / "*.parquet")
+        pattern = str(data_dir / IMPRESSIONS / "*.parquet")
         options = PipelineOptions(beam_args)
         with direct_runner_on_loopback(options), beam.Pipeline(options=options) as pipeline:
             _ = pipeline | "CtrHistory" >> CtrHistory(
@@ -278,11 +269,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             publish(staging / name, data_dir / name, "ctr-stats")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    meta = json.loads((data_dir / "ctr_history" / META_FILE).read_text())
+    meta = json.loads((data_dir / CTR_HISTORY / CTR_META).read_text())
     wall = time.perf_counter() - started
     summary = (
         f"ctr-stats {manifest['dataset']}: {len(entities)} entities ({', '.join(entities)}), "
         f"global train CTR {meta['global_ctr']:.4f}, prior strength {args.prior_strength:g}; "
-        f"{wall:.1f} s -> {data_dir / 'ctr_history'}"
+        f"{wall:.1f} s -> {data_dir / CTR_HISTORY}"
     )
     return {**meta, "wall_seconds": round(wall, 3), "summary": summary}

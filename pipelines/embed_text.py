@@ -46,6 +46,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from nlpctr import __version__
 from nlpctr.errors import UserError
+from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
 from nlpctr.pipelines.loopback import direct_runner_on_loopback
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
@@ -64,15 +65,9 @@ EMBEDDING_SCHEMA = pa.schema(
         pa.field("event_timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
-MANIFEST_FILE = "_manifest.json"  # "_" prefix: parquet dataset readers (pyarrow, Feast) skip it
 STATS_FILE = "_stats.json"
 # Rows per written arrow table (a parquet row group): big enough to amortise, small in memory.
 WRITE_BATCH_ROWS = 1024
-
-
-def embeddings_dir(data: Path, config: EncoderConfig) -> Path:
-    """Where the embeddings of `config`'s encoder for the dataset in `data` live."""
-    return Path(data) / "embeddings" / config.slug
 
 
 # ------------------------------------------------------------------------------- reading
@@ -345,7 +340,7 @@ def build_pipeline(
 
 def check_impressions(data: Path) -> str:
     """The glob of the impressions files under `data`; UserError naming the fix if unusable."""
-    folder = data / "impressions"
+    folder = data / IMPRESSIONS
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
         raise UserError(
@@ -408,7 +403,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     data: Path = args.data.resolve()
     pattern = check_impressions(data)
-    out = claim_output_dir(embeddings_dir(data, config), "embed", flag=f"--data {data}:")
+    out = claim_output_dir(embeddings_dir(data, config.slug), "embed", flag=f"--data {data}:")
     options = PipelineOptions(beam_args)
     handler = TextEncoderModelHandler(
         config, torch_threads=args.torch_threads or default_torch_threads(options)
@@ -432,7 +427,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         encoded = int(counts.get("texts_encoded", 0))
         rows = int(counts.get("rows_written", 0))
         if unique == 0:
-            raise UserError(f"{data / 'impressions'} holds no query or ad texts; nothing to embed")
+            raise UserError(f"{data / IMPRESSIONS} holds no query or ad texts; nothing to embed")
         if not unique == encoded == rows:
             # A bug (a lost or repeated forward), never the user's: refuse to publish.
             raise RuntimeError(f"embed counts disagree: {counts}")
@@ -441,10 +436,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "slug": config.slug,
             "dim": EMBEDDING_DIM,
             "rows": rows,
-            "source": str(data / "impressions"),
+            "source": str(data / IMPRESSIONS),
             "nlpctr_version": __version__,
         }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (staging / EMBEDDINGS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         publish(staging, out, "embed")
     finally:
         shutil.rmtree(staging, ignore_errors=True)

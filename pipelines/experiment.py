@@ -42,7 +42,8 @@ import yaml
 
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.features.definitions import CASCADE_FROZEN, LM_FEATURES_DIR, lm_feature_slug, read_manifest
+from nlpctr.features.definitions import CASCADE_FROZEN, lm_feature_slug
+from nlpctr.layout import lm_features_dir, pair_key_columns, read_manifest
 from nlpctr.models import ceilings, claims, distill, experiment, metrics, redundancy, report, sweep
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.trainer import TextBatcher, labels_of, pair_text, predict
@@ -55,7 +56,6 @@ PROTOCOL = Path(__file__).resolve().parents[1] / "models" / "configs" / "experim
 SIMULATED = "simulated"
 JOB = "experiment"
 BASELINE_RUN = "baseline"
-KEYS = ["query_text_id", "ad_text_id"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -142,11 +142,12 @@ def pair_keys(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def join_pair_table(frame: pd.DataFrame, table: pd.DataFrame, column: str) -> np.ndarray:
-    """`table[column]` (keyed by KEYS) for every row of `frame`, in order; a missing key is an error."""
+    """`table[column]` (keyed by text pair) for every row of `frame`, in order; a missing key is an error."""
     keys = pair_keys(frame)
     if "query_text_id" not in table:
         table = table.assign(query_text_id="")
-    joined = keys.merge(table[[*KEYS, column]], on=KEYS, how="left", validate="many_to_one")
+    on = pair_key_columns()
+    joined = keys.merge(table[[*on, column]], on=on, how="left", validate="many_to_one")
     if joined[column].isna().any():
         raise RuntimeError(f"{column}: {int(joined[column].isna().sum())} rows have no LM feature")
     values = joined[column].to_numpy()
@@ -154,7 +155,7 @@ def join_pair_table(frame: pd.DataFrame, table: pd.DataFrame, column: str) -> np
 
 
 def lm_feature_table(data_dir: Path, run: str, epoch_folder: str) -> pd.DataFrame:
-    folder = data_dir / LM_FEATURES_DIR / lm_feature_slug(run) / epoch_folder
+    folder = lm_features_dir(data_dir, lm_feature_slug(run)) / epoch_folder
     return pd.read_parquet(folder)
 
 

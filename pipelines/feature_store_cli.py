@@ -24,6 +24,7 @@ import pyarrow.dataset as ds
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
+from nlpctr.layout import IMPRESSIONS
 
 SUBCOMMANDS = ("apply", "materialize", "get")
 
@@ -90,13 +91,13 @@ def entity_rows(pairs: list[str]) -> list[dict[str, str]]:
 
 def impression_rows(data_dir: Path, impression_ids: list[str], keys: list[str]) -> list[dict[str, str]]:
     """The service's entity keys as they stand on the given impressions, in the order given."""
-    table = ds.dataset(data_dir / "impressions", format="parquet").to_table(
+    table = ds.dataset(data_dir / IMPRESSIONS, format="parquet").to_table(
         columns=["impression_id", *keys], filter=pc.field("impression_id").isin(impression_ids)
     )
     found = {row["impression_id"]: row for row in table.to_pylist()}
     missing = [i for i in impression_ids if i not in found]
     if missing:
-        raise UserError(f"--impression {missing[0]!r} is not in {data_dir / 'impressions'}")
+        raise UserError(f"--impression {missing[0]!r} is not in {data_dir / IMPRESSIONS}")
     return [{k: "" if found[i][k] is None else str(found[i][k]) for k in keys} for i in impression_ids]
 
 

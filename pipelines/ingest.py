@@ -42,6 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr import __version__
 from nlpctr.errors import UserError
+from nlpctr.layout import IMPRESSIONS, REJECTED, write_manifest
 from nlpctr.models.schema import SPLITS, impression_schema, unit_interval
 from nlpctr.pipelines import ubi
 from nlpctr.pipelines.loopback import direct_runner_on_loopback
@@ -220,7 +221,7 @@ _UBI_TAGS = (ubi.QUERY, ubi.IMPRESSION, ubi.CLICK, ubi.TITLE, ubi.MALFORMED, ubi
 class MapToSchema(beam.DoFn):
     """Raw record -> canonical row (main output) or Rejection (`rejected` output)."""
 
-    REJECTED = "rejected"
+    REJECTED = "rejected"  # the output tag; the folder the rejections land in is layout.REJECTED
 
     def __init__(self, spec: DatasetSpec, limits: Limits) -> None:
         self.spec = spec
@@ -495,7 +496,7 @@ def build_pipeline(
             split_mode, spec.split_fractions, seed, spec.group, cut_points
         )
         _ = rows | f"WriteImpressions{name}" >> beam.io.WriteToParquet(
-            str(staging / "impressions" / prefix), schema, file_name_suffix=".parquet", num_shards=shards
+            str(staging / IMPRESSIONS / prefix), schema, file_name_suffix=".parquet", num_shards=shards
         )
         counters += [
             rows | f"CountWritten{name}" >> beam.Map(lambda r: ("rows_written", 1)),
@@ -511,7 +512,7 @@ def build_pipeline(
         | "RejectedJson" >> beam.Map(lambda r: r.to_json())
         | "WriteRejected"
         >> beam.io.WriteToText(
-            str(staging / "rejected" / "part"), file_name_suffix=".jsonl", num_shards=num_shards
+            str(staging / REJECTED / "part"), file_name_suffix=".jsonl", num_shards=num_shards
         )
     )
     _ = tuple(counters) | "CountOutcomes" >> WriteCounts(str(staging / STATS_FILE))
@@ -609,7 +610,7 @@ def rejection_message(manifest: dict[str, Any], max_reject_rate: float, out: Pat
     if manifest["rows_written"] == 0:
         return (
             f"all {rows_in} rows were rejected (reasons: {reasons}); nothing was written to {out}; "
-            f"the rejected records are in {failed}/rejected/; fix the source or the spec"
+            f"the rejected records are in {failed / REJECTED}/; fix the source or the spec"
         )
     rate = rejected / rows_in
     shown, limit = f"{rate:.2%}", f"{max_reject_rate:.2%}"
@@ -617,7 +618,7 @@ def rejection_message(manifest: dict[str, Any], max_reject_rate: float, out: Pat
         shown, limit = f"{rate:.4%}", f"{max_reject_rate:.4%}"
     return (
         f"{rejected} of {rows_in} rows rejected ({shown}) > --max-reject-rate {limit} (reasons: "
-        f"{reasons}); nothing was written to {out}; the rejected records are in {failed}/rejected/; "
+        f"{reasons}); nothing was written to {out}; the rejected records are in {failed / REJECTED}/; "
         "fix the source or the spec, or raise --max-reject-rate"
     )
 
@@ -706,7 +707,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if manifest["rows_in"] != manifest["rows_written"] + manifest["rows_rejected"]:
             raise RuntimeError(f"ingest lost rows: {counts}")  # a bug, not a user error
         manifest["max_reject_rate"] = max_reject_rate
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(staging, manifest)
         rate = manifest["rows_rejected"] / max(manifest["rows_in"], 1)
         if manifest["rows_written"] == 0 or rate > max_reject_rate:
             claim_output_dir(failed, JOB, flag="the dead-letter folder")  # still ours (or absent)?

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nlpctr.errors import UserError
+from nlpctr.layout import CTR_META, EMBEDDINGS_MANIFEST, MANIFEST
 
 TOOL = "nlpctr"
 # Hidden (readers of parquet folders skip names starting with "." or "_"), JSON: {"tool", "job"}.
@@ -82,17 +83,17 @@ def _only_beam_parts(folder: Path) -> bool:
 def is_prepared_dataset(folder: Path) -> bool:
     """`nlpctr data prepare`'s output (or its DIR.failed): the manifest it writes."""
     keys = ("dataset", "rows_in", "rows_written", "rows_rejected", "split", "code_version")
-    return _has_keys(folder / "manifest.json", keys)
+    return _has_keys(folder / MANIFEST, keys)
 
 
 def is_embeddings(folder: Path) -> bool:
-    return _has_keys(folder / "_manifest.json", ("encoder_version", "slug"))
+    return _has_keys(folder / EMBEDDINGS_MANIFEST, ("encoder_version", "slug"))
 
 
 def is_ctr_history(folder: Path) -> bool:
     """ctr-stats' DIR/ctr_history (its _meta.json) or DIR/ctr_history_rows (Beam shards only)."""
     meta = ("entities", "prior_strength", "global_ctr", "snapshot_timestamp")
-    return _has_keys(folder / "_meta.json", meta) or _only_beam_parts(folder)
+    return _has_keys(folder / CTR_META, meta) or _only_beam_parts(folder)
 
 
 def is_train_run(folder: Path) -> bool:

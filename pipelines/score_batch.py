@@ -40,7 +40,8 @@ from apache_beam.transforms.enrichment_handlers.feast_feature_store import Feast
 
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.features.definitions import arrow_type, parquet_files, read_manifest
+from nlpctr.features.definitions import arrow_type, parquet_files
+from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
 from nlpctr.models.experiment import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
 from nlpctr.pipelines.loopback import direct_runner_on_loopback
@@ -241,12 +242,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         args.service = trained_service
     args.service = args.service or feature_store.CASCADE_FROZEN
     # Before any work: --out is new, empty or an earlier score-batch output, holding no input.
-    default_out = data_dir / "scored" / args.run if args.run else data_dir / "enriched" / args.service
-    inputs = [data_dir / "impressions", *([run_dir] if run_dir is not None else [])]
+    default_out = data_dir / SCORED / args.run if args.run else data_dir / ENRICHED / args.service
+    inputs = [data_dir / IMPRESSIONS, *([run_dir] if run_dir is not None else [])]
     out = claim_output_dir(args.out or default_out, "score-batch", inputs=inputs)
     # Fail before the pipeline starts: not applied, stale, not materialised, Redis down.
     online = feature_store.OnlineFeatures(data_dir, args.service)
-    if not parquet_files(data_dir / "impressions"):
+    if not parquet_files(data_dir / IMPRESSIONS):
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     manifest = read_manifest(data_dir)
     fields = [
@@ -267,7 +268,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         pipeline = beam.Pipeline(options=options)
         build_pipeline(
             pipeline,
-            str(data_dir / "impressions" / "*.parquet"),
+            str(data_dir / IMPRESSIONS / "*.parquet"),
             args.splits,
             handler,
             online.feature_names,

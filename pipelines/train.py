@@ -45,15 +45,13 @@ import torch
 import nlpctr
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.features.definitions import (
-    BASELINE,
-    CASCADE_FROZEN,
-    CTR_DIR,
-    LM_FEATURES_DIR,
-    LM_META,
-    Layout,
-    lm_feature_slug,
-    lm_view_name,
+from nlpctr.features.definitions import BASELINE, CASCADE_FROZEN, Layout, lm_feature_slug, lm_view_name
+from nlpctr.layout import (
+    CTR_HISTORY,
+    CTR_META,
+    LmFeatureMeta,
+    lm_features_dir,
+    pair_key_columns,
     read_manifest,
 )
 from nlpctr.models import experiment, metrics, streaming
@@ -121,7 +119,7 @@ def code_version() -> str:
 
 def global_ctr(data_dir: Path) -> float:
     """The global training CTR the CTR job smoothed toward (what a never-seen key gets)."""
-    path = data_dir / CTR_DIR / "_meta.json"
+    path = data_dir / CTR_HISTORY / CTR_META
     if not path.is_file():
         raise UserError(f"{data_dir} has no CTR history; run `nlpctr ctr-stats --data {data_dir}`")
     return float(json.loads(path.read_text())["global_ctr"])
@@ -151,9 +149,8 @@ def write_lm_features(
     """One parquet of the LM's outputs per text pair, keyed as the Feast view reads it."""
     folder.mkdir(parents=True, exist_ok=True)
     columns: dict[str, pa.Array] = {}
-    if with_query:
-        columns["query_text_id"] = pa.array(pairs["query_text_id"], pa.string())
-    columns["ad_text_id"] = pa.array(pairs["ad_text_id"], pa.string())
+    for key in pair_key_columns(with_query):  # the same columns the run's _meta.json names as keys
+        columns[key] = pa.array(pairs[key], pa.string())
     columns["event_timestamp"] = pa.array(
         pd.to_datetime(pairs["event_timestamp"], utc=True), pa.timestamp("us", tz="UTC")
     )
@@ -168,18 +165,17 @@ def write_lm_features(
     pq.write_table(pa.table(columns), folder / "part-0.parquet")
 
 
-def publish_lm_features(data_dir: Path, slug: str, meta: dict[str, Any]) -> str:
+def publish_lm_features(data_dir: Path, meta: LmFeatureMeta) -> str:
     """Name the chosen epoch, register the view and materialise it; returns the view name."""
-    folder = data_dir / LM_FEATURES_DIR / slug
-    (folder / LM_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    meta.write(lm_features_dir(data_dir, meta.run))
     feature_store.reapply(data_dir)
-    view = lm_view_name(slug)
+    view = lm_view_name(meta.run)
     feature_store.materialize(data_dir, views=[view])
     return view
 
 
 def lm_feature_root(data_dir: Path, slug: str) -> Path:
-    folder = data_dir / LM_FEATURES_DIR / slug
+    folder = lm_features_dir(data_dir, slug)
     shutil.rmtree(folder, ignore_errors=True)  # a re-run replaces the run's features whole
     return folder
 
@@ -287,16 +283,16 @@ def train_lm_alone(
         write_lm_features(root / f"epoch-{epoch}", pairs, outputs, version, with_query)
         folders.append(f"epoch-{epoch}")
     chosen = f"epoch-{result.best_epoch}"
-    meta = {
-        "run": slug,
-        "kind": "cascade_finetuned",
-        "chosen": chosen,
-        "epochs": folders,
-        "keys": ["query_text_id", "ad_text_id"] if with_query else ["ad_text_id"],
-        "model_version": f"{slug}@{chosen}/{encoder.version}/nlpctr=={nlpctr.__version__}",
-        "valid_auc": {f"epoch-{int(h['epoch'])}": h["valid_auc"] for h in result.history},
-    }
-    view = publish_lm_features(data_dir, slug, meta)
+    meta = LmFeatureMeta(
+        run=slug,
+        kind="cascade_finetuned",
+        chosen=chosen,
+        epochs=tuple(folders),
+        keys=tuple(pair_key_columns(with_query)),
+        model_version=f"{slug}@{chosen}/{encoder.version}/nlpctr=={nlpctr.__version__}",
+        valid_auc={f"epoch-{int(h['epoch'])}": h["valid_auc"] for h in result.history},
+    )
+    view = publish_lm_features(data_dir, meta)
     return {
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
@@ -334,16 +330,16 @@ def write_joint_features(
     version = f"{slug}@{chosen}/joint-{fusion.fusion}/{encoder.version}/nlpctr=={nlpctr.__version__}"
     with_query = has_query_text(frame)
     write_lm_features(lm_feature_root(data_dir, slug) / chosen, pairs, outputs, version, with_query)
-    meta = {
-        "run": slug,
-        "kind": "joint",
-        "chosen": chosen,
-        "epochs": [chosen],
-        "keys": ["query_text_id", "ad_text_id"] if with_query else ["ad_text_id"],
-        "model_version": version,
-        "fusion": fusion.fusion,
-    }
-    return publish_lm_features(data_dir, slug, meta)
+    meta = LmFeatureMeta(
+        run=slug,
+        kind="joint",
+        chosen=chosen,
+        epochs=(chosen,),
+        keys=tuple(pair_key_columns(with_query)),
+        model_version=version,
+        fusion=fusion.fusion,
+    )
+    return publish_lm_features(data_dir, meta)
 
 
 # ------------------------------------------------------------------------------- streaming

@@ -32,6 +32,7 @@ from test_features import write_ctr_history
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.definitions import embedding_view_name
+from nlpctr.layout import EMBEDDINGS_MANIFEST, embeddings_dir
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.schema import impression_schema, text_id
 from nlpctr.pipelines import cli, embed_text
@@ -147,7 +148,7 @@ def test_embed_killed_mid_run_reruns_to_the_clean_output(
     datasets: dict[str, Path], clean_embeddings: pa.Table, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = datasets["killed"]
-    folder = embed_text.embeddings_dir(data, CONFIG)
+    folder = embeddings_dir(data, CONFIG.slug)
     args = ("embed", "--data", str(data), "--layers", str(CONFIG.layers))
 
     def writing_parquet() -> bool:
@@ -164,7 +165,7 @@ def test_embed_killed_mid_run_reruns_to_the_clean_output(
     assert sorted(p.name for p in (data / "embeddings").iterdir()) == [CONFIG.slug]
     assert hidden_entries(data / "embeddings") == []
     assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".parquet")) == [
-        embed_text.MANIFEST_FILE
+        EMBEDDINGS_MANIFEST
     ]
     recovered = ds.dataset(folder, format="parquet").to_table().sort_by("text_id")
     ids = recovered.column("text_id").to_pylist()
@@ -202,7 +203,7 @@ def test_materialize_killed_mid_run_reruns_to_one_row_per_key(
     datasets: dict[str, Path], clean_embeddings: pa.Table, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data, clean = datasets["killed"], datasets["clean"]
-    if not embed_text.embeddings_dir(data, CONFIG).exists():
+    if not embeddings_dir(data, CONFIG.slug).exists():
         pytest.skip("needs the recovered embeddings of the embed test")
     for folder in (data, clean):
         write_ctr_history(folder)

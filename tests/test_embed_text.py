@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nlpctr.errors import UserError
+from nlpctr.layout import EMBEDDINGS_MANIFEST, embeddings_dir
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder
 from nlpctr.models.schema import impression_schema, text_id
 from nlpctr.pipelines import embed_text
@@ -128,7 +129,7 @@ def test_exactly_one_forward_per_unique_text(first_run: dict[str, Any], rows: li
     assert first_run["unique_texts"] == first_run["texts_encoded"] == first_run["rows_written"] == unique
     assert math.ceil(unique / BATCH) <= first_run["forward_passes"] < unique
     assert 0 <= first_run["padding_ratio"] < 1
-    assert first_run["out"] == str(embed_text.embeddings_dir(first_run_data(first_run), CONFIG))
+    assert first_run["out"] == str(embeddings_dir(first_run_data(first_run), CONFIG.slug))
     assert "embedded" in first_run["summary"] and "\n" not in first_run["summary"]
 
 
@@ -147,7 +148,7 @@ def test_embeddings_equal_direct_encode(first_run: dict[str, Any], rows: list[di
 
 def test_manifest_and_no_leftovers(first_run: dict[str, Any]) -> None:
     out = Path(first_run["out"])
-    manifest = json.loads((out / embed_text.MANIFEST_FILE).read_text())
+    manifest = json.loads((out / EMBEDDINGS_MANIFEST).read_text())
     assert manifest["encoder_version"] == CONFIG.version
     assert manifest["rows"] == first_run["rows_written"]
     assert sorted(p.name for p in out.parent.iterdir()) == [CONFIG.slug]  # no staging folders
@@ -156,11 +157,11 @@ def test_manifest_and_no_leftovers(first_run: dict[str, Any]) -> None:
 
 def test_rerun_gives_identical_content(first_run: dict[str, Any], dataset: Path) -> None:
     before = read_output(first_run["out"])
-    manifest = (Path(first_run["out"]) / embed_text.MANIFEST_FILE).read_text()
+    manifest = (Path(first_run["out"]) / EMBEDDINGS_MANIFEST).read_text()
     again = embed_text.run(job_args(dataset))
     assert again["out"] == first_run["out"]
     assert read_output(again["out"]).equals(before)
-    assert (Path(again["out"]) / embed_text.MANIFEST_FILE).read_text() == manifest
+    assert (Path(again["out"]) / EMBEDDINGS_MANIFEST).read_text() == manifest
     assert sorted(p.name for p in Path(again["out"]).parent.iterdir()) == [CONFIG.slug]
 
 
@@ -183,7 +184,7 @@ def test_length_grouping_cuts_padding_same_vectors(
 def test_other_encoder_goes_to_its_own_folder(first_run: dict[str, Any], dataset: Path) -> None:
     cls = embed_text.run(job_args(dataset, "--pooling", "cls", "--max-length", "16"))
     other = EncoderConfig(layers=CONFIG.layers, pooling="cls", max_length=16)
-    assert cls["out"] == str(embed_text.embeddings_dir(dataset, other)) != first_run["out"]
+    assert cls["out"] == str(embeddings_dir(dataset, other.slug)) != first_run["out"]
     assert set(read_output(cls["out"]).column("encoder_version").to_pylist()) == {other.version}
     assert set(read_output(first_run["out"]).column("encoder_version").to_pylist()) == {CONFIG.version}
 

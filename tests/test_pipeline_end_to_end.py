@@ -13,6 +13,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from nlpctr.features import store
+from nlpctr.layout import embeddings_dir
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.pipelines import ctr_stats, embed_text, ingest
 
@@ -34,7 +35,7 @@ def trec(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_encoder_parquet_offline_and_online_vectors_agree(trec: Path) -> None:
     impressions = ds.dataset(trec / "impressions").to_table().to_pandas().sort_values("impression_id")
     sample = impressions[impressions.split == "test"].head(40)
-    embeddings = ds.dataset(embed_text.embeddings_dir(trec, CONFIG)).to_table().to_pandas()
+    embeddings = ds.dataset(embeddings_dir(trec, CONFIG.slug)).to_table().to_pandas()
     by_id = dict(zip(embeddings.text_id, embeddings.embedding, strict=True))
     direct = TextEncoder(CONFIG).encode(list(sample.ad_text), batch_size=16)
     parquet = np.stack([by_id[i] for i in sample.ad_text_id])
@@ -54,7 +55,7 @@ def test_encoder_parquet_offline_and_online_vectors_agree(trec: Path) -> None:
 
 
 def test_rerunning_embed_and_materialize_changes_nothing(trec: Path) -> None:
-    folder = embed_text.embeddings_dir(trec, CONFIG)
+    folder = embeddings_dir(trec, CONFIG.slug)
     before = ds.dataset(folder).to_table().sort_by("text_id")
     sample = {"ad_id": "x", "query_id": "y", "position": "1", "ad_text_id": before["text_id"][0].as_py(),
               "query_text_id": "z"}  # fmt: skip

@@ -1,0 +1,156 @@
+"""The on-disk layout of a prepared data folder DIR: every name the jobs write there, and the
+files that describe it.
+
+    DIR/manifest.json                      `data prepare`'s manifest (read_manifest, write_manifest)
+    DIR/impressions/*.parquet              the canonical impressions (`data prepare`)
+    DIR/rejected/*.jsonl                   the records `data prepare` rejected, with the reason
+    DIR/ctr_history/<entity>/              entity-level CTR history (`ctr-stats`), and its _meta.json
+    DIR/ctr_history_rows/                  row-level leave-one-out CTR history (`ctr-stats`)
+    DIR/embeddings/<slug>/                 one encoder's text embeddings (`embed`), and its _manifest.json
+    DIR/lm_features/<run>/epoch-<k>/       a trained LM's output per text pair (`train`, E2 and E3),
+                                           and the run's _meta.json (LmFeatureMeta)
+    DIR/feature_repo/                      the rendered Feast repository (`features apply`)
+    DIR/training/<service>/<split>/        streamed training shards, and their _meta.json
+    DIR/scored/<run>/, DIR/enriched/<service>/   `score-batch`'s default outputs
+
+Metadata files start with "_" so that parquet dataset readers (pyarrow, Feast) skip them.
+Imports nothing from nlpctr but its errors, so that every layer can use it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nlpctr.errors import UserError
+
+MANIFEST = "manifest.json"
+IMPRESSIONS = "impressions"
+REJECTED = "rejected"
+CTR_HISTORY = "ctr_history"
+CTR_HISTORY_ROWS = "ctr_history_rows"
+CTR_META = "_meta.json"  # in CTR_HISTORY: entities, prior, global CTR, snapshot time
+EMBEDDINGS = "embeddings"
+EMBEDDINGS_MANIFEST = "_manifest.json"  # in EMBEDDINGS/<slug>: encoder version, slug, dim, rows
+LM_FEATURES = "lm_features"
+LM_META = "_meta.json"  # in LM_FEATURES/<run>: LmFeatureMeta
+FEATURE_REPO = "feature_repo"
+TRAINING = "training"
+TRAINING_META = "_meta.json"  # in TRAINING/<service>: what the shards were joined from
+SCORED = "scored"
+ENRICHED = "enriched"
+
+QUERY_TEXT_ID = "query_text_id"
+AD_TEXT_ID = "ad_text_id"
+
+
+def pair_key_columns(with_query: bool = True) -> list[str]:
+    """The key of a text pair's LM features: (query_text_id, ad_text_id), or ad_text_id alone
+    for a dataset without query text (a fresh list: callers may extend it)."""
+    return [QUERY_TEXT_ID, AD_TEXT_ID] if with_query else [AD_TEXT_ID]
+
+
+def embeddings_dir(data_dir: Path, slug: str) -> Path:
+    """DIR/embeddings/<slug>: where one encoder's embeddings of the dataset live."""
+    return Path(data_dir) / EMBEDDINGS / slug
+
+
+def lm_features_dir(data_dir: Path, run: str) -> Path:
+    """DIR/lm_features/<run>: one training run's LM features (`run` already a safe slug)."""
+    return Path(data_dir) / LM_FEATURES / run
+
+
+# ------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    """DIR/manifest.json, or a UserError naming the command that writes it."""
+    path = Path(data_dir).resolve() / MANIFEST
+    if not path.is_file():
+        fix = f"nlpctr data prepare --dataset NAME --out {path.parent}"
+        raise UserError(f"{path.parent} has no {MANIFEST}; run `{fix}`")
+    return json.loads(path.read_text())
+
+
+def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write `manifest` as FOLDER/manifest.json (sorted keys: runs diff cleanly); returns its path."""
+    path = Path(folder) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------- LM features
+
+
+@dataclass(frozen=True)
+class LmFeatureMeta:
+    """DIR/lm_features/<run>/_meta.json: which epoch folder of a trained LM's output the
+    feature store serves, and how that output is keyed. Written by `nlpctr train` (E2, E3)."""
+
+    run: str  # the run as a safe identifier (the folder's name)
+    kind: str  # cascade_finetuned | joint
+    chosen: str  # the served epoch folder, e.g. "epoch-3"
+    epochs: tuple[str, ...]  # every epoch folder written
+    keys: tuple[str, ...]  # pair_key_columns(): query_text_id?, ad_text_id
+    model_version: str
+    valid_auc: Mapping[str, float] | None = None  # E2: validation AUC per epoch folder
+    fusion: str | None = None  # E3: how the LM joins the CTR tower (score | concat | gate)
+
+    def __post_init__(self) -> None:
+        # Lists from JSON or a caller become tuples, so a read-back record equals the one written.
+        object.__setattr__(self, "epochs", tuple(self.epochs))
+        object.__setattr__(self, "keys", tuple(self.keys))
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's content: the fields, with the optional ones only when set."""
+        content: dict[str, Any] = {
+            "run": self.run,
+            "kind": self.kind,
+            "chosen": self.chosen,
+            "epochs": list(self.epochs),
+            "keys": list(self.keys),
+            "model_version": self.model_version,
+        }
+        # The optional fields are left out, not written as null: the files the trainer wrote
+        # before this class existed carry only the one their kind has.
+        if self.valid_auc is not None:
+            content["valid_auc"] = dict(self.valid_auc)
+        if self.fusion is not None:
+            content["fusion"] = self.fusion
+        return content
+
+    def write(self, folder: Path) -> Path:
+        """Write FOLDER/_meta.json (the run's folder, above its epoch folders); returns its path."""
+        path = Path(folder) / LM_META
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @staticmethod
+    def exists(folder: Path) -> bool:
+        """Whether FOLDER holds a run's _meta.json (a run whose training finished)."""
+        return (Path(folder) / LM_META).is_file()
+
+    @classmethod
+    def read(cls, folder: Path) -> LmFeatureMeta:
+        """FOLDER/_meta.json; a UserError naming the folder when it is not a complete record."""
+        path = Path(folder) / LM_META
+        try:
+            content = json.loads(path.read_text())
+        except ValueError:
+            content = None
+        required = ("kind", "chosen", "keys", "model_version")
+        if not isinstance(content, dict) or any(k not in content for k in required):
+            raise UserError(f"{path} is not a complete LM feature record; re-run its training")
+        return cls(
+            run=str(content.get("run", Path(folder).name)),
+            kind=str(content["kind"]),
+            chosen=str(content["chosen"]),
+            epochs=tuple(content.get("epochs", [content["chosen"]])),  # at least the chosen one
+            keys=tuple(content["keys"]),
+            model_version=str(content["model_version"]),
+            valid_auc=content.get("valid_auc"),
+            fusion=content.get("fusion"),
+        )

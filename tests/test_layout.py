@@ -1,0 +1,107 @@
+"""nlpctr.layout: the manifest, the LM-feature metadata and the text-pair key, as files on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nlpctr.errors import UserError
+from nlpctr.layout import (
+    LM_META,
+    MANIFEST,
+    LmFeatureMeta,
+    lm_features_dir,
+    pair_key_columns,
+    read_manifest,
+    write_manifest,
+)
+
+
+def old_meta_file(meta: dict) -> str:
+    """How `nlpctr train` wrote _meta.json before LmFeatureMeta (publish_lm_features)."""
+    return json.dumps(meta, indent=2, sort_keys=True) + "\n"
+
+
+E2_META = {
+    "run": "e2_small",
+    "kind": "cascade_finetuned",
+    "chosen": "epoch-2",
+    "epochs": ["epoch-1", "epoch-2", "epoch-3"],
+    "keys": ["query_text_id", "ad_text_id"],
+    "model_version": "e2_small@epoch-2/minilm-l6/nlpctr==0.1.0",
+    "valid_auc": {"epoch-1": 0.61, "epoch-2": 0.6375, "epoch-3": 0.629},
+}
+E3_META = {
+    "run": "joint_gate",
+    "kind": "joint",
+    "chosen": "epoch-4",
+    "epochs": ["epoch-4"],
+    "keys": ["ad_text_id"],
+    "model_version": "joint_gate@epoch-4/joint-gate/minilm-l6/nlpctr==0.1.0",
+    "fusion": "gate",
+}
+
+
+def test_manifest_round_trip(tmp_path: Path) -> None:
+    manifest = {"dataset": "trec", "rows_written": 3, "entities": ["ad_id", "query_id"], "split": {"seed": 0}}
+    path = write_manifest(tmp_path, manifest)
+    assert path == tmp_path / MANIFEST
+    # The format ingest has always written: sorted keys, two-space indent, a final newline.
+    assert path.read_text() == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    assert read_manifest(tmp_path) == manifest
+
+
+def test_missing_manifest_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as error:
+        read_manifest(tmp_path / "nowhere")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{(tmp_path / 'nowhere').resolve()} has no manifest.json")
+    assert "nlpctr data prepare --dataset NAME --out" in message
+
+
+@pytest.mark.parametrize("meta", [E2_META, E3_META], ids=["cascade_finetuned", "joint"])
+def test_lm_feature_meta_writes_the_old_bytes_and_reads_them_back(tmp_path: Path, meta: dict) -> None:
+    folder = lm_features_dir(tmp_path, meta["run"])
+    folder.mkdir(parents=True)
+    record = LmFeatureMeta(
+        run=meta["run"],
+        kind=meta["kind"],
+        chosen=meta["chosen"],
+        epochs=tuple(meta["epochs"]),
+        keys=tuple(meta["keys"]),
+        model_version=meta["model_version"],
+        valid_auc=meta.get("valid_auc"),
+        fusion=meta.get("fusion"),
+    )
+    assert record.write(folder) == folder / LM_META
+    assert (folder / LM_META).read_text() == old_meta_file(meta)  # existing data folders still read
+    assert LmFeatureMeta.exists(folder)
+    assert LmFeatureMeta.read(folder) == record
+
+
+def test_lm_feature_meta_reads_a_file_the_old_trainer_wrote(tmp_path: Path) -> None:
+    (tmp_path / LM_META).write_text(old_meta_file(E2_META))
+    record = LmFeatureMeta.read(tmp_path)
+    assert (record.kind, record.chosen) == ("cascade_finetuned", "epoch-2")
+    assert record.keys == ("query_text_id", "ad_text_id")
+    assert record.epochs == tuple(E2_META["epochs"]) and record.fusion is None
+    assert record.to_json() == E2_META
+
+
+def test_incomplete_lm_feature_meta_is_a_user_error(tmp_path: Path) -> None:
+    assert not LmFeatureMeta.exists(tmp_path)
+    (tmp_path / LM_META).write_text(json.dumps({"run": "x", "kind": "joint"}))
+    with pytest.raises(UserError, match="not a complete LM feature record"):
+        LmFeatureMeta.read(tmp_path)
+
+
+def test_pair_key_columns() -> None:
+    assert pair_key_columns() == ["query_text_id", "ad_text_id"]
+    assert pair_key_columns(with_query=True) == pair_key_columns()
+    assert pair_key_columns(with_query=False) == ["ad_text_id"]
+    columns = pair_key_columns()
+    columns.append("column")  # callers get their own list
+    assert pair_key_columns() == ["query_text_id", "ad_text_id"]
