@@ -55,13 +55,13 @@ from nlpctr.layout import (
     read_manifest,
 )
 from nlpctr.models import experiment, metrics, streaming
+from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.joint import fit_joint, stage_summary
 from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict, predict_batches
 from nlpctr.pipelines.ownership import claim_output_dir
 
-FUSIONS = ("score", "concat", "gate")
 STREAMING_ROWS = 500_000  # impressions above which `train` streams (a frame of ~1 GB in memory)
 STREAMING_MODES = ("baseline", "cascade-frozen", "joint")
 TEXT_CACHE = 300_000  # unique texts whose LM vectors one evaluation pass keeps (<= 460 MB at 384-d)
