@@ -701,6 +701,17 @@ def sweep_impressions_per_row(args: argparse.Namespace, settings: Mapping[str, A
     return value
 
 
+def finished_rho(out: Path, protocol: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
+    """The results of a rho folder that a run with this protocol and seed finished, else None.
+    Only without --rows / --impressions-per-row: the protocol then fixes the simulated log."""
+    done = out / "results.json"
+    if args.rows or args.impressions_per_row is not None or not done.is_file():
+        return None
+    previous = json.loads(done.read_text())
+    same = previous.get("protocol") == json.loads(json.dumps(protocol, default=float))
+    return previous if same and previous.get("seed") == int(args.seed) else None
+
+
 def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, Any]:
     """The protocol (without E4) on a simulated log per rho, and the trends against rho."""
     started = time.perf_counter()
@@ -713,6 +724,11 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
     per_rho: dict[float, dict[str, Any]] = {}
     for rho in rhos:
         out = claim_output_dir(args.out / f"rho-{rho:g}", JOB, create=True)
+        finished = finished_rho(out, protocol, args)
+        if finished is not None:  # a rerun of an interrupted sweep keeps the values it finished
+            print(f"[experiment] rho {rho:g}: finished before with this protocol and seed; kept", flush=True)
+            per_rho[rho] = finished
+            continue
         log = out / "log" / "log.parquet"
         simulate = ["data", "simulate", "--rows", str(rows), "--rho", str(rho), "--seed", str(args.seed)]
         simulate += ["--text-strength", str(settings["text_strength"]), "--out", str(log)]

@@ -3,7 +3,10 @@ the protocol run end to end is in test_experiment.py)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,3 +114,16 @@ def test_a_kept_rho_names_e2s_chosen_checkpoint_as_its_feature() -> None:
     }
     kept = sweep.entry(results)
     assert kept["e2_chosen"] == "cascade_finetuned@epoch-1" and kept["e2_chosen"] in kept["redundancy"]
+
+
+def test_a_rerun_keeps_only_rhos_finished_with_the_same_protocol_and_seed(tmp_path: Path) -> None:
+    protocol = experiment.load_protocol(True, None, simulated=True)
+    (tmp_path / "results.json").write_text(json.dumps({"protocol": protocol, "seed": 0, "runs": {}}))
+    defaults = argparse.Namespace(rows=None, impressions_per_row=None, seed=0)
+    assert experiment.finished_rho(tmp_path, protocol, defaults) is not None
+    for changed_flag in ({"seed": 1}, {"rows": 10}, {"impressions_per_row": 5}):
+        flags = argparse.Namespace(**{**vars(defaults), **changed_flag})
+        assert experiment.finished_rho(tmp_path, protocol, flags) is None
+    changed = experiment.experiment.deep_merge(protocol, {"simulator": {"text_strength": 2.0}})
+    assert experiment.finished_rho(tmp_path, changed, defaults) is None
+    assert experiment.finished_rho(tmp_path / "nothing", protocol, defaults) is None
