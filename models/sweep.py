@@ -117,37 +117,27 @@ def _overall(verdicts: Sequence[str]) -> str:
     return claims.CONTRADICTED if claims.CONTRADICTED in verdicts else claims.NOT_SIGNIFICANT
 
 
-def click_trained_features(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Per rho, its click-trained features in a fixed order: E2's chosen checkpoint (named
-    "cascade_finetuned" across rho, since the chosen epoch may differ), then each joint fusion."""
-    out: dict[str, list[str]] = {}
-    for rho, kept in per_rho.items():
-        names = sorted(k for k in kept["redundancy"] if k.startswith("joint_"))
-        out[f"{rho:g}"] = [kept["e2_chosen"], *names] if kept.get("e2_chosen") else names
-    return out
-
-
 def predictions(per_rho: Mapping[float, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The three stated predictions (docs/RESULTS.md) against the sweep, each with its parts and a verdict."""
     rhos = sorted(per_rho)
-    features = {r: per_rho[r]["redundancy"] for r in rhos}
-    click_trained = click_trained_features(per_rho)
+
+    def measured(r: float, feature: str) -> Mapping[str, Any]:
+        """One feature's measures at rho r; "cascade_finetuned" is E2's chosen checkpoint there
+        (the chosen epoch may differ across rho)."""
+        name = per_rho[r]["e2_chosen"] if feature == E2_FEATURE else feature
+        return per_rho[r]["redundancy"][name]
 
     def series(measure: str, feature: str) -> list[float]:
-        if feature == "cascade_finetuned":  # E2's chosen checkpoint at each rho
-            return [features[r][per_rho[r]["e2_chosen"]][measure] for r in rhos]
-        return [features[r][feature][measure] for r in rhos]
+        return [measured(r, feature)[measure] for r in rhos]
 
-    names = [
-        "cascade_finetuned" if n.startswith("cascade_finetuned@") else n
-        for n in click_trained[f"{rhos[0]:g}"]
-    ]
+    # the click-trained features: E2's chosen checkpoint, then each joint fusion
+    joint = sorted(k for k in per_rho[rhos[0]]["redundancy"] if k.startswith("joint_"))
+    names = [E2_FEATURE, *joint] if per_rho[rhos[0]].get("e2_chosen") else joint
     explained = {n: trend_verdict(rhos, series("explained_fraction", n), +1) for n in names}
     gain = {}
     for n in ["frozen", *names]:
         gain[n] = trend_verdict(rhos, series("delta_rig", n), -1)
-        last = features[rhos[-1]][per_rho[rhos[-1]]["e2_chosen"] if n == "cascade_finetuned" else n]
-        ci = last.get("delta_rig_ci")
+        ci = measured(rhos[-1], n).get("delta_rig_ci")
         gain[n]["ci_at_last_rho"] = ci
         gain[n]["zero_in_ci_at_last_rho"] = None if ci is None else bool(ci[0] <= 0 <= ci[1])
     joint_vs_e2 = {}
