@@ -83,8 +83,11 @@ def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False
     protocol = yaml.safe_load(PROTOCOL.read_text())
     quick_section = protocol.pop("quick")
     if simulated:
-        sweep_budget = protocol["simulator"].get("train_config") or {}
-        protocol = experiment.deep_merge(protocol, {"train_config": sweep_budget})
+        sweep_settings = protocol["simulator"]
+        overrides = {"train_config": sweep_settings.get("train_config") or {}}
+        if "fusions" in sweep_settings:  # before `quick:`, whose own list the quick sweep keeps
+            overrides["fusions"] = sweep_settings["fusions"]
+        protocol = experiment.deep_merge(protocol, overrides)
     if quick:
         protocol = experiment.deep_merge(protocol, quick_section)
     if config_file is not None:
