@@ -14,7 +14,7 @@ import yaml
 
 from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS, impression_schema, stable_hash
-from nlpctr.pipelines import ingest, records
+from nlpctr.pipelines import ingest, ingest_validate, records
 
 BAD_CSV = """id,ad,title,ts,n,k,test
 1,a1,Good headline one,2024-01-01T00:00:00Z,10,2,t1
@@ -126,7 +126,7 @@ def test_crash_mid_run_leaves_previous_output_untouched(
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr(ingest, "map_record", explode)
+    monkeypatch.setattr(ingest_validate, "map_record", explode)
     with pytest.raises(Exception, match="worker died"):
         ingest.run(["--dataset", str(spec), "--out", str(out), "--max-reject-rate", "1"])
     assert read_rows(out) == before
@@ -254,8 +254,8 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 def test_repeated_id_hashes_finds_exactly_the_ids_seen_twice_across_bundles(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ingest.RepeatedIdHashes, "COMPACT_EVERY", 7)  # compact many times
-    combine = ingest.RepeatedIdHashes()
+    monkeypatch.setattr(ingest_validate.RepeatedIdHashes, "COMPACT_EVERY", 7)  # compact many times
+    combine = ingest_validate.RepeatedIdHashes()
     ids = [f"imp-{i}" for i in range(100)]
     # Three bundles: one repeat inside a bundle, two across bundles, one id thrice.
     bundles = [[*ids[:40], "imp-3"], [*ids[40:80], "imp-10", "imp-50"], [*ids[80:], "imp-99", "imp-3"]]
@@ -263,8 +263,9 @@ def test_repeated_id_hashes_finds_exactly_the_ids_seen_twice_across_bundles(
     for bundle in bundles:
         acc = combine.create_accumulator()
         for impression_id in bundle:
-            acc = combine.add_input(acc, ingest.id_hash(impression_id))
+            acc = combine.add_input(acc, ingest_validate.id_hash(impression_id))
         accumulators.append(acc)
     repeated = combine.extract_output(combine.merge_accumulators(accumulators))
-    assert repeated == {ingest.id_hash(i) for i in ("imp-3", "imp-10", "imp-50", "imp-99")}
-    assert ingest.id_hash("imp-3") == ingest.id_hash("imp-3") != ingest.id_hash("imp-4")
+    assert repeated == {ingest_validate.id_hash(i) for i in ("imp-3", "imp-10", "imp-50", "imp-99")}
+    id_hash = ingest_validate.id_hash
+    assert id_hash("imp-3") == id_hash("imp-3") != id_hash("imp-4")
