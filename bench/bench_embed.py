@@ -42,6 +42,7 @@ from nlpctr.models.encoder import EncoderConfig, model_path
 from nlpctr.models.schema import impression_schema, text_id
 from nlpctr.pipelines import embed_text
 from nlpctr.pipelines.specs import data_root
+from nlpctr.pipelines.unique_texts import texts_of_table
 
 UPWORTHY = data_root() / "upworthy" / "upworthy_exploratory.parquet"
 TARGET_RATIO = 0.85
@@ -73,7 +74,7 @@ def build_fixture(headlines: list[str], folder: Path) -> Path:
 def unique_texts(folder: Path) -> tuple[list[str], list[str]]:
     """(text ids, texts) the job encodes: its own dedup rule applied to the fixture."""
     table = pq.read_table(folder / IMPRESSIONS)
-    pairs = sorted(embed_text.texts_of_table(table))
+    pairs = sorted(texts_of_table(table))
     return [p[0] for p in pairs], [p[1].text for p in pairs]
 
 

@@ -33,7 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from nlpctr.errors import UserError
 from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, read_manifest
 from nlpctr.models.schema import SPLITS
-from nlpctr.pipelines.loopback import direct_runner_on_loopback
+from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import publish, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -138,12 +138,59 @@ def _row_history(
     return history
 
 
-class CtrHistory(beam.PTransform):
-    """Impression rows -> entity-level and row-level (leave-one-out) CTR history, written.
+class ComputeCtrHistory(beam.PTransform):
+    """{"for_totals": rows, "rows": rows} -> {"prior": the global training CTR (a singleton),
+    "snapshot": the earliest event_timestamp, "entity:<e>": one row per key of entity e,
+    "rows": each impression's (leave-one-out) history}.
 
-    Reads the impressions twice: once for the totals (small: one per entity key), once to
-    stream each row past them (side inputs) to the sink, so no row waits in a shuffle.
+    The rows come in twice (the same rows: two reads of the impressions): the totals are
+    computed from the first, and the second streams past them as side inputs, so no row waits
+    in a shuffle.
     """
+
+    def __init__(self, entities: tuple[str, ...], prior_strength: float) -> None:
+        super().__init__()
+        self.entities, self.prior_strength = entities, prior_strength
+
+    def expand(self, inputs: dict[str, beam.pvalue.PCollection]) -> dict[str, beam.pvalue.PCollection]:
+        rows = inputs["for_totals"]
+        train = rows | "TrainOnly" >> beam.Filter(lambda r: r["split"] == TRAIN)
+        prior = (
+            train
+            | "TrainTotals" >> beam.Map(lambda r: (r["impressions"], r["clicks"]))
+            | "GlobalSum" >> beam.CombineGlobally(_sum_pairs)
+            | "Prior" >> beam.Map(lambda t: {"impressions": t[0], "clicks": t[1], "ctr": t[1] / max(t[0], 1)})
+        )
+        snapshot = (
+            rows
+            | "Stamps" >> beam.Map(lambda r: r["event_timestamp"])
+            | "Snapshot" >> beam.CombineGlobally(min)
+        )
+        outputs = {"prior": prior, "snapshot": snapshot}
+        totals_by_entity = []
+        for entity in self.entities:
+            totals = train | f"Totals[{entity}]" >> EntityTotals(entity)
+            totals_by_entity.append(beam.pvalue.AsDict(totals))
+            outputs[f"entity:{entity}"] = totals | f"Format[{entity}]" >> beam.Map(
+                _entity_row,
+                entity,
+                beam.pvalue.AsSingleton(snapshot),
+                beam.pvalue.AsSingleton(prior),
+                self.prior_strength,
+            )
+        outputs["rows"] = inputs["rows"] | "RowHistory" >> beam.Map(
+            _row_history,
+            self.entities,
+            beam.pvalue.AsSingleton(prior),
+            self.prior_strength,
+            *totals_by_entity,
+        )
+        return outputs
+
+
+class CtrHistory(beam.PTransform):
+    """Impression rows -> entity-level and row-level (leave-one-out) CTR history, written
+    under `out` (`ctr_history/<entity>/`, `ctr_history_rows/`, and the meta file)."""
 
     def __init__(
         self,
@@ -157,60 +204,21 @@ class CtrHistory(beam.PTransform):
         self.entities, self.prior_strength, self.out = entities, prior_strength, out
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.PCollection:
-        rows = pbegin | "ReadForTotals" >> self.read_rows()
-        train = rows | "TrainOnly" >> beam.Filter(lambda r: r["split"] == TRAIN)
-        prior = (
-            train
-            | "TrainTotals" >> beam.Map(lambda r: (r["impressions"], r["clicks"]))
-            | "GlobalSum" >> beam.CombineGlobally(_sum_pairs)
-            | "Prior" >> beam.Map(lambda t: {"impressions": t[0], "clicks": t[1], "ctr": t[1] / max(t[0], 1)})
-        )
-        snapshot = (
-            rows
-            | "Stamps" >> beam.Map(lambda r: r["event_timestamp"])
-            | "Snapshot" >> beam.CombineGlobally(min)
-        )
-        totals_by_entity = []
+        history = {
+            "for_totals": pbegin | "ReadForTotals" >> self.read_rows(),
+            "rows": pbegin | "ReadRows" >> self.read_rows(),
+        } | "Compute" >> ComputeCtrHistory(self.entities, self.prior_strength)
         for entity in self.entities:
-            totals = train | f"Totals[{entity}]" >> EntityTotals(entity)
-            totals_by_entity.append(beam.pvalue.AsDict(totals))
-            _ = (
-                totals
-                | f"Format[{entity}]"
-                >> beam.Map(
-                    _entity_row,
-                    entity,
-                    beam.pvalue.AsSingleton(snapshot),
-                    beam.pvalue.AsSingleton(prior),
-                    self.prior_strength,
-                )
-                | f"Write[{entity}]"
-                >> beam.io.WriteToParquet(
-                    str(self.out / CTR_HISTORY / entity / "part"),
-                    entity_schema(entity),
-                    file_name_suffix=".parquet",
-                )
-            )
-        _ = (
-            pbegin
-            | "ReadRows" >> self.read_rows()
-            | "RowHistory"
-            >> beam.Map(
-                _row_history,
-                self.entities,
-                beam.pvalue.AsSingleton(prior),
-                self.prior_strength,
-                *totals_by_entity,
-            )
-            | "WriteRows"
-            >> beam.io.WriteToParquet(
-                str(self.out / CTR_HISTORY_ROWS / "part"),
-                row_schema(self.entities),
+            _ = history[f"entity:{entity}"] | f"Write[{entity}]" >> beam.io.WriteToParquet(
+                str(self.out / CTR_HISTORY / entity / "part"),
+                entity_schema(entity),
                 file_name_suffix=".parquet",
             )
+        _ = history["rows"] | "WriteRows" >> beam.io.WriteToParquet(
+            str(self.out / CTR_HISTORY_ROWS / "part"), row_schema(self.entities), file_name_suffix=".parquet"
         )
         meta = (
-            prior
+            history["prior"]
             | "Meta"
             >> beam.Map(
                 lambda p, snap: json.dumps(
@@ -224,7 +232,7 @@ class CtrHistory(beam.PTransform):
                     },
                     sort_keys=True,
                 ),
-                beam.pvalue.AsSingleton(snapshot),
+                beam.pvalue.AsSingleton(history["snapshot"]),
             )
             | "WriteMeta"
             >> beam.io.WriteToText(str(self.out / CTR_HISTORY / CTR_META), shard_name_template="")
@@ -241,7 +249,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """Run the CTR-history job; returns its meta and a `summary` line. Raises UserError for a
+    user's mistake. `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the
+    Beam options, as in Beam's own examples."""
     args, beam_args = parse_args(argv)
     data_dir: Path = args.data.resolve()
     manifest = read_manifest(data_dir)
@@ -256,14 +267,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         pattern = str(data_dir / IMPRESSIONS / "*.parquet")
-        options = PipelineOptions(beam_args)
-        with direct_runner_on_loopback(options), beam.Pipeline(options=options) as pipeline:
-            _ = pipeline | "CtrHistory" >> CtrHistory(
-                lambda: beam.io.ReadFromParquet(pattern, columns=columns),
-                entities,
-                args.prior_strength,
-                staging,
-            )
+        pipeline = (
+            test_pipeline if test_pipeline is not None else beam.Pipeline(options=PipelineOptions(beam_args))
+        )
+        _ = pipeline | "CtrHistory" >> CtrHistory(
+            lambda: beam.io.ReadFromParquet(pattern, columns=columns), entities, args.prior_strength, staging
+        )
+        run_to_completion(pipeline)
         # Swap both outputs in together: a crash before this leaves the old ones untouched.
         for name in outputs:
             publish(staging / name, data_dir / name, "ctr-stats")

@@ -5,13 +5,15 @@
 
 Reads `DIR/impressions/*.parquet` (canonical schema), keeps one element per text id (the
 text identity of `models/schema.py`) with the earliest event_timestamp it appears at, so a
-Feast point-in-time join sees the embedding from the first impression on, tokenises, batches
+Feast point-in-time join sees the embedding from the first impression on (`unique_texts`;
+an id that two different texts share is a dead letter, not embedded), tokenises, batches
 texts of similar token length together (Beam's SortAndBatchElements), runs the encoder
 of `models/encoder.py` through RunInference and writes
 
     DIR/embeddings/<EncoderConfig.slug>/part-*.parquet   text_id, embedding (list<float32>, 384),
                                                          encoder_version, event_timestamp (us, UTC)
     DIR/embeddings/<EncoderConfig.slug>/_manifest.json  provenance and counts
+    DIR/embeddings/<EncoderConfig.slug>/_collisions.jsonl  text ids two texts share (only if any)
 
 into a hidden staging folder that is renamed into place only after the pipeline succeeds, so
 a failed run never leaves a half-written folder and each encoder version has its own folder.
@@ -37,7 +39,6 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -48,15 +49,13 @@ from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
-from nlpctr.pipelines.loopback import direct_runner_on_loopback
+from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
+from nlpctr.pipelines.unique_texts import INPUT_COLUMNS, ReadUniqueTexts, TextIdCollision, UniqueText
 
 LOG = logging.getLogger(__name__)
 
-# (id column, text column) pairs of the canonical schema whose texts are embedded.
-TEXT_COLUMN_PAIRS: tuple[tuple[str, str], ...] = (("query_text_id", "query_text"), ("ad_text_id", "ad_text"))
-INPUT_COLUMNS: tuple[str, ...] = (*(c for pair in TEXT_COLUMN_PAIRS for c in pair), "event_timestamp")
 EMBEDDING_SCHEMA = pa.schema(
     [
         pa.field("text_id", pa.string(), nullable=False),
@@ -66,62 +65,10 @@ EMBEDDING_SCHEMA = pa.schema(
     ]
 )
 STATS_FILE = "_stats.json"
+# Dead letters of text ids that two different texts share (kept beside the embeddings when any).
+COLLISIONS_FILE = "_collisions.jsonl"
 # Rows per written arrow table (a parquet row group): big enough to amortise, small in memory.
 WRITE_BATCH_ROWS = 1024
-
-
-# ------------------------------------------------------------------------------- reading
-
-
-class UniqueText(NamedTuple):
-    """A unique text and the earliest time (microseconds since the epoch, UTC) it was shown."""
-
-    first_seen_us: int
-    text: str
-
-
-def texts_of_table(table: pa.Table) -> Iterator[tuple[str, UniqueText]]:
-    """(text_id, UniqueText) for each distinct text id in one chunk of impressions.
-
-    Deduplicating inside the chunk first (earliest timestamp, then smallest spelling) keeps
-    the shuffle small: a text shown a million times crosses it once per chunk, not per row.
-    """
-    ts = table.column("event_timestamp").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-    frames = []
-    for id_column, text_column in TEXT_COLUMN_PAIRS:
-        frames.append(
-            pd.DataFrame(
-                {
-                    "id": table.column(id_column).to_pandas(),
-                    "text": table.column(text_column).to_pandas(),
-                    "ts": ts.to_pandas(),
-                }
-            )
-        )
-    frame = pd.concat(frames, ignore_index=True).dropna(subset=["id", "text"])
-    # min over (ts, text) per id is the same rule CombinePerKey(min) applies across chunks, so
-    # the representative spelling does not depend on how the input was split.
-    frame = frame.sort_values(["id", "ts", "text"], kind="stable").drop_duplicates("id", keep="first")
-    for text_id, text, first_seen in zip(frame["id"], frame["text"], frame["ts"], strict=True):
-        yield str(text_id), UniqueText(int(first_seen), str(text))
-
-
-class ReadUniqueTexts(beam.PTransform):
-    """impressions parquet -> one (text_id, UniqueText) per distinct query or ad text id."""
-
-    def __init__(self, file_pattern: str) -> None:
-        super().__init__()
-        self.file_pattern = file_pattern
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
-            pbegin
-            | "ReadImpressions"
-            >> beam.io.ReadFromParquetBatched(self.file_pattern, columns=list(INPUT_COLUMNS))
-            | "DistinctPerChunk" >> beam.FlatMap(texts_of_table)
-            # min of (first_seen_us, text): earliest impression wins; ties go to the smallest spelling.
-            | "EarliestPerTextId" >> beam.CombinePerKey(min)
-        )
 
 
 # ------------------------------------------------------------------------------- encoding
@@ -314,28 +261,46 @@ def inference_counts(result: PredictionResult) -> Iterator[tuple[str, float]]:
 # ------------------------------------------------------------------------------- the job
 
 
-def build_pipeline(
-    pipeline: beam.Pipeline,
-    impressions_pattern: str,
-    staging: Path,
-    handler: TextEncoderModelHandler,
-    batch_size: int,
-    *,
-    group_by_length: bool = True,
-    num_shards: int = 0,
-) -> None:
-    """Wire ReadUniqueTexts -> EncodeTexts -> WriteEmbeddings (+ counts) into `pipeline`."""
-    unique = pipeline | "ReadUniqueTexts" >> ReadUniqueTexts(impressions_pattern)
-    results = unique | "EncodeTexts" >> EncodeTexts(handler, batch_size, group_by_length=group_by_length)
-    written = results | "WriteEmbeddings" >> WriteEmbeddings(
-        str(staging / "part"), handler.config.version, num_shards
-    )
-    counts = [
-        unique | "CountUnique" >> beam.Map(lambda _: ("unique_texts", 1)),
-        results | "CountInference" >> beam.FlatMap(inference_counts),
-        written,
-    ]
-    _ = tuple(counts) | "WriteStats" >> WriteCounts(str(staging / STATS_FILE))
+class EmbedUniqueTexts(beam.PTransform):
+    """The whole job: ReadUniqueTexts -> EncodeTexts -> WriteEmbeddings under `staging`, with
+    the counts and the text ids that collided (dead letters)."""
+
+    def __init__(
+        self,
+        impressions_pattern: str,
+        staging: Path,
+        handler: TextEncoderModelHandler,
+        batch_size: int,
+        *,
+        group_by_length: bool = True,
+        num_shards: int = 0,
+    ) -> None:
+        super().__init__()
+        self.impressions_pattern, self.staging, self.handler = impressions_pattern, staging, handler
+        self.batch_size, self.group_by_length, self.num_shards = batch_size, group_by_length, num_shards
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.PDone:
+        staging, handler = self.staging, self.handler
+        found = pbegin | "ReadUniqueTexts" >> ReadUniqueTexts(self.impressions_pattern)
+        unique, collisions = found["texts"], found["collisions"]
+        results = unique | "EncodeTexts" >> EncodeTexts(
+            handler, self.batch_size, group_by_length=self.group_by_length
+        )
+        written = results | "WriteEmbeddings" >> WriteEmbeddings(
+            str(staging / "part"), handler.config.version, self.num_shards
+        )
+        _ = (
+            collisions
+            | "CollisionJson" >> beam.Map(TextIdCollision.to_json)
+            | "WriteCollisions" >> beam.io.WriteToText(str(staging / COLLISIONS_FILE), shard_name_template="")
+        )
+        counts = [
+            unique | "CountUnique" >> beam.Map(lambda _: ("unique_texts", 1)),
+            collisions | "CountCollisions" >> beam.Map(lambda _: ("text_id_collisions", 1)),
+            results | "CountInference" >> beam.FlatMap(inference_counts),
+            written,
+        ]
+        return tuple(counts) | "WriteStats" >> WriteCounts(str(staging / STATS_FILE))
 
 
 def check_impressions(data: Path) -> str:
@@ -393,8 +358,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the embedding job; returns its summary. Raises UserError for a user's mistake."""
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """Run the embedding job; returns its summary. Raises UserError for a user's mistake.
+
+    `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
+    Beam's own examples."""
     args, beam_args = parse_args(argv)
     config = EncoderConfig(layers=args.layers, pooling=args.pooling, max_length=args.max_length)
     if args.batch_size < 1:
@@ -411,22 +379,29 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     staging = staging_dir(out)
     started = time.perf_counter()
     try:
-        with direct_runner_on_loopback(options), beam.Pipeline(options=options) as pipeline:
-            build_pipeline(
-                pipeline,
-                pattern,
-                staging,
-                handler,
-                args.batch_size,
-                group_by_length=not args.no_length_grouping,
-                num_shards=args.num_shards,
-            )
+        pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+        _ = pipeline | "EmbedUniqueTexts" >> EmbedUniqueTexts(
+            pattern,
+            staging,
+            handler,
+            args.batch_size,
+            group_by_length=not args.no_length_grouping,
+            num_shards=args.num_shards,
+        )
+        run_to_completion(pipeline)
         wall = time.perf_counter() - started
         counts = read_counts(staging / STATS_FILE)
         unique = int(counts.get("unique_texts", 0))
         encoded = int(counts.get("texts_encoded", 0))
         rows = int(counts.get("rows_written", 0))
-        if unique == 0:
+        collisions = int(counts.get("text_id_collisions", 0))
+        if collisions == 0:
+            (staging / COLLISIONS_FILE).unlink(missing_ok=True)
+        else:  # each is a dead letter that names both texts; their rows get no embedding
+            LOG.warning(
+                "%d text id(s) shared by different texts, not embedded: %s", collisions, out / COLLISIONS_FILE
+            )
+        if unique + collisions == 0:
             raise UserError(f"{data / IMPRESSIONS} holds no query or ad texts; nothing to embed")
         if not unique == encoded == rows:
             # A bug (a lost or repeated forward), never the user's: refuse to publish.
@@ -436,6 +411,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "slug": config.slug,
             "dim": EMBEDDING_DIM,
             "rows": rows,
+            "text_id_collisions": collisions,
             "source": str(data / IMPRESSIONS),
             "nlpctr_version": __version__,
         }
@@ -449,6 +425,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "encoder_version": config.version,
         "out": str(out),
         "unique_texts": unique,
+        "text_id_collisions": collisions,
         "rows_written": rows,
         "forward_passes": int(counts.get("forward_passes", 0)),
         "texts_encoded": encoded,
@@ -467,5 +444,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         f"embedded {unique} unique texts in {summary['forward_passes']} forward passes "
         f"(padding {summary['padding_ratio']:.1%}) -> {rows} rows, {wall:.1f} s, "
         f"{summary['texts_per_second']:.0f} texts/s -> {out}"
+        + (
+            f"; {collisions} text id(s) shared by different texts, not embedded ({COLLISIONS_FILE})"
+            if collisions
+            else ""
+        )
     )
     return summary

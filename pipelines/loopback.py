@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import apache_beam as beam
 import grpc
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineResult
 
 LOOPBACK = "127.0.0.1"
 _EVERY_INTERFACE = ("[::]", "0.0.0.0", "")
@@ -46,3 +48,12 @@ def direct_runner_on_loopback(options: PipelineOptions) -> Iterator[None]:
         yield
     finally:
         grpc.server = make_server
+
+
+def run_to_completion(pipeline: beam.Pipeline) -> PipelineResult:
+    """Run a job's pipeline (its own, or a test's `TestPipeline`) and wait for it to finish,
+    with the DirectRunner's servers on loopback; returns the result (for its metrics)."""
+    with direct_runner_on_loopback(pipeline.options):
+        result = pipeline.run()
+        result.wait_until_finish()
+    return result

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -32,11 +33,14 @@ from typing import Any
 import apache_beam as beam
 import pandas as pd
 import pyarrow as pa
+import redis.exceptions
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.transforms.enrichment import Enrichment
+from apache_beam.runners.runner import PipelineResult
+from apache_beam.transforms.enrichment import Enrichment, EnrichmentSourceHandler
 from apache_beam.transforms.enrichment_handlers.feast_feature_store import FeastFeatureStoreEnrichmentHandler
+from feast import FeatureStore
 
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
@@ -44,7 +48,7 @@ from nlpctr.features.definitions import arrow_type, parquet_files
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
 from nlpctr.models.experiment import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
-from nlpctr.pipelines.loopback import direct_runner_on_loopback
+from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import publish, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -176,36 +180,96 @@ def output_schema(context_columns: Sequence[str], service_fields: Sequence[tuple
     return pa.schema([*base, *(pa.field(name, arrow_type(dtype)) for name, dtype in service_fields)])
 
 
-def build_pipeline(
-    pipeline: beam.Pipeline,
-    impressions: str,
-    splits: Sequence[str] | None,
-    handler: FeastFeatureStoreEnrichmentHandler,
-    feature_names: Sequence[str],
-    schema: pa.Schema,
-    out_prefix: str,
-    run_dir: Path | None = None,
-) -> None:
-    """Read impressions -> (keep splits) -> Enrichment from the online store -> count -> (score)
-    -> parquet."""
-    rows = pipeline | "ReadImpressions" >> beam.io.ReadFromParquet(impressions)
-    if splits:
-        wanted = frozenset(splits)
-        rows = rows | "KeepSplits" >> beam.Filter(lambda r: r["split"] in wanted)
-    rows = (
-        rows
-        | "ToRows" >> beam.Map(lambda r: beam.Row(**r))
-        | "Enrich" >> Enrichment(handler, join_fn=KeepFeatures(feature_names))
-        | "ToDicts" >> beam.Map(lambda r: r._asdict())
-        | "CountNulls" >> beam.ParDo(CountNulls(feature_names))
-    )
-    if run_dir is not None:
-        rows = (
+class ReadImpressionRows(beam.PTransform):
+    """Impressions parquet -> row dicts, only those of `splits` when given."""
+
+    def __init__(self, file_pattern: str, splits: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.file_pattern = file_pattern
+        self.splits = frozenset(splits) if splits else None
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        rows = pbegin | "Read" >> beam.io.ReadFromParquet(self.file_pattern)
+        if self.splits is None:
+            return rows
+        wanted = self.splits
+        return rows | "KeepSplits" >> beam.Filter(lambda r: r["split"] in wanted)
+
+
+class EnrichFromOnlineStore(beam.PTransform):
+    """Row dicts -> the same rows plus one column per served feature, looked up in the online
+    store by `handler` (Beam's `Enrichment`); rows and null features are counted (metrics)."""
+
+    def __init__(self, handler: EnrichmentSourceHandler, feature_names: Sequence[str]) -> None:
+        super().__init__()
+        self.handler = handler
+        self.feature_names = list(feature_names)
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        return (
+            rows
+            | "ToRows" >> beam.Map(lambda r: beam.Row(**r))
+            | "Enrich" >> Enrichment(self.handler, join_fn=KeepFeatures(self.feature_names))
+            | "ToDicts" >> beam.Map(lambda r: r._asdict())
+            | "CountNulls" >> beam.ParDo(CountNulls(self.feature_names))
+        )
+
+
+class ScoreWithRun(beam.PTransform):
+    """Enriched row dicts -> the same rows plus `p`, the trained run's click probability,
+    scored in batches (one model per worker)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        return (
             rows
             | "BatchRows" >> beam.BatchElements(min_batch_size=64, max_batch_size=512)
-            | "Score" >> beam.ParDo(ScoreRows(run_dir))
+            | "Score" >> beam.ParDo(ScoreRows(self.run_dir))
         )
-    _ = rows | "Write" >> beam.io.WriteToParquet(out_prefix, schema, file_name_suffix=".parquet")
+
+
+# What a lost or silent Redis raises inside the lookups (redis-py's ConnectionError covers a
+# refused or dropped connection, TimeoutError a server that stopped answering).
+ONLINE_STORE_FAULTS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+class _DropOnlineStoreFaultLogs(logging.Filter):
+    """Beam logs a failing step's exception with its traceback before it re-raises it; a lost
+    online store is reported once, in one line, by `run_reporting_store_faults` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ONLINE_STORE_FAULTS)
+
+
+def run_reporting_store_faults(pipeline: beam.Pipeline, store: FeatureStore) -> PipelineResult:
+    """Run the pipeline; an online store that goes away (or stops answering) while it runs is a
+    UserError naming the store and the fix, never a traceback.
+
+    In-process runners re-raise Redis's own exception (`online_store_errors` turns it into the
+    UserError); runners that re-raise something else (a worker process's RuntimeError, Beam's
+    request timeout) are checked against the store afterwards: when it does not answer a probe
+    now, that is the reason given.
+    """
+    step_errors = logging.getLogger("apache_beam.runners.common")
+    quiet = _DropOnlineStoreFaultLogs()
+    step_errors.addFilter(quiet)
+    try:
+        with feature_store.online_store_errors(store):
+            return run_to_completion(pipeline)
+    except UserError:
+        raise
+    except Exception:
+        feature_store.probe_online_store(store)  # raises the one-line UserError when it is gone
+        raise
+    finally:
+        step_errors.removeFilter(quiet)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -224,8 +288,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Enrich impressions from the online store; returns counts, timing and a `summary` line."""
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """Enrich impressions from the online store; returns counts, timing and a `summary` line.
+
+    `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
+    Beam's own examples. An online store lost mid-run is a UserError (one line), not a crash."""
     args, beam_args = parse_args(argv)
     data_dir: Path = args.data.resolve()
     run_dir = None
@@ -264,21 +331,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     staging = staging_dir(out)
     started = time.perf_counter()
     try:
-        options = PipelineOptions(beam_args)
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(
-            pipeline,
-            str(data_dir / IMPRESSIONS / "*.parquet"),
-            args.splits,
-            handler,
-            online.feature_names,
-            schema,
-            str(staging / "part"),
-            run_dir,
+        pipeline = (
+            test_pipeline if test_pipeline is not None else beam.Pipeline(options=PipelineOptions(beam_args))
         )
-        with direct_runner_on_loopback(options):
-            result = pipeline.run()
-            result.wait_until_finish()
+        rows = pipeline | "ReadImpressions" >> ReadImpressionRows(
+            str(data_dir / IMPRESSIONS / "*.parquet"), args.splits
+        )
+        rows = rows | "Enrich" >> EnrichFromOnlineStore(handler, online.feature_names)
+        if run_dir is not None:
+            rows = rows | "Score" >> ScoreWithRun(run_dir)
+        _ = rows | "Write" >> beam.io.WriteToParquet(
+            str(staging / "part"), schema, file_name_suffix=".parquet"
+        )
+        result = run_reporting_store_faults(pipeline, online.store)
         wall = time.perf_counter() - started
         counters = {
             c.key.metric.name: c.committed

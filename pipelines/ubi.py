@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from nlpctr.pipelines.records import MALFORMED_KEY, parse_json_line
+from nlpctr.pipelines.records import MALFORMED_KEY
+from nlpctr.pipelines.source_files import parse_json_line
 
 QUERY = "query"
 IMPRESSION = "impression"

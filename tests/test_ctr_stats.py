@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
+import apache_beam as beam
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 
 from nlpctr.errors import UserError
 from nlpctr.pipelines import ctr_stats, ingest
@@ -76,7 +80,8 @@ def test_valid_and_test_rows_get_the_entity_level_values(trec: Path) -> None:
 
 def test_rerun_is_identical_and_missing_manifest_is_a_user_error(trec: Path, tmp_path: Path) -> None:
     before = frame(trec / "ctr_history_rows").sort_values("impression_id").reset_index(drop=True)
-    ctr_stats.run(["--data", str(trec), "--prior-strength", "5"])
+    # The rerun goes through a TestPipeline, as Beam's examples are tested.
+    ctr_stats.run(["--data", str(trec), "--prior-strength", "5"], test_pipeline=BeamTestPipeline())
     after = frame(trec / "ctr_history_rows").sort_values("impression_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)
     with pytest.raises(UserError, match="nlpctr data prepare"):
@@ -112,3 +117,62 @@ def test_null_entity_keys_get_the_prior_and_no_count(tmp_path: Path) -> None:
     assert (history.image_id_impressions >= 0).all()
     assert (history.loc[null_rows, "image_id_impressions"] == 0).all()
     assert history.loc[null_rows, "image_id_ctr"].to_numpy() == pytest.approx(meta["global_ctr"])
+
+
+def test_compute_ctr_history_smooths_toward_the_train_prior_leaving_one_out() -> None:
+    """Hand-computed: train rows give the prior 2/5 and the totals a=(2, 1), b=(2, 0); m = 10."""
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+
+    def row(iid: str, ad: str | None, split: str, impressions: int, clicks: int, day: int) -> dict:
+        return {"impression_id": iid, "ad_id": ad, "split": split, "impressions": impressions,
+                "clicks": clicks, "event_timestamp": t0 + dt.timedelta(days=day)}  # fmt: skip
+
+    rows = [
+        row("a-train-click", "a", "train", 1, 1, 3),
+        row("a-train", "a", "train", 1, 0, 1),
+        row("a-test", "a", "test", 1, 1, 5),
+        row("b-train", "b", "train", 2, 0, 2),
+        row("no-ad", None, "train", 1, 1, 4),
+        row("c-valid", "c", "valid", 3, 3, 6),  # an ad never seen in training
+    ]
+    prior, snapshot = 0.4, t0 + dt.timedelta(days=1)  # the earliest impression, of any split
+    with BeamTestPipeline() as pipeline:
+        history_rows = pipeline | beam.Create(rows)
+        history = {"for_totals": history_rows, "rows": history_rows} | ctr_stats.ComputeCtrHistory(
+            ("ad_id",), prior_strength=10
+        )
+        assert_that(
+            history["prior"], equal_to([{"impressions": 5, "clicks": 2, "ctr": prior}]), label="Prior"
+        )
+        assert_that(history["snapshot"], equal_to([snapshot]), label="Snapshot")
+        entity = {"event_timestamp": snapshot}
+        assert_that(
+            history["entity:ad_id"],
+            equal_to(
+                [
+                    {**entity, "ad_id": "a", "ad_id_impressions": 2, "ad_id_clicks": 1, "ad_id_ctr": 5 / 12},
+                    {**entity, "ad_id": "b", "ad_id_impressions": 2, "ad_id_clicks": 0, "ad_id_ctr": 4 / 12},
+                ]
+            ),
+            label="EntityRows",
+        )
+        at = {r["impression_id"]: r["event_timestamp"] for r in rows}
+
+        def history_of(iid: str, impressions: int, ctr: float) -> dict:
+            return {"impression_id": iid, "event_timestamp": at[iid], "ad_id_impressions": impressions,
+                    "ad_id_ctr": ctr}  # fmt: skip
+
+        assert_that(
+            history["rows"],
+            equal_to(
+                [
+                    history_of("a-train-click", 1, (0 + 4) / 11),  # a without its own click
+                    history_of("a-train", 1, (1 + 4) / 11),  # a without its own impression
+                    history_of("a-test", 2, 5 / 12),  # held-out rows see the whole entity
+                    history_of("b-train", 0, prior),  # b was only this row: nothing left
+                    history_of("no-ad", 0, prior),
+                    history_of("c-valid", 0, prior),
+                ]
+            ),
+            label="RowHistory",
+        )

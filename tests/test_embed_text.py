@@ -9,17 +9,21 @@ import random
 from pathlib import Path
 from typing import Any
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 
 from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, embeddings_dir
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder
-from nlpctr.models.schema import impression_schema, text_id
-from nlpctr.pipelines import embed_text
+from nlpctr.models.schema import impression_schema, normalize_text, text_id
+from nlpctr.pipelines import embed_text, unique_texts
+from nlpctr.pipelines.unique_texts import TextIdCollision, UniqueText
 
 CONFIG = EncoderConfig(layers=1)
 BATCH = 16
@@ -158,7 +162,7 @@ def test_manifest_and_no_leftovers(first_run: dict[str, Any]) -> None:
 def test_rerun_gives_identical_content(first_run: dict[str, Any], dataset: Path) -> None:
     before = read_output(first_run["out"])
     manifest = (Path(first_run["out"]) / EMBEDDINGS_MANIFEST).read_text()
-    again = embed_text.run(job_args(dataset))
+    again = embed_text.run(job_args(dataset), test_pipeline=BeamTestPipeline())  # as Beam's examples
     assert again["out"] == first_run["out"]
     assert read_output(again["out"]).equals(before)
     assert (Path(again["out"]) / EMBEDDINGS_MANIFEST).read_text() == manifest
@@ -245,12 +249,12 @@ def test_dedup_within_a_chunk_takes_the_earliest_spelling() -> None:
             ),
         }
     )
-    got = dict(embed_text.texts_of_table(table))
+    got = dict(unique_texts.texts_of_table(table))
     us = int(t0.timestamp() * 1_000_000)
     assert got == {
-        text_id("ad"): embed_text.UniqueText(us + 3_600_000_000, "ad"),
+        text_id("ad"): unique_texts.UniqueText(us + 3_600_000_000, "ad"),
         # the ad column shows "q one" first (t0), before the query column's spellings
-        text_id("q one"): embed_text.UniqueText(us, "q one"),
+        text_id("q one"): unique_texts.UniqueText(us, "q one"),
     }
 
 
@@ -268,3 +272,135 @@ def test_multi_processing_matches_in_process(first_run: dict[str, Any], tmp_path
         np.asarray(b.column("embedding").to_pylist()),
         atol=1e-5,
     )
+
+
+# ------------------------------------------------------------------- the composite transforms
+
+
+def _chunk(rows: list[tuple[str, str, dt.datetime]]) -> pa.Table:
+    """A chunk of impressions holding only ad texts: (ad_text_id, ad_text, event_timestamp)."""
+    ids, texts, stamps = zip(*rows, strict=True)
+    return pa.table(
+        {
+            "query_text_id": pa.array([None] * len(rows), pa.string()),
+            "query_text": pa.array([None] * len(rows), pa.string()),
+            "ad_text_id": list(ids),
+            "ad_text": list(texts),
+            "event_timestamp": pa.array(stamps, pa.timestamp("us", tz="UTC")),
+        }
+    )
+
+
+def test_unique_texts_reports_an_id_two_different_texts_share() -> None:
+    """Respellings of one text are one text; two texts under one (forged) id are a collision,
+    across chunks or within one, and neither is passed on to be embedded."""
+    us = int(BASE.timestamp() * 1_000_000)
+    hour = dt.timedelta(hours=1)
+    clean, across, within = text_id("tiny dog"), text_id("giant wave"), text_id("secret trick")
+    chunks = [
+        _chunk([(clean, "Tiny  Dog", BASE + hour), (across, "giant wave", BASE + 2 * hour)]),
+        _chunk(
+            [
+                (clean, "tiny dog", BASE + 3 * hour),
+                (across, "never believe", BASE + 4 * hour),  # another text, the same id
+                (within, "secret trick", BASE),
+                (within, "what happened next", BASE + hour),
+            ]
+        ),
+    ]
+    with BeamTestPipeline() as pipeline:
+        found = pipeline | beam.Create(chunks) | unique_texts.UniqueTexts()
+        assert_that(
+            found["texts"], equal_to([(clean, UniqueText(us + 3_600_000_000, "Tiny  Dog"))]), label="Texts"
+        )
+        assert_that(
+            found["collisions"],
+            equal_to(
+                [
+                    TextIdCollision(across, ("giant wave", "never believe")),
+                    TextIdCollision(within, ("secret trick", "what happened next")),
+                ]
+            ),
+            label="Collisions",
+        )
+
+
+def test_earliest_spelling_merges_in_any_order() -> None:
+    combine = unique_texts.EarliestSpelling()
+    sightings = [UniqueText(5, "A b"), UniqueText(3, "a  B"), UniqueText(3, "a b"), UniqueText(9, "other")]
+    for order in (sightings, sightings[::-1], sightings[2:] + sightings[:2]):
+        halves = [order[:2], order[2:]]
+        accumulators = []
+        for half in halves:
+            acc = combine.create_accumulator()
+            for sighting in half:
+                acc = combine.add_input(acc, sighting)
+            accumulators.append(acc)
+        assert combine.extract_output(combine.merge_accumulators(accumulators)) == (
+            UniqueText(3, "a  B"),
+            "other",
+        )
+    clean = combine.create_accumulator()
+    for sighting in sightings[:3]:
+        clean = combine.add_input(clean, sighting)
+    assert combine.extract_output(clean) == (UniqueText(3, "a  B"), None)
+
+
+def test_encode_texts_runs_one_forward_per_text_in_bounded_batches() -> None:
+    """A 1-layer encoder through RunInference: each text once, its vector the direct encode's."""
+    texts = [
+        "the dog",
+        "a giant wave in the city",
+        "why",
+        "you will never believe what happened next",
+        "photo",
+    ]
+    elements = [(text_id(t), UniqueText(n, t)) for n, t in enumerate(texts)]
+    direct = dict(zip(texts, TextEncoder(CONFIG).encode(texts, batch_size=8), strict=True))
+    handler = embed_text.TextEncoderModelHandler(CONFIG)
+
+    def same_vectors(encoded: list[tuple[str, int, np.ndarray, int]]) -> None:
+        assert sorted(e[0] for e in encoded) == sorted(text_id(t) for t in texts)  # each text once
+        by_id = {text_id(t): t for t in texts}
+        for tid, first_seen, vector, batch_size in encoded:
+            assert first_seen == texts.index(by_id[tid])
+            assert 1 <= batch_size <= 2
+            np.testing.assert_allclose(vector, direct[by_id[tid]], atol=1e-5, rtol=0)
+
+    with BeamTestPipeline() as pipeline:
+        encoded = (
+            pipeline
+            | beam.Create(elements)
+            | embed_text.EncodeTexts(handler, batch_size=2)
+            | beam.Map(
+                lambda r: (
+                    r.example.text_id,
+                    r.example.first_seen_us,
+                    r.inference.vector,
+                    r.inference.batch_size,
+                )
+            )
+        )
+        assert_that(encoded, same_vectors)
+
+
+def test_a_text_id_collision_is_a_dead_letter_not_a_shared_embedding(tmp_path: Path) -> None:
+    """Two ad texts forced onto one id (as a 64-bit collision would): the job names both in
+    `_collisions.jsonl`, embeds every other text, and gives that id no vector."""
+    rows = impressions_rows(seed=4)[:60]
+    victim, intruder = rows[0]["ad_text"], "a text that is no respelling of any other"
+    assert text_id(intruder) != rows[0]["ad_text_id"]
+    rows.append({**rows[0], "impression_id": "forged", "ad_text": intruder})  # keeps rows[0]'s id
+    data = write_impressions(tmp_path / "data", rows)
+    result = embed_text.run(job_args(data))
+    shared = rows[0]["ad_text_id"]
+    assert result["text_id_collisions"] == 1 and "1 text id(s) shared" in result["summary"]
+    dead = [json.loads(line) for line in (Path(result["out"]) / embed_text.COLLISIONS_FILE).open()]
+    assert len(dead) == 1 and dead[0]["reason"] == unique_texts.TEXT_ID_COLLISION
+    assert dead[0]["text_id"] == shared
+    assert sorted(normalize_text(t) for t in dead[0]["texts"]) == sorted([normalize_text(victim), intruder])
+    written = read_output(result["out"]).column("text_id").to_pylist()
+    assert shared not in written
+    assert sorted(written) == sorted(set(expected_texts(rows[:-1])) - {shared})
+    manifest = json.loads((Path(result["out"]) / EMBEDDINGS_MANIFEST).read_text())
+    assert manifest["text_id_collisions"] == 1

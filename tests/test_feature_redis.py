@@ -270,3 +270,66 @@ def test_a_redis_that_stops_answering_fails_in_one_line_not_a_hang(
     # The re-apply keeps the timeouts once, not twice.
     store.reapply(data)
     assert (data / "feature_repo" / "feature_store.yaml").read_text().count("socket_timeout=") == 1
+
+
+def _score_batch_losing_redis(
+    server: LocalRedisServer, data: Path, monkeypatch: pytest.MonkeyPatch, lose: Any, after_calls: int = 2
+) -> list[int]:
+    """Run `nlpctr score-batch` in small batches, calling `lose()` once `after_calls` lookups
+    have succeeded; returns the lookups made (the ones after it fail)."""
+    store.apply(data, online="redis", redis_url=server.url)
+    store.materialize(data)
+    calls: list[int] = []
+    lookup = score_batch.BatchedFeastEnrichmentHandler.__call__
+
+    def lookup_then_lose_redis(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(calls) == after_calls:
+            lose()
+        calls.append(len(request) if isinstance(request, list) else 1)
+        return lookup(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(score_batch.BatchedFeastEnrichmentHandler, "__call__", lookup_then_lose_redis)
+    get_client = RedisOnlineStore._get_client
+
+    def client_without_retries(self: RedisOnlineStore, config: Any) -> Any:
+        # redis-py retries each call 3 times (~30 s against a stopped server); one try gives the
+        # same verdict, the test need not wait for the others.
+        client = get_client(self, config)
+        client.set_retry(Retry(NoBackoff(), 0))
+        return client
+
+    monkeypatch.setattr(RedisOnlineStore, "_get_client", client_without_retries)
+    return calls
+
+
+@pytest.mark.parametrize("fault", ["killed", "stopped"])
+def test_redis_lost_mid_score_batch_is_one_line_and_no_output(
+    server: LocalRedisServer,
+    dataset: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    """Redis killed (connection refused) or stopped (SIGSTOP: accepts, never answers) after
+    a few batches were enriched: one line naming the store, exit 2, nothing written."""
+    data, out = dataset["data"], dataset["data"] / "enriched_out"
+    lose = server.stop if fault == "killed" else lambda: server.process.send_signal(signal.SIGSTOP)
+    calls = _score_batch_losing_redis(server, data, monkeypatch, lose)
+    argv = ["score-batch", "--data", str(data), "--batch-size", "8", "--out", str(out)]
+    try:
+        started = time.monotonic()
+        assert cli.main([*argv, "--direct_num_workers", "1"]) == 2
+        elapsed = time.monotonic() - started
+    finally:
+        if fault == "stopped":
+            server.process.send_signal(signal.SIGCONT)
+    assert len(calls) > 2  # the store went away partway through, not before the job
+    err = capsys.readouterr().err
+    assert err.startswith(f"nlpctr: error: the Redis online store at {server.url} is unreachable")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    # Beam logs a failing step's traceback before re-raising it; not this one.
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    assert elapsed < 60  # the socket timeout bounds a silent server
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(out.parent.glob(f".{out.name}.*"))  # no staging folder left behind

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from nlpctr.errors import UserError
 from nlpctr.models.schema import impression_schema
 from nlpctr.pipelines import records as r
+from nlpctr.pipelines import source_files
 from nlpctr.pipelines.specs import LABEL_FORMS, TIMESTAMP_FORMATS, DatasetSpec, load_spec, parse_spec
 
 FUZZ = settings(
@@ -214,7 +215,7 @@ def test_any_timestamp_parses_or_is_bad_timestamp(rule: r.TimestampRule, zone: s
 def test_any_delimited_bytes_parse_to_records_or_malformed(data: bytes, delimiter: str) -> None:
     header = b"id,q,title,body,test,pos,ts,n,k\n".replace(b",", delimiter.encode())
     for source in (data, header + data):
-        for record in r.parse_delimited(source, delimiter, "fuzz.csv"):
+        for record in source_files.parse_delimited(source, delimiter, "fuzz.csv"):
             assert isinstance(record, dict)
             assert_row_or_dead_letter(SPECS[0], record, r.Limits(50))
 
@@ -228,7 +229,7 @@ def test_any_delimited_bytes_parse_to_records_or_malformed(data: bytes, delimite
     )
 )
 def test_any_json_line_parses_to_a_record_or_malformed(line: bytes | str) -> None:
-    record = r.parse_json_line(line)
+    record = source_files.parse_json_line(line)
     if record is not None:
         assert isinstance(record, dict)
         assert_row_or_dead_letter(SPECS[1], record, r.Limits(50))

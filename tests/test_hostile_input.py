@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from nlpctr.errors import UserError
-from nlpctr.pipelines import ingest, records
+from nlpctr.pipelines import ingest, ingest_source, records, source_files
 from nlpctr.pipelines.specs import DatasetSpec, load_spec, parse_spec
 
 SPEC: dict[str, Any] = {
@@ -125,13 +125,13 @@ def test_a_header_field_over_the_csv_limit_is_read(tmp_path: Path) -> None:
     header = [*HEADER, "x" * LONG]
     data = csv_bytes([{**r, header[-1]: "1"} for r in rows(2)], header)
     spec = load(write_source(tmp_path, "log.csv", data))
-    assert ingest.source_columns(spec) == header  # was a csv.Error traceback
+    assert ingest_source.source_columns(spec) == header  # was a csv.Error traceback
 
 
 def test_a_field_over_the_csv_limit_keeps_its_row_and_can_be_truncated() -> None:
     title = "t" * LONG
     data = csv_bytes([{**rows(1)[0], "title": title}, rows(2)[1]])
-    parsed = list(records.parse_delimited(data, ",", "log.csv"))
+    parsed = list(source_files.parse_delimited(data, ",", "log.csv"))
     assert [r["title"] for r in parsed] == [title, "Headline r 1"]  # was {"__raw__": ""}
     spec = parse_spec(SPEC, Path("s.yaml"))
     rejected = records.map_record(spec, parsed[0], records.Limits(2000))
@@ -143,9 +143,9 @@ def test_a_field_over_the_csv_limit_keeps_its_row_and_can_be_truncated() -> None
 
 def test_a_malformed_row_keeps_its_original_text() -> None:
     data = b'id,ad,title,ts,click\n7,"a,7",x\n8,"unterminated,y,2024,0\n9,a9,z,2024,1\n'
-    parsed = list(records.parse_delimited(data, ",", "log.csv"))
+    parsed = list(source_files.parse_delimited(data, ",", "log.csv"))
     assert [p[records.RAW_KEY] for p in parsed] == ['7,"a,7",x', '8,"unterminated,y,2024,0\n9,a9,z,2024,1']
-    bad_bytes = list(records.parse_delimited(b"a,b\n1,\xff,3\n", ",", "log.csv"))
+    bad_bytes = list(source_files.parse_delimited(b"a,b\n1,\xff,3\n", ",", "log.csv"))
     assert bad_bytes[0][records.RAW_KEY] == "1,\\udcff,3"  # escaped: it crosses a pipeline boundary
 
 
@@ -181,7 +181,7 @@ def test_a_gzipped_csv_over_beams_read_buffer_is_read_whole() -> None:
     reads the bytes as they are and unzips them itself."""
     title = "x" * 1000
     data = csv_bytes([{**r, "title": title} for r in rows(20_000)])  # 20 MB
-    parsed = list(records.parse_delimited(gzip.compress(data, compresslevel=1), ",", "big.csv.gz"))
+    parsed = list(source_files.parse_delimited(gzip.compress(data, compresslevel=1), ",", "big.csv.gz"))
     assert len(parsed) == 20_000 and all(records.MALFORMED_KEY not in r for r in parsed)
 
 
@@ -196,7 +196,7 @@ def test_a_gzipped_csv_over_beams_read_buffer_is_read_whole() -> None:
 def test_other_compression_and_damaged_gzip_are_one_line(tmp_path: Path, data: bytes, message: str) -> None:
     spec = load(write_source(tmp_path, "log.csv", data))
     with pytest.raises(UserError, match=message):
-        ingest.source_columns(spec)
+        ingest_source.source_columns(spec)
 
 
 # ------------------------------------------------------------------------ 6: BOM, types, invisible text
@@ -205,15 +205,15 @@ def test_other_compression_and_damaged_gzip_are_one_line(tmp_path: Path, data: b
 def test_a_csv_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     """Excel's "CSV UTF-8" was refused: "source column 'id' is not in log.csv (it has: \\ufeffid, ...)"."""
     spec = write_source(tmp_path, "log.csv", b"\xef\xbb\xbf" + csv_bytes(rows(4)))
-    assert ingest.source_columns(load(spec)) == HEADER
+    assert ingest_source.source_columns(load(spec)) == HEADER
     manifest = prepare(spec, tmp_path / "out")
     assert (manifest["rows_in"], manifest["rows_written"]) == (4, 4)
     assert read_ids(tmp_path / "out") == {f"r{i}" for i in range(4)}
 
 
 def test_a_json_line_with_a_byte_order_mark_is_read() -> None:
-    assert records.parse_json_line(b'\xef\xbb\xbf{"id": "1"}') == {"id": "1"}
-    assert records.parse_json_line('\ufeff{"id": "1"}') == {"id": "1"}
+    assert source_files.parse_json_line(b'\xef\xbb\xbf{"id": "1"}') == {"id": "1"}
+    assert source_files.parse_json_line('\ufeff{"id": "1"}') == {"id": "1"}
 
 
 @pytest.mark.parametrize(
@@ -316,7 +316,7 @@ def test_meaningless_flags_are_refused_before_the_job_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str
 ) -> None:
     spec = write_source(tmp_path, "log.csv", csv_bytes(rows(3)))
-    monkeypatch.setattr(ingest, "build_pipeline", lambda *a, **k: pytest.fail("the job ran"))
+    monkeypatch.setattr(ingest, "PrepareImpressions", lambda *a, **k: pytest.fail("the job ran"))
     with pytest.raises(UserError, match=message):
         prepare(spec, tmp_path / "out", *flags)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.failed").exists()
@@ -358,7 +358,7 @@ def test_a_source_with_no_rows_says_so(tmp_path: Path, name: str, data: bytes, m
     with pytest.raises(
         UserError, match=message + r"; point source\.path in log\.yaml at a log that holds records"
     ):
-        ingest.source_columns(load(spec))
+        ingest_source.source_columns(load(spec))
 
 
 def test_an_empty_parquet_source_says_so(tmp_path: Path) -> None:
@@ -368,7 +368,7 @@ def test_an_empty_parquet_source_says_so(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "source": {"path": "e.parquet", "format": "parquet"}}))
     with pytest.raises(UserError, match=r"source e\.parquet has no rows"):
-        ingest.source_columns(load(spec))
+        ingest_source.source_columns(load(spec))
 
 
 def test_every_row_rejected_says_nothing_was_written(tmp_path: Path) -> None:
@@ -395,8 +395,8 @@ def test_the_rejection_message_never_shows_a_rate_over_an_equal_limit() -> None:
 
 def test_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
     data = b"\n\r\n" + csv_bytes(rows(2))
-    assert ingest.source_columns(load(write_source(tmp_path, "log.csv", data))) == HEADER
-    assert [r["id"] for r in records.parse_delimited(data, ",", "log.csv")] == ["r0", "r1"]
+    assert ingest_source.source_columns(load(write_source(tmp_path, "log.csv", data))) == HEADER
+    assert [r["id"] for r in source_files.parse_delimited(data, ",", "log.csv")] == ["r0", "r1"]
 
 
 # ------------------------------------------------------------------------------- 9: hostile specs
@@ -451,7 +451,7 @@ def test_errors_name_the_column_and_the_file_never_its_content(tmp_path: Path) -
     secret = b"root:x:0:0:secret-token-123:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/sh\n"
     spec = load(write_source(tmp_path, "passwd", secret))
     with pytest.raises(UserError) as info:
-        spec.check_source_columns(ingest.source_columns(spec) or [])
+        spec.check_source_columns(ingest_source.source_columns(spec) or [])
     message = str(info.value)
     assert "secret" not in message and "root" not in message
     assert (
@@ -482,7 +482,7 @@ def test_a_column_the_spec_reads_twice_in_the_header_is_refused(tmp_path: Path) 
     with pytest.raises(
         UserError, match=r"source column 'title' appears 2 times in the header of log\.csv; rename"
     ):
-        spec.check_source_columns(ingest.source_columns(spec) or [])
+        spec.check_source_columns(ingest_source.source_columns(spec) or [])
     spec.check_source_columns([*HEADER, "unused", "unused"])  # a copy the spec does not read is harmless
 
 

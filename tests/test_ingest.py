@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import apache_beam as beam
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 
 from nlpctr.errors import UserError
 from nlpctr.models.schema import SPLITS, impression_schema, stable_hash
-from nlpctr.pipelines import ingest, records
+from nlpctr.pipelines import ingest, ingest_source, ingest_validate, records
+from nlpctr.pipelines.specs import load_spec
 
 BAD_CSV = """id,ad,title,ts,n,k,test
 1,a1,Good headline one,2024-01-01T00:00:00Z,10,2,t1
@@ -126,7 +131,7 @@ def test_crash_mid_run_leaves_previous_output_untouched(
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr(ingest, "map_record", explode)
+    monkeypatch.setattr(ingest_validate, "map_record", explode)
     with pytest.raises(Exception, match="worker died"):
         ingest.run(["--dataset", str(spec), "--out", str(out), "--max-reject-rate", "1"])
     assert read_rows(out) == before
@@ -170,7 +175,8 @@ def test_trec_and_esci(tmp_path: Path) -> None:
 def test_rerun_gives_the_same_rows_and_seed_changes_splits(tmp_path: Path) -> None:
     spec = ["--dataset", "trec2013"]
     ingest.run([*spec, "--out", str(tmp_path / "a"), "--seed", "1"])
-    ingest.run([*spec, "--out", str(tmp_path / "b"), "--seed", "1"])
+    # The rerun goes through a TestPipeline, as Beam's examples are tested.
+    ingest.run([*spec, "--out", str(tmp_path / "b"), "--seed", "1"], test_pipeline=BeamTestPipeline())
     ingest.run([*spec, "--out", str(tmp_path / "c"), "--seed", "2"])
     a, b, c = (read_rows(tmp_path / name) for name in "abc")
     assert a == b
@@ -254,8 +260,8 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 def test_repeated_id_hashes_finds_exactly_the_ids_seen_twice_across_bundles(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ingest.RepeatedIdHashes, "COMPACT_EVERY", 7)  # compact many times
-    combine = ingest.RepeatedIdHashes()
+    monkeypatch.setattr(ingest_validate.RepeatedIdHashes, "COMPACT_EVERY", 7)  # compact many times
+    combine = ingest_validate.RepeatedIdHashes()
     ids = [f"imp-{i}" for i in range(100)]
     # Three bundles: one repeat inside a bundle, two across bundles, one id thrice.
     bundles = [[*ids[:40], "imp-3"], [*ids[40:80], "imp-10", "imp-50"], [*ids[80:], "imp-99", "imp-3"]]
@@ -263,8 +269,72 @@ def test_repeated_id_hashes_finds_exactly_the_ids_seen_twice_across_bundles(
     for bundle in bundles:
         acc = combine.create_accumulator()
         for impression_id in bundle:
-            acc = combine.add_input(acc, ingest.id_hash(impression_id))
+            acc = combine.add_input(acc, ingest_validate.id_hash(impression_id))
         accumulators.append(acc)
     repeated = combine.extract_output(combine.merge_accumulators(accumulators))
-    assert repeated == {ingest.id_hash(i) for i in ("imp-3", "imp-10", "imp-50", "imp-99")}
-    assert ingest.id_hash("imp-3") == ingest.id_hash("imp-3") != ingest.id_hash("imp-4")
+    assert repeated == {ingest_validate.id_hash(i) for i in ("imp-3", "imp-10", "imp-50", "imp-99")}
+    id_hash = ingest_validate.id_hash
+    assert id_hash("imp-3") == id_hash("imp-3") != id_hash("imp-4")
+
+
+# ------------------------------------------------------------------- the composite transforms
+
+
+def test_read_and_validate_give_rows_once_deduped_and_a_dead_letter_per_bad_record(tmp_path: Path) -> None:
+    """ReadSourceRecords -> FindRepeatedIds -> ValidateImpressions on the bad log: ids that
+    occur once stream through, the repeated id is shuffled and kept once, every bad record is
+    a Rejection with its reason."""
+    spec = load_spec(str(make_log(tmp_path)))
+    limits = records.Limits(max_text_chars=spec.max_text_chars)
+    with BeamTestPipeline() as pipeline:
+        source = pipeline | ingest_source.ReadSourceRecords(spec)
+        ids = source["records"] | ingest_validate.FindRepeatedIds(spec, limits)
+        streams, rejected, _ = source["records"] | ingest_validate.ValidateImpressions(
+            spec, limits, ids["repeated"]
+        )
+        assert_that(
+            streams[0] | "OnceIds" >> beam.Map(lambda r: r["impression_id"]),
+            equal_to(["2", "14"]),
+            label="Once",
+        )
+        assert_that(
+            streams[1] | "DedupedIds" >> beam.Map(lambda r: r["impression_id"]),
+            equal_to(["1"]),
+            label="Deduped",
+        )
+        reasons = [reason for reason, n in EXPECTED_REASONS.items() for _ in range(n)]
+        assert_that(rejected | beam.Map(lambda r: r.reason), equal_to(reasons), label="Reasons")
+
+
+def test_time_split_cuts_at_the_fractions_of_the_timestamps() -> None:
+    """Ten rows an hour apart, 60/20/20: the six earliest train, two valid, two test."""
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    rows = [{"impression_id": f"r{k}", "event_timestamp": t0 + dt.timedelta(hours=k)} for k in range(10)]
+    fractions = (0.6, 0.2, 0.2)
+    with BeamTestPipeline() as pipeline:
+        created = pipeline | beam.Create(rows)
+        cuts = created | beam.Map(lambda r: r["event_timestamp"]) | ingest_validate.TimeCutPoints(fractions)
+        split = created | ingest_validate.AssignSplits("time", fractions, 0, "impression_id", cuts)
+        expected = [(f"r{k}", "train" if k < 6 else "valid" if k < 8 else "test") for k in range(10)]
+        assert_that(split | beam.Map(lambda r: (r["impression_id"], r["split"])), equal_to(expected))
+
+
+def test_cold_group_split_keeps_each_group_in_one_split() -> None:
+    rows = [{"impression_id": f"r{k}", "test_id": f"g{k % 7}" if k % 10 else None} for k in range(200)]
+
+    def one_split_per_group(split_rows: list[dict]) -> None:
+        assert len(split_rows) == len(rows)
+        by_group: dict[str, set[str]] = {}
+        for row in split_rows:
+            if row["test_id"] is not None:
+                by_group.setdefault(row["test_id"], set()).add(row["split"])
+        assert len(by_group) == 7 and all(len(splits) == 1 for splits in by_group.values()), by_group
+        assert len({row["split"] for row in split_rows}) > 1  # rows with no group spread out
+
+    with BeamTestPipeline() as pipeline:
+        split = (
+            pipeline
+            | beam.Create(rows)
+            | ingest_validate.AssignSplits("cold_group", (0.4, 0.3, 0.3), 3, "test_id")
+        )
+        assert_that(split, one_split_per_group)

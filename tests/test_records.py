@@ -10,6 +10,7 @@ import yaml
 
 from nlpctr.models.schema import text_id
 from nlpctr.pipelines import records as r
+from nlpctr.pipelines import source_files
 from nlpctr.pipelines.specs import load_spec
 
 AGGREGATED = {
@@ -106,17 +107,17 @@ def test_timestamp_formats() -> None:
 
 def test_delimited_parser_flags_ragged_rows_and_keeps_quoted_newlines() -> None:
     data = b'a,b\n1,"two\nlines"\n3\n4,5\n'
-    rows = list(r.parse_delimited(data, ",", "f.csv"))
+    rows = list(source_files.parse_delimited(data, ",", "f.csv"))
     assert rows[0] == {"a": "1", "b": "two\nlines"}
     assert r.MALFORMED_KEY in rows[1] and "1 fields, header has 2" in rows[1][r.MALFORMED_KEY]
     assert rows[2] == {"a": "4", "b": "5"}
 
 
 def test_json_line_parser() -> None:
-    assert r.parse_json_line(b"  ") is None
-    assert r.MALFORMED_KEY in r.parse_json_line(b"{oops")
-    assert r.MALFORMED_KEY in r.parse_json_line(b"[1, 2]")
-    assert "UTF-8" in r.parse_json_line(b'{"a": "\xff"}')[r.MALFORMED_KEY]
+    assert source_files.parse_json_line(b"  ") is None
+    assert r.MALFORMED_KEY in source_files.parse_json_line(b"{oops")
+    assert r.MALFORMED_KEY in source_files.parse_json_line(b"[1, 2]")
+    assert "UTF-8" in source_files.parse_json_line(b'{"a": "\xff"}')[r.MALFORMED_KEY]
 
 
 def test_fix_mojibake_repairs_what_it_can() -> None:

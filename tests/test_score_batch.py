@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 from test_features import SLUG, impressions, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
@@ -107,8 +110,6 @@ def test_a_store_not_materialised_fails_before_the_pipeline(tmp_path: Path) -> N
 
 
 def test_entity_row_sends_null_keys_as_an_unknown_id() -> None:
-    import apache_beam as beam
-
     row = beam.Row(ad_id="a1", query_text_id=None, position=3)
     assert score_batch.EntityRow(["ad_id", "query_text_id", "position"])(row) == {
         "ad_id": "a1",
@@ -117,3 +118,93 @@ def test_entity_row_sends_null_keys_as_an_unknown_id() -> None:
     }
     joined = score_batch.KeepFeatures(["f__x"])({"ad_id": "a1"}, {"ad_id": "other", "f__x": 1.5, "g": 2})
     assert joined._asdict() == {"ad_id": "a1", "f__x": 1.5}
+
+
+# ------------------------------------------------------------------- the composite transforms
+
+
+def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, Any]) -> None:
+    """Rows in -> the same rows plus exactly the features an online lookup returns for them."""
+    data = served["data"]
+    online = store.OnlineFeatures(data, "cascade_frozen")
+    rows = impressions(data).head(20).to_dict("records")
+    rows.append({**rows[0], "impression_id": "unknown-ad", "ad_id": "no-such-ad"})
+    looked_up = online.get(rows)
+    source = {row["impression_id"]: row for row in rows}
+    expected = {
+        row["impression_id"]: {name: looked_up.columns[name][i] for name in online.feature_names}
+        for i, row in enumerate(rows)
+    }
+    assert any(v is None for v in expected["unknown-ad"].values())  # an unknown key comes back null
+
+    def same_features(enriched: list[dict[str, Any]]) -> None:
+        assert sorted(r["impression_id"] for r in enriched) == sorted(expected)  # each row once
+        for row in enriched:
+            want = expected[row["impression_id"]]
+            assert {k: row[k] for k in rows[0]} == source[row["impression_id"]]  # the row, unchanged
+            for name, value in want.items():
+                assert (value is None and row[name] is None) or np.allclose(row[name], value), name
+
+    handler = score_batch.enrichment_handler(
+        store.config_path(data), "cascade_frozen", online.keys, "batched", batch_size=4
+    )
+    with BeamTestPipeline() as pipeline:
+        enriched = (
+            pipeline | beam.Create(rows) | score_batch.EnrichFromOnlineStore(handler, online.feature_names)
+        )
+        assert_that(enriched, same_features)
+
+
+class _FakeRun:
+    """A trained run that scores a row by its position and returns the rows reversed (the job
+    must join scores back by impression id, not by order)."""
+
+    @classmethod
+    def load(cls, directory: Path) -> _FakeRun:
+        return cls()
+
+    def predict_frame(self, frame: Any) -> tuple[Any, np.ndarray]:
+        reversed_frame = frame.iloc[::-1].reset_index(drop=True)
+        return reversed_frame, reversed_frame["position"].to_numpy(dtype=float) / 10
+
+
+def test_score_with_run_adds_each_rows_own_probability(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(score_batch, "TrainedRun", _FakeRun)
+    rows = [{"impression_id": f"i{n}", "position": n % 7, "ad_id": f"a{n % 3}"} for n in range(150)]
+    with BeamTestPipeline() as pipeline:
+        scored = pipeline | beam.Create(rows) | score_batch.ScoreWithRun(tmp_path / "run")
+        assert_that(scored, equal_to([{**row, "p": row["position"] / 10} for row in rows]))
+
+
+def test_read_impression_rows_keeps_only_the_wanted_splits(served: dict[str, Any]) -> None:
+    frame = impressions(served["data"])
+    pattern = str(served["data"] / "impressions" / "*.parquet")
+    wanted = frame[frame.split.isin(["valid", "test"])].impression_id.tolist()
+    assert 0 < len(wanted) < len(frame)
+    with BeamTestPipeline() as pipeline:
+        ids = (
+            pipeline
+            | score_batch.ReadImpressionRows(pattern, ["valid", "test"])
+            | beam.Map(lambda r: r["impression_id"])
+        )
+        assert_that(ids, equal_to(wanted))
+
+
+def test_run_uses_the_test_pipeline_it_is_given(served: dict[str, Any], tmp_path: Path) -> None:
+
+    class CountingPipeline(BeamTestPipeline):
+        runs = 0
+
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            CountingPipeline.runs += 1
+            return super().run(*args, **kwargs)
+
+    data, out = served["data"], tmp_path / "enriched"
+    result = score_batch.run(
+        ["--data", str(data), "--splits", "test", "--out", str(out)], test_pipeline=CountingPipeline()
+    )
+    assert CountingPipeline.runs == 1
+    frame = ds.dataset(out, format="parquet").to_table().to_pandas()
+    assert result["rows"] == len(frame) == int((impressions(data).split == "test").sum())

@@ -1,0 +1,265 @@
+"""Ingest's row side (Beam): map each raw record onto the impression schema or a dead letter,
+deduplicate impression ids, and assign train/valid/test splits.
+
+Memory stays flat as the log grows: a first pass finds the impression ids that occur more
+than once (64-bit hashes in a combiner, `FindRepeatedIds`); only rows of those ids go through
+a shuffle to be deduplicated (`ValidateImpressions`), every other row streams to the sink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+
+from nlpctr.models.schema import SPLITS, unit_interval
+from nlpctr.pipelines.records import (
+    DUPLICATE_IMPRESSION_ID,
+    Limits,
+    Mapped,
+    Rejection,
+    json_safe,
+    map_record,
+)
+from nlpctr.pipelines.specs import DatasetSpec
+
+
+class MapToSchema(beam.DoFn):
+    """Raw record -> canonical row (main output) or Rejection (`rejected` output)."""
+
+    REJECTED = "rejected"  # the output tag; the folder the rejections land in is layout.REJECTED
+
+    def __init__(self, spec: DatasetSpec, limits: Limits) -> None:
+        self.spec = spec
+        self.limits = limits
+
+    def process(self, record: dict[str, Any]) -> Iterator[Any]:
+        result = map_record(self.spec, record, self.limits)
+        if isinstance(result, Rejection):
+            yield beam.pvalue.TaggedOutput(self.REJECTED, result)
+        else:
+            yield result
+
+
+def id_hash(impression_id: str) -> int:
+    """A 64-bit digest of an impression id, the same in every process (unlike `hash`)."""
+    return int.from_bytes(hashlib.blake2b(impression_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class RepeatedIdHashes(beam.CombineFn):
+    """id hashes -> the frozenset of those seen more than once, in compact numpy arrays
+    (8 bytes per distinct id), so a log of millions of ids needs tens of MB, not a shuffle."""
+
+    COMPACT_EVERY = 1 << 18
+
+    def create_accumulator(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        empty = np.empty(0, np.uint64)
+        return empty, empty, []  # distinct hashes, repeated hashes, not yet compacted
+
+    def add_input(self, acc: tuple[np.ndarray, np.ndarray, list[int]], h: int) -> Any:
+        acc[2].append(h)
+        return self._compact(acc) if len(acc[2]) >= self.COMPACT_EVERY else acc
+
+    @staticmethod
+    def _compact(acc: tuple[np.ndarray, np.ndarray, list[int]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        return RepeatedIdHashes._merge([acc[0], np.array(acc[2], np.uint64)], [acc[1]])
+
+    @staticmethod
+    def _merge(distinct: list[np.ndarray], repeated: list[np.ndarray]) -> Any:
+        values, counts = np.unique(np.concatenate(distinct), return_counts=True)
+        return values, np.union1d(np.concatenate(repeated), values[counts > 1]), []
+
+    def merge_accumulators(self, accs: Iterable[tuple[np.ndarray, np.ndarray, list[int]]]) -> Any:
+        compacted = [self._compact(acc) for acc in accs]
+        return self._merge([a[0] for a in compacted], [a[1] for a in compacted])
+
+    def extract_output(self, acc: tuple[np.ndarray, np.ndarray, list[int]]) -> frozenset[int]:
+        return frozenset(int(h) for h in self._compact(acc)[1])
+
+
+class FindRepeatedIds(beam.PTransform):
+    """A first pass over the valid rows: which impression ids may occur more than once
+    (their 64-bit hashes; a rare collision only sends a unique row through the exact
+    deduplication), and their timestamps (for the time split's cut points)."""
+
+    def __init__(self, spec: DatasetSpec, limits: Limits) -> None:
+        super().__init__()
+        self.spec = spec
+        self.limits = limits
+
+    def expand(self, records: beam.pvalue.PCollection) -> dict[str, beam.pvalue.PCollection]:
+        spec, limits = self.spec, self.limits
+
+        def valid_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+            result = map_record(spec, record, limits)
+            return [] if isinstance(result, Rejection) else [result.row]
+
+        rows = records | "ValidRows" >> beam.FlatMap(valid_rows)
+        repeated = (
+            rows
+            | "IdHashes" >> beam.Map(lambda r: id_hash(r["impression_id"]))
+            | "Repeated" >> beam.CombineGlobally(RepeatedIdHashes())
+        )
+        timestamps = rows | "Timestamps" >> beam.Map(lambda r: r["event_timestamp"])
+        return {"repeated": repeated, "timestamps": timestamps}
+
+
+def truncated_counts(mapped: Mapped) -> list[tuple[str, int]]:
+    """Counter pairs of the text columns a row had cut (under --truncate-long-text)."""
+    return [(f"truncated:{column}", 1) for column in mapped.truncated]
+
+
+def _keep_first(impression_id: str, mapped: Iterable[Mapped]) -> Iterator[Any]:
+    """Keep one row per impression_id (the smallest by content, then by source record, so
+    reruns agree); the others go to the dead-letter output as duplicates, with their original
+    source records."""
+    ordered = sorted(
+        mapped,
+        key=lambda m: (
+            json.dumps(m.row, sort_keys=True, default=str),
+            json.dumps(json_safe(m.source), sort_keys=True),
+        ),
+    )
+    yield ordered[0]
+    for extra in ordered[1:]:
+        yield beam.pvalue.TaggedOutput(
+            MapToSchema.REJECTED,
+            Rejection(
+                DUPLICATE_IMPRESSION_ID,
+                f"impression_id {impression_id!r} seen more than once",
+                extra.source if extra.source is not None else extra.row,
+            ),
+        )
+
+
+class ValidateImpressions(beam.PTransform):
+    """Map, validate and deduplicate; returns the rows as two streams (those whose id occurs
+    once, and the kept one of each repeated id), the rejections and truncated-column counters.
+
+    Only rows whose id is in `repeated` (a side input from `FindRepeatedIds`) are shuffled
+    to deduplicate; every other row streams from the source to the sink, so memory does not
+    grow with the log on runners that hold a shuffle in memory (the DirectRunner).
+    """
+
+    def __init__(self, spec: DatasetSpec, limits: Limits, repeated: beam.pvalue.PCollection) -> None:
+        super().__init__()
+        self.spec = spec
+        self.limits = limits
+        self.repeated = repeated
+
+    def expand(self, records: beam.pvalue.PCollection) -> tuple[Any, Any, Any]:
+        mapped = records | "Map" >> beam.ParDo(MapToSchema(self.spec, self.limits)).with_outputs(
+            MapToSchema.REJECTED, main="rows"
+        )
+        once, maybe_repeated = mapped.rows | "ByIdCount" >> beam.Partition(
+            lambda m, _, repeated: int(id_hash(m.row["impression_id"]) in repeated),
+            2,
+            beam.pvalue.AsSingleton(self.repeated),
+        )
+        deduped = (
+            maybe_repeated
+            | "KeyById" >> beam.Map(lambda m: (m.row["impression_id"], m))
+            | "GroupById" >> beam.GroupByKey()
+            | "KeepFirst" >> beam.FlatMapTuple(_keep_first).with_outputs(MapToSchema.REJECTED, main="rows")
+        )
+        truncated = tuple(
+            kept | f"CountTruncated{i}" >> beam.FlatMap(truncated_counts)
+            for i, kept in enumerate((once, deduped.rows))
+        )
+        streams = (
+            once | "Rows" >> beam.Map(lambda m: m.row),
+            deduped.rows | "DedupedRows" >> beam.Map(lambda m: m.row),
+        )
+        rejected = (
+            mapped[MapToSchema.REJECTED],
+            deduped[MapToSchema.REJECTED],
+        ) | "AllRejected" >> beam.Flatten()
+        return streams, rejected, truncated
+
+
+# ------------------------------------------------------------------------------- splitting
+
+
+def split_of(u: float, fractions: tuple[float, float, float]) -> str:
+    if u < fractions[0]:
+        return SPLITS[0]
+    if u < fractions[0] + fractions[1]:
+        return SPLITS[1]
+    return SPLITS[2]
+
+
+class AssignSplits(beam.PTransform):
+    """Deterministic train/valid/test by seed.
+
+    within_group: each row independently (rows of one group fall across splits);
+    cold_group: whole groups; time: by event_timestamp, at `cut_points` (a singleton from
+    `TimeCutPoints`; earliest rows train).
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        fractions: tuple[float, float, float],
+        seed: int,
+        group: str,
+        cut_points: beam.pvalue.PCollection | None = None,
+    ) -> None:
+        super().__init__()
+        self.mode, self.fractions, self.seed, self.group = mode, fractions, seed, group
+        self.cut_points = cut_points
+
+    def expand(self, rows: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
+        fractions, seed, group = self.fractions, self.seed, self.group
+        if self.mode == "within_group":
+            return rows | "SplitRows" >> beam.Map(
+                lambda r: {**r, "split": split_of(unit_interval(seed, "row", r["impression_id"]), fractions)}
+            )
+        if self.mode == "cold_group":
+
+            def by_group(row: dict[str, Any]) -> dict[str, Any]:
+                # A row with no group value is its own group.
+                key = row.get(group) or f"row:{row['impression_id']}"
+                return {**row, "split": split_of(unit_interval(seed, "group", key), fractions)}
+
+            return rows | "SplitGroups" >> beam.Map(by_group)
+
+        def by_time(row: dict[str, Any], cuts: tuple[Any, Any]) -> dict[str, Any]:
+            ts = row["event_timestamp"]
+            split = SPLITS[0] if ts <= cuts[0] else SPLITS[1] if ts <= cuts[1] else SPLITS[2]
+            return {**row, "split": split}
+
+        if self.cut_points is None:
+            raise ValueError("the time split needs cut_points")
+        return rows | "SplitTime" >> beam.Map(by_time, beam.pvalue.AsSingleton(self.cut_points))
+
+
+class TimeCutPoints(beam.PTransform):
+    """Timestamps -> (last train time, last valid time), from approximate quantiles (bounded
+    memory; exact while the data fits the combiner's buffers); rows tied at a cut go to the
+    earlier split. The timestamps are those of every valid row, before deduplication, so the
+    cut points are known before any row is written."""
+
+    def __init__(self, fractions: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.fractions = fractions
+
+    def expand(self, timestamps: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
+        return (
+            timestamps
+            | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(QUANTILES + 1)
+            | "CutPoints" >> beam.Map(_time_cut_points, self.fractions)
+        )
+
+
+QUANTILES = 1000
+
+
+def _time_cut_points(quantiles: list[Any], fractions: tuple[float, float, float]) -> tuple[Any, Any]:
+    """Timestamps at the train and valid fractions, from evenly spaced quantiles (all the
+    sorted timestamps when there are fewer rows than QUANTILES)."""
+    last = len(quantiles) - 1
+    return quantiles[round(fractions[0] * last)], quantiles[round((fractions[0] + fractions[1]) * last)]
