@@ -85,6 +85,21 @@ def finish_bundle(p, src):  # 03
     return lambda: seen("fb")
 
 
+def write_text(p, src):  # 03: a file sink, whose writers report their files from finish_bundle
+    folder = tempfile.mkdtemp(dir=OUT)
+    p | "Lines" >> beam.Create(range(6)) | beam.Map(str) | beam.io.WriteToText(os.path.join(folder, "out"))
+
+    def listing():
+        found = {}
+        for root, _, files in os.walk(folder):
+            for name in files:
+                with open(os.path.join(root, name)) as f:
+                    found[os.path.relpath(os.path.join(root, name), folder)] = f.read().split()
+        return found
+
+    return listing
+
+
 def two_sinks(p, src):  # 04
     numbers = p | beam.Create(range(3))
     numbers | "A" >> beam.Map(record("A"))
@@ -119,7 +134,7 @@ def client_closed(p, src):  # 06
     return lambda: seen("c")
 
 
-CASES = [read, impulse, tagged, finish_bundle, two_sinks, side_input, string_keys, client_closed]
+CASES = [read, impulse, tagged, finish_bundle, write_text, two_sinks, side_input, string_keys, client_closed]
 
 if __name__ == "__main__":
     which, wanted = sys.argv[1], sys.argv[2:]
