@@ -12,6 +12,7 @@ from feast import FeatureStore
 
 from nlpctr.errors import UserError
 from nlpctr.features.definitions import Layout, build_definitions, embedding_view_name
+from nlpctr.features.registry_store import write_atomically
 from nlpctr.features.render import (
     CONFIG_FILE,
     REPO_MODULE,
@@ -56,10 +57,10 @@ def apply(
     ):
         shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True, exist_ok=True)
-    (repo / CONFIG_FILE).write_text(config_text(config, online))
+    write_atomically(repo / CONFIG_FILE, config_text(config, online).encode())
     module = render_module(definitions, layout.data_dir, layout.dataset)
     check_module(module, repo / REPO_MODULE, definitions)  # what `feast plan` reads is what we apply
-    (repo / REPO_MODULE).write_text(module)
+    write_atomically(repo / REPO_MODULE, module.encode())
 
     store = FeatureStore(repo_path=str(repo))
     wanted = {type(o).__name__ + ":" + o.name for o in definitions.objects()}
