@@ -1,16 +1,25 @@
-"""The store under failure: a registry write that dies midway."""
+"""The store under failure: a registry write that dies midway, and a corrected feature value
+re-materialised at the same event time (Feast's Redis store skips those by default).
+
+The Redis case starts its own redis-server on a free loopback port, and is skipped, with the
+reason, when `redis-server` is not on PATH.
+"""
 
 from __future__ import annotations
 
 import builtins
 import errno
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.dataset as ds
 import pytest
 from test_features import make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.features import render, store
+from nlpctr.features.local_redis import LocalRedisServer
 
 
 @pytest.fixture
@@ -66,3 +75,32 @@ def test_registry_write_failing_midway_leaves_the_previous_registry(
     assert [p.name for p in registry.parent.iterdir() if p.name.startswith(".registry.db")] == []
     applied = store.apply(data)  # and the next apply goes through
     assert set(applied["feature_views"]) > set(views_before)
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH (apt-get install redis-server); CI installs it")
+    server = LocalRedisServer(tmp_path)
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize("online", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_corrected_value_at_the_same_event_time_is_served_after_rematerialising(
+    data: Path, online: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("redis_url") if online == "redis" else None
+    store.apply(data, online=online, redis_url=url)
+    store.materialize(data)
+    row = {"ad_id": "ad000", "query_id": "q", "position": "1"}
+    feature = "ctr_position__position_ctr"
+    served = store.OnlineFeatures(data, "baseline").get([row]).columns[feature][0]
+
+    # ctr-stats re-run with another prior: the same keys and snapshot time, other values.
+    write_ctr_history(data, prior_strength=1000.0)
+    levels = ds.dataset(data / "ctr_history" / "position").to_table().to_pandas().set_index("position")
+    expected = float(levels.loc["1", "position_ctr"])
+    assert expected != pytest.approx(served)
+    store.materialize(data)
+    assert store.OnlineFeatures(data, "baseline").get([row]).columns[feature][0] == pytest.approx(expected)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from feast import FeatureStore
 
 from nlpctr.errors import UserError
 from nlpctr.features.definitions import TIMESTAMP, fingerprint, parquet_files
@@ -36,6 +38,29 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+@contextlib.contextmanager
+def _overwriting(store: FeatureStore) -> Iterator[None]:
+    """Let Redis writes replace a stored value whose event time is the same as the new row's.
+
+    Feast's Redis store skips a row whose event time is not newer than the stored one, so a
+    value corrected at the same time (ctr-stats re-run with another prior, a view re-embedded
+    by another encoder under the same slug) would stay stale while the state file calls it
+    materialised. Its `skip_dedup` writes every row instead, which a full run may: Feast reads
+    the latest row per key up to `end`, so each key is written once, from the source of truth.
+    SQLite needs nothing: its store always upserts.
+    """
+    config = store.config.online_store
+    if config.type != "redis":
+        yield
+        return
+    before = config.skip_dedup
+    config.skip_dedup = True
+    try:
+        yield
+    finally:
+        config.skip_dedup = before
+
+
 def materialize(
     data_dir: Path,
     start: datetime | None = None,
@@ -50,6 +75,9 @@ def materialize(
     materialised end; a view never materialised gets the full range, because Feast would start a
     ttl=0 view at "now - 1 year" and skip older data. `start`/`end`: an explicit window.
     `views` limits it to these views (a trainer publishing one new LM feature view).
+
+    A full run replaces every key's value, even one stored at the same event time: a re-run
+    job's corrected rows keep their data-time timestamps (see `_overwriting`).
     """
     store = open_store(data_dir)
     layout = check_current(store, data_dir)
@@ -94,7 +122,8 @@ def materialize(
                 store.materialize_incremental(end, feature_views=seen)
         else:
             mode = "full"
-            store.materialize(span[0], end, feature_views=[v.name for v in views])
+            with _overwriting(store):
+                store.materialize(span[0], end, feature_views=[v.name for v in views])
     seconds = (datetime.now(UTC) - started).total_seconds()
     rows = {
         name: sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(p)) for name, p in paths.items()
