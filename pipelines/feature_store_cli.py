@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
-from nlpctr.features.definitions import CASCADE_FROZEN
+from nlpctr.features.names import CASCADE_FROZEN
 from nlpctr.features.render import DEFAULT_REDIS_URL, ONLINE_STORES
 from nlpctr.layout import IMPRESSIONS
 

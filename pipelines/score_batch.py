@@ -41,7 +41,9 @@ from apache_beam.transforms.enrichment_handlers.feast_feature_store import Feast
 from nlpctr.errors import UserError
 from nlpctr.features import render
 from nlpctr.features import store as feature_store
-from nlpctr.features.definitions import CASCADE_FROZEN, arrow_type, parquet_files
+from nlpctr.features.definitions import arrow_type
+from nlpctr.features.job_outputs import parquet_files
+from nlpctr.features.names import CASCADE_FROZEN
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
 from nlpctr.models.experiment import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema

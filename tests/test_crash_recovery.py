@@ -31,7 +31,7 @@ from test_features import write_ctr_history
 
 from nlpctr.errors import UserError
 from nlpctr.features import render, store
-from nlpctr.features.definitions import embedding_view_name
+from nlpctr.features.names import embedding_view_name
 from nlpctr.layout import EMBEDDINGS_MANIFEST, embeddings_dir
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.schema import impression_schema, text_id

@@ -31,7 +31,8 @@ from feast import FeatureStore
 
 from nlpctr.errors import UserError
 from nlpctr.features import render, store
-from nlpctr.features.definitions import Layout, build_definitions
+from nlpctr.features.definitions import build_definitions
+from nlpctr.features.job_outputs import Layout
 from nlpctr.models.schema import impression_schema, text_id
 
 SLUG = "minilm_test_mean_len32"

@@ -20,7 +20,8 @@ from test_features import BASE, impressions, make_dataset, write_ctr_history, wr
 from test_trainer import COLUMNS, baseline, synthetic_frame
 
 from nlpctr.features import render, store
-from nlpctr.features.definitions import Layout, build_definitions
+from nlpctr.features.definitions import build_definitions
+from nlpctr.features.job_outputs import Layout
 from nlpctr.models import experiment, metrics
 from nlpctr.models.data import tensorize
 from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns, unique_text_pairs

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features.definitions import TIMESTAMP, fingerprint, parquet_files
+from nlpctr.features.job_outputs import fingerprint, parquet_files
+from nlpctr.features.names import TIMESTAMP
 from nlpctr.features.store.connection import online_store_errors, probe_online_store, write_materialized_mark
 from nlpctr.features.store.repo import check_current, open_store
 from nlpctr.features.store.state import fix_command, read_state, write_state

@@ -11,13 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from nlpctr.errors import UserError
-from nlpctr.features.definitions import (
-    CASCADE_FROZEN,
-    TIMESTAMP,
-    TRAINING_SUFFIX,
-    parquet_files,
-    training_service_name,
-)
+from nlpctr.features.job_outputs import parquet_files
+from nlpctr.features.names import CASCADE_FROZEN, TIMESTAMP, TRAINING_SUFFIX, training_service_name
 from nlpctr.features.store.online import MISSING_KEY, get_service, service_join_keys
 from nlpctr.features.store.repo import check_current, open_store
 from nlpctr.layout import IMPRESSIONS

@@ -10,7 +10,8 @@ from typing import Any
 from feast import FeatureService, FeatureStore, FeatureView
 
 from nlpctr.errors import UserError
-from nlpctr.features.definitions import TRAINING_SUFFIX, fingerprint
+from nlpctr.features.job_outputs import fingerprint
+from nlpctr.features.names import TRAINING_SUFFIX
 from nlpctr.features.store.connection import check_materialized_mark, online_store_errors, probe_online_store
 from nlpctr.features.store.repo import check_current, open_store
 from nlpctr.features.store.state import fix_command, read_state

@@ -11,7 +11,9 @@ import yaml
 from feast import FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features.definitions import Layout, build_definitions, embedding_view_name
+from nlpctr.features.definitions import build_definitions
+from nlpctr.features.job_outputs import Layout
+from nlpctr.features.names import embedding_view_name
 from nlpctr.features.registry_store import write_atomically
 from nlpctr.features.render import (
     CONFIG_FILE,

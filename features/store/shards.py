@@ -14,14 +14,8 @@ import pyarrow.parquet as pq
 from feast import FeatureService, FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features.definitions import (
-    CASCADE_FROZEN,
-    TIMESTAMP,
-    TRAINING_SUFFIX,
-    fingerprint,
-    parquet_files,
-    training_service_name,
-)
+from nlpctr.features.job_outputs import fingerprint, parquet_files
+from nlpctr.features.names import CASCADE_FROZEN, TIMESTAMP, TRAINING_SUFFIX, training_service_name
 from nlpctr.features.store.online import MISSING_KEY, get_service
 from nlpctr.features.store.repo import check_current, open_store
 from nlpctr.layout import IMPRESSIONS, TRAINING, TRAINING_META
