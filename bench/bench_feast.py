@@ -44,9 +44,10 @@ from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-from nlpctr.features import store
-from nlpctr.features.definitions import Layout, embedding_view_name, parquet_files
+from nlpctr.features import render, store
+from nlpctr.features.job_outputs import Layout, parquet_files
 from nlpctr.features.local_redis import LocalRedisServer
+from nlpctr.features.names import embedding_view_name
 from nlpctr.layout import IMPRESSIONS, embeddings_dir
 
 DIM = 384
@@ -204,7 +205,7 @@ def handler_bench(data: Path, rows: int = 2000) -> dict[str, float]:
     out = {}
     for mode in score_batch.ENRICHMENT_MODES:
         handler = score_batch.enrichment_handler(
-            store.config_path(data), "cascade_frozen", online.keys, mode, 256
+            render.config_path(data), "cascade_frozen", online.keys, mode, 256
         )
         with handler:
             started = time.perf_counter()

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nlpctr.features.definitions import BASELINE
+from nlpctr.features.names import BASELINE
 from nlpctr.features.store import training_frame
 from nlpctr.layout import read_manifest
 from nlpctr.models import experiment, metrics

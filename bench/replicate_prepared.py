@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-
-import duckdb
 
 from nlpctr.errors import UserError
 from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, IMPRESSIONS, read_manifest, write_manifest
+from nlpctr.models import sql
 from nlpctr.pipelines.ownership import claim_output_dir
 
 
@@ -25,16 +25,16 @@ def replicate(src: Path, dst: Path, copies: int) -> None:
     claim_output_dir(dst, "data prepare", inputs=[src], flag="DST_DIR")
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
-    con = duckdb.connect()
-    con.execute("SET enable_progress_bar = false; SET memory_limit = '1GB'")
-    for folder in (IMPRESSIONS, CTR_HISTORY_ROWS):
-        (dst / folder).mkdir()
-        for i in range(copies):
-            con.execute(
-                f"COPY (SELECT * REPLACE (impression_id || '-{i}' AS impression_id) "
-                f"FROM read_parquet('{src}/{folder}/*.parquet')) TO '{dst}/{folder}/part-{i:05d}.parquet' "
-                "(FORMAT parquet)"
-            )
+    with tempfile.TemporaryDirectory() as spill, sql.connect(spill, "1GB") as con:
+        for folder in (IMPRESSIONS, CTR_HISTORY_ROWS):
+            (dst / folder).mkdir()
+            for i in range(copies):
+                source = sql.literal(f"{src / folder}/*.parquet")
+                target = sql.literal(dst / folder / f"part-{i:05d}.parquet")
+                con.execute(
+                    f"COPY (SELECT * REPLACE (impression_id || '-{i}' AS impression_id) "
+                    f"FROM read_parquet({source})) TO {target} (FORMAT parquet)"
+                )
     shutil.copytree(src / CTR_HISTORY, dst / CTR_HISTORY)
     manifest = read_manifest(src)
     manifest.update(rows_in=manifest["rows_in"] * copies, rows_written=manifest["rows_written"] * copies)

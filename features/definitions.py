@@ -22,110 +22,43 @@ LM feature set (baseline + `lm_<run>`), each with an offline twin `<name>_traini
 that reads the leave-one-out view instead. Twins alias their projections to the serving names,
 so a training frame and an online lookup yield the same column names.
 
-Pure Feast and pyarrow: no Beam here.
+The names these objects use are in names.py; what the jobs wrote (`Layout`) is read in
+job_outputs.py. Pure Feast and pyarrow: no Beam here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Array, Bool, FeastType, Float32, Float64, Int32, Int64, String
 
 from nlpctr.errors import UserError
-from nlpctr.layout import (
-    CTR_HISTORY,
-    CTR_HISTORY_ROWS,
-    EMBEDDINGS,
-    IMPRESSIONS,
-    LM_FEATURES,
-    LmFeatureMeta,
-    read_manifest,
+from nlpctr.features.job_outputs import Layout, feature_columns
+from nlpctr.features.names import (
+    BASELINE,
+    CASCADE_FROZEN,
+    CORE_ENTITIES,
+    CTR_ROWS_VIEW,
+    EMBEDDING,
+    ENCODER_VERSION,
+    IMPRESSION_ID,
+    TEXT_ID,
+    TEXT_ROLES,
+    TIMESTAMP,
+    ctr_view_name,
+    embedding_view_name,
+    lm_view_name,
+    text_projection_name,
+    training_service_name,
 )
-
-LM_KINDS = ("cascade_finetuned", "joint")
-TIMESTAMP = "event_timestamp"
-TEXT_ID = "text_id"
-IMPRESSION_ID = "impression_id"
-EMBEDDING = "embedding"
-ENCODER_VERSION = "encoder_version"
-
-BASELINE = "baseline"
-CASCADE_FROZEN = "cascade_frozen"
-TRAINING_SUFFIX = "_training"
-CTR_ROWS_VIEW = "ctr_rows"
-
-# An impression names two texts; both are looked up in the one text-keyed embedding view
-# through a join-key map (role -> impression column), so each vector is stored once.
-TEXT_ROLES: dict[str, str] = {"ad_text": "ad_text_id", "query_text": "query_text_id"}
-# Entities every dataset has, whatever its spec declares.
-CORE_ENTITIES: dict[str, str] = {
-    "text": TEXT_ID,
-    "ad": "ad_id",
-    "query": "query_id",
-    "impression": IMPRESSION_ID,
-}
-
-_SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-def ctr_view_name(entity: str) -> str:
-    """The entity-level CTR view of a declared entity column (e.g. `ctr_ad_id`)."""
-    return f"ctr_{entity}"
-
-
-def embedding_view_name(slug: str) -> str:
-    """The embedding view of one encoder (the slug names encoder, layers, pooling, length)."""
-    return f"text_embedding_{slug}"
-
-
-def text_projection_name(role: str, slug: str) -> str:
-    """Alias of the embedding view as read for one text role (`ad_text_<slug>`)."""
-    return f"{role}_{slug}"
-
-
-def lm_view_name(run: str) -> str:
-    """The view of one run's LM output (`lm_<run>`)."""
-    return f"lm_{run}"
-
-
-def lm_feature_slug(run: str) -> str:
-    """A run name as a view/service identifier: [a-z0-9_], starting with a letter."""
-    slug = re.sub(r"[^a-z0-9_]", "_", run.lower())
-    return slug if slug[:1].isalpha() else f"r_{slug}"
-
-
-def training_service_name(service: str) -> str:
-    """The offline twin of a serving feature service."""
-    return f"{service}{TRAINING_SUFFIX}"
-
-
-def parquet_files(path: Path) -> list[Path]:
-    """Data files of a parquet folder, skipping what dataset readers skip (`_meta`, `.tmp`)."""
-    if not path.is_dir():
-        return []
-    return sorted(
-        p
-        for p in path.rglob("*.parquet")
-        if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-    )
-
-
-def fingerprint(path: Path) -> str:
-    """Identity of a parquet folder's current contents (names, sizes, mtimes), cheap to take."""
-    digest = hashlib.sha1()
-    for file in parquet_files(path):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+from nlpctr.layout import (
+    EMBEDDINGS,
+)
 
 
 def feast_type(arrow_type: pa.DataType, where: str) -> FeastType:
@@ -169,193 +102,6 @@ def arrow_type(dtype: FeastType) -> pa.DataType:
     if isinstance(dtype, Array) and dtype.base_type in scalar:
         return pa.list_(scalar[dtype.base_type])
     raise ValueError(f"no arrow type for Feast type {dtype}")
-
-
-# ------------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class CtrSet:
-    """One entity-level CTR history folder."""
-
-    entity: str
-    path: Path
-    features: tuple[tuple[str, pa.DataType], ...]
-
-
-@dataclass(frozen=True)
-class EmbeddingSet:
-    """One encoder's embeddings folder (one row per unique text)."""
-
-    slug: str
-    path: Path
-    encoder_version: str
-    dim: int
-
-
-@dataclass(frozen=True)
-class LmFeatureSet:
-    """One trained LM's output per text pair, for the checkpoint the run chose."""
-
-    run: str  # safe identifier (lm_feature_slug)
-    kind: str  # cascade_finetuned | joint
-    path: Path  # DIR/lm_features/<run>/epoch-<k>
-    keys: tuple[str, ...]  # query_text_id?, ad_text_id
-    model_version: str
-    features: tuple[tuple[str, pa.DataType], ...]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What the jobs wrote under a prepared dataset folder, read from files and schemas only."""
-
-    data_dir: Path
-    dataset: str
-    entities: tuple[str, ...]
-    ctr: tuple[CtrSet, ...]
-    ctr_rows: Path | None
-    ctr_rows_features: tuple[tuple[str, pa.DataType], ...]
-    embeddings: tuple[EmbeddingSet, ...]
-    text_roles: tuple[str, ...]
-    lm_features: tuple[LmFeatureSet, ...] = ()
-
-    @classmethod
-    def discover(cls, data_dir: Path) -> Layout:
-        """Read DIR's manifest and the outputs of the CTR and embedding jobs."""
-        data_dir = Path(data_dir).resolve()
-        manifest = read_manifest(data_dir)
-        entities = tuple(dict.fromkeys(manifest.get("entities", [])))
-        ctr = []
-        for entity in entities:
-            path = data_dir / CTR_HISTORY / entity
-            if parquet_files(path):
-                ctr.append(CtrSet(entity, path, _feature_columns(path, exclude={entity, TIMESTAMP})))
-        rows_path = data_dir / CTR_HISTORY_ROWS
-        ctr_rows = rows_path if parquet_files(rows_path) else None
-        rows_features = _feature_columns(rows_path, exclude={IMPRESSION_ID, TIMESTAMP}) if ctr_rows else ()
-        embeddings = []
-        root = data_dir / EMBEDDINGS
-        for path in sorted(root.iterdir()) if root.is_dir() else []:
-            # Dot and underscore names are a job's staging folders or metadata, never inputs.
-            if path.name.startswith((".", "_")) or not parquet_files(path):
-                continue
-            embeddings.append(_embedding_set(path))
-        return cls(
-            data_dir=data_dir,
-            dataset=str(manifest.get("dataset", data_dir.name)),
-            entities=entities,
-            ctr=tuple(ctr),
-            ctr_rows=ctr_rows,
-            ctr_rows_features=rows_features,
-            embeddings=tuple(embeddings),
-            text_roles=_text_roles(data_dir),
-            lm_features=_lm_feature_sets(data_dir / LM_FEATURES),
-        )
-
-    def sources(self) -> dict[str, Path]:
-        """Every input folder that backs a view, by view name."""
-        out = {ctr_view_name(c.entity): c.path for c in self.ctr}
-        if self.ctr_rows is not None:
-            out[CTR_ROWS_VIEW] = self.ctr_rows
-        out.update({embedding_view_name(e.slug): e.path for e in self.embeddings})
-        out.update({lm_view_name(f.run): f.path for f in self.lm_features})
-        return out
-
-    def check_unique_keys(self) -> None:
-        """Refuse sources with two rows for one key at one event time.
-
-        Feast's file store breaks such ties by two unstable sorts (feast-dev/feast#3360): with
-        3+ rows per key it returns an arbitrary one offline and, with pull_latest_features,
-        online too; a created-timestamp column does not help. Our jobs write one row per key,
-        so a tie means a stray or appended file, and the fix is to re-run the job.
-        """
-        keyed: list[tuple[Path, tuple[str, ...]]] = [(c.path, (c.entity,)) for c in self.ctr]
-        keyed += [(e.path, (TEXT_ID,)) for e in self.embeddings]
-        keyed += [(f.path, f.keys) for f in self.lm_features]
-        if self.ctr_rows is not None:
-            keyed.append((self.ctr_rows, (IMPRESSION_ID,)))
-        for path, keys in keyed:
-            table = ds.dataset(parquet_files(path), format="parquet").to_table(columns=[*keys, TIMESTAMP])
-            counts = table.group_by([*keys, TIMESTAMP]).aggregate([([], "count_all")])
-            dupes = counts.filter(pc.greater(counts["count_all"], 1))
-            if dupes.num_rows:
-                example = dupes.slice(0, 1).to_pylist()[0]
-                key = ", ".join(keys)
-                value = tuple(example[k] for k in keys)
-                raise UserError(
-                    f"{path.relative_to(self.data_dir)} has {dupes.num_rows} {key} value(s) with "
-                    f"several rows at one {TIMESTAMP} (e.g. {value!r}: {example['count_all']} rows); "
-                    "Feast's file store picks one arbitrarily (feast-dev/feast#3360). Keep one row per "
-                    "key and time: re-run the job that wrote it into a clean folder"
-                )
-
-
-def _feature_columns(path: Path, exclude: set[str]) -> tuple[tuple[str, pa.DataType], ...]:
-    schema = ds.dataset(parquet_files(path), format="parquet").schema
-    return tuple((f.name, f.type) for f in schema if f.name not in exclude)
-
-
-def _embedding_set(path: Path) -> EmbeddingSet:
-    slug = path.name
-    if not _SAFE_NAME.match(slug):
-        raise UserError(f"embedding folder name {slug!r} is not a safe identifier ([a-z][a-z0-9_]*)")
-    dataset = ds.dataset(parquet_files(path), format="parquet")
-    missing = {TEXT_ID, EMBEDDING, ENCODER_VERSION, TIMESTAMP} - set(dataset.schema.names)
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(sorted(missing))}; re-run `nlpctr embed`")
-    versions = pc.unique(dataset.to_table(columns=[ENCODER_VERSION])[ENCODER_VERSION]).to_pylist()
-    # A view must never mix two encoders: one folder, one encoder_version.
-    if len(versions) != 1 or versions[0] is None:
-        raise UserError(
-            f"{path} mixes encoder versions {sorted(map(str, versions))}; each encoder writes its own "
-            "folder: remove the stray files or re-run `nlpctr embed` into a clean folder"
-        )
-    first = dataset.head(1, columns=[EMBEDDING])[EMBEDDING]
-    dim = len(first[0].as_py() or []) if len(first) else 0
-    return EmbeddingSet(slug=slug, path=path, encoder_version=str(versions[0]), dim=dim)
-
-
-def _lm_feature_sets(root: Path) -> tuple[LmFeatureSet, ...]:
-    """Each `<run>/` with a `_meta.json` naming its chosen epoch folder (written by `nlpctr train`)."""
-    sets = []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if folder.name.startswith((".", "_")) or not LmFeatureMeta.exists(folder):
-            continue
-        meta = LmFeatureMeta.read(folder)
-        path = folder / meta.chosen
-        if meta.kind not in LM_KINDS or not parquet_files(path):
-            raise UserError(f"{folder} is incomplete (no {meta.chosen} features); re-run its training")
-        if folder.name != lm_feature_slug(folder.name):
-            raise UserError(f"LM feature folder name {folder.name!r} is not a safe identifier")
-        sets.append(
-            LmFeatureSet(
-                run=folder.name,
-                kind=meta.kind,
-                path=path,
-                keys=meta.keys,
-                model_version=meta.model_version,
-                features=_feature_columns(path, exclude={*meta.keys, TIMESTAMP}),
-            )
-        )
-    return tuple(sets)
-
-
-def _text_roles(data_dir: Path) -> tuple[str, ...]:
-    """Text roles that occur in the impressions (Upworthy has no query text)."""
-    files = parquet_files(data_dir / IMPRESSIONS)
-    if not files:
-        raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
-    dataset = ds.dataset(files, format="parquet")
-    roles = []
-    for role, column in TEXT_ROLES.items():
-        if column in dataset.schema.names:
-            values = dataset.to_table(columns=[column])[column]
-            if values.null_count < len(values):
-                roles.append(role)
-    return tuple(roles)
-
-
-# ------------------------------------------------------------------------------- objects
 
 
 @dataclass
@@ -473,7 +219,7 @@ def build_definitions(
             TEXT_ID,
             tuple(
                 (col, typ)
-                for col, typ in _feature_columns(emb.path, exclude={TEXT_ID, TIMESTAMP})
+                for col, typ in feature_columns(emb.path, exclude={TEXT_ID, TIMESTAMP})
                 if col in (EMBEDDING, ENCODER_VERSION)
             ),
             online=True,

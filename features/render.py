@@ -40,7 +40,8 @@ from feast.types import Array, FeastType, PrimitiveFeastType
 from google.protobuf.message import Message
 
 from nlpctr.errors import UserError
-from nlpctr.features.definitions import Definitions, Layout
+from nlpctr.features.definitions import Definitions
+from nlpctr.features.job_outputs import Layout
 from nlpctr.layout import FEATURE_REPO
 
 CONFIG_FILE = "feature_store.yaml"

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from nlpctr.features import store
-from nlpctr.features.definitions import embedding_view_name
 from nlpctr.features.local_redis import LocalRedisServer
+from nlpctr.features.names import embedding_view_name
 from nlpctr.pipelines import ctr_stats, embed_text, ingest
 
 SAMPLE_KEYS = 500

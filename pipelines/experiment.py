@@ -42,7 +42,7 @@ import yaml
 
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.features.definitions import CASCADE_FROZEN, lm_feature_slug
+from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
 from nlpctr.layout import lm_features_dir, pair_key_columns, read_manifest
 from nlpctr.models import ceilings, claims, distill, experiment, metrics, redundancy, report, sweep
 from nlpctr.models.data import FeatureColumns

@@ -24,6 +24,8 @@ import pyarrow.dataset as ds
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
+from nlpctr.features.names import CASCADE_FROZEN
+from nlpctr.features.render import DEFAULT_REDIS_URL, ONLINE_STORES
 from nlpctr.layout import IMPRESSIONS
 
 SUBCOMMANDS = ("apply", "materialize", "get")
@@ -43,8 +45,8 @@ def parser() -> argparse.ArgumentParser:
 
     apply = sub.add_parser("apply", help="render DIR/feature_repo and register the views")
     apply.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
-    apply.add_argument("--online", choices=store.ONLINE_STORES, default="sqlite", help="online store")
-    apply.add_argument("--redis-url", default=None, help=f"HOST:PORT (default {store.DEFAULT_REDIS_URL})")
+    apply.add_argument("--online", choices=ONLINE_STORES, default="sqlite", help="online store")
+    apply.add_argument("--redis-url", default=None, help=f"HOST:PORT (default {DEFAULT_REDIS_URL})")
     apply.add_argument("--encoder", default=None, help="embedding slug `cascade_frozen` serves")
 
     mat = sub.add_parser("materialize", help="load the online views into the online store")
@@ -55,9 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
     get = sub.add_parser("get", help="online lookup of a feature service")
     get.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
-    get.add_argument(
-        "--service", default=store.CASCADE_FROZEN, help="feature service (default cascade_frozen)"
-    )
+    get.add_argument("--service", default=CASCADE_FROZEN, help="feature service (default cascade_frozen)")
     get.add_argument(
         "--entity", action="append", default=[], metavar="KEY=VALUE", help="an entity key (repeatable)"
     )

@@ -43,8 +43,11 @@ from apache_beam.transforms.enrichment_handlers.feast_feature_store import Feast
 from feast import FeatureStore
 
 from nlpctr.errors import UserError
+from nlpctr.features import render
 from nlpctr.features import store as feature_store
-from nlpctr.features.definitions import arrow_type, parquet_files
+from nlpctr.features.definitions import arrow_type
+from nlpctr.features.job_outputs import parquet_files
+from nlpctr.features.names import CASCADE_FROZEN
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
 from nlpctr.models.experiment import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
@@ -307,7 +310,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                 f"run {args.run} was trained on service {trained_service!r}, not {args.service!r}"
             )
         args.service = trained_service
-    args.service = args.service or feature_store.CASCADE_FROZEN
+    args.service = args.service or CASCADE_FROZEN
     # Before any work: --out is new, empty or an earlier score-batch output, holding no input.
     default_out = data_dir / SCORED / args.run if args.run else data_dir / ENRICHED / args.service
     inputs = [data_dir / IMPRESSIONS, *([run_dir] if run_dir is not None else [])]
@@ -326,7 +329,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if run_dir is not None:
         schema = schema.append(pa.field("p", pa.float64()))
     handler = enrichment_handler(
-        feature_store.config_path(data_dir), args.service, online.keys, args.enrichment, args.batch_size
+        render.config_path(data_dir), args.service, online.keys, args.enrichment, args.batch_size
     )
     staging = staging_dir(out)
     started = time.perf_counter()

@@ -45,7 +45,8 @@ import torch
 import nlpctr
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.features.definitions import BASELINE, CASCADE_FROZEN, Layout, lm_feature_slug, lm_view_name
+from nlpctr.features.job_outputs import Layout
+from nlpctr.features.names import BASELINE, CASCADE_FROZEN, lm_feature_slug, lm_view_name
 from nlpctr.layout import (
     CTR_HISTORY,
     CTR_META,

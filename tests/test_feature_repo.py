@@ -30,7 +30,8 @@ import pytest
 from test_features import make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.features import render, store
-from nlpctr.features.definitions import Definitions, Layout, build_definitions
+from nlpctr.features.definitions import Definitions, build_definitions
+from nlpctr.features.job_outputs import Layout
 
 GOLDEN = Path(__file__).parent / "golden" / "repo_definitions.py.golden"
 UPDATE_GOLDEN = os.environ.get("NLPCTR_UPDATE_GOLDEN") == "1"

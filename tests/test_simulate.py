@@ -15,10 +15,11 @@ import pytest
 
 from nlpctr.errors import UserError
 from nlpctr.pipelines import cli, ingest, simulate
+from nlpctr.pipelines.simulator import clicks, lexicon, world
 from nlpctr.pipelines.specs import data_root, load_spec
 
 ROWS = 5_000
-COMPONENTS = list(simulate.COMPONENTS)
+COMPONENTS = list(clicks.COMPONENTS)
 
 
 def _simulate(out: Path, rows: int = ROWS, rho: float = 0.5, seed: int = 0, chunk_rows: int = 2_000) -> Any:
@@ -54,27 +55,27 @@ def test_log_rows_values_and_entities(sim: dict[str, Any]) -> None:
     assert log["impression_id"].is_unique
     assert set(log["clicked"].unique()) == {0, 1}
     assert log["position"].between(1, 10).all() and log["position"].nunique() == 10
-    assert set(log["device"]) == set(simulate.DEVICES)
+    assert set(log["device"]) == set(clicks.DEVICES)
     # Position effect is real: the top slot gets more clicks than the bottom half.
     assert log.loc[log.position == 1, "clicked"].mean() > log.loc[log.position >= 6, "clicked"].mean()
     # A log in time order over the 30 days, so time splits work.
     stamps = log["event_time"]
     assert stamps.is_monotonic_increasing
-    assert stamps.min() >= pd.Timestamp(simulate.START)
-    assert stamps.max() < pd.Timestamp(simulate.START) + pd.Timedelta(days=simulate.DAYS)
-    assert (stamps.max() - stamps.min()) > pd.Timedelta(days=simulate.DAYS - 1)
+    assert stamps.min() >= pd.Timestamp(clicks.START)
+    assert stamps.max() < pd.Timestamp(clicks.START) + pd.Timedelta(days=clicks.DAYS)
+    assert (stamps.max() - stamps.min()) > pd.Timedelta(days=clicks.DAYS - 1)
     # Fixed texts per entity; each ad belongs to one advertiser.
     assert (log.groupby("ad_id")["ad_text"].nunique() == 1).all()
     assert (log.groupby("query_id")["query_text"].nunique() == 1).all()
     assert (log.groupby("ad_id")["advertiser_id"].nunique() == 1).all()
-    ads, advertisers, queries = simulate.entity_counts(ROWS)
+    ads, advertisers, queries = world.entity_counts(ROWS)
     assert log["ad_id"].nunique() <= ads and log["ad_id"].nunique() > 0.9 * ads
     assert log["advertiser_id"].nunique() <= advertisers
     assert log["query_id"].nunique() <= queries
 
 
 def test_texts_are_composed_from_the_real_datasets(sim: dict[str, Any]) -> None:
-    pools = simulate.load_pools(data_root())
+    pools = lexicon.load_pools(data_root())
     titles = [t for source in pools.titles.values() for t in source]
     for text in sim["log"]["ad_text"].unique():
         assert any(title in text for title in titles), text
@@ -120,27 +121,27 @@ def test_ground_truth_is_beside_the_data_and_consistent(sim: dict[str, Any]) -> 
     assert variance["components"]["base"] < 1e-20
     # The components are independent by design, so their shares add up to about 1.
     assert sum(variance["shares"].values()) == pytest.approx(1.0, abs=0.1)
-    assert saved["coefficients"]["t_ad_weights"] == simulate.T_AD_WEIGHTS
+    assert saved["coefficients"]["t_ad_weights"] == lexicon.T_AD_WEIGHTS
 
 
 def test_t_ad_is_a_lexical_function_of_the_ad_text(sim: dict[str, Any]) -> None:
     """No embedding: T_ad is an affine function of word-class cues of the ad's text."""
-    pools = simulate.load_pools(data_root())
+    pools = lexicon.load_pools(data_root())
     ads = sim["log"].assign(t_ad=sim["truth"]["t_ad"]).drop_duplicates("ad_id")
     brands = frozenset(pools.brands)
-    cues = [simulate.text_cues(text, brands) for text in ads["ad_text"]]
-    raw = simulate.t_ad_raw({key: np.array([c[key] for c in cues]) for key in cues[0]})
+    cues = [lexicon.text_cues(text, brands) for text in ads["ad_text"]]
+    raw = lexicon.t_ad_raw({key: np.array([c[key] for c in cues]) for key in cues[0]})
     assert np.corrcoef(raw, ads["t_ad"])[0, 1] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_text_cues_read_word_classes() -> None:
-    cues = simulate.text_cues("Best 10 iPhone Deals - Why Wait?", frozenset())
+    cues = lexicon.text_cues("Best 10 iPhone Deals - Why Wait?", frozenset())
     for key in ("number", "superlative", "brand", "deal", "question", "informative"):
         assert cues[key] == 1.0, key
-    plain = simulate.text_cues("a quiet walk in the park", frozenset())
+    plain = lexicon.text_cues("a quiet walk in the park", frozenset())
     assert all(plain[key] == 0.0 for key in ("number", "superlative", "brand", "deal", "question"))
     assert plain["words"] == 6.0
-    assert simulate.content_words("The Best Shoes for Runners") == frozenset({"best", "shoe", "runner"})
+    assert lexicon.content_words("The Best Shoes for Runners") == frozenset({"best", "shoe", "runner"})
 
 
 def test_spec_prepares_with_the_real_ingest_job(sim: dict[str, Any], tmp_path: Path) -> None:
@@ -155,7 +156,7 @@ def test_spec_prepares_with_the_real_ingest_job(sim: dict[str, Any], tmp_path: P
     prepared = pq.read_table(tmp_path / "prepared" / "impressions").to_pandas()
     assert len(prepared) == ROWS
     assert int(prepared["clicks"].sum()) == int(sim["log"]["clicked"].sum())
-    assert set(prepared["device"]) == set(simulate.DEVICES)
+    assert set(prepared["device"]) == set(clicks.DEVICES)
     # Time split: the training rows all come before the test rows.
     by_split = prepared.groupby("split")["event_timestamp"]
     assert by_split.max()["train"] <= by_split.min()["test"]

@@ -19,8 +19,9 @@ from feast import FeatureStore
 from test_features import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
 from test_trainer import COLUMNS, baseline, synthetic_frame
 
-from nlpctr.features import store
-from nlpctr.features.definitions import Layout, build_definitions
+from nlpctr.features import render, store
+from nlpctr.features.definitions import build_definitions
+from nlpctr.features.job_outputs import Layout
 from nlpctr.models import experiment, metrics
 from nlpctr.models.data import tensorize
 from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns, unique_text_pairs
@@ -97,7 +98,7 @@ def test_duckdb_join_keeps_feast_snapshot_and_ttl_semantics(tmp_path: Path) -> N
     assert frame["ctr_position__position_ctr"].nunique() == 3
     assert_same_frames(store.write_training_shards(data, "baseline"), frame)
 
-    fs = FeatureStore(repo_path=str(store.repo_dir(data)))
+    fs = FeatureStore(repo_path=str(render.repo_dir(data)))
     fs.apply(build_definitions(Layout.discover(data), ttl=timedelta(days=20)).objects())
     frame = store.training_frame(data, "baseline")
     assert frame["ctr_position__position_ctr"].isna().any()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nlpctr.models import claims, report, sweep
+from nlpctr.models import claims, report_sections, sweep
 from nlpctr.pipelines import experiment
 
 RHOS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -88,7 +88,7 @@ def test_one_contradicting_rho_contradicts_the_joint_prediction() -> None:
 
 def test_the_report_states_each_prediction_with_its_verdict() -> None:
     predictions = sweep.predictions(made_up_sweep([(0.001, 0.002)] * 5))
-    text = "\n".join(report._predictions_section(predictions))
+    text = "\n".join(report_sections.predictions_section(predictions))
     for prediction in predictions:
         assert f"**{prediction['id']}**" in text
     assert "p 0.008" in text  # 1/120, the strongest a 5-point trend can be

@@ -1,0 +1,75 @@
+"""One prepared dataset's Feast store: apply, materialise, look up, build training frames.
+
+    apply(DIR)            renders DIR/feature_repo/ (feature_store.yaml + definitions module), registers
+    materialize(DIR)      loads the online views from parquet into SQLite or Redis
+    OnlineFeatures(DIR, service).get(rows)   online lookup with null counts
+    training_frame(DIR, service)             point-in-time join of impressions with the features
+    write_training_shards(DIR, service)      the same join in DuckDB, bounded memory, into parquet shards
+
+Feast does the point-in-time joins, materialisation and serving. What is written here is what
+Feast does not do: refuse a store that is missing, stale or unreachable with a message that
+names the fix, keep entity rows intact, and count what an online lookup could not find.
+No Beam here (pipelines/ uses this package, not the other way round).
+
+The modules, each importing only those above it:
+- state: nlpctr's own record of what is materialised, beside Feast's registry;
+- connection: reaching the online store (Redis probes, errors that name the fix);
+- repo: apply / reapply, open_store, check_current;
+- materialization: materialize;
+- online: OnlineFeatures and the service helpers;
+- offline: historical_features and training_frame (Feast's offline store);
+- shards: write_training_shards (the same join in DuckDB).
+This module is the package's interface: callers use `store.<name>`.
+"""
+
+from nlpctr.features.store.connection import online_store_errors, ping_redis, probe_online_store
+from nlpctr.features.store.materialization import materialize
+from nlpctr.features.store.offline import historical_features, training_frame
+from nlpctr.features.store.online import (
+    MISSING_KEY,
+    OnlineFeatures,
+    OnlineLookup,
+    check_materialized,
+    get_service,
+    normalize_entity_rows,
+    service_feature_names,
+    service_join_keys,
+)
+from nlpctr.features.store.repo import apply, check_current, open_store, reapply
+from nlpctr.features.store.shards import (
+    JOIN_MEMORY_LIMIT,
+    SHARD_ROWS,
+    ViewJoin,
+    point_in_time_sql,
+    service_view_joins,
+    training_shards_dir,
+    write_training_shards,
+)
+
+__all__ = [
+    "JOIN_MEMORY_LIMIT",
+    "MISSING_KEY",
+    "SHARD_ROWS",
+    "OnlineFeatures",
+    "OnlineLookup",
+    "ViewJoin",
+    "apply",
+    "check_current",
+    "check_materialized",
+    "get_service",
+    "historical_features",
+    "materialize",
+    "normalize_entity_rows",
+    "online_store_errors",
+    "open_store",
+    "ping_redis",
+    "point_in_time_sql",
+    "probe_online_store",
+    "reapply",
+    "service_feature_names",
+    "service_join_keys",
+    "service_view_joins",
+    "training_frame",
+    "training_shards_dir",
+    "write_training_shards",
+]

@@ -1,0 +1,151 @@
+"""Load a dataset's online feature views from their parquet sources into SQLite or Redis."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from feast import FeatureStore
+
+from nlpctr.errors import UserError
+from nlpctr.features.job_outputs import fingerprint, parquet_files
+from nlpctr.features.names import TIMESTAMP
+from nlpctr.features.store.connection import online_store_errors, probe_online_store, write_materialized_mark
+from nlpctr.features.store.repo import check_current, open_store
+from nlpctr.features.store.state import fix_command, read_state, write_state
+
+
+def _timestamp_range(paths: Sequence[Path]) -> tuple[datetime, datetime] | None:
+    low = high = None
+    for path in paths:
+        column = ds.dataset(parquet_files(path), format="parquet").to_table(columns=[TIMESTAMP])[TIMESTAMP]
+        if len(column) == 0:
+            continue
+        bounds = pc.min_max(column).as_py()
+        low = bounds["min"] if low is None else min(low, bounds["min"])
+        high = bounds["max"] if high is None else max(high, bounds["max"])
+    if low is None or high is None:
+        return None
+    return _utc(low), _utc(high)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@contextlib.contextmanager
+def _overwriting(store: FeatureStore) -> Iterator[None]:
+    """Let Redis writes replace a stored value whose event time is the same as the new row's.
+
+    Feast's Redis store skips a row whose event time is not newer than the stored one, so a
+    value corrected at the same time (ctr-stats re-run with another prior, a view re-embedded
+    by another encoder under the same slug) would stay stale while the state file calls it
+    materialised. Its `skip_dedup` writes every row instead, which a full run may: Feast reads
+    the latest row per key up to `end`, so each key is written once, from the source of truth.
+    SQLite needs nothing: its store always upserts.
+    """
+    config = store.config.online_store
+    if config.type != "redis":
+        yield
+        return
+    before = config.skip_dedup
+    config.skip_dedup = True
+    try:
+        yield
+    finally:
+        config.skip_dedup = before
+
+
+def materialize(
+    data_dir: Path,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    incremental: bool = False,
+    views: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Load the online views of DIR into the online store.
+
+    Default: the whole of every source (from its earliest event time), which is what a re-run
+    job needs, since its rows keep data-time timestamps. `incremental`: from each view's last
+    materialised end; a view never materialised gets the full range, because Feast would start a
+    ttl=0 view at "now - 1 year" and skip older data. `start`/`end`: an explicit window.
+    `views` limits it to these views (a trainer publishing one new LM feature view).
+
+    A full run replaces every key's value, even one stored at the same event time: a re-run
+    job's corrected rows keep their data-time timestamps (see `_overwriting`).
+    """
+    store = open_store(data_dir)
+    layout = check_current(store, data_dir)
+    layout.check_unique_keys()
+    only = set(views) if views is not None else None
+    views = [
+        v
+        for v in store.list_feature_views(allow_cache=False)
+        if v.online and (only is None or v.name in only)
+    ]
+    if not views:
+        raise UserError(f"no online feature views in {layout.data_dir}; run {fix_command('apply', data_dir)}")
+    paths = {v.name: Path(v.batch_source.path) for v in views}
+    span = _timestamp_range(list(paths.values()))
+    if span is None:
+        raise UserError(
+            f"the online views of {layout.data_dir} have no rows; re-run the jobs that write them"
+        )
+    now = datetime.now(UTC)
+    end = _utc(end) if end else max(now, span[1] + timedelta(seconds=1))
+    probe_online_store(store)
+    # Until the end, these views count as half-written: Feast records each view as materialised
+    # as soon as its own rows are in, so a run killed (or a Redis lost) midway would otherwise
+    # leave a store that says "materialised" beside a view that is only partly there.
+    state = read_state(layout.data_dir)
+    for name in paths:
+        state.setdefault("materialized", {}).pop(name, None)
+    state["unfinished"] = sorted(set(state.get("unfinished", [])) | set(paths))
+    write_state(layout.data_dir, state)
+    started = datetime.now(UTC)
+    with online_store_errors(store):
+        if start is not None:
+            mode = "window"
+            store.materialize(_utc(start), end, feature_views=[v.name for v in views])
+        elif incremental:
+            mode = "incremental"
+            fresh = [v.name for v in views if not v.materialization_intervals]
+            seen = [v.name for v in views if v.materialization_intervals]
+            if fresh:
+                store.materialize(span[0], end, feature_views=fresh)
+            if seen:
+                store.materialize_incremental(end, feature_views=seen)
+        else:
+            mode = "full"
+            with _overwriting(store):
+                store.materialize(span[0], end, feature_views=[v.name for v in views])
+    seconds = (datetime.now(UTC) - started).total_seconds()
+    rows = {
+        name: sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(p)) for name, p in paths.items()
+    }
+    state = read_state(layout.data_dir)
+    state.setdefault("materialized", {}).update({name: fingerprint(p) for name, p in paths.items()})
+    state["unfinished"] = sorted(set(state.get("unfinished", [])) - set(paths))
+    write_materialized_mark(store)
+    write_state(layout.data_dir, state)
+    total = sum(rows.values())
+    online = store.config.online_store.type
+    summary = (
+        f"materialized {len(views)} views ({mode}, up to {end:%Y-%m-%d %H:%M:%S} UTC) into {online}: "
+        f"{total} source rows in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} rows/s)"
+    )
+    return {
+        "mode": mode,
+        "end": end.isoformat(),
+        "online_store": online,
+        "views": sorted(paths),
+        "source_rows": rows,
+        "seconds": round(seconds, 3),
+        "summary": summary,
+    }

@@ -1,0 +1,138 @@
+"""Online lookups of a feature service, with what could not be found counted per feature."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from feast import FeatureService, FeatureStore, FeatureView
+
+from nlpctr.errors import UserError
+from nlpctr.features.job_outputs import fingerprint
+from nlpctr.features.names import TRAINING_SUFFIX
+from nlpctr.features.store.connection import check_materialized_mark, online_store_errors, probe_online_store
+from nlpctr.features.store.repo import check_current, open_store
+from nlpctr.features.store.state import fix_command, read_state
+
+# Feast's online store cannot take a null join key (it sorts keys by value); an impression with
+# no query text is looked up under this id, which no text has, and comes back null.
+MISSING_KEY = ""
+
+
+def service_join_keys(store: FeatureStore, service: FeatureService) -> list[str]:
+    """The entity-row keys a service needs (after each projection's join-key map)."""
+    keys: list[str] = []
+    for projection in service.feature_view_projections:
+        view = store.get_feature_view(projection.name)
+        for column in view.entity_columns:
+            key = projection.join_key_map.get(column.name, column.name)
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def service_feature_names(service: FeatureService) -> list[str]:
+    """Column names the service yields with full feature names (`<projection>__<feature>`)."""
+    return [f"{p.name_to_use()}__{f.name}" for p in service.feature_view_projections for f in p.features]
+
+
+def get_service(store: FeatureStore, name: str, data_dir: Path) -> FeatureService:
+    """A registered feature service, or a UserError listing the ones there are."""
+    try:
+        return store.get_feature_service(name, allow_cache=False)
+    except Exception:
+        names = sorted(s.name for s in store.list_feature_services())
+        raise UserError(
+            f"no feature service {name!r} in {Path(data_dir).resolve()} "
+            f"(have: {', '.join(names) or 'none'}); a service exists only when the jobs behind it "
+            f"have run, then {fix_command('apply', data_dir)}"
+        ) from None
+
+
+@dataclass
+class OnlineLookup:
+    """An online lookup's result, column-wise, with what could not be found."""
+
+    columns: dict[str, list[Any]]
+    feature_names: list[str]
+    null_counts: dict[str, int]
+    rows: int
+
+    @property
+    def rows_with_nulls(self) -> int:
+        """Entity rows with at least one null feature (an unknown key, or a text never embedded)."""
+        return sum(any(self.columns[f][i] is None for f in self.feature_names) for i in range(self.rows))
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [{k: v[i] for k, v in self.columns.items()} for i in range(self.rows)]
+
+
+def normalize_entity_rows(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Entity rows as Feast takes them: every key present, strings, no nulls."""
+    out = []
+    for row in rows:
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise UserError(f"entity row lacks {', '.join(missing)} (this service needs {', '.join(keys)})")
+        out.append({k: MISSING_KEY if row[k] is None else str(row[k]) for k in keys})
+    return out
+
+
+class OnlineFeatures:
+    """Online lookups of one service; opens and checks the store once, then serves many calls."""
+
+    def __init__(self, data_dir: Path, service: str) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.store = open_store(self.data_dir)
+        check_current(self.store, self.data_dir)
+        if service.endswith(TRAINING_SUFFIX):
+            raise UserError(
+                f"{service!r} reads the offline leave-one-out view; use training_frame() for it, "
+                f"and {service[: -len(TRAINING_SUFFIX)]!r} online"
+            )
+        self.service = get_service(self.store, service, self.data_dir)
+        self.keys = service_join_keys(self.store, self.service)
+        self.feature_names = service_feature_names(self.service)
+        check_materialized(self.store, self.service, self.data_dir)
+
+    def get(self, entity_rows: Sequence[Mapping[str, Any]]) -> OnlineLookup:
+        """Features for these entity rows; unknown keys give nulls, counted per feature."""
+        rows = normalize_entity_rows(entity_rows, self.keys)
+        with online_store_errors(self.store):
+            values = self.store.get_online_features(
+                features=self.service, entity_rows=rows, full_feature_names=True
+            ).to_dict()
+        nulls = {name: sum(v is None for v in values[name]) for name in self.feature_names}
+        return OnlineLookup(values, self.feature_names, nulls, len(rows))
+
+
+def check_materialized(store: FeatureStore, service: FeatureService, data_dir: Path) -> None:
+    """Refuse a service whose views were never materialised, or whose inputs changed since;
+    probe the online store once so an unreachable Redis fails here, not mid-job."""
+    state = read_state(data_dir)
+    for projection in service.feature_view_projections:
+        view: FeatureView = store.get_feature_view(projection.name, allow_registry_cache=False)
+        if view.name in state.get("unfinished", []):
+            raise UserError(
+                f"the last materialize of feature view {view.name} did not finish (killed, or the "
+                "online store went away), so the store may be half-written: "
+                f"run {fix_command('materialize', data_dir)}"
+            )
+        if not view.materialization_intervals:
+            raise UserError(
+                f"feature view {view.name} is not materialised: run {fix_command('materialize', data_dir)}"
+            )
+        if state.get("materialized", {}).get(view.name) != fingerprint(Path(view.batch_source.path)):
+            raise UserError(
+                f"the input of feature view {view.name} changed since it was materialised: "
+                f"run {fix_command('materialize', data_dir)}"
+            )
+    probe_online_store(store)
+    check_materialized_mark(store, data_dir)
+    keys = service_join_keys(store, service)
+    with online_store_errors(store):
+        store.get_online_features(
+            features=service, entity_rows=[dict.fromkeys(keys, MISSING_KEY)], full_feature_names=True
+        )

@@ -1,0 +1,148 @@
+"""Register a dataset's Feast objects (`apply`), and open the applied store, refusing one that no
+longer matches what the jobs wrote."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from feast import FeatureStore
+
+from nlpctr.errors import UserError
+from nlpctr.features.definitions import build_definitions
+from nlpctr.features.job_outputs import Layout
+from nlpctr.features.names import embedding_view_name
+from nlpctr.features.registry_store import write_atomically
+from nlpctr.features.render import (
+    CONFIG_FILE,
+    REPO_MODULE,
+    check_module,
+    config_path,
+    config_text,
+    read_encoder,
+    render_config,
+    render_module,
+    repo_dir,
+)
+from nlpctr.features.store.connection import online_store_errors, ping_redis
+from nlpctr.features.store.state import fix_command, read_state, write_state
+
+
+def apply(
+    data_dir: Path, online: str = "sqlite", redis_url: str | None = None, encoder: str | None = None
+) -> dict[str, Any]:
+    """Render DIR/feature_repo/ and register DIR's entities, views and services with Feast.
+
+    Objects from an earlier apply that the jobs' outputs no longer back are deleted. If the
+    online store changed (SQLite <-> Redis, another Redis), the registry starts afresh, since
+    its materialisation records would describe the old store.
+    """
+    layout = Layout.discover(data_dir)
+    if not layout.ctr and not layout.embeddings:
+        raise UserError(
+            f"nothing to register in {layout.data_dir}: run `nlpctr ctr-stats --data {layout.data_dir}` "
+            f"and/or `nlpctr embed --data {layout.data_dir}` first"
+        )
+    layout.check_unique_keys()
+    definitions = build_definitions(layout, encoder=encoder)
+    config = render_config(layout, online, redis_url)
+    if online == "redis":
+        ping_redis(config["online_store"]["connection_string"])  # before touching the old store
+    repo = repo_dir(layout.data_dir)
+    data = repo / "data"
+    old_config = yaml.safe_load((repo / CONFIG_FILE).read_text()) if (repo / CONFIG_FILE).is_file() else None
+    if old_config is not None and (
+        old_config.get("online_store") != config["online_store"]
+        or old_config.get("project") != config["project"]
+    ):
+        shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True, exist_ok=True)
+    write_atomically(repo / CONFIG_FILE, config_text(config, online).encode())
+    module = render_module(definitions, layout.data_dir, layout.dataset)
+    check_module(module, repo / REPO_MODULE, definitions)  # what `feast plan` reads is what we apply
+    write_atomically(repo / REPO_MODULE, module.encode())
+
+    store = FeatureStore(repo_path=str(repo))
+    wanted = {type(o).__name__ + ":" + o.name for o in definitions.objects()}
+    existing = [
+        *store.list_feature_services(),
+        *store.list_feature_views(),
+        *store.list_data_sources(),
+        *store.list_entities(),
+    ]
+    stale = [o for o in existing if type(o).__name__ + ":" + o.name not in wanted]
+    with online_store_errors(store):
+        store.apply(definitions.objects(), objects_to_delete=stale, partial=False)
+    state = read_state(layout.data_dir)
+    state["materialized"] = {k: v for k, v in state.get("materialized", {}).items() if k in definitions.views}
+    write_state(layout.data_dir, state)
+    views = sorted(definitions.views)
+    services = sorted(definitions.services)
+    summary = (
+        f"applied {config['project']}: {len(definitions.entities)} entities, {len(views)} feature views "
+        f"({', '.join(views)}), {len(services)} services ({', '.join(services)}); "
+        f"online store {online}"
+        + (f" at {config['online_store']['connection_string']}" if online == "redis" else "")
+        + f"; deleted {len(stale)} stale object(s) -> {repo}"
+    )
+    return {
+        "project": config["project"],
+        "repo": str(repo),
+        "online_store": online,
+        "entities": sorted(definitions.entities),
+        "feature_views": views,
+        "feature_services": services,
+        "default_encoder": definitions.default_encoder,
+        "deleted": sorted(o.name for o in stale),
+        "summary": summary,
+    }
+
+
+def reapply(data_dir: Path) -> dict[str, Any]:
+    """`apply` again with the online store and encoder the last apply chose (after a job, such
+    as a trainer, adds a view); a fresh dataset gets the defaults."""
+    repo = repo_dir(data_dir)
+    online, redis_url, encoder = "sqlite", None, None
+    if (repo / CONFIG_FILE).is_file():
+        config = yaml.safe_load((repo / CONFIG_FILE).read_text())
+        if config.get("online_store", {}).get("type") == "redis":
+            online, redis_url = "redis", config["online_store"].get("connection_string")
+    if (repo / REPO_MODULE).is_file():
+        encoder = read_encoder((repo / REPO_MODULE).read_text())
+    return apply(data_dir, online=online, redis_url=redis_url, encoder=encoder)
+
+
+def open_store(data_dir: Path) -> FeatureStore:
+    """The applied store of DIR, or a UserError that says to run apply."""
+    path = config_path(data_dir)
+    registry = repo_dir(data_dir) / "data" / "registry.db"
+    if not path.is_file() or not registry.is_file():
+        raise UserError(
+            f"{Path(data_dir).resolve()} has no feature store yet: run {fix_command('apply', data_dir)}"
+        )
+    return FeatureStore(repo_path=str(repo_dir(data_dir)))
+
+
+def check_current(store: FeatureStore, data_dir: Path) -> Layout:
+    """Refuse a registry that no longer matches what the jobs wrote (views added, removed, or
+    an encoder folder now holding another encoder)."""
+    layout = Layout.discover(data_dir)
+    registered = {v.name: v for v in store.list_feature_views(allow_cache=False)}
+    expected = layout.sources()
+    added, gone = sorted(set(expected) - set(registered)), sorted(set(registered) - set(expected))
+    changed = sorted(
+        e.slug
+        for e in layout.embeddings
+        if (view := registered.get(embedding_view_name(e.slug))) is not None
+        and view.tags.get("encoder_version") != e.encoder_version
+    )
+    if added or gone or changed:
+        parts = [f"new: {', '.join(added)}"] * bool(added) + [f"gone: {', '.join(gone)}"] * bool(gone)
+        parts += [f"encoder changed: {', '.join(changed)}"] * bool(changed)
+        raise UserError(
+            f"the feature store of {layout.data_dir} is out of date ({'; '.join(parts)}): "
+            f"run {fix_command('apply', data_dir)} then {fix_command('materialize', data_dir)}"
+        )
+    return layout

@@ -1,0 +1,464 @@
+"""The report's text sections, one function per results.json section; every sentence about
+significance is generated from the CI fields."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nlpctr.models.report_format import (
+    PLOTS,
+    SHARE_LABELS,
+    SHARE_NOTE,
+    SWEEP_MEASURES,
+    dig,
+    excludes_zero,
+    interval_cell,
+    markdown_table,
+    num,
+    ordered_runs,
+    share_cell,
+    share_metrics,
+    with_ci,
+)
+from nlpctr.models.report_plots import simulator_series, simulator_shares
+
+
+def runs_section(runs: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for name in ordered_runs(runs):
+        run = runs[name]
+        calibration = run.get("calibration") or {}
+        epochs = "–" if run.get("epochs") is None else f"{run['epochs']} ({run.get('best_epoch', '–')})"
+        rows.append(
+            [
+                name,
+                with_ci(run.get("auc"), run.get("auc_ci")),
+                with_ci(run.get("gauc"), run.get("gauc_ci")),
+                num(run.get("logloss"), 5),
+                with_ci(run.get("rig"), run.get("rig_ci")),
+                num(calibration.get("ratio"), 3),
+                num(calibration.get("ece"), 4),
+                with_ci(run.get("delta_auc_vs_baseline"), run.get("delta_auc_ci"), signed=True),
+                with_ci(run.get("delta_rig_vs_baseline"), run.get("delta_rig_ci"), signed=True),
+                with_ci(run.get("delta_gauc"), run.get("delta_gauc_ci"), signed=True),
+                run.get("layers") if run.get("layers") is not None else "–",
+                epochs,
+                num(run.get("wall_seconds"), 0),
+            ]
+        )
+    header = ["run", "AUC [95% CI]", "GAUC [95% CI]", "log loss", "RIG [95% CI]", "calib. ratio", "ECE"]
+    header += ["ΔAUC vs E0 [95% CI]", "ΔRIG vs E0 [95% CI]", "ΔGAUC [95% CI]", "LM layers", "epochs (best)"]
+    header.append("wall s")
+    shares = share_metrics([runs[name] for name in ordered_runs(runs)])
+    for row, name in zip(rows, ordered_runs(runs), strict=True):
+        row += [share_cell(runs[name], metric) for metric in shares]
+    header += [f"share ({SHARE_LABELS.get(m, m)}) [95% CI]" for m in shares]
+    lines = ["## Runs", "", markdown_table(header, rows), ""]
+    if shares:
+        lines += [SHARE_NOTE, ""]
+    return lines
+
+
+def joint_stages_section(runs: Mapping[str, Any]) -> list[str]:
+    """Per joint run and stage: steps, validation log loss at the stage's start and at its best."""
+    baseline = (runs.get("baseline") or {}).get("best_valid_logloss")
+    rows = []
+    for name in ordered_runs(runs):
+        for stage in runs[name].get("stages") or []:
+            gain = None if baseline is None else stage["best_valid_logloss"] - baseline
+            rows.append(
+                [
+                    name,
+                    stage["name"],
+                    stage["steps"],
+                    num(stage["start_valid_logloss"], 6),
+                    num(stage["best_valid_logloss"], 6),
+                    stage["best_step"],
+                    num(gain, 6, signed=True),
+                ]
+            )
+    if not rows:
+        return []
+    header = ["run", "stage", "steps", "start valid log loss", "best valid log loss", "best at step"]
+    intro = (
+        "Validation log loss of each joint run by stage (`lm`: E0's tower frozen; `all`: everything trains)"
+    )
+    if baseline is not None:
+        intro += f"; E0's best is {num(baseline, 6)}"
+    return [
+        "### Joint training stages",
+        "",
+        intro + ".",
+        "",
+        markdown_table([*header, "best − E0"], rows),
+        "",
+        f"![validation log loss per joint run]({PLOTS['joint_curves']})",
+        "",
+    ]
+
+
+def significance_statements(runs: Mapping[str, Any]) -> list[str]:
+    """One line per run and metric whose difference from E0 has a CI, read from that CI."""
+    lines = []
+    for name in ordered_runs(runs):
+        run = runs[name]
+        for metric, value_key, ci_key in (
+            ("AUC", "delta_auc_vs_baseline", "delta_auc_ci"),
+            ("RIG", "delta_rig_vs_baseline", "delta_rig_ci"),
+            ("GAUC", "delta_gauc", "delta_gauc_ci"),
+        ):
+            ci, value = run.get(ci_key), run.get(value_key)
+            verdict = excludes_zero(ci)
+            if verdict is None or value is None:
+                continue
+            if verdict:
+                direction = "better" if value > 0 else "worse"
+                lines.append(
+                    f"- {name}: {metric} significantly {direction} than E0, "
+                    f"{with_ci(value, ci, signed=True)} (the 95% CI excludes 0)."
+                )
+            else:
+                lines.append(
+                    f"- {name}: {metric} not significantly different from E0, "
+                    f"{with_ci(value, ci, signed=True)}."
+                )
+    return lines
+
+
+def claims_section(claims: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The paper's claims first: each a paired ΔAUC with its CI, ΔRIG beside it, and the verdict."""
+    rows = [
+        [
+            c["id"],
+            c["statement"],
+            with_ci(c["estimate"], c["ci"], signed=True),
+            with_ci(c.get("delta_rig"), c.get("delta_rig_ci"), signed=True),
+            f"**{c['verdict']}**",
+        ]
+        for c in claims
+    ]
+    return [
+        "## The paper's claims",
+        "",
+        "Each estimate is a paired difference in test ΔAUC with a group-bootstrap 95% CI; the verdict "
+        "follows from the CI alone: *holds* when it excludes 0 on the claimed side, *contradicted* "
+        "when it excludes 0 on the other side, *not significant* otherwise.",
+        "",
+        markdown_table(["claim", "statement", "ΔAUC [95% CI]", "ΔRIG [95% CI]", "verdict"], rows),
+        "",
+    ]
+
+
+def redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
+    rows = [
+        [
+            name,
+            m.get("kind", "–"),
+            num(m.get("standalone_auc")),
+            with_ci(m.get("delta_auc"), m.get("delta_auc_ci"), signed=True),
+            with_ci(m.get("delta_rig"), m.get("delta_rig_ci"), signed=True),
+            num(m.get("explained_fraction"), 3),
+            num(m.get("explained_fraction_representation"), 3),
+            num(m.get("cka"), 3),
+        ]
+        for name, m in redundancy.items()
+    ]
+    header = ["feature", "kind", "standalone AUC", "ΔAUC [95% CI]", "ΔRIG [95% CI]"]
+    header += ["explained (E0 inputs)", "explained (E0 representation)", "CKA vs E0"]
+    shares = share_metrics(list(redundancy.values()))
+    for row, entry in zip(rows, redundancy.values(), strict=True):
+        row += [share_cell(entry, metric) for metric in shares]
+    header += [f"share ({SHARE_LABELS.get(m, m)}) [95% CI]" for m in shares]
+    return [
+        "## Redundancy",
+        "",
+        "Explained fraction: held-out R² of a ridge probe predicting the feature (its top principal "
+        "components for an embedding) from E0's inputs or E0's penultimate layer, weighted by "
+        "impressions; it is negative when the probe does worse than the mean.",
+        "",
+        markdown_table(header, rows),
+        "",
+        f"![explained fraction per feature]({PLOTS['redundancy']})",
+        "",
+    ]
+
+
+def e2_section(curve: Mapping[str, Any]) -> list[str]:
+    rows = [
+        [
+            p["checkpoint"],
+            num(p["standalone_auc"]),
+            num(p["delta_auc"], signed=True),
+            num(p["delta_rig"], signed=True),
+            "yes" if p.get("chosen") else "",
+        ]
+        for p in curve["points"]
+    ]
+    lines = ["## E2: standalone AUC against incremental gain", ""]
+    lines += [markdown_table(["checkpoint", "standalone AUC", "ΔAUC", "ΔRIG", "chosen"], rows), ""]
+    if "peak_auc_checkpoint" in curve:
+        answer = "is" if curve["peak_auc_is_best_feature"] else "is not"
+        lines.append(
+            f"The checkpoint with peak standalone AUC ({curve['peak_auc_checkpoint']}) {answer} the one "
+            f"with the best incremental ΔAUC ({curve['best_delta_auc_checkpoint']}); "
+            f"by ΔRIG the best is {curve['best_delta_rig_checkpoint']}."
+        )
+    else:
+        lines.append(
+            "The checkpoint with peak standalone AUC "
+            + ("gives" if curve["peak_auc_is_best_feature"] else "does not give")
+            + " the best incremental ΔAUC."
+        )
+    return [*lines, "", f"![E2 curve]({PLOTS['e2_curve']})", ""]
+
+
+def distillation_section(distillation: Mapping[str, Any], teacher: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Distillation", ""]
+    if teacher:
+        lines += [
+            f"Teacher: run {teacher.get('run', '–')} ({teacher.get('selected_by', 'configured')}), "
+            f"{teacher.get('layers', '–')} layers; end to end AUC {num(teacher.get('auc'))}, RIG "
+            f"{num(teacher.get('rig'))}; as a feature added to E0, ΔAUC "
+            + with_ci(teacher.get("feature_delta_auc"), teacher.get("feature_delta_auc_ci"), signed=True)
+            + ". "
+            "Each student is judged as a feature added to E0; conversion rate = the student feature's "
+            "gain over E0 / the teacher feature's gain, with a paired group-bootstrap CI.",
+            "",
+        ]
+        if teacher.get("nothing_to_distil"):
+            lines += [
+                "**Nothing to distil:** the teacher feature's gain over E0 has a CI that includes 0 "
+                "(or lies below it), so no conversion rate is given.",
+                "",
+            ]
+    entries = sorted(distillation.items(), key=lambda item: (item[1]["method"], item[1]["layers"]))
+    rows = [
+        [
+            name,
+            e["method"],
+            e["layers"],
+            num(e.get("auc")),
+            with_ci(e.get("delta_auc"), e.get("delta_auc_ci"), signed=True),
+            with_ci(e.get("feature_delta_auc"), e.get("feature_delta_auc_ci"), signed=True),
+            num(e.get("feature_delta_rig"), signed=True),
+            with_ci(e.get("conversion_auc"), e.get("conversion_auc_ci"), 2),
+            with_ci(e.get("conversion_rig"), e.get("conversion_rig_ci"), 2),
+            num(e.get("rows_per_s"), 0),
+            num(e.get("teacher_rows_per_s"), 0),
+        ]
+        for name, e in entries
+    ]
+    header = ["student", "method", "layers", "AUC", "ΔAUC end to end [95% CI]", "feature ΔAUC [95% CI]"]
+    header += ["feature ΔRIG", "conversion (AUC) [95% CI]", "conversion (RIG) [95% CI]", "rows/s"]
+    header += ["teacher rows/s"]
+    return [
+        *lines,
+        markdown_table(header, rows),
+        "",
+        f"![student feature gain over E0]({PLOTS['conversion']})",
+        "",
+    ]
+
+
+def predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The sweep's stated predictions first: each part's values against ρ, its test and verdict."""
+    lines = [
+        "## Predictions",
+        "",
+        "Trends: exact one-sided permutation test of Spearman's correlation with ρ (p ≤ 0.05). "
+        "Joint vs E2: the paired ΔRIG of the two features over E0 (group bootstrap, 95% CI).",
+        "",
+    ]
+    for prediction in predictions:
+        lines += [f"**{prediction['id']}**: {prediction['statement']}: **{prediction['verdict']}**", ""]
+        rows = []
+        for part, detail in prediction["parts"].items():
+            if "values" in detail:
+                values = ", ".join(num(v) for v in detail["values"])
+                test = f"Spearman {num(detail['spearman'], 2)}, p {num(detail['p'], 3)}"
+                if detail.get("ci_at_last_rho"):
+                    low, high = (num(v, signed=True) for v in detail["ci_at_last_rho"])
+                    test += f"; ΔRIG at the last ρ [{low}, {high}]"
+                rows.append([part, values, test, detail["verdict"]])
+            else:
+                pair = f"{detail['joint_feature']} − {detail['finetuned_feature']}"
+                estimate = with_ci(detail["delta_rig"], detail["delta_rig_ci"], signed=True)
+                rows.append([f"ρ={part}", pair, f"ΔRIG {estimate}", detail["verdict"]])
+        lines += [markdown_table(["part", "values / pair", "test", "verdict"], rows), ""]
+    return lines
+
+
+def simulator_section(simulator: Mapping[str, Any]) -> list[str]:
+    series = simulator_series(simulator)
+    header = ["feature", *(f"ρ={float(rho):g}" for rho in simulator["rho"])]
+    lines = ["## Simulator sweep", ""]
+    if simulator.get("predictions"):
+        lines += predictions_section(simulator["predictions"])
+    for measure, title in SWEEP_MEASURES.items():
+        rows = [[feature, *(num(v) for v in values)] for feature, values in series[measure].items()]
+        lines += [f"**{title}** by ρ:", "", markdown_table(header, rows), ""]
+    trends = simulator.get("trends") or {}
+    if trends:
+        rows = [
+            [
+                name,
+                num(t.get("spearman"), 2),
+                "yes" if t.get("rises") else "no",
+                "yes" if t.get("falls") else "no",
+            ]
+            for name, t in trends.items()
+        ]
+        lines += [
+            "Trend against ρ:",
+            "",
+            markdown_table(["feature:measure", "Spearman", "rises", "falls"], rows),
+            "",
+        ]
+    lines += simulator_ceilings_section(simulator)
+    return [*lines, f"![simulator sweep]({PLOTS['simulator']})", ""]
+
+
+def ceilings_section(ceilings: Mapping[str, Any], runs: Mapping[str, Any]) -> list[str]:
+    lines = ["## Ceilings", ""]
+    base = runs.get("baseline") or {}
+    if ceilings.get("kind") == "simulated":
+        lines += [
+            "From the simulator's truth on the test split: the Bayes oracle scores each row with its "
+            "true click probability, the no-text oracle with sigmoid(true logit − text effect); the "
+            "text gain is the gap between them, the most any text feature can add.",
+            "",
+        ]
+        rows = []
+        for name, card in (
+            ("Bayes oracle", ceilings["oracle"]),
+            ("no-text oracle", ceilings["no_text_oracle"]),
+        ):
+            rows.append(
+                [
+                    name,
+                    with_ci(card.get("auc"), card.get("auc_ci")),
+                    num(card.get("logloss"), 5),
+                    with_ci(card.get("rig"), card.get("rig_ci")),
+                    with_ci(card.get("gauc"), card.get("gauc_ci")),
+                ]
+            )
+        if base:
+            rows.append(
+                [
+                    "E0 (baseline)",
+                    with_ci(base.get("auc"), base.get("auc_ci")),
+                    num(base.get("logloss"), 5),
+                    with_ci(base.get("rig"), base.get("rig_ci")),
+                    with_ci(base.get("gauc"), base.get("gauc_ci")),
+                ]
+            )
+        gain = ceilings.get("text_gain") or {}
+        rows.append(
+            [
+                "text gain (oracle − no-text)",
+                interval_cell(gain.get("auc"), signed=True),
+                interval_cell(gain.get("logloss"), 5, signed=True),
+                interval_cell(gain.get("rig"), signed=True),
+                interval_cell(gain.get("gauc"), signed=True),
+            ]
+        )
+        header = ["scores", "AUC [95% CI]", "log loss", "RIG [95% CI]", "GAUC [95% CI]"]
+        lines += [markdown_table(header, rows), ""]
+        if ceilings.get("e0_rig_over_no_text_oracle_rig") is not None:
+            near = "is" if ceilings.get("e0_near_no_text_oracle") else "is not"
+            lines.append(
+                f"E0's RIG is {num(ceilings['e0_rig_over_no_text_oracle_rig'], 3)} × the no-text oracle's: "
+                f"E0 {near} near its no-text oracle ({ceilings.get('e0_near_criterion', '')})."
+            )
+        e0_share = ceilings.get("e0_share_of_text_gain") or {}
+        if e0_share:
+            cells = ", ".join(f"{SHARE_LABELS.get(m, m)} {interval_cell(v, 2)}" for m, v in e0_share.items())
+            lines.append(f"E0's own share of the text gain (E0 − no-text oracle, over the gap): {cells}.")
+        return [*lines, ""]
+    half = ceilings.get("split_half") or {}
+    lines += [
+        "No truth on real data: the split-half ceiling splits each item's test impressions in two "
+        "(clicks drawn hypergeometrically), scores one half by the other half's CTR (shrunk toward "
+        "its mean) and measures AUC and GAUC there. It includes every non-text cause of an item's "
+        "CTR, and a half's CTR is noisy, so it is a rough ceiling, not a bound.",
+        "",
+    ]
+    rows = [
+        [
+            f"split half (seed {half.get('seed')})",
+            with_ci(half.get("auc"), half.get("auc_ci")),
+            with_ci(half.get("gauc"), half.get("gauc_ci")),
+        ],
+        [
+            "in sample (optimistic)",
+            num(dig(half, "in_sample", "auc")),
+            num(dig(half, "in_sample", "gauc")),
+        ],
+        ["random scores", num(dig(half, "random", "auc")), num(dig(half, "random", "gauc"))],
+    ]
+    if base:
+        rows.append(
+            [
+                "E0 (baseline)",
+                with_ci(base.get("auc"), base.get("auc_ci")),
+                with_ci(base.get("gauc"), base.get("gauc_ci")),
+            ]
+        )
+    gap = ceilings.get("e0_gap") or {}
+    if gap:
+        gap_cells = [interval_cell(gap.get(m), signed=True) for m in ("auc", "gauc")]
+        rows.append(["gap (split half − E0)", *gap_cells])
+    lines += [markdown_table(["scores", "AUC [95% CI]", "GAUC [95% CI]"], rows), ""]
+    applies = "applies" if half.get("applicable") else "does not apply"
+    lines.append(
+        f"Items: {half.get('item', '–')}, {half.get('items', '–')} of them; "
+        f"{num(100 * (half.get('splittable_impression_share') or 0.0), 1)}% of the test impressions are on "
+        f"items shown at least twice; the ceiling {applies}."
+    )
+    for metric, verdict in (ceilings.get("meaningful") or {}).items():
+        if verdict is not True:
+            reason = verdict.get("reason") if isinstance(verdict, Mapping) else ""
+            lines.append(f"No share of the {metric.upper()} gap: {reason}.")
+    return [*lines, ""]
+
+
+def simulator_ceilings_section(simulator: Mapping[str, Any]) -> list[str]:
+    entries = {f"{float(rho):g}": simulator["per_rho"][f"{float(rho):g}"] for rho in simulator["rho"]}
+    if not any(e.get("ceilings") for e in entries.values()):
+        return []
+    rows = []
+    for rho, entry in entries.items():
+        c = entry.get("ceilings") or {}
+        o, n = c.get("oracle") or {}, c.get("no_text_oracle") or {}
+        e0 = (entry.get("runs") or {}).get("baseline") or {}
+        near = entry.get("e0_near_no_text_oracle")
+        rows.append(
+            [
+                rho,
+                num(o.get("auc")),
+                num(n.get("auc")),
+                num(e0.get("auc")),
+                num(o.get("rig")),
+                num(n.get("rig")),
+                num(e0.get("rig")),
+                num(entry.get("e0_rig_over_no_text_oracle_rig"), 3),
+                "–" if near is None else ("yes" if near else "no"),
+            ]
+        )
+    header = ["ρ", "oracle AUC", "no-text AUC", "E0 AUC", "oracle RIG", "no-text RIG", "E0 RIG"]
+    header += ["E0 RIG / no-text RIG", "E0 near no-text oracle"]
+    lines = ["**Ceilings** by ρ (test split):", "", markdown_table(header, rows), ""]
+    shares = simulator_shares(simulator)
+    header = ["feature", *(f"ρ={rho}" for rho in entries)]
+    for metric, series in shares.items():
+        table = [[name, *(num(v, 2) for v in values)] for name, values in series.items()]
+        lines += [
+            f"**Share of the text gain ({SHARE_LABELS[metric]})** by ρ:",
+            "",
+            markdown_table(header, table),
+            "",
+        ]
+    if shares:
+        lines += [f"![share of the text ceiling against ρ]({PLOTS['simulator_shares']})", ""]
+    return lines
