@@ -42,7 +42,7 @@ from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.definitions import arrow_type, parquet_files
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
-from nlpctr.models.experiment import TrainedRun
+from nlpctr.models.runs import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
 from nlpctr.pipelines.loopback import direct_runner_on_loopback
 from nlpctr.pipelines.outputs import publish, staging_dir
