@@ -48,11 +48,13 @@ import torch
 from nlpctr.features.names import BASELINE
 from nlpctr.features.store import training_frame
 from nlpctr.layout import read_manifest
-from nlpctr.models import experiment, metrics
+from nlpctr.models import metrics
+from nlpctr.models.config import joint_config, load_config, loop_config
 from nlpctr.models.ctr_net import CtrModel, binomial_loss
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.joint import param_groups
+from nlpctr.models.runs import Preprocessing, build_model
 from nlpctr.models.trainer import LoopConfig, TextBatcher, fit, labels_of, pair_text, predict
 from nlpctr.pipelines.train import global_ctr
 
@@ -78,8 +80,8 @@ class Trainer:
         self.rows = 0
 
 
-def warm_model(pre: experiment.Preprocessing, config: dict, e0: CtrModel, text_dim: int) -> CtrModel:
-    model = experiment.build_model(pre, config, "score", text_dim)
+def warm_model(pre: Preprocessing, config: dict, e0: CtrModel, text_dim: int) -> CtrModel:
+    model = build_model(pre, config, "score", text_dim)
     model.warm_start(e0)
     return model
 
@@ -140,15 +142,15 @@ def main() -> None:
 
     manifest = read_manifest(args.data)
     frame = training_frame(args.data, BASELINE)
-    pre = experiment.Preprocessing.fit(
+    pre = Preprocessing.fit(
         frame, FeatureColumns.for_manifest(manifest), manifest["group"], global_ctr(args.data)
     )
     data = pre.tensorize(frame)
-    config = experiment.load_config("baseline", None, {"loop": {"epochs": 8, "patience": 2}})  # quick E0
-    e0 = experiment.build_model(pre, config, None)
+    config = load_config("baseline", None, {"loop": {"epochs": 8, "patience": 2}})  # quick E0
+    e0 = build_model(pre, config, None)
     work = args.out.parent / "work" / "bench_joint_e0"
     shutil.rmtree(work, ignore_errors=True)  # never resume an E0 of other data
-    e0_fit = fit(e0, data, experiment.loop_config(config), work, progress=False)
+    e0_fit = fit(e0, data, loop_config(config), work, progress=False)
     e0.eval()
     e0_logloss, e0_auc, _ = evaluate(e0, data, None)
     assert e0_logloss == e0_fit.best["valid_logloss"]
@@ -157,7 +159,7 @@ def main() -> None:
         flush=True,
     )
 
-    joint = experiment.load_config("joint")
+    joint = load_config("joint")
     trainers: list[Trainer] = []
     prefill: dict[str, float] = {}
 
@@ -181,7 +183,7 @@ def main() -> None:
     trainers.append(today)
 
     # the new recipe's stage 1, top 2 and top 1 layers trained on cached states (and top 2 in bf16)
-    recipe = experiment.joint_config(joint).stage1
+    recipe = joint_config(joint).stage1
     for name, top, autocast in (
         ("new_top2", 2, None),
         ("new_top1", 1, None),

@@ -7,9 +7,12 @@ other side, and anything else is "not significant": the point estimate never dec
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # (increments trains models; this module only reads what they left)
+    from nlpctr.models.increments import FeatureJudge
 
 HOLDS, NOT_SIGNIFICANT, CONTRADICTED = "holds", "not significant", "contradicted"
 Verdict = Literal["holds", "not significant", "contradicted"]
@@ -59,7 +62,7 @@ def from_delta(
     side: int = 1,
     detail: Mapping[str, Any] | None = None,
 ) -> Claim:
-    """A claim from a paired delta (`models.experiment.paired_delta` fields: delta_auc, _ci, ...)."""
+    """A claim from a paired delta (`models.evaluation.paired_delta` fields: delta_auc, _ci, ...)."""
     ci = (float(delta["delta_auc_ci"][0]), float(delta["delta_auc_ci"][1]))
     rig_ci = delta.get("delta_rig_ci")
     return Claim(
@@ -72,3 +75,51 @@ def from_delta(
         delta_rig_ci=(float(rig_ci[0]), float(rig_ci[1])) if rig_ci is not None else None,
         detail=dict(detail or {}),
     )
+
+
+def protocol_claims(
+    judge: FeatureJudge, e2_chosen: str, teacher: str, students: Iterable[int]
+) -> list[Claim]:
+    """The paper's three claims, each judged on the features' increments over E0 (`judge`).
+
+    `e2_chosen` is E2's peak-standalone-AUC epoch folder, `teacher` E4's teacher run and
+    `students` the distilled depths (a depth counts when both its SuKD and feature-KD features
+    were measured).
+    """
+    peak = f"cascade_finetuned@{e2_chosen}"  # E2 stops at peak standalone valid AUC
+    checkpoints = [name for name in judge.increments if name.startswith("cascade_finetuned@")]
+    best = max(checkpoints, key=lambda name: judge.valid_gain[name])  # ties: the earliest
+    out = [
+        from_delta(
+            PEAK_AUC_NOT_BEST,
+            "E2's checkpoint with the best validation feature gain adds more to E0 than its "
+            "peak-standalone-AUC checkpoint",
+            judge.paired(best, peak),
+            detail={
+                "best_feature_checkpoint": best,
+                "peak_auc_checkpoint": peak,
+                "same_checkpoint": best == peak,
+                "valid_delta_auc": {name: judge.valid_gain[name] for name in checkpoints},
+            },
+        ),
+        from_delta(
+            JOINT_BEATS_FINETUNED,
+            "the joint LM's feature adds more to E0 than the E2 (peak-AUC) feature, both fed the "
+            "cascaded way",
+            judge.paired(teacher, peak),
+            detail={"joint_feature": teacher, "finetuned_feature": peak},
+        ),
+    ]
+    for layers in students:
+        sukd, featurekd = f"sukd_L{layers}", f"featurekd_L{layers}"
+        if sukd in judge.increments and featurekd in judge.increments:
+            out.append(
+                from_delta(
+                    SUKD_BEATS_FEATUREKD,
+                    f"the {layers}-layer SuKD student's feature adds more to E0 than the "
+                    f"{layers}-layer feature-KD student's",
+                    judge.paired(sukd, featurekd),
+                    detail={"layers": layers, "sukd": sukd, "featurekd": featurekd},
+                )
+            )
+    return out

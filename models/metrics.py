@@ -565,7 +565,7 @@ class StreamingMetrics:
         }
 
     def report(self, train_ctr: float, rounds: int, seed: int, calibration_bins: int) -> dict:
-        """The keys of `experiment.metric_report`, streamed."""
+        """The keys of `evaluation.metric_report`, streamed."""
         intervals = self.bootstrap(train_ctr, rounds, seed)
         aucs, weights = self.group_aucs()
         gauc = weighted_mean_ci(aucs, weights, rounds, seed)

@@ -290,7 +290,7 @@ def measure_feature(
 ) -> FeatureRedundancy:
     """All measures for one feature; arrays are aligned on the train rows and on the test rows.
 
-    `delta` is `experiment.paired_delta` of E0 + feature against E0 on the test rows. The
+    `delta` is `evaluation.paired_delta` of E0 + feature against E0 on the test rows. The
     logistic fit and the probes use at most `max_rows` train rows, the probes and CKA at most
     `max_rows` test rows (seeded draws); standalone AUC is scored on every test row.
     """

@@ -150,7 +150,7 @@ class ShardSource:
 
 def unique_text_pairs(root: Path, splits: Sequence[str] = SPLITS) -> pd.DataFrame:
     """One row per (query_text_id, ad_text_id) of the shards, with its texts and earliest time
-    (the input of `experiment.text_pairs`, without holding every impression)."""
+    (the input of `lm_features.text_pairs`, without holding every impression)."""
     files = [str(p) for s in splits for p in split_files(root, s)]
     probe = pq.read_schema(files[0]).names
     query_id = "query_text_id" if "query_text_id" in probe else "NULL"

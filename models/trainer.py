@@ -52,7 +52,8 @@ AuxiliaryLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """One `fit`. The defaults are `loop:` of models/configs/default.yaml (a test keeps them equal)."""
+    """One `fit`. The defaults are `loop:` of models/configs/default.yaml (tests/test_config.py
+    keeps them equal): the YAML configures `nlpctr train`, these serve code that builds a loop directly."""
 
     epochs: int = 30
     batch_size: int = 256
@@ -104,14 +105,7 @@ class TextScorer(nn.Module):
         super().__init__()
         self.head = nn.Sequential(nn.Linear(text_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
-    def forward(
-        self,
-        categorical: torch.Tensor,
-        dense: torch.Tensor,
-        cascade: tuple[torch.Tensor, ...] = (),
-        text_vector: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        assert text_vector is not None
+    def forward(self, text_vector: torch.Tensor) -> torch.Tensor:
         return self.head(text_vector).squeeze(-1)
 
 
@@ -184,6 +178,10 @@ def forward_batch(
     """Logits of a batch; `text_vector` is its rows' LM vectors when the caller has encoded them."""
     if text_vector is None and texts is not None:
         text_vector = texts.batch_vectors(batch)
+    if isinstance(model, TextScorer):  # reads the text alone, none of the row's other inputs
+        if text_vector is None:
+            raise ValueError("a TextScorer scores the rows' text vectors: pass texts")
+        return model(text_vector)
     return model(batch.categorical, batch.dense, batch.cascade, text_vector)
 
 

@@ -25,9 +25,12 @@ import torch
 
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.models import experiment, metrics, streaming
+from nlpctr.models import metrics, streaming
+from nlpctr.models.evaluation import delta_fields, delta_summary, metric_report, paired_delta
+from nlpctr.models.runs import PREDICTIONS_FILE, RESULTS_FILE, TrainedRun
+from nlpctr.models.streamed_training import TEXT_CACHE, streamed_test
 from nlpctr.models.trainer import TextBatcher, labels_of
-from nlpctr.pipelines.train import TEXT_CACHE, run_dir_of, streamed_test
+from nlpctr.pipelines.train import run_dir_of
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,18 +41,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_predictions(run_dir: Path) -> tuple[experiment.TrainedRun, pd.DataFrame, Any]:
+def test_predictions(run_dir: Path) -> tuple[TrainedRun, pd.DataFrame, Any]:
     """The run's model applied to its test rows: (run, frame of impression_id/p, labels)."""
-    trained = experiment.TrainedRun.load(run_dir)
+    trained = TrainedRun.load(run_dir)
     frame = feature_store.training_frame(Path(trained.spec["data_dir"]), trained.spec["service"], ["test"])
     data, p = trained.predict_frame(frame)
     labels = labels_of(data, torch.arange(len(p)))
     return trained, pd.DataFrame({"impression_id": data.impression_id, "p": p}), labels
 
 
-def streamed_test_metrics(run_dir: Path) -> tuple[experiment.TrainedRun, metrics.StreamingMetrics, float]:
+def streamed_test_metrics(run_dir: Path) -> tuple[TrainedRun, metrics.StreamingMetrics, float]:
     """A streamed run's model applied to its test shards: (run, metrics, max |p - train's p|)."""
-    trained = experiment.TrainedRun.load(run_dir)
+    trained = TrainedRun.load(run_dir)
     root = feature_store.write_training_shards(Path(trained.spec["data_dir"]), trained.spec["service"])
     pre = trained.pre
     source = streaming.ShardSource(root, pre.tensorize, streaming.needed_columns(pre.columns, pre.group))
@@ -71,9 +74,9 @@ def streamed_test_metrics(run_dir: Path) -> tuple[experiment.TrainedRun, metrics
 
 
 def saved_predictions_path(run_dir: Path) -> Path:
-    path = run_dir / experiment.PREDICTIONS_FILE
+    path = run_dir / PREDICTIONS_FILE
     if not path.is_file():
-        raise UserError(f"{run_dir} has no {experiment.PREDICTIONS_FILE}; train the run first")
+        raise UserError(f"{run_dir} has no {PREDICTIONS_FILE}; train the run first")
     return path
 
 
@@ -85,15 +88,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Recompute a run's test metrics (and the delta vs a baseline) into its results.json."""
     args = parse_args(argv)
     run_dir = run_dir_of(args.runs_dir, args.run)
-    if experiment.TrainedRun.load(run_dir).spec.get("streaming"):
+    if TrainedRun.load(run_dir).spec.get("streaming"):
         return run_streamed(args, run_dir)
     trained, predicted, labels = test_predictions(run_dir)
     evaluation = trained.spec["config"]["evaluation"]
     p = predicted["p"].to_numpy()
-    report = experiment.metric_report(labels, p, trained.spec["train_ctr"], evaluation)
+    report = metric_report(labels, p, trained.spec["train_ctr"], evaluation)
     saved = saved_predictions(run_dir).set_index("impression_id").reindex(predicted["impression_id"])
     max_diff = float(np.max(np.abs(saved["p"].to_numpy() - p))) if len(p) else 0.0
-    results_path = run_dir / experiment.RESULTS_FILE
+    results_path = run_dir / RESULTS_FILE
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("metrics", {})["test"] = report
     results["evaluate"] = {"rows": len(p), "max_abs_diff_vs_train_predictions": max_diff}
@@ -106,9 +109,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         aligned = base.reindex(predicted["impression_id"])["p"].to_numpy()
         if np.isnan(aligned).any():
             raise UserError(f"baseline {args.baseline} did not predict the same test rows as {args.run}")
-        delta = experiment.paired_delta(labels, p, aligned, trained.spec["train_ctr"], evaluation)
+        delta = paired_delta(labels, p, aligned, trained.spec["train_ctr"], evaluation)
         results["delta_vs_baseline"] = {"baseline": args.baseline, **delta}
-        summary += experiment.delta_summary(args.baseline, delta)
+        summary += delta_summary(args.baseline, delta)
     results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}
 
@@ -120,7 +123,7 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     rounds, seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
     train_ctr = trained.spec["train_ctr"]
     report = scored.report(train_ctr, rounds, seed, int(evaluation["calibration_bins"]))
-    results_path = run_dir / experiment.RESULTS_FILE
+    results_path = run_dir / RESULTS_FILE
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("metrics", {})["test"] = report
     results["evaluate"] = {
@@ -136,15 +139,15 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     if args.baseline:
         # Both runs predicted the test shards in their order; the baseline's p lines up row by row.
         base = pq.read_table(saved_predictions_path(run_dir_of(args.runs_dir, args.baseline)))
-        ours = pq.read_table(run_dir / experiment.PREDICTIONS_FILE, columns=["impression_id"])
+        ours = pq.read_table(run_dir / PREDICTIONS_FILE, columns=["impression_id"])
         if (
             base.num_rows != ours.num_rows
             or not pc.all(pc.equal(base["impression_id"], ours["impression_id"])).as_py()
         ):
             raise UserError(f"baseline {args.baseline} did not predict the same test rows as {args.run}")
         delta = scored.paired_delta(scored.rescored(base["p"].to_numpy()), train_ctr, rounds, seed)
-        out = experiment.delta_fields(delta)
+        out = delta_fields(delta)
         results["delta_vs_baseline"] = {"baseline": args.baseline, **out}
-        summary += experiment.delta_summary(args.baseline, out)
+        summary += delta_summary(args.baseline, out)
     results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}

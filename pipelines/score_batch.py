@@ -49,7 +49,7 @@ from nlpctr.features.definitions import arrow_type
 from nlpctr.features.job_outputs import parquet_files
 from nlpctr.features.names import CASCADE_FROZEN
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
-from nlpctr.models.experiment import TrainedRun
+from nlpctr.models.runs import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import publish, staging_dir

@@ -14,13 +14,16 @@ trains E0 + that feature; `joint` (E3) trains the LM and E0 end to end through a
 recipe of `models.joint` (warm-started from `--init-from E0RUN`: stage 1 with E0's tower frozen,
 stage 2 with it unfrozen at its own learning rate, each validated from step 0 on and keeping its
 best state) and writes the LM's output back the same way (service `joint_<run>`). One loop
-(`models.trainer.fit`) trains everything; configuration comes from `models/configs/default.yaml`
-(+ `--config`).
+(`models.trainer.fit`) trains everything, driven by `models.training`; configuration comes from
+`models/configs/default.yaml` (+ `--config`). This module turns the flags into a `TrainRequest`
+(what `nlpctr experiment` builds directly), reads the frames from Feast, runs one function per
+mode and writes the run folder.
 
 Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
 point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
 the loop reads them as a stream (`models.streaming.ShardSource`) and test metrics are streamed
-(`models.metrics.StreamingMetrics`); modes baseline, cascade-frozen and joint.
+(`models.metrics.StreamingMetrics`), both in `models.streamed_training`; modes baseline,
+cascade-frozen and joint.
 
 Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
 from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`.
@@ -30,16 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 import nlpctr
@@ -47,30 +48,40 @@ from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.job_outputs import Layout
 from nlpctr.features.names import BASELINE, CASCADE_FROZEN, lm_feature_slug, lm_view_name
-from nlpctr.layout import (
-    CTR_HISTORY,
-    CTR_META,
-    LmFeatureMeta,
-    lm_features_dir,
-    pair_key_columns,
-    read_manifest,
-)
-from nlpctr.models import experiment, metrics, streaming
+from nlpctr.layout import CTR_HISTORY, CTR_META, LmFeatureMeta, lm_features_dir, read_manifest
+from nlpctr.models import streaming
+from nlpctr.models.config import MODES, encoder_config, load_config
 from nlpctr.models.ctr_net import FUSIONS
-from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
-from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.joint import fit_joint, stage_summary
-from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict, predict_batches
+from nlpctr.models.data import FeatureColumns
+from nlpctr.models.evaluation import metric_report
+from nlpctr.models.joint import stage_summary
+from nlpctr.models.runs import (
+    CHECKPOINTS,
+    PREDICTIONS_FILE,
+    RESULTS_FILE,
+    RUN_FILE,
+    Preprocessing,
+    TrainedRun,
+)
+from nlpctr.models.streamed_training import train_streaming
+from nlpctr.models.trainer import FitResult, TextBatcher, labels_of, predict
+from nlpctr.models.training import (
+    LmStep,
+    epochs_trained,
+    fit_ctr,
+    train_ctr,
+    train_lm_alone,
+    write_joint_features,
+)
 from nlpctr.pipelines.ownership import claim_output_dir
 
 STREAMING_ROWS = 500_000  # impressions above which `train` streams (a frame of ~1 GB in memory)
 STREAMING_MODES = ("baseline", "cascade-frozen", "joint")
-TEXT_CACHE = 300_000  # unique texts whose LM vectors one evaluation pass keeps (<= 460 MB at 384-d)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nlpctr train", description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", required=True, choices=experiment.MODES)
+    parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--fusion", choices=FUSIONS, default=None, help="joint mode: how the LM joins")
     parser.add_argument("--layers", type=int, default=None, help="LM depth (E2, E3): first K MiniLM layers")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (E2: of the LM step)")
@@ -92,6 +103,106 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     memory.add_argument("--in-memory", dest="streaming", action="store_false", help="load it in memory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One `nlpctr train` run, as its flags say it (None: the configuration's value)."""
+
+    mode: str
+    data_dir: Path
+    run: str
+    runs_dir: Path = Path("runs")
+    fusion: str | None = None  # joint mode; defaults to `score`
+    layers: int | None = None
+    epochs: int | None = None  # E2: of the LM step
+    seed: int | None = None
+    config_file: Path | None = None
+    init_from: str | None = None  # joint mode: an E0 run in runs_dir
+    streaming: bool | None = None  # None: stream above STREAMING_ROWS impressions
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainRequest:
+        return cls(
+            mode=args.mode,
+            data_dir=args.data,
+            run=args.run,
+            runs_dir=args.runs_dir,
+            fusion=args.fusion,
+            layers=args.layers,
+            epochs=args.epochs,
+            seed=args.seed,
+            config_file=args.config,
+            init_from=args.init_from,
+            streaming=args.streaming,
+            progress=not args.no_progress,
+        )
+
+    def checked(self) -> TrainRequest:
+        """The request with joint's default fusion; flags that do not apply to the mode refused."""
+        if self.mode != "joint" and self.fusion is not None:
+            raise UserError(f"--fusion applies to --mode joint only (got --mode {self.mode})")
+        if self.mode != "joint" and self.init_from is not None:
+            raise UserError(f"--init-from applies to --mode joint only (got --mode {self.mode})")
+        return replace(self, fusion=self.fusion or "score") if self.mode == "joint" else self
+
+    def overrides(self) -> dict[str, Any]:
+        """The flags that override the configuration, as a config layer."""
+        overrides: dict[str, Any] = {}
+        if self.epochs is not None:
+            # E2's expensive step is the LM's; its CTR step keeps the configured (E0) budget.
+            overrides["lm_loop" if self.mode == "cascade-finetuned" else "loop"] = {"epochs": self.epochs}
+        if self.seed is not None:
+            for key in ("loop", "lm_loop"):
+                overrides.setdefault(key, {})["seed"] = self.seed
+        if self.layers is not None:
+            overrides["encoder"] = {"layers": self.layers}
+        return overrides
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished run: what its results.json holds, and the typed parts callers read."""
+
+    run_dir: Path
+    results: dict[str, Any]  # RUN/results.json
+    summary: str  # one line
+    fit: FitResult
+    lm_step: LmStep | None  # E2's LM step
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """A checked request with everything its mode's training reads."""
+
+    request: TrainRequest
+    data_dir: Path
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    identity: dict[str, Any]  # config.json: what makes two runs of a name the same run
+    run_dir: Path
+    slug: str  # the run name as a Feast identifier
+    fill_ctr: float
+    streamed: bool
+    warm_start: TrainedRun | None
+
+
+@dataclass
+class TrainedModel:
+    """What a mode's training hands back: the model, its test report, and where it came from."""
+
+    service: str
+    pre: Preprocessing
+    model: torch.nn.Module
+    texts: TextBatcher | None
+    fit: FitResult
+    report: dict[str, Any]  # test metrics
+    train_ctr: float
+    encoder_version: str | None
+    text_rows: pd.DataFrame  # rows (their text pairs) a joint run writes its LM feature for
+    lm_step: LmStep | None = None
+    supplementary_view: str | None = None  # joint: the view of its LM's output
 
 
 def run_dir_of(runs_dir: Path, name: str) -> Path:
@@ -126,10 +237,6 @@ def global_ctr(data_dir: Path) -> float:
     return float(json.loads(path.read_text())["global_ctr"])
 
 
-def train_ctr(labels: metrics.Labels) -> float:
-    return float(labels.clicks.sum() / max(labels.impressions.sum(), 1))
-
-
 def frozen_encoder_version(data_dir: Path, frame: pd.DataFrame) -> str | None:
     """The encoder behind the frame's frozen text vectors (from the embedding view's folder)."""
     slugs = {c[len("ad_text_") : -len("__embedding")] for c in frame.columns if c.startswith("ad_text_")}
@@ -137,213 +244,17 @@ def frozen_encoder_version(data_dir: Path, frame: pd.DataFrame) -> str | None:
     return versions[0] if versions else None
 
 
-# ------------------------------------------------------------------------------- LM features
+def publisher(data_dir: Path) -> Callable[[LmFeatureMeta], str]:
+    """Publishing an LM-feature folder: name the chosen epoch, register the view, materialise it."""
 
+    def publish(meta: LmFeatureMeta) -> str:
+        meta.write(lm_features_dir(data_dir, meta.run))
+        feature_store.reapply(data_dir)
+        view = lm_view_name(meta.run)
+        feature_store.materialize(data_dir, views=[view])
+        return view
 
-def has_query_text(frame: pd.DataFrame) -> bool:
-    return "query_text_id" in frame and bool(frame["query_text_id"].notna().any())
-
-
-def write_lm_features(
-    folder: Path, pairs: pd.DataFrame, outputs: dict[str, np.ndarray], model_version: str, with_query: bool
-) -> None:
-    """One parquet of the LM's outputs per text pair, keyed as the Feast view reads it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    columns: dict[str, pa.Array] = {}
-    for key in pair_key_columns(with_query):  # the same columns the run's _meta.json names as keys
-        columns[key] = pa.array(pairs[key], pa.string())
-    columns["event_timestamp"] = pa.array(
-        pd.to_datetime(pairs["event_timestamp"], utc=True), pa.timestamp("us", tz="UTC")
-    )
-    for name, values in outputs.items():
-        if values.ndim == 1:
-            columns[name] = pa.array(values.astype(np.float32), pa.float32())
-        else:
-            flat = pa.array(values.astype(np.float32, copy=False).reshape(-1))  # no per-row Python objects
-            rows = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-            columns[name] = rows.cast(pa.list_(pa.float32()))
-    columns["model_version"] = pa.array([model_version] * len(pairs), pa.string())
-    pq.write_table(pa.table(columns), folder / "part-0.parquet")
-
-
-def publish_lm_features(data_dir: Path, meta: LmFeatureMeta) -> str:
-    """Name the chosen epoch, register the view and materialise it; returns the view name."""
-    meta.write(lm_features_dir(data_dir, meta.run))
-    feature_store.reapply(data_dir)
-    view = lm_view_name(meta.run)
-    feature_store.materialize(data_dir, views=[view])
-    return view
-
-
-def lm_feature_root(data_dir: Path, slug: str) -> Path:
-    folder = lm_features_dir(data_dir, slug)
-    shutil.rmtree(folder, ignore_errors=True)  # a re-run replaces the run's features whole
-    return folder
-
-
-# ------------------------------------------------------------------------------- training
-
-
-def fit_ctr(
-    frame: pd.DataFrame,
-    columns: FeatureColumns,
-    manifest: dict[str, Any],
-    config: dict[str, Any],
-    fill_ctr: float,
-    checkpoints: Path,
-    fusion: str | None,
-    progress: bool,
-    warm_start: experiment.TrainedRun | None = None,
-) -> tuple[experiment.Preprocessing, Tensors, torch.nn.Module, TextBatcher | None, FitResult]:
-    """Tensors, model (with a trainable LM when there is a fusion) and the fitted loop;
-    `warm_start` (an E0 run on the same inputs) initialises the CTR tower."""
-    pre = experiment.Preprocessing.fit(frame, columns, manifest["group"], fill_ctr)
-    data = pre.tensorize(frame)
-    texts = None
-    if fusion:
-        lm = TextEncoder(experiment.encoder_config(config), trainable=True)
-        texts = TextBatcher.for_data(lm, data)
-    model = experiment.build_model(pre, config, fusion, texts.lm.dim if texts else 0)
-    if warm_start is not None:
-        start_from(model, pre, warm_start)
-    result = train_model(model, data, config, checkpoints, texts, warm_start is not None, progress)
-    return pre, data, model, texts, result
-
-
-def train_model(
-    model: torch.nn.Module,
-    data: BatchSource,
-    config: dict[str, Any],
-    checkpoints: Path,
-    texts: TextBatcher | None,
-    warm_started: bool,
-    progress: bool,
-) -> FitResult:
-    """`models.trainer.fit`, or the joint recipe (`models.joint.fit_joint`) for a model with an LM."""
-    loop = experiment.loop_config(config)
-    if texts is None:
-        return fit(model, data, loop, checkpoints, progress=progress)
-    joint_config = experiment.joint_config(config)
-    return fit_joint(model, data, loop, joint_config, checkpoints, texts, warm_started, progress)
-
-
-def start_from(
-    model: torch.nn.Module, pre: experiment.Preprocessing, baseline: experiment.TrainedRun
-) -> None:
-    """Initialise a joint model's CTR tower from a trained E0 that read the same inputs."""
-    if pre.to_json() != baseline.pre.to_json():
-        raise UserError(
-            f"--init-from {baseline.directory.name} was trained on other inputs (columns or vocabularies "
-            "differ); train it on the same data and service"
-        )
-    model.warm_start(baseline.model)
-
-
-def train_lm_alone(
-    frame: pd.DataFrame,
-    manifest: dict[str, Any],
-    config: dict[str, Any],
-    fill_ctr: float,
-    run_dir: Path,
-    data_dir: Path,
-    slug: str,
-    progress: bool,
-) -> dict[str, Any]:
-    """E2 step 1 and 2: fine-tune the LM on clicks, write every epoch's features, publish the best."""
-    pre = experiment.Preprocessing.fit(
-        frame, FeatureColumns.for_manifest(manifest), manifest["group"], fill_ctr
-    )
-    data = pre.tensorize(frame)
-    encoder = experiment.encoder_config(config)
-    lm = TextEncoder(encoder, trainable=True)
-    scorer = experiment.build_scorer(config, lm.dim)
-    texts = TextBatcher.for_data(lm, data)
-    result = fit(
-        scorer,
-        data,
-        experiment.loop_config(config, "lm_loop"),
-        run_dir / experiment.CHECKPOINTS / "lm",
-        texts=texts,
-        progress=progress,
-    )
-    test = data.rows("test")
-    labels = labels_of(data, test)
-    test_auc = metrics.auc(labels, predict(scorer, data, test, texts))
-
-    pairs = experiment.text_pairs(frame)
-    root = lm_feature_root(data_dir, slug)
-    with_query = has_query_text(frame)
-    folders = []
-    for entry in result.history:
-        epoch = int(entry["epoch"])
-        state = torch.load(run_dir / experiment.CHECKPOINTS / "lm" / f"epoch-{epoch}.pt", weights_only=True)
-        scorer.load_state_dict(state["model"])
-        lm.load_state_dict(state["lm"])
-        outputs = experiment.lm_outputs(lm, {"lm_score": scorer.head}, pairs["text"].tolist())
-        version = f"{slug}@epoch-{epoch}/{encoder.version}/nlpctr=={nlpctr.__version__}"
-        write_lm_features(root / f"epoch-{epoch}", pairs, outputs, version, with_query)
-        folders.append(f"epoch-{epoch}")
-    chosen = f"epoch-{result.best_epoch}"
-    meta = LmFeatureMeta(
-        run=slug,
-        kind="cascade_finetuned",
-        chosen=chosen,
-        epochs=tuple(folders),
-        keys=tuple(pair_key_columns(with_query)),
-        model_version=f"{slug}@{chosen}/{encoder.version}/nlpctr=={nlpctr.__version__}",
-        valid_auc={f"epoch-{int(h['epoch'])}": h["valid_auc"] for h in result.history},
-    )
-    view = publish_lm_features(data_dir, meta)
-    return {
-        "epochs": len(result.history),
-        "best_epoch": result.best_epoch,
-        "history": result.history,
-        "wall_seconds": result.wall_seconds,
-        "test_auc_standalone": test_auc,
-        "feature_view": view,
-        "features": {f: str(root / f) for f in folders},
-        "chosen": chosen,
-        "encoder_version": encoder.version,
-    }
-
-
-def write_joint_features(
-    model: torch.nn.Module,
-    texts: TextBatcher,
-    frame: pd.DataFrame,
-    config: dict[str, Any],
-    data_dir: Path,
-    slug: str,
-    best_epoch: int,
-) -> str:
-    """E3: the trained LM's supplementary output per text pair, as the view `lm_<run>`."""
-    fusion = model.fusion
-    assert fusion is not None
-    head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
-    pairs = experiment.text_pairs(frame)
-    outputs = experiment.lm_outputs(texts.lm, head, pairs["text"].tolist())
-    # The view serves the supplementary output alone: nothing reads a joint run's 384-d pooled
-    # vector, and with it the view is 12x larger (the concat/gate output is 32-d), which is what
-    # the online write of millions of pairs holds in memory at once.
-    del outputs["lm_embedding"]
-    encoder = experiment.encoder_config(config)
-    chosen = f"epoch-{best_epoch}"
-    version = f"{slug}@{chosen}/joint-{fusion.fusion}/{encoder.version}/nlpctr=={nlpctr.__version__}"
-    with_query = has_query_text(frame)
-    write_lm_features(lm_feature_root(data_dir, slug) / chosen, pairs, outputs, version, with_query)
-    meta = LmFeatureMeta(
-        run=slug,
-        kind="joint",
-        chosen=chosen,
-        epochs=(chosen,),
-        keys=tuple(pair_key_columns(with_query)),
-        model_version=version,
-        fusion=fusion.fusion,
-    )
-    return publish_lm_features(data_dir, meta)
-
-
-# ------------------------------------------------------------------------------- streaming
+    return publish
 
 
 def use_streaming(manifest: dict[str, Any], requested: bool | None) -> bool:
@@ -353,130 +264,21 @@ def use_streaming(manifest: dict[str, Any], requested: bool | None) -> bool:
     return int(manifest.get("rows_written", 0)) > STREAMING_ROWS
 
 
-def stream_source(
-    data_dir: Path, service: str, manifest: dict[str, Any], fill_ctr: float
-) -> tuple[experiment.Preprocessing, streaming.ShardSource]:
-    """The service's training frame as parquet shards (DuckDB point-in-time join), the run's
-    preprocessing fitted on the training shards, and a stream of Tensors over them."""
-    root = feature_store.write_training_shards(data_dir, service)
-    names = pq.read_schema(next(iter(sorted(root.glob("*/*.parquet"))))).names
-    cascade = [c for c in names if c.endswith("__embedding")] if service == CASCADE_FROZEN else []
-    columns = FeatureColumns.for_manifest(manifest, cascade=cascade)
-    dims = []
-    for column in cascade:
-        width = streaming.first_vector_width(root, column)
-        if width is None:
-            raise UserError(f"feature column {column} is null on every row; re-run the job behind it")
-        dims.append(width)
-    group = manifest["group"]
-    vocabularies = streaming.fit_vocabularies(root, columns.categorical)
-    pre = experiment.Preprocessing(columns, vocabularies, fill_ctr, tuple(dims), group)
-    return pre, streaming.ShardSource(root, pre.tensorize, streaming.needed_columns(columns, group))
-
-
-def streamed_test(
-    model: torch.nn.Module, source: streaming.ShardSource, texts: TextBatcher | None, predictions: Path
-) -> metrics.StreamingMetrics:
-    """One in-order pass over the test shards: metrics accumulated and each batch's predictions
-    appended to `predictions` (parquet, published when complete), nothing else kept."""
-    scored = metrics.StreamingMetrics()
-    staging = predictions.with_name(f".{predictions.name}.tmp")
-    schema = pa.schema([("impression_id", pa.string()), ("split", pa.string()), ("p", pa.float64())])
-    with pq.ParquetWriter(staging, schema) as writer:
-
-        def each(batch: Tensors, p: np.ndarray) -> None:
-            labels = metrics.Labels(
-                batch.impressions.numpy().astype(np.int64),
-                batch.clicks.numpy().astype(np.int64),
-                batch.groups,
-            )
-            scored.add(labels, p)
-            ids = pa.array(batch.impression_id, pa.string())
-            writer.write_table(pa.table([ids, pa.array(["test"] * len(p)), pa.array(p)], schema=schema))
-
-        predict_batches(model, source.batches("test", 1024), texts, each)
-    staging.replace(predictions)
-    return scored
-
-
-def train_streaming(
-    data_dir: Path,
-    service: str,
-    manifest: dict[str, Any],
-    config: dict[str, Any],
-    fill_ctr: float,
-    run_dir: Path,
-    fusion: str | None,
-    progress: bool,
-    warm_start: experiment.TrainedRun | None = None,
-) -> tuple[experiment.Preprocessing, torch.nn.Module, TextBatcher | None, FitResult, dict[str, Any], float]:
-    """`fit_ctr` and the test pass on shards: (preprocessing, model, LM batcher, fit, test report,
-    train CTR); predictions are written to the run folder as they are made."""
-    pre, source = stream_source(data_dir, service, manifest, fill_ctr)
-    texts = None
-    if fusion:
-        lm = TextEncoder(experiment.encoder_config(config), trainable=True)
-        texts = TextBatcher(lm, cache_limit=TEXT_CACHE)
-    model = experiment.build_model(pre, config, fusion, texts.lm.dim if texts else 0)
-    if warm_start is not None:
-        start_from(model, pre, warm_start)
-    checkpoints = run_dir / experiment.CHECKPOINTS / "ctr"
-    result = train_model(model, source, config, checkpoints, texts, warm_start is not None, progress)
-    _, impressions, clicks = streaming.split_totals(source.root, "train")
-    ctr_train = clicks / max(impressions, 1)
-    scored = streamed_test(model, source, texts, run_dir / experiment.PREDICTIONS_FILE)
-    evaluation = config["evaluation"]
-    report = scored.report(
-        ctr_train,
-        int(evaluation["bootstrap_rounds"]),
-        int(evaluation["bootstrap_seed"]),
-        int(evaluation["calibration_bins"]),
-    )
-    return pre, model, texts, result, report, ctr_train
-
-
-def epochs_trained(result: FitResult) -> int:
-    """Epochs a fit went through (summed over the joint recipe's stages)."""
-    last: dict[Any, int] = {}
-    for entry in result.history:
-        key = entry.get("stage")
-        last[key] = max(last.get(key, 0), int(entry["epoch"]) + 1)
-    return sum(last.values())
-
-
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train one run; returns its results with a one-line `summary`."""
-    args = parse_args(argv)
-    started = time.perf_counter()
-    data_dir: Path = args.data.resolve()
+def set_up(request: TrainRequest) -> RunSetup:
+    """Check the request, load its configuration and claim its run folder (writing config.json)."""
+    data_dir = request.data_dir.resolve()
     manifest = read_manifest(data_dir)
-    if args.mode == "joint" and args.fusion is None:
-        args.fusion = "score"
-    if args.mode != "joint" and args.fusion is not None:
-        raise UserError(f"--fusion applies to --mode joint only (got --mode {args.mode})")
-    if args.mode != "joint" and args.init_from is not None:
-        raise UserError(f"--init-from applies to --mode joint only (got --mode {args.mode})")
-    overrides: dict[str, Any] = {}
-    if args.epochs is not None:
-        # E2's expensive step is the LM's; its CTR step keeps the configured (E0) budget.
-        overrides["lm_loop" if args.mode == "cascade-finetuned" else "loop"] = {"epochs": args.epochs}
-    if args.seed is not None:
-        for key in ("loop", "lm_loop"):
-            overrides.setdefault(key, {})["seed"] = args.seed
-    if args.layers is not None:
-        overrides["encoder"] = {"layers": args.layers}
-    config = experiment.load_config(args.mode, args.config, overrides)
-    run_dir = run_dir_of(args.runs_dir, args.run)
-    slug = lm_feature_slug(args.run)
-    identity = {"mode": args.mode, "fusion": args.fusion, "data_dir": str(data_dir), "config": config}
-    if args.init_from:
-        identity["init_from"] = args.init_from
+    request = request.checked()
+    config = load_config(request.mode, request.config_file, request.overrides())
+    run_dir = run_dir_of(request.runs_dir, request.run)
+    identity = {"mode": request.mode, "fusion": request.fusion, "data_dir": str(data_dir), "config": config}
     warm_start = None
-    if args.init_from:
-        warm_start = experiment.TrainedRun.load(run_dir_of(args.runs_dir, args.init_from))
+    if request.init_from:
+        identity["init_from"] = request.init_from
+        warm_start = TrainedRun.load(run_dir_of(request.runs_dir, request.init_from))
         if warm_start.spec["mode"] != "baseline":
             raise UserError(
-                f"--init-from needs an E0 (--mode baseline) run; {args.init_from} is "
+                f"--init-from needs an E0 (--mode baseline) run; {request.init_from} is "
                 f"{warm_start.spec['mode']}"
             )
     # A run writes into its folder: a new or empty one, or an earlier run's (its config.json).
@@ -484,7 +286,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     config_file = run_dir / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()) != identity:
         raise UserError(
-            f"run {args.run} exists with another configuration ({config_file}); "
+            f"run {request.run} exists with another configuration ({config_file}); "
             f"use another --run or delete {run_dir}"
         )
     try:
@@ -493,99 +295,177 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--runs-dir/--run {run_dir} cannot be created ({exc.strerror})") from None
     config_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
     fill_ctr = global_ctr(data_dir)
-    progress = not args.no_progress
-    group = manifest["group"]
-
-    streamed = use_streaming(manifest, args.streaming)
-    if streamed and args.mode not in STREAMING_MODES:
+    streamed = use_streaming(manifest, request.streaming)
+    if streamed and request.mode not in STREAMING_MODES:
         raise UserError(
-            f"--mode {args.mode} does not stream yet (modes that do: {', '.join(STREAMING_MODES)}); "
+            f"--mode {request.mode} does not stream yet (modes that do: {', '.join(STREAMING_MODES)}); "
             "use --in-memory on data that fits in memory"
         )
-    lm_step: dict[str, Any] | None = None
-    if streamed:
-        service = CASCADE_FROZEN if args.mode == "cascade-frozen" else BASELINE
-        pre, model, texts, result, report, ctr_train = train_streaming(
-            data_dir, service, manifest, config, fill_ctr, run_dir, args.fusion, progress, warm_start
-        )
-        root = feature_store.training_shards_dir(data_dir, service)
-        frame = streaming.unique_text_pairs(root) if args.mode == "joint" else pd.DataFrame()
-        encoder_version = (
-            frozen_encoder_version(data_dir, pd.DataFrame(columns=list(pre.columns.cascade)))
-            if args.mode == "cascade-frozen"
-            else experiment.encoder_config(config).version
-            if args.mode == "joint"
-            else None
-        )
+    slug = lm_feature_slug(request.run)
+    return RunSetup(
+        request, data_dir, manifest, config, identity, run_dir, slug, fill_ctr, streamed, warm_start
+    )
+
+
+# ------------------------------------------------------------------------------- the two ways to train
+
+
+def in_memory(
+    setup: RunSetup, service: str, frame: pd.DataFrame, columns: FeatureColumns, encoder_version: str | None
+) -> TrainedModel:
+    """Train on the service's whole training frame; test it and write the test predictions."""
+    pre, data, model, texts, result = fit_ctr(
+        frame,
+        columns,
+        setup.manifest,
+        setup.config,
+        setup.fill_ctr,
+        setup.run_dir / CHECKPOINTS / "ctr",
+        setup.request.fusion,
+        setup.request.progress,
+        setup.warm_start,
+    )
+    test = data.rows("test")
+    p_test = predict(model, data, test, texts)
+    ctr_train = train_ctr(labels_of(data, data.rows("train")))
+    report = metric_report(labels_of(data, test), p_test, ctr_train, setup.config["evaluation"])
+    pd.DataFrame(
+        {"impression_id": data.impression_id[test.numpy()], "split": "test", "p": p_test}
+    ).to_parquet(setup.run_dir / PREDICTIONS_FILE, index=False)
+    return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, frame)
+
+
+def streamed(setup: RunSetup, service: str) -> TrainedModel:
+    """Train and test on the service's training frame written as parquet shards (DuckDB)."""
+    root = feature_store.write_training_shards(setup.data_dir, service)
+    pre, model, texts, result, report, ctr_train = train_streaming(
+        root,
+        service == CASCADE_FROZEN,
+        setup.manifest,
+        setup.config,
+        setup.fill_ctr,
+        setup.run_dir,
+        setup.request.fusion,
+        setup.request.progress,
+        setup.warm_start,
+    )
+    # Only a joint run reads text pairs (for its LM feature); the rest never load the frame.
+    pairs = streaming.unique_text_pairs(root) if setup.request.mode == "joint" else pd.DataFrame()
+    return TrainedModel(service, pre, model, texts, result, report, ctr_train, None, pairs)
+
+
+# ------------------------------------------------------------------------------- one function per mode
+
+
+def train_baseline(setup: RunSetup) -> TrainedModel:
+    """E0: IDs, context and CTR history."""
+    if setup.streamed:
+        return streamed(setup, BASELINE)
+    frame = feature_store.training_frame(setup.data_dir, BASELINE)
+    return in_memory(setup, BASELINE, frame, FeatureColumns.for_manifest(setup.manifest), None)
+
+
+def train_cascade_frozen(setup: RunSetup) -> TrainedModel:
+    """E1: E0's inputs and the frozen encoder's text vectors."""
+    if setup.streamed:
+        trained = streamed(setup, CASCADE_FROZEN)
+        vectors = pd.DataFrame(columns=list(trained.pre.columns.cascade))
+        trained.encoder_version = frozen_encoder_version(setup.data_dir, vectors)
+        return trained
+    frame = feature_store.training_frame(setup.data_dir, CASCADE_FROZEN)
+    cascade = [c for c in frame.columns if c.endswith("__embedding")]
+    columns = FeatureColumns.for_manifest(setup.manifest, cascade=cascade)
+    return in_memory(setup, CASCADE_FROZEN, frame, columns, frozen_encoder_version(setup.data_dir, frame))
+
+
+def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
+    """E2: the LM fine-tuned alone on clicks, its chosen epoch's feature published, then E0 + it."""
+    base = feature_store.training_frame(setup.data_dir, BASELINE)
+    lm_step = train_lm_alone(
+        base,
+        setup.manifest,
+        setup.config,
+        setup.fill_ctr,
+        setup.run_dir,
+        setup.data_dir,
+        setup.slug,
+        setup.request.progress,
+        publisher(setup.data_dir),
+    )
+    service = f"cascade_finetuned_{setup.slug}"
+    view = lm_view_name(setup.slug)
+    frame = feature_store.training_frame(setup.data_dir, service)
+    columns = FeatureColumns.for_manifest(
+        setup.manifest, cascade=[f"{view}__lm_embedding"], scores=[f"{view}__lm_score"]
+    )
+    trained = in_memory(setup, service, frame, columns, lm_step.encoder_version)
+    trained.lm_step = lm_step
+    return trained
+
+
+def train_joint(setup: RunSetup) -> TrainedModel:
+    """E3: the LM and E0 trained end to end through a fusion; its LM's output published as a view."""
+    version = encoder_config(setup.config).version
+    if setup.streamed:
+        trained = streamed(setup, BASELINE)
+        trained.encoder_version = version
     else:
-        if args.mode == "cascade-finetuned":
-            base = feature_store.training_frame(data_dir, BASELINE)
-            lm_step = train_lm_alone(base, manifest, config, fill_ctr, run_dir, data_dir, slug, progress)
-            service = f"cascade_finetuned_{slug}"
-            view = lm_view_name(slug)
-            frame = feature_store.training_frame(data_dir, service)
-            columns = FeatureColumns.for_manifest(
-                manifest, cascade=[f"{view}__lm_embedding"], scores=[f"{view}__lm_score"]
-            )
-            encoder_version = lm_step["encoder_version"]
-        else:
-            service = CASCADE_FROZEN if args.mode == "cascade-frozen" else BASELINE
-            frame = feature_store.training_frame(data_dir, service)
-            cascade = (
-                [c for c in frame.columns if c.endswith("__embedding")] if service == CASCADE_FROZEN else []
-            )
-            columns = FeatureColumns.for_manifest(manifest, cascade=cascade)
-            encoder_version = (
-                frozen_encoder_version(data_dir, frame)
-                if args.mode == "cascade-frozen"
-                else experiment.encoder_config(config).version
-                if args.mode == "joint"
-                else None
-            )
+        frame = feature_store.training_frame(setup.data_dir, BASELINE)
+        trained = in_memory(setup, BASELINE, frame, FeatureColumns.for_manifest(setup.manifest), version)
+    assert trained.texts is not None
+    trained.supplementary_view = write_joint_features(
+        trained.model,
+        trained.texts,
+        trained.text_rows,
+        setup.config,
+        setup.data_dir,
+        setup.slug,
+        trained.fit.best_epoch,
+        publisher(setup.data_dir),
+    )
+    return trained
 
-        pre, data, model, texts, result = fit_ctr(
-            frame,
-            columns,
-            manifest,
-            config,
-            fill_ctr,
-            run_dir / experiment.CHECKPOINTS / "ctr",
-            args.fusion,
-            progress,
-            warm_start,
-        )
-        test = data.rows("test")
-        p_test = predict(model, data, test, texts)
-        labels = labels_of(data, test)
-        ctr_train = train_ctr(labels_of(data, data.rows("train")))
-        report = experiment.metric_report(labels, p_test, ctr_train, config["evaluation"])
-        pd.DataFrame(
-            {"impression_id": data.impression_id[test.numpy()], "split": "test", "p": p_test}
-        ).to_parquet(run_dir / experiment.PREDICTIONS_FILE, index=False)
 
-    supplementary = None
-    if args.mode == "joint":
-        assert texts is not None
-        supplementary = write_joint_features(model, texts, frame, config, data_dir, slug, result.best_epoch)
+TRAIN_MODE: dict[str, Callable[[RunSetup], TrainedModel]] = {
+    "baseline": train_baseline,
+    "cascade-frozen": train_cascade_frozen,
+    "cascade-finetuned": train_cascade_finetuned,
+    "joint": train_joint,
+}
+
+
+# ------------------------------------------------------------------------------- the run's files
+
+
+def train(request: TrainRequest) -> TrainResult:
+    """Train one run and write its folder: config.json, run.json, checkpoints/, predictions, results."""
+    started = time.perf_counter()
+    setup = set_up(request)
+    request = setup.request
+    trained = TRAIN_MODE[request.mode](setup)
+    result, run_dir, manifest, config = trained.fit, setup.run_dir, setup.manifest, setup.config
     assert result.checkpoint is not None
     spec = {
-        **identity,
-        "service": service,
+        **setup.identity,
+        "service": trained.service,
         "checkpoint": str(result.checkpoint.relative_to(run_dir)),
-        "preprocessing": pre.to_json(),
-        "train_ctr": ctr_train,
-        "streaming": streamed,
+        "preprocessing": trained.pre.to_json(),
+        "train_ctr": trained.train_ctr,
+        "streaming": setup.streamed,
     }
-    (run_dir / experiment.RUN_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    (run_dir / RUN_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     wall = time.perf_counter() - started
+    report = trained.report
     results = {
         "dataset": manifest["dataset"],
-        "run": args.run,
+        "run": request.run,
         "seed": int(config["loop"]["seed"]),
         "split": manifest["split"]["mode"],
-        "mode": args.mode,
-        "fusion": args.fusion,
-        "layers": int(config["encoder"]["layers"]) if args.mode in ("cascade-finetuned", "joint") else None,
+        "mode": request.mode,
+        "fusion": request.fusion,
+        "layers": int(config["encoder"]["layers"])
+        if request.mode in ("cascade-finetuned", "joint")
+        else None,
         "epochs": epochs_trained(result),
         "best_epoch": result.best_epoch,
         "best_step": result.best_step,
@@ -599,29 +479,35 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_seconds": result.eval_seconds,
         "train_rows_per_s": result.train_rows_per_s,
         "metrics": {"test": report},
-        "lm": lm_step,
-        "supplementary_feature_view": supplementary,
+        "lm": trained.lm_step.to_dict() if trained.lm_step else None,
+        "supplementary_feature_view": trained.supplementary_view,
         "config": config,
         "provenance": {
             "dataset": manifest["dataset"],
-            "data_dir": str(data_dir),
+            "data_dir": str(setup.data_dir),
             "spec_hash": manifest.get("spec_hash"),
             "split_mode": manifest["split"]["mode"],
             "split_seed": manifest["split"]["seed"],
-            "encoder_version": encoder_version,
+            "encoder_version": trained.encoder_version,
             "code_version": code_version(),
-            "feature_service": service,
-            "group": group,
+            "feature_service": trained.service,
+            "group": manifest["group"],
         },
     }
-    (run_dir / experiment.RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
-    label = args.mode + (f"/{args.fusion}" if args.fusion else "")
+    (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    label = request.mode + (f"/{request.fusion}" if request.fusion else "")
     stages = f"; valid logloss {stage_summary(result.stages)}" if result.stages else ""
-    results["summary"] = (
-        f"train {args.run} ({label}, {manifest['dataset']}): test AUC {report['auc']:.4f} "
+    summary = (
+        f"train {request.run} ({label}, {manifest['dataset']}): test AUC {report['auc']:.4f} "
         f"[{report['auc_ci'][0]:.4f}, {report['auc_ci'][1]:.4f}], GAUC {report['gauc']:.4f}, "
         f"logloss {report['logloss']:.4f}, RIG {report['rig']:.4f}, calibration "
         f"{report['calibration']['ratio']:.3f}; best epoch {result.best_epoch + 1}/{epochs_trained(result)}"
         f"{stages}; {wall:.1f} s -> {run_dir}"
     )
-    return results
+    return TrainResult(run_dir, results, summary, result, trained.lm_step)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """`nlpctr train`; returns the run's results with a one-line `summary`."""
+    trained = train(TrainRequest.from_args(parse_args(argv)))
+    return {**trained.results, "summary": trained.summary}

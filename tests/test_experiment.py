@@ -14,7 +14,7 @@ import yaml
 
 from nlpctr.errors import UserError
 from nlpctr.models import claims
-from nlpctr.pipelines import experiment
+from nlpctr.pipelines import experiment, simulate
 
 TINY = {
     "embed_layers": 1,
@@ -56,9 +56,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def protocol_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> dict:
     root = tmp_path_factory.mktemp("experiment")
     log = root / "log" / "log.parquet"
-    experiment.command(
-        ["data", "simulate", "--rows", "3000", "--rho", "0.3", "--out", str(log), "--no-progress"]
-    )
+    simulate.run(["--rows", "3000", "--rho", "0.3", "--out", str(log), "--no-progress"])
     out = root / "out"
     spec = str(log.with_name("log.spec.yaml"))
     experiment.run(

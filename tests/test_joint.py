@@ -12,7 +12,8 @@ import yaml
 from test_trainer import COLUMNS, Interrupted, interrupt_at_evaluation, synthetic_frame
 
 from nlpctr.models import encoder as encoder_module
-from nlpctr.models import experiment, metrics
+from nlpctr.models import metrics
+from nlpctr.models.config import load_config
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
 from nlpctr.models.data import Tensors, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
@@ -147,27 +148,13 @@ def test_a_cold_run_is_one_stage_that_trains_everything(data, tmp_path: Path) ->
     assert [(s["name"], s["lr"]["tower"]) for s in result.stages] == [("all", 2e-3)]
 
 
-def test_defaults_live_in_one_place() -> None:
-    defaults = yaml.safe_load(experiment.DEFAULT_CONFIG.read_text())
-    assert LoopConfig(**defaults["loop"]) == LoopConfig()
-    assert set(defaults["loop"]) == {f.name for f in dataclasses.fields(LoopConfig)}
-    assert JointConfig.from_dict(defaults["joint"]) == JointConfig()
-    for stage in ("stage1", "stage2"):
-        assert set(defaults["joint"][stage]) == {f.name for f in dataclasses.fields(StageConfig)}
-    assert set(defaults["encoder"]) == {f.name for f in dataclasses.fields(EncoderConfig)}
-    joint = experiment.load_config("joint")
-    assert (
-        experiment.loop_config(joint).eval_every_steps and experiment.encoder_config(joint).trainable_layers
-    )
-
-
 def test_bad_joint_configs_are_refused(tmp_path: Path) -> None:
     from nlpctr.errors import UserError
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"joint": {"stage1": {"tower_lr": 0.1}}}))
     with pytest.raises(UserError, match=r"stage1\.tower_lr must be 0"):
-        experiment.load_config("joint", config)
+        load_config("joint", config)
     config.write_text(yaml.safe_dump({"joint": {"stage2": {"lr": 0.1}}}))
     with pytest.raises(UserError, match="lr"):
-        experiment.load_config("joint", config)
+        load_config("joint", config)

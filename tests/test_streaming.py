@@ -22,8 +22,10 @@ from test_trainer import COLUMNS, baseline, synthetic_frame
 from nlpctr.features import render, store
 from nlpctr.features.definitions import build_definitions
 from nlpctr.features.job_outputs import Layout
-from nlpctr.models import experiment, metrics
+from nlpctr.models import metrics
 from nlpctr.models.data import tensorize
+from nlpctr.models.evaluation import metric_report, paired_delta
+from nlpctr.models.runs import Preprocessing
 from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns, unique_text_pairs
 from nlpctr.models.trainer import LoopConfig, fit, predict_split
 from nlpctr.pipelines import evaluate, train
@@ -127,7 +129,7 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def shard_source(frames: dict[str, Any]) -> ShardSource:
     vocabularies = fit_vocabularies(frames["root"], COLUMNS.categorical)
     assert vocabularies == frames["vocabularies"]
-    pre = experiment.Preprocessing(COLUMNS, vocabularies, 0.5, (), "ad_id")
+    pre = Preprocessing(COLUMNS, vocabularies, 0.5, (), "ad_id")
     return ShardSource(frames["root"], pre.tensorize, needed_columns(COLUMNS, "ad_id"), shuffle_rows=1000)
 
 
@@ -173,7 +175,7 @@ def test_streamed_metrics_equal_the_in_memory_report() -> None:
     clicks = rng.binomial(shown, np.clip(p * rng.uniform(0.6, 1.4, n), 0, 1))
     labels = metrics.Labels(shown, clicks, groups)
     evaluation = {"bootstrap_rounds": 50, "bootstrap_seed": 3, "calibration_bins": 10}
-    expected = experiment.metric_report(labels, p, 0.15, evaluation)
+    expected = metric_report(labels, p, 0.15, evaluation)
     streamed = metrics.StreamingMetrics()
     for start in range(0, n, 700):
         chunk = slice(start, start + 700)
@@ -188,7 +190,7 @@ def test_streamed_metrics_equal_the_in_memory_report() -> None:
     assert got["calibration"]["ece"] == pytest.approx(expected["calibration"]["ece"], abs=2e-3)
     assert shown.sum() == got["impressions"]
     baseline = np.clip(p + rng.normal(0, 0.05, n), 0.01, 0.99)
-    paired = experiment.paired_delta(labels, p, baseline, 0.15, evaluation)
+    paired = paired_delta(labels, p, baseline, 0.15, evaluation)
     delta = streamed.paired_delta(streamed.rescored(baseline), 0.15, 50, 3)
     for key in ("auc", "rig", "gauc"):
         assert delta[key].estimate == pytest.approx(paired[f"delta_{key}"], abs=2e-4), key
@@ -237,12 +239,12 @@ def test_train_and_evaluate_stream(prepared: Path, tmp_path: Path) -> None:
         predictions = pd.read_parquet(runs / name / "predictions.parquet")
         assert predictions.impression_id.tolist() == test.impression_id.tolist()
         p[name] = predictions.p.to_numpy()
-        in_memory = experiment.metric_report(labels, p[name], spec["train_ctr"], QUICK_EVAL)
+        in_memory = metric_report(labels, p[name], spec["train_ctr"], QUICK_EVAL)
         for key in ("auc", "gauc", "logloss", "rig"):
             assert results["metrics"]["test"][key] == pytest.approx(in_memory[key], abs=2e-4), key
     out = evaluate.run(["--run", "e3", "--baseline", "e0", "--runs-dir", str(runs)])
     assert out["evaluate"]["max_abs_diff_vs_train_predictions"] <= 1e-6
     assert out["metrics"]["test"]["auc"] == pytest.approx(results["metrics"]["test"]["auc"], abs=1e-9)
-    expected = experiment.paired_delta(labels, p["e3"], p["e0"], spec["train_ctr"], QUICK_EVAL)
+    expected = paired_delta(labels, p["e3"], p["e0"], spec["train_ctr"], QUICK_EVAL)
     for key in ("delta_auc", "delta_rig", "delta_gauc"):
         assert out["delta_vs_baseline"][key] == pytest.approx(expected[key], abs=2e-4), key

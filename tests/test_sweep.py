@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from nlpctr.models import claims, report_sections, sweep
-from nlpctr.pipelines import experiment
+from nlpctr.models.config import deep_merge
+from nlpctr.pipelines import experiment, rho_sweep
 
 RHOS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -120,10 +121,10 @@ def test_a_rerun_keeps_only_rhos_finished_with_the_same_protocol_and_seed(tmp_pa
     protocol = experiment.load_protocol(True, None, simulated=True)
     (tmp_path / "results.json").write_text(json.dumps({"protocol": protocol, "seed": 0, "runs": {}}))
     defaults = argparse.Namespace(rows=None, impressions_per_row=None, seed=0)
-    assert experiment.finished_rho(tmp_path, protocol, defaults) is not None
+    assert rho_sweep.finished_rho(tmp_path, protocol, defaults) is not None
     for changed_flag in ({"seed": 1}, {"rows": 10}, {"impressions_per_row": 5}):
         flags = argparse.Namespace(**{**vars(defaults), **changed_flag})
-        assert experiment.finished_rho(tmp_path, protocol, flags) is None
-    changed = experiment.experiment.deep_merge(protocol, {"simulator": {"text_strength": 2.0}})
-    assert experiment.finished_rho(tmp_path, changed, defaults) is None
-    assert experiment.finished_rho(tmp_path / "nothing", protocol, defaults) is None
+        assert rho_sweep.finished_rho(tmp_path, protocol, flags) is None
+    changed = deep_merge(protocol, {"simulator": {"text_strength": 2.0}})
+    assert rho_sweep.finished_rho(tmp_path, changed, defaults) is None
+    assert rho_sweep.finished_rho(tmp_path / "nothing", protocol, defaults) is None

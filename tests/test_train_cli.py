@@ -20,7 +20,9 @@ from test_features import SLUG, impressions, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
-from nlpctr.models import experiment, metrics
+from nlpctr.models import metrics
+from nlpctr.models.config import load_config
+from nlpctr.models.evaluation import metric_report, paired_delta
 from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines import evaluate, ingest, score_batch, train
 
@@ -200,14 +202,14 @@ def test_training_is_deterministic_and_a_changed_config_is_refused(trained: dict
 def test_config_layers_merge_in_order(tmp_path: Path) -> None:
     override = tmp_path / "c.yaml"
     override.write_text(yaml.safe_dump({"loop": {"epochs": 5}, "modes": {"joint": {"loop": {"lr": 0.5}}}}))
-    joint = experiment.load_config("joint", override, {"encoder": {"layers": 1}})
+    joint = load_config("joint", override, {"encoder": {"layers": 1}})
     assert joint["loop"]["epochs"] == 5  # the user's file beats the defaults' per-mode section
     assert joint["loop"]["lr"] == 0.5 and joint["loop"]["batch_size"] == 32
     assert joint["encoder"]["layers"] == 1
-    assert experiment.load_config("baseline", override)["loop"]["lr"] == 0.001
+    assert load_config("baseline", override)["loop"]["lr"] == 0.001
     override.write_text(yaml.safe_dump({"loop": {"epochz": 5}}))
     with pytest.raises(UserError, match="epochz"):
-        experiment.load_config("baseline", override)
+        load_config("baseline", override)
 
 
 def test_counted_bootstrap_equals_resampling_rows() -> None:
@@ -220,8 +222,8 @@ def test_counted_bootstrap_equals_resampling_rows() -> None:
     labels = metrics.Labels(impressions_, clicks, groups)
     p, q = np.round(rng.random(n), 1).clip(0.05, 0.95), rng.random(n)  # p has ties
     evaluation = {"bootstrap_rounds": 25, "bootstrap_seed": 3, "calibration_bins": 5}
-    report = experiment.metric_report(labels, p, 0.3, evaluation)
-    delta = experiment.paired_delta(labels, p, q, 0.3, evaluation)
+    report = metric_report(labels, p, 0.3, evaluation)
+    delta = paired_delta(labels, p, q, 0.3, evaluation)
 
     def rig(lab: metrics.Labels, x: np.ndarray) -> float:
         return metrics.rig(lab, x, 0.3)

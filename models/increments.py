@@ -1,0 +1,238 @@
+"""NLP features judged against E0 on one shared frame: increments, measures, paired deltas.
+
+An increment is E0 + one NLP feature, trained like E0 (same configuration, seed and rows) on the
+frame every analysis shares (cascade-frozen's training frame, a superset of E0's, in
+impression_id order). Its validation ΔAUC over E0 is what selects a teacher or a checkpoint, so
+the test split only judges. `FeatureJudge` holds E0's side of every comparison, computed once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from nlpctr.models import ceilings, distill, metrics, redundancy
+from nlpctr.models.config import load_config
+from nlpctr.models.data import FeatureColumns, Tensors
+from nlpctr.models.evaluation import metric_report, paired_delta
+from nlpctr.models.nlp_features import NlpFeature
+from nlpctr.models.runs import PREDICTIONS_FILE, TrainedRun
+from nlpctr.models.trainer import labels_of, predict
+from nlpctr.models.training import fit_ctr
+
+
+@dataclass
+class FeatureJudge:
+    """The shared frame's test split, E0's predictions and representation, and each feature's
+    increment (test predictions of E0 + it) and validation gain, as they are fitted."""
+
+    frame: pd.DataFrame
+    manifest: dict[str, Any]
+    runs_dir: Path
+    train_config_file: Path  # the protocol's `train_config`: E0's configuration, as every run's
+    seed: int
+    redundancy_settings: Mapping[str, Any]  # the protocol's `redundancy:` (max_rows, max_components)
+    e0: TrainedRun
+    data: Tensors
+    test_rows: torch.Tensor
+    train_rows: torch.Tensor
+    valid_rows: torch.Tensor
+    test_labels: metrics.Labels
+    valid_labels: metrics.Labels
+    train_ctr: float
+    evaluation: dict[str, Any]
+    e0_p: np.ndarray  # E0's saved test predictions
+    e0_valid_auc: float
+    e0_inputs: list[np.ndarray]  # E0's design matrix on (train, test) rows
+    e0_repr: list[np.ndarray]  # E0's last hidden layer on (train, test) rows
+    ceiling: ceilings.Ceiling | None = None  # `measure_ceiling`
+    increments: dict[str, np.ndarray] = field(default_factory=dict)
+    valid_gain: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        frame: pd.DataFrame,
+        manifest: dict[str, Any],
+        runs_dir: Path,
+        baseline_run: str,
+        train_config_file: Path,
+        seed: int,
+        redundancy_settings: Mapping[str, Any],
+    ) -> FeatureJudge:
+        """E0 (`runs_dir/baseline_run`) on `frame`, sorted by impression_id."""
+        frame = frame.sort_values("impression_id", kind="stable").reset_index(drop=True)
+        e0 = TrainedRun.load(runs_dir / baseline_run)
+        data = e0.pre.tensorize(frame)
+        test_rows, train_rows = data.rows("test"), data.rows("train")
+        test_labels = labels_of(data, test_rows)
+        e0_p = saved_predictions(runs_dir / baseline_run, data, test_rows)
+        valid_rows = data.rows("valid")
+        valid_labels = labels_of(data, valid_rows)
+        e0_valid_auc = metrics.auc(valid_labels, predict(e0.model, data, valid_rows, None))
+        rows = (train_rows, test_rows)  # E0's side of every redundancy probe, once
+        return cls(
+            frame=frame,
+            manifest=manifest,
+            runs_dir=runs_dir,
+            train_config_file=train_config_file,
+            seed=seed,
+            redundancy_settings=redundancy_settings,
+            e0=e0,
+            data=data,
+            test_rows=test_rows,
+            train_rows=train_rows,
+            valid_rows=valid_rows,
+            test_labels=test_labels,
+            valid_labels=valid_labels,
+            train_ctr=float(e0.spec["train_ctr"]),
+            evaluation=e0.spec["config"]["evaluation"],
+            e0_p=e0_p,
+            e0_valid_auc=e0_valid_auc,
+            e0_inputs=[redundancy.e0_design_matrix(data, r) for r in rows],
+            e0_repr=[redundancy.e0_representation(e0.model, data, r) for r in rows],
+        )
+
+    def measure_ceiling(self) -> None:
+        """The test split's ceilings (`models/ceilings.py`): the simulator's oracles when its truth
+        file sits beside the source, else the split-half ceiling; shares pair with E0's CIs."""
+        test = self.frame.iloc[self.test_rows.numpy()]
+        self.ceiling = ceilings.for_split(
+            self.manifest, test, self.test_labels, self.e0_p, self.train_ctr, self.evaluation, self.seed
+        )
+
+    def share(self, p: np.ndarray) -> Any:
+        assert self.ceiling is not None, "measure_ceiling first"
+        return self.ceiling.share(p)
+
+    def saved_predictions(self, run: str) -> np.ndarray:
+        """A run's saved test predictions, on the shared frame's test rows."""
+        return saved_predictions(self.runs_dir / run, self.data, self.test_rows)
+
+    def e0_report(self) -> dict[str, Any]:
+        return metric_report(self.test_labels, self.e0_p, self.train_ctr, self.evaluation)
+
+    def report_of(self, p: np.ndarray) -> dict[str, Any]:
+        """Test metrics of predictions `p` and their paired delta over E0's."""
+        entry = metric_report(self.test_labels, p, self.train_ctr, self.evaluation)
+        delta = paired_delta(self.test_labels, p, self.e0_p, self.train_ctr, self.evaluation)
+        entry["delta_auc_vs_baseline"] = delta["delta_auc"]
+        entry["delta_rig_vs_baseline"] = delta["delta_rig"]
+        entry.update({k: v for k, v in delta.items() if k not in ("delta_auc", "delta_rig")})
+        entry["share_of_text_gain"] = self.share(p)
+        return entry
+
+    def fit_increment(self, feature: NlpFeature) -> np.ndarray:
+        """Test predictions of E0 + the feature, trained like E0 (same config, seed and rows)."""
+        frame = self.frame.copy()
+        cascade, scores = [], []
+        if feature.cascade is not None:
+            frame["nlp_feature__vector"] = list(feature.cascade)
+            cascade.append("nlp_feature__vector")
+        if feature.score is not None:
+            frame["nlp_feature__score"] = feature.score
+            scores.append("nlp_feature__score")
+        columns = FeatureColumns.for_manifest(self.manifest, cascade=cascade, scores=scores)
+        config = load_config("baseline", self.train_config_file, {"loop": {"seed": self.seed}})
+        checkpoints = self.runs_dir / "_increments" / feature.name
+        shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another feature's weights
+        _, data, model, _, _ = fit_ctr(
+            frame, columns, self.manifest, config, self.e0.pre.fill_ctr, checkpoints, None, False
+        )
+        valid = data.rows("valid")
+        assert torch.equal(valid, self.valid_rows)  # the same frame, so the same rows
+        self.valid_gain[feature.name] = (
+            metrics.auc(self.valid_labels, predict(model, data, valid, None)) - self.e0_valid_auc
+        )
+        return predict(model, data, data.rows("test"), None)
+
+    def measure(self, feature: NlpFeature, increment: np.ndarray) -> dict[str, Any]:
+        """Standalone AUC, incremental gain (E0 + feature vs E0), explained fraction and CKA."""
+        delta = paired_delta(self.test_labels, increment, self.e0_p, self.train_ctr, self.evaluation)
+        measured = redundancy.measure_feature(
+            feature.kind,
+            feature.measured[self.train_rows.numpy()],
+            feature.measured[self.test_rows.numpy()],
+            labels_of(self.data, self.train_rows),
+            self.test_labels,
+            *self.e0_inputs,
+            *self.e0_repr,
+            delta,
+            max_rows=int(self.redundancy_settings["max_rows"]),
+            max_components=int(self.redundancy_settings["max_components"]),
+            seed=self.seed,
+        ).to_dict()
+        measured["significant"] = delta["significant"]
+        measured["share_of_text_gain"] = self.share(increment)
+        measured["valid_delta_auc"] = self.valid_gain.get(feature.name)
+        self.increments[feature.name] = increment
+        measured["dim"] = int(feature.measured.shape[1]) if feature.measured.ndim == 2 else 1
+        return measured
+
+    def paired(self, feature: str, other: str) -> dict[str, Any]:
+        """Paired test delta between E0 + `feature` and E0 + `other` (group bootstrap)."""
+        return paired_delta(
+            self.test_labels,
+            self.increments[feature],
+            self.increments[other],
+            self.train_ctr,
+            self.evaluation,
+        )
+
+    def conversion(self, student: str, teacher: str) -> dict[str, Any]:
+        """The student feature's gain over E0 as a share of the teacher feature's, paired CIs."""
+        rounds, seed = int(self.evaluation["bootstrap_rounds"]), int(self.evaluation["bootstrap_seed"])
+        rates = distill.conversion(
+            self.test_labels,
+            self.increments[student],
+            self.increments[teacher],
+            self.e0_p,
+            self.train_ctr,
+            rounds,
+            seed,
+        )
+        return {
+            "conversion_auc": rates["auc"]["estimate"],
+            "conversion_auc_ci": rates["auc"]["ci"],
+            "conversion_rig": rates["rig"]["estimate"],
+            "conversion_rig_ci": rates["rig"]["ci"],
+        }
+
+    def student_entry(
+        self, method: str, layers: int, p: np.ndarray, feature: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A student end to end (`p`; for feature-KD that is E0 + its feature) and as a feature."""
+        entry = self.report_of(p)
+        return {
+            "method": method,
+            "layers": layers,
+            "auc": entry["auc"],
+            "auc_ci": entry["auc_ci"],
+            "rig": entry["rig"],
+            "gauc": entry["gauc"],
+            "logloss": entry["logloss"],
+            "delta_auc": entry["delta_auc_vs_baseline"],
+            "delta_auc_ci": entry["delta_auc_ci"],
+            "delta_rig": entry["delta_rig_vs_baseline"],
+            "delta_rig_ci": entry["delta_rig_ci"],
+            "feature_delta_auc": feature["delta_auc"],
+            "feature_delta_auc_ci": feature["delta_auc_ci"],
+            "feature_delta_rig": feature["delta_rig"],
+            "feature_delta_rig_ci": feature["delta_rig_ci"],
+        }
+
+
+def saved_predictions(run_dir: Path, data: Tensors, rows: torch.Tensor) -> np.ndarray:
+    """A run's saved predictions (`predictions.parquet`) on `rows` of `data`, matched by impression_id."""
+    saved = pd.read_parquet(run_dir / PREDICTIONS_FILE).set_index("impression_id")
+    p = saved["p"].reindex(data.impression_id[rows.numpy()]).to_numpy()
+    if np.isnan(p).any():
+        raise RuntimeError(f"run {run_dir.name} did not predict every test row")
+    return p

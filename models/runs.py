@@ -1,0 +1,134 @@
+"""A trained run's files and the model rebuilt from them.
+
+`Preprocessing` (how a frame becomes tensors) is saved with a run so new rows encode identically;
+`build_model` / `build_scorer` construct the networks from a run's configuration; `TrainedRun`
+rebuilds a trained CTR model from its folder alone (what `evaluate` and batch scoring use). No
+Beam and no Feast here: frames in, tensors and models out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from nlpctr.errors import UserError
+from nlpctr.models.config import encoder_config, net_config
+from nlpctr.models.ctr_net import CtrModel, InputShape
+from nlpctr.models.data import FeatureColumns, Tensors, Vocabularies, build_vocabularies, tensorize
+from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.trainer import TextBatcher, TextScorer, predict
+
+RUN_FILE = "run.json"  # what `evaluate` and batch scoring rebuild the model from
+RESULTS_FILE = "results.json"
+PREDICTIONS_FILE = "predictions.parquet"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Preprocessing:
+    """How a frame becomes tensors; saved with a run so new rows encode identically."""
+
+    columns: FeatureColumns
+    vocabularies: Vocabularies
+    fill_ctr: float
+    cascade_dims: tuple[int, ...]
+    group: str
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, columns: FeatureColumns, group: str, fill_ctr: float) -> Preprocessing:
+        """Vocabularies from the frame's training rows; vector widths from its first non-null values."""
+        dims = []
+        for column in columns.cascade:
+            present = frame[column].dropna()
+            if present.empty:
+                raise UserError(f"feature column {column} is null on every row; re-run the job behind it")
+            dims.append(len(present.iloc[0]))
+        return cls(columns, build_vocabularies(frame, columns.categorical), fill_ctr, tuple(dims), group)
+
+    def tensorize(self, frame: pd.DataFrame) -> Tensors:
+        tensors, _ = tensorize(
+            frame, self.columns, self.group, self.vocabularies, self.fill_ctr, self.cascade_dims
+        )
+        return tensors
+
+    @property
+    def shape(self) -> InputShape:
+        return InputShape(
+            vocab_sizes=tuple(len(self.vocabularies[c]) + 1 for c in self.columns.categorical),
+            dense_dim=len(self.columns.ctr) + len(self.columns.counts) + len(self.columns.scores),
+            cascade_dims=self.cascade_dims,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "columns": {k: list(v) for k, v in asdict(self.columns).items()},
+            "vocabularies": self.vocabularies,
+            "fill_ctr": self.fill_ctr,
+            "cascade_dims": list(self.cascade_dims),
+            "group": self.group,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Preprocessing:
+        columns = FeatureColumns(**{k: tuple(v) for k, v in data["columns"].items()})
+        return cls(
+            columns, data["vocabularies"], data["fill_ctr"], tuple(data["cascade_dims"]), data["group"]
+        )
+
+
+def build_model(
+    pre: Preprocessing, config: Mapping[str, Any], fusion: str | None, text_dim: int = 0
+) -> CtrModel:
+    """The CTR network for these inputs, initialised from the run's seed."""
+    torch.manual_seed(int(config["loop"]["seed"]))
+    return CtrModel(pre.shape, net_config(config), fusion=fusion, text_dim=text_dim)
+
+
+def build_scorer(config: Mapping[str, Any], text_dim: int) -> TextScorer:
+    torch.manual_seed(int(config["lm_loop"]["seed"]))
+    return TextScorer(text_dim, hidden=int(config["lm_head_hidden"]))
+
+
+@dataclass
+class TrainedRun:
+    """A trained CTR model rebuilt from `runs/NAME/` (weights loaded with weights_only=True)."""
+
+    directory: Path
+    spec: dict[str, Any]
+    pre: Preprocessing
+    model: CtrModel
+    lm: TextEncoder | None
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainedRun:
+        directory = Path(directory)
+        path = directory / RUN_FILE
+        if not path.is_file():
+            raise UserError(
+                f"{directory} is not a finished run (no {RUN_FILE}); train it with `nlpctr train`"
+            )
+        spec = json.loads(path.read_text())
+        pre = Preprocessing.from_json(spec["preprocessing"])
+        state = torch.load(directory / spec["checkpoint"], weights_only=True)
+        lm = None
+        if spec["mode"] == "joint":
+            lm = TextEncoder(encoder_config(spec["config"]))
+            lm.load_state_dict(state["lm"])
+        model = build_model(pre, spec["config"], spec.get("fusion"), lm.dim if lm else 0)
+        model.load_state_dict(state["model"])
+        model.eval()
+        return cls(directory, spec, pre, model, lm)
+
+    def predict_frame(self, frame: pd.DataFrame) -> tuple[Tensors, np.ndarray]:
+        """Click probabilities for every row of a frame (rows in impression_id order)."""
+        data = self.pre.tensorize(frame)
+        texts = TextBatcher.for_data(self.lm, data) if self.lm is not None else None
+        rows = torch.arange(len(data.impression_id))
+        return data, predict(self.model, data, rows, texts)

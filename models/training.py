@@ -1,0 +1,225 @@
+"""Training drivers of `nlpctr train` on in-memory frames: E0/E1/E3's CTR model, E2's LM step.
+
+`pipelines/train.py` reads the frames from Feast and publishes what is written here; this module
+takes pandas frames and run folders. One loop (`models.trainer.fit`) trains everything; a model
+with an LM goes through the joint recipe (`models.joint.fit_joint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+import nlpctr
+from nlpctr.errors import UserError
+from nlpctr.layout import LmFeatureMeta, pair_key_columns
+from nlpctr.models import metrics
+from nlpctr.models.config import encoder_config, joint_config, loop_config
+from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
+from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.joint import fit_joint
+from nlpctr.models.lm_features import (
+    has_query_text,
+    lm_feature_root,
+    lm_outputs,
+    text_pairs,
+    write_lm_features,
+)
+from nlpctr.models.runs import CHECKPOINTS, Preprocessing, TrainedRun, build_model, build_scorer
+from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict
+
+# Registers an LM-feature folder (its meta) with the feature store; returns the view's name.
+Publish = Callable[[LmFeatureMeta], str]
+
+
+def fit_ctr(
+    frame: pd.DataFrame,
+    columns: FeatureColumns,
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    fill_ctr: float,
+    checkpoints: Path,
+    fusion: str | None,
+    progress: bool,
+    warm_start: TrainedRun | None = None,
+) -> tuple[Preprocessing, Tensors, torch.nn.Module, TextBatcher | None, FitResult]:
+    """Tensors, model (with a trainable LM when there is a fusion) and the fitted loop;
+    `warm_start` (an E0 run on the same inputs) initialises the CTR tower."""
+    pre = Preprocessing.fit(frame, columns, manifest["group"], fill_ctr)
+    data = pre.tensorize(frame)
+    texts = None
+    if fusion:
+        lm = TextEncoder(encoder_config(config), trainable=True)
+        texts = TextBatcher.for_data(lm, data)
+    model = build_model(pre, config, fusion, texts.lm.dim if texts else 0)
+    if warm_start is not None:
+        start_from(model, pre, warm_start)
+    result = train_model(model, data, config, checkpoints, texts, warm_start is not None, progress)
+    return pre, data, model, texts, result
+
+
+def train_model(
+    model: torch.nn.Module,
+    data: BatchSource,
+    config: dict[str, Any],
+    checkpoints: Path,
+    texts: TextBatcher | None,
+    warm_started: bool,
+    progress: bool,
+) -> FitResult:
+    """`models.trainer.fit`, or the joint recipe (`models.joint.fit_joint`) for a model with an LM."""
+    loop = loop_config(config)
+    if texts is None:
+        return fit(model, data, loop, checkpoints, progress=progress)
+    return fit_joint(model, data, loop, joint_config(config), checkpoints, texts, warm_started, progress)
+
+
+def start_from(model: torch.nn.Module, pre: Preprocessing, baseline: TrainedRun) -> None:
+    """Initialise a joint model's CTR tower from a trained E0 that read the same inputs."""
+    if pre.to_json() != baseline.pre.to_json():
+        raise UserError(
+            f"--init-from {baseline.directory.name} was trained on other inputs (columns or vocabularies "
+            "differ); train it on the same data and service"
+        )
+    model.warm_start(baseline.model)
+
+
+def train_ctr(labels: metrics.Labels) -> float:
+    """The training rows' CTR (what RIG is relative to)."""
+    return float(labels.clicks.sum() / max(labels.impressions.sum(), 1))
+
+
+def epochs_trained(result: FitResult) -> int:
+    """Epochs a fit went through (summed over the joint recipe's stages)."""
+    last: dict[Any, int] = {}
+    for entry in result.history:
+        key = entry.get("stage")
+        last[key] = max(last.get(key, 0), int(entry["epoch"]) + 1)
+    return sum(last.values())
+
+
+# ------------------------------------------------------------------------------- E2's LM step
+
+
+@dataclass(frozen=True)
+class LmStep:
+    """E2 steps 1 and 2: the LM fine-tuned alone on clicks, every epoch's features written."""
+
+    epochs: int
+    best_epoch: int
+    history: list[dict[str, Any]]
+    wall_seconds: float
+    test_auc_standalone: float
+    feature_view: str  # the published view of the chosen epoch
+    features: dict[str, str]  # epoch folder -> its parquet folder
+    chosen: str  # the epoch folder the view serves (peak validation AUC)
+    encoder_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `lm` section of the run's results.json (field order kept)."""
+        return dict(self.__dict__)
+
+
+def train_lm_alone(
+    frame: pd.DataFrame,
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    fill_ctr: float,
+    run_dir: Path,
+    data_dir: Path,
+    slug: str,
+    progress: bool,
+    publish: Publish,
+) -> LmStep:
+    """Fine-tune the LM on clicks (stopped at peak validation AUC), write every epoch's score and
+    pooled vector per text pair, and `publish` the best epoch."""
+    pre = Preprocessing.fit(frame, FeatureColumns.for_manifest(manifest), manifest["group"], fill_ctr)
+    data = pre.tensorize(frame)
+    encoder = encoder_config(config)
+    lm = TextEncoder(encoder, trainable=True)
+    scorer = build_scorer(config, lm.dim)
+    texts = TextBatcher.for_data(lm, data)
+    checkpoints = run_dir / CHECKPOINTS / "lm"
+    result = fit(scorer, data, loop_config(config, "lm_loop"), checkpoints, texts=texts, progress=progress)
+    test = data.rows("test")
+    test_auc = metrics.auc(labels_of(data, test), predict(scorer, data, test, texts))
+
+    pairs = text_pairs(frame)
+    root = lm_feature_root(data_dir, slug)
+    with_query = has_query_text(frame)
+    folders = []
+    for entry in result.history:
+        epoch = int(entry["epoch"])
+        state = torch.load(checkpoints / f"epoch-{epoch}.pt", weights_only=True)
+        scorer.load_state_dict(state["model"])
+        lm.load_state_dict(state["lm"])
+        outputs = lm_outputs(lm, {"lm_score": scorer.head}, pairs["text"].tolist())
+        version = f"{slug}@epoch-{epoch}/{encoder.version}/nlpctr=={nlpctr.__version__}"
+        write_lm_features(root / f"epoch-{epoch}", pairs, outputs, version, with_query)
+        folders.append(f"epoch-{epoch}")
+    chosen = f"epoch-{result.best_epoch}"
+    meta = LmFeatureMeta(
+        run=slug,
+        kind="cascade_finetuned",
+        chosen=chosen,
+        epochs=tuple(folders),
+        keys=tuple(pair_key_columns(with_query)),
+        model_version=f"{slug}@{chosen}/{encoder.version}/nlpctr=={nlpctr.__version__}",
+        valid_auc={f"epoch-{int(h['epoch'])}": h["valid_auc"] for h in result.history},
+    )
+    return LmStep(
+        epochs=len(result.history),
+        best_epoch=result.best_epoch,
+        history=result.history,
+        wall_seconds=result.wall_seconds,
+        test_auc_standalone=test_auc,
+        feature_view=publish(meta),
+        features={f: str(root / f) for f in folders},
+        chosen=chosen,
+        encoder_version=encoder.version,
+    )
+
+
+# ------------------------------------------------------------------------------- E3's LM output
+
+
+def write_joint_features(
+    model: torch.nn.Module,
+    texts: TextBatcher,
+    frame: pd.DataFrame,
+    config: dict[str, Any],
+    data_dir: Path,
+    slug: str,
+    best_epoch: int,
+    publish: Publish,
+) -> str:
+    """The trained joint LM's supplementary output per text pair, published as the view `lm_<run>`."""
+    fusion = model.fusion
+    assert fusion is not None
+    head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
+    pairs = text_pairs(frame)
+    outputs = lm_outputs(texts.lm, head, pairs["text"].tolist())
+    # The view serves the supplementary output alone: nothing reads a joint run's 384-d pooled
+    # vector, and with it the view is 12x larger (the concat/gate output is 32-d), which is what
+    # the online write of millions of pairs holds in memory at once.
+    del outputs["lm_embedding"]
+    encoder = encoder_config(config)
+    chosen = f"epoch-{best_epoch}"
+    version = f"{slug}@{chosen}/joint-{fusion.fusion}/{encoder.version}/nlpctr=={nlpctr.__version__}"
+    with_query = has_query_text(frame)
+    write_lm_features(lm_feature_root(data_dir, slug) / chosen, pairs, outputs, version, with_query)
+    meta = LmFeatureMeta(
+        run=slug,
+        kind="joint",
+        chosen=chosen,
+        epochs=(chosen,),
+        keys=tuple(pair_key_columns(with_query)),
+        model_version=version,
+        fusion=fusion.fusion,
+    )
+    return publish(meta)

@@ -1,0 +1,262 @@
+"""One dataset through the experiment protocol (DESIGN.md, "Experiment protocol").
+
+prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
+materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint per fusion (each a
+`nlpctr train` run, through Feast) -> redundancy of every NLP feature -> E4 distillation
+(`pipelines/distillation.py`) -> the paper's claims. Each Beam job is called through its own
+`run(argv)`, each training run as a typed `train.TrainRequest`; the analysis is
+`models.increments.FeatureJudge`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from nlpctr.features import store as feature_store
+from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
+from nlpctr.layout import lm_features_dir, read_manifest
+from nlpctr.models import claims, redundancy, report
+from nlpctr.models.increments import FeatureJudge
+from nlpctr.models.nlp_features import NlpFeature, frozen_vectors, lm_feature
+from nlpctr.pipelines import ctr_stats, distillation, embed_text, feature_store_cli, ingest, train
+from nlpctr.pipelines.ownership import claim_output_dir
+
+JOB = "experiment"
+BASELINE_RUN = "baseline"
+
+
+class Experiment:
+    """One dataset through the protocol; each step records its wall time in `timings`."""
+
+    def __init__(self, args: argparse.Namespace, protocol: dict[str, Any], out: Path) -> None:
+        self.args, self.protocol, self.out = args, protocol, out
+        self.data_dir = out / "data"
+        self.runs_dir = out / "runs"
+        self.seed = int(args.seed)
+        self.progress = not args.no_progress
+        self.timings: dict[str, float] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.trained: dict[str, train.TrainResult] = {}
+        self.train_config_file = out / "train_config.yaml"
+        self.feast_agreement: float | None = None  # E2's chosen checkpoint: Feast vs in-memory
+        self.code_version = train.code_version()  # at the start: the tree may change during a long run
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        print(f"[experiment] {name} ...", flush=True)
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 2)
+        print(f"[experiment] {name}: {self.timings[name]:.1f} s", flush=True)
+
+    # -------------------------------------------------------------------- data and features
+
+    def prepare(self, dataset: str) -> None:
+        data = str(self.data_dir)
+        with self.stage("prepare"):
+            ingest.run(["--dataset", dataset, "--out", data, "--seed", str(self.seed)])
+        with self.stage("ctr_stats"):
+            ctr_stats.run(["--data", data])
+        with self.stage("embed"):
+            embed_text.run(["--data", data, "--layers", str(self.protocol["embed_layers"])])
+        with self.stage("feast_apply_materialize"):
+            feature_store_cli.run(["apply", "--data", data])
+            feature_store_cli.run(["materialize", "--data", data])
+        self.manifest = read_manifest(self.data_dir)
+
+    # -------------------------------------------------------------------- E0-E3
+
+    def train(self, run: str, mode: str, fusion: str | None = None) -> train.TrainResult:
+        layers = {"cascade-finetuned": "lm_layers", "joint": "joint_lm_layers"}.get(mode)
+        warm_start = mode == "joint" and self.protocol["joint_init_from_baseline"]
+        request = train.TrainRequest(
+            mode=mode,
+            data_dir=self.data_dir,
+            run=run,
+            runs_dir=self.runs_dir,
+            fusion=fusion,
+            layers=int(self.protocol[layers]) if layers else None,
+            seed=self.seed,
+            config_file=self.train_config_file,
+            init_from=BASELINE_RUN if warm_start else None,
+            progress=self.progress,
+        )
+        with self.stage(f"train_{run}"):
+            trained = train.train(request)
+        print(trained.summary, flush=True)
+        return trained
+
+    def train_runs(self) -> None:
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.train_config_file.write_text(yaml.safe_dump(self.protocol["train_config"], sort_keys=True))
+        self.trained[BASELINE_RUN] = self.train(BASELINE_RUN, "baseline")
+        self.trained["cascade_frozen"] = self.train("cascade_frozen", "cascade-frozen")
+        self.trained["cascade_finetuned"] = self.train("cascade_finetuned", "cascade-finetuned")
+        for fusion in self.protocol["fusions"]:
+            self.trained[f"joint_{fusion}"] = self.train(f"joint_{fusion}", "joint", fusion)
+        self.load_test_set()
+        for name, trained in self.trained.items():
+            self.runs[name] = self.run_entry(name, trained.results)
+
+    def load_test_set(self) -> None:
+        """The frame every analysis shares: cascade-frozen's training frame (a superset of E0's)."""
+        with self.stage("training_frame"):
+            frame = feature_store.training_frame(self.data_dir, CASCADE_FROZEN)
+        self.judge = FeatureJudge.load(
+            frame,
+            self.manifest,
+            self.runs_dir,
+            BASELINE_RUN,
+            self.train_config_file,
+            self.seed,
+            self.protocol["redundancy"],
+        )
+        with self.stage("ceilings"):
+            self.judge.measure_ceiling()
+
+    def run_entry(self, name: str, results: dict[str, Any]) -> dict[str, Any]:
+        """A run's test metrics on the shared frame (and its paired delta over E0), with its fit."""
+        if name == BASELINE_RUN:
+            entry = self.judge.e0_report()
+            entry.update(dict.fromkeys(["delta_auc_vs_baseline", "delta_auc_ci", "delta_rig_vs_baseline"]))
+            entry.update(dict.fromkeys(["delta_rig_ci", "delta_gauc", "delta_gauc_ci", "significant"]))
+        else:
+            entry = self.judge.report_of(self.judge.saved_predictions(name))
+        entry.update(
+            mode=results["mode"],
+            fusion=results["fusion"],
+            layers=results["layers"],
+            epochs=results["epochs"],
+            best_epoch=results["best_epoch"],
+            wall_seconds=results["wall_seconds"],
+            train_rows_per_s=results["train_rows_per_s"],
+            best_valid_logloss=results.get("best_valid_logloss"),
+        )
+        if results.get("stages"):  # the joint recipe: per stage, and its validation curve
+            entry["stages"] = results["stages"]
+            entry["valid_curve"] = [
+                {k: h[k] for k in ("stage", "step", "valid_logloss", "valid_auc")} for h in results["history"]
+            ]
+        return entry
+
+    # -------------------------------------------------------------------- redundancy
+
+    def feature_of_lm(self, run: str, epoch_folder: str, kind: str, name: str) -> NlpFeature:
+        folder = lm_features_dir(self.data_dir, lm_feature_slug(run)) / epoch_folder
+        return lm_feature(folder, self.judge.frame, kind, name)
+
+    def redundancy(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every NLP feature's measures, and E2's standalone-vs-gain curve over its checkpoints."""
+        judge = self.judge
+        measures: dict[str, Any] = {}
+        with self.stage("redundancy_frozen"):
+            frozen = NlpFeature("frozen", "frozen", frozen_vectors(judge.frame))
+            measures["frozen"] = judge.measure(frozen, judge.saved_predictions("cascade_frozen"))
+        e2 = self.trained["cascade_finetuned"].lm_step
+        assert e2 is not None
+        points = []
+        with self.stage("redundancy_cascade_finetuned"):
+            for folder in sorted(e2.features, key=lambda f: int(f.split("-")[1])):
+                name = f"cascade_finetuned@{folder}"
+                feature = self.feature_of_lm("cascade_finetuned", folder, "cascade_finetuned", name)
+                increment = judge.fit_increment(feature)
+                if folder == e2.chosen:
+                    through_feast = judge.saved_predictions("cascade_finetuned")
+                    self.feast_agreement = float(np.max(np.abs(increment - through_feast)))
+                measures[name] = judge.measure(feature, increment)
+                points.append(
+                    {
+                        "checkpoint": folder,
+                        "standalone_auc": measures[name]["standalone_auc"],
+                        "delta_auc": measures[name]["delta_auc"],
+                        "delta_rig": measures[name]["delta_rig"],
+                        "chosen": folder == e2.chosen,
+                        "valid_auc_standalone": next(
+                            h["valid_auc"] for h in e2.history if f"epoch-{int(h['epoch'])}" == folder
+                        ),
+                    }
+                )
+        for fusion in self.protocol["fusions"]:
+            run = f"joint_{fusion}"
+            with self.stage(f"redundancy_{run}"):
+                folder = f"epoch-{self.trained[run].fit.best_epoch}"
+                feature = self.feature_of_lm(run, folder, "joint", run)
+                measures[run] = judge.measure(feature, judge.fit_increment(feature))
+        return measures, redundancy.e2_curve(points)
+
+    # -------------------------------------------------------------------- the paper's claims
+
+    def claims(self, teacher: str) -> list[dict[str, Any]]:
+        """The paper's three claims (`models/claims.py`), each judged as cascaded NLP features."""
+        e2 = self.trained["cascade_finetuned"].lm_step
+        assert e2 is not None
+        students = (int(k) for k in self.protocol["distill"]["students"])
+        return [c.to_dict() for c in claims.protocol_claims(self.judge, e2.chosen, teacher, students)]
+
+    def results(self, dataset: str, started: float, **sections: Any) -> dict[str, Any]:
+        assert self.judge.ceiling is not None
+        lm_run = self.trained[f"joint_{self.protocol['fusions'][0]}"]
+        return {
+            "dataset": self.manifest["dataset"],
+            "source": dataset,
+            "seed": self.seed,
+            "split": self.manifest["split"]["mode"],
+            "quick": bool(self.args.quick),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "timings": self.timings,
+            "runs": self.runs,
+            "ceilings": self.judge.ceiling.summary(),
+            **sections,
+            "protocol": self.protocol,
+            "provenance": {
+                "dataset": self.manifest["dataset"],
+                "spec_hash": self.manifest.get("spec_hash"),
+                "split_mode": self.manifest["split"]["mode"],
+                "split_seed": self.manifest["split"]["seed"],
+                "frozen_encoder": train.frozen_encoder_version(self.data_dir, self.judge.frame),
+                "lm_encoder": lm_run.results["provenance"]["encoder_version"],
+                "code_version": self.code_version,
+                "torch": torch.__version__,
+                # Relative to the results folder: a result never names a path outside its tree.
+                "data_dir": self.data_dir.relative_to(self.out).as_posix(),
+                "runs_dir": self.runs_dir.relative_to(self.out).as_posix(),
+                "e2_feast_vs_in_memory_max_abs_diff": self.feast_agreement,
+            },
+        }
+
+
+def run_protocol(
+    args: argparse.Namespace, protocol: dict[str, Any], dataset: str, out: Path
+) -> dict[str, Any]:
+    """One dataset: prepare, E0-E3, redundancy, and E4 when the protocol asks for it."""
+    started = time.perf_counter()
+    out = claim_output_dir(out, JOB, create=True)
+    exp = Experiment(args, protocol, out)
+    exp.prepare(dataset)
+    exp.train_runs()
+    measures, curve = exp.redundancy()
+    sections: dict[str, Any] = {"redundancy": measures, "e2_curve": curve}
+    if protocol["distill"]["students"]:
+        sections["distillation"], sections["teacher"] = distillation.distil(exp, measures)
+    sections["claims"] = exp.claims(distillation.teacher_run(protocol, exp.judge.valid_gain))
+    results = exp.results(dataset, started, **sections)
+    write_results(results, out)
+    return results
+
+
+def write_results(results: dict[str, Any], out: Path) -> list[Path]:
+    """results.json (written to a temporary name, then renamed), report.md and the plots."""
+    staged = out / ".results.json.tmp"
+    staged.write_text(json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
+    staged.replace(out / "results.json")
+    return report.write_report(results, out)

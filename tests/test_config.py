@@ -1,0 +1,48 @@
+"""One source of training defaults: models/configs/default.yaml is the configuration, and the
+dataclasses it feeds default to the same values (for code that builds them directly: E4's loops,
+tests), so neither can drift from the other."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import yaml
+
+from nlpctr.models.config import DEFAULT_CONFIG, encoder_config, load_config, loop_config, net_config
+from nlpctr.models.ctr_net import NetConfig
+from nlpctr.models.encoder import EncoderConfig
+from nlpctr.models.joint import JointConfig, StageConfig
+from nlpctr.models.trainer import LoopConfig
+
+DEFAULTS = yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_the_yaml_loop_is_the_loop_config_default() -> None:
+    assert set(DEFAULTS["loop"]) == field_names(LoopConfig)  # every knob listed, none unknown
+    assert loop_config(DEFAULTS) == LoopConfig()
+
+
+def test_the_lm_loop_differs_only_where_it_says_so() -> None:
+    """E2's LM loop lists its own values; what it leaves out is the loop default."""
+    assert set(DEFAULTS["lm_loop"]) <= field_names(LoopConfig)
+    lm_loop = loop_config(DEFAULTS, "lm_loop")
+    unlisted = field_names(LoopConfig) - set(DEFAULTS["lm_loop"])
+    assert all(getattr(lm_loop, name) == getattr(LoopConfig(), name) for name in unlisted)
+
+
+def test_net_joint_and_encoder_sections_match_their_dataclasses() -> None:
+    assert set(DEFAULTS["net"]) == field_names(NetConfig)
+    assert net_config(DEFAULTS) == NetConfig()
+    assert JointConfig.from_dict(DEFAULTS["joint"]) == JointConfig()
+    for stage in ("stage1", "stage2"):
+        assert set(DEFAULTS["joint"][stage]) == field_names(StageConfig)
+    assert set(DEFAULTS["encoder"]) == field_names(EncoderConfig)
+
+
+def test_joint_mode_validates_within_epochs_on_cached_layers() -> None:
+    joint = load_config("joint")
+    assert loop_config(joint).eval_every_steps and encoder_config(joint).trainable_layers
