@@ -14,7 +14,7 @@ import yaml
 
 from nlpctr.errors import UserError
 from nlpctr.models import claims
-from nlpctr.pipelines import experiment, simulate
+from nlpctr.pipelines import experiment, rho_sweep, simulate
 
 TINY = {
     "embed_layers": 1,
@@ -247,8 +247,8 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
         }
         return {"redundancy": {"frozen": feature}, "runs": {}, "ceilings": ceiling}
 
-    monkeypatch.setattr(experiment, "command", commands.append)
-    monkeypatch.setattr(experiment, "run_protocol", fake_protocol)
+    monkeypatch.setattr(simulate, "run", commands.append)
+    monkeypatch.setattr(rho_sweep, "run_protocol", fake_protocol)
     argv = ["--dataset", "simulated", "--rho", "0,1", "--rows", "500", "--out", str(tmp_path / "sweep")]
     results = experiment.run([*argv, "--impressions-per-row", "20"])
     assert [c[c.index("--impressions-per-row") + 1] for c in commands] == ["20", "20"]
