@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from nlpctr.errors import UserError
-from nlpctr.pipelines import cli, experiment, outputs, ownership, simulate, train
+from nlpctr.pipelines import cli, experiment, outputs, ownership, rho_sweep, simulate, train
 
 LOG_CSV = """id,ad,title,ts,n,k,test
 1,a1,Good headline one,2024-01-01T00:00:00Z,10,2,t1
@@ -432,8 +432,9 @@ def test_experiment_refuses_a_foreign_folder_before_any_work(
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("work started before --out was checked")
 
-    monkeypatch.setattr(experiment, "command", no_work)
+    monkeypatch.setattr(simulate, "run", no_work)
     monkeypatch.setattr(experiment, "run_protocol", no_work)
+    monkeypatch.setattr(rho_sweep, "run_protocol", no_work)
     spec = write_user_files(tmp_path / "work")
     foreign = tmp_path / "foreign"
     foreign.mkdir()

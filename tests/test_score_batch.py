@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from test_features import SLUG, impressions, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
-from nlpctr.features import store
+from nlpctr.features import render, store
 from nlpctr.pipelines import score_batch
 
 
@@ -146,7 +146,7 @@ def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, 
                 assert (value is None and row[name] is None) or np.allclose(row[name], value), name
 
     handler = score_batch.enrichment_handler(
-        store.config_path(data), "cascade_frozen", online.keys, "batched", batch_size=4
+        render.config_path(data), "cascade_frozen", online.keys, "batched", batch_size=4
     )
     with BeamTestPipeline() as pipeline:
         enriched = (
