@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ class TextBatcher:
     texts: list[tuple[str | None, str]] | None = None  # what `tokens` tokenised
     cache_limit: int = 0
     cache: dict[tuple[str | None, str], torch.Tensor] = field(default_factory=dict)
+    fixed: torch.Tensor | None = None  # every text's vector while the LM is frozen (`frozen_lm`)
 
     @classmethod
     def for_data(cls, lm: TextEncoder, data: Tensors) -> TextBatcher:
@@ -138,6 +140,25 @@ class TextBatcher:
         """Cache the frozen-prefix states of every text tokenised up front (`for_data`), computed
         once and the same way in a resumed process; returns how many were computed."""
         return self.lm.prefill(self.tokens)
+
+    @contextmanager
+    def frozen_lm(self) -> Iterator[None]:
+        """The LM frozen (no gradient, eval mode) for a stage that trains only what reads its
+        vectors: each text tokenised up front (`for_data`) is encoded once, and looked up."""
+        trainable = [p for p in self.lm.parameters() if p.requires_grad]
+        was_training = self.lm.training
+        self.lm.requires_grad_(False)
+        self.lm.eval()
+        try:
+            if self.tokens:
+                with torch.no_grad():
+                    self.fixed = self.encode_tokens(self.tokens)
+            yield
+        finally:
+            self.fixed = None
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+            self.lm.train(was_training)
 
     def encode_tokens(self, token_ids: list[list[int]]) -> torch.Tensor:
         """The LM's vectors of tokenised texts: one padded batch when training; at inference, in
@@ -152,6 +173,8 @@ class TextBatcher:
         return out
 
     def vectors(self, text_index: torch.Tensor) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed[text_index]
         unique, inverse = torch.unique(text_index, return_inverse=True)
         return self.encode_tokens([self.tokens[i] for i in unique.tolist()])[inverse]
 

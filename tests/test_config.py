@@ -11,7 +11,7 @@ import yaml
 from nlpctr.models.config import DEFAULT_CONFIG, encoder_config, load_config, loop_config, net_config
 from nlpctr.models.ctr_net import NetConfig
 from nlpctr.models.encoder import EncoderConfig
-from nlpctr.models.joint import JointConfig, StageConfig
+from nlpctr.models.joint import JointConfig, ProbeConfig, StageConfig
 from nlpctr.models.trainer import LoopConfig
 
 DEFAULTS = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -40,6 +40,7 @@ def test_net_joint_and_encoder_sections_match_their_dataclasses() -> None:
     assert JointConfig.from_dict(DEFAULTS["joint"]) == JointConfig()
     for stage in ("stage1", "stage2"):
         assert set(DEFAULTS["joint"][stage]) == field_names(StageConfig)
+    assert set(DEFAULTS["joint"]["probe"]) == field_names(ProbeConfig)
     assert set(DEFAULTS["encoder"]) == field_names(EncoderConfig)
 
 

@@ -17,7 +17,7 @@ from nlpctr.models.config import load_config
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
 from nlpctr.models.data import Tensors, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
-from nlpctr.models.joint import JointConfig, StageConfig, fit_joint, param_groups
+from nlpctr.models.joint import JointConfig, ProbeConfig, StageConfig, fit_joint, param_groups
 from nlpctr.models.trainer import FitResult, LoopConfig, TextBatcher, fit, labels_of, predict
 
 NET = NetConfig(hidden=(32,))
@@ -98,6 +98,40 @@ def test_stage_one_trains_the_lm_and_the_head_and_leaves_e0s_tower(data, e0, tmp
         assert any(not torch.equal(layer[k], v) for k, v in before.items())
     for key, value in texts.lm.model.embeddings.state_dict().items():
         assert torch.equal(value, prefix[key])  # frozen
+
+
+def test_the_probe_stage_trains_the_head_alone_on_vectors_computed_once(
+    data, e0, tmp_path: Path, monkeypatch
+) -> None:
+    e0_model, e0_fit = e0
+    model, texts = joint_model(data, e0_model, "score")
+    lm_before = {k: v.clone() for k, v in texts.lm.state_dict().items()}
+    encoded: list[int] = []
+    real_encode = TextBatcher.encode_tokens
+    monkeypatch.setattr(
+        TextBatcher, "encode_tokens", lambda self, ids: encoded.append(len(ids)) or real_encode(self, ids)
+    )
+    probe_only = dataclasses.replace(
+        GENTLE,
+        probe=ProbeConfig(epochs=3, batch_size=64, head_lr=3e-2, patience=3),
+        stage1=StageConfig(epochs=0),
+        stage2=StageConfig(epochs=0),
+    )
+    result = fit_joint(model, data, LOOP, probe_only, tmp_path, texts, warm_started=True, progress=False)
+    assert [s["name"] for s in result.stages] == ["head"]
+    head = result.stages[0]
+    # full epochs at the probe's batch size (the loop's cap of 8 batches does not apply)
+    assert head["steps"] == 3 * -(-data.rows_in("train") // 64) and head["batch_size"] == 64
+    assert head["start_valid_logloss"] == e0_fit.best["valid_logloss"]
+    assert head["best_valid_logloss"] < head["start_valid_logloss"]  # the head learned in full epochs
+    assert encoded == [len(texts.tokens)]  # every text encoded once, then looked up
+    # (batches padded otherwise than the table's chunks: the same vectors up to float rounding)
+    assert valid_logloss(model, data, texts) == pytest.approx(result.best["valid_logloss"], rel=1e-6)
+    for a, b in zip(model.tower.parameters(), e0_model.tower.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for key, value in texts.lm.state_dict().items():
+        assert torch.equal(value, lm_before[key]), key
+    assert texts.fixed is None and any(p.requires_grad for p in texts.lm.parameters())  # restored
 
 
 def test_param_groups_follow_the_stage(data, e0) -> None:
