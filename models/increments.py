@@ -25,7 +25,7 @@ from nlpctr.models.evaluation import metric_report, paired_delta
 from nlpctr.models.nlp_features import NlpFeature
 from nlpctr.models.runs import PREDICTIONS_FILE, TrainedRun
 from nlpctr.models.trainer import labels_of, predict
-from nlpctr.models.training import fit_ctr
+from nlpctr.models.training import FitInputs, fit_ctr
 
 
 @dataclass
@@ -143,9 +143,8 @@ class FeatureJudge:
         config = load_config("baseline", self.train_config_file, {"loop": {"seed": self.seed}})
         checkpoints = self.runs_dir / "_increments" / feature.name
         shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another feature's weights
-        _, data, model, _, _ = fit_ctr(
-            frame, columns, self.manifest, config, self.e0.pre.fill_ctr, checkpoints, None, False
-        )
+        inputs = FitInputs(self.manifest, config, self.e0.pre.fill_ctr, progress=False)
+        _, data, model, _, _ = fit_ctr(frame, columns, inputs, checkpoints)
         valid = data.rows("valid")
         assert torch.equal(valid, self.valid_rows)  # the same frame, so the same rows
         self.valid_gain[feature.name] = (

@@ -22,9 +22,9 @@ from nlpctr.models import metrics, streaming
 from nlpctr.models.config import encoder_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.runs import CHECKPOINTS, PREDICTIONS_FILE, Preprocessing, TrainedRun, build_model
+from nlpctr.models.runs import CHECKPOINTS, PREDICTIONS_FILE, Preprocessing
 from nlpctr.models.trainer import FitResult, TextBatcher, predict_batches
-from nlpctr.models.training import start_from, train_model
+from nlpctr.models.training import FitInputs, fit_model
 
 TEXT_CACHE = 300_000  # unique texts whose LM vectors one evaluation pass keeps (<= 460 MB at 384-d)
 
@@ -75,32 +75,20 @@ def streamed_test(
 
 
 def train_streaming(
-    root: Path,
-    with_cascade: bool,
-    manifest: dict[str, Any],
-    config: dict[str, Any],
-    fill_ctr: float,
-    run_dir: Path,
-    fusion: str | None,
-    progress: bool,
-    warm_start: TrainedRun | None = None,
+    root: Path, with_cascade: bool, inputs: FitInputs, run_dir: Path
 ) -> tuple[Preprocessing, torch.nn.Module, TextBatcher | None, FitResult, dict[str, Any], float]:
     """`training.fit_ctr` and the test pass on the shards under `root`: (preprocessing, model, LM
     batcher, fit, test report, train CTR); predictions are written to the run folder as they are made."""
-    pre, source = stream_source(root, with_cascade, manifest, fill_ctr)
+    pre, source = stream_source(root, with_cascade, inputs.manifest, inputs.fill_ctr)
     texts = None
-    if fusion:
-        lm = TextEncoder(encoder_config(config), trainable=True)
+    if inputs.fusion:
+        lm = TextEncoder(encoder_config(inputs.config), trainable=True)
         texts = TextBatcher(lm, cache_limit=TEXT_CACHE)
-    model = build_model(pre, config, fusion, texts.lm.dim if texts else 0)
-    if warm_start is not None:
-        start_from(model, pre, warm_start)
-    checkpoints = run_dir / CHECKPOINTS / "ctr"
-    result = train_model(model, source, config, checkpoints, texts, warm_start is not None, progress)
+    model, result = fit_model(pre, source, texts, inputs, run_dir / CHECKPOINTS / "ctr")
     _, impressions, clicks = streaming.split_totals(source.root, "train")
     ctr_train = clicks / max(impressions, 1)
     scored = streamed_test(model, source, texts, run_dir / PREDICTIONS_FILE)
-    evaluation = config["evaluation"]
+    evaluation = inputs.config["evaluation"]
     report = scored.report(
         ctr_train,
         int(evaluation["bootstrap_rounds"]),

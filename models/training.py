@@ -37,29 +37,40 @@ from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predic
 Publish = Callable[[LmFeatureMeta], str]
 
 
+@dataclass(frozen=True)
+class FitInputs:
+    """What a CTR fit reads besides its rows, in memory or streamed."""
+
+    manifest: dict[str, Any]  # the data folder's (its group column)
+    config: dict[str, Any]  # the merged train config
+    fill_ctr: float  # the CTR that stands in for missing history
+    fusion: str | None = None  # joint: how the trainable LM joins the tower
+    progress: bool = True
+    warm_start: TrainedRun | None = None  # joint: the E0 run its tower starts from
+
+
+def fit_model(
+    pre: Preprocessing, data: BatchSource, texts: TextBatcher | None, inputs: FitInputs, checkpoints: Path
+) -> tuple[torch.nn.Module, FitResult]:
+    """The model for `pre` (with the fusion when `texts` has an LM), warm-started when asked, fitted."""
+    model = build_model(pre, inputs.config, inputs.fusion, texts.lm.dim if texts else 0)
+    if inputs.warm_start is not None:
+        start_from(model, pre, inputs.warm_start)
+    warm = inputs.warm_start is not None
+    result = train_model(model, data, inputs.config, checkpoints, texts, warm, inputs.progress)
+    return model, result
+
+
 def fit_ctr(
-    frame: pd.DataFrame,
-    columns: FeatureColumns,
-    manifest: dict[str, Any],
-    config: dict[str, Any],
-    fill_ctr: float,
-    checkpoints: Path,
-    fusion: str | None,
-    progress: bool,
-    warm_start: TrainedRun | None = None,
+    frame: pd.DataFrame, columns: FeatureColumns, inputs: FitInputs, checkpoints: Path
 ) -> tuple[Preprocessing, Tensors, torch.nn.Module, TextBatcher | None, FitResult]:
-    """Tensors, model (with a trainable LM when there is a fusion) and the fitted loop;
-    `warm_start` (an E0 run on the same inputs) initialises the CTR tower."""
-    pre = Preprocessing.fit(frame, columns, manifest["group"], fill_ctr)
+    """Tensors, model (with a trainable LM when there is a fusion) and the fitted loop."""
+    pre = Preprocessing.fit(frame, columns, inputs.manifest["group"], inputs.fill_ctr)
     data = pre.tensorize(frame)
     texts = None
-    if fusion:
-        lm = TextEncoder(encoder_config(config), trainable=True)
-        texts = TextBatcher.for_data(lm, data)
-    model = build_model(pre, config, fusion, texts.lm.dim if texts else 0)
-    if warm_start is not None:
-        start_from(model, pre, warm_start)
-    result = train_model(model, data, config, checkpoints, texts, warm_start is not None, progress)
+    if inputs.fusion:
+        texts = TextBatcher.for_data(TextEncoder(encoder_config(inputs.config), trainable=True), data)
+    model, result = fit_model(pre, data, texts, inputs, checkpoints)
     return pre, data, model, texts, result
 
 

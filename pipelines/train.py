@@ -66,6 +66,7 @@ from nlpctr.models.runs import (
 from nlpctr.models.streamed_training import train_streaming
 from nlpctr.models.trainer import FitResult, TextBatcher, labels_of, predict
 from nlpctr.models.training import (
+    FitInputs,
     LmStep,
     epochs_trained,
     fit_ctr,
@@ -186,6 +187,13 @@ class RunSetup:
     fill_ctr: float
     streamed: bool
     warm_start: TrainedRun | None
+
+    @property
+    def fit_inputs(self) -> FitInputs:
+        request = self.request
+        return FitInputs(
+            self.manifest, self.config, self.fill_ctr, request.fusion, request.progress, self.warm_start
+        )
 
 
 @dataclass
@@ -315,15 +323,7 @@ def in_memory(
 ) -> TrainedModel:
     """Train on the service's whole training frame; test it and write the test predictions."""
     pre, data, model, texts, result = fit_ctr(
-        frame,
-        columns,
-        setup.manifest,
-        setup.config,
-        setup.fill_ctr,
-        setup.run_dir / CHECKPOINTS / "ctr",
-        setup.request.fusion,
-        setup.request.progress,
-        setup.warm_start,
+        frame, columns, setup.fit_inputs, setup.run_dir / CHECKPOINTS / "ctr"
     )
     test = data.rows("test")
     p_test = predict(model, data, test, texts)
@@ -339,15 +339,7 @@ def streamed(setup: RunSetup, service: str) -> TrainedModel:
     """Train and test on the service's training frame written as parquet shards (DuckDB)."""
     root = feature_store.write_training_shards(setup.data_dir, service)
     pre, model, texts, result, report, ctr_train = train_streaming(
-        root,
-        service == CASCADE_FROZEN,
-        setup.manifest,
-        setup.config,
-        setup.fill_ctr,
-        setup.run_dir,
-        setup.request.fusion,
-        setup.request.progress,
-        setup.warm_start,
+        root, service == CASCADE_FROZEN, setup.fit_inputs, setup.run_dir
     )
     # Only a joint run reads text pairs (for its LM feature); the rest never load the frame.
     pairs = streaming.unique_text_pairs(root) if setup.request.mode == "joint" else pd.DataFrame()
