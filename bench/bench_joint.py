@@ -55,7 +55,8 @@ from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.joint import param_groups
 from nlpctr.models.runs import Preprocessing, build_model
-from nlpctr.models.trainer import LoopConfig, TextBatcher, fit, labels_of, pair_text, predict
+from nlpctr.models.text_batches import TextBatcher, pair_text
+from nlpctr.models.trainer import LoopConfig, fit, labels_of, predict
 from nlpctr.pipelines.train import global_ctr
 
 TARGET_SPEEDUP = 3.0

@@ -36,7 +36,8 @@ from nlpctr.models import ceilings, metrics
 from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
-from nlpctr.models.trainer import FitResult, LoopConfig, TextBatcher, fit, pair_text
+from nlpctr.models.text_batches import TextBatcher, has_query
+from nlpctr.models.trainer import FitResult, LoopConfig, fit
 
 FEATURE_KD_WEIGHTS = "student.pt"
 FEATURE_KD_HISTORY = "history.json"
@@ -50,7 +51,10 @@ def student_encoder(teacher: TextEncoder, layers: int) -> TextEncoder:
             f"student layers must be an integer in 1..{teacher_layers} (the teacher's), got {layers!r}"
         )
     config = EncoderConfig(
-        layers=layers, pooling=teacher.config.pooling, max_length=teacher.config.max_length
+        layers=layers,
+        pooling=teacher.config.pooling,
+        max_length=teacher.config.max_length,
+        pair_reading=teacher.config.pair_reading,
     )
     student = TextEncoder(config, trainable=True)
     dropped = tuple(f"model.encoder.layer.{i}." for i in range(layers, teacher_layers))
@@ -59,25 +63,23 @@ def student_encoder(teacher: TextEncoder, layers: int) -> TextEncoder:
     return student
 
 
-def pooled_vectors(
-    lm: TextEncoder, data: Tensors, index: torch.Tensor | None = None, batch_size: int = 64
-) -> torch.Tensor:
+def pooled_vectors(lm: TextEncoder, data: Tensors, index: torch.Tensor | None = None) -> torch.Tensor:
     """The LM's pooled vector of each unique text of `data` (or of the texts `index` names),
     (n, dim), in inference mode; row i is `data.texts[i]`, as `data.text_index` counts."""
     lm.eval()
     pairs = data.texts if index is None else [data.texts[i] for i in index.tolist()]
-    return torch.as_tensor(lm.encode([pair_text(q, a) for q, a in pairs], batch_size=batch_size))
+    return TextBatcher(lm, has_query(data.texts)).encode_pairs(pairs)
 
 
 def supplementary_outputs(
-    model: CtrModel, lm: TextEncoder, data: Tensors, index: torch.Tensor | None = None, batch_size: int = 64
+    model: CtrModel, lm: TextEncoder, data: Tensors, index: torch.Tensor | None = None
 ) -> torch.Tensor:
     """What SuKD matches, per unique text (as `pooled_vectors` orders them): the fusion's
     logit (n,) for `score`, the LM's pooled vector (n, dim) for `concat` and `gate`."""
     fusion = model.fusion
     if fusion is None:
         raise UserError("the teacher has no text fusion: distil from a joint (E3) run")
-    vectors = pooled_vectors(lm, data, index, batch_size)
+    vectors = pooled_vectors(lm, data, index)
     if fusion.fusion != "score":
         return vectors
     fusion.eval()

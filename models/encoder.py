@@ -63,8 +63,9 @@ def model_path() -> Path:
 class EncoderConfig:
     """Which encoder: how many of MiniLM's layers, how to pool, how many tokens per text.
 
-    The last five fields say how a trainable encoder fine-tunes; they are not part of its
-    identity (`version`, `slug`). With `trainable_layers` = k (or `freeze_embeddings`), the
+    The five fields after `max_length` say how a trainable encoder fine-tunes; they are not part
+    of its identity (`version`, `slug`). `pair_reading` says how it reads a (query, ad) pair; a
+    separate reading is part of `version`. With `trainable_layers` = k (or `freeze_embeddings`), the
     embeddings and the layers below the top k are frozen (eval mode, no gradient): their output
     for a text never changes, so it is computed once per text and cached (`StateCache`, real
     tokens only, in `cache_dtype`, up to `cache_max_mb`) and each step runs the top k layers alone
@@ -79,6 +80,7 @@ class EncoderConfig:
     cache_dtype: str = "float32"  # frozen-prefix states kept per text: float32 (exact) or float16
     cache_max_mb: int = 1024  # beyond this, states are recomputed instead of kept
     autocast: str | None = None  # "bfloat16": the layers above the cached prefix in bf16 autocast
+    pair_reading: str = "cross"  # a pair as one text, or its two texts apart (models/text_batches.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, bool) or not isinstance(self.layers, int):
@@ -115,6 +117,8 @@ class EncoderConfig:
             raise UserError(f"encoder cache_max_mb must be an integer >= 0, got {self.cache_max_mb!r}")
         if self.autocast not in (None, "bfloat16"):
             raise UserError(f"encoder autocast must be null or bfloat16, got {self.autocast!r}")
+        if self.pair_reading not in ("cross", "separate"):
+            raise UserError(f"encoder pair_reading must be cross or separate, got {self.pair_reading!r}")
 
     @property
     def frozen_layers(self) -> int | None:
@@ -127,9 +131,10 @@ class EncoderConfig:
     @property
     def version(self) -> str:
         """Full provenance string, stored next to every embedding this encoder produces."""
+        reading = "/pairs=separate" if self.pair_reading == "separate" else ""  # cross: as before
         return (
             f"{MODEL_NAME}@{MODEL_PACKAGE}=={model_package_version()}"
-            f"/layers={self.layers}/pooling={self.pooling}/max_length={self.max_length}"
+            f"/layers={self.layers}/pooling={self.pooling}/max_length={self.max_length}{reading}"
         )
 
     @property

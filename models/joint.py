@@ -40,7 +40,8 @@ from typing import Any
 from nlpctr.errors import UserError
 from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import BatchSource
-from nlpctr.models.trainer import FitResult, LoopConfig, ParamGroup, TextBatcher, fit
+from nlpctr.models.text_batches import TextBatcher
+from nlpctr.models.trainer import FitResult, LoopConfig, ParamGroup, fit
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from nlpctr.layout import lm_features_dir, pair_key_columns
-from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.trainer import pair_text
+from nlpctr.models.text_batches import Pair, TextBatcher
 
 
 def text_pairs(frame: pd.DataFrame) -> pd.DataFrame:
@@ -40,23 +39,25 @@ def text_pairs(frame: pd.DataFrame) -> pd.DataFrame:
         }
     )
     pairs = pairs.sort_values(["query_text_id", "ad_text_id", "event_timestamp"], kind="stable")
-    first = pairs.groupby(["query_text_id", "ad_text_id"], sort=True, as_index=False).first()
-    first["text"] = [pair_text(q, a) for q, a in zip(first["query_text"], first["ad_text"], strict=True)]
-    return first
+    return pairs.groupby(["query_text_id", "ad_text_id"], sort=True, as_index=False).first()
+
+
+def pairs_of(frame: pd.DataFrame) -> list[Pair]:
+    """The (query text or None, ad text) of each row of `text_pairs`."""
+    return list(zip(frame["query_text"], frame["ad_text"], strict=True))
 
 
 def lm_outputs(
-    lm: TextEncoder, heads: Mapping[str, nn.Module], texts: list[str], batch_size: int = 64
+    texts: TextBatcher, heads: Mapping[str, nn.Module], pairs: list[Pair]
 ) -> dict[str, np.ndarray]:
-    """The LM's pooled vector of each text (`lm_embedding`) and each head applied to it."""
-    lm.eval()
-    vectors = lm.encode(texts, batch_size=batch_size)
-    out: dict[str, np.ndarray] = {"lm_embedding": vectors}
+    """The LM's vector of each pair (`lm_embedding`) and each head applied to it."""
+    texts.lm.eval()
+    vectors = texts.encode_pairs(pairs)
+    out: dict[str, np.ndarray] = {"lm_embedding": vectors.numpy()}
     with torch.inference_mode():
-        tensor = torch.as_tensor(vectors)
         for name, head in heads.items():
             head.eval()
-            out[name] = head(tensor).squeeze(-1).numpy().astype(np.float32)
+            out[name] = head(vectors).squeeze(-1).numpy().astype(np.float32)
     return out
 
 

@@ -23,7 +23,8 @@ from nlpctr.models.config import encoder_config, net_config
 from nlpctr.models.ctr_net import CtrModel, InputShape
 from nlpctr.models.data import FeatureColumns, Tensors, Vocabularies, build_vocabularies, tensorize
 from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.trainer import TextBatcher, TextScorer, predict
+from nlpctr.models.text_batches import TextBatcher
+from nlpctr.models.trainer import TextScorer, predict
 
 RUN_FILE = "run.json"  # what `evaluate` and batch scoring rebuild the model from
 RESULTS_FILE = "results.json"
@@ -121,14 +122,28 @@ class TrainedRun:
         if spec["mode"] == "joint":
             lm = TextEncoder(encoder_config(spec["config"]))
             lm.load_state_dict(state["lm"])
-        model = build_model(pre, spec["config"], spec.get("fusion"), lm.dim if lm else 0)
+        text_dim = TextBatcher(lm, _with_query(spec)).dim if lm is not None else 0
+        model = build_model(pre, spec["config"], spec.get("fusion"), text_dim)
         model.load_state_dict(state["model"])
         model.eval()
         return cls(directory, spec, pre, model, lm)
 
+    def text_batcher(self, data: Tensors | None = None, cache_limit: int = 0) -> TextBatcher:
+        """How this run's LM reads pairs: for `data`'s pairs, or for streamed batches."""
+        assert self.lm is not None
+        with_query = _with_query(self.spec)
+        if data is not None:
+            return TextBatcher.for_data(self.lm, data, with_query)
+        return TextBatcher(self.lm, with_query, cache_limit=cache_limit)
+
     def predict_frame(self, frame: pd.DataFrame) -> tuple[Tensors, np.ndarray]:
         """Click probabilities for every row of a frame (rows in impression_id order)."""
         data = self.pre.tensorize(frame)
-        texts = TextBatcher.for_data(self.lm, data) if self.lm is not None else None
+        texts = self.text_batcher(data) if self.lm is not None else None
         rows = torch.arange(len(data.impression_id))
         return data, predict(self.model, data, rows, texts)
+
+
+def _with_query(spec: Mapping[str, Any]) -> bool:
+    """Whether a joint run's pair vectors have a query part (runs before the key: one width)."""
+    return bool(spec.get("text_with_query", False))

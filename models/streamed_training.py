@@ -23,7 +23,8 @@ from nlpctr.models.config import encoder_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.runs import CHECKPOINTS, PREDICTIONS_FILE, Preprocessing
-from nlpctr.models.trainer import FitResult, TextBatcher, predict_batches
+from nlpctr.models.text_batches import TextBatcher
+from nlpctr.models.trainer import FitResult, predict_batches
 from nlpctr.models.training import FitInputs, fit_model
 
 TEXT_CACHE = 300_000  # unique texts whose LM vectors one evaluation pass keeps (<= 460 MB at 384-d)
@@ -83,7 +84,8 @@ def train_streaming(
     texts = None
     if inputs.fusion:
         lm = TextEncoder(encoder_config(inputs.config), trainable=True)
-        texts = TextBatcher(lm, cache_limit=TEXT_CACHE)
+        with_query = bool(inputs.manifest["spec"]["columns"].get("query_text"))
+        texts = TextBatcher(lm, with_query, cache_limit=TEXT_CACHE)
     model, result = fit_model(pre, source, texts, inputs, run_dir / CHECKPOINTS / "ctr")
     _, impressions, clicks = streaming.split_totals(source.root, "train")
     ctr_train = clicks / max(impressions, 1)

@@ -26,8 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,10 @@ from nlpctr.errors import UserError
 from nlpctr.models import metrics
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import BatchSource, Tensors
-from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.text_batches import TextBatcher
 
 LAST = "last.pt"
 BEST = "best.pt"
-INFERENCE_CHUNK = 64  # texts encoded together at inference, sorted by length
 
 # (text_index, text_vector) of a batch's rows -> a scalar added to the click loss.
 AuxiliaryLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -108,91 +106,6 @@ class TextScorer(nn.Module):
 
     def forward(self, text_vector: torch.Tensor) -> torch.Tensor:
         return self.head(text_vector).squeeze(-1)
-
-
-def pair_text(query: str | None, ad: str) -> str:
-    """What the LM reads for a row: the ad text, after the query when there is one."""
-    return f"{query} [SEP] {ad}" if query else ad
-
-
-@dataclass
-class TextBatcher:
-    """A batch of rows -> the LM's vectors, one forward per unique (query, ad) text of the batch.
-
-    `for_data` tokenises an in-memory dataset's texts once up front. A streamed batch carries
-    its own texts (`Tensors.texts`), tokenised as it comes; with `cache_limit`, inference
-    (`predict_batches`) also keeps each text's vector for the rest of the pass, so a text
-    repeated across batches is encoded once per pass.
-    """
-
-    lm: TextEncoder
-    tokens: list[list[int]] = field(default_factory=list)
-    texts: list[tuple[str | None, str]] | None = None  # what `tokens` tokenised
-    cache_limit: int = 0
-    cache: dict[tuple[str | None, str], torch.Tensor] = field(default_factory=dict)
-    fixed: torch.Tensor | None = None  # every text's vector while the LM is frozen (`frozen_lm`)
-
-    @classmethod
-    def for_data(cls, lm: TextEncoder, data: Tensors) -> TextBatcher:
-        return cls(lm, [lm.token_ids(pair_text(q, a)) for q, a in data.texts], data.texts)
-
-    def prefill(self) -> int:
-        """Cache the frozen-prefix states of every text tokenised up front (`for_data`), computed
-        once and the same way in a resumed process; returns how many were computed."""
-        return self.lm.prefill(self.tokens)
-
-    @contextmanager
-    def frozen_lm(self) -> Iterator[None]:
-        """The LM frozen (no gradient, eval mode) for a stage that trains only what reads its
-        vectors: each text tokenised up front (`for_data`) is encoded once, and looked up."""
-        trainable = [p for p in self.lm.parameters() if p.requires_grad]
-        was_training = self.lm.training
-        self.lm.requires_grad_(False)
-        self.lm.eval()
-        try:
-            if self.tokens:
-                with torch.no_grad():
-                    self.fixed = self.encode_tokens(self.tokens)
-            yield
-        finally:
-            self.fixed = None
-            for parameter in trainable:
-                parameter.requires_grad_(True)
-            self.lm.train(was_training)
-
-    def encode_tokens(self, token_ids: list[list[int]]) -> torch.Tensor:
-        """The LM's vectors of tokenised texts: one padded batch when training; at inference, in
-        chunks of similar length (little padding: a validation pass encodes thousands of texts)."""
-        if torch.is_grad_enabled() or len(token_ids) <= INFERENCE_CHUNK:
-            return self.lm(**self.lm.pad(token_ids))
-        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-        out = torch.empty((len(token_ids), self.lm.dim))
-        for start in range(0, len(order), INFERENCE_CHUNK):
-            rows = order[start : start + INFERENCE_CHUNK]
-            out[rows] = self.lm(**self.lm.pad([token_ids[i] for i in rows]))
-        return out
-
-    def vectors(self, text_index: torch.Tensor) -> torch.Tensor:
-        if self.fixed is not None:
-            return self.fixed[text_index]
-        unique, inverse = torch.unique(text_index, return_inverse=True)
-        return self.encode_tokens([self.tokens[i] for i in unique.tolist()])[inverse]
-
-    def batch_vectors(self, batch: Tensors) -> torch.Tensor:
-        if batch.texts is self.texts:
-            return self.vectors(batch.text_index)
-        unique, inverse = torch.unique(batch.text_index, return_inverse=True)
-        pairs = [batch.texts[i] for i in unique.tolist()]
-        caching = self.cache_limit > 0 and not torch.is_grad_enabled()
-        todo = [p for p in pairs if p not in self.cache] if caching else pairs
-        encoded = self.encode_tokens([self.lm.token_ids(pair_text(q, a)) for q, a in todo]) if todo else None
-        if not caching:
-            assert encoded is not None
-            return encoded[inverse]
-        fresh = dict(zip(todo, encoded, strict=True)) if encoded is not None else {}
-        if len(self.cache) < self.cache_limit:
-            self.cache.update(fresh)
-        return torch.stack([self.cache[p] if p in self.cache else fresh[p] for p in pairs])[inverse]
 
 
 def forward_batch(

@@ -27,11 +27,13 @@ from nlpctr.models.lm_features import (
     has_query_text,
     lm_feature_root,
     lm_outputs,
+    pairs_of,
     text_pairs,
     write_lm_features,
 )
 from nlpctr.models.runs import CHECKPOINTS, Preprocessing, TrainedRun, build_model, build_scorer
-from nlpctr.models.trainer import FitResult, TextBatcher, fit, labels_of, predict
+from nlpctr.models.text_batches import TextBatcher
+from nlpctr.models.trainer import FitResult, fit, labels_of, predict
 
 # Registers an LM-feature folder (its meta) with the feature store; returns the view's name.
 Publish = Callable[[LmFeatureMeta], str]
@@ -53,7 +55,7 @@ def fit_model(
     pre: Preprocessing, data: BatchSource, texts: TextBatcher | None, inputs: FitInputs, checkpoints: Path
 ) -> tuple[torch.nn.Module, FitResult]:
     """The model for `pre` (with the fusion when `texts` has an LM), warm-started when asked, fitted."""
-    model = build_model(pre, inputs.config, inputs.fusion, texts.lm.dim if texts else 0)
+    model = build_model(pre, inputs.config, inputs.fusion, texts.dim if texts else 0)
     if inputs.warm_start is not None:
         start_from(model, pre, inputs.warm_start)
     warm = inputs.warm_start is not None
@@ -153,8 +155,8 @@ def train_lm_alone(
     data = pre.tensorize(frame)
     encoder = encoder_config(config)
     lm = TextEncoder(encoder, trainable=True)
-    scorer = build_scorer(config, lm.dim)
     texts = TextBatcher.for_data(lm, data)
+    scorer = build_scorer(config, texts.dim)
     checkpoints = run_dir / CHECKPOINTS / "lm"
     result = fit(scorer, data, loop_config(config, "lm_loop"), checkpoints, texts=texts, progress=progress)
     test = data.rows("test")
@@ -169,7 +171,7 @@ def train_lm_alone(
         state = torch.load(checkpoints / f"epoch-{epoch}.pt", weights_only=True)
         scorer.load_state_dict(state["model"])
         lm.load_state_dict(state["lm"])
-        outputs = lm_outputs(lm, {"lm_score": scorer.head}, pairs["text"].tolist())
+        outputs = lm_outputs(texts, {"lm_score": scorer.head}, pairs_of(pairs))
         version = f"{slug}@epoch-{epoch}/{encoder.version}/nlpctr=={nlpctr.__version__}"
         write_lm_features(root / f"epoch-{epoch}", pairs, outputs, version, with_query)
         folders.append(f"epoch-{epoch}")
@@ -214,7 +216,7 @@ def write_joint_features(
     assert fusion is not None
     head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
     pairs = text_pairs(frame)
-    outputs = lm_outputs(texts.lm, head, pairs["text"].tolist())
+    outputs = lm_outputs(texts, head, pairs_of(pairs))
     # The view serves the supplementary output alone: nothing reads a joint run's 384-d pooled
     # vector, and with it the view is 12x larger (the concat/gate output is 32-d), which is what
     # the online write of millions of pairs holds in memory at once.

@@ -16,7 +16,8 @@ from nlpctr.models import claims, distill
 from nlpctr.models.config import loop_config
 from nlpctr.models.nlp_features import NlpFeature
 from nlpctr.models.runs import TrainedRun
-from nlpctr.models.trainer import TextBatcher, pair_text, predict
+from nlpctr.models.text_batches import TextBatcher, pair_units
+from nlpctr.models.trainer import predict
 
 if TYPE_CHECKING:  # (the protocol calls this stage; a runtime import would be circular)
     from nlpctr.pipelines.protocol import Experiment
@@ -59,7 +60,9 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
     text_loop = loop_config({"loop": {**settings["feature_kd"], "seed": exp.seed}})
     targets = distill.supplementary_outputs(teacher.model, teacher.lm, data)
     teacher_vectors = distill.pooled_vectors(teacher.lm, data)
-    sample = [pair_text(q, a) for q, a in data.texts[: int(settings["throughput_texts"])]]
+    reading = teacher.lm.config.pair_reading  # encoder-only throughput: the texts the LM encodes
+    pairs = data.texts[: int(settings["throughput_texts"])]
+    sample = [text for q, a in pairs for text in pair_units(q, a, reading) if text is not None]
     rows_of_text = data.text_index.numpy()
     teacher_feature = measures[teacher_name]
     distillable = claims.verdict(teacher_feature["delta_auc_ci"]) == claims.HOLDS

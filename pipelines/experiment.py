@@ -69,14 +69,12 @@ def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False
     `quick:` section when asked, then `--config`."""
     protocol = yaml.safe_load(PROTOCOL.read_text())
     quick_section = protocol.pop("quick")
-    if simulated:
-        sweep_settings = protocol["simulator"]
-        overrides = {"train_config": sweep_settings.get("train_config") or {}}
-        if "fusions" in sweep_settings:  # before `quick:`, whose own list the quick sweep keeps
-            overrides["fusions"] = sweep_settings["fusions"]
-        protocol = deep_merge(protocol, overrides)
+    if simulated:  # before `quick:`, whose sizes win
+        protocol = deep_merge(protocol, {"train_config": protocol["simulator"].get("train_config") or {}})
     if quick:
         protocol = deep_merge(protocol, quick_section)
+    if simulated and "fusions" in protocol["simulator"]:  # the sweep's own, quick or not
+        protocol["fusions"] = protocol["simulator"]["fusions"]
     if config_file is not None:
         if not config_file.is_file():
             raise UserError(f"--config {config_file} does not exist")

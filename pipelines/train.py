@@ -64,7 +64,8 @@ from nlpctr.models.runs import (
     TrainedRun,
 )
 from nlpctr.models.streamed_training import train_streaming
-from nlpctr.models.trainer import FitResult, TextBatcher, labels_of, predict
+from nlpctr.models.text_batches import TextBatcher
+from nlpctr.models.trainer import FitResult, labels_of, predict
 from nlpctr.models.training import (
     FitInputs,
     LmStep,
@@ -445,6 +446,8 @@ def train(request: TrainRequest) -> TrainResult:
         "train_ctr": trained.train_ctr,
         "streaming": setup.streamed,
     }
+    if trained.texts is not None and request.mode == "joint":
+        spec["text_with_query"] = trained.texts.with_query  # the width of its pair vectors
     (run_dir / RUN_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     wall = time.perf_counter() - started
     report = trained.report

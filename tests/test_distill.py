@@ -26,7 +26,8 @@ from nlpctr.models.distill import (
     supplementary_outputs,
 )
 from nlpctr.models.encoder import EncoderConfig, TextEncoder, pool
-from nlpctr.models.trainer import LoopConfig, pair_text
+from nlpctr.models.text_batches import pair_text
+from nlpctr.models.trainer import LoopConfig
 
 COLUMNS = FeatureColumns(categorical=("ad_id", "position"), ctr=("ad_id_ctr",), counts=("ad_id_impressions",))
 WORDS_GOOD = ["free", "best", "new", "sale", "official"]

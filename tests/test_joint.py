@@ -18,7 +18,8 @@ from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
 from nlpctr.models.data import Tensors, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.joint import JointConfig, ProbeConfig, StageConfig, fit_joint, param_groups
-from nlpctr.models.trainer import FitResult, LoopConfig, TextBatcher, fit, labels_of, predict
+from nlpctr.models.text_batches import TextBatcher
+from nlpctr.models.trainer import FitResult, LoopConfig, fit, labels_of, predict
 
 NET = NetConfig(hidden=(32,))
 LOOP = LoopConfig(epochs=1, batch_size=32, patience=10, max_batches_per_epoch=8, eval_every_steps=3)
@@ -124,7 +125,7 @@ def test_the_probe_stage_trains_the_head_alone_on_vectors_computed_once(
     assert head["steps"] == 3 * -(-data.rows_in("train") // 64) and head["batch_size"] == 64
     assert head["start_valid_logloss"] == e0_fit.best["valid_logloss"]
     assert head["best_valid_logloss"] < head["start_valid_logloss"]  # the head learned in full epochs
-    assert encoded == [len(texts.tokens)]  # every text encoded once, then looked up
+    assert encoded == [len(texts.units)]  # every text encoded once, then looked up
     # (batches padded otherwise than the table's chunks: the same vectors up to float rounding)
     assert valid_logloss(model, data, texts) == pytest.approx(result.best["valid_logloss"], rel=1e-6)
     for a, b in zip(model.tower.parameters(), e0_model.tower.parameters(), strict=True):

@@ -23,6 +23,7 @@ from nlpctr.features import store
 from nlpctr.models import metrics
 from nlpctr.models.config import load_config
 from nlpctr.models.evaluation import metric_report, paired_delta
+from nlpctr.models.runs import TrainedRun
 from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines import evaluate, ingest, score_batch, train
 
@@ -47,6 +48,8 @@ MODES = {
     "e3": ["--mode", "joint", "--fusion", "gate", "--layers", "1"],
     "e3w": ["--mode", "joint", "--fusion", "score", "--layers", "2", "--init-from", "e0"],  # the E3 recipe
 }
+# e3w reads each pair's query and ad apart and starts with the probe stage (the head alone)
+OWN_CONFIG = {"e3w": {"encoder": {"pair_reading": "separate"}, "joint": {"probe": {"epochs": 2}}}}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     runs = root / "runs"
     results = {}
     for name, flags in MODES.items():
-        argv = [*flags, "--data", str(data), "--run", name, "--runs-dir", str(runs), "--config", str(config)]
+        own = config
+        if name in OWN_CONFIG:
+            own = root / f"{name}.yaml"
+            own.write_text(yaml.safe_dump({**QUICK, **OWN_CONFIG[name]}))
+        argv = [*flags, "--data", str(data), "--run", name, "--runs-dir", str(runs), "--config", str(own)]
         results[name] = train.run([*argv, "--no-progress"])
     return {"data": data, "runs": runs, "config": config, "results": results}
 
@@ -116,13 +123,18 @@ def test_a_warm_started_joint_run_starts_at_e0_and_keeps_its_best(trained: dict[
     e0, e3w = trained["results"]["e0"], trained["results"]["e3w"]
     history = e3w["history"]
     assert history[0]["step"] == 0 and history[0]["valid_logloss"] == e0["best_valid_logloss"]
-    assert [s["name"] for s in e3w["stages"]] == ["lm", "all"]
+    assert [s["name"] for s in e3w["stages"]] == ["head", "lm", "all"]
     assert e3w["stages"][0]["start_valid_logloss"] == e0["best_valid_logloss"]
+    assert e3w["stages"][1]["start_valid_logloss"] == e3w["stages"][0]["best_valid_logloss"]
     assert e3w["best_valid_logloss"] == e3w["stages"][-1]["best_valid_logloss"] <= e0["best_valid_logloss"]
     assert e3w["best_valid_logloss"] == min(h["valid_logloss"] for h in history)
     spec = json.loads((trained["runs"] / "e3w" / "run.json").read_text())
     assert spec["checkpoint"] == "checkpoints/ctr/stage2/best.pt"
-    assert "valid logloss lm " in e3w["summary"]
+    assert "valid logloss head " in e3w["summary"] and " lm " in e3w["summary"]
+    # the query and the ad read apart: the fusion reads [u_q, u_a, u_q * u_a]
+    assert spec["text_with_query"] and "/pairs=separate" in e3w["provenance"]["encoder_version"]
+    fusion = TrainedRun.load(trained["runs"] / "e3w").model.fusion
+    assert fusion is not None and fusion.score[0].in_features == 3 * 384
 
 
 @pytest.mark.parametrize("name", ["e1", "e2", "e3", "e3w"])

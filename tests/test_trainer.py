@@ -14,7 +14,8 @@ from nlpctr.models import metrics, trainer
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig, binomial_loss
 from nlpctr.models.data import FeatureColumns, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
-from nlpctr.models.trainer import LoopConfig, TextBatcher, TextScorer, fit, labels_of, predict
+from nlpctr.models.text_batches import TextBatcher
+from nlpctr.models.trainer import LoopConfig, TextScorer, fit, labels_of, predict
 
 COLUMNS = FeatureColumns(categorical=("ad_id", "position"), ctr=("ad_id_ctr",), counts=("ad_id_impressions",))
 WORDS_GOOD = ["free", "best", "new", "sale", "official"]

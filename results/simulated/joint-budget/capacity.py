@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from sklearn.linear_model import RidgeCV
 
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
-from nlpctr.models.trainer import pair_text
+from nlpctr.models.text_batches import pair_text
 
 SEED, TRAIN, TEST = 0, 5000, 2000
 ALPHAS = np.logspace(-2, 3, 12)

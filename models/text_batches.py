@@ -1,0 +1,187 @@
+"""How an LM reads a row's (query, ad) texts, and rows -> the LM's vectors.
+
+Two readings of a pair (`encoder.pair_reading`):
+- `cross`: one text, the query then the ad (`query [SEP] ad`, truncated as one), one pooled
+  vector of the LM's width d;
+- `separate`: the query and the ad encoded apart by the same LM, the pair read as
+  [u_q, u_a, u_q * u_a] (3d): what E1 gives E0 (two vectors), plus their product, from which a
+  linear read-out finds the query-ad agreement that a frozen cross-encoding hides
+  (results/simulated/joint-budget/capacity.json: R^2 of the simulator's pair effect 0.095
+  against 0.013). In data without query texts both readings are the ad's vector alone (d).
+
+`TextBatcher` encodes each text a batch needs once: a pair's units (its one cross text, or its
+query and its ad) are deduplicated across the batch before the LM runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from nlpctr.models.data import Tensors
+from nlpctr.models.encoder import ENCODE_CHUNK, TextEncoder
+
+INFERENCE_CHUNK = 64  # texts encoded together at inference, sorted by length
+PAIR_READINGS = ("cross", "separate")
+
+Pair = tuple[str | None, str]
+
+
+def pair_text(query: str | None, ad: str) -> str:
+    """The cross reading's one text: the ad text, after the query when there is one."""
+    return f"{query} [SEP] {ad}" if query else ad
+
+
+def pair_units(query: str | None, ad: str, reading: str) -> tuple[str | None, str]:
+    """The texts the LM encodes for a pair: (query or None, ad) read apart, or (None, one text)."""
+    if reading == "separate":
+        return (query or None, ad)
+    return (None, pair_text(query, ad))
+
+
+def has_query(pairs: Sequence[Pair]) -> bool:
+    """Whether any pair has a query text (then a separate reading's vectors are 3d)."""
+    return any(query is not None for query, _ in pairs)
+
+
+@dataclass
+class TextBatcher:
+    """A batch of rows -> the LM's vectors of their pairs, each text the batch needs encoded once.
+
+    `for_data` tokenises an in-memory dataset's texts once up front. A streamed batch carries
+    its own texts (`Tensors.texts`), tokenised as it comes; with `cache_limit`, inference
+    (`predict_batches`) also keeps each pair's vector for the rest of the pass, so a pair
+    repeated across batches is encoded once per pass.
+    """
+
+    lm: TextEncoder
+    with_query: bool = False  # the data has query texts (the separate reading's vector is then 3d)
+    units: list[list[int]] = field(default_factory=list)  # token ids of each text the LM encodes
+    parts: torch.Tensor = field(default_factory=lambda: torch.empty((0, 2), dtype=torch.long))
+    texts: list[Pair] | None = None  # the pairs `parts` describes (row i: its query and ad unit)
+    cache_limit: int = 0
+    cache: dict[Pair, torch.Tensor] = field(default_factory=dict)
+    fixed: torch.Tensor | None = None  # every unit's vector while the LM is frozen (`frozen_lm`)
+
+    @classmethod
+    def for_data(cls, lm: TextEncoder, data: Tensors, with_query: bool | None = None) -> TextBatcher:
+        """Every pair of `data` tokenised; `with_query` defaults to whether any pair has a query."""
+        batcher = cls(lm, has_query(data.texts) if with_query is None else with_query, texts=data.texts)
+        batcher.units, batcher.parts = batcher._tokenise(data.texts)
+        return batcher
+
+    @property
+    def reading(self) -> str:
+        return self.lm.config.pair_reading
+
+    @property
+    def dim(self) -> int:
+        """Width of a pair's vector."""
+        return self.lm.dim * (3 if self.reading == "separate" and self.with_query else 1)
+
+    def _tokenise(self, pairs: Sequence[Pair]) -> tuple[list[list[int]], torch.Tensor]:
+        """Token ids of the pairs' distinct units, and each pair's (query unit or -1, ad unit)."""
+        index: dict[str, int] = {}
+        units: list[list[int]] = []
+        parts = torch.empty((len(pairs), 2), dtype=torch.long)
+        for row, (query, ad) in enumerate(pairs):
+            for column, text in enumerate(pair_units(query, ad, self.reading)):
+                if text is None:
+                    parts[row, column] = -1
+                    continue
+                if text not in index:
+                    index[text] = len(units)
+                    units.append(self.lm.token_ids(text))
+                parts[row, column] = index[text]
+        return units, parts
+
+    def prefill(self) -> int:
+        """Cache the frozen-prefix states of every text tokenised up front (`for_data`), computed
+        once and the same way in a resumed process; returns how many were computed."""
+        return self.lm.prefill(self.units)
+
+    @contextmanager
+    def frozen_lm(self) -> Iterator[None]:
+        """The LM frozen (no gradient, eval mode) for a stage that trains only what reads its
+        vectors: each text tokenised up front (`for_data`) is encoded once, and looked up."""
+        trainable = [p for p in self.lm.parameters() if p.requires_grad]
+        was_training = self.lm.training
+        self.lm.requires_grad_(False)
+        self.lm.eval()
+        try:
+            if self.units:
+                with torch.no_grad():
+                    self.fixed = self.encode_tokens(self.units)
+            yield
+        finally:
+            self.fixed = None
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+            self.lm.train(was_training)
+
+    def encode_tokens(self, token_ids: Sequence[list[int]]) -> torch.Tensor:
+        """The LM's vectors of tokenised texts: one padded batch when training; at inference, in
+        chunks of similar length (little padding: a validation pass encodes thousands of texts)."""
+        if torch.is_grad_enabled() or len(token_ids) <= INFERENCE_CHUNK:
+            return self.lm(**self.lm.pad(token_ids))
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        out = torch.empty((len(token_ids), self.lm.dim))
+        for start in range(0, len(order), INFERENCE_CHUNK):
+            rows = order[start : start + INFERENCE_CHUNK]
+            out[rows] = self.lm(**self.lm.pad([token_ids[i] for i in rows]))
+        return out
+
+    def _combine(self, unit_vectors: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+        """Pair vectors from their units' vectors (`parts` index rows of `unit_vectors`)."""
+        ad = unit_vectors[parts[:, 1]]
+        if not (self.reading == "separate" and self.with_query):
+            return ad
+        has_query = (parts[:, 0] >= 0).unsqueeze(1)
+        query = torch.where(has_query, unit_vectors[parts[:, 0].clamp(min=0)], torch.zeros_like(ad))
+        return torch.cat([query, ad, query * ad], dim=1)
+
+    def _pair_vectors(self, parts: torch.Tensor, units: Sequence[list[int]]) -> torch.Tensor:
+        """Vectors of the pairs `parts` describes, each unit they use encoded once."""
+        used = torch.unique(parts[parts >= 0])  # sorted
+        encoded = self.encode_tokens([units[i] for i in used.tolist()])
+        local = torch.where(parts >= 0, torch.searchsorted(used, parts.clamp(min=0)), -1)
+        return self._combine(encoded, local)
+
+    def vectors(self, text_index: torch.Tensor) -> torch.Tensor:
+        """Vectors of the pairs `text_index` names (rows of `texts`)."""
+        if self.fixed is not None:
+            return self._combine(self.fixed, self.parts[text_index])
+        unique, inverse = torch.unique(text_index, return_inverse=True)
+        return self._pair_vectors(self.parts[unique], self.units)[inverse]
+
+    def encode_pairs(self, pairs: Sequence[Pair]) -> torch.Tensor:
+        """Vectors of any pairs at inference (n, dim), tokenised a chunk at a time."""
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(pairs), ENCODE_CHUNK):
+                units, parts = self._tokenise(pairs[start : start + ENCODE_CHUNK])
+                out.append(self._pair_vectors(parts, units))
+        return torch.cat(out) if out else torch.empty((0, self.dim))
+
+    def batch_vectors(self, batch: Tensors) -> torch.Tensor:
+        """Vectors of a batch's rows: looked up for `for_data`'s dataset, else tokenised as it comes."""
+        if batch.texts is self.texts:
+            return self.vectors(batch.text_index)
+        unique, inverse = torch.unique(batch.text_index, return_inverse=True)
+        pairs = [batch.texts[i] for i in unique.tolist()]
+        caching = self.cache_limit > 0 and not torch.is_grad_enabled()
+        todo = [p for p in pairs if p not in self.cache] if caching else pairs
+        encoded = None
+        if todo:
+            units, parts = self._tokenise(todo)
+            encoded = self._pair_vectors(parts, units)
+        if not caching:
+            assert encoded is not None
+            return encoded[inverse]
+        fresh = dict(zip(todo, encoded, strict=True)) if encoded is not None else {}
+        if len(self.cache) < self.cache_limit:
+            self.cache.update(fresh)
+        return torch.stack([self.cache[p] if p in self.cache else fresh[p] for p in pairs])[inverse]
