@@ -184,8 +184,7 @@ def test_students_deeper_than_the_teacher_are_refused(tmp_path: Path) -> None:
 
 def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
     """As rho (the share of the text effect the ad ID knows) rises, the cascade-finetuned
-    feature is more explained by E0, the cascade features add less over E0, and the joint
-    feature's gain falls less than the cascade's."""
+    feature is more explained by E0, and every text feature (cascade and joint) adds less over E0."""
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**TINY, **SWEEP}))
     out = tmp_path / "sweep"
@@ -201,10 +200,10 @@ def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
     assert trends["frozen:delta_auc"]["falls"], trends["frozen:delta_auc"]["values"]
     e2_gain = trends[f"{finetuned}:delta_auc"]["values"]
     assert e2_gain[-1] < e2_gain[0] - 0.01, e2_gain
-    # ... and the joint feature's gain falls less than the cascade's.
+    # ... and so does the joint feature's (the stated prediction: every text feature's gain
+    # falls towards 0 at rho = 1; the joint arm learns the text since it reads query and ad apart).
     joint_gain = trends["joint_concat:delta_auc"]["values"]
-    frozen_gain = trends["frozen:delta_auc"]["values"]
-    assert joint_gain[0] - joint_gain[-1] < frozen_gain[0] - frozen_gain[-1], (joint_gain, frozen_gain)
+    assert joint_gain[-1] < joint_gain[0] - 0.01, joint_gain
     assert (out / "simulator.png").is_file()
     # Every rho has its ceilings and says whether E0 is near its no-text oracle.
     for entry in results["simulator"]["per_rho"].values():

@@ -2,7 +2,7 @@
 # The joint arm at rho = 0 under other budgets, each a run beside the sweep's (results/simulated/
 # joint-budget/). Run from the repository root after
 #   .venv/bin/nlpctr experiment --dataset simulated --out runs/simulated
-# with one or more of: base head lr layers steps probe
+# with one or more of: base head lr layers steps probe separate separate-probe50 separate-probe50-slow
 set -euo pipefail
 here=results/simulated/joint-budget
 mkdir -p runs/joint-budget
