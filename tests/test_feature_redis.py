@@ -36,6 +36,20 @@ pytestmark = [
 ]
 
 
+def without_client_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feast's Redis client with one try per call. redis-py retries a refused connection with
+    backoff (~5 s) and each call 3 times (~30 s against a stopped server); one try gives the
+    same verdict, and the tests need not wait for the others."""
+    get_client = RedisOnlineStore._get_client
+
+    def client_without_retries(self: RedisOnlineStore, config: Any) -> Any:
+        client = get_client(self, config)
+        client.set_retry(Retry(NoBackoff(), 0))
+        return client
+
+    monkeypatch.setattr(RedisOnlineStore, "_get_client", client_without_retries)
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[LocalRedisServer]:
     running = LocalRedisServer(tmp_path)
@@ -204,16 +218,7 @@ def test_redis_lost_mid_materialize_rerun_gives_one_row_per_key(
             server.stop(save=True)  # goes away, keeping what was written so far
 
     monkeypatch.setattr(RedisOnlineStore, "online_write_batch", write_then_lose_redis)
-    get_client = RedisOnlineStore._get_client
-
-    def client_without_retries(self: RedisOnlineStore, config: Any) -> Any:
-        # Feast's client retries a refused connection for ~5 s (redis-py's default backoff)
-        # before it gives up; the outcome is the same, the test need not wait for it.
-        client = get_client(self, config)
-        client.set_retry(Retry(NoBackoff(), 0))
-        return client
-
-    monkeypatch.setattr(RedisOnlineStore, "_get_client", client_without_retries)
+    without_client_retries(monkeypatch)
     with pytest.raises(UserError, match=f"Redis online store at {server.url} is unreachable"):
         store.materialize(data)
     monkeypatch.undo()
@@ -289,16 +294,7 @@ def _score_batch_losing_redis(
         return lookup(self, request, *args, **kwargs)
 
     monkeypatch.setattr(score_batch.BatchedFeastEnrichmentHandler, "__call__", lookup_then_lose_redis)
-    get_client = RedisOnlineStore._get_client
-
-    def client_without_retries(self: RedisOnlineStore, config: Any) -> Any:
-        # redis-py retries each call 3 times (~30 s against a stopped server); one try gives the
-        # same verdict, the test need not wait for the others.
-        client = get_client(self, config)
-        client.set_retry(Retry(NoBackoff(), 0))
-        return client
-
-    monkeypatch.setattr(RedisOnlineStore, "_get_client", client_without_retries)
+    without_client_retries(monkeypatch)
     return calls
 
 
