@@ -193,41 +193,52 @@ def lookup_bench(data: Path, raw: Any, lookups: int, rng: np.random.Generator) -
     return out
 
 
-def handler_bench(data: Path, rows: int = 2000) -> dict[str, float]:
-    """Beam's Feast handlers called directly (no pipeline): ms per row, per element vs batched."""
+def handler_bench(data: Path, rows: int = 2000, batch_size: int = 1024) -> dict[str, float]:
+    """The two lookups without a pipeline, ms per row: Beam's stock Feast handler called per row
+    vs `OnlineFeatureLookup` called per Arrow batch of `batch_size` rows."""
     import apache_beam as beam
 
+    from nlpctr.features.definitions import arrow_type
     from nlpctr.pipelines import score_batch
 
     online = store.OnlineFeatures(data, "cascade_frozen")
-    frame = pads.dataset(parquet_files(data / IMPRESSIONS)).to_table().to_pandas().head(rows)
-    requests = [beam.Row(**{k: r[k] for k in online.keys}) for r in frame.to_dict("records")]
-    out = {}
-    for mode in score_batch.ENRICHMENT_MODES:
-        handler = score_batch.enrichment_handler(
-            render.config_path(data), "cascade_frozen", online.keys, mode, 256
-        )
-        with handler:
-            started = time.perf_counter()
-            if mode == "batched":
-                for i in range(0, len(requests), 256):
-                    handler(requests[i : i + 256])
-            else:
-                for request in requests:
-                    handler(request)
-            out[f"{mode}_ms_per_row"] = (time.perf_counter() - started) * 1000 / len(requests)
-    out["speedup"] = out["per-element_ms_per_row"] / out["batched_ms_per_row"]
-    return out
+    table = pads.dataset(parquet_files(data / IMPRESSIONS)).to_table().slice(0, rows)
+    config = render.config_path(data)
+    handler = score_batch.per_element_handler(config, "cascade_frozen", online.keys)
+    requests = [beam.Row(**{k: r[k] for k in online.keys}) for r in table.select(online.keys).to_pylist()]
+    with handler:
+        started = time.perf_counter()
+        for request in requests:
+            handler(request)
+        per_element = (time.perf_counter() - started) * 1000 / len(requests)
+    fields = [
+        pa.field(f"{p.name_to_use()}__{f.name}", arrow_type(f.dtype))
+        for p in online.service.feature_view_projections
+        for f in p.features
+    ]
+    lookup = score_batch.OnlineFeatureLookup(config, "cascade_frozen", online.keys, fields)
+    lookup.open()
+    started = time.perf_counter()
+    for start in range(0, table.num_rows, batch_size):
+        lookup(table.slice(start, batch_size))
+    batched = (time.perf_counter() - started) * 1000 / table.num_rows
+    return {
+        "per-element_ms_per_row": per_element,
+        "batched_ms_per_row": batched,
+        "speedup": per_element / batched,
+    }
 
 
-def enrichment_bench(data: Path, splits: list[str]) -> dict[str, Any]:
+def enrichment_bench(data: Path, splits: list[str] | None) -> dict[str, Any]:
+    """`nlpctr score-batch` end to end (pipeline included) in each mode, side by side."""
     from nlpctr.pipelines import score_batch
 
     out: dict[str, Any] = {}
     for mode in score_batch.ENRICHMENT_MODES:
         result = score_batch.run(
             [
-                *("--data", str(data), "--enrichment", mode, "--splits", *splits),
+                *("--data", str(data), "--enrichment", mode),
+                *(("--splits", *splits) if splits else ()),
                 *("--out", str(data / f"enriched_bench_{mode}"), "--direct_num_workers", "1"),
             ]
         )
@@ -328,7 +339,9 @@ def main() -> None:
         "--data", type=Path, default=None, help="a prepared dataset (default: Upworthy, fresh)"
     )
     parser.add_argument("--lookups", type=int, default=300, help="timed lookups per configuration")
-    parser.add_argument("--enrich-splits", nargs="+", default=["valid", "test"], help="rows Beam enriches")
+    parser.add_argument(
+        "--enrich-splits", nargs="+", default=None, help="rows Beam enriches (default: every split)"
+    )
     parser.add_argument("--no-redis", action="store_true", help="SQLite only")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench_feast.json"))
     args = parser.parse_args()

@@ -1,22 +1,21 @@
 """Batch enrichment: impressions + online features, read the way serving reads them (Beam).
 
     nlpctr score-batch --data DIR [--service cascade_frozen] [--enrichment batched|per-element]
-                       [--batch-size 256] [--splits test ...] [--out PATH]
+                       [--batch-size 1024] [--splits test ...] [--out PATH]
                        [--run NAME [--runs-dir runs]] [beam options]
 
-Each impression is enriched from the Feast online store with Beam's `Enrichment` transform, so a
-batch job sees exactly the values a live model would. With `--run`, the run's trained model
-(rebuilt from `RUNS/NAME/run.json`; a joint run's LM reads the row's texts) scores the enriched
-rows in batches and a `p` column is added; the service defaults to the one the run trained on.
-`per-element` is Beam's stock `FeastFeatureStoreEnrichmentHandler`: one `get_online_features` call
-per row, each paying Feast's fixed per-call cost. `batched` (the
-default) is the same handler with Beam's request batching switched on (`batch_elements_kwargs`),
-one call per batch of rows: bench/bench_feast.py measures both.
+Each impression is enriched from the Feast online store with `get_online_features`, so a batch
+job sees exactly the values a live model would. `batched` (the default) reads the impressions as
+Arrow batches and makes one lookup per `--batch-size` rows, each distinct key once, never turning
+a row into a Python object. `per-element` is Beam's stock `Enrichment` transform with its
+`FeastFeatureStoreEnrichmentHandler`: one lookup per row, each paying Feast's fixed per-call cost
+and Beam's per-element one (bench/bench_feast.py measures both). With `--run`, the run's trained
+model (rebuilt from `RUNS/NAME/run.json`; a joint run's LM reads the row's texts) scores the
+enriched batches and a `p` column is added; the service defaults to the one the run trained on.
 
 Writes `DIR/enriched/<service>/part-*.parquet` (`DIR/scored/<run>/` with --run; or --out): the
 impression columns plus `<projection>__<feature>` columns (and `p`), the names `training_frame()`
-gives. Unknown keys come back null
-and are counted per feature.
+gives. Unknown keys come back null and are counted per feature.
 """
 
 from __future__ import annotations
@@ -27,12 +26,15 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import redis.exceptions
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
@@ -40,7 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 from apache_beam.transforms.enrichment import Enrichment, EnrichmentSourceHandler
 from apache_beam.transforms.enrichment_handlers.feast_feature_store import FeastFeatureStoreEnrichmentHandler
-from feast import FeatureStore
+from feast import FeatureService, FeatureStore
 
 from nlpctr.errors import UserError
 from nlpctr.features import render
@@ -87,60 +89,180 @@ class KeepFeatures:
         return beam.Row(**{**left, **{name: right.get(name) for name in self.feature_names}})
 
 
-class BatchedFeastEnrichmentHandler(FeastFeatureStoreEnrichmentHandler):
-    """Beam's Feast handler with request batching: one `get_online_features` per batch.
+def per_element_handler(
+    config_path: Path, service: str, keys: Sequence[str]
+) -> FeastFeatureStoreEnrichmentHandler:
+    """Beam's stock Feast handler: one `get_online_features` call per row."""
+    return FeastFeatureStoreEnrichmentHandler(
+        feature_store_yaml_path=str(config_path),
+        feature_service_name=service,
+        # Two projections of one embedding view (ad and query text) share feature names.
+        full_feature_names=True,
+        entity_row_fn=EntityRow(keys),
+    )
 
-    `RequestResponseIO` batches requests with `BatchElements` when a caller returns
-    `batch_elements_kwargs`, then hands `__call__` a list and expects a list of
-    (request, response) pairs back.
+
+@dataclass(frozen=True)
+class ViewRead:
+    """What one feature view of a service serves: its projections' request columns and names."""
+
+    view: str
+    join_keys: tuple[str, ...]  # the view's own entity keys
+    features: tuple[str, ...]  # every feature any projection of the view serves
+    # per projection: (its name, the request column each join key is read from, its features)
+    projections: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]
+
+
+def view_reads(store: FeatureStore, service: FeatureService) -> list[ViewRead]:
+    """The service's projections grouped by the view they read (an embedding view serves the ad
+    and the query text under two names)."""
+    grouped: dict[str, list[Any]] = {}
+    for projection in service.feature_view_projections:
+        grouped.setdefault(projection.name, []).append(projection)
+    reads = []
+    for name, projections in grouped.items():
+        join_keys = tuple(c.name for c in store.get_feature_view(name).entity_columns)
+        reads.append(
+            ViewRead(
+                view=name,
+                join_keys=join_keys,
+                features=tuple(dict.fromkeys(f.name for p in projections for f in p.features)),
+                projections=tuple(
+                    (
+                        p.name_to_use(),
+                        tuple(p.join_key_map.get(k, k) for k in join_keys),
+                        tuple(f.name for f in p.features),
+                    )
+                    for p in projections
+                ),
+            )
+        )
+    return reads
+
+
+def _positions(keys: pa.Table, distinct: pa.Table) -> pa.Array:
+    """For each row of `keys`, the index of the equal row of `distinct`."""
+    if keys.num_columns == 1:
+        return pc.index_in(keys.column(0), value_set=distinct.column(0))
+    numbered = distinct.append_column("__distinct", pa.array(range(distinct.num_rows), pa.int64()))
+    rows = keys.append_column("__row", pa.array(range(keys.num_rows), pa.int64()))
+    joined = rows.join(numbered, keys.column_names, use_threads=False).sort_by("__row")
+    return joined["__distinct"].combine_chunks()
+
+
+class OnlineFeatureLookup:
+    """Online features for a whole Arrow batch of impressions: the batch plus one typed column per
+    served feature (null where a key is unknown), as the service would serve them row by row.
+
+    Feast's cost is per entity row it returns, so each view of the service is read once per
+    batch, for the distinct keys the batch holds (e.g. an ad's text repeated over its
+    impressions, or the same embedding view read for the query and the ad text), with Feast's
+    own `get_online_features`; the projections' names and join-key maps are applied here.
     """
 
-    def __init__(self, *args: Any, batch_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    def __init__(
+        self, config_path: Path, service: str, keys: Sequence[str], fields: Sequence[pa.Field]
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.service_name = service
+        self.keys = list(keys)
+        self.fields = list(fields)
+        self.store: FeatureStore | None = None
+        self.reads: list[ViewRead] = []
+
+    def open(self) -> None:
+        self.store = FeatureStore(fs_yaml_file=self.config_path)
+        self.reads = view_reads(self.store, self.store.get_feature_service(self.service_name))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.store is None:
+            self.open()
+        assert self.store is not None
+        requested = {
+            k: pc.fill_null(pc.cast(batch[k], pa.string()), feature_store.MISSING_KEY) for k in self.keys
+        }
+        types = {field.name: field.type for field in self.fields}
+        for read in self.reads:
+            asked = [
+                pa.table(
+                    {key: requested[column] for key, column in zip(read.join_keys, columns, strict=True)}
+                )
+                for _, columns, _ in read.projections
+            ]
+            distinct = pa.concat_tables(asked).group_by(list(read.join_keys), use_threads=False).aggregate([])
+            values = self.store.get_online_features(
+                features=[f"{read.view}:{f}" for f in read.features],
+                entity_rows={k: distinct[k].to_pylist() for k in read.join_keys},
+                full_feature_names=True,
+            ).to_dict()
+            served: dict[str, pa.Array] = {}  # each feature of the view converted once
+            for (name, _, features), keys in zip(read.projections, asked, strict=True):
+                index = _positions(keys, distinct)
+                for feature in features:
+                    column = f"{name}__{feature}"
+                    if feature not in served:
+                        served[feature] = pa.array(values[f"{read.view}__{feature}"], types[column])
+                    batch = batch.append_column(pa.field(column, types[column]), served[feature].take(index))
+        return batch.select([*batch.column_names[: -len(self.fields)], *types]) if self.fields else batch
+
+
+class EnrichBatches(beam.DoFn):
+    """Arrow batches of impressions -> the same rows plus the served features, `batch_size` rows
+    per online lookup (one `OnlineFeatureLookup` per worker)."""
+
+    def __init__(self, lookup: OnlineFeatureLookup, batch_size: int) -> None:
+        self.lookup = lookup
         self.batch_size = batch_size
 
-    def batch_elements_kwargs(self) -> Mapping[str, Any]:
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+    def setup(self) -> None:
+        self.lookup.open()
 
-    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(request, list):
-            return super().__call__(request, *args, **kwargs)
-        assert self.entity_row_fn is not None
-        values = self.store.get_online_features(
-            features=self.features,
-            entity_rows=[self.entity_row_fn(r) for r in request],
-            full_feature_names=self.full_feature_names,
-        ).to_dict()
-        return [(r, beam.Row(**{k: v[i] for k, v in values.items()})) for i, r in enumerate(request)]
-
-    def get_cache_key(self, request: Any) -> str:
-        # Cache on every key the service joins on, not only the first (the stock handler's choice).
-        assert self.entity_row_fn is not None
-        return "entity: " + "\x1f".join(f"{k}={v}" for k, v in self.entity_row_fn(request).items())
+    def process(self, table: pa.Table) -> Any:
+        for start in range(0, table.num_rows, self.batch_size):
+            yield self.lookup(table.slice(start, self.batch_size))
 
 
-def enrichment_handler(
-    config_path: Path, service: str, keys: Sequence[str], mode: str, batch_size: int
-) -> FeastFeatureStoreEnrichmentHandler:
-    """The Feast enrichment handler for `mode` (stock per-element, or batched)."""
-    common: dict[str, Any] = {
-        "feature_store_yaml_path": str(config_path),
-        "feature_service_name": service,
-        # Two projections of one embedding view (ad and query text) share feature names.
-        "full_feature_names": True,
-        "entity_row_fn": EntityRow(keys),
-    }
-    if mode == "per-element":
-        return FeastFeatureStoreEnrichmentHandler(**common)
-    if mode == "batched":
-        return BatchedFeastEnrichmentHandler(**common, batch_size=batch_size)
-    raise UserError(f"--enrichment must be one of {', '.join(ENRICHMENT_MODES)}, got {mode!r}")
+class RowsToBatches(beam.PTransform):
+    """Row dicts -> Arrow batches of `schema` (the per-element path joins the batched one here)."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        super().__init__()
+        self.schema = schema
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        schema = self.schema
+        return (
+            rows
+            | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
+            | "ToTables" >> beam.Map(lambda batch: pa.Table.from_pylist(batch, schema=schema))
+        )
+
+
+class EnrichFromOnlineStore(beam.PTransform):
+    """Row dicts -> the same rows plus one column per served feature, looked up one row at a time
+    in the online store by Beam's `Enrichment` with its stock Feast handler (the reference the
+    batched path is measured against); Arrow batches of `schema` out."""
+
+    def __init__(
+        self, handler: EnrichmentSourceHandler, schema: pa.Schema, feature_names: Sequence[str]
+    ) -> None:
+        super().__init__()
+        self.handler = handler
+        self.schema = schema
+        self.feature_names = list(feature_names)
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        return (
+            rows
+            | "ToRows" >> beam.Map(lambda r: beam.Row(**r))
+            | "Enrich" >> Enrichment(self.handler, join_fn=KeepFeatures(self.feature_names))
+            | "ToDicts" >> beam.Map(lambda r: r._asdict())
+            | "ToBatches" >> RowsToBatches(self.schema)
+        )
 
 
 class CountNulls(beam.DoFn):
-    """Count rows and null features (Beam metrics, read back by the driver)."""
+    """Count rows and null features of Arrow batches (Beam metrics, read back by the driver)."""
 
     def __init__(self, feature_names: Sequence[str]) -> None:
         self.feature_names = list(feature_names)
@@ -150,18 +272,20 @@ class CountNulls(beam.DoFn):
         self.rows_with_nulls = Metrics.counter(METRICS_NAMESPACE, "rows_with_nulls")
         self.nulls = {n: Metrics.counter(METRICS_NAMESPACE, f"null:{n}") for n in self.feature_names}
 
-    def process(self, row: dict[str, Any]) -> Any:
-        self.rows.inc()
-        missing = [n for n in self.feature_names if row.get(n) is None]
-        for name in missing:
-            self.nulls[name].inc()
-        if missing:
-            self.rows_with_nulls.inc()
-        yield row
+    def process(self, table: pa.Table) -> Any:
+        self.rows.inc(table.num_rows)
+        any_null = pa.array([False] * table.num_rows)
+        for name in self.feature_names:
+            is_null = table[name].is_null()
+            self.nulls[name].inc(pc.sum(is_null.cast(pa.int64())).as_py() or 0)
+            any_null = pc.or_(any_null, is_null)
+        self.rows_with_nulls.inc(pc.sum(any_null.cast(pa.int64())).as_py() or 0)
+        yield table
 
 
-class ScoreRows(beam.DoFn):
-    """A trained run's click probability for each row of a batch (the model loads once per worker)."""
+class ScoreBatches(beam.DoFn):
+    """A trained run's click probability `p` for each row of an Arrow batch (the model loads once
+    per worker); scores are joined back by impression id, whatever order the model returns."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
@@ -169,12 +293,13 @@ class ScoreRows(beam.DoFn):
     def setup(self) -> None:
         self.trained = TrainedRun.load(self.run_dir)
 
-    def process(self, batch: list[dict[str, Any]]) -> Any:
-        frame = pd.DataFrame(batch)
-        data, p = self.trained.predict_frame(frame)
-        by_id = {row["impression_id"]: row for row in batch}
-        for impression_id, value in zip(data.impression_id, p, strict=True):
-            yield {**by_id[impression_id], "p": float(value)}
+    def process(self, table: pa.Table) -> Any:
+        data, p = self.trained.predict_frame(table.to_pandas())
+        by_id = pd.Series(np.asarray(p, dtype=np.float64), index=pd.Index(data.impression_id))
+        scores = by_id.reindex(table["impression_id"].to_pandas())
+        if scores.isna().any():
+            raise RuntimeError("the run returned no score for some rows")  # a defect, not bad input
+        yield table.append_column(pa.field("p", pa.float64()), pa.array(scores.to_numpy(), pa.float64()))
 
 
 def output_schema(context_columns: Sequence[str], service_fields: Sequence[tuple[str, Any]]) -> pa.Schema:
@@ -183,8 +308,15 @@ def output_schema(context_columns: Sequence[str], service_fields: Sequence[tuple
     return pa.schema([*base, *(pa.field(name, arrow_type(dtype)) for name, dtype in service_fields)])
 
 
-class ReadImpressionRows(beam.PTransform):
-    """Impressions parquet -> row dicts, only those of `splits` when given."""
+def _keep_splits(table: pa.Table, splits: frozenset[str] | None) -> pa.Table:
+    if splits is None:
+        return table
+    return table.filter(pc.is_in(table["split"], value_set=pa.array(sorted(splits), pa.string())))
+
+
+class ReadImpressionBatches(beam.PTransform):
+    """Impressions parquet -> Arrow batches (as the files' row groups come), only rows of
+    `splits` when given."""
 
     def __init__(self, file_pattern: str, splits: Sequence[str] | None = None) -> None:
         super().__init__()
@@ -192,46 +324,40 @@ class ReadImpressionRows(beam.PTransform):
         self.splits = frozenset(splits) if splits else None
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        rows = pbegin | "Read" >> beam.io.ReadFromParquet(self.file_pattern)
-        if self.splits is None:
-            return rows
-        wanted = self.splits
-        return rows | "KeepSplits" >> beam.Filter(lambda r: r["split"] in wanted)
-
-
-class EnrichFromOnlineStore(beam.PTransform):
-    """Row dicts -> the same rows plus one column per served feature, looked up in the online
-    store by `handler` (Beam's `Enrichment`); rows and null features are counted (metrics)."""
-
-    def __init__(self, handler: EnrichmentSourceHandler, feature_names: Sequence[str]) -> None:
-        super().__init__()
-        self.handler = handler
-        self.feature_names = list(feature_names)
-
-    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        splits = self.splits
         return (
-            rows
-            | "ToRows" >> beam.Map(lambda r: beam.Row(**r))
-            | "Enrich" >> Enrichment(self.handler, join_fn=KeepFeatures(self.feature_names))
-            | "ToDicts" >> beam.Map(lambda r: r._asdict())
-            | "CountNulls" >> beam.ParDo(CountNulls(self.feature_names))
+            pbegin
+            | "Read" >> beam.io.ReadFromParquetBatched(self.file_pattern)
+            | "KeepSplits" >> beam.Map(_keep_splits, splits)
+            | "DropEmpty" >> beam.Filter(lambda t: t.num_rows > 0)
+        )
+
+
+class ReadImpressionRows(beam.PTransform):
+    """Impressions parquet -> row dicts, only those of `splits` when given."""
+
+    def __init__(self, file_pattern: str, splits: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.file_pattern = file_pattern
+        self.splits = splits
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "ReadBatches" >> ReadImpressionBatches(self.file_pattern, self.splits)
+            | "ToRows" >> beam.FlatMap(lambda t: t.to_pylist())
         )
 
 
 class ScoreWithRun(beam.PTransform):
-    """Enriched row dicts -> the same rows plus `p`, the trained run's click probability,
-    scored in batches (one model per worker)."""
+    """Enriched Arrow batches -> the same rows plus `p`, the trained run's click probability."""
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
         self.run_dir = run_dir
 
-    def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        return (
-            rows
-            | "BatchRows" >> beam.BatchElements(min_batch_size=64, max_batch_size=512)
-            | "Score" >> beam.ParDo(ScoreRows(self.run_dir))
-        )
+    def expand(self, batches: beam.PCollection) -> beam.PCollection:
+        return batches | "Score" >> beam.ParDo(ScoreBatches(self.run_dir))
 
 
 # What a lost or silent Redis raises inside the lookups (redis-py's ConnectionError covers a
@@ -283,12 +409,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--service", default=None, help="feature service (default: the run's, else cascade_frozen)"
     )
     parser.add_argument("--enrichment", choices=ENRICHMENT_MODES, default="batched")
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per online lookup (batched)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="rows per online lookup (batched)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=None, help="only these splits")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default DIR/enriched/SERVICE)")
     parser.add_argument("--run", default=None, help="score with this trained run (RUNS/NAME)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    return parser.parse_known_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args, beam_args
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
@@ -326,25 +455,39 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         for f in p.features
     ]
     schema = output_schema(manifest.get("context_columns", []), fields)
-    if run_dir is not None:
-        schema = schema.append(pa.field("p", pa.float64()))
-    handler = enrichment_handler(
-        render.config_path(data_dir), args.service, online.keys, args.enrichment, args.batch_size
-    )
+    feature_fields = [schema.field(name) for name, _ in fields]
+    config_path = render.config_path(data_dir)
     staging = staging_dir(out)
     started = time.perf_counter()
     try:
         pipeline = (
             test_pipeline if test_pipeline is not None else beam.Pipeline(options=PipelineOptions(beam_args))
         )
-        rows = pipeline | "ReadImpressions" >> ReadImpressionRows(
-            str(data_dir / IMPRESSIONS / "*.parquet"), args.splits
-        )
-        rows = rows | "Enrich" >> EnrichFromOnlineStore(handler, online.feature_names)
+        pattern = str(data_dir / IMPRESSIONS / "*.parquet")
+        if args.enrichment == "batched":
+            lookup = OnlineFeatureLookup(config_path, args.service, online.keys, feature_fields)
+            batches = (
+                pipeline
+                | "ReadImpressions" >> ReadImpressionBatches(pattern, args.splits)
+                | "Enrich" >> beam.ParDo(EnrichBatches(lookup, args.batch_size))
+            )
+        else:
+            handler = per_element_handler(config_path, args.service, online.keys)
+            batches = (
+                pipeline
+                | "ReadImpressions" >> ReadImpressionRows(pattern, args.splits)
+                | "Enrich" >> EnrichFromOnlineStore(handler, schema, online.feature_names)
+            )
+        batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names))
         if run_dir is not None:
-            rows = rows | "Score" >> ScoreWithRun(run_dir)
-        _ = rows | "Write" >> beam.io.WriteToParquet(
-            str(staging / "part"), schema, file_name_suffix=".parquet"
+            batches = batches | "Score" >> ScoreWithRun(run_dir)
+            schema = schema.append(pa.field("p", pa.float64()))
+        written = schema
+        _ = (
+            batches
+            | "ToSchema" >> beam.Map(lambda t: t.select(written.names).cast(written))
+            | "Write"
+            >> beam.io.WriteToParquetBatched(str(staging / "part"), written, file_name_suffix=".parquet")
         )
         result = run_reporting_store_faults(pipeline, online.store)
         wall = time.perf_counter() - started

@@ -285,15 +285,15 @@ def _score_batch_losing_redis(
     store.apply(data, online="redis", redis_url=server.url)
     store.materialize(data)
     calls: list[int] = []
-    lookup = score_batch.BatchedFeastEnrichmentHandler.__call__
+    lookup = score_batch.OnlineFeatureLookup.__call__
 
-    def lookup_then_lose_redis(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+    def lookup_then_lose_redis(self: Any, batch: Any) -> Any:
         if len(calls) == after_calls:
             lose()
-        calls.append(len(request) if isinstance(request, list) else 1)
-        return lookup(self, request, *args, **kwargs)
+        calls.append(batch.num_rows)
+        return lookup(self, batch)
 
-    monkeypatch.setattr(score_batch.BatchedFeastEnrichmentHandler, "__call__", lookup_then_lose_redis)
+    monkeypatch.setattr(score_batch.OnlineFeatureLookup, "__call__", lookup_then_lose_redis)
     without_client_retries(monkeypatch)
     return calls
 

@@ -1,5 +1,6 @@
-"""Batch enrichment with Beam's Enrichment + FeastFeatureStoreEnrichmentHandler: per-element and
-batched agree with each other, with an online lookup and with the training frame's vectors."""
+"""Batch enrichment: Beam's stock per-element Enrichment (FeastFeatureStoreEnrichmentHandler) and
+the batched Arrow lookups agree with each other, with an online lookup and with the training
+frame's vectors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from test_features import SLUG, impressions, make_dataset, write_ctr_history, wr
 
 from nlpctr.errors import UserError
 from nlpctr.features import render, store
+from nlpctr.layout import read_manifest
+from nlpctr.models.schema import impression_schema
 from nlpctr.pipelines import score_batch
 
 
@@ -145,14 +148,80 @@ def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, 
             for name, value in want.items():
                 assert (value is None and row[name] is None) or np.allclose(row[name], value), name
 
-    handler = score_batch.enrichment_handler(
-        render.config_path(data), "cascade_frozen", online.keys, "batched", batch_size=4
+    lookup = score_batch.OnlineFeatureLookup(
+        render.config_path(data), "cascade_frozen", online.keys, _feature_fields(data, online)
     )
+    handler = score_batch.per_element_handler(render.config_path(data), "cascade_frozen", online.keys)
+    source_schema = impression_schema(read_manifest(data).get("context_columns", []))
+    schema = pa.schema([*source_schema, *_feature_fields(data, online)])
+    table = pa.Table.from_pylist(rows, schema=source_schema)
     with BeamTestPipeline() as pipeline:
-        enriched = (
-            pipeline | beam.Create(rows) | score_batch.EnrichFromOnlineStore(handler, online.feature_names)
+        batched = (
+            pipeline
+            | "Batches" >> beam.Create([table.slice(0, 7), table.slice(7)])
+            | "Batched" >> beam.ParDo(score_batch.EnrichBatches(lookup, batch_size=4))
+            | "BatchedRows" >> beam.FlatMap(lambda t: t.to_pylist())
         )
-        assert_that(enriched, same_features)
+        assert_that(batched, same_features, label="batched")
+        single = (
+            pipeline
+            | "Rows" >> beam.Create(rows)
+            | "PerElement" >> score_batch.EnrichFromOnlineStore(handler, schema, online.feature_names)
+            | "PerElementRows" >> beam.FlatMap(lambda t: t.to_pylist())
+        )
+        assert_that(single, same_features, label="per-element")
+
+
+def _feature_fields(data: Path, online: store.OnlineFeatures) -> list[pa.Field]:
+    """The typed columns the service adds (what `score_batch.run` derives from the service)."""
+    from nlpctr.features.definitions import arrow_type
+
+    return [
+        pa.field(f"{p.name_to_use()}__{f.name}", arrow_type(f.dtype))
+        for p in online.service.feature_view_projections
+        for f in p.features
+    ]
+
+
+def test_online_feature_lookup_looks_each_distinct_key_up_once(
+    served: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = served["data"]
+    online = store.OnlineFeatures(data, "cascade_frozen")
+    rows = impressions(data).head(6).to_dict("records")
+    batch = pa.Table.from_pylist([*rows, *rows, rows[0]])  # 13 rows, 6 distinct
+    lookup = score_batch.OnlineFeatureLookup(
+        render.config_path(data), "cascade_frozen", online.keys, _feature_fields(data, online)
+    )
+    lookup.open()
+    assert lookup.store is not None
+    sent: list[int] = []
+    real = lookup.store.get_online_features
+
+    def counting(**kwargs: Any) -> Any:
+        sent.append(len(next(iter(kwargs["entity_rows"].values()))))
+        return real(**kwargs)
+
+    monkeypatch.setattr(lookup.store, "get_online_features", counting)
+    enriched = lookup(batch)
+    # One read per view (the ad and query text share the embedding view), of its distinct keys.
+    views = {p.name for p in online.service.feature_view_projections}
+    assert len(lookup.reads) == len(views) < len(online.service.feature_view_projections)
+
+    def key(value: Any) -> str:
+        return store.MISSING_KEY if value is None else str(value)
+
+    assert sent == [
+        len({tuple(key(r[c]) for c in columns) for _, columns, _ in read.projections for r in rows})
+        for read in lookup.reads
+    ]
+    assert sum(sent) < 13 * len(lookup.reads)
+    assert enriched.num_rows == 13
+    assert enriched.column_names == [*batch.column_names, *online.feature_names]
+    want = online.get(enriched.to_pylist())
+    for name in online.feature_names:
+        for got, expected in zip(enriched[name].to_pylist(), want.columns[name], strict=True):
+            assert (got is None and expected is None) or np.allclose(got, expected), name
 
 
 class _FakeRun:
@@ -173,8 +242,14 @@ def test_score_with_run_adds_each_rows_own_probability(
 ) -> None:
     monkeypatch.setattr(score_batch, "TrainedRun", _FakeRun)
     rows = [{"impression_id": f"i{n}", "position": n % 7, "ad_id": f"a{n % 3}"} for n in range(150)]
+    table = pa.Table.from_pylist(rows)
     with BeamTestPipeline() as pipeline:
-        scored = pipeline | beam.Create(rows) | score_batch.ScoreWithRun(tmp_path / "run")
+        scored = (
+            pipeline
+            | beam.Create([table.slice(0, 100), table.slice(100)])
+            | score_batch.ScoreWithRun(tmp_path / "run")
+            | beam.FlatMap(lambda t: t.to_pylist())
+        )
         assert_that(scored, equal_to([{**row, "p": row["position"] / 10} for row in rows]))
 
 
