@@ -10,7 +10,10 @@ Two readings of a pair (`encoder.pair_reading`):
   against 0.013). In data without query texts both readings are the ad's vector alone (d).
 
 `TextBatcher` encodes each text a batch needs once: a pair's units (its one cross text, or its
-query and its ad) are deduplicated across the batch before the LM runs.
+query and its ad) are deduplicated across the batch before the LM runs. At inference it also
+keeps each text's vector for as long as the LM's weights do not change (`cache`), so a finished
+run's test pass and the write-back of its LM feature encode each text once between them, and a
+validation pass encodes a text repeated across its batches once.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import ENCODE_CHUNK, TextEncoder
 
 INFERENCE_CHUNK = 64  # texts encoded together at inference, sorted by length
+CACHED_TEXTS = 300_000  # texts whose vectors inference keeps (<= 460 MB at 384-d)
 PAIR_READINGS = ("cross", "separate")
 
 Pair = tuple[str | None, str]
@@ -52,9 +56,10 @@ class TextBatcher:
     """A batch of rows -> the LM's vectors of their pairs, each text the batch needs encoded once.
 
     `for_data` tokenises an in-memory dataset's texts once up front. A streamed batch carries
-    its own texts (`Tensors.texts`), tokenised as it comes; with `cache_limit`, inference
-    (`predict_batches`) also keeps each pair's vector for the rest of the pass, so a pair
-    repeated across batches is encoded once per pass.
+    its own texts (`Tensors.texts`), tokenised as it comes. At inference (eval mode, no
+    gradient) the vectors of up to `cache_limit` texts are kept, keyed by their token ids, and
+    dropped as soon as any LM weight changes (an optimiser step or a loaded checkpoint bumps the
+    parameters' version counters): whatever reads the same weights reuses them.
     """
 
     lm: TextEncoder
@@ -62,8 +67,10 @@ class TextBatcher:
     units: list[list[int]] = field(default_factory=list)  # token ids of each text the LM encodes
     parts: torch.Tensor = field(default_factory=lambda: torch.empty((0, 2), dtype=torch.long))
     texts: list[Pair] | None = None  # the pairs `parts` describes (row i: its query and ad unit)
-    cache_limit: int = 0
-    cache: dict[Pair, torch.Tensor] = field(default_factory=dict)
+    cache_limit: int = CACHED_TEXTS
+    cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # text's token ids -> vector
+    cache_weights: tuple[int, ...] = ()  # the LM parameters' versions the cached vectors come from
+    encoded_at_inference: int = 0  # texts the LM encoded at inference (what the cache saves shows here)
     fixed: torch.Tensor | None = None  # every unit's vector while the LM is frozen (`frozen_lm`)
 
     @classmethod
@@ -114,7 +121,7 @@ class TextBatcher:
         try:
             if self.units:
                 with torch.no_grad():
-                    self.fixed = self.encode_tokens(self.units)
+                    self.fixed = self._encode_sorted(self.units)  # all of them: no cache needed
             yield
         finally:
             self.fixed = None
@@ -123,10 +130,26 @@ class TextBatcher:
             self.lm.train(was_training)
 
     def encode_tokens(self, token_ids: Sequence[list[int]]) -> torch.Tensor:
-        """The LM's vectors of tokenised texts: one padded batch when training; at inference, in
-        chunks of similar length (little padding: a validation pass encodes thousands of texts)."""
-        if torch.is_grad_enabled() or len(token_ids) <= INFERENCE_CHUNK:
+        """The LM's vectors of tokenised texts: one padded batch when training; at inference, the
+        cached ones looked up and the rest encoded in chunks of similar length (little padding)."""
+        if torch.is_grad_enabled() or self.lm.training:
             return self.lm(**self.lm.pad(token_ids))
+        weights = tuple(p._version for p in self.lm.parameters())  # bumped by any in-place update
+        if weights != self.cache_weights:
+            self.cache.clear()
+            self.cache_weights = weights
+        keys = [tuple(ids) for ids in token_ids]
+        todo = [k for k in dict.fromkeys(keys) if k not in self.cache]
+        fresh = dict(zip(todo, self._encode_sorted(todo), strict=True))
+        self.encoded_at_inference += len(todo)
+        for key in todo[: max(self.cache_limit - len(self.cache), 0)]:
+            self.cache[key] = fresh[key]
+        if not keys:
+            return torch.empty((0, self.lm.dim))
+        return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys])
+
+    def _encode_sorted(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Vectors of texts at inference, encoded INFERENCE_CHUNK at a time in order of length."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         out = torch.empty((len(token_ids), self.lm.dim))
         for start in range(0, len(order), INFERENCE_CHUNK):
@@ -171,17 +194,5 @@ class TextBatcher:
         if batch.texts is self.texts:
             return self.vectors(batch.text_index)
         unique, inverse = torch.unique(batch.text_index, return_inverse=True)
-        pairs = [batch.texts[i] for i in unique.tolist()]
-        caching = self.cache_limit > 0 and not torch.is_grad_enabled()
-        todo = [p for p in pairs if p not in self.cache] if caching else pairs
-        encoded = None
-        if todo:
-            units, parts = self._tokenise(todo)
-            encoded = self._pair_vectors(parts, units)
-        if not caching:
-            assert encoded is not None
-            return encoded[inverse]
-        fresh = dict(zip(todo, encoded, strict=True)) if encoded is not None else {}
-        if len(self.cache) < self.cache_limit:
-            self.cache.update(fresh)
-        return torch.stack([self.cache[p] if p in self.cache else fresh[p] for p in pairs])[inverse]
+        units, parts = self._tokenise([batch.texts[i] for i in unique.tolist()])
+        return self._pair_vectors(parts, units)[inverse]

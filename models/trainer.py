@@ -143,7 +143,6 @@ def predict_batches(
     model.eval()
     if texts is not None:
         texts.lm.eval()
-        texts.cache.clear()  # vectors of another pass may come from other weights
     out = []
     with torch.inference_mode():
         for batch in batches:
@@ -152,8 +151,6 @@ def predict_batches(
                 each(batch, p)
             else:
                 out.append(p)
-    if texts is not None:
-        texts.cache.clear()
     if each is not None:
         return None
     return np.concatenate(out) if out else np.empty(0)

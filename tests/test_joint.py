@@ -108,9 +108,9 @@ def test_the_probe_stage_trains_the_head_alone_on_vectors_computed_once(
     model, texts = joint_model(data, e0_model, "score")
     lm_before = {k: v.clone() for k, v in texts.lm.state_dict().items()}
     encoded: list[int] = []
-    real_encode = TextBatcher.encode_tokens
+    real_encode = TextBatcher._encode_sorted  # how inference encodes texts
     monkeypatch.setattr(
-        TextBatcher, "encode_tokens", lambda self, ids: encoded.append(len(ids)) or real_encode(self, ids)
+        TextBatcher, "_encode_sorted", lambda self, ids: encoded.append(len(ids)) or real_encode(self, ids)
     )
     probe_only = dataclasses.replace(
         GENTLE,

@@ -89,3 +89,24 @@ def test_a_batch_encodes_each_distinct_text_once(lms: dict[str, TextEncoder]) ->
 def test_an_unknown_reading_is_refused() -> None:
     with pytest.raises(UserError, match="pair_reading must be cross or separate"):
         EncoderConfig(pair_reading="both")
+
+
+def test_inference_encodes_a_text_once_until_a_weight_changes() -> None:
+    """A finished run's passes (test, write-back) share vectors; an optimiser step drops them."""
+    lm = TextEncoder(EncoderConfig(layers=1, max_length=16, pair_reading="separate"), trainable=True)
+    batcher = TextBatcher(lm, with_query=True)
+    lm.eval()
+    first = batcher.encode_pairs(PAIRS)
+    assert batcher.encoded_at_inference == 4  # "red shoes", "hats", and the two ads
+    torch.testing.assert_close(batcher.encode_pairs(PAIRS[1:]), first[1:])
+    assert batcher.encoded_at_inference == 4  # a second pass with the same weights: looked up
+
+    optimiser = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
+    lm.train()
+    batcher.encode_tokens([lm.token_ids("blue hats")]).pow(2).sum().backward()
+    optimiser.step()
+    lm.eval()
+    again = batcher.encode_pairs(PAIRS)
+    assert batcher.encoded_at_inference == 8  # new weights: every text encoded again
+    assert not torch.allclose(again, first)
+    torch.testing.assert_close(again, TextBatcher(lm, with_query=True, cache_limit=0).encode_pairs(PAIRS))
