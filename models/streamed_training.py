@@ -4,11 +4,13 @@ The shards are the service's point-in-time join, written by the feature store
 (`features.store.write_training_shards`); here they are read as a stream (`models.streaming.
 ShardSource`): the run's preprocessing is fitted on the training shards, the loop reads batches as
 they come, and the test pass accumulates metrics (`metrics.StreamingMetrics`) and writes
-predictions without keeping either split in memory.
+predictions without keeping either split in memory. E2's LM step runs here too, on E0's shards,
+with the fit and feature writing of `models.training`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +27,25 @@ from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.runs import CHECKPOINTS, PREDICTIONS_FILE, Preprocessing
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, predict_batches
-from nlpctr.models.training import FitInputs, fit_model
+from nlpctr.models.training import (
+    FitInputs,
+    LmStep,
+    Publish,
+    fit_lm_alone,
+    fit_model,
+    write_lm_epochs,
+)
 
 TEXT_CACHE = 300_000  # unique texts whose LM vectors one evaluation pass keeps (<= 460 MB at 384-d)
 
 
 def stream_source(
-    root: Path, with_cascade: bool, manifest: dict[str, Any], fill_ctr: float
+    root: Path, columns: FeatureColumns, manifest: dict[str, Any], fill_ctr: float
 ) -> tuple[Preprocessing, streaming.ShardSource]:
-    """The run's preprocessing fitted on the training shards under `root` (their frozen text
-    vectors as cascade inputs `with_cascade`), and a stream of Tensors over the shards."""
-    names = pq.read_schema(next(iter(sorted(root.glob("*/*.parquet"))))).names
-    cascade = [c for c in names if c.endswith("__embedding")] if with_cascade else []
-    columns = FeatureColumns.for_manifest(manifest, cascade=cascade)
+    """The run's preprocessing of `columns` fitted on the training shards under `root`, and a
+    stream of Tensors over the shards."""
     dims = []
-    for column in cascade:
+    for column in columns.cascade:
         width = streaming.first_vector_width(root, column)
         if width is None:
             raise UserError(f"feature column {column} is null on every row; re-run the job behind it")
@@ -50,42 +56,65 @@ def stream_source(
     return pre, streaming.ShardSource(root, pre.tensorize, streaming.needed_columns(columns, group))
 
 
+def text_batcher(inputs: FitInputs) -> TextBatcher:
+    """A trainable LM reading streamed batches: each batch's texts tokenised as they come, and
+    each pair's vector cached for the rest of an evaluation pass (rows are not all in memory)."""
+    lm = TextEncoder(encoder_config(inputs.config), trainable=True)
+    with_query = bool(inputs.manifest["spec"]["columns"].get("query_text"))
+    return TextBatcher(lm, with_query, cache_limit=TEXT_CACHE)
+
+
+def scored_split(
+    model: torch.nn.Module,
+    source: streaming.ShardSource,
+    split: str,
+    texts: TextBatcher | None,
+    each: Callable[[Tensors, np.ndarray], None] | None = None,
+) -> metrics.StreamingMetrics:
+    """One in-order pass over a split's shards, its metrics accumulated; each batch and its
+    probabilities also go to `each` when given. Nothing else is kept."""
+    scored = metrics.StreamingMetrics()
+
+    def add(batch: Tensors, p: np.ndarray) -> None:
+        labels = metrics.Labels(
+            batch.impressions.numpy().astype(np.int64),
+            batch.clicks.numpy().astype(np.int64),
+            batch.groups,
+        )
+        scored.add(labels, p)
+        if each is not None:
+            each(batch, p)
+
+    predict_batches(model, source.batches(split, 1024), texts, add)
+    return scored
+
+
 def streamed_test(
     model: torch.nn.Module, source: streaming.ShardSource, texts: TextBatcher | None, predictions: Path
 ) -> metrics.StreamingMetrics:
     """One in-order pass over the test shards: metrics accumulated and each batch's predictions
     appended to `predictions` (parquet, published when complete), nothing else kept."""
-    scored = metrics.StreamingMetrics()
     staging = predictions.with_name(f".{predictions.name}.tmp")
     schema = pa.schema([("impression_id", pa.string()), ("split", pa.string()), ("p", pa.float64())])
     with pq.ParquetWriter(staging, schema) as writer:
 
-        def each(batch: Tensors, p: np.ndarray) -> None:
-            labels = metrics.Labels(
-                batch.impressions.numpy().astype(np.int64),
-                batch.clicks.numpy().astype(np.int64),
-                batch.groups,
-            )
-            scored.add(labels, p)
+        def write(batch: Tensors, p: np.ndarray) -> None:
             ids = pa.array(batch.impression_id, pa.string())
             writer.write_table(pa.table([ids, pa.array(["test"] * len(p)), pa.array(p)], schema=schema))
 
-        predict_batches(model, source.batches("test", 1024), texts, each)
+        scored = scored_split(model, source, "test", texts, write)
     staging.replace(predictions)
     return scored
 
 
 def train_streaming(
-    root: Path, with_cascade: bool, inputs: FitInputs, run_dir: Path
+    root: Path, columns: FeatureColumns, inputs: FitInputs, run_dir: Path
 ) -> tuple[Preprocessing, torch.nn.Module, TextBatcher | None, FitResult, dict[str, Any], float]:
-    """`training.fit_ctr` and the test pass on the shards under `root`: (preprocessing, model, LM
-    batcher, fit, test report, train CTR); predictions are written to the run folder as they are made."""
-    pre, source = stream_source(root, with_cascade, inputs.manifest, inputs.fill_ctr)
-    texts = None
-    if inputs.fusion:
-        lm = TextEncoder(encoder_config(inputs.config), trainable=True)
-        with_query = bool(inputs.manifest["spec"]["columns"].get("query_text"))
-        texts = TextBatcher(lm, with_query, cache_limit=TEXT_CACHE)
+    """`training.fit_ctr` and the test pass on the shards under `root`, reading `columns`:
+    (preprocessing, model, LM batcher, fit, test report, train CTR); predictions are written to
+    the run folder as they are made."""
+    pre, source = stream_source(root, columns, inputs.manifest, inputs.fill_ctr)
+    texts = text_batcher(inputs) if inputs.fusion else None
     model, result = fit_model(pre, source, texts, inputs, run_dir / CHECKPOINTS / "ctr")
     _, impressions, clicks = streaming.split_totals(source.root, "train")
     ctr_train = clicks / max(impressions, 1)
@@ -98,3 +127,22 @@ def train_streaming(
         int(evaluation["calibration_bins"]),
     )
     return pre, model, texts, result, report, ctr_train
+
+
+def train_lm_streaming(
+    root: Path, inputs: FitInputs, run_dir: Path, data_dir: Path, slug: str, publish: Publish
+) -> LmStep:
+    """`training.train_lm_alone` on the shards under `root` (E0's service): the same fit and
+    feature writing, on a stream. The standalone test AUC comes from a streamed pass (score
+    histograms: exact up to scores within 3e-5 in logit); the features are written for the
+    shards' unique text pairs."""
+    _, source = stream_source(
+        root, FeatureColumns.for_manifest(inputs.manifest), inputs.manifest, inputs.fill_ctr
+    )
+    texts = text_batcher(inputs)
+    scorer, result = fit_lm_alone(source, texts, inputs, run_dir)
+    test_auc = scored_split(scorer, source, "test", texts).auc()
+    pairs = streaming.unique_text_pairs(root)
+    return write_lm_epochs(
+        scorer, texts, result, pairs, test_auc, inputs.config, run_dir, data_dir, slug, publish
+    )

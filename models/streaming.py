@@ -34,6 +34,14 @@ def split_files(root: Path, split: str) -> list[Path]:
     return sorted((Path(root) / split).glob("*.parquet"))
 
 
+def shard_columns(root: Path) -> list[str]:
+    """The columns of the shards under `root` (every shard has the service's schema)."""
+    files = [p for split in SPLITS for p in split_files(root, split)]
+    if not files:
+        raise FileNotFoundError(f"no parquet shards under {root}")
+    return pq.read_schema(files[0]).names
+
+
 def needed_columns(columns: FeatureColumns, group: str) -> list[str]:
     """What `tensorize` reads from a frame (and nothing else: vectors are the big columns)."""
     wanted = [

@@ -1,4 +1,5 @@
-"""Training drivers of `nlpctr train` on in-memory frames: E0/E1/E3's CTR model, E2's LM step.
+"""Training drivers of `nlpctr train` on in-memory frames: E0/E1/E3's CTR model, E2's LM step
+(whose fit and feature writing `models.streamed_training` shares).
 
 `pipelines/train.py` reads the frames from Feast and publishes what is written here; this module
 takes pandas frames and run folders. One loop (`models.trainer.fit`) trains everything; a model
@@ -33,7 +34,7 @@ from nlpctr.models.lm_features import (
 )
 from nlpctr.models.runs import CHECKPOINTS, Preprocessing, TrainedRun, build_model, build_scorer
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, fit, labels_of, predict
+from nlpctr.models.trainer import FitResult, TextScorer, fit, labels_of, predict
 
 # Registers an LM-feature folder (its meta) with the feature store; returns the view's name.
 Publish = Callable[[LmFeatureMeta], str]
@@ -138,39 +139,42 @@ class LmStep:
         return dict(self.__dict__)
 
 
-def train_lm_alone(
-    frame: pd.DataFrame,
-    manifest: dict[str, Any],
+def fit_lm_alone(
+    data: BatchSource, texts: TextBatcher, inputs: FitInputs, run_dir: Path
+) -> tuple[TextScorer, FitResult]:
+    """E2 step 1: the LM and its head fine-tuned on clicks alone (stopped at peak validation AUC),
+    every epoch checkpointed under `run_dir/checkpoints/lm`; in memory or on a stream alike."""
+    scorer = build_scorer(inputs.config, texts.dim)
+    loop = loop_config(inputs.config, "lm_loop")
+    result = fit(scorer, data, loop, run_dir / CHECKPOINTS / "lm", texts=texts, progress=inputs.progress)
+    return scorer, result
+
+
+def write_lm_epochs(
+    scorer: TextScorer,
+    texts: TextBatcher,
+    result: FitResult,
+    rows: pd.DataFrame,
+    test_auc: float,
     config: dict[str, Any],
-    fill_ctr: float,
     run_dir: Path,
     data_dir: Path,
     slug: str,
-    progress: bool,
     publish: Publish,
 ) -> LmStep:
-    """Fine-tune the LM on clicks (stopped at peak validation AUC), write every epoch's score and
-    pooled vector per text pair, and `publish` the best epoch."""
-    pre = Preprocessing.fit(frame, FeatureColumns.for_manifest(manifest), manifest["group"], fill_ctr)
-    data = pre.tensorize(frame)
+    """E2 step 2: every epoch's score and pooled vector per text pair of `rows` (a frame with the
+    pair columns: the training frame, or the unique pairs of its shards), the best epoch published."""
     encoder = encoder_config(config)
-    lm = TextEncoder(encoder, trainable=True)
-    texts = TextBatcher.for_data(lm, data)
-    scorer = build_scorer(config, texts.dim)
-    checkpoints = run_dir / CHECKPOINTS / "lm"
-    result = fit(scorer, data, loop_config(config, "lm_loop"), checkpoints, texts=texts, progress=progress)
-    test = data.rows("test")
-    test_auc = metrics.auc(labels_of(data, test), predict(scorer, data, test, texts))
-
-    pairs = text_pairs(frame)
+    pairs = text_pairs(rows)
     root = lm_feature_root(data_dir, slug)
-    with_query = has_query_text(frame)
+    with_query = has_query_text(rows)
+    checkpoints = run_dir / CHECKPOINTS / "lm"
     folders = []
     for entry in result.history:
         epoch = int(entry["epoch"])
         state = torch.load(checkpoints / f"epoch-{epoch}.pt", weights_only=True)
         scorer.load_state_dict(state["model"])
-        lm.load_state_dict(state["lm"])
+        texts.lm.load_state_dict(state["lm"])
         outputs = lm_outputs(texts, {"lm_score": scorer.head}, pairs_of(pairs))
         version = f"{slug}@epoch-{epoch}/{encoder.version}/nlpctr=={nlpctr.__version__}"
         write_lm_features(root / f"epoch-{epoch}", pairs, outputs, version, with_query)
@@ -195,6 +199,24 @@ def train_lm_alone(
         features={f: str(root / f) for f in folders},
         chosen=chosen,
         encoder_version=encoder.version,
+    )
+
+
+def train_lm_alone(
+    frame: pd.DataFrame, inputs: FitInputs, run_dir: Path, data_dir: Path, slug: str, publish: Publish
+) -> LmStep:
+    """E2 steps 1 and 2 on an in-memory frame (`models.streamed_training.train_lm_streaming`
+    on shards): fit, standalone test AUC, every epoch's features written, the best published."""
+    manifest = inputs.manifest
+    columns = FeatureColumns.for_manifest(manifest)
+    pre = Preprocessing.fit(frame, columns, manifest["group"], inputs.fill_ctr)
+    data = pre.tensorize(frame)
+    texts = TextBatcher.for_data(TextEncoder(encoder_config(inputs.config), trainable=True), data)
+    scorer, result = fit_lm_alone(data, texts, inputs, run_dir)
+    test = data.rows("test")
+    test_auc = metrics.auc(labels_of(data, test), predict(scorer, data, test, texts))
+    return write_lm_epochs(
+        scorer, texts, result, frame, test_auc, inputs.config, run_dir, data_dir, slug, publish
     )
 
 

@@ -223,7 +223,7 @@ class Experiment:
                 "spec_hash": self.manifest.get("spec_hash"),
                 "split_mode": self.manifest["split"]["mode"],
                 "split_seed": self.manifest["split"]["seed"],
-                "frozen_encoder": train.frozen_encoder_version(self.data_dir, self.judge.frame),
+                "frozen_encoder": train.frozen_encoder_version(self.data_dir, self.judge.frame.columns),
                 "lm_encoder": lm_run.results["provenance"]["encoder_version"],
                 "code_version": self.code_version,
                 "torch": torch.__version__,

@@ -22,8 +22,8 @@ mode and writes the run folder.
 Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
 point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
 the loop reads them as a stream (`models.streaming.ShardSource`) and test metrics are streamed
-(`models.metrics.StreamingMetrics`), both in `models.streamed_training`; modes baseline,
-cascade-frozen and joint.
+(`models.metrics.StreamingMetrics`), both in `models.streamed_training`; every mode (E2's LM
+step fits on E0's shards and writes its features for their unique text pairs).
 
 Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
 from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`.
@@ -35,7 +35,7 @@ import argparse
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ from nlpctr.models.runs import (
     Preprocessing,
     TrainedRun,
 )
-from nlpctr.models.streamed_training import train_streaming
+from nlpctr.models.streamed_training import train_lm_streaming, train_streaming
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, labels_of, predict
 from nlpctr.models.training import (
@@ -78,7 +78,6 @@ from nlpctr.models.training import (
 from nlpctr.pipelines.ownership import claim_output_dir
 
 STREAMING_ROWS = 500_000  # impressions above which `train` streams (a frame of ~1 GB in memory)
-STREAMING_MODES = ("baseline", "cascade-frozen", "joint")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -246,9 +245,9 @@ def global_ctr(data_dir: Path) -> float:
     return float(json.loads(path.read_text())["global_ctr"])
 
 
-def frozen_encoder_version(data_dir: Path, frame: pd.DataFrame) -> str | None:
-    """The encoder behind the frame's frozen text vectors (from the embedding view's folder)."""
-    slugs = {c[len("ad_text_") : -len("__embedding")] for c in frame.columns if c.startswith("ad_text_")}
+def frozen_encoder_version(data_dir: Path, columns: Iterable[str]) -> str | None:
+    """The encoder behind a frame's frozen text vectors, from its columns (the embedding view's folder)."""
+    slugs = {c[len("ad_text_") : -len("__embedding")] for c in columns if c.startswith("ad_text_")}
     versions = [e.encoder_version for e in Layout.discover(data_dir).embeddings if e.slug in slugs]
     return versions[0] if versions else None
 
@@ -304,12 +303,7 @@ def set_up(request: TrainRequest) -> RunSetup:
         raise UserError(f"--runs-dir/--run {run_dir} cannot be created ({exc.strerror})") from None
     config_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
     fill_ctr = global_ctr(data_dir)
-    streamed = use_streaming(manifest, request.streaming)
-    if streamed and request.mode not in STREAMING_MODES:
-        raise UserError(
-            f"--mode {request.mode} does not stream yet (modes that do: {', '.join(STREAMING_MODES)}); "
-            "use --in-memory on data that fits in memory"
-        )
+    streamed = use_streaming(manifest, request.streaming)  # every mode streams
     slug = lm_feature_slug(request.run)
     return RunSetup(
         request, data_dir, manifest, config, identity, run_dir, slug, fill_ctr, streamed, warm_start
@@ -336,15 +330,27 @@ def in_memory(
     return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, frame)
 
 
-def streamed(setup: RunSetup, service: str) -> TrainedModel:
-    """Train and test on the service's training frame written as parquet shards (DuckDB)."""
-    root = feature_store.write_training_shards(setup.data_dir, service)
+def streamed(
+    setup: RunSetup, service: str, root: Path, columns: FeatureColumns, encoder_version: str | None
+) -> TrainedModel:
+    """Train and test on the service's training frame written as parquet shards under `root`."""
     pre, model, texts, result, report, ctr_train = train_streaming(
-        root, service == CASCADE_FROZEN, setup.fit_inputs, setup.run_dir
+        root, columns, setup.fit_inputs, setup.run_dir
     )
     # Only a joint run reads text pairs (for its LM feature); the rest never load the frame.
     pairs = streaming.unique_text_pairs(root) if setup.request.mode == "joint" else pd.DataFrame()
-    return TrainedModel(service, pre, model, texts, result, report, ctr_train, None, pairs)
+    return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, pairs)
+
+
+def train_service(
+    setup: RunSetup, service: str, columns: FeatureColumns, encoder_version: str | None
+) -> TrainedModel:
+    """Train on a service's training frame: streamed from shards, or loaded in memory."""
+    if setup.streamed:
+        root = feature_store.write_training_shards(setup.data_dir, service)
+        return streamed(setup, service, root, columns, encoder_version)
+    frame = feature_store.training_frame(setup.data_dir, service)
+    return in_memory(setup, service, frame, columns, encoder_version)
 
 
 # ------------------------------------------------------------------------------- one function per mode
@@ -352,46 +358,38 @@ def streamed(setup: RunSetup, service: str) -> TrainedModel:
 
 def train_baseline(setup: RunSetup) -> TrainedModel:
     """E0: IDs, context and CTR history."""
-    if setup.streamed:
-        return streamed(setup, BASELINE)
-    frame = feature_store.training_frame(setup.data_dir, BASELINE)
-    return in_memory(setup, BASELINE, frame, FeatureColumns.for_manifest(setup.manifest), None)
+    return train_service(setup, BASELINE, FeatureColumns.for_manifest(setup.manifest), None)
 
 
 def train_cascade_frozen(setup: RunSetup) -> TrainedModel:
-    """E1: E0's inputs and the frozen encoder's text vectors."""
+    """E1: E0's inputs and the frozen encoder's text vectors (the service's `__embedding` columns)."""
     if setup.streamed:
-        trained = streamed(setup, CASCADE_FROZEN)
-        vectors = pd.DataFrame(columns=list(trained.pre.columns.cascade))
-        trained.encoder_version = frozen_encoder_version(setup.data_dir, vectors)
-        return trained
-    frame = feature_store.training_frame(setup.data_dir, CASCADE_FROZEN)
-    cascade = [c for c in frame.columns if c.endswith("__embedding")]
+        root = feature_store.write_training_shards(setup.data_dir, CASCADE_FROZEN)
+        names = streaming.shard_columns(root)
+    else:
+        frame = feature_store.training_frame(setup.data_dir, CASCADE_FROZEN)
+        names = list(frame.columns)
+    cascade = [c for c in names if c.endswith("__embedding")]
     columns = FeatureColumns.for_manifest(setup.manifest, cascade=cascade)
-    return in_memory(setup, CASCADE_FROZEN, frame, columns, frozen_encoder_version(setup.data_dir, frame))
+    version = frozen_encoder_version(setup.data_dir, names)
+    if setup.streamed:
+        return streamed(setup, CASCADE_FROZEN, root, columns, version)
+    return in_memory(setup, CASCADE_FROZEN, frame, columns, version)
 
 
 def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
-    """E2: the LM fine-tuned alone on clicks, its chosen epoch's feature published, then E0 + it."""
-    base = feature_store.training_frame(setup.data_dir, BASELINE)
-    lm_step = train_lm_alone(
-        base,
-        setup.manifest,
-        setup.config,
-        setup.fill_ctr,
-        setup.run_dir,
-        setup.data_dir,
-        setup.slug,
-        setup.request.progress,
-        publisher(setup.data_dir),
-    )
-    service = f"cascade_finetuned_{setup.slug}"
+    """E2: the LM fine-tuned alone on clicks (on E0's frame), its chosen epoch's feature
+    published, then E0 + it."""
+    lm_args = (setup.fit_inputs, setup.run_dir, setup.data_dir, setup.slug, publisher(setup.data_dir))
+    if setup.streamed:
+        lm_step = train_lm_streaming(feature_store.write_training_shards(setup.data_dir, BASELINE), *lm_args)
+    else:
+        lm_step = train_lm_alone(feature_store.training_frame(setup.data_dir, BASELINE), *lm_args)
     view = lm_view_name(setup.slug)
-    frame = feature_store.training_frame(setup.data_dir, service)
     columns = FeatureColumns.for_manifest(
         setup.manifest, cascade=[f"{view}__lm_embedding"], scores=[f"{view}__lm_score"]
     )
-    trained = in_memory(setup, service, frame, columns, lm_step.encoder_version)
+    trained = train_service(setup, f"cascade_finetuned_{setup.slug}", columns, lm_step.encoder_version)
     trained.lm_step = lm_step
     return trained
 
@@ -399,12 +397,7 @@ def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
 def train_joint(setup: RunSetup) -> TrainedModel:
     """E3: the LM and E0 trained end to end through a fusion; its LM's output published as a view."""
     version = encoder_config(setup.config).version
-    if setup.streamed:
-        trained = streamed(setup, BASELINE)
-        trained.encoder_version = version
-    else:
-        frame = feature_store.training_frame(setup.data_dir, BASELINE)
-        trained = in_memory(setup, BASELINE, frame, FeatureColumns.for_manifest(setup.manifest), version)
+    trained = train_service(setup, BASELINE, FeatureColumns.for_manifest(setup.manifest), version)
     assert trained.texts is not None
     trained.supplementary_view = write_joint_features(
         trained.model,

@@ -23,6 +23,7 @@ from nlpctr.features import render, store
 from nlpctr.features.definitions import build_definitions
 from nlpctr.features.job_outputs import Layout
 from nlpctr.models import metrics
+from nlpctr.models.config import deep_merge
 from nlpctr.models.data import tensorize
 from nlpctr.models.evaluation import metric_report, paired_delta
 from nlpctr.models.runs import Preprocessing
@@ -248,3 +249,129 @@ def test_train_and_evaluate_stream(prepared: Path, tmp_path: Path) -> None:
     expected = paired_delta(labels, p["e3"], p["e0"], spec["train_ctr"], QUICK_EVAL)
     for key in ("delta_auc", "delta_rig", "delta_gauc"):
         assert out["delta_vs_baseline"][key] == pytest.approx(expected[key], abs=2e-4), key
+
+
+# ------------------------------------------------------------------------------- E2 streamed
+
+E2_QUICK = {
+    "loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 64},
+    "lm_loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 16},
+    "encoder": {"max_length": 16},
+    "evaluation": {"bootstrap_rounds": 20},
+}
+# Learning rates 0: every fit keeps its seeded initial weights, whatever order it reads rows in.
+FIXED_WEIGHTS = {"loop": {"lr": 0.0, "lm_lr": 0.0}, "lm_loop": {"lr": 0.0, "lm_lr": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def e2_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = make_dataset(tmp_path_factory.mktemp("e2") / "ds", rows=300)
+    manifest = json.loads((data / "manifest.json").read_text())
+    columns = {"query_id": "query_id", "query_text": "query_text"}
+    manifest.update(spec={"columns": columns}, split={"mode": "random", "seed": 0})
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    write_ctr_history(data)
+    store.apply(data)
+    store.materialize(data)  # the online lookups of the published view read E0's views too
+    return data
+
+
+def train_e2(data: Path, runs: Path, name: str, config: dict[str, Any], memory: str) -> dict[str, Any]:
+    path = runs.parent / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = ["--mode", "cascade-finetuned", "--layers", "1", "--data", str(data), "--run", name]
+    return train.run([*argv, "--runs-dir", str(runs), "--config", str(path), memory, "--no-progress"])
+
+
+def lm_tables(results: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    return {
+        epoch: pd.read_parquet(folder).sort_values(["query_text_id", "ad_text_id"], ignore_index=True)
+        for epoch, folder in results["lm"]["features"].items()
+    }
+
+
+def test_every_mode_streams(e2_data: Path, tmp_path: Path) -> None:
+    for mode in train.MODES:
+        setup = train.set_up(train.TrainRequest(mode, e2_data, f"r-{mode}", tmp_path, streaming=True))
+        assert setup.streamed, mode
+
+
+@pytest.mark.slow
+def test_streamed_e2_equals_in_memory_e2_when_row_order_cannot_matter(e2_data: Path, tmp_path: Path) -> None:
+    """Streamed and in-memory E2 read the same rows and write the same features, published alike.
+
+    Trained weights cannot be compared: a streamed fit draws its rows in another order (row groups
+    shuffled, then blocks permuted) than an in-memory one (one permutation of the split), by design.
+    With learning rates 0 every fit keeps its seeded initial weights, so the order cannot matter and
+    everything else must agree: E0's rows the LM reads, its validation and test passes, its score
+    and pooled vector per text pair for each epoch, the `cascade_finetuned_<run>` rows with those
+    two as inputs, and the test predictions. Metrics agree to 2e-4, not exactly: the streamed ones
+    come from score histograms (ties within 3e-5 in logit), the in-memory ones from sklearn.
+    """
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    config = deep_merge(E2_QUICK, FIXED_WEIGHTS)
+    memory = train_e2(e2_data, runs, "e2m", config, "--in-memory")
+    streamed = train_e2(e2_data, runs, "e2s", config, "--streaming")
+    assert json.loads((runs / "e2s" / "run.json").read_text())["streaming"] is True
+    assert json.loads((runs / "e2m" / "run.json").read_text())["streaming"] is False
+
+    lm_m, lm_s = memory["lm"], streamed["lm"]
+    assert (lm_m["feature_view"], lm_s["feature_view"]) == ("lm_e2m", "lm_e2s")
+    assert lm_s["epochs"] == lm_m["epochs"] == 2 and lm_s["chosen"] == lm_m["chosen"]
+    for a, b in zip(lm_m["history"], lm_s["history"], strict=True):
+        assert b["valid_logloss"] == pytest.approx(a["valid_logloss"], abs=1e-6)
+        assert b["valid_auc"] == pytest.approx(a["valid_auc"], abs=1e-6)
+    assert lm_s["test_auc_standalone"] == pytest.approx(lm_m["test_auc_standalone"], abs=2e-4)
+    tables_m, tables_s = lm_tables(memory), lm_tables(streamed)
+    assert sorted(tables_s) == sorted(tables_m) == ["epoch-0", "epoch-1"]
+    rows = impressions(e2_data)
+    for epoch, table in tables_s.items():
+        assert len(table) == len(rows[["query_text_id", "ad_text_id"]].drop_duplicates())
+        other = tables_m[epoch]
+        for column in ("query_text_id", "ad_text_id", "event_timestamp"):
+            assert table[column].tolist() == other[column].tolist(), column
+        np.testing.assert_allclose(table.lm_score, other.lm_score, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(np.stack(table.lm_embedding), np.stack(other.lm_embedding), atol=1e-6)
+
+    spec = json.loads((runs / "e2s" / "run.json").read_text())
+    assert spec["service"] == "cascade_finetuned_e2s"
+    assert spec["preprocessing"]["columns"]["cascade"] == ["lm_e2s__lm_embedding"]
+    assert spec["preprocessing"]["columns"]["scores"] == ["lm_e2s__lm_score"]
+    p_m = pd.read_parquet(runs / "e2m" / "predictions.parquet").set_index("impression_id").p
+    p_s = pd.read_parquet(runs / "e2s" / "predictions.parquet").set_index("impression_id").p
+    assert p_s.index.tolist() == sorted(rows[rows.split == "test"].impression_id)
+    assert float(np.max(np.abs(p_s.to_numpy() - p_m.reindex(p_s.index).to_numpy()))) <= 1e-6
+    for key in ("auc", "gauc", "logloss", "rig"):
+        got, expected = streamed["metrics"]["test"][key], memory["metrics"]["test"][key]
+        assert got == pytest.approx(expected, abs=2e-4), key
+
+
+@pytest.mark.slow
+def test_streamed_e2_fine_tunes_publishes_and_evaluates(e2_data: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    results = train_e2(e2_data, runs, "e2t", E2_QUICK, "--streaming")
+    run_dir = runs / "e2t"
+    assert {"results.json", "run.json", "predictions.parquet"} <= {p.name for p in run_dir.iterdir()}
+    lm = results["lm"]
+    assert lm["feature_view"] == "lm_e2t" and lm["chosen"] == f"epoch-{lm['best_epoch']}"
+    tables = lm_tables(results)
+    assert not np.allclose(tables["epoch-0"].lm_score, tables["epoch-1"].lm_score)  # the LM learns
+    chosen = tables[lm["chosen"]].set_index(["query_text_id", "ad_text_id"])
+    row = impressions(e2_data).iloc[0]
+    online = store.OnlineFeatures(e2_data, "cascade_finetuned_e2t").get([row.to_dict()])
+    key = (row.query_text_id or "", row.ad_text_id)
+    assert online.columns["lm_e2t__lm_score"][0] == pytest.approx(chosen.loc[key, "lm_score"], rel=1e-6)
+
+    spec = json.loads((run_dir / "run.json").read_text())
+    rows = impressions(e2_data)
+    test = rows[rows.split == "test"].sort_values("impression_id")
+    predictions = pd.read_parquet(run_dir / "predictions.parquet")
+    assert predictions.impression_id.tolist() == test.impression_id.tolist()
+    labels = metrics.Labels(test.impressions.to_numpy(), test.clicks.to_numpy(), test.query_id.to_numpy())
+    in_memory = metric_report(labels, predictions.p.to_numpy(), spec["train_ctr"], QUICK_EVAL)
+    for key in ("auc", "gauc", "logloss", "rig"):
+        assert results["metrics"]["test"][key] == pytest.approx(in_memory[key], abs=2e-4), key
+    out = evaluate.run(["--run", "e2t", "--runs-dir", str(runs)])
+    assert out["evaluate"]["max_abs_diff_vs_train_predictions"] <= 1e-6
