@@ -128,13 +128,13 @@ class TrainedRun:
         model.eval()
         return cls(directory, spec, pre, model, lm)
 
-    def text_batcher(self, data: Tensors | None = None, cache_limit: int = 0) -> TextBatcher:
+    def text_batcher(self, data: Tensors | None = None) -> TextBatcher:
         """How this run's LM reads pairs: for `data`'s pairs, or for streamed batches."""
         assert self.lm is not None
         with_query = _with_query(self.spec)
         if data is not None:
             return TextBatcher.for_data(self.lm, data, with_query)
-        return TextBatcher(self.lm, with_query, cache_limit=cache_limit)
+        return TextBatcher(self.lm, with_query)
 
     def predict_frame(self, frame: pd.DataFrame) -> tuple[Tensors, np.ndarray]:
         """Click probabilities for every row of a frame (rows in impression_id order)."""

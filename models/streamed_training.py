@@ -36,8 +36,6 @@ from nlpctr.models.training import (
     write_lm_epochs,
 )
 
-TEXT_CACHE = 300_000  # unique texts whose LM vectors one evaluation pass keeps (<= 460 MB at 384-d)
-
 
 def stream_source(
     root: Path, columns: FeatureColumns, manifest: dict[str, Any], fill_ctr: float
@@ -57,11 +55,11 @@ def stream_source(
 
 
 def text_batcher(inputs: FitInputs) -> TextBatcher:
-    """A trainable LM reading streamed batches: each batch's texts tokenised as they come, and
-    each pair's vector cached for the rest of an evaluation pass (rows are not all in memory)."""
+    """A trainable LM reading streamed batches: each batch's texts tokenised as they come (rows
+    are not all in memory); at inference each text's vector is kept while the weights hold."""
     lm = TextEncoder(encoder_config(inputs.config), trainable=True)
     with_query = bool(inputs.manifest["spec"]["columns"].get("query_text"))
-    return TextBatcher(lm, with_query, cache_limit=TEXT_CACHE)
+    return TextBatcher(lm, with_query)
 
 
 def scored_split(

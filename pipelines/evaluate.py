@@ -28,7 +28,7 @@ from nlpctr.features import store as feature_store
 from nlpctr.models import metrics, streaming
 from nlpctr.models.evaluation import delta_fields, delta_summary, metric_report, paired_delta
 from nlpctr.models.runs import PREDICTIONS_FILE, RESULTS_FILE, TrainedRun
-from nlpctr.models.streamed_training import TEXT_CACHE, streamed_test
+from nlpctr.models.streamed_training import streamed_test
 from nlpctr.models.trainer import labels_of
 from nlpctr.pipelines.train import run_dir_of
 
@@ -56,7 +56,7 @@ def streamed_test_metrics(run_dir: Path) -> tuple[TrainedRun, metrics.StreamingM
     root = feature_store.write_training_shards(Path(trained.spec["data_dir"]), trained.spec["service"])
     pre = trained.pre
     source = streaming.ShardSource(root, pre.tensorize, streaming.needed_columns(pre.columns, pre.group))
-    texts = trained.text_batcher(cache_limit=TEXT_CACHE) if trained.lm is not None else None
+    texts = trained.text_batcher() if trained.lm is not None else None
     fresh = run_dir / ".evaluate-predictions.parquet"
     scored = streamed_test(trained.model, source, texts, fresh)
     new, old = (
