@@ -35,6 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.data_format import ParquetFormat
 from feast.types import Array, Bool, FeastType, Float32, Float64, Int32, Int64, String
 
 from nlpctr.errors import UserError
@@ -172,6 +173,9 @@ def build_definitions(
             name=f"{name}_source",
             path=str(path),
             timestamp_field=TIMESTAMP,
+            # Declared, not left to the path: Feast's DuckDB offline store reads a source only
+            # when its format is parquet or its path ends in .parquet (ours are folders).
+            file_format=ParquetFormat(),
             description=f"parquet written by the batch job: {path.relative_to(layout.data_dir)}",
         )
         keys = (key,) if isinstance(key, str) else key

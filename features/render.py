@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from feast import Entity, FeatureService, FeatureView, Field, FileSource
 from feast import types as feast_types
+from feast.data_format import ParquetFormat
 from feast.types import Array, FeastType, PrimitiveFeastType
 from google.protobuf.message import Message
 
@@ -124,7 +125,7 @@ _PRIMITIVE_NAMES = {
     for name, value in vars(feast_types).items()
     if isinstance(value, PrimitiveFeastType) and name[:1].isupper() and not name.isupper()
 }
-_RESERVED = {"DATA_DIR", ENCODER_CONSTANT, "Path", "timedelta", "ValueType", "Array"}
+_RESERVED = {"DATA_DIR", ENCODER_CONSTANT, "Path", "timedelta", "ValueType", "Array", "ParquetFormat"}
 
 
 def read_encoder(text: str) -> str | None:
@@ -261,11 +262,15 @@ def _entity(entity: Entity, target: str) -> str:
 def _source(source: FileSource, target: str, data_dir: Path) -> str:
     if source.field_mapping or source.created_timestamp_column or source.date_partition_column:
         raise ValueError(f"cannot render source {source.name}: field mapping or extra timestamp columns")
+    if source.file_format is not None and not isinstance(source.file_format, ParquetFormat):
+        raise ValueError(f"cannot render source {source.name}: only parquet sources are rendered")
     args: list[tuple[str, _Value]] = [
         ("name", _str(source.name)),
         ("path", _path(source.path, data_dir)),
         ("timestamp_field", _str(source.timestamp_field)),
     ]
+    if source.file_format is not None:
+        args.append(("file_format", "ParquetFormat()"))
     return _call(target, "FileSource", _common(source, args))
 
 
@@ -352,6 +357,8 @@ def render_module(definitions: Definitions, data_dir: Path, dataset: str) -> str
     feast_names = ["Entity", "FeatureService", "FeatureView", "Field", "FileSource"]
     feast_names += ["ValueType"] * any(e.value_type is not None for e in definitions.entities.values())
     types_import = f"from feast.types import {', '.join(type_names)}\n" if type_names else ""
+    if any(s.file_format is not None for s in definitions.sources.values()):
+        types_import = "from feast.data_format import ParquetFormat\n" + types_import
     encoder = _str(definitions.default_encoder) if definitions.default_encoder else "None"
     header = f'''"""Feast definitions of the prepared dataset {dataset!r} in the folder above this one.
 
