@@ -1,6 +1,6 @@
 """Training and evaluation in bounded memory: the DuckDB point-in-time join gives Feast's
-answers, streamed batches train like in-memory ones, and streamed metrics equal the in-memory
-metrics on small data."""
+answers (its file store's and its DuckDB store's, which agree), streamed batches train like
+in-memory ones, and streamed metrics equal the in-memory metrics on small data."""
 
 from __future__ import annotations
 
@@ -38,8 +38,13 @@ def feature_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if "__" in c]
 
 
-def assert_same_frames(shards: Path, expected: pd.DataFrame) -> None:
-    got = pd.concat([pq.read_table(p).to_pandas() for p in sorted(shards.glob("*/*.parquet"))])
+def assert_same_frames(shards: Path | pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Same rows (by impression id) with the same feature values, null where null, row by row;
+    `shards`: write_training_shards' folder, or a frame."""
+    if isinstance(shards, Path):
+        got = pd.concat([pq.read_table(p).to_pandas() for p in sorted(shards.glob("*/*.parquet"))])
+    else:
+        got = shards
     got = got.sort_values("impression_id").reset_index(drop=True)
     expected = expected.sort_values("impression_id").reset_index(drop=True)
     assert list(got.columns) == list(expected.columns)
@@ -65,9 +70,13 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_duckdb_join_equals_feast_training_frame(prepared: Path) -> None:
     shards = store.write_training_shards(prepared, "cascade_frozen")
-    expected = store.training_frame(prepared, "cascade_frozen")
+    expected = store.training_frame(prepared, "cascade_frozen", offline="file")
     assert expected[feature_columns(expected)].notna().any().all()
     assert_same_frames(shards, expected)
+    # Feast's DuckDB store: the same frame, rows in the impressions' order (vectors included).
+    duckdb_store = store.training_frame(prepared, "cascade_frozen", offline="duckdb")
+    assert duckdb_store.impression_id.tolist() == expected.impression_id.tolist()
+    assert_same_frames(duckdb_store, expected)
     test = pq.read_table(shards / "test" / "part-0.parquet").to_pandas()
     assert test.impression_id.is_monotonic_increasing and set(test.split) == {"test"}
 
@@ -97,15 +106,17 @@ def test_duckdb_join_keeps_feast_snapshot_and_ttl_semantics(tmp_path: Path) -> N
         frac=1.0, random_state=0
     ).to_parquet(path, index=False)
     store.apply(data)
-    frame = store.training_frame(data, "baseline")
+    frame = store.training_frame(data, "baseline", offline="file")
     assert frame["ctr_position__position_ctr"].nunique() == 3
     assert_same_frames(store.write_training_shards(data, "baseline"), frame)
+    assert_same_frames(store.training_frame(data, "baseline", offline="duckdb"), frame)
 
     fs = FeatureStore(repo_path=str(render.repo_dir(data)))
     fs.apply(build_definitions(Layout.discover(data), ttl=timedelta(days=20)).objects())
-    frame = store.training_frame(data, "baseline")
+    frame = store.training_frame(data, "baseline", offline="file")
     assert frame["ctr_position__position_ctr"].isna().any()
     assert_same_frames(store.write_training_shards(data, "baseline"), frame)
+    assert_same_frames(store.training_frame(data, "baseline", offline="duckdb"), frame)
 
 
 # ------------------------------------------------------------------------------- streaming

@@ -35,7 +35,7 @@ from nlpctr.features.store.online import (
     service_feature_names,
     service_join_keys,
 )
-from nlpctr.features.store.repo import apply, check_current, open_store, reapply
+from nlpctr.features.store.repo import OFFLINE_STORES, apply, check_current, open_store, reapply
 from nlpctr.features.store.shards import (
     JOIN_MEMORY_LIMIT,
     SHARD_ROWS,
@@ -49,6 +49,7 @@ from nlpctr.features.store.shards import (
 __all__ = [
     "JOIN_MEMORY_LIMIT",
     "MISSING_KEY",
+    "OFFLINE_STORES",
     "SHARD_ROWS",
     "OnlineFeatures",
     "OnlineLookup",

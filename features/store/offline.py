@@ -18,19 +18,22 @@ from nlpctr.features.store.repo import check_current, open_store
 from nlpctr.layout import IMPRESSIONS
 
 
-def historical_features(data_dir: Path, entity_df: pd.DataFrame, service: str) -> pd.DataFrame:
+def historical_features(
+    data_dir: Path, entity_df: pd.DataFrame, service: str, offline: str | None = None
+) -> pd.DataFrame:
     """Feast's point-in-time join of `entity_df` (event_timestamp + the service's keys) with
     `service`: every input row, in order, plus `<projection>__<feature>` columns.
 
-    Timestamps may be naive (read as UTC, as Feast does) or in any zone. Feast's file store does
-    the join, one call per feature view the service reads. What it does not do is keep every
-    entity row: it drops a row whose keys have feature rows only after its time (or older than
-    the view's ttl), and collapses rows that share a view's keys and time (feast-dev/feast#6787).
-    So each call gets the distinct (keys, time) pairs of its view, and the answers are mapped
-    back onto every row; a row with no value at its time gets nulls, as a point-in-time join
-    should give.
+    Timestamps may be naive (read as UTC, as Feast does) or in any zone. Feast's offline store
+    (feature_store.yaml's, or `offline`: one of OFFLINE_STORES) does the join, one call per
+    feature view the service reads. Feast's file store does not keep every entity row: it drops
+    a row whose keys have feature rows only after its time (or older than the view's ttl), and
+    collapses rows that share a view's keys and time (feast-dev/feast#6787). So each call gets
+    the distinct (keys, time) pairs of its view, and the answers are mapped back onto every
+    row; a row with no value at its time gets nulls, as a point-in-time join should give. The
+    DuckDB store keeps every row, returned in no set order; the same mapping orders them.
     """
-    store = open_store(data_dir)
+    store = open_store(data_dir, offline)
     check_current(store, data_dir)
     feature_service = get_service(store, service, data_dir)
     keys = service_join_keys(store, feature_service)
@@ -72,13 +75,16 @@ def historical_features(data_dir: Path, entity_df: pd.DataFrame, service: str) -
 
 
 def training_frame(
-    data_dir: Path, service: str = CASCADE_FROZEN, splits: Sequence[str] | None = None
+    data_dir: Path,
+    service: str = CASCADE_FROZEN,
+    splits: Sequence[str] | None = None,
+    offline: str | None = None,
 ) -> pd.DataFrame:
     """Impressions joined point-in-time with a service's training twin: the leave-one-out CTR
     history (a training row never sees its own label) and the ad and query text embeddings.
 
     Columns: every impression column, then `<projection>__<feature>`, the same names an online
-    lookup of `service` gives.
+    lookup of `service` gives. `offline`: as in `historical_features`.
     """
     data_dir = Path(data_dir).resolve()
     twin = service if service.endswith(TRAINING_SUFFIX) else training_service_name(service)
@@ -88,4 +94,4 @@ def training_frame(
     dataset = ds.dataset(files, format="parquet")
     where = pc.field("split").isin(list(splits)) if splits else None
     impressions = dataset.to_table(filter=where).to_pandas()
-    return historical_features(data_dir, impressions, twin)
+    return historical_features(data_dir, impressions, twin, offline)

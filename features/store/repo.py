@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 from feast import FeatureStore
+from feast.repo_config import RepoConfig
 
 from nlpctr.errors import UserError
 from nlpctr.features.definitions import build_definitions
@@ -28,6 +29,10 @@ from nlpctr.features.render import (
 )
 from nlpctr.features.store.connection import online_store_errors, ping_redis
 from nlpctr.features.store.state import fix_command, read_state, write_state
+
+# Feast offline stores a retrieval can run through: its DuckDB store (ibis on DuckDB) and its
+# file store (pandas/Dask).
+OFFLINE_STORES = ("duckdb", "file")
 
 
 def apply(
@@ -114,15 +119,26 @@ def reapply(data_dir: Path) -> dict[str, Any]:
     return apply(data_dir, online=online, redis_url=redis_url, encoder=encoder)
 
 
-def open_store(data_dir: Path) -> FeatureStore:
-    """The applied store of DIR, or a UserError that says to run apply."""
+def open_store(data_dir: Path, offline: str | None = None) -> FeatureStore:
+    """The applied store of DIR, or a UserError that says to run apply.
+
+    `offline` swaps the rendered config's offline store for another of OFFLINE_STORES (Feast's
+    own store types) in this process only: how the benchmark and the tests run one retrieval
+    through each store; None keeps what feature_store.yaml says.
+    """
     path = config_path(data_dir)
     registry = repo_dir(data_dir) / "data" / "registry.db"
     if not path.is_file() or not registry.is_file():
         raise UserError(
             f"{Path(data_dir).resolve()} has no feature store yet: run {fix_command('apply', data_dir)}"
         )
-    return FeatureStore(repo_path=str(repo_dir(data_dir)))
+    if offline is None:
+        return FeatureStore(repo_path=str(repo_dir(data_dir)))
+    if offline not in OFFLINE_STORES:
+        raise UserError(f"the offline store must be one of {', '.join(OFFLINE_STORES)}, got {offline!r}")
+    config = yaml.safe_load(path.read_text())
+    config["offline_store"] = {"type": offline}
+    return FeatureStore(config=RepoConfig(repo_path=repo_dir(data_dir), **config))
 
 
 def check_current(store: FeatureStore, data_dir: Path) -> Layout:
@@ -138,9 +154,14 @@ def check_current(store: FeatureStore, data_dir: Path) -> Layout:
         if (view := registered.get(embedding_view_name(e.slug))) is not None
         and view.tags.get("encoder_version") != e.encoder_version
     )
-    if added or gone or changed:
+    # Registered before sources declared their format: Feast's DuckDB store cannot read them.
+    unformatted = sorted(
+        v.name for v in registered.values() if getattr(v.batch_source, "file_format", True) is None
+    )
+    if added or gone or changed or unformatted:
         parts = [f"new: {', '.join(added)}"] * bool(added) + [f"gone: {', '.join(gone)}"] * bool(gone)
         parts += [f"encoder changed: {', '.join(changed)}"] * bool(changed)
+        parts += [f"no source format: {', '.join(unformatted)}"] * bool(unformatted)
         raise UserError(
             f"the feature store of {layout.data_dir} is out of date ({'; '.join(parts)}): "
             f"run {fix_command('apply', data_dir)} then {fix_command('materialize', data_dir)}"
