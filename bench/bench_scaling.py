@@ -122,6 +122,33 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def run_guarded(
+    command: list[str], log: Path, max_rss: int, timeout_s: float
+) -> tuple[int, str | None, float, int]:
+    """Run `command` in its own session (output to `log`), killed whole past `max_rss` bytes of
+    resident memory or `timeout_s`: (exit code, why it was killed or None, wall s, peak RSS seen)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started, killed_for, peak_seen = time.perf_counter(), None, 0
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
+        while process.poll() is None:
+            rss = tree_rss_bytes(process.pid)
+            peak_seen = max(peak_seen, rss)
+            elapsed = time.perf_counter() - started
+            if rss > max_rss:
+                killed_for = f"killed: RSS {rss / 2**30:.1f} GiB over the {max_rss / 2**30:g} GiB limit"
+            elif elapsed > timeout_s:
+                killed_for = f"killed: over the {timeout_s:g} s limit, at {rss / 2**30:.1f} GiB RSS"
+            if killed_for:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                break
+            time.sleep(0.25)
+    return process.returncode, killed_for, time.perf_counter() - started, peak_seen
+
+
 def run_stage(argv: list[str], log: Path, max_rss: int, timeout_s: float) -> StageResult:
     """Run one `nlpctr` command under /usr/bin/time; measure it; kill it past the limits.
 
@@ -130,26 +157,8 @@ def run_stage(argv: list[str], log: Path, max_rss: int, timeout_s: float) -> Sta
     mark over fork and exec), so the driver's own memory would leak into every stage's peak.
     """
     usage_file = log.with_suffix(".time")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [TIME, "-f", "%e %U %S %M", "-o", str(usage_file), sys.executable, "-m", "nlpctr.pipelines.cli"]
-    started = time.perf_counter()
-    killed_for = None
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [*command, *argv], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-        )
-        while process.poll() is None:
-            rss = tree_rss_bytes(process.pid)
-            if killed_for is None and rss > max_rss:
-                killed_for = f"killed: RSS {rss / 2**30:.1f} GiB over --max-rss-gb {max_rss / 2**30:g}"
-            elif killed_for is None and time.perf_counter() - started > timeout_s:
-                killed_for = f"killed: over --stage-timeout {timeout_s:g} s"
-            if killed_for:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                break
-            time.sleep(0.25)
-    wall = time.perf_counter() - started
+    returncode, killed_for, wall, _ = run_guarded([*command, *argv], log, max_rss, timeout_s)
     result = StageResult(status="ok", wall_s=round(wall, 2))
     measured = usage_file.read_text().split() if usage_file.is_file() else []
     if len(measured) >= 4 and not killed_for:
@@ -157,10 +166,10 @@ def run_stage(argv: list[str], log: Path, max_rss: int, timeout_s: float) -> Sta
         _elapsed, user, system, max_rss_kib = (float(v) for v in measured[-4:])
         result.cpu_s = round(user + system, 2)
         result.peak_rss_mib = round(max_rss_kib / 1024, 1)
-    if killed_for or process.returncode != 0:
+    if killed_for or returncode != 0:
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
         result.status = "failed"
-        result.reason = killed_for or f"exit {process.returncode}: {tail[0][:300] if tail else ''}"
+        result.reason = killed_for or f"exit {returncode}: {tail[0][:300] if tail else ''}"
     return result
 
 

@@ -31,12 +31,13 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_scaling import run_guarded  # (bench/ is this script's folder: on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("feast-file", "feast-duckdb", "asof-shards")
@@ -68,49 +69,16 @@ def measure(data: Path, engine: str, service: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- the driver
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its descendants now (for the over-limit guard)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            with open(f"/proc/{current}/statm") as statm:
-                total += int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as children:
-                    todo.extend(int(child) for child in children.read().split())
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            continue
-    return total
-
-
 def run_engine(data: Path, engine: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
     """One engine in its own process under GNU time, killed past --timeout or --max-rss-gb."""
     usage = log.with_suffix(".time")
     command = [TIME, "-f", "%e %M", "-o", str(usage), sys.executable, str(Path(__file__).resolve()),
                "--data", str(data), "--engine", engine, "--service", args.service]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    started, killed, peak_seen = time.perf_counter(), None, 0
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                   start_new_session=True)  # fmt: skip
-        while process.poll() is None:
-            rss = tree_rss_bytes(process.pid)
-            peak_seen = max(peak_seen, rss)
-            elapsed = time.perf_counter() - started
-            if rss > args.max_rss:
-                killed = f"OOM guard: killed at {rss / 2**30:.1f} GiB RSS after {elapsed:.0f} s"
-            elif elapsed > args.timeout:
-                killed = f"timeout: killed after {args.timeout:g} s at {rss / 2**30:.1f} GiB RSS"
-            if killed:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                break
-            time.sleep(0.25)
-    wall = round(time.perf_counter() - started, 1)
+    returncode, killed, wall_s, peak_seen = run_guarded(command, log, args.max_rss, args.timeout)
+    wall = round(wall_s, 1)
     lines = log.read_text(errors="replace").splitlines()
-    if killed or process.returncode != 0:
-        reason = killed or f"exit {process.returncode}: {(lines or [''])[-1][:300]}"
+    if killed or returncode != 0:
+        reason = killed or f"exit {returncode}: {(lines or [''])[-1][:300]}"
         return {"engine": engine, "status": "failed", "wall_s": wall,
                 "peak_rss_mb": round(peak_seen / 2**20), "reason": reason}  # fmt: skip
     result = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
