@@ -12,6 +12,8 @@ Memory stays flat as the log grows: the source is read twice, first to find the 
 ids that occur more than once (64-bit hashes in a combiner), then to stream every row to the
 sink; only the rows of repeated ids go through a shuffle (GroupByKey) to be deduplicated.
 Those kept rows are written as `impressions/deduped-*.parquet` beside `impressions/part-*`.
+The first read also finds the hashed ids (hash_of, text_id_of) that two different source
+values share; their rows become `id_hash_collision` dead letters (`ingest_validate`).
 """
 
 from __future__ import annotations
@@ -118,11 +120,14 @@ class PrepareImpressions(beam.PTransform):
         source = pbegin | "ReadSource" >> ReadSourceRecords(spec)
         records = source["records"]
         streams, rejected, truncated = records | "Validate" >> ValidateImpressions(
-            spec, limits, ids["repeated"]
+            spec, limits, ids["repeated"], ids["collided"]
         )
         counters = [
             records | "CountIn" >> beam.Map(lambda _: ("rows_in", 1)),
             rejected | "CountRejected" >> beam.Map(lambda r: (f"rejected:{r.reason}", 1)),
+            ids["collided"]
+            | "CountCollidedIds"
+            >> beam.FlatMap(lambda collided: [(f"id_hash_collisions:{column}", 1) for column, _ in collided]),
             *truncated,
             source["stats"],
         ]
@@ -161,6 +166,11 @@ def manifest_from_counts(
         "rows_rejected": rows_rejected,
         "rejected_by_reason": rejected_by_reason,
         "rows_truncated": {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("truncated:")},
+        # Ids (per column) that two different source values hashed to; their rows are the
+        # id_hash_collision dead letters.
+        "id_hash_collisions": {
+            k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("id_hash_collisions:")
+        },
         "source_stats": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("source:")},
         "split": {
             "mode": split_mode,

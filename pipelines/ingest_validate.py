@@ -4,12 +4,18 @@ deduplicate impression ids, and assign train/valid/test splits.
 Memory stays flat as the log grows: a first pass finds the impression ids that occur more
 than once (64-bit hashes in a combiner, `FindRepeatedIds`); only rows of those ids go through
 a shuffle to be deduplicated (`ValidateImpressions`), every other row streams to the sink.
+
+The same first pass finds the ids built by a hash (`hash_of`, `text_id_of`) that two different
+source values share (`FindIdHashCollisions`, again a combiner of compact arrays, no shuffle):
+the rows of such an id become `id_hash_collision` dead letters instead of merging two ads (or
+queries) into one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,6 +25,7 @@ import numpy as np
 from nlpctr.models.schema import SPLITS, unit_interval
 from nlpctr.pipelines.records import (
     DUPLICATE_IMPRESSION_ID,
+    ID_HASH_COLLISION,
     Limits,
     Mapped,
     Rejection,
@@ -29,7 +36,8 @@ from nlpctr.pipelines.specs import DatasetSpec
 
 
 class MapToSchema(beam.DoFn):
-    """Raw record -> canonical row (main output) or Rejection (`rejected` output)."""
+    """Raw record -> canonical row (main output) or Rejection (`rejected` output). A row with an
+    id in `collided` (the side input of `FindIdHashCollisions`) is an `id_hash_collision`."""
 
     REJECTED = "rejected"  # the output tag; the folder the rejections land in is layout.REJECTED
 
@@ -37,12 +45,31 @@ class MapToSchema(beam.DoFn):
         self.spec = spec
         self.limits = limits
 
-    def process(self, record: dict[str, Any]) -> Iterator[Any]:
+    def process(self, record: dict[str, Any], collided: frozenset[tuple[str, int]]) -> Iterator[Any]:
         result = map_record(self.spec, record, self.limits)
         if isinstance(result, Rejection):
             yield beam.pvalue.TaggedOutput(self.REJECTED, result)
-        else:
+            return
+        clash = (
+            next((c for c, _ in result.hashed if (c, id_key(result.row[c])) in collided), None)
+            if collided  # empty as a rule: no key is computed
+            else None
+        )
+        if clash is None:
             yield result
+            return
+        rule = self.spec.columns.get(clash) or self.spec.context.get(clash)
+        # No rule: an impression_id hashed from the whole record (the spec names none).
+        sources = ", ".join(rule.sources) if rule else "the whole record"
+        yield beam.pvalue.TaggedOutput(
+            self.REJECTED,
+            Rejection(
+                ID_HASH_COLLISION,
+                f"{clash} {result.row[clash]!r} is the hash of two different source values "
+                f"(of {sources}): its 64 bits collided, so its rows are not merged",
+                record,
+            ),
+        )
 
 
 def id_hash(impression_id: str) -> int:
@@ -81,10 +108,96 @@ class RepeatedIdHashes(beam.CombineFn):
         return frozenset(int(h) for h in self._compact(acc)[1])
 
 
+def source_digest(preimage: str) -> int:
+    """A 64-bit digest of the string an id was hashed from, independent of the id's own hash
+    (blake2b vs sha1), so one id with two digests means two different sources."""
+    digest = hashlib.blake2b(preimage.encode("utf-8"), digest_size=8, person=b"nlpctr-source")
+    return int.from_bytes(digest.digest(), "little")
+
+
+_HEX64 = re.compile(r"[0-9a-f]{16}")
+
+
+def id_key(value: str) -> int:
+    """A hashed id as the 64-bit number its 16 hex digits spell (stable_hash and text_id write
+    ids so), which keys the check on the exact id; anything else by its blake2b digest."""
+    if _HEX64.fullmatch(value):
+        return int(value, 16)
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def hashed_id_sources(mapped: Mapped) -> list[tuple[str, int, int]]:
+    """(column, id key, source digest) for each id of a row that was built by a hash."""
+    return [(column, id_key(mapped.row[column]), source_digest(pre)) for column, pre in mapped.hashed]
+
+
+# Per column: the distinct (id key, source digest) pairs as an (n, 2) uint64 array, and the
+# pairs not yet compacted into it.
+_Sources = dict[str, tuple[np.ndarray, list[tuple[int, int]]]]
+
+
+class CollidedIds(beam.CombineFn):
+    """(column, id key, source digest) -> the frozenset of (column, id key) seen with two
+    different source digests: ids that two different source values hashed to.
+
+    Keyed by (column, id) inside the accumulator, not by a shuffle: the distinct pairs sit in
+    compact numpy arrays (16 bytes per distinct id and source), like `RepeatedIdHashes`, so
+    the check adds no GroupByKey over every row to a job that runs on every demo and test."""
+
+    COMPACT_EVERY = 1 << 18
+
+    def create_accumulator(self) -> _Sources:
+        return {}
+
+    def add_input(self, acc: _Sources, element: tuple[str, int, int]) -> _Sources:
+        column, key, digest = element
+        entry = acc.setdefault(column, (np.empty((0, 2), np.uint64), []))
+        entry[1].append((key, digest))
+        if len(entry[1]) >= self.COMPACT_EVERY:
+            acc[column] = self._distinct([entry])
+        return acc
+
+    @staticmethod
+    def _distinct(entries: list[tuple[np.ndarray, list[tuple[int, int]]]]) -> tuple[np.ndarray, list]:
+        arrays = [
+            a for pairs, pending in entries for a in (pairs, np.array(pending, np.uint64).reshape(-1, 2))
+        ]
+        return np.unique(np.concatenate(arrays), axis=0), []
+
+    def merge_accumulators(self, accs: Iterable[_Sources]) -> _Sources:
+        by_column: dict[str, list[tuple[np.ndarray, list[tuple[int, int]]]]] = {}
+        for acc in accs:
+            for column, entry in acc.items():
+                by_column.setdefault(column, []).append(entry)
+        return {column: self._distinct(entries) for column, entries in by_column.items()}
+
+    def extract_output(self, acc: _Sources) -> frozenset[tuple[str, int]]:
+        collided = set()
+        for column, entry in acc.items():
+            pairs = self._distinct([entry])[0]
+            keys, counts = np.unique(pairs[:, 0], return_counts=True)  # distinct sources per id
+            collided.update((column, int(k)) for k in keys[counts > 1])
+        return frozenset(collided)
+
+
+class FindIdHashCollisions(beam.PTransform):
+    """Valid rows (`Mapped`) -> a singleton: the frozenset of (column, `id_key`) of the ids built
+    by a hash (hash_of, text_id_of, a content-hashed impression_id) that two different source
+    values share; empty as a rule."""
+
+    def expand(self, mapped: beam.pvalue.PCollection) -> beam.pvalue.PCollection:
+        return (
+            mapped
+            | "Sources" >> beam.FlatMap(hashed_id_sources)
+            | "Collided" >> beam.CombineGlobally(CollidedIds())
+        )
+
+
 class FindRepeatedIds(beam.PTransform):
     """A first pass over the valid rows: which impression ids may occur more than once
     (their 64-bit hashes; a rare collision only sends a unique row through the exact
-    deduplication), and their timestamps (for the time split's cut points)."""
+    deduplication), their timestamps (for the time split's cut points), and the hashed ids
+    that two source values share ("collided", from `FindIdHashCollisions`)."""
 
     def __init__(self, spec: DatasetSpec, limits: Limits) -> None:
         super().__init__()
@@ -94,18 +207,19 @@ class FindRepeatedIds(beam.PTransform):
     def expand(self, records: beam.pvalue.PCollection) -> dict[str, beam.pvalue.PCollection]:
         spec, limits = self.spec, self.limits
 
-        def valid_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+        def valid_rows(record: dict[str, Any]) -> list[Mapped]:
             result = map_record(spec, record, limits)
-            return [] if isinstance(result, Rejection) else [result.row]
+            return [] if isinstance(result, Rejection) else [result]
 
-        rows = records | "ValidRows" >> beam.FlatMap(valid_rows)
+        mapped = records | "ValidRows" >> beam.FlatMap(valid_rows)
         repeated = (
-            rows
-            | "IdHashes" >> beam.Map(lambda r: id_hash(r["impression_id"]))
+            mapped
+            | "IdHashes" >> beam.Map(lambda m: id_hash(m.row["impression_id"]))
             | "Repeated" >> beam.CombineGlobally(RepeatedIdHashes())
         )
-        timestamps = rows | "Timestamps" >> beam.Map(lambda r: r["event_timestamp"])
-        return {"repeated": repeated, "timestamps": timestamps}
+        timestamps = mapped | "Timestamps" >> beam.Map(lambda m: m.row["event_timestamp"])
+        collided = mapped | "IdHashCollisions" >> FindIdHashCollisions()
+        return {"repeated": repeated, "timestamps": timestamps, "collided": collided}
 
 
 def truncated_counts(mapped: Mapped) -> list[tuple[str, int]]:
@@ -142,19 +256,27 @@ class ValidateImpressions(beam.PTransform):
 
     Only rows whose id is in `repeated` (a side input from `FindRepeatedIds`) are shuffled
     to deduplicate; every other row streams from the source to the sink, so memory does not
-    grow with the log on runners that hold a shuffle in memory (the DirectRunner).
+    grow with the log on runners that hold a shuffle in memory (the DirectRunner). Rows with
+    a hashed id in `collided` (also from `FindRepeatedIds`) are rejected before that.
     """
 
-    def __init__(self, spec: DatasetSpec, limits: Limits, repeated: beam.pvalue.PCollection) -> None:
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        limits: Limits,
+        repeated: beam.pvalue.PCollection,
+        collided: beam.pvalue.PCollection,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.limits = limits
         self.repeated = repeated
+        self.collided = collided
 
     def expand(self, records: beam.pvalue.PCollection) -> tuple[Any, Any, Any]:
-        mapped = records | "Map" >> beam.ParDo(MapToSchema(self.spec, self.limits)).with_outputs(
-            MapToSchema.REJECTED, main="rows"
-        )
+        mapped = records | "Map" >> beam.ParDo(
+            MapToSchema(self.spec, self.limits), beam.pvalue.AsSingleton(self.collided)
+        ).with_outputs(MapToSchema.REJECTED, main="rows")
         once, maybe_repeated = mapped.rows | "ByIdCount" >> beam.Partition(
             lambda m, _, repeated: int(id_hash(m.row["impression_id"]) in repeated),
             2,

@@ -17,7 +17,7 @@ from html.parser import HTMLParser
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from nlpctr.models.schema import stable_hash, text_id
+from nlpctr.models.schema import normalize_text, stable_hash, text_id
 from nlpctr.pipelines.specs import ColumnRule, DatasetSpec, TimestampRule
 
 # Reason codes of dead-letter records (docs/USAGE.md documents each).
@@ -33,9 +33,12 @@ BAD_ENCODING = "bad_encoding"
 DUPLICATE_IMPRESSION_ID = "duplicate_impression_id"
 TEXT_TOO_LONG = "text_too_long"
 BAD_TYPE = "bad_type"
+# Two different source values hashed (hash_of, text_id_of) to one id: the 64 bits collided.
+ID_HASH_COLLISION = "id_hash_collision"
 REASONS = (
     MALFORMED_RECORD, MISSING_TEXT, MISSING_ID, BAD_TIMESTAMP, CLICKS_GT_IMPRESSIONS, BAD_COUNT,
     BAD_LABEL, ZERO_IMPRESSIONS, BAD_ENCODING, DUPLICATE_IMPRESSION_ID, TEXT_TOO_LONG, BAD_TYPE,
+    ID_HASH_COLLISION,
 )  # fmt: skip
 
 # Marks a source record that could not even be parsed into fields.
@@ -223,24 +226,38 @@ _HASH_SEPARATOR = "\x1f"
 
 
 def _column_value(rule: ColumnRule, record: dict[str, Any]) -> str | None:
+    return _column_value_and_preimage(rule, record)[0]
+
+
+def _column_value_and_preimage(rule: ColumnRule, record: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A target column's value, and for a hashed one (hash_of, text_id_of) the exact string its
+    hash was computed from (None otherwise): two pre-images under one id are a collision."""
+    preimage = None
     if rule.column:
         value = _source_text(rule.column, record)
     elif rule.text_id_of:
         source = _hashable(rule.text_id_of, _source_text(rule.text_id_of, record))
-        value = None if source is None or _blank(source) else text_id(source)
+        if source is None or _blank(source):
+            value = None
+        else:
+            # text_id hashes the normalised form: spellings that normalise alike are one text.
+            value, preimage = text_id(source), normalize_text(source)
     else:
         columns = rule.hash_of or rule.concat
         parts = [_hashable(c, _source_text(c, record)) for c in columns]
         if any(p is None or _blank(p) for p in parts):
-            return None
+            return None, None
         if rule.hash_of:
             bad = next((c for c, p in zip(columns, parts, strict=True) if _HASH_SEPARATOR in p), None)
             if bad is not None:
                 raise _Invalid(BAD_ENCODING, f"{bad} contains control character U+001F")
-        value = stable_hash(*parts) if rule.hash_of else concat_id(parts)  # type: ignore[arg-type]
+            value = stable_hash(*parts)
+            preimage = _HASH_SEPARATOR.join(parts)  # type: ignore[arg-type]  # what stable_hash hashes
+        else:
+            value = concat_id(parts)  # type: ignore[arg-type]
     for transform in rule.transforms if value is not None else ():
         value = TEXT_TRANSFORMS[transform](value)
-    return value
+    return value, preimage
 
 
 def parse_count(value: Any, column: str) -> int:
@@ -356,12 +373,14 @@ class Limits:
 
 @dataclass(frozen=True)
 class Mapped:
-    """A canonical row, the text columns it truncated, and the source record it came from (a
-    duplicate's dead letter holds the original row, not the mapped one)."""
+    """A canonical row, the text columns it truncated, the source record it came from (a
+    duplicate's dead letter holds the original row, not the mapped one), and, per id column
+    built by a hash, the string hashed: (column, pre-image) pairs, for the collision check."""
 
     row: dict[str, Any]
     truncated: tuple[str, ...]
     source: dict[str, Any] | None = None
+    hashed: tuple[tuple[str, str], ...] = ()
 
 
 def _check_text(column: str, value: str, limits: Limits) -> tuple[str, bool]:
@@ -398,9 +417,10 @@ def map_record(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Map
 def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
     row: dict[str, Any] = {}
     truncated: list[str] = []
+    preimages: dict[str, str | None] = {}
     for target in ("impression_id", "query_id", "ad_id"):
         rule = spec.columns.get(target)
-        row[target] = _column_value(rule, record) if rule else None
+        row[target], preimages[target] = _column_value_and_preimage(rule, record) if rule else (None, None)
     for target in ("query_text", "ad_text", "ad_extra_text"):
         rule = spec.columns.get(target)
         value = _column_value(rule, record) if rule else None
@@ -419,7 +439,7 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
             truncated.append(target)
         row[target] = value
     for target, rule in spec.context.items():
-        value = _column_value(rule, record)
+        value, preimages[target] = _column_value_and_preimage(rule, record)
         if value is None or _blank(value):
             row[target] = None
         else:
@@ -437,7 +457,8 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
         if "impression_id" in spec.columns:
             raise _Invalid(MISSING_ID, "impression_id is missing")
         # No id in the source: the record's own content identifies it (exact duplicates collide).
-        row["impression_id"] = stable_hash(json.dumps(json_safe(record), sort_keys=True))
+        content = json.dumps(json_safe(record), sort_keys=True)
+        row["impression_id"], preimages["impression_id"] = stable_hash(content), content
 
     row["event_timestamp"] = parse_timestamp(spec.timestamp, record)
 
@@ -458,4 +479,5 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
 
     row["query_text_id"] = text_id(row["query_text"]) if row["query_text"] else None
     row["ad_text_id"] = text_id(row["ad_text"])
-    return Mapped(row=row, truncated=tuple(truncated), source=record)
+    hashed = tuple((t, p) for t, p in preimages.items() if p is not None and row[t] is not None)
+    return Mapped(row=row, truncated=tuple(truncated), source=record, hashed=hashed)

@@ -143,6 +143,9 @@ def test_upworthy_all_packages_in(tmp_path: Path) -> None:
     manifest = ingest.run(["--dataset", "upworthy", "--out", str(out), "--seed", "7"])
     assert manifest["rows_in"] == 22666
     assert manifest["rows_written"] + manifest["rows_rejected"] == 22666
+    # ad_id = hash_of(headline, test): packages sharing both share the id, which is no collision.
+    assert manifest["id_hash_collisions"] == {}
+    assert records.ID_HASH_COLLISION not in manifest["rejected_by_reason"]
     assert sum(manifest["split"]["rows"].values()) == manifest["rows_written"]
     assert sum(manifest["split"]["impressions"].values()) == 81_024_151 or manifest["rows_rejected"] > 0
     rows = read_rows(out)
@@ -165,10 +168,13 @@ def test_trec_and_esci(tmp_path: Path) -> None:
     rows = read_rows(tmp_path / "trec")
     assert {row["impressions"] for row in rows} == {1} and {row["clicks"] for row in rows} == {0, 1}
     assert all(row["query_text"] and row["position"] for row in rows)
+    # query_id = text_id_of(query): spellings that normalise alike are one query, not a collision.
+    assert trec["id_hash_collisions"] == {}
     esci = ingest.run(["--dataset", "esci_ubi", "--out", str(tmp_path / "esci")])
     assert esci["rows_in"] == 1999
     assert esci["rows_written"] + esci["rows_rejected"] == 1999
     assert esci["source_stats"]["click_events"] == 287
+    assert esci["id_hash_collisions"] == {}
     assert sum(row["clicks"] for row in read_rows(tmp_path / "esci")) > 0
 
 
@@ -277,6 +283,107 @@ def test_repeated_id_hashes_finds_exactly_the_ids_seen_twice_across_bundles(
     assert id_hash("imp-3") == id_hash("imp-3") != id_hash("imp-4")
 
 
+COLLIDING_CSV = """id,query,title,test,ts,n,k
+1,cats,Headline A,t1,2024-01-01T00:00:00Z,10,2
+2,cats,Headline A,t1,2024-01-02T00:00:00Z,5,1
+3,dogs,Headline B,t2,2024-01-02T00:00:00Z,5,0
+4,Cats ,Headline C,t3,2024-01-03T00:00:00Z,7,1
+4,Cats ,Headline C,t3,2024-01-03T00:00:00Z,7,1
+5,birds,Headline D,t4,2024-01-03T00:00:00Z,4,0
+6,fish,Headline E,t5,2024-01-04T00:00:00Z,9,3
+7,fish,Headline F,t6,2024-01-04T00:00:00Z,3,0
+9,mice,Headline G,t7,2024-01-05T00:00:00Z,8,2
+10,cats,Headline H,t8,2024-01-05T00:00:00Z,6,1
+"""
+COLLIDING_SPEC = {
+    **SPEC,
+    "columns": {
+        "impression_id": "id",
+        "query_id": {"text_id_of": "query"},
+        "query_text": "query",
+        "ad_id": {"hash_of": ["title", "test"]},
+        "ad_text": "title",
+    },
+}
+
+
+def test_two_sources_hashed_to_one_id_are_dead_letters_not_one_entity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Force 64-bit collisions: ad_id ("Headline B", "t2") gets the id of ("Headline A", "t1"),
+    query_id "birds" the id of "fish". Every row of those two ids is an id_hash_collision dead
+    letter with its source row; rows that share an id from one source ("Headline A" twice,
+    "cats"/"Cats ") are no collision; the counts add up."""
+    real_hash, real_text_id = records.stable_hash, records.text_id
+    monkeypatch.setattr(
+        records,
+        "stable_hash",
+        lambda *parts: real_hash("Headline A", "t1") if parts == ("Headline B", "t2") else real_hash(*parts),
+    )
+    monkeypatch.setattr(
+        records,
+        "text_id",
+        lambda text: real_text_id("fish") if text.strip() == "birds" else real_text_id(text),
+    )
+    out = tmp_path / "out"
+    spec = make_log(tmp_path, COLLIDING_SPEC, COLLIDING_CSV)
+    manifest = ingest.run(["--dataset", str(spec), "--out", str(out), "--max-reject-rate", "1"])
+
+    assert manifest["rows_in"] == 10
+    assert manifest["rows_in"] == manifest["rows_written"] + manifest["rows_rejected"]
+    assert manifest["rejected_by_reason"] == {
+        records.ID_HASH_COLLISION: 6,
+        records.DUPLICATE_IMPRESSION_ID: 1,
+    }
+    assert manifest["id_hash_collisions"] == {"ad_id": 1, "query_id": 1}
+    assert [row["impression_id"] for row in read_rows(out)] == ["10", "4", "9"]
+
+    header, *lines = COLLIDING_CSV.splitlines()
+    source_rows = [dict(zip(header.split(","), line.split(","), strict=True)) for line in lines]
+    rejected = read_rejected(out)
+    assert len(rejected) == manifest["rows_rejected"]
+    collided = [r for r in rejected if r["reason"] == records.ID_HASH_COLLISION]
+    # The original source rows, untouched (not the mapped ones).
+    assert sorted((r["record"] for r in collided), key=lambda row: int(row["id"])) == [
+        row for row in source_rows if row["id"] in {"1", "2", "3", "5", "6", "7"}
+    ]
+    by_id = {r["record"]["id"]: r["message"] for r in collided}
+    ad_id = real_hash("Headline A", "t1")
+    assert all(f"ad_id {ad_id!r}" in by_id[i] and "title, test" in by_id[i] for i in ("1", "2", "3"))
+    assert all("query_id" in by_id[i] and "of query" in by_id[i] for i in ("5", "6", "7"))
+
+
+def test_collided_ids_needs_two_different_sources_of_one_id_across_bundles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ingest_validate.CollidedIds, "COMPACT_EVERY", 3)  # compact many times
+    combine = ingest_validate.CollidedIds()
+    digest, key = ingest_validate.source_digest, ingest_validate.id_key
+
+    def collided(*bundles: list[tuple[str, str, str]]) -> frozenset:
+        accumulators = []
+        for bundle in bundles:
+            acc = combine.create_accumulator()
+            for column, id_value, preimage in bundle:
+                acc = combine.add_input(acc, (column, key(id_value), digest(preimage)))
+            accumulators.append(acc)
+        return combine.extract_output(combine.merge_accumulators(accumulators))
+
+    a, b = "00000000000000aa", "ffffffffffffffff"  # ids as stable_hash writes them (64 bits)
+    same_source = [("ad_id", a, "x")] * 5
+    assert collided(same_source, same_source, []) == frozenset()
+    # Each bundle alone looks clean; one id under two columns is two ids.
+    assert collided(
+        [("ad_id", a, "x")], [("ad_id", a, "y"), ("query_id", b, "x")], [("query_id", b, "x")]
+    ) == {("ad_id", key(a))}
+    many = [("ad_id", f"{n:016x}", f"src{n}") for n in range(20)]
+    assert collided(many, [*many[::-1], ("ad_id", b, "p"), ("query_id", a, "q"), ("ad_id", b, "r")]) == {
+        ("ad_id", key(b))
+    }
+    assert key(b) == 2**64 - 1 and key("not hex") != key("not hex!")
+    assert digest("a\x1fb") != digest("a\x1fc")
+
+
 # ------------------------------------------------------------------- the composite transforms
 
 
@@ -290,7 +397,7 @@ def test_read_and_validate_give_rows_once_deduped_and_a_dead_letter_per_bad_reco
         source = pipeline | ingest_source.ReadSourceRecords(spec)
         ids = source["records"] | ingest_validate.FindRepeatedIds(spec, limits)
         streams, rejected, _ = source["records"] | ingest_validate.ValidateImpressions(
-            spec, limits, ids["repeated"]
+            spec, limits, ids["repeated"], ids["collided"]
         )
         assert_that(
             streams[0] | "OnceIds" >> beam.Map(lambda r: r["impression_id"]),

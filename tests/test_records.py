@@ -81,6 +81,35 @@ def test_long_text_is_truncated_only_under_the_flag(spec) -> None:
     assert result.row["ad_text"] == "y" * 40 and result.truncated == ("ad_text",)
 
 
+def test_hashed_ids_carry_the_string_they_were_hashed_from(tmp_path: Path) -> None:
+    """hash_of: the parts joined as stable_hash joins them; text_id_of: the normalised text
+    (spellings that normalise alike give one pre-image); copied and concat ids: none."""
+    raw = {
+        **AGGREGATED,
+        "columns": {
+            "impression_id": {"concat": ["id", "test"]},
+            "query_id": {"text_id_of": "query"},
+            "query_text": "query",
+            "ad_id": {"hash_of": ["title", "test"]},
+            "ad_text": "title",
+        },
+        "context": {"test_id": "test", "title_key": {"text_id_of": "title"}},
+    }
+    path = tmp_path / "hashed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(str(path))
+    mapped = r.map_record(spec, {**GOOD_ROW, "query": "  Big  DOGS "}, r.Limits(40))
+    assert isinstance(mapped, r.Mapped)
+    assert dict(mapped.hashed) == {"query_id": "big dogs", "ad_id": "Ten Dogs\x1ft1", "title_key": "ten dogs"}
+    assert mapped.row["query_id"] == text_id("big dogs") and mapped.row["title_key"] == text_id("Ten Dogs")
+    # No impression id in the spec: the record's content is hashed, and is the pre-image.
+    del raw["columns"]["impression_id"]
+    path.write_text(yaml.safe_dump(raw))
+    content = r.map_record(load_spec(str(path)), {**GOOD_ROW, "query": "cats"}, r.Limits(40))
+    assert isinstance(content, r.Mapped)
+    assert content.row["impression_id"] == r.stable_hash(dict(content.hashed)["impression_id"])
+
+
 def test_integral_floats_are_counts_and_ids() -> None:
     assert r.parse_count(3.0, "n") == 3
     assert r.as_text(201446.0) == "201446"
