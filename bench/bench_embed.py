@@ -126,12 +126,8 @@ def naive_loop(texts: list[str], rows: int, config: EncoderConfig, batch_size: i
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             enc = encode(texts[start : start + batch_size])
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out[start : start + batch_size] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).numpy()
-            real += int(enc["attention_mask"].sum())
-            slots += enc["attention_mask"].numel()
-            passes += 1
+            out[start : start + batch_size], used = mean_pooled(model, enc)
+            real, slots, passes = real + used, slots + enc["attention_mask"].numel(), passes + 1
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
@@ -144,6 +140,13 @@ def naive_loop(texts: list[str], rows: int, config: EncoderConfig, batch_size: i
         "padding_ratio": 1 - real / slots,
         "embeddings": out,
     }
+
+
+def mean_pooled(model: Any, enc: Any) -> tuple[np.ndarray, int]:
+    """One forward pass: the masked mean of the last hidden states, and the real tokens in it."""
+    hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).numpy(), int(enc["attention_mask"].sum())
 
 
 def plain_loop(texts: list[str], config: EncoderConfig, batch_size: int, sort_by_length: bool) -> dict:
@@ -176,12 +179,8 @@ def plain_loop(texts: list[str], config: EncoderConfig, batch_size: int, sort_by
                 max_length=config.max_length,
                 return_tensors="pt",
             )
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out[rows] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).numpy()
-            real += int(enc["attention_mask"].sum())
-            slots += enc["attention_mask"].numel()
-            passes += 1
+            out[rows], used = mean_pooled(model, enc)
+            real, slots, passes = real + used, slots + enc["attention_mask"].numel(), passes + 1
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
