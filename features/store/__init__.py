@@ -22,6 +22,8 @@ The modules, each importing only those above it:
 This module is the package's interface: callers use `store.<name>`.
 """
 
+import warnings
+
 from nlpctr.features.store.connection import online_store_errors, ping_redis, probe_online_store
 from nlpctr.features.store.materialization import materialize
 from nlpctr.features.store.offline import historical_features, training_frame
@@ -45,6 +47,11 @@ from nlpctr.features.store.shards import (
     training_shards_dir,
     write_training_shards,
 )
+
+# ibis 12.0 (Feast's DuckDB offline store) calls DuckDB 1.5's deprecated `fetch_arrow_table`;
+# harmless under the pinned versions, and printed once per view read, to every user. (After the
+# imports: Feast's modules put their own DeprecationWarning filter first when imported.)
+warnings.filterwarnings("ignore", message=r"fetch_arrow_table\(\) is deprecated", category=DeprecationWarning)
 
 __all__ = [
     "JOIN_MEMORY_LIMIT",
