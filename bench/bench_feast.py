@@ -216,7 +216,7 @@ def handler_bench(data: Path, rows: int = 2000, batch_size: int = 1024) -> dict[
         for p in online.service.feature_view_projections
         for f in p.features
     ]
-    lookup = score_batch.OnlineFeatureLookup(config, "cascade_frozen", online.keys, fields)
+    lookup = store.OnlineFeatureLookup(config, "cascade_frozen", online.keys, fields)
     lookup.open()
     started = time.perf_counter()
     for start in range(0, table.num_rows, batch_size):

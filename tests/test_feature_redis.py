@@ -285,7 +285,7 @@ def _score_batch_losing_redis(
     store.apply(data, online="redis", redis_url=server.url)
     store.materialize(data)
     calls: list[int] = []
-    lookup = score_batch.OnlineFeatureLookup.__call__
+    lookup = store.OnlineFeatureLookup.__call__
 
     def lookup_then_lose_redis(self: Any, batch: Any) -> Any:
         if len(calls) == after_calls:
@@ -293,7 +293,7 @@ def _score_batch_losing_redis(
         calls.append(batch.num_rows)
         return lookup(self, batch)
 
-    monkeypatch.setattr(score_batch.OnlineFeatureLookup, "__call__", lookup_then_lose_redis)
+    monkeypatch.setattr(store.OnlineFeatureLookup, "__call__", lookup_then_lose_redis)
     without_client_retries(monkeypatch)
     return calls
 

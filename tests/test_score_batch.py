@@ -148,7 +148,7 @@ def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, 
             for name, value in want.items():
                 assert (value is None and row[name] is None) or np.allclose(row[name], value), name
 
-    lookup = score_batch.OnlineFeatureLookup(
+    lookup = store.OnlineFeatureLookup(
         render.config_path(data), "cascade_frozen", online.keys, _feature_fields(data, online)
     )
     handler = score_batch.per_element_handler(render.config_path(data), "cascade_frozen", online.keys)
@@ -190,7 +190,7 @@ def test_online_feature_lookup_looks_each_distinct_key_up_once(
     online = store.OnlineFeatures(data, "cascade_frozen")
     rows = impressions(data).head(6).to_dict("records")
     batch = pa.Table.from_pylist([*rows, *rows, rows[0]])  # 13 rows, 6 distinct
-    lookup = score_batch.OnlineFeatureLookup(
+    lookup = store.OnlineFeatureLookup(
         render.config_path(data), "cascade_frozen", online.keys, _feature_fields(data, online)
     )
     lookup.open()

@@ -16,7 +16,7 @@ The modules, each importing only those above it:
 - connection: reaching the online store (Redis probes, errors that name the fix);
 - repo: apply / reapply, open_store, check_current;
 - materialization: materialize;
-- online: OnlineFeatures and the service helpers;
+- online: OnlineFeatures (row dicts), OnlineFeatureLookup (Arrow batches) and the service helpers;
 - offline: historical_features and training_frame (Feast's offline store);
 - shards: write_training_shards (the same join in DuckDB).
 This module is the package's interface: callers use `store.<name>`.
@@ -29,6 +29,7 @@ from nlpctr.features.store.materialization import materialize
 from nlpctr.features.store.offline import historical_features, training_frame
 from nlpctr.features.store.online import (
     MISSING_KEY,
+    OnlineFeatureLookup,
     OnlineFeatures,
     OnlineLookup,
     check_materialized,
@@ -58,6 +59,7 @@ __all__ = [
     "MISSING_KEY",
     "OFFLINE_STORES",
     "SHARD_ROWS",
+    "OnlineFeatureLookup",
     "OnlineFeatures",
     "OnlineLookup",
     "ViewJoin",

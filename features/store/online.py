@@ -1,4 +1,5 @@
-"""Online lookups of a feature service, with what could not be found counted per feature."""
+"""Online lookups of a feature service, with what could not be found counted per feature: row
+dicts (`OnlineFeatures`) or whole Arrow batches (`OnlineFeatureLookup`, what batch jobs use)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from feast import FeatureService, FeatureStore, FeatureView
 
 from nlpctr.errors import UserError
@@ -136,3 +139,105 @@ def check_materialized(store: FeatureStore, service: FeatureService, data_dir: P
         store.get_online_features(
             features=service, entity_rows=[dict.fromkeys(keys, MISSING_KEY)], full_feature_names=True
         )
+
+
+@dataclass(frozen=True)
+class ViewRead:
+    """What one feature view of a service serves: its projections' request columns and names."""
+
+    view: str
+    join_keys: tuple[str, ...]  # the view's own entity keys
+    features: tuple[str, ...]  # every feature any projection of the view serves
+    # per projection: (its name, the request column each join key is read from, its features)
+    projections: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]
+
+
+def view_reads(store: FeatureStore, service: FeatureService) -> list[ViewRead]:
+    """The service's projections grouped by the view they read (an embedding view serves the ad
+    and the query text under two names)."""
+    grouped: dict[str, list[Any]] = {}
+    for projection in service.feature_view_projections:
+        grouped.setdefault(projection.name, []).append(projection)
+    reads = []
+    for name, projections in grouped.items():
+        join_keys = tuple(c.name for c in store.get_feature_view(name).entity_columns)
+        reads.append(
+            ViewRead(
+                view=name,
+                join_keys=join_keys,
+                features=tuple(dict.fromkeys(f.name for p in projections for f in p.features)),
+                projections=tuple(
+                    (
+                        p.name_to_use(),
+                        tuple(p.join_key_map.get(k, k) for k in join_keys),
+                        tuple(f.name for f in p.features),
+                    )
+                    for p in projections
+                ),
+            )
+        )
+    return reads
+
+
+def _positions(keys: pa.Table, distinct: pa.Table) -> pa.Array:
+    """For each row of `keys`, the index of the equal row of `distinct`."""
+    if keys.num_columns == 1:
+        return pc.index_in(keys.column(0), value_set=distinct.column(0))
+    numbered = distinct.append_column("__distinct", pa.array(range(distinct.num_rows), pa.int64()))
+    rows = keys.append_column("__row", pa.array(range(keys.num_rows), pa.int64()))
+    joined = rows.join(numbered, keys.column_names, use_threads=False).sort_by("__row")
+    return joined["__distinct"].combine_chunks()
+
+
+class OnlineFeatureLookup:
+    """Online features for a whole Arrow batch of impressions: the batch plus one typed column per
+    served feature (null where a key is unknown), as the service would serve them row by row.
+
+    Feast's cost is per entity row it returns, so each view of the service is read once per
+    batch, for the distinct keys the batch holds (e.g. an ad's text repeated over its
+    impressions, or the same embedding view read for the query and the ad text), with Feast's
+    own `get_online_features`; the projections' names and join-key maps are applied here.
+    """
+
+    def __init__(
+        self, config_path: Path, service: str, keys: Sequence[str], fields: Sequence[pa.Field]
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.service_name = service
+        self.keys = list(keys)
+        self.fields = list(fields)
+        self.store: FeatureStore | None = None
+        self.reads: list[ViewRead] = []
+
+    def open(self) -> None:
+        self.store = FeatureStore(fs_yaml_file=self.config_path)
+        self.reads = view_reads(self.store, self.store.get_feature_service(self.service_name))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.store is None:
+            self.open()
+        assert self.store is not None
+        requested = {k: pc.fill_null(pc.cast(batch[k], pa.string()), MISSING_KEY) for k in self.keys}
+        types = {field.name: field.type for field in self.fields}
+        for read in self.reads:
+            asked = [
+                pa.table(
+                    {key: requested[column] for key, column in zip(read.join_keys, columns, strict=True)}
+                )
+                for _, columns, _ in read.projections
+            ]
+            distinct = pa.concat_tables(asked).group_by(list(read.join_keys), use_threads=False).aggregate([])
+            values = self.store.get_online_features(
+                features=[f"{read.view}:{f}" for f in read.features],
+                entity_rows={k: distinct[k].to_pylist() for k in read.join_keys},
+                full_feature_names=True,
+            ).to_dict()
+            served: dict[str, pa.Array] = {}  # each feature of the view converted once
+            for (name, _, features), keys in zip(read.projections, asked, strict=True):
+                index = _positions(keys, distinct)
+                for feature in features:
+                    column = f"{name}__{feature}"
+                    if feature not in served:
+                        served[feature] = pa.array(values[f"{read.view}__{feature}"], types[column])
+                    batch = batch.append_column(pa.field(column, types[column]), served[feature].take(index))
+        return batch.select([*batch.column_names[: -len(self.fields)], *types]) if self.fields else batch
