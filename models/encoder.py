@@ -257,11 +257,19 @@ class TextEncoder(nn.Module):
         for module in self.frozen_modules():
             module.requires_grad_(False)
         self.state_cache: StateCache | None = None
+        # Counts the occasions on which the weights may have changed, for caches of the LM's
+        # outputs (`TextBatcher`): a loaded state, and every forward pass that records gradients
+        # (a fused optimiser's step bumps no tensor's version counter).
+        self.weights_version = 0
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._weights_loaded())
         if self.frozen_layers is not None:
             self._attach_cache()
-            # new weights (a checkpoint, a teacher's) may change the prefix: find its cache again
-            self.register_load_state_dict_post_hook(lambda module, _keys: module._attach_cache())
         self.train(trainable)
+
+    def _weights_loaded(self) -> None:
+        self.weights_version += 1
+        if self.frozen_layers is not None:
+            self._attach_cache()  # new weights (a checkpoint, a teacher's) may change the prefix
 
     def frozen_modules(self) -> list[nn.Module]:
         """The embeddings and the layers below the trainable ones (none without a frozen prefix)."""
@@ -331,6 +339,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled vectors (B, 384); differentiable when the encoder is trainable."""
+        if torch.is_grad_enabled():
+            self.weights_version += 1  # a training step may follow
         if self.state_cache is None:
             # token_type_ids default to zeros inside BertModel, which is what single texts use.
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

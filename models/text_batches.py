@@ -58,8 +58,9 @@ class TextBatcher:
     `for_data` tokenises an in-memory dataset's texts once up front. A streamed batch carries
     its own texts (`Tensors.texts`), tokenised as it comes. At inference (eval mode, no
     gradient) the vectors of up to `cache_limit` texts are kept, keyed by their token ids, and
-    dropped as soon as any LM weight changes (an optimiser step or a loaded checkpoint bumps the
-    parameters' version counters): whatever reads the same weights reuses them.
+    dropped as soon as the LM's weights may have changed (`TextEncoder.weights_version`: a
+    loaded state or a forward pass that records gradients; or a parameter's version counter):
+    whatever reads the same weights reuses them.
     """
 
     lm: TextEncoder
@@ -134,7 +135,9 @@ class TextBatcher:
         cached ones looked up and the rest encoded in chunks of similar length (little padding)."""
         if torch.is_grad_enabled() or self.lm.training:
             return self.lm(**self.lm.pad(token_ids))
-        weights = tuple(p._version for p in self.lm.parameters())  # bumped by any in-place update
+        # The LM's own count (loads, trainable forwards) and the parameters' version counters
+        # (any other in-place update) say whether the cached vectors come from these weights.
+        weights = (self.lm.weights_version, *(p._version for p in self.lm.parameters()))
         if weights != self.cache_weights:
             self.cache.clear()
             self.cache_weights = weights

@@ -91,8 +91,10 @@ def test_an_unknown_reading_is_refused() -> None:
         EncoderConfig(pair_reading="both")
 
 
-def test_inference_encodes_a_text_once_until_a_weight_changes() -> None:
-    """A finished run's passes (test, write-back) share vectors; an optimiser step drops them."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_inference_encodes_a_text_once_until_a_weight_changes(fused: bool) -> None:
+    """A finished run's passes (test, write-back) share vectors; an optimiser step (fused too:
+    it bumps no version counter) and a loaded state drop them."""
     lm = TextEncoder(EncoderConfig(layers=1, max_length=16, pair_reading="separate"), trainable=True)
     batcher = TextBatcher(lm, with_query=True)
     lm.eval()
@@ -100,8 +102,10 @@ def test_inference_encodes_a_text_once_until_a_weight_changes() -> None:
     assert batcher.encoded_at_inference == 4  # "red shoes", "hats", and the two ads
     torch.testing.assert_close(batcher.encode_pairs(PAIRS[1:]), first[1:])
     assert batcher.encoded_at_inference == 4  # a second pass with the same weights: looked up
+    start = {k: v.clone() for k, v in lm.state_dict().items()}
 
-    optimiser = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=1e-2, fused=fused or None)
     lm.train()
     batcher.encode_tokens([lm.token_ids("blue hats")]).pow(2).sum().backward()
     optimiser.step()
@@ -110,3 +114,7 @@ def test_inference_encodes_a_text_once_until_a_weight_changes() -> None:
     assert batcher.encoded_at_inference == 8  # new weights: every text encoded again
     assert not torch.allclose(again, first)
     torch.testing.assert_close(again, TextBatcher(lm, with_query=True, cache_limit=0).encode_pairs(PAIRS))
+
+    lm.load_state_dict(start)  # back to the first weights: encoded again, as at first
+    torch.testing.assert_close(batcher.encode_pairs(PAIRS), first)
+    assert batcher.encoded_at_inference == 12
