@@ -198,7 +198,6 @@ def handler_bench(data: Path, rows: int = 2000, batch_size: int = 1024) -> dict[
     vs `OnlineFeatureLookup` called per Arrow batch of `batch_size` rows."""
     import apache_beam as beam
 
-    from nlpctr.features.definitions import arrow_type
     from nlpctr.pipelines import score_batch
 
     online = store.OnlineFeatures(data, "cascade_frozen")
@@ -211,12 +210,7 @@ def handler_bench(data: Path, rows: int = 2000, batch_size: int = 1024) -> dict[
         for request in requests:
             handler(request)
         per_element = (time.perf_counter() - started) * 1000 / len(requests)
-    fields = [
-        pa.field(f"{p.name_to_use()}__{f.name}", arrow_type(f.dtype))
-        for p in online.service.feature_view_projections
-        for f in p.features
-    ]
-    lookup = store.OnlineFeatureLookup(config, "cascade_frozen", online.keys, fields)
+    lookup = store.OnlineFeatureLookup(config, "cascade_frozen")
     lookup.open()
     started = time.perf_counter()
     for start in range(0, table.num_rows, batch_size):

@@ -70,7 +70,7 @@ class TextBatcher:
     texts: list[Pair] | None = None  # the pairs `parts` describes (row i: its query and ad unit)
     cache_limit: int = CACHED_TEXTS
     cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # text's token ids -> vector
-    cache_weights: tuple[int, ...] = ()  # the LM parameters' versions the cached vectors come from
+    cache_weights: tuple[int, ...] = ()  # the LM weights stamp (see `encode_tokens`) of the cached vectors
     encoded_at_inference: int = 0  # texts the LM encoded at inference (what the cache saves shows here)
     fixed: torch.Tensor | None = None  # every unit's vector while the LM is frozen (`frozen_lm`)
 

@@ -46,7 +46,6 @@ from feast import FeatureStore
 from nlpctr.errors import UserError
 from nlpctr.features import render
 from nlpctr.features import store as feature_store
-from nlpctr.features.definitions import arrow_type
 from nlpctr.features.job_outputs import parquet_files
 from nlpctr.features.names import CASCADE_FROZEN
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
@@ -197,10 +196,9 @@ class ScoreBatches(beam.DoFn):
         yield table.append_column(pa.field("p", pa.float64()), pa.array(scores.to_numpy(), pa.float64()))
 
 
-def output_schema(context_columns: Sequence[str], service_fields: Sequence[tuple[str, Any]]) -> pa.Schema:
+def output_schema(context_columns: Sequence[str], service_fields: Sequence[pa.Field]) -> pa.Schema:
     """Impression schema plus one nullable column per served feature."""
-    base = impression_schema(context_columns)
-    return pa.schema([*base, *(pa.field(name, arrow_type(dtype)) for name, dtype in service_fields)])
+    return pa.schema([*impression_schema(context_columns), *service_fields])
 
 
 def _keep_splits(table: pa.Table, splits: frozenset[str] | None) -> pa.Table:
@@ -344,13 +342,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if not parquet_files(data_dir / IMPRESSIONS):
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     manifest = read_manifest(data_dir)
-    fields = [
-        (f"{p.name_to_use()}__{f.name}", f.dtype)
-        for p in online.service.feature_view_projections
-        for f in p.features
-    ]
-    schema = output_schema(manifest.get("context_columns", []), fields)
-    feature_fields = [schema.field(name) for name, _ in fields]
+    schema = output_schema(manifest.get("context_columns", []), feature_store.service_fields(online.service))
     config_path = render.config_path(data_dir)
     staging = staging_dir(out)
     started = time.perf_counter()
@@ -360,7 +352,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         )
         pattern = str(data_dir / IMPRESSIONS / "*.parquet")
         if args.enrichment == "batched":
-            lookup = feature_store.OnlineFeatureLookup(config_path, args.service, online.keys, feature_fields)
+            lookup = feature_store.OnlineFeatureLookup(config_path, args.service)
             batches = (
                 pipeline
                 | "ReadImpressions" >> ReadImpressionBatches(pattern, args.splits)

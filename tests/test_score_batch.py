@@ -148,12 +148,10 @@ def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, 
             for name, value in want.items():
                 assert (value is None and row[name] is None) or np.allclose(row[name], value), name
 
-    lookup = store.OnlineFeatureLookup(
-        render.config_path(data), "cascade_frozen", online.keys, _feature_fields(data, online)
-    )
+    lookup = store.OnlineFeatureLookup(render.config_path(data), "cascade_frozen")
     handler = score_batch.per_element_handler(render.config_path(data), "cascade_frozen", online.keys)
     source_schema = impression_schema(read_manifest(data).get("context_columns", []))
-    schema = pa.schema([*source_schema, *_feature_fields(data, online)])
+    schema = pa.schema([*source_schema, *store.service_fields(online.service)])
     table = pa.Table.from_pylist(rows, schema=source_schema)
     with BeamTestPipeline() as pipeline:
         batched = (
@@ -172,17 +170,6 @@ def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, 
         assert_that(single, same_features, label="per-element")
 
 
-def _feature_fields(data: Path, online: store.OnlineFeatures) -> list[pa.Field]:
-    """The typed columns the service adds (what `score_batch.run` derives from the service)."""
-    from nlpctr.features.definitions import arrow_type
-
-    return [
-        pa.field(f"{p.name_to_use()}__{f.name}", arrow_type(f.dtype))
-        for p in online.service.feature_view_projections
-        for f in p.features
-    ]
-
-
 def test_online_feature_lookup_looks_each_distinct_key_up_once(
     served: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -190,9 +177,7 @@ def test_online_feature_lookup_looks_each_distinct_key_up_once(
     online = store.OnlineFeatures(data, "cascade_frozen")
     rows = impressions(data).head(6).to_dict("records")
     batch = pa.Table.from_pylist([*rows, *rows, rows[0]])  # 13 rows, 6 distinct
-    lookup = store.OnlineFeatureLookup(
-        render.config_path(data), "cascade_frozen", online.keys, _feature_fields(data, online)
-    )
+    lookup = store.OnlineFeatureLookup(render.config_path(data), "cascade_frozen")
     lookup.open()
     assert lookup.store is not None
     sent: list[int] = []

@@ -36,6 +36,7 @@ from nlpctr.features.store.online import (
     get_service,
     normalize_entity_rows,
     service_feature_names,
+    service_fields,
     service_join_keys,
 )
 from nlpctr.features.store.repo import OFFLINE_STORES, apply, check_current, open_store, reapply
@@ -77,6 +78,7 @@ __all__ = [
     "probe_online_store",
     "reapply",
     "service_feature_names",
+    "service_fields",
     "service_join_keys",
     "service_view_joins",
     "training_frame",

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from feast import FeatureService, FeatureStore, FeatureView
 
 from nlpctr.errors import UserError
+from nlpctr.features.definitions import arrow_type
 from nlpctr.features.job_outputs import fingerprint
 from nlpctr.features.names import TRAINING_SUFFIX
 from nlpctr.features.store.connection import check_materialized_mark, online_store_errors, probe_online_store
@@ -39,6 +40,15 @@ def service_join_keys(store: FeatureStore, service: FeatureService) -> list[str]
 def service_feature_names(service: FeatureService) -> list[str]:
     """Column names the service yields with full feature names (`<projection>__<feature>`)."""
     return [f"{p.name_to_use()}__{f.name}" for p in service.feature_view_projections for f in p.features]
+
+
+def service_fields(service: FeatureService) -> list[pa.Field]:
+    """The service's columns (`service_feature_names`) typed as Arrow fields."""
+    return [
+        pa.field(f"{p.name_to_use()}__{f.name}", arrow_type(f.dtype))
+        for p in service.feature_view_projections
+        for f in p.features
+    ]
 
 
 def get_service(store: FeatureStore, name: str, data_dir: Path) -> FeatureService:
@@ -199,19 +209,20 @@ class OnlineFeatureLookup:
     own `get_online_features`; the projections' names and join-key maps are applied here.
     """
 
-    def __init__(
-        self, config_path: Path, service: str, keys: Sequence[str], fields: Sequence[pa.Field]
-    ) -> None:
+    def __init__(self, config_path: Path, service: str) -> None:
         self.config_path = Path(config_path)
         self.service_name = service
-        self.keys = list(keys)
-        self.fields = list(fields)
         self.store: FeatureStore | None = None
+        self.keys: list[str] = []
+        self.fields: list[pa.Field] = []
         self.reads: list[ViewRead] = []
 
     def open(self) -> None:
         self.store = FeatureStore(fs_yaml_file=self.config_path)
-        self.reads = view_reads(self.store, self.store.get_feature_service(self.service_name))
+        service = self.store.get_feature_service(self.service_name)
+        self.keys = service_join_keys(self.store, service)
+        self.fields = service_fields(service)
+        self.reads = view_reads(self.store, service)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.store is None:
