@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The tests also run the Spark path (tests/test_spark_store.py); the demo does not need it.
+SPARK_STAMP := $(VENV)/.installed-spark-$(shell sha1sum pyproject.toml | cut -c1-12)
+$(SPARK_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,lint,spark]'
+	touch $@
+
 # The main job on the embedded default (local parquet, SQLite online store): the whole
 # experiment protocol on Upworthy in its quick size (prepare, CTR history, frozen-BERT
 # embeddings, Feast apply + materialize, E0-E4, redundancy; report in $(RUNS)/upworthy-quick/),
@@ -27,7 +33,7 @@ demo: setup
 	$(BIN)/nlpctr experiment --dataset upworthy --quick --out $(RUNS)/upworthy-quick
 	$(BIN)/nlpctr features get --data $(RUNS)/upworthy-quick/data --service cascade_frozen --impression 0
 
-test: setup
+test: setup $(SPARK_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q

@@ -2,8 +2,19 @@
 
 - `feast-file`: Feast's file store (pandas/Dask), `features.store.training_frame(..., offline="file")`;
 - `feast-duckdb`: Feast's DuckDB offline store (ibis on DuckDB), `training_frame(..., offline="duckdb")`;
+- `feast-spark`: Feast's Spark offline store, Spark in local mode on every core (the dataset
+  applied with `--offline spark` first, untimed);
 - `asof-shards`: the hand-written DuckDB as-of join into parquet shards,
-  `features.store.write_training_shards`.
+  `features.store.write_training_shards`;
+- `spark-shards`: the same shards written by Feast's Spark store (`write_training_shards` on a
+  dataset applied with `--offline spark`), the streamed path past one machine;
+- `materialize-local`, `materialize-spark`: a full `features.store.materialize` of the online
+  views into SQLite, by Feast's local engine and by its Spark compute engine. The online views
+  are entity-level and not replicated (bench/replicate_prepared.py), so their rows are the same
+  at every size; the row count is shown.
+
+Peak RSS is of the whole process tree (Spark's JVM is a child of the Python process), sampled
+every 0.25 s; GNU time's figure, the Python process alone, is kept as `python_peak_rss_mb`.
 
 One measurement (prints one JSON line: engine, service, rows, wall_s, peak_rss_mb):
 
@@ -40,7 +51,8 @@ from typing import Any
 from bench_scaling import run_guarded  # (bench/ is this script's folder: on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("feast-file", "feast-duckdb", "asof-shards")
+ENGINES = ("feast-file", "feast-duckdb", "feast-spark", "asof-shards", "spark-shards")
+ENGINES += ("materialize-local", "materialize-spark")
 TIME = "/usr/bin/time"  # GNU time (Debian package `time`)
 BENCH_JOB = "bench training frame"  # OUT/work/training_frame/<rows>/ is this script's
 # What a service's frame holds, said in the report: the cost of vectors is not in a baseline run.
@@ -53,13 +65,17 @@ def measure(data: Path, engine: str, service: str) -> dict[str, Any]:
 
     from nlpctr.features import store
 
+    store.apply(data, offline="spark" if "spark" in engine else "duckdb")  # untimed
     started = time.perf_counter()
-    if engine == "asof-shards":
+    if engine.endswith("-shards"):
         shutil.rmtree(store.training_shards_dir(data, service), ignore_errors=True)  # never reuse
         root = store.write_training_shards(data, service)
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in root.glob("*/*.parquet"))
+    elif engine.startswith("materialize-"):
+        rows = sum(store.materialize(data)["source_rows"].values())
     else:
-        rows = len(store.training_frame(data, service, offline=engine.removeprefix("feast-")))
+        offline = engine.removeprefix("feast-")
+        rows = len(store.training_frame(data, service, offline=None if offline == "spark" else offline))
     wall = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"engine": engine, "service": service, "rows": rows, "wall_s": round(wall, 1),
@@ -83,7 +99,9 @@ def run_engine(data: Path, engine: str, args: argparse.Namespace, log: Path) -> 
                 "peak_rss_mb": round(peak_seen / 2**20), "reason": reason}  # fmt: skip
     result = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
     measured = usage.read_text().split()
-    result.update(status="ok", peak_rss_mb=round(float(measured[-1]) / 1024))  # GNU time's %M: KiB
+    python_peak = round(float(measured[-1]) / 1024)  # GNU time's %M: KiB
+    tree_peak = max(round(peak_seen / 2**20), python_peak)
+    result.update(status="ok", peak_rss_mb=tree_peak, python_peak_rss_mb=python_peak)
     return result
 
 
@@ -116,14 +134,15 @@ def markdown(report: dict[str, Any]) -> str:
     sizes = report["sizes"]
     config, machine = report["config"], report["machine"]
     lines = [
-        "# Training frame: Feast's file store vs Feast's DuckDB store vs the hand-written as-of join",
+        "# Training frame and materialisation: Feast's file, DuckDB and Spark stores, the hand-written "
+        "as-of join",
         "",
         f"`{config['command']}`",
         "",
         f"Service `{config['service']}` (its training twin){VECTORS.get(config['service'], '')}. "
         f"Data: {config['source']} replicated with "
         "distinct impression ids (`bench/replicate_prepared.py`). Each cell: wall time / peak RSS of "
-        f"that engine's own process (GNU time). Killed past {config['timeout_s']:g} s or "
+        f"that engine's own process tree (sampled). Killed past {config['timeout_s']:g} s or "
         f"{config['max_rss_gb']:g} GiB RSS. Machine: {machine['cpus']} cores, {machine['memory_gib']} GiB, "
         "shared with other work (wall times are inflated by contention).",
         "",
@@ -137,7 +156,8 @@ def markdown(report: dict[str, Any]) -> str:
             if result is None:
                 cells.append("–")
             elif result["status"] == "ok":
-                cells.append(f"{result['wall_s']:.1f} s, {result['peak_rss_mb']:,} MB")
+                rows = f" ({result['rows']:,} rows)" if engine.startswith("materialize-") else ""
+                cells.append(f"{result['wall_s']:.1f} s, {result['peak_rss_mb']:,} MB{rows}")
             else:
                 cells.append(f"**failed**: {result['reason']}")
         lines.append(f"| {engine} | " + " | ".join(cells) + " |")

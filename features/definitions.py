@@ -36,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.data_format import ParquetFormat
+from feast.data_source import DataSource
 from feast.types import Array, Bool, FeastType, Float32, Float64, Int32, Int64, String
 
 from nlpctr.errors import UserError
@@ -110,7 +111,7 @@ class Definitions:
     """The Feast objects of one dataset, ready for `FeatureStore.apply`."""
 
     entities: dict[str, Entity]
-    sources: dict[str, FileSource]
+    sources: dict[str, DataSource]
     views: dict[str, FeatureView]
     services: dict[str, FeatureService]
     default_encoder: str | None
@@ -132,8 +133,32 @@ def entity_name(column: str) -> str:
     return column
 
 
+def parquet_source(name: str, path: Path, description: str, offline: str = "duckdb") -> DataSource:
+    """A batch job's parquet folder as a Feast source: a FileSource, which Feast's DuckDB and file
+    stores read, or for `offline="spark"` a SparkSource, the only kind its Spark store reads."""
+    if offline == "spark":
+        from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+        return SparkSource(
+            name=name,
+            path=str(path),
+            file_format="parquet",
+            timestamp_field=TIMESTAMP,
+            description=description,
+        )
+    # The format declared, not left to the path: Feast's DuckDB offline store reads a source
+    # only when its format is parquet or its path ends in .parquet (ours are folders).
+    return FileSource(
+        name=name,
+        path=str(path),
+        timestamp_field=TIMESTAMP,
+        file_format=ParquetFormat(),
+        description=description,
+    )
+
+
 def build_definitions(
-    layout: Layout, *, encoder: str | None = None, ttl: timedelta = timedelta(0)
+    layout: Layout, *, encoder: str | None = None, ttl: timedelta = timedelta(0), offline: str = "duckdb"
 ) -> Definitions:
     """Feast objects for what `layout` holds.
 
@@ -141,7 +166,8 @@ def build_definitions(
     `cascade_frozen_<slug>`). `ttl` is every view's offline look-back window; 0 (the default)
     means a snapshot or an embedding stays valid until replaced. Feast does not apply ttl to
     online reads (feast-dev/feast#4133), so a non-zero ttl would make training frames null
-    where serving is not.
+    where serving is not. `offline`: the offline store the sources are declared for
+    (`parquet_source`).
     """
     join_keys = {name: key for name, key in CORE_ENTITIES.items()}
     for column in layout.entities:
@@ -157,7 +183,7 @@ def build_definitions(
         for name, key in join_keys.items()
     }
     tags = {"dataset": layout.dataset, "generated_by": "nlpctr.features.definitions"}
-    sources: dict[str, FileSource] = {}
+    sources: dict[str, DataSource] = {}
     views: dict[str, FeatureView] = {}
 
     def add_view(
@@ -169,14 +195,11 @@ def build_definitions(
         description: str,
         extra_tags: dict[str, str] | None = None,
     ) -> FeatureView:
-        source = FileSource(
-            name=f"{name}_source",
-            path=str(path),
-            timestamp_field=TIMESTAMP,
-            # Declared, not left to the path: Feast's DuckDB offline store reads a source only
-            # when its format is parquet or its path ends in .parquet (ours are folders).
-            file_format=ParquetFormat(),
-            description=f"parquet written by the batch job: {path.relative_to(layout.data_dir)}",
+        source = parquet_source(
+            f"{name}_source",
+            path,
+            f"parquet written by the batch job: {path.relative_to(layout.data_dir)}",
+            offline,
         )
         keys = (key,) if isinstance(key, str) else key
         schema = [Field(name=k, dtype=String) for k in keys]

@@ -26,7 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import keyword
+import os
 import re
+import shutil
+import sys
+import warnings
 from collections.abc import Iterable
 from datetime import timedelta
 from importlib import resources
@@ -37,6 +41,7 @@ import yaml
 from feast import Entity, FeatureService, FeatureView, Field, FileSource
 from feast import types as feast_types
 from feast.data_format import ParquetFormat
+from feast.data_source import DataSource
 from feast.types import Array, FeastType, PrimitiveFeastType
 from google.protobuf.message import Message
 
@@ -48,6 +53,12 @@ from nlpctr.layout import FEATURE_REPO
 CONFIG_FILE = "feature_store.yaml"
 REPO_MODULE = "repo_definitions.py"
 ONLINE_STORES = ("sqlite", "redis")
+# Feast offline stores a dataset's retrievals (and, for Spark, its materialisation) can run on:
+# its DuckDB store (the default), its Spark store with the Spark compute engine (the scale-out
+# path, infra/SPARK.md), and its file store (pandas/Dask; a reference the tests compare against).
+OFFLINE_STORES = ("duckdb", "spark", "file")
+SPARK_TEMPLATE = "feature_store.spark.yaml"
+LOCAL_SPARK = "local[*]"
 DEFAULT_REDIS_URL = "localhost:6379"
 # A Redis that accepts the connection and then stops answering must fail a call, not hang it:
 # Feast passes these connection-string parameters to redis-py (seconds).
@@ -85,8 +96,67 @@ def _template(online: str) -> str:
     return "feature_store.yaml" if online == "sqlite" else "feature_store.redis.yaml"
 
 
-def render_config(layout: Layout, online: str = "sqlite", redis_url: str | None = None) -> dict[str, Any]:
-    """The embedded default (or Redis variant) config with absolute paths for this dataset."""
+def require_spark() -> None:
+    """One line, not a Py4J traceback, when Spark cannot start: no pyspark, or no Java."""
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        raise UserError("the Spark offline store needs pyspark: pip install 'nlpctr[spark]'") from None
+    java_home = os.environ.get("JAVA_HOME")
+    if not (java_home and Path(java_home, "bin", "java").is_file()) and shutil.which("java") is None:
+        raise UserError(
+            "the Spark offline store needs a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
+        )
+    # PySpark starts its Python workers with `python3` from PATH unless told: use this one, which
+    # has Feast (a cluster's workers need their own, set in the cluster's environment).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Feast's Spark modules warn at every use that they are "experimental" (said once, in
+    # infra/SPARK.md), and their import puts a filter showing RuntimeWarnings first: import them,
+    # then put ours before it.
+    import feast.infra.offline_stores.contrib.spark_offline_store.spark  # noqa: F401
+
+    warnings.filterwarnings("ignore", r"The spark .* is an experimental feature", RuntimeWarning)
+
+
+def offline_config(offline: str, spark_master: str | None = None) -> dict[str, Any]:
+    """The `offline_store` (and, for Spark, `batch_engine`) sections of feature_store.yaml for
+    `offline`, one of OFFLINE_STORES; `spark_master` is the Spark cluster's master URL (None:
+    `local[*]`, Spark in this process's JVM)."""
+    if offline not in OFFLINE_STORES:
+        raise UserError(f"the offline store must be one of {', '.join(OFFLINE_STORES)}, got {offline!r}")
+    if spark_master is not None and offline != "spark":
+        raise UserError("--spark-master goes with --offline spark")
+    if offline != "spark":
+        return {"offline_store": {"type": offline}}
+    master = spark_master or LOCAL_SPARK
+    if not re.match(r"^(local(\[(\*|\d+)\])?|(spark|k8s|yarn)(://\S+)?)$", master):
+        raise UserError(f"--spark-master must be a Spark master URL (spark://HOST:PORT, ...), got {master!r}")
+    sections = yaml.safe_load(resources.files("nlpctr.features").joinpath(SPARK_TEMPLATE).read_text())
+    conf = {**sections.pop("spark_conf"), "spark.master": master}
+    if master.startswith("local"):
+        # The driver's ports serve only this process: bind them to loopback, not every interface.
+        conf.update({"spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1"})
+    for section in sections.values():
+        section["spark_conf"] = conf
+    return sections
+
+
+def offline_store_of(config: dict[str, Any]) -> tuple[str, str | None]:
+    """(offline store, Spark master or None) of a rendered feature_store.yaml."""
+    offline = config.get("offline_store", {}).get("type", "duckdb")
+    master = config["offline_store"].get("spark_conf", {}).get("spark.master") if offline == "spark" else None
+    return offline, None if master == LOCAL_SPARK else master
+
+
+def render_config(
+    layout: Layout,
+    online: str = "sqlite",
+    redis_url: str | None = None,
+    offline: str = "duckdb",
+    spark_master: str | None = None,
+) -> dict[str, Any]:
+    """The embedded default (or Redis variant) config with absolute paths for this dataset,
+    its offline side from `offline_config`."""
     if online not in ONLINE_STORES:
         raise UserError(f"--online must be one of {', '.join(ONLINE_STORES)}, got {online!r}")
     config = yaml.safe_load(resources.files("nlpctr.features").joinpath(_template(online)).read_text())
@@ -100,7 +170,9 @@ def render_config(layout: Layout, online: str = "sqlite", redis_url: str | None 
         if not re.match(r"^[^:,\s]+:\d+(,.*)?$", url):
             raise UserError(f"--redis-url must be HOST:PORT (e.g. 127.0.0.1:6379), got {url!r}")
         config["online_store"]["connection_string"] = with_redis_timeouts(url)
-    return config
+    sections = offline_config(offline, spark_master)
+    config["offline_store"] = sections.pop("offline_store")  # in the template's place
+    return {**config, **sections}
 
 
 def config_text(config: dict[str, Any], online: str = "sqlite") -> str:
@@ -125,7 +197,17 @@ _PRIMITIVE_NAMES = {
     for name, value in vars(feast_types).items()
     if isinstance(value, PrimitiveFeastType) and name[:1].isupper() and not name.isupper()
 }
-_RESERVED = {"DATA_DIR", ENCODER_CONSTANT, "Path", "timedelta", "ValueType", "Array", "ParquetFormat"}
+_RESERVED = {
+    "DATA_DIR",
+    ENCODER_CONSTANT,
+    "Path",
+    "timedelta",
+    "ValueType",
+    "Array",
+    "ParquetFormat",
+    "SparkSource",
+}
+SPARK_SOURCE_MODULE = "feast.infra.offline_stores.contrib.spark_offline_store.spark_source"
 
 
 def read_encoder(text: str) -> str | None:
@@ -259,10 +341,15 @@ def _entity(entity: Entity, target: str) -> str:
     return _call(target, "Entity", _common(entity, args))
 
 
-def _source(source: FileSource, target: str, data_dir: Path) -> str:
+def _source(source: DataSource, target: str, data_dir: Path) -> str:
+    """A FileSource (parquet) or a SparkSource (a parquet path): what `parquet_source` builds."""
     if source.field_mapping or source.created_timestamp_column or source.date_partition_column:
         raise ValueError(f"cannot render source {source.name}: field mapping or extra timestamp columns")
-    if source.file_format is not None and not isinstance(source.file_format, ParquetFormat):
+    spark = type(source).__name__ == "SparkSource"
+    if not (spark or isinstance(source, FileSource)) or (spark and (source.table or source.query)):
+        raise ValueError(f"cannot render source {source.name}: only parquet paths are rendered")
+    parquet = source.file_format == "parquet" if spark else isinstance(source.file_format, ParquetFormat)
+    if source.file_format is not None and not parquet:
         raise ValueError(f"cannot render source {source.name}: only parquet sources are rendered")
     args: list[tuple[str, _Value]] = [
         ("name", _str(source.name)),
@@ -270,8 +357,8 @@ def _source(source: FileSource, target: str, data_dir: Path) -> str:
         ("timestamp_field", _str(source.timestamp_field)),
     ]
     if source.file_format is not None:
-        args.append(("file_format", "ParquetFormat()"))
-    return _call(target, "FileSource", _common(source, args))
+        args.append(("file_format", '"parquet"' if spark else "ParquetFormat()"))
+    return _call(target, type(source).__name__, _common(source, args))
 
 
 def _field(field: Field, used: set[str]) -> str:
@@ -354,11 +441,20 @@ def render_module(definitions: Definitions, data_dir: Path, dataset: str) -> str
         _service(s, names[("service", n)], definitions.views, names) for n, s in definitions.services.items()
     ]
     type_names = sorted(used)
-    feast_names = ["Entity", "FeatureService", "FeatureView", "Field", "FileSource"]
+    source_kinds = {type(s).__name__ for s in definitions.sources.values()}
+    feast_names = [
+        "Entity",
+        "FeatureService",
+        "FeatureView",
+        "Field",
+        *sorted(source_kinds - {"SparkSource"}),
+    ]
     feast_names += ["ValueType"] * any(e.value_type is not None for e in definitions.entities.values())
     types_import = f"from feast.types import {', '.join(type_names)}\n" if type_names else ""
-    if any(s.file_format is not None for s in definitions.sources.values()):
+    if any(isinstance(s, FileSource) and s.file_format is not None for s in definitions.sources.values()):
         types_import = "from feast.data_format import ParquetFormat\n" + types_import
+    if "SparkSource" in source_kinds:
+        types_import = f"from {SPARK_SOURCE_MODULE} import SparkSource\n" + types_import
     encoder = _str(definitions.default_encoder) if definitions.default_encoder else "None"
     header = f'''"""Feast definitions of the prepared dataset {dataset!r} in the folder above this one.
 
@@ -393,6 +489,7 @@ def _objects(namespace: dict[str, Any]) -> dict[tuple[str, str], Any]:
     kinds: dict[type, str] = {
         Entity: "entity",
         FileSource: "source",
+        **{type(v): "source" for v in namespace.values() if type(v).__name__ == "SparkSource"},
         FeatureView: "view",
         FeatureService: "service",
     }

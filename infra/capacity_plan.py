@@ -1,7 +1,7 @@
 """The capacity plan's arithmetic: measured per-stage costs scaled to a day's traffic.
 
     .venv/bin/python infra/capacity_plan.py [--scaling bench/results/scaling.json]
-                                            [--redis infra/redis_memory.json] > infra/capacity_tables.md
+        [--redis infra/redis_memory.json] [--engines bench/results/training_frame.json]
 
 Every input is either MEASURED (with the file or benchmark it comes from) or an ASSUMPTION
 (labelled, with its basis). Costs per row from the scaling benchmark are marginal: the CPU
@@ -19,6 +19,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY_S = 86_400
+# The point-in-time join's engines in bench/results/training_frame.json: whole frames in memory
+# (Feast's DuckDB and Spark stores) and the bounded-memory shards of the streamed path.
+JOIN_ENGINES = (
+    ("feast-duckdb", "Feast's DuckDB store, frame in memory"),
+    ("feast-spark", "Feast's Spark store, frame in memory"),
+    ("asof-shards", "DuckDB as-of join into shards"),
+    ("spark-shards", "Feast's Spark store into shards"),
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,20 @@ def marginal_cpu_per_row(scaling: dict[str, Any], stage: str) -> tuple[float, st
     return (c1 - c0) / (n1 - n0), f"MEASURED: bench/results/scaling.json, {stage}, {n0:,} -> {n1:,} rows"
 
 
-def inputs(scaling: dict[str, Any], redis: dict[str, Any]) -> dict[str, Input]:
+def engine_costs(frames: dict[str, Any], engine: str) -> tuple[float, float, str] | None:
+    """(marginal node-s per row, wall s at the smallest size, source) of a training-frame engine:
+    wall time between the two largest sizes where it succeeded over the rows between them, on
+    one node (the benchmark's machine, every core)."""
+    ok = [(s["rows"], s["engines"][engine]["wall_s"]) for s in frames["sizes"]
+          if s["engines"].get(engine, {}).get("status") == "ok"]  # fmt: skip
+    if len(ok) < 2:
+        return None
+    (n0, w0), (n1, w1) = ok[-2], ok[-1]
+    source = f"MEASURED: bench/results/training_frame.json, {engine}, {n0:,} -> {n1:,} rows"
+    return (w1 - w0) / (n1 - n0), w0, source
+
+
+def inputs(scaling: dict[str, Any], redis: dict[str, Any], frames: dict[str, Any]) -> dict[str, Input]:
     found: dict[str, Input] = {}
 
     def add(key: str, name: str, value: float, unit: str, source: str) -> None:
@@ -85,6 +106,21 @@ def inputs(scaling: dict[str, Any], redis: dict[str, Any]) -> dict[str, Input]:
     other = redis["other_views"]
     add("redis_other_key", "Redis bytes per CTR-history/other key", other["bytes_per_key"], "bytes/key",
         f"MEASURED: infra/redis_memory.json ({other['new_keys']:,} keys)")  # fmt: skip
+    cores = frames["machine"]["cpus"]
+    for engine, label in JOIN_ENGINES:
+        if costs := engine_costs(frames, engine):
+            add(f"join_{engine}", f"point-in-time join, {label}, one {cores}-core node", costs[0] * 1e6,
+                "node-s per 1M rows", costs[2])  # fmt: skip
+    for engine, label in (("materialize-local", "local engine"), ("materialize-spark", "Spark engine")):
+        done = [s["engines"][engine] for s in frames["sizes"]
+                if s["engines"].get(engine, {}).get("status") == "ok"]  # fmt: skip
+        if done:
+            last = done[-1]
+            add(f"mat_{engine}", f"materialize, Feast's {label}, one {cores}-core node",
+                last["rows"] / last["wall_s"], "rows/s",
+                f"MEASURED: bench/results/training_frame.json, {engine}, {last['rows']:,} rows "
+                "into SQLite, start-up included (a lower bound)")  # fmt: skip
+    add("node_cores", "cores per node (the benchmark machine)", cores, "cores", "MEASURED: the machine")
     add("ctr_keys", "CTR-history entity keys online", 50e6, "keys",
         "ASSUMPTION: as many ad/query/context keys as unique texts")  # fmt: skip
     add("text_id_bytes", "text_id (16 hex digits) + timestamp", 16 + 8, "bytes", "schema (models/schema.py)")
@@ -178,6 +214,23 @@ def render(found: dict[str, Input]) -> str:
         ["Redis total (float32 embeddings)", "", f"{(redis_text + redis_ctr) / 2**30:,.1f} GiB"],
     ]  # fmt: skip
     out += ["", "## Storage and online memory", "", table(storage, ["what", "arithmetic", "size"])]
+    engines = []
+    for engine, label in JOIN_ENGINES:
+        if f"join_{engine}" in v:
+            node_hours = impressions / 1e6 * v[f"join_{engine}"] / 3600
+            engines.append([f"training frame of a day's impressions, {label}",
+                            f"1e9 / 1e6 x {v[f'join_{engine}']:.3g} node-s / 3600",
+                            f"{node_hours:,.1f} node-hours", f"{node_hours / 4:,.1f}"])  # fmt: skip
+    for engine, label in (("materialize-local", "local engine"), ("materialize-spark", "Spark engine")):
+        if f"mat_{engine}" in v:
+            rows = texts + v["ctr_keys"]
+            node_hours = rows / v[f"mat_{engine}"] / 3600
+            engines.append([f"materialize embeddings + CTR keys, {label}",
+                            f"{rows:,.3g} rows / {v[f'mat_{engine}']:,.0f} rows/s / 3600",
+                            f"{node_hours:,.1f} node-hours", f"{node_hours / 4:,.1f}"])  # fmt: skip
+    if engines:
+        out += ["", "## Feature store engines, per node", "",
+                table(engines, ["stage", "arithmetic", "per day", "nodes to finish in 4 h"])]  # fmt: skip
     mean_qps = impressions / DAY_S
     peak_qps = mean_qps * v["peak_to_mean"]
     lookups = v["lookups_per_impression"]
@@ -206,10 +259,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scaling", type=Path, default=ROOT / "bench" / "results" / "scaling.json")
     parser.add_argument("--redis", type=Path, default=ROOT / "infra" / "redis_memory.json")
+    parser.add_argument("--engines", type=Path, default=ROOT / "bench" / "results" / "training_frame.json")
     args = parser.parse_args()
     scaling = json.loads(args.scaling.read_text())
     redis = json.loads(args.redis.read_text())
-    print(render(inputs(scaling, redis)), end="")
+    frames = json.loads(args.engines.read_text())
+    print(render(inputs(scaling, redis, frames)), end="")
 
 
 if __name__ == "__main__":

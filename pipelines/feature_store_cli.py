@@ -1,6 +1,7 @@
 """`nlpctr features ...`: the Feast store of a prepared dataset.
 
     nlpctr features apply --data DIR [--online sqlite|redis --redis-url HOST:PORT] [--encoder SLUG]
+                          [--offline duckdb|spark [--spark-master URL]]
     nlpctr features materialize --data DIR [--start ISO --end ISO | --incremental]
     nlpctr features get --data DIR --service NAME --entity KEY=VALUE ... [--json]
 
@@ -25,7 +26,7 @@ import pyarrow.dataset as ds
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.names import CASCADE_FROZEN
-from nlpctr.features.render import DEFAULT_REDIS_URL, ONLINE_STORES
+from nlpctr.features.render import DEFAULT_REDIS_URL, OFFLINE_STORES, ONLINE_STORES
 from nlpctr.layout import IMPRESSIONS
 
 SUBCOMMANDS = ("apply", "materialize", "get")
@@ -48,6 +49,13 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("--online", choices=ONLINE_STORES, default="sqlite", help="online store")
     apply.add_argument("--redis-url", default=None, help=f"HOST:PORT (default {DEFAULT_REDIS_URL})")
     apply.add_argument("--encoder", default=None, help="embedding slug `cascade_frozen` serves")
+    apply.add_argument(
+        "--offline",
+        choices=OFFLINE_STORES,
+        default="duckdb",
+        help="offline store: duckdb (default), spark (Feast's Spark store and compute engine), file",
+    )
+    apply.add_argument("--spark-master", default=None, help="Spark master URL (default local[*])")
 
     mat = sub.add_parser("materialize", help="load the online views into the online store")
     mat.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
@@ -117,7 +125,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.command == "apply":
         if args.redis_url and args.online != "redis":
             raise UserError("--redis-url goes with --online redis")
-        return store.apply(args.data, online=args.online, redis_url=args.redis_url, encoder=args.encoder)
+        return store.apply(
+            args.data,
+            online=args.online,
+            redis_url=args.redis_url,
+            encoder=args.encoder,
+            offline=args.offline,
+            spark_master=args.spark_master,
+        )
     if args.command == "materialize":
         if args.incremental and (args.start or args.end):
             raise UserError("--incremental takes no --start/--end")

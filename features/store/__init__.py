@@ -18,12 +18,14 @@ The modules, each importing only those above it:
 - materialization: materialize;
 - online: OnlineFeatures (row dicts), OnlineFeatureLookup (Arrow batches) and the service helpers;
 - offline: historical_features and training_frame (Feast's offline store);
-- shards: write_training_shards (the same join in DuckDB).
+- shards: write_training_shards (the same join in DuckDB);
+- spark_shards: the same shards written by Feast's Spark store, on a store applied for Spark.
 This module is the package's interface: callers use `store.<name>`.
 """
 
 import warnings
 
+from nlpctr.features.render import OFFLINE_STORES
 from nlpctr.features.store.connection import online_store_errors, ping_redis, probe_online_store
 from nlpctr.features.store.materialization import materialize
 from nlpctr.features.store.offline import historical_features, training_frame
@@ -39,7 +41,7 @@ from nlpctr.features.store.online import (
     service_fields,
     service_join_keys,
 )
-from nlpctr.features.store.repo import OFFLINE_STORES, apply, check_current, open_store, reapply
+from nlpctr.features.store.repo import apply, check_current, open_store, reapply
 from nlpctr.features.store.shards import (
     JOIN_MEMORY_LIMIT,
     SHARD_ROWS,

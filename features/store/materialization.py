@@ -17,7 +17,7 @@ from nlpctr.errors import UserError
 from nlpctr.features.job_outputs import fingerprint, parquet_files
 from nlpctr.features.names import TIMESTAMP
 from nlpctr.features.store.connection import online_store_errors, probe_online_store, write_materialized_mark
-from nlpctr.features.store.repo import check_current, open_store
+from nlpctr.features.store.repo import check_current, open_store, spark_errors
 from nlpctr.features.store.state import fix_command, read_state, write_state
 
 
@@ -109,7 +109,7 @@ def materialize(
     state["unfinished"] = sorted(set(state.get("unfinished", [])) | set(paths))
     write_state(layout.data_dir, state)
     started = datetime.now(UTC)
-    with online_store_errors(store):
+    with online_store_errors(store), spark_errors(store):
         if start is not None:
             mode = "window"
             store.materialize(_utc(start), end, feature_views=[v.name for v in views])

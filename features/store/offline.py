@@ -14,7 +14,7 @@ from nlpctr.errors import UserError
 from nlpctr.features.job_outputs import parquet_files
 from nlpctr.features.names import CASCADE_FROZEN, TIMESTAMP, TRAINING_SUFFIX, training_service_name
 from nlpctr.features.store.online import MISSING_KEY, get_service, service_join_keys
-from nlpctr.features.store.repo import check_current, open_store
+from nlpctr.features.store.repo import check_current, open_store, spark_errors
 from nlpctr.layout import IMPRESSIONS
 
 
@@ -61,9 +61,10 @@ def historical_features(
             .rename(columns=dict(zip(frame_keys, view_keys, strict=True)))
         )
         refs = list(dict.fromkeys(f"{view_name}:{f.name}" for p in projections for f in p.features))
-        result = store.get_historical_features(
-            entity_df=requests, features=refs, full_feature_names=True
-        ).to_df()
+        with spark_errors(store):
+            result = store.get_historical_features(
+                entity_df=requests, features=refs, full_feature_names=True
+            ).to_df()
         if result["__nlpctr_group"].duplicated().any() or len(result) > len(requests):
             raise RuntimeError(f"Feast returned duplicate rows joining {view_name}; refusing to guess")
         result = result.set_index("__nlpctr_group").reindex(range(len(requests)))

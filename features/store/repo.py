@@ -3,12 +3,17 @@ longer matches what the jobs wrote."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from feast import FeatureStore
+from feast.data_source import DataSource
 from feast.repo_config import RepoConfig
 
 from nlpctr.errors import UserError
@@ -22,23 +27,37 @@ from nlpctr.features.render import (
     check_module,
     config_path,
     config_text,
+    offline_config,
+    offline_store_of,
     read_encoder,
     render_config,
     render_module,
     repo_dir,
+    require_spark,
 )
 from nlpctr.features.store.connection import online_store_errors, ping_redis
 from nlpctr.features.store.state import fix_command, read_state, write_state
 
-# Feast offline stores a retrieval can run through: its DuckDB store (ibis on DuckDB) and its
-# file store (pandas/Dask).
-OFFLINE_STORES = ("duckdb", "file")
+
+def _kind(obj: Any) -> str:
+    """A registry object's kind; a source stays the same object when it changes class (a
+    FileSource re-declared as a SparkSource by `apply --offline spark`)."""
+    return "DataSource" if isinstance(obj, DataSource) else type(obj).__name__
 
 
 def apply(
-    data_dir: Path, online: str = "sqlite", redis_url: str | None = None, encoder: str | None = None
+    data_dir: Path,
+    online: str = "sqlite",
+    redis_url: str | None = None,
+    encoder: str | None = None,
+    offline: str = "duckdb",
+    spark_master: str | None = None,
 ) -> dict[str, Any]:
     """Render DIR/feature_repo/ and register DIR's entities, views and services with Feast.
+
+    `offline` (one of OFFLINE_STORES) picks the offline store; "spark" also materialises through
+    Feast's Spark compute engine, on the cluster at `spark_master` (None: `local[*]`), and
+    declares the sources as SparkSource.
 
     Objects from an earlier apply that the jobs' outputs no longer back are deleted. If the
     online store changed (SQLite <-> Redis, another Redis), the registry starts afresh, since
@@ -51,8 +70,10 @@ def apply(
             f"and/or `nlpctr embed --data {layout.data_dir}` first"
         )
     layout.check_unique_keys()
-    definitions = build_definitions(layout, encoder=encoder)
-    config = render_config(layout, online, redis_url)
+    config = render_config(layout, online, redis_url, offline, spark_master)
+    if offline == "spark":
+        require_spark()
+    definitions = build_definitions(layout, encoder=encoder, offline=offline)
     if online == "redis":
         ping_redis(config["online_store"]["connection_string"])  # before touching the old store
     repo = repo_dir(layout.data_dir)
@@ -70,14 +91,14 @@ def apply(
     write_atomically(repo / REPO_MODULE, module.encode())
 
     store = FeatureStore(repo_path=str(repo))
-    wanted = {type(o).__name__ + ":" + o.name for o in definitions.objects()}
+    wanted = {_kind(o) + ":" + o.name for o in definitions.objects()}
     existing = [
         *store.list_feature_services(),
         *store.list_feature_views(),
         *store.list_data_sources(),
         *store.list_entities(),
     ]
-    stale = [o for o in existing if type(o).__name__ + ":" + o.name not in wanted]
+    stale = [o for o in existing if _kind(o) + ":" + o.name not in wanted]
     with online_store_errors(store):
         store.apply(definitions.objects(), objects_to_delete=stale, partial=False)
     state = read_state(layout.data_dir)
@@ -90,12 +111,15 @@ def apply(
         f"({', '.join(views)}), {len(services)} services ({', '.join(services)}); "
         f"online store {online}"
         + (f" at {config['online_store']['connection_string']}" if online == "redis" else "")
+        + f"; offline store {offline}"
+        + (f" on {config['offline_store']['spark_conf']['spark.master']}" if offline == "spark" else "")
         + f"; deleted {len(stale)} stale object(s) -> {repo}"
     )
     return {
         "project": config["project"],
         "repo": str(repo),
         "online_store": online,
+        "offline_store": offline,
         "entities": sorted(definitions.entities),
         "feature_views": views,
         "feature_services": services,
@@ -106,25 +130,33 @@ def apply(
 
 
 def reapply(data_dir: Path) -> dict[str, Any]:
-    """`apply` again with the online store and encoder the last apply chose (after a job, such
-    as a trainer, adds a view); a fresh dataset gets the defaults."""
+    """`apply` again with the stores and encoder the last apply chose (after a job, such as a
+    trainer, adds a view); a fresh dataset gets the defaults."""
     repo = repo_dir(data_dir)
-    online, redis_url, encoder = "sqlite", None, None
+    online, redis_url, encoder, offline, spark_master = "sqlite", None, None, "duckdb", None
     if (repo / CONFIG_FILE).is_file():
         config = yaml.safe_load((repo / CONFIG_FILE).read_text())
         if config.get("online_store", {}).get("type") == "redis":
             online, redis_url = "redis", config["online_store"].get("connection_string")
+        offline, spark_master = offline_store_of(config)
     if (repo / REPO_MODULE).is_file():
         encoder = read_encoder((repo / REPO_MODULE).read_text())
-    return apply(data_dir, online=online, redis_url=redis_url, encoder=encoder)
+    return apply(
+        data_dir,
+        online=online,
+        redis_url=redis_url,
+        encoder=encoder,
+        offline=offline,
+        spark_master=spark_master,
+    )
 
 
 def open_store(data_dir: Path, offline: str | None = None) -> FeatureStore:
     """The applied store of DIR, or a UserError that says to run apply.
 
-    `offline` swaps the rendered config's offline store for another of OFFLINE_STORES (Feast's
-    own store types) in this process only: how the benchmark and the tests run one retrieval
-    through each store; None keeps what feature_store.yaml says.
+    `offline` swaps the rendered config's offline store for DuckDB's or the file store's, in
+    this process only: how the benchmark and the tests run one retrieval through each; None
+    keeps what feature_store.yaml says. Spark is chosen at apply, since its sources differ.
     """
     path = config_path(data_dir)
     registry = repo_dir(data_dir) / "data" / "registry.db"
@@ -132,13 +164,64 @@ def open_store(data_dir: Path, offline: str | None = None) -> FeatureStore:
         raise UserError(
             f"{Path(data_dir).resolve()} has no feature store yet: run {fix_command('apply', data_dir)}"
         )
-    if offline is None:
-        return FeatureStore(repo_path=str(repo_dir(data_dir)))
-    if offline not in OFFLINE_STORES:
-        raise UserError(f"the offline store must be one of {', '.join(OFFLINE_STORES)}, got {offline!r}")
     config = yaml.safe_load(path.read_text())
-    config["offline_store"] = {"type": offline}
+    applied, _ = offline_store_of(config)
+    if applied == "spark":
+        with contextlib.suppress(UserError):  # an online lookup needs no Spark: checked at use
+            require_spark()
+    if offline is None or offline == applied:
+        return FeatureStore(repo_path=str(repo_dir(data_dir)))
+    if "spark" in (offline, applied):
+        raise UserError(
+            f"{Path(data_dir).resolve()} is applied for the {applied} offline store: run "
+            f"`nlpctr features apply --data {Path(data_dir).resolve()} --offline {offline}`"
+        )
+    config["offline_store"] = offline_config(offline)["offline_store"]
     return FeatureStore(config=RepoConfig(repo_path=repo_dir(data_dir), **config))
+
+
+@contextlib.contextmanager
+def spark_errors(store: FeatureStore) -> Iterator[None]:
+    """Around Feast's offline calls: Spark's prerequisites checked first (an online lookup needs
+    none), and a Spark job's failure as one line (the JVM's first line), not a Py4J traceback.
+    Feast's SparkSource raises DataSourceNotFoundException when Spark cannot read a source; the
+    Spark error under it is the reason given."""
+    if store.config.offline_store.type != "spark":
+        yield
+        return
+    require_spark()
+    if store.config.offline_store.spark_conf.get("spark.master", "").startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # as the driver binds: no warning
+    from feast.errors import DataSourceNotFoundException
+    from pyspark.errors import PySparkException
+    from pyspark.logger import PySparkLogger
+
+    # Feast's SparkSource logs a traceback before raising, PySpark a JSON record with the JVM's
+    # stack for a failed DataFrame or SQL query: the one line below says it.
+    quiet = [
+        logging.getLogger("feast.infra.offline_stores.contrib.spark_offline_store.spark_source"),
+        # PySpark's own logger class (its `exception` takes extra fields a plain Logger refuses).
+        PySparkLogger.getLogger("DataFrameQueryContextLogger"),
+        PySparkLogger.getLogger("SQLQueryContextLogger"),
+    ]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except PySparkException as error:
+        raise UserError(f"Feast's Spark store failed: {_first_line(error)}") from None
+    except DataSourceNotFoundException as error:
+        cause = error.__context__
+        reason = _first_line(cause) if isinstance(cause, PySparkException) else str(error)
+        raise UserError(f"Feast's Spark store could not read a source: {reason}") from None
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def check_current(store: FeatureStore, data_dir: Path) -> Layout:

@@ -17,7 +17,7 @@ from nlpctr.errors import UserError
 from nlpctr.features.job_outputs import fingerprint, parquet_files
 from nlpctr.features.names import CASCADE_FROZEN, TIMESTAMP, TRAINING_SUFFIX, training_service_name
 from nlpctr.features.store.online import MISSING_KEY, get_service
-from nlpctr.features.store.repo import check_current, open_store
+from nlpctr.features.store.repo import check_current, open_store, spark_errors
 from nlpctr.layout import IMPRESSIONS, TRAINING, TRAINING_META
 from nlpctr.models import sql
 
@@ -116,7 +116,7 @@ def _training_service(store: FeatureStore, service: str, data_dir: Path) -> Feat
 
 
 def training_shards_dir(data_dir: Path, service: str) -> Path:
-    """Where `write_training_shards` puts a service's training frame: `<split>/part-0.parquet`."""
+    """Where `write_training_shards` puts a service's training frame: `<split>/*.parquet`."""
     return Path(data_dir).resolve() / TRAINING / service
 
 
@@ -128,7 +128,9 @@ def write_training_shards(
     """`training_frame` for data that does not fit in memory: the same point-in-time join, run
     by DuckDB (an as-of join that spills to disk) from the service's Feast definitions, written
     as `DIR/training/<service>/<split>/part-0.parquet`, rows in impression_id order, row groups
-    of SHARD_ROWS rows. Reuses the shards when the impressions and every source are unchanged.
+    of SHARD_ROWS rows. On a store applied for Spark, Feast's Spark store does the join and
+    Spark writes `<split>/part-*.parquet` (`spark_shards`). Reuses the shards when the
+    impressions and every source are unchanged.
     """
     data_dir = Path(data_dir).resolve()
     store = open_store(data_dir)
@@ -154,6 +156,27 @@ def write_training_shards(
     staging = out.parent / f".{out.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    if store.config.offline_store.type == "spark":
+        from nlpctr.features.store.spark_shards import write_split_shards
+
+        with spark_errors(store):
+            rows = write_split_shards(store, joins, files, staging)
+    else:
+        rows = _write_split_shards(joins, files, staging, memory_limit)
+    (staging / TRAINING_META).write_text(json.dumps({"identity": identity, "rows": rows}, indent=2) + "\n")
+    retired = out.parent / f".{out.name}.old"
+    shutil.rmtree(retired, ignore_errors=True)
+    if out.exists():
+        out.rename(retired)
+    staging.rename(out)  # readers see the old shards or the new ones, never a mix
+    shutil.rmtree(retired, ignore_errors=True)
+    return out
+
+
+def _write_split_shards(
+    joins: Sequence[ViewJoin], files: Sequence[Path], staging: Path, memory_limit: str
+) -> dict[str, int]:
+    """Each split's frame as `staging/<split>/part-0.parquet` by DuckDB's as-of join; rows per split."""
     con = sql.connect(staging / ".spill", memory_limit)
     try:
         con.execute(f"CREATE VIEW impressions AS SELECT * FROM read_parquet({sql.file_list(files)})")
@@ -174,11 +197,4 @@ def write_training_shards(
     finally:
         con.close()
     shutil.rmtree(staging / ".spill", ignore_errors=True)
-    (staging / TRAINING_META).write_text(json.dumps({"identity": identity, "rows": rows}, indent=2) + "\n")
-    retired = out.parent / f".{out.name}.old"
-    shutil.rmtree(retired, ignore_errors=True)
-    if out.exists():
-        out.rename(retired)
-    staging.rename(out)  # readers see the old shards or the new ones, never a mix
-    shutil.rmtree(retired, ignore_errors=True)
-    return out
+    return rows
