@@ -96,17 +96,14 @@ def _template(online: str) -> str:
     return "feature_store.yaml" if online == "sqlite" else "feature_store.redis.yaml"
 
 
-def require_spark() -> None:
-    """One line, not a Py4J traceback, when Spark cannot start: no pyspark, or no Java."""
+def require_spark(java: bool = True) -> None:
+    """One line, not a Py4J traceback, when Spark cannot start: no pyspark, or (`java`) no Java.
+    Feast cannot even read a Spark store's configuration without pyspark; an online lookup
+    needs no Java."""
     try:
         import pyspark  # noqa: F401
     except ImportError:
         raise UserError("the Spark offline store needs pyspark: pip install 'nlpctr[spark]'") from None
-    java_home = os.environ.get("JAVA_HOME")
-    if not (java_home and Path(java_home, "bin", "java").is_file()) and shutil.which("java") is None:
-        raise UserError(
-            "the Spark offline store needs a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
-        )
     # PySpark starts its Python workers with `python3` from PATH unless told: use this one, which
     # has Feast (a cluster's workers need their own, set in the cluster's environment).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -116,6 +113,13 @@ def require_spark() -> None:
     import feast.infra.offline_stores.contrib.spark_offline_store.spark  # noqa: F401
 
     warnings.filterwarnings("ignore", r"The spark .* is an experimental feature", RuntimeWarning)
+    if not java:
+        return
+    java_home = os.environ.get("JAVA_HOME")
+    if not (java_home and Path(java_home, "bin", "java").is_file()) and shutil.which("java") is None:
+        raise UserError(
+            "the Spark offline store needs a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
+        )
 
 
 def offline_config(offline: str, spark_master: str | None = None) -> dict[str, Any]:

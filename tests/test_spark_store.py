@@ -54,7 +54,9 @@ def empty_online_store(data: Path) -> None:
             con.execute(f"delete from {table}")
 
 
-def test_spark_store_gives_the_default_stores_frames_and_online_values(tmp_path: Path) -> None:
+def test_spark_store_gives_the_default_stores_frames_and_online_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert MISSING is None, MISSING
     data = make_dataset(tmp_path / "ds", rows=300)
     write_ctr_history(data)
@@ -108,6 +110,15 @@ def test_spark_store_gives_the_default_stores_frames_and_online_values(tmp_path:
     assert not any(online_rows(data).values())
     assert "into sqlite" in store.materialize(data)["summary"]
     assert online_rows(data) == served  # byte for byte: keys, values, event times
+
+    # Serving from a store applied for Spark needs no Java: Spark only runs the offline side.
+    with monkeypatch.context() as no_java:
+        no_java.delenv("JAVA_HOME", raising=False)
+        no_java.setattr(shutil, "which", lambda name, *a, **k: None)
+        first = str(expected.impression_id[0])
+        argv = ["get", "--data", str(data), "--service", "cascade_frozen", "--impression", first, "--json"]
+        looked_up = feature_store_cli.run(argv)
+        assert looked_up["rows"] == 1 and looked_up["features"]
 
     # A trainer's reapply keeps the Spark side; and a store applied for Spark says how to leave it.
     assert store.reapply(data)["offline_store"] == "spark"

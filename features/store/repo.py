@@ -167,8 +167,7 @@ def open_store(data_dir: Path, offline: str | None = None) -> FeatureStore:
     config = yaml.safe_load(path.read_text())
     applied, _ = offline_store_of(config)
     if applied == "spark":
-        with contextlib.suppress(UserError):  # an online lookup needs no Spark: checked at use
-            require_spark()
+        require_spark(java=False)  # Java is checked where Spark starts (`spark_errors`)
     if offline is None or offline == applied:
         return FeatureStore(repo_path=str(repo_dir(data_dir)))
     if "spark" in (offline, applied):
