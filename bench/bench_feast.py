@@ -44,7 +44,7 @@ from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-from nlpctr.features import render, store
+from nlpctr.features import store, store_config
 from nlpctr.features.job_outputs import Layout, parquet_files
 from nlpctr.features.local_redis import LocalRedisServer
 from nlpctr.features.names import embedding_view_name
@@ -202,7 +202,7 @@ def handler_bench(data: Path, rows: int = 2000, batch_size: int = 1024) -> dict[
 
     online = store.OnlineFeatures(data, "cascade_frozen")
     table = pads.dataset(parquet_files(data / IMPRESSIONS)).to_table().slice(0, rows)
-    config = render.config_path(data)
+    config = store_config.config_path(data)
     handler = score_batch.per_element_handler(config, "cascade_frozen", online.keys)
     requests = [beam.Row(**{k: r[k] for k in online.keys}) for r in table.select(online.keys).to_pylist()]
     with handler:

@@ -1,12 +1,9 @@
-"""Render a dataset's Feast repository, `DIR/feature_repo/`: configuration and definitions.
+"""Render a dataset's Feast definitions, `DIR/feature_repo/repo_definitions.py`.
 
-`nlpctr features apply --data DIR` writes two files there, both rendered here:
-
-- `feature_store.yaml`: configuration only (this folder's `feature_store.yaml`, or
-  `feature_store.redis.yaml`, with the dataset's project name and ABSOLUTE paths: Beam's Feast
-  enrichment handler copies the file to a temporary folder, where relative paths point nowhere);
-- `repo_definitions.py` (`render_module`): every entity, source, feature view and feature service
-  as a plain declaration, the style of Feast's own templates (`feast init`):
+`nlpctr features apply --data DIR` writes two files there: `feature_store.yaml`, the
+configuration (`store_config`), and `repo_definitions.py` (`render_module`), every entity,
+source, feature view and feature service as a plain declaration, the style of Feast's own
+templates (`feast init`):
 
       ad = Entity(name="ad", join_keys=["ad_id"], ...)
       ctr_ad_id_source = FileSource(name="ctr_ad_id_source", path=str(DATA_DIR / "ctr_history" / "ad_id"))
@@ -23,21 +20,14 @@ when the module runs, yet the file names no machine-specific path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import keyword
-import os
 import re
-import shutil
-import sys
-import warnings
 from collections.abc import Iterable
 from datetime import timedelta
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from feast import Entity, FeatureService, FeatureView, Field, FileSource
 from feast import types as feast_types
 from feast.data_format import ParquetFormat
@@ -45,146 +35,9 @@ from feast.data_source import DataSource
 from feast.types import Array, FeastType, PrimitiveFeastType
 from google.protobuf.message import Message
 
-from nlpctr.errors import UserError
 from nlpctr.features.definitions import Definitions
-from nlpctr.features.job_outputs import Layout
-from nlpctr.layout import FEATURE_REPO
 
-CONFIG_FILE = "feature_store.yaml"
 REPO_MODULE = "repo_definitions.py"
-ONLINE_STORES = ("sqlite", "redis")
-# Feast offline stores a dataset's retrievals (and, for Spark, its materialisation) can run on:
-# its DuckDB store (the default), its Spark store with the Spark compute engine (the scale-out
-# path, infra/SPARK.md), and its file store (pandas/Dask; a reference the tests compare against).
-OFFLINE_STORES = ("duckdb", "spark", "file")
-SPARK_TEMPLATE = "feature_store.spark.yaml"
-LOCAL_SPARK = "local[*]"
-DEFAULT_REDIS_URL = "localhost:6379"
-# A Redis that accepts the connection and then stops answering must fail a call, not hang it:
-# Feast passes these connection-string parameters to redis-py (seconds).
-REDIS_TIMEOUTS = {"socket_connect_timeout": 3, "socket_timeout": 5}
-
-
-def with_redis_timeouts(url: str) -> str:
-    """`url` with the socket timeouts it does not already set."""
-    given = {part.split("=", 1)[0] for part in url.split(",")[1:] if "=" in part}
-    return ",".join([url, *(f"{k}={v}" for k, v in REDIS_TIMEOUTS.items() if k not in given)])
-
-
-# ------------------------------------------------------------------------------- configuration
-
-
-def repo_dir(data_dir: Path) -> Path:
-    """Where `apply` renders the dataset's Feast repository."""
-    return Path(data_dir).resolve() / FEATURE_REPO
-
-
-def config_path(data_dir: Path) -> Path:
-    """The rendered feature_store.yaml (absolute paths; give this to Beam's Feast handler)."""
-    return repo_dir(data_dir) / CONFIG_FILE
-
-
-def project_name(layout: Layout) -> str:
-    """Feast project of a dataset folder: the dataset name plus a hash of the folder, so two
-    prepared copies never share Redis keys."""
-    stem = re.sub(r"[^a-z0-9_]", "_", layout.dataset.lower()).strip("_") or "dataset"
-    digest = hashlib.sha1(str(layout.data_dir).encode()).hexdigest()[:8]
-    return f"nlpctr_{stem}_{digest}"
-
-
-def _template(online: str) -> str:
-    return "feature_store.yaml" if online == "sqlite" else "feature_store.redis.yaml"
-
-
-def require_spark(java: bool = True) -> None:
-    """One line, not a Py4J traceback, when Spark cannot start: no pyspark, or (`java`) no Java.
-    Feast cannot even read a Spark store's configuration without pyspark; an online lookup
-    needs no Java."""
-    try:
-        import pyspark  # noqa: F401
-    except ImportError:
-        raise UserError("the Spark offline store needs pyspark: pip install 'nlpctr[spark]'") from None
-    # PySpark starts its Python workers with `python3` from PATH unless told: use this one, which
-    # has Feast (a cluster's workers need their own, set in the cluster's environment).
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    # Feast's Spark modules warn at every use that they are "experimental" (said once, in
-    # infra/SPARK.md), and their import puts a filter showing RuntimeWarnings first: import them,
-    # then put ours before it.
-    import feast.infra.offline_stores.contrib.spark_offline_store.spark  # noqa: F401
-
-    warnings.filterwarnings("ignore", r"The spark .* is an experimental feature", RuntimeWarning)
-    if not java:
-        return
-    java_home = os.environ.get("JAVA_HOME")
-    if not (java_home and Path(java_home, "bin", "java").is_file()) and shutil.which("java") is None:
-        raise UserError(
-            "the Spark offline store needs a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
-        )
-
-
-def offline_config(offline: str, spark_master: str | None = None) -> dict[str, Any]:
-    """The `offline_store` (and, for Spark, `batch_engine`) sections of feature_store.yaml for
-    `offline`, one of OFFLINE_STORES; `spark_master` is the Spark cluster's master URL (None:
-    `local[*]`, Spark in this process's JVM)."""
-    if offline not in OFFLINE_STORES:
-        raise UserError(f"the offline store must be one of {', '.join(OFFLINE_STORES)}, got {offline!r}")
-    if spark_master is not None and offline != "spark":
-        raise UserError("--spark-master goes with --offline spark")
-    if offline != "spark":
-        return {"offline_store": {"type": offline}}
-    master = spark_master or LOCAL_SPARK
-    if not re.match(r"^(local(\[(\*|\d+)\])?|(spark|k8s|yarn)(://\S+)?)$", master):
-        raise UserError(f"--spark-master must be a Spark master URL (spark://HOST:PORT, ...), got {master!r}")
-    sections = yaml.safe_load(resources.files("nlpctr.features").joinpath(SPARK_TEMPLATE).read_text())
-    conf = {**sections.pop("spark_conf"), "spark.master": master}
-    if master.startswith("local"):
-        # The driver's ports serve only this process: bind them to loopback, not every interface.
-        conf.update({"spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1"})
-    for section in sections.values():
-        section["spark_conf"] = conf
-    return sections
-
-
-def offline_store_of(config: dict[str, Any]) -> tuple[str, str | None]:
-    """(offline store, Spark master or None) of a rendered feature_store.yaml."""
-    offline = config.get("offline_store", {}).get("type", "duckdb")
-    master = config["offline_store"].get("spark_conf", {}).get("spark.master") if offline == "spark" else None
-    return offline, None if master == LOCAL_SPARK else master
-
-
-def render_config(
-    layout: Layout,
-    online: str = "sqlite",
-    redis_url: str | None = None,
-    offline: str = "duckdb",
-    spark_master: str | None = None,
-) -> dict[str, Any]:
-    """The embedded default (or Redis variant) config with absolute paths for this dataset,
-    its offline side from `offline_config`."""
-    if online not in ONLINE_STORES:
-        raise UserError(f"--online must be one of {', '.join(ONLINE_STORES)}, got {online!r}")
-    config = yaml.safe_load(resources.files("nlpctr.features").joinpath(_template(online)).read_text())
-    data = repo_dir(layout.data_dir) / "data"
-    config["project"] = project_name(layout)
-    config["registry"]["path"] = str(data / "registry.db")
-    if online == "sqlite":
-        config["online_store"]["path"] = str(data / "online_store.db")
-    else:
-        url = redis_url or DEFAULT_REDIS_URL
-        if not re.match(r"^[^:,\s]+:\d+(,.*)?$", url):
-            raise UserError(f"--redis-url must be HOST:PORT (e.g. 127.0.0.1:6379), got {url!r}")
-        config["online_store"]["connection_string"] = with_redis_timeouts(url)
-    sections = offline_config(offline, spark_master)
-    config["offline_store"] = sections.pop("offline_store")  # in the template's place
-    return {**config, **sections}
-
-
-def config_text(config: dict[str, Any], online: str = "sqlite") -> str:
-    """feature_store.yaml as apply writes it (`config` from `render_config(..., online)`)."""
-    return (
-        f"# Rendered by `nlpctr features apply` from nlpctr/features/{_template(online)}; "
-        "re-run apply rather than edit.\n" + yaml.safe_dump(config, sort_keys=False)
-    )
 
 
 # ------------------------------------------------------------------------------- module

@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.names import CASCADE_FROZEN
-from nlpctr.features.render import DEFAULT_REDIS_URL, OFFLINE_STORES, ONLINE_STORES
+from nlpctr.features.store_config import DEFAULT_REDIS_URL, OFFLINE_STORES, ONLINE_STORES
 from nlpctr.layout import IMPRESSIONS
 
 SUBCOMMANDS = ("apply", "materialize", "get")

@@ -44,8 +44,8 @@ from apache_beam.transforms.enrichment_handlers.feast_feature_store import Feast
 from feast import FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features import render
 from nlpctr.features import store as feature_store
+from nlpctr.features import store_config
 from nlpctr.features.job_outputs import parquet_files
 from nlpctr.features.names import CASCADE_FROZEN
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
@@ -343,7 +343,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     manifest = read_manifest(data_dir)
     schema = output_schema(manifest.get("context_columns", []), feature_store.service_fields(online.service))
-    config_path = render.config_path(data_dir)
+    config_path = store_config.config_path(data_dir)
     staging = staging_dir(out)
     started = time.perf_counter()
     try:

@@ -30,7 +30,7 @@ import yaml
 from test_features import write_ctr_history
 
 from nlpctr.errors import UserError
-from nlpctr.features import render, store
+from nlpctr.features import store, store_config
 from nlpctr.features.names import embedding_view_name
 from nlpctr.layout import EMBEDDINGS_MANIFEST, embeddings_dir
 from nlpctr.models.encoder import EncoderConfig
@@ -175,7 +175,7 @@ def test_embed_killed_mid_run_reruns_to_the_clean_output(
 
 def online_rows(data: Path) -> dict[tuple[str, bytes, str], tuple[bytes, Any]]:
     """Every row of the SQLite online store: (view, entity key, feature) -> (value, event time)."""
-    config = yaml.safe_load(render.config_path(data).read_text())
+    config = yaml.safe_load(store_config.config_path(data).read_text())
     project = config["project"]
     rows: dict[tuple[str, bytes, str], tuple[bytes, Any]] = {}
     with sqlite3.connect(config["online_store"]["path"]) as conn:
@@ -212,7 +212,7 @@ def test_materialize_killed_mid_run_reruns_to_one_row_per_key(
     expected = online_rows(clean)
 
     # Small online write batches: many commits, so the store is seen half-written.
-    config_file = render.config_path(data)
+    config_file = store_config.config_path(data)
     config = yaml.safe_load(config_file.read_text())
     config["materialization"]["online_write_batch_size"] = 25
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))

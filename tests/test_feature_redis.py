@@ -23,7 +23,7 @@ from redis.retry import Retry
 from test_features import SLUG, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
-from nlpctr.features import render, store
+from nlpctr.features import store, store_config
 from nlpctr.features.local_redis import LocalRedisServer
 from nlpctr.pipelines import cli, feature_store_cli, score_batch
 
@@ -204,7 +204,7 @@ def test_redis_lost_mid_materialize_rerun_gives_one_row_per_key(
 
     server = LocalRedisServer(tmp_path / "redis")
     store.apply(data, online="redis", redis_url=server.url)
-    config_file = render.config_path(data)
+    config_file = store_config.config_path(data)
     config = yaml.safe_load(config_file.read_text())
     config["materialization"]["online_write_batch_size"] = 8  # many writes: lose Redis between two
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -30,7 +30,7 @@ import pytest
 from feast import FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features import render, store
+from nlpctr.features import render, store, store_config
 from nlpctr.features.definitions import build_definitions
 from nlpctr.features.job_outputs import Layout
 from nlpctr.models.schema import impression_schema, text_id
@@ -184,7 +184,9 @@ def run_ctr_stats(data_dir: Path, prior_strength: float = 10.0) -> None:
 
 def sqlite_dump(data_dir: Path) -> list[tuple[Any, ...]]:
     """Every row of every online table, ordered."""
-    path = json.loads(json.dumps(render.render_config(Layout.discover(data_dir))))["online_store"]["path"]
+    path = json.loads(json.dumps(store_config.render_config(Layout.discover(data_dir))))["online_store"][
+        "path"
+    ]
     with sqlite3.connect(path) as conn:
         tables = [
             r[0] for r in conn.execute("select name from sqlite_master where type='table' order by name")
@@ -534,7 +536,7 @@ def test_ttl_is_an_offline_lookback_not_an_online_expiry(tmp_path: Path) -> None
     default = store.historical_features(data, late, "baseline")
     assert default["ctr_position__position_ctr"].notna().all()
 
-    fs = FeatureStore(repo_path=str(render.repo_dir(data)))
+    fs = FeatureStore(repo_path=str(store_config.repo_dir(data)))
     fs.apply(build_definitions(Layout.discover(data), ttl=timedelta(days=30)).objects())
     assert fs.get_feature_view("ctr_position").ttl == timedelta(days=30)
     store.materialize(data)

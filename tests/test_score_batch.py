@@ -17,7 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from test_features import SLUG, impressions, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
-from nlpctr.features import render, store
+from nlpctr.features import store, store_config
 from nlpctr.layout import read_manifest
 from nlpctr.models.schema import impression_schema
 from nlpctr.pipelines import score_batch
@@ -148,8 +148,8 @@ def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, 
             for name, value in want.items():
                 assert (value is None and row[name] is None) or np.allclose(row[name], value), name
 
-    lookup = store.OnlineFeatureLookup(render.config_path(data), "cascade_frozen")
-    handler = score_batch.per_element_handler(render.config_path(data), "cascade_frozen", online.keys)
+    lookup = store.OnlineFeatureLookup(store_config.config_path(data), "cascade_frozen")
+    handler = score_batch.per_element_handler(store_config.config_path(data), "cascade_frozen", online.keys)
     source_schema = impression_schema(read_manifest(data).get("context_columns", []))
     schema = pa.schema([*source_schema, *store.service_fields(online.service)])
     table = pa.Table.from_pylist(rows, schema=source_schema)
@@ -177,7 +177,7 @@ def test_online_feature_lookup_looks_each_distinct_key_up_once(
     online = store.OnlineFeatures(data, "cascade_frozen")
     rows = impressions(data).head(6).to_dict("records")
     batch = pa.Table.from_pylist([*rows, *rows, rows[0]])  # 13 rows, 6 distinct
-    lookup = store.OnlineFeatureLookup(render.config_path(data), "cascade_frozen")
+    lookup = store.OnlineFeatureLookup(store_config.config_path(data), "cascade_frozen")
     lookup.open()
     assert lookup.store is not None
     sent: list[int] = []

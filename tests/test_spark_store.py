@@ -20,13 +20,13 @@ from test_features import BASE, make_dataset, write_ctr_history, write_embedding
 from test_streaming import assert_same_frames
 
 from nlpctr.errors import UserError
-from nlpctr.features import render, store
+from nlpctr.features import render, store, store_config
 from nlpctr.pipelines import feature_store_cli
 
 
 def spark_missing() -> str | None:
     try:
-        render.require_spark()
+        store_config.require_spark()
     except UserError as error:
         return str(error)
     return None
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(
 
 def online_rows(data: Path) -> dict[str, list[tuple]]:
     """Every row of the SQLite online store, by table."""
-    with sqlite3.connect(render.repo_dir(data) / "data" / "online_store.db") as con:
+    with sqlite3.connect(store_config.repo_dir(data) / "data" / "online_store.db") as con:
         tables = [t for (t,) in con.execute("select name from sqlite_master where type='table'")]
         return {
             t: sorted(con.execute(f"select entity_key, feature_name, value, event_ts from {t}").fetchall())
@@ -49,7 +49,7 @@ def online_rows(data: Path) -> dict[str, list[tuple]]:
 
 
 def empty_online_store(data: Path) -> None:
-    with sqlite3.connect(render.repo_dir(data) / "data" / "online_store.db") as con:
+    with sqlite3.connect(store_config.repo_dir(data) / "data" / "online_store.db") as con:
         for table in online_rows(data):
             con.execute(f"delete from {table}")
 
@@ -83,7 +83,7 @@ def test_spark_store_gives_the_default_stores_frames_and_online_values(
     summary = feature_store_cli.run(["apply", "--data", str(data), "--offline", "spark", "--spark-master",
                                      "local[2]"])["summary"]  # fmt: skip
     assert "offline store spark on local[2]" in summary
-    assert "SparkSource(" in (render.repo_dir(data) / render.REPO_MODULE).read_text()
+    assert "SparkSource(" in (store_config.repo_dir(data) / render.REPO_MODULE).read_text()
     frame = store.training_frame(data, "cascade_frozen")
     assert frame.impression_id.tolist() == expected.impression_id.tolist()
     assert_same_frames(frame, expected)
@@ -134,8 +134,8 @@ def test_spark_flags_are_checked_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--spark-master goes with --offline spark"):
         feature_store_cli.run(["apply", "--data", str(data), "--spark-master", "local[2]"])
     with pytest.raises(UserError, match="must be a Spark master URL"):
-        render.offline_config("spark", "http://example:7077")
-    assert not render.repo_dir(data).exists()
+        store_config.offline_config("spark", "http://example:7077")
+    assert not store_config.repo_dir(data).exists()
 
 
 def test_spark_without_java_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -143,4 +143,4 @@ def test_spark_without_java_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     with pytest.raises(UserError, match="needs a Java 17\\+ runtime"):
-        render.require_spark()
+        store_config.require_spark()

@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pytest
 from test_features import make_dataset, write_ctr_history, write_embeddings
 
-from nlpctr.features import render, store
+from nlpctr.features import store, store_config
 from nlpctr.features.local_redis import LocalRedisServer
 
 
@@ -54,7 +54,7 @@ def test_registry_write_failing_midway_leaves_the_previous_registry(
     data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.apply(data)
-    registry = render.repo_dir(data) / "data" / "registry.db"
+    registry = store_config.repo_dir(data) / "data" / "registry.db"
     before = registry.read_bytes()
     views_before = sorted(v.name for v in store.open_store(data).list_feature_views())
     write_embeddings(data, seed=11)  # the next apply registers new views

@@ -19,7 +19,7 @@ from feast import FeatureStore
 from test_features import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
 from test_trainer import COLUMNS, baseline, synthetic_frame
 
-from nlpctr.features import render, store
+from nlpctr.features import store, store_config
 from nlpctr.features.definitions import build_definitions
 from nlpctr.features.job_outputs import Layout
 from nlpctr.models import metrics
@@ -111,7 +111,7 @@ def test_duckdb_join_keeps_feast_snapshot_and_ttl_semantics(tmp_path: Path) -> N
     assert_same_frames(store.write_training_shards(data, "baseline"), frame)
     assert_same_frames(store.training_frame(data, "baseline", offline="duckdb"), frame)
 
-    fs = FeatureStore(repo_path=str(render.repo_dir(data)))
+    fs = FeatureStore(repo_path=str(store_config.repo_dir(data)))
     fs.apply(build_definitions(Layout.discover(data), ttl=timedelta(days=20)).objects())
     frame = store.training_frame(data, "baseline", offline="file")
     assert frame["ctr_position__position_ctr"].isna().any()

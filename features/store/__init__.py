@@ -25,7 +25,6 @@ This module is the package's interface: callers use `store.<name>`.
 
 import warnings
 
-from nlpctr.features.render import OFFLINE_STORES
 from nlpctr.features.store.connection import online_store_errors, ping_redis, probe_online_store
 from nlpctr.features.store.materialization import materialize
 from nlpctr.features.store.offline import historical_features, training_frame
@@ -51,6 +50,7 @@ from nlpctr.features.store.shards import (
     training_shards_dir,
     write_training_shards,
 )
+from nlpctr.features.store_config import OFFLINE_STORES
 
 # ibis 12.0 (Feast's DuckDB offline store) calls DuckDB 1.5's deprecated `fetch_arrow_table`;
 # harmless under the pinned versions, and printed once per view read, to every user. (After the

@@ -11,8 +11,8 @@ from typing import Any
 from feast import FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features.render import REDIS_TIMEOUTS
 from nlpctr.features.store.state import fix_command
+from nlpctr.features.store_config import REDIS_TIMEOUTS
 
 
 def first_node(connection_string: str) -> str:

@@ -21,22 +21,19 @@ from nlpctr.features.definitions import build_definitions
 from nlpctr.features.job_outputs import Layout
 from nlpctr.features.names import embedding_view_name
 from nlpctr.features.registry_store import write_atomically
-from nlpctr.features.render import (
+from nlpctr.features.render import REPO_MODULE, check_module, read_encoder, render_module
+from nlpctr.features.store.connection import online_store_errors, ping_redis
+from nlpctr.features.store.state import fix_command, read_state, write_state
+from nlpctr.features.store_config import (
     CONFIG_FILE,
-    REPO_MODULE,
-    check_module,
     config_path,
     config_text,
     offline_config,
     offline_store_of,
-    read_encoder,
     render_config,
-    render_module,
     repo_dir,
     require_spark,
 )
-from nlpctr.features.store.connection import online_store_errors, ping_redis
-from nlpctr.features.store.state import fix_command, read_state, write_state
 
 
 def _kind(obj: Any) -> str:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nlpctr.features.render import repo_dir
+from nlpctr.features.store_config import repo_dir
 
 STATE_FILE = "nlpctr_state.json"
 
