@@ -37,6 +37,7 @@ import pyarrow as pa
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.data_format import ParquetFormat
 from feast.data_source import DataSource
+from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 from feast.types import Array, Bool, FeastType, Float32, Float64, Int32, Int64, String
 
 from nlpctr.errors import UserError
@@ -137,8 +138,6 @@ def parquet_source(name: str, path: Path, description: str, offline: str = "duck
     """A batch job's parquet folder as a Feast source: a FileSource, which Feast's DuckDB and file
     stores read, or for `offline="spark"` a SparkSource, the only kind its Spark store reads."""
     if offline == "spark":
-        from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
-
         return SparkSource(
             name=name,
             path=str(path),

@@ -32,6 +32,9 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource
 from feast import types as feast_types
 from feast.data_format import ParquetFormat
 from feast.data_source import DataSource
+
+# Feast's Spark source imports no pyspark: the module renders and reads Spark repos without it.
+from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 from feast.types import Array, FeastType, PrimitiveFeastType
 from google.protobuf.message import Message
 
@@ -64,7 +67,6 @@ _RESERVED = {
     "ParquetFormat",
     "SparkSource",
 }
-SPARK_SOURCE_MODULE = "feast.infra.offline_stores.contrib.spark_offline_store.spark_source"
 
 
 def read_encoder(text: str) -> str | None:
@@ -202,7 +204,7 @@ def _source(source: DataSource, target: str, data_dir: Path) -> str:
     """A FileSource (parquet) or a SparkSource (a parquet path): what `parquet_source` builds."""
     if source.field_mapping or source.created_timestamp_column or source.date_partition_column:
         raise ValueError(f"cannot render source {source.name}: field mapping or extra timestamp columns")
-    spark = type(source).__name__ == "SparkSource"
+    spark = isinstance(source, SparkSource)
     if not (spark or isinstance(source, FileSource)) or (spark and (source.table or source.query)):
         raise ValueError(f"cannot render source {source.name}: only parquet paths are rendered")
     parquet = source.file_format == "parquet" if spark else isinstance(source.file_format, ParquetFormat)
@@ -311,7 +313,7 @@ def render_module(definitions: Definitions, data_dir: Path, dataset: str) -> str
     if any(isinstance(s, FileSource) and s.file_format is not None for s in definitions.sources.values()):
         types_import = "from feast.data_format import ParquetFormat\n" + types_import
     if "SparkSource" in source_kinds:
-        types_import = f"from {SPARK_SOURCE_MODULE} import SparkSource\n" + types_import
+        types_import = f"from {SparkSource.__module__} import SparkSource\n" + types_import
     encoder = _str(definitions.default_encoder) if definitions.default_encoder else "None"
     header = f'''"""Feast definitions of the prepared dataset {dataset!r} in the folder above this one.
 
@@ -346,7 +348,7 @@ def _objects(namespace: dict[str, Any]) -> dict[tuple[str, str], Any]:
     kinds: dict[type, str] = {
         Entity: "entity",
         FileSource: "source",
-        **{type(v): "source" for v in namespace.values() if type(v).__name__ == "SparkSource"},
+        SparkSource: "source",
         FeatureView: "view",
         FeatureService: "service",
     }
