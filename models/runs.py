@@ -92,9 +92,10 @@ def build_model(
     return CtrModel(pre.shape, net_config(config), fusion=fusion, text_dim=text_dim)
 
 
-def build_scorer(config: Mapping[str, Any], text_dim: int) -> TextScorer:
+def build_scorer(config: Mapping[str, Any], text_dim: int, base_rate: float | None = None) -> TextScorer:
+    """E2's click head on the LM's pooled vector, its output bias at `base_rate`'s log-odds."""
     torch.manual_seed(int(config["lm_loop"]["seed"]))
-    return TextScorer(text_dim, hidden=int(config["lm_head_hidden"]))
+    return TextScorer(text_dim, hidden=int(config["lm_head_hidden"]), base_rate=base_rate)
 
 
 @dataclass

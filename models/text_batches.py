@@ -28,6 +28,7 @@ from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import ENCODE_CHUNK, TextEncoder
 
 INFERENCE_CHUNK = 64  # texts encoded together at inference, sorted by length
+TRAIN_CHUNK = 128  # texts encoded together in a training step, sorted by length
 CACHED_TEXTS = 300_000  # texts whose vectors inference keeps (<= 460 MB at 384-d)
 PAIR_READINGS = ("cross", "separate")
 
@@ -131,10 +132,10 @@ class TextBatcher:
             self.lm.train(was_training)
 
     def encode_tokens(self, token_ids: Sequence[list[int]]) -> torch.Tensor:
-        """The LM's vectors of tokenised texts: one padded batch when training; at inference, the
-        cached ones looked up and the rest encoded in chunks of similar length (little padding)."""
+        """The LM's vectors of tokenised texts, encoded in chunks of similar length (little
+        padding); at inference the cached ones are looked up and only the rest encoded."""
         if torch.is_grad_enabled() or self.lm.training:
-            return self.lm(**self.lm.pad(token_ids))
+            return self._encode_sorted(token_ids, TRAIN_CHUNK)
         # The LM's own count (loads, trainable forwards) and the parameters' version counters
         # (any other in-place update) say whether the cached vectors come from these weights.
         weights = (self.lm.weights_version, *(p._version for p in self.lm.parameters()))
@@ -151,14 +152,19 @@ class TextBatcher:
             return torch.empty((0, self.lm.dim))
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys])
 
-    def _encode_sorted(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Vectors of texts at inference, encoded INFERENCE_CHUNK at a time in order of length."""
+    def _encode_sorted(self, token_ids: Sequence[Sequence[int]], chunk: int = INFERENCE_CHUNK) -> torch.Tensor:
+        """Vectors of texts, encoded `chunk` at a time in order of length (differentiable when
+        the LM trains: the chunks' vectors are put back in input order by one index)."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-        out = torch.empty((len(token_ids), self.lm.dim))
-        for start in range(0, len(order), INFERENCE_CHUNK):
-            rows = order[start : start + INFERENCE_CHUNK]
-            out[rows] = self.lm(**self.lm.pad([token_ids[i] for i in rows]))
-        return out
+        parts = [
+            self.lm(**self.lm.pad([token_ids[i] for i in order[start : start + chunk]]))
+            for start in range(0, len(order), chunk)
+        ]
+        if not parts:
+            return torch.empty((0, self.lm.dim))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.as_tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return torch.cat(parts)[inverse]
 
     def _combine(self, unit_vectors: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
         """Pair vectors from their units' vectors (`parts` index rows of `unit_vectors`)."""

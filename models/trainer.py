@@ -45,6 +45,8 @@ from nlpctr.models.text_batches import TextBatcher
 LAST = "last.pt"
 BEST = "best.pt"
 
+DECAYS = ("none", "linear", "cosine")
+
 # (text_index, text_vector) of a batch's rows -> a scalar added to the click loss.
 AuxiliaryLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,6 +68,8 @@ class LoopConfig:
     eval_every_steps: int | None = None  # also validate every K steps; None or 0: at epoch ends only
     eval_at_start: bool = False  # also validate the starting weights (step 0)
     fused_optimizer: bool = False  # AdamW's fused kernel: no per-step temporaries (same math, other rounding)
+    warmup_steps: int = 0  # learning rates rise linearly from 0 over these optimizer steps
+    decay: str = "none"  # after warmup: "none" (constant), "linear" or "cosine" to 0 at the planned last step
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "patience": self.patience}
@@ -88,6 +92,10 @@ class LoopConfig:
                 or value < 0
             ):
                 raise UserError(f"{name} must be a number >= 0, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise UserError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.decay not in DECAYS:
+            raise UserError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if self.early_stop not in ("logloss", "auc"):
             raise UserError(f"early_stop must be logloss or auc, got {self.early_stop!r}")
 
@@ -98,11 +106,18 @@ class LoopConfig:
 
 
 class TextScorer(nn.Module):
-    """The E2 LM head: a logit from the pooled text vector alone."""
+    """The E2 LM head: a logit from the pooled text vector alone. With `base_rate`, its output
+    bias starts at that click rate's log-odds, so training starts from the base rate instead of
+    spending its first steps learning it from p = 0.5."""
 
-    def __init__(self, text_dim: int, hidden: int = 64) -> None:
+    def __init__(self, text_dim: int, hidden: int = 64, base_rate: float | None = None) -> None:
         super().__init__()
         self.head = nn.Sequential(nn.Linear(text_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        if base_rate is not None:
+            if not 0.0 < base_rate < 1.0:
+                raise ValueError(f"base_rate must be in (0, 1), got {base_rate}")
+            with torch.no_grad():
+                self.head[-1].bias.fill_(math.log(base_rate / (1.0 - base_rate)))
 
     def forward(self, text_vector: torch.Tensor) -> torch.Tensor:
         return self.head(text_vector).squeeze(-1)
@@ -235,6 +250,16 @@ def default_param_groups(model: nn.Module, texts: TextBatcher | None, config: Lo
     return groups
 
 
+def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
+    """The learning rate's multiplier before optimizer step `step` (0-based) of `total` planned."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "none" or total <= warmup:
+        return 1.0
+    done = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 1.0 - done if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     staging = path.with_name(f".{path.name}.tmp")
     torch.save(obj, staging)
@@ -282,6 +307,10 @@ def fit(
     n_batches = math.ceil(train_rows / config.batch_size)
     if config.max_batches_per_epoch:
         n_batches = min(n_batches, config.max_batches_per_epoch)
+    planned = n_batches * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.decay, planned)
+    )
 
     def set_train_mode() -> None:
         if train_mode is not None:
@@ -299,6 +328,8 @@ def fit(
         state = torch.load(last, weights_only=True)
         _load_weights(model, texts, state)
         optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         history = json.loads(state["history"])
         best, stale = int(state.get("best", state.get("best_epoch", -1))), int(state["stale"])
@@ -326,6 +357,7 @@ def fit(
             _save_atomic(weights, checkpoint_dir / BEST)
         resume = {
             "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(),
             "epoch_generator": epoch_generator,
             "torch_rng": torch.get_rng_state(),
@@ -397,6 +429,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             step += 1
             seen += len(batch.impressions)
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()

@@ -144,7 +144,7 @@ def fit_lm_alone(
 ) -> tuple[TextScorer, FitResult]:
     """E2 step 1: the LM and its head fine-tuned on clicks alone (stopped at peak validation AUC),
     every epoch checkpointed under `run_dir/checkpoints/lm`; in memory or on a stream alike."""
-    scorer = build_scorer(inputs.config, texts.dim)
+    scorer = build_scorer(inputs.config, texts.dim, inputs.fill_ctr)
     loop = loop_config(inputs.config, "lm_loop")
     result = fit(scorer, data, loop, run_dir / CHECKPOINTS / "lm", texts=texts, progress=inputs.progress)
     return scorer, result
