@@ -2,7 +2,7 @@
 command-line overrides merged into one dict, and the typed configs read from it.
 
 The YAML is the configuration; the dataclasses it feeds (`LoopConfig`, `EncoderConfig`,
-`JointConfig`) keep defaults equal to it for callers that build them directly (distillation, tests),
+`RecipeConfig`) keep defaults equal to it for callers that build them directly (distillation, tests),
 and `tests/test_joint.py::test_defaults_live_in_one_place` keeps the two from drifting.
 """
 
@@ -18,7 +18,7 @@ import yaml
 from nlpctr.errors import UserError
 from nlpctr.models.ctr_net import NetConfig
 from nlpctr.models.encoder import EncoderConfig
-from nlpctr.models.joint import JointConfig
+from nlpctr.models.recipe import RecipeConfig
 from nlpctr.models.trainer import LoopConfig
 
 MODES = ("baseline", "cascade-frozen", "cascade-finetuned", "joint")
@@ -53,9 +53,11 @@ def load_config(
         config = deep_merge(config, {k: v for k, v in layer.items() if k != "modes"})
         config = deep_merge(config, per_mode.get(mode) or {})
     config = deep_merge(config, overrides or {})
+    if config.get("cascade_form") not in ("score", "vector"):
+        raise UserError(f"cascade_form must be score or vector, got {config.get('cascade_form')!r}")
     try:  # fail on a misspelt key now, not after an hour of training
         net_config(config), loop_config(config, "loop"), loop_config(config, "lm_loop")
-        encoder_config(config), joint_config(config)
+        encoder_config(config), recipe_config(config)
     except TypeError as exc:
         raise UserError(f"bad training config: {exc}") from None
     return config
@@ -74,5 +76,5 @@ def encoder_config(config: Mapping[str, Any]) -> EncoderConfig:
     return EncoderConfig(**config["encoder"])
 
 
-def joint_config(config: Mapping[str, Any]) -> JointConfig:
-    return JointConfig.from_dict(config.get("joint"))
+def recipe_config(config: Mapping[str, Any]) -> RecipeConfig:
+    return RecipeConfig.from_dict(config.get("recipe"))

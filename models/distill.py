@@ -37,7 +37,7 @@ from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.text_batches import TextBatcher, has_query
-from nlpctr.models.trainer import FitResult, LoopConfig, fit
+from nlpctr.models.trainer import FitResult, LoopConfig, fit, lr_factor
 
 FEATURE_KD_WEIGHTS = "student.pt"
 FEATURE_KD_HISTORY = "history.json"
@@ -195,6 +195,10 @@ def fit_feature_kd(
     n_batches = math.ceil(len(train) / config.batch_size)
     if config.max_batches_per_epoch:
         n_batches = min(n_batches, config.max_batches_per_epoch)
+    planned = n_batches * config.epochs  # the same schedule as `fit`'s (warmup, then decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.decay, planned)
+    )
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     weights = checkpoint_dir / FEATURE_KD_WEIGHTS
@@ -214,6 +218,7 @@ def fit_feature_kd(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         entry = {
             "epoch": epoch,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlpctr.errors import UserError
 from nlpctr.models import ceilings, distill, metrics, redundancy
-from nlpctr.models.config import load_config
+from nlpctr.models.config import load_config, loop_config, recipe_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.evaluation import metric_report, paired_delta
-from nlpctr.models.nlp_features import NlpFeature
-from nlpctr.models.runs import PREDICTIONS_FILE, TrainedRun
+from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature
+from nlpctr.models.recipe import fit_recipe, plan
+from nlpctr.models.runs import PREDICTIONS_FILE, TrainedRun, build_model
+from nlpctr.models.text_batches import FixedVectors
 from nlpctr.models.trainer import labels_of, predict
 from nlpctr.models.training import FitInputs, fit_ctr
 
@@ -53,8 +56,9 @@ class FeatureJudge:
     e0_inputs: list[np.ndarray]  # E0's design matrix on (train, test) rows
     e0_repr: list[np.ndarray]  # E0's last hidden layer on (train, test) rows
     ceiling: ceilings.Ceiling | None = None  # `measure_ceiling`
-    increments: dict[str, np.ndarray] = field(default_factory=dict)
-    valid_gain: dict[str, float] = field(default_factory=dict)
+    increments: dict[str, np.ndarray] = field(default_factory=dict)  # `<feature>/<form>` -> test p
+    valid_gain: dict[str, float] = field(default_factory=dict)  # `<feature>/<form>` -> valid ΔAUC
+    dims: dict[str, int] = field(default_factory=dict)  # `<feature>/<form>` -> the width E0 receives
 
     @classmethod
     def load(
@@ -116,6 +120,27 @@ class FeatureJudge:
         """A run's saved test predictions, on the shared frame's test rows."""
         return saved_predictions(self.runs_dir / run, self.data, self.test_rows)
 
+    def valid_logloss_delta(self, run: str, control: str) -> dict[str, Any]:
+        """Validation log loss of run `run` minus its control's (negative: the run is better), with a
+        paired group-bootstrap CI: what says whether a learned stage beats its simpler control,
+        judged on the split that selects (the test split only judges the features)."""
+        run_p, control_p = (
+            saved_predictions(self.runs_dir / r, self.data, self.valid_rows) for r in (run, control)
+        )
+        delta = paired_delta(self.valid_labels, run_p, control_p, self.train_ctr, self.evaluation)
+        scale = -metrics.entropy(self.train_ctr)  # log loss = (1 - RIG) * entropy of the train CTR
+        low, high = sorted(scale * v for v in delta["delta_rig_ci"])
+        return {
+            "run": run,
+            "control": control,
+            "run_valid_logloss": metrics.logloss(self.valid_labels, run_p),
+            "control_valid_logloss": metrics.logloss(self.valid_labels, control_p),
+            "delta_valid_logloss": scale * delta["delta_rig"],
+            "delta_valid_logloss_ci": [low, high],
+            "delta_valid_auc": delta["delta_auc"],
+            "delta_valid_auc_ci": delta["delta_auc_ci"],
+        }
+
     def e0_report(self) -> dict[str, Any]:
         return metric_report(self.test_labels, self.e0_p, self.train_ctr, self.evaluation)
 
@@ -129,36 +154,72 @@ class FeatureJudge:
         entry["share_of_text_gain"] = self.share(p)
         return entry
 
-    def fit_increment(self, feature: NlpFeature) -> np.ndarray:
-        """Test predictions of E0 + the feature, trained like E0 (same config, seed and rows)."""
+    def judge(self, feature: NlpFeature) -> dict[str, dict[str, Any]]:
+        """The feature in both forms, each added to E0 and measured (`<name>/<form>` -> measures);
+        a feature without a click head of its own gets a probe's score first."""
+        if feature.score is None:
+            feature.score, feature.score_source = self.probe_scores(feature), "probe"
+        return {
+            feature.key(form): self.measure(feature, form, self.fit_increment(feature, form))
+            for form in FORMS
+        }
+
+    def probe_scores(self, feature: NlpFeature) -> np.ndarray:
+        """A click score per row from the feature's vectors: the score fusion on E0's frozen tower,
+        its head alone trained on the fixed vectors by the LM recipe's probe stage (the head the
+        probe-only control trains), so the score is what the vectors add to E0."""
+        config = load_config("joint", self.train_config_file, {"lm_loop": {"seed": self.seed}})
+        recipe = replace(recipe_config(config), lm_stage=False)
+        if not recipe.probe.epochs:
+            raise UserError("scoring a feature needs a probe: give recipe.probe.epochs > 0")
+        table = torch.zeros((len(self.data.texts), feature.vector.shape[1]))
+        table[self.data.text_index] = torch.as_tensor(feature.vector, dtype=torch.float32)
+        model = build_model(self.e0.pre, config, "score", table.shape[1])
+        model.warm_start(self.e0.model)
+        lm_loop = replace(loop_config(config, "lm_loop"), early_stop="logloss")
+        stages = plan(lm_loop, recipe, warm_started=True, has_tower=True, tower_lr=0.0)
+        folder = self.runs_dir / "_probes" / feature.name
+        shutil.rmtree(folder, ignore_errors=True)  # never resume another feature's probe
+        fit_recipe(model, self.data, stages, folder, FixedVectors(table), progress=False)
+        assert model.fusion is not None
+        model.fusion.eval()
+        with torch.inference_mode():
+            scores = model.fusion.score(table).squeeze(-1)
+        return scores[self.data.text_index].numpy().astype(np.float32)
+
+    def fit_increment(self, feature: NlpFeature, form: str) -> np.ndarray:
+        """Test predictions of E0 + the feature in `form`, trained like E0 (same config, seed and rows)."""
         frame = self.frame.copy()
         cascade, scores = [], []
-        if feature.cascade is not None:
-            frame["nlp_feature__vector"] = list(feature.cascade)
+        if form == VECTOR:
+            frame["nlp_feature__vector"] = list(feature.vector)
             cascade.append("nlp_feature__vector")
-        if feature.score is not None:
-            frame["nlp_feature__score"] = feature.score
+        else:
+            frame["nlp_feature__score"] = feature.form(SCORE)
             scores.append("nlp_feature__score")
         columns = FeatureColumns.for_manifest(self.manifest, cascade=cascade, scores=scores)
         config = load_config("baseline", self.train_config_file, {"loop": {"seed": self.seed}})
-        checkpoints = self.runs_dir / "_increments" / feature.name
+        key = feature.key(form)
+        checkpoints = self.runs_dir / "_increments" / key.replace("/", "__")
         shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another feature's weights
         inputs = FitInputs(self.manifest, config, self.e0.pre.fill_ctr, progress=False)
         _, data, model, _, _ = fit_ctr(frame, columns, inputs, checkpoints)
         valid = data.rows("valid")
         assert torch.equal(valid, self.valid_rows)  # the same frame, so the same rows
-        self.valid_gain[feature.name] = (
+        self.valid_gain[key] = (
             metrics.auc(self.valid_labels, predict(model, data, valid, None)) - self.e0_valid_auc
         )
         return predict(model, data, data.rows("test"), None)
 
-    def measure(self, feature: NlpFeature, increment: np.ndarray) -> dict[str, Any]:
-        """Standalone AUC, incremental gain (E0 + feature vs E0), explained fraction and CKA."""
+    def measure(self, feature: NlpFeature, form: str, increment: np.ndarray) -> dict[str, Any]:
+        """Standalone AUC, incremental gain (E0 + feature vs E0), explained fraction and CKA of
+        the feature in `form`; `dim` is the width E0 receives."""
+        values = feature.form(form)
         delta = paired_delta(self.test_labels, increment, self.e0_p, self.train_ctr, self.evaluation)
         measured = redundancy.measure_feature(
             feature.kind,
-            feature.measured[self.train_rows.numpy()],
-            feature.measured[self.test_rows.numpy()],
+            values[self.train_rows.numpy()],
+            values[self.test_rows.numpy()],
             labels_of(self.data, self.train_rows),
             self.test_labels,
             *self.e0_inputs,
@@ -168,11 +229,14 @@ class FeatureJudge:
             max_components=int(self.redundancy_settings["max_components"]),
             seed=self.seed,
         ).to_dict()
+        key = feature.key(form)
         measured["significant"] = delta["significant"]
         measured["share_of_text_gain"] = self.share(increment)
-        measured["valid_delta_auc"] = self.valid_gain.get(feature.name)
-        self.increments[feature.name] = increment
-        measured["dim"] = int(feature.measured.shape[1]) if feature.measured.ndim == 2 else 1
+        measured["valid_delta_auc"] = self.valid_gain.get(key)
+        measured.update(feature=feature.name, form=form, dim=int(values.shape[1]) if values.ndim == 2 else 1)
+        measured["score_source"] = feature.score_source if form == SCORE else None
+        self.increments[key] = increment
+        self.dims[key] = measured["dim"]
         return measured
 
     def paired(self, feature: str, other: str) -> dict[str, Any]:
@@ -204,10 +268,8 @@ class FeatureJudge:
             "conversion_rig_ci": rates["rig"]["ci"],
         }
 
-    def student_entry(
-        self, method: str, layers: int, p: np.ndarray, feature: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        """A student end to end (`p`; for feature-KD that is E0 + its feature) and as a feature."""
+    def student_entry(self, method: str, layers: int, p: np.ndarray) -> dict[str, Any]:
+        """A student end to end (`p`; for feature-KD that is E0 + its vector)."""
         entry = self.report_of(p)
         return {
             "method": method,
@@ -221,17 +283,26 @@ class FeatureJudge:
             "delta_auc_ci": entry["delta_auc_ci"],
             "delta_rig": entry["delta_rig_vs_baseline"],
             "delta_rig_ci": entry["delta_rig_ci"],
-            "feature_delta_auc": feature["delta_auc"],
-            "feature_delta_auc_ci": feature["delta_auc_ci"],
-            "feature_delta_rig": feature["delta_rig"],
-            "feature_delta_rig_ci": feature["delta_rig_ci"],
+        }
+
+    @staticmethod
+    def feature_entry(measured: Mapping[str, Any]) -> dict[str, Any]:
+        """A feature's gain over E0 in one form, as the distillation section shows it."""
+        return {
+            "dim": measured["dim"],
+            "feature_delta_auc": measured["delta_auc"],
+            "feature_delta_auc_ci": measured["delta_auc_ci"],
+            "feature_delta_rig": measured["delta_rig"],
+            "feature_delta_rig_ci": measured["delta_rig_ci"],
+            "score_source": measured.get("score_source"),
         }
 
 
 def saved_predictions(run_dir: Path, data: Tensors, rows: torch.Tensor) -> np.ndarray:
-    """A run's saved predictions (`predictions.parquet`) on `rows` of `data`, matched by impression_id."""
+    """A run's saved predictions (`predictions.parquet`: its test and validation rows) on `rows`
+    of `data`, matched by impression_id."""
     saved = pd.read_parquet(run_dir / PREDICTIONS_FILE).set_index("impression_id")
     p = saved["p"].reindex(data.impression_id[rows.numpy()]).to_numpy()
     if np.isnan(p).any():
-        raise RuntimeError(f"run {run_dir.name} did not predict every test row")
+        raise RuntimeError(f"run {run_dir.name} did not predict every row asked for")
     return p

@@ -15,27 +15,48 @@ import pandas as pd
 
 from nlpctr.layout import pair_key_columns
 
+SCORE, VECTOR = "score", "vector"
+FORMS = (SCORE, VECTOR)
+
 
 @dataclass
 class NlpFeature:
-    """One NLP feature on every row of the base frame (rows in impression_id order).
+    """One LM's feature on every row of the base frame (rows in impression_id order), in the two
+    forms every LM is judged in: its pooled vector (what the LM encodes) and its 1-d click score.
 
-    `measured` is what the redundancy probes look at (a score, or a vector); `cascade` and
-    `score` are what joins E0 when the feature's increment is trained.
+    The score is the LM's own click head where it was trained with one (E2's head, the joint score
+    fusion, a SuKD student of it); else it is None until a probe head fitted on the vectors gives
+    one (`models.increments.FeatureJudge.judge`), `score_source` says which.
     """
 
     name: str
-    kind: str  # frozen | cascade_finetuned | joint | student
-    measured: np.ndarray
-    cascade: np.ndarray | None = None
-    score: np.ndarray | None = None
+    kind: str  # frozen | cascade_finetuned | joint | probe | student
+    vector: np.ndarray  # (rows, d)
+    score: np.ndarray | None = None  # (rows,)
+    score_source: str | None = None  # "head" (its own) or "probe"
 
-    @classmethod
-    def of_output(cls, name: str, kind: str, output: np.ndarray) -> NlpFeature:
-        """An LM's output per row: a score (1-d) joins E0 as a score, a vector as a cascade input."""
-        if output.ndim == 1:
-            return cls(name, kind, output, score=output)
-        return cls(name, kind, output, cascade=output)
+    def __post_init__(self) -> None:
+        if self.score is not None and self.score_source is None:
+            self.score_source = "head"
+
+    def form(self, form: str) -> np.ndarray:
+        """The feature in `form` (score or vector)."""
+        if form == VECTOR:
+            return self.vector
+        if self.score is None:
+            raise ValueError(f"{self.name} has no score yet: fit a probe on its vectors")
+        return self.score
+
+    def key(self, form: str) -> str:
+        """The name its measures and increments go by: `<name>/<form>`."""
+        return feature_key(self.name, form)
+
+
+def feature_key(name: str, form: str) -> str:
+    """`<feature>/<form>`: one feature in one form (results.json's `redundancy` keys)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return f"{name}/{form}"
 
 
 def pair_keys(frame: pd.DataFrame) -> pd.DataFrame:
@@ -73,12 +94,9 @@ def frozen_vectors(frame: pd.DataFrame) -> np.ndarray:
 
 
 def lm_feature(folder: Path, frame: pd.DataFrame, kind: str, name: str) -> NlpFeature:
-    """The LM feature written in `folder` (one epoch of a run's LM features) on the frame's rows."""
+    """The LM feature written in `folder` (one checkpoint of a run's LM features) on the frame's
+    rows: its pooled vector, and its score where its head gives one (`lm_score`)."""
     table = pd.read_parquet(folder)
-    columns = [c for c in ("lm_score", "supplementary", "lm_embedding") if c in table]
-    values = {c: join_pair_table(frame, table, c) for c in columns}
-    if "lm_embedding" in values and "lm_score" in values:  # E2: the score is its output
-        return NlpFeature(name, kind, values["lm_score"], values["lm_embedding"], values["lm_score"])
-    if "lm_score" in values:
-        return NlpFeature(name, kind, values["lm_score"], score=values["lm_score"])
-    return NlpFeature(name, kind, values["supplementary"], cascade=values["supplementary"])
+    vector = join_pair_table(frame, table, "lm_embedding")
+    score = join_pair_table(frame, table, "lm_score") if "lm_score" in table else None
+    return NlpFeature(name, kind, vector, score)

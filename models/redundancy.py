@@ -33,7 +33,7 @@ from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import Tensors
 from nlpctr.models.schema import SPLITS
 
-KINDS = ("frozen", "cascade_finetuned", "joint", "student")
+KINDS = ("frozen", "cascade_finetuned", "joint", "probe", "student")
 # Ridge penalties tried by the probes, for weights normalised to mean 1 (so alpha is in rows).
 ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 VARIANCE_COVERED = 0.9  # an embedding is probed through the principal components covering this
@@ -349,32 +349,37 @@ def measure_feature(
 # ------------------------------------------------------------------------------- the E2 curve
 
 
-def e2_curve(checkpoints: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def e2_curve(
+    points: Sequence[Mapping[str, Any]], forms: Sequence[str] = ("score", "vector")
+) -> dict[str, Any]:
     """Standalone AUC against incremental gain across E2's checkpoints.
 
-    Each checkpoint is {checkpoint, standalone_auc, delta_auc, delta_rig, [chosen]}. `chosen`
-    defaults to the peak standalone AUC checkpoint (E2's early-stopping rule); pass it when the
-    trainer chose on another split. Answers whether the peak-AUC checkpoint gives the best
-    incremental ΔAUC (and the best ΔRIG); ties go to the earliest checkpoint.
+    Each point is {checkpoint, step, chosen, valid_auc_standalone, <form>: {standalone_auc,
+    delta_auc, delta_rig, valid_delta_auc}}; `chosen` is the peak standalone validation AUC
+    checkpoint (E2's rule). Per form: which checkpoint adds most to E0 on validation (what claim 1
+    selects) and on test, and whether the peak-AUC checkpoint is it; ties go to the earliest.
     """
-    if not checkpoints:
+    if not points:
         raise ValueError("e2_curve needs at least one checkpoint")
-    names = [point["checkpoint"] for point in checkpoints]
+    names = [point["checkpoint"] for point in points]
+    peak = next((p["checkpoint"] for p in points if p.get("chosen")), names[0])
 
-    def best(key: str) -> Any:
-        return names[int(np.nanargmax([float(point[key]) for point in checkpoints]))]
+    def best(form: str, key: str) -> Any:
+        return names[int(np.nanargmax([float(point[form][key]) for point in points]))]
 
-    peak = best("standalone_auc")
-    has_chosen = any("chosen" in point for point in checkpoints)
-    points = [
-        {**point, "chosen": bool(point.get("chosen")) if has_chosen else point["checkpoint"] == peak}
-        for point in checkpoints
-    ]
+    per_form = {}
+    for form in forms:
+        valid_best = best(form, "valid_delta_auc")
+        per_form[form] = {
+            "best_valid_feature_checkpoint": valid_best,
+            "best_test_delta_auc_checkpoint": best(form, "delta_auc"),
+            "best_test_delta_rig_checkpoint": best(form, "delta_rig"),
+            "peak_auc_is_best_feature": peak == valid_best,
+        }
+    aucs = [float(p["valid_auc_standalone"]) for p in points]
     return {
-        "points": points,
+        "points": list(points),
         "peak_auc_checkpoint": peak,
-        "best_delta_auc_checkpoint": best("delta_auc"),
-        "best_delta_rig_checkpoint": best("delta_rig"),
-        "peak_auc_is_best_feature": peak == best("delta_auc"),
-        "peak_auc_is_best_by_rig": peak == best("delta_rig"),
+        "valid_auc_rising_at_end": len(aucs) > 1 and aucs[-1] > aucs[-2],
+        "forms": per_form,
     }

@@ -30,8 +30,10 @@ from nlpctr.models.report_plots import (
     simulator_shares,
 )
 from nlpctr.models.report_sections import (
+    budget_section,
     ceilings_section,
     claims_section,
+    controls_section,
     distillation_section,
     e2_section,
     joint_stages_section,
@@ -64,8 +66,10 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             plot_forest(results.get("redundancy") or {}, results["claims"], out_dir / PLOTS["forest"])
         )
         lines += [f"![paired differences with 95% CIs]({PLOTS['forest']})", ""]
+    lines += controls_section(results.get("controls") or [])
     if runs:
         lines += runs_section(runs)
+        lines += budget_section(runs)
         written.append(plot_metric_bars(runs, out_dir / PLOTS["metrics"]))
         lines += [f"![AUC, RIG and GAUC per run with 95% CIs]({PLOTS['metrics']})", ""]
         if any((run.get("calibration") or {}).get("curve") for run in runs.values()):

@@ -54,7 +54,10 @@ def forest_rows(
         for name, m in redundancy.items()
         if m.get("delta_auc") is not None and m.get("delta_auc_ci")
     ]
-    rows += [(c["id"], float(c["estimate"]), (float(c["ci"][0]), float(c["ci"][1]))) for c in claims]
+    rows += [
+        (f"{c['id']} ({c.get('form', '–')})", float(c["estimate"]), (float(c["ci"][0]), float(c["ci"][1])))
+        for c in claims
+    ]
     return rows
 
 
@@ -98,31 +101,29 @@ def plot_calibration(runs: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_e2_curve(curve: Mapping[str, Any], path: Path) -> Path:
-    """Incremental ΔAUC and ΔRIG against standalone AUC across E2's checkpoints."""
+    """Incremental ΔAUC and ΔRIG (each form) against the LM's standalone validation AUC across
+    E2's checkpoints; the peak-AUC checkpoint starred."""
     points = curve["points"]
-    figure = Figure(figsize=(10, 4))
-    for i, metric in enumerate(("delta_auc", "delta_rig")):
-        axes = figure.add_subplot(1, 2, i + 1)
-        x = [p["standalone_auc"] for p in points]
-        y = [p[metric] for p in points]
-        axes.plot(x, y, marker="o")
-        for p in points:
-            axes.annotate(str(p["checkpoint"]), (p["standalone_auc"], p[metric]), fontsize=8)
-        chosen = [p for p in points if p.get("chosen")]
-        if chosen:
-            axes.scatter(
-                [p["standalone_auc"] for p in chosen],
-                [p[metric] for p in chosen],
-                marker="*",
-                s=200,
-                color="red",
-                zorder=3,
-                label="chosen",
-            )
-            axes.legend()
-        axes.axhline(0, color="grey", linewidth=0.8)
-        axes.set_xlabel("standalone AUC")
-        axes.set_ylabel(("ΔAUC" if metric == "delta_auc" else "ΔRIG") + " of E0 + feature over E0")
+    forms = list(curve.get("forms") or {})
+    figure = Figure(figsize=(10, 3.6 * max(len(forms), 1)))
+    x = [p["valid_auc_standalone"] for p in points]
+    for row, form in enumerate(forms):
+        for col, metric in enumerate(("delta_auc", "delta_rig")):
+            axes = figure.add_subplot(len(forms), 2, 2 * row + col + 1)
+            y = [p[form][metric] for p in points]
+            axes.plot(x, y, marker="o")
+            for p, xv, yv in zip(points, x, y, strict=True):
+                axes.annotate(str(p["checkpoint"]), (xv, yv), fontsize=7)
+            chosen = [(xv, yv) for p, xv, yv in zip(points, x, y, strict=True) if p.get("chosen")]
+            if chosen:
+                axes.scatter(
+                    *zip(*chosen, strict=True), marker="*", s=200, color="red", zorder=3, label="peak AUC"
+                )
+                axes.legend(fontsize=8)
+            axes.axhline(0, color="grey", linewidth=0.8)
+            axes.set_xlabel("standalone validation AUC of the LM")
+            label = "ΔAUC" if metric == "delta_auc" else "ΔRIG"
+            axes.set_ylabel(f"{label} of E0 + {form} over E0")
     return _save(figure, path)
 
 
@@ -151,32 +152,31 @@ def plot_explained_fraction(redundancy: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_conversion(distillation: Mapping[str, Any], path: Path) -> Path:
-    """Each student's feature gain over E0 (ΔAUC, 95% CI) against its layers, one line per method:
-    what the conversion rate divides, shown even when there is nothing to distil."""
-    figure = Figure(figsize=(6, 4))
-    axes = figure.add_subplot(1, 1, 1)
-    for offset, method in enumerate(sorted({entry["method"] for entry in distillation.values()})):
-        entries = sorted(
-            (
-                e
-                for e in distillation.values()
-                if e["method"] == method and e.get("feature_delta_auc") is not None
-            ),
-            key=lambda e: e["layers"],
-        )
-        x = [e["layers"] + 0.06 * (offset - 1) for e in entries]
-        y = [e["feature_delta_auc"] for e in entries]
-        cis = [e.get("feature_delta_auc_ci") or [v, v] for e, v in zip(entries, y, strict=True)]
-        errors = [
-            [v - ci[0] for v, ci in zip(y, cis, strict=True)],
-            [ci[1] - v for v, ci in zip(y, cis, strict=True)],
-        ]
-        axes.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=method)
-    axes.axhline(0, color="grey", linewidth=0.8)
-    axes.set_xticks(sorted({e["layers"] for e in distillation.values()}))
-    axes.set_xlabel("student layers")
-    axes.set_ylabel("feature ΔAUC over E0 (95% CI)")
-    axes.legend()
+    """Each student's feature gain over E0 (ΔAUC, 95% CI) against its layers, one line per method,
+    one panel per form: what the conversion rate divides, shown even when there is nothing to distil."""
+    forms = [f for f in ("score", "vector") if any(f in e for e in distillation.values())]
+    figure = Figure(figsize=(6 * max(len(forms), 1), 4))
+    methods = sorted({entry["method"] for entry in distillation.values()})
+    for panel, form in enumerate(forms):
+        axes = figure.add_subplot(1, len(forms), panel + 1)
+        for offset, method in enumerate(methods):
+            entries = sorted(
+                (e for e in distillation.values() if e["method"] == method and form in e),
+                key=lambda e: e["layers"],
+            )
+            x = [e["layers"] + 0.06 * (offset - 1) for e in entries]
+            y = [e[form]["feature_delta_auc"] for e in entries]
+            cis = [e[form].get("feature_delta_auc_ci") or [v, v] for e, v in zip(entries, y, strict=True)]
+            errors = [
+                [v - ci[0] for v, ci in zip(y, cis, strict=True)],
+                [ci[1] - v for v, ci in zip(y, cis, strict=True)],
+            ]
+            axes.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=method)
+        axes.axhline(0, color="grey", linewidth=0.8)
+        axes.set_xticks(sorted({e["layers"] for e in distillation.values()}))
+        axes.set_xlabel("student layers")
+        axes.set_ylabel(f"feature ΔAUC over E0, {form} form (95% CI)")
+        axes.legend()
     return _save(figure, path)
 
 

@@ -60,6 +60,42 @@ def runs_section(runs: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def budget_section(runs: Mapping[str, Any]) -> list[str]:
+    """Each LM arm's width and budget: its LM, and per recipe stage the steps, rows, batch, rates
+    and CPU seconds; compared arms (E2, E3, the probe-only control) share them by construction."""
+    rows = []
+    for name in ordered_runs(runs):
+        run, encoder = runs[name], runs[name].get("encoder") or {}
+        for stage, b in (run.get("budget") or {}).items():
+            lr = b.get("lr") or {}
+            rows.append(
+                [
+                    name,
+                    f"{encoder.get('layers', '–')} ({encoder.get('trainable_layers', 'all')} trained)",
+                    encoder.get("pair_reading", "–"),
+                    stage,
+                    b["steps"],
+                    b["rows_seen"],
+                    b["batch_size"],
+                    f"head {num(lr.get('head'), 6)}, LM {num(lr.get('lm'), 6)}",
+                    f"{b.get('warmup_steps', 0)} / {b.get('decay', 'none')}",
+                    num(b.get("cpu_seconds"), 0),
+                ]
+            )
+    if not rows:
+        return []
+    header = ["run", "LM layers", "pair reading", "stage", "steps", "rows seen", "batch", "learning rates"]
+    header += ["warmup / decay", "CPU s"]
+    return [
+        "### Budgets",
+        "",
+        "What each LM arm trained with (`head`: the probe on the frozen LM; `lm`: the LM stage).",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
+
 def joint_stages_section(runs: Mapping[str, Any]) -> list[str]:
     """Per joint run and stage: steps, validation log loss at the stage's start and at its best."""
     baseline = (runs.get("baseline") or {}).get("best_valid_logloss")
@@ -127,10 +163,13 @@ def significance_statements(runs: Mapping[str, Any]) -> list[str]:
 
 
 def claims_section(claims: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The paper's claims first: each a paired ΔAUC with its CI, ΔRIG beside it, and the verdict."""
+    """The paper's claims first: each a paired ΔAUC with its CI, ΔRIG beside it, and the verdict,
+    decided within one form (the features' score, or their vector) at one width."""
     rows = [
         [
             c["id"],
+            c.get("form", "–"),
+            (c.get("detail") or {}).get("dim", "–"),
             c["statement"],
             with_ci(c["estimate"], c["ci"], signed=True),
             with_ci(c.get("delta_rig"), c.get("delta_rig_ci"), signed=True),
@@ -143,17 +182,57 @@ def claims_section(claims: Sequence[Mapping[str, Any]]) -> list[str]:
         "",
         "Each estimate is a paired difference in test ΔAUC with a group-bootstrap 95% CI; the verdict "
         "follows from the CI alone: *holds* when it excludes 0 on the claimed side, *contradicted* "
-        "when it excludes 0 on the other side, *not significant* otherwise.",
+        "when it excludes 0 on the other side, *not significant* otherwise. Each claim compares two "
+        "features in one form, at the width E0 receives (`dim`): `score` (the LM's 1-d click score) "
+        "or `vector` (its pooled vector).",
         "",
-        markdown_table(["claim", "statement", "ΔAUC [95% CI]", "ΔRIG [95% CI]", "verdict"], rows),
+        markdown_table(
+            ["claim", "form", "dim", "statement", "ΔAUC [95% CI]", "ΔRIG [95% CI]", "verdict"], rows
+        ),
         "",
     ]
+
+
+def controls_section(controls: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each learned part beside its simpler control: the joint run's LM stage against the probe
+    alone, on validation log loss (paired CI), and their features added to E0 (test)."""
+    if not controls:
+        return []
+    lines = ["## Controls: the LM stage against the probe-only control", ""]
+    rows = []
+    for c in controls:
+        if "delta_valid_logloss" in c:
+            rows.append(
+                [
+                    c["id"],
+                    "–",
+                    f"valid log loss {c['run']} − {c['control']}",
+                    with_ci(c["delta_valid_logloss"], c["delta_valid_logloss_ci"], 6, signed=True),
+                    with_ci(c.get("delta_valid_auc"), c.get("delta_valid_auc_ci"), signed=True),
+                    f"**{c['verdict']}**",
+                ]
+            )
+        else:
+            rows.append(
+                [
+                    c["id"],
+                    c.get("form", "–"),
+                    "test ΔAUC / ΔRIG of E0 + joint feature − E0 + probe feature",
+                    with_ci(c["estimate"], c["ci"], signed=True),
+                    with_ci(c.get("delta_rig"), c.get("delta_rig_ci"), signed=True),
+                    f"**{c['verdict']}**",
+                ]
+            )
+    header = ["control", "form", "difference", "estimate [95% CI]", "ΔAUC / ΔRIG [95% CI]", "verdict"]
+    return [*lines, markdown_table(header, rows), ""]
 
 
 def redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
     rows = [
         [
-            name,
+            m.get("feature", name),
+            m.get("form", "–"),
+            m.get("dim", "–"),
             m.get("kind", "–"),
             num(m.get("standalone_auc")),
             with_ci(m.get("delta_auc"), m.get("delta_auc_ci"), signed=True),
@@ -164,7 +243,7 @@ def redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
         ]
         for name, m in redundancy.items()
     ]
-    header = ["feature", "kind", "standalone AUC", "ΔAUC [95% CI]", "ΔRIG [95% CI]"]
+    header = ["feature", "form", "dim", "kind", "standalone AUC", "ΔAUC [95% CI]", "ΔRIG [95% CI]"]
     header += ["explained (E0 inputs)", "explained (E0 representation)", "CKA vs E0"]
     shares = share_metrics(list(redundancy.values()))
     for row, entry in zip(rows, redundancy.values(), strict=True):
@@ -173,9 +252,12 @@ def redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
     return [
         "## Redundancy",
         "",
-        "Explained fraction: held-out R² of a ridge probe predicting the feature (its top principal "
-        "components for an embedding) from E0's inputs or E0's penultimate layer, weighted by "
-        "impressions; it is negative when the probe does worse than the mean.",
+        "Every LM feature in two forms: its `vector` (the pooled vector E0 receives as a cascade "
+        "input) and its `score` (a 1-d click score: the LM's own head where it was trained with one, "
+        "else a probe head fitted on its vectors with E0 frozen). Explained fraction: held-out R² of "
+        "a ridge probe predicting the feature (its top principal components for a vector) from E0's "
+        "inputs or E0's penultimate layer, weighted by impressions; negative when the probe does "
+        "worse than the mean.",
         "",
         markdown_table(header, rows),
         "",
@@ -185,73 +267,85 @@ def redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
 
 
 def e2_section(curve: Mapping[str, Any]) -> list[str]:
-    rows = [
-        [
-            p["checkpoint"],
-            num(p["standalone_auc"]),
-            num(p["delta_auc"], signed=True),
-            num(p["delta_rig"], signed=True),
-            "yes" if p.get("chosen") else "",
-        ]
-        for p in curve["points"]
-    ]
+    forms = list(curve.get("forms") or {})
+    rows = []
+    for p in curve["points"]:
+        row = [p["checkpoint"], num(p.get("valid_auc_standalone"))]
+        for form in forms:
+            row += [num(p[form]["delta_auc"], signed=True), num(p[form]["delta_rig"], signed=True)]
+        rows.append([*row, "yes" if p.get("chosen") else ""])
+    header = ["checkpoint", "standalone valid AUC"]
+    for form in forms:
+        header += [f"ΔAUC ({form})", f"ΔRIG ({form})"]
     lines = ["## E2: standalone AUC against incremental gain", ""]
-    lines += [markdown_table(["checkpoint", "standalone AUC", "ΔAUC", "ΔRIG", "chosen"], rows), ""]
-    if "peak_auc_checkpoint" in curve:
-        answer = "is" if curve["peak_auc_is_best_feature"] else "is not"
+    lines += [
+        "Checkpoints every quarter epoch of the LM stage; `step-0` is the probe's head on the frozen "
+        "LM. The chosen one has the peak standalone validation AUC (E2's rule).",
+        "",
+        markdown_table([*header, "peak AUC"], rows),
+        "",
+    ]
+    rising = "was still rising" if curve.get("valid_auc_rising_at_end") else "was not rising"
+    lines.append(f"At the last checkpoint the standalone validation AUC {rising}.")
+    for form, verdict in (curve.get("forms") or {}).items():
+        answer = "is" if verdict["peak_auc_is_best_feature"] else "is not"
         lines.append(
-            f"The checkpoint with peak standalone AUC ({curve['peak_auc_checkpoint']}) {answer} the one "
-            f"with the best incremental ΔAUC ({curve['best_delta_auc_checkpoint']}); "
-            f"by ΔRIG the best is {curve['best_delta_rig_checkpoint']}."
-        )
-    else:
-        lines.append(
-            "The checkpoint with peak standalone AUC "
-            + ("gives" if curve["peak_auc_is_best_feature"] else "does not give")
-            + " the best incremental ΔAUC."
+            f"In the {form} form, the peak-AUC checkpoint ({curve['peak_auc_checkpoint']}) {answer} the one "
+            f"that adds most to E0 on validation ({verdict['best_valid_feature_checkpoint']}); on test the "
+            f"best ΔAUC is at {verdict['best_test_delta_auc_checkpoint']}."
         )
     return [*lines, "", f"![E2 curve]({PLOTS['e2_curve']})", ""]
 
 
 def distillation_section(distillation: Mapping[str, Any], teacher: Mapping[str, Any] | None) -> list[str]:
     lines = ["## Distillation", ""]
+    forms = [f for f in ("score", "vector") if any(f in e for e in distillation.values())]
     if teacher:
+        gains = "; ".join(
+            f"{form} " + with_ci(t["feature_delta_auc"], t["feature_delta_auc_ci"], signed=True)
+            for form, t in ((form, teacher[form]) for form in forms if form in teacher)
+        )
         lines += [
             f"Teacher: run {teacher.get('run', '–')} ({teacher.get('selected_by', 'configured')}), "
             f"{teacher.get('layers', '–')} layers; end to end AUC {num(teacher.get('auc'))}, RIG "
-            f"{num(teacher.get('rig'))}; as a feature added to E0, ΔAUC "
-            + with_ci(teacher.get("feature_delta_auc"), teacher.get("feature_delta_auc_ci"), signed=True)
-            + ". "
-            "Each student is judged as a feature added to E0; conversion rate = the student feature's "
-            "gain over E0 / the teacher feature's gain, with a paired group-bootstrap CI.",
+            f"{num(teacher.get('rig'))}; as a feature added to E0, ΔAUC {gains}. "
+            "Each student is judged as a feature added to E0 in both forms; conversion rate = the "
+            "student feature's gain over E0 / the teacher feature's gain in the same form, with a "
+            "paired group-bootstrap CI.",
             "",
         ]
-        if teacher.get("nothing_to_distil"):
+        nothing = [f for f, v in (teacher.get("nothing_to_distil") or {}).items() if v]
+        if nothing:
             lines += [
-                "**Nothing to distil:** the teacher feature's gain over E0 has a CI that includes 0 "
-                "(or lies below it), so no conversion rate is given.",
+                f"**Nothing to distil** in the {' and '.join(nothing)} form: the teacher feature's gain "
+                "over E0 has a CI that includes 0 (or lies below it), so no conversion rate is given.",
                 "",
             ]
     entries = sorted(distillation.items(), key=lambda item: (item[1]["method"], item[1]["layers"]))
-    rows = [
-        [
-            name,
-            e["method"],
-            e["layers"],
-            num(e.get("auc")),
-            with_ci(e.get("delta_auc"), e.get("delta_auc_ci"), signed=True),
-            with_ci(e.get("feature_delta_auc"), e.get("feature_delta_auc_ci"), signed=True),
-            num(e.get("feature_delta_rig"), signed=True),
-            with_ci(e.get("conversion_auc"), e.get("conversion_auc_ci"), 2),
-            with_ci(e.get("conversion_rig"), e.get("conversion_rig_ci"), 2),
-            num(e.get("rows_per_s"), 0),
-            num(e.get("teacher_rows_per_s"), 0),
-        ]
-        for name, e in entries
-    ]
-    header = ["student", "method", "layers", "AUC", "ΔAUC end to end [95% CI]", "feature ΔAUC [95% CI]"]
-    header += ["feature ΔRIG", "conversion (AUC) [95% CI]", "conversion (RIG) [95% CI]", "rows/s"]
-    header += ["teacher rows/s"]
+    rows = []
+    for name, e in entries:
+        for form in forms:
+            f = e.get(form) or {}
+            rows.append(
+                [
+                    name,
+                    e["method"],
+                    e["layers"],
+                    form,
+                    f.get("dim", "–"),
+                    num(e.get("auc")),
+                    with_ci(e.get("delta_auc"), e.get("delta_auc_ci"), signed=True),
+                    with_ci(f.get("feature_delta_auc"), f.get("feature_delta_auc_ci"), signed=True),
+                    num(f.get("feature_delta_rig"), signed=True),
+                    with_ci(f.get("conversion_auc"), f.get("conversion_auc_ci"), 2),
+                    with_ci(f.get("conversion_rig"), f.get("conversion_rig_ci"), 2),
+                    num(e.get("rows_per_s"), 0),
+                    num(e.get("teacher_rows_per_s"), 0),
+                ]
+            )
+    header = ["student", "method", "layers", "form", "dim", "AUC", "ΔAUC end to end [95% CI]"]
+    header += ["feature ΔAUC [95% CI]", "feature ΔRIG", "conversion (AUC) [95% CI]"]
+    header += ["conversion (RIG) [95% CI]", "texts/s", "teacher texts/s"]
     return [
         *lines,
         markdown_table(header, rows),
@@ -271,7 +365,8 @@ def predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:
         "",
     ]
     for prediction in predictions:
-        lines += [f"**{prediction['id']}**: {prediction['statement']}: **{prediction['verdict']}**", ""]
+        form = f" ({prediction['form']} form)" if prediction.get("form") else ""
+        lines += [f"**{prediction['id']}**{form}: {prediction['statement']}: **{prediction['verdict']}**", ""]
         rows = []
         for part, detail in prediction["parts"].items():
             if "values" in detail:
@@ -289,12 +384,64 @@ def predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def verdicts_by_rho_section(verdicts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each claim's and control's estimate, CI and verdict at each ρ."""
+    if not verdicts:
+        return []
+    rhos = list(dict.fromkeys(r for per_rho in verdicts.values() for r in per_rho))
+    rows = []
+    for key, per_rho in verdicts.items():
+        cells = []
+        for r in rhos:
+            v = per_rho.get(r)
+            digits = 6 if key == "lm_stage_beats_probe" else 4
+            cells.append(
+                "–" if v is None else f"{with_ci(v['estimate'], v['ci'], digits, signed=True)} {v['verdict']}"
+            )
+        rows.append([key, *cells])
+    return [
+        "### Claims and controls at each ρ",
+        "",
+        "ΔAUC of the paired features (claims), or Δ validation log loss of the joint run against its "
+        "probe-only control (`lm_stage_beats_probe`: below 0 is better), with the 95% CI and verdict.",
+        "",
+        markdown_table(["claim / control", *(f"ρ={r}" for r in rhos)], rows),
+        "",
+    ]
+
+
+def spread_section(spread: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Across seeds at each ρ: every claim's and control's estimates and verdicts per seed, and
+    each feature's gain over E0 (mean ± sd)."""
+    if not spread:
+        return []
+    lines = ["### Over seeds", ""]
+    for rho, at_rho in spread.items():
+        rows = []
+        for key, value in at_rho.items():
+            if key == "seeds":
+                continue
+            sd = "–" if value.get("sd") is None else num(value["sd"], 6)
+            verdicts = ", ".join(value.get("verdicts") or []) or "–"
+            values = ", ".join(num(v, 6, signed=True) for v in value["values"])
+            rows.append([key, values, num(value["mean"], 6, signed=True), sd, verdicts])
+        lines += [
+            f"ρ = {rho}, seeds {at_rho['seeds']}:",
+            "",
+            markdown_table(["measure", "per seed", "mean", "sd", "verdicts"], rows),
+            "",
+        ]
+    return lines
+
+
 def simulator_section(simulator: Mapping[str, Any]) -> list[str]:
     series = simulator_series(simulator)
     header = ["feature", *(f"ρ={float(rho):g}" for rho in simulator["rho"])]
     lines = ["## Simulator sweep", ""]
     if simulator.get("predictions"):
         lines += predictions_section(simulator["predictions"])
+    lines += verdicts_by_rho_section(simulator.get("verdicts_by_rho") or {})
+    lines += spread_section(simulator.get("spread") or {})
     for measure, title in SWEEP_MEASURES.items():
         rows = [[feature, *(num(v) for v in values)] for feature, values in series[measure].items()]
         lines += [f"**{title}** by ρ:", "", markdown_table(header, rows), ""]

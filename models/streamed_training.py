@@ -33,7 +33,7 @@ from nlpctr.models.training import (
     Publish,
     fit_lm_alone,
     fit_model,
-    write_lm_epochs,
+    write_lm_checkpoints,
 )
 
 
@@ -90,17 +90,22 @@ def scored_split(
 def streamed_test(
     model: torch.nn.Module, source: streaming.ShardSource, texts: TextBatcher | None, predictions: Path
 ) -> metrics.StreamingMetrics:
-    """One in-order pass over the test shards: metrics accumulated and each batch's predictions
-    appended to `predictions` (parquet, published when complete), nothing else kept."""
+    """In-order passes over the test and the validation shards: the test metrics accumulated and
+    each batch's predictions appended to `predictions` (parquet, published when complete),
+    nothing else kept. Validation predictions are kept for the controls, compared on validation."""
     staging = predictions.with_name(f".{predictions.name}.tmp")
     schema = pa.schema([("impression_id", pa.string()), ("split", pa.string()), ("p", pa.float64())])
     with pq.ParquetWriter(staging, schema) as writer:
 
-        def write(batch: Tensors, p: np.ndarray) -> None:
-            ids = pa.array(batch.impression_id, pa.string())
-            writer.write_table(pa.table([ids, pa.array(["test"] * len(p)), pa.array(p)], schema=schema))
+        def writer_of(split: str) -> Callable[[Tensors, np.ndarray], None]:
+            def write(batch: Tensors, p: np.ndarray) -> None:
+                ids = pa.array(batch.impression_id, pa.string())
+                writer.write_table(pa.table([ids, pa.array([split] * len(p)), pa.array(p)], schema=schema))
 
-        scored = scored_split(model, source, "test", texts, write)
+            return write
+
+        scored = scored_split(model, source, "test", texts, writer_of("test"))
+        scored_split(model, source, "valid", texts, writer_of("valid"))
     staging.replace(predictions)
     return scored
 
@@ -141,6 +146,6 @@ def train_lm_streaming(
     scorer, result = fit_lm_alone(source, texts, inputs, run_dir)
     test_auc = scored_split(scorer, source, "test", texts).auc()
     pairs = streaming.unique_text_pairs(root)
-    return write_lm_epochs(
+    return write_lm_checkpoints(
         scorer, texts, result, pairs, test_auc, inputs.config, run_dir, data_dir, slug, publish
     )

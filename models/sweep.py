@@ -36,14 +36,22 @@ E2_FEATURE = "cascade_finetuned"  # E2's checkpoints are measured as `cascade_fi
 
 
 def entry(results: Mapping[str, Any]) -> dict[str, Any]:
-    """What the sweep keeps of one rho's protocol: redundancy, runs, claims, E2's chosen
-    checkpoint, ceilings, and whether E0 is near its no-text oracle (the sweep is sized for it:
-    E0 must know what the IDs can know)."""
-    kept = {"redundancy": results["redundancy"], "runs": results["runs"]}
+    """What the sweep keeps of one rho's protocol: the runs, claims and controls, the redundancy
+    of every feature but E2's unchosen checkpoints (its chosen one, the peak-AUC checkpoint, goes
+    by `cascade_finetuned`: the chosen step may differ across rho), the ceilings, and whether E0
+    is near its no-text oracle (the sweep is sized for it: E0 must know what the IDs can know)."""
+    chosen = (results.get("e2_curve") or {}).get("peak_auc_checkpoint")
+    redundancy = {}
+    for key, measures in results["redundancy"].items():
+        feature, form = key.rsplit("/", 1)
+        if feature.startswith(f"{E2_FEATURE}@"):
+            if feature != f"{E2_FEATURE}@{chosen}":
+                continue
+            key = f"{E2_FEATURE}/{form}"
+        redundancy[key] = measures
+    kept = {"redundancy": redundancy, "runs": results["runs"], "e2_chosen": chosen}
     kept["claims"] = results.get("claims") or []
-    chosen = [p["checkpoint"] for p in (results.get("e2_curve") or {}).get("points", []) if p.get("chosen")]
-    # the curve names checkpoints by folder (epoch-1); redundancy by feature (cascade_finetuned@epoch-1)
-    kept["e2_chosen"] = f"{E2_FEATURE}@{chosen[0]}" if chosen else None
+    kept["controls"] = results.get("controls") or []
     ceiling = results.get("ceilings") or {}
     if ceiling:
         kept["ceilings"] = ceiling
@@ -117,34 +125,37 @@ def _overall(verdicts: Sequence[str]) -> str:
     return claims.CONTRADICTED if claims.CONTRADICTED in verdicts else claims.NOT_SIGNIFICANT
 
 
-def predictions(per_rho: Mapping[float, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The three stated predictions (docs/RESULTS.md) against the sweep, each with its parts and a verdict."""
+def predictions(per_rho: Mapping[float, Mapping[str, Any]], form: str = "score") -> list[dict[str, Any]]:
+    """The three stated predictions (docs/RESULTS.md) against the sweep, for the features in one
+    form, each with its parts and a verdict."""
     rhos = sorted(per_rho)
 
-    def measured(r: float, feature: str) -> Mapping[str, Any]:
-        """One feature's measures at rho r; "cascade_finetuned" is E2's chosen checkpoint there
-        (the chosen epoch may differ across rho)."""
-        name = per_rho[r]["e2_chosen"] if feature == E2_FEATURE else feature
-        return per_rho[r]["redundancy"][name]
-
     def series(measure: str, feature: str) -> list[float]:
-        return [measured(r, feature)[measure] for r in rhos]
+        return [per_rho[r]["redundancy"][f"{feature}/{form}"][measure] for r in rhos]
 
     # the click-trained features: E2's chosen checkpoint, then each joint fusion
-    joint = sorted(k for k in per_rho[rhos[0]]["redundancy"] if k.startswith("joint_"))
-    names = [E2_FEATURE, *joint] if per_rho[rhos[0]].get("e2_chosen") else joint
+    features = [k.rsplit("/", 1)[0] for k in per_rho[rhos[0]]["redundancy"] if k.endswith(f"/{form}")]
+    joint = sorted(f for f in features if f.startswith("joint_") and f != "joint_probe")
+    names = [E2_FEATURE, *joint] if E2_FEATURE in features else joint
     explained = {n: trend_verdict(rhos, series("explained_fraction", n), +1) for n in names}
     gain = {}
     for n in ["frozen", *names]:
         gain[n] = trend_verdict(rhos, series("delta_rig", n), -1)
-        ci = measured(rhos[-1], n).get("delta_rig_ci")
+        ci = per_rho[rhos[-1]]["redundancy"][f"{n}/{form}"].get("delta_rig_ci")
         gain[n]["ci_at_last_rho"] = ci
         gain[n]["zero_in_ci_at_last_rho"] = None if ci is None else bool(ci[0] <= 0 <= ci[1])
     joint_vs_e2 = {}
     for r in rhos:
         if r < JOINT_VS_E2_FROM_RHO:
             continue
-        claim = next((c for c in per_rho[r]["claims"] if c["id"] == claims.JOINT_BEATS_FINETUNED), None)
+        claim = next(
+            (
+                c
+                for c in per_rho[r]["claims"]
+                if c["id"] == claims.JOINT_BEATS_FINETUNED and c["form"] == form
+            ),
+            None,
+        )
         if claim is None:
             continue
         ci = claim["delta_rig_ci"]
@@ -159,20 +170,74 @@ def predictions(per_rho: Mapping[float, Mapping[str, Any]]) -> list[dict[str, An
     return [
         {
             "id": "explained_fraction_rises",
+            "form": form,
             "statement": "E0 explains more of each click-trained NLP feature as rho rises",
             "parts": explained,
             "verdict": _overall([p["verdict"] for p in explained.values()]),
         },
         {
             "id": "incremental_gain_falls",
+            "form": form,
             "statement": "every NLP feature's ΔRIG over E0 falls as rho rises, towards 0 at rho = 1",
             "parts": gain,
             "verdict": _overall([p["verdict"] for p in gain.values()]),
         },
         {
             "id": "joint_share_at_least_e2",
+            "form": form,
             "statement": "at rho >= 0.5 the joint feature's share of the text ceiling is >= the E2 feature's",
             "parts": joint_vs_e2,
             "verdict": _overall([p["verdict"] for p in joint_vs_e2.values()]),
         },
     ]
+
+
+def verdicts_by_rho(per_rho: Mapping[float, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every claim's and control's verdict at each rho (`<id>/<form>` -> {rho: {estimate, ci, verdict}})."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted(per_rho):
+        for c in [*per_rho[r]["claims"], *per_rho[r].get("controls", [])]:
+            if "delta_valid_logloss" in c:
+                key, estimate, ci = c["id"], c["delta_valid_logloss"], c["delta_valid_logloss_ci"]
+            else:
+                key, estimate, ci = f"{c['id']}/{c['form']}", c["estimate"], c["ci"]
+                if (c.get("detail") or {}).get("layers") is not None:
+                    key += f"/L{c['detail']['layers']}"
+            out.setdefault(key, {})[f"{r:g}"] = {"estimate": estimate, "ci": ci, "verdict": c["verdict"]}
+    return out
+
+
+SPREAD_MEASURES = ("delta_rig", "delta_auc")
+
+
+def spread(per_seed: Mapping[int, Mapping[float, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Across seeds, at each rho every seed ran: each control's and claim's estimate and verdict
+    per seed, and each feature's gain over E0, with their mean and standard deviation."""
+    rhos = sorted(set.intersection(*(set(per_rho) for per_rho in per_seed.values())))
+    seeds = sorted(per_seed)
+    out: dict[str, Any] = {}
+    for r in rhos:
+        at_rho: dict[str, Any] = {"seeds": seeds}
+        verdicts = [verdicts_by_rho({r: per_seed[s][r]}) for s in seeds]
+        for key in verdicts[0]:
+            values = [v[key][f"{r:g}"] for v in verdicts if key in v]
+            at_rho[key] = _summary([v["estimate"] for v in values]) | {
+                "verdicts": [v["verdict"] for v in values]
+            }
+        for measure in SPREAD_MEASURES:
+            for feature in per_seed[seeds[0]][r]["redundancy"]:
+                values = [per_seed[s][r]["redundancy"][feature][measure] for s in seeds]
+                at_rho[f"{feature}:{measure}"] = _summary(values)
+        out[f"{r:g}"] = at_rho
+    return out
+
+
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+    array = np.asarray(values, dtype=float)
+    return {
+        "values": [float(v) for v in array],
+        "mean": float(array.mean()),
+        "sd": float(array.std(ddof=1)) if len(array) > 1 else None,
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }

@@ -152,7 +152,9 @@ class TextBatcher:
             return torch.empty((0, self.lm.dim))
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys])
 
-    def _encode_sorted(self, token_ids: Sequence[Sequence[int]], chunk: int = INFERENCE_CHUNK) -> torch.Tensor:
+    def _encode_sorted(
+        self, token_ids: Sequence[Sequence[int]], chunk: int = INFERENCE_CHUNK
+    ) -> torch.Tensor:
         """Vectors of texts, encoded `chunk` at a time in order of length (differentiable when
         the LM trains: the chunks' vectors are put back in input order by one index)."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
@@ -205,3 +207,27 @@ class TextBatcher:
         unique, inverse = torch.unique(batch.text_index, return_inverse=True)
         units, parts = self._tokenise([batch.texts[i] for i in unique.tolist()])
         return self._pair_vectors(parts, units)[inverse]
+
+
+class FixedVectors:
+    """A frozen LM's vectors given as a table, one row per pair of a dataset (`Tensors.texts`):
+    stands where a `TextBatcher` does, for training a head on vectors computed elsewhere (a
+    feature's probe). It has no LM parameters, so it never trains and never re-encodes."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+        self.lm = torch.nn.Module()  # nothing to train, save or switch between modes
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.shape[1])
+
+    def batch_vectors(self, batch: Tensors) -> torch.Tensor:
+        return self.table[batch.text_index]
+
+    def prefill(self) -> int:
+        return 0
+
+    @contextmanager
+    def frozen_lm(self) -> Iterator[None]:
+        yield

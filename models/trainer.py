@@ -70,10 +70,15 @@ class LoopConfig:
     fused_optimizer: bool = False  # AdamW's fused kernel: no per-step temporaries (same math, other rounding)
     warmup_steps: int = 0  # learning rates rise linearly from 0 over these optimizer steps
     decay: str = "none"  # after warmup: "none" (constant), "linear" or "cosine" to 0 at the planned last step
+    keep_checkpoints: bool = False  # also keep every evaluation's weights (`step-<k>.pt`)
+    evals_per_epoch: int | None = None  # also validate this many times per epoch, evenly spaced
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "patience": self.patience}
-        optional = {"max_batches_per_epoch": self.max_batches_per_epoch}
+        optional = {
+            "max_batches_per_epoch": self.max_batches_per_epoch,
+            "evals_per_epoch": self.evals_per_epoch,
+        }
         for name, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be an integer >= 1, got {value!r}")
@@ -92,7 +97,11 @@ class LoopConfig:
                 or value < 0
             ):
                 raise UserError(f"{name} must be a number >= 0, got {value!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or self.warmup_steps < 0
+        ):
             raise UserError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.decay not in DECAYS:
             raise UserError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
@@ -102,7 +111,14 @@ class LoopConfig:
     @property
     def stepwise(self) -> bool:
         """Whether evaluations happen other than at epoch ends (then the best is `best.pt`)."""
-        return bool(self.eval_every_steps) or self.eval_at_start
+        return bool(self.eval_every_steps) or bool(self.evals_per_epoch) or self.eval_at_start
+
+    def evaluation_interval(self, batches_per_epoch: int) -> int | None:
+        """Optimizer steps between evaluations within an epoch (None: at epoch ends only)."""
+        intervals = [self.eval_every_steps] if self.eval_every_steps else []
+        if self.evals_per_epoch:
+            intervals.append(max(math.ceil(batches_per_epoch / self.evals_per_epoch), 1))
+        return min(intervals) if intervals else None
 
 
 class TextScorer(nn.Module):
@@ -222,8 +238,10 @@ class FitResult:
     steps: int = 0  # optimizer steps taken
     checkpoint: Path | None = None  # the best weights: `epoch-<k>.pt` or `best.pt`
     eval_seconds: float = 0.0  # of wall_seconds, spent validating
-    stages: list[dict[str, Any]] = field(default_factory=list)  # the joint recipe's (models/joint.py)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # the LM recipe's (models/recipe.py)
     best_index: int = -1  # of the best evaluation in `history`
+    rows_seen: int = 0  # training rows the optimizer steps read
+    cpu_seconds: float = 0.0  # process CPU time (all threads), evaluations included
 
     @property
     def best(self) -> dict[str, Any]:
@@ -258,6 +276,11 @@ def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
         return 1.0
     done = min((step - warmup) / max(total - warmup, 1), 1.0)
     return 1.0 - done if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def step_checkpoint(step: int) -> str:
+    """The file of the weights evaluated after `step` optimizer steps (`keep_checkpoints`)."""
+    return f"step-{step}.pt"
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -308,6 +331,7 @@ def fit(
     if config.max_batches_per_epoch:
         n_batches = min(n_batches, config.max_batches_per_epoch)
     planned = n_batches * config.epochs
+    every = config.evaluation_interval(n_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.decay, planned)
     )
@@ -323,6 +347,7 @@ def fit(
     history: list[dict[str, Any]] = []
     best, stale, step, running = -1, 0, 0, None  # best: index into history
     start_epoch, skip = 0, 0  # skip: batches of start_epoch already trained (a mid-epoch resume)
+    resumed_rows = 0
     last = checkpoint_dir / LAST
     if last.exists():
         state = torch.load(last, weights_only=True)
@@ -334,6 +359,7 @@ def fit(
         history = json.loads(state["history"])
         best, stale = int(state.get("best", state.get("best_epoch", -1))), int(state["stale"])
         step, running = int(state.get("step", 0)), state.get("running")
+        resumed_rows = int(state.get("rows_seen", 0))
         if state.get("epoch_done", True):  # (checkpoints without the key were written at epoch ends)
             start_epoch = int(state["epoch"]) + 1
             generator.set_state(state["generator"])
@@ -341,7 +367,7 @@ def fit(
             start_epoch, skip = int(state["epoch"]), int(state["batches_done"])
             generator.set_state(state["epoch_generator"])
 
-    started, seen, evaluating = time.perf_counter(), 0, 0.0
+    started, cpu_started, seen, evaluating = time.perf_counter(), time.process_time(), resumed_rows, 0.0
     epoch_generator = generator.get_state()
 
     def record(entry: dict[str, Any], epoch: int, batches_done: int, epoch_done: bool) -> bool:
@@ -351,6 +377,8 @@ def fit(
         improved = best < 0 or _score(entry, config.early_stop) > _score(history[best], config.early_stop)
         best, stale = (len(history) - 1, 0) if improved else (best, stale + 1)
         weights = _weights(model, texts)
+        if config.keep_checkpoints:
+            torch.save(weights, checkpoint_dir / step_checkpoint(step))
         if not stepwise:
             torch.save(weights, checkpoint_dir / f"epoch-{epoch}.pt")
         elif improved:
@@ -366,6 +394,7 @@ def fit(
             "epoch_done": epoch_done,
             "batches_done": batches_done,
             "step": step,
+            "rows_seen": seen,
             "running": running,
             "best": best,
             "best_epoch": int(history[best]["epoch"]),
@@ -435,7 +464,7 @@ def fit(
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             bar.set_postfix(loss=f"{running:.4f}")
             bar.update()
-            if config.eval_every_steps and step % config.eval_every_steps == 0 and i + 1 < n_batches:
+            if every and step % every == 0 and i + 1 < n_batches:
                 stop = evaluate(epoch, i + 1, False)
                 if stop:
                     break
@@ -458,6 +487,8 @@ def fit(
         checkpoint=checkpoint,
         eval_seconds=evaluating,
         best_index=best,
+        rows_seen=seen,
+        cpu_seconds=time.process_time() - cpu_started,
     )
 
 

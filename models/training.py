@@ -2,14 +2,14 @@
 (whose fit and feature writing `models.streamed_training` shares).
 
 `pipelines/train.py` reads the frames from Feast and publishes what is written here; this module
-takes pandas frames and run folders. One loop (`models.trainer.fit`) trains everything; a model
-with an LM goes through the joint recipe (`models.joint.fit_joint`).
+takes pandas frames and run folders. One loop (`models.trainer.fit`) trains everything; E2's and
+E3's LMs go through one LM recipe (`models.recipe`), so the two arms share budget and optimizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,9 @@ import nlpctr
 from nlpctr.errors import UserError
 from nlpctr.layout import LmFeatureMeta, pair_key_columns
 from nlpctr.models import metrics
-from nlpctr.models.config import encoder_config, joint_config, loop_config
+from nlpctr.models.config import encoder_config, loop_config, recipe_config
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.joint import fit_joint
 from nlpctr.models.lm_features import (
     has_query_text,
     lm_feature_root,
@@ -32,9 +31,10 @@ from nlpctr.models.lm_features import (
     text_pairs,
     write_lm_features,
 )
+from nlpctr.models.recipe import LM, fit_recipe, plan
 from nlpctr.models.runs import CHECKPOINTS, Preprocessing, TrainedRun, build_model, build_scorer
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, TextScorer, fit, labels_of, predict
+from nlpctr.models.trainer import FitResult, TextScorer, fit, labels_of, predict, step_checkpoint
 
 # Registers an LM-feature folder (its meta) with the feature store; returns the view's name.
 Publish = Callable[[LmFeatureMeta], str]
@@ -86,11 +86,18 @@ def train_model(
     warm_started: bool,
     progress: bool,
 ) -> FitResult:
-    """`models.trainer.fit`, or the joint recipe (`models.joint.fit_joint`) for a model with an LM."""
+    """`models.trainer.fit`, or the LM recipe (`models.recipe`) for a model with an LM (E3)."""
     loop = loop_config(config)
     if texts is None:
         return fit(model, data, loop, checkpoints, progress=progress)
-    return fit_joint(model, data, loop, joint_config(config), checkpoints, texts, warm_started, progress)
+    stages = plan(
+        replace(loop_config(config, "lm_loop"), early_stop="logloss"),
+        recipe_config(config),
+        warm_started=warm_started,
+        has_tower=True,
+        tower_lr=loop.lr,
+    )
+    return fit_recipe(model, data, stages, checkpoints, texts, progress)
 
 
 def start_from(model: torch.nn.Module, pre: Preprocessing, baseline: TrainedRun) -> None:
@@ -121,36 +128,73 @@ def epochs_trained(result: FitResult) -> int:
 
 
 @dataclass(frozen=True)
-class LmStep:
-    """E2 steps 1 and 2: the LM fine-tuned alone on clicks, every epoch's features written."""
+class LmCheckpoint:
+    """One evaluated state of E2's LM stage (`step-0` is the probe's head on the frozen LM)."""
 
-    epochs: int
-    best_epoch: int
-    history: list[dict[str, Any]]
+    step: int  # optimizer steps of the LM stage before it
+    valid_auc: float  # the LM's standalone validation AUC
+    valid_logloss: float
+    features: str  # the parquet folder of its LM feature
+
+
+@dataclass(frozen=True)
+class LmStep:
+    """E2 steps 1 and 2: the LM fine-tuned alone on clicks, every checkpoint's features written."""
+
+    checkpoints: dict[str, LmCheckpoint]  # `step-<k>` -> the checkpoint, in step order
+    chosen: str  # the checkpoint the view serves: peak standalone validation AUC
+    history: list[dict[str, Any]]  # every evaluation of the recipe (probe and LM stage)
+    stages: list[dict[str, Any]]  # the recipe's stage records (budget: steps, rows, seconds)
     wall_seconds: float
     test_auc_standalone: float
-    feature_view: str  # the published view of the chosen epoch
-    features: dict[str, str]  # epoch folder -> its parquet folder
-    chosen: str  # the epoch folder the view serves (peak validation AUC)
+    feature_view: str  # the published view of the chosen checkpoint
     encoder_version: str
 
+    @property
+    def valid_auc_rising_at_end(self) -> bool:
+        """Whether the last checkpoint's validation AUC was above the one before (still rising)."""
+        aucs = [c.valid_auc for c in self.checkpoints.values()]
+        return len(aucs) > 1 and aucs[-1] > aucs[-2]
+
     def to_dict(self) -> dict[str, Any]:
-        """The `lm` section of the run's results.json (field order kept)."""
-        return dict(self.__dict__)
+        """The `lm` section of the run's results.json."""
+        return {
+            "checkpoints": {name: dict(c.__dict__) for name, c in self.checkpoints.items()},
+            "chosen": self.chosen,
+            "valid_auc_rising_at_end": self.valid_auc_rising_at_end,
+            "history": self.history,
+            "stages": self.stages,
+            "wall_seconds": self.wall_seconds,
+            "test_auc_standalone": self.test_auc_standalone,
+            "feature_view": self.feature_view,
+            "encoder_version": self.encoder_version,
+        }
 
 
 def fit_lm_alone(
     data: BatchSource, texts: TextBatcher, inputs: FitInputs, run_dir: Path
 ) -> tuple[TextScorer, FitResult]:
-    """E2 step 1: the LM and its head fine-tuned on clicks alone (stopped at peak validation AUC),
-    every epoch checkpointed under `run_dir/checkpoints/lm`; in memory or on a stream alike."""
+    """E2 step 1: the LM and its click head on clicks alone, by the LM recipe E3 uses (probe,
+    then the LM stage on `lm_loop`'s budget), every LM-stage evaluation checkpointed under
+    `run_dir/checkpoints/lm/stage1` and the peak-validation-AUC one kept; in memory or streamed."""
     scorer = build_scorer(inputs.config, texts.dim, inputs.fill_ctr)
-    loop = loop_config(inputs.config, "lm_loop")
-    result = fit(scorer, data, loop, run_dir / CHECKPOINTS / "lm", texts=texts, progress=inputs.progress)
+    recipe = recipe_config(inputs.config)
+    if not recipe.lm_stage:
+        raise UserError("cascade-finetuned fine-tunes its LM: recipe.lm_stage must be true")
+    lm_loop = replace(loop_config(inputs.config, "lm_loop"), early_stop="auc", keep_checkpoints=True)
+    stages = plan(lm_loop, recipe, warm_started=True, has_tower=False, tower_lr=0.0)
+    result = fit_recipe(scorer, data, stages, run_dir / CHECKPOINTS / "lm", texts, inputs.progress)
     return scorer, result
 
 
-def write_lm_epochs(
+def lm_stage_entries(result: FitResult) -> list[tuple[str, dict[str, Any]]]:
+    """(`step-<k>`, evaluation) of each evaluation of the LM stage, k counted within the stage."""
+    entries = [h for h in result.history if h.get("stage") == LM]
+    offset = entries[0]["step"] if entries else 0
+    return [(f"step-{h['step'] - offset}", h) for h in entries]
+
+
+def write_lm_checkpoints(
     scorer: TextScorer,
     texts: TextBatcher,
     result: FitResult,
@@ -162,42 +206,44 @@ def write_lm_epochs(
     slug: str,
     publish: Publish,
 ) -> LmStep:
-    """E2 step 2: every epoch's score and pooled vector per text pair of `rows` (a frame with the
-    pair columns: the training frame, or the unique pairs of its shards), the best epoch published."""
+    """E2 step 2: every LM-stage checkpoint's score and pooled vector per text pair of `rows` (a
+    frame with the pair columns: the training frame, or the unique pairs of its shards); the peak
+    validation AUC one published. The scorer and LM end with the chosen checkpoint's weights."""
     encoder = encoder_config(config)
     pairs = text_pairs(rows)
     root = lm_feature_root(data_dir, slug)
     with_query = has_query_text(rows)
-    checkpoints = run_dir / CHECKPOINTS / "lm"
-    folders = []
-    for entry in result.history:
-        epoch = int(entry["epoch"])
-        state = torch.load(checkpoints / f"epoch-{epoch}.pt", weights_only=True)
+    stage_dir = run_dir / CHECKPOINTS / "lm" / "stage1"
+    entries = lm_stage_entries(result)
+    chosen = max(entries, key=lambda item: item[1]["valid_auc"])[0]  # ties: the earliest
+    checkpoints = {}
+    for name, entry in [*(e for e in entries if e[0] != chosen), *(e for e in entries if e[0] == chosen)]:
+        step = int(name.removeprefix("step-"))
+        state = torch.load(stage_dir / step_checkpoint(step), weights_only=True)
         scorer.load_state_dict(state["model"])
         texts.lm.load_state_dict(state["lm"])
         outputs = lm_outputs(texts, {"lm_score": scorer.head}, pairs_of(pairs))
-        version = f"{slug}@epoch-{epoch}/{encoder.version}/nlpctr=={nlpctr.__version__}"
-        write_lm_features(root / f"epoch-{epoch}", pairs, outputs, version, with_query)
-        folders.append(f"epoch-{epoch}")
-    chosen = f"epoch-{result.best_epoch}"
+        version = f"{slug}@{name}/{encoder.version}/nlpctr=={nlpctr.__version__}"
+        write_lm_features(root / name, pairs, outputs, version, with_query)
+        checkpoints[name] = LmCheckpoint(step, entry["valid_auc"], entry["valid_logloss"], str(root / name))
+    ordered = dict(sorted(checkpoints.items(), key=lambda item: item[1].step))
     meta = LmFeatureMeta(
         run=slug,
         kind="cascade_finetuned",
         chosen=chosen,
-        epochs=tuple(folders),
+        checkpoints=tuple(ordered),
         keys=tuple(pair_key_columns(with_query)),
         model_version=f"{slug}@{chosen}/{encoder.version}/nlpctr=={nlpctr.__version__}",
-        valid_auc={f"epoch-{int(h['epoch'])}": h["valid_auc"] for h in result.history},
+        valid_auc={name: c.valid_auc for name, c in ordered.items()},
     )
     return LmStep(
-        epochs=len(result.history),
-        best_epoch=result.best_epoch,
+        checkpoints=ordered,
+        chosen=chosen,
         history=result.history,
+        stages=result.stages,
         wall_seconds=result.wall_seconds,
         test_auc_standalone=test_auc,
         feature_view=publish(meta),
-        features={f: str(root / f) for f in folders},
-        chosen=chosen,
         encoder_version=encoder.version,
     )
 
@@ -206,7 +252,7 @@ def train_lm_alone(
     frame: pd.DataFrame, inputs: FitInputs, run_dir: Path, data_dir: Path, slug: str, publish: Publish
 ) -> LmStep:
     """E2 steps 1 and 2 on an in-memory frame (`models.streamed_training.train_lm_streaming`
-    on shards): fit, standalone test AUC, every epoch's features written, the best published."""
+    on shards): fit, standalone test AUC, every checkpoint's features written, the best published."""
     manifest = inputs.manifest
     columns = FeatureColumns.for_manifest(manifest)
     pre = Preprocessing.fit(frame, columns, manifest["group"], inputs.fill_ctr)
@@ -215,7 +261,7 @@ def train_lm_alone(
     scorer, result = fit_lm_alone(data, texts, inputs, run_dir)
     test = data.rows("test")
     test_auc = metrics.auc(labels_of(data, test), predict(scorer, data, test, texts))
-    return write_lm_epochs(
+    return write_lm_checkpoints(
         scorer, texts, result, frame, test_auc, inputs.config, run_dir, data_dir, slug, publish
     )
 
@@ -230,21 +276,18 @@ def write_joint_features(
     config: dict[str, Any],
     data_dir: Path,
     slug: str,
-    best_epoch: int,
+    best_step: int,
     publish: Publish,
 ) -> str:
-    """The trained joint LM's supplementary output per text pair, published as the view `lm_<run>`."""
+    """The trained joint LM's pooled vector and supplementary output (the score fusion's logit,
+    or concat's and gate's projection) per text pair, published as the view `lm_<run>`."""
     fusion = model.fusion
     assert fusion is not None
     head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
     pairs = text_pairs(frame)
     outputs = lm_outputs(texts, head, pairs_of(pairs))
-    # The view serves the supplementary output alone: nothing reads a joint run's 384-d pooled
-    # vector, and with it the view is 12x larger (the concat/gate output is 32-d), which is what
-    # the online write of millions of pairs holds in memory at once.
-    del outputs["lm_embedding"]
     encoder = encoder_config(config)
-    chosen = f"epoch-{best_epoch}"
+    chosen = f"step-{best_step}"
     version = f"{slug}@{chosen}/joint-{fusion.fusion}/{encoder.version}/nlpctr=={nlpctr.__version__}"
     with_query = has_query_text(frame)
     write_lm_features(lm_feature_root(data_dir, slug) / chosen, pairs, outputs, version, with_query)
@@ -252,7 +295,7 @@ def write_joint_features(
         run=slug,
         kind="joint",
         chosen=chosen,
-        epochs=(chosen,),
+        checkpoints=(chosen,),
         keys=tuple(pair_key_columns(with_query)),
         model_version=version,
         fusion=fusion.fusion,

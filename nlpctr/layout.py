@@ -87,21 +87,21 @@ def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
 
 @dataclass(frozen=True)
 class LmFeatureMeta:
-    """DIR/lm_features/<run>/_meta.json: which epoch folder of a trained LM's output the
-    feature store serves, and how that output is keyed. Written by `nlpctr train` (E2, E3)."""
+    """DIR/lm_features/<run>/_meta.json: which checkpoint folder (`step-<k>`) of a trained LM's
+    output the feature store serves, and how that output is keyed. Written by `nlpctr train` (E2, E3)."""
 
     run: str  # the run as a safe identifier (the folder's name)
     kind: str  # cascade_finetuned | joint
-    chosen: str  # the served epoch folder, e.g. "epoch-3"
-    epochs: tuple[str, ...]  # every epoch folder written
+    chosen: str  # the served checkpoint folder, e.g. "step-120"
+    checkpoints: tuple[str, ...]  # every checkpoint folder written
     keys: tuple[str, ...]  # pair_key_columns(): query_text_id?, ad_text_id
     model_version: str
-    valid_auc: Mapping[str, float] | None = None  # E2: validation AUC per epoch folder
+    valid_auc: Mapping[str, float] | None = None  # E2: validation AUC per checkpoint folder
     fusion: str | None = None  # E3: how the LM joins the CTR tower (score | concat | gate)
 
     def __post_init__(self) -> None:
         # Lists from JSON or a caller become tuples, so a read-back record equals the one written.
-        object.__setattr__(self, "epochs", tuple(self.epochs))
+        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         object.__setattr__(self, "keys", tuple(self.keys))
 
     def to_json(self) -> dict[str, Any]:
@@ -110,7 +110,7 @@ class LmFeatureMeta:
             "run": self.run,
             "kind": self.kind,
             "chosen": self.chosen,
-            "epochs": list(self.epochs),
+            "checkpoints": list(self.checkpoints),
             "keys": list(self.keys),
             "model_version": self.model_version,
         }
@@ -123,7 +123,7 @@ class LmFeatureMeta:
         return content
 
     def write(self, folder: Path) -> Path:
-        """Write FOLDER/_meta.json (the run's folder, above its epoch folders); returns its path."""
+        """Write FOLDER/_meta.json (the run's folder, above its checkpoint folders); returns its path."""
         path = Path(folder) / LM_META
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
         return path
@@ -148,7 +148,8 @@ class LmFeatureMeta:
             run=str(content.get("run", Path(folder).name)),
             kind=str(content["kind"]),
             chosen=str(content["chosen"]),
-            epochs=tuple(content.get("epochs", [content["chosen"]])),  # at least the chosen one
+            # (`epochs`: the folders' name before E2 checkpointed within epochs)
+            checkpoints=tuple(content.get("checkpoints", content.get("epochs", [content["chosen"]]))),
             keys=tuple(content["keys"]),
             model_version=str(content["model_version"]),
             valid_auc=content.get("valid_auc"),

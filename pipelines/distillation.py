@@ -2,19 +2,26 @@
 
 Per student depth: SuKD (the joint model with a k-layer LM, click loss + distance to the
 teacher's supplementary output), No-KD (the same without the distance) and feature-KD (the LM
-alone, distance to the teacher's pooled vectors), all from `models/distill.py`. Every student's
-output is measured as an NLP feature added to E0, which is how the paper deploys it.
+alone, distance to the teacher's pooled vectors), all from `models/distill.py`. Every student is
+measured as an NLP feature added to E0, which is how the paper deploys it, in both forms (its
+pooled vector, and its click score: its own head's, or a probe's on its vectors).
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
 
 from nlpctr.models import claims, distill
 from nlpctr.models.config import loop_config
-from nlpctr.models.nlp_features import NlpFeature
+from nlpctr.models.data import Tensors
+from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature, feature_key
 from nlpctr.models.runs import TrainedRun
 from nlpctr.models.text_batches import TextBatcher, pair_units
 from nlpctr.models.trainer import predict
@@ -34,20 +41,71 @@ NOT_DISTILLED = {
 
 def teacher_run(protocol: Mapping[str, Any], valid_gain: Mapping[str, float]) -> str:
     """E4's teacher: the joint run named by `distill.teacher_fusion`, or with `best`, the one
-    whose LM feature adds most to E0 on validation (the test split only judges)."""
+    whose LM feature (score form) adds most to E0 on validation (the test split only judges)."""
     fusion = protocol["distill"]["teacher_fusion"]
     if fusion in protocol["fusions"]:  # (checked when E4 runs; else `best`)
         return f"joint_{fusion}"
     candidates = [f"joint_{f}" for f in protocol["fusions"]]
-    return max(candidates, key=lambda run: valid_gain[run])  # ties: the first listed
+    return max(candidates, key=lambda run: valid_gain[feature_key(run, SCORE)])  # ties: the first listed
+
+
+def student_feature(
+    exp: Experiment, key: str, method: str, layers: int, teacher: TrainedRun, data: Tensors, targets: Targets
+) -> tuple[NlpFeature, np.ndarray, TextEncoder]:
+    """One student trained (`models/distill.py`): its feature on the shared frame's rows, its
+    end-to-end test predictions and its LM. Feature-KD's end to end is E0 + its vector."""
+    settings = exp.protocol["distill"]
+    folder = exp.runs_dir / "_students" / key
+    shutil.rmtree(folder, ignore_errors=True)  # a student never resumes another's weights
+    rows_of_text = data.text_index.numpy()
+    if method == "featurekd":
+        text_loop = loop_config({"loop": {**settings["feature_kd"], "seed": exp.seed}})
+        student = distill.fit_feature_kd(
+            teacher.lm, data, layers, text_loop, folder, targets.vectors, exp.progress
+        )
+        vectors = distill.pooled_vectors(student.lm, data).numpy()[rows_of_text]
+        feature = NlpFeature(key, "student", vectors)
+        return feature, np.empty(0), student.lm
+    joint_loop = loop_config({"loop": {**settings["loop"], "seed": exp.seed}})
+    weight = float(settings["weight"]) if method == "sukd" else 0.0
+    joint = distill.fit_joint_student(
+        teacher.model,
+        teacher.lm,
+        data,
+        layers,
+        weight,
+        joint_loop,
+        folder,
+        targets.supplementary,
+        exp.progress,
+    )
+    p = predict(joint.model, data, data.rows("test"), TextBatcher.for_data(joint.lm, data))
+    vectors = distill.pooled_vectors(joint.lm, data)
+    score = None
+    assert joint.model.fusion is not None
+    if joint.model.fusion.fusion == "score":  # its own click head: the student's supplementary score
+        joint.model.fusion.eval()
+        with torch.inference_mode():
+            score = joint.model.fusion.score(vectors).squeeze(-1).numpy()[rows_of_text]
+    feature = NlpFeature(key, "student", vectors.numpy()[rows_of_text], score)
+    return feature, p, joint.lm
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What students learn from the teacher, per unique pair of the shared frame."""
+
+    supplementary: torch.Tensor  # SuKD: the fusion's output (score fusion: its logit)
+    vectors: torch.Tensor  # feature-KD: the teacher LM's pooled vectors
 
 
 def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """SuKD, No-KD and feature-KD students of the teacher LM (`teacher_run`).
 
-    Every student's output is measured as an NLP feature added to E0 (into `measures`); its
-    conversion rate is that feature's gain over the teacher feature's, with a paired CI, or
-    "nothing to distil" when the teacher feature's own gain over E0 is not significantly positive.
+    Every student's output is measured as an NLP feature added to E0 in both forms (into
+    `measures`); per form, its conversion rate is that feature's gain over the teacher feature's,
+    with a paired CI, or "nothing to distil" when the teacher feature's own gain over E0 is not
+    significantly positive in that form.
     """
     protocol, judge = exp.protocol, exp.judge
     settings = protocol["distill"]
@@ -55,75 +113,67 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
     teacher = TrainedRun.load(exp.runs_dir / teacher_name)
     assert teacher.lm is not None
     data = teacher.pre.tensorize(judge.frame)
-    test = data.rows("test")
-    joint_loop = loop_config({"loop": {**settings["loop"], "seed": exp.seed}})
-    text_loop = loop_config({"loop": {**settings["feature_kd"], "seed": exp.seed}})
-    targets = distill.supplementary_outputs(teacher.model, teacher.lm, data)
-    teacher_vectors = distill.pooled_vectors(teacher.lm, data)
+    targets = Targets(
+        distill.supplementary_outputs(teacher.model, teacher.lm, data),
+        distill.pooled_vectors(teacher.lm, data),
+    )
     reading = teacher.lm.config.pair_reading  # encoder-only throughput: the texts the LM encodes
     pairs = data.texts[: int(settings["throughput_texts"])]
     sample = [text for q, a in pairs for text in pair_units(q, a, reading) if text is not None]
-    rows_of_text = data.text_index.numpy()
-    teacher_feature = measures[teacher_name]
-    distillable = claims.verdict(teacher_feature["delta_auc_ci"]) == claims.HOLDS
+    distillable = {
+        form: claims.verdict(measures[feature_key(teacher_name, form)]["delta_auc_ci"]) == claims.HOLDS
+        for form in FORMS
+    }
     out: dict[str, Any] = {}
     speeds: dict[int, tuple[float, float]] = {}
     for layers in (int(k) for k in settings["students"]):
         for method in ("sukd", "nokd", "featurekd"):
             key = f"{method}_L{layers}"
-            folder = exp.runs_dir / "_students" / key
-            shutil.rmtree(folder, ignore_errors=True)  # a student never resumes another's weights
             with exp.stage(f"distill_{key}"):
+                feature, p, lm = student_feature(exp, key, method, layers, teacher, data, targets)
+                measures.update(judge.judge(feature))
                 if method == "featurekd":
-                    student = distill.fit_feature_kd(
-                        teacher.lm, data, layers, text_loop, folder, teacher_vectors, exp.progress
-                    )
-                    vectors = distill.pooled_vectors(student.lm, data).numpy()[rows_of_text]
-                    feature = NlpFeature(key, "student", vectors, cascade=vectors)
-                    p = increment = judge.fit_increment(feature)  # a cascade feature: E0 + it
-                    lm = student.lm
-                else:
-                    weight = float(settings["weight"]) if method == "sukd" else 0.0
-                    joint = distill.fit_joint_student(
-                        teacher.model,
-                        teacher.lm,
-                        data,
-                        layers,
-                        weight,
-                        joint_loop,
-                        folder,
-                        targets,
-                        exp.progress,
-                    )
-                    p = predict(joint.model, data, test, TextBatcher.for_data(joint.lm, data))
-                    output = distill.supplementary_outputs(joint.model, joint.lm, data).numpy()[rows_of_text]
-                    feature = NlpFeature.of_output(key, "student", output)
-                    increment = judge.fit_increment(feature)
-                    lm = joint.lm
-                measures[key] = judge.measure(feature, increment)
+                    p = judge.increments[feature_key(key, VECTOR)]  # deployed as E0 + its vector
                 if layers not in speeds:  # timed side by side, on the same texts
                     speeds[layers] = (
                         distill.inference_rows_per_s(lm, sample),
                         distill.inference_rows_per_s(teacher.lm, sample),
                     )
-                out[key] = judge.student_entry(method, layers, p, measures[key])
-                out[key].update(judge.conversion(key, teacher_name) if distillable else NOT_DISTILLED)
-                out[key]["rows_per_s"], out[key]["teacher_rows_per_s"] = speeds[layers]
-    teacher_entry = exp.runs[teacher_name]
-    teacher_info = {
+                entry = judge.student_entry(method, layers, p)
+                for form in FORMS:
+                    form_entry = judge.feature_entry(measures[feature_key(key, form)])
+                    if distillable[form]:
+                        form_entry.update(
+                            judge.conversion(feature_key(key, form), feature_key(teacher_name, form))
+                        )
+                    else:
+                        form_entry.update(NOT_DISTILLED)
+                    entry[form] = form_entry
+                entry["rows_per_s"], entry["teacher_rows_per_s"] = speeds[layers]
+                out[key] = entry
+    return out, teacher_entry(exp, teacher_name, measures, distillable)
+
+
+def teacher_entry(
+    exp: Experiment, teacher_name: str, measures: Mapping[str, Any], distillable: Mapping[str, bool]
+) -> dict[str, Any]:
+    """What the report says of the teacher: how it was chosen, end to end, and as a feature per form."""
+    protocol, judge = exp.protocol, exp.judge
+    settings = protocol["distill"]
+    run = exp.runs[teacher_name]
+    return {
         "run": teacher_name,
         "fusion": teacher_name.removeprefix("joint_"),
-        "selected_by": "validation ΔAUC of its LM feature over E0"
+        "selected_by": "validation ΔAUC of its LM feature (score form) over E0"
         if settings["teacher_fusion"] == "best"
         else "distill.teacher_fusion",
-        "valid_delta_auc": {f"joint_{f}": judge.valid_gain[f"joint_{f}"] for f in protocol["fusions"]},
-        "layers": int(protocol["joint_lm_layers"]),
-        "auc": teacher_entry["auc"],
-        "rig": teacher_entry["rig"],
-        "gauc": teacher_entry["gauc"],
-        "feature_delta_auc": teacher_feature["delta_auc"],
-        "feature_delta_auc_ci": teacher_feature["delta_auc_ci"],
-        "feature_delta_rig": teacher_feature["delta_rig"],
-        "nothing_to_distil": not distillable,
+        "valid_delta_auc": {
+            f"joint_{f}": judge.valid_gain[feature_key(f"joint_{f}", SCORE)] for f in protocol["fusions"]
+        },
+        "layers": int(protocol["lm_layers"]),
+        "auc": run["auc"],
+        "rig": run["rig"],
+        "gauc": run["gauc"],
+        **{form: judge.feature_entry(measures[feature_key(teacher_name, form)]) for form in FORMS},
+        "nothing_to_distil": {form: not ok for form, ok in distillable.items()},
     }
-    return out, teacher_info

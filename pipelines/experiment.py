@@ -80,10 +80,10 @@ def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False
             raise UserError(f"--config {config_file} does not exist")
         protocol = deep_merge(protocol, yaml.safe_load(config_file.read_text()) or {})
     students = [int(k) for k in protocol["distill"]["students"]]
-    if students and max(students) > int(protocol["joint_lm_layers"]):
+    if students and max(students) > int(protocol["lm_layers"]):
         raise UserError(
-            f"students of {max(students)} layers need a teacher of at least as many; joint_lm_layers is "
-            f"{protocol['joint_lm_layers']}"
+            f"students of {max(students)} layers need a teacher of at least as many; lm_layers is "
+            f"{protocol['lm_layers']}"
         )
     if students and protocol["distill"]["teacher_fusion"] not in ["best", *protocol["fusions"]]:
         raise UserError(f"distill.teacher_fusion must be `best` or one of fusions {protocol['fusions']}")
@@ -106,20 +106,27 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     claim_output_dir(args.out, JOB, inputs=inputs, create=True)
     if args.dataset == SIMULATED:
         results = run_sweep(args, protocol)
-        trends = results["simulator"]["trends"]
-        shown = ", ".join(f"{k} {v['spearman']:+.2f}" for k, v in trends.items() if k.endswith(":delta_auc"))
+        simulator = results["simulator"]
+        shown = ", ".join(f"{p['id']}/{p['form']} {p['verdict']}" for p in simulator["predictions"])
+        control = simulator["verdicts_by_rho"].get("lm_stage_beats_probe", {})
+        beats = ", ".join(f"rho {r} {v['verdict']}" for r, v in control.items())
         results["summary"] = (
-            f"experiment simulated: {len(results['simulator']['rho'])} rho values x {results['rows']} rows; "
-            f"Spearman vs rho of ΔAUC: {shown}; {results['wall_seconds']:.0f} s -> {args.out}/results.json"
+            f"experiment simulated: {len(simulator['rho'])} rho values x {results['rows']} rows, seeds "
+            f"{simulator.get('seeds', [results['seed']])}; predictions: {shown}; LM stage beats the probe: "
+            f"{beats}; {results['wall_seconds']:.0f} s -> {args.out}/report.md"
         )
         return results
     results = run_protocol(args, protocol, args.dataset, args.out)
     runs = results["runs"]
     best = max((k for k in runs if k != BASELINE_RUN), key=lambda k: runs[k]["auc"])
     verdicts = ", ".join(
-        f"{c['id']}{'@L' + str(c['detail']['layers']) if 'layers' in c['detail'] else ''} {c['verdict']}"
+        f"{c['id']}/{c['form']}{'@L' + str(c['detail']['layers']) if 'layers' in c['detail'] else ''} "
+        f"{c['verdict']}"
         for c in results["claims"]
     )
+    control = next((c for c in results.get("controls", []) if "delta_valid_logloss" in c), None)
+    if control is not None:
+        verdicts += f"; LM stage beats the probe (valid log loss): {control['verdict']}"
     results["summary"] = (
         f"experiment {results['dataset']}: E0 AUC {runs[BASELINE_RUN]['auc']:.4f}; best {best} "
         f"{runs[best]['auc']:.4f} (ΔAUC {runs[best]['delta_auc_vs_baseline']:+.4f}); "

@@ -27,12 +27,14 @@ from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
 from nlpctr.layout import lm_features_dir, read_manifest
 from nlpctr.models import claims, redundancy, report
 from nlpctr.models.increments import FeatureJudge
-from nlpctr.models.nlp_features import NlpFeature, frozen_vectors, lm_feature
+from nlpctr.models.nlp_features import FORMS, NlpFeature, feature_key, frozen_vectors, lm_feature
+from nlpctr.models.training import LmStep
 from nlpctr.pipelines import ctr_stats, distillation, embed_text, feature_store_cli, ingest, train
 from nlpctr.pipelines.ownership import claim_output_dir
 
 JOB = "experiment"
 BASELINE_RUN = "baseline"
+JOINT_PROBE = "joint_probe"
 
 
 class Experiment:
@@ -76,9 +78,11 @@ class Experiment:
 
     # -------------------------------------------------------------------- E0-E3
 
-    def train(self, run: str, mode: str, fusion: str | None = None) -> train.TrainResult:
-        layers = {"cascade-finetuned": "lm_layers", "joint": "joint_lm_layers"}.get(mode)
-        warm_start = mode == "joint" and self.protocol["joint_init_from_baseline"]
+    def train(
+        self, run: str, mode: str, fusion: str | None = None, probe_only: bool = False
+    ) -> train.TrainResult:
+        layers = "lm_layers" if mode in train.LM_MODES else None  # E2 and E3: one LM
+        warm_start = mode == "joint" and (self.protocol["joint_init_from_baseline"] or probe_only)
         request = train.TrainRequest(
             mode=mode,
             data_dir=self.data_dir,
@@ -90,6 +94,7 @@ class Experiment:
             config_file=self.train_config_file,
             init_from=BASELINE_RUN if warm_start else None,
             progress=self.progress,
+            probe_only=probe_only,
         )
         with self.stage(f"train_{run}"):
             trained = train.train(request)
@@ -104,6 +109,8 @@ class Experiment:
         self.trained["cascade_finetuned"] = self.train("cascade_finetuned", "cascade-finetuned")
         for fusion in self.protocol["fusions"]:
             self.trained[f"joint_{fusion}"] = self.train(f"joint_{fusion}", "joint", fusion)
+        # the probe-only control: the score fusion's head on the frozen LM, E0 frozen
+        self.trained[JOINT_PROBE] = self.train(JOINT_PROBE, "joint", "score", probe_only=True)
         self.load_test_set()
         for name, trained in self.trained.items():
             self.runs[name] = self.run_entry(name, trained.results)
@@ -141,6 +148,8 @@ class Experiment:
             wall_seconds=results["wall_seconds"],
             train_rows_per_s=results["train_rows_per_s"],
             best_valid_logloss=results.get("best_valid_logloss"),
+            budget=results.get("budget"),
+            encoder=results.get("encoder"),
         )
         if results.get("stages"):  # the joint recipe: per stage, and its validation curve
             entry["stages"] = results["stages"]
@@ -151,57 +160,74 @@ class Experiment:
 
     # -------------------------------------------------------------------- redundancy
 
-    def feature_of_lm(self, run: str, epoch_folder: str, kind: str, name: str) -> NlpFeature:
-        folder = lm_features_dir(self.data_dir, lm_feature_slug(run)) / epoch_folder
+    def feature_of_lm(self, run: str, checkpoint: str, kind: str, name: str) -> NlpFeature:
+        folder = lm_features_dir(self.data_dir, lm_feature_slug(run)) / checkpoint
         return lm_feature(folder, self.judge.frame, kind, name)
 
     def redundancy(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Every NLP feature's measures, and E2's standalone-vs-gain curve over its checkpoints."""
+        """Every NLP feature's measures in both forms (`<feature>/<form>`), and E2's
+        standalone-vs-gain curve over its checkpoints."""
         judge = self.judge
         measures: dict[str, Any] = {}
         with self.stage("redundancy_frozen"):
-            frozen = NlpFeature("frozen", "frozen", frozen_vectors(judge.frame))
-            measures["frozen"] = judge.measure(frozen, judge.saved_predictions("cascade_frozen"))
+            measures.update(judge.judge(NlpFeature("frozen", "frozen", frozen_vectors(judge.frame))))
         e2 = self.trained["cascade_finetuned"].lm_step
         assert e2 is not None
-        points = []
         with self.stage("redundancy_cascade_finetuned"):
-            for folder in sorted(e2.features, key=lambda f: int(f.split("-")[1])):
+            for folder in e2.checkpoints:
                 name = f"cascade_finetuned@{folder}"
                 feature = self.feature_of_lm("cascade_finetuned", folder, "cascade_finetuned", name)
-                increment = judge.fit_increment(feature)
+                measures.update(judge.judge(feature))
                 if folder == e2.chosen:
-                    through_feast = judge.saved_predictions("cascade_finetuned")
-                    self.feast_agreement = float(np.max(np.abs(increment - through_feast)))
-                measures[name] = judge.measure(feature, increment)
-                points.append(
-                    {
-                        "checkpoint": folder,
-                        "standalone_auc": measures[name]["standalone_auc"],
-                        "delta_auc": measures[name]["delta_auc"],
-                        "delta_rig": measures[name]["delta_rig"],
-                        "chosen": folder == e2.chosen,
-                        "valid_auc_standalone": next(
-                            h["valid_auc"] for h in e2.history if f"epoch-{int(h['epoch'])}" == folder
-                        ),
-                    }
-                )
-        for fusion in self.protocol["fusions"]:
-            run = f"joint_{fusion}"
+                    self.feast_agreement = self.served_agreement(name, judge.increments)
+        for run in [*(f"joint_{f}" for f in self.protocol["fusions"]), JOINT_PROBE]:
             with self.stage(f"redundancy_{run}"):
-                folder = f"epoch-{self.trained[run].fit.best_epoch}"
-                feature = self.feature_of_lm(run, folder, "joint", run)
-                measures[run] = judge.measure(feature, judge.fit_increment(feature))
-        return measures, redundancy.e2_curve(points)
+                folder = f"step-{self.trained[run].fit.best_step}"
+                kind = "probe" if run == JOINT_PROBE else "joint"
+                measures.update(judge.judge(self.feature_of_lm(run, folder, kind, run)))
+        return measures, redundancy.e2_curve(e2_points(e2, measures))
+
+    def served_agreement(self, served: str, increments: dict[str, np.ndarray]) -> float:
+        """E2's CTR run (its feature through Feast, in the form `cascade_form` names) against E0 +
+        the same feature in memory: the max absolute difference of their test predictions."""
+        increment = increments[
+            feature_key(served, self.trained["cascade_finetuned"].results["config"]["cascade_form"])
+        ]
+        return float(np.max(np.abs(increment - self.judge.saved_predictions("cascade_finetuned"))))
 
     # -------------------------------------------------------------------- the paper's claims
 
     def claims(self, teacher: str) -> list[dict[str, Any]]:
-        """The paper's three claims (`models/claims.py`), each judged as cascaded NLP features."""
+        """The paper's claims (`models/claims.py`), each judged in both forms of NLP features."""
         e2 = self.trained["cascade_finetuned"].lm_step
         assert e2 is not None
         students = (int(k) for k in self.protocol["distill"]["students"])
         return [c.to_dict() for c in claims.protocol_claims(self.judge, e2.chosen, teacher, students)]
+
+    def controls(self) -> list[dict[str, Any]]:
+        """Each learned part beside its simpler control: the joint run against its probe-only
+        control on validation log loss, and their LM features added to E0, per form."""
+        judge, run = self.judge, "joint_score"
+        if run not in self.trained:
+            return []
+        valid = judge.valid_logloss_delta(run, JOINT_PROBE)
+        valid.update(
+            id=claims.LM_STAGE_BEATS_PROBE,
+            statement="the joint run's LM stage lowers validation log loss below its probe-only control's",
+            verdict=claims.verdict(valid["delta_valid_logloss_ci"], side=-1),
+        )
+        out = [valid]
+        for form in FORMS:
+            delta = judge.paired(feature_key(run, form), feature_key(JOINT_PROBE, form))
+            claim = claims.from_delta(
+                claims.JOINT_FEATURE_BEATS_PROBE_FEATURE,
+                "the joint LM's feature adds more to E0 than the probe-only control's (the frozen LM)",
+                delta,
+                detail={"joint_feature": run, "probe_feature": JOINT_PROBE},
+                form=form,
+            )
+            out.append(claim.to_dict())
+        return out
 
     def results(self, dataset: str, started: float, **sections: Any) -> dict[str, Any]:
         assert self.judge.ceiling is not None
@@ -235,6 +261,20 @@ class Experiment:
         }
 
 
+def e2_points(e2: LmStep, measures: dict[str, Any]) -> list[dict[str, Any]]:
+    """E2's curve: per checkpoint, its standalone validation AUC and each form's gain over E0."""
+    points = []
+    for folder, checkpoint in e2.checkpoints.items():
+        name = f"cascade_finetuned@{folder}"
+        point: dict[str, Any] = {"checkpoint": folder, "step": checkpoint.step, "chosen": folder == e2.chosen}
+        point["valid_auc_standalone"] = checkpoint.valid_auc
+        for form in FORMS:
+            m = measures[feature_key(name, form)]
+            point[form] = {k: m[k] for k in ("standalone_auc", "delta_auc", "delta_rig", "valid_delta_auc")}
+        points.append(point)
+    return points
+
+
 def run_protocol(
     args: argparse.Namespace, protocol: dict[str, Any], dataset: str, out: Path
 ) -> dict[str, Any]:
@@ -249,6 +289,7 @@ def run_protocol(
     if protocol["distill"]["students"]:
         sections["distillation"], sections["teacher"] = distillation.distil(exp, measures)
     sections["claims"] = exp.claims(distillation.teacher_run(protocol, exp.judge.valid_gain))
+    sections["controls"] = exp.controls()
     results = exp.results(dataset, started, **sections)
     write_results(results, out)
     return results

@@ -36,7 +36,7 @@ import json
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from nlpctr.models.config import MODES, encoder_config, load_config
 from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.evaluation import metric_report
-from nlpctr.models.joint import stage_summary
+from nlpctr.models.recipe import budget, stage_summary
 from nlpctr.models.runs import (
     CHECKPOINTS,
     PREDICTIONS_FILE,
@@ -102,6 +102,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"stream the training frame from parquet shards (default above {STREAMING_ROWS:,} impressions)",
     )
     memory.add_argument("--in-memory", dest="streaming", action="store_false", help="load it in memory")
+    parser.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="joint mode: train the fusion head alone on the frozen LM (the probe-only control)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -122,6 +127,7 @@ class TrainRequest:
     init_from: str | None = None  # joint mode: an E0 run in runs_dir
     streaming: bool | None = None  # None: stream above STREAMING_ROWS impressions
     progress: bool = True
+    probe_only: bool = False  # joint mode: the probe stage alone (the probe-only control)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainRequest:
@@ -138,6 +144,7 @@ class TrainRequest:
             init_from=args.init_from,
             streaming=args.streaming,
             progress=not args.no_progress,
+            probe_only=args.probe_only,
         )
 
     def checked(self) -> TrainRequest:
@@ -146,6 +153,8 @@ class TrainRequest:
             raise UserError(f"--fusion applies to --mode joint only (got --mode {self.mode})")
         if self.mode != "joint" and self.init_from is not None:
             raise UserError(f"--init-from applies to --mode joint only (got --mode {self.mode})")
+        if self.probe_only and (self.mode != "joint" or self.init_from is None):
+            raise UserError("--probe-only applies to --mode joint with --init-from E0RUN (a probe needs E0)")
         return replace(self, fusion=self.fusion or "score") if self.mode == "joint" else self
 
     def overrides(self) -> dict[str, Any]:
@@ -159,6 +168,8 @@ class TrainRequest:
                 overrides.setdefault(key, {})["seed"] = self.seed
         if self.layers is not None:
             overrides["encoder"] = {"layers": self.layers}
+        if self.probe_only:
+            overrides["recipe"] = {"lm_stage": False}
         return overrides
 
 
@@ -320,13 +331,16 @@ def in_memory(
     pre, data, model, texts, result = fit_ctr(
         frame, columns, setup.fit_inputs, setup.run_dir / CHECKPOINTS / "ctr"
     )
-    test = data.rows("test")
+    test, valid = data.rows("test"), data.rows("valid")
     p_test = predict(model, data, test, texts)
     ctr_train = train_ctr(labels_of(data, data.rows("train")))
     report = metric_report(labels_of(data, test), p_test, ctr_train, setup.config["evaluation"])
-    pd.DataFrame(
-        {"impression_id": data.impression_id[test.numpy()], "split": "test", "p": p_test}
-    ).to_parquet(setup.run_dir / PREDICTIONS_FILE, index=False)
+    # validation predictions too: controls are compared on validation, the test split only judges
+    frames = [
+        pd.DataFrame({"impression_id": data.impression_id[rows.numpy()], "split": split, "p": p})
+        for split, rows, p in (("test", test, p_test), ("valid", valid, predict(model, data, valid, texts)))
+    ]
+    pd.concat(frames, ignore_index=True).to_parquet(setup.run_dir / PREDICTIONS_FILE, index=False)
     return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, frame)
 
 
@@ -386,9 +400,10 @@ def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
     else:
         lm_step = train_lm_alone(feature_store.training_frame(setup.data_dir, BASELINE), *lm_args)
     view = lm_view_name(setup.slug)
-    columns = FeatureColumns.for_manifest(
-        setup.manifest, cascade=[f"{view}__lm_embedding"], scores=[f"{view}__lm_score"]
-    )
+    if setup.config["cascade_form"] == "vector":
+        columns = FeatureColumns.for_manifest(setup.manifest, cascade=[f"{view}__lm_embedding"])
+    else:
+        columns = FeatureColumns.for_manifest(setup.manifest, scores=[f"{view}__lm_score"])
     trained = train_service(setup, f"cascade_finetuned_{setup.slug}", columns, lm_step.encoder_version)
     trained.lm_step = lm_step
     return trained
@@ -406,10 +421,20 @@ def train_joint(setup: RunSetup) -> TrainedModel:
         setup.config,
         setup.data_dir,
         setup.slug,
-        trained.fit.best_epoch,
+        trained.fit.best_step,
         publisher(setup.data_dir),
     )
     return trained
+
+
+LM_MODES = ("cascade-finetuned", "joint")
+
+
+def lm_budget(trained: TrainedModel, result: FitResult) -> dict[str, Any] | None:
+    """The LM recipe's budget per stage: E2's LM step's, or the joint run's own."""
+    if trained.lm_step is not None:
+        return budget(trained.lm_step.stages)
+    return budget(result.stages) if result.stages else None
 
 
 TRAIN_MODE: dict[str, Callable[[RunSetup], TrainedModel]] = {
@@ -451,9 +476,7 @@ def train(request: TrainRequest) -> TrainResult:
         "split": manifest["split"]["mode"],
         "mode": request.mode,
         "fusion": request.fusion,
-        "layers": int(config["encoder"]["layers"])
-        if request.mode in ("cascade-finetuned", "joint")
-        else None,
+        "layers": int(config["encoder"]["layers"]) if request.mode in LM_MODES else None,
         "epochs": epochs_trained(result),
         "best_epoch": result.best_epoch,
         "best_step": result.best_step,
@@ -462,6 +485,8 @@ def train(request: TrainRequest) -> TrainResult:
         "best_valid_logloss": result.best["valid_logloss"],
         "history": result.history,
         "stages": result.stages or None,
+        "budget": lm_budget(trained, result),
+        "encoder": asdict(encoder_config(config)) if request.mode in LM_MODES else None,
         "wall_seconds": wall,
         "fit_wall_seconds": result.wall_seconds,
         "eval_seconds": result.eval_seconds,

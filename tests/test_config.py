@@ -11,7 +11,7 @@ import yaml
 from nlpctr.models.config import DEFAULT_CONFIG, encoder_config, load_config, loop_config, net_config
 from nlpctr.models.ctr_net import NetConfig
 from nlpctr.models.encoder import EncoderConfig
-from nlpctr.models.joint import JointConfig, ProbeConfig, StageConfig
+from nlpctr.models.recipe import ProbeConfig, RecipeConfig, Stage2Config
 from nlpctr.models.trainer import LoopConfig
 
 DEFAULTS = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -27,23 +27,25 @@ def test_the_yaml_loop_is_the_loop_config_default() -> None:
 
 
 def test_the_lm_loop_differs_only_where_it_says_so() -> None:
-    """E2's LM loop lists its own values; what it leaves out is the loop default."""
+    """The LM stage's loop (E2 and E3) lists its own values; what it leaves out is the loop default."""
     assert set(DEFAULTS["lm_loop"]) <= field_names(LoopConfig)
     lm_loop = loop_config(DEFAULTS, "lm_loop")
     unlisted = field_names(LoopConfig) - set(DEFAULTS["lm_loop"])
     assert all(getattr(lm_loop, name) == getattr(LoopConfig(), name) for name in unlisted)
 
 
-def test_net_joint_and_encoder_sections_match_their_dataclasses() -> None:
+def test_net_recipe_and_encoder_sections_match_their_dataclasses() -> None:
     assert set(DEFAULTS["net"]) == field_names(NetConfig)
     assert net_config(DEFAULTS) == NetConfig()
-    assert JointConfig.from_dict(DEFAULTS["joint"]) == JointConfig()
-    for stage in ("stage1", "stage2"):
-        assert set(DEFAULTS["joint"][stage]) == field_names(StageConfig)
-    assert set(DEFAULTS["joint"]["probe"]) == field_names(ProbeConfig)
+    assert RecipeConfig.from_dict(DEFAULTS["recipe"]) == RecipeConfig(
+        probe=ProbeConfig(**DEFAULTS["recipe"]["probe"]), stage2=Stage2Config(**DEFAULTS["recipe"]["stage2"])
+    )
+    assert set(DEFAULTS["recipe"]) == field_names(RecipeConfig)
+    assert set(DEFAULTS["recipe"]["stage2"]) == field_names(Stage2Config)
+    assert set(DEFAULTS["recipe"]["probe"]) == field_names(ProbeConfig)
     assert set(DEFAULTS["encoder"]) == field_names(EncoderConfig)
 
 
-def test_joint_mode_validates_within_epochs_on_cached_layers() -> None:
-    joint = load_config("joint")
-    assert loop_config(joint).eval_every_steps and encoder_config(joint).trainable_layers
+def test_the_lm_stage_validates_every_quarter_epoch_on_cached_layers() -> None:
+    config = load_config("joint")
+    assert loop_config(config, "lm_loop").evals_per_epoch >= 4 and encoder_config(config).trainable_layers

@@ -16,33 +16,39 @@ from nlpctr.errors import UserError
 from nlpctr.models import claims
 from nlpctr.pipelines import experiment, rho_sweep, simulate
 
+
+class _Any:
+    """Equal to any number (a stage's seconds differ between two runs of it)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, float | int)
+
+
+ANY_S = _Any()
+
 TINY = {
     "embed_layers": 1,
-    "lm_layers": 1,
-    "joint_lm_layers": 2,
+    "lm_layers": 2,
     "fusions": ["score"],
     "train_config": {
         "net": {"hidden": [32, 16]},
         "loop": {"epochs": 4, "patience": 1},
-        "lm_loop": {"epochs": 2, "max_batches_per_epoch": 25},
+        # E2's and E3's LM stage: 2 epochs of 8 steps, validated (E2: checkpointed) every 4
+        "lm_loop": {"epochs": 2, "max_batches_per_epoch": 8, "batch_size": 64, "evals_per_epoch": 2},
+        "recipe": {"probe": {"epochs": 3}},
         "encoder": {"max_length": 24},
         "evaluation": {"bootstrap_rounds": 50},
-        "modes": {
-            "joint": {
-                "loop": {"epochs": 1, "max_batches_per_epoch": 30, "eval_every_steps": 10},
-                "encoder": {"trainable_layers": 1},
-            }
-        },
     },
     "distill": {
         "teacher_fusion": "score",
         "students": [1],
-        "loop": {"epochs": 1, "max_batches_per_epoch": 20},
-        "feature_kd": {"epochs": 1, "max_batches_per_epoch": 20},
+        "loop": {"epochs": 1, "max_batches_per_epoch": 10, "batch_size": 64},
+        "feature_kd": {"epochs": 1, "max_batches_per_epoch": 10, "batch_size": 64},
         "throughput_texts": 64,
     },
     "redundancy": {"max_rows": 2000},
 }
+FORMS = ("score", "vector")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,13 @@ def protocol_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) ->
 def test_results_follow_the_documented_schema(protocol_run: dict) -> None:
     results = protocol_run["results"]
     assert {"dataset", "seed", "split", "runs", "redundancy", "distillation", "provenance"} <= set(results)
-    assert set(results["runs"]) == {"baseline", "cascade_frozen", "cascade_finetuned", "joint_score"}
+    assert set(results["runs"]) == {
+        "baseline",
+        "cascade_frozen",
+        "cascade_finetuned",
+        "joint_score",
+        "joint_probe",
+    }
     for name, run in results["runs"].items():
         assert 0.0 < run["auc"] < 1.0 and run["auc_ci"][0] <= run["auc"] <= run["auc_ci"][1]
         if name != "baseline":
@@ -78,62 +90,118 @@ def test_results_follow_the_documented_schema(protocol_run: dict) -> None:
     assert teacher["run"] == "joint_score" and set(teacher["valid_delta_auc"]) == {"joint_score"}
     for name, entry in results["distillation"].items():
         assert entry["rows_per_s"] > 0 and entry["teacher_rows_per_s"] > 0
-        # Judged as a feature added to E0: the student's feature gain over the teacher feature's.
-        assert entry["feature_delta_auc"] == results["redundancy"][name]["delta_auc"]
-        if teacher["nothing_to_distil"]:
-            assert entry["conversion_auc"] is None and entry["conversion_note"].startswith(
-                "nothing to distil"
-            )
-        else:
-            expected = entry["feature_delta_auc"] / teacher["feature_delta_auc"]
-            assert entry["conversion_auc"] == pytest.approx(expected, rel=1e-6)
-            low, high = entry["conversion_auc_ci"]
-            assert low <= entry["conversion_auc"] <= high
+        for form in FORMS:  # judged as a feature added to E0, in each form, against the teacher's
+            student, measured = entry[form], results["redundancy"][f"{name}/{form}"]
+            assert student["feature_delta_auc"] == measured["delta_auc"] and student["dim"] == measured["dim"]
+            if teacher["nothing_to_distil"][form]:
+                assert student["conversion_auc"] is None
+                assert student["conversion_note"].startswith("nothing to distil")
+            else:
+                expected = student["feature_delta_auc"] / teacher[form]["feature_delta_auc"]
+                assert student["conversion_auc"] == pytest.approx(expected, rel=1e-6)
+                low, high = student["conversion_auc_ci"]
+                assert low <= student["conversion_auc"] <= high
 
 
-def test_claims_carry_paired_cis_and_verdicts_that_follow_them(protocol_run: dict) -> None:
+def test_claims_are_decided_within_one_form_at_one_width(protocol_run: dict) -> None:
     results = protocol_run["results"]
-    found = {c["id"]: c for c in results["claims"]}
-    assert set(found) == {claims.PEAK_AUC_NOT_BEST, claims.JOINT_BEATS_FINETUNED, claims.SUKD_BEATS_FEATUREKD}
+    ids = {claims.PEAK_AUC_NOT_BEST, claims.JOINT_BEATS_FINETUNED, claims.SUKD_BEATS_FEATUREKD}
+    ids.add(claims.SUKD_BEATS_NOKD)
+    assert {(c["id"], c["form"]) for c in results["claims"]} == {(i, f) for i in ids for f in FORMS}
+    redundancy = results["redundancy"]
     for claim in results["claims"]:
         low, high = claim["ci"]
         assert low <= claim["estimate"] <= high
         assert claim["verdict"] == claims.verdict(claim["ci"])
-    joint = found[claims.JOINT_BEATS_FINETUNED]
-    redundancy = results["redundancy"]
+        detail, form = claim["detail"], claim["form"]
+        sides = [detail.get(k) for k in ("joint_feature", "finetuned_feature", "sukd", "other")]
+        sides += [detail.get("best_feature_checkpoint"), detail.get("peak_auc_checkpoint")]
+        widths = {redundancy[f"{side}/{form}"]["dim"] for side in sides if side}
+        assert widths == {detail["dim"]}, claim  # both sides reach E0 at one width
+        if form == "score":
+            assert detail["dim"] == 1
+    joint = next(
+        c for c in results["claims"] if c["id"] == claims.JOINT_BEATS_FINETUNED and c["form"] == "score"
+    )
     gap = (
-        redundancy["joint_score"]["delta_auc"] - redundancy[joint["detail"]["finetuned_feature"]]["delta_auc"]
+        redundancy["joint_score/score"]["delta_auc"]
+        - redundancy[f"{joint['detail']['finetuned_feature']}/score"]["delta_auc"]
     )
     assert joint["estimate"] == pytest.approx(gap, abs=1e-9)
-    peak = found[claims.PEAK_AUC_NOT_BEST]["detail"]
+    peak = next(c for c in results["claims"] if c["id"] == claims.PEAK_AUC_NOT_BEST)["detail"]
     chosen = next(p["checkpoint"] for p in results["e2_curve"]["points"] if p["chosen"])
     assert peak["peak_auc_checkpoint"] == f"cascade_finetuned@{chosen}"
     report = (protocol_run["out"] / "report.md").read_text()
     assert report.index("## The paper's claims") < report.index("## Runs")
 
 
+def test_the_lm_stage_is_judged_against_its_probe_only_control(protocol_run: dict) -> None:
+    results = protocol_run["results"]
+    controls = {(c["id"], c.get("form")): c for c in results["controls"]}
+    valid = controls[(claims.LM_STAGE_BEATS_PROBE, None)]
+    assert (valid["run"], valid["control"]) == ("joint_score", "joint_probe")
+    runs = results["runs"]
+    # the control is the joint run's own probe: the same head on the same frozen LM, stopped there
+    assert runs["joint_probe"]["stages"][0] == {
+        **runs["joint_score"]["stages"][0],
+        "wall_seconds": ANY_S,
+        "cpu_seconds": ANY_S,
+    }
+    low, high = valid["delta_valid_logloss_ci"]
+    assert low <= valid["delta_valid_logloss"] <= high
+    assert valid["verdict"] == claims.verdict(valid["delta_valid_logloss_ci"], side=-1)
+    assert valid["delta_valid_logloss"] == pytest.approx(
+        valid["run_valid_logloss"] - valid["control_valid_logloss"], abs=1e-9
+    )
+    for form in FORMS:
+        feature = controls[(claims.JOINT_FEATURE_BEATS_PROBE_FEATURE, form)]
+        assert feature["verdict"] == claims.verdict(feature["ci"])
+    assert "## Controls" in (protocol_run["out"] / "report.md").read_text()
+
+
+def test_e2_and_e3_share_one_lm_and_one_budget(protocol_run: dict) -> None:
+    runs = protocol_run["results"]["runs"]
+    e2, e3 = runs["cascade_finetuned"], runs["joint_score"]
+    assert e2["encoder"] == e3["encoder"] and e2["encoder"]["layers"] == 2
+    for key in ("steps", "rows_seen", "batch_size", "lr", "warmup_steps", "decay"):
+        assert e2["budget"]["lm"][key] == e3["budget"]["lm"][key], key
+    assert e2["budget"]["lm"]["steps"] == 16 and e2["budget"]["lm"]["rows_seen"] == 16 * 64
+    assert e2["budget"]["lm"]["cpu_seconds"] > 0
+    assert "### Budgets" in (protocol_run["out"] / "report.md").read_text()
+
+
 def test_joint_runs_record_their_stages_and_never_lose_to_e0(protocol_run: dict) -> None:
     runs = protocol_run["results"]["runs"]
     joint, e0 = runs["joint_score"], runs["baseline"]["best_valid_logloss"]
-    assert [s["name"] for s in joint["stages"]] == ["lm", "all"]
+    assert [s["name"] for s in joint["stages"]] == ["head", "lm"]
+    assert [s["name"] for s in runs["joint_probe"]["stages"]] == ["head"]
     assert joint["stages"][0]["start_valid_logloss"] == e0
-    assert joint["best_valid_logloss"] <= e0
+    assert joint["best_valid_logloss"] <= joint["stages"][1]["start_valid_logloss"] <= e0
     assert joint["valid_curve"][0] == {**joint["valid_curve"][0], "step": 0, "valid_logloss": e0}
     assert protocol_run["results"]["teacher"]["layers"] == 2
     assert "### Joint training stages" in (protocol_run["out"] / "report.md").read_text()
 
 
-def test_every_nlp_feature_is_measured(protocol_run: dict) -> None:
+def test_every_nlp_feature_is_measured_in_both_forms(protocol_run: dict) -> None:
     redundancy = protocol_run["results"]["redundancy"]
-    kinds = {name: entry["kind"] for name, entry in redundancy.items()}
-    assert kinds["frozen"] == "frozen"
-    assert {k for k, v in kinds.items() if v == "joint"} == {"joint_score"}
-    assert sum(v == "cascade_finetuned" for v in kinds.values()) == 2  # one per E2 checkpoint
-    assert {"sukd_L1", "nokd_L1", "featurekd_L1"} == {k for k, v in kinds.items() if v == "student"}
-    for entry in redundancy.values():
+    features = {entry["feature"]: entry["kind"] for entry in redundancy.values()}
+    assert features["frozen"] == "frozen" and features["joint_probe"] == "probe"
+    assert {k for k, v in features.items() if v == "joint"} == {"joint_score"}
+    assert sum(v == "cascade_finetuned" for v in features.values()) == 5  # step 0, 4, 8, 12, 16
+    assert {"sukd_L1", "nokd_L1", "featurekd_L1"} == {k for k, v in features.items() if v == "student"}
+    assert set(redundancy) == {f"{feature}/{form}" for feature in features for form in FORMS}
+    for key, entry in redundancy.items():
+        assert key == f"{entry['feature']}/{entry['form']}"
+        assert entry["dim"] == 1 if entry["form"] == "score" else entry["dim"] > 1
         assert 0.0 <= entry["standalone_auc"] <= 1.0
         assert entry["cka"] == pytest.approx(entry["cka"]) and 0.0 <= entry["cka"] <= 1.0 + 1e-9
         assert entry["explained_fraction"] <= 1.0
+    # a score from the LM's own head where it has one, else from a probe on its vectors
+    sources = {
+        entry["feature"]: entry["score_source"] for entry in redundancy.values() if entry["form"] == "score"
+    }
+    assert sources["joint_score"] == sources["sukd_L1"] == "head" and sources["frozen"] == "probe"
+    assert sources["featurekd_L1"] == "probe"
     curve = protocol_run["results"]["e2_curve"]
     assert sum(point["chosen"] for point in curve["points"]) == 1
 
@@ -177,7 +245,7 @@ def test_report_and_plots_are_written(protocol_run: dict) -> None:
 
 def test_students_deeper_than_the_teacher_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text(yaml.safe_dump({"joint_lm_layers": 1, "distill": {"students": [1, 2]}}))
+    config.write_text(yaml.safe_dump({"lm_layers": 1, "distill": {"students": [1, 2]}}))
     with pytest.raises(UserError, match="students of 2 layers"):
         experiment.load_protocol(quick=True, config_file=config)
 
@@ -189,40 +257,44 @@ def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({**TINY, **SWEEP}))
     out = tmp_path / "sweep"
     results = experiment.run(
-        ["--dataset", "simulated", "--rho", "0,0.5,1", "--quick", "--config", str(config), "--out", str(out)]
+        ["--dataset", "simulated", "--rho", "0,1", "--quick", "--config", str(config), "--out", str(out)]
     )
-    trends = results["simulator"]["trends"]
-    finetuned = next(k.split(":")[0] for k in trends if k.startswith("cascade_finetuned@"))
+    simulator = results["simulator"]
+    trends = simulator["trends"]
     for probe in ("explained_fraction", "explained_fraction_representation"):
-        assert trends[f"{finetuned}:{probe}"]["rises"], trends[f"{finetuned}:{probe}"]["values"]
-    # The cascade gain falls as rho rises: monotone for the frozen cascade; E2's middle point
-    # is within noise at this size, so its gain is checked end to end.
-    assert trends["frozen:delta_auc"]["falls"], trends["frozen:delta_auc"]["values"]
-    e2_gain = trends[f"{finetuned}:delta_auc"]["values"]
-    assert e2_gain[-1] < e2_gain[0] - 0.01, e2_gain
-    # ... and so does the joint feature's (the stated prediction: every text feature's gain
-    # falls towards 0 at rho = 1; the joint arm learns the text since it reads query and ad apart).
-    joint_gain = trends["joint_concat:delta_auc"]["values"]
-    assert joint_gain[-1] < joint_gain[0] - 0.01, joint_gain
+        trend = trends[f"cascade_finetuned/vector:{probe}"]
+        assert trend["rises"], trend["values"]
+    # Every text feature's gain over E0 falls as rho rises (the stated prediction: towards 0 at
+    # rho = 1, where the ad ID knows the whole text effect), in both forms.
+    for feature in ("frozen", "cascade_finetuned", "joint_score"):
+        for form in FORMS:
+            gain = trends[f"{feature}/{form}:delta_auc"]["values"]
+            assert gain[-1] < gain[0] - 0.005, (feature, form, gain)
     assert (out / "simulator.png").is_file()
     # Every rho has its ceilings and says whether E0 is near its no-text oracle.
-    for entry in results["simulator"]["per_rho"].values():
+    for entry in simulator["per_rho"].values():
         assert entry["ceilings"]["oracle"]["auc"] > entry["ceilings"]["no_text_oracle"]["auc"]
         assert isinstance(entry["e0_near_no_text_oracle"], bool)
         assert entry["e0_rig_over_no_text_oracle_rig"] == entry["ceilings"]["e0_rig_over_no_text_oracle_rig"]
     assert (out / "simulator_shares.png").is_file()
     # No feature recovers more than the achievable text gain, up to noise (its CI starts below 1).
-    for rho, entry in results["simulator"]["per_rho"].items():
+    for rho, entry in simulator["per_rho"].items():
         for name, feature in entry["redundancy"].items():
             share = feature["share_of_text_gain"]["rig"]
             assert share["ci"][0] < 1.0, (rho, name, share)
-    # The stated predictions, with their parts: every click-trained feature, every rho >= 0.5.
-    predictions = {p["id"]: p for p in results["simulator"]["predictions"]}
-    click_trained = {"cascade_finetuned", "joint_concat"}
-    assert set(predictions["explained_fraction_rises"]["parts"]) == click_trained
-    assert set(predictions["incremental_gain_falls"]["parts"]) == {"frozen", *click_trained}
-    assert list(predictions["joint_share_at_least_e2"]["parts"]) == ["0.5", "1"]
-    assert "## Predictions" in (out / "report.md").read_text()
+    # The stated predictions per form, with their parts: every click-trained feature, every rho >= 0.5.
+    predictions = {(p["id"], p["form"]): p for p in simulator["predictions"]}
+    click_trained = {"cascade_finetuned", "joint_score"}
+    for form in FORMS:
+        assert set(predictions[("explained_fraction_rises", form)]["parts"]) == click_trained
+        assert set(predictions[("incremental_gain_falls", form)]["parts"]) == {"frozen", *click_trained}
+        assert list(predictions[("joint_share_at_least_e2", form)]["parts"]) == ["1"]
+    # Each claim's and control's verdict at each rho
+    by_rho = simulator["verdicts_by_rho"]
+    assert set(by_rho["lm_stage_beats_probe"]) == {"0", "1"}
+    assert set(by_rho["joint_feature_beats_finetuned_feature/score"]) == {"0", "1"}
+    report = (out / "report.md").read_text()
+    assert "## Predictions" in report and "### Claims and controls at each ρ" in report
 
 
 def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_oracle(
@@ -244,7 +316,14 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
             "e0_near_no_text_oracle": rho > 0,
             "e0_rig_over_no_text_oracle_rig": 0.8 + rho,
         }
-        return {"redundancy": {"frozen": feature}, "runs": {}, "ceilings": ceiling}
+        control = {"id": claims.LM_STAGE_BEATS_PROBE, "delta_valid_logloss": -rho - args.seed}
+        control.update(delta_valid_logloss_ci=[-rho - 1, 1.0], verdict=claims.NOT_SIGNIFICANT)
+        return {
+            "redundancy": {"frozen/score": feature, "frozen/vector": feature},
+            "runs": {},
+            "ceilings": ceiling,
+            "controls": [control],
+        }
 
     monkeypatch.setattr(simulate, "run", commands.append)
     monkeypatch.setattr(rho_sweep, "run_protocol", fake_protocol)
@@ -255,18 +334,32 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
     per_rho = results["simulator"]["per_rho"]
     assert [per_rho[r]["e0_near_no_text_oracle"] for r in ("0", "1")] == [False, True]
     assert per_rho["1"]["e0_rig_over_no_text_oracle_rig"] == pytest.approx(1.8)
-    assert results["simulator"]["trends"]["frozen:share_of_text_gain_rig"]["falls"]
+    assert results["simulator"]["trends"]["frozen/score:share_of_text_gain_rig"]["falls"]
     assert (tmp_path / "sweep" / "simulator_shares.png").is_file()
+    assert "seeds" not in results["simulator"]  # one seed unless the protocol names others
     # 0: one binary impression per row, as before the flag existed.
     commands.clear()
     experiment.run([*argv, "--impressions-per-row", "0", "--out", str(tmp_path / "binary")])
     assert all("--impressions-per-row" not in c for c in commands)
     with pytest.raises(UserError, match="--impressions-per-row"):
         experiment.run(["--dataset", "upworthy", "--out", str(tmp_path / "x"), "--impressions-per-row", "5"])
+    # Extra seeds at some rho: their own folders, and the spread of every control over the seeds.
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text(yaml.safe_dump({"simulator": {"seeds": [0, 1, 2], "seed_rho": [1.0]}}))
+    out = tmp_path / "seeded"
+    results = experiment.run([*argv, "--out", str(out), "--config", str(seeds)])
+    assert results["simulator"]["seeds"] == [0, 1, 2] and set(results["simulator"]["per_seed"]) == {"1", "2"}
+    assert (out / "seed-1" / "rho-1").is_dir() and not (out / "seed-1" / "rho-0").exists()
+    spread = results["simulator"]["spread"]
+    assert list(spread) == ["1"]
+    control = spread["1"][claims.LM_STAGE_BEATS_PROBE]
+    assert control["values"] == [-1.0, -2.0, -3.0] and control["mean"] == pytest.approx(-2.0)
+    assert control["sd"] == pytest.approx(1.0) and control["verdicts"] == [claims.NOT_SIGNIFICANT] * 3
+    assert "### Over seeds" in (out / "report.md").read_text()
 
 
 SWEEP = {
-    "fusions": ["concat"],
+    "fusions": ["score"],
     "distill": {**TINY["distill"], "students": []},
     # Aggregated rows (20 impressions each), as the sweep runs: E0 near its no-text oracle.
     "simulator": {"rows": 1500, "text_strength": 1.5, "distill": False, "impressions_per_row": 20},
@@ -274,6 +367,6 @@ SWEEP = {
         **TINY["train_config"],
         # ~1,000 aggregated training rows: E0 needs epochs (4 gave it test AUC 0.39, 40 gave 0.82)
         "loop": {"epochs": 40, "patience": 3, "batch_size": 64},
-        "lm_loop": {"epochs": 1, "max_batches_per_epoch": 60},
+        "lm_loop": {"epochs": 2, "max_batches_per_epoch": 8, "batch_size": 64, "evals_per_epoch": 2},
     },
 }

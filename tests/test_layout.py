@@ -27,21 +27,24 @@ def old_meta_file(meta: dict) -> str:
 E2_META = {
     "run": "e2_small",
     "kind": "cascade_finetuned",
-    "chosen": "epoch-2",
-    "epochs": ["epoch-1", "epoch-2", "epoch-3"],
+    "chosen": "step-20",
+    "checkpoints": ["step-0", "step-10", "step-20", "step-30"],
     "keys": ["query_text_id", "ad_text_id"],
-    "model_version": "e2_small@epoch-2/minilm-l6/nlpctr==0.1.0",
-    "valid_auc": {"epoch-1": 0.61, "epoch-2": 0.6375, "epoch-3": 0.629},
+    "model_version": "e2_small@step-20/minilm-l6/nlpctr==0.1.0",
+    "valid_auc": {"step-0": 0.6, "step-10": 0.61, "step-20": 0.6375, "step-30": 0.629},
 }
 E3_META = {
     "run": "joint_gate",
     "kind": "joint",
-    "chosen": "epoch-4",
-    "epochs": ["epoch-4"],
+    "chosen": "step-40",
+    "checkpoints": ["step-40"],
     "keys": ["ad_text_id"],
-    "model_version": "joint_gate@epoch-4/joint-gate/minilm-l6/nlpctr==0.1.0",
+    "model_version": "joint_gate@step-40/joint-gate/minilm-l6/nlpctr==0.1.0",
     "fusion": "gate",
 }
+# What the trainer wrote before E2 checkpointed within epochs: the folders were `epochs`.
+OLD_E2_META = {**{k: v for k, v in E2_META.items() if k != "checkpoints"}, "chosen": "epoch-2"}
+OLD_E2_META["epochs"] = ["epoch-1", "epoch-2", "epoch-3"]
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:
@@ -70,7 +73,7 @@ def test_lm_feature_meta_writes_the_old_bytes_and_reads_them_back(tmp_path: Path
         run=meta["run"],
         kind=meta["kind"],
         chosen=meta["chosen"],
-        epochs=tuple(meta["epochs"]),
+        checkpoints=tuple(meta["checkpoints"]),
         keys=tuple(meta["keys"]),
         model_version=meta["model_version"],
         valid_auc=meta.get("valid_auc"),
@@ -85,10 +88,12 @@ def test_lm_feature_meta_writes_the_old_bytes_and_reads_them_back(tmp_path: Path
 def test_lm_feature_meta_reads_a_file_the_old_trainer_wrote(tmp_path: Path) -> None:
     (tmp_path / LM_META).write_text(old_meta_file(E2_META))
     record = LmFeatureMeta.read(tmp_path)
-    assert (record.kind, record.chosen) == ("cascade_finetuned", "epoch-2")
+    assert (record.kind, record.chosen) == ("cascade_finetuned", "step-20")
     assert record.keys == ("query_text_id", "ad_text_id")
-    assert record.epochs == tuple(E2_META["epochs"]) and record.fusion is None
+    assert record.checkpoints == tuple(E2_META["checkpoints"]) and record.fusion is None
     assert record.to_json() == E2_META
+    (tmp_path / LM_META).write_text(old_meta_file(OLD_E2_META))  # epoch folders, named `epochs`
+    assert LmFeatureMeta.read(tmp_path).checkpoints == ("epoch-1", "epoch-2", "epoch-3")
 
 
 def test_incomplete_lm_feature_meta_is_a_user_error(tmp_path: Path) -> None:

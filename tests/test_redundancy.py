@@ -154,21 +154,27 @@ def test_measure_feature_separates_a_redundant_feature_from_a_new_one() -> None:
         r.measure_feature("other", *([np.zeros(1)] * 2), labels, labels, *([np.zeros(1)] * 4), {})
 
 
-def test_e2_curve_picks_checkpoints() -> None:
+def test_e2_curve_reads_each_form_against_the_peak_auc_checkpoint() -> None:
+    def point(name: str, auc: float, score: tuple[float, float, float], vector: tuple[float, float, float]):
+        forms = {}
+        for form, (valid_gain, delta_auc, delta_rig) in (("score", score), ("vector", vector)):
+            forms[form] = {"standalone_auc": auc, "delta_auc": delta_auc, "delta_rig": delta_rig}
+            forms[form]["valid_delta_auc"] = valid_gain
+        return {"checkpoint": name, "valid_auc_standalone": auc, "chosen": name == "step-20", **forms}
+
     points = [
-        {"checkpoint": "epoch-1", "standalone_auc": 0.60, "delta_auc": 0.004, "delta_rig": 0.001},
-        {"checkpoint": "epoch-2", "standalone_auc": 0.66, "delta_auc": 0.002, "delta_rig": 0.003},
-        {"checkpoint": "epoch-3", "standalone_auc": 0.64, "delta_auc": 0.001, "delta_rig": 0.000},
+        point("step-0", 0.60, (0.004, 0.004, 0.001), (0.001, 0.002, 0.000)),
+        point("step-20", 0.66, (0.002, 0.002, 0.003), (0.003, 0.001, 0.002)),
+        point("step-40", 0.64, (0.001, 0.001, 0.000), (0.002, 0.003, 0.001)),
     ]
     curve = r.e2_curve(points)
-    assert curve["peak_auc_checkpoint"] == "epoch-2"
-    assert curve["best_delta_auc_checkpoint"] == "epoch-1"
-    assert curve["best_delta_rig_checkpoint"] == "epoch-2"
-    assert curve["peak_auc_is_best_feature"] is False and curve["peak_auc_is_best_by_rig"] is True
-    assert [p["chosen"] for p in curve["points"]] == [False, True, False]
-    given = r.e2_curve([{**p, "chosen": p["checkpoint"] == "epoch-3"} for p in points])
-    assert [p["chosen"] for p in given["points"]] == [False, False, True]
-    assert r.e2_curve(points[1:2])["peak_auc_is_best_feature"] is True
+    assert curve["peak_auc_checkpoint"] == "step-20" and curve["valid_auc_rising_at_end"] is False
+    score, vector = curve["forms"]["score"], curve["forms"]["vector"]
+    assert score["best_valid_feature_checkpoint"] == "step-0" and not score["peak_auc_is_best_feature"]
+    assert score["best_test_delta_rig_checkpoint"] == "step-20"
+    assert vector["best_valid_feature_checkpoint"] == "step-20" and vector["peak_auc_is_best_feature"]
+    assert vector["best_test_delta_auc_checkpoint"] == "step-40"
+    assert r.e2_curve(points[:2])["valid_auc_rising_at_end"] is True
 
 
 def test_e0_representation_is_the_penultimate_layer_in_row_order() -> None:

@@ -267,6 +267,7 @@ def test_train_and_evaluate_stream(prepared: Path, tmp_path: Path) -> None:
 E2_QUICK = {
     "loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 64},
     "lm_loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 16},
+    "recipe": {"probe": {"epochs": 0}},  # the LM stage alone: 7 checkpoints (every step, from 0)
     "encoder": {"max_length": 16},
     "evaluation": {"bootstrap_rounds": 20},
 }
@@ -296,8 +297,8 @@ def train_e2(data: Path, runs: Path, name: str, config: dict[str, Any], memory: 
 
 def lm_tables(results: dict[str, Any]) -> dict[str, pd.DataFrame]:
     return {
-        epoch: pd.read_parquet(folder).sort_values(["query_text_id", "ad_text_id"], ignore_index=True)
-        for epoch, folder in results["lm"]["features"].items()
+        name: pd.read_parquet(c["features"]).sort_values(["query_text_id", "ad_text_id"], ignore_index=True)
+        for name, c in results["lm"]["checkpoints"].items()
     }
 
 
@@ -329,13 +330,13 @@ def test_streamed_e2_equals_in_memory_e2_when_row_order_cannot_matter(e2_data: P
 
     lm_m, lm_s = memory["lm"], streamed["lm"]
     assert (lm_m["feature_view"], lm_s["feature_view"]) == ("lm_e2m", "lm_e2s")
-    assert lm_s["epochs"] == lm_m["epochs"] == 2 and lm_s["chosen"] == lm_m["chosen"]
+    assert len(lm_s["checkpoints"]) == len(lm_m["checkpoints"]) == 7 and lm_s["chosen"] == lm_m["chosen"]
     for a, b in zip(lm_m["history"], lm_s["history"], strict=True):
         assert b["valid_logloss"] == pytest.approx(a["valid_logloss"], abs=1e-6)
         assert b["valid_auc"] == pytest.approx(a["valid_auc"], abs=1e-6)
     assert lm_s["test_auc_standalone"] == pytest.approx(lm_m["test_auc_standalone"], abs=2e-4)
     tables_m, tables_s = lm_tables(memory), lm_tables(streamed)
-    assert sorted(tables_s) == sorted(tables_m) == ["epoch-0", "epoch-1"]
+    assert list(tables_s) == list(tables_m) == [f"step-{k}" for k in range(7)]
     rows = impressions(e2_data)
     for epoch, table in tables_s.items():
         assert len(table) == len(rows[["query_text_id", "ad_text_id"]].drop_duplicates())
@@ -347,10 +348,13 @@ def test_streamed_e2_equals_in_memory_e2_when_row_order_cannot_matter(e2_data: P
 
     spec = json.loads((runs / "e2s" / "run.json").read_text())
     assert spec["service"] == "cascade_finetuned_e2s"
-    assert spec["preprocessing"]["columns"]["cascade"] == ["lm_e2s__lm_embedding"]
+    assert spec["preprocessing"]["columns"]["cascade"] == []  # its score form alone (cascade_form)
     assert spec["preprocessing"]["columns"]["scores"] == ["lm_e2s__lm_score"]
-    p_m = pd.read_parquet(runs / "e2m" / "predictions.parquet").set_index("impression_id").p
-    p_s = pd.read_parquet(runs / "e2s" / "predictions.parquet").set_index("impression_id").p
+    p_m, p_s = (
+        pd.read_parquet(runs / r / "predictions.parquet").query("split == 'test'").set_index("impression_id")
+        for r in ("e2m", "e2s")
+    )
+    p_m, p_s = p_m.p, p_s.p
     assert p_s.index.tolist() == sorted(rows[rows.split == "test"].impression_id)
     assert float(np.max(np.abs(p_s.to_numpy() - p_m.reindex(p_s.index).to_numpy()))) <= 1e-6
     for key in ("auc", "gauc", "logloss", "rig"):
@@ -366,9 +370,10 @@ def test_streamed_e2_fine_tunes_publishes_and_evaluates(e2_data: Path, tmp_path:
     run_dir = runs / "e2t"
     assert {"results.json", "run.json", "predictions.parquet"} <= {p.name for p in run_dir.iterdir()}
     lm = results["lm"]
-    assert lm["feature_view"] == "lm_e2t" and lm["chosen"] == f"epoch-{lm['best_epoch']}"
+    aucs = {name: c["valid_auc"] for name, c in lm["checkpoints"].items()}
+    assert lm["feature_view"] == "lm_e2t" and lm["chosen"] == max(aucs, key=aucs.get)
     tables = lm_tables(results)
-    assert not np.allclose(tables["epoch-0"].lm_score, tables["epoch-1"].lm_score)  # the LM learns
+    assert not np.allclose(tables["step-0"].lm_score, tables["step-6"].lm_score)  # the LM learns
     chosen = tables[lm["chosen"]].set_index(["query_text_id", "ad_text_id"])
     row = impressions(e2_data).iloc[0]
     online = store.OnlineFeatures(e2_data, "cascade_finetuned_e2t").get([row.to_dict()])
@@ -378,7 +383,7 @@ def test_streamed_e2_fine_tunes_publishes_and_evaluates(e2_data: Path, tmp_path:
     spec = json.loads((run_dir / "run.json").read_text())
     rows = impressions(e2_data)
     test = rows[rows.split == "test"].sort_values("impression_id")
-    predictions = pd.read_parquet(run_dir / "predictions.parquet")
+    predictions = pd.read_parquet(run_dir / "predictions.parquet").query("split == 'test'")
     assert predictions.impression_id.tolist() == test.impression_id.tolist()
     labels = metrics.Labels(test.impressions.to_numpy(), test.clicks.to_numpy(), test.query_id.to_numpy())
     in_memory = metric_report(labels, predictions.p.to_numpy(), spec["train_ctr"], QUICK_EVAL)

@@ -40,24 +40,42 @@ def feature(explained: float, gain: float, ci: tuple[float, float]) -> dict[str,
     }
 
 
-def made_up_sweep(joint_minus_e2: list[tuple[float, float]]) -> dict[float, dict[str, Any]]:
+def made_up_sweep(
+    joint_minus_e2: list[tuple[float, float]], form: str = "score"
+) -> dict[float, dict[str, Any]]:
+    """What `sweep.entry` keeps per rho: E2's chosen checkpoint goes by `cascade_finetuned`."""
     per_rho = {}
     for i, rho in enumerate(RHOS):
         gain = 0.01 * (1 - rho)
-        chosen = f"cascade_finetuned@epoch-{i % 2}"  # E2's chosen epoch differs across rho
         per_rho[rho] = {
             "redundancy": {
-                "frozen": feature(0.1, gain, (gain - 0.002, gain + 0.002)),
-                chosen: feature(0.2 + rho / 2, gain, (gain - 0.002, gain + 0.002)),
-                "joint_concat": feature(0.1 + rho / 2, gain, (gain - 0.002, gain + 0.002)),
+                f"frozen/{form}": feature(0.1, gain, (gain - 0.002, gain + 0.002)),
+                f"cascade_finetuned/{form}": feature(0.2 + rho / 2, gain, (gain - 0.002, gain + 0.002)),
+                f"joint_score/{form}": feature(0.1 + rho / 2, gain, (gain - 0.002, gain + 0.002)),
+                f"joint_probe/{form}": feature(0.1, gain, (gain - 0.002, gain + 0.002)),
             },
-            "e2_chosen": chosen,
+            "e2_chosen": f"step-{i}",
             "claims": [
                 {
                     "id": claims.JOINT_BEATS_FINETUNED,
+                    "form": form,
+                    "estimate": sum(joint_minus_e2[i]) / 2,
+                    "ci": list(joint_minus_e2[i]),
+                    "verdict": claims.verdict(joint_minus_e2[i]),
                     "delta_rig": sum(joint_minus_e2[i]) / 2,
                     "delta_rig_ci": list(joint_minus_e2[i]),
-                    "detail": {"joint_feature": "joint_concat", "finetuned_feature": chosen},
+                    "detail": {
+                        "joint_feature": "joint_score",
+                        "finetuned_feature": f"cascade_finetuned@step-{i}",
+                    },
+                }
+            ],
+            "controls": [
+                {
+                    "id": claims.LM_STAGE_BEATS_PROBE,
+                    "delta_valid_logloss": -0.001,
+                    "delta_valid_logloss_ci": [-0.002, -0.0005],
+                    "verdict": claims.HOLDS,
                 }
             ],
         }
@@ -67,12 +85,16 @@ def made_up_sweep(joint_minus_e2: list[tuple[float, float]]) -> dict[float, dict
 def test_a_sweep_that_follows_the_redundancy_gets_holds() -> None:
     predictions = {p["id"]: p for p in sweep.predictions(made_up_sweep([(0.001, 0.002)] * 5))}
     assert predictions["explained_fraction_rises"]["verdict"] == claims.HOLDS
-    assert set(predictions["explained_fraction_rises"]["parts"]) == {"cascade_finetuned", "joint_concat"}
+    # the click-trained features: E2's chosen checkpoint and the joint run, not the probe control
+    assert set(predictions["explained_fraction_rises"]["parts"]) == {"cascade_finetuned", "joint_score"}
     falls = predictions["incremental_gain_falls"]
     assert falls["verdict"] == claims.HOLDS
     assert falls["parts"]["frozen"]["zero_in_ci_at_last_rho"]
     joint = predictions["joint_share_at_least_e2"]
     assert list(joint["parts"]) == ["0.5", "0.75", "1"] and joint["verdict"] == claims.HOLDS
+    assert all(p["form"] == "score" for p in predictions.values())
+    vector = sweep.predictions(made_up_sweep([(0.001, 0.002)] * 5, "vector"), "vector")
+    assert [p["verdict"] for p in vector] == [claims.HOLDS] * 3
 
 
 def test_one_contradicting_rho_contradicts_the_joint_prediction() -> None:
@@ -85,6 +107,11 @@ def test_one_contradicting_rho_contradicts_the_joint_prediction() -> None:
         claims.HOLDS,
     ]
     assert joint["verdict"] == claims.CONTRADICTED
+    by_rho = sweep.verdicts_by_rho(made_up_sweep(cis))
+    assert [v["verdict"] for v in by_rho["joint_feature_beats_finetuned_feature/score"].values()] == [
+        claims.verdict(ci) for ci in cis
+    ]
+    assert list(by_rho[claims.LM_STAGE_BEATS_PROBE]) == ["0", "0.25", "0.5", "0.75", "1"]
 
 
 def test_the_report_states_each_prediction_with_its_verdict() -> None:
@@ -95,26 +122,30 @@ def test_the_report_states_each_prediction_with_its_verdict() -> None:
     assert "p 0.008" in text  # 1/120, the strongest a 5-point trend can be
 
 
-def test_the_sweep_caps_lm_steps_and_quick_caps_them_further() -> None:
-    def lm_cap(quick: bool, simulated: bool) -> Any:
-        protocol = experiment.load_protocol(quick, None, simulated=simulated)
-        return protocol["train_config"].get("lm_loop", {}).get("max_batches_per_epoch")
+def test_the_sweep_sets_its_lm_budget_and_quick_cuts_it() -> None:
+    def lm_epochs(quick: bool, simulated: bool) -> Any:
+        return experiment.load_protocol(quick, None, simulated=simulated)["train_config"]["lm_loop"]["epochs"]
 
-    assert lm_cap(False, False) is None  # a real dataset's full protocol sees every row
-    assert lm_cap(False, True) == 300
-    assert lm_cap(True, True) == lm_cap(True, False) == 50
+    assert lm_epochs(True, True) == lm_epochs(True, False) < lm_epochs(False, True) <= lm_epochs(False, False)
 
 
 def test_a_kept_rho_names_e2s_chosen_checkpoint_as_its_feature() -> None:
+    measured = {"delta_rig": 0.1}
     results = {
-        "redundancy": {"cascade_finetuned@epoch-1": {}},
-        "runs": {},
-        "e2_curve": {
-            "points": [{"checkpoint": "epoch-0", "chosen": False}, {"checkpoint": "epoch-1", "chosen": True}]
+        "redundancy": {
+            "cascade_finetuned@step-0/score": {},
+            "cascade_finetuned@step-8/score": measured,
+            "cascade_finetuned@step-8/vector": measured,
+            "frozen/score": {},
         },
+        "runs": {},
+        "e2_curve": {"peak_auc_checkpoint": "step-8"},
+        "controls": [{"id": claims.LM_STAGE_BEATS_PROBE}],
     }
     kept = sweep.entry(results)
-    assert kept["e2_chosen"] == "cascade_finetuned@epoch-1" and kept["e2_chosen"] in kept["redundancy"]
+    assert kept["e2_chosen"] == "step-8" and kept["controls"] == results["controls"]
+    assert set(kept["redundancy"]) == {"cascade_finetuned/score", "cascade_finetuned/vector", "frozen/score"}
+    assert kept["redundancy"]["cascade_finetuned/score"] is measured
 
 
 def test_a_rerun_keeps_only_rhos_finished_with_the_same_protocol_and_seed(tmp_path: Path) -> None:

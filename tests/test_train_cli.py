@@ -31,10 +31,10 @@ pytestmark = pytest.mark.slow
 
 QUICK = {
     "loop": {"epochs": 2, "max_batches_per_epoch": 4},
-    "lm_loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 16},
+    "lm_loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 16},  # E2's and E3's LM stage
+    "recipe": {"probe": {"epochs": 2}},
     "encoder": {"max_length": 16},
     "evaluation": {"bootstrap_rounds": 30},
-    "modes": {"joint": {"loop": {"epochs": 1, "batch_size": 16}, "encoder": {"trainable_layers": 1}}},
 }
 RESULT_KEYS = {
     "dataset", "seed", "split", "mode", "fusion", "layers", "epochs", "best_epoch", "history",
@@ -48,8 +48,8 @@ MODES = {
     "e3": ["--mode", "joint", "--fusion", "gate", "--layers", "1"],
     "e3w": ["--mode", "joint", "--fusion", "score", "--layers", "2", "--init-from", "e0"],  # the E3 recipe
 }
-# e3w reads each pair's query and ad apart and starts with the probe stage (the head alone)
-OWN_CONFIG = {"e3w": {"encoder": {"pair_reading": "separate"}, "joint": {"probe": {"epochs": 2}}}}
+# e3w (from E0: the probe, the LM stage) also runs stage 2, where E0's tower trains too
+OWN_CONFIG = {"e3w": {"recipe": {"probe": {"epochs": 2}, "stage2": {"epochs": 1}}}}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,9 @@ def test_each_mode_writes_results_and_test_predictions(trained: dict[str, Any], 
         assert len(results["history"]) == results["epochs"]
     predictions = pd.read_parquet(run_dir / "predictions.parquet")
     rows = impressions(trained["data"])
-    assert sorted(predictions.impression_id) == sorted(rows[rows.split == "test"].impression_id)
+    for split in ("test", "valid"):  # validation too: controls are compared on validation
+        saved = predictions[predictions.split == split]
+        assert sorted(saved.impression_id) == sorted(rows[rows.split == split].impression_id)
     assert predictions.p.between(0, 1).all()
     assert trained["results"][name]["summary"].startswith(f"train {name} ")
 
@@ -152,21 +154,27 @@ def test_evaluate_reproduces_train_predictions_and_adds_the_delta(trained: dict[
         assert delta[f"delta_{metric}_significant"] == (low > 0 or high < 0)
 
 
-def test_e2_writes_every_epoch_and_serves_the_chosen_one(trained: dict[str, Any]) -> None:
+def test_e2_writes_every_checkpoint_and_serves_the_peak_auc_one(trained: dict[str, Any]) -> None:
     data = trained["data"]
     lm = trained["results"]["e2"]["lm"]
     rows = impressions(data)
     pairs = rows[["query_text_id", "ad_text_id"]].fillna("").drop_duplicates()
-    assert sorted(lm["features"]) == ["epoch-0", "epoch-1"]
+    # 2 epochs of 3 steps, validated every quarter epoch (every step here), from step 0 (the probe)
+    assert list(lm["checkpoints"]) == [f"step-{k}" for k in range(7)]
     tables = {
-        k: ds.dataset(Path(v), format="parquet").to_table().to_pandas() for k, v in lm["features"].items()
+        k: ds.dataset(Path(c["features"]), format="parquet").to_table().to_pandas()
+        for k, c in lm["checkpoints"].items()
     }
     for table in tables.values():
         assert len(table) == len(pairs)
-        assert len(table.lm_embedding.iloc[0]) == 384
-    # each epoch's checkpoint gives its own scores
-    assert not np.allclose(tables["epoch-0"].lm_score, tables["epoch-1"].lm_score)
-    assert lm["chosen"] == f"epoch-{lm['best_epoch']}"
+        assert len(table.lm_embedding.iloc[0]) == 3 * 384  # the query and the ad read apart
+    # each checkpoint gives its own scores
+    assert not np.allclose(tables["step-0"].lm_score, tables["step-6"].lm_score)
+    aucs = {k: c["valid_auc"] for k, c in lm["checkpoints"].items()}
+    assert lm["chosen"] == max(aucs, key=aucs.get)
+    assert lm["valid_auc_rising_at_end"] == (aucs["step-6"] > aucs["step-5"])
+    budget = trained["results"]["e2"]["budget"]
+    assert budget["lm"]["steps"] == 6 and budget["lm"]["rows_seen"] == 6 * 16 and budget["head"]["steps"] > 0
     chosen = tables[lm["chosen"]].set_index(["query_text_id", "ad_text_id"])
     row = rows.iloc[0]
     online = store.OnlineFeatures(data, "cascade_finetuned_e2").get([row.to_dict()])
@@ -182,7 +190,7 @@ def test_joint_run_writes_its_supplementary_feature_view(trained: dict[str, Any]
     assert trained["results"]["e3"]["supplementary_feature_view"] == "lm_e3"
     online = store.OnlineFeatures(data, "joint_e3")
     assert "lm_e3__supplementary" in online.feature_names
-    assert "lm_e3__lm_embedding" not in online.feature_names  # the supplementary output alone
+    assert "lm_e3__lm_embedding" in online.feature_names  # the vector form too
     got = online.get(impressions(data).head(3).to_dict("records"))
     assert got.null_counts["lm_e3__supplementary"] == 0
     assert len(got.columns["lm_e3__supplementary"][0]) == QUICK.get("net", {}).get("text_projection", 32)
@@ -215,8 +223,8 @@ def test_config_layers_merge_in_order(tmp_path: Path) -> None:
     override = tmp_path / "c.yaml"
     override.write_text(yaml.safe_dump({"loop": {"epochs": 5}, "modes": {"joint": {"loop": {"lr": 0.5}}}}))
     joint = load_config("joint", override, {"encoder": {"layers": 1}})
-    assert joint["loop"]["epochs"] == 5  # the user's file beats the defaults' per-mode section
-    assert joint["loop"]["lr"] == 0.5 and joint["loop"]["batch_size"] == 32
+    assert joint["loop"]["epochs"] == 5  # the user's file beats the defaults
+    assert joint["loop"]["lr"] == 0.5 and joint["loop"]["batch_size"] == 256  # its per-mode section too
     assert joint["encoder"]["layers"] == 1
     assert load_config("baseline", override)["loop"]["lr"] == 0.001
     override.write_text(yaml.safe_dump({"loop": {"epochz": 5}}))

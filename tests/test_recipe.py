@@ -1,5 +1,5 @@
-"""The joint recipe (models/joint.py): a run warm-started from E0 never keeps a state worse than E0
-on validation, stage 1 leaves E0's tower alone, resumes are exact, configs have one set of defaults."""
+"""The LM recipe of E2 and E3 (models/recipe.py): a run warm-started from E0 never keeps a state worse
+than E0 on validation, stage 1 leaves E0's tower alone, resumes are exact, E2 and E3 plan one budget."""
 
 from __future__ import annotations
 
@@ -17,18 +17,28 @@ from nlpctr.models.config import load_config
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
 from nlpctr.models.data import Tensors, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
-from nlpctr.models.joint import JointConfig, ProbeConfig, StageConfig, fit_joint, param_groups
+from nlpctr.models.recipe import (
+    ProbeConfig,
+    RecipeConfig,
+    Stage2Config,
+    fit_recipe,
+    param_groups,
+    plan,
+)
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, LoopConfig, fit, labels_of, predict
+from nlpctr.models.trainer import FitResult, LoopConfig, TextScorer, fit, labels_of, predict
 
 NET = NetConfig(hidden=(32,))
 LOOP = LoopConfig(epochs=1, batch_size=32, patience=10, max_batches_per_epoch=8, eval_every_steps=3)
 # Learning rates far too high: training hurts, and the run must still end at E0 or better.
-HARMFUL = JointConfig(
-    stage1=StageConfig(epochs=None, tower_lr=0.0, head_lr=0.3, lm_lr=3e-3),
-    stage2=StageConfig(epochs=1, tower_lr=0.05, head_lr=0.3, lm_lr=3e-3),
-)
-GENTLE = JointConfig()
+HARMFUL_LOOP = dataclasses.replace(LOOP, lr=0.3, lm_lr=3e-3)
+HARMFUL = RecipeConfig(stage2=Stage2Config(epochs=1, tower_lr=0.05, head_lr=0.3, lm_lr=3e-3))
+GENTLE = RecipeConfig(stage2=Stage2Config(epochs=1))
+
+
+def fit_joint(model, data, loop, recipe, folder, texts, warm_started, progress=False) -> FitResult:
+    stages = plan(loop, recipe, warm_started=warm_started, has_tower=True, tower_lr=loop.lr)
+    return fit_recipe(model, data, stages, folder, texts, progress)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +79,7 @@ def test_a_warm_started_run_never_ends_worse_than_e0(data, e0, fusion: str, tmp_
     e0_best = e0_fit.best["valid_logloss"]
     assert valid_logloss(e0_model, data, None) == e0_best
     model, texts = joint_model(data, e0_model, fusion)
-    result = fit_joint(model, data, LOOP, HARMFUL, tmp_path, texts, warm_started=True, progress=False)
+    result = fit_joint(model, data, HARMFUL_LOOP, HARMFUL, tmp_path, texts, warm_started=True)
     assert result.history[0]["valid_logloss"] == e0_best  # step 0 is E0, to the last bit
     assert [s["name"] for s in result.stages] == ["lm", "all"]
     lm, both = result.stages
@@ -88,8 +98,7 @@ def test_stage_one_trains_the_lm_and_the_head_and_leaves_e0s_tower(data, e0, tmp
     model, texts = joint_model(data, e0_model, "concat")
     prefix = {k: v.clone() for k, v in texts.lm.model.embeddings.state_dict().items()}
     before = {k: v.clone() for k, v in texts.lm.model.encoder.layer[1].state_dict().items()}
-    one_stage = dataclasses.replace(GENTLE, stage2=StageConfig(epochs=0))
-    result = fit_joint(model, data, LOOP, one_stage, tmp_path, texts, warm_started=True, progress=False)
+    result = fit_joint(model, data, LOOP, RecipeConfig(), tmp_path, texts, warm_started=True)
     assert [s["name"] for s in result.stages] == ["lm"]
     for a, b in zip(model.tower.parameters(), e0_model.tower.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -110,15 +119,12 @@ def test_the_probe_stage_trains_the_head_alone_on_vectors_computed_once(
     encoded: list[int] = []
     real_encode = TextBatcher._encode_sorted  # how inference encodes texts
     monkeypatch.setattr(
-        TextBatcher, "_encode_sorted", lambda self, ids: encoded.append(len(ids)) or real_encode(self, ids)
+        TextBatcher,
+        "_encode_sorted",
+        lambda self, ids, *chunk: encoded.append(len(ids)) or real_encode(self, ids, *chunk),
     )
-    probe_only = dataclasses.replace(
-        GENTLE,
-        probe=ProbeConfig(epochs=3, batch_size=64, head_lr=3e-2, patience=3),
-        stage1=StageConfig(epochs=0),
-        stage2=StageConfig(epochs=0),
-    )
-    result = fit_joint(model, data, LOOP, probe_only, tmp_path, texts, warm_started=True, progress=False)
+    probe_only = RecipeConfig(probe=ProbeConfig(epochs=3, batch_size=64, lr=3e-2, patience=3), lm_stage=False)
+    result = fit_joint(model, data, LOOP, probe_only, tmp_path, texts, warm_started=True)
     assert [s["name"] for s in result.stages] == ["head"]
     head = result.stages[0]
     # full epochs at the probe's batch size (the loop's cap of 8 batches does not apply)
@@ -152,19 +158,19 @@ def test_an_interrupted_joint_run_resumes_to_the_same_weights(
     data, e0, tmp_path: Path, monkeypatch, interrupt_at: int
 ) -> None:
     model, texts = joint_model(data, e0[0], "score")
-    expected = fit_joint(model, data, LOOP, GENTLE, tmp_path / "full", texts, True, progress=False)
+    expected = fit_joint(model, data, LOOP, GENTLE, tmp_path / "full", texts, True)
     encoder_module.clear_state_caches()  # the resumed process starts with an empty cache too
     part, part_texts = joint_model(data, e0[0], "score")
     interrupt_at_evaluation(monkeypatch, interrupt_at)
     with pytest.raises(Interrupted):
-        fit_joint(part, data, LOOP, GENTLE, tmp_path / "part", part_texts, True, progress=False)
+        fit_joint(part, data, LOOP, GENTLE, tmp_path / "part", part_texts, True)
     monkeypatch.undo()
     encoder_module.clear_state_caches()
     resumed, resumed_texts = joint_model(data, e0[0], "score")  # a fresh process
-    result = fit_joint(resumed, data, LOOP, GENTLE, tmp_path / "part", resumed_texts, True, progress=False)
+    result = fit_joint(resumed, data, LOOP, GENTLE, tmp_path / "part", resumed_texts, True)
     assert result.history == expected.history
-    assert [{k: v for k, v in s.items() if k != "wall_seconds"} for s in result.stages] == [
-        {k: v for k, v in s.items() if k != "wall_seconds"} for s in expected.stages
+    assert [{k: v for k, v in s.items() if not k.endswith("_seconds")} for s in result.stages] == [
+        {k: v for k, v in s.items() if not k.endswith("_seconds")} for s in expected.stages
     ]
     for key, value in model.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
@@ -177,19 +183,71 @@ def test_a_cold_run_is_one_stage_that_trains_everything(data, tmp_path: Path) ->
     torch.manual_seed(0)
     model = CtrModel(InputShape(data.vocab_sizes, data.dense.shape[1]), NET, "score", lm.dim)
     loop = dataclasses.replace(LOOP, max_batches_per_epoch=3, lr=2e-3)
-    result = fit_joint(
-        model, data, loop, GENTLE, tmp_path, TextBatcher.for_data(lm, data), False, progress=False
-    )
+    result = fit_joint(model, data, loop, GENTLE, tmp_path, TextBatcher.for_data(lm, data), False)
     assert [(s["name"], s["lr"]["tower"]) for s in result.stages] == [("all", 2e-3)]
 
 
-def test_bad_joint_configs_are_refused(tmp_path: Path) -> None:
+def test_bad_recipe_configs_are_refused(tmp_path: Path) -> None:
     from nlpctr.errors import UserError
 
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"joint": {"stage1": {"tower_lr": 0.1}}}))
-    with pytest.raises(UserError, match=r"stage1\.tower_lr must be 0"):
+    config.write_text(yaml.safe_dump({"recipe": {"lm_stage": False, "probe": {"epochs": 0}}}))
+    with pytest.raises(UserError, match="without the LM stage"):
         load_config("joint", config)
-    config.write_text(yaml.safe_dump({"joint": {"stage2": {"lr": 0.1}}}))
+    config.write_text(yaml.safe_dump({"recipe": {"stage2": {"lr": 0.1}}}))
     with pytest.raises(UserError, match="lr"):
         load_config("joint", config)
+
+
+def test_e2_and_e3_plan_the_same_lm_stage() -> None:
+    """Equal footing: the LM stage of E2 (no tower) and of E3 (E0's tower frozen) is one budget,
+    one optimizer schedule and one pair of learning rates; only the probe and stage 2 differ."""
+    config = load_config("joint")
+    from nlpctr.models.config import loop_config, recipe_config
+
+    lm_loop, recipe = loop_config(config, "lm_loop"), recipe_config(config)
+    e2 = plan(
+        dataclasses.replace(lm_loop, early_stop="auc"), recipe, warm_started=True, has_tower=False, tower_lr=0
+    )
+    e3 = plan(lm_loop, recipe, warm_started=True, has_tower=True, tower_lr=1e-3)
+    assert [s.name for s in e2] == [s.name for s in e3] == ["head", "lm"]
+    for a, b in zip(e2, e3, strict=True):
+        same = (
+            "epochs",
+            "batch_size",
+            "max_batches_per_epoch",
+            "warmup_steps",
+            "decay",
+            "lm_lr",
+            "lr",
+            "seed",
+        )
+        assert all(getattr(a.loop, k) == getattr(b.loop, k) for k in same)
+        assert (a.head_lr, a.lm_lr, a.tower_lr) == (b.head_lr, b.lm_lr, b.tower_lr)
+    assert e3[1].loop.warmup_steps > 0 and e3[1].loop.decay != "none"  # warmup and decay
+    assert load_config("cascade-finetuned")["encoder"] == config["encoder"]  # one LM for both
+
+
+def test_e2s_lm_recipe_trains_a_scorer_from_the_base_rate(data, tmp_path: Path) -> None:
+    lm = TextEncoder(EncoderConfig(layers=2, trainable_layers=1, max_length=16), trainable=True)
+    texts = TextBatcher.for_data(lm, data)
+    train = data.rows("train")
+    base_rate = float(data.clicks[train].sum() / data.impressions[train].sum())
+    scorer = TextScorer(texts.dim, hidden=16, base_rate=base_rate)
+    p0 = predict(scorer, data, data.rows("valid"), texts)
+    assert p0.mean() == pytest.approx(base_rate, abs=0.05)  # starts at the base rate, not at 0.5
+    loop = dataclasses.replace(LOOP, early_stop="auc", keep_checkpoints=True, lm_lr=1e-3)
+    recipe = RecipeConfig(probe=ProbeConfig(epochs=2, batch_size=64, lr=1e-2))
+    stages = plan(loop, recipe, warm_started=True, has_tower=False, tower_lr=0.0)
+    result = fit_recipe(scorer, data, stages, tmp_path, texts, progress=False)
+    assert [s["name"] for s in result.stages] == ["head", "lm"]
+    lm_entries = [h for h in result.history if h["stage"] == "lm"]
+    offset = lm_entries[0]["step"]
+    for entry in lm_entries:  # every LM-stage evaluation kept as a checkpoint
+        assert (tmp_path / "stage1" / f"step-{entry['step'] - offset}.pt").is_file()
+    assert result.best["valid_auc"] == max(h["valid_auc"] for h in lm_entries)  # peak AUC kept
+    budget = result.stages[1]
+    assert (
+        budget["rows_seen"] == sum(min(32, data.rows_in("train") - 32 * i) for i in range(budget["steps"]))
+        and budget["cpu_seconds"] > 0
+    )
