@@ -1,0 +1,132 @@
+"""Paired comparisons of the LM-stage variants of run.sh: per rho, each variant's validation log
+loss against the one it changes (and against the probe-only control), with a group-bootstrap 95%
+CI (1,000 rounds, groups = queries) on the validation rows; writes comparisons.json and .md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+
+from nlpctr.layout import read_manifest
+from nlpctr.models import metrics
+from nlpctr.models.evaluation import paired_delta
+
+# (variant, what it changes, the variant it is compared with)
+LADDER = [
+    ("today", "the LM stage before: batch 32, 300 steps, LM lr 2e-5, constant", "probe"),
+    ("schedule", "+ warmup (30 steps) and linear decay", "today"),
+    ("rows32", "+ 21x the rows at batch 32 (6,400 steps)", "schedule"),
+    ("batch1024", "the same rows at batch 1024 (200 steps)", "rows32"),
+    ("lr", "+ head lr 1e-3, LM lr 3e-4", "batch1024"),
+    ("bf16", "+ bf16 autocast of the trained layer", "lr"),
+    ("layers2", "+ the top 2 layers trained", "bf16"),
+    ("noprobe", "bf16 without the probe (head from zero)", "bf16"),
+    ("cold", "joint from the start: no E0 warm start", "bf16"),
+]
+EVALUATION = {"bootstrap_rounds": 1000, "bootstrap_seed": 0}
+
+
+def valid_labels(data: Path) -> tuple[pd.DataFrame, str]:
+    group = read_manifest(data)["group"]
+    rows = ds.dataset(data / "impressions", format="parquet").to_table().to_pandas()
+    rows = rows[rows["split"] == "valid"].sort_values("impression_id").set_index("impression_id")
+    return rows, group
+
+
+def predictions(run: Path, index: pd.Index) -> np.ndarray:
+    saved = pd.read_parquet(run / "predictions.parquet").set_index("impression_id")["p"]
+    p = saved.reindex(index).to_numpy()
+    if np.isnan(p).any():
+        raise SystemExit(f"{run} has no validation predictions: rerun it")
+    return p
+
+
+def run_facts(run: Path) -> dict:
+    results = json.loads((run / "results.json").read_text())
+    stages = {s["name"]: s for s in results["stages"]}
+    lm = stages.get("lm") or stages.get("all") or {}
+    return {
+        "best_valid_logloss": results["best_valid_logloss"],
+        "probe_best_valid_logloss": (stages.get("head") or {}).get("best_valid_logloss"),
+        "lm_steps": lm.get("steps", 0),
+        "lm_rows_seen": lm.get("rows_seen", 0),
+        "lm_best_step": lm.get("best_step"),
+        "lm_cpu_seconds": lm.get("cpu_seconds"),
+        "lm_wall_seconds": lm.get("wall_seconds"),
+        "stages": results["stages"],
+    }
+
+
+def delta(labels: metrics.Labels, a: np.ndarray, b: np.ndarray, train_ctr: float) -> dict:
+    """Validation log loss of a minus b (below 0: a is better), paired group-bootstrap CI."""
+    d = paired_delta(labels, a, b, train_ctr, EVALUATION)
+    scale = -metrics.entropy(train_ctr)
+    low, high = sorted(scale * v for v in d["delta_rig_ci"])
+    return {"delta": scale * d["delta_rig"], "ci": [low, high], "better": high < 0, "worse": low > 0}
+
+
+def compare(rho_dir: Path) -> dict:
+    rows, group = valid_labels(rho_dir / "data")
+    labels = metrics.Labels(
+        rows["impressions"].to_numpy(np.int64), rows["clicks"].to_numpy(np.int64), rows[group].to_numpy()
+    )
+    runs = rho_dir / "runs"
+    train_ctr = float(json.loads((runs / "baseline" / "run.json").read_text())["train_ctr"])
+    names = ["baseline", "probe", *(v for v, _, _ in LADDER)]
+    p = {n: predictions(runs / n, rows.index) for n in names if (runs / n / "results.json").is_file()}
+    out = {"runs": {n: run_facts(runs / n) for n in p if n != "baseline"}, "comparisons": []}
+    out["probe_vs_e0"] = delta(labels, p["probe"], p["baseline"], train_ctr)
+    for variant, change, base in LADDER:
+        if variant not in p or base not in p:
+            continue
+        entry = {"variant": variant, "change": change, "against": base}
+        entry["vs_against"] = delta(labels, p[variant], p[base], train_ctr)
+        entry["vs_probe"] = delta(labels, p[variant], p["probe"], train_ctr)
+        out["comparisons"].append(entry)
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for rho, result in results.items():
+        probe = result["probe_vs_e0"]
+        lines += [f"### rho = {rho}", "", f"Probe-only control vs E0: {fmt(probe)}.", ""]
+        lines += [
+            "| variant | change | against | Δ valid log loss vs it [95% CI] | vs the probe [95% CI] "
+            "| LM steps | rows | CPU s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in result["comparisons"]:
+            facts = result["runs"][c["variant"]]
+            cpu = facts["lm_cpu_seconds"]
+            lines.append(
+                f"| {c['variant']} | {c['change']} | {c['against']} | {fmt(c['vs_against'])} "
+                f"| {fmt(c['vs_probe'])} | {facts['lm_steps']} | {facts['lm_rows_seen']:,} | {cpu:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fmt(d: dict) -> str:
+    verdict = "better" if d["better"] else "worse" if d["worse"] else "n.s."
+    return f"{d['delta']:+.6f} [{d['ci'][0]:+.6f}, {d['ci'][1]:+.6f}] {verdict}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/recipe"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args()
+    results = {d.name.removeprefix("rho-"): compare(d) for d in sorted(args.runs.glob("rho-*"))}
+    (args.out / "comparisons.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "comparisons.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
