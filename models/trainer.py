@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from nlpctr.errors import UserError
 from nlpctr.models import metrics
+from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import BatchSource, Tensors
 from nlpctr.models.text_batches import TextBatcher
@@ -260,12 +261,6 @@ def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
     return 1.0 - done if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, staging)
-    staging.replace(path)  # a crash never leaves half a checkpoint
-
-
 def fit(
     model: nn.Module,
     data: BatchSource,
@@ -325,7 +320,7 @@ def fit(
     start_epoch, skip = 0, 0  # skip: batches of start_epoch already trained (a mid-epoch resume)
     last = checkpoint_dir / LAST
     if last.exists():
-        state = torch.load(last, weights_only=True)
+        state = load_checkpoint(last, fix=f"delete {last} to train this run from its start")
         _load_weights(model, texts, state)
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:
@@ -352,9 +347,9 @@ def fit(
         best, stale = (len(history) - 1, 0) if improved else (best, stale + 1)
         weights = _weights(model, texts)
         if not stepwise:
-            torch.save(weights, checkpoint_dir / f"epoch-{epoch}.pt")
+            save_checkpoint(weights, checkpoint_dir / f"epoch-{epoch}.pt")
         elif improved:
-            _save_atomic(weights, checkpoint_dir / BEST)
+            save_checkpoint(weights, checkpoint_dir / BEST)
         resume = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -371,7 +366,7 @@ def fit(
             "best_epoch": int(history[best]["epoch"]),
             "stale": stale,
         }
-        _save_atomic({**weights, **resume}, last)
+        save_checkpoint({**weights, **resume}, last)
         return stale >= config.patience
 
     def evaluate(epoch: int, batches_done: int, epoch_done: bool) -> bool:
@@ -446,7 +441,7 @@ def fit(
 
     entry = history[best]
     checkpoint = checkpoint_dir / (BEST if stepwise else f"epoch-{entry['epoch']}.pt")
-    _load_weights(model, texts, torch.load(checkpoint, weights_only=True))
+    _load_weights(model, texts, load_checkpoint(checkpoint))
     wall = time.perf_counter() - started
     return FitResult(
         best_epoch=int(entry["epoch"]),

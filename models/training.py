@@ -20,6 +20,7 @@ import nlpctr
 from nlpctr.errors import UserError
 from nlpctr.layout import LmFeatureMeta, pair_key_columns
 from nlpctr.models import metrics
+from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
 from nlpctr.models.config import encoder_config, joint_config, loop_config
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
@@ -32,7 +33,7 @@ from nlpctr.models.lm_features import (
     text_pairs,
     write_lm_features,
 )
-from nlpctr.models.runs import CHECKPOINTS, Preprocessing, TrainedRun, build_model, build_scorer
+from nlpctr.models.runs import Preprocessing, TrainedRun, build_model, build_scorer
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, TextScorer, fit, labels_of, predict
 
@@ -172,7 +173,7 @@ def write_lm_epochs(
     folders = []
     for entry in result.history:
         epoch = int(entry["epoch"])
-        state = torch.load(checkpoints / f"epoch-{epoch}.pt", weights_only=True)
+        state = load_checkpoint(checkpoints / f"epoch-{epoch}.pt")
         scorer.load_state_dict(state["model"])
         texts.lm.load_state_dict(state["lm"])
         outputs = lm_outputs(texts, {"lm_score": scorer.head}, pairs_of(pairs))
