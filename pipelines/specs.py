@@ -44,7 +44,7 @@ def data_root() -> Path:
     root = Path(env).expanduser()
     if not root.is_dir():
         raise UserError(
-            f"NLPCTR_DATA_ROOT={env!r} is not a folder; point it at a folder laid out like the "
+            f"the data root NLPCTR_DATA_ROOT={env!r} is not a folder; point it at a folder laid out like the "
             "bundled datasets' (upworthy/, trec2013/, esci_ubi/), or unset it to use the package's copies"
         )
     return root.resolve()
