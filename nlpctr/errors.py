@@ -23,7 +23,7 @@ _MACHINE_FAULTS = {
     errno.ENAMETOOLONG: "a name in the path is longer than the filesystem takes: choose a shorter one",
 }
 # How Beam reports a worker's exception it could not re-create: "OSError: [Errno 28] text: 'path'".
-_WRAPPED_OS_ERROR = re.compile(r"\[Errno (\d+)\] ([^:\[\]]+?)(?:: '([^']*)')?(?: \[while running|$|\n)")
+_WRAPPED_OS_ERROR = re.compile(r"\[Errno (\d+)\] (.+?)(?:: '([^']*)')?(?= \[while running|$)", re.MULTILINE)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -279,6 +279,11 @@ def test_a_machine_fault_beam_wrapped_is_recognised() -> None:
     wrapped = RuntimeError("OSError: [Errno 30] Read-only file system: '/d/x' [while running 'Write']")
     fault = machine_fault(wrapped)
     assert fault is not None and str(fault).startswith("Read-only file system (/d/x); it is on a read-only")
+    pyarrow = RuntimeError(  # pyarrow's own OSError, as a worker process reports it
+        "OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device "
+        "[while running 'WriteImpressions/Write']"
+    )
+    assert str(machine_fault(pyarrow)).startswith("Error writing bytes to file. Detail: [errno 28] No space")
     assert machine_fault(RuntimeError("ValueError: a bug [while running 'Map']")) is None
 
 
