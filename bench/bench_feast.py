@@ -45,10 +45,11 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from nlpctr.features import store, store_config
-from nlpctr.features.job_outputs import Layout, parquet_files
+from nlpctr.features.job_outputs import Layout
 from nlpctr.features.local_redis import LocalRedisServer
 from nlpctr.features.names import embedding_view_name
 from nlpctr.layout import IMPRESSIONS, embeddings_dir
+from nlpctr.prepared import parquet_files
 
 DIM = 384
 

@@ -36,17 +36,7 @@ from nlpctr.layout import (
     LmFeatureMeta,
     read_manifest,
 )
-
-
-def parquet_files(path: Path) -> list[Path]:
-    """Data files of a parquet folder, skipping what dataset readers skip (`_meta`, `.tmp`)."""
-    if not path.is_dir():
-        return []
-    return sorted(
-        p
-        for p in path.rglob("*.parquet")
-        if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-    )
+from nlpctr.prepared import parquet_files
 
 
 def fingerprint(path: Path) -> str:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nlpctr.errors import UserError
+
 FUSIONS = ("score", "concat", "gate")
 
 
@@ -33,6 +35,24 @@ class NetConfig:
     dropout: float = 0.1
     cross_layers: int = 0  # DCN cross layers before the MLP (0: plain MLP)
     text_projection: int = 32  # size a text vector is projected to before it joins the MLP input
+
+    def __post_init__(self) -> None:
+        # A bad width or rate fails here, naming the setting, not as torch's error mid-build (a
+        # zero-width layer would even train, on nothing).
+        for name, low in (("embedding_dim", 1), ("text_projection", 1), ("cross_layers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"net.{name} must be an integer >= {low}, got {value!r}")
+        widths = self.hidden
+        if not isinstance(widths, tuple | list) or any(
+            isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths
+        ):
+            raise UserError(
+                f"net.hidden must be a list of layer widths >= 1 (e.g. [128, 64]), got {widths!r}"
+            )
+        rate = self.dropout
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+            raise UserError(f"net.dropout must be a probability in [0, 1), got {rate!r}")
 
 
 @dataclass(frozen=True)

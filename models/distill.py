@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from nlpctr.errors import UserError
 from nlpctr.models import ceilings, metrics
+from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
 from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
@@ -233,14 +234,13 @@ def fit_feature_kd(
             )
         if best_epoch < 0 or entry["valid_mse"] < history[best_epoch]["valid_mse"]:
             best_epoch, stale = epoch, 0
-            torch.save(lm.state_dict(), checkpoint_dir / f".{FEATURE_KD_WEIGHTS}.tmp")
-            (checkpoint_dir / f".{FEATURE_KD_WEIGHTS}.tmp").replace(weights)  # atomic
+            save_checkpoint(lm.state_dict(), weights)  # whole or not at all
         else:
             stale += 1
     (checkpoint_dir / FEATURE_KD_HISTORY).write_text(
         json.dumps({"best_epoch": best_epoch, "history": history}, indent=2)
     )
-    lm.load_state_dict(torch.load(weights, weights_only=True))
+    lm.load_state_dict(load_checkpoint(weights))
     lm.eval()
     return FeatureStudent(lm, best_epoch, history, time.perf_counter() - started)
 

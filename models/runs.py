@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from nlpctr.errors import UserError
+from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import encoder_config, net_config
 from nlpctr.models.ctr_net import CtrModel, InputShape
 from nlpctr.models.data import FeatureColumns, Tensors, Vocabularies, build_vocabularies, tensorize
@@ -29,7 +30,6 @@ from nlpctr.models.trainer import TextScorer, predict
 RUN_FILE = "run.json"  # what `evaluate` and batch scoring rebuild the model from
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.parquet"
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -109,7 +109,12 @@ class TrainedRun:
     lm: TextEncoder | None
 
     @classmethod
-    def load(cls, directory: Path) -> TrainedRun:
+    def load(cls, directory: Path, map_location: str | torch.device = "cpu") -> TrainedRun:
+        """The run in `directory`, its weights loaded onto `map_location`.
+
+        Raises:
+            UserError: not a finished run, or its checkpoint missing or damaged.
+        """
         directory = Path(directory)
         path = directory / RUN_FILE
         if not path.is_file():
@@ -118,7 +123,7 @@ class TrainedRun:
             )
         spec = json.loads(path.read_text())
         pre = Preprocessing.from_json(spec["preprocessing"])
-        state = torch.load(directory / spec["checkpoint"], weights_only=True)
+        state = load_checkpoint(directory / spec["checkpoint"], map_location)
         lm = None
         if spec["mode"] == "joint":
             lm = TextEncoder(encoder_config(spec["config"]))

@@ -21,10 +21,11 @@ import torch
 
 from nlpctr.errors import UserError
 from nlpctr.models import metrics, streaming
+from nlpctr.models.checkpoints import CHECKPOINTS
 from nlpctr.models.config import encoder_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.runs import CHECKPOINTS, PREDICTIONS_FILE, Preprocessing
+from nlpctr.models.runs import PREDICTIONS_FILE, Preprocessing
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, predict_batches
 from nlpctr.models.training import (

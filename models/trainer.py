@@ -18,7 +18,7 @@ states and the position in the epoch, so an interrupted run resumes where it sto
 included) and ends with the same weights as an uninterrupted one. An optional `auxiliary_loss`
 adds a term computed from the batch's texts to the click loss (SuKD's distance to a teacher, in
 `models/distill.py`); `param_groups` replaces the default optimizer groups (the CTR network at
-`lr`, the LM at `lm_lr`), e.g. the joint recipe's tower / fusion head / LM (`models/joint.py`).
+`lr`, the LM at `lm_lr`), e.g. the LM recipe's tower / head / LM (`models/recipe.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from nlpctr.errors import UserError
 from nlpctr.models import metrics
+from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import BatchSource, Tensors
 from nlpctr.models.text_batches import TextBatcher
@@ -283,12 +284,6 @@ def step_checkpoint(step: int) -> str:
     return f"step-{step}.pt"
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, staging)
-    staging.replace(path)  # a crash never leaves half a checkpoint
-
-
 def fit(
     model: nn.Module,
     data: BatchSource,
@@ -350,7 +345,7 @@ def fit(
     resumed_rows = 0
     last = checkpoint_dir / LAST
     if last.exists():
-        state = torch.load(last, weights_only=True)
+        state = load_checkpoint(last, fix=f"delete {last} to train this run from its start")
         _load_weights(model, texts, state)
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:
@@ -378,11 +373,11 @@ def fit(
         best, stale = (len(history) - 1, 0) if improved else (best, stale + 1)
         weights = _weights(model, texts)
         if config.keep_checkpoints:
-            torch.save(weights, checkpoint_dir / step_checkpoint(step))
+            save_checkpoint(weights, checkpoint_dir / step_checkpoint(step))
         if not stepwise:
-            torch.save(weights, checkpoint_dir / f"epoch-{epoch}.pt")
+            save_checkpoint(weights, checkpoint_dir / f"epoch-{epoch}.pt")
         elif improved:
-            _save_atomic(weights, checkpoint_dir / BEST)
+            save_checkpoint(weights, checkpoint_dir / BEST)
         resume = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -400,7 +395,7 @@ def fit(
             "best_epoch": int(history[best]["epoch"]),
             "stale": stale,
         }
-        _save_atomic({**weights, **resume}, last)
+        save_checkpoint({**weights, **resume}, last)
         return stale >= config.patience
 
     def evaluate(epoch: int, batches_done: int, epoch_done: bool) -> bool:
@@ -475,7 +470,7 @@ def fit(
 
     entry = history[best]
     checkpoint = checkpoint_dir / (BEST if stepwise else f"epoch-{entry['epoch']}.pt")
-    _load_weights(model, texts, torch.load(checkpoint, weights_only=True))
+    _load_weights(model, texts, load_checkpoint(checkpoint))
     wall = time.perf_counter() - started
     return FitResult(
         best_epoch=int(entry["epoch"]),

@@ -20,6 +20,7 @@ import nlpctr
 from nlpctr.errors import UserError
 from nlpctr.layout import LmFeatureMeta, pair_key_columns
 from nlpctr.models import metrics
+from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
 from nlpctr.models.config import encoder_config, loop_config, recipe_config
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
@@ -32,7 +33,7 @@ from nlpctr.models.lm_features import (
     write_lm_features,
 )
 from nlpctr.models.recipe import LM, fit_recipe, plan
-from nlpctr.models.runs import CHECKPOINTS, Preprocessing, TrainedRun, build_model, build_scorer
+from nlpctr.models.runs import Preprocessing, TrainedRun, build_model, build_scorer
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, TextScorer, fit, labels_of, predict, step_checkpoint
 
@@ -219,7 +220,7 @@ def write_lm_checkpoints(
     checkpoints = {}
     for name, entry in [*(e for e in entries if e[0] != chosen), *(e for e in entries if e[0] == chosen)]:
         step = int(name.removeprefix("step-"))
-        state = torch.load(stage_dir / step_checkpoint(step), weights_only=True)
+        state = load_checkpoint(stage_dir / step_checkpoint(step))
         scorer.load_state_dict(state["model"])
         texts.lm.load_state_dict(state["lm"])
         outputs = lm_outputs(texts, {"lm_score": scorer.head}, pairs_of(pairs))

@@ -20,6 +20,7 @@ Imports nothing from nlpctr but its errors, so that every layer can use it.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ TRAINING_META = "_meta.json"  # in TRAINING/<service>: what the shards were join
 SCORED = "scored"
 ENRICHED = "enriched"
 
+_SPLITS = ("train", "valid", "test")  # models.schema.SPLITS (layout imports nothing from models)
+
 QUERY_TEXT_ID = "query_text_id"
 AD_TEXT_ID = "ad_text_id"
 
@@ -63,6 +66,25 @@ def lm_features_dir(data_dir: Path, run: str) -> Path:
     return Path(data_dir) / LM_FEATURES / run
 
 
+def require_writable(folder: Path, purpose: str) -> None:
+    """Refuse, before any work, a folder a command must write into that cannot be written: it (or
+    the nearest folder above it that exists) is on a read-only filesystem or not the user's.
+
+    Args:
+        folder: where the command writes.
+        purpose: what it writes there and the other way, if any, e.g. "`train --streaming` writes
+            its training shards there; make it writable, or pass --in-memory".
+
+    Raises:
+        UserError: naming the folder and `purpose`.
+    """
+    existing = Path(folder)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{folder} is not writable (a read-only filesystem, or not yours): {purpose}")
+
+
 # ------------------------------------------------------------------------------- manifest
 
 
@@ -73,6 +95,25 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
         fix = f"nlpctr data prepare --dataset NAME --out {path.parent}"
         raise UserError(f"{path.parent} has no {MANIFEST}; run `{fix}`")
     return json.loads(path.read_text())
+
+
+def check_splits(manifest: Mapping[str, Any], data_dir: Path) -> None:
+    """Refuse a data folder with an empty split (its manifest's row counts): a run trains on one,
+    chooses its checkpoint on another and is tested on the third, so a metric on nothing would
+    end it half-built.
+
+    Raises:
+        UserError: naming the empty splits and the fix.
+    """
+    rows = (manifest.get("split") or {}).get("rows") or {}
+    empty = [split for split in _SPLITS if split in rows and not rows[split]]
+    if empty:
+        counts = ", ".join(f"{split} {int(rows.get(split, 0)):,}" for split in _SPLITS)
+        raise UserError(
+            f"{data_dir} has no {' or '.join(empty)} rows ({counts}): a run trains on the train split, "
+            "chooses its checkpoint on valid and is tested on test; prepare a longer log into it (or "
+            "give the empty split a larger share in the spec's split.fractions)"
+        )
 
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:

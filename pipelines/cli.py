@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from nlpctr.errors import UserError
+from nlpctr.errors import UserError, interrupted, machine_fault
 
 # command words -> (module, one-line help). Modules are imported on use: `nlpctr --help`
 # should not pay for importing Beam or torch.
@@ -43,6 +43,16 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "enrich impressions from the online store (Beam Enrichment)",
     ),
 }
+
+
+class _DropStepErrors(logging.Filter):
+    """A failing Beam step logs its exception, traceback and all, before Beam re-raises it: the
+    command's one line says it once (and a bug's traceback is printed when it is re-raised)."""
+
+    LOGGERS = ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None and "Traceback (most recent call last)" not in record.getMessage()
 
 
 class _QuietOptionalImports(logging.Filter):
@@ -79,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietOptionalImports())
+    quiet = _DropStepErrors()
+    for name in _DropStepErrors.LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         run, rest = resolve(argv)
         result = run(rest)
@@ -88,6 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nlpctr: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if interrupted(error):  # Ctrl-C inside a Beam step, re-raised as a RuntimeError
+            print("nlpctr: interrupted", file=sys.stderr)
+            return 130
+        fault = machine_fault(error)  # a full disk, a read-only folder, a name too long
+        if fault is None:
+            raise
+        print(f"nlpctr: error: {fault}", file=sys.stderr)
+        return 2
+    finally:
+        for name in _DropStepErrors.LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
     if isinstance(result, dict) and "summary" in result:
         print(result["summary"])
     elif result is not None:

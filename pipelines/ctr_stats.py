@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +31,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from nlpctr import prepared
 from nlpctr.errors import UserError
 from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, read_manifest
 from nlpctr.models.schema import SPLITS
@@ -254,16 +256,32 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     user's mistake. `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the
     Beam options, as in Beam's own examples."""
     args, beam_args = parse_args(argv)
+    if not (math.isfinite(args.prior_strength) and args.prior_strength > 0):
+        # NaN or infinity would make every CTR feature NaN (or the prior), and training would
+        # report metrics on them.
+        raise UserError(
+            "--prior-strength must be a positive finite number of pseudo-impressions, "
+            f"got {args.prior_strength}"
+        )
     data_dir: Path = args.data.resolve()
     manifest = read_manifest(data_dir)
+    with prepared.reading(data_dir, [IMPRESSIONS]):  # a damaged file named, with its fix
+        return _run(args, beam_args, data_dir, manifest, test_pipeline)
+
+
+def _run(
+    args: argparse.Namespace,
+    beam_args: list[str],
+    data_dir: Path,
+    manifest: dict[str, Any],
+    test_pipeline: beam.Pipeline | None,
+) -> dict[str, Any]:
     entities = tuple(manifest["entities"])
-    if args.prior_strength <= 0:
-        raise UserError("--prior-strength must be positive")
     columns = ["impression_id", "event_timestamp", "split", "impressions", "clicks", *entities]
     outputs = (CTR_HISTORY, CTR_HISTORY_ROWS)
     for name in outputs:  # before any work: each is new, empty or this job's earlier output
         claim_output_dir(data_dir / name, "ctr-stats", flag=f"--data {data_dir}:")
-    staging = staging_dir(data_dir / "ctr_stats")
+    staging = staging_dir(data_dir / "ctr_stats", "--data")
     started = time.perf_counter()
     try:
         pattern = str(data_dir / IMPRESSIONS / "*.parquet")

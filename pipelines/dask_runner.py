@@ -45,6 +45,8 @@ from apache_beam.runners.dask.transform_evaluator import defenestrate, get_windo
 from apache_beam.transforms.sideinputs import SideInputMap
 from apache_beam.utils.windowed_value import WindowedValue
 
+from nlpctr.pipelines.loopback import LOOPBACK
+
 # Bytes of source per read task: small enough that a file of a few row groups spreads over
 # the workers, large enough that a task is not dominated by scheduling.
 READ_SPLIT_BYTES = 16 << 20
@@ -260,6 +262,10 @@ class DaskRunner(upstream.DaskRunner):
             drop_default=True, current_only=True
         )
         bag_kwargs = upstream.DaskOptions._extract_bag_kwargs(dask_options)
+        if "address" not in dask_options:
+            # Dask starts a LocalCluster here: its scheduler and workers bind 127.0.0.1, but its
+            # HTTP server (health, metrics, the dashboard) binds every interface on :8787.
+            dask_options["dashboard_address"] = f"{LOOPBACK}:0"
         client = ddist.Client(**dask_options)
         pipeline.replace_all(dask_overrides())
         translator = _DaskBagTranslator(bag_kwargs)

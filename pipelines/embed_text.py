@@ -45,7 +45,7 @@ import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
-from nlpctr import __version__
+from nlpctr import __version__, prepared
 from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
@@ -370,13 +370,24 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if args.torch_threads is not None and args.torch_threads < 1:
         raise UserError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     data: Path = args.data.resolve()
+    with prepared.reading(data, [IMPRESSIONS]):  # a damaged file named, with its fix
+        return _embed(args, beam_args, config, data, test_pipeline)
+
+
+def _embed(
+    args: argparse.Namespace,
+    beam_args: list[str],
+    config: EncoderConfig,
+    data: Path,
+    test_pipeline: beam.Pipeline | None,
+) -> dict[str, Any]:
     pattern = check_impressions(data)
     out = claim_output_dir(embeddings_dir(data, config.slug), "embed", flag=f"--data {data}:")
     options = PipelineOptions(beam_args)
     handler = TextEncoderModelHandler(
         config, torch_threads=args.torch_threads or default_torch_threads(options)
     )
-    staging = staging_dir(out)
+    staging = staging_dir(out, "--data")
     started = time.perf_counter()
     try:
         pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)

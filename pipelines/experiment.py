@@ -30,14 +30,18 @@ the analysis they call lives in `models/` (`increments`, `nlp_features`, `redund
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from nlpctr.config_files import LEAF, Schema, check_keys, read_mapping
 from nlpctr.errors import UserError
-from nlpctr.models.config import deep_merge
-from nlpctr.pipelines.ownership import claim_output_dir
+from nlpctr.models.config import check_training_config, deep_merge, key_tree, training_schema
+from nlpctr.models.ctr_net import FUSIONS
+from nlpctr.models.encoder import EncoderConfig
+from nlpctr.models.trainer import LoopConfig
+from nlpctr.pipelines.ownership import claim_output_dir, refuse_glob_characters
 from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, run_protocol
 from nlpctr.pipelines.rho_sweep import SIMULATED, run_sweep
 from nlpctr.pipelines.specs import load_spec
@@ -64,11 +68,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def protocol_schema() -> Schema:
+    """Every key experiment.yaml (and so a `--config` over it) may hold; `train_config` sections
+    are training configs, E4's loops LoopConfigs."""
+    protocol = read_mapping(PROTOCOL, str(PROTOCOL), "reinstall nlpctr")
+    protocol.pop("quick", None)  # applied by --quick; a user's own `quick:` would be ignored
+    schema = key_tree(protocol)
+    loop = dict.fromkeys((f.name for f in dataclasses.fields(LoopConfig)), LEAF)
+    schema["train_config"] = training_schema()
+    schema["simulator"] = {**schema["simulator"], "train_config": training_schema()}
+    schema["distill"] = {**schema["distill"], "loop": loop, "feature_kd": loop}
+    return schema
+
+
 def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False) -> dict[str, Any]:
     """experiment.yaml (for the sweep, its `simulator.train_config` over `train_config`), its
-    `quick:` section when asked, then `--config`."""
-    protocol = yaml.safe_load(PROTOCOL.read_text())
+    `quick:` section when asked, then `--config`; checked before anything runs."""
+    protocol = read_mapping(PROTOCOL, str(PROTOCOL), "reinstall nlpctr")
     quick_section = protocol.pop("quick")
+    what = str(PROTOCOL.name)
+    if config_file is not None:
+        what = f"--config {config_file}"
+        user = read_mapping(config_file, what, "fix the file")
+        check_keys(user, protocol_schema(), what)
     if simulated:  # before `quick:`, whose sizes win
         protocol = deep_merge(protocol, {"train_config": protocol["simulator"].get("train_config") or {}})
     if quick:
@@ -76,10 +98,21 @@ def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False
     if simulated and "fusions" in protocol["simulator"]:  # the sweep's own, quick or not
         protocol["fusions"] = protocol["simulator"]["fusions"]
     if config_file is not None:
-        if not config_file.is_file():
-            raise UserError(f"--config {config_file} does not exist")
-        protocol = deep_merge(protocol, yaml.safe_load(config_file.read_text()) or {})
-    students = [int(k) for k in protocol["distill"]["students"]]
+        protocol = deep_merge(protocol, user)
+    check_protocol(protocol, what)
+    return protocol
+
+
+def check_protocol(protocol: dict[str, Any], what: str) -> None:
+    """Values no training config checks, and the training config itself, before any work."""
+    fusions = protocol["fusions"]
+    if not isinstance(fusions, list) or not fusions or any(f not in FUSIONS for f in fusions):
+        raise UserError(f"{what}: fusions must be a non-empty list of {', '.join(FUSIONS)}, got {fusions!r}")
+    for key in ("embed_layers", "lm_layers"):
+        EncoderConfig(layers=protocol[key])  # a UserError names the range
+    students = protocol["distill"]["students"]
+    if not isinstance(students, list) or any(isinstance(k, bool) or not isinstance(k, int) for k in students):
+        raise UserError(f"{what}: distill.students must be a list of layer counts, got {students!r}")
     if students and max(students) > int(protocol["lm_layers"]):
         raise UserError(
             f"students of {max(students)} layers need a teacher of at least as many; lm_layers is "
@@ -87,7 +120,34 @@ def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False
         )
     if students and protocol["distill"]["teacher_fusion"] not in ["best", *protocol["fusions"]]:
         raise UserError(f"distill.teacher_fusion must be `best` or one of fusions {protocol['fusions']}")
-    return protocol
+    parse_rho(protocol["simulator"]["rho"], f"{what}: simulator.rho")
+    check_training_config(protocol["train_config"] or {}, f"{what}: train_config")
+
+
+def parse_rho(values: Any, flag: str = "--rho") -> list[float]:
+    """Redundancy values: a comma-separated flag or a list, each a number in [0, 1], none twice.
+
+    Raises:
+        UserError: anything else, before any folder is made.
+    """
+    items = values.split(",") if isinstance(values, str) else values
+    if not isinstance(items, list | tuple) or not items:
+        raise UserError(f"{flag} must list values of rho in [0, 1], e.g. 0,0.5,1; got {values!r}")
+    rhos = []
+    for item in items:
+        try:
+            rho = float(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError):
+            rho = math.nan
+        if isinstance(item, bool) or not 0 <= rho <= 1:  # NaN fails too
+            raise UserError(
+                f"{flag}: {str(item)[:40]!r} is not a value of rho in [0, 1]; pass comma-separated numbers, "
+                "e.g. 0,0.5,1"
+            )
+        if rho in rhos:
+            raise UserError(f"{flag}: rho {rho:g} is given twice")
+        rhos.append(rho)
+    return rhos
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -95,8 +155,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out = args.out.resolve()
     protocol = load_protocol(args.quick, args.config, simulated=args.dataset == SIMULATED)
-    if args.dataset != SIMULATED and (args.rho or args.rows or args.impressions_per_row is not None):
+    if args.dataset != SIMULATED and (
+        args.rho is not None or args.rows is not None or args.impressions_per_row is not None
+    ):
         raise UserError(f"--rho, --rows and --impressions-per-row go with --dataset {SIMULATED}")
+    # Every flag is checked before --out is made: a refused run leaves nothing behind.
+    if args.rho is not None:
+        args.rho = parse_rho(args.rho)
+    if args.rows is not None and args.rows < 1:
+        raise UserError(f"--rows must be a positive number of impressions, got {args.rows}")
+    if args.impressions_per_row is not None and args.impressions_per_row < 0:
+        raise UserError(f"--impressions-per-row must be >= 0, got {args.impressions_per_row}")
+    refuse_glob_characters(args.out, "--out")
     # Before any work: --out is new, empty or an earlier experiment's folder (then marked as
     # this job's), and holds neither the spec nor the source log.
     inputs = []

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from nlpctr import prepared
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.names import CASCADE_FROZEN
@@ -122,6 +123,11 @@ def _show(value: Any) -> str:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """`nlpctr features apply|materialize|get`; returns a dict whose `summary` the CLI prints."""
     args = parser().parse_args(argv)
+    with prepared.reading(args.data, prepared.STORE_FOLDERS):  # a damaged file named, with its fix
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "apply":
         if args.redis_url and args.online != "redis":
             raise UserError("--redis-url goes with --online redis")

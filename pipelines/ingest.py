@@ -19,6 +19,7 @@ values share; their rows become `id_hash_collision` dead letters (`ingest_valida
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import shutil
@@ -29,7 +30,7 @@ from typing import Any, NoReturn
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from nlpctr import __version__
+from nlpctr import __version__, prepared
 from nlpctr.errors import UserError
 from nlpctr.layout import IMPRESSIONS, REJECTED, write_manifest
 from nlpctr.models.schema import SPLITS, impression_schema
@@ -268,6 +269,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num-shards {args.num_shards} must be 0 (the runner decides) or a positive count")
 
 
+def source_reading(spec: DatasetSpec) -> contextlib.AbstractContextManager[None]:
+    """`prepared.reading_source` for a parquet source (other formats are read line by line: a
+    damaged line is a dead letter)."""
+    if spec.source.format != "parquet":
+        return contextlib.nullcontext()
+    fix = f"replace it with a sound copy, or point source.path in {spec.spec_path.name} at one"
+    return prepared.reading_source(spec.source.path, fix)
+
+
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
     """Run the ingest job; returns the manifest. Raises UserError for a user's mistake.
 
@@ -290,38 +300,42 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     inputs = [spec.spec_path, spec.source.path]
     claim_output_dir(out, JOB, inputs=inputs)
     claim_output_dir(failed, JOB, inputs=inputs, flag="the dead-letter folder")
-    staging = staging_dir(out)
-    started = time.perf_counter()
-    try:
-        pipeline = (
-            test_pipeline if test_pipeline is not None else beam.Pipeline(options=PipelineOptions(beam_args))
-        )
-        _ = pipeline | "PrepareImpressions" >> PrepareImpressions(
-            spec, staging, args.seed, split_mode, limits, args.num_shards
-        )
-        run_to_completion(pipeline)
-        counts = read_counts(staging / STATS_FILE)
-        manifest = manifest_from_counts(
-            spec, counts, args.seed, split_mode, limits, time.perf_counter() - started
-        )
-        if manifest["rows_in"] != manifest["rows_written"] + manifest["rows_rejected"]:
-            raise RuntimeError(f"ingest lost rows: {counts}")  # a bug, not a user error
-        manifest["max_reject_rate"] = max_reject_rate
-        write_manifest(staging, manifest)
-        rate = manifest["rows_rejected"] / max(manifest["rows_in"], 1)
-        if manifest["rows_written"] == 0 or rate > max_reject_rate:
-            claim_output_dir(failed, JOB, flag="the dead-letter folder")  # still ours (or absent)?
-            shutil.rmtree(failed, ignore_errors=True)
-            (staging / MARKER).unlink(missing_ok=True)  # recognised by its manifest, like DIR
-            staging.rename(failed)
-            raise UserError(rejection_message(manifest, max_reject_rate, out, failed))
-        publish(staging, out, JOB)
-        # A dead-letter folder left by an earlier failed run of the same output is stale now
-        # (removed only when it is recognisably that: its manifest is this job's).
-        if failed.is_dir() and not failed.is_symlink() and is_output_of(failed, JOB):
-            shutil.rmtree(failed, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # A parquet source damaged past its footer fails inside the job: named, with what to do.
+    with source_reading(spec):
+        staging = staging_dir(out)
+        started = time.perf_counter()
+        try:
+            pipeline = (
+                test_pipeline
+                if test_pipeline is not None
+                else beam.Pipeline(options=PipelineOptions(beam_args))
+            )
+            _ = pipeline | "PrepareImpressions" >> PrepareImpressions(
+                spec, staging, args.seed, split_mode, limits, args.num_shards
+            )
+            run_to_completion(pipeline)
+            counts = read_counts(staging / STATS_FILE)
+            manifest = manifest_from_counts(
+                spec, counts, args.seed, split_mode, limits, time.perf_counter() - started
+            )
+            if manifest["rows_in"] != manifest["rows_written"] + manifest["rows_rejected"]:
+                raise RuntimeError(f"ingest lost rows: {counts}")  # a bug, not a user error
+            manifest["max_reject_rate"] = max_reject_rate
+            write_manifest(staging, manifest)
+            rate = manifest["rows_rejected"] / max(manifest["rows_in"], 1)
+            if manifest["rows_written"] == 0 or rate > max_reject_rate:
+                claim_output_dir(failed, JOB, flag="the dead-letter folder")  # still ours (or absent)?
+                shutil.rmtree(failed, ignore_errors=True)
+                (staging / MARKER).unlink(missing_ok=True)  # recognised by its manifest, like DIR
+                staging.rename(failed)
+                raise UserError(rejection_message(manifest, max_reject_rate, out, failed))
+            publish(staging, out, JOB)
+            # A dead-letter folder left by an earlier failed run of the same output is stale now
+            # (removed only when it is recognisably that: its manifest is this job's).
+            if failed.is_dir() and not failed.is_symlink() and is_output_of(failed, JOB):
+                shutil.rmtree(failed, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
     splits = ", ".join(f"{k}={v}" for k, v in manifest["split"]["rows"].items())
     summary = (

@@ -30,7 +30,7 @@ from nlpctr.pipelines.source_files import (
     parse_delimited,
     parse_json_line,
 )
-from nlpctr.pipelines.specs import DatasetSpec
+from nlpctr.pipelines.specs import BUNDLED_SPEC_DIR, DatasetSpec
 
 
 class ReadSourceRecords(beam.PTransform):
@@ -182,6 +182,11 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
     (JSONL rows may each carry different keys, so a missing one is a row-level rejection)."""
     path = spec.source.path
     if not path.exists():
+        if spec.spec_path.parent == BUNDLED_SPEC_DIR and os.environ.get("NLPCTR_DATA_ROOT"):
+            raise UserError(
+                f"source file {path} does not exist: NLPCTR_DATA_ROOT points at a folder without the "
+                f"bundled {spec.name} files; point it at a complete copy, or unset it"
+            )
         raise UserError(f"source file {path} does not exist; fix source.path in {spec.spec_path.name}")
     if not path.is_file():
         raise UserError(

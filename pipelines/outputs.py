@@ -17,7 +17,14 @@ from pathlib import Path
 import apache_beam as beam
 
 from nlpctr.errors import UserError
-from nlpctr.pipelines.ownership import MARKER, STAGING, claim_output_dir, has_marker, write_marker
+from nlpctr.pipelines.ownership import (
+    MARKER,
+    STAGING,
+    claim_output_dir,
+    has_marker,
+    refuse_glob_characters,
+    write_marker,
+)
 
 
 class WriteCounts(beam.PTransform):
@@ -52,14 +59,16 @@ def read_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def staging_dir(out: Path) -> Path:
+def staging_dir(out: Path, flag: str = "--out") -> Path:
     """A new hidden folder beside `out`: dataset readers and globs never pick up a partial run.
+    A path Beam's sinks cannot write under (glob characters) is refused, naming `flag`.
 
     Its name carries this process's id, so that a later run can tell the staging folder of a
     run that was killed (its process is gone) from one still being written, and remove it; it
     holds the tool's marker, so that only the tool's own folders are ever removed. The caller
     has claimed `out` first (`ownership.claim_output_dir`).
     """
+    refuse_glob_characters(out, flag)
     remove_abandoned(out)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

@@ -32,6 +32,12 @@ SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
 ALLOWED_SYSTEM_FOLDERS = (Path("/dev/shm"),)
 
 STAGING = "staging"  # the job name in the marker of a staging or retired folder (outputs.py)
+# Bytes a job adds to an output's name for the folders beside it: `.NAME.tmp-PID-HEX` (outputs.py)
+# and `NAME.failed` (data prepare's dead letters).
+SIBLING_NAME_BYTES = 32
+# What Beam's file sinks read as a glob in the path they write under (FileSystem.translate_pattern);
+# Beam offers no quoting, so a sink writing there cannot find its own temporary files.
+GLOB_CHARACTERS = "*?["
 
 
 # ------------------------------------------------------------------------------- markers
@@ -231,6 +237,7 @@ def _check_location(out: Path, flag: str) -> None:
             raise UserError(f"{flag} {out} is under {system}, a system folder; choose a folder of your own")
     if out.parent == out:
         raise UserError(f"{flag} {out} is the root folder; choose a new folder")
+    _check_name_length(out, flag)
     try:
         cwd = Path.cwd().resolve()
     except OSError:
@@ -253,3 +260,45 @@ def _check_writable(folder: Path, flag: str, out: Path) -> None:
         raise UserError(
             f"{flag} {out}: {folder} is not writable (read-only, or not yours); choose another location"
         )
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name the filesystem holding `folder` (or its nearest existing parent) takes."""
+    try:
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):  # a part of the path is itself too long: the usual limit
+        return 255
+
+
+def _check_name_length(out: Path, flag: str) -> None:
+    """Refuse a name the filesystem would refuse (Errno 36) when the job writes it, or the
+    staging folder beside it: before any work, naming the limit."""
+    name_max = _name_max(out.parent)
+    for part in out.parts[1:-1]:
+        if len(os.fsencode(part)) > name_max:
+            raise UserError(
+                f"{flag}: the folder name {part[:40]}… is {len(os.fsencode(part))} bytes; this filesystem "
+                f"takes at most {name_max}; choose a shorter path"
+            )
+    size, limit = len(os.fsencode(out.name)), name_max - SIBLING_NAME_BYTES
+    if size > limit:
+        raise UserError(
+            f"{flag}: the name {out.name[:40]}… is {size} bytes; an output's name is at most {limit} bytes "
+            f"here (the filesystem takes {name_max}, and the staging folder beside it adds "
+            f"{SIBLING_NAME_BYTES}); choose a shorter name"
+        )
+
+
+def refuse_glob_characters(path: Path, flag: str) -> None:
+    """Refuse an output path that Beam's file sinks cannot write under: one holding a glob
+    character (`GLOB_CHARACTERS`) in any folder name. Raises UserError before any work."""
+    absolute = Path(os.path.abspath(Path(path).expanduser()))
+    for part in absolute.parts:
+        if any(c in part for c in GLOB_CHARACTERS):
+            raise UserError(
+                f"{flag} {absolute}: the name {part[:60]!r} holds a glob character "
+                f"({', '.join(GLOB_CHARACTERS)}), which Beam's file sinks read as a pattern (it offers no "
+                "quoting), so the job could not find its own files; choose a name without them"
+            )

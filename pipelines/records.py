@@ -268,14 +268,22 @@ def parse_count(value: Any, column: str) -> int:
         number = value
     elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.0*)?\s*", value):
-        number = int(float(value)) if "." in value else int(value)
+    elif isinstance(value, str) and (digits := re.fullmatch(r"\s*([+-]?)0*(\d+?)(?:\.0*)?\s*", value)):
+        # Its digits, never float(): a long integral text is exact, and over int64 it is refused
+        # below (int() of 4,300+ digits and float() of 309+ are Python errors, not values).
+        sign, body = digits.groups()
+        if len(body) > len(str(_MAX_COUNT)):
+            raise _Invalid(
+                BAD_COUNT, f"{column} has {len(body):,} digits: it does not fit the int64 count column"
+            )
+        number = int(sign + body)
     else:
         raise _Invalid(BAD_COUNT, f"{column}={json_safe(value)!r} is not an integer count")
     if number < 0:
         raise _Invalid(BAD_COUNT, f"{column}={number} is negative")
     if number > _MAX_COUNT:
-        raise _Invalid(BAD_COUNT, f"{column}={number} does not fit the int64 count column")
+        shown = number if number < 10**30 else f"<{len(str(number)):,} digits>"
+        raise _Invalid(BAD_COUNT, f"{column}={shown} does not fit the int64 count column")
     return number
 
 

@@ -71,7 +71,7 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
     spread of every claim, control and gain over the seeds (`DIR/seed-<s>/rho-<r>/`)."""
     started = time.perf_counter()
     settings = protocol["simulator"]
-    rhos = [float(r) for r in args.rho.split(",")] if args.rho else [float(r) for r in settings["rho"]]
+    rhos = list(args.rho) if args.rho else [float(r) for r in settings["rho"]]  # checked by experiment
     rows = int(args.rows or settings["rows"])
     per_row = impressions_per_row(args, settings)
     if not settings.get("distill", False):

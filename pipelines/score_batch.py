@@ -43,17 +43,19 @@ from apache_beam.transforms.enrichment import Enrichment, EnrichmentSourceHandle
 from apache_beam.transforms.enrichment_handlers.feast_feature_store import FeastFeatureStoreEnrichmentHandler
 from feast import FeatureStore
 
+from nlpctr import prepared
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features import store_config
-from nlpctr.features.job_outputs import parquet_files
 from nlpctr.features.names import CASCADE_FROZEN
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
-from nlpctr.models.runs import TrainedRun
+from nlpctr.models.checkpoints import load_checkpoint
+from nlpctr.models.runs import RUN_FILE, TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import publish, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
+from nlpctr.prepared import parquet_files
 
 METRICS_NAMESPACE = "nlpctr.score_batch"
 ENRICHMENT_MODES = ("batched", "per-element")
@@ -307,6 +309,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default DIR/enriched/SERVICE)")
     parser.add_argument("--run", default=None, help="score with this trained run (RUNS/NAME)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    parser.add_argument(
+        "--allow-other-dataset",
+        action="store_true",
+        help="score with a run trained on another dataset (its IDs and history need not mean anything here)",
+    )
     args, beam_args = parser.parse_known_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -320,13 +327,54 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     Beam's own examples. An online store lost mid-run is a UserError (one line), not a crash."""
     args, beam_args = parse_args(argv)
     data_dir: Path = args.data.resolve()
+    with prepared.reading(data_dir, prepared.STORE_FOLDERS):  # a damaged file named, with its fix
+        return _score(args, beam_args, data_dir, test_pipeline)
+
+
+def trained_dataset(run_dir: Path, spec: Mapping[str, Any]) -> str | None:
+    """The dataset a run was trained on: its run.json's, or (older runs) its results.json's."""
+    if "dataset" in spec:
+        return str(spec["dataset"])
+    try:
+        return str(json.loads((run_dir / "results.json").read_text())["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_run(run_dir: Path, data_dir: Path, allow_other_dataset: bool) -> dict[str, Any]:
+    """A finished run whose checkpoint loads and which was trained on this dataset (or the user
+    says to score anyway); returns its run.json. Raises UserError before the pipeline otherwise."""
+    spec_path = run_dir / RUN_FILE
+    if not spec_path.is_file():
+        raise UserError(f"{run_dir} is not a finished run (no run.json); train it with `nlpctr train`")
+    try:
+        spec = json.loads(spec_path.read_text())
+        checkpoint = run_dir / spec["checkpoint"]
+        service = spec["service"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{spec_path} is damaged; delete the run and retrain it (`rm -r {run_dir}`, then rerun its "
+            "`nlpctr train`)"
+        ) from None
+    here = read_manifest(data_dir).get("dataset")
+    trained = trained_dataset(run_dir, spec)
+    if trained != here and not allow_other_dataset:
+        raise UserError(
+            f"run {run_dir.name} was trained on dataset {trained!r} ({spec.get('data_dir')}), not on "
+            f"{here!r} ({data_dir}): its ID vocabularies and CTR history mean nothing here, so its scores "
+            "would be wrong without a word; score a folder of its own dataset, or pass --allow-other-dataset"
+        )
+    load_checkpoint(checkpoint)  # missing or damaged: one line now, not inside a worker
+    return {**spec, "service": service}
+
+
+def _score(
+    args: argparse.Namespace, beam_args: list[str], data_dir: Path, test_pipeline: beam.Pipeline | None
+) -> dict[str, Any]:
     run_dir = None
     if args.run is not None:
         run_dir = (args.runs_dir / args.run).resolve()
-        spec_path = run_dir / "run.json"
-        if not spec_path.is_file():
-            raise UserError(f"{run_dir} is not a finished run (no run.json); train it with `nlpctr train`")
-        trained_service = json.loads(spec_path.read_text())["service"]
+        trained_service = check_run(run_dir, data_dir, args.allow_other_dataset)["service"]
         if args.service not in (None, trained_service):
             raise UserError(
                 f"run {args.run} was trained on service {trained_service!r}, not {args.service!r}"

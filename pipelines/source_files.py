@@ -17,6 +17,10 @@ from typing import Any
 
 from nlpctr.pipelines.records import SURROGATE, json_safe, malformed
 
+# A JSON record nested deeper than this is malformed: the code that walks a record (json_safe, the
+# dead letter's writer) recurses, and a step deep in a runner's stack would meet the recursion limit.
+MAX_JSON_DEPTH = 32
+
 # Python's csv module refuses a field over 131,072 characters. The whole file is in memory
 # already, so a long field is a long value (rejected as text_too_long, or truncated under
 # --truncate-long-text, with the original row kept), not a broken file. 2**31 - 1 fits a C long
@@ -164,6 +168,25 @@ def parse_json_line(line: bytes | str) -> dict[str, Any] | None:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         return malformed(line, f"not JSON: {exc.msg} at column {exc.colno}")
+    except ValueError:  # an integer of more than 4,300 digits (Python's limit for int())
+        return malformed(line, "a number in it has more than 4,300 digits: not a usable value")
+    except RecursionError:
+        return malformed(line, f"nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(value, dict):
         return malformed(line, f"expected a JSON object, got {type(value).__name__}")
+    if _depth(value) > MAX_JSON_DEPTH:  # code that walks a record recurses: bounded here, once
+        return malformed(line, f"nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply a parsed JSON value nests (iteratively: no recursion limit to meet)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                children = item.values() if isinstance(item, dict) else item
+                stack.extend((child, depth + 1) for child in children)
+    return deepest

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from nlpctr.config_files import RefusedYaml, load_bounded, yaml_problem
 from nlpctr.datasets import BUNDLED_DATA_DIR
 from nlpctr.errors import UserError
 from nlpctr.models.schema import RESERVED_COLUMNS
@@ -38,7 +39,15 @@ TEXT_COLUMNS = ("query_text", "ad_text", "ad_extra_text")
 def data_root() -> Path:
     """Where bundled datasets live: $NLPCTR_DATA_ROOT, else the copies inside the package."""
     env = os.environ.get("NLPCTR_DATA_ROOT")
-    return Path(env).resolve() if env else BUNDLED_DATA_DIR
+    if not env:
+        return BUNDLED_DATA_DIR
+    root = Path(env).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"the data root NLPCTR_DATA_ROOT={env!r} is not a folder; point it at a folder laid out like the "
+            "bundled datasets' (upworthy/, trec2013/, esci_ubi/), or unset it to use the package's copies"
+        )
+    return root.resolve()
 
 
 @dataclass(frozen=True)
@@ -330,7 +339,15 @@ def _source_rule(spec_path: Path, value: Any, bundled: bool) -> SourceRule:
     delimiter = mapping.get("delimiter", ",")
     if not isinstance(delimiter, str) or len(delimiter) != 1:
         raise _fail(spec_path, "source.delimiter", "expected one character, e.g. ',' or '\\t'")
-    return SourceRule(path=path.resolve(), format=fmt, delimiter=delimiter)
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
+        raise _fail(
+            spec_path,
+            "source.path",
+            f"{_shown(path.name)} is a symlink loop; point it at the log file itself",
+        ) from None
+    return SourceRule(path=resolved, format=fmt, delimiter=delimiter)
 
 
 TOP_LEVEL_KEYS = {
@@ -402,6 +419,15 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
         or (abs(sum(fractions) - 1.0) > 1e-6)
     ):
         raise _fail(spec_path, "split.fractions", "expected three non-negative numbers summing to 1")
+    if any(f == 0 for f in fractions):
+        empty = [s for s, f in zip(("train", "valid", "test"), fractions, strict=True) if f == 0]
+        splits = " and ".join(empty) + (" splits" if len(empty) > 1 else " split")
+        raise _fail(
+            spec_path,
+            "split.fractions",
+            f"{_shown(fractions)} leaves the {splits} empty: a model needs rows to train on, to choose its "
+            "checkpoint on (valid) and to be tested on; give each split a share, e.g. [0.8, 0.1, 0.1]",
+        )
 
     max_chars = mapping.get("max_text_chars", 2000)
     if not isinstance(max_chars, int) or isinstance(max_chars, bool) or max_chars < 1:
@@ -458,60 +484,6 @@ def _spec_file(name_or_path: str) -> Path | None:
         return None
 
 
-# A spec is a page of YAML. Bounds against a hostile one: its size, and no aliases (an
-# 813-byte spec of nested aliases expanded into a 34.6 MB manifest; 10**9 elements would
-# exhaust memory), and its nesting (the YAML composer recurses).
-MAX_SPEC_BYTES = 64 * 1024
-MAX_SPEC_DEPTH = 32
-
-
-class _RefusedYaml(Exception):
-    pass
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """yaml.SafeLoader without aliases and with bounded nesting."""
-
-    _depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        line = event.start_mark.line + 1 if event.start_mark else 0
-        if isinstance(event, yaml.AliasEvent):
-            raise _RefusedYaml(
-                f"line {line}: YAML aliases (*{str(event.anchor)[:40]}) are not allowed in a spec; "
-                "write the value out"
-            )
-        if self._depth >= MAX_SPEC_DEPTH:
-            raise _RefusedYaml(f"line {line}: nested more than {MAX_SPEC_DEPTH} levels deep")
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _read_yaml(path: Path) -> Any:
-    size = path.stat().st_size
-    if size > MAX_SPEC_BYTES:
-        raise _RefusedYaml(f"{size:,} bytes; a spec is at most {MAX_SPEC_BYTES // 1024} KiB")
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_SPEC_BYTES + 1)
-    if len(data) > MAX_SPEC_BYTES:
-        raise _RefusedYaml(f"more than {MAX_SPEC_BYTES // 1024} KiB; a spec is at most that")
-    return yaml.load(data.decode("utf-8"), Loader=_SpecLoader)  # a SafeLoader
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """Where and what, in one line, without the file's text (PyYAML's message quotes it)."""
-    if isinstance(exc, yaml.MarkedYAMLError):
-        mark = exc.problem_mark or exc.context_mark
-        what = (exc.problem or exc.context or type(exc).__name__)[:80]
-        return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark else what
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return first[:80]
-
-
 def load_spec(name_or_path: str) -> DatasetSpec:
     """Load a bundled spec by name (`upworthy`) or a user's spec by path (`my_log.yaml`)."""
     if name_or_path in bundled_names():
@@ -524,11 +496,11 @@ def load_spec(name_or_path: str) -> DatasetSpec:
                 "nor a spec file; pass a bundled name or the path of a YAML spec"
             )
     try:
-        raw = _read_yaml(path)
-    except _RefusedYaml as exc:
+        raw = load_bounded(path, noun="a spec")
+    except RefusedYaml as exc:
         raise UserError(f"spec {path.name}: refused: {exc}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"spec {path.name}: not valid YAML ({_yaml_problem(exc)}); fix the file") from None
+        raise UserError(f"spec {path.name}: not valid YAML ({yaml_problem(exc)}); fix the file") from None
     except UnicodeDecodeError as exc:
         raise UserError(
             f"spec {path.name}: not valid YAML (not UTF-8 at byte {exc.start}); save it as UTF-8"

@@ -7,13 +7,14 @@
 
 Modes (DESIGN.md, experiment protocol): `baseline` (E0) reads the `baseline` service;
 `cascade-frozen` (E1) reads `cascade_frozen` (+ frozen text vectors); `cascade-finetuned` (E2)
-first fine-tunes the LM alone on clicks (stopped at peak validation AUC, every epoch kept),
-writes each epoch's score and pooled vector per text pair to `DIR/lm_features/<run>/epoch-<k>/`,
-registers the chosen epoch as the Feast view `lm_<run>` (service `cascade_finetuned_<run>`), then
-trains E0 + that feature; `joint` (E3) trains the LM and E0 end to end through a fusion by the
-recipe of `models.joint` (warm-started from `--init-from E0RUN`: stage 1 with E0's tower frozen,
-stage 2 with it unfrozen at its own learning rate, each validated from step 0 on and keeping its
-best state) and writes the LM's output back the same way (service `joint_<run>`). One loop
+first fine-tunes the LM alone on clicks by the LM recipe (`models.recipe`: the probe, then the LM
+stage, checkpointed every quarter epoch), writes each checkpoint's score and pooled vector per
+text pair to `DIR/lm_features/<run>/step-<k>/`, registers the peak-validation-AUC one as the Feast
+view `lm_<run>` (service `cascade_finetuned_<run>`), then trains E0 + that feature (its
+`cascade_form`); `joint` (E3) trains the LM with E0 through a fusion by the same recipe
+(warm-started from `--init-from E0RUN`: the probe and the LM stage with E0's tower frozen, each
+validated from step 0 on and keeping its best state; `--probe-only` stops after the probe) and
+writes the LM's output back the same way (service `joint_<run>`). One loop
 (`models.trainer.fit`) trains everything, driven by `models.training`; configuration comes from
 `models/configs/default.yaml` (+ `--config`). This module turns the flags into a `TrainRequest`
 (what `nlpctr experiment` builds directly), reads the frames from Feast, runs one function per
@@ -44,19 +45,30 @@ import pandas as pd
 import torch
 
 import nlpctr
+from nlpctr import prepared
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.job_outputs import Layout
 from nlpctr.features.names import BASELINE, CASCADE_FROZEN, lm_feature_slug, lm_view_name
-from nlpctr.layout import CTR_HISTORY, CTR_META, LmFeatureMeta, lm_features_dir, read_manifest
+from nlpctr.layout import (
+    CTR_HISTORY,
+    CTR_META,
+    LM_FEATURES,
+    TRAINING,
+    LmFeatureMeta,
+    check_splits,
+    lm_features_dir,
+    read_manifest,
+    require_writable,
+)
 from nlpctr.models import streaming
+from nlpctr.models.checkpoints import CHECKPOINTS
 from nlpctr.models.config import MODES, encoder_config, load_config
 from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.evaluation import metric_report
 from nlpctr.models.recipe import budget, stage_summary
 from nlpctr.models.runs import (
-    CHECKPOINTS,
     PREDICTIONS_FILE,
     RESULTS_FILE,
     RUN_FILE,
@@ -253,7 +265,10 @@ def global_ctr(data_dir: Path) -> float:
     path = data_dir / CTR_HISTORY / CTR_META
     if not path.is_file():
         raise UserError(f"{data_dir} has no CTR history; run `nlpctr ctr-stats --data {data_dir}`")
-    return float(json.loads(path.read_text())["global_ctr"])
+    try:
+        return float(json.loads(path.read_text())["global_ctr"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is damaged; rerun `nlpctr ctr-stats --data {data_dir}`") from None
 
 
 def frozen_encoder_version(data_dir: Path, columns: Iterable[str]) -> str | None:
@@ -283,6 +298,20 @@ def use_streaming(manifest: dict[str, Any], requested: bool | None) -> bool:
     return int(manifest.get("rows_written", 0)) > STREAMING_ROWS
 
 
+def check_writable(data_dir: Path, mode: str, streamed: bool) -> None:
+    """What a run writes into the data folder, checked writable before the run folder is made."""
+    if streamed:
+        require_writable(
+            data_dir / TRAINING,
+            "`train --streaming` writes its training shards there; make it writable, or pass --in-memory",
+        )
+    if mode in ("cascade-finetuned", "joint"):
+        require_writable(
+            data_dir / LM_FEATURES,
+            f"--mode {mode} writes its LM's feature there and registers it in the store; make it writable",
+        )
+
+
 def set_up(request: TrainRequest) -> RunSetup:
     """Check the request, load its configuration and claim its run folder (writing config.json)."""
     data_dir = request.data_dir.resolve()
@@ -308,13 +337,20 @@ def set_up(request: TrainRequest) -> RunSetup:
             f"run {request.run} exists with another configuration ({config_file}); "
             f"use another --run or delete {run_dir}"
         )
+    # What the data folder lacks is refused before the run folder is made: no half-built run.
+    check_splits(manifest, data_dir)
+    fill_ctr = global_ctr(data_dir)
+    streamed = use_streaming(manifest, request.streaming)  # every mode streams
+    check_writable(data_dir, request.mode, streamed)
+    store = feature_store.open_store(data_dir)  # missing, stale or damaged: one line now
+    feature_store.check_current(store, data_dir)
+    if not streamed:  # the in-memory frame comes from Feast's offline store
+        feature_store.check_duckdb_path(data_dir, store.config.offline_store.type)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--runs-dir/--run {run_dir} cannot be created ({exc.strerror})") from None
     config_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-    fill_ctr = global_ctr(data_dir)
-    streamed = use_streaming(manifest, request.streaming)  # every mode streams
     slug = lm_feature_slug(request.run)
     return RunSetup(
         request, data_dir, manifest, config, identity, run_dir, slug, fill_ctr, streamed, warm_start
@@ -449,7 +485,18 @@ TRAIN_MODE: dict[str, Callable[[RunSetup], TrainedModel]] = {
 
 
 def train(request: TrainRequest) -> TrainResult:
-    """Train one run and write its folder: config.json, run.json, checkpoints/, predictions, results."""
+    """Train one run and write its folder: config.json, run.json, checkpoints/, predictions, results.
+
+    Raises:
+        UserError: a bad request or configuration, a data folder that cannot be trained on (an
+            empty split, a damaged file, named with the command that rebuilds it), a damaged
+            checkpoint to resume from.
+    """
+    with prepared.reading(request.data_dir):  # a damaged file named, with its fix
+        return _train(request)
+
+
+def _train(request: TrainRequest) -> TrainResult:
     started = time.perf_counter()
     setup = set_up(request)
     request = setup.request
@@ -459,6 +506,7 @@ def train(request: TrainRequest) -> TrainResult:
     spec = {
         **setup.identity,
         "service": trained.service,
+        "dataset": manifest["dataset"],  # score-batch refuses another dataset's rows
         "checkpoint": str(result.checkpoint.relative_to(run_dir)),
         "preprocessing": trained.pre.to_json(),
         "train_ctr": trained.train_ctr,

@@ -13,7 +13,7 @@ import pytest
 from apache_beam.internal.cloudpickle import cloudpickle
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from nlpctr.pipelines.loopback import direct_runner_on_loopback, on_loopback
+from nlpctr.pipelines.loopback import on_loopback, servers_on_loopback, serves_this_machine_only
 
 LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
 LINUX = Path("/proc/net/tcp").is_file()
@@ -56,7 +56,7 @@ def hosts_while_running(tmp_path: Path, loopback: bool) -> list[str]:
     """Runs a one-element job in a worker subprocess and returns what its runner listened on."""
     options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=1"])
     out = tmp_path / f"hosts-{loopback}.json"
-    binding = direct_runner_on_loopback(options) if loopback else contextlib.nullcontext()
+    binding = servers_on_loopback(options) if loopback else contextlib.nullcontext()
     with binding, beam.Pipeline(options=options) as pipeline:
         _ = pipeline | beam.Create([0]) | beam.ParDo(RunnerListening(str(out), os.getpid()))
     return json.loads(out.read_text())
@@ -76,3 +76,66 @@ def test_a_multi_processing_job_listens_on_loopback_only(tmp_path: Path) -> None
     assert default and set(default) - LOOPBACK_HEX, default
     bound = hosts_while_running(tmp_path, loopback=True)
     assert bound and set(bound) <= LOOPBACK_HEX, bound
+
+
+@pytest.mark.parametrize(
+    ("flags", "loopback"),
+    [
+        ([], True),
+        (["--runner=DirectRunner", "--direct_running_mode=multi_processing"], True),
+        (["--runner=FnApiRunner"], True),
+        (["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL"], True),
+        (["--runner=PortableRunner", "--job_endpoint=localhost:8099", "--environment_type=LOOPBACK"], True),
+        (["--runner=PortableRunner", "--job_endpoint=flink:8099", "--environment_type=EXTERNAL"], False),
+        (["--runner=FlinkRunner", "--flink_master=flink:8081", "--environment_type=DOCKER"], False),
+    ],
+)
+def test_servers_for_this_machine_only_bind_loopback(flags: list[str], loopback: bool) -> None:
+    """In-process runners, Beam's embedded job service and a LOOPBACK worker pool serve this
+    machine; a remote runner's workers may need to reach what this process opens."""
+    assert serves_this_machine_only(PipelineOptions(flags)) is loopback
+
+
+def portable_hosts(tmp_path: Path, loopback: bool) -> list[str]:
+    """What this process listens on while a one-element job runs through Beam's embedded job
+    service, its bundles on a LOOPBACK worker (a thread of this process)."""
+    options = PipelineOptions(
+        ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]
+    )
+    out = tmp_path / f"portable-{loopback}.json"
+    binding = servers_on_loopback(options) if loopback else contextlib.nullcontext()
+    with binding, beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | beam.Create([0]) | beam.ParDo(RunnerListening(str(out), os.getpid()))
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/net")
+def test_the_embedded_job_service_and_its_workers_listen_on_loopback_only(tmp_path: Path) -> None:
+    default = portable_hosts(tmp_path, loopback=False)
+    assert default and set(default) - LOOPBACK_HEX, default  # Beam's own binding: every interface
+    bound = portable_hosts(tmp_path, loopback=True)
+    assert bound and set(bound) <= LOOPBACK_HEX, bound
+
+
+def test_a_local_dask_cluster_serves_its_http_endpoints_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dask's LocalCluster binds its scheduler and workers to 127.0.0.1, but its HTTP server
+    (health, metrics, dashboard) to every interface on :8787 unless told."""
+    import dask.distributed
+
+    from nlpctr.pipelines.dask_runner import DaskRunner
+
+    given: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def client(**kwargs: object) -> None:
+        given.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(dask.distributed, "Client", client)
+    for flags in ([], ["--dask_client_address", "tcp://10.0.0.5:8786"]):
+        with pytest.raises(Stop):
+            DaskRunner().run_pipeline(beam.Pipeline(), PipelineOptions(flags))
+    assert given[0] == {"dashboard_address": "127.0.0.1:0"}
+    assert given[1] == {"address": "tcp://10.0.0.5:8786"}  # a remote cluster keeps its own settings

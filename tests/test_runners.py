@@ -2,8 +2,8 @@
 download here: `--runner=PortableRunner --job_endpoint=embed --environment_type=LOOPBACK`
 (Beam's in-process Python job service; the pipeline goes to it as a runner-API proto and its
 bundles to an SDK worker over the Fn API, as they would to a Flink or Spark job server).
-Outputs must equal the DirectRunner's. Its gRPC servers bind every interface: `pipelines/loopback.py`
-moves only the DirectRunner's to loopback. See infra/RUNNERS.md."""
+Outputs must equal the DirectRunner's. `pipelines/loopback.py` binds its gRPC servers to loopback
+(tests/test_loopback.py). See infra/RUNNERS.md."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from nlpctr.features.store.online import (
     service_fields,
     service_join_keys,
 )
-from nlpctr.features.store.repo import apply, check_current, open_store, reapply
+from nlpctr.features.store.repo import apply, check_current, check_duckdb_path, open_store, reapply
 from nlpctr.features.store.shards import (
     JOIN_MEMORY_LIMIT,
     SHARD_ROWS,
@@ -68,6 +68,7 @@ __all__ = [
     "ViewJoin",
     "apply",
     "check_current",
+    "check_duckdb_path",
     "check_materialized",
     "get_service",
     "historical_features",

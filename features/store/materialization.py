@@ -14,11 +14,13 @@ import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features.job_outputs import fingerprint, parquet_files
+from nlpctr.features.job_outputs import fingerprint
 from nlpctr.features.names import TIMESTAMP
 from nlpctr.features.store.connection import online_store_errors, probe_online_store, write_materialized_mark
-from nlpctr.features.store.repo import check_current, open_store, spark_errors
-from nlpctr.features.store.state import fix_command, read_state, write_state
+from nlpctr.features.store.repo import check_current, check_duckdb_path, open_store, spark_errors
+from nlpctr.features.store.state import fix_command, read_state, state_path, write_state
+from nlpctr.layout import require_writable
+from nlpctr.prepared import parquet_files
 
 
 def _timestamp_range(paths: Sequence[Path]) -> tuple[datetime, datetime] | None:
@@ -81,6 +83,7 @@ def materialize(
     job's corrected rows keep their data-time timestamps (see `_overwriting`).
     """
     store = open_store(data_dir)
+    check_duckdb_path(data_dir, store.config.offline_store.type)
     layout = check_current(store, data_dir)
     layout.check_unique_keys()
     only = set(views) if views is not None else None
@@ -99,6 +102,16 @@ def materialize(
         )
     now = datetime.now(UTC)
     end = _utc(end) if end else max(now, span[1] + timedelta(seconds=1))
+    if start is not None and _utc(start) >= end:
+        # Refused before the views are marked unfinished: nothing was loaded, so nothing is stale.
+        raise UserError(
+            f"--start {_utc(start):%Y-%m-%d %H:%M:%S} is not before --end {end:%Y-%m-%d %H:%M:%S} (UTC); "
+            "nothing was changed; give a window whose start comes first"
+        )
+    require_writable(
+        state_path(layout.data_dir).parent,
+        "materialize writes the store's state there (and SQLite's online store); make it writable",
+    )
     probe_online_store(store)
     # Until the end, these views count as half-written: Feast records each view as materialised
     # as soon as its own rows are in, so a run killed (or a Redis lost) midway would otherwise

@@ -11,11 +11,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from nlpctr.errors import UserError
-from nlpctr.features.job_outputs import parquet_files
 from nlpctr.features.names import CASCADE_FROZEN, TIMESTAMP, TRAINING_SUFFIX, training_service_name
 from nlpctr.features.store.online import MISSING_KEY, get_service, service_join_keys
-from nlpctr.features.store.repo import check_current, open_store, spark_errors
+from nlpctr.features.store.repo import check_current, check_duckdb_path, open_store, spark_errors
 from nlpctr.layout import IMPRESSIONS
+from nlpctr.prepared import parquet_files
 
 
 def historical_features(
@@ -34,6 +34,7 @@ def historical_features(
     DuckDB store keeps every row, returned in no set order; the same mapping orders them.
     """
     store = open_store(data_dir, offline)
+    check_duckdb_path(data_dir, store.config.offline_store.type)
     check_current(store, data_dir)
     feature_service = get_service(store, service, data_dir)
     keys = service_join_keys(store, feature_service)

@@ -7,15 +7,15 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
 from feast import FeatureStore
 from feast.data_source import DataSource
 from feast.repo_config import RepoConfig
 
+from nlpctr.config_files import read_mapping
 from nlpctr.errors import UserError
 from nlpctr.features.definitions import build_definitions
 from nlpctr.features.job_outputs import Layout
@@ -60,6 +60,7 @@ def apply(
     online store changed (SQLite <-> Redis, another Redis), the registry starts afresh, since
     its materialisation records would describe the old store.
     """
+    check_duckdb_path(data_dir, offline)
     layout = Layout.discover(data_dir)
     if not layout.ctr and not layout.embeddings:
         raise UserError(
@@ -75,7 +76,10 @@ def apply(
         ping_redis(config["online_store"]["connection_string"])  # before touching the old store
     repo = repo_dir(layout.data_dir)
     data = repo / "data"
-    old_config = yaml.safe_load((repo / CONFIG_FILE).read_text()) if (repo / CONFIG_FILE).is_file() else None
+    try:
+        old_config = read_store_config(layout.data_dir) if (repo / CONFIG_FILE).is_file() else None
+    except UserError:  # a damaged config: which store it named is unknown, so the registry starts afresh
+        old_config = {}
     if old_config is not None and (
         old_config.get("online_store") != config["online_store"]
         or old_config.get("project") != config["project"]
@@ -132,7 +136,7 @@ def reapply(data_dir: Path) -> dict[str, Any]:
     repo = repo_dir(data_dir)
     online, redis_url, encoder, offline, spark_master = "sqlite", None, None, "duckdb", None
     if (repo / CONFIG_FILE).is_file():
-        config = yaml.safe_load((repo / CONFIG_FILE).read_text())
+        config = read_store_config(data_dir)
         if config.get("online_store", {}).get("type") == "redis":
             online, redis_url = "redis", config["online_store"].get("connection_string")
         offline, spark_master = offline_store_of(config)
@@ -161,19 +165,62 @@ def open_store(data_dir: Path, offline: str | None = None) -> FeatureStore:
         raise UserError(
             f"{Path(data_dir).resolve()} has no feature store yet: run {fix_command('apply', data_dir)}"
         )
-    config = yaml.safe_load(path.read_text())
+    config = read_store_config(data_dir)
     applied, _ = offline_store_of(config)
     if applied == "spark":
         require_spark(java=False)  # Java is checked where Spark starts (`spark_errors`)
     if offline is None or offline == applied:
-        return FeatureStore(repo_path=str(repo_dir(data_dir)))
+        return _feature_store(data_dir, lambda: FeatureStore(repo_path=str(repo_dir(data_dir))))
     if "spark" in (offline, applied):
         raise UserError(
             f"{Path(data_dir).resolve()} is applied for the {applied} offline store: run "
             f"`nlpctr features apply --data {Path(data_dir).resolve()} --offline {offline}`"
         )
     config["offline_store"] = offline_config(offline)["offline_store"]
-    return FeatureStore(config=RepoConfig(repo_path=repo_dir(data_dir), **config))
+    return _feature_store(
+        data_dir, lambda: FeatureStore(config=RepoConfig(repo_path=repo_dir(data_dir), **config))
+    )
+
+
+def check_duckdb_path(data_dir: Path, offline: str) -> None:
+    """Refuse Feast's DuckDB offline store on a folder whose path holds a backslash: DuckDB reads
+    a source path as a pattern in which `\\` escapes the next character, so it finds none of the
+    files (Feast's file store reads them, and the streamed join lists its files one by one)."""
+    if offline == "duckdb" and "\\" in str(Path(data_dir).resolve()):
+        raise UserError(
+            f"{Path(data_dir).resolve()} holds a backslash, which Feast's DuckDB offline store reads as an "
+            f"escape (it would find none of its files); apply with {fix_command('apply', data_dir)[:-1]} "
+            "--offline file` (Feast's file store reads them), or move the folder to a path without one"
+        )
+
+
+def _reapply_hint(data_dir: Path) -> str:
+    return f"re-apply: {fix_command('apply', data_dir)} (with the --online/--offline it was applied with)"
+
+
+def read_store_config(data_dir: Path) -> dict[str, Any]:
+    """DIR's feature_store.yaml, read by the project's YAML reader.
+
+    Raises:
+        UserError: damaged (not YAML, not a mapping, binary): names it and says to re-apply.
+    """
+    path = config_path(data_dir)
+    return read_mapping(path, str(path), _reapply_hint(data_dir))
+
+
+def _feature_store(data_dir: Path, build: Callable[[], FeatureStore]) -> FeatureStore:
+    """Feast's store from DIR's config; a config Feast refuses (a damaged file that still reads
+    as YAML) is one line saying to re-apply."""
+    try:
+        return build()
+    except UserError:
+        raise
+    except Exception as exc:  # pydantic's ValidationError, Feast's own config errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{config_path(data_dir)} is not a store config Feast accepts ({first[:100]}); "
+            f"{_reapply_hint(data_dir)}"
+        ) from None
 
 
 @contextlib.contextmanager

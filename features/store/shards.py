@@ -14,12 +14,13 @@ import pyarrow.parquet as pq
 from feast import FeatureService, FeatureStore
 
 from nlpctr.errors import UserError
-from nlpctr.features.job_outputs import fingerprint, parquet_files
+from nlpctr.features.job_outputs import fingerprint
 from nlpctr.features.names import CASCADE_FROZEN, TIMESTAMP, TRAINING_SUFFIX, training_service_name
 from nlpctr.features.store.online import MISSING_KEY, get_service
 from nlpctr.features.store.repo import check_current, open_store, spark_errors
 from nlpctr.layout import IMPRESSIONS, TRAINING, TRAINING_META
 from nlpctr.models import sql
+from nlpctr.prepared import parquet_files
 
 SHARD_ROWS = 65_536  # rows per parquet row group: the unit a streaming reader loads and shuffles
 JOIN_MEMORY_LIMIT = "1GB"  # DuckDB spills to disk beyond this

@@ -1,0 +1,158 @@
+"""The one reader of a prepared data folder's parquet files (and of a parquet source log): it
+tells a damaged file from a bug, and names the file and the command that rebuilds it.
+
+Every command that reads DIR's parquet runs its reads inside `reading(DIR, folders)`:
+- on entry, each file's footer is read (cheap): a truncated, zeroed or overwritten file fails
+  there, before the command writes anything;
+- a failure inside the block (Beam, Feast, DuckDB or pyarrow meeting a page damaged behind a sound
+  footer, however the engine wrapped it) is checked against every file the block read, in full; a
+  damaged one is a UserError naming it and its fix, anything else is re-raised unchanged.
+`reading_source` does the same for the parquet log `data prepare` reads. The engines keep reading
+the files themselves (Beam's parquet IO, Feast's DuckDB store, DuckDB's `read_parquet`): the
+check runs where they read, once per command, not once per engine. Imports nothing from nlpctr but
+its errors and the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nlpctr.errors import UserError
+from nlpctr.layout import (
+    CTR_HISTORY,
+    CTR_HISTORY_ROWS,
+    EMBEDDINGS,
+    EMBEDDINGS_MANIFEST,
+    IMPRESSIONS,
+    LM_FEATURES,
+    MANIFEST,
+    TRAINING,
+)
+
+# Every folder of DIR that holds parquet a command reads (not `scored/`, `enriched/`: outputs).
+ALL_FOLDERS = (IMPRESSIONS, CTR_HISTORY, CTR_HISTORY_ROWS, EMBEDDINGS, LM_FEATURES, TRAINING)
+# What the feature store reads (apply, materialize, lookups): all but train's own shards.
+STORE_FOLDERS = (IMPRESSIONS, CTR_HISTORY, CTR_HISTORY_ROWS, EMBEDDINGS, LM_FEATURES)
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """Data files of a parquet folder, skipping what dataset readers skip (`_meta`, `.tmp`)."""
+    if not path.is_dir():
+        return []
+    return sorted(
+        p
+        for p in path.rglob("*.parquet")
+        if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+    )
+
+
+def damage(file: Path, whole: bool = False) -> str | None:
+    """Why `file` cannot be read as parquet (None when it can): its footer, or with `whole`
+    every page of it too."""
+    try:
+        parquet = pq.ParquetFile(file)
+        for group in range(parquet.num_row_groups) if whole else ():
+            parquet.read_row_group(group)
+    except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return first[:160]
+    return None
+
+
+def rebuild_hint(data_dir: Path, file: Path) -> str:
+    """The command that rebuilds a file of DIR, from the folder it lies in."""
+    data_dir = Path(data_dir)
+    top, *rest = file.relative_to(data_dir).parts
+    if top == IMPRESSIONS:
+        spec = _manifest(data_dir).get("spec_path") or "SPEC"
+        return f"rerun `nlpctr data prepare --dataset {spec} --out {data_dir}`"
+    if top in (CTR_HISTORY, CTR_HISTORY_ROWS):
+        return f"rerun `nlpctr ctr-stats --data {data_dir}`"
+    if top == EMBEDDINGS and rest:
+        return f"rerun `nlpctr embed --data {data_dir}{_embed_flags(data_dir / EMBEDDINGS / rest[0])}`"
+    if top == LM_FEATURES and rest:
+        return (
+            f"delete the run that wrote it and retrain it (`nlpctr train ... --run {rest[0]}`), "
+            f"or delete {data_dir / LM_FEATURES / rest[0]} and re-apply"
+        )
+    if top == TRAINING and rest:
+        return f"delete {data_dir / TRAINING / rest[0]} (the next `nlpctr train` rebuilds it)"
+    return "rebuild it with the command that wrote it"
+
+
+def _manifest(data_dir: Path) -> dict:
+    try:
+        content = json.loads((data_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _embed_flags(folder: Path) -> str:
+    """`--layers K --pooling P --max-length L` from the encoder version an embedding folder records."""
+    try:
+        version = str(json.loads((folder / EMBEDDINGS_MANIFEST).read_text()).get("encoder_version", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+    found = dict(re.findall(r"(layers|pooling|max_length)=([\w.]+)", version))
+    return "".join(f" --{k.replace('_', '-')} {v}" for k, v in found.items())
+
+
+def prepared_files(data_dir: Path, folders: Sequence[str] = ALL_FOLDERS) -> list[tuple[Path, str]]:
+    """(file, fix) for every parquet file under these folders of DIR."""
+    data_dir = Path(data_dir).resolve()
+    return [
+        (file, rebuild_hint(data_dir, file))
+        for folder in folders
+        for file in parquet_files(data_dir / folder)
+    ]
+
+
+def check_files(files: Sequence[tuple[Path, str]], whole: bool = False) -> None:
+    """Raise a UserError for the first file whose footer (or, `whole`, any page) is damaged."""
+    for file, fix in files:
+        reason = damage(file, whole)
+        if reason is not None:
+            raise UserError(f"{file} is damaged ({reason}); {fix}")
+
+
+@contextlib.contextmanager
+def _checked(files: Callable[[], Sequence[tuple[Path, str]]]) -> Iterator[None]:
+    check_files(files())
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception:
+        check_files(files(), whole=True)  # raises the one line when a file is damaged
+        raise
+
+
+def reading(data_dir: Path, folders: Sequence[str] = ALL_FOLDERS) -> contextlib.AbstractContextManager[None]:
+    """Run a command's reads of DIR's parquet (`folders` of it) with damage named: see the module
+    docstring.
+
+    Args:
+        data_dir: the prepared folder.
+        folders: its folders the block reads (default: every one that holds parquet).
+
+    Returns:
+        A context manager.
+
+    Raises:
+        UserError: on entry, a file whose footer is damaged; on a failure in the block, a file
+            damaged anywhere. Each names the file and the command that rebuilds it.
+    """
+    return _checked(lambda: prepared_files(data_dir, folders))
+
+
+def reading_source(path: Path, fix: str) -> contextlib.AbstractContextManager[None]:
+    """`reading` for a parquet source log (`data prepare`): `fix` says what to do about it."""
+    return _checked(lambda: [(Path(path), fix)])
