@@ -118,7 +118,8 @@ def plan(
             batch_size=probe.batch_size,
             patience=probe.patience,
             max_batches_per_epoch=None,  # full epochs: a step costs what an E0 step costs
-            eval_every_steps=None,
+            eval_every_steps=None,  # validated at epoch ends: patience counts epochs
+            evals_per_epoch=None,
             warmup_steps=0,
             decay="none",
             keep_checkpoints=False,

@@ -68,7 +68,7 @@ class LoopConfig:
     max_batches_per_epoch: int | None = None  # quick runs and tests
     eval_every_steps: int | None = None  # also validate every K steps; None or 0: at epoch ends only
     eval_at_start: bool = False  # also validate the starting weights (step 0)
-    fused_optimizer: bool = False  # AdamW's fused kernel: no per-step temporaries (same math, other rounding)
+    fused_optimizer: bool = True  # AdamW's fused kernel: no per-step temporaries (same math, other rounding)
     warmup_steps: int = 0  # learning rates rise linearly from 0 over these optimizer steps
     decay: str = "none"  # after warmup: "none" (constant), "linear" or "cosine" to 0 at the planned last step
     keep_checkpoints: bool = False  # also keep every evaluation's weights (`step-<k>.pt`)
