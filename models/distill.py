@@ -193,7 +193,10 @@ def fit_feature_kd(
     torch.manual_seed(config.seed)  # dropout
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
-        lm.parameters(), lr=config.lm_lr, weight_decay=config.weight_decay, fused=config.fused_optimizer or None
+        lm.parameters(),
+        lr=config.lm_lr,
+        weight_decay=config.weight_decay,
+        fused=config.fused_optimizer or None,
     )
     n_batches = math.ceil(len(train) / config.batch_size)
     if config.max_batches_per_epoch:

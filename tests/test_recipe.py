@@ -226,7 +226,9 @@ def test_e2_and_e3_plan_the_same_lm_stage() -> None:
         assert (a.head_lr, a.lm_lr, a.tower_lr) == (b.head_lr, b.lm_lr, b.tower_lr)
     assert e3[1].loop.warmup_steps > 0 and e3[1].loop.decay != "none"  # warmup and decay
     probe = e3[0].loop  # full epochs, validated at their ends: patience counts epochs
-    assert probe.evals_per_epoch is None and not probe.eval_every_steps and probe.max_batches_per_epoch is None
+    assert (
+        probe.evals_per_epoch is None and not probe.eval_every_steps and probe.max_batches_per_epoch is None
+    )
     assert load_config("cascade-finetuned")["encoder"] == config["encoder"]  # one LM for both
 
 
