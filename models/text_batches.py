@@ -152,7 +152,9 @@ class TextBatcher:
             return torch.empty((0, self.lm.dim))
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys])
 
-    def _encode_sorted(self, token_ids: Sequence[Sequence[int]], chunk: int = INFERENCE_CHUNK) -> torch.Tensor:
+    def _encode_sorted(
+        self, token_ids: Sequence[Sequence[int]], chunk: int = INFERENCE_CHUNK
+    ) -> torch.Tensor:
         """Vectors of texts, encoded `chunk` at a time in order of length (differentiable when
         the LM trains: the chunks' vectors are put back in input order by one index)."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))

@@ -102,7 +102,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     inputs = []
     if args.dataset != SIMULATED:
         spec = load_spec(args.dataset)
-        inputs = [spec.spec_path, spec.source.path]
+        inputs = [spec.spec_path, *spec.source.inputs]
     claim_output_dir(args.out, JOB, inputs=inputs, create=True)
     if args.dataset == SIMULATED:
         results = run_sweep(args, protocol)

@@ -73,7 +73,6 @@ def make_dataset(root: Path, rows: int = 300, seed: int = 0, with_query: bool = 
                     "query_text": query,
                     "ad_id": ad_id,
                     "ad_text": ad_text,
-                    "ad_extra_text": None,
                     "position": str(position),
                     "session_id": str(session),
                     "impressions": 1,
