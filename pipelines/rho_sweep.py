@@ -18,6 +18,7 @@ from nlpctr.errors import UserError
 from nlpctr.models import sweep
 from nlpctr.models.config import deep_merge
 from nlpctr.pipelines import simulate
+from nlpctr.pipelines.job_options import JobOptions
 from nlpctr.pipelines.ownership import claim_output_dir
 from nlpctr.pipelines.protocol import JOB, run_protocol, write_results
 
@@ -44,8 +45,9 @@ def finished_rho(out: Path, protocol: Mapping[str, Any], args: argparse.Namespac
     return previous if same and previous.get("seed") == int(args.seed) else None
 
 
-def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, Any]:
-    """The protocol (without E4) on a simulated log per rho, and the trends against rho."""
+def run_sweep(args: argparse.Namespace, protocol: dict[str, Any], options: JobOptions) -> dict[str, Any]:
+    """The protocol (without E4) on a simulated log per rho, each on `options`' infrastructure,
+    and the trends against rho."""
     started = time.perf_counter()
     settings = protocol["simulator"]
     rhos = [float(r) for r in args.rho.split(",")] if args.rho else [float(r) for r in settings["rho"]]
@@ -66,7 +68,7 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
         flags += ["--text-strength", str(settings["text_strength"]), "--out", str(log)]
         flags += ["--impressions-per-row", str(per_row)] if per_row else []
         simulate.run(flags + (["--no-progress"] if args.no_progress else []))
-        per_rho[rho] = run_protocol(args, protocol, str(log.with_name("log.spec.yaml")), out)
+        per_rho[rho] = run_protocol(args, protocol, str(log.with_name("log.spec.yaml")), out, options)
     kept = {rho: sweep.entry(results) for rho, results in per_rho.items()}
     results = {
         "dataset": SIMULATED,
