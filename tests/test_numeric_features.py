@@ -18,6 +18,8 @@ import yaml
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.names import NUMERIC_VIEW
+from nlpctr.models import streaming
+from nlpctr.models.data import fit_numeric_stats
 from nlpctr.models.runs import TrainedRun
 from nlpctr.pipelines import ctr_stats, feature_store_cli, ingest, simulate, train
 from nlpctr.pipelines.simulator import clicks
@@ -149,3 +151,30 @@ def test_spec_mistakes_in_the_numeric_section_are_one_line(tmp_path: Path) -> No
         with pytest.raises(UserError, match=expected.replace(".", r"\.")) as error:
             load_spec(str(path))
         assert "\n" not in str(error.value)
+
+
+def test_streamed_scaling_equals_the_in_memory_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(
+        {
+            "split": ["train"] * 60 + ["test"] * 20,
+            FEATURE: np.where(rng.random(80) < 0.1, np.nan, rng.normal(5, 2, 80)),
+            "numeric__constant": 4.0,
+        }
+    )
+    for split, part in frame.groupby("split"):
+        (tmp_path / split).mkdir()
+        for i, rows in enumerate(np.array_split(part, 2)):
+            rows.to_parquet(tmp_path / split / f"part-{i}.parquet")
+    columns = [FEATURE, "numeric__constant"]
+    expected = fit_numeric_stats(frame, columns)
+    streamed = streaming.fit_numeric_stats(tmp_path, columns)
+    np.testing.assert_allclose(np.array(streamed), np.array(expected), rtol=1e-12)
+    assert expected[1] == (4.0, 1.0)  # a constant column is scaled by 1: it encodes as 0
+
+
+def test_simulator_refuses_a_numeric_feature_count_out_of_range(tmp_path: Path) -> None:
+    argv = ["--rows", "10", "--rho", "0.5", "--out", str(tmp_path / "log.parquet")]
+    with pytest.raises(UserError, match="--numeric-features must be between 0 and 8"):
+        simulate.run([*argv, "--numeric-features", "9"])
+    assert not list(tmp_path.iterdir())
