@@ -21,23 +21,22 @@ def beam_flags(flags: Sequence[str], command: str) -> tuple[str, ...]:
     Beam drops a flag it does not know with a warning; here that would be a typo of one of the
     command's own flags, silently ignored, so it is refused instead."""
     flags = list(flags)
-    parsers: list[argparse.ArgumentParser] = []
 
-    def refuse_bad_values(parser: argparse.ArgumentParser) -> None:
+    def refuse(parser: argparse.ArgumentParser) -> None:
+        """Beam's parser of every pipeline option, before it reads `flags` (and warns)."""
+
         def error(message: str) -> None:
             raise UserError(f"{command}: Beam pipeline option: {message}; see {command} --help")
 
         parser.error = error  # type: ignore[method-assign]
-        parsers.append(parser)
+        _, unknown = parser.parse_known_args(flags)
+        if unknown:
+            raise UserError(
+                f"{command}: {unknown[0]!r} is neither one of its flags nor a Beam pipeline option; "
+                f"see {command} --help"
+            )
 
-    # Beam's own parser of every pipeline option (the one PipelineOptions reads flags with).
-    PipelineOptions(flags).get_all_options(add_extra_args_fn=refuse_bad_values)
-    _, unknown = parsers[0].parse_known_args(flags)
-    if unknown:
-        raise UserError(
-            f"{command}: {unknown[0]!r} is neither one of its flags nor a Beam pipeline option; "
-            f"see {command} --help"
-        )
+    PipelineOptions(flags).get_all_options(add_extra_args_fn=refuse)
     return tuple(flags)
 
 
