@@ -92,11 +92,7 @@ class LoopConfig:
                 or value < 0
             ):
                 raise UserError(f"{name} must be a number >= 0, got {value!r}")
-        if (
-            isinstance(self.warmup_steps, bool)
-            or not isinstance(self.warmup_steps, int)
-            or self.warmup_steps < 0
-        ):
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise UserError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.decay not in DECAYS:
             raise UserError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
