@@ -2,26 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# pyproject.toml states compatible ranges; constraints.txt the exact tested set installed here.
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
 DATA ?= data
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "nlpctr needs Python 3.11, found " + sys.version.split()[0]'
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,lint]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
 
 # The tests also run the Spark path (tests/test_spark_store.py); the demo does not need it.
-SPARK_STAMP := $(VENV)/.installed-spark-$(shell sha1sum pyproject.toml | cut -c1-12)
+SPARK_STAMP := $(VENV)/.installed-spark-$(DEPS_HASH)
 $(SPARK_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test,lint,spark]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,spark]'
 	touch $@
 
 # The main job on the embedded default (local parquet, SQLite online store): the whole

@@ -10,14 +10,22 @@ What becomes a view (only what the jobs produced, never a placeholder):
 - `DIR/ctr_history/<entity>/` -> `ctr_<entity>`: entity-level CTR history, the online view;
 - `DIR/ctr_history_rows/` -> `ctr_rows`: row-level leave-one-out history, offline only (training);
 - `DIR/embeddings/<slug>/` -> `text_embedding_<slug>`: one view per encoder, keyed by text_id;
+- the spec's numeric features, columns of `DIR/impressions/` -> `numeric`, keyed by
+  impression_id: a value belongs to its impression (a bid, a price, a search's place in its
+  session), so the point-in-time join matches each impression's own row exactly (one row per
+  id, at the impression's own time). Keyed by an entity instead (the ad), rows of one ad at one
+  time with different values would tie, and Feast breaks such ties arbitrarily
+  (feast-dev/feast#3360). Online it serves the logged impressions; a live request carries
+  its own values;
 - `DIR/lm_features/<run>/epoch-<k>/` -> `lm_<run>`: a trained LM's output (E2's fine-tuned score
   and pooled vector, or E3's supplementary feature) for the checkpoint `_meta.json` names. The LM
   reads the (query, ad) pair, so the view has a composite key (query_text_id, ad_text_id), the
   columns every impression already carries; a missing query is the empty id (the key an online
   lookup sends for it). Datasets without query text key it by ad_text_id alone.
 
-Services: `baseline` (CTR history), `cascade_frozen` (baseline + the ad's and the query's text
-embedding), `cascade_frozen_<slug>` per encoder, `cascade_finetuned_<run>` / `joint_<run>` per
+Services: `baseline` (CTR history, and the numeric features when the spec has any),
+`cascade_frozen` (baseline + the ad's and the query's text embedding), `cascade_frozen_<slug>`
+per encoder, `cascade_finetuned_<run>` / `joint_<run>` per
 LM feature set (baseline + `lm_<run>`), each with an offline twin `<name>_training`
 that reads the leave-one-out view instead. Twins alias their projections to the serving names,
 so a training frame and an online lookup yield the same column names.
@@ -50,6 +58,7 @@ from nlpctr.features.names import (
     EMBEDDING,
     ENCODER_VERSION,
     IMPRESSION_ID,
+    NUMERIC_VIEW,
     TEXT_ID,
     TEXT_ROLES,
     TIMESTAMP,
@@ -238,6 +247,15 @@ def build_definitions(
             online=False,
             description="CTR history per impression, leave-one-out on training rows (what training reads)",
         )
+    if layout.numeric:
+        add_view(
+            NUMERIC_VIEW,
+            layout.impressions,
+            IMPRESSION_ID,
+            layout.numeric,
+            online=True,
+            description="the spec's numeric features per impression (standardised by the trainer)",
+        )
     for emb in layout.embeddings:
         add_view(
             embedding_view_name(emb.slug),
@@ -302,6 +320,9 @@ def _services(
         view_name = ctr_view_name(ctr.entity)
         serving_ctr.append(views[view_name][shared])
         training_ctr.append(views[CTR_ROWS_VIEW][shared].with_name(view_name))
+    if serving_ctr and NUMERIC_VIEW in views:  # E0's inputs, so every service built on E0's
+        serving_ctr.append(views[NUMERIC_VIEW])
+        training_ctr.append(views[NUMERIC_VIEW])
 
     def text_projections(slug: str) -> list[Any]:
         view = views[embedding_view_name(slug)]
@@ -314,7 +335,8 @@ def _services(
 
     groups: dict[str, tuple[list[Any], list[Any], str]] = {}
     if serving_ctr:
-        groups[BASELINE] = (serving_ctr, training_ctr, "CTR history features only (experiment E0)")
+        numeric = " and numeric" if NUMERIC_VIEW in views else ""
+        groups[BASELINE] = (serving_ctr, training_ctr, f"CTR history{numeric} features only (experiment E0)")
     for emb in layout.embeddings:
         texts = text_projections(emb.slug)
         if not serving_ctr or not texts:

@@ -18,6 +18,7 @@ from nlpctr.features.names import (
     ENCODER_VERSION,
     IMPRESSION_ID,
     LM_KINDS,
+    NUMERIC_VIEW,
     SAFE_NAME,
     TEXT_ID,
     TEXT_ROLES,
@@ -92,6 +93,13 @@ class Layout:
     embeddings: tuple[EmbeddingSet, ...]
     text_roles: tuple[str, ...]
     lm_features: tuple[LmFeatureSet, ...] = ()
+    # The spec's numeric features: (name, arrow type) of impression columns (`data prepare`).
+    numeric: tuple[tuple[str, pa.DataType], ...] = ()
+
+    @property
+    def impressions(self) -> Path:
+        """DIR/impressions, the source of the numeric view."""
+        return self.data_dir / IMPRESSIONS
 
     @classmethod
     def discover(cls, data_dir: Path) -> Layout:
@@ -124,6 +132,7 @@ class Layout:
             embeddings=tuple(embeddings),
             text_roles=_text_roles(data_dir),
             lm_features=_lm_feature_sets(data_dir / LM_FEATURES),
+            numeric=_numeric_columns(data_dir, manifest.get("numeric_columns", [])),
         )
 
     def sources(self) -> dict[str, Path]:
@@ -133,6 +142,8 @@ class Layout:
             out[CTR_ROWS_VIEW] = self.ctr_rows
         out.update({embedding_view_name(e.slug): e.path for e in self.embeddings})
         out.update({lm_view_name(f.run): f.path for f in self.lm_features})
+        if self.numeric:
+            out[NUMERIC_VIEW] = self.impressions
         return out
 
     def check_unique_keys(self) -> None:
@@ -148,6 +159,8 @@ class Layout:
         keyed += [(f.path, f.keys) for f in self.lm_features]
         if self.ctr_rows is not None:
             keyed.append((self.ctr_rows, (IMPRESSION_ID,)))
+        if self.numeric:
+            keyed.append((self.impressions, (IMPRESSION_ID,)))
         for path, keys in keyed:
             table = ds.dataset(parquet_files(path), format="parquet").to_table(columns=[*keys, TIMESTAMP])
             counts = table.group_by([*keys, TIMESTAMP]).aggregate([([], "count_all")])
@@ -213,6 +226,20 @@ def _lm_feature_sets(root: Path) -> tuple[LmFeatureSet, ...]:
             )
         )
     return tuple(sets)
+
+
+def _numeric_columns(data_dir: Path, names: list[str]) -> tuple[tuple[str, pa.DataType], ...]:
+    """The manifest's numeric features as typed impression columns."""
+    if not names:
+        return ()
+    schema = ds.dataset(parquet_files(data_dir / IMPRESSIONS), format="parquet").schema
+    missing = [n for n in names if n not in schema.names]
+    if missing:
+        raise UserError(
+            f"{data_dir / IMPRESSIONS} lacks the numeric column {missing[0]!r} its manifest names; "
+            f"re-run `nlpctr data prepare` into {data_dir}"
+        )
+    return tuple((n, schema.field(n).type) for n in names)
 
 
 def _text_roles(data_dir: Path) -> tuple[str, ...]:

@@ -17,6 +17,8 @@ BASELINE = "baseline"
 CASCADE_FROZEN = "cascade_frozen"
 TRAINING_SUFFIX = "_training"
 CTR_ROWS_VIEW = "ctr_rows"
+# A spec's numeric features, read from the impressions and keyed by impression_id.
+NUMERIC_VIEW = "numeric"
 
 # An impression names two texts; both are looked up in the one text-keyed embedding view
 # through a join-key map (role -> impression column), so each vector is stored once.

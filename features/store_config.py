@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,58 @@ def with_redis_timeouts(url: str) -> str:
     """`url` with the socket timeouts it does not already set."""
     given = {part.split("=", 1)[0] for part in url.split(",")[1:] if "=" in part}
     return ",".join([url, *(f"{k}={v}" for k, v in REDIS_TIMEOUTS.items() if k not in given)])
+
+
+# ------------------------------------------------------------------------------- the stores chosen
+
+_REDIS_URL = re.compile(r"^[^:,\s]+:\d+(,.*)?$")
+_SPARK_MASTER = re.compile(r"^(local(\[(\*|\d+)\])?|(spark|k8s|yarn)(://\S+)?)$")
+
+
+@dataclass(frozen=True)
+class StoreChoice:
+    """The stores a dataset's Feast repository uses: what `nlpctr features apply` and `nlpctr
+    experiment` take as `--online`, `--redis-url`, `--offline` and `--spark-master`. Checked when
+    made, so a wrong choice is one line before any work.
+
+    Attributes:
+        online: one of ONLINE_STORES (SQLite in the dataset folder, or Redis).
+        redis_url: HOST:PORT[,redis-py options] of the Redis (None: DEFAULT_REDIS_URL); Redis only.
+        offline: one of OFFLINE_STORES.
+        spark_master: the Spark master URL (None: `local[*]`); Spark only.
+    """
+
+    online: str = "sqlite"
+    redis_url: str | None = None
+    offline: str = "duckdb"
+    spark_master: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.online not in ONLINE_STORES:
+            raise UserError(f"--online must be one of {', '.join(ONLINE_STORES)}, got {self.online!r}")
+        if self.redis_url is not None and self.online != "redis":
+            raise UserError("--redis-url goes with --online redis")
+        if self.redis_url is not None and not _REDIS_URL.match(self.redis_url):
+            raise UserError(f"--redis-url must be HOST:PORT (e.g. 127.0.0.1:6379), got {self.redis_url!r}")
+        if self.offline not in OFFLINE_STORES:
+            raise UserError(
+                f"the offline store must be one of {', '.join(OFFLINE_STORES)}, got {self.offline!r}"
+            )
+        if self.spark_master is not None and self.offline != "spark":
+            raise UserError("--spark-master goes with --offline spark")
+        if self.spark_master is not None and not _SPARK_MASTER.match(self.spark_master):
+            raise UserError(
+                "--spark-master must be a Spark master URL (spark://HOST:PORT, ...), "
+                f"got {self.spark_master!r}"
+            )
+
+    @classmethod
+    def of_config(cls, config: dict[str, Any]) -> StoreChoice:
+        """The choice a rendered feature_store.yaml was applied with."""
+        online = config.get("online_store", {}).get("type", "sqlite")
+        redis_url = config["online_store"].get("connection_string") if online == "redis" else None
+        offline, spark_master = offline_store_of(config)
+        return cls(online=online, redis_url=redis_url, offline=offline, spark_master=spark_master)
 
 
 # ------------------------------------------------------------------------------- configuration
@@ -106,7 +159,7 @@ def offline_config(offline: str, spark_master: str | None = None) -> dict[str, A
     if offline != "spark":
         return {"offline_store": {"type": offline}}
     master = spark_master or LOCAL_SPARK
-    if not re.match(r"^(local(\[(\*|\d+)\])?|(spark|k8s|yarn)(://\S+)?)$", master):
+    if not _SPARK_MASTER.match(master):
         raise UserError(f"--spark-master must be a Spark master URL (spark://HOST:PORT, ...), got {master!r}")
     sections = yaml.safe_load(resources.files("nlpctr.features").joinpath(SPARK_TEMPLATE).read_text())
     conf = {**sections.pop("spark_conf"), "spark.master": master}
@@ -125,29 +178,20 @@ def offline_store_of(config: dict[str, Any]) -> tuple[str, str | None]:
     return offline, None if master == LOCAL_SPARK else master
 
 
-def render_config(
-    layout: Layout,
-    online: str = "sqlite",
-    redis_url: str | None = None,
-    offline: str = "duckdb",
-    spark_master: str | None = None,
-) -> dict[str, Any]:
+def render_config(layout: Layout, store: StoreChoice) -> dict[str, Any]:
     """The embedded default (or Redis variant) config with absolute paths for this dataset,
     its offline side from `offline_config`."""
-    if online not in ONLINE_STORES:
-        raise UserError(f"--online must be one of {', '.join(ONLINE_STORES)}, got {online!r}")
-    config = yaml.safe_load(resources.files("nlpctr.features").joinpath(_template(online)).read_text())
+    config = yaml.safe_load(resources.files("nlpctr.features").joinpath(_template(store.online)).read_text())
     data = repo_dir(layout.data_dir) / "data"
     config["project"] = project_name(layout)
     config["registry"]["path"] = str(data / "registry.db")
-    if online == "sqlite":
+    if store.online == "sqlite":
         config["online_store"]["path"] = str(data / "online_store.db")
     else:
-        url = redis_url or DEFAULT_REDIS_URL
-        if not re.match(r"^[^:,\s]+:\d+(,.*)?$", url):
-            raise UserError(f"--redis-url must be HOST:PORT (e.g. 127.0.0.1:6379), got {url!r}")
-        config["online_store"]["connection_string"] = with_redis_timeouts(url)
-    sections = offline_config(offline, spark_master)
+        config["online_store"]["connection_string"] = with_redis_timeouts(
+            store.redis_url or DEFAULT_REDIS_URL
+        )
+    sections = offline_config(store.offline, store.spark_master)
     config["offline_store"] = sections.pop("offline_store")  # in the template's place
     return {**config, **sections}
 

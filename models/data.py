@@ -4,7 +4,9 @@ Categorical columns get vocabularies built from the training split only (index 0
 "unknown or missing", so a key never seen in training gets no fitted embedding). CTR
 history enters as logit(ctr) and log1p(count); a missing value (an online lookup of a key
 never seen in training) is filled with the prior a never-seen key gets offline: the global
-training CTR and 0 impressions. Extra dense columns (an LM's score) enter as they are.
+training CTR and 0 impressions. A spec's numeric features are standardised with the mean and
+standard deviation of the training rows (a missing value becomes the training mean, 0). Extra
+dense columns (an LM's score) enter as they are.
 Texts for the LM are the (query, ad) pair of a row; each unique pair is tokenised once, up
 front, and batches refer to it by index.
 """
@@ -29,13 +31,15 @@ class FeatureColumns:
     counts: tuple[str, ...]  # impression counts behind them
     cascade: tuple[str, ...] = ()  # precomputed text vectors (lists of floats)
     scores: tuple[str, ...] = ()  # extra dense scalars used as they are (an LM's logit)
+    numeric: tuple[str, ...] = ()  # the spec's numeric features, standardised on training rows
 
     @classmethod
     def for_manifest(
         cls, manifest: dict, cascade: Sequence[str] = (), scores: Sequence[str] = ()
     ) -> FeatureColumns:
-        """E0's inputs for a prepared dataset: ids, context columns and each entity's CTR history,
-        under the names a Feast lookup gives them (`ctr_<entity>__<entity>_ctr`)."""
+        """E0's inputs for a prepared dataset: ids, context columns, each entity's CTR history and
+        the spec's numeric features, under the names a Feast lookup gives them
+        (`ctr_<entity>__<entity>_ctr`, `numeric__<feature>`)."""
         ids = ["ad_id"] + (["query_id"] if manifest["spec"]["columns"].get("query_id") else [])
         categorical = tuple(dict.fromkeys([*ids, *manifest["context_columns"]]))
         entities = manifest["entities"]
@@ -45,10 +49,31 @@ class FeatureColumns:
             counts=tuple(f"ctr_{e}__{e}_impressions" for e in entities),
             cascade=tuple(cascade),
             scores=tuple(scores),
+            numeric=tuple(f"numeric__{n}" for n in manifest.get("numeric_columns", [])),
         )
 
 
 Vocabularies = dict[str, dict[str, int]]
+# Per numeric column: (mean, standard deviation) over the training rows.
+NumericStats = tuple[tuple[float, float], ...]
+
+
+def numeric_stats_of(values: Iterable[np.ndarray]) -> NumericStats:
+    """(mean, sd) of each column's training values, nulls (NaN) left out; an sd of 0 (a
+    constant column) or a column with no value is scaled by 1, so it encodes as 0."""
+    stats = []
+    for column in values:
+        present = column[~np.isnan(column)]
+        mean = float(present.mean()) if len(present) else 0.0
+        sd = float(present.std()) if len(present) else 0.0
+        stats.append((mean, sd if sd > 0 else 1.0))
+    return tuple(stats)
+
+
+def fit_numeric_stats(frame: pd.DataFrame, columns: Sequence[str]) -> NumericStats:
+    """`numeric_stats_of` the frame's training rows."""
+    train = frame[frame["split"] == SPLITS[0]]
+    return numeric_stats_of(train[c].astype("float64").to_numpy() for c in columns)
 
 
 def vocabulary(values: Iterable[str]) -> dict[str, int]:
@@ -151,8 +176,10 @@ def tensorize(
     vocabularies: Vocabularies | None = None,
     fill_ctr: float = 0.5,
     cascade_dims: Sequence[int] | None = None,
+    numeric_stats: NumericStats | None = None,
 ) -> tuple[Tensors, Vocabularies]:
-    """Tensors for a training frame; pass `vocabularies` to encode new rows like a trained model.
+    """Tensors for a training frame; pass `vocabularies` (and `numeric_stats`) to encode new
+    rows like a trained model.
 
     `fill_ctr` replaces a missing CTR (use the global training CTR), `cascade_dims` fixes the
     width of vector columns that may be all null; a missing score counts as logit 0.
@@ -173,9 +200,13 @@ def tensorize(
     ctr = frame[list(columns.ctr)].astype("float64").fillna(fill_ctr).to_numpy(dtype=np.float64)
     counts = frame[list(columns.counts)].astype("float64").fillna(0.0).to_numpy(dtype=np.float64)
     scores = frame[list(columns.scores)].astype("float64").fillna(0.0)
-    dense = np.concatenate([_logit(ctr), np.log1p(counts), scores.to_numpy(dtype=np.float64)], axis=1).astype(
-        np.float32
-    )
+    stats = numeric_stats if numeric_stats is not None else fit_numeric_stats(frame, columns.numeric)
+    numeric = frame[list(columns.numeric)].astype("float64").to_numpy(dtype=np.float64)
+    if stats:
+        numeric = (numeric - np.array([m for m, _ in stats])) / np.array([s for _, s in stats])
+    numeric = np.nan_to_num(numeric, nan=0.0)  # a missing value: the training mean
+    parts = [_logit(ctr), np.log1p(counts), numeric, scores.to_numpy(dtype=np.float64)]
+    dense = np.concatenate(parts, axis=1).astype(np.float32)
     dims = list(cascade_dims) if cascade_dims is not None else [None] * len(columns.cascade)
     cascade = tuple(_vectors(frame[c], d) for c, d in zip(columns.cascade, dims, strict=True))
     query = frame["query_text"] if "query_text" in frame else pd.Series([None] * len(frame))

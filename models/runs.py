@@ -22,7 +22,15 @@ from nlpctr.errors import UserError
 from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import encoder_config, net_config
 from nlpctr.models.ctr_net import CtrModel, InputShape
-from nlpctr.models.data import FeatureColumns, Tensors, Vocabularies, build_vocabularies, tensorize
+from nlpctr.models.data import (
+    FeatureColumns,
+    NumericStats,
+    Tensors,
+    Vocabularies,
+    build_vocabularies,
+    fit_numeric_stats,
+    tensorize,
+)
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import TextScorer, predict
@@ -34,28 +42,39 @@ PREDICTIONS_FILE = "predictions.parquet"
 
 @dataclass
 class Preprocessing:
-    """How a frame becomes tensors; saved with a run so new rows encode identically."""
+    """How a frame becomes tensors; saved with a run so new rows encode identically (the
+    vocabularies and the numeric features' training mean and sd among it)."""
 
     columns: FeatureColumns
     vocabularies: Vocabularies
     fill_ctr: float
     cascade_dims: tuple[int, ...]
     group: str
+    numeric_stats: NumericStats = ()
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, columns: FeatureColumns, group: str, fill_ctr: float) -> Preprocessing:
-        """Vocabularies from the frame's training rows; vector widths from its first non-null values."""
+        """Vocabularies and numeric scaling from the frame's training rows; vector widths from its
+        first non-null values."""
         dims = []
         for column in columns.cascade:
             present = frame[column].dropna()
             if present.empty:
                 raise UserError(f"feature column {column} is null on every row; re-run the job behind it")
             dims.append(len(present.iloc[0]))
-        return cls(columns, build_vocabularies(frame, columns.categorical), fill_ctr, tuple(dims), group)
+        vocabularies = build_vocabularies(frame, columns.categorical)
+        numeric = fit_numeric_stats(frame, columns.numeric)
+        return cls(columns, vocabularies, fill_ctr, tuple(dims), group, numeric)
 
     def tensorize(self, frame: pd.DataFrame) -> Tensors:
         tensors, _ = tensorize(
-            frame, self.columns, self.group, self.vocabularies, self.fill_ctr, self.cascade_dims
+            frame,
+            self.columns,
+            self.group,
+            self.vocabularies,
+            self.fill_ctr,
+            self.cascade_dims,
+            self.numeric_stats,
         )
         return tensors
 
@@ -63,7 +82,10 @@ class Preprocessing:
     def shape(self) -> InputShape:
         return InputShape(
             vocab_sizes=tuple(len(self.vocabularies[c]) + 1 for c in self.columns.categorical),
-            dense_dim=len(self.columns.ctr) + len(self.columns.counts) + len(self.columns.scores),
+            dense_dim=len(self.columns.ctr)
+            + len(self.columns.counts)
+            + len(self.columns.numeric)
+            + len(self.columns.scores),
             cascade_dims=self.cascade_dims,
         )
 
@@ -74,13 +96,21 @@ class Preprocessing:
             "fill_ctr": self.fill_ctr,
             "cascade_dims": list(self.cascade_dims),
             "group": self.group,
+            "numeric_stats": [list(pair) for pair in self.numeric_stats],
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Preprocessing:
         columns = FeatureColumns(**{k: tuple(v) for k, v in data["columns"].items()})
+        # Runs saved before numeric features had none.
+        numeric = tuple((float(m), float(sd)) for m, sd in data.get("numeric_stats", []))
         return cls(
-            columns, data["vocabularies"], data["fill_ctr"], tuple(data["cascade_dims"]), data["group"]
+            columns,
+            data["vocabularies"],
+            data["fill_ctr"],
+            tuple(data["cascade_dims"]),
+            data["group"],
+            numeric,
         )
 
 

@@ -15,7 +15,8 @@ import pyarrow as pa
 SPLITS = ("train", "valid", "test")
 
 # Columns every prepared dataset has, in this order; dataset-specific categorical context
-# columns (test_id, position, ...) follow them as nullable strings, then the derived ones.
+# columns (test_id, position, ...) follow them as nullable strings, then its numeric features
+# as float64, then the derived ones.
 CORE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("impression_id", pa.string(), nullable=False),
     pa.field("event_timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -23,7 +24,6 @@ CORE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("query_text", pa.string()),
     pa.field("ad_id", pa.string(), nullable=False),
     pa.field("ad_text", pa.string(), nullable=False),
-    pa.field("ad_extra_text", pa.string()),
 )
 LABEL_FIELDS: tuple[pa.Field, ...] = (
     pa.field("impressions", pa.int64(), nullable=False),
@@ -39,10 +39,12 @@ CORE_COLUMNS: tuple[str, ...] = tuple(f.name for f in CORE_FIELDS + LABEL_FIELDS
 RESERVED_COLUMNS: frozenset[str] = frozenset(f.name for f in CORE_FIELDS + LABEL_FIELDS + DERIVED_FIELDS)
 
 
-def impression_schema(context_columns: Iterable[str]) -> pa.Schema:
-    """The pyarrow schema of `impressions/` for a dataset with these context columns."""
+def impression_schema(context_columns: Iterable[str], numeric_columns: Iterable[str] = ()) -> pa.Schema:
+    """The pyarrow schema of `impressions/` for a dataset with these context columns and
+    numeric features (null only where the spec marks a feature optional)."""
     context = [pa.field(name, pa.string()) for name in context_columns]
-    return pa.schema([*CORE_FIELDS, *context, *LABEL_FIELDS, *DERIVED_FIELDS])
+    numeric = [pa.field(name, pa.float64()) for name in numeric_columns]
+    return pa.schema([*CORE_FIELDS, *context, *numeric, *LABEL_FIELDS, *DERIVED_FIELDS])
 
 
 def normalize_text(text: str) -> str:

@@ -51,7 +51,8 @@ def stream_source(
         dims.append(width)
     group = manifest["group"]
     vocabularies = streaming.fit_vocabularies(root, columns.categorical)
-    pre = Preprocessing(columns, vocabularies, fill_ctr, tuple(dims), group)
+    numeric = streaming.fit_numeric_stats(root, columns.numeric)
+    pre = Preprocessing(columns, vocabularies, fill_ctr, tuple(dims), group, numeric)
     return pre, streaming.ShardSource(root, pre.tensorize, streaming.needed_columns(columns, group))
 
 

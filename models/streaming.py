@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,7 +24,14 @@ import pyarrow.parquet as pq
 import torch
 
 from nlpctr.models import sql
-from nlpctr.models.data import FeatureColumns, Tensors, Vocabularies, vocabulary
+from nlpctr.models.data import (
+    FeatureColumns,
+    NumericStats,
+    Tensors,
+    Vocabularies,
+    numeric_stats_of,
+    vocabulary,
+)
 from nlpctr.models.schema import SPLITS
 
 SHUFFLE_ROWS = 262_144  # rows permuted together; ~100 MB of a baseline frame
@@ -52,8 +60,21 @@ def needed_columns(columns: FeatureColumns, group: str) -> list[str]:
         *columns.counts,
         *columns.cascade,
         *columns.scores,
+        *columns.numeric,
     ]
     return list(dict.fromkeys(wanted))
+
+
+def fit_numeric_stats(root: Path, columns: Sequence[str]) -> NumericStats:
+    """`data.fit_numeric_stats` over the training shards, one column at a time."""
+    files = split_files(root, SPLITS[0])
+    values = [
+        np.concatenate(
+            [np.empty(0)] + [pq.read_table(p, columns=[c])[c].cast(pa.float64()).to_numpy() for p in files]
+        )
+        for c in columns
+    ]
+    return numeric_stats_of(values)
 
 
 def fit_vocabularies(root: Path, columns: Sequence[str]) -> Vocabularies:

@@ -1,6 +1,8 @@
 """The whole experiment protocol in one command (DESIGN.md, "Experiment protocol").
 
     nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--no-progress]
+                      [--online sqlite|redis [--redis-url HOST:PORT]] [--offline duckdb|spark
+                      [--spark-master URL]] [Beam pipeline options]
     nlpctr experiment --dataset simulated [--rho 0,0.5,1] [--rows N] [--quick] --out DIR
 
 prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
@@ -9,6 +11,11 @@ materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint pe
 redundancy of every NLP feature. Writes `DIR/results.json`, `DIR/report.md` and PNG plots; data
 under `DIR/data/`, runs under `DIR/runs/`. Sizes come from `models/configs/experiment.yaml`
 (`--quick`: its `quick:` section, a small LM and few steps).
+
+The store flags are `nlpctr features apply`'s: the protocol's Feast repository is rendered for
+them, so materialisation, training frames and online lookups use the chosen stores. Any other
+flag must be a Beam pipeline option (`--runner`, `--direct_num_workers`, ...); it is passed to
+every Beam job the protocol runs (prepare, ctr-stats, embed), after the job's own flags.
 
 DIR must be new, empty, or an earlier experiment's folder (marked by a hidden `.nlpctr-output`
 file, or its results.json); anything else is refused before any work starts.
@@ -41,6 +48,8 @@ from nlpctr.models.config import check_training_config, deep_merge, key_tree, tr
 from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.trainer import LoopConfig
+from nlpctr.pipelines.feature_store_cli import add_store_flags, store_choice
+from nlpctr.pipelines.job_options import JobOptions, beam_flags
 from nlpctr.pipelines.ownership import claim_output_dir, refuse_glob_characters
 from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, run_protocol
 from nlpctr.pipelines.rho_sweep import SIMULATED, run_sweep
@@ -50,6 +59,7 @@ PROTOCOL = Path(__file__).resolve().parents[1] / "models" / "configs" / "experim
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags; `job_options` (a `JobOptions`) holds the Beam options and the store choice."""
     parser = argparse.ArgumentParser(prog="nlpctr experiment", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help=f"bundled dataset, spec YAML, or {SIMULATED!r}")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -65,7 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="simulated: aggregated rows of N impressions each (0: one binary impression per row)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    add_store_flags(parser)
+    args, beam = parser.parse_known_args(argv)
+    args.job_options = JobOptions(beam=beam_flags(beam, parser.prog), store=store_choice(args))
+    return args
 
 
 def protocol_schema() -> Schema:
@@ -172,10 +185,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     inputs = []
     if args.dataset != SIMULATED:
         spec = load_spec(args.dataset)
-        inputs = [spec.spec_path, spec.source.path]
+        inputs = [spec.spec_path, *spec.source.inputs]
     claim_output_dir(args.out, JOB, inputs=inputs, create=True)
     if args.dataset == SIMULATED:
-        results = run_sweep(args, protocol)
+        results = run_sweep(args, protocol, args.job_options)
         simulator = results["simulator"]
         shown = ", ".join(f"{p['id']}/{p['form']} {p['verdict']}" for p in simulator["predictions"])
         control = simulator["verdicts_by_rho"].get("lm_stage_beats_probe", {})
@@ -186,7 +199,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             f"{beats}; {results['wall_seconds']:.0f} s -> {args.out}/report.md"
         )
         return results
-    results = run_protocol(args, protocol, args.dataset, args.out)
+    results = run_protocol(args, protocol, args.dataset, args.out, args.job_options)
     runs = results["runs"]
     best = max((k for k in runs if k != BASELINE_RUN), key=lambda k: runs[k]["auc"])
     verdicts = ", ".join(

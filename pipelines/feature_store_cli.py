@@ -27,7 +27,7 @@ from nlpctr import prepared
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.names import CASCADE_FROZEN
-from nlpctr.features.store_config import DEFAULT_REDIS_URL, OFFLINE_STORES, ONLINE_STORES
+from nlpctr.features.store_config import DEFAULT_REDIS_URL, OFFLINE_STORES, ONLINE_STORES, StoreChoice
 from nlpctr.layout import IMPRESSIONS
 
 SUBCOMMANDS = ("apply", "materialize", "get")
@@ -47,16 +47,8 @@ def parser() -> argparse.ArgumentParser:
 
     apply = sub.add_parser("apply", help="render DIR/feature_repo and register the views")
     apply.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
-    apply.add_argument("--online", choices=ONLINE_STORES, default="sqlite", help="online store")
-    apply.add_argument("--redis-url", default=None, help=f"HOST:PORT (default {DEFAULT_REDIS_URL})")
+    add_store_flags(apply)
     apply.add_argument("--encoder", default=None, help="embedding slug `cascade_frozen` serves")
-    apply.add_argument(
-        "--offline",
-        choices=OFFLINE_STORES,
-        default="duckdb",
-        help="offline store: duckdb (default), spark (Feast's Spark store and compute engine), file",
-    )
-    apply.add_argument("--spark-master", default=None, help="Spark master URL (default local[*])")
 
     mat = sub.add_parser("materialize", help="load the online views into the online store")
     mat.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
@@ -79,6 +71,27 @@ def parser() -> argparse.ArgumentParser:
     )
     get.add_argument("--json", action="store_true", help="print the full result as JSON")
     return top
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    """`--online`, `--redis-url`, `--offline`, `--spark-master`: a `StoreChoice` (`store_choice`);
+    `features apply` and `experiment` take the same flags."""
+    parser.add_argument("--online", choices=ONLINE_STORES, default="sqlite", help="online store")
+    parser.add_argument("--redis-url", default=None, help=f"HOST:PORT (default {DEFAULT_REDIS_URL})")
+    parser.add_argument(
+        "--offline",
+        choices=OFFLINE_STORES,
+        default="duckdb",
+        help="offline store: duckdb (default), spark (Feast's Spark store and compute engine), file",
+    )
+    parser.add_argument("--spark-master", default=None, help="Spark master URL (default local[*])")
+
+
+def store_choice(args: argparse.Namespace) -> StoreChoice:
+    """The stores the flags of `add_store_flags` chose (one line for a wrong combination)."""
+    return StoreChoice(
+        online=args.online, redis_url=args.redis_url, offline=args.offline, spark_master=args.spark_master
+    )
 
 
 def entity_rows(pairs: list[str]) -> list[dict[str, str]]:
@@ -129,16 +142,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "apply":
-        if args.redis_url and args.online != "redis":
-            raise UserError("--redis-url goes with --online redis")
-        return store.apply(
-            args.data,
-            online=args.online,
-            redis_url=args.redis_url,
-            encoder=args.encoder,
-            offline=args.offline,
-            spark_master=args.spark_master,
-        )
+        return store.apply(args.data, store_choice(args), encoder=args.encoder)
     if args.command == "materialize":
         if args.incremental and (args.start or args.end):
             raise UserError("--incremental takes no --start/--end")

@@ -34,7 +34,7 @@ from nlpctr import __version__, prepared
 from nlpctr.errors import UserError
 from nlpctr.layout import IMPRESSIONS, REJECTED, write_manifest
 from nlpctr.models.schema import SPLITS, impression_schema
-from nlpctr.pipelines.ingest_source import ReadSourceRecords, source_columns
+from nlpctr.pipelines.ingest_source import ReadSourceRecords, check_source
 from nlpctr.pipelines.ingest_validate import AssignSplits, FindRepeatedIds, TimeCutPoints, ValidateImpressions
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
@@ -132,7 +132,7 @@ class PrepareImpressions(beam.PTransform):
             *truncated,
             source["stats"],
         ]
-        schema = impression_schema(spec.context_columns)
+        schema = impression_schema(spec.context_columns, spec.numeric_columns)
         # Two sinks into one folder, not a Flatten: a runner may materialise a Flatten's inputs.
         for name, prefix, shards, stream in (
             ("", "part", num_shards, streams[0]),
@@ -161,7 +161,8 @@ def manifest_from_counts(
         "spec_path": str(spec.spec_path),
         "spec_hash": spec.spec_hash,
         "spec": spec.raw,
-        "source": str(spec.source.path),
+        "source": spec.source.location,
+        "source_layout": spec.source.layout,
         "rows_in": rows_in,
         "rows_written": rows_written,
         "rows_rejected": rows_rejected,
@@ -183,6 +184,8 @@ def manifest_from_counts(
             "clicks": {s: counts.get(f"split_clicks:{s}", 0) for s in SPLITS},
         },
         "context_columns": list(spec.context_columns),
+        # Numeric features: columns of the impressions, served by the `numeric` feature view.
+        "numeric_columns": list(spec.numeric_columns),
         "entities": list(spec.entities),
         "group": spec.group,
         "label_form": spec.label.form,
@@ -199,7 +202,7 @@ def rejection_message(manifest: dict[str, Any], max_reject_rate: float, out: Pat
     if rows_in == 0:
         return (
             f"source {Path(manifest['source']).name} has no rows; nothing was written to {out}; "
-            "point source.path at a log that holds records"
+            f"point source.{manifest.get('source_layout', 'path')} at a log that holds records"
         )
     if manifest["rows_written"] == 0:
         return (
@@ -285,9 +288,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     Beam's own examples."""
     args, beam_args = parse_args(argv)
     spec = load_spec(args.dataset)
-    available = source_columns(spec)
-    if available is not None:
-        spec.check_source_columns(available)
+    check_source(spec)
     limits = Limits(
         max_text_chars=args.max_text_chars or spec.max_text_chars, truncate_long_text=args.truncate_long_text
     )
@@ -297,7 +298,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     failed = out.parent / f"{out.name}.failed"
     # Before any work: --out (and its dead-letter folder) must be new, empty or this job's own
     # earlier output, and must not hold the spec or the source log.
-    inputs = [spec.spec_path, spec.source.path]
+    inputs = [spec.spec_path, *spec.source.inputs]
     claim_output_dir(out, JOB, inputs=inputs)
     claim_output_dir(failed, JOB, inputs=inputs, flag="the dead-letter folder")
     # A parquet source damaged past its footer fails inside the job: named, with what to do.

@@ -1,6 +1,12 @@
-"""Ingest's reading side: a dataset spec's source file -> raw records (Beam), and the checks on
-the file itself (exists, is readable, is not compressed some unreadable way, has the columns
-the spec names) that run before any pipeline, so each fails in one line.
+"""Ingest's reading side: a dataset spec's source file or shards -> raw records (Beam), and the
+checks on the files themselves (exist, are readable, are not compressed some unreadable way,
+are of one format, have the columns the spec names) that run before any pipeline, so each
+fails in one line.
+
+A source is one literal file (`source.path`), or shards: every file under `source.folder`
+(names starting with '.' or '_', such as Spark's `_SUCCESS`, skipped), the files
+`source.glob` matches, or the list `source.shards`. Shards are resolved once, sorted, and read
+by Beam's IO as a list (`ReadAllFromParquet`, `ReadAllFromText`, `fileio.MatchAll`).
 
 Rows are parsed by `source_files` (CSV/TSV, JSON lines) or joined from UBI events (`ubi`);
 `records.map_record` validates them (`ingest_validate`).
@@ -41,47 +47,65 @@ class ReadSourceRecords(beam.PTransform):
     def __init__(self, spec: DatasetSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.files = source_files(spec)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.pvalue.PCollection]:
         spec = self.spec
         if spec.source.format == "ubi_ndjson":
-            lines = pbegin | "ReadLines" >> beam.io.ReadFromText(
-                literal_pattern(spec.source.path),
-                coder=beam.coders.BytesCoder(),
-                compression_type=text_compression(spec.source.path),
+            return self._read_lines(pbegin) | "JoinUbiEvents" >> JoinUbiEvents()
+        if spec.source.format == "jsonl":
+            records = (
+                self._read_lines(pbegin)
+                | "ParseJson" >> beam.Map(parse_json_line)
+                | "SkipBlank" >> beam.Filter(lambda r: r is not None)
             )
-            return lines | "JoinUbiEvents" >> JoinUbiEvents()
-        return {
-            "records": pbegin | "ReadRecords" >> self._read_records(),
-            "stats": pbegin | "NoSourceStats" >> beam.Create([]),
-        }
+        elif spec.source.format == "parquet":
+            records = pbegin | "ReadRecords" >> self._read_parquet()
+        else:
+            records = pbegin | "ReadRecords" >> self._read_delimited()
+        return {"records": records, "stats": pbegin | "NoSourceStats" >> beam.Create([])}
 
-    def _read_records(self) -> beam.PTransform:
-        spec = self.spec
-        path = literal_pattern(spec.source.path)
-        if spec.source.format == "parquet":
-            return beam.io.ReadFromParquet(path)
-        if spec.source.format == "csv":
-            # Whole files, not lines: quoted fields may hold newlines. The bytes as they are
-            # (parse_delimited unzips gzip by content; Beam would go by the name, and its
-            # decompressing reader returns only the first 16 MiB to a plain read()).
-            return (
-                "MatchFiles" >> fileio.MatchFiles(path)
-                | "ReadMatches" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
-                | "ParseDelimited"
-                >> beam.FlatMap(
-                    lambda f, d: parse_delimited(f.read(), d, os.path.basename(f.metadata.path)),
-                    spec.source.delimiter,
-                )
-            )
+    def _patterns(self, files: list[Path] | None = None) -> list[str]:
+        return [literal_pattern(f) for f in (self.files if files is None else files)]
+
+    def _read_parquet(self) -> beam.PTransform:
+        if len(self.files) == 1:
+            return beam.io.ReadFromParquet(self._patterns()[0])
+        return "Shards" >> beam.Create(self._patterns()) | "ReadShards" >> beam.io.ReadAllFromParquet()
+
+    def _read_delimited(self) -> beam.PTransform:
+        # Whole files, not lines: quoted fields may hold newlines. The bytes as they are
+        # (parse_delimited unzips gzip by content; Beam would go by the name, and its
+        # decompressing reader returns only the first 16 MiB to a plain read()).
         return (
-            "ReadLines"
-            >> beam.io.ReadFromText(
-                path, coder=beam.coders.BytesCoder(), compression_type=text_compression(spec.source.path)
+            "Files" >> beam.Create(self._patterns())
+            | "MatchFiles" >> fileio.MatchAll()
+            | "ReadMatches" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
+            | "ParseDelimited"
+            >> beam.FlatMap(
+                lambda f, d: parse_delimited(f.read(), d, os.path.basename(f.metadata.path)),
+                self.spec.source.delimiter,
             )
-            | "ParseJson" >> beam.Map(parse_json_line)
-            | "SkipBlank" >> beam.Filter(lambda r: r is not None)
         )
+
+    def _read_lines(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.PCollection:
+        """Every line of the files as bytes; each file read by its content's compression."""
+        coder = beam.coders.BytesCoder()
+        if len(self.files) == 1:
+            path = self.files[0]
+            return pbegin | "ReadLines" >> beam.io.ReadFromText(
+                literal_pattern(path), coder=coder, compression_type=text_compression(path)
+            )
+        by_compression: dict[str, list[Path]] = {}
+        for path in self.files:
+            by_compression.setdefault(text_compression(path), []).append(path)
+        parts = [
+            pbegin
+            | f"Shards{kind}" >> beam.Create(self._patterns(files))
+            | f"ReadLines{kind}" >> beam.io.ReadAllFromText(coder=coder, compression_type=kind)
+            for kind, files in sorted(by_compression.items())
+        ]
+        return parts | "AllLines" >> beam.Flatten()
 
 
 def literal_pattern(path: Path) -> str:
@@ -177,10 +201,99 @@ class JoinUbiEvents(beam.PTransform):
 _UBI_TAGS = (ubi.QUERY, ubi.IMPRESSION, ubi.CLICK, ubi.TITLE, ubi.MALFORMED, ubi.OTHER_EVENT)
 
 
+def _visible(path: Path, root: Path) -> bool:
+    """Not a hidden file, nor a writer's marker or metadata (`_SUCCESS`, `_metadata`)."""
+    return not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
+
+
+def source_files(spec: DatasetSpec) -> list[Path]:
+    """The files a spec's source names, sorted; a UserError (one line) when a folder is missing
+    or empty, a glob matches nothing, a listed shard is missing, or the shards mix formats."""
+    source, name = spec.source, spec.spec_path.name
+    if source.path is not None:
+        return [source.path]
+    if source.folder is not None:
+        folder = source.folder
+        if not folder.is_dir():
+            what = "does not exist" if not folder.exists() else "is not a folder"
+            raise UserError(f"source.folder {folder} {what}; fix source.folder in {name}")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p, folder))
+        if not files:
+            raise UserError(f"source.folder {folder} holds no files; fix source.folder in {name}")
+    elif source.glob is not None:
+        matched = glob.glob(source.glob, root_dir=source.base, recursive=True)
+        files = sorted({(source.base / m).resolve() for m in matched if (source.base / m).is_file()})
+        if not files:
+            raise UserError(
+                f"source.glob {source.glob!r} matches no file under {source.base}; fix the pattern in {name}"
+            )
+    else:
+        files = list(source.shards)
+        missing = next((p for p in files if not p.is_file()), None)
+        if missing is not None:
+            what = "does not exist" if not missing.exists() else "is not a file"
+            raise UserError(f"source.shards: {missing} {what}; fix the list in {name}")
+    _check_one_format(spec, files)
+    return files
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def _check_one_format(spec: DatasetSpec, files: list[Path]) -> None:
+    """Shards hold one format, the spec's: parquet shards all parquet, text shards none parquet
+    and one file type (.csv and .jsonl side by side are two logs, not one)."""
+    field, name = spec.source.field, spec.spec_path.name
+    parquet = spec.source.format == "parquet"
+    for path in files:
+        try:
+            is_parquet = first_bytes(path, 4) == PARQUET_MAGIC
+        except OSError as exc:
+            raise UserError(
+                f"{field}: {path} cannot be read ({exc.strerror}); check its permissions"
+            ) from None
+        if is_parquet != parquet:
+            kind = "parquet" if is_parquet else "not parquet"
+            raise UserError(
+                f"{field}: mixed formats: {path.name} is {kind} but source.format is "
+                f"{spec.source.format}; keep one format per source or fix source.format in {name}"
+            )
+    suffixes = sorted({p.name.removesuffix(".gz").rpartition(".")[2].lower() for p in files if "." in p.name})
+    if not parquet and len(suffixes) > 1:
+        raise UserError(
+            f"{field}: mixed formats (.{' and .'.join(suffixes[:2])} files); a source reads one "
+            f"format: narrow {field} in {name}"
+        )
+
+
+def check_source(spec: DatasetSpec) -> list[Path]:
+    """Before any pipeline: the source's files resolved, each readable and holding the columns
+    the spec reads; returns them. A single file must hold rows; of shards, at least one must."""
+    files = source_files(spec)
+    if len(files) == 1 and spec.source.path is not None:
+        available = source_columns(spec)
+        if available is not None:
+            spec.check_source_columns(available)
+        return files
+    with_rows = 0
+    for path in files:
+        available, has_rows = _file_columns(spec, path)
+        with_rows += has_rows
+        if available is not None and (has_rows or spec.source.format == "parquet"):
+            spec.check_source_columns(available, file=path.name)
+    if not with_rows:
+        raise UserError(
+            f"the {len(files)} files of {spec.source.field} hold no rows; "
+            "point it at a log that holds records"
+        )
+    return files
+
+
 def source_columns(spec: DatasetSpec) -> list[str] | None:
-    """The columns the source offers, read from its header; None where records are free-form
-    (JSONL rows may each carry different keys, so a missing one is a row-level rejection)."""
-    path = spec.source.path
+    """The columns a single-file source offers, read from its header; None where records are
+    free-form (JSONL rows may each carry different keys, so a missing one is a row-level
+    rejection)."""
+    path = spec.source.path if spec.source.path is not None else source_files(spec)[0]
     if not path.exists():
         if spec.spec_path.parent == BUNDLED_SPEC_DIR and os.environ.get("NLPCTR_DATA_ROOT"):
             raise UserError(
@@ -190,25 +303,37 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
         raise UserError(f"source file {path} does not exist; fix source.path in {spec.spec_path.name}")
     if not path.is_file():
         raise UserError(
-            f"source {path} is not a file; point source.path in {spec.spec_path.name} at one file"
+            f"source {path} is not a file; point source.path in {spec.spec_path.name} at one file, "
+            "or name a folder of shards with source.folder"
         )
-    fix = f"point source.path in {spec.spec_path.name} at a log that holds records"
+    available, has_rows = _file_columns(spec, path)
+    if not has_rows:
+        raise UserError(_no_rows(spec, path, available))
+    return available
+
+
+def _no_rows(spec: DatasetSpec, path: Path, header: list[str] | None) -> str:
+    fix = f"point {spec.source.field} in {spec.spec_path.name} at a log that holds records"
+    if spec.source.format == "csv":
+        if not header:
+            return f"source {path.name} is empty (no header row); {fix}"
+        return f"source {path.name} has a header row but no rows; {fix}"
+    if spec.source.format == "parquet":
+        return f"source {path.name} has no rows; {fix}"
+    return f"source {path.name} is empty; {fix}"
+
+
+def _file_columns(spec: DatasetSpec, path: Path) -> tuple[list[str] | None, bool]:
+    """One file's columns (None where records are free-form) and whether it holds any row."""
     try:
         if spec.source.format != "parquet":
             check_compression(path, spec.spec_path.name)
         if spec.source.format == "parquet":
-            if pq.read_metadata(path).num_rows == 0:
-                raise UserError(f"source {path.name} has no rows; {fix}")
-            return list(pq.read_schema(path).names)
+            return list(pq.read_schema(path).names), pq.read_metadata(path).num_rows > 0
         if spec.source.format == "csv":
             header, has_rows = delimited_head(str(path), spec.source.delimiter)
-            if not header:
-                raise UserError(f"source {path.name} is empty (no header row); {fix}")
-            if not has_rows:
-                raise UserError(f"source {path.name} has a header row but no rows; {fix}")
-            return header
-        if not has_lines(str(path)):
-            raise UserError(f"source {path.name} is empty; {fix}")
+            return (header or None), has_rows
+        has_rows = has_lines(str(path))
     except (OSError, ValueError, csv.Error) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
@@ -217,5 +342,5 @@ def source_columns(spec: DatasetSpec) -> list[str] | None:
         ) from None
     if spec.source.format == "ubi_ndjson":
         return ["search_id", "object_id", "user_query", "title", "position", "timestamp",
-                "application", "session_id", "clicked"]  # fmt: skip
-    return None
+                "application", "session_id", "clicked"], has_rows  # fmt: skip
+    return None, has_rows

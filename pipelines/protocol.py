@@ -29,7 +29,8 @@ from nlpctr.models import claims, redundancy, report
 from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import FORMS, NlpFeature, feature_key, frozen_vectors, lm_feature
 from nlpctr.models.training import LmStep
-from nlpctr.pipelines import ctr_stats, distillation, embed_text, feature_store_cli, ingest, train
+from nlpctr.pipelines import ctr_stats, distillation, embed_text, ingest, train
+from nlpctr.pipelines.job_options import JobOptions
 from nlpctr.pipelines.ownership import claim_output_dir
 
 JOB = "experiment"
@@ -40,8 +41,11 @@ JOINT_PROBE = "joint_probe"
 class Experiment:
     """One dataset through the protocol; each step records its wall time in `timings`."""
 
-    def __init__(self, args: argparse.Namespace, protocol: dict[str, Any], out: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, protocol: dict[str, Any], out: Path, options: JobOptions | None = None
+    ) -> None:
         self.args, self.protocol, self.out = args, protocol, out
+        self.options = options or JobOptions()  # the user's Beam options and stores, for every job
         self.data_dir = out / "data"
         self.runs_dir = out / "runs"
         self.seed = int(args.seed)
@@ -64,16 +68,16 @@ class Experiment:
     # -------------------------------------------------------------------- data and features
 
     def prepare(self, dataset: str) -> None:
-        data = str(self.data_dir)
+        data, beam = str(self.data_dir), list(self.options.beam)  # Beam options after a job's own
         with self.stage("prepare"):
-            ingest.run(["--dataset", dataset, "--out", data, "--seed", str(self.seed)])
+            ingest.run(["--dataset", dataset, "--out", data, "--seed", str(self.seed), *beam])
         with self.stage("ctr_stats"):
-            ctr_stats.run(["--data", data])
+            ctr_stats.run(["--data", data, *beam])
         with self.stage("embed"):
-            embed_text.run(["--data", data, "--layers", str(self.protocol["embed_layers"])])
+            embed_text.run(["--data", data, "--layers", str(self.protocol["embed_layers"]), *beam])
         with self.stage("feast_apply_materialize"):
-            feature_store_cli.run(["apply", "--data", data])
-            feature_store_cli.run(["materialize", "--data", data])
+            feature_store.apply(self.data_dir, self.options.store)
+            feature_store.materialize(self.data_dir)
         self.manifest = read_manifest(self.data_dir)
 
     # -------------------------------------------------------------------- E0-E3
@@ -276,12 +280,17 @@ def e2_points(e2: LmStep, measures: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_protocol(
-    args: argparse.Namespace, protocol: dict[str, Any], dataset: str, out: Path
+    args: argparse.Namespace,
+    protocol: dict[str, Any],
+    dataset: str,
+    out: Path,
+    options: JobOptions | None = None,
 ) -> dict[str, Any]:
-    """One dataset: prepare, E0-E3, redundancy, and E4 when the protocol asks for it."""
+    """One dataset: prepare, E0-E3, redundancy, and E4 when the protocol asks for it; every job
+    on `options`' infrastructure (Beam options, stores)."""
     started = time.perf_counter()
     out = claim_output_dir(out, JOB, create=True)
-    exp = Experiment(args, protocol, out)
+    exp = Experiment(args, protocol, out, options)
     exp.prepare(dataset)
     exp.train_runs()
     measures, curve = exp.redundancy()

@@ -18,7 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from nlpctr.models.schema import normalize_text, stable_hash, text_id
-from nlpctr.pipelines.specs import ColumnRule, DatasetSpec, TimestampRule
+from nlpctr.pipelines.specs import ColumnRule, DatasetSpec, NumericRule, TimestampRule
 
 # Reason codes of dead-letter records (docs/USAGE.md documents each).
 MALFORMED_RECORD = "malformed_record"
@@ -35,10 +35,12 @@ TEXT_TOO_LONG = "text_too_long"
 BAD_TYPE = "bad_type"
 # Two different source values hashed (hash_of, text_id_of) to one id: the 64 bits collided.
 ID_HASH_COLLISION = "id_hash_collision"
+# A numeric feature's value is missing, not a number, not finite, too large, or negative under log1p.
+BAD_NUMERIC = "bad_numeric"
 REASONS = (
     MALFORMED_RECORD, MISSING_TEXT, MISSING_ID, BAD_TIMESTAMP, CLICKS_GT_IMPRESSIONS, BAD_COUNT,
     BAD_LABEL, ZERO_IMPRESSIONS, BAD_ENCODING, DUPLICATE_IMPRESSION_ID, TEXT_TOO_LONG, BAD_TYPE,
-    ID_HASH_COLLISION,
+    ID_HASH_COLLISION, BAD_NUMERIC,
 )  # fmt: skip
 
 # Marks a source record that could not even be parsed into fields.
@@ -53,6 +55,10 @@ _WHITESPACE = re.compile(r"\s+")
 # Python refuses str() of integers beyond 4300 digits; anything this long is not a value.
 _MAX_INT_BITS = 4096
 _MAX_COUNT = 2**63 - 1  # impressions and clicks are int64 columns
+# A numeric feature beyond this magnitude is a unit or parsing error (bytes for gigabytes, a
+# timestamp in a price column), and its square overflows float32 once standardised.
+MAX_NUMERIC = 1e15
+_DECIMAL = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*")
 
 
 @dataclass(frozen=True)
@@ -287,6 +293,36 @@ def parse_count(value: Any, column: str) -> int:
     return number
 
 
+def parse_numeric(name: str, rule: NumericRule, record: dict[str, Any]) -> float | None:
+    """A numeric feature's value: a finite number (an int, a float, or a decimal string such as
+    '1.5e3'), log1p'd when the rule says so; None for a missing value of an optional feature.
+    bad_numeric otherwise, naming the column and what is wrong."""
+    value = record.get(rule.column)
+    where = f"numeric {name} (source column {rule.column!r})"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if rule.optional:
+            return None
+        raise _Invalid(BAD_NUMERIC, f"{where} is missing (mark the feature `optional: true` to allow that)")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Invalid(BAD_NUMERIC, f"{where}={json_safe(value)!r} is not a number")
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise _Invalid(BAD_NUMERIC, f"{where}={json_safe(value)!r} is not a number")
+    if isinstance(value, int) and value.bit_length() > 64:
+        raise _Invalid(
+            BAD_NUMERIC, f"{where} is an integer of {value.bit_length()} bits, beyond ±{MAX_NUMERIC:g}"
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise _Invalid(BAD_NUMERIC, f"{where}={value!r} is not finite")
+    if abs(number) > MAX_NUMERIC:
+        raise _Invalid(BAD_NUMERIC, f"{where}={number:g} is beyond ±{MAX_NUMERIC:g}; rescale the column")
+    if rule.log1p:
+        if number < 0:
+            raise _Invalid(BAD_NUMERIC, f"{where}={number:g} is negative, so log1p does not apply")
+        number = math.log1p(number)
+    return number
+
+
 _CLICKED = {"0": 0, "1": 1, "false": 0, "true": 1}
 
 
@@ -429,7 +465,7 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
     for target in ("impression_id", "query_id", "ad_id"):
         rule = spec.columns.get(target)
         row[target], preimages[target] = _column_value_and_preimage(rule, record) if rule else (None, None)
-    for target in ("query_text", "ad_text", "ad_extra_text"):
+    for target in ("query_text", "ad_text"):
         rule = spec.columns.get(target)
         value = _column_value(rule, record) if rule else None
         if value is not None:
@@ -469,6 +505,8 @@ def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
         row["impression_id"], preimages["impression_id"] = stable_hash(content), content
 
     row["event_timestamp"] = parse_timestamp(spec.timestamp, record)
+    for name, numeric in spec.numeric.items():
+        row[name] = parse_numeric(name, numeric, record)
 
     label = spec.label
     if label.form == "binary":

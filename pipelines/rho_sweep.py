@@ -19,6 +19,7 @@ from nlpctr.models import sweep
 from nlpctr.models.config import deep_merge
 from nlpctr.models.nlp_features import FORMS
 from nlpctr.pipelines import simulate
+from nlpctr.pipelines.job_options import JobOptions
 from nlpctr.pipelines.ownership import claim_output_dir
 from nlpctr.pipelines.protocol import JOB, run_protocol, write_results
 
@@ -46,9 +47,10 @@ def finished_rho(out: Path, protocol: Mapping[str, Any], args: argparse.Namespac
 
 
 def run_rho(
-    args: argparse.Namespace, protocol: dict[str, Any], out: Path, rho: float, seed: int
+    args: argparse.Namespace, protocol: dict[str, Any], out: Path, rho: float, seed: int, options: JobOptions
 ) -> dict[str, Any]:
-    """One rho at one seed: its simulated log and the protocol on it (kept when finished before)."""
+    """One rho at one seed: its simulated log and the protocol on it, on `options`' infrastructure
+    (kept when finished before)."""
     settings = protocol["simulator"]
     at_seed = argparse.Namespace(**{**vars(args), "seed": seed})
     out = claim_output_dir(out, JOB, create=True)
@@ -62,10 +64,10 @@ def run_rho(
     flags += ["--text-strength", str(settings["text_strength"]), "--out", str(log)]
     flags += ["--impressions-per-row", str(per_row)] if per_row else []
     simulate.run(flags + (["--no-progress"] if args.no_progress else []))
-    return run_protocol(at_seed, protocol, str(log.with_name("log.spec.yaml")), out)
+    return run_protocol(at_seed, protocol, str(log.with_name("log.spec.yaml")), out, options)
 
 
-def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, Any]:
+def run_sweep(args: argparse.Namespace, protocol: dict[str, Any], options: JobOptions) -> dict[str, Any]:
     """The protocol (without E4) on a simulated log per rho, and the trends against rho; then the
     protocol's extra seeds (`simulator.seeds`) at the rho values of `simulator.seed_rho`, and the
     spread of every claim, control and gain over the seeds (`DIR/seed-<s>/rho-<r>/`)."""
@@ -78,7 +80,8 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
         protocol = deep_merge(protocol, {"distill": {"students": []}})
     seed = int(args.seed)
     per_rho = {
-        rho: sweep.entry(run_rho(args, protocol, args.out / f"rho-{rho:g}", rho, seed)) for rho in rhos
+        rho: sweep.entry(run_rho(args, protocol, args.out / f"rho-{rho:g}", rho, seed, options))
+        for rho in rhos
     }
     per_seed = {seed: per_rho}
     extra_rho = [r for r in rhos if r in {float(v) for v in settings.get("seed_rho") or rhos}]
@@ -86,7 +89,8 @@ def run_sweep(args: argparse.Namespace, protocol: dict[str, Any]) -> dict[str, A
         if other != seed and extra_rho:
             folder = args.out / f"seed-{other}"
             per_seed[other] = {
-                r: sweep.entry(run_rho(args, protocol, folder / f"rho-{r:g}", r, other)) for r in extra_rho
+                r: sweep.entry(run_rho(args, protocol, folder / f"rho-{r:g}", r, other, options))
+                for r in extra_rho
             }
     simulator: dict[str, Any] = {
         "rho": rhos,

@@ -198,9 +198,11 @@ class ScoreBatches(beam.DoFn):
         yield table.append_column(pa.field("p", pa.float64()), pa.array(scores.to_numpy(), pa.float64()))
 
 
-def output_schema(context_columns: Sequence[str], service_fields: Sequence[pa.Field]) -> pa.Schema:
+def output_schema(
+    context_columns: Sequence[str], service_fields: Sequence[pa.Field], numeric_columns: Sequence[str] = ()
+) -> pa.Schema:
     """Impression schema plus one nullable column per served feature."""
-    return pa.schema([*impression_schema(context_columns), *service_fields])
+    return pa.schema([*impression_schema(context_columns, numeric_columns), *service_fields])
 
 
 def _keep_splits(table: pa.Table, splits: frozenset[str] | None) -> pa.Table:
@@ -390,7 +392,11 @@ def _score(
     if not parquet_files(data_dir / IMPRESSIONS):
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     manifest = read_manifest(data_dir)
-    schema = output_schema(manifest.get("context_columns", []), feature_store.service_fields(online.service))
+    schema = output_schema(
+        manifest.get("context_columns", []),
+        feature_store.service_fields(online.service),
+        manifest.get("numeric_columns", []),
+    )
     config_path = store_config.config_path(data_dir)
     staging = staging_dir(out)
     started = time.perf_counter()

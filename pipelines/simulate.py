@@ -23,6 +23,9 @@ The click model (per impression; every coefficient is written to <stem>.truth.js
     click ~ Bernoulli(sigmoid(logit))
     (--impressions-per-row N: clicks ~ Binomial(N, sigmoid(logit)) on a row of N impressions)
 - u_* ~ N(0, sd_*^2) per entity; pos = -0.8 ln(position); dev is fixed per device.
+- --numeric-features K adds columns numeric_1..numeric_K (float, >= 0, right-skewed) drawn per
+  row independently of everything else, and numeric = sum_k w_k (log1p(numeric_k) - 2) to the
+  logit (w_k = 0.5 * (-0.6)^(k-1), in truth.json); the spec maps them with log1p.
 - T_ad depends only on the ad's own text: a weighted sum of lexical cues (contains a number,
   a superlative, a deal word, a brand-ish token, a "you" word, a question mark, and a length
   penalty), standardised to mean 0 / variance 1 over impressions.
@@ -53,7 +56,8 @@ existing files are replaced only when they are this command's earlier output, na
   advertiser_id, position, device, clicked | impressions + clicks), time-ordered over 30 days
   from 2024-03-01 UTC.
 - <stem>.truth.parquet: impression_id + base, ad/advertiser/query/position/device/text
-  effects, t_ad, t_pair, logit, click_prob, rho (components sum to the logit).
+  effects (and numeric_effect with --numeric-features), t_ad, t_pair, logit, click_prob, rho
+  (components sum to the logit).
 - <stem>.truth.json: rho, seed, rows, coefficients, entity counts, realised CTR, variance of
   each logit component and its share of the logit's variance.
 - <stem>.spec.yaml: a dataset spec for `nlpctr data prepare --dataset <stem>.spec.yaml`.
@@ -82,19 +86,21 @@ from nlpctr import __version__
 from nlpctr.errors import UserError
 from nlpctr.pipelines.ownership import claim_output_files, is_simulated_log
 from nlpctr.pipelines.simulator.clicks import (
-    COMPONENTS,
     DAYS,
     DEVICE_EFFECT,
     DEVICE_SHARE,
     DEVICES,
+    MAX_NUMERIC_FEATURES,
+    NUMERIC_LOG_MEAN,
     POSITION_DECAY,
     POSITION_SLOPE,
     START,
-    TRUTH_SCHEMA,
     Moments,
     Params,
+    components,
     log_schema,
     simulate_chunk,
+    truth_schema,
 )
 from nlpctr.pipelines.simulator.lexicon import T_AD_WEIGHTS, load_pools
 from nlpctr.pipelines.simulator.world import (
@@ -138,6 +144,11 @@ def spec_for(log_path: Path, params: Params) -> dict[str, Any]:
             "ad_text": "ad_text",
         },
         "context": {"position": "position", "device": "device", "advertiser_id": "advertiser_id"},
+        **(
+            {"numeric": {name: {"column": name, "log1p": True} for name in params.numeric_names}}
+            if params.numeric_features
+            else {}
+        ),
         "timestamp": {"column": "event_time", "format": "iso8601"},
         "label": label,
         "group": "query_id",
@@ -170,14 +181,14 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
     paths = _paths(out)
     tag = uuid.uuid4().hex[:8]
     temp = {key: path.with_name(f".{path.name}.tmp-{tag}") for key, path in paths.items()}
-    names = (*COMPONENTS, "t_ad", "t_pair", "logit", "click_prob")
+    names = (*components(params), "t_ad", "t_pair", "logit", "click_prob")
     moments = Moments(names)
     clicks = 0
     try:
         # zstd, no statistics-dependent options: same inputs give the same bytes.
         with (
             pq.ParquetWriter(temp["log"], log_schema(params), compression="zstd") as log_writer,
-            pq.ParquetWriter(temp["truth"], TRUTH_SCHEMA, compression="zstd") as truth_writer,
+            pq.ParquetWriter(temp["truth"], truth_schema(params), compression="zstd") as truth_writer,
         ):
             starts = range(0, params.rows, params.chunk_rows)
             for start in tqdm(starts, desc="simulate", unit="chunk", disable=None if progress else True):
@@ -201,8 +212,7 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
             "chunk_rows": params.chunk_rows,
             "files": {key: path.name for key, path in paths.items()},
             "model": {
-                "logit": "base + ad_effect + advertiser_effect + query_effect + position_effect "
-                "+ device_effect + text_effect",
+                "logit": " + ".join(components(params)),
                 "text_effect": "text_strength * (sqrt(rho) * t_ad + sqrt(1 - rho) * t_pair)",
                 "click": (
                     "Bernoulli(sigmoid(logit))"
@@ -212,6 +222,15 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
                 "t_ad": "standardised sum of t_ad_weights over the ad text's cues (ad text only)",
                 "t_pair": "standardised, double-centred (zero mean within every ad and query) sum of "
                 "t_pair_weights over query-ad overlap and word-class agreement",
+                **(
+                    {
+                        "numeric_effect": "sum over k of numeric_weights[k] * "
+                        f"(log1p(numeric_k) - {NUMERIC_LOG_MEAN:g}); log1p(numeric_k) - "
+                        f"{NUMERIC_LOG_MEAN:g} ~ N(0, 1) clipped at -{NUMERIC_LOG_MEAN:g}, per row"
+                    }
+                    if params.numeric_features
+                    else {}
+                ),
             },
             "coefficients": {
                 "base": params.base,
@@ -225,6 +244,11 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
                 "device_share": dict(zip(DEVICES, DEVICE_SHARE, strict=True)),
                 "t_ad_weights": T_AD_WEIGHTS,
                 "t_pair_weights": T_PAIR_WEIGHTS,
+                **(
+                    {"numeric_weights": dict(zip(params.numeric_names, params.numeric_weights, strict=True))}
+                    if params.numeric_features
+                    else {}
+                ),
             },
             "world": world.info,
             "time": {"start": START.isoformat(), "days": DAYS},
@@ -237,10 +261,10 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
             },
             "variance": {
                 "logit": logit_var,
-                "components": {name: moments.variance(name) for name in COMPONENTS},
+                "components": {name: moments.variance(name) for name in components(params)},
                 "shares": {
                     name: (moments.variance(name) / logit_var if logit_var > 0 else 0.0)
-                    for name in COMPONENTS
+                    for name in components(params)
                 },
             },
             # Population values by construction: t_ad and t_pair are orthogonal, and t_pair has
@@ -301,6 +325,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="aggregated rows: each row is shown N times, clicks ~ Binomial(N, p) "
         "(default: one binary impression per row)",
     )
+    parser.add_argument(
+        "--numeric-features",
+        type=int,
+        default=0,
+        metavar="K",
+        help="add K numeric columns numeric_1..numeric_K (right-skewed, >= 0) whose log1p has a known "
+        "linear effect on the click logit (written to the truth; the spec maps them with log1p)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -318,6 +350,10 @@ def _validate(args: argparse.Namespace) -> tuple[Params, Path]:
         raise UserError(f"--impressions-per-row must be >= 1, got {args.impressions_per_row}")
     if not (math.isfinite(args.text_strength) and args.text_strength >= 0):
         raise UserError(f"--text-strength must be a finite number >= 0, got {args.text_strength}")
+    if not 0 <= args.numeric_features <= MAX_NUMERIC_FEATURES:
+        raise UserError(
+            f"--numeric-features must be between 0 and {MAX_NUMERIC_FEATURES}, got {args.numeric_features}"
+        )
     if not math.isfinite(args.base_logit):
         raise UserError(f"--base-logit must be finite, got {args.base_logit}")
     out: Path = args.out.expanduser().resolve()
@@ -335,6 +371,7 @@ def _validate(args: argparse.Namespace) -> tuple[Params, Path]:
         text_strength=float(args.text_strength),
         chunk_rows=args.chunk_rows,
         impressions_per_row=args.impressions_per_row,
+        numeric_features=args.numeric_features,
     )
     return params, out
 

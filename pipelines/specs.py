@@ -12,7 +12,8 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -31,9 +32,11 @@ LABEL_FORMS = ("binary", "aggregated")
 SPLIT_MODES = ("within_group", "cold_group", "time")
 TRANSFORMS = ("strip_html", "fix_mojibake")
 # Target columns a spec maps (context columns are declared separately under `context`).
-MAPPED_COLUMNS = ("impression_id", "query_id", "query_text", "ad_id", "ad_text", "ad_extra_text")
+MAPPED_COLUMNS = ("impression_id", "query_id", "query_text", "ad_id", "ad_text")
 REQUIRED_MAPPED = ("ad_id", "ad_text")
-TEXT_COLUMNS = ("query_text", "ad_text", "ad_extra_text")
+TEXT_COLUMNS = ("query_text", "ad_text")
+# How a source names its files: one literal file, or shards (a folder, a glob, a list).
+SOURCE_LAYOUTS = ("path", "folder", "glob", "shards")
 
 
 def data_root() -> Path:
@@ -112,10 +115,74 @@ class LabelRule:
 
 
 @dataclass(frozen=True)
+class NumericRule:
+    """A numeric feature: a source column read as a finite number, optionally log1p'd.
+
+    `optional`: a missing value is kept as null (the model reads the training mean) instead of
+    rejecting the row."""
+
+    column: str
+    log1p: bool = False
+    optional: bool = False
+
+
+@dataclass(frozen=True)
 class SourceRule:
-    path: Path
+    """Where the source log is: one literal file (`path`; glob characters in it are literal),
+    or shards in their own field: every file under a `folder`, the files a `glob` pattern
+    matches (relative to `base`, the spec's folder or the data root), or a list of `shards`."""
+
     format: str
     delimiter: str = ","
+    path: Path | None = None
+    folder: Path | None = None
+    glob: str | None = None
+    shards: tuple[Path, ...] = ()
+    base: Path = Path("/")
+
+    @property
+    def layout(self) -> str:
+        """path, folder, glob or shards: the field the spec named."""
+        if self.path is not None:
+            return "path"
+        if self.folder is not None:
+            return "folder"
+        return "glob" if self.glob is not None else "shards"
+
+    @property
+    def field(self) -> str:
+        """The spec field that names the source, for messages (`source.folder`)."""
+        return f"source.{self.layout}"
+
+    @property
+    def location(self) -> str:
+        """The source as the spec names it, absolute: the file, the folder, the pattern, or the
+        first shard and how many more there are."""
+        if self.path is not None:
+            return str(self.path)
+        if self.folder is not None:
+            return str(self.folder)
+        if self.glob is not None:
+            return str(self.base / self.glob)
+        more = f" (+{len(self.shards) - 1} more)" if len(self.shards) > 1 else ""
+        return f"{self.shards[0]}{more}"
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """Paths a job must never write into or over: the file, the folder, the shards, or the
+        folder a glob pattern starts in."""
+        if self.path is not None:
+            return (self.path,)
+        if self.folder is not None:
+            return (self.folder,)
+        if self.glob is not None:
+            fixed = []
+            for part in Path(self.glob).parts:
+                if any(c in part for c in "*?["):
+                    break
+                fixed.append(part)
+            return ((self.base / Path(*fixed)).resolve() if fixed else self.base,)
+        return self.shards
 
 
 @dataclass(frozen=True)
@@ -139,10 +206,16 @@ class DatasetSpec:
     notes: str
     spec_path: Path
     raw: dict[str, Any] = field(repr=False)
+    numeric: dict[str, NumericRule] = field(default_factory=dict)
 
     @property
     def context_columns(self) -> tuple[str, ...]:
         return tuple(self.context)
+
+    @property
+    def numeric_columns(self) -> tuple[str, ...]:
+        """The numeric features' names (their columns in the impressions)."""
+        return tuple(self.numeric)
 
     @property
     def spec_hash(self) -> str:
@@ -156,17 +229,20 @@ class DatasetSpec:
             used.update(rule.sources)
         used.update(self.timestamp.sources)
         used.update(self.label.sources)
+        used.update(rule.column for rule in self.numeric.values())
         return used
 
-    def check_source_columns(self, available: list[str]) -> None:
+    def check_source_columns(self, available: list[str], file: str | None = None) -> None:
         """Fail with one line if the spec reads a column the source does not have. The line
         names the column and the file, never the file's content: a spec may point at any file
-        its user can read, and an error message travels further than the file does."""
+        its user can read, and an error message travels further than the file does. `file`: the
+        shard whose header this is (default: the source's own name)."""
+        file = file or Path(self.source.location).name
         repeated = sorted(c for c in self.source_columns() if available.count(c) > 1)
         if repeated:  # a record keeps one of the copies: which one the spec reads is arbitrary
             raise UserError(
                 f"spec {self.spec_path.name}: source column {_shown(repeated[0])} appears "
-                f"{available.count(repeated[0])} times in the header of {self.source.path.name}; "
+                f"{available.count(repeated[0])} times in the header of {file}; "
                 "rename the copies so that the spec reads one"
             )
         missing = sorted(self.source_columns() - set(available))
@@ -177,7 +253,7 @@ class DatasetSpec:
                 hint = f"; if it has more, source.delimiter {self.source.delimiter!r} is not its delimiter"
             raise UserError(
                 f"spec {self.spec_path.name}: source column {_shown(missing[0])} is not in "
-                f"{self.source.path.name} (its header has {count}{hint}); fix the column name in the spec"
+                f"{file} (its header has {count}{hint}); fix the column name in the spec"
             )
 
 
@@ -326,34 +402,104 @@ def _label_rule(spec_path: Path, value: Any) -> LabelRule:
     return LabelRule(form=form, impressions=mapping["impressions"], clicks=mapping["clicks"])
 
 
+def _source_path(spec_path: Path, where: str, value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _fail(spec_path, where, "expected a path")
+    path = Path(os.path.expanduser(value))
+    try:
+        return (path if path.is_absolute() else base / path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
+        raise _fail(
+            spec_path, where, f"{_shown(path.name)} is a symlink loop; point it at the log file itself"
+        ) from None
+
+
 def _source_rule(spec_path: Path, value: Any, bundled: bool) -> SourceRule:
-    mapping = _expect_keys(spec_path, "source", value, {"path", "format", "delimiter"})
+    mapping = _expect_keys(spec_path, "source", value, {*SOURCE_LAYOUTS, "format", "delimiter"})
     fmt = mapping.get("format")
     if fmt not in FORMATS:
         raise _fail(spec_path, "source.format", f"{_shown(fmt)} is not one of {', '.join(FORMATS)}")
-    if not isinstance(mapping.get("path"), str):
-        raise _fail(spec_path, "source.path", "expected the path of the source file")
-    path = Path(os.path.expanduser(mapping["path"]))
-    if not path.is_absolute():
-        path = (data_root() if bundled else spec_path.parent) / path
+    named = [k for k in SOURCE_LAYOUTS if k in mapping]
+    if len(named) != 1:
+        raise _fail(
+            spec_path,
+            "source",
+            "give exactly one of path (one file), folder (every file in it), glob (a pattern such "
+            "as 'part-*.parquet') or shards (a list of files)",
+        )
+    base = data_root() if bundled else spec_path.parent
     delimiter = mapping.get("delimiter", ",")
     if not isinstance(delimiter, str) or len(delimiter) != 1:
         raise _fail(spec_path, "source.delimiter", "expected one character, e.g. ',' or '\\t'")
-    try:
-        resolved = path.resolve()
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
-        raise _fail(
-            spec_path,
-            "source.path",
-            f"{_shown(path.name)} is a symlink loop; point it at the log file itself",
-        ) from None
-    return SourceRule(path=resolved, format=fmt, delimiter=delimiter)
+    rule = SourceRule(format=fmt, delimiter=delimiter, base=base)
+    layout = named[0]
+    if layout == "path":
+        if not isinstance(mapping["path"], str):
+            raise _fail(spec_path, "source.path", "expected the path of the source file")
+        return replace(rule, path=_source_path(spec_path, "source.path", mapping["path"], base))
+    if layout == "folder":
+        return replace(rule, folder=_source_path(spec_path, "source.folder", mapping["folder"], base))
+    if layout == "glob":
+        pattern = mapping["glob"]
+        if not isinstance(pattern, str) or not any(c in pattern for c in "*?["):
+            raise _fail(
+                spec_path, "source.glob", "expected a pattern with *, ? or [...], e.g. 'logs/part-*.parquet'"
+            )
+        return replace(rule, glob=os.path.expanduser(pattern))
+    shards = mapping["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise _fail(spec_path, "source.shards", "expected a non-empty list of file paths")
+    paths = tuple(_source_path(spec_path, f"source.shards[{i}]", v, base) for i, v in enumerate(shards))
+    repeated = next((p for p in paths if paths.count(p) > 1), None)
+    if repeated is not None:
+        raise _fail(spec_path, "source.shards", f"{repeated.name} is listed twice; list each shard once")
+    return replace(rule, shards=paths)
+
+
+# A numeric feature's name becomes a column of the impressions and a Feast feature name.
+_NUMERIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+def _numeric_rules(spec_path: Path, value: Any, taken: set[str]) -> dict[str, NumericRule]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(spec_path, "numeric", "expected a mapping of feature name -> source column")
+    rules = {}
+    for name, rule in value.items():
+        where = f"numeric.{name}"
+        if not isinstance(name, str) or not _NUMERIC_NAME.match(name):
+            raise _fail(spec_path, where, "a feature name is lower case letters, digits and _, from a letter")
+        if name in taken:
+            raise _fail(spec_path, where, "is a schema or context column; give the feature another name")
+        if isinstance(rule, str):
+            rules[name] = NumericRule(column=rule)
+            continue
+        mapping = _expect_keys(spec_path, where, rule, {"column", "log1p", "optional"})
+        if not isinstance(mapping.get("column"), str):
+            raise _fail(spec_path, f"{where}.column", "expected the source column holding the number")
+        for flag in ("log1p", "optional"):
+            if not isinstance(mapping.get(flag, False), bool):
+                raise _fail(spec_path, f"{where}.{flag}", "expected true or false")
+        rules[name] = NumericRule(
+            column=mapping["column"],
+            log1p=bool(mapping.get("log1p", False)),
+            optional=bool(mapping.get("optional", False)),
+        )
+    return rules
 
 
 TOP_LEVEL_KEYS = {
     "name", "description", "source", "columns", "timestamp", "context", "label", "group",
-    "entities", "split", "max_text_chars", "max_reject_rate", "forbidden", "notes",
+    "entities", "split", "max_text_chars", "max_reject_rate", "forbidden", "notes", "numeric",
 }  # fmt: skip
+# A column that specs once mapped and nothing ever read: refused with the reason, not dropped.
+UNUSED_COLUMNS = {
+    "ad_extra_text": (
+        "no model reads a second ad text (the embedding job and every arm read query_text and "
+        "ad_text only; docs/USAGE.md says why); remove it from the spec"
+    ),
+}
 
 
 def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
@@ -366,6 +512,10 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise _fail(spec_path, "name", "expected a short identifier (letters, digits, _ and -)")
 
+    if isinstance(mapping["columns"], dict):
+        unused = next((c for c in UNUSED_COLUMNS if c in mapping["columns"]), None)
+        if unused is not None:
+            raise _fail(spec_path, f"columns.{unused}", UNUSED_COLUMNS[unused])
     columns_raw = _expect_keys(spec_path, "columns", mapping["columns"], set(MAPPED_COLUMNS))
     columns = {
         target: _column_rule(spec_path, f"columns.{target}", value)
@@ -387,6 +537,7 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
             raise _fail(spec_path, f"context.{target}", "is a reserved schema column or not an identifier")
         context[target] = _column_rule(spec_path, f"context.{target}", value)
 
+    numeric = _numeric_rules(spec_path, mapping.get("numeric"), set(RESERVED_COLUMNS) | set(context))
     timestamp = _timestamp_rule(spec_path, mapping["timestamp"])
     label = _label_rule(spec_path, mapping["label"])
     source = _source_rule(spec_path, mapping["source"], bundled)
@@ -459,6 +610,7 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
         notes=str(mapping.get("notes", "")),
         spec_path=spec_path,
         raw=mapping,
+        numeric=numeric,
     )
     leaked = sorted(spec.source_columns() & set(forbidden))
     if leaked:

@@ -64,7 +64,6 @@ def write_dataset(root: Path) -> Path:
                 "query_text": query,
                 "ad_id": f"ad{i}",
                 "ad_text": ad,
-                "ad_extra_text": None,
                 "position": str(1 + i % 5),
                 "impressions": 1,
                 "clicks": int(rng.random() < 0.1),

@@ -56,7 +56,6 @@ def impressions_rows(seed: int = 0) -> list[dict[str, Any]]:
                 "query_text": query,
                 "ad_id": text_id(ad),
                 "ad_text": ad,
-                "ad_extra_text": None,
                 "impressions": 1,
                 "clicks": int(rng.random() < 0.1),
                 "query_text_id": None if query is None else text_id(query),

@@ -15,6 +15,7 @@ import yaml
 from nlpctr.errors import UserError
 from nlpctr.models import claims
 from nlpctr.pipelines import experiment, rho_sweep, simulate
+from nlpctr.pipelines.job_options import JobOptions
 
 
 class _Any:
@@ -301,8 +302,10 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     commands: list[list[str]] = []
+    passed: list[JobOptions] = []
 
-    def fake_protocol(args: Any, protocol: dict, dataset: str, out: Path) -> dict:
+    def fake_protocol(args: Any, protocol: dict, dataset: str, out: Path, options: JobOptions) -> dict:
+        passed.append(options)  # each rho's protocol runs on the user's infrastructure
         rho = float(out.name.removeprefix("rho-"))
         share = {"rig": {"estimate": 1.0 - rho, "ci": [0.0, 1.0]}, "auc": {"estimate": 0.5, "ci": None}}
         feature = {
@@ -330,6 +333,7 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
     argv = ["--dataset", "simulated", "--rho", "0,1", "--rows", "500", "--out", str(tmp_path / "sweep")]
     results = experiment.run([*argv, "--impressions-per-row", "20"])
     assert [c[c.index("--impressions-per-row") + 1] for c in commands] == ["20", "20"]
+    assert passed == [JobOptions(), JobOptions()]
     assert results["impressions_per_row"] == 20
     per_rho = results["simulator"]["per_rho"]
     assert [per_rho[r]["e0_near_no_text_oracle"] for r in ("0", "1")] == [False, True]

@@ -25,6 +25,7 @@ from test_features import SLUG, make_dataset, write_ctr_history, write_embedding
 from nlpctr.errors import UserError
 from nlpctr.features import store, store_config
 from nlpctr.features.local_redis import LocalRedisServer
+from nlpctr.features.store_config import StoreChoice
 from nlpctr.pipelines import cli, feature_store_cli, score_batch
 
 pytestmark = [
@@ -125,7 +126,7 @@ def test_apply_materialize_get_on_redis(server: LocalRedisServer, dataset: dict[
 
 def test_redis_down_names_the_fix(server: LocalRedisServer, dataset: dict[str, Any]) -> None:
     data = dataset["data"]
-    store.apply(data, online="redis", redis_url=server.url)
+    store.apply(data, StoreChoice(online="redis", redis_url=server.url))
     store.materialize(data)
     store.OnlineFeatures(data, "baseline")
     server.stop()
@@ -136,7 +137,7 @@ def test_redis_down_names_the_fix(server: LocalRedisServer, dataset: dict[str, A
     with pytest.raises(UserError, match="unreachable"):
         score_batch.run(["--data", str(data), "--service", "baseline"])
     with pytest.raises(UserError, match="unreachable"):
-        store.apply(data, online="redis", redis_url=server.url)
+        store.apply(data, StoreChoice(online="redis", redis_url=server.url))
 
 
 def test_switching_online_store_forgets_old_materialisation(
@@ -147,7 +148,7 @@ def test_switching_online_store_forgets_old_materialisation(
     store.materialize(data)
     store.OnlineFeatures(data, "baseline")
     # The registry said "materialised" for SQLite; the new Redis is empty, so it must not.
-    store.apply(data, online="redis", redis_url=server.url)
+    store.apply(data, StoreChoice(online="redis", redis_url=server.url))
     with pytest.raises(UserError, match="not materialised: run `nlpctr features materialize"):
         store.OnlineFeatures(data, "baseline")
     store.materialize(data)
@@ -161,7 +162,7 @@ def test_cli_names_the_unreachable_redis_in_one_line_then_recovers(
     server: LocalRedisServer, dataset: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     data, vectors = dataset["data"], dataset["vectors"]
-    store.apply(data, online="redis", redis_url=server.url)
+    store.apply(data, StoreChoice(online="redis", redis_url=server.url))
     store.materialize(data)
     text = next(iter(vectors))
     get = ["features", "get", "--data", str(data), "--json", "--entity", f"ad_text_id={text}",
@@ -196,14 +197,14 @@ def test_redis_lost_mid_materialize_rerun_gives_one_row_per_key(
     data = dataset["data"]
     reference = LocalRedisServer(tmp_path / "reference")
     try:
-        store.apply(data, online="redis", redis_url=reference.url)
+        store.apply(data, StoreChoice(online="redis", redis_url=reference.url))
         store.materialize(data)  # never interrupted
         expected = reference.dump()
     finally:
         reference.stop()
 
     server = LocalRedisServer(tmp_path / "redis")
-    store.apply(data, online="redis", redis_url=server.url)
+    store.apply(data, StoreChoice(online="redis", redis_url=server.url))
     config_file = store_config.config_path(data)
     config = yaml.safe_load(config_file.read_text())
     config["materialization"]["online_write_batch_size"] = 8  # many writes: lose Redis between two
@@ -255,7 +256,7 @@ def test_a_redis_that_stops_answering_fails_in_one_line_not_a_hang(
 ) -> None:
     """A server that accepts connections but never answers (SIGSTOP) hits the socket timeout."""
     data = dataset["data"]
-    store.apply(data, online="redis", redis_url=server.url)
+    store.apply(data, StoreChoice(online="redis", redis_url=server.url))
     store.materialize(data)
     config = (data / "feature_repo" / "feature_store.yaml").read_text()
     assert "socket_timeout=5" in config and "socket_connect_timeout=3" in config
@@ -282,7 +283,7 @@ def _score_batch_losing_redis(
 ) -> list[int]:
     """Run `nlpctr score-batch` in small batches, calling `lose()` once `after_calls` lookups
     have succeeded; returns the lookups made (the ones after it fail)."""
-    store.apply(data, online="redis", redis_url=server.url)
+    store.apply(data, StoreChoice(online="redis", redis_url=server.url))
     store.materialize(data)
     calls: list[int] = []
     lookup = store.OnlineFeatureLookup.__call__

@@ -73,7 +73,6 @@ def make_dataset(root: Path, rows: int = 300, seed: int = 0, with_query: bool = 
                     "query_text": query,
                     "ad_id": ad_id,
                     "ad_text": ad_text,
-                    "ad_extra_text": None,
                     "position": str(position),
                     "session_id": str(session),
                     "impressions": 1,
@@ -184,9 +183,9 @@ def run_ctr_stats(data_dir: Path, prior_strength: float = 10.0) -> None:
 
 def sqlite_dump(data_dir: Path) -> list[tuple[Any, ...]]:
     """Every row of every online table, ordered."""
-    path = json.loads(json.dumps(store_config.render_config(Layout.discover(data_dir))))["online_store"][
-        "path"
-    ]
+    path = json.loads(
+        json.dumps(store_config.render_config(Layout.discover(data_dir), store_config.StoreChoice()))
+    )["online_store"]["path"]
     with sqlite3.connect(path) as conn:
         tables = [
             r[0] for r in conn.execute("select name from sqlite_master where type='table' order by name")

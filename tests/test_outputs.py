@@ -462,7 +462,7 @@ def test_experiment_takes_an_empty_folder_or_its_own(tmp_path: Path, monkeypatch
         "wall_seconds": 0.0,
     }
 
-    def protocol_stub(args: object, protocol: object, dataset: str, out: Path) -> dict:
+    def protocol_stub(args: object, protocol: object, dataset: str, out: Path, options: object) -> dict:
         started.append(out)
         return results
 

@@ -57,8 +57,9 @@ def test_encoder_parquet_offline_and_online_vectors_agree(trec: Path) -> None:
 def test_rerunning_embed_and_materialize_changes_nothing(trec: Path) -> None:
     folder = embeddings_dir(trec, CONFIG.slug)
     before = ds.dataset(folder).to_table().sort_by("text_id")
+    # impression_id: TREC's numeric feature (search_in_session) is keyed by impression.
     sample = {"ad_id": "x", "query_id": "y", "position": "1", "ad_text_id": before["text_id"][0].as_py(),
-              "query_text_id": "z"}  # fmt: skip
+              "query_text_id": "z", "impression_id": "none"}  # fmt: skip
     first = store.OnlineFeatures(trec, "cascade_frozen").get([sample]).to_records()
     embed_text.run(["--data", str(trec), "--layers", "1"])
     after = ds.dataset(folder).to_table().sort_by("text_id")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from pathlib import Path
 
 import pytest
@@ -20,16 +21,16 @@ AGGREGATED = {
         "impression_id": "id",
         "ad_id": "ad",
         "ad_text": "title",
-        "ad_extra_text": {"column": "body", "transform": "strip_html"},
     },
+    "numeric": {"bid": "bid", "views": {"column": "views", "log1p": True, "optional": True}},
     "context": {"test_id": "test"},
     "timestamp": {"column": "ts", "format": "iso8601"},
     "label": {"form": "aggregated", "impressions": "n", "clicks": "k"},
     "group": "test_id",
     "max_text_chars": 40,
 }
-GOOD_ROW = {"id": "1", "ad": "a1", "title": "Ten Dogs", "body": "<p>Hi &amp; bye</p>", "test": "t1",
-            "ts": "2024-01-02T03:04:05", "n": "10", "k": "3"}  # fmt: skip
+GOOD_ROW = {"id": "1", "ad": "a1", "title": "Ten Dogs", "body": "", "test": "t1",
+            "ts": "2024-01-02T03:04:05", "n": "10", "k": "3", "bid": "0.25", "views": 9}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def test_good_row_maps_onto_schema(spec) -> None:
     row = mapped.row
     assert row["event_timestamp"] == dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     assert (row["impressions"], row["clicks"]) == (10, 3)
-    assert row["ad_extra_text"] == "Hi & bye"
     assert row["ad_text_id"] == text_id("ten  dogs")
+    assert row["bid"] == 0.25 and row["views"] == pytest.approx(math.log(10))
     assert row["query_text_id"] is None and row["test_id"] == "t1"
 
 
@@ -66,6 +67,17 @@ def test_good_row_maps_onto_schema(spec) -> None:
         ({"title": "caf\udce9"}, r.BAD_ENCODING),
         ({"title": "x" * 41}, r.TEXT_TOO_LONG),
         ({"ad": ""}, r.MISSING_ID),
+        ({"bid": None}, r.BAD_NUMERIC),  # missing, and the feature is not optional
+        ({"bid": "1,5"}, r.BAD_NUMERIC),
+        ({"bid": "nan"}, r.BAD_NUMERIC),
+        ({"bid": float("nan")}, r.BAD_NUMERIC),
+        ({"bid": "1e400"}, r.BAD_NUMERIC),  # parses to inf
+        ({"bid": float("-inf")}, r.BAD_NUMERIC),
+        ({"bid": 3e15}, r.BAD_NUMERIC),  # absurdly large
+        ({"bid": 2**70}, r.BAD_NUMERIC),
+        ({"bid": True}, r.BAD_NUMERIC),
+        ({"bid": [1.0]}, r.BAD_NUMERIC),
+        ({"views": -1}, r.BAD_NUMERIC),  # negative under log1p
     ],
 )
 def test_bad_rows_get_their_reason(spec, change: dict, reason: str) -> None:
@@ -73,6 +85,16 @@ def test_bad_rows_get_their_reason(spec, change: dict, reason: str) -> None:
     assert isinstance(result, r.Rejection)
     assert result.reason == reason, result.message
     assert r.json_safe(result.record)  # the original row survives into the dead letter
+
+
+def test_numeric_values_parse_and_an_optional_one_may_be_missing(spec) -> None:
+    for raw, value in (("  -2.5e1 ", -25.0), (7, 7.0), (".5", 0.5), ("3.", 3.0)):
+        result = r.map_record(spec, {**GOOD_ROW, "bid": raw}, r.Limits(40))
+        assert isinstance(result, r.Mapped) and result.row["bid"] == value
+    missing = r.map_record(spec, {**GOOD_ROW, "views": ""}, r.Limits(40))
+    assert isinstance(missing, r.Mapped) and missing.row["views"] is None
+    rejected = r.map_record(spec, {**GOOD_ROW, "views": -0.5}, r.Limits(40))
+    assert isinstance(rejected, r.Rejection) and "log1p" in rejected.message
 
 
 def test_long_text_is_truncated_only_under_the_flag(spec) -> None:

@@ -20,6 +20,7 @@ from test_features import make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.features import store, store_config
 from nlpctr.features.local_redis import LocalRedisServer
+from nlpctr.features.store_config import StoreChoice
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_corrected_value_at_the_same_event_time_is_served_after_rematerialising(
     data: Path, online: str, request: pytest.FixtureRequest
 ) -> None:
     url = request.getfixturevalue("redis_url") if online == "redis" else None
-    store.apply(data, online=online, redis_url=url)
+    store.apply(data, StoreChoice(online=online, redis_url=url))
     store.materialize(data)
     row = {"ad_id": "ad000", "query_id": "q", "position": "1"}
     feature = "ctr_position__position_ctr"

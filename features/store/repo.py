@@ -26,6 +26,7 @@ from nlpctr.features.store.connection import online_store_errors, ping_redis
 from nlpctr.features.store.state import fix_command, read_state, write_state
 from nlpctr.features.store_config import (
     CONFIG_FILE,
+    StoreChoice,
     config_path,
     config_text,
     offline_config,
@@ -42,24 +43,27 @@ def _kind(obj: Any) -> str:
     return "DataSource" if isinstance(obj, DataSource) else type(obj).__name__
 
 
-def apply(
-    data_dir: Path,
-    online: str = "sqlite",
-    redis_url: str | None = None,
-    encoder: str | None = None,
-    offline: str = "duckdb",
-    spark_master: str | None = None,
-) -> dict[str, Any]:
+def apply(data_dir: Path, store: StoreChoice | None = None, encoder: str | None = None) -> dict[str, Any]:
     """Render DIR/feature_repo/ and register DIR's entities, views and services with Feast.
-
-    `offline` (one of OFFLINE_STORES) picks the offline store; "spark" also materialises through
-    Feast's Spark compute engine, on the cluster at `spark_master` (None: `local[*]`), and
-    declares the sources as SparkSource.
 
     Objects from an earlier apply that the jobs' outputs no longer back are deleted. If the
     online store changed (SQLite <-> Redis, another Redis), the registry starts afresh, since
     its materialisation records would describe the old store.
+
+    Args:
+        data_dir: a prepared dataset folder.
+        store: the online and offline stores (default: SQLite and DuckDB). Spark also
+            materialises through Feast's Spark compute engine and declares SparkSources.
+        encoder: the embedding slug `cascade_frozen` serves when there are several.
+
+    Returns:
+        What was applied (project, stores, views, services, deleted objects) and a `summary` line.
+
+    Raises:
+        UserError: nothing to register, a store unreachable or missing its prerequisites.
     """
+    store = store or StoreChoice()
+    online, offline = store.online, store.offline
     check_duckdb_path(data_dir, offline)
     layout = Layout.discover(data_dir)
     if not layout.ctr and not layout.embeddings:
@@ -68,7 +72,7 @@ def apply(
             f"and/or `nlpctr embed --data {layout.data_dir}` first"
         )
     layout.check_unique_keys()
-    config = render_config(layout, online, redis_url, offline, spark_master)
+    config = render_config(layout, store)
     if offline == "spark":
         require_spark()
     definitions = build_definitions(layout, encoder=encoder, offline=offline)
@@ -91,17 +95,17 @@ def apply(
     check_module(module, repo / REPO_MODULE, definitions)  # what `feast plan` reads is what we apply
     write_atomically(repo / REPO_MODULE, module.encode())
 
-    store = FeatureStore(repo_path=str(repo))
+    feast = FeatureStore(repo_path=str(repo))
     wanted = {_kind(o) + ":" + o.name for o in definitions.objects()}
     existing = [
-        *store.list_feature_services(),
-        *store.list_feature_views(),
-        *store.list_data_sources(),
-        *store.list_entities(),
+        *feast.list_feature_services(),
+        *feast.list_feature_views(),
+        *feast.list_data_sources(),
+        *feast.list_entities(),
     ]
     stale = [o for o in existing if _kind(o) + ":" + o.name not in wanted]
-    with online_store_errors(store):
-        store.apply(definitions.objects(), objects_to_delete=stale, partial=False)
+    with online_store_errors(feast):
+        feast.apply(definitions.objects(), objects_to_delete=stale, partial=False)
     state = read_state(layout.data_dir)
     state["materialized"] = {k: v for k, v in state.get("materialized", {}).items() if k in definitions.views}
     write_state(layout.data_dir, state)
@@ -134,22 +138,12 @@ def reapply(data_dir: Path) -> dict[str, Any]:
     """`apply` again with the stores and encoder the last apply chose (after a job, such as a
     trainer, adds a view); a fresh dataset gets the defaults."""
     repo = repo_dir(data_dir)
-    online, redis_url, encoder, offline, spark_master = "sqlite", None, None, "duckdb", None
+    store, encoder = StoreChoice(), None
     if (repo / CONFIG_FILE).is_file():
-        config = read_store_config(data_dir)
-        if config.get("online_store", {}).get("type") == "redis":
-            online, redis_url = "redis", config["online_store"].get("connection_string")
-        offline, spark_master = offline_store_of(config)
+        store = StoreChoice.of_config(read_store_config(data_dir))
     if (repo / REPO_MODULE).is_file():
         encoder = read_encoder((repo / REPO_MODULE).read_text())
-    return apply(
-        data_dir,
-        online=online,
-        redis_url=redis_url,
-        encoder=encoder,
-        offline=offline,
-        spark_master=spark_master,
-    )
+    return apply(data_dir, store, encoder=encoder)
 
 
 def open_store(data_dir: Path, offline: str | None = None) -> FeatureStore:

@@ -1,7 +1,8 @@
 """The simulator's rows: impressions drawn from the world, and their clicks.
 
-    logit = base + u_ad + u_advertiser + u_query + pos(position) + dev(device) + text
+    logit = base + u_ad + u_advertiser + u_query + pos(position) + dev(device) + text [+ numeric]
     text  = beta * (sqrt(rho) * T_ad + sqrt(1 - rho) * T_pair)
+    numeric = sum_k w_k * (log1p(numeric_k) - NUMERIC_LOG_MEAN)   (with --numeric-features K)
 
 Each chunk of rows has its own RNG stream (seed, chunk start), so the same seed, rows and chunk
 size give the same rows; the ground truth of every row comes out beside it.
@@ -55,6 +56,7 @@ AGGREGATED_LOG_SCHEMA = pa.schema(
 )
 COMPONENTS = ("base", "ad_effect", "advertiser_effect", "query_effect", "position_effect",
               "device_effect", "text_effect")  # fmt: skip
+NUMERIC_EFFECT = "numeric_effect"  # a component only with --numeric-features K > 0
 TRUTH_SCHEMA = pa.schema(
     [pa.field("impression_id", pa.string(), nullable=False)]
     + [pa.field(name, pa.float64(), nullable=False) for name in COMPONENTS]
@@ -63,6 +65,15 @@ TRUTH_SCHEMA = pa.schema(
         for name in ("t_ad", "t_pair", "logit", "click_prob", "rho")
     ]
 )
+# Numeric features (--numeric-features K): numeric_k = expm1(NUMERIC_LOG_MEAN + z), z ~ N(0, 1)
+# clipped at -NUMERIC_LOG_MEAN so the value is >= 0 (a count- or price-like, right-skewed column);
+# its effect on the logit is linear in log1p(numeric_k), with weight NUMERIC_WEIGHT_FIRST *
+# NUMERIC_WEIGHT_RATIO ** (k - 1). Drawn per row from their own stream: independent of every
+# entity, and the other columns are the same with or without them.
+NUMERIC_LOG_MEAN = 2.0
+NUMERIC_WEIGHT_FIRST = 0.5
+NUMERIC_WEIGHT_RATIO = -0.6
+MAX_NUMERIC_FEATURES = 8
 
 
 @dataclass(frozen=True)
@@ -74,14 +85,52 @@ class Params:
     text_strength: float
     chunk_rows: int
     impressions_per_row: int | None = None  # None: one binary impression per row
+    numeric_features: int = 0  # K numeric columns numeric_1..numeric_K with a known effect
 
     @property
     def impressions(self) -> int:
         return self.rows * (self.impressions_per_row or 1)
 
+    @property
+    def numeric_names(self) -> tuple[str, ...]:
+        return tuple(f"numeric_{k + 1}" for k in range(self.numeric_features))
+
+    @property
+    def numeric_weights(self) -> tuple[float, ...]:
+        return tuple(NUMERIC_WEIGHT_FIRST * NUMERIC_WEIGHT_RATIO**k for k in range(self.numeric_features))
+
+
+def components(params: Params) -> tuple[str, ...]:
+    """The logit's components: COMPONENTS, and the numeric effect when there are numeric features."""
+    return (*COMPONENTS, NUMERIC_EFFECT) if params.numeric_features else COMPONENTS
+
 
 def log_schema(params: Params) -> pa.Schema:
-    return LOG_SCHEMA if params.impressions_per_row is None else AGGREGATED_LOG_SCHEMA
+    """The log's columns: the numeric features (if any) go before the labels."""
+    schema = LOG_SCHEMA if params.impressions_per_row is None else AGGREGATED_LOG_SCHEMA
+    labels = 1 if params.impressions_per_row is None else 2
+    numeric = [pa.field(name, pa.float64(), nullable=False) for name in params.numeric_names]
+    fields = list(schema)
+    return pa.schema([*fields[:-labels], *numeric, *fields[-labels:]])
+
+
+def truth_schema(params: Params) -> pa.Schema:
+    """TRUTH_SCHEMA, with the numeric effect after the other components when there is one."""
+    if not params.numeric_features:
+        return TRUTH_SCHEMA
+    fields = list(TRUTH_SCHEMA)
+    at = 1 + len(COMPONENTS)
+    return pa.schema([*fields[:at], pa.field(NUMERIC_EFFECT, pa.float64(), nullable=False), *fields[at:]])
+
+
+def numeric_columns(params: Params, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows' numeric features (n x K, each >= 0) and their effect on the logit, from the chunk's
+    own stream (seed, 3, start)."""
+    rng = np.random.default_rng(np.random.SeedSequence([params.seed, 3, start]))
+    z = np.maximum(rng.standard_normal((n, params.numeric_features)), -NUMERIC_LOG_MEAN)
+    values = np.expm1(NUMERIC_LOG_MEAN + z)
+    effect = (np.log1p(values) - NUMERIC_LOG_MEAN) @ np.asarray(params.numeric_weights)
+    return values, effect
 
 
 def simulate_chunk(world: World, params: Params, start: int, stop: int) -> tuple[pa.Table, pa.Table]:
@@ -103,7 +152,7 @@ def simulate_chunk(world: World, params: Params, start: int, stop: int) -> tuple
     stamps = np.sort(rng.integers(lo, max(hi, lo + 1), n)) + start_ms
 
     t_ad, t_pair = world.t_ad[ad], world.t_pair[pair]
-    components = {
+    parts = {
         "base": np.full(n, params.base),
         "ad_effect": world.u_ad[ad],
         "advertiser_effect": world.u_advertiser[adv],
@@ -113,9 +162,12 @@ def simulate_chunk(world: World, params: Params, start: int, stop: int) -> tuple
         "text_effect": params.text_strength
         * (math.sqrt(params.rho) * t_ad + math.sqrt(1.0 - params.rho) * t_pair),
     }
+    numeric = np.zeros((n, 0))
+    if params.numeric_features:
+        numeric, parts[NUMERIC_EFFECT] = numeric_columns(params, start, n)
     logit = np.zeros(n)
-    for name in COMPONENTS:
-        logit += components[name]
+    for name in components(params):
+        logit += parts[name]
     prob = 1.0 / (1.0 + np.exp(-logit))
     if params.impressions_per_row is None:
         labels = [pa.array((rng.random(n) < prob).astype(np.int8), pa.int8())]
@@ -136,14 +188,15 @@ def simulate_chunk(world: World, params: Params, start: int, stop: int) -> tuple
             world.advertiser_id.take(adv),
             pa.array(position, pa.int32()),
             pa.array(np.asarray(DEVICES, dtype=object)[device], pa.string()),
+            *(pa.array(numeric[:, k]) for k in range(params.numeric_features)),
             *labels,
         ],
         schema=log_schema(params),
     )
-    truth_columns = [impression_id, *(pa.array(components[name]) for name in COMPONENTS)]
+    truth_columns = [impression_id, *(pa.array(parts[name]) for name in components(params))]
     truth_columns += [pa.array(t_ad), pa.array(t_pair), pa.array(logit), pa.array(prob)]
     truth_columns.append(pa.array(np.full(n, params.rho)))
-    return log, pa.Table.from_arrays(truth_columns, schema=TRUTH_SCHEMA)
+    return log, pa.Table.from_arrays(truth_columns, schema=truth_schema(params))
 
 
 class Moments:
