@@ -1,6 +1,7 @@
 """The whole experiment protocol in one command (DESIGN.md, "Experiment protocol").
 
-    nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--no-progress]
+    nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--encoder NAME_OR_PATH]
+                      [--no-progress]
     nlpctr experiment --dataset simulated [--rho 0,0.5,1] [--rows N] [--quick] --out DIR
 
 prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
@@ -8,7 +9,8 @@ materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint pe
 `nlpctr train`, through Feast) -> E4 distillation (SuKD, feature-KD, no-KD per student depth) ->
 redundancy of every NLP feature. Writes `DIR/results.json`, `DIR/report.md` and PNG plots; data
 under `DIR/data/`, runs under `DIR/runs/`. Sizes come from `models/configs/experiment.yaml`
-(`--quick`: its `quick:` section, a small LM and few steps).
+(`--quick`: its `quick:` section, a small LM and few steps). `--encoder` (the protocol's `encoder`)
+is the frozen encoder the embedding job runs and the LM that E2, E3 and E4 train.
 
 DIR must be new, empty, or an earlier experiment's folder (marked by a hidden `.nlpctr-output`
 file, or its results.json); anything else is refused before any work starts.
@@ -37,6 +39,7 @@ import yaml
 
 from nlpctr.errors import UserError
 from nlpctr.models.config import deep_merge
+from nlpctr.models.encoder_source import resolve_encoder
 from nlpctr.pipelines.ownership import claim_output_dir
 from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, run_protocol
 from nlpctr.pipelines.rho_sweep import SIMULATED, run_sweep
@@ -52,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small LM, few steps (minutes on a laptop)")
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--config", type=Path, default=None, help="YAML merged over the protocol sizes")
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="the encoder (an installed package or a model folder): E1's vectors and E2-E4's LM",
+    )
     parser.add_argument("--rho", default=None, help="simulated: comma-separated redundancy values")
     parser.add_argument("--rows", type=int, default=None, help="simulated: rows per log")
     parser.add_argument(
@@ -64,9 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False) -> dict[str, Any]:
+def load_protocol(
+    quick: bool, config_file: Path | None, simulated: bool = False, encoder: str | None = None
+) -> dict[str, Any]:
     """experiment.yaml (for the sweep, its `simulator.train_config` over `train_config`), its
-    `quick:` section when asked, then `--config`."""
+    `quick:` section when asked, then `--config`, then `--encoder` (`with_encoder`)."""
     protocol = yaml.safe_load(PROTOCOL.read_text())
     quick_section = protocol.pop("quick")
     if simulated:  # before `quick:`, whose sizes win
@@ -79,6 +89,7 @@ def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False
         if not config_file.is_file():
             raise UserError(f"--config {config_file} does not exist")
         protocol = deep_merge(protocol, yaml.safe_load(config_file.read_text()) or {})
+    protocol = with_encoder(protocol, encoder)
     students = [int(k) for k in protocol["distill"]["students"]]
     if students and max(students) > int(protocol["joint_lm_layers"]):
         raise UserError(
@@ -90,11 +101,27 @@ def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False
     return protocol
 
 
+def with_encoder(protocol: dict[str, Any], encoder: str | None) -> dict[str, Any]:
+    """The protocol with its encoder (`encoder`, else the protocol's) resolved, checked deep enough
+    for its layer counts, and set as every training run's `encoder.name`."""
+    source = resolve_encoder(encoder or protocol["encoder"])
+    for key in ("embed_layers", "lm_layers", "joint_lm_layers"):
+        if int(protocol[key]) > source.depth:
+            raise UserError(
+                f"{key} is {protocol[key]} but the encoder {source.model_name} has {source.depth} layers; "
+                f"set {key} (and distill.students) to at most {source.depth} with --config FILE"
+            )
+    train_config = deep_merge(protocol["train_config"], {"encoder": {"name": source.name}})
+    return {**protocol, "encoder": source.name, "train_config": train_config}
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """`nlpctr experiment`; returns the results with a one-line `summary`."""
     args = parse_args(argv)
     args.out = args.out.resolve()
-    protocol = load_protocol(args.quick, args.config, simulated=args.dataset == SIMULATED)
+    protocol = load_protocol(
+        args.quick, args.config, simulated=args.dataset == SIMULATED, encoder=args.encoder
+    )
     if args.dataset != SIMULATED and (args.rho or args.rows or args.impressions_per_row is not None):
         raise UserError(f"--rho, --rows and --impressions-per-row go with --dataset {SIMULATED}")
     # Before any work: --out is new, empty or an earlier experiment's folder (then marked as

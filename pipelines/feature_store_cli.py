@@ -1,7 +1,7 @@
 """`nlpctr features ...`: the Feast store of a prepared dataset.
 
-    nlpctr features apply --data DIR [--online sqlite|redis --redis-url HOST:PORT] [--encoder SLUG]
-                          [--offline duckdb|spark [--spark-master URL]]
+    nlpctr features apply --data DIR [--online sqlite|redis --redis-url HOST:PORT]
+                          [--encoder SLUG|NAME_OR_PATH] [--offline duckdb|spark [--spark-master URL]]
     nlpctr features materialize --data DIR [--start ISO --end ISO | --incremental]
     nlpctr features get --data DIR --service NAME --entity KEY=VALUE ... [--json]
 
@@ -48,7 +48,11 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
     apply.add_argument("--online", choices=ONLINE_STORES, default="sqlite", help="online store")
     apply.add_argument("--redis-url", default=None, help=f"HOST:PORT (default {DEFAULT_REDIS_URL})")
-    apply.add_argument("--encoder", default=None, help="embedding slug `cascade_frozen` serves")
+    apply.add_argument(
+        "--encoder",
+        default=None,
+        help="the embeddings `cascade_frozen` serves: a slug, or the encoder (package, folder) behind them",
+    )
     apply.add_argument(
         "--offline",
         choices=OFFLINE_STORES,

@@ -68,7 +68,8 @@ class Experiment:
         with self.stage("ctr_stats"):
             ctr_stats.run(["--data", data])
         with self.stage("embed"):
-            embed_text.run(["--data", data, "--layers", str(self.protocol["embed_layers"])])
+            layers = str(self.protocol["embed_layers"])
+            embed_text.run(["--data", data, "--layers", layers, "--encoder", self.protocol["encoder"]])
         with self.stage("feast_apply_materialize"):
             feature_store_cli.run(["apply", "--data", data])
             feature_store_cli.run(["materialize", "--data", data])
