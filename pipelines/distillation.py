@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from nlpctr.models import claims, distill
 from nlpctr.models.config import loop_config
 from nlpctr.models.nlp_features import NlpFeature
-from nlpctr.models.runs import TrainedRun
+from nlpctr.models.runs import STUDENTS, StudentMeta, TrainedRun
 from nlpctr.models.text_batches import TextBatcher, pair_units
 from nlpctr.models.trainer import predict
 
@@ -71,7 +71,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
     for layers in (int(k) for k in settings["students"]):
         for method in ("sukd", "nokd", "featurekd"):
             key = f"{method}_L{layers}"
-            folder = exp.runs_dir / "_students" / key
+            folder = exp.runs_dir / STUDENTS / key
             shutil.rmtree(folder, ignore_errors=True)  # a student never resumes another's weights
             with exp.stage(f"distill_{key}"):
                 if method == "featurekd":
@@ -82,6 +82,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
                     feature = NlpFeature(key, "student", vectors, cascade=vectors)
                     p = increment = judge.fit_increment(feature)  # a cascade feature: E0 + it
                     lm = student.lm
+                    best = folder / distill.FEATURE_KD_WEIGHTS
                 else:
                     weight = float(settings["weight"]) if method == "sukd" else 0.0
                     joint = distill.fit_joint_student(
@@ -100,6 +101,9 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
                     feature = NlpFeature.of_output(key, "student", output)
                     increment = judge.fit_increment(feature)
                     lm = joint.lm
+                    best = joint.result.checkpoint
+                # What `nlpctr export` rebuilds the student from.
+                StudentMeta(key, method, layers, teacher_name, str(best.relative_to(folder))).write(folder)
                 measures[key] = judge.measure(feature, increment)
                 if layers not in speeds:  # timed side by side, on the same texts
                     speeds[layers] = (
