@@ -30,7 +30,11 @@ from nlpctr.models.lm_features import text_pairs
 from nlpctr.pipelines import cli, export, train
 
 pytestmark = pytest.mark.slow
-JOINT = {"modes": {"joint": {"loop": {"epochs": 1, "batch_size": 16}, "encoder": {"layers": 2, "trainable_layers": 1}}}}
+JOINT = {
+    "modes": {
+        "joint": {"loop": {"epochs": 1, "batch_size": 16}, "encoder": {"layers": 2, "trainable_layers": 1}}
+    }
+}
 SEPARATE = {"encoder": {"max_length": 16, "pair_reading": "separate"}}
 
 
