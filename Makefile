@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# The tests also run the Spark path (tests/test_spark_store.py); the demo does not need it.
+# The tests also run the Spark path (tests/test_spark_store.py) and the ONNX export
+# (tests/test_export.py); the demo needs neither.
 SPARK_STAMP := $(VENV)/.installed-spark-$(DEPS_HASH)
 $(SPARK_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,spark]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,spark,onnx]'
 	touch $@
 
 # The main job on the embedded default (local parquet, SQLite online store): the whole

@@ -71,6 +71,7 @@ from nlpctr.features.names import (
 from nlpctr.layout import (
     EMBEDDINGS,
 )
+from nlpctr.models.encoder_source import resolve_encoder
 
 
 def feast_type(arrow_type: pa.DataType, where: str) -> FeastType:
@@ -170,12 +171,12 @@ def build_definitions(
 ) -> Definitions:
     """Feast objects for what `layout` holds.
 
-    `encoder` picks the slug `cascade_frozen` serves when there are several (each also gets
-    `cascade_frozen_<slug>`). `ttl` is every view's offline look-back window; 0 (the default)
-    means a snapshot or an embedding stays valid until replaced. Feast does not apply ttl to
-    online reads (feast-dev/feast#4133), so a non-zero ttl would make training frames null
-    where serving is not. `offline`: the offline store the sources are declared for
-    (`parquet_source`).
+    `encoder` (a slug, or the package or folder of an encoder that wrote one) picks the slug
+    `cascade_frozen` serves when there are several (each also gets `cascade_frozen_<slug>`). `ttl`
+    is every view's offline look-back window; 0 (the default) means a snapshot or an embedding stays
+    valid until replaced. Feast does not apply ttl to online reads (feast-dev/feast#4133), so a
+    non-zero ttl would make training frames null where serving is not. `offline`: the offline store the
+    sources are declared for (`parquet_source`).
     """
     join_keys = {name: key for name, key in CORE_ENTITIES.items()}
     for column in layout.entities:
@@ -288,14 +289,28 @@ def build_definitions(
 
 
 def _default_encoder(layout: Layout, encoder: str | None) -> str | None:
+    """The slug `cascade_frozen` serves: `encoder` as a slug, or as the encoder (package or
+    folder) behind exactly one embedding folder; the only one when `encoder` is None."""
     slugs = [e.slug for e in layout.embeddings]
     if encoder is not None:
-        if encoder not in slugs:
+        if encoder in slugs:
+            return encoder
+        try:  # an encoder's name or folder, as `embed --encoder` takes it
+            identity = f"{resolve_encoder(encoder).identity}/"
+        except UserError:
+            identity = None
+        matches = [e.slug for e in layout.embeddings if identity and e.encoder_version.startswith(identity)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
             raise UserError(
-                f"--encoder {encoder!r} has no embeddings in {layout.data_dir / EMBEDDINGS} "
-                f"(found: {', '.join(slugs) or 'none'}); run `nlpctr embed --data {layout.data_dir}`"
+                f"--encoder {encoder} wrote {len(matches)} embedding folders ({', '.join(matches)}); "
+                "name the one `cascade_frozen` serves by its slug: --encoder SLUG"
             )
-        return encoder
+        raise UserError(
+            f"--encoder {encoder!r} has no embeddings in {layout.data_dir / EMBEDDINGS} "
+            f"(found: {', '.join(slugs) or 'none'}); run `nlpctr embed --data {layout.data_dir}`"
+        )
     if len(slugs) > 1:
         raise UserError(
             f"{layout.data_dir / EMBEDDINGS} holds {len(slugs)} encoders ({', '.join(slugs)}); "

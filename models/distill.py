@@ -56,6 +56,7 @@ def student_encoder(teacher: TextEncoder, layers: int) -> TextEncoder:
         pooling=teacher.config.pooling,
         max_length=teacher.config.max_length,
         pair_reading=teacher.config.pair_reading,
+        name=teacher.config.name,
     )
     student = TextEncoder(config, trainable=True)
     dropped = tuple(f"model.encoder.layer.{i}." for i in range(layers, teacher_layers))

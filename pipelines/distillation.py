@@ -22,7 +22,7 @@ from nlpctr.models.config import loop_config
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature, feature_key
-from nlpctr.models.runs import TrainedRun
+from nlpctr.models.runs import STUDENTS, StudentMeta, TrainedRun
 from nlpctr.models.text_batches import TextBatcher, pair_units
 from nlpctr.models.trainer import predict
 
@@ -52,11 +52,13 @@ def teacher_run(protocol: Mapping[str, Any], valid_gain: Mapping[str, float]) ->
 def student_feature(
     exp: Experiment, key: str, method: str, layers: int, teacher: TrainedRun, data: Tensors, targets: Targets
 ) -> tuple[NlpFeature, np.ndarray, TextEncoder]:
-    """One student trained (`models/distill.py`): its feature on the shared frame's rows, its
-    end-to-end test predictions and its LM. Feature-KD's end to end is E0 + its vector."""
+    """One student trained (`models/distill.py`) into `RUNS/_students/<key>/` (with the
+    `student.json` that `nlpctr export` rebuilds it from): its feature on the shared frame's rows,
+    its end-to-end test predictions and its LM. Feature-KD's end to end is E0 + its vector."""
     settings = exp.protocol["distill"]
-    folder = exp.runs_dir / "_students" / key
+    folder = exp.runs_dir / STUDENTS / key
     shutil.rmtree(folder, ignore_errors=True)  # a student never resumes another's weights
+    teacher_name = teacher.directory.name
     rows_of_text = data.text_index.numpy()
     if method == "featurekd":
         text_loop = loop_config({"loop": {**settings["feature_kd"], "seed": exp.seed}})
@@ -64,8 +66,8 @@ def student_feature(
             teacher.lm, data, layers, text_loop, folder, targets.vectors, exp.progress
         )
         vectors = distill.pooled_vectors(student.lm, data).numpy()[rows_of_text]
-        feature = NlpFeature(key, "student", vectors)
-        return feature, np.empty(0), student.lm
+        StudentMeta(key, method, layers, teacher_name, distill.FEATURE_KD_WEIGHTS).write(folder)
+        return NlpFeature(key, "student", vectors), np.empty(0), student.lm
     joint_loop = loop_config({"loop": {**settings["loop"], "seed": exp.seed}})
     weight = float(settings["weight"]) if method == "sukd" else 0.0
     joint = distill.fit_joint_student(
@@ -87,8 +89,11 @@ def student_feature(
         joint.model.fusion.eval()
         with torch.inference_mode():
             score = joint.model.fusion.score(vectors).squeeze(-1).numpy()[rows_of_text]
-    feature = NlpFeature(key, "student", vectors.numpy()[rows_of_text], score)
-    return feature, p, joint.lm
+    assert joint.result.checkpoint is not None
+    StudentMeta(key, method, layers, teacher_name, str(joint.result.checkpoint.relative_to(folder))).write(
+        folder
+    )
+    return NlpFeature(key, "student", vectors.numpy()[rows_of_text], score), p, joint.lm
 
 
 @dataclass(frozen=True)

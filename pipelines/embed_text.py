@@ -1,6 +1,6 @@
 """Embed every unique query and ad text once with the frozen encoder (Beam RunInference).
 
-    nlpctr embed --data DIR [--layers K] [--pooling mean|cls] [--max-length N]
+    nlpctr embed --data DIR [--encoder NAME_OR_PATH] [--layers K] [--pooling mean|cls] [--max-length N]
                  [--batch-size B] [--torch-threads T] [--no-length-grouping] [beam options]
 
 Reads `DIR/impressions/*.parquet` (canonical schema), keeps one element per text id (the
@@ -8,9 +8,10 @@ text identity of `models/schema.py`) with the earliest event_timestamp it appear
 Feast point-in-time join sees the embedding from the first impression on (`unique_texts`;
 an id that two different texts share is a dead letter, not embedded), tokenises, batches
 texts of similar token length together (Beam's SortAndBatchElements), runs the encoder
-of `models/encoder.py` through RunInference and writes
+of `models/encoder.py` (MiniLM-L6, or `--encoder`: an installed package or a folder holding a
+BERT-family model) through RunInference and writes
 
-    DIR/embeddings/<EncoderConfig.slug>/part-*.parquet   text_id, embedding (list<float32>, 384),
+    DIR/embeddings/<EncoderConfig.slug>/part-*.parquet   text_id, embedding (list<float32>, width),
                                                          encoder_version, event_timestamp (us, UTC)
     DIR/embeddings/<EncoderConfig.slug>/_manifest.json  provenance and counts
     DIR/embeddings/<EncoderConfig.slug>/_collisions.jsonl  text ids two texts share (only if any)
@@ -48,7 +49,8 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from nlpctr import __version__, prepared
 from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
-from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder, load_tokenizer, token_ids
+from nlpctr.models.encoder import EncoderConfig, TextEncoder, load_tokenizer, token_ids
+from nlpctr.models.encoder_source import DEFAULT_ENCODER
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
@@ -105,7 +107,7 @@ class TokenizeTexts(beam.DoFn):
         self._tokenizer: Any = None
 
     def setup(self) -> None:
-        self._tokenizer = load_tokenizer()
+        self._tokenizer = load_tokenizer(self.config.name)
 
     def process(self, element: tuple[str, UniqueText]) -> Iterator[TokenizedText]:
         text_id, unique = element
@@ -339,7 +341,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         prog="nlpctr embed", description="Embed each unique query/ad text once with the frozen encoder."
     )
     parser.add_argument("--data", required=True, type=Path, help="dataset folder (holds impressions/)")
-    parser.add_argument("--layers", type=int, default=defaults.layers, help="keep the first K of 6 layers")
+    parser.add_argument(
+        "--encoder",
+        default=DEFAULT_ENCODER,
+        help=f"an installed package bundling a BERT-family encoder, or a folder save_pretrained wrote "
+        f"(default {DEFAULT_ENCODER}: MiniLM-L6)",
+    )
+    parser.add_argument("--layers", type=int, default=None, help="keep the first K layers (default: all)")
     parser.add_argument("--pooling", choices=["mean", "cls"], default=defaults.pooling)
     parser.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
@@ -364,7 +372,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
     Beam's own examples."""
     args, beam_args = parse_args(argv)
-    config = EncoderConfig(layers=args.layers, pooling=args.pooling, max_length=args.max_length)
+    config = EncoderConfig(
+        layers=args.layers, pooling=args.pooling, max_length=args.max_length, name=args.encoder
+    )
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.torch_threads is not None and args.torch_threads < 1:
@@ -420,7 +430,8 @@ def _embed(
         manifest = {
             "encoder_version": config.version,
             "slug": config.slug,
-            "dim": EMBEDDING_DIM,
+            "dim": config.source.width,
+            "encoder": config.fields(),  # what rebuilds the encoder (request-time vectors)
             "rows": rows,
             "text_id_collisions": collisions,
             "source": str(data / IMPRESSIONS),

@@ -1,8 +1,8 @@
 """The whole experiment protocol in one command (DESIGN.md, "Experiment protocol").
 
-    nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--no-progress]
-                      [--online sqlite|redis [--redis-url HOST:PORT]] [--offline duckdb|spark
-                      [--spark-master URL]] [Beam pipeline options]
+    nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--encoder NAME_OR_PATH]
+                      [--no-progress] [--online sqlite|redis [--redis-url HOST:PORT]]
+                      [--offline duckdb|spark [--spark-master URL]] [Beam pipeline options]
     nlpctr experiment --dataset simulated [--rho 0,0.5,1] [--rows N] [--quick] --out DIR
 
 prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
@@ -10,7 +10,8 @@ materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint pe
 `nlpctr train`, through Feast) -> E4 distillation (SuKD, feature-KD, no-KD per student depth) ->
 redundancy of every NLP feature. Writes `DIR/results.json`, `DIR/report.md` and PNG plots; data
 under `DIR/data/`, runs under `DIR/runs/`. Sizes come from `models/configs/experiment.yaml`
-(`--quick`: its `quick:` section, a small LM and few steps).
+(`--quick`: its `quick:` section, a small LM and few steps). `--encoder` (the protocol's `encoder`)
+is the frozen encoder the embedding job runs and the LM that E2, E3 and E4 train.
 
 The store flags are `nlpctr features apply`'s: the protocol's Feast repository is rendered for
 them, so materialisation, training frames and online lookups use the chosen stores. Any other
@@ -47,6 +48,7 @@ from nlpctr.errors import UserError
 from nlpctr.models.config import check_training_config, deep_merge, key_tree, training_schema
 from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.encoder import EncoderConfig
+from nlpctr.models.encoder_source import resolve_encoder
 from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines.feature_store_cli import add_store_flags, store_choice
 from nlpctr.pipelines.job_options import JobOptions, beam_flags
@@ -66,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small LM, few steps (minutes on a laptop)")
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--config", type=Path, default=None, help="YAML merged over the protocol sizes")
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="the encoder (an installed package or a model folder): E1's vectors and E2-E4's LM",
+    )
     parser.add_argument("--rho", default=None, help="simulated: comma-separated redundancy values")
     parser.add_argument("--rows", type=int, default=None, help="simulated: rows per log")
     parser.add_argument(
@@ -94,9 +101,12 @@ def protocol_schema() -> Schema:
     return schema
 
 
-def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False) -> dict[str, Any]:
+def load_protocol(
+    quick: bool, config_file: Path | None, simulated: bool = False, encoder: str | None = None
+) -> dict[str, Any]:
     """experiment.yaml (for the sweep, its `simulator.train_config` over `train_config`), its
-    `quick:` section when asked, then `--config`; checked before anything runs."""
+    `quick:` section when asked, then `--config`, then `--encoder` (`with_encoder`); checked before
+    anything runs."""
     protocol = read_mapping(PROTOCOL, str(PROTOCOL), "reinstall nlpctr")
     quick_section = protocol.pop("quick")
     what = str(PROTOCOL.name)
@@ -112,6 +122,7 @@ def load_protocol(quick: bool, config_file: Path | None, simulated: bool = False
         protocol["fusions"] = protocol["simulator"]["fusions"]
     if config_file is not None:
         protocol = deep_merge(protocol, user)
+    protocol = with_encoder(protocol, encoder)
     check_protocol(protocol, what)
     return protocol
 
@@ -122,7 +133,7 @@ def check_protocol(protocol: dict[str, Any], what: str) -> None:
     if not isinstance(fusions, list) or not fusions or any(f not in FUSIONS for f in fusions):
         raise UserError(f"{what}: fusions must be a non-empty list of {', '.join(FUSIONS)}, got {fusions!r}")
     for key in ("embed_layers", "lm_layers"):
-        EncoderConfig(layers=protocol[key])  # a UserError names the range
+        EncoderConfig(name=protocol["encoder"], layers=protocol[key])  # a UserError names the range
     students = protocol["distill"]["students"]
     if not isinstance(students, list) or any(isinstance(k, bool) or not isinstance(k, int) for k in students):
         raise UserError(f"{what}: distill.students must be a list of layer counts, got {students!r}")
@@ -163,11 +174,27 @@ def parse_rho(values: Any, flag: str = "--rho") -> list[float]:
     return rhos
 
 
+def with_encoder(protocol: dict[str, Any], encoder: str | None) -> dict[str, Any]:
+    """The protocol with its encoder (`encoder`, else the protocol's) resolved, checked deep enough
+    for its layer counts, and set as every training run's `encoder.name`."""
+    source = resolve_encoder(encoder or protocol["encoder"])
+    for key in ("embed_layers", "lm_layers"):
+        if int(protocol[key]) > source.depth:
+            raise UserError(
+                f"{key} is {protocol[key]} but the encoder {source.model_name} has {source.depth} layers; "
+                f"set {key} (and distill.students) to at most {source.depth} with --config FILE"
+            )
+    train_config = deep_merge(protocol["train_config"], {"encoder": {"name": source.name}})
+    return {**protocol, "encoder": source.name, "train_config": train_config}
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """`nlpctr experiment`; returns the results with a one-line `summary`."""
     args = parse_args(argv)
     args.out = args.out.resolve()
-    protocol = load_protocol(args.quick, args.config, simulated=args.dataset == SIMULATED)
+    protocol = load_protocol(
+        args.quick, args.config, simulated=args.dataset == SIMULATED, encoder=args.encoder
+    )
     if args.dataset != SIMULATED and (
         args.rho is not None or args.rows is not None or args.impressions_per_row is not None
     ):

@@ -1,15 +1,17 @@
 """`nlpctr features ...`: the Feast store of a prepared dataset.
 
-    nlpctr features apply --data DIR [--online sqlite|redis --redis-url HOST:PORT] [--encoder SLUG]
-                          [--offline duckdb|spark [--spark-master URL]]
+    nlpctr features apply --data DIR [--online sqlite|redis --redis-url HOST:PORT]
+                          [--encoder SLUG|NAME_OR_PATH] [--offline duckdb|spark [--spark-master URL]]
     nlpctr features materialize --data DIR [--start ISO --end ISO | --incremental]
-    nlpctr features get --data DIR --service NAME --entity KEY=VALUE ... [--json]
+    nlpctr features get --data DIR --service NAME (--entity KEY=VALUE ... | --impression ID ...) [--json]
 
 `apply` renders DIR/feature_repo/ (a stock Feast repo: `feast -c DIR/feature_repo
 feature-views list`, `feast -c DIR/feature_repo serve` work on it) and registers the views the
 jobs' outputs back. `get` is an online lookup: give each key the service needs; give a key
 several times to look up several rows (a key given once applies to every row). Unknown keys
-come back null and are counted.
+come back null and are counted. A text can stand for its id (`--entity query_text="..."`); one
+the store has never embedded gets its vector computed at lookup time by the view's encoder.
+With `--impression`, `--entity` overrides that impression's keys (e.g. another query text).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from nlpctr import prepared
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.names import CASCADE_FROZEN
+from nlpctr.features.store.request_time import ROLE_OF_ID
 from nlpctr.features.store_config import DEFAULT_REDIS_URL, OFFLINE_STORES, ONLINE_STORES, StoreChoice
 from nlpctr.layout import IMPRESSIONS
 
@@ -48,7 +51,11 @@ def parser() -> argparse.ArgumentParser:
     apply = sub.add_parser("apply", help="render DIR/feature_repo and register the views")
     apply.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
     add_store_flags(apply)
-    apply.add_argument("--encoder", default=None, help="embedding slug `cascade_frozen` serves")
+    apply.add_argument(
+        "--encoder",
+        default=None,
+        help="the embeddings `cascade_frozen` serves: a slug, or the encoder (package, folder) behind them",
+    )
 
     mat = sub.add_parser("materialize", help="load the online views into the online store")
     mat.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
@@ -67,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="IMPRESSION_ID",
-        help="look up the keys serving would send for this impression of DIR/impressions (repeatable)",
+        help="look up the keys serving would send for this impression of DIR/impressions (repeatable); "
+        "--entity then overrides them",
     )
     get.add_argument("--json", action="store_true", help="print the full result as JSON")
     return top
@@ -123,6 +131,21 @@ def impression_rows(data_dir: Path, impression_ids: list[str], keys: list[str]) 
     return [{k: "" if found[i][k] is None else str(found[i][k]) for k in keys} for i in impression_ids]
 
 
+def override(rows: list[dict[str, str]], given: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Impressions' keys with `--entity` values over them (one row of them for every impression,
+    or one per impression); a text given for a role replaces that role's id."""
+    if not given:
+        return rows
+    if len(given) not in (1, len(rows)):
+        raise UserError(f"give each --entity once or once per --impression ({len(rows)}), not {len(given)}")
+    out = []
+    for i, row in enumerate(rows):
+        extra = given[0] if len(given) == 1 else given[i]
+        row = {k: v for k, v in row.items() if not (k in ROLE_OF_ID and ROLE_OF_ID[k] in extra)}
+        out.append({**row, **extra})
+    return out
+
+
 def _show(value: Any) -> str:
     """One value, short enough for a terminal line (vectors are abbreviated)."""
     if isinstance(value, list):
@@ -151,18 +174,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         return store.materialize(args.data, start=args.start, end=args.end, incremental=args.incremental)
 
     lookup = store.OnlineFeatures(args.data, args.service)
-    if args.impression and args.entity:
-        raise UserError("give --entity KEY=VALUE or --impression ID, not both")
-    if args.impression:
-        rows = impression_rows(args.data.resolve(), args.impression, list(lookup.keys))
-    else:
-        rows = entity_rows(args.entity)
-    unknown = sorted(set(rows[0]) - set(lookup.keys))
+    given = entity_rows(args.entity) if args.entity or not args.impression else []  # (none: one line)
+    unknown = sorted({k for row in given for k in row} - {*lookup.keys, *lookup.text_fields})
     if unknown:
+        texts = f"; or a text for its id: {', '.join(lookup.text_fields)}" if lookup.text_fields else ""
         raise UserError(
             f"--entity {', '.join(unknown)}: not a key of service {args.service} "
-            f"(its keys: {', '.join(lookup.keys)})"
+            f"(its keys: {', '.join(lookup.keys)}{texts})"
         )
+    if args.impression:
+        rows = override(impression_rows(args.data.resolve(), args.impression, list(lookup.keys)), given)
+    else:
+        rows = given
     result = lookup.get(rows)
     out: dict[str, Any] = {
         "service": args.service,
@@ -170,6 +193,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "features": result.feature_names,
         "null_counts": result.null_counts,
         "rows_with_nulls": result.rows_with_nulls,
+        "computed": result.computed,  # vectors of unseen texts computed at lookup, per feature
         "values": result.to_records(),
     }
     if args.json:
@@ -179,9 +203,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         for name, value in record.items():
             print(f"  {name} = {_show(value)}")
     nulls = sum(result.null_counts.values())
+    computed = sum(result.computed.values())
     out["summary"] = (
         f"{result.rows} row(s) x {len(result.feature_names)} features from {args.service}: "
         f"{nulls} null value(s), {result.rows_with_nulls} row(s) with an unknown key or missing feature"
+        + (f"; {computed} vector(s) of unseen text computed at request time" if computed else "")
     )
     # The values were printed above; the summary line is what the CLI prints last.
     return {k: v for k, v in out.items() if k != "values"} | {"summary": out["summary"]}

@@ -123,6 +123,11 @@ def is_simulated_log(log: Path) -> bool:
     )
 
 
+def is_export(folder: Path) -> bool:
+    """`nlpctr export`'s folder: the nlpctr_export.json it writes beside the model."""
+    return _has_keys(folder / "nlpctr_export.json", ("run", "kind", "encoder_version", "checks"))
+
+
 def is_bench_work(folder: Path) -> bool:
     """bench/bench_scaling.py's OUT/work/<rows>/ from before it wrote a marker."""
     return (folder / "logs").is_dir() and (folder / "train.yaml").is_file()
@@ -137,6 +142,7 @@ RECOGNISED: dict[str, Callable[[Path], bool]] = {
     "score-batch": _only_beam_parts,
     "train": is_train_run,
     "experiment": is_experiment,
+    "export": is_export,
     "bench scaling": is_bench_work,
 }
 

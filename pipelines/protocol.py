@@ -74,7 +74,8 @@ class Experiment:
         with self.stage("ctr_stats"):
             ctr_stats.run(["--data", data, *beam])
         with self.stage("embed"):
-            embed_text.run(["--data", data, "--layers", str(self.protocol["embed_layers"]), *beam])
+            layers, encoder = str(self.protocol["embed_layers"]), self.protocol["encoder"]
+            embed_text.run(["--data", data, "--layers", layers, "--encoder", encoder, *beam])
         with self.stage("feast_apply_materialize"):
             feature_store.apply(self.data_dir, self.options.store)
             feature_store.materialize(self.data_dir)

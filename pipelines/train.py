@@ -1,8 +1,8 @@
 """Train a CTR model on a prepared dataset's Feast features, and evaluate it offline.
 
     nlpctr train --mode {baseline,cascade-frozen,cascade-finetuned,joint} [--fusion score|concat|gate]
-                 [--layers K] [--epochs N] [--seed S] --data DIR --run NAME [--runs-dir runs]
-                 [--config FILE] [--streaming | --in-memory] [--no-progress]
+                 [--encoder NAME_OR_PATH] [--layers K] [--epochs N] [--seed S] --data DIR --run NAME
+                 [--runs-dir runs] [--config FILE] [--streaming | --in-memory] [--no-progress]
     nlpctr evaluate --run NAME [--baseline RUN] [--runs-dir runs]
 
 Modes (DESIGN.md, experiment protocol): `baseline` (E0) reads the `baseline` service;
@@ -16,9 +16,10 @@ view `lm_<run>` (service `cascade_finetuned_<run>`), then trains E0 + that featu
 validated from step 0 on and keeping its best state; `--probe-only` stops after the probe) and
 writes the LM's output back the same way (service `joint_<run>`). One loop
 (`models.trainer.fit`) trains everything, driven by `models.training`; configuration comes from
-`models/configs/default.yaml` (+ `--config`). This module turns the flags into a `TrainRequest`
-(what `nlpctr experiment` builds directly), reads the frames from Feast, runs one function per
-mode and writes the run folder.
+`models/configs/default.yaml` (+ `--config`). `--encoder` (`encoder.name`) is the LM that E2 and
+E3 fine-tune, and the frozen encoder whose vectors E1 reads (its `cascade_frozen_<slug>` service).
+This module turns the flags into a `TrainRequest` (what `nlpctr experiment` builds directly),
+reads the frames from Feast, runs one function per mode and writes the run folder.
 
 Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
 point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
@@ -66,6 +67,7 @@ from nlpctr.models.checkpoints import CHECKPOINTS
 from nlpctr.models.config import MODES, encoder_config, load_config
 from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.data import FeatureColumns
+from nlpctr.models.encoder_source import canonical_name, resolve_encoder
 from nlpctr.models.evaluation import metric_report
 from nlpctr.models.recipe import budget, stage_summary
 from nlpctr.models.runs import (
@@ -96,7 +98,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nlpctr train", description=__doc__.splitlines()[0])
     parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--fusion", choices=FUSIONS, default=None, help="joint mode: how the LM joins")
-    parser.add_argument("--layers", type=int, default=None, help="LM depth (E2, E3): first K MiniLM layers")
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="the encoder (an installed package or a model folder): the LM of E2/E3, the vectors of E1 "
+        "(default: the config's encoder.name, MiniLM-L6)",
+    )
+    parser.add_argument("--layers", type=int, default=None, help="LM depth (E2, E3): its first K layers")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (E2: of the LM step)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
@@ -132,6 +140,7 @@ class TrainRequest:
     run: str
     runs_dir: Path = Path("runs")
     fusion: str | None = None  # joint mode; defaults to `score`
+    encoder: str | None = None  # an installed package or a model folder (the config's encoder.name)
     layers: int | None = None
     epochs: int | None = None  # E2: of the LM step
     seed: int | None = None
@@ -149,6 +158,7 @@ class TrainRequest:
             run=args.run,
             runs_dir=args.runs_dir,
             fusion=args.fusion,
+            encoder=args.encoder,
             layers=args.layers,
             epochs=args.epochs,
             seed=args.seed,
@@ -182,6 +192,8 @@ class TrainRequest:
             overrides["encoder"] = {"layers": self.layers}
         if self.probe_only:
             overrides["recipe"] = {"lm_stage": False}
+        if self.encoder is not None:  # stored canonical: a folder by its absolute path
+            overrides.setdefault("encoder", {})["name"] = canonical_name(self.encoder)
         return overrides
 
 
@@ -411,20 +423,44 @@ def train_baseline(setup: RunSetup) -> TrainedModel:
     return train_service(setup, BASELINE, FeatureColumns.for_manifest(setup.manifest), None)
 
 
+def frozen_service(data_dir: Path, encoder: str | None) -> str:
+    """E1's service: `cascade_frozen` (the default encoder `features apply` chose), or with
+    `--encoder`, `cascade_frozen_<slug>` of the one embedding folder that encoder wrote."""
+    if encoder is None:
+        return CASCADE_FROZEN
+    identity = resolve_encoder(encoder).identity
+    slugs = [
+        e.slug for e in Layout.discover(data_dir).embeddings if e.encoder_version.startswith(f"{identity}/")
+    ]
+    if len(slugs) == 1:
+        return f"{CASCADE_FROZEN}_{slugs[0]}"
+    if not slugs:
+        raise UserError(
+            f"{data_dir} has no embeddings of --encoder {encoder} ({identity}); run `nlpctr embed "
+            f"--data {data_dir} --encoder {encoder}`, then `nlpctr features apply` and `materialize`"
+        )
+    raise UserError(
+        f"{data_dir} has {len(slugs)} embedding folders of --encoder {encoder} ({', '.join(slugs)}); "
+        f"choose one with `nlpctr features apply --data {data_dir} --encoder SLUG` and train without "
+        "--encoder"
+    )
+
+
 def train_cascade_frozen(setup: RunSetup) -> TrainedModel:
     """E1: E0's inputs and the frozen encoder's text vectors (the service's `__embedding` columns)."""
+    service = frozen_service(setup.data_dir, setup.request.encoder)
     if setup.streamed:
-        root = feature_store.write_training_shards(setup.data_dir, CASCADE_FROZEN)
+        root = feature_store.write_training_shards(setup.data_dir, service)
         names = streaming.shard_columns(root)
     else:
-        frame = feature_store.training_frame(setup.data_dir, CASCADE_FROZEN)
+        frame = feature_store.training_frame(setup.data_dir, service)
         names = list(frame.columns)
     cascade = [c for c in names if c.endswith("__embedding")]
     columns = FeatureColumns.for_manifest(setup.manifest, cascade=cascade)
     version = frozen_encoder_version(setup.data_dir, names)
     if setup.streamed:
-        return streamed(setup, CASCADE_FROZEN, root, columns, version)
-    return in_memory(setup, CASCADE_FROZEN, frame, columns, version)
+        return streamed(setup, service, root, columns, version)
+    return in_memory(setup, service, frame, columns, version)
 
 
 def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:

@@ -9,7 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from nlpctr.errors import UserError
@@ -374,3 +377,40 @@ SWEEP = {
         "lm_loop": {"epochs": 2, "max_batches_per_epoch": 8, "batch_size": 64, "evals_per_epoch": 2},
     },
 }
+
+
+def test_a_student_exports_with_the_experiments_claims(protocol_run: dict, tmp_path: Path) -> None:
+    """`nlpctr export --run sukd_L1`: the student (rebuilt from its student.json and its teacher's run)
+    read back with transformers gives its fusion head's logits; the card carries the claims."""
+    from test_export import pair_texts, transformers_scores
+
+    from nlpctr.models import distill
+    from nlpctr.models.lm_features import pairs_of, text_pairs
+    from nlpctr.models.runs import StudentMeta, TrainedRun
+    from nlpctr.models.text_batches import TextBatcher
+    from nlpctr.pipelines import export
+
+    runs, results = protocol_run["out"] / "runs", protocol_run["results"]
+    meta = StudentMeta.read(runs / "_students" / "sukd_L1")
+    assert (meta.method, meta.layers, meta.teacher) == ("sukd", 1, "joint_score")
+    out = tmp_path / "sukd_L1"
+    record = export.run(["--run", "sukd_L1", "--runs-dir", str(runs), "--out", str(out)])
+    assert record["kind"] == "student" and record["checks"][0]["max_abs_diff"] < 1e-5
+    teacher = TrainedRun.load(runs / "joint_score")
+    lm = distill.student_encoder(teacher.lm, 1)
+    state = torch.load(runs / "_students" / "sukd_L1" / meta.checkpoint, weights_only=True)
+    lm.load_state_dict(state["lm"])
+    lm.eval()  # (a student is built trainable: no dropout here)
+    teacher.model.load_state_dict(state["model"])
+    frame = pd.read_parquet(protocol_run["out"] / "data" / "impressions")
+    pairs = pairs_of(text_pairs(frame).head(200))
+    with torch.inference_mode():
+        want = teacher.model.fusion.score(TextBatcher(lm, False).encode_pairs(pairs)).squeeze(-1).numpy()
+    np.testing.assert_allclose(transformers_scores(out, pair_texts(pairs)), want, atol=1e-5, rtol=0)
+    card = (out / "README.md").read_text()
+    for claim in results["claims"]:
+        assert f"| `{claim['id']}" in card and claim["verdict"] in card
+    student = results["distillation"]["sukd_L1"]
+    assert f"ΔAUC {student['feature_delta_auc']:+.4f}" in card
+    featurekd = export.run(["--run", "featurekd_L1", "--runs-dir", str(runs), "--out", str(tmp_path / "fkd")])
+    assert featurekd["output"] == "vector" and not (tmp_path / "fkd" / "click_head.safetensors").exists()

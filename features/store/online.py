@@ -1,10 +1,14 @@
 """Online lookups of a feature service, with what could not be found counted per feature: row
-dicts (`OnlineFeatures`) or whole Arrow batches (`OnlineFeatureLookup`, what batch jobs use)."""
+dicts (`OnlineFeatures`) or whole Arrow batches (`OnlineFeatureLookup`, what batch jobs use).
+
+A row dict may carry a text (`ad_text`, `query_text`) instead of its id: a text the store has
+no vector for gets one computed at lookup time by the encoder behind the view
+(`request_time.py`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,12 @@ from nlpctr.features.job_outputs import fingerprint
 from nlpctr.features.names import TRAINING_SUFFIX
 from nlpctr.features.store.connection import check_materialized_mark, online_store_errors, probe_online_store
 from nlpctr.features.store.repo import check_current, open_store
+from nlpctr.features.store.request_time import (
+    RequestTimeVectors,
+    ids_from_texts,
+    text_fields,
+    text_projections,
+)
 from nlpctr.features.store.state import fix_command, read_state
 
 # Feast's online store cannot take a null join key (it sorts keys by value); an impression with
@@ -72,6 +82,7 @@ class OnlineLookup:
     feature_names: list[str]
     null_counts: dict[str, int]
     rows: int
+    computed: dict[str, int] = field(default_factory=dict)  # vectors computed at lookup, per feature
 
     @property
     def rows_with_nulls(self) -> int:
@@ -108,17 +119,37 @@ class OnlineFeatures:
         self.service = get_service(self.store, service, self.data_dir)
         self.keys = service_join_keys(self.store, self.service)
         self.feature_names = service_feature_names(self.service)
+        # Request fields that may carry a text instead of its id (`ad_text`, `query_text`).
+        self.text_fields = text_fields(self.keys)
+        self.request_time = RequestTimeVectors(self.data_dir, text_projections(self.store, self.service))
         check_materialized(self.store, self.service, self.data_dir)
 
     def get(self, entity_rows: Sequence[Mapping[str, Any]]) -> OnlineLookup:
-        """Features for these entity rows; unknown keys give nulls, counted per feature."""
-        rows = normalize_entity_rows(entity_rows, self.keys)
+        """Features for these entity rows; unknown keys give nulls, counted per feature.
+
+        A row may give a text (`ad_text`, `query_text`) for its id: the id is derived, and a
+        text the store has no vector for gets one computed now by the view's encoder
+        (`OnlineLookup.computed` counts them; they are not nulls).
+
+        Args:
+            entity_rows: each a mapping of the service's keys (`keys`), or texts (`text_fields`).
+
+        Returns:
+            The features column-wise, with null and computed counts per feature.
+
+        Raises:
+            UserError: a key missing, a text that disagrees with its id, an encoder that no
+                longer gives the store's encoder version, an unreachable online store.
+        """
+        with_ids = ids_from_texts(entity_rows, self.keys)
+        rows = normalize_entity_rows(with_ids, self.keys)
         with online_store_errors(self.store):
             values = self.store.get_online_features(
                 features=self.service, entity_rows=rows, full_feature_names=True
             ).to_dict()
+        computed = self.request_time.fill(values, with_ids)
         nulls = {name: sum(v is None for v in values[name]) for name in self.feature_names}
-        return OnlineLookup(values, self.feature_names, nulls, len(rows))
+        return OnlineLookup(values, self.feature_names, nulls, len(rows), computed)
 
 
 def check_materialized(store: FeatureStore, service: FeatureService, data_dir: Path) -> None:
