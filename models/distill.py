@@ -56,7 +56,7 @@ def student_encoder(teacher: TextEncoder, layers: int) -> TextEncoder:
         max_length=teacher.config.max_length,
         pair_reading=teacher.config.pair_reading,
     )
-    student = TextEncoder(config, trainable=True)
+    student = TextEncoder(config, trainable=True, placement=teacher.placement)
     dropped = tuple(f"model.encoder.layer.{i}." for i in range(layers, teacher_layers))
     state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(dropped)}
     student.load_state_dict(state)  # strict: every student parameter comes from the teacher
@@ -192,6 +192,7 @@ def fit_feature_kd(
     torch.manual_seed(config.seed)  # dropout
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lm_lr, weight_decay=config.weight_decay)
+    scaler = lm.placement.grad_scaler()  # fp16 only
     n_batches = math.ceil(len(train) / config.batch_size)
     if config.max_batches_per_epoch:
         n_batches = min(n_batches, config.max_batches_per_epoch)
@@ -212,8 +213,13 @@ def fit_feature_kd(
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             loss = nn.functional.mse_loss(texts.vectors(batch), targets[batch])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         entry = {
             "epoch": epoch,
@@ -235,7 +241,7 @@ def fit_feature_kd(
     (checkpoint_dir / FEATURE_KD_HISTORY).write_text(
         json.dumps({"best_epoch": best_epoch, "history": history}, indent=2)
     )
-    lm.load_state_dict(torch.load(weights, weights_only=True))
+    lm.load_state_dict(torch.load(weights, map_location=lm.device, weights_only=True))
     lm.eval()
     return FeatureStudent(lm, best_epoch, history, time.perf_counter() - started)
 

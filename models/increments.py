@@ -21,6 +21,7 @@ import torch
 from nlpctr.models import ceilings, distill, metrics, redundancy
 from nlpctr.models.config import load_config
 from nlpctr.models.data import FeatureColumns, Tensors
+from nlpctr.models.device import CPU, Placement
 from nlpctr.models.evaluation import metric_report, paired_delta
 from nlpctr.models.nlp_features import NlpFeature
 from nlpctr.models.runs import PREDICTIONS_FILE, TrainedRun
@@ -55,6 +56,7 @@ class FeatureJudge:
     ceiling: ceilings.Ceiling | None = None  # `measure_ceiling`
     increments: dict[str, np.ndarray] = field(default_factory=dict)
     valid_gain: dict[str, float] = field(default_factory=dict)
+    placement: Placement = CPU  # where E0 and the increments run
 
     @classmethod
     def load(
@@ -66,10 +68,11 @@ class FeatureJudge:
         train_config_file: Path,
         seed: int,
         redundancy_settings: Mapping[str, Any],
+        placement: Placement = CPU,
     ) -> FeatureJudge:
         """E0 (`runs_dir/baseline_run`) on `frame`, sorted by impression_id."""
         frame = frame.sort_values("impression_id", kind="stable").reset_index(drop=True)
-        e0 = TrainedRun.load(runs_dir / baseline_run)
+        e0 = TrainedRun.load(runs_dir / baseline_run, placement)
         data = e0.pre.tensorize(frame)
         test_rows, train_rows = data.rows("test"), data.rows("train")
         test_labels = labels_of(data, test_rows)
@@ -98,6 +101,7 @@ class FeatureJudge:
             e0_valid_auc=e0_valid_auc,
             e0_inputs=[redundancy.e0_design_matrix(data, r) for r in rows],
             e0_repr=[redundancy.e0_representation(e0.model, data, r) for r in rows],
+            placement=placement,
         )
 
     def measure_ceiling(self) -> None:
@@ -143,7 +147,9 @@ class FeatureJudge:
         config = load_config("baseline", self.train_config_file, {"loop": {"seed": self.seed}})
         checkpoints = self.runs_dir / "_increments" / feature.name
         shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another feature's weights
-        inputs = FitInputs(self.manifest, config, self.e0.pre.fill_ctr, progress=False)
+        inputs = FitInputs(
+            self.manifest, config, self.e0.pre.fill_ctr, progress=False, placement=self.placement
+        )
         _, data, model, _, _ = fit_ctr(frame, columns, inputs, checkpoints)
         valid = data.rows("valid")
         assert torch.equal(valid, self.valid_rows)  # the same frame, so the same rows

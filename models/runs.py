@@ -22,6 +22,7 @@ from nlpctr.errors import UserError
 from nlpctr.models.config import encoder_config, net_config
 from nlpctr.models.ctr_net import CtrModel, InputShape
 from nlpctr.models.data import FeatureColumns, Tensors, Vocabularies, build_vocabularies, tensorize
+from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import TextScorer, predict
@@ -100,7 +101,8 @@ def build_scorer(config: Mapping[str, Any], text_dim: int, base_rate: float | No
 
 @dataclass
 class TrainedRun:
-    """A trained CTR model rebuilt from `runs/NAME/` (weights loaded with weights_only=True)."""
+    """A trained CTR model rebuilt from `runs/NAME/` (weights loaded with weights_only=True),
+    on the device of the placement `load` is given, wherever it was trained."""
 
     directory: Path
     spec: dict[str, Any]
@@ -109,7 +111,7 @@ class TrainedRun:
     lm: TextEncoder | None
 
     @classmethod
-    def load(cls, directory: Path) -> TrainedRun:
+    def load(cls, directory: Path, placement: Placement = CPU) -> TrainedRun:
         directory = Path(directory)
         path = directory / RUN_FILE
         if not path.is_file():
@@ -118,13 +120,13 @@ class TrainedRun:
             )
         spec = json.loads(path.read_text())
         pre = Preprocessing.from_json(spec["preprocessing"])
-        state = torch.load(directory / spec["checkpoint"], weights_only=True)
+        state = torch.load(directory / spec["checkpoint"], map_location=placement.device, weights_only=True)
         lm = None
         if spec["mode"] == "joint":
-            lm = TextEncoder(encoder_config(spec["config"]))
+            lm = TextEncoder(encoder_config(spec["config"]), placement=placement)
             lm.load_state_dict(state["lm"])
         text_dim = TextBatcher(lm, _with_query(spec)).dim if lm is not None else 0
-        model = build_model(pre, spec["config"], spec.get("fusion"), text_dim)
+        model = build_model(pre, spec["config"], spec.get("fusion"), text_dim).to(placement.device)
         model.load_state_dict(state["model"])
         model.eval()
         return cls(directory, spec, pre, model, lm)

@@ -62,6 +62,9 @@ class TextBatcher:
     dropped as soon as the LM's weights may have changed (`TextEncoder.weights_version`: a
     loaded state or a forward pass that records gradients; or a parameter's version counter):
     whatever reads the same weights reuses them.
+
+    Token ids, `parts` and text indices are host-side bookkeeping (CPU tensors and lists); the
+    vectors live on the LM's device (`TextEncoder.placement`).
     """
 
     lm: TextEncoder
@@ -149,10 +152,12 @@ class TextBatcher:
         for key in todo[: max(self.cache_limit - len(self.cache), 0)]:
             self.cache[key] = fresh[key]
         if not keys:
-            return torch.empty((0, self.lm.dim))
+            return torch.empty((0, self.lm.dim), device=self.lm.device)
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys])
 
-    def _encode_sorted(self, token_ids: Sequence[Sequence[int]], chunk: int = INFERENCE_CHUNK) -> torch.Tensor:
+    def _encode_sorted(
+        self, token_ids: Sequence[Sequence[int]], chunk: int = INFERENCE_CHUNK
+    ) -> torch.Tensor:
         """Vectors of texts, encoded `chunk` at a time in order of length (differentiable when
         the LM trains: the chunks' vectors are put back in input order by one index)."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
@@ -161,13 +166,14 @@ class TextBatcher:
             for start in range(0, len(order), chunk)
         ]
         if not parts:
-            return torch.empty((0, self.lm.dim))
+            return torch.empty((0, self.lm.dim), device=self.lm.device)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.as_tensor(order, dtype=torch.long)] = torch.arange(len(order))
         return torch.cat(parts)[inverse]
 
     def _combine(self, unit_vectors: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
         """Pair vectors from their units' vectors (`parts` index rows of `unit_vectors`)."""
+        parts = parts.to(unit_vectors.device)
         ad = unit_vectors[parts[:, 1]]
         if not (self.reading == "separate" and self.with_query):
             return ad
@@ -184,6 +190,7 @@ class TextBatcher:
 
     def vectors(self, text_index: torch.Tensor) -> torch.Tensor:
         """Vectors of the pairs `text_index` names (rows of `texts`)."""
+        text_index = text_index.cpu()
         if self.fixed is not None:
             return self._combine(self.fixed, self.parts[text_index])
         unique, inverse = torch.unique(text_index, return_inverse=True)
@@ -196,7 +203,7 @@ class TextBatcher:
             for start in range(0, len(pairs), ENCODE_CHUNK):
                 units, parts = self._tokenise(pairs[start : start + ENCODE_CHUNK])
                 out.append(self._pair_vectors(parts, units))
-        return torch.cat(out) if out else torch.empty((0, self.dim))
+        return torch.cat(out) if out else torch.empty((0, self.dim), device=self.lm.device)
 
     def batch_vectors(self, batch: Tensors) -> torch.Tensor:
         """Vectors of a batch's rows: looked up for `for_data`'s dataset, else tokenised as it comes."""

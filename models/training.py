@@ -22,6 +22,7 @@ from nlpctr.layout import LmFeatureMeta, pair_key_columns
 from nlpctr.models import metrics
 from nlpctr.models.config import encoder_config, joint_config, loop_config
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
+from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.joint import fit_joint
 from nlpctr.models.lm_features import (
@@ -50,6 +51,7 @@ class FitInputs:
     fusion: str | None = None  # joint: how the trainable LM joins the tower
     progress: bool = True
     warm_start: TrainedRun | None = None  # joint: the E0 run its tower starts from
+    placement: Placement = CPU  # where the models train and at what precision (models/device.py)
 
 
 def fit_model(
@@ -57,6 +59,7 @@ def fit_model(
 ) -> tuple[torch.nn.Module, FitResult]:
     """The model for `pre` (with the fusion when `texts` has an LM), warm-started when asked, fitted."""
     model = build_model(pre, inputs.config, inputs.fusion, texts.dim if texts else 0)
+    model.to(inputs.placement.device)
     if inputs.warm_start is not None:
         start_from(model, pre, inputs.warm_start)
     warm = inputs.warm_start is not None
@@ -72,7 +75,8 @@ def fit_ctr(
     data = pre.tensorize(frame)
     texts = None
     if inputs.fusion:
-        texts = TextBatcher.for_data(TextEncoder(encoder_config(inputs.config), trainable=True), data)
+        lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
+        texts = TextBatcher.for_data(lm, data)
     model, result = fit_model(pre, data, texts, inputs, checkpoints)
     return pre, data, model, texts, result
 
@@ -144,7 +148,7 @@ def fit_lm_alone(
 ) -> tuple[TextScorer, FitResult]:
     """E2 step 1: the LM and its head fine-tuned on clicks alone (stopped at peak validation AUC),
     every epoch checkpointed under `run_dir/checkpoints/lm`; in memory or on a stream alike."""
-    scorer = build_scorer(inputs.config, texts.dim, inputs.fill_ctr)
+    scorer = build_scorer(inputs.config, texts.dim, inputs.fill_ctr).to(inputs.placement.device)
     loop = loop_config(inputs.config, "lm_loop")
     result = fit(scorer, data, loop, run_dir / CHECKPOINTS / "lm", texts=texts, progress=inputs.progress)
     return scorer, result
@@ -172,7 +176,7 @@ def write_lm_epochs(
     folders = []
     for entry in result.history:
         epoch = int(entry["epoch"])
-        state = torch.load(checkpoints / f"epoch-{epoch}.pt", weights_only=True)
+        state = torch.load(checkpoints / f"epoch-{epoch}.pt", map_location=texts.lm.device, weights_only=True)
         scorer.load_state_dict(state["model"])
         texts.lm.load_state_dict(state["lm"])
         outputs = lm_outputs(texts, {"lm_score": scorer.head}, pairs_of(pairs))
@@ -211,7 +215,8 @@ def train_lm_alone(
     columns = FeatureColumns.for_manifest(manifest)
     pre = Preprocessing.fit(frame, columns, manifest["group"], inputs.fill_ctr)
     data = pre.tensorize(frame)
-    texts = TextBatcher.for_data(TextEncoder(encoder_config(inputs.config), trainable=True), data)
+    lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
+    texts = TextBatcher.for_data(lm, data)
     scorer, result = fit_lm_alone(data, texts, inputs, run_dir)
     test = data.rows("test")
     test_auc = metrics.auc(labels_of(data, test), predict(scorer, data, test, texts))

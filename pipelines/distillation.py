@@ -52,7 +52,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
     protocol, judge = exp.protocol, exp.judge
     settings = protocol["distill"]
     teacher_name = teacher_run(protocol, judge.valid_gain)
-    teacher = TrainedRun.load(exp.runs_dir / teacher_name)
+    teacher = TrainedRun.load(exp.runs_dir / teacher_name, exp.placement)
     assert teacher.lm is not None
     data = teacher.pre.tensorize(judge.frame)
     test = data.rows("test")
@@ -78,7 +78,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
                     student = distill.fit_feature_kd(
                         teacher.lm, data, layers, text_loop, folder, teacher_vectors, exp.progress
                     )
-                    vectors = distill.pooled_vectors(student.lm, data).numpy()[rows_of_text]
+                    vectors = distill.pooled_vectors(student.lm, data).cpu().numpy()[rows_of_text]
                     feature = NlpFeature(key, "student", vectors, cascade=vectors)
                     p = increment = judge.fit_increment(feature)  # a cascade feature: E0 + it
                     lm = student.lm
@@ -96,7 +96,9 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
                         exp.progress,
                     )
                     p = predict(joint.model, data, test, TextBatcher.for_data(joint.lm, data))
-                    output = distill.supplementary_outputs(joint.model, joint.lm, data).numpy()[rows_of_text]
+                    output = (
+                        distill.supplementary_outputs(joint.model, joint.lm, data).cpu().numpy()[rows_of_text]
+                    )
                     feature = NlpFeature.of_output(key, "student", output)
                     increment = judge.fit_increment(feature)
                     lm = joint.lm

@@ -1,6 +1,7 @@
 """The whole experiment protocol in one command (DESIGN.md, "Experiment protocol").
 
     nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--no-progress]
+                      [--device auto|cpu|cuda[:N]] [--precision bf16|fp16|fp32]
     nlpctr experiment --dataset simulated [--rho 0,0.5,1] [--rows N] [--quick] --out DIR
 
 prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
@@ -8,7 +9,9 @@ materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint pe
 `nlpctr train`, through Feast) -> E4 distillation (SuKD, feature-KD, no-KD per student depth) ->
 redundancy of every NLP feature. Writes `DIR/results.json`, `DIR/report.md` and PNG plots; data
 under `DIR/data/`, runs under `DIR/runs/`. Sizes come from `models/configs/experiment.yaml`
-(`--quick`: its `quick:` section, a small LM and few steps).
+(`--quick`: its `quick:` section, a small LM and few steps). `--device`/`--precision` (or the
+protocol's `device:`/`precision:`) place every job and run (`models/device.py`); results.json
+records them under `provenance.placement`.
 
 DIR must be new, empty, or an earlier experiment's folder (marked by a hidden `.nlpctr-output`
 file, or its results.json); anything else is refused before any work starts.
@@ -38,9 +41,10 @@ import yaml
 from nlpctr.errors import UserError
 from nlpctr.models.config import deep_merge
 from nlpctr.pipelines.ownership import claim_output_dir
-from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, run_protocol
+from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, experiment_placement, run_protocol
 from nlpctr.pipelines.rho_sweep import SIMULATED, run_sweep
 from nlpctr.pipelines.specs import load_spec
+from nlpctr.pipelines.train import add_placement_flags
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "models" / "configs" / "experiment.yaml"
 
@@ -60,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="simulated: aggregated rows of N impressions each (0: one binary impression per row)",
     )
+    add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -97,6 +102,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     protocol = load_protocol(args.quick, args.config, simulated=args.dataset == SIMULATED)
     if args.dataset != SIMULATED and (args.rho or args.rows or args.impressions_per_row is not None):
         raise UserError(f"--rho, --rows and --impressions-per-row go with --dataset {SIMULATED}")
+    experiment_placement(args, protocol)  # a device that is not there: one line, before any work
     # Before any work: --out is new, empty or an earlier experiment's folder (then marked as
     # this job's), and holds neither the spec nor the source log.
     inputs = []

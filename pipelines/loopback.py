@@ -27,12 +27,16 @@ def on_loopback(address: str) -> str:
     return f"{LOOPBACK}:{port}" if host in _EVERY_INTERFACE else address
 
 
+def runs_here(options: PipelineOptions) -> bool:
+    """Whether the pipeline's workers all run on this machine (the DirectRunner, in any mode)."""
+    return options.view_as(StandardOptions).runner in _DIRECT_RUNNERS
+
+
 @contextmanager
 def direct_runner_on_loopback(options: PipelineOptions) -> Iterator[None]:
     """While the block runs, gRPC servers created in this process bind loopback when they ask
     for every interface, if the pipeline runs on the DirectRunner; otherwise nothing changes."""
-    runner = options.view_as(StandardOptions).runner
-    if runner not in _DIRECT_RUNNERS:
+    if not runs_here(options):
         yield
         return
     make_server = grpc.server

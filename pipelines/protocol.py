@@ -26,6 +26,7 @@ from nlpctr.features import store as feature_store
 from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
 from nlpctr.layout import lm_features_dir, read_manifest
 from nlpctr.models import claims, redundancy, report
+from nlpctr.models.device import Placement
 from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import NlpFeature, frozen_vectors, lm_feature
 from nlpctr.pipelines import ctr_stats, distillation, embed_text, feature_store_cli, ingest, train
@@ -35,11 +36,19 @@ JOB = "experiment"
 BASELINE_RUN = "baseline"
 
 
+def experiment_placement(args: argparse.Namespace, protocol: dict[str, Any]) -> Placement:
+    """Where every job and run of the experiment goes: `--device`/`--precision`, else the protocol's."""
+    device = args.device if args.device is not None else protocol.get("device")
+    precision = args.precision if args.precision is not None else protocol.get("precision")
+    return Placement.resolve(device, precision)
+
+
 class Experiment:
     """One dataset through the protocol; each step records its wall time in `timings`."""
 
     def __init__(self, args: argparse.Namespace, protocol: dict[str, Any], out: Path) -> None:
         self.args, self.protocol, self.out = args, protocol, out
+        self.placement = experiment_placement(args, protocol)
         self.data_dir = out / "data"
         self.runs_dir = out / "runs"
         self.seed = int(args.seed)
@@ -68,7 +77,8 @@ class Experiment:
         with self.stage("ctr_stats"):
             ctr_stats.run(["--data", data])
         with self.stage("embed"):
-            embed_text.run(["--data", data, "--layers", str(self.protocol["embed_layers"])])
+            layers = str(self.protocol["embed_layers"])
+            embed_text.run(["--data", data, "--layers", layers, "--device", str(self.placement.device)])
         with self.stage("feast_apply_materialize"):
             feature_store_cli.run(["apply", "--data", data])
             feature_store_cli.run(["materialize", "--data", data])
@@ -90,6 +100,8 @@ class Experiment:
             config_file=self.train_config_file,
             init_from=BASELINE_RUN if warm_start else None,
             progress=self.progress,
+            device=str(self.placement.device),
+            precision=self.placement.precision,
         )
         with self.stage(f"train_{run}"):
             trained = train.train(request)
@@ -120,6 +132,7 @@ class Experiment:
             self.train_config_file,
             self.seed,
             self.protocol["redundancy"],
+            self.placement,
         )
         with self.stage("ceilings"):
             self.judge.measure_ceiling()
@@ -227,6 +240,7 @@ class Experiment:
                 "lm_encoder": lm_run.results["provenance"]["encoder_version"],
                 "code_version": self.code_version,
                 "torch": torch.__version__,
+                "placement": self.placement.to_dict(),
                 # Relative to the results folder: a result never names a path outside its tree.
                 "data_dir": self.data_dir.relative_to(self.out).as_posix(),
                 "runs_dir": self.runs_dir.relative_to(self.out).as_posix(),

@@ -2,7 +2,8 @@
 
     nlpctr train --mode {baseline,cascade-frozen,cascade-finetuned,joint} [--fusion score|concat|gate]
                  [--layers K] [--epochs N] [--seed S] --data DIR --run NAME [--runs-dir runs]
-                 [--config FILE] [--streaming | --in-memory] [--no-progress]
+                 [--config FILE] [--streaming | --in-memory] [--device auto|cpu|cuda[:N]]
+                 [--precision bf16|fp16|fp32] [--no-progress]
     nlpctr evaluate --run NAME [--baseline RUN] [--runs-dir runs]
 
 Modes (DESIGN.md, experiment protocol): `baseline` (E0) reads the `baseline` service;
@@ -19,6 +20,10 @@ best state) and writes the LM's output back the same way (service `joint_<run>`)
 (what `nlpctr experiment` builds directly), reads the frames from Feast, runs one function per
 mode and writes the run folder.
 
+`--device` and `--precision` (or the config's top-level `device:` and `precision:`) say where the
+models train and at what precision the LM runs (`models/device.py`); `auto` is CUDA when there
+is one, else the CPU at float32, whose outputs are bitwise those of earlier builds.
+
 Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
 point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
 the loop reads them as a stream (`models.streaming.ShardSource`) and test metrics are streamed
@@ -26,7 +31,9 @@ the loop reads them as a stream (`models.streaming.ShardSource`) and test metric
 step fits on E0's shards and writes its features for their unique text pairs).
 
 Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
-from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`.
+from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`; the last two record the
+device and precision used (`placement`), which are not part of the run's identity (`config.json`):
+a run interrupted on one device resumes on another.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from nlpctr.models import streaming
 from nlpctr.models.config import MODES, encoder_config, load_config
 from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.data import FeatureColumns
+from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS, Placement, placement_of, without_placement
 from nlpctr.models.evaluation import metric_report
 from nlpctr.models.joint import stage_summary
 from nlpctr.models.runs import (
@@ -102,8 +110,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"stream the training frame from parquet shards (default above {STREAMING_ROWS:,} impressions)",
     )
     memory.add_argument("--in-memory", dest="streaming", action="store_false", help="load it in memory")
+    add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
+
+
+def add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--precision` (`models/device.py`), shared with `nlpctr experiment`."""
+    parser.add_argument("--device", default=None, help=f"{DEVICE_CHOICES} (default: the config's, auto)")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=("auto", *PRECISIONS),
+        help="the LM's precision (default: the config's; auto: bf16 on CUDA, fp32 on the CPU)",
+    )
 
 
 @dataclass(frozen=True)
@@ -122,6 +142,8 @@ class TrainRequest:
     init_from: str | None = None  # joint mode: an E0 run in runs_dir
     streaming: bool | None = None  # None: stream above STREAMING_ROWS impressions
     progress: bool = True
+    device: str | None = None  # auto, cpu, cuda, cuda:N (None: the config's)
+    precision: str | None = None  # auto, bf16, fp16, fp32 (None: the config's)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainRequest:
@@ -138,6 +160,8 @@ class TrainRequest:
             init_from=args.init_from,
             streaming=args.streaming,
             progress=not args.no_progress,
+            device=args.device,
+            precision=args.precision,
         )
 
     def checked(self) -> TrainRequest:
@@ -159,6 +183,9 @@ class TrainRequest:
                 overrides.setdefault(key, {})["seed"] = self.seed
         if self.layers is not None:
             overrides["encoder"] = {"layers": self.layers}
+        for key in ("device", "precision"):
+            if getattr(self, key) is not None:
+                overrides[key] = getattr(self, key)
         return overrides
 
 
@@ -187,12 +214,19 @@ class RunSetup:
     fill_ctr: float
     streamed: bool
     warm_start: TrainedRun | None
+    placement: Placement
 
     @property
     def fit_inputs(self) -> FitInputs:
         request = self.request
         return FitInputs(
-            self.manifest, self.config, self.fill_ctr, request.fusion, request.progress, self.warm_start
+            self.manifest,
+            self.config,
+            self.fill_ctr,
+            request.fusion,
+            request.progress,
+            self.warm_start,
+            self.placement,
         )
 
 
@@ -278,12 +312,18 @@ def set_up(request: TrainRequest) -> RunSetup:
     manifest = read_manifest(data_dir)
     request = request.checked()
     config = load_config(request.mode, request.config_file, request.overrides())
+    placement = placement_of(config)
     run_dir = run_dir_of(request.runs_dir, request.run)
-    identity = {"mode": request.mode, "fusion": request.fusion, "data_dir": str(data_dir), "config": config}
+    identity = {
+        "mode": request.mode,
+        "fusion": request.fusion,
+        "data_dir": str(data_dir),
+        "config": without_placement(config),
+    }
     warm_start = None
     if request.init_from:
         identity["init_from"] = request.init_from
-        warm_start = TrainedRun.load(run_dir_of(request.runs_dir, request.init_from))
+        warm_start = TrainedRun.load(run_dir_of(request.runs_dir, request.init_from), placement)
         if warm_start.spec["mode"] != "baseline":
             raise UserError(
                 f"--init-from needs an E0 (--mode baseline) run; {request.init_from} is "
@@ -306,7 +346,17 @@ def set_up(request: TrainRequest) -> RunSetup:
     streamed = use_streaming(manifest, request.streaming)  # every mode streams
     slug = lm_feature_slug(request.run)
     return RunSetup(
-        request, data_dir, manifest, config, identity, run_dir, slug, fill_ctr, streamed, warm_start
+        request,
+        data_dir,
+        manifest,
+        config,
+        identity,
+        run_dir,
+        slug,
+        fill_ctr,
+        streamed,
+        warm_start,
+        placement,
     )
 
 
@@ -438,6 +488,7 @@ def train(request: TrainRequest) -> TrainResult:
         "preprocessing": trained.pre.to_json(),
         "train_ctr": trained.train_ctr,
         "streaming": setup.streamed,
+        "placement": setup.placement.to_dict(),  # where it trained; `TrainedRun.load` picks its own
     }
     if trained.texts is not None and request.mode == "joint":
         spec["text_with_query"] = trained.texts.with_query  # the width of its pair vectors
@@ -470,6 +521,7 @@ def train(request: TrainRequest) -> TrainResult:
         "lm": trained.lm_step.to_dict() if trained.lm_step else None,
         "supplementary_feature_view": trained.supplementary_view,
         "config": config,
+        "placement": setup.placement.to_dict(),
         "provenance": {
             "dataset": manifest["dataset"],
             "data_dir": str(setup.data_dir),
