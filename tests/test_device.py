@@ -6,6 +6,7 @@ Tests that need a GPU are skipped, with the reason, where torch sees none and ru
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import json
@@ -39,6 +40,7 @@ from nlpctr.models.trainer import LAST, LoopConfig, TextScorer, fit, predict
 from nlpctr.pipelines import cli
 from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.embed_text import TextEncoderModelHandler, TokenizedText
+from nlpctr.pipelines.protocol import experiment_placement
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device: torch.cuda.is_available() is False")
@@ -66,6 +68,18 @@ def test_auto_picks_cuda_when_there_is_one() -> None:
     expected = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     assert resolve_device("auto") == expected
     assert Placement.resolve().precision == ("fp32" if not CUDA else resolve_precision("auto", expected))
+
+
+def test_the_yaml_sets_them_and_a_flag_wins(no_cuda: None, tmp_path: Path) -> None:
+    own = tmp_path / "own.yaml"
+    own.write_text("device: cpu\nprecision: bf16\n")
+    assert placement_of(load_config("joint", own)) == Placement(torch.device("cpu"), "bf16")
+    assert placement_of(load_config("joint", own, {"precision": "fp32"})) == CPU  # the flag's layer
+    flags = argparse.Namespace(device=None, precision=None)
+    assert experiment_placement(flags, {"device": "cpu", "precision": "auto"}) == CPU
+    with pytest.raises(UserError, match="--device cuda: torch "):
+        experiment_placement(flags, {"device": "cuda", "precision": "auto"})  # experiment.yaml
+    assert experiment_placement(argparse.Namespace(device="cpu", precision=None), {"device": "cuda"}) == CPU
 
 
 @pytest.mark.parametrize(
