@@ -17,9 +17,11 @@ train` runs, for a fixed number of training steps:
 - `joint_full`: stage 1 of the GPU recipe (`bench/gpu/recipe.yaml`): all 6 layers trained on the
   cached embeddings, batch 256 (`--full-steps` steps: a step is 8x the rows).
 
-Rows per second exclude the one validation pass `fit` ends with (on 64 rows) and the frozen
-prefix's prefill (reported beside, `prefill_s`); the first step is inside the figure. Writes
-`OUT.json` and `OUT.md`.
+Rows per second (wall) exclude the one validation pass `fit` ends with (on 64 rows) and the
+frozen prefix's prefill (reported beside, `prefill_s`); the first step is inside the figure.
+Rows per CPU-second (the process's CPU time over the whole `fit`, its small validation pass
+included) are the robust figure on a shared CPU, with `--torch-threads 1`. Writes `OUT.json` and
+`OUT.md`.
 """
 
 from __future__ import annotations
@@ -71,11 +73,14 @@ def timed_fit(
     model: torch.nn.Module, data: Tensors, loop: LoopConfig, texts: TextBatcher, **kwargs: Any
 ) -> dict:
     """One epoch of `loop.max_batches_per_epoch` steps through `fit`; its training rows per second."""
+    cpu = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         result = fit(model, data, loop, Path(tmp), texts=texts, progress=False, **kwargs)
+    cpu = time.process_time() - cpu
     train = result.wall_seconds - result.eval_seconds
     rows = result.steps * loop.batch_size
-    return {"steps": result.steps, "rows": rows, "train_seconds": train, "rows_per_s": rows / train}
+    return {"steps": result.steps, "rows": rows, "train_seconds": train, "rows_per_s": rows / train,
+            "cpu_seconds": cpu, "rows_per_cpu_s": rows / cpu}  # fmt: skip
 
 
 def bench_e2(data: Tensors, config: dict, placement: Placement, steps: int, meta: dict) -> dict:
@@ -171,7 +176,8 @@ def main() -> None:
     result = {
         "dataset": meta["dataset"],
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s) on the CPU",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s) on the CPU, torch "
+        f"{torch.__version__}",
         "train_rows": data.rows_in("train"),
         "unique_texts": len(data.texts),
         "runs": rows,
@@ -184,7 +190,8 @@ def main() -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    header = ["arm", "device", "precision", "LM layers", "batch", "steps", "rows/s", "prefill s"]
+    header = ["arm", "device", "precision", "LM layers", "batch", "steps", "rows/s", "rows/CPU-s"]
+    header += ["prefill s"]
     lines = [
         f"# Training rows per second per device ({result['dataset']})",
         "",
@@ -196,9 +203,10 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, row in result["runs"].items():
         prefill = f"{row['prefill_s']:.1f}" if "prefill_s" in row else "–"
-        cells = [name.split("@")[0], f"{row['device']} ({row['device_name']})", row["precision"]]
+        device = row["device"] + (f" ({row['device_name']})" if row["device"] != "cpu" else "")
+        cells = [name.split("@")[0], device, row["precision"]]
         cells += [str(row[k]) for k in ("layers", "batch_size", "steps")]
-        cells += [f"{row['rows_per_s']:.1f}", prefill]
+        cells += [f"{row['rows_per_s']:.1f}", f"{row['rows_per_cpu_s']:.1f}", prefill]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

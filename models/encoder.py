@@ -246,7 +246,8 @@ class TextEncoder(nn.Module):
     full encoder's output up to float rounding (padding is masked out of attention either way).
 
     `placement` (default: the CPU at fp32) is where the weights, the inputs of `forward` and the
-    cached states live and the precision its layers run at (`models/device.py`); `place` moves it.
+    cached states live (one cache per device) and the precision its layers run at
+    (`models/device.py`).
     """
 
     def __init__(
@@ -272,15 +273,6 @@ class TextEncoder(nn.Module):
         if self.frozen_layers is not None:
             self._attach_cache()
         self.train(trainable)
-
-    def place(self, placement: Placement) -> TextEncoder:
-        """Move the weights to `placement.device` and run the layers at its precision; the
-        frozen-prefix cache becomes that device's."""
-        self.placement = placement
-        self.model.to(placement.device)
-        if self.frozen_layers is not None:
-            self._attach_cache()
-        return self
 
     @property
     def device(self) -> torch.device:

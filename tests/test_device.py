@@ -42,8 +42,15 @@ from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.embed_text import TextEncoderModelHandler, TokenizedText
 from nlpctr.pipelines.protocol import experiment_placement
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device: torch.cuda.is_available() is False")
+CUDA = torch.cuda.is_available()  # (at import: tests/conftest.py hides CUDA from unmarked tests)
+
+
+def needs_cuda(test: Any) -> Any:
+    """Sees the machine's GPUs (`gpu`), and is skipped, with the reason, where there is none."""
+    skip = pytest.mark.skipif(not CUDA, reason="needs a CUDA device: torch.cuda.is_available() is False")
+    return pytest.mark.gpu(skip(test))
+
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_FP32 = ["--device", "cpu", "--precision", "fp32"]
 
@@ -64,6 +71,7 @@ def test_auto_resolves_to_the_cpu_at_fp32_without_cuda(no_cuda: None) -> None:
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # CPU autocast, on request
 
 
+@pytest.mark.gpu
 def test_auto_picks_cuda_when_there_is_one() -> None:
     expected = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     assert resolve_device("auto") == expected
