@@ -14,7 +14,7 @@ front, and batches refer to it by index.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -122,6 +122,16 @@ class Tensors:
             groups=self.groups[index],
             impression_id=self.impression_id[index],
         )
+
+    def to(self, device: torch.device) -> Tensors:
+        """The model's inputs and the labels on `device`; `text_index` stays on the CPU, where the
+        texts it indexes are (the same object back when they are there already)."""
+        if self.dense.device == device:
+            return self
+        move = {"categorical": self.categorical, "dense": self.dense}
+        move |= {"impressions": self.impressions, "clicks": self.clicks}
+        moved = {name: tensor.to(device) for name, tensor in move.items()}
+        return replace(self, cascade=tuple(c.to(device) for c in self.cascade), **moved)
 
     def batches(
         self, split: str, batch_size: int, generator: torch.Generator | None = None

@@ -58,7 +58,7 @@ def student_encoder(teacher: TextEncoder, layers: int) -> TextEncoder:
         pair_reading=teacher.config.pair_reading,
         name=teacher.config.name,
     )
-    student = TextEncoder(config, trainable=True)
+    student = TextEncoder(config, trainable=True, placement=teacher.placement)
     dropped = tuple(f"model.encoder.layer.{i}." for i in range(layers, teacher_layers))
     state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(dropped)}
     student.load_state_dict(state)  # strict: every student parameter comes from the teacher
@@ -199,6 +199,7 @@ def fit_feature_kd(
         weight_decay=config.weight_decay,
         fused=config.fused_optimizer or None,
     )
+    scaler = lm.placement.grad_scaler()  # fp16 only
     n_batches = math.ceil(len(train) / config.batch_size)
     if config.max_batches_per_epoch:
         n_batches = min(n_batches, config.max_batches_per_epoch)
@@ -223,8 +224,13 @@ def fit_feature_kd(
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             loss = nn.functional.mse_loss(texts.vectors(batch), targets[batch])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         entry = {
@@ -246,7 +252,7 @@ def fit_feature_kd(
     (checkpoint_dir / FEATURE_KD_HISTORY).write_text(
         json.dumps({"best_epoch": best_epoch, "history": history}, indent=2)
     )
-    lm.load_state_dict(load_checkpoint(weights))
+    lm.load_state_dict(load_checkpoint(weights, lm.device))
     lm.eval()
     return FeatureStudent(lm, best_epoch, history, time.perf_counter() - started)
 

@@ -34,6 +34,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
 from nlpctr.errors import UserError
+from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder_source import (
     DEFAULT_ENCODER,
     DEFAULT_MODEL_NAME,
@@ -302,13 +303,20 @@ class TextEncoder(nn.Module):
     `forward` takes each text's prefix output from `state_cache` (computing what is missing,
     texts of one length together, unpadded) and runs only the layers above it, which gives the
     full encoder's output up to float rounding (padding is masked out of attention either way).
+
+    `placement` (default: the CPU at fp32) is where the weights, the inputs of `forward` and the
+    cached states live (one cache per device) and the precision its layers run at
+    (`models/device.py`).
     """
 
-    def __init__(self, config: EncoderConfig | None = None, *, trainable: bool = False) -> None:
+    def __init__(
+        self, config: EncoderConfig | None = None, *, trainable: bool = False, placement: Placement = CPU
+    ) -> None:
         super().__init__()
         self.config = config or EncoderConfig()
         self.tokenizer = load_tokenizer(self.config.name)
-        self.model = load_model(self.config.layers, self.config.name)
+        self.placement = placement
+        self.model = load_model(self.config.layers, self.config.name).to(placement.device)
         self.model.requires_grad_(trainable)
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler.requires_grad_(False)  # BERT's pooler is unused: `pool` pools
@@ -324,6 +332,11 @@ class TextEncoder(nn.Module):
         if self.frozen_layers is not None:
             self._attach_cache()
         self.train(trainable)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights (and the cached frozen-prefix states) are."""
+        return self.model.embeddings.word_embeddings.weight.device
 
     def _weights_loaded(self) -> None:
         self.weights_version += 1
@@ -358,7 +371,7 @@ class TextEncoder(nn.Module):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         dtype = _CACHE_DTYPES[self.config.cache_dtype]
-        key = (digest.hexdigest(), self.frozen_layers, self.config.cache_dtype)
+        key = (digest.hexdigest(), self.frozen_layers, self.config.cache_dtype, str(self.device))
         self.state_cache = _shared_cache(key, dtype, self.config.cache_max_mb * 2**20)
 
     @property
@@ -400,12 +413,14 @@ class TextEncoder(nn.Module):
         """Pooled vectors (B, dim); differentiable when the encoder is trainable."""
         if torch.is_grad_enabled():
             self.weights_version += 1  # a training step may follow
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.state_cache is None:
             # token_type_ids default to zeros inside BertModel, which is what single texts use.
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            with self.placement.autocast():
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
             hidden, attention_mask = self._forward_from_cache(input_ids, attention_mask)
-        return pool(hidden, attention_mask, self.config.pooling)
+        return pool(hidden.float(), attention_mask, self.config.pooling)
 
     def _run_layers(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[nn.Module]
@@ -478,9 +493,11 @@ class TextEncoder(nn.Module):
         hidden = nn.utils.rnn.pad_sequence(states, batch_first=True)  # zeros past each text: masked
         mask = attention_mask[:, : hidden.shape[1]]
         layers = list(self.model.encoder.layer)[self.frozen_layers :]
-        if self.config.autocast is None:
+        # --precision bf16/fp16 supersedes the encoder's own (CPU) `autocast: bfloat16` option.
+        dtype = self.placement.autocast_dtype or (torch.bfloat16 if self.config.autocast else None)
+        if dtype is None:
             return self._run_layers(hidden, mask, layers), mask
-        with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        with torch.autocast(hidden.device.type, dtype=dtype):
             return self._run_layers(hidden, mask, layers).float(), mask
 
     def encode(

@@ -22,6 +22,7 @@ from nlpctr.errors import UserError
 from nlpctr.models import ceilings, distill, metrics, redundancy
 from nlpctr.models.config import load_config, loop_config, recipe_config
 from nlpctr.models.data import FeatureColumns, Tensors
+from nlpctr.models.device import CPU, Placement, device_of
 from nlpctr.models.evaluation import metric_report, paired_delta
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature
 from nlpctr.models.recipe import fit_recipe, plan
@@ -59,6 +60,7 @@ class FeatureJudge:
     increments: dict[str, np.ndarray] = field(default_factory=dict)  # `<feature>/<form>` -> test p
     valid_gain: dict[str, float] = field(default_factory=dict)  # `<feature>/<form>` -> valid ΔAUC
     dims: dict[str, int] = field(default_factory=dict)  # `<feature>/<form>` -> the width E0 receives
+    placement: Placement = CPU  # where E0 and the increments run
 
     @classmethod
     def load(
@@ -70,10 +72,11 @@ class FeatureJudge:
         train_config_file: Path,
         seed: int,
         redundancy_settings: Mapping[str, Any],
+        placement: Placement = CPU,
     ) -> FeatureJudge:
         """E0 (`runs_dir/baseline_run`) on `frame`, sorted by impression_id."""
         frame = frame.sort_values("impression_id", kind="stable").reset_index(drop=True)
-        e0 = TrainedRun.load(runs_dir / baseline_run)
+        e0 = TrainedRun.load(runs_dir / baseline_run, placement)
         data = e0.pre.tensorize(frame)
         test_rows, train_rows = data.rows("test"), data.rows("train")
         test_labels = labels_of(data, test_rows)
@@ -102,6 +105,7 @@ class FeatureJudge:
             e0_valid_auc=e0_valid_auc,
             e0_inputs=[redundancy.e0_design_matrix(data, r) for r in rows],
             e0_repr=[redundancy.e0_representation(e0.model, data, r) for r in rows],
+            placement=placement,
         )
 
     def measure_ceiling(self) -> None:
@@ -184,7 +188,7 @@ class FeatureJudge:
         assert model.fusion is not None
         model.fusion.eval()
         with torch.inference_mode():
-            scores = model.fusion.score(table).squeeze(-1)
+            scores = model.fusion.score(table.to(device_of(model))).squeeze(-1).cpu()
         return scores[self.data.text_index].numpy().astype(np.float32)
 
     def fit_increment(self, feature: NlpFeature, form: str) -> np.ndarray:
@@ -202,7 +206,9 @@ class FeatureJudge:
         key = feature.key(form)
         checkpoints = self.runs_dir / "_increments" / key.replace("/", "__")
         shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another feature's weights
-        inputs = FitInputs(self.manifest, config, self.e0.pre.fill_ctr, progress=False)
+        inputs = FitInputs(
+            self.manifest, config, self.e0.pre.fill_ctr, progress=False, placement=self.placement
+        )
         _, data, model, _, _ = fit_ctr(frame, columns, inputs, checkpoints)
         valid = data.rows("valid")
         assert torch.equal(valid, self.valid_rows)  # the same frame, so the same rows

@@ -53,11 +53,11 @@ def lm_outputs(
     """The LM's vector of each pair (`lm_embedding`) and each head applied to it."""
     texts.lm.eval()
     vectors = texts.encode_pairs(pairs)
-    out: dict[str, np.ndarray] = {"lm_embedding": vectors.numpy()}
+    out: dict[str, np.ndarray] = {"lm_embedding": vectors.cpu().numpy()}
     with torch.inference_mode():
         for name, head in heads.items():
             head.eval()
-            out[name] = head(vectors).squeeze(-1).numpy().astype(np.float32)
+            out[name] = head(vectors).squeeze(-1).cpu().numpy().astype(np.float32)
     return out
 
 

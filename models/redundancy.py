@@ -31,6 +31,7 @@ from sklearn.preprocessing import StandardScaler
 from nlpctr.models import metrics
 from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import Tensors
+from nlpctr.models.device import device_of
 from nlpctr.models.schema import SPLITS
 
 KINDS = ("frozen", "cascade_finetuned", "joint", "probe", "student")
@@ -120,13 +121,15 @@ def e0_representation(
 ) -> np.ndarray:
     """E0's penultimate vector (`CtrModel.penultimate`) for each of `rows`, in order."""
     index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    device = device_of(model)
     model.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(index), batch_size):
             batch = index[start : start + batch_size]
-            cascade = tuple(vectors[batch] for vectors in data.cascade)
-            out.append(model.penultimate(data.categorical[batch], data.dense[batch], cascade))
+            cascade = tuple(vectors[batch].to(device) for vectors in data.cascade)
+            inputs = (data.categorical[batch].to(device), data.dense[batch].to(device), cascade)
+            out.append(model.penultimate(*inputs).cpu())
     width = model.tower.mlp.out_dim
     return torch.cat(out).numpy().astype(np.float64) if out else np.empty((0, width))
 

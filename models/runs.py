@@ -31,6 +31,7 @@ from nlpctr.models.data import (
     fit_numeric_stats,
     tensorize,
 )
+from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import TextScorer, predict
@@ -132,7 +133,8 @@ def build_scorer(config: Mapping[str, Any], text_dim: int, base_rate: float | No
 
 @dataclass
 class TrainedRun:
-    """A trained CTR model rebuilt from `runs/NAME/` (weights loaded with weights_only=True)."""
+    """A trained CTR model rebuilt from `runs/NAME/` (weights loaded with weights_only=True),
+    on the device of the placement `load` is given, wherever it was trained."""
 
     directory: Path
     spec: dict[str, Any]
@@ -141,8 +143,8 @@ class TrainedRun:
     lm: TextEncoder | None
 
     @classmethod
-    def load(cls, directory: Path, map_location: str | torch.device = "cpu") -> TrainedRun:
-        """The run in `directory`, its weights loaded onto `map_location`.
+    def load(cls, directory: Path, placement: Placement = CPU) -> TrainedRun:
+        """The run in `directory`, its weights loaded onto `placement`'s device.
 
         Raises:
             UserError: not a finished run, or its checkpoint missing or damaged.
@@ -155,13 +157,13 @@ class TrainedRun:
             )
         spec = json.loads(path.read_text())
         pre = Preprocessing.from_json(spec["preprocessing"])
-        state = load_checkpoint(directory / spec["checkpoint"], map_location)
+        state = load_checkpoint(directory / spec["checkpoint"], placement.device)
         lm = None
         if spec["mode"] == "joint":
-            lm = TextEncoder(encoder_config(spec["config"]))
+            lm = TextEncoder(encoder_config(spec["config"]), placement=placement)
             lm.load_state_dict(state["lm"])
         text_dim = TextBatcher(lm, _with_query(spec)).dim if lm is not None else 0
-        model = build_model(pre, spec["config"], spec.get("fusion"), text_dim)
+        model = build_model(pre, spec["config"], spec.get("fusion"), text_dim).to(placement.device)
         model.load_state_dict(state["model"])
         model.eval()
         return cls(directory, spec, pre, model, lm)

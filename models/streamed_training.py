@@ -59,7 +59,7 @@ def stream_source(
 def text_batcher(inputs: FitInputs) -> TextBatcher:
     """A trainable LM reading streamed batches: each batch's texts tokenised as they come (rows
     are not all in memory); at inference each text's vector is kept while the weights hold."""
-    lm = TextEncoder(encoder_config(inputs.config), trainable=True)
+    lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
     with_query = bool(inputs.manifest["spec"]["columns"].get("query_text"))
     return TextBatcher(lm, with_query)
 

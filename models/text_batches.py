@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nlpctr.models.data import Tensors
+from nlpctr.models.device import CPU
 from nlpctr.models.encoder import ENCODE_CHUNK, TextEncoder
 
 INFERENCE_CHUNK = 64  # texts encoded together at inference, sorted by length
@@ -62,6 +63,9 @@ class TextBatcher:
     dropped as soon as the LM's weights may have changed (`TextEncoder.weights_version`: a
     loaded state or a forward pass that records gradients; or a parameter's version counter):
     whatever reads the same weights reuses them.
+
+    Token ids, `parts` and text indices are host-side bookkeeping (CPU tensors and lists); the
+    vectors live on the LM's device (`TextEncoder.placement`).
     """
 
     lm: TextEncoder
@@ -149,7 +153,7 @@ class TextBatcher:
         for key in todo[: max(self.cache_limit - len(self.cache), 0)]:
             self.cache[key] = fresh[key]
         if not keys:
-            return torch.empty((0, self.lm.dim))
+            return torch.empty((0, self.lm.dim), device=self.lm.device)
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys])
 
     def _encode_sorted(
@@ -163,13 +167,14 @@ class TextBatcher:
             for start in range(0, len(order), chunk)
         ]
         if not parts:
-            return torch.empty((0, self.lm.dim))
+            return torch.empty((0, self.lm.dim), device=self.lm.device)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.as_tensor(order, dtype=torch.long)] = torch.arange(len(order))
         return torch.cat(parts)[inverse]
 
     def _combine(self, unit_vectors: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
         """Pair vectors from their units' vectors (`parts` index rows of `unit_vectors`)."""
+        parts = parts.to(unit_vectors.device)
         ad = unit_vectors[parts[:, 1]]
         if not (self.reading == "separate" and self.with_query):
             return ad
@@ -186,6 +191,7 @@ class TextBatcher:
 
     def vectors(self, text_index: torch.Tensor) -> torch.Tensor:
         """Vectors of the pairs `text_index` names (rows of `texts`)."""
+        text_index = text_index.cpu()
         if self.fixed is not None:
             return self._combine(self.fixed, self.parts[text_index])
         unique, inverse = torch.unique(text_index, return_inverse=True)
@@ -198,7 +204,7 @@ class TextBatcher:
             for start in range(0, len(pairs), ENCODE_CHUNK):
                 units, parts = self._tokenise(pairs[start : start + ENCODE_CHUNK])
                 out.append(self._pair_vectors(parts, units))
-        return torch.cat(out) if out else torch.empty((0, self.dim))
+        return torch.cat(out) if out else torch.empty((0, self.dim), device=self.lm.device)
 
     def batch_vectors(self, batch: Tensors) -> torch.Tensor:
         """Vectors of a batch's rows: looked up for `for_data`'s dataset, else tokenised as it comes."""
@@ -209,21 +215,29 @@ class TextBatcher:
         return self._pair_vectors(parts, units)[inverse]
 
 
+class _NoLM(torch.nn.Module):
+    """Where a `FixedVectors` has its LM: nothing to train, save or switch between modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.placement = CPU  # no LM layers run: no autocast, no loss scaling
+
+
 class FixedVectors:
     """A frozen LM's vectors given as a table, one row per pair of a dataset (`Tensors.texts`):
     stands where a `TextBatcher` does, for training a head on vectors computed elsewhere (a
     feature's probe). It has no LM parameters, so it never trains and never re-encodes."""
 
     def __init__(self, table: torch.Tensor) -> None:
-        self.table = table
-        self.lm = torch.nn.Module()  # nothing to train, save or switch between modes
+        self.table = table.cpu()
+        self.lm = _NoLM()
 
     @property
     def dim(self) -> int:
         return int(self.table.shape[1])
 
     def batch_vectors(self, batch: Tensors) -> torch.Tensor:
-        return self.table[batch.text_index]
+        return self.table[batch.text_index.cpu()].to(batch.dense.device)
 
     def prefill(self) -> int:
         return 0

@@ -19,6 +19,11 @@ included) and ends with the same weights as an uninterrupted one. An optional `a
 adds a term computed from the batch's texts to the click loss (SuKD's distance to a teacher, in
 `models/distill.py`); `param_groups` replaces the default optimizer groups (the CTR network at
 `lr`, the LM at `lm_lr`), e.g. the LM recipe's tower / head / LM (`models/recipe.py`).
+
+The loop runs where the model is (`models/device.py`): each batch moves to the model's device,
+the LM runs at its own precision (`TextEncoder.placement`; fp16 adds a `GradScaler`), and
+checkpoints load onto that device (`map_location`), so a run started on a GPU resumes on a CPU
+and the other way round (on CUDA, `last.pt` also keeps the CUDA RNG and the scaler's state).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from nlpctr.models import metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import BatchSource, Tensors
+from nlpctr.models.device import device_of
 from nlpctr.models.text_batches import TextBatcher
 
 LAST = "last.pt"
@@ -143,7 +149,9 @@ class TextScorer(nn.Module):
 def forward_batch(
     model: nn.Module, batch: Tensors, texts: TextBatcher | None, text_vector: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits of a batch; `text_vector` is its rows' LM vectors when the caller has encoded them."""
+    """Logits of a batch (moved to the model's device); `text_vector` is its rows' LM vectors when
+    the caller has encoded them."""
+    batch = batch.to(device_of(model))
     if text_vector is None and texts is not None:
         text_vector = texts.batch_vectors(batch)
     if isinstance(model, TextScorer):  # reads the text alone, none of the row's other inputs
@@ -171,14 +179,15 @@ def predict_batches(
     each: Callable[[Tensors, np.ndarray], None] | None = None,
 ) -> np.ndarray | None:
     """Click probabilities of batches, in order; with `each`, hands each batch's probabilities
-    to it and keeps nothing (a pass over more rows than memory holds)."""
+    to it and keeps nothing (a pass over more rows than memory holds). Batches run on the
+    model's device; the probabilities come back to the CPU."""
     model.eval()
     if texts is not None:
         texts.lm.eval()
     out = []
     with torch.inference_mode():
         for batch in batches:
-            p = torch.sigmoid(forward_batch(model, batch, texts)).numpy().astype(np.float64)
+            p = torch.sigmoid(forward_batch(model, batch, texts)).cpu().numpy().astype(np.float64)
             if each is not None:
                 each(batch, p)
             else:
@@ -312,6 +321,8 @@ def fit(
     if config.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {config.epochs}")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    device = device_of(model)
+    scaler = texts.lm.placement.grad_scaler() if texts is not None else None
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     groups = list(param_groups) if param_groups is not None else default_param_groups(model, texts, config)
@@ -345,22 +356,26 @@ def fit(
     resumed_rows = 0
     last = checkpoint_dir / LAST
     if last.exists():
-        state = load_checkpoint(last, fix=f"delete {last} to train this run from its start")
+        state = load_checkpoint(last, device, fix=f"delete {last} to train this run from its start")
         _load_weights(model, texts, state)
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        if "scaler" in state and scaler is not None:
+            scaler.load_state_dict(state["scaler"])
         history = json.loads(state["history"])
         best, stale = int(state.get("best", state.get("best_epoch", -1))), int(state["stale"])
         step, running = int(state.get("step", 0)), state.get("running")
         resumed_rows = int(state.get("rows_seen", 0))
         if state.get("epoch_done", True):  # (checkpoints without the key were written at epoch ends)
             start_epoch = int(state["epoch"]) + 1
-            generator.set_state(state["generator"])
+            generator.set_state(state["generator"].cpu())
         else:
             start_epoch, skip = int(state["epoch"]), int(state["batches_done"])
-            generator.set_state(state["epoch_generator"])
+            generator.set_state(state["epoch_generator"].cpu())
 
     started, cpu_started, seen, evaluating = time.perf_counter(), time.process_time(), resumed_rows, 0.0
     epoch_generator = generator.get_state()
@@ -395,6 +410,10 @@ def fit(
             "best_epoch": int(history[best]["epoch"]),
             "stale": stale,
         }
+        if device.type == "cuda":  # dropout draws from the device's generator there
+            resume["cuda_rng"] = torch.cuda.get_rng_state(device)
+        if scaler is not None:
+            resume["scaler"] = scaler.state_dict()
         save_checkpoint({**weights, **resume}, last)
         return stale >= config.patience
 
@@ -446,13 +465,19 @@ def fit(
                 break
             if i < skip:  # trained before the interruption: the same batches, drawn the same way
                 continue
+            batch = batch.to(device)
             vector = texts.batch_vectors(batch) if texts is not None else None
             loss = binomial_loss(forward_batch(model, batch, texts, vector), batch.impressions, batch.clicks)
             if auxiliary_loss is not None:
                 loss = loss + auxiliary_loss(batch.text_index, vector)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             step += 1
             seen += len(batch.impressions)
@@ -470,7 +495,7 @@ def fit(
 
     entry = history[best]
     checkpoint = checkpoint_dir / (BEST if stepwise else f"epoch-{entry['epoch']}.pt")
-    _load_weights(model, texts, load_checkpoint(checkpoint))
+    _load_weights(model, texts, load_checkpoint(checkpoint, device))
     wall = time.perf_counter() - started
     return FitResult(
         best_epoch=int(entry["epoch"]),

@@ -23,6 +23,7 @@ from nlpctr.models import metrics
 from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
 from nlpctr.models.config import encoder_config, loop_config, recipe_config
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
+from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.lm_features import (
     has_query_text,
@@ -51,6 +52,7 @@ class FitInputs:
     fusion: str | None = None  # joint: how the trainable LM joins the tower
     progress: bool = True
     warm_start: TrainedRun | None = None  # joint: the E0 run its tower starts from
+    placement: Placement = CPU  # where the models train and at what precision (models/device.py)
 
 
 def fit_model(
@@ -58,6 +60,7 @@ def fit_model(
 ) -> tuple[torch.nn.Module, FitResult]:
     """The model for `pre` (with the fusion when `texts` has an LM), warm-started when asked, fitted."""
     model = build_model(pre, inputs.config, inputs.fusion, texts.dim if texts else 0)
+    model.to(inputs.placement.device)
     if inputs.warm_start is not None:
         start_from(model, pre, inputs.warm_start)
     warm = inputs.warm_start is not None
@@ -73,7 +76,8 @@ def fit_ctr(
     data = pre.tensorize(frame)
     texts = None
     if inputs.fusion:
-        texts = TextBatcher.for_data(TextEncoder(encoder_config(inputs.config), trainable=True), data)
+        lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
+        texts = TextBatcher.for_data(lm, data)
     model, result = fit_model(pre, data, texts, inputs, checkpoints)
     return pre, data, model, texts, result
 
@@ -178,7 +182,7 @@ def fit_lm_alone(
     """E2 step 1: the LM and its click head on clicks alone, by the LM recipe E3 uses (probe,
     then the LM stage on `lm_loop`'s budget), every LM-stage evaluation checkpointed under
     `run_dir/checkpoints/lm/stage1` and the peak-validation-AUC one kept; in memory or streamed."""
-    scorer = build_scorer(inputs.config, texts.dim, inputs.fill_ctr)
+    scorer = build_scorer(inputs.config, texts.dim, inputs.fill_ctr).to(inputs.placement.device)
     recipe = recipe_config(inputs.config)
     if not recipe.lm_stage:
         raise UserError("cascade-finetuned fine-tunes its LM: recipe.lm_stage must be true")
@@ -220,7 +224,7 @@ def write_lm_checkpoints(
     checkpoints = {}
     for name, entry in [*(e for e in entries if e[0] != chosen), *(e for e in entries if e[0] == chosen)]:
         step = int(name.removeprefix("step-"))
-        state = load_checkpoint(stage_dir / step_checkpoint(step))
+        state = load_checkpoint(stage_dir / step_checkpoint(step), texts.lm.device)
         scorer.load_state_dict(state["model"])
         texts.lm.load_state_dict(state["lm"])
         outputs = lm_outputs(texts, {"lm_score": scorer.head}, pairs_of(pairs))
@@ -258,7 +262,8 @@ def train_lm_alone(
     columns = FeatureColumns.for_manifest(manifest)
     pre = Preprocessing.fit(frame, columns, manifest["group"], inputs.fill_ctr)
     data = pre.tensorize(frame)
-    texts = TextBatcher.for_data(TextEncoder(encoder_config(inputs.config), trainable=True), data)
+    lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
+    texts = TextBatcher.for_data(lm, data)
     scorer, result = fit_lm_alone(data, texts, inputs, run_dir)
     test = data.rows("test")
     test_auc = metrics.auc(labels_of(data, test), predict(scorer, data, test, texts))

@@ -65,7 +65,7 @@ def student_feature(
         student = distill.fit_feature_kd(
             teacher.lm, data, layers, text_loop, folder, targets.vectors, exp.progress
         )
-        vectors = distill.pooled_vectors(student.lm, data).numpy()[rows_of_text]
+        vectors = distill.pooled_vectors(student.lm, data).cpu().numpy()[rows_of_text]
         StudentMeta(key, method, layers, teacher_name, distill.FEATURE_KD_WEIGHTS).write(folder)
         return NlpFeature(key, "student", vectors), np.empty(0), student.lm
     joint_loop = loop_config({"loop": {**settings["loop"], "seed": exp.seed}})
@@ -88,12 +88,12 @@ def student_feature(
     if joint.model.fusion.fusion == "score":  # its own click head: the student's supplementary score
         joint.model.fusion.eval()
         with torch.inference_mode():
-            score = joint.model.fusion.score(vectors).squeeze(-1).numpy()[rows_of_text]
+            score = joint.model.fusion.score(vectors).squeeze(-1).cpu().numpy()[rows_of_text]
     assert joint.result.checkpoint is not None
     StudentMeta(key, method, layers, teacher_name, str(joint.result.checkpoint.relative_to(folder))).write(
         folder
     )
-    return NlpFeature(key, "student", vectors.numpy()[rows_of_text], score), p, joint.lm
+    return NlpFeature(key, "student", vectors.cpu().numpy()[rows_of_text], score), p, joint.lm
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
     protocol, judge = exp.protocol, exp.judge
     settings = protocol["distill"]
     teacher_name = teacher_run(protocol, judge.valid_gain)
-    teacher = TrainedRun.load(exp.runs_dir / teacher_name)
+    teacher = TrainedRun.load(exp.runs_dir / teacher_name, exp.placement)
     assert teacher.lm is not None
     data = teacher.pre.tensorize(judge.frame)
     targets = Targets(

@@ -1,7 +1,8 @@
 """Embed every unique query and ad text once with the frozen encoder (Beam RunInference).
 
     nlpctr embed --data DIR [--encoder NAME_OR_PATH] [--layers K] [--pooling mean|cls] [--max-length N]
-                 [--batch-size B] [--torch-threads T] [--no-length-grouping] [beam options]
+                 [--batch-size B] [--device auto|cpu|cuda[:N]] [--torch-threads T]
+                 [--no-length-grouping] [beam options]
 
 Reads `DIR/impressions/*.parquet` (canonical schema), keeps one element per text id (the
 text identity of `models/schema.py`) with the earliest event_timestamp it appears at, so a
@@ -9,7 +10,8 @@ Feast point-in-time join sees the embedding from the first impression on (`uniqu
 an id that two different texts share is a dead letter, not embedded), tokenises, batches
 texts of similar token length together (Beam's SortAndBatchElements), runs the encoder
 of `models/encoder.py` (MiniLM-L6, or `--encoder`: an installed package or a folder holding a
-BERT-family model) through RunInference and writes
+BERT-family model) through RunInference (on `--device`: a GPU when there is one, float32;
+`pipelines/devices.py`) and writes
 
     DIR/embeddings/<EncoderConfig.slug>/part-*.parquet   text_id, embedding (list<float32>, width),
                                                          encoder_version, event_timestamp (us, UTC)
@@ -51,6 +53,7 @@ from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
 from nlpctr.models.encoder import EncoderConfig, TextEncoder, load_tokenizer, token_ids
 from nlpctr.models.encoder_source import DEFAULT_ENCODER
+from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
@@ -125,21 +128,29 @@ class TextEncoderModelHandler(ModelHandler[TokenizedText, PredictionResult, Text
     Model sharing: MiniLM-L6 is 22.7 M parameters (~90 MB in float32), so one private copy
     per worker process is cheap and lets every process run its own forward passes in
     parallel. `large_model=True` / `model_copies` would instead serve one copy from a shared
-    process and send every batch to it over IPC: worth it for a multi-GB model or a single
-    GPU, not for this one on CPUs, so both stay off.
+    process and send every batch to it over IPC: worth it for a multi-GB model, not for this
+    one (on a GPU too: a few copies of 90 MB fit any card), so both stay off.
+
+    Device: as Beam's PyTorch handlers with `device='GPU'`, the model is loaded once per worker
+    on `device` (`auto`: a GPU when the worker has one), each batch is moved there, and a worker
+    without the GPU asked for logs one warning line and runs on its CPU.
     """
 
-    def __init__(self, config: EncoderConfig, *, torch_threads: int | None = None) -> None:
+    def __init__(
+        self, config: EncoderConfig, *, torch_threads: int | None = None, device: str = "auto"
+    ) -> None:
         super().__init__(large_model=False, model_copies=None)
         self.config = config
         self.torch_threads = torch_threads
+        self.device = device
 
     def load_model(self) -> TextEncoder:
-        if self.torch_threads:
+        placement = worker_placement(self.device)
+        if self.torch_threads and placement.device.type == "cpu":
             # Per process: with N worker processes on C cores, C // N threads each avoids
             # oversubscribing the cores (set by `run`).
             torch.set_num_threads(self.torch_threads)
-        return TextEncoder(self.config)
+        return TextEncoder(self.config, placement=placement)
 
     def run_inference(
         self,
@@ -150,7 +161,7 @@ class TextEncoderModelHandler(ModelHandler[TokenizedText, PredictionResult, Text
         started = time.perf_counter()
         padded = model.pad([example.input_ids for example in batch])
         with torch.inference_mode():
-            vectors = model(padded["input_ids"], padded["attention_mask"]).float().numpy()
+            vectors = model(padded["input_ids"], padded["attention_mask"]).float().cpu().numpy()
         seconds = time.perf_counter() - started
         length = int(padded["input_ids"].shape[1])
         return [
@@ -352,6 +363,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -379,23 +393,25 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise UserError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    options = PipelineOptions(beam_args)
+    device = launch_device(args.device, options)
     data: Path = args.data.resolve()
     with prepared.reading(data, [IMPRESSIONS]):  # a damaged file named, with its fix
-        return _embed(args, beam_args, config, data, test_pipeline)
+        return _embed(args, options, device, config, data, test_pipeline)
 
 
 def _embed(
     args: argparse.Namespace,
-    beam_args: list[str],
+    options: PipelineOptions,
+    device: str,
     config: EncoderConfig,
     data: Path,
     test_pipeline: beam.Pipeline | None,
 ) -> dict[str, Any]:
     pattern = check_impressions(data)
     out = claim_output_dir(embeddings_dir(data, config.slug), "embed", flag=f"--data {data}:")
-    options = PipelineOptions(beam_args)
     handler = TextEncoderModelHandler(
-        config, torch_threads=args.torch_threads or default_torch_threads(options)
+        config, torch_threads=args.torch_threads or default_torch_threads(options), device=device
     )
     staging = staging_dir(out, "--data")
     started = time.perf_counter()
@@ -436,6 +452,7 @@ def _embed(
             "text_id_collisions": collisions,
             "source": str(data / IMPRESSIONS),
             "nlpctr_version": __version__,
+            "device": device,
         }
         (staging / EMBEDDINGS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         publish(staging, out, "embed")
@@ -452,6 +469,7 @@ def _embed(
         "forward_passes": int(counts.get("forward_passes", 0)),
         "texts_encoded": encoded,
         "batch_size": args.batch_size,
+        "device": device,
         "group_by_length": not args.no_length_grouping,
         "real_tokens": int(counts.get("real_tokens", 0)),
         "token_slots": int(slots),

@@ -1,8 +1,9 @@
 """The whole experiment protocol in one command (DESIGN.md, "Experiment protocol").
 
     nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--encoder NAME_OR_PATH]
-                      [--no-progress] [--online sqlite|redis [--redis-url HOST:PORT]]
-                      [--offline duckdb|spark [--spark-master URL]] [Beam pipeline options]
+                      [--no-progress] [--device auto|cpu|cuda[:N]] [--precision bf16|fp16|fp32]
+                      [--online sqlite|redis [--redis-url HOST:PORT]] [--offline duckdb|spark
+                      [--spark-master URL]] [Beam pipeline options]
     nlpctr experiment --dataset simulated [--rho 0,0.5,1] [--rows N] [--quick] --out DIR
 
 prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
@@ -12,6 +13,8 @@ redundancy of every NLP feature. Writes `DIR/results.json`, `DIR/report.md` and 
 under `DIR/data/`, runs under `DIR/runs/`. Sizes come from `models/configs/experiment.yaml`
 (`--quick`: its `quick:` section, a small LM and few steps). `--encoder` (the protocol's `encoder`)
 is the frozen encoder the embedding job runs and the LM that E2, E3 and E4 train.
+`--device`/`--precision` (or the protocol's `device:`/`precision:`) place every job and run
+(`models/device.py`); results.json records them under `provenance.placement`.
 
 The store flags are `nlpctr features apply`'s: the protocol's Feast repository is rendered for
 them, so materialisation, training frames and online lookups use the chosen stores. Any other
@@ -53,9 +56,10 @@ from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines.feature_store_cli import add_store_flags, store_choice
 from nlpctr.pipelines.job_options import JobOptions, beam_flags
 from nlpctr.pipelines.ownership import claim_output_dir, refuse_glob_characters
-from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, run_protocol
+from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, experiment_placement, run_protocol
 from nlpctr.pipelines.rho_sweep import SIMULATED, run_sweep
 from nlpctr.pipelines.specs import load_spec
+from nlpctr.pipelines.train import add_placement_flags
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "models" / "configs" / "experiment.yaml"
 
@@ -81,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="simulated: aggregated rows of N impressions each (0: one binary impression per row)",
     )
+    add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_store_flags(parser)
     args, beam = parser.parse_known_args(argv)
@@ -207,6 +212,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.impressions_per_row is not None and args.impressions_per_row < 0:
         raise UserError(f"--impressions-per-row must be >= 0, got {args.impressions_per_row}")
     refuse_glob_characters(args.out, "--out")
+    experiment_placement(args, protocol)  # a device that is not there: one line, before any work
     # Before any work: --out is new, empty or an earlier experiment's folder (then marked as
     # this job's), and holds neither the spec nor the source log.
     inputs = []

@@ -42,14 +42,20 @@ def on_loopback(address: str) -> str:
     return f"{LOOPBACK}:{port}" if host in _EVERY_INTERFACE else address
 
 
+def runs_here(options: PipelineOptions) -> bool:
+    """Whether the pipeline's workers all run in this process or its children (an in-process
+    runner: the DirectRunner in any mode, the FnApiRunner), so that they see this machine's devices."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if runner is None or isinstance(runner, str) else type(runner).__name__
+    return name is None or name.rsplit(".", 1)[-1] in _IN_PROCESS_RUNNERS
+
+
 def serves_this_machine_only(options: PipelineOptions) -> bool:
     """Whether the servers this process opens for a job are reached from this machine only: an
     in-process runner's, Beam's embedded job service's, or a LOOPBACK environment's worker pool.
     Read when each server opens: a runner may set its default environment (PrismRunner: LOOPBACK)
     after the job started."""
-    runner = options.view_as(StandardOptions).runner
-    name = runner if runner is None or isinstance(runner, str) else type(runner).__name__
-    if name is None or name.rsplit(".", 1)[-1] in _IN_PROCESS_RUNNERS:
+    if runs_here(options):
         return True
     portable = options.view_as(PortableOptions)
     return portable.job_endpoint == "embed" or str(portable.environment_type or "").upper() == "LOOPBACK"

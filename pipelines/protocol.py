@@ -26,6 +26,7 @@ from nlpctr.features import store as feature_store
 from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
 from nlpctr.layout import lm_features_dir, read_manifest
 from nlpctr.models import claims, redundancy, report
+from nlpctr.models.device import Placement
 from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import FORMS, NlpFeature, feature_key, frozen_vectors, lm_feature
 from nlpctr.models.training import LmStep
@@ -38,6 +39,13 @@ BASELINE_RUN = "baseline"
 JOINT_PROBE = "joint_probe"
 
 
+def experiment_placement(args: argparse.Namespace, protocol: dict[str, Any]) -> Placement:
+    """Where every job and run of the experiment goes: `--device`/`--precision`, else the protocol's."""
+    device = args.device if args.device is not None else protocol.get("device")
+    precision = args.precision if args.precision is not None else protocol.get("precision")
+    return Placement.resolve(device, precision)
+
+
 class Experiment:
     """One dataset through the protocol; each step records its wall time in `timings`."""
 
@@ -46,6 +54,7 @@ class Experiment:
     ) -> None:
         self.args, self.protocol, self.out = args, protocol, out
         self.options = options or JobOptions()  # the user's Beam options and stores, for every job
+        self.placement = experiment_placement(args, protocol)
         self.data_dir = out / "data"
         self.runs_dir = out / "runs"
         self.seed = int(args.seed)
@@ -75,7 +84,8 @@ class Experiment:
             ctr_stats.run(["--data", data, *beam])
         with self.stage("embed"):
             layers, encoder = str(self.protocol["embed_layers"]), self.protocol["encoder"]
-            embed_text.run(["--data", data, "--layers", layers, "--encoder", encoder, *beam])
+            device = ["--device", str(self.placement.device)]
+            embed_text.run(["--data", data, "--layers", layers, "--encoder", encoder, *device, *beam])
         with self.stage("feast_apply_materialize"):
             feature_store.apply(self.data_dir, self.options.store)
             feature_store.materialize(self.data_dir)
@@ -100,6 +110,8 @@ class Experiment:
             init_from=BASELINE_RUN if warm_start else None,
             progress=self.progress,
             probe_only=probe_only,
+            device=str(self.placement.device),
+            precision=self.placement.precision,
         )
         with self.stage(f"train_{run}"):
             trained = train.train(request)
@@ -132,6 +144,7 @@ class Experiment:
             self.train_config_file,
             self.seed,
             self.protocol["redundancy"],
+            self.placement,
         )
         with self.stage("ceilings"):
             self.judge.measure_ceiling()
@@ -258,6 +271,7 @@ class Experiment:
                 "lm_encoder": lm_run.results["provenance"]["encoder_version"],
                 "code_version": self.code_version,
                 "torch": torch.__version__,
+                "placement": self.placement.to_dict(),
                 # Relative to the results folder: a result never names a path outside its tree.
                 "data_dir": self.data_dir.relative_to(self.out).as_posix(),
                 "runs_dir": self.runs_dir.relative_to(self.out).as_posix(),

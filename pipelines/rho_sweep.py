@@ -17,6 +17,7 @@ from typing import Any
 from nlpctr.errors import UserError
 from nlpctr.models import sweep
 from nlpctr.models.config import deep_merge
+from nlpctr.models.device import without_placement
 from nlpctr.models.nlp_features import FORMS
 from nlpctr.pipelines import simulate
 from nlpctr.pipelines.job_options import JobOptions
@@ -42,7 +43,9 @@ def finished_rho(out: Path, protocol: Mapping[str, Any], args: argparse.Namespac
     if args.rows or args.impressions_per_row is not None or not done.is_file():
         return None
     previous = json.loads(done.read_text())
-    same = previous.get("protocol") == json.loads(json.dumps(protocol, default=float))
+    # Where it ran is not what it computed: a sweep resumed on another device keeps its finished rho.
+    kept = without_placement(previous.get("protocol") or {})
+    same = kept == without_placement(json.loads(json.dumps(protocol, default=float)))
     return previous if same and previous.get("seed") == int(args.seed) else None
 
 

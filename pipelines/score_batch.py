@@ -2,7 +2,7 @@
 
     nlpctr score-batch --data DIR [--service cascade_frozen] [--enrichment batched|per-element]
                        [--batch-size 1024] [--splits test ...] [--out PATH]
-                       [--run NAME [--runs-dir runs]] [beam options]
+                       [--run NAME [--runs-dir runs] [--device auto|cpu|cuda[:N]]] [beam options]
 
 Each impression is enriched from the Feast online store with `get_online_features`, so a batch
 job sees exactly the values a live model would. `batched` (the default) reads the impressions as
@@ -12,6 +12,8 @@ a row into a Python object. `per-element` is Beam's stock `Enrichment` transform
 and Beam's per-element one (bench/bench_feast.py measures both). With `--run`, the run's trained
 model (rebuilt from `RUNS/NAME/run.json`; a joint run's LM reads the row's texts) scores the
 enriched batches and a `p` column is added; the service defaults to the one the run trained on.
+The model loads once per worker on `--device` (a GPU when there is one; a worker without the GPU
+asked for warns once and scores on its CPU, `pipelines/devices.py`), float32 on any device.
 
 Writes `DIR/enriched/<service>/part-*.parquet` (`DIR/scored/<run>/` with --run; or --out): the
 impression columns plus `<projection>__<feature>` columns (and `p`), the names `training_frame()`
@@ -52,6 +54,7 @@ from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
 from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.runs import RUN_FILE, TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
+from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import publish, staging_dir
 from nlpctr.pipelines.ownership import claim_output_dir
@@ -181,13 +184,15 @@ class CountNulls(beam.DoFn):
 
 class ScoreBatches(beam.DoFn):
     """A trained run's click probability `p` for each row of an Arrow batch (the model loads once
-    per worker); scores are joined back by impression id, whatever order the model returns."""
+    per worker, on `device`); scores are joined back by impression id, whatever order the model
+    returns."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, device: str = "auto") -> None:
         self.run_dir = Path(run_dir)
+        self.device = device
 
     def setup(self) -> None:
-        self.trained = TrainedRun.load(self.run_dir)
+        self.trained = TrainedRun.load(self.run_dir, worker_placement(self.device))
 
     def process(self, table: pa.Table) -> Any:
         data, p = self.trained.predict_frame(table.to_pandas())
@@ -249,12 +254,13 @@ class ReadImpressionRows(beam.PTransform):
 class ScoreWithRun(beam.PTransform):
     """Enriched Arrow batches -> the same rows plus `p`, the trained run's click probability."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, device: str = "auto") -> None:
         super().__init__()
         self.run_dir = run_dir
+        self.device = device
 
     def expand(self, batches: beam.PCollection) -> beam.PCollection:
-        return batches | "Score" >> beam.ParDo(ScoreBatches(self.run_dir))
+        return batches | "Score" >> beam.ParDo(ScoreBatches(self.run_dir, self.device))
 
 
 # What a lost or silent Redis raises inside the lookups (redis-py's ConnectionError covers a
@@ -316,6 +322,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="score with a run trained on another dataset (its IDs and history need not mean anything here)",
     )
+    parser.add_argument(
+        "--device", default="auto", help="with --run: auto (a GPU when there is one), cpu, cuda or cuda:N"
+    )
     args, beam_args = parser.parse_known_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -328,9 +337,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
     Beam's own examples. An online store lost mid-run is a UserError (one line), not a crash."""
     args, beam_args = parse_args(argv)
+    device = launch_device(args.device, PipelineOptions(beam_args))
     data_dir: Path = args.data.resolve()
     with prepared.reading(data_dir, prepared.STORE_FOLDERS):  # a damaged file named, with its fix
-        return _score(args, beam_args, data_dir, test_pipeline)
+        return _score(args, beam_args, device, data_dir, test_pipeline)
 
 
 def trained_dataset(run_dir: Path, spec: Mapping[str, Any]) -> str | None:
@@ -371,7 +381,11 @@ def check_run(run_dir: Path, data_dir: Path, allow_other_dataset: bool) -> dict[
 
 
 def _score(
-    args: argparse.Namespace, beam_args: list[str], data_dir: Path, test_pipeline: beam.Pipeline | None
+    args: argparse.Namespace,
+    beam_args: list[str],
+    device: str,
+    data_dir: Path,
+    test_pipeline: beam.Pipeline | None,
 ) -> dict[str, Any]:
     run_dir = None
     if args.run is not None:
@@ -421,7 +435,7 @@ def _score(
             )
         batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names))
         if run_dir is not None:
-            batches = batches | "Score" >> ScoreWithRun(run_dir)
+            batches = batches | "Score" >> ScoreWithRun(run_dir, device)
             schema = schema.append(pa.field("p", pa.float64()))
         written = schema
         _ = (
@@ -450,6 +464,7 @@ def _score(
     return {
         "service": args.service,
         "run": args.run,
+        "device": device if args.run else None,
         "enrichment": args.enrichment,
         "batch_size": args.batch_size if args.enrichment == "batched" else 1,
         "rows": rows,

@@ -2,7 +2,8 @@
 
     nlpctr train --mode {baseline,cascade-frozen,cascade-finetuned,joint} [--fusion score|concat|gate]
                  [--encoder NAME_OR_PATH] [--layers K] [--epochs N] [--seed S] --data DIR --run NAME
-                 [--runs-dir runs] [--config FILE] [--streaming | --in-memory] [--no-progress]
+                 [--runs-dir runs] [--config FILE] [--streaming | --in-memory] [--device auto|cpu|cuda[:N]]
+                 [--precision bf16|fp16|fp32] [--probe-only] [--no-progress]
     nlpctr evaluate --run NAME [--baseline RUN] [--runs-dir runs]
 
 Modes (DESIGN.md, experiment protocol): `baseline` (E0) reads the `baseline` service;
@@ -21,6 +22,10 @@ E3 fine-tune, and the frozen encoder whose vectors E1 reads (its `cascade_frozen
 This module turns the flags into a `TrainRequest` (what `nlpctr experiment` builds directly),
 reads the frames from Feast, runs one function per mode and writes the run folder.
 
+`--device` and `--precision` (or the config's top-level `device:` and `precision:`) say where the
+models train and at what precision the LM runs (`models/device.py`); `auto` is CUDA when there
+is one, else the CPU at float32, whose outputs are bitwise those of earlier builds.
+
 Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
 point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
 the loop reads them as a stream (`models.streaming.ShardSource`) and test metrics are streamed
@@ -28,7 +33,9 @@ the loop reads them as a stream (`models.streaming.ShardSource`) and test metric
 step fits on E0's shards and writes its features for their unique text pairs).
 
 Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
-from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`.
+from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`; the last two record the
+device and precision used (`placement`), which are not part of the run's identity (`config.json`):
+a run interrupted on one device resumes on another.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from nlpctr.models.checkpoints import CHECKPOINTS
 from nlpctr.models.config import MODES, encoder_config, load_config
 from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.data import FeatureColumns
+from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS, Placement, placement_of, without_placement
 from nlpctr.models.encoder_source import canonical_name, resolve_encoder
 from nlpctr.models.evaluation import metric_report
 from nlpctr.models.recipe import budget, stage_summary
@@ -127,8 +135,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="joint mode: train the fusion head alone on the frozen LM (the probe-only control)",
     )
+    add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
+
+
+def add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--precision` (`models/device.py`), shared with `nlpctr experiment`."""
+    parser.add_argument("--device", default=None, help=f"{DEVICE_CHOICES} (default: the config's, auto)")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=("auto", *PRECISIONS),
+        help="the LM's precision (default: the config's; auto: bf16 on CUDA, fp32 on the CPU)",
+    )
 
 
 @dataclass(frozen=True)
@@ -149,6 +169,8 @@ class TrainRequest:
     streaming: bool | None = None  # None: stream above STREAMING_ROWS impressions
     progress: bool = True
     probe_only: bool = False  # joint mode: the probe stage alone (the probe-only control)
+    device: str | None = None  # auto, cpu, cuda, cuda:N (None: the config's)
+    precision: str | None = None  # auto, bf16, fp16, fp32 (None: the config's)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainRequest:
@@ -167,6 +189,8 @@ class TrainRequest:
             streaming=args.streaming,
             progress=not args.no_progress,
             probe_only=args.probe_only,
+            device=args.device,
+            precision=args.precision,
         )
 
     def checked(self) -> TrainRequest:
@@ -194,6 +218,9 @@ class TrainRequest:
             overrides["recipe"] = {"lm_stage": False}
         if self.encoder is not None:  # stored canonical: a folder by its absolute path
             overrides.setdefault("encoder", {})["name"] = canonical_name(self.encoder)
+        for key in ("device", "precision"):
+            if getattr(self, key) is not None:
+                overrides[key] = getattr(self, key)
         return overrides
 
 
@@ -222,12 +249,19 @@ class RunSetup:
     fill_ctr: float
     streamed: bool
     warm_start: TrainedRun | None
+    placement: Placement
 
     @property
     def fit_inputs(self) -> FitInputs:
         request = self.request
         return FitInputs(
-            self.manifest, self.config, self.fill_ctr, request.fusion, request.progress, self.warm_start
+            self.manifest,
+            self.config,
+            self.fill_ctr,
+            request.fusion,
+            request.progress,
+            self.warm_start,
+            self.placement,
         )
 
 
@@ -330,12 +364,18 @@ def set_up(request: TrainRequest) -> RunSetup:
     manifest = read_manifest(data_dir)
     request = request.checked()
     config = load_config(request.mode, request.config_file, request.overrides())
+    placement = placement_of(config)
     run_dir = run_dir_of(request.runs_dir, request.run)
-    identity = {"mode": request.mode, "fusion": request.fusion, "data_dir": str(data_dir), "config": config}
+    identity = {
+        "mode": request.mode,
+        "fusion": request.fusion,
+        "data_dir": str(data_dir),
+        "config": without_placement(config),
+    }
     warm_start = None
     if request.init_from:
         identity["init_from"] = request.init_from
-        warm_start = TrainedRun.load(run_dir_of(request.runs_dir, request.init_from))
+        warm_start = TrainedRun.load(run_dir_of(request.runs_dir, request.init_from), placement)
         if warm_start.spec["mode"] != "baseline":
             raise UserError(
                 f"--init-from needs an E0 (--mode baseline) run; {request.init_from} is "
@@ -365,7 +405,17 @@ def set_up(request: TrainRequest) -> RunSetup:
     config_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
     slug = lm_feature_slug(request.run)
     return RunSetup(
-        request, data_dir, manifest, config, identity, run_dir, slug, fill_ctr, streamed, warm_start
+        request,
+        data_dir,
+        manifest,
+        config,
+        identity,
+        run_dir,
+        slug,
+        fill_ctr,
+        streamed,
+        warm_start,
+        placement,
     )
 
 
@@ -547,6 +597,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "preprocessing": trained.pre.to_json(),
         "train_ctr": trained.train_ctr,
         "streaming": setup.streamed,
+        "placement": setup.placement.to_dict(),  # where it trained; `TrainedRun.load` picks its own
     }
     if trained.texts is not None and request.mode == "joint":
         spec["text_with_query"] = trained.texts.with_query  # the width of its pair vectors
@@ -579,6 +630,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "lm": trained.lm_step.to_dict() if trained.lm_step else None,
         "supplementary_feature_view": trained.supplementary_view,
         "config": config,
+        "placement": setup.placement.to_dict(),
         "provenance": {
             "dataset": manifest["dataset"],
             "data_dir": str(setup.data_dir),

@@ -19,6 +19,7 @@ from test_features import SLUG, impressions, make_dataset, write_ctr_history, wr
 from nlpctr.errors import UserError
 from nlpctr.features import store, store_config
 from nlpctr.layout import read_manifest
+from nlpctr.models.device import CPU, Placement
 from nlpctr.models.schema import impression_schema
 from nlpctr.pipelines import score_batch
 
@@ -214,7 +215,8 @@ class _FakeRun:
     must join scores back by impression id, not by order)."""
 
     @classmethod
-    def load(cls, directory: Path) -> _FakeRun:
+    def load(cls, directory: Path, placement: Placement) -> _FakeRun:
+        assert placement == CPU  # the worker's device: `auto` on a machine without CUDA
         return cls()
 
     def predict_frame(self, frame: Any) -> tuple[Any, np.ndarray]:
