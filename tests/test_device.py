@@ -164,7 +164,7 @@ def test_every_torch_load_names_its_map_location() -> None:
                     and getattr(func.value, "id", "") == "torch"
                 ):
                     calls.append((path.relative_to(ROOT), node.lineno, {k.arg for k in node.keywords}))
-    assert len(calls) >= 5
+    assert calls  # checkpoints go through models/checkpoints.py's load_checkpoint, whose torch.load it is
     assert [c for c in calls if "map_location" not in c[2]] == []
 
 
@@ -193,7 +193,8 @@ def test_device_cpu_reproduces_the_golden_bitwise(golden_runs: dict[str, Any]) -
                 k for k in expected.keys() | got[run][part].keys() if got[run][part].get(k) != expected.get(k)
             )
             assert differ == [], f"{run} {part}: {len(differ)} of {len(expected)} differ, e.g. {differ[:3]}"
-    assert len(got["e3"]["checkpoints"]) > 500 and len(got["e2"]["lm_features"]) == 4
+    # E2 writes a score and a vector per LM-stage checkpoint: steps 0, 2, 4, 6 and 8
+    assert len(got["e3"]["checkpoints"]) > 500 and len(got["e2"]["lm_features"]) == 10
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert "MiB of 64" in prepared.stdout
     meta = json.loads((work / "simulated" / "meta.json").read_text())
-    assert meta["pair_reading"] == "separate" and meta["today_steps"] == {"lm": 300, "all": 300}
+    assert meta["pair_reading"] == "separate" and meta["today_steps"] == {"lm": 600}
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(returned)}
     flags = ["--smoke", "--work", str(work), "--datasets", "simulated", "--out", str(out)]
     done = subprocess.run(
@@ -75,8 +75,8 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "simulated.json").read_text())
     assert result["placement"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
-    assert [s["name"] for s in result["stages"]] == ["head", "lm", "all"]
-    assert result["steps"]["planned"] == {"lm": 3, "all": 3} and result["config"]["encoder"]["layers"] == 2
+    assert [s["name"] for s in result["stages"]] == ["head", "lm"]
+    assert result["steps"]["planned"] == {"lm": 3} and result["config"]["encoder"]["layers"] == 2
     assert result["config"]["encoder"]["trainable_layers"] is None  # every layer trains
     assert result["throughput"]["rows_per_s"] > 0
     assert [c["id"] for c in result["claims"]] == [

@@ -7,17 +7,17 @@ Reads what `bench/gpu/prepare.py` wrote (the device machine has no Beam, no Feas
 and no install of nlpctr: this imports `nlpctr.models` from the tree and MiniLM from the packed
 weights). Per dataset, from the E0 prepared there:
 
-- the joint arm by `models.joint.fit_joint` with `bench/gpu/recipe.yaml`: the probe (stage 0:
-  the score head alone on the frozen LM's vectors), then stage 1 (E0's tower frozen, all six
-  LM layers and the head) and stage 2 (the tower too), each stage planned at `steps_multiple`
-  (10) times the protocol's LM steps (`today_steps`) at batch 256, with warmup and cosine decay;
+- the joint arm by `models.recipe.fit_recipe` with `bench/gpu/recipe.yaml`: the probe (stage 0:
+  the score head alone on the frozen LM's vectors), then the LM stage (E0's tower frozen, all six
+  LM layers and the head), planned at `steps_multiple` (10) times the protocol's LM steps when
+  the run was asked for (`today_steps`) at batch 256, with warmup and cosine decay;
 - the probe-only control: the same run's stage-0 best state (the head on the frozen LM, no
   fine-tuning), the recipe without its LM stages;
 - E0 itself.
 
 The plan fits a time budget: 20 steps are timed first (`calibration`), and when the planned
-steps would not fit `--lm-seconds` (shared by the datasets in proportion to their steps), both
-stages shrink alike and `reached_steps_multiple` says so. Writes `OUT/<dataset>.json` and
+steps would not fit `--lm-seconds` (shared by the datasets in proportion to their steps), the
+stage shrinks and `reached_steps_multiple` says so. Writes `OUT/<dataset>.json` and
 `OUT/summary.md`, and prints rows per second and the claims: joint vs E0, the probe vs E0 and
 the joint arm vs its probe-only control (paired group-bootstrap CIs on test, `models.claims`
 verdicts), and on the simulator each arm's share of the text ceiling (RIG, oracle-based).
@@ -48,13 +48,14 @@ from packed_encoder import use_packed_encoder
 from tree import HERE, ROOT
 
 from nlpctr.models import claims, metrics
-from nlpctr.models.config import deep_merge, encoder_config, joint_config, load_config, loop_config
+from nlpctr.models.checkpoints import load_checkpoint
+from nlpctr.models.config import deep_merge, encoder_config, load_config, loop_config, recipe_config
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import Tensors
 from nlpctr.models.device import Placement
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.evaluation import metric_report, paired_delta
-from nlpctr.models.joint import fit_joint, param_groups
+from nlpctr.models.recipe import fit_recipe, param_groups, plan
 from nlpctr.models.runs import Preprocessing, build_model
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import BEST, FitResult, labels_of, predict
@@ -89,7 +90,7 @@ def shrink(data: Tensors, rows: dict[str, int]) -> Tensors:
     return dataclasses.replace(small, text_index=index, texts=[data.texts[i] for i in used.tolist()])
 
 
-def recipe_config(work: Path, placement: Placement, smoke: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def gpu_config(work: Path, placement: Placement, smoke: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The joint run's config (default.yaml's joint mode <- the protocol's train_config <- the
     recipe) and the recipe's own `gpu:` settings."""
     recipe = yaml.safe_load((HERE / "recipe.yaml").read_text())
@@ -99,9 +100,9 @@ def recipe_config(work: Path, placement: Placement, smoke: bool) -> tuple[dict[s
         overrides = deep_merge(
             overrides,
             {
-                "loop": {"batch_size": 32},
+                "lm_loop": {"batch_size": 32},
                 "encoder": {"layers": 2},
-                "joint": {"probe": {"epochs": 1, "batch_size": 64}},
+                "recipe": {"probe": {"epochs": 1, "batch_size": 64}},
                 "evaluation": {"bootstrap_rounds": 20},
             },
         )
@@ -117,14 +118,14 @@ def step_seconds(
     texts = TextBatcher.for_data(lm, data, with_query)
     texts.prefill()  # (the run's prefill then finds the shared cache filled)
     trial = copy.deepcopy(model)
-    stage = joint_config(config).stage1
-    groups = param_groups(trial, texts, 0.0, stage.head_lr, stage.lm_lr)
+    lm_loop = loop_config(config, "lm_loop")
+    groups = param_groups(trial, texts, 0.0, lm_loop.lr, lm_loop.lm_lr)
     optimizer = torch.optim.AdamW(groups, fused=True if placement.device.type == "cuda" else None)
     scaler = placement.grad_scaler()
     trial.train()
     trial.tower.eval()
     lm.train()
-    batches = data.batches("train", loop_config(config).batch_size, torch.Generator().manual_seed(1))
+    batches = data.batches("train", lm_loop.batch_size, torch.Generator().manual_seed(1))
     started = 0.0
     for i, batch in enumerate(batches):
         if i == CALIBRATION_WARMUP:
@@ -188,7 +189,7 @@ def probe_control(
     placement: Placement,
 ) -> np.ndarray:  # fmt: skip
     """Test predictions of the probe stage's best state: the head on the frozen, untrained LM."""
-    state = torch.load(checkpoint, map_location=placement.device, weights_only=True)
+    state = load_checkpoint(checkpoint, placement.device)
     control = copy.deepcopy(model)
     control.load_state_dict(state["model"])
     lm = TextEncoder(settings, placement=placement)
@@ -208,50 +209,46 @@ def run_dataset(
         data = shrink(data, SMOKE_ROWS)
     pre = Preprocessing.from_json(meta["preprocessing"])
     e0 = build_model(pre, meta["e0_config"], None).to(placement.device)
-    e0.load_state_dict(torch.load(folder / "e0.pt", map_location=placement.device, weights_only=True))
-    config, gpu = recipe_config(folder, placement, args.smoke)
+    e0.load_state_dict(load_checkpoint(folder / "e0.pt", placement.device))
+    config, gpu = gpu_config(folder, placement, args.smoke)
     settings = dataclasses.replace(encoder_config(config), pair_reading=meta["pair_reading"])
     with_query = bool(meta["with_query"])
     lm = TextEncoder(settings, trainable=True, placement=placement)
     texts = TextBatcher.for_data(lm, data, with_query)
     model = build_model(pre, config, gpu["fusion"], texts.dim).to(placement.device)
     model.warm_start(e0)
-    loop = loop_config(config)
+    loop = loop_config(config, "lm_loop")
     n_batches = math.ceil(data.rows_in("train") / loop.batch_size)
-    today = {"lm": 1, "all": 1} if args.smoke else meta["today_steps"]
+    today = {"lm": 1} if args.smoke else meta["today_steps"]
     multiple = 3 if args.smoke else int(gpu["steps_multiple"])
     calibration = None
     if not args.smoke:
         seconds_per_step = step_seconds(model, settings, data, with_query, config, placement)
         calibration = {"step_seconds": seconds_per_step, "rows_per_s": loop.batch_size / seconds_per_step}
     affordable = seconds / calibration["step_seconds"] if calibration and seconds else None
-    plan = plan_steps(today, multiple, n_batches, affordable)
-    smallest = min(plan["planned"].values())
+    steps = plan_steps(today, multiple, n_batches, affordable)
+    smallest = min(steps["planned"].values())
     loop = dataclasses.replace(
         loop,
-        max_batches_per_epoch=plan["per_epoch"],
+        epochs=steps["epochs"]["lm"],
+        max_batches_per_epoch=steps["per_epoch"],
         eval_every_steps=max(1, smallest // int(gpu["evaluations_per_stage"])),
         warmup_steps=max(1, int(smallest * float(gpu["warmup_share"]))),
     )
-    joint = joint_config(config)
-    joint = dataclasses.replace(
-        joint,
-        stage1=dataclasses.replace(joint.stage1, epochs=plan["epochs"]["lm"]),
-        stage2=dataclasses.replace(joint.stage2, epochs=plan["epochs"]["all"]),
-    )
+    stages = plan(loop, recipe_config(config), warm_started=True, has_tower=True, tower_lr=0.0)
     print(
         f"[gpu] {name}: {data.rows_in('train'):,} train rows, {len(data.texts):,} texts; plan "
-        f"{plan['planned']} LM steps ({plan['multiple_planned']:.1f}x today's {today}) at batch "
+        f"{steps['planned']} LM steps ({steps['multiple_planned']:.1f}x today's {today}) at batch "
         f"{loop.batch_size} on {placement}"
         + (f"; a step {calibration['step_seconds'] * 1e3:.0f} ms" if calibration else ""),
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        fit = fit_joint(model, data, loop, joint, Path(tmp), texts, warm_started=True, progress=False)
+        fit = fit_recipe(model, data, stages, Path(tmp), texts, progress=False)
         p_probe = probe_control(model, settings, data, with_query, Path(tmp) / "stage0" / BEST, placement)
     p_joint = predict_test(model, texts, data)
     p_e0 = predict_test(e0, None, data)
-    return summarise(name, meta, config, data, fit, plan, calibration, placement, started, {
+    return summarise(name, meta, config, data, fit, steps, calibration, placement, started, {
         "e0": p_e0, "probe": p_probe, "joint": p_joint,
     }, folder)  # fmt: skip
 
@@ -298,7 +295,7 @@ def summarise(
         "texts": len(data.texts),
         "steps": {**plan, "taken": {s["name"]: s["steps"] for s in fit.stages}},
         "calibration": calibration,
-        "throughput": lm_throughput(fit, loop_config(config).batch_size),
+        "throughput": lm_throughput(fit, loop_config(config, "lm_loop").batch_size),
         "stages": fit.stages,
         "history": fit.history,
         "test": {
@@ -306,7 +303,7 @@ def summarise(
             for arm, r in reports.items()
         },
         "claims": [c.to_dict() for c in found],
-        "config": {k: config[k] for k in ("loop", "encoder", "joint")},
+        "config": {k: config[k] for k in ("lm_loop", "encoder", "recipe")},
         "wall_seconds": time.perf_counter() - started,
     }
     truth = folder / "truth.npz"
