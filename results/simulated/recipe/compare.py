@@ -18,7 +18,7 @@ from nlpctr.models.evaluation import paired_delta
 
 # (variant, what it changes, the variant it is compared with)
 LADDER = [
-    ("today", "the LM stage before: batch 32, 300 steps, LM lr 2e-5, constant", "probe"),
+    ("today", "the LM stage before: batch 32, 300 steps, LM lr 2e-5, constant", "probe32"),
     ("schedule", "+ warmup (30 steps) and linear decay", "today"),
     ("rows32", "+ 21x the rows at batch 32 (6,400 steps)", "schedule"),
     ("batch1024", "the same rows at batch 1024 (200 steps)", "rows32"),
@@ -62,6 +62,11 @@ def run_facts(run: Path) -> dict:
     }
 
 
+def facts_autocast(run: Path) -> bool:
+    """Whether the run's LM ran its trained layers in bf16 autocast (its probe read those vectors)."""
+    return json.loads((run / "results.json").read_text())["encoder"]["autocast"] is not None
+
+
 def delta(labels: metrics.Labels, a: np.ndarray, b: np.ndarray, train_ctr: float) -> dict:
     """Validation log loss of a minus b (below 0: a is better), paired group-bootstrap CI."""
     d = paired_delta(labels, a, b, train_ctr, EVALUATION)
@@ -77,7 +82,7 @@ def compare(rho_dir: Path) -> dict:
     )
     runs = rho_dir / "runs"
     train_ctr = float(json.loads((runs / "baseline" / "run.json").read_text())["train_ctr"])
-    names = ["baseline", "probe", *(v for v, _, _ in LADDER)]
+    names = ["baseline", "probe", "probe32", *(v for v, _, _ in LADDER)]
     p = {n: predictions(runs / n, rows.index) for n in names if (runs / n / "results.json").is_file()}
     out = {"runs": {n: run_facts(runs / n) for n in p if n != "baseline"}, "comparisons": []}
     out["probe_vs_e0"] = delta(labels, p["probe"], p["baseline"], train_ctr)
@@ -86,7 +91,9 @@ def compare(rho_dir: Path) -> dict:
             continue
         entry = {"variant": variant, "change": change, "against": base}
         entry["vs_against"] = delta(labels, p[variant], p[base], train_ctr)
-        entry["vs_probe"] = delta(labels, p[variant], p["probe"], train_ctr)
+        control = "probe" if facts_autocast(runs / variant) else "probe32"  # the same frozen vectors
+        entry["probe"] = control
+        entry["vs_probe"] = delta(labels, p[variant], p[control], train_ctr)
         out["comparisons"].append(entry)
     return out
 
