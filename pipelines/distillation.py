@@ -27,6 +27,7 @@ from nlpctr.models.text_batches import TextBatcher, pair_units
 from nlpctr.models.trainer import predict
 
 if TYPE_CHECKING:  # (the protocol calls this stage; a runtime import would be circular)
+    from nlpctr.models.increments import FeatureJudge
     from nlpctr.pipelines.protocol import Experiment
 
 # A student's conversion rate when the teacher feature gains nothing significant over E0.
@@ -104,6 +105,22 @@ class Targets:
     vectors: torch.Tensor  # feature-KD: the teacher LM's pooled vectors
 
 
+def student_forms(
+    judge: FeatureJudge, measures: Mapping[str, Any], key: str, teacher: str, distillable: Mapping[str, bool]
+) -> dict[str, dict[str, Any]]:
+    """Per form, the student feature's gain over E0 and its conversion rate against the teacher
+    feature's, or "nothing to distil" where the teacher feature's own gain is not significant."""
+    out = {}
+    for form in FORMS:
+        entry = judge.feature_entry(measures[feature_key(key, form)])
+        if distillable[form]:
+            entry.update(judge.conversion(feature_key(key, form), feature_key(teacher, form)))
+        else:
+            entry.update(NOT_DISTILLED)
+        out[form] = entry
+    return out
+
+
 def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """SuKD, No-KD and feature-KD students of the teacher LM (`teacher_run`).
 
@@ -145,15 +162,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
                         distill.inference_rows_per_s(teacher.lm, sample),
                     )
                 entry = judge.student_entry(method, layers, p)
-                for form in FORMS:
-                    form_entry = judge.feature_entry(measures[feature_key(key, form)])
-                    if distillable[form]:
-                        form_entry.update(
-                            judge.conversion(feature_key(key, form), feature_key(teacher_name, form))
-                        )
-                    else:
-                        form_entry.update(NOT_DISTILLED)
-                    entry[form] = form_entry
+                entry.update(student_forms(judge, measures, key, teacher_name, distillable))
                 entry["rows_per_s"], entry["teacher_rows_per_s"] = speeds[layers]
                 out[key] = entry
     return out, teacher_entry(exp, teacher_name, measures, distillable)
