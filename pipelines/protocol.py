@@ -3,20 +3,20 @@
 prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
 materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint per fusion (each a
 `nlpctr train` run, through Feast) -> redundancy of every NLP feature -> E4 distillation
-(`pipelines/distillation.py`) -> the paper's claims. Each Beam job is called through its own
-`run(argv)`, each training run as a typed `train.TrainRequest`; the analysis is
-`models.increments.FeatureJudge`'s.
+(`pipelines/distillation.py`) -> the paper's claims. Each Beam job is called through its typed
+entry (`ingest.prepare`, `ctr_stats.ctr_stats`, `embed_text.embed`), each training run as a
+`train.TrainRequest`; the analysis is `models.increments.FeatureJudge`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
 from nlpctr.layout import lm_features_dir, read_manifest
 from nlpctr.models import claims, redundancy, report
 from nlpctr.models.device import Placement
+from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import FORMS, NlpFeature, feature_key, frozen_vectors, lm_feature
 from nlpctr.models.training import LmStep
@@ -39,26 +40,54 @@ BASELINE_RUN = "baseline"
 JOINT_PROBE = "joint_probe"
 
 
-def experiment_placement(args: argparse.Namespace, protocol: dict[str, Any]) -> Placement:
+@dataclass(frozen=True)
+class ExperimentRequest:
+    """One `nlpctr experiment` run, as its flags say it (None: the protocol's value).
+
+    `rho`, `rows` and `impressions_per_row` go with the simulated sweep only; `options` is the
+    user's infrastructure (Beam options, stores) for every job the protocol runs.
+    """
+
+    dataset: str  # a bundled dataset, a spec's path, or `simulated`
+    out: Path
+    quick: bool = False
+    seed: int = 0
+    config: Path | None = None  # YAML merged over the protocol
+    encoder: str | None = None
+    rho: tuple[float, ...] | None = None
+    rows: int | None = None
+    impressions_per_row: int | None = None  # 0: one binary impression per row
+    device: str | None = None
+    precision: str | None = None
+    progress: bool = True
+    options: JobOptions = field(default_factory=JobOptions)
+
+
+class PlacementFlags(Protocol):
+    """`--device` and `--precision` as given (None: not given)."""
+
+    device: str | None
+    precision: str | None
+
+
+def experiment_placement(flags: PlacementFlags, protocol: dict[str, Any]) -> Placement:
     """Where every job and run of the experiment goes: `--device`/`--precision`, else the protocol's."""
-    device = args.device if args.device is not None else protocol.get("device")
-    precision = args.precision if args.precision is not None else protocol.get("precision")
+    device = flags.device if flags.device is not None else protocol.get("device")
+    precision = flags.precision if flags.precision is not None else protocol.get("precision")
     return Placement.resolve(device, precision)
 
 
 class Experiment:
     """One dataset through the protocol; each step records its wall time in `timings`."""
 
-    def __init__(
-        self, args: argparse.Namespace, protocol: dict[str, Any], out: Path, options: JobOptions | None = None
-    ) -> None:
-        self.args, self.protocol, self.out = args, protocol, out
-        self.options = options or JobOptions()  # the user's Beam options and stores, for every job
-        self.placement = experiment_placement(args, protocol)
+    def __init__(self, request: ExperimentRequest, protocol: dict[str, Any], out: Path) -> None:
+        self.request, self.protocol, self.out = request, protocol, out
+        self.options = request.options  # the user's Beam options and stores, for every job
+        self.placement = experiment_placement(request, protocol)
         self.data_dir = out / "data"
         self.runs_dir = out / "runs"
-        self.seed = int(args.seed)
-        self.progress = not args.no_progress
+        self.seed = int(request.seed)
+        self.progress = request.progress
         self.timings: dict[str, float] = {}
         self.runs: dict[str, dict[str, Any]] = {}
         self.trained: dict[str, train.TrainResult] = {}
@@ -77,15 +106,15 @@ class Experiment:
     # -------------------------------------------------------------------- data and features
 
     def prepare(self, dataset: str) -> None:
-        data, beam = str(self.data_dir), list(self.options.beam)  # Beam options after a job's own
+        data, beam = self.data_dir, self.options.beam
         with self.stage("prepare"):
-            ingest.run(["--dataset", dataset, "--out", data, "--seed", str(self.seed), *beam])
+            ingest.prepare(ingest.PrepareRequest(dataset, data, seed=self.seed, beam=beam))
         with self.stage("ctr_stats"):
-            ctr_stats.run(["--data", data, *beam])
+            ctr_stats.ctr_stats(ctr_stats.CtrStatsRequest(data, beam=beam))
         with self.stage("embed"):
-            layers, encoder = str(self.protocol["embed_layers"]), self.protocol["encoder"]
-            device = ["--device", str(self.placement.device)]
-            embed_text.run(["--data", data, "--layers", layers, "--encoder", encoder, *device, *beam])
+            encoder = EncoderConfig(name=self.protocol["encoder"], layers=int(self.protocol["embed_layers"]))
+            device = str(self.placement.device)
+            embed_text.embed(embed_text.EmbedRequest(data, encoder, device=device, beam=beam))
         with self.stage("feast_apply_materialize"):
             feature_store.apply(self.data_dir, self.options.store)
             feature_store.materialize(self.data_dir)
@@ -255,7 +284,7 @@ class Experiment:
             "source": dataset,
             "seed": self.seed,
             "split": self.manifest["split"]["mode"],
-            "quick": bool(self.args.quick),
+            "quick": bool(self.request.quick),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "timings": self.timings,
             "runs": self.runs,
@@ -295,17 +324,13 @@ def e2_points(e2: LmStep, measures: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_protocol(
-    args: argparse.Namespace,
-    protocol: dict[str, Any],
-    dataset: str,
-    out: Path,
-    options: JobOptions | None = None,
+    request: ExperimentRequest, protocol: dict[str, Any], dataset: str, out: Path
 ) -> dict[str, Any]:
     """One dataset: prepare, E0-E3, redundancy, and E4 when the protocol asks for it; every job
-    on `options`' infrastructure (Beam options, stores)."""
+    on `request.options`' infrastructure (Beam options, stores)."""
     started = time.perf_counter()
     out = claim_output_dir(out, JOB, create=True)
-    exp = Experiment(args, protocol, out, options)
+    exp = Experiment(request, protocol, out)
     exp.prepare(dataset)
     exp.train_runs()
     measures, curve = exp.redundancy()
