@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nlpctr.atomic import write_atomic
 from nlpctr.errors import UserError
 from nlpctr.models import ceilings, metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
@@ -249,8 +250,9 @@ def fit_feature_kd(
             save_checkpoint(lm.state_dict(), weights)  # whole or not at all
         else:
             stale += 1
-    (checkpoint_dir / FEATURE_KD_HISTORY).write_text(
-        json.dumps({"best_epoch": best_epoch, "history": history}, indent=2)
+    write_atomic(
+        checkpoint_dir / FEATURE_KD_HISTORY,
+        json.dumps({"best_epoch": best_epoch, "history": history}, indent=2),
     )
     lm.load_state_dict(load_checkpoint(weights, lm.device))
     lm.eval()

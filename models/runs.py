@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import encoder_config, net_config
@@ -202,7 +203,7 @@ class StudentMeta:
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / STUDENT_FILE
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_json(path, asdict(self))
         return path
 
     @classmethod

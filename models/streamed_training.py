@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
 from nlpctr.models import metrics, streaming
 from nlpctr.models.checkpoints import CHECKPOINTS
@@ -95,9 +96,8 @@ def streamed_test(
     """In-order passes over the test and the validation shards: the test metrics accumulated and
     each batch's predictions appended to `predictions` (parquet, published when complete),
     nothing else kept. Validation predictions are kept for the controls, compared on validation."""
-    staging = predictions.with_name(f".{predictions.name}.tmp")
     schema = pa.schema([("impression_id", pa.string()), ("split", pa.string()), ("p", pa.float64())])
-    with pq.ParquetWriter(staging, schema) as writer:
+    with atomic_path(predictions) as staging, pq.ParquetWriter(staging, schema) as writer:
 
         def writer_of(split: str) -> Callable[[Tensors, np.ndarray], None]:
             def write(batch: Tensors, p: np.ndarray) -> None:
@@ -108,7 +108,6 @@ def streamed_test(
 
         scored = scored_split(model, source, "test", texts, writer_of("test"))
         scored_split(model, source, "valid", texts, writer_of("valid"))
-    staging.replace(predictions)
     return scored
 
 

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.models import metrics, streaming
@@ -112,7 +113,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         delta = paired_delta(labels, p, aligned, trained.spec["train_ctr"], evaluation)
         results["delta_vs_baseline"] = {"baseline": args.baseline, **delta}
         summary += delta_summary(args.baseline, delta)
-    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_json(results_path, results, sort_keys=False, default=float)
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}
 
 
@@ -131,7 +132,7 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "max_abs_diff_vs_train_predictions": max_diff,
         "streamed": True,
     }
-    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_json(results_path, results, sort_keys=False, default=float)
     summary = (
         f"evaluate {args.run} (streamed): test AUC {report['auc']:.4f}, GAUC {report['gauc']:.4f}, "
         f"RIG {report['rig']:.4f}"
@@ -149,5 +150,5 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         out = delta_fields(delta)
         results["delta_vs_baseline"] = {"baseline": args.baseline, **out}
         summary += delta_summary(args.baseline, out)
-    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_json(results_path, results, sort_keys=False, default=float)
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}

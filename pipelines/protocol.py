@@ -10,7 +10,6 @@ entry (`ingest.prepare`, `ctr_stats.ctr_stats`, `embed_text.embed`), each traini
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import yaml
 
+from nlpctr.atomic import write_atomic, write_json
 from nlpctr.features import store as feature_store
 from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
 from nlpctr.layout import lm_features_dir, read_manifest
@@ -149,7 +149,7 @@ class Experiment:
 
     def train_runs(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.train_config_file.write_text(yaml.safe_dump(self.protocol["train_config"], sort_keys=True))
+        write_atomic(self.train_config_file, yaml.safe_dump(self.protocol["train_config"], sort_keys=True))
         self.trained[BASELINE_RUN] = self.train(BASELINE_RUN, "baseline")
         self.trained["cascade_frozen"] = self.train("cascade_frozen", "cascade-frozen")
         self.trained["cascade_finetuned"] = self.train("cascade_finetuned", "cascade-finetuned")
@@ -346,7 +346,5 @@ def run_protocol(
 
 def write_results(results: dict[str, Any], out: Path) -> list[Path]:
     """results.json (written to a temporary name, then renamed), report.md and the plots."""
-    staged = out / ".results.json.tmp"
-    staged.write_text(json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
-    staged.replace(out / "results.json")
+    write_json(out / "results.json", results, default=float)
     return report.write_report(results, out)

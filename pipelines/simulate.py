@@ -71,10 +71,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +84,7 @@ import yaml
 from tqdm import tqdm
 
 from nlpctr import __version__
+from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
 from nlpctr.pipelines.ownership import claim_output_files, is_simulated_log
 from nlpctr.pipelines.simulator.clicks import (
@@ -259,16 +258,21 @@ def write_log(params: Params, out: Path, progress: bool = True) -> dict[str, Any
     except OSError as exc:
         raise UserError(f"--out {out}: {out.parent} cannot be created ({exc.strerror})") from None
     paths = _paths(out)
-    tag = uuid.uuid4().hex[:8]
-    temp = {key: path.with_name(f".{path.name}.tmp-{tag}") for key, path in paths.items()}
     names = (*components(params), "t_ad", "t_pair", "logit", "click_prob")
     moments = Moments(names)
     clicks = 0
-    try:
+    # Each file to a temporary name, renamed in reverse order of entry: the log goes last, so
+    # once it exists, everything beside it is complete.
+    with (
+        atomic_path(paths["log"]) as log_file,
+        atomic_path(paths["truth"]) as truth_file,
+        atomic_path(paths["truth_json"]) as truth_json_file,
+        atomic_path(paths["spec"]) as spec_file,
+    ):
         # zstd, no statistics-dependent options: same inputs give the same bytes.
         with (
-            pq.ParquetWriter(temp["log"], log_schema(params), compression="zstd") as log_writer,
-            pq.ParquetWriter(temp["truth"], truth_schema(params), compression="zstd") as truth_writer,
+            pq.ParquetWriter(log_file, log_schema(params), compression="zstd") as log_writer,
+            pq.ParquetWriter(truth_file, truth_schema(params), compression="zstd") as truth_writer,
         ):
             starts = range(0, params.rows, params.chunk_rows)
             for start in tqdm(starts, desc="simulate", unit="chunk", disable=None if progress else True):
@@ -281,21 +285,15 @@ def write_log(params: Params, out: Path, progress: bool = True) -> dict[str, Any
                 moments.add(truth)
                 del log, truth
         truth = truth_record(params, world.info, paths, moments, clicks)
-        temp["truth_json"].write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        truth_json_file.write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         header = (
             "# Dataset spec written by `nlpctr data simulate`; prepare it with\n"
             f"#   nlpctr data prepare --dataset {paths['spec'].name} --out DIR\n"
         )
-        temp["spec"].write_text(
+        spec_file.write_text(
             header + yaml.safe_dump(spec_for(out, params), sort_keys=False, allow_unicode=True),
             encoding="utf-8",
         )
-        # The log goes last: once it exists, everything beside it is complete.
-        for key in ("truth", "truth_json", "spec", "log"):
-            os.replace(temp[key], paths[key])
-    finally:
-        for path in temp.values():
-            path.unlink(missing_ok=True)
     return truth
 
 

@@ -54,6 +54,7 @@ import torch
 
 import nlpctr
 from nlpctr import prepared
+from nlpctr.atomic import atomic_path, write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.job_outputs import Layout
@@ -402,7 +403,7 @@ def set_up(request: TrainRequest) -> RunSetup:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--runs-dir/--run {run_dir} cannot be created ({exc.strerror})") from None
-    config_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    write_json(config_file, identity)
     slug = lm_feature_slug(request.run)
     return RunSetup(
         request,
@@ -438,7 +439,8 @@ def in_memory(
         pd.DataFrame({"impression_id": data.impression_id[rows.numpy()], "split": split, "p": p})
         for split, rows, p in (("test", test, p_test), ("valid", valid, predict(model, data, valid, texts)))
     ]
-    pd.concat(frames, ignore_index=True).to_parquet(setup.run_dir / PREDICTIONS_FILE, index=False)
+    with atomic_path(setup.run_dir / PREDICTIONS_FILE) as staged:
+        pd.concat(frames, ignore_index=True).to_parquet(staged, index=False)
     return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, frame)
 
 
@@ -601,7 +603,7 @@ def _train(request: TrainRequest) -> TrainResult:
     }
     if trained.texts is not None and request.mode == "joint":
         spec["text_with_query"] = trained.texts.with_query  # the width of its pair vectors
-    (run_dir / RUN_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    write_json(run_dir / RUN_FILE, spec)
     wall = time.perf_counter() - started
     report = trained.report
     results = {
@@ -643,7 +645,7 @@ def _train(request: TrainRequest) -> TrainResult:
             "group": manifest["group"],
         },
     }
-    (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_json(run_dir / RESULTS_FILE, results, sort_keys=False, default=float)
     label = request.mode + (f"/{request.fusion}" if request.fusion else "")
     stages = f"; valid logloss {stage_summary(result.stages)}" if result.stages else ""
     summary = (
