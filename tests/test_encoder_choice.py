@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 import yaml
-from test_features import make_dataset, write_ctr_history
+from builders import make_dataset, write_ctr_history
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from nlpctr.errors import UserError

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from test_features import write_embeddings
+from builders import write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from builders import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
 from feast import FeatureStore
-from test_features import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
 from test_trainer import COLUMNS, baseline, synthetic_frame
 
 from nlpctr.features import store, store_config

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 import yaml
-from test_features import SLUG, impressions, write_ctr_history, write_embeddings
+from builders import SLUG, impressions, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
