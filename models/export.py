@@ -34,7 +34,7 @@ from transformers import AutoModel, AutoTokenizer
 from nlpctr.errors import UserError
 from nlpctr.models import distill
 from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
-from nlpctr.models.config import encoder_config
+from nlpctr.models.config import TrainConfig
 from nlpctr.models.encoder import TextEncoder, pool
 from nlpctr.models.runs import RESULTS_FILE, RUN_FILE, StudentMeta, TrainedRun, build_scorer
 from nlpctr.models.text_batches import Pair, TextBatcher, pair_text
@@ -133,12 +133,13 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
     if not chosen or not checkpoint.is_file():
         raise UserError(f"{run_dir} has no chosen LM checkpoint ({checkpoint}); train the run again")
     state = load_checkpoint(checkpoint, fix=f"delete the run and retrain it (`rm -r {run_dir}`)")
-    lm = TextEncoder(encoder_config(spec["config"]))
+    config = TrainConfig.from_dict(spec["config"])
+    lm = TextEncoder(config.encoder)
     lm.load_state_dict(state["lm"])
     width = int(
         state["model"]["head.0.weight"].shape[1]
     )  # 3 x the LM's width: a separate reading with queries
-    scorer = build_scorer(spec["config"], width)
+    scorer = build_scorer(config, width)
     scorer.load_state_dict(state["model"])
     description = (
         f"the LM of run {run_dir.name}, fine-tuned alone on clicks (E2) and stopped at its peak "

@@ -23,7 +23,6 @@ from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
 from nlpctr.models import metrics, streaming
 from nlpctr.models.checkpoints import CHECKPOINTS
-from nlpctr.models.config import encoder_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.runs import PREDICTIONS_FILE, Preprocessing
@@ -60,7 +59,7 @@ def stream_source(
 def text_batcher(inputs: FitInputs) -> TextBatcher:
     """A trainable LM reading streamed batches: each batch's texts tokenised as they come (rows
     are not all in memory); at inference each text's vector is kept while the weights hold."""
-    lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
+    lm = TextEncoder(inputs.config.encoder, trainable=True, placement=inputs.placement)
     with_query = bool(inputs.manifest["spec"]["columns"].get("query_text"))
     return TextBatcher(lm, with_query)
 
@@ -123,12 +122,9 @@ def train_streaming(
     _, impressions, clicks = streaming.split_totals(source.root, "train")
     ctr_train = clicks / max(impressions, 1)
     scored = streamed_test(model, source, texts, run_dir / PREDICTIONS_FILE)
-    evaluation = inputs.config["evaluation"]
+    evaluation = inputs.config.evaluation
     report = scored.report(
-        ctr_train,
-        int(evaluation["bootstrap_rounds"]),
-        int(evaluation["bootstrap_seed"]),
-        int(evaluation["calibration_bins"]),
+        ctr_train, evaluation.bootstrap_rounds, evaluation.bootstrap_seed, evaluation.calibration_bins
     )
     return pre, model, texts, result, report, ctr_train
 

@@ -92,7 +92,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if TrainedRun.load(run_dir).spec.get("streaming"):
         return run_streamed(args, run_dir)
     trained, predicted, labels = test_predictions(run_dir)
-    evaluation = trained.spec["config"]["evaluation"]
+    evaluation = trained.config.evaluation
     p = predicted["p"].to_numpy()
     report = metric_report(labels, p, trained.spec["train_ctr"], evaluation)
     saved = saved_predictions(run_dir).set_index("impression_id").reindex(predicted["impression_id"])
@@ -120,10 +120,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """`run` for a run trained streaming: the same report, streamed."""
     trained, scored, max_diff = streamed_test_metrics(run_dir)
-    evaluation = trained.spec["config"]["evaluation"]
-    rounds, seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
+    evaluation = trained.config.evaluation
+    rounds, seed = evaluation.bootstrap_rounds, evaluation.bootstrap_seed
     train_ctr = trained.spec["train_ctr"]
-    report = scored.report(train_ctr, rounds, seed, int(evaluation["calibration_bins"]))
+    report = scored.report(train_ctr, rounds, seed, evaluation.calibration_bins)
     results_path = run_dir / RESULTS_FILE
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("metrics", {})["test"] = report

@@ -72,10 +72,10 @@ from nlpctr.layout import (
 )
 from nlpctr.models import streaming
 from nlpctr.models.checkpoints import CHECKPOINTS
-from nlpctr.models.config import MODES, encoder_config, load_config
+from nlpctr.models.config import MODES, TrainConfig, load_config
 from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.data import FeatureColumns
-from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS, Placement, placement_of, without_placement
+from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS, Placement
 from nlpctr.models.encoder_source import canonical_name, resolve_encoder
 from nlpctr.models.evaluation import metric_report
 from nlpctr.models.recipe import budget, stage_summary
@@ -243,7 +243,7 @@ class RunSetup:
     request: TrainRequest
     data_dir: Path
     manifest: dict[str, Any]
-    config: dict[str, Any]
+    config: TrainConfig
     identity: dict[str, Any]  # config.json: what makes two runs of a name the same run
     run_dir: Path
     slug: str  # the run name as a Feast identifier
@@ -338,6 +338,18 @@ def publisher(data_dir: Path) -> Callable[[LmFeatureMeta], str]:
     return publish
 
 
+def same_run(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether a run folder's config.json names the same run as `identity`: the same flags, and
+    configurations equal once typed (what an older config.json leaves out is the default)."""
+    flags = {k: v for k, v in recorded.items() if k != "config"}
+    if flags != {k: v for k, v in identity.items() if k != "config"}:
+        return False
+    try:
+        return TrainConfig.from_dict(recorded.get("config") or {}).identity() == identity["config"]
+    except UserError:
+        return False
+
+
 def use_streaming(manifest: dict[str, Any], requested: bool | None) -> bool:
     """`--streaming` / `--in-memory` when given, else stream above STREAMING_ROWS impressions."""
     if requested is not None:
@@ -365,13 +377,13 @@ def set_up(request: TrainRequest) -> RunSetup:
     manifest = read_manifest(data_dir)
     request = request.checked()
     config = load_config(request.mode, request.config_file, request.overrides())
-    placement = placement_of(config)
+    placement = config.placement
     run_dir = run_dir_of(request.runs_dir, request.run)
     identity = {
         "mode": request.mode,
         "fusion": request.fusion,
         "data_dir": str(data_dir),
-        "config": without_placement(config),
+        "config": config.identity(),
     }
     warm_start = None
     if request.init_from:
@@ -385,7 +397,7 @@ def set_up(request: TrainRequest) -> RunSetup:
     # A run writes into its folder: a new or empty one, or an earlier run's (its config.json).
     claim_output_dir(run_dir, "train", flag="--runs-dir/--run")
     config_file = run_dir / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) != identity:
+    if config_file.is_file() and not same_run(json.loads(config_file.read_text()), identity):
         raise UserError(
             f"run {request.run} exists with another configuration ({config_file}); "
             f"use another --run or delete {run_dir}"
@@ -433,7 +445,7 @@ def in_memory(
     test, valid = data.rows("test"), data.rows("valid")
     p_test = predict(model, data, test, texts)
     ctr_train = train_ctr(labels_of(data, data.rows("train")))
-    report = metric_report(labels_of(data, test), p_test, ctr_train, setup.config["evaluation"])
+    report = metric_report(labels_of(data, test), p_test, ctr_train, setup.config.evaluation)
     # validation predictions too: controls are compared on validation, the test split only judges
     frames = [
         pd.DataFrame({"impression_id": data.impression_id[rows.numpy()], "split": split, "p": p})
@@ -524,7 +536,7 @@ def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
     else:
         lm_step = train_lm_alone(feature_store.training_frame(setup.data_dir, BASELINE), *lm_args)
     view = lm_view_name(setup.slug)
-    if setup.config["cascade_form"] == "vector":
+    if setup.config.cascade_form == "vector":
         columns = FeatureColumns.for_manifest(setup.manifest, cascade=[f"{view}__lm_embedding"])
     else:
         columns = FeatureColumns.for_manifest(setup.manifest, scores=[f"{view}__lm_score"])
@@ -535,7 +547,7 @@ def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
 
 def train_joint(setup: RunSetup) -> TrainedModel:
     """E3: the LM and E0 trained end to end through a fusion; its LM's output published as a view."""
-    version = encoder_config(setup.config).version
+    version = setup.config.encoder.version
     trained = train_service(setup, BASELINE, FeatureColumns.for_manifest(setup.manifest), version)
     assert trained.texts is not None
     trained.supplementary_view = write_joint_features(
@@ -609,11 +621,11 @@ def _train(request: TrainRequest) -> TrainResult:
     results = {
         "dataset": manifest["dataset"],
         "run": request.run,
-        "seed": int(config["loop"]["seed"]),
+        "seed": config.loop.seed,
         "split": manifest["split"]["mode"],
         "mode": request.mode,
         "fusion": request.fusion,
-        "layers": int(config["encoder"]["layers"]) if request.mode in LM_MODES else None,
+        "layers": config.encoder.layers if request.mode in LM_MODES else None,
         "epochs": epochs_trained(result),
         "best_epoch": result.best_epoch,
         "best_step": result.best_step,
@@ -623,7 +635,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "history": result.history,
         "stages": result.stages or None,
         "budget": lm_budget(trained, result),
-        "encoder": asdict(encoder_config(config)) if request.mode in LM_MODES else None,
+        "encoder": asdict(config.encoder) if request.mode in LM_MODES else None,
         "wall_seconds": wall,
         "fit_wall_seconds": result.wall_seconds,
         "eval_seconds": result.eval_seconds,
@@ -631,7 +643,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "metrics": {"test": report},
         "lm": trained.lm_step.to_dict() if trained.lm_step else None,
         "supplementary_feature_view": trained.supplementary_view,
-        "config": config,
+        "config": config.to_dict(),
         "placement": setup.placement.to_dict(),
         "provenance": {
             "dataset": manifest["dataset"],
