@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nlpctr.config_files import check_integer, is_integer, is_number
 from nlpctr.errors import UserError
 
 FUSIONS = ("score", "concat", "gate")
@@ -41,17 +42,14 @@ class NetConfig:
         # zero-width layer would even train, on nothing).
         for name, low in (("embedding_dim", 1), ("text_projection", 1), ("cross_layers", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UserError(f"net.{name} must be an integer >= {low}, got {value!r}")
+            check_integer(f"net.{name}", value, low)
         widths = self.hidden
-        if not isinstance(widths, tuple | list) or any(
-            isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths
-        ):
+        if not isinstance(widths, tuple | list) or any(not is_integer(w) or w < 1 for w in widths):
             raise UserError(
                 f"net.hidden must be a list of layer widths >= 1 (e.g. [128, 64]), got {widths!r}"
             )
         rate = self.dropout
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+        if not is_number(rate) or not 0 <= rate < 1:
             raise UserError(f"net.dropout must be a probability in [0, 1), got {rate!r}")
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nlpctr.atomic import write_atomic
+from nlpctr.config_files import is_integer
 from nlpctr.errors import UserError
 from nlpctr.models import ceilings, metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
@@ -48,7 +49,7 @@ FEATURE_KD_HISTORY = "history.json"
 def student_encoder(teacher: TextEncoder, layers: int) -> TextEncoder:
     """A trainable k-layer encoder with the teacher's embeddings, first k layers, pooling and length."""
     teacher_layers = teacher.config.layers
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= teacher_layers:
+    if not is_integer(layers) or not 1 <= layers <= teacher_layers:
         raise UserError(
             f"student layers must be an integer in 1..{teacher_layers} (the teacher's), got {layers!r}"
         )

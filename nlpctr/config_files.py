@@ -191,6 +191,11 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_integer(name: str, value: Any, low: int = 1) -> None:
     """Refuse anything but an integer >= `low`.
 

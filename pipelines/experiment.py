@@ -46,7 +46,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from nlpctr.config_files import LEAF, Schema, check_keys, read_mapping
+from nlpctr.config_files import LEAF, Schema, check_keys, is_integer, read_mapping
 from nlpctr.errors import UserError
 from nlpctr.models.config import check_training_config, deep_merge, key_tree, training_schema
 from nlpctr.models.ctr_net import FUSIONS
@@ -140,7 +140,7 @@ def check_protocol(protocol: dict[str, Any], what: str) -> None:
     for key in ("embed_layers", "lm_layers"):
         EncoderConfig(name=protocol["encoder"], layers=protocol[key])  # a UserError names the range
     students = protocol["distill"]["students"]
-    if not isinstance(students, list) or any(isinstance(k, bool) or not isinstance(k, int) for k in students):
+    if not isinstance(students, list) or not all(is_integer(k) for k in students):
         raise UserError(f"{what}: distill.students must be a list of layer counts, got {students!r}")
     if students and max(students) > int(protocol["lm_layers"]):
         raise UserError(
