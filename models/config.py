@@ -12,6 +12,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,27 @@ from nlpctr.models.evaluation import EvaluationConfig
 from nlpctr.models.recipe import ProbeConfig, RecipeConfig, Stage2Config
 from nlpctr.models.trainer import LoopConfig
 
-MODES = ("baseline", "cascade-frozen", "cascade-finetuned", "joint")
+
+class Mode(StrEnum):
+    """What `nlpctr train --mode` trains (DESIGN.md, "The experiment protocol"); the value is the
+    flag's spelling, `run_name` the protocol's run and the feature service's."""
+
+    BASELINE = "baseline"  # E0
+    CASCADE_FROZEN = "cascade-frozen"  # E1
+    CASCADE_FINETUNED = "cascade-finetuned"  # E2
+    JOINT = "joint"  # E3
+
+    @property
+    def run_name(self) -> str:
+        return self.value.replace("-", "_")
+
+    @property
+    def trains_lm(self) -> bool:
+        """E2 and E3: one trainable LM, by the LM recipe."""
+        return self in (Mode.CASCADE_FINETUNED, Mode.JOINT)
+
+
+MODES = tuple(m.value for m in Mode)  # the flag's choices
 CASCADE_FORMS = ("score", "vector")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 

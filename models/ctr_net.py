@@ -19,6 +19,7 @@ Configuration lives in `NetConfig` (filled from YAML by the trainer), not in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -26,7 +27,16 @@ from torch import nn
 from nlpctr.config_files import check_integer, is_integer, is_number
 from nlpctr.errors import UserError
 
-FUSIONS = ("score", "concat", "gate")
+
+class Fusion(StrEnum):
+    """How the joint model's LM joins the CTR tower (DESIGN.md, "The experiment protocol")."""
+
+    SCORE = "score"  # the LM's click logit added to the tower's
+    CONCAT = "concat"  # the pooled vector joins the tower's input
+    GATE = "gate"  # the vector, scaled by the tower's state
+
+
+FUSIONS = tuple(f.value for f in Fusion)  # the flag's choices
 
 
 @dataclass(frozen=True)
@@ -153,7 +163,7 @@ class TextFusion(nn.Module):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.fusion = fusion
         self.extra_dim = 0  # columns added to the tower's input (the cross-layer layout only)
-        if fusion == "score":
+        if fusion == Fusion.SCORE:
             self.score = nn.Sequential(
                 nn.Linear(text_dim, config.text_projection), nn.Tanh(), nn.Linear(config.text_projection, 1)
             )
@@ -164,21 +174,21 @@ class TextFusion(nn.Module):
             else:  # W_u of the first layer: its pre-activation gets W_u u (see the module docstring)
                 first = config.hidden[0] if config.hidden else 1
                 self.into_mlp = nn.Linear(config.text_projection, first, bias=False)
-        if fusion == "gate":
+        if fusion == Fusion.GATE:
             self.gate = nn.Linear(base_dim, config.text_projection)
 
     def output_layer(self) -> nn.Linear | None:
         """The layer through which the fusion reaches the logit from nothing: zero at a warm start."""
-        if self.fusion == "score":
+        if self.fusion == Fusion.SCORE:
             return self.score[-1]
         return getattr(self, "into_mlp", None)
 
     def supplementary(self, text_vector: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The LM's contribution: a logit (score) or the vector that joins the MLP input."""
-        if self.fusion == "score":
+        if self.fusion == Fusion.SCORE:
             return self.score(text_vector).squeeze(-1)
         projected = self.project(text_vector)
-        if self.fusion == "gate":
+        if self.fusion == Fusion.GATE:
             projected = torch.sigmoid(self.gate(base)) * projected
         return projected
 
@@ -208,7 +218,7 @@ class CtrModel(nn.Module):
         if self.fusion is None or text_vector is None:
             return self.tower(base)
         extra = self.fusion.supplementary(text_vector, base)
-        if self.fusion.fusion == "score":
+        if self.fusion.fusion == Fusion.SCORE:
             return self.tower(base) + extra
         if self.fusion.extra_dim:
             return self.tower(torch.cat([base, extra], dim=1))

@@ -36,7 +36,7 @@ from nlpctr.config_files import is_integer
 from nlpctr.errors import UserError
 from nlpctr.models import ceilings, metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
-from nlpctr.models.ctr_net import CtrModel
+from nlpctr.models.ctr_net import CtrModel, Fusion
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.text_batches import TextBatcher, has_query
@@ -84,7 +84,7 @@ def supplementary_outputs(
     if fusion is None:
         raise UserError("the teacher has no text fusion: distil from a joint (E3) run")
     vectors = pooled_vectors(lm, data, index)
-    if fusion.fusion != "score":
+    if fusion.fusion != Fusion.SCORE:
         return vectors
     fusion.eval()
     with torch.inference_mode():
@@ -137,7 +137,7 @@ def fit_joint_student(
         assert fusion is not None
 
         def distill_loss(text_index: torch.Tensor, text_vector: torch.Tensor) -> torch.Tensor:
-            output = fusion.score(text_vector).squeeze(-1) if fusion.fusion == "score" else text_vector
+            output = fusion.score(text_vector).squeeze(-1) if fusion.fusion == Fusion.SCORE else text_vector
             return distill_weight * nn.functional.mse_loss(output, teacher[text_index])
 
         auxiliary = distill_loss

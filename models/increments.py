@@ -20,7 +20,7 @@ import torch
 
 from nlpctr.errors import UserError
 from nlpctr.models import ceilings, distill, metrics, redundancy
-from nlpctr.models.config import load_config
+from nlpctr.models.config import Mode, load_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.device import CPU, Placement, device_of
 from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
@@ -172,7 +172,7 @@ class FeatureJudge:
         """A click score per row from the feature's vectors: the score fusion on E0's frozen tower,
         its head alone trained on the fixed vectors by the LM recipe's probe stage (the head the
         probe-only control trains), so the score is what the vectors add to E0."""
-        config = load_config("joint", self.train_config_file, {"lm_loop": {"seed": self.seed}})
+        config = load_config(Mode.JOINT, self.train_config_file, {"lm_loop": {"seed": self.seed}})
         recipe = replace(config.recipe, lm_stage=False)
         if not recipe.probe.epochs:
             raise UserError("scoring a feature needs a probe: give recipe.probe.epochs > 0")
@@ -202,7 +202,7 @@ class FeatureJudge:
             frame["nlp_feature__score"] = feature.form(SCORE)
             scores.append("nlp_feature__score")
         columns = FeatureColumns.for_manifest(self.manifest, cascade=cascade, scores=scores)
-        config = load_config("baseline", self.train_config_file, {"loop": {"seed": self.seed}})
+        config = load_config(Mode.BASELINE, self.train_config_file, {"loop": {"seed": self.seed}})
         key = feature.key(form)
         checkpoints = self.runs_dir / "_increments" / key.replace("/", "__")
         shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another feature's weights

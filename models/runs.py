@@ -21,7 +21,7 @@ import torch
 from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.models.checkpoints import load_checkpoint
-from nlpctr.models.config import TrainConfig
+from nlpctr.models.config import Mode, TrainConfig
 from nlpctr.models.ctr_net import CtrModel, InputShape
 from nlpctr.models.data import (
     FeatureColumns,
@@ -160,7 +160,7 @@ class TrainedRun:
         config = TrainConfig.from_dict(spec["config"])
         state = load_checkpoint(directory / spec["checkpoint"], placement.device)
         lm = None
-        if spec["mode"] == "joint":
+        if spec["mode"] == Mode.JOINT:
             lm = TextEncoder(config.encoder, placement=placement)
             lm.load_state_dict(state["lm"])
         text_dim = TextBatcher(lm, _with_query(spec)).dim if lm is not None else 0

@@ -22,6 +22,7 @@ from nlpctr.layout import LmFeatureMeta, pair_key_columns
 from nlpctr.models import metrics
 from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
 from nlpctr.models.config import TrainConfig
+from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
 from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder import TextEncoder
@@ -289,7 +290,7 @@ def write_joint_features(
     or concat's and gate's projection) per text pair, published as the view `lm_<run>`."""
     fusion = model.fusion
     assert fusion is not None
-    head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
+    head = {"lm_score": fusion.score} if fusion.fusion == Fusion.SCORE else {"supplementary": fusion.project}
     pairs = text_pairs(frame)
     outputs = lm_outputs(texts, head, pairs_of(pairs))
     encoder = config.encoder

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from nlpctr.models import claims, distill
+from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature, feature_key
@@ -84,7 +85,7 @@ def student_feature(
     vectors = distill.pooled_vectors(joint.lm, data)
     score = None
     assert joint.model.fusion is not None
-    if joint.model.fusion.fusion == "score":  # its own click head: the student's supplementary score
+    if joint.model.fusion.fusion == Fusion.SCORE:  # its own click head: the student's supplementary score
         joint.model.fusion.eval()
         with torch.inference_mode():
             score = joint.model.fusion.score(vectors).squeeze(-1).cpu().numpy()[rows_of_text]

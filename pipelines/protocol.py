@@ -26,6 +26,8 @@ from nlpctr.features import store as feature_store
 from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
 from nlpctr.layout import lm_features_dir, read_manifest
 from nlpctr.models import claims, redundancy, report
+from nlpctr.models.config import Mode
+from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.device import Placement
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.increments import FeatureJudge
@@ -36,7 +38,8 @@ from nlpctr.pipelines.job_options import JobOptions
 from nlpctr.pipelines.ownership import claim_output_dir
 
 JOB = "experiment"
-BASELINE_RUN = "baseline"
+BASELINE_RUN = Mode.BASELINE.run_name
+E1_RUN, E2_RUN = Mode.CASCADE_FROZEN.run_name, Mode.CASCADE_FINETUNED.run_name
 JOINT_PROBE = "joint_probe"
 
 
@@ -123,10 +126,10 @@ class Experiment:
     # -------------------------------------------------------------------- E0-E3
 
     def train(
-        self, run: str, mode: str, fusion: str | None = None, probe_only: bool = False
+        self, run: str, mode: Mode, fusion: Fusion | None = None, probe_only: bool = False
     ) -> train.TrainResult:
-        layers = "lm_layers" if mode in train.LM_MODES else None  # E2 and E3: one LM
-        warm_start = mode == "joint" and (self.protocol["joint_init_from_baseline"] or probe_only)
+        layers = "lm_layers" if mode.trains_lm else None  # E2 and E3: one LM
+        warm_start = mode == Mode.JOINT and (self.protocol["joint_init_from_baseline"] or probe_only)
         request = train.TrainRequest(
             mode=mode,
             data_dir=self.data_dir,
@@ -150,13 +153,13 @@ class Experiment:
     def train_runs(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.train_config_file, yaml.safe_dump(self.protocol["train_config"], sort_keys=True))
-        self.trained[BASELINE_RUN] = self.train(BASELINE_RUN, "baseline")
-        self.trained["cascade_frozen"] = self.train("cascade_frozen", "cascade-frozen")
-        self.trained["cascade_finetuned"] = self.train("cascade_finetuned", "cascade-finetuned")
+        self.trained[BASELINE_RUN] = self.train(BASELINE_RUN, Mode.BASELINE)
+        self.trained[E1_RUN] = self.train(E1_RUN, Mode.CASCADE_FROZEN)
+        self.trained[E2_RUN] = self.train(E2_RUN, Mode.CASCADE_FINETUNED)
         for fusion in self.protocol["fusions"]:
-            self.trained[f"joint_{fusion}"] = self.train(f"joint_{fusion}", "joint", fusion)
+            self.trained[f"joint_{fusion}"] = self.train(f"joint_{fusion}", Mode.JOINT, Fusion(fusion))
         # the probe-only control: the score fusion's head on the frozen LM, E0 frozen
-        self.trained[JOINT_PROBE] = self.train(JOINT_PROBE, "joint", "score", probe_only=True)
+        self.trained[JOINT_PROBE] = self.train(JOINT_PROBE, Mode.JOINT, Fusion.SCORE, probe_only=True)
         self.load_test_set()
         for name, trained in self.trained.items():
             self.runs[name] = self.run_entry(name, trained.results)
@@ -218,12 +221,12 @@ class Experiment:
         measures: dict[str, Any] = {}
         with self.stage("redundancy_frozen"):
             measures.update(judge.judge(NlpFeature("frozen", "frozen", frozen_vectors(judge.frame))))
-        e2 = self.trained["cascade_finetuned"].lm_step
+        e2 = self.trained[E2_RUN].lm_step
         assert e2 is not None
         with self.stage("redundancy_cascade_finetuned"):
             for folder in e2.checkpoints:
                 name = f"cascade_finetuned@{folder}"
-                feature = self.feature_of_lm("cascade_finetuned", folder, "cascade_finetuned", name)
+                feature = self.feature_of_lm(E2_RUN, folder, E2_RUN, name)
                 measures.update(judge.judge(feature))
                 if folder == e2.chosen:
                     self.feast_agreement = self.served_agreement(name, judge.increments)
@@ -237,16 +240,14 @@ class Experiment:
     def served_agreement(self, served: str, increments: dict[str, np.ndarray]) -> float:
         """E2's CTR run (its feature through Feast, in the form `cascade_form` names) against E0 +
         the same feature in memory: the max absolute difference of their test predictions."""
-        increment = increments[
-            feature_key(served, self.trained["cascade_finetuned"].results["config"]["cascade_form"])
-        ]
-        return float(np.max(np.abs(increment - self.judge.saved_predictions("cascade_finetuned"))))
+        increment = increments[feature_key(served, self.trained[E2_RUN].results["config"]["cascade_form"])]
+        return float(np.max(np.abs(increment - self.judge.saved_predictions(E2_RUN))))
 
     # -------------------------------------------------------------------- the paper's claims
 
     def claims(self, teacher: str) -> list[dict[str, Any]]:
         """The paper's claims (`models/claims.py`), each judged in both forms of NLP features."""
-        e2 = self.trained["cascade_finetuned"].lm_step
+        e2 = self.trained[E2_RUN].lm_step
         assert e2 is not None
         students = (int(k) for k in self.protocol["distill"]["students"])
         return [c.to_dict() for c in claims.protocol_claims(self.judge, e2.chosen, teacher, students)]

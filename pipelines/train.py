@@ -72,8 +72,8 @@ from nlpctr.layout import (
 )
 from nlpctr.models import streaming
 from nlpctr.models.checkpoints import CHECKPOINTS
-from nlpctr.models.config import MODES, TrainConfig, load_config
-from nlpctr.models.ctr_net import FUSIONS
+from nlpctr.models.config import MODES, Mode, TrainConfig, load_config
+from nlpctr.models.ctr_net import FUSIONS, Fusion
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS, Placement
 from nlpctr.models.encoder_source import canonical_name, resolve_encoder
@@ -156,11 +156,11 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
 class TrainRequest:
     """One `nlpctr train` run, as its flags say it (None: the configuration's value)."""
 
-    mode: str
+    mode: Mode
     data_dir: Path
     run: str
     runs_dir: Path = Path("runs")
-    fusion: str | None = None  # joint mode; defaults to `score`
+    fusion: Fusion | None = None  # joint mode; defaults to `score`
     encoder: str | None = None  # an installed package or a model folder (the config's encoder.name)
     layers: int | None = None
     epochs: int | None = None  # E2: of the LM step
@@ -176,11 +176,11 @@ class TrainRequest:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainRequest:
         return cls(
-            mode=args.mode,
+            mode=Mode(args.mode),
             data_dir=args.data,
             run=args.run,
             runs_dir=args.runs_dir,
-            fusion=args.fusion,
+            fusion=Fusion(args.fusion) if args.fusion else None,
             encoder=args.encoder,
             layers=args.layers,
             epochs=args.epochs,
@@ -196,20 +196,20 @@ class TrainRequest:
 
     def checked(self) -> TrainRequest:
         """The request with joint's default fusion; flags that do not apply to the mode refused."""
-        if self.mode != "joint" and self.fusion is not None:
+        if self.mode != Mode.JOINT and self.fusion is not None:
             raise UserError(f"--fusion applies to --mode joint only (got --mode {self.mode})")
-        if self.mode != "joint" and self.init_from is not None:
+        if self.mode != Mode.JOINT and self.init_from is not None:
             raise UserError(f"--init-from applies to --mode joint only (got --mode {self.mode})")
-        if self.probe_only and (self.mode != "joint" or self.init_from is None):
+        if self.probe_only and (self.mode != Mode.JOINT or self.init_from is None):
             raise UserError("--probe-only applies to --mode joint with --init-from E0RUN (a probe needs E0)")
-        return replace(self, fusion=self.fusion or "score") if self.mode == "joint" else self
+        return replace(self, fusion=self.fusion or Fusion.SCORE) if self.mode == Mode.JOINT else self
 
     def overrides(self) -> dict[str, Any]:
         """The flags that override the configuration, as a config layer."""
         overrides: dict[str, Any] = {}
         if self.epochs is not None:
             # E2's expensive step is the LM's; its CTR step keeps the configured (E0) budget.
-            overrides["lm_loop" if self.mode == "cascade-finetuned" else "loop"] = {"epochs": self.epochs}
+            overrides["lm_loop" if self.mode == Mode.CASCADE_FINETUNED else "loop"] = {"epochs": self.epochs}
         if self.seed is not None:
             for key in ("loop", "lm_loop"):
                 overrides.setdefault(key, {})["seed"] = self.seed
@@ -364,7 +364,7 @@ def check_writable(data_dir: Path, mode: str, streamed: bool) -> None:
             data_dir / TRAINING,
             "`train --streaming` writes its training shards there; make it writable, or pass --in-memory",
         )
-    if mode in ("cascade-finetuned", "joint"):
+    if Mode(mode).trains_lm:
         require_writable(
             data_dir / LM_FEATURES,
             f"--mode {mode} writes its LM's feature there and registers it in the store; make it writable",
@@ -389,7 +389,7 @@ def set_up(request: TrainRequest) -> RunSetup:
     if request.init_from:
         identity["init_from"] = request.init_from
         warm_start = TrainedRun.load(run_dir_of(request.runs_dir, request.init_from), placement)
-        if warm_start.spec["mode"] != "baseline":
+        if warm_start.spec["mode"] != Mode.BASELINE:
             raise UserError(
                 f"--init-from needs an E0 (--mode baseline) run; {request.init_from} is "
                 f"{warm_start.spec['mode']}"
@@ -464,7 +464,7 @@ def streamed(
         root, columns, setup.fit_inputs, setup.run_dir
     )
     # Only a joint run reads text pairs (for its LM feature); the rest never load the frame.
-    pairs = streaming.unique_text_pairs(root) if setup.request.mode == "joint" else pd.DataFrame()
+    pairs = streaming.unique_text_pairs(root) if setup.request.mode == Mode.JOINT else pd.DataFrame()
     return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, pairs)
 
 
@@ -563,9 +563,6 @@ def train_joint(setup: RunSetup) -> TrainedModel:
     return trained
 
 
-LM_MODES = ("cascade-finetuned", "joint")
-
-
 def lm_budget(trained: TrainedModel, result: FitResult) -> dict[str, Any] | None:
     """The LM recipe's budget per stage: E2's LM step's, or the joint run's own."""
     if trained.lm_step is not None:
@@ -573,11 +570,11 @@ def lm_budget(trained: TrainedModel, result: FitResult) -> dict[str, Any] | None
     return budget(result.stages) if result.stages else None
 
 
-TRAIN_MODE: dict[str, Callable[[RunSetup], TrainedModel]] = {
-    "baseline": train_baseline,
-    "cascade-frozen": train_cascade_frozen,
-    "cascade-finetuned": train_cascade_finetuned,
-    "joint": train_joint,
+TRAIN_MODE: dict[Mode, Callable[[RunSetup], TrainedModel]] = {
+    Mode.BASELINE: train_baseline,
+    Mode.CASCADE_FROZEN: train_cascade_frozen,
+    Mode.CASCADE_FINETUNED: train_cascade_finetuned,
+    Mode.JOINT: train_joint,
 }
 
 
@@ -613,7 +610,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "streaming": setup.streamed,
         "placement": setup.placement.to_dict(),  # where it trained; `TrainedRun.load` picks its own
     }
-    if trained.texts is not None and request.mode == "joint":
+    if trained.texts is not None and request.mode == Mode.JOINT:
         spec["text_with_query"] = trained.texts.with_query  # the width of its pair vectors
     write_json(run_dir / RUN_FILE, spec)
     wall = time.perf_counter() - started
@@ -625,7 +622,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "split": manifest["split"]["mode"],
         "mode": request.mode,
         "fusion": request.fusion,
-        "layers": config.encoder.layers if request.mode in LM_MODES else None,
+        "layers": config.encoder.layers if Mode(request.mode).trains_lm else None,
         "epochs": epochs_trained(result),
         "best_epoch": result.best_epoch,
         "best_step": result.best_step,
@@ -635,7 +632,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "history": result.history,
         "stages": result.stages or None,
         "budget": lm_budget(trained, result),
-        "encoder": asdict(config.encoder) if request.mode in LM_MODES else None,
+        "encoder": asdict(config.encoder) if Mode(request.mode).trains_lm else None,
         "wall_seconds": wall,
         "fit_wall_seconds": result.wall_seconds,
         "eval_seconds": result.eval_seconds,
