@@ -44,7 +44,7 @@ import yaml
 from train_gpu import load_tensors
 from tree import ROOT
 
-from nlpctr.models.config import encoder_config, joint_config, load_config, loop_config
+from nlpctr.models.config import joint_config, load_config
 from nlpctr.models.data import Tensors
 from nlpctr.models.device import Placement
 from nlpctr.models.encoder import TextEncoder
@@ -85,18 +85,18 @@ def timed_fit(
 
 def bench_e2(data: Tensors, config: dict, placement: Placement, steps: int, meta: dict) -> dict:
     """E2's LM step: `config` is the cascade-finetuned mode's (every layer and the embeddings train)."""
-    settings = dataclasses.replace(encoder_config(config), layers=E2_LAYERS)
+    settings = dataclasses.replace(config.encoder, layers=E2_LAYERS)
     lm = TextEncoder(settings, trainable=True, placement=placement)
     texts = TextBatcher.for_data(lm, data, bool(meta["with_query"]))
     scorer = build_scorer(config, texts.dim, float(meta["train_ctr"])).to(placement.device)
-    loop = dataclasses.replace(loop_config(config, "lm_loop"), epochs=1, max_batches_per_epoch=steps)
+    loop = dataclasses.replace(config.lm_loop, epochs=1, max_batches_per_epoch=steps)
     return {**timed_fit(scorer, data, loop, texts), "batch_size": loop.batch_size, "layers": E2_LAYERS}
 
 
 def bench_joint(
     data: Tensors, config: dict, placement: Placement, steps: int, meta: dict, e0_state: dict, full: bool
 ) -> dict:
-    settings = encoder_config(config)
+    settings = config.encoder
     if full:  # the GPU recipe: all six layers on the cached embeddings
         settings = dataclasses.replace(settings, layers=6, trainable_layers=None, freeze_embeddings=True)
     lm = TextEncoder(settings, trainable=True, placement=placement)
@@ -111,8 +111,8 @@ def bench_joint(
     model.warm_start(e0)
     stage = joint_config(config).stage1
     groups = param_groups(model, texts, 0.0, stage.head_lr, stage.lm_lr)
-    batch = 256 if full else loop_config(config).batch_size
-    loop = dataclasses.replace(loop_config(config), epochs=1, max_batches_per_epoch=steps, batch_size=batch)
+    batch = 256 if full else config.loop.batch_size
+    loop = dataclasses.replace(config.loop, epochs=1, max_batches_per_epoch=steps, batch_size=batch)
     loop = dataclasses.replace(loop, eval_every_steps=None, eval_at_start=False, warmup_steps=0, decay="none")
 
     def stage1_mode() -> None:

@@ -49,7 +49,7 @@ from nlpctr.features.names import BASELINE
 from nlpctr.features.store import training_frame
 from nlpctr.layout import read_manifest
 from nlpctr.models import metrics
-from nlpctr.models.config import load_config, loop_config
+from nlpctr.models.config import load_config
 from nlpctr.models.ctr_net import CtrModel, binomial_loss
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
@@ -151,7 +151,7 @@ def main() -> None:
     e0 = build_model(pre, config, None)
     work = args.out.parent / "work" / "bench_joint_e0"
     shutil.rmtree(work, ignore_errors=True)  # never resume an E0 of other data
-    e0_fit = fit(e0, data, loop_config(config), work, progress=False)
+    e0_fit = fit(e0, data, config.loop, work, progress=False)
     e0.eval()
     e0_logloss, e0_auc, _ = evaluate(e0, data, None)
     assert e0_logloss == e0_fit.best["valid_logloss"]
@@ -184,7 +184,7 @@ def main() -> None:
     trainers.append(today)
 
     # the new recipe's stage 1, top 2 and top 1 layers trained on cached states (and top 2 in bf16)
-    recipe = loop_config(joint, "lm_loop")  # the LM stage's rates: head `lr`, LM `lm_lr`
+    recipe = joint.lm_loop  # the LM stage's rates: head `lr`, LM `lm_lr`
     for name, top, autocast in (
         ("new_top2", 2, None),
         ("new_top1", 1, None),

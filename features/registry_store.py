@@ -14,7 +14,6 @@ stock `feast` CLI run in a dataset's repo writes the registry the same way.
 
 from __future__ import annotations
 
-import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 from feast.infra.registry.file import FileRegistryStore
 from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
 from feast.repo_config import RegistryConfig
+
+from nlpctr.atomic import write_atomic
 
 
 class AtomicFileRegistryStore(FileRegistryStore):
@@ -43,17 +44,4 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` by rename: a crash leaves the old file (and, at worst, a hidden
     temporary beside it), never a partial one. The rename is synced, so it survives a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(partial, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomic(path, data, sync=True)

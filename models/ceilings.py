@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from nlpctr.errors import UserError
 from nlpctr.layout import IMPRESSIONS, read_manifest
 from nlpctr.models import metrics
+from nlpctr.models.evaluation import EvaluationConfig
 
 TRUTH_SUFFIX = ".truth.parquet"
 DEFAULT_PRIOR_STRENGTH = 10.0  # the default of `nlpctr ctr-stats --prior-strength`
@@ -394,14 +395,14 @@ def for_split(
     labels: metrics.Labels,
     e0: np.ndarray | None,
     train_ctr: float,
-    evaluation: Mapping[str, Any],
+    evaluation: EvaluationConfig,
     seed: int,
     prior_strength: float = DEFAULT_PRIOR_STRENGTH,
 ) -> Ceiling:
     """The ceiling of one split's rows (`frame`, `labels` and `e0` in the same row order): the
     simulator's oracles when its truth file sits beside the source, else the split-half ceiling.
     Bootstrap rounds and seed are the run's (`evaluation`), so shares pair with its ΔAUC CIs."""
-    rounds, boot_seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
+    rounds, boot_seed = evaluation.bootstrap_rounds, evaluation.bootstrap_seed
     truth = truth_file_for(manifest["source"]) if manifest.get("source") else None
     if truth is not None and truth.is_file():
         oracle, no_text = oracle_probabilities(truth, frame["impression_id"].astype(str).tolist())
@@ -447,7 +448,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     split = manifest["split"]
     train_ctr = split["clicks"]["train"] / max(split["impressions"]["train"], 1)
-    evaluation = {"bootstrap_rounds": args.bootstrap_rounds, "bootstrap_seed": args.bootstrap_seed}
+    evaluation = EvaluationConfig(bootstrap_rounds=args.bootstrap_rounds, bootstrap_seed=args.bootstrap_seed)
     ceiling = for_split(manifest, frame, labels, None, train_ctr, evaluation, args.seed, args.prior_strength)
     out = ceiling.summary()
     if ceiling.kind == "simulated":

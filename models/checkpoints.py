@@ -9,7 +9,6 @@ traceback. No Beam and no Feast here.
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
 
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/<part>/*.pt
@@ -80,12 +80,10 @@ def save_checkpoint(state: Any, path: Path) -> None:
             left, and the message says what to free or fix.
     """
     path = Path(path)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(state, staging)
-        staging.replace(path)  # a crash never leaves half a checkpoint
+        with atomic_path(path) as staging:  # a crash never leaves half a checkpoint
+            torch.save(state, staging)
     except OSError as exc:
-        staging.unlink(missing_ok=True)
         raise UserError(
             f"checkpoint {path} could not be written ({exc.strerror or exc}); nothing half-written was kept; "
             f"free space on that disk (or make {path.parent} writable) and rerun the same command: "

@@ -19,13 +19,24 @@ Configuration lives in `NetConfig` (filled from YAML by the trainer), not in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 from torch import nn
 
+from nlpctr.config_files import check_integer, is_integer, is_number
 from nlpctr.errors import UserError
 
-FUSIONS = ("score", "concat", "gate")
+
+class Fusion(StrEnum):
+    """How the joint model's LM joins the CTR tower (DESIGN.md, "The experiment protocol")."""
+
+    SCORE = "score"  # the LM's click logit added to the tower's
+    CONCAT = "concat"  # the pooled vector joins the tower's input
+    GATE = "gate"  # the vector, scaled by the tower's state
+
+
+FUSIONS = tuple(f.value for f in Fusion)  # the flag's choices
 
 
 @dataclass(frozen=True)
@@ -41,17 +52,14 @@ class NetConfig:
         # zero-width layer would even train, on nothing).
         for name, low in (("embedding_dim", 1), ("text_projection", 1), ("cross_layers", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UserError(f"net.{name} must be an integer >= {low}, got {value!r}")
+            check_integer(f"net.{name}", value, low)
         widths = self.hidden
-        if not isinstance(widths, tuple | list) or any(
-            isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths
-        ):
+        if not isinstance(widths, tuple | list) or any(not is_integer(w) or w < 1 for w in widths):
             raise UserError(
                 f"net.hidden must be a list of layer widths >= 1 (e.g. [128, 64]), got {widths!r}"
             )
         rate = self.dropout
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+        if not is_number(rate) or not 0 <= rate < 1:
             raise UserError(f"net.dropout must be a probability in [0, 1), got {rate!r}")
 
 
@@ -155,7 +163,7 @@ class TextFusion(nn.Module):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.fusion = fusion
         self.extra_dim = 0  # columns added to the tower's input (the cross-layer layout only)
-        if fusion == "score":
+        if fusion == Fusion.SCORE:
             self.score = nn.Sequential(
                 nn.Linear(text_dim, config.text_projection), nn.Tanh(), nn.Linear(config.text_projection, 1)
             )
@@ -166,21 +174,21 @@ class TextFusion(nn.Module):
             else:  # W_u of the first layer: its pre-activation gets W_u u (see the module docstring)
                 first = config.hidden[0] if config.hidden else 1
                 self.into_mlp = nn.Linear(config.text_projection, first, bias=False)
-        if fusion == "gate":
+        if fusion == Fusion.GATE:
             self.gate = nn.Linear(base_dim, config.text_projection)
 
     def output_layer(self) -> nn.Linear | None:
         """The layer through which the fusion reaches the logit from nothing: zero at a warm start."""
-        if self.fusion == "score":
+        if self.fusion == Fusion.SCORE:
             return self.score[-1]
         return getattr(self, "into_mlp", None)
 
     def supplementary(self, text_vector: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The LM's contribution: a logit (score) or the vector that joins the MLP input."""
-        if self.fusion == "score":
+        if self.fusion == Fusion.SCORE:
             return self.score(text_vector).squeeze(-1)
         projected = self.project(text_vector)
-        if self.fusion == "gate":
+        if self.fusion == Fusion.GATE:
             projected = torch.sigmoid(self.gate(base)) * projected
         return projected
 
@@ -210,7 +218,7 @@ class CtrModel(nn.Module):
         if self.fusion is None or text_vector is None:
             return self.tower(base)
         extra = self.fusion.supplementary(text_vector, base)
-        if self.fusion.fusion == "score":
+        if self.fusion.fusion == Fusion.SCORE:
             return self.tower(base) + extra
         if self.fusion.extra_dim:
             return self.tower(torch.cat([base, extra], dim=1))

@@ -171,9 +171,12 @@ class Placement:
 CPU = Placement()
 
 
-def placement_of(config: Mapping[str, Any]) -> Placement:
-    """The placement a merged config's top-level `device` and `precision` keys name (absent: auto)."""
-    return Placement.resolve(config.get("device", "auto"), config.get("precision", "auto"))
+def placement_of(config: Mapping[str, Any] | Any) -> Placement:
+    """The placement a config's top-level `device` and `precision` name (absent: auto): a mapping's
+    keys, or a `TrainConfig`'s fields."""
+    if isinstance(config, Mapping):
+        return Placement.resolve(config.get("device", "auto"), config.get("precision", "auto"))
+    return Placement.resolve(config.device, config.precision)
 
 
 def without_placement(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,10 +31,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nlpctr.atomic import write_atomic
+from nlpctr.config_files import is_integer
 from nlpctr.errors import UserError
 from nlpctr.models import ceilings, metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
-from nlpctr.models.ctr_net import CtrModel
+from nlpctr.models.ctr_net import CtrModel, Fusion
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.text_batches import TextBatcher, has_query
@@ -47,7 +49,7 @@ FEATURE_KD_HISTORY = "history.json"
 def student_encoder(teacher: TextEncoder, layers: int) -> TextEncoder:
     """A trainable k-layer encoder with the teacher's embeddings, first k layers, pooling and length."""
     teacher_layers = teacher.config.layers
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= teacher_layers:
+    if not is_integer(layers) or not 1 <= layers <= teacher_layers:
         raise UserError(
             f"student layers must be an integer in 1..{teacher_layers} (the teacher's), got {layers!r}"
         )
@@ -82,7 +84,7 @@ def supplementary_outputs(
     if fusion is None:
         raise UserError("the teacher has no text fusion: distil from a joint (E3) run")
     vectors = pooled_vectors(lm, data, index)
-    if fusion.fusion != "score":
+    if fusion.fusion != Fusion.SCORE:
         return vectors
     fusion.eval()
     with torch.inference_mode():
@@ -135,7 +137,7 @@ def fit_joint_student(
         assert fusion is not None
 
         def distill_loss(text_index: torch.Tensor, text_vector: torch.Tensor) -> torch.Tensor:
-            output = fusion.score(text_vector).squeeze(-1) if fusion.fusion == "score" else text_vector
+            output = fusion.score(text_vector).squeeze(-1) if fusion.fusion == Fusion.SCORE else text_vector
             return distill_weight * nn.functional.mse_loss(output, teacher[text_index])
 
         auxiliary = distill_loss
@@ -249,8 +251,9 @@ def fit_feature_kd(
             save_checkpoint(lm.state_dict(), weights)  # whole or not at all
         else:
             stale += 1
-    (checkpoint_dir / FEATURE_KD_HISTORY).write_text(
-        json.dumps({"best_epoch": best_epoch, "history": history}, indent=2)
+    write_atomic(
+        checkpoint_dir / FEATURE_KD_HISTORY,
+        json.dumps({"best_epoch": best_epoch, "history": history}, indent=2),
     )
     lm.load_state_dict(load_checkpoint(weights, lm.device))
     lm.eval()

@@ -33,6 +33,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
+from nlpctr.config_files import check_integer, is_integer
 from nlpctr.errors import UserError
 from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder_source import (
@@ -102,7 +103,7 @@ class EncoderConfig:
         if self.layers is None:
             object.__setattr__(self, "layers", source.depth)
         depth = source.depth
-        if isinstance(self.layers, bool) or not isinstance(self.layers, int):
+        if not is_integer(self.layers):
             raise UserError(f"encoder layers must be an integer in 1..{depth}, got {self.layers!r}")
         if not 1 <= self.layers <= depth:
             raise UserError(
@@ -110,15 +111,13 @@ class EncoderConfig:
             )
         if self.pooling not in _POOLINGS:
             raise UserError(f"encoder pooling must be one of {', '.join(_POOLINGS)}, got {self.pooling!r}")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
+        if not is_integer(self.max_length):
             raise UserError(f"encoder max_length must be an integer, got {self.max_length!r}")
         longest = min(_MAX_POSITIONS, source.max_tokens)
         if not 2 < self.max_length <= longest:
             raise UserError(f"encoder max_length must be in 3..{longest}, got {self.max_length}")
         if self.trainable_layers is not None and (
-            isinstance(self.trainable_layers, bool)
-            or not isinstance(self.trainable_layers, int)
-            or self.trainable_layers < 0
+            not is_integer(self.trainable_layers) or self.trainable_layers < 0
         ):
             raise UserError(
                 f"encoder trainable_layers must be null or an integer >= 0, got {self.trainable_layers!r}"
@@ -131,12 +130,7 @@ class EncoderConfig:
             raise UserError(
                 f"encoder cache_dtype must be one of {', '.join(_CACHE_DTYPES)}, got {self.cache_dtype!r}"
             )
-        if (
-            isinstance(self.cache_max_mb, bool)
-            or not isinstance(self.cache_max_mb, int)
-            or self.cache_max_mb < 0
-        ):
-            raise UserError(f"encoder cache_max_mb must be an integer >= 0, got {self.cache_max_mb!r}")
+        check_integer("encoder cache_max_mb", self.cache_max_mb, low=0)
         if self.autocast not in (None, "bfloat16"):
             raise UserError(f"encoder autocast must be null or bfloat16, got {self.autocast!r}")
         if self.pair_reading not in ("cross", "separate"):

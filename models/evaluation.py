@@ -1,29 +1,43 @@
 """Test-split reports: one model's metrics, and a model's paired delta over a baseline.
 
 Both resample the same group bootstrap (`metrics.Draws`), so a run's CI and its delta's CI come
-from the same draws; `evaluation` is the run configuration's `evaluation:` section.
+from the same draws; `EvaluationConfig` is the run configuration's `evaluation:` section.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from nlpctr.config_files import check_integer
 from nlpctr.models import metrics
 
 
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """`evaluation:`: the test report's bootstrap and calibration."""
+
+    bootstrap_rounds: int = 1000
+    bootstrap_seed: int = 0
+    calibration_bins: int = 15
+
+    def __post_init__(self) -> None:
+        check_integer("evaluation.bootstrap_rounds", self.bootstrap_rounds)
+        check_integer("evaluation.calibration_bins", self.calibration_bins)
+        check_integer("evaluation.bootstrap_seed", self.bootstrap_seed, low=0)
+
+
 def metric_report(
-    labels: metrics.Labels, predictions: np.ndarray, train_ctr: float, evaluation: Mapping[str, Any]
+    labels: metrics.Labels, predictions: np.ndarray, train_ctr: float, evaluation: EvaluationConfig
 ) -> dict[str, Any]:
     """AUC, GAUC, log loss, RIG (with group-bootstrap CIs) and calibration of one split."""
-    draws = metrics.Draws.for_labels(
-        labels, int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
-    )
+    draws = metrics.Draws.for_labels(labels, evaluation.bootstrap_rounds, evaluation.bootstrap_seed)
     result = metrics.resample(labels, predictions, draws)
     auc, rig, gauc = (metrics.Interval.of(*result.value(m, train_ctr)) for m in ("auc", "rig", "gauc"))
-    bins = int(evaluation["calibration_bins"])
+    bins = evaluation.calibration_bins
     return {
         "rows": len(predictions),
         "impressions": int(labels.impressions.sum()),
@@ -48,12 +62,10 @@ def paired_delta(
     predictions: np.ndarray,
     baseline: np.ndarray,
     train_ctr: float,
-    evaluation: Mapping[str, Any],
+    evaluation: EvaluationConfig,
 ) -> dict[str, Any]:
     """ΔAUC, ΔRIG, ΔGAUC of a model over a baseline on the same rows, paired group bootstrap."""
-    draws = metrics.Draws.for_labels(
-        labels, int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
-    )
+    draws = metrics.Draws.for_labels(labels, evaluation.bootstrap_rounds, evaluation.bootstrap_seed)
     model, base = (metrics.resample(labels, p, draws) for p in (predictions, baseline))
     intervals = {}
     for metric in ("auc", "rig", "gauc"):

@@ -34,7 +34,8 @@ from transformers import AutoModel, AutoTokenizer
 from nlpctr.errors import UserError
 from nlpctr.models import distill
 from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
-from nlpctr.models.config import encoder_config
+from nlpctr.models.config import Mode, TrainConfig
+from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.encoder import TextEncoder, pool
 from nlpctr.models.runs import RESULTS_FILE, RUN_FILE, StudentMeta, TrainedRun, build_scorer
 from nlpctr.models.text_batches import Pair, TextBatcher, pair_text
@@ -43,7 +44,6 @@ HEAD_WEIGHTS = "click_head.safetensors"
 HEAD_FILE = "click_head.json"
 EXPORT_FILE = "nlpctr_export.json"  # what the export came from, and its checks
 ONNX_FILE = "model.onnx"
-LM_MODES = ("cascade-finetuned", "joint")
 
 
 @dataclass
@@ -99,16 +99,16 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
     """
     spec = json.loads((run_dir / RUN_FILE).read_text())
     mode = spec["mode"]
-    if mode not in LM_MODES:
+    if not Mode(mode).trains_lm:
         raise UserError(
             f"run {run_dir.name} is a {mode} run: it has no LM to export; export a cascade-finetuned "
             "or joint run, or a student of the experiment (RUNS/_students/<key>)"
         )
-    if mode == "joint":
+    if mode == Mode.JOINT:
         run = TrainedRun.load(run_dir)
         assert run.lm is not None and run.model.fusion is not None
         fusion = run.model.fusion
-        score = fusion.fusion == "score"
+        score = fusion.fusion == Fusion.SCORE
         head = _sequential(fusion.score if score else fusion.project)
         what = (
             "the supplementary logit it adds to E0's"
@@ -133,12 +133,13 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
     if not chosen or not checkpoint.is_file():
         raise UserError(f"{run_dir} has no chosen LM checkpoint ({checkpoint}); train the run again")
     state = load_checkpoint(checkpoint, fix=f"delete the run and retrain it (`rm -r {run_dir}`)")
-    lm = TextEncoder(encoder_config(spec["config"]))
+    config = TrainConfig.from_dict(spec["config"])
+    lm = TextEncoder(config.encoder)
     lm.load_state_dict(state["lm"])
     width = int(
         state["model"]["head.0.weight"].shape[1]
     )  # 3 x the LM's width: a separate reading with queries
-    scorer = build_scorer(spec["config"], width)
+    scorer = build_scorer(config, width)
     scorer.load_state_dict(state["model"])
     description = (
         f"the LM of run {run_dir.name}, fine-tuned alone on clicks (E2) and stopped at its peak "
@@ -179,7 +180,7 @@ def lm_of_student(folder: Path, runs_dir: Path) -> ExportedLM:
     model = copy.deepcopy(teacher.model)
     model.load_state_dict(state["model"])
     assert model.fusion is not None
-    score = model.fusion.fusion == "score"
+    score = model.fusion.fusion == Fusion.SCORE
     head = _sequential(model.fusion.score if score else model.fusion.project)
     description = f"{about} (fusion {model.fusion.fusion}); its head is the student's fusion head"
     return ExportedLM(

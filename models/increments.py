@@ -20,10 +20,10 @@ import torch
 
 from nlpctr.errors import UserError
 from nlpctr.models import ceilings, distill, metrics, redundancy
-from nlpctr.models.config import load_config, loop_config, recipe_config
+from nlpctr.models.config import Mode, load_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.device import CPU, Placement, device_of
-from nlpctr.models.evaluation import metric_report, paired_delta
+from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature
 from nlpctr.models.recipe import fit_recipe, plan
 from nlpctr.models.runs import PREDICTIONS_FILE, TrainedRun, build_model
@@ -51,7 +51,7 @@ class FeatureJudge:
     test_labels: metrics.Labels
     valid_labels: metrics.Labels
     train_ctr: float
-    evaluation: dict[str, Any]
+    evaluation: EvaluationConfig
     e0_p: np.ndarray  # E0's saved test predictions
     e0_valid_auc: float
     e0_inputs: list[np.ndarray]  # E0's design matrix on (train, test) rows
@@ -100,7 +100,7 @@ class FeatureJudge:
             test_labels=test_labels,
             valid_labels=valid_labels,
             train_ctr=float(e0.spec["train_ctr"]),
-            evaluation=e0.spec["config"]["evaluation"],
+            evaluation=e0.config.evaluation,
             e0_p=e0_p,
             e0_valid_auc=e0_valid_auc,
             e0_inputs=[redundancy.e0_design_matrix(data, r) for r in rows],
@@ -172,15 +172,15 @@ class FeatureJudge:
         """A click score per row from the feature's vectors: the score fusion on E0's frozen tower,
         its head alone trained on the fixed vectors by the LM recipe's probe stage (the head the
         probe-only control trains), so the score is what the vectors add to E0."""
-        config = load_config("joint", self.train_config_file, {"lm_loop": {"seed": self.seed}})
-        recipe = replace(recipe_config(config), lm_stage=False)
+        config = load_config(Mode.JOINT, self.train_config_file, {"lm_loop": {"seed": self.seed}})
+        recipe = replace(config.recipe, lm_stage=False)
         if not recipe.probe.epochs:
             raise UserError("scoring a feature needs a probe: give recipe.probe.epochs > 0")
         table = torch.zeros((len(self.data.texts), feature.vector.shape[1]))
         table[self.data.text_index] = torch.as_tensor(feature.vector, dtype=torch.float32)
         model = build_model(self.e0.pre, config, "score", table.shape[1])
         model.warm_start(self.e0.model)
-        lm_loop = replace(loop_config(config, "lm_loop"), early_stop="logloss")
+        lm_loop = replace(config.lm_loop, early_stop="logloss")
         stages = plan(lm_loop, recipe, warm_started=True, has_tower=True, tower_lr=0.0)
         folder = self.runs_dir / "_probes" / feature.name
         shutil.rmtree(folder, ignore_errors=True)  # never resume another feature's probe
@@ -202,7 +202,7 @@ class FeatureJudge:
             frame["nlp_feature__score"] = feature.form(SCORE)
             scores.append("nlp_feature__score")
         columns = FeatureColumns.for_manifest(self.manifest, cascade=cascade, scores=scores)
-        config = load_config("baseline", self.train_config_file, {"loop": {"seed": self.seed}})
+        config = load_config(Mode.BASELINE, self.train_config_file, {"loop": {"seed": self.seed}})
         key = feature.key(form)
         checkpoints = self.runs_dir / "_increments" / key.replace("/", "__")
         shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another feature's weights
@@ -257,7 +257,7 @@ class FeatureJudge:
 
     def conversion(self, student: str, teacher: str) -> dict[str, Any]:
         """The student feature's gain over E0 as a share of the teacher feature's, paired CIs."""
-        rounds, seed = int(self.evaluation["bootstrap_rounds"]), int(self.evaluation["bootstrap_seed"])
+        rounds, seed = self.evaluation.bootstrap_rounds, self.evaluation.bootstrap_seed
         rates = distill.conversion(
             self.test_labels,
             self.increments[student],

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nlpctr.atomic import write_atomic
 from nlpctr.models.report_format import PLOTS, markdown_table, num, sentence
 from nlpctr.models.report_plots import (
     plot_calibration,
@@ -112,7 +113,5 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         provenance = json.dumps(results["provenance"], indent=2, sort_keys=True, default=str)
         lines += ["## Provenance", "", "```json", provenance, "```", ""]
     report = out_dir / "report.md"
-    staged = report.with_suffix(".md.tmp")
-    staged.write_text("\n".join(lines))
-    staged.replace(report)
+    write_atomic(report, "\n".join(lines))
     return [report, *written]

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.models.checkpoints import load_checkpoint
-from nlpctr.models.config import encoder_config, net_config
+from nlpctr.models.config import Mode, TrainConfig
 from nlpctr.models.ctr_net import CtrModel, InputShape
 from nlpctr.models.data import (
     FeatureColumns,
@@ -117,18 +118,16 @@ class Preprocessing:
         )
 
 
-def build_model(
-    pre: Preprocessing, config: Mapping[str, Any], fusion: str | None, text_dim: int = 0
-) -> CtrModel:
+def build_model(pre: Preprocessing, config: TrainConfig, fusion: str | None, text_dim: int = 0) -> CtrModel:
     """The CTR network for these inputs, initialised from the run's seed."""
-    torch.manual_seed(int(config["loop"]["seed"]))
-    return CtrModel(pre.shape, net_config(config), fusion=fusion, text_dim=text_dim)
+    torch.manual_seed(int(config.loop.seed))
+    return CtrModel(pre.shape, config.net, fusion=fusion, text_dim=text_dim)
 
 
-def build_scorer(config: Mapping[str, Any], text_dim: int, base_rate: float | None = None) -> TextScorer:
+def build_scorer(config: TrainConfig, text_dim: int, base_rate: float | None = None) -> TextScorer:
     """E2's click head on the LM's pooled vector, its output bias at `base_rate`'s log-odds."""
-    torch.manual_seed(int(config["lm_loop"]["seed"]))
-    return TextScorer(text_dim, hidden=int(config["lm_head_hidden"]), base_rate=base_rate)
+    torch.manual_seed(int(config.lm_loop.seed))
+    return TextScorer(text_dim, hidden=config.lm_head_hidden, base_rate=base_rate)
 
 
 @dataclass
@@ -137,7 +136,8 @@ class TrainedRun:
     on the device of the placement `load` is given, wherever it was trained."""
 
     directory: Path
-    spec: dict[str, Any]
+    spec: dict[str, Any]  # its run.json
+    config: TrainConfig  # its training configuration (run.json's `config`)
     pre: Preprocessing
     model: CtrModel
     lm: TextEncoder | None
@@ -157,16 +157,17 @@ class TrainedRun:
             )
         spec = json.loads(path.read_text())
         pre = Preprocessing.from_json(spec["preprocessing"])
+        config = TrainConfig.from_dict(spec["config"])
         state = load_checkpoint(directory / spec["checkpoint"], placement.device)
         lm = None
-        if spec["mode"] == "joint":
-            lm = TextEncoder(encoder_config(spec["config"]), placement=placement)
+        if spec["mode"] == Mode.JOINT:
+            lm = TextEncoder(config.encoder, placement=placement)
             lm.load_state_dict(state["lm"])
         text_dim = TextBatcher(lm, _with_query(spec)).dim if lm is not None else 0
-        model = build_model(pre, spec["config"], spec.get("fusion"), text_dim).to(placement.device)
+        model = build_model(pre, config, spec.get("fusion"), text_dim).to(placement.device)
         model.load_state_dict(state["model"])
         model.eval()
-        return cls(directory, spec, pre, model, lm)
+        return cls(directory, spec, config, pre, model, lm)
 
     def text_batcher(self, data: Tensors | None = None) -> TextBatcher:
         """How this run's LM reads pairs: for `data`'s pairs, or for streamed batches."""
@@ -202,7 +203,7 @@ class StudentMeta:
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / STUDENT_FILE
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_json(path, asdict(self))
         return path
 
     @classmethod

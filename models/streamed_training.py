@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
 from nlpctr.models import metrics, streaming
 from nlpctr.models.checkpoints import CHECKPOINTS
-from nlpctr.models.config import encoder_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.runs import PREDICTIONS_FILE, Preprocessing
@@ -59,7 +59,7 @@ def stream_source(
 def text_batcher(inputs: FitInputs) -> TextBatcher:
     """A trainable LM reading streamed batches: each batch's texts tokenised as they come (rows
     are not all in memory); at inference each text's vector is kept while the weights hold."""
-    lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
+    lm = TextEncoder(inputs.config.encoder, trainable=True, placement=inputs.placement)
     with_query = bool(inputs.manifest["spec"]["columns"].get("query_text"))
     return TextBatcher(lm, with_query)
 
@@ -95,9 +95,8 @@ def streamed_test(
     """In-order passes over the test and the validation shards: the test metrics accumulated and
     each batch's predictions appended to `predictions` (parquet, published when complete),
     nothing else kept. Validation predictions are kept for the controls, compared on validation."""
-    staging = predictions.with_name(f".{predictions.name}.tmp")
     schema = pa.schema([("impression_id", pa.string()), ("split", pa.string()), ("p", pa.float64())])
-    with pq.ParquetWriter(staging, schema) as writer:
+    with atomic_path(predictions) as staging, pq.ParquetWriter(staging, schema) as writer:
 
         def writer_of(split: str) -> Callable[[Tensors, np.ndarray], None]:
             def write(batch: Tensors, p: np.ndarray) -> None:
@@ -108,7 +107,6 @@ def streamed_test(
 
         scored = scored_split(model, source, "test", texts, writer_of("test"))
         scored_split(model, source, "valid", texts, writer_of("valid"))
-    staging.replace(predictions)
     return scored
 
 
@@ -124,12 +122,9 @@ def train_streaming(
     _, impressions, clicks = streaming.split_totals(source.root, "train")
     ctr_train = clicks / max(impressions, 1)
     scored = streamed_test(model, source, texts, run_dir / PREDICTIONS_FILE)
-    evaluation = inputs.config["evaluation"]
+    evaluation = inputs.config.evaluation
     report = scored.report(
-        ctr_train,
-        int(evaluation["bootstrap_rounds"]),
-        int(evaluation["bootstrap_seed"]),
-        int(evaluation["calibration_bins"]),
+        ctr_train, evaluation.bootstrap_rounds, evaluation.bootstrap_seed, evaluation.calibration_bins
     )
     return pre, model, texts, result, report, ctr_train
 

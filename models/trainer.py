@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nlpctr.config_files import check_integer, is_number
 from nlpctr.errors import UserError
 from nlpctr.models import metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
@@ -87,29 +88,14 @@ class LoopConfig:
             "evals_per_epoch": self.evals_per_epoch,
         }
         for name, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.eval_every_steps is not None and (
-            isinstance(self.eval_every_steps, bool)
-            or not isinstance(self.eval_every_steps, int)
-            or self.eval_every_steps < 0
-        ):
-            raise UserError(f"eval_every_steps must be an integer >= 0, got {self.eval_every_steps!r}")
+            check_integer(name, value)
+        if self.eval_every_steps is not None:
+            check_integer("eval_every_steps", self.eval_every_steps, low=0)
         for name in ("lr", "lm_lr", "weight_decay"):
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
+            if not is_number(value) or not math.isfinite(value) or value < 0:
                 raise UserError(f"{name} must be a number >= 0, got {value!r}")
-        if (
-            isinstance(self.warmup_steps, bool)
-            or not isinstance(self.warmup_steps, int)
-            or self.warmup_steps < 0
-        ):
-            raise UserError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        check_integer("warmup_steps", self.warmup_steps, low=0)
         if self.decay not in DECAYS:
             raise UserError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if self.early_stop not in ("logloss", "auc"):

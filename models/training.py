@@ -21,7 +21,8 @@ from nlpctr.errors import UserError
 from nlpctr.layout import LmFeatureMeta, pair_key_columns
 from nlpctr.models import metrics
 from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
-from nlpctr.models.config import encoder_config, loop_config, recipe_config
+from nlpctr.models.config import TrainConfig
+from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
 from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder import TextEncoder
@@ -47,7 +48,7 @@ class FitInputs:
     """What a CTR fit reads besides its rows, in memory or streamed."""
 
     manifest: dict[str, Any]  # the data folder's (its group column)
-    config: dict[str, Any]  # the merged train config
+    config: TrainConfig
     fill_ctr: float  # the CTR that stands in for missing history
     fusion: str | None = None  # joint: how the trainable LM joins the tower
     progress: bool = True
@@ -76,7 +77,7 @@ def fit_ctr(
     data = pre.tensorize(frame)
     texts = None
     if inputs.fusion:
-        lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
+        lm = TextEncoder(inputs.config.encoder, trainable=True, placement=inputs.placement)
         texts = TextBatcher.for_data(lm, data)
     model, result = fit_model(pre, data, texts, inputs, checkpoints)
     return pre, data, model, texts, result
@@ -85,19 +86,19 @@ def fit_ctr(
 def train_model(
     model: torch.nn.Module,
     data: BatchSource,
-    config: dict[str, Any],
+    config: TrainConfig,
     checkpoints: Path,
     texts: TextBatcher | None,
     warm_started: bool,
     progress: bool,
 ) -> FitResult:
     """`models.trainer.fit`, or the LM recipe (`models.recipe`) for a model with an LM (E3)."""
-    loop = loop_config(config)
+    loop = config.loop
     if texts is None:
         return fit(model, data, loop, checkpoints, progress=progress)
     stages = plan(
-        replace(loop_config(config, "lm_loop"), early_stop="logloss"),
-        recipe_config(config),
+        replace(config.lm_loop, early_stop="logloss"),
+        config.recipe,
         warm_started=warm_started,
         has_tower=True,
         tower_lr=loop.lr,
@@ -183,10 +184,10 @@ def fit_lm_alone(
     then the LM stage on `lm_loop`'s budget), every LM-stage evaluation checkpointed under
     `run_dir/checkpoints/lm/stage1` and the peak-validation-AUC one kept; in memory or streamed."""
     scorer = build_scorer(inputs.config, texts.dim, inputs.fill_ctr).to(inputs.placement.device)
-    recipe = recipe_config(inputs.config)
+    recipe = inputs.config.recipe
     if not recipe.lm_stage:
         raise UserError("cascade-finetuned fine-tunes its LM: recipe.lm_stage must be true")
-    lm_loop = replace(loop_config(inputs.config, "lm_loop"), early_stop="auc", keep_checkpoints=True)
+    lm_loop = replace(inputs.config.lm_loop, early_stop="auc", keep_checkpoints=True)
     stages = plan(lm_loop, recipe, warm_started=True, has_tower=False, tower_lr=0.0)
     result = fit_recipe(scorer, data, stages, run_dir / CHECKPOINTS / "lm", texts, inputs.progress)
     return scorer, result
@@ -205,7 +206,7 @@ def write_lm_checkpoints(
     result: FitResult,
     rows: pd.DataFrame,
     test_auc: float,
-    config: dict[str, Any],
+    config: TrainConfig,
     run_dir: Path,
     data_dir: Path,
     slug: str,
@@ -214,7 +215,7 @@ def write_lm_checkpoints(
     """E2 step 2: every LM-stage checkpoint's score and pooled vector per text pair of `rows` (a
     frame with the pair columns: the training frame, or the unique pairs of its shards); the peak
     validation AUC one published. The scorer and LM end with the chosen checkpoint's weights."""
-    encoder = encoder_config(config)
+    encoder = config.encoder
     pairs = text_pairs(rows)
     root = lm_feature_root(data_dir, slug)
     with_query = has_query_text(rows)
@@ -262,7 +263,7 @@ def train_lm_alone(
     columns = FeatureColumns.for_manifest(manifest)
     pre = Preprocessing.fit(frame, columns, manifest["group"], inputs.fill_ctr)
     data = pre.tensorize(frame)
-    lm = TextEncoder(encoder_config(inputs.config), trainable=True, placement=inputs.placement)
+    lm = TextEncoder(inputs.config.encoder, trainable=True, placement=inputs.placement)
     texts = TextBatcher.for_data(lm, data)
     scorer, result = fit_lm_alone(data, texts, inputs, run_dir)
     test = data.rows("test")
@@ -279,7 +280,7 @@ def write_joint_features(
     model: torch.nn.Module,
     texts: TextBatcher,
     frame: pd.DataFrame,
-    config: dict[str, Any],
+    config: TrainConfig,
     data_dir: Path,
     slug: str,
     best_step: int,
@@ -289,10 +290,10 @@ def write_joint_features(
     or concat's and gate's projection) per text pair, published as the view `lm_<run>`."""
     fusion = model.fusion
     assert fusion is not None
-    head = {"lm_score": fusion.score} if fusion.fusion == "score" else {"supplementary": fusion.project}
+    head = {"lm_score": fusion.score} if fusion.fusion == Fusion.SCORE else {"supplementary": fusion.project}
     pairs = text_pairs(frame)
     outputs = lm_outputs(texts, head, pairs_of(pairs))
-    encoder = encoder_config(config)
+    encoder = config.encoder
     chosen = f"step-{best_step}"
     version = f"{slug}@{chosen}/joint-{fusion.fusion}/{encoder.version}/nlpctr=={nlpctr.__version__}"
     with_query = has_query_text(frame)

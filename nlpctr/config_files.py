@@ -184,3 +184,23 @@ def check_keys(given: Mapping[str, Any], schema: Schema, what: str, where: str =
                     f"`{key}: {{...}}` or leave it out"
                 )
             check_keys(value, section, what, path)
+
+
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (YAML's `true` is an int to Python, and no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_integer(name: str, value: Any, low: int = 1) -> None:
+    """Refuse anything but an integer >= `low`.
+
+    Raises:
+        UserError: "`name` must be an integer >= `low`, got <value>".
+    """
+    if not is_integer(value) or value < low:
+        raise UserError(f"{name} must be an integer >= {low}, got {value!r}")

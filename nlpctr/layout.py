@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -119,7 +120,7 @@ def check_splits(manifest: Mapping[str, Any], data_dir: Path) -> None:
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
     """Write `manifest` as FOLDER/manifest.json (sorted keys: runs diff cleanly); returns its path."""
     path = Path(folder) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(path, manifest)
     return path
 
 
@@ -166,7 +167,7 @@ class LmFeatureMeta:
     def write(self, folder: Path) -> Path:
         """Write FOLDER/_meta.json (the run's folder, above its checkpoint folders); returns its path."""
         path = Path(folder) / LM_META
-        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        write_json(path, self.to_json())
         return path
 
     @staticmethod

@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,10 @@ from nlpctr.errors import UserError
 from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, read_manifest
 from nlpctr.models.schema import SPLITS
 from nlpctr.pipelines.loopback import run_to_completion
-from nlpctr.pipelines.outputs import publish, staging_dir
-from nlpctr.pipelines.ownership import claim_output_dir
+from nlpctr.pipelines.outputs import staged_output
 
 TRAIN = SPLITS[0]
+JOB = "ctr-stats"
 
 
 def smoothed_ctr(clicks: float, impressions: float, prior_ctr: float, prior_strength: float) -> float:
@@ -251,57 +251,112 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+@dataclass(frozen=True)
+class CtrStatsRequest:
+    """One `nlpctr ctr-stats` run.
+
+    Raises:
+        UserError: a prior strength that is not a positive finite number (NaN or infinity would
+            make every CTR feature NaN, or the prior, and training would report metrics on them).
+    """
+
+    data: Path  # a prepared dataset folder
+    prior_strength: float = 10.0  # pseudo-impressions of the global training CTR
+    beam: tuple[str, ...] = ()  # Beam pipeline options
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.prior_strength) and self.prior_strength > 0):
+            raise UserError(
+                "--prior-strength must be a positive finite number of pseudo-impressions, "
+                f"got {self.prior_strength}"
+            )
+
+
+@dataclass(frozen=True)
+class CtrStatsSummary:
+    """What a ctr-stats run wrote: its meta file's values (`ctr_history/_meta.json`), timed."""
+
+    entities: tuple[str, ...]
+    prior_strength: float
+    global_ctr: float  # the CTR of the training rows, what a never-seen key gets
+    train_impressions: int
+    train_clicks: int
+    snapshot_timestamp: str  # ISO-8601: the earliest impression, every entity row's stamp
+    wall_seconds: float
+    summary: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "entities": list(self.entities)}
+
+
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    """Run the CTR-history job; returns its meta and a `summary` line. Raises UserError for a
-    user's mistake. `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the
-    Beam options, as in Beam's own examples."""
+    """`nlpctr ctr-stats`: the flags as a `CtrStatsRequest` to `ctr_stats`; returns its meta and a
+    `summary` line. `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam
+    options, as in Beam's own examples."""
     args, beam_args = parse_args(argv)
-    if not (math.isfinite(args.prior_strength) and args.prior_strength > 0):
-        # NaN or infinity would make every CTR feature NaN (or the prior), and training would
-        # report metrics on them.
-        raise UserError(
-            "--prior-strength must be a positive finite number of pseudo-impressions, "
-            f"got {args.prior_strength}"
-        )
-    data_dir: Path = args.data.resolve()
+    request = CtrStatsRequest(args.data, args.prior_strength, tuple(beam_args))
+    return ctr_stats(request, test_pipeline).to_dict()
+
+
+def ctr_stats(request: CtrStatsRequest, test_pipeline: beam.Pipeline | None = None) -> CtrStatsSummary:
+    """CTR history per entity of a prepared folder, from its training rows only.
+
+    Args:
+        request: the folder and the prior's strength.
+        test_pipeline: replaces the pipeline built from `request.beam` (tests).
+
+    Returns:
+        The meta file's values and a one-line summary.
+
+    Raises:
+        UserError: the folder is not prepared, a damaged file (named with its fix), or an output
+            folder that is not the job's to replace.
+    """
+    data_dir = Path(request.data).resolve()
     manifest = read_manifest(data_dir)
     with prepared.reading(data_dir, [IMPRESSIONS]):  # a damaged file named, with its fix
-        return _run(args, beam_args, data_dir, manifest, test_pipeline)
+        return _ctr_stats(request, data_dir, manifest, test_pipeline)
 
 
-def _run(
-    args: argparse.Namespace,
-    beam_args: list[str],
-    data_dir: Path,
-    manifest: dict[str, Any],
-    test_pipeline: beam.Pipeline | None,
-) -> dict[str, Any]:
+def _ctr_stats(
+    request: CtrStatsRequest, data_dir: Path, manifest: dict[str, Any], test_pipeline: beam.Pipeline | None
+) -> CtrStatsSummary:
     entities = tuple(manifest["entities"])
     columns = ["impression_id", "event_timestamp", "split", "impressions", "clicks", *entities]
+    # Before any work: each output is new, empty or this job's earlier output; both are swapped
+    # in together, so a crash before that leaves the old ones untouched.
     outputs = (CTR_HISTORY, CTR_HISTORY_ROWS)
-    for name in outputs:  # before any work: each is new, empty or this job's earlier output
-        claim_output_dir(data_dir / name, "ctr-stats", flag=f"--data {data_dir}:")
-    staging = staging_dir(data_dir / "ctr_stats", "--data")
-    started = time.perf_counter()
-    try:
+    with staged_output(
+        data_dir, JOB, flag="--data", claim_flag=f"--data {data_dir}:", parts=outputs
+    ) as staging:
+        started = time.perf_counter()
         pattern = str(data_dir / IMPRESSIONS / "*.parquet")
         pipeline = (
-            test_pipeline if test_pipeline is not None else beam.Pipeline(options=PipelineOptions(beam_args))
+            test_pipeline
+            if test_pipeline is not None
+            else beam.Pipeline(options=PipelineOptions(list(request.beam)))
         )
         _ = pipeline | "CtrHistory" >> CtrHistory(
-            lambda: beam.io.ReadFromParquet(pattern, columns=columns), entities, args.prior_strength, staging
+            lambda: beam.io.ReadFromParquet(pattern, columns=columns),
+            entities,
+            request.prior_strength,
+            staging,
         )
         run_to_completion(pipeline)
-        # Swap both outputs in together: a crash before this leaves the old ones untouched.
-        for name in outputs:
-            publish(staging / name, data_dir / name, "ctr-stats")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     meta = json.loads((data_dir / CTR_HISTORY / CTR_META).read_text())
     wall = time.perf_counter() - started
     summary = (
         f"ctr-stats {manifest['dataset']}: {len(entities)} entities ({', '.join(entities)}), "
-        f"global train CTR {meta['global_ctr']:.4f}, prior strength {args.prior_strength:g}; "
+        f"global train CTR {meta['global_ctr']:.4f}, prior strength {request.prior_strength:g}; "
         f"{wall:.1f} s -> {data_dir / CTR_HISTORY}"
     )
-    return {**meta, "wall_seconds": round(wall, 3), "summary": summary}
+    return CtrStatsSummary(
+        entities=tuple(meta["entities"]),
+        prior_strength=meta["prior_strength"],
+        global_ctr=meta["global_ctr"],
+        train_impressions=meta["train_impressions"],
+        train_clicks=meta["train_clicks"],
+        snapshot_timestamp=meta["snapshot_timestamp"],
+        wall_seconds=round(wall, 3),
+        summary=summary,
+    )

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from nlpctr.models import claims, distill
-from nlpctr.models.config import loop_config
+from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.data import Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature, feature_key
 from nlpctr.models.runs import STUDENTS, StudentMeta, TrainedRun
 from nlpctr.models.text_batches import TextBatcher, pair_units
-from nlpctr.models.trainer import predict
+from nlpctr.models.trainer import LoopConfig, predict
 
 if TYPE_CHECKING:  # (the protocol calls this stage; a runtime import would be circular)
     from nlpctr.models.increments import FeatureJudge
@@ -62,14 +62,14 @@ def student_feature(
     teacher_name = teacher.directory.name
     rows_of_text = data.text_index.numpy()
     if method == "featurekd":
-        text_loop = loop_config({"loop": {**settings["feature_kd"], "seed": exp.seed}})
+        text_loop = LoopConfig(**{**settings["feature_kd"], "seed": exp.seed})
         student = distill.fit_feature_kd(
             teacher.lm, data, layers, text_loop, folder, targets.vectors, exp.progress
         )
         vectors = distill.pooled_vectors(student.lm, data).cpu().numpy()[rows_of_text]
         StudentMeta(key, method, layers, teacher_name, distill.FEATURE_KD_WEIGHTS).write(folder)
         return NlpFeature(key, "student", vectors), np.empty(0), student.lm
-    joint_loop = loop_config({"loop": {**settings["loop"], "seed": exp.seed}})
+    joint_loop = LoopConfig(**{**settings["loop"], "seed": exp.seed})
     weight = float(settings["weight"]) if method == "sukd" else 0.0
     joint = distill.fit_joint_student(
         teacher.model,
@@ -86,7 +86,7 @@ def student_feature(
     vectors = distill.pooled_vectors(joint.lm, data)
     score = None
     assert joint.model.fusion is not None
-    if joint.model.fusion.fusion == "score":  # its own click head: the student's supplementary score
+    if joint.model.fusion.fusion == Fusion.SCORE:  # its own click head: the student's supplementary score
         joint.model.fusion.eval()
         with torch.inference_mode():
             score = joint.model.fusion.score(vectors).squeeze(-1).cpu().numpy()[rows_of_text]

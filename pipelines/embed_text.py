@@ -34,9 +34,9 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,8 +55,7 @@ from nlpctr.models.encoder import EncoderConfig, TextEncoder, load_tokenizer, to
 from nlpctr.models.encoder_source import DEFAULT_ENCODER
 from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.loopback import run_to_completion
-from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
-from nlpctr.pipelines.ownership import claim_output_dir
+from nlpctr.pipelines.outputs import WriteCounts, read_counts, staged_output
 from nlpctr.pipelines.unique_texts import INPUT_COLUMNS, ReadUniqueTexts, TextIdCollision, UniqueText
 
 LOG = logging.getLogger(__name__)
@@ -380,50 +379,126 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    """Run the embedding job; returns its summary. Raises UserError for a user's mistake.
+@dataclass(frozen=True)
+class EmbedRequest:
+    """One `nlpctr embed` run: which encoder embeds which prepared folder, and how.
 
+    Raises:
+        UserError: a batch size or thread count below 1.
+    """
+
+    data: Path  # a prepared dataset folder (holds impressions/)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    batch_size: int = 64  # texts per forward pass
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda or cuda:N
+    torch_threads: int | None = None  # per worker process (None: cores / DirectRunner workers)
+    group_by_length: bool = True  # batch texts of similar token length together
+    num_shards: int = 0  # output files (0: the runner decides)
+    beam: tuple[str, ...] = ()  # Beam pipeline options
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise UserError(f"--torch-threads must be >= 1, got {self.torch_threads}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, beam: Sequence[str]) -> EmbedRequest:
+        encoder = EncoderConfig(
+            layers=args.layers, pooling=args.pooling, max_length=args.max_length, name=args.encoder
+        )
+        return cls(
+            data=args.data,
+            encoder=encoder,
+            batch_size=args.batch_size,
+            device=args.device,
+            torch_threads=args.torch_threads,
+            group_by_length=not args.no_length_grouping,
+            num_shards=args.num_shards,
+            beam=tuple(beam),
+        )
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    """What an embedding run wrote and what its forward passes cost."""
+
+    encoder_version: str
+    out: str  # the embedding folder, DIR/embeddings/<slug>/
+    unique_texts: int
+    text_id_collisions: int  # ids two texts share: dead letters, not embedded
+    rows_written: int
+    forward_passes: int
+    texts_encoded: int
+    batch_size: int
+    device: str
+    group_by_length: bool
+    real_tokens: int
+    token_slots: int  # rows x padded length, over every batch
+    padding_ratio: float
+    wall_seconds: float
+    texts_per_second: float
+    # Summed over worker processes: the encoder's own rate, without Beam's overhead.
+    forward_seconds: float
+    forward_texts_per_second: float
+    summary: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """`nlpctr embed`: the flags as an `EmbedRequest` to `embed`; returns its summary.
     `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
     Beam's own examples."""
     args, beam_args = parse_args(argv)
-    config = EncoderConfig(
-        layers=args.layers, pooling=args.pooling, max_length=args.max_length, name=args.encoder
-    )
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.torch_threads is not None and args.torch_threads < 1:
-        raise UserError(f"--torch-threads must be >= 1, got {args.torch_threads}")
-    options = PipelineOptions(beam_args)
-    device = launch_device(args.device, options)
-    data: Path = args.data.resolve()
+    return embed(EmbedRequest.from_args(args, beam_args), test_pipeline).to_dict()
+
+
+def embed(request: EmbedRequest, test_pipeline: beam.Pipeline | None = None) -> EmbedSummary:
+    """Embed every unique query and ad text of a prepared folder once, into
+    `DIR/embeddings/<slug>/`.
+
+    Args:
+        request: the folder, the encoder and how to batch and place it.
+        test_pipeline: replaces the pipeline built from `request.beam` (tests).
+
+    Returns:
+        The counts (one forward per unique text, checked), the padding and the rates.
+
+    Raises:
+        UserError: no impressions (or no texts) in the folder, a damaged file (named with its
+            fix), a device that is not there, or an output folder that is not the job's.
+    """
+    options = PipelineOptions(list(request.beam))
+    device = launch_device(request.device, options)
+    data = Path(request.data).resolve()
     with prepared.reading(data, [IMPRESSIONS]):  # a damaged file named, with its fix
-        return _embed(args, options, device, config, data, test_pipeline)
+        return _embed(request, options, device, data, test_pipeline)
 
 
 def _embed(
-    args: argparse.Namespace,
+    request: EmbedRequest,
     options: PipelineOptions,
     device: str,
-    config: EncoderConfig,
     data: Path,
     test_pipeline: beam.Pipeline | None,
-) -> dict[str, Any]:
+) -> EmbedSummary:
+    config = request.encoder
     pattern = check_impressions(data)
-    out = claim_output_dir(embeddings_dir(data, config.slug), "embed", flag=f"--data {data}:")
-    handler = TextEncoderModelHandler(
-        config, torch_threads=args.torch_threads or default_torch_threads(options), device=device
-    )
-    staging = staging_dir(out, "--data")
-    started = time.perf_counter()
-    try:
+    out = embeddings_dir(data, config.slug)
+    threads = request.torch_threads or default_torch_threads(options)
+    handler = TextEncoderModelHandler(config, torch_threads=threads, device=device)
+    with staged_output(out, "embed", flag="--data", claim_flag=f"--data {data}:") as staging:
+        started = time.perf_counter()
         pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
         _ = pipeline | "EmbedUniqueTexts" >> EmbedUniqueTexts(
             pattern,
             staging,
             handler,
-            args.batch_size,
-            group_by_length=not args.no_length_grouping,
-            num_shards=args.num_shards,
+            request.batch_size,
+            group_by_length=request.group_by_length,
+            num_shards=request.num_shards,
         )
         run_to_completion(pipeline)
         wall = time.perf_counter() - started
@@ -455,39 +530,47 @@ def _embed(
             "device": device,
         }
         (staging / EMBEDDINGS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        publish(staging, out, "embed")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return embed_summary(request, device, out, counts, wall)
+
+
+def embed_summary(
+    request: EmbedRequest, device: str, out: Path, counts: dict[str, float], wall: float
+) -> EmbedSummary:
+    """The run's summary from the counts its pipeline summed."""
+    unique, encoded = int(counts.get("unique_texts", 0)), int(counts.get("texts_encoded", 0))
+    rows, collisions = int(counts.get("rows_written", 0)), int(counts.get("text_id_collisions", 0))
     slots = counts.get("token_slots", 0)
     forward_seconds = counts.get("forward_seconds", 0.0)
-    summary = {
-        "encoder_version": config.version,
-        "out": str(out),
-        "unique_texts": unique,
-        "text_id_collisions": collisions,
-        "rows_written": rows,
-        "forward_passes": int(counts.get("forward_passes", 0)),
-        "texts_encoded": encoded,
-        "batch_size": args.batch_size,
-        "device": device,
-        "group_by_length": not args.no_length_grouping,
-        "real_tokens": int(counts.get("real_tokens", 0)),
-        "token_slots": int(slots),
-        "padding_ratio": (1.0 - counts.get("real_tokens", 0) / slots) if slots else 0.0,
-        "wall_seconds": wall,
-        "texts_per_second": unique / wall if wall > 0 else 0.0,
-        # Summed over worker processes: the encoder's own rate, without Beam's overhead.
-        "forward_seconds": forward_seconds,
-        "forward_texts_per_second": encoded / forward_seconds if forward_seconds > 0 else 0.0,
-    }
-    summary["summary"] = (
-        f"embedded {unique} unique texts in {summary['forward_passes']} forward passes "
-        f"(padding {summary['padding_ratio']:.1%}) -> {rows} rows, {wall:.1f} s, "
-        f"{summary['texts_per_second']:.0f} texts/s -> {out}"
+    forward_passes = int(counts.get("forward_passes", 0))
+    padding_ratio = (1.0 - counts.get("real_tokens", 0) / slots) if slots else 0.0
+    texts_per_second = unique / wall if wall > 0 else 0.0
+    summary = (
+        f"embedded {unique} unique texts in {forward_passes} forward passes "
+        f"(padding {padding_ratio:.1%}) -> {rows} rows, {wall:.1f} s, "
+        f"{texts_per_second:.0f} texts/s -> {out}"
         + (
             f"; {collisions} text id(s) shared by different texts, not embedded ({COLLISIONS_FILE})"
             if collisions
             else ""
         )
     )
-    return summary
+    return EmbedSummary(
+        encoder_version=request.encoder.version,
+        out=str(out),
+        unique_texts=unique,
+        text_id_collisions=collisions,
+        rows_written=rows,
+        forward_passes=forward_passes,
+        texts_encoded=encoded,
+        batch_size=request.batch_size,
+        device=device,
+        group_by_length=request.group_by_length,
+        real_tokens=int(counts.get("real_tokens", 0)),
+        token_slots=int(slots),
+        padding_ratio=padding_ratio,
+        wall_seconds=wall,
+        texts_per_second=texts_per_second,
+        forward_seconds=forward_seconds,
+        forward_texts_per_second=encoded / forward_seconds if forward_seconds > 0 else 0.0,
+        summary=summary,
+    )

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.models import metrics, streaming
@@ -91,7 +92,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if TrainedRun.load(run_dir).spec.get("streaming"):
         return run_streamed(args, run_dir)
     trained, predicted, labels = test_predictions(run_dir)
-    evaluation = trained.spec["config"]["evaluation"]
+    evaluation = trained.config.evaluation
     p = predicted["p"].to_numpy()
     report = metric_report(labels, p, trained.spec["train_ctr"], evaluation)
     saved = saved_predictions(run_dir).set_index("impression_id").reindex(predicted["impression_id"])
@@ -112,17 +113,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         delta = paired_delta(labels, p, aligned, trained.spec["train_ctr"], evaluation)
         results["delta_vs_baseline"] = {"baseline": args.baseline, **delta}
         summary += delta_summary(args.baseline, delta)
-    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_json(results_path, results, sort_keys=False, default=float)
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}
 
 
 def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """`run` for a run trained streaming: the same report, streamed."""
     trained, scored, max_diff = streamed_test_metrics(run_dir)
-    evaluation = trained.spec["config"]["evaluation"]
-    rounds, seed = int(evaluation["bootstrap_rounds"]), int(evaluation["bootstrap_seed"])
+    evaluation = trained.config.evaluation
+    rounds, seed = evaluation.bootstrap_rounds, evaluation.bootstrap_seed
     train_ctr = trained.spec["train_ctr"]
-    report = scored.report(train_ctr, rounds, seed, int(evaluation["calibration_bins"]))
+    report = scored.report(train_ctr, rounds, seed, evaluation.calibration_bins)
     results_path = run_dir / RESULTS_FILE
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("metrics", {})["test"] = report
@@ -131,7 +132,7 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "max_abs_diff_vs_train_predictions": max_diff,
         "streamed": True,
     }
-    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_json(results_path, results, sort_keys=False, default=float)
     summary = (
         f"evaluate {args.run} (streamed): test AUC {report['auc']:.4f}, GAUC {report['gauc']:.4f}, "
         f"RIG {report['rig']:.4f}"
@@ -149,5 +150,5 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         out = delta_fields(delta)
         results["delta_vs_baseline"] = {"baseline": args.baseline, **out}
         summary += delta_summary(args.baseline, out)
-    results_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_json(results_path, results, sort_keys=False, default=float)
     return {**results, "summary": summary + f"; max |p - train's p| {max_diff:.2e}"}

@@ -46,7 +46,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from nlpctr.config_files import LEAF, Schema, check_keys, read_mapping
+from nlpctr.config_files import LEAF, Schema, check_keys, is_integer, read_mapping
 from nlpctr.errors import UserError
 from nlpctr.models.config import check_training_config, deep_merge, key_tree, training_schema
 from nlpctr.models.ctr_net import FUSIONS
@@ -56,7 +56,7 @@ from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines.feature_store_cli import add_store_flags, store_choice
 from nlpctr.pipelines.job_options import JobOptions, beam_flags
 from nlpctr.pipelines.ownership import claim_output_dir, refuse_glob_characters
-from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, experiment_placement, run_protocol
+from nlpctr.pipelines.protocol import BASELINE_RUN, JOB, ExperimentRequest, experiment_placement, run_protocol
 from nlpctr.pipelines.rho_sweep import SIMULATED, run_sweep
 from nlpctr.pipelines.specs import load_spec
 from nlpctr.pipelines.train import add_placement_flags
@@ -140,7 +140,7 @@ def check_protocol(protocol: dict[str, Any], what: str) -> None:
     for key in ("embed_layers", "lm_layers"):
         EncoderConfig(name=protocol["encoder"], layers=protocol[key])  # a UserError names the range
     students = protocol["distill"]["students"]
-    if not isinstance(students, list) or any(isinstance(k, bool) or not isinstance(k, int) for k in students):
+    if not isinstance(students, list) or not all(is_integer(k) for k in students):
         raise UserError(f"{what}: distill.students must be a list of layer counts, got {students!r}")
     if students and max(students) > int(protocol["lm_layers"]):
         raise UserError(
@@ -193,35 +193,69 @@ def with_encoder(protocol: dict[str, Any], encoder: str | None) -> dict[str, Any
     return {**protocol, "encoder": source.name, "train_config": train_config}
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """`nlpctr experiment`; returns the results with a one-line `summary`."""
-    args = parse_args(argv)
-    args.out = args.out.resolve()
-    protocol = load_protocol(
-        args.quick, args.config, simulated=args.dataset == SIMULATED, encoder=args.encoder
-    )
+def request_of(args: argparse.Namespace) -> ExperimentRequest:
+    """The flags as a request, each checked: a refused run leaves nothing behind."""
     if args.dataset != SIMULATED and (
         args.rho is not None or args.rows is not None or args.impressions_per_row is not None
     ):
         raise UserError(f"--rho, --rows and --impressions-per-row go with --dataset {SIMULATED}")
-    # Every flag is checked before --out is made: a refused run leaves nothing behind.
-    if args.rho is not None:
-        args.rho = parse_rho(args.rho)
+    rho = tuple(parse_rho(args.rho)) if args.rho is not None else None
     if args.rows is not None and args.rows < 1:
         raise UserError(f"--rows must be a positive number of impressions, got {args.rows}")
     if args.impressions_per_row is not None and args.impressions_per_row < 0:
         raise UserError(f"--impressions-per-row must be >= 0, got {args.impressions_per_row}")
-    refuse_glob_characters(args.out, "--out")
-    experiment_placement(args, protocol)  # a device that is not there: one line, before any work
+    return ExperimentRequest(
+        dataset=args.dataset,
+        out=args.out.resolve(),
+        quick=args.quick,
+        seed=args.seed,
+        config=args.config,
+        encoder=args.encoder,
+        rho=rho,
+        rows=args.rows,
+        impressions_per_row=args.impressions_per_row,
+        device=args.device,
+        precision=args.precision,
+        progress=not args.no_progress,
+        options=args.job_options,
+    )
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """`nlpctr experiment`: the flags as an `ExperimentRequest` to `experiment`; returns the
+    results with a one-line `summary`."""
+    args = parse_args(argv)
+    protocol = load_protocol(
+        args.quick, args.config, simulated=args.dataset == SIMULATED, encoder=args.encoder
+    )
+    return experiment(request_of(args), protocol)
+
+
+def experiment(request: ExperimentRequest, protocol: dict[str, Any]) -> dict[str, Any]:
+    """The protocol on one dataset, or the sweep over rho on simulated logs.
+
+    Args:
+        request: the dataset, the output folder and the flags.
+        protocol: the protocol (`load_protocol`), checked.
+
+    Returns:
+        The results (results.json's content) with a one-line `summary`.
+
+    Raises:
+        UserError: a flag or folder refused before any work, or a job's own refusal.
+    """
+    # Every flag is checked before --out is made: a refused run leaves nothing behind.
+    refuse_glob_characters(request.out, "--out")
+    experiment_placement(request, protocol)  # a device that is not there: one line, before any work
     # Before any work: --out is new, empty or an earlier experiment's folder (then marked as
     # this job's), and holds neither the spec nor the source log.
     inputs = []
-    if args.dataset != SIMULATED:
-        spec = load_spec(args.dataset)
+    if request.dataset != SIMULATED:
+        spec = load_spec(request.dataset)
         inputs = [spec.spec_path, *spec.source.inputs]
-    claim_output_dir(args.out, JOB, inputs=inputs, create=True)
-    if args.dataset == SIMULATED:
-        results = run_sweep(args, protocol, args.job_options)
+    claim_output_dir(request.out, JOB, inputs=inputs, create=True)
+    if request.dataset == SIMULATED:
+        results = run_sweep(request, protocol)
         simulator = results["simulator"]
         shown = ", ".join(f"{p['id']}/{p['form']} {p['verdict']}" for p in simulator["predictions"])
         control = simulator["verdicts_by_rho"].get("lm_stage_beats_probe", {})
@@ -229,10 +263,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results["summary"] = (
             f"experiment simulated: {len(simulator['rho'])} rho values x {results['rows']} rows, seeds "
             f"{simulator.get('seeds', [results['seed']])}; predictions: {shown}; LM stage beats the probe: "
-            f"{beats}; {results['wall_seconds']:.0f} s -> {args.out}/report.md"
+            f"{beats}; {results['wall_seconds']:.0f} s -> {request.out}/report.md"
         )
         return results
-    results = run_protocol(args, protocol, args.dataset, args.out, args.job_options)
+    results = run_protocol(request, protocol, request.dataset, request.out)
     runs = results["runs"]
     best = max((k for k in runs if k != BASELINE_RUN), key=lambda k: runs[k]["auc"])
     verdicts = ", ".join(
@@ -247,6 +281,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         f"experiment {results['dataset']}: E0 AUC {runs[BASELINE_RUN]['auc']:.4f}; best {best} "
         f"{runs[best]['auc']:.4f} (ΔAUC {runs[best]['delta_auc_vs_baseline']:+.4f}); "
         f"{len(results['redundancy'])} features measured, {len(results.get('distillation', {}))} students; "
-        f"claims: {verdicts}; {results['wall_seconds']:.0f} s -> {args.out}/report.md"
+        f"claims: {verdicts}; {results['wall_seconds']:.0f} s -> {request.out}/report.md"
     )
     return results

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from nlpctr.models.export import (
 from nlpctr.models.lm_features import pairs_of, text_pairs
 from nlpctr.models.runs import RESULTS_FILE, RUN_FILE, STUDENTS
 from nlpctr.pipelines.export_card import model_card
-from nlpctr.pipelines.outputs import publish, staging_dir
+from nlpctr.pipelines.outputs import staged_output
 from nlpctr.pipelines.ownership import claim_output_dir, is_experiment
 
 JOB = "export"
@@ -158,15 +157,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.onnx:
         onnx_available()
     runs_dir = args.runs_dir.resolve()
-    out = claim_output_dir(args.out, JOB, inputs=[runs_dir / args.run, runs_dir / STUDENTS / args.run])
+    inputs = [runs_dir / args.run, runs_dir / STUDENTS / args.run]
+    out = claim_output_dir(args.out, JOB, inputs=inputs)  # before any work
     exported = find(runs_dir, args.run)
     results = _json(exported.source / RESULTS_FILE) or {}
     recorded = results.get("provenance", {}).get("data_dir")
     data_dir = Path(recorded) if recorded else None
     pairs = check_pairs(data_dir)
     experiment = _json(runs_dir.parent / "results.json") if is_experiment(runs_dir.parent) else None
-    staging = staging_dir(out)
-    try:
+    with staged_output(out, JOB, inputs=inputs) as staging:
         head = save_folder(exported, staging)
         record: dict[str, Any] = {
             "run": exported.name,
@@ -197,9 +196,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         (staging / "README.md").write_text(card)
         (staging / EXPORT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        publish(staging, out, JOB)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     worst = max(c["max_abs_diff"] for c in record["checks"])
     onnx = f", {ONNX_FILE} (max |Δ| {record['onnx']['max_abs_diff']:.1e})" if record["onnx"] else ""
     summary = (

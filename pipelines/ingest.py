@@ -24,6 +24,8 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,10 +39,10 @@ from nlpctr.models.schema import SPLITS, impression_schema
 from nlpctr.pipelines.ingest_source import ReadSourceRecords, check_source
 from nlpctr.pipelines.ingest_validate import AssignSplits, FindRepeatedIds, TimeCutPoints, ValidateImpressions
 from nlpctr.pipelines.loopback import run_to_completion
-from nlpctr.pipelines.outputs import WriteCounts, publish, read_counts, staging_dir
+from nlpctr.pipelines.outputs import WriteCounts, read_counts, staged_output
 from nlpctr.pipelines.ownership import MARKER, claim_output_dir, is_output_of
 from nlpctr.pipelines.records import Limits
-from nlpctr.pipelines.specs import DatasetSpec, load_spec
+from nlpctr.pipelines.specs import SPLIT_MODES, DatasetSpec, load_spec
 
 LOG = logging.getLogger(__name__)
 STATS_FILE = "_stats.json"
@@ -228,6 +230,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The job's flags, and the rest: Beam pipeline options."""
     parser = _ArgumentParser(
         prog="nlpctr data prepare", description="Validate a source log into canonical impressions."
     )
@@ -235,10 +238,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="split seed")
     parser.add_argument(
-        "--split-mode",
-        choices=["within_group", "cold_group", "time"],
-        default=None,
-        help="overrides the spec's split mode",
+        "--split-mode", choices=SPLIT_MODES, default=None, help="overrides the spec's split mode"
     )
     parser.add_argument(
         "--max-reject-rate",
@@ -254,22 +254,67 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="truncate texts over the limit (counted in the manifest) instead of rejecting",
     )
     parser.add_argument("--num-shards", type=int, default=0, help="output shards (0: the runner decides)")
-    args, beam_args = parser.parse_known_args(argv)
-    check_args(args)
-    return args, beam_args
+    return parser.parse_known_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Flags that parse but mean nothing are refused before any work (not after the job ran)."""
-    rate = args.max_reject_rate
-    if rate is not None and not (math.isfinite(rate) and 0 <= rate <= 1):
-        raise UserError(
-            f"--max-reject-rate {rate:g} is not a fraction between 0 and 1; pass e.g. 0.05 for 5%"
+@dataclass(frozen=True)
+class PrepareRequest:
+    """One `nlpctr data prepare` run, as its flags say it (None: the spec's value).
+
+    Flags that parse but mean nothing are refused when the request is made, before any work.
+    """
+
+    dataset: str  # a bundled dataset's name or a spec's path
+    out: Path
+    seed: int = 0
+    split_mode: str | None = None
+    max_reject_rate: float | None = None
+    max_text_chars: int | None = None
+    truncate_long_text: bool = False
+    num_shards: int = 0  # 0: the runner decides
+    beam: tuple[str, ...] = ()  # Beam pipeline options
+
+    def __post_init__(self) -> None:
+        rate = self.max_reject_rate
+        if rate is not None and not (math.isfinite(rate) and 0 <= rate <= 1):
+            raise UserError(
+                f"--max-reject-rate {rate:g} is not a fraction between 0 and 1; pass e.g. 0.05 for 5%"
+            )
+        if self.max_text_chars is not None and self.max_text_chars < 1:
+            raise UserError(
+                f"--max-text-chars {self.max_text_chars} must be at least 1 (characters per text)"
+            )
+        if self.num_shards < 0:
+            raise UserError(
+                f"--num-shards {self.num_shards} must be 0 (the runner decides) or a positive count"
+            )
+        if self.split_mode not in (None, *SPLIT_MODES):
+            raise UserError(f"--split-mode must be one of {', '.join(SPLIT_MODES)}, got {self.split_mode!r}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, beam: Sequence[str]) -> PrepareRequest:
+        return cls(
+            dataset=args.dataset,
+            out=args.out,
+            seed=args.seed,
+            split_mode=args.split_mode,
+            max_reject_rate=args.max_reject_rate,
+            max_text_chars=args.max_text_chars,
+            truncate_long_text=args.truncate_long_text,
+            num_shards=args.num_shards,
+            beam=tuple(beam),
         )
-    if args.max_text_chars is not None and args.max_text_chars < 1:
-        raise UserError(f"--max-text-chars {args.max_text_chars} must be at least 1 (characters per text)")
-    if args.num_shards < 0:
-        raise UserError(f"--num-shards {args.num_shards} must be 0 (the runner decides) or a positive count")
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What a prepare run wrote: its manifest (`DIR/manifest.json`) and a one-line summary."""
+
+    manifest: dict[str, Any]
+    summary: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.manifest, "summary": self.summary}
 
 
 def source_reading(spec: DatasetSpec) -> contextlib.AbstractContextManager[None]:
@@ -282,42 +327,58 @@ def source_reading(spec: DatasetSpec) -> contextlib.AbstractContextManager[None]
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    """Run the ingest job; returns the manifest. Raises UserError for a user's mistake.
-
-    `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
-    Beam's own examples."""
+    """`nlpctr data prepare`: the flags as a `PrepareRequest` to `prepare`; returns the manifest
+    with a one-line `summary`. `test_pipeline` (a `TestPipeline`) replaces the pipeline built from
+    the Beam options, as in Beam's own examples."""
     args, beam_args = parse_args(argv)
-    spec = load_spec(args.dataset)
+    return prepare(PrepareRequest.from_args(args, beam_args), test_pipeline).to_dict()
+
+
+def prepare(request: PrepareRequest, test_pipeline: beam.Pipeline | None = None) -> PrepareSummary:
+    """Validate a source log into impressions, dead letters and a manifest under `request.out`.
+
+    Args:
+        request: the dataset, the output folder and the job's settings.
+        test_pipeline: replaces the pipeline built from `request.beam` (tests).
+
+    Returns:
+        The manifest written and a one-line summary.
+
+    Raises:
+        UserError: a bad spec or source, an output folder that is not the job's to write, or more
+            rows rejected than the spec (or `max_reject_rate`) allows (nothing is published then;
+            the dead letters are kept in `OUT.failed/`).
+    """
+    spec = load_spec(request.dataset)
     check_source(spec)
     limits = Limits(
-        max_text_chars=args.max_text_chars or spec.max_text_chars, truncate_long_text=args.truncate_long_text
+        max_text_chars=request.max_text_chars or spec.max_text_chars,
+        truncate_long_text=request.truncate_long_text,
     )
-    max_reject_rate = spec.max_reject_rate if args.max_reject_rate is None else args.max_reject_rate
-    split_mode = args.split_mode or spec.split_mode
-    out: Path = args.out.resolve()
+    max_reject_rate = spec.max_reject_rate if request.max_reject_rate is None else request.max_reject_rate
+    split_mode = request.split_mode or spec.split_mode
+    out = Path(request.out).resolve()
     failed = out.parent / f"{out.name}.failed"
     # Before any work: --out (and its dead-letter folder) must be new, empty or this job's own
     # earlier output, and must not hold the spec or the source log.
     inputs = [spec.spec_path, *spec.source.inputs]
-    claim_output_dir(out, JOB, inputs=inputs)
-    claim_output_dir(failed, JOB, inputs=inputs, flag="the dead-letter folder")
-    # A parquet source damaged past its footer fails inside the job: named, with what to do.
-    with source_reading(spec):
-        staging = staging_dir(out)
-        started = time.perf_counter()
-        try:
+    with staged_output(out, JOB, inputs=inputs) as staging:
+        claim_output_dir(failed, JOB, inputs=inputs, flag="the dead-letter folder")
+        # A parquet source damaged past its footer fails inside the job: named, with what to do.
+        with source_reading(spec):
+            started = time.perf_counter()
             pipeline = (
                 test_pipeline
                 if test_pipeline is not None
-                else beam.Pipeline(options=PipelineOptions(beam_args))
+                else beam.Pipeline(options=PipelineOptions(list(request.beam)))
             )
             _ = pipeline | "PrepareImpressions" >> PrepareImpressions(
-                spec, staging, args.seed, split_mode, limits, args.num_shards
+                spec, staging, request.seed, split_mode, limits, request.num_shards
             )
             run_to_completion(pipeline)
             counts = read_counts(staging / STATS_FILE)
             manifest = manifest_from_counts(
-                spec, counts, args.seed, split_mode, limits, time.perf_counter() - started
+                spec, counts, request.seed, split_mode, limits, time.perf_counter() - started
             )
             if manifest["rows_in"] != manifest["rows_written"] + manifest["rows_rejected"]:
                 raise RuntimeError(f"ingest lost rows: {counts}")  # a bug, not a user error
@@ -330,13 +391,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                 (staging / MARKER).unlink(missing_ok=True)  # recognised by its manifest, like DIR
                 staging.rename(failed)
                 raise UserError(rejection_message(manifest, max_reject_rate, out, failed))
-            publish(staging, out, JOB)
-            # A dead-letter folder left by an earlier failed run of the same output is stale now
-            # (removed only when it is recognisably that: its manifest is this job's).
-            if failed.is_dir() and not failed.is_symlink() and is_output_of(failed, JOB):
-                shutil.rmtree(failed, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    # A dead-letter folder left by an earlier failed run of the same output is stale now
+    # (removed only when it is recognisably that: its manifest is this job's).
+    if failed.is_dir() and not failed.is_symlink() and is_output_of(failed, JOB):
+        shutil.rmtree(failed, ignore_errors=True)
     reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
     splits = ", ".join(f"{k}={v}" for k, v in manifest["split"]["rows"].items())
     summary = (
@@ -344,4 +402,4 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         f"{manifest['rows_rejected']} rejected ({reasons}); splits {splits}; "
         f"{manifest['wall_seconds']:.1f} s -> {out}"
     )
-    return {**manifest, "summary": summary}
+    return PrepareSummary(manifest, summary)

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import apache_beam as beam
@@ -136,3 +138,41 @@ def publish(staging: Path, out: Path, job: str | None = None) -> None:
     (staging / MARKER).unlink(missing_ok=True)  # the published folder carries no marker
     staging.rename(out)  # one rename: readers see the old folder or the new one, never a mix
     shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextmanager
+def staged_output(
+    out: Path,
+    job: str,
+    *,
+    flag: str = "--out",
+    claim_flag: str | None = None,
+    inputs: Iterable[Path | str] = (),
+    parts: Sequence[str] = (),
+) -> Iterator[Path]:
+    """Every Beam job's skeleton: claim `out`, stage beside it, publish on success, clean up.
+
+    `out` is claimed for `job` (`ownership.claim_output_dir`, naming `claim_flag`, else `flag`);
+    the block writes into the staging folder it is given (`staging_dir`), which replaces `out`
+    whole when the block ends without an error and is removed in every case. With `parts`, `out`
+    is a folder holding several outputs: each `out/<part>` is claimed, and the block's
+    `staging/<part>` replaces it (all of them after the block, so a crash leaves the old ones).
+
+    Raises:
+        UserError: `out` (or a part) is not the job's to write, or nothing can be written beside it.
+    """
+    out = Path(out).expanduser().resolve()
+    targets = [out / part for part in parts] if parts else [out]
+    for target in targets:
+        claim_output_dir(target, job, inputs=inputs, flag=claim_flag or flag)
+    # Several parts stage together beside `out/<job>` (e.g. DIR/.ctr_stats.tmp-PID-HEX).
+    staging = staging_dir(out / job.replace("-", "_").replace(" ", "_") if parts else out, flag)
+    try:
+        yield staging
+        if parts:
+            for part in parts:
+                publish(staging / part, out / part, job)
+        else:
+            publish(staging, out, job)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

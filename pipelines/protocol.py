@@ -3,30 +3,33 @@
 prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
 materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint per fusion (each a
 `nlpctr train` run, through Feast) -> redundancy of every NLP feature -> E4 distillation
-(`pipelines/distillation.py`) -> the paper's claims. Each Beam job is called through its own
-`run(argv)`, each training run as a typed `train.TrainRequest`; the analysis is
-`models.increments.FeatureJudge`'s.
+(`pipelines/distillation.py`) -> the paper's claims. Each Beam job is called through its typed
+entry (`ingest.prepare`, `ctr_stats.ctr_stats`, `embed_text.embed`), each training run as a
+`train.TrainRequest`; the analysis is `models.increments.FeatureJudge`'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import yaml
 
+from nlpctr.atomic import write_atomic, write_json
 from nlpctr.features import store as feature_store
 from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
 from nlpctr.layout import lm_features_dir, read_manifest
 from nlpctr.models import claims, redundancy, report
+from nlpctr.models.config import Mode
+from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.device import Placement
+from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import FORMS, NlpFeature, feature_key, frozen_vectors, lm_feature
 from nlpctr.models.training import LmStep
@@ -35,30 +38,59 @@ from nlpctr.pipelines.job_options import JobOptions
 from nlpctr.pipelines.ownership import claim_output_dir
 
 JOB = "experiment"
-BASELINE_RUN = "baseline"
+BASELINE_RUN = Mode.BASELINE.run_name
+E1_RUN, E2_RUN = Mode.CASCADE_FROZEN.run_name, Mode.CASCADE_FINETUNED.run_name
 JOINT_PROBE = "joint_probe"
 
 
-def experiment_placement(args: argparse.Namespace, protocol: dict[str, Any]) -> Placement:
+@dataclass(frozen=True)
+class ExperimentRequest:
+    """One `nlpctr experiment` run, as its flags say it (None: the protocol's value).
+
+    `rho`, `rows` and `impressions_per_row` go with the simulated sweep only; `options` is the
+    user's infrastructure (Beam options, stores) for every job the protocol runs.
+    """
+
+    dataset: str  # a bundled dataset, a spec's path, or `simulated`
+    out: Path
+    quick: bool = False
+    seed: int = 0
+    config: Path | None = None  # YAML merged over the protocol
+    encoder: str | None = None
+    rho: tuple[float, ...] | None = None
+    rows: int | None = None
+    impressions_per_row: int | None = None  # 0: one binary impression per row
+    device: str | None = None
+    precision: str | None = None
+    progress: bool = True
+    options: JobOptions = field(default_factory=JobOptions)
+
+
+class PlacementFlags(Protocol):
+    """`--device` and `--precision` as given (None: not given)."""
+
+    device: str | None
+    precision: str | None
+
+
+def experiment_placement(flags: PlacementFlags, protocol: dict[str, Any]) -> Placement:
     """Where every job and run of the experiment goes: `--device`/`--precision`, else the protocol's."""
-    device = args.device if args.device is not None else protocol.get("device")
-    precision = args.precision if args.precision is not None else protocol.get("precision")
+    device = flags.device if flags.device is not None else protocol.get("device")
+    precision = flags.precision if flags.precision is not None else protocol.get("precision")
     return Placement.resolve(device, precision)
 
 
 class Experiment:
     """One dataset through the protocol; each step records its wall time in `timings`."""
 
-    def __init__(
-        self, args: argparse.Namespace, protocol: dict[str, Any], out: Path, options: JobOptions | None = None
-    ) -> None:
-        self.args, self.protocol, self.out = args, protocol, out
-        self.options = options or JobOptions()  # the user's Beam options and stores, for every job
-        self.placement = experiment_placement(args, protocol)
+    def __init__(self, request: ExperimentRequest, protocol: dict[str, Any], out: Path) -> None:
+        self.request, self.protocol, self.out = request, protocol, out
+        self.options = request.options  # the user's Beam options and stores, for every job
+        self.placement = experiment_placement(request, protocol)
         self.data_dir = out / "data"
         self.runs_dir = out / "runs"
-        self.seed = int(args.seed)
-        self.progress = not args.no_progress
+        self.seed = int(request.seed)
+        self.progress = request.progress
         self.timings: dict[str, float] = {}
         self.runs: dict[str, dict[str, Any]] = {}
         self.trained: dict[str, train.TrainResult] = {}
@@ -77,15 +109,15 @@ class Experiment:
     # -------------------------------------------------------------------- data and features
 
     def prepare(self, dataset: str) -> None:
-        data, beam = str(self.data_dir), list(self.options.beam)  # Beam options after a job's own
+        data, beam = self.data_dir, self.options.beam
         with self.stage("prepare"):
-            ingest.run(["--dataset", dataset, "--out", data, "--seed", str(self.seed), *beam])
+            ingest.prepare(ingest.PrepareRequest(dataset, data, seed=self.seed, beam=beam))
         with self.stage("ctr_stats"):
-            ctr_stats.run(["--data", data, *beam])
+            ctr_stats.ctr_stats(ctr_stats.CtrStatsRequest(data, beam=beam))
         with self.stage("embed"):
-            layers, encoder = str(self.protocol["embed_layers"]), self.protocol["encoder"]
-            device = ["--device", str(self.placement.device)]
-            embed_text.run(["--data", data, "--layers", layers, "--encoder", encoder, *device, *beam])
+            encoder = EncoderConfig(name=self.protocol["encoder"], layers=int(self.protocol["embed_layers"]))
+            device = str(self.placement.device)
+            embed_text.embed(embed_text.EmbedRequest(data, encoder, device=device, beam=beam))
         with self.stage("feast_apply_materialize"):
             feature_store.apply(self.data_dir, self.options.store)
             feature_store.materialize(self.data_dir)
@@ -94,10 +126,10 @@ class Experiment:
     # -------------------------------------------------------------------- E0-E3
 
     def train(
-        self, run: str, mode: str, fusion: str | None = None, probe_only: bool = False
+        self, run: str, mode: Mode, fusion: Fusion | None = None, probe_only: bool = False
     ) -> train.TrainResult:
-        layers = "lm_layers" if mode in train.LM_MODES else None  # E2 and E3: one LM
-        warm_start = mode == "joint" and (self.protocol["joint_init_from_baseline"] or probe_only)
+        layers = "lm_layers" if mode.trains_lm else None  # E2 and E3: one LM
+        warm_start = mode == Mode.JOINT and (self.protocol["joint_init_from_baseline"] or probe_only)
         request = train.TrainRequest(
             mode=mode,
             data_dir=self.data_dir,
@@ -120,14 +152,14 @@ class Experiment:
 
     def train_runs(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.train_config_file.write_text(yaml.safe_dump(self.protocol["train_config"], sort_keys=True))
-        self.trained[BASELINE_RUN] = self.train(BASELINE_RUN, "baseline")
-        self.trained["cascade_frozen"] = self.train("cascade_frozen", "cascade-frozen")
-        self.trained["cascade_finetuned"] = self.train("cascade_finetuned", "cascade-finetuned")
+        write_atomic(self.train_config_file, yaml.safe_dump(self.protocol["train_config"], sort_keys=True))
+        self.trained[BASELINE_RUN] = self.train(BASELINE_RUN, Mode.BASELINE)
+        self.trained[E1_RUN] = self.train(E1_RUN, Mode.CASCADE_FROZEN)
+        self.trained[E2_RUN] = self.train(E2_RUN, Mode.CASCADE_FINETUNED)
         for fusion in self.protocol["fusions"]:
-            self.trained[f"joint_{fusion}"] = self.train(f"joint_{fusion}", "joint", fusion)
+            self.trained[f"joint_{fusion}"] = self.train(f"joint_{fusion}", Mode.JOINT, Fusion(fusion))
         # the probe-only control: the score fusion's head on the frozen LM, E0 frozen
-        self.trained[JOINT_PROBE] = self.train(JOINT_PROBE, "joint", "score", probe_only=True)
+        self.trained[JOINT_PROBE] = self.train(JOINT_PROBE, Mode.JOINT, Fusion.SCORE, probe_only=True)
         self.load_test_set()
         for name, trained in self.trained.items():
             self.runs[name] = self.run_entry(name, trained.results)
@@ -189,12 +221,12 @@ class Experiment:
         measures: dict[str, Any] = {}
         with self.stage("redundancy_frozen"):
             measures.update(judge.judge(NlpFeature("frozen", "frozen", frozen_vectors(judge.frame))))
-        e2 = self.trained["cascade_finetuned"].lm_step
+        e2 = self.trained[E2_RUN].lm_step
         assert e2 is not None
         with self.stage("redundancy_cascade_finetuned"):
             for folder in e2.checkpoints:
                 name = f"cascade_finetuned@{folder}"
-                feature = self.feature_of_lm("cascade_finetuned", folder, "cascade_finetuned", name)
+                feature = self.feature_of_lm(E2_RUN, folder, E2_RUN, name)
                 measures.update(judge.judge(feature))
                 if folder == e2.chosen:
                     self.feast_agreement = self.served_agreement(name, judge.increments)
@@ -208,16 +240,14 @@ class Experiment:
     def served_agreement(self, served: str, increments: dict[str, np.ndarray]) -> float:
         """E2's CTR run (its feature through Feast, in the form `cascade_form` names) against E0 +
         the same feature in memory: the max absolute difference of their test predictions."""
-        increment = increments[
-            feature_key(served, self.trained["cascade_finetuned"].results["config"]["cascade_form"])
-        ]
-        return float(np.max(np.abs(increment - self.judge.saved_predictions("cascade_finetuned"))))
+        increment = increments[feature_key(served, self.trained[E2_RUN].results["config"]["cascade_form"])]
+        return float(np.max(np.abs(increment - self.judge.saved_predictions(E2_RUN))))
 
     # -------------------------------------------------------------------- the paper's claims
 
     def claims(self, teacher: str) -> list[dict[str, Any]]:
         """The paper's claims (`models/claims.py`), each judged in both forms of NLP features."""
-        e2 = self.trained["cascade_finetuned"].lm_step
+        e2 = self.trained[E2_RUN].lm_step
         assert e2 is not None
         students = (int(k) for k in self.protocol["distill"]["students"])
         return [c.to_dict() for c in claims.protocol_claims(self.judge, e2.chosen, teacher, students)]
@@ -255,7 +285,7 @@ class Experiment:
             "source": dataset,
             "seed": self.seed,
             "split": self.manifest["split"]["mode"],
-            "quick": bool(self.args.quick),
+            "quick": bool(self.request.quick),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "timings": self.timings,
             "runs": self.runs,
@@ -295,17 +325,13 @@ def e2_points(e2: LmStep, measures: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_protocol(
-    args: argparse.Namespace,
-    protocol: dict[str, Any],
-    dataset: str,
-    out: Path,
-    options: JobOptions | None = None,
+    request: ExperimentRequest, protocol: dict[str, Any], dataset: str, out: Path
 ) -> dict[str, Any]:
     """One dataset: prepare, E0-E3, redundancy, and E4 when the protocol asks for it; every job
-    on `options`' infrastructure (Beam options, stores)."""
+    on `request.options`' infrastructure (Beam options, stores)."""
     started = time.perf_counter()
     out = claim_output_dir(out, JOB, create=True)
-    exp = Experiment(args, protocol, out, options)
+    exp = Experiment(request, protocol, out)
     exp.prepare(dataset)
     exp.train_runs()
     measures, curve = exp.redundancy()
@@ -321,7 +347,5 @@ def run_protocol(
 
 def write_results(results: dict[str, Any], out: Path) -> list[Path]:
     """results.json (written to a temporary name, then renamed), report.md and the plots."""
-    staged = out / ".results.json.tmp"
-    staged.write_text(json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
-    staged.replace(out / "results.json")
+    write_json(out / "results.json", results, default=float)
     return report.write_report(results, out)

@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from nlpctr.config_files import is_integer, is_number
 from nlpctr.models.schema import normalize_text, stable_hash, text_id
 from nlpctr.pipelines.specs import ColumnRule, DatasetSpec, NumericRule, TimestampRule
 
@@ -97,7 +98,7 @@ def json_safe(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _MAX_INT_BITS:
+    if is_integer(value) and value.bit_length() > _MAX_INT_BITS:
         return f"<integer of {value.bit_length()} bits>"  # str() refuses it (digit limit)
     if value is None or isinstance(value, bool | int | float):
         return value
@@ -303,7 +304,7 @@ def parse_numeric(name: str, rule: NumericRule, record: dict[str, Any]) -> float
         if rule.optional:
             return None
         raise _Invalid(BAD_NUMERIC, f"{where} is missing (mark the feature `optional: true` to allow that)")
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if not (is_number(value) or isinstance(value, str)):
         raise _Invalid(BAD_NUMERIC, f"{where}={json_safe(value)!r} is not a number")
     if isinstance(value, str) and not _DECIMAL.fullmatch(value):
         raise _Invalid(BAD_NUMERIC, f"{where}={json_safe(value)!r} is not a number")

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,13 @@ from nlpctr.models.runs import RUN_FILE, TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
 from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.loopback import run_to_completion
-from nlpctr.pipelines.outputs import publish, staging_dir
+from nlpctr.pipelines.outputs import staged_output
 from nlpctr.pipelines.ownership import claim_output_dir
 from nlpctr.prepared import parquet_files
 
 METRICS_NAMESPACE = "nlpctr.score_batch"
 ENRICHMENT_MODES = ("batched", "per-element")
+JOB = "score-batch"
 
 
 class EntityRow:
@@ -325,22 +326,102 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--device", default="auto", help="with --run: auto (a GPU when there is one), cpu, cuda or cuda:N"
     )
-    args, beam_args = parser.parse_known_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return args, beam_args
+    return parser.parse_known_args(argv)
+
+
+@dataclass(frozen=True)
+class ScoreBatchRequest:
+    """One `nlpctr score-batch` run: which rows, enriched from which service, scored by which run.
+
+    Raises:
+        UserError: a batch size below 1, or an unknown enrichment.
+    """
+
+    data: Path  # a prepared dataset folder, its store applied and materialised
+    service: str | None = None  # None: the run's, else cascade_frozen
+    enrichment: str = "batched"  # or per-element (Beam's stock Enrichment)
+    batch_size: int = 1024  # rows per online lookup (batched)
+    splits: tuple[str, ...] | None = None  # only these splits
+    out: Path | None = None  # None: DIR/enriched/SERVICE (DIR/scored/RUN with a run)
+    run: str | None = None  # score with this trained run (runs_dir/NAME)
+    runs_dir: Path = Path("runs")
+    allow_other_dataset: bool = False  # a run trained on another dataset scores anyway
+    device: str = "auto"  # with a run: where it scores
+    beam: tuple[str, ...] = ()  # Beam pipeline options
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.enrichment not in ENRICHMENT_MODES:
+            raise UserError(
+                f"--enrichment must be one of {', '.join(ENRICHMENT_MODES)}, got {self.enrichment!r}"
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, beam: Sequence[str]) -> ScoreBatchRequest:
+        return cls(
+            data=args.data,
+            service=args.service,
+            enrichment=args.enrichment,
+            batch_size=args.batch_size,
+            splits=tuple(args.splits) if args.splits else None,
+            out=args.out,
+            run=args.run,
+            runs_dir=args.runs_dir,
+            allow_other_dataset=args.allow_other_dataset,
+            device=args.device,
+            beam=tuple(beam),
+        )
+
+
+@dataclass(frozen=True)
+class ScoreBatchSummary:
+    """What a score-batch run wrote: rows, null features per feature, and its rate."""
+
+    service: str
+    run: str | None
+    device: str | None  # where the run scored (None without a run)
+    enrichment: str
+    batch_size: int  # rows per lookup (1 per element)
+    rows: int
+    rows_with_nulls: int
+    null_counts: dict[str, int]
+    wall_seconds: float
+    rows_per_second: float
+    out: str
+    summary: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    """Enrich impressions from the online store; returns counts, timing and a `summary` line.
-
-    `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
-    Beam's own examples. An online store lost mid-run is a UserError (one line), not a crash."""
+    """`nlpctr score-batch`: the flags as a `ScoreBatchRequest` to `score_batch`; returns counts,
+    timing and a `summary` line. `test_pipeline` (a `TestPipeline`) replaces the pipeline built
+    from the Beam options, as in Beam's own examples."""
     args, beam_args = parse_args(argv)
-    device = launch_device(args.device, PipelineOptions(beam_args))
-    data_dir: Path = args.data.resolve()
+    return score_batch(ScoreBatchRequest.from_args(args, beam_args), test_pipeline).to_dict()
+
+
+def score_batch(request: ScoreBatchRequest, test_pipeline: beam.Pipeline | None = None) -> ScoreBatchSummary:
+    """Enrich impressions from the online store, and score them with a trained run when asked.
+
+    Args:
+        request: the folder, the service, the enrichment and the run.
+        test_pipeline: replaces the pipeline built from `request.beam` (tests).
+
+    Returns:
+        The rows written, null features counted per feature, and the rate.
+
+    Raises:
+        UserError: a store not applied, stale or not materialised, an online store lost mid-run
+            (one line, not a crash), a run that is unfinished, damaged or of another dataset, or
+            an output folder that is not the job's.
+    """
+    device = launch_device(request.device, PipelineOptions(list(request.beam)))
+    data_dir = Path(request.data).resolve()
     with prepared.reading(data_dir, prepared.STORE_FOLDERS):  # a damaged file named, with its fix
-        return _score(args, beam_args, device, data_dir, test_pipeline)
+        return _score(request, device, data_dir, test_pipeline)
 
 
 def trained_dataset(run_dir: Path, spec: Mapping[str, Any]) -> str | None:
@@ -380,29 +461,31 @@ def check_run(run_dir: Path, data_dir: Path, allow_other_dataset: bool) -> dict[
     return {**spec, "service": service}
 
 
+def scored_service(request: ScoreBatchRequest, data_dir: Path) -> tuple[str, Path | None]:
+    """The service to enrich from (the run's when scoring; else `cascade_frozen` by default) and
+    the run's folder, checked."""
+    if request.run is None:
+        return request.service or CASCADE_FROZEN, None
+    run_dir = (request.runs_dir / request.run).resolve()
+    trained_service = check_run(run_dir, data_dir, request.allow_other_dataset)["service"]
+    if request.service not in (None, trained_service):
+        raise UserError(
+            f"run {request.run} was trained on service {trained_service!r}, not {request.service!r}"
+        )
+    return trained_service, run_dir
+
+
 def _score(
-    args: argparse.Namespace,
-    beam_args: list[str],
-    device: str,
-    data_dir: Path,
-    test_pipeline: beam.Pipeline | None,
-) -> dict[str, Any]:
-    run_dir = None
-    if args.run is not None:
-        run_dir = (args.runs_dir / args.run).resolve()
-        trained_service = check_run(run_dir, data_dir, args.allow_other_dataset)["service"]
-        if args.service not in (None, trained_service):
-            raise UserError(
-                f"run {args.run} was trained on service {trained_service!r}, not {args.service!r}"
-            )
-        args.service = trained_service
-    args.service = args.service or CASCADE_FROZEN
+    request: ScoreBatchRequest, device: str, data_dir: Path, test_pipeline: beam.Pipeline | None
+) -> ScoreBatchSummary:
+    service, run_dir = scored_service(request, data_dir)
     # Before any work: --out is new, empty or an earlier score-batch output, holding no input.
-    default_out = data_dir / SCORED / args.run if args.run else data_dir / ENRICHED / args.service
+    default_out = data_dir / SCORED / request.run if request.run else data_dir / ENRICHED / service
     inputs = [data_dir / IMPRESSIONS, *([run_dir] if run_dir is not None else [])]
-    out = claim_output_dir(args.out or default_out, "score-batch", inputs=inputs)
+    out = Path(request.out or default_out).expanduser().resolve()
+    claim_output_dir(out, JOB, inputs=inputs)
     # Fail before the pipeline starts: not applied, stale, not materialised, Redis down.
-    online = feature_store.OnlineFeatures(data_dir, args.service)
+    online = feature_store.OnlineFeatures(data_dir, service)
     if not parquet_files(data_dir / IMPRESSIONS):
         raise UserError(f"{data_dir} has no impressions; run `nlpctr data prepare` into it")
     manifest = read_manifest(data_dir)
@@ -412,25 +495,26 @@ def _score(
         manifest.get("numeric_columns", []),
     )
     config_path = store_config.config_path(data_dir)
-    staging = staging_dir(out)
-    started = time.perf_counter()
-    try:
+    with staged_output(out, JOB, inputs=inputs) as staging:
+        started = time.perf_counter()
         pipeline = (
-            test_pipeline if test_pipeline is not None else beam.Pipeline(options=PipelineOptions(beam_args))
+            test_pipeline
+            if test_pipeline is not None
+            else beam.Pipeline(options=PipelineOptions(list(request.beam)))
         )
         pattern = str(data_dir / IMPRESSIONS / "*.parquet")
-        if args.enrichment == "batched":
-            lookup = feature_store.OnlineFeatureLookup(config_path, args.service)
+        if request.enrichment == "batched":
+            lookup = feature_store.OnlineFeatureLookup(config_path, service)
             batches = (
                 pipeline
-                | "ReadImpressions" >> ReadImpressionBatches(pattern, args.splits)
-                | "Enrich" >> beam.ParDo(EnrichBatches(lookup, args.batch_size))
+                | "ReadImpressions" >> ReadImpressionBatches(pattern, request.splits)
+                | "Enrich" >> beam.ParDo(EnrichBatches(lookup, request.batch_size))
             )
         else:
-            handler = per_element_handler(config_path, args.service, online.keys)
+            handler = per_element_handler(config_path, service, online.keys)
             batches = (
                 pipeline
-                | "ReadImpressions" >> ReadImpressionRows(pattern, args.splits)
+                | "ReadImpressions" >> ReadImpressionRows(pattern, request.splits)
                 | "Enrich" >> EnrichFromOnlineStore(handler, schema, online.feature_names)
             )
         batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names))
@@ -450,28 +534,25 @@ def _score(
             c.key.metric.name: c.committed
             for c in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
         }
-        publish(staging, out, "score-batch")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     rows = int(counters.get("rows", 0))
     nulls = {n: int(counters.get(f"null:{n}", 0)) for n in online.feature_names}
     with_nulls = int(counters.get("rows_with_nulls", 0))
-    scored = f", scored by run {args.run}" if args.run else ""
+    scored = f", scored by run {request.run}" if request.run else ""
     summary = (
-        f"score-batch {args.service} ({args.enrichment}{scored}): {rows} rows enriched in {wall:.1f} s "
+        f"score-batch {service} ({request.enrichment}{scored}): {rows} rows enriched in {wall:.1f} s "
         f"({rows / max(wall, 1e-9):.0f} rows/s); {with_nulls} row(s) with a null feature; -> {out}"
     )
-    return {
-        "service": args.service,
-        "run": args.run,
-        "device": device if args.run else None,
-        "enrichment": args.enrichment,
-        "batch_size": args.batch_size if args.enrichment == "batched" else 1,
-        "rows": rows,
-        "rows_with_nulls": with_nulls,
-        "null_counts": nulls,
-        "wall_seconds": round(wall, 3),
-        "rows_per_second": rows / max(wall, 1e-9),
-        "out": str(out),
-        "summary": summary,
-    }
+    return ScoreBatchSummary(
+        service=service,
+        run=request.run,
+        device=device if request.run else None,
+        enrichment=request.enrichment,
+        batch_size=request.batch_size if request.enrichment == "batched" else 1,
+        rows=rows,
+        rows_with_nulls=with_nulls,
+        null_counts=nulls,
+        wall_seconds=round(wall, 3),
+        rows_per_second=rows / max(wall, 1e-9),
+        out=str(out),
+        summary=summary,
+    )

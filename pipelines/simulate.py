@@ -66,13 +66,14 @@ Rows are generated and written in chunks (--chunk-rows), so memory stays bounded
 seed, rows and chunk size give byte-identical files.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import math
-import os
 import re
 import time
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ import yaml
 from tqdm import tqdm
 
 from nlpctr import __version__
+from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
 from nlpctr.pipelines.ownership import claim_output_files, is_simulated_log
 from nlpctr.pipelines.simulator.clicks import (
@@ -170,7 +172,84 @@ def _paths(out: Path) -> dict[str, Path]:
     }
 
 
-def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
+def truth_record(
+    params: Params, world_info: dict[str, Any], paths: dict[str, Path], moments: Moments, clicks: int
+) -> dict[str, Any]:
+    """truth.json's content: the model, its coefficients, the world, and the realised moments."""
+    logit_var = moments.variance("logit")
+    return {
+        "generator": "nlpctr data simulate",
+        "code_version": __version__,
+        "rho": params.rho,
+        "seed": params.seed,
+        "rows": params.rows,
+        "impressions_per_row": params.impressions_per_row,
+        "impressions": params.impressions,
+        "chunk_rows": params.chunk_rows,
+        "files": {key: path.name for key, path in paths.items()},
+        "model": {
+            "logit": " + ".join(components(params)),
+            "text_effect": "text_strength * (sqrt(rho) * t_ad + sqrt(1 - rho) * t_pair)",
+            "click": (
+                "Bernoulli(sigmoid(logit))"
+                if params.impressions_per_row is None
+                else f"clicks ~ Binomial({params.impressions_per_row}, sigmoid(logit)) per row"
+            ),
+            "t_ad": "standardised sum of t_ad_weights over the ad text's cues (ad text only)",
+            "t_pair": "standardised, double-centred (zero mean within every ad and query) sum of "
+            "t_pair_weights over query-ad overlap and word-class agreement",
+            **(
+                {
+                    "numeric_effect": "sum over k of numeric_weights[k] * "
+                    f"(log1p(numeric_k) - {NUMERIC_LOG_MEAN:g}); log1p(numeric_k) - "
+                    f"{NUMERIC_LOG_MEAN:g} ~ N(0, 1) clipped at -{NUMERIC_LOG_MEAN:g}, per row"
+                }
+                if params.numeric_features
+                else {}
+            ),
+        },
+        "coefficients": {
+            "base": params.base,
+            "text_strength": params.text_strength,
+            "sd_ad": SD_AD,
+            "sd_advertiser": SD_ADVERTISER,
+            "sd_query": SD_QUERY,
+            "position_slope_ln": POSITION_SLOPE,
+            "position_decay": POSITION_DECAY,
+            "device_effect": dict(zip(DEVICES, DEVICE_EFFECT, strict=True)),
+            "device_share": dict(zip(DEVICES, DEVICE_SHARE, strict=True)),
+            "t_ad_weights": T_AD_WEIGHTS,
+            "t_pair_weights": T_PAIR_WEIGHTS,
+            **(
+                {"numeric_weights": dict(zip(params.numeric_names, params.numeric_weights, strict=True))}
+                if params.numeric_features
+                else {}
+            ),
+        },
+        "world": world_info,
+        "time": {"start": START.isoformat(), "days": DAYS},
+        "realised": {
+            "clicks": clicks,
+            "impressions": params.impressions,
+            "ctr": clicks / params.impressions,
+            "mean_click_prob": moments.mean("click_prob"),
+            "mean_logit": moments.mean("logit"),
+        },
+        "variance": {
+            "logit": logit_var,
+            "components": {name: moments.variance(name) for name in components(params)},
+            "shares": {
+                name: (moments.variance(name) / logit_var if logit_var > 0 else 0.0)
+                for name in components(params)
+            },
+        },
+        # Population values by construction: t_ad and t_pair are orthogonal, and t_pair has
+        # zero mean within every ad, advertiser and query.
+        "expected": {"text_variance_explained_by_ad_id": params.rho},
+    }
+
+
+def write_log(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
     """Generate the world and the rows; write all four files; return truth.json's content."""
     pools = load_pools(data_root())
     world = build_world(pools, params.rows, params.seed)
@@ -179,16 +258,21 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
     except OSError as exc:
         raise UserError(f"--out {out}: {out.parent} cannot be created ({exc.strerror})") from None
     paths = _paths(out)
-    tag = uuid.uuid4().hex[:8]
-    temp = {key: path.with_name(f".{path.name}.tmp-{tag}") for key, path in paths.items()}
     names = (*components(params), "t_ad", "t_pair", "logit", "click_prob")
     moments = Moments(names)
     clicks = 0
-    try:
+    # Each file to a temporary name, renamed in reverse order of entry: the log goes last, so
+    # once it exists, everything beside it is complete.
+    with (
+        atomic_path(paths["log"]) as log_file,
+        atomic_path(paths["truth"]) as truth_file,
+        atomic_path(paths["truth_json"]) as truth_json_file,
+        atomic_path(paths["spec"]) as spec_file,
+    ):
         # zstd, no statistics-dependent options: same inputs give the same bytes.
         with (
-            pq.ParquetWriter(temp["log"], log_schema(params), compression="zstd") as log_writer,
-            pq.ParquetWriter(temp["truth"], truth_schema(params), compression="zstd") as truth_writer,
+            pq.ParquetWriter(log_file, log_schema(params), compression="zstd") as log_writer,
+            pq.ParquetWriter(truth_file, truth_schema(params), compression="zstd") as truth_writer,
         ):
             starts = range(0, params.rows, params.chunk_rows)
             for start in tqdm(starts, desc="simulate", unit="chunk", disable=None if progress else True):
@@ -200,92 +284,16 @@ def simulate(params: Params, out: Path, progress: bool = True) -> dict[str, Any]
                 clicks += int(pc.sum(log.column(label).cast(pa.int64())).as_py())
                 moments.add(truth)
                 del log, truth
-        logit_var = moments.variance("logit")
-        truth = {
-            "generator": "nlpctr data simulate",
-            "code_version": __version__,
-            "rho": params.rho,
-            "seed": params.seed,
-            "rows": params.rows,
-            "impressions_per_row": params.impressions_per_row,
-            "impressions": params.impressions,
-            "chunk_rows": params.chunk_rows,
-            "files": {key: path.name for key, path in paths.items()},
-            "model": {
-                "logit": " + ".join(components(params)),
-                "text_effect": "text_strength * (sqrt(rho) * t_ad + sqrt(1 - rho) * t_pair)",
-                "click": (
-                    "Bernoulli(sigmoid(logit))"
-                    if params.impressions_per_row is None
-                    else f"clicks ~ Binomial({params.impressions_per_row}, sigmoid(logit)) per row"
-                ),
-                "t_ad": "standardised sum of t_ad_weights over the ad text's cues (ad text only)",
-                "t_pair": "standardised, double-centred (zero mean within every ad and query) sum of "
-                "t_pair_weights over query-ad overlap and word-class agreement",
-                **(
-                    {
-                        "numeric_effect": "sum over k of numeric_weights[k] * "
-                        f"(log1p(numeric_k) - {NUMERIC_LOG_MEAN:g}); log1p(numeric_k) - "
-                        f"{NUMERIC_LOG_MEAN:g} ~ N(0, 1) clipped at -{NUMERIC_LOG_MEAN:g}, per row"
-                    }
-                    if params.numeric_features
-                    else {}
-                ),
-            },
-            "coefficients": {
-                "base": params.base,
-                "text_strength": params.text_strength,
-                "sd_ad": SD_AD,
-                "sd_advertiser": SD_ADVERTISER,
-                "sd_query": SD_QUERY,
-                "position_slope_ln": POSITION_SLOPE,
-                "position_decay": POSITION_DECAY,
-                "device_effect": dict(zip(DEVICES, DEVICE_EFFECT, strict=True)),
-                "device_share": dict(zip(DEVICES, DEVICE_SHARE, strict=True)),
-                "t_ad_weights": T_AD_WEIGHTS,
-                "t_pair_weights": T_PAIR_WEIGHTS,
-                **(
-                    {"numeric_weights": dict(zip(params.numeric_names, params.numeric_weights, strict=True))}
-                    if params.numeric_features
-                    else {}
-                ),
-            },
-            "world": world.info,
-            "time": {"start": START.isoformat(), "days": DAYS},
-            "realised": {
-                "clicks": clicks,
-                "impressions": params.impressions,
-                "ctr": clicks / params.impressions,
-                "mean_click_prob": moments.mean("click_prob"),
-                "mean_logit": moments.mean("logit"),
-            },
-            "variance": {
-                "logit": logit_var,
-                "components": {name: moments.variance(name) for name in components(params)},
-                "shares": {
-                    name: (moments.variance(name) / logit_var if logit_var > 0 else 0.0)
-                    for name in components(params)
-                },
-            },
-            # Population values by construction: t_ad and t_pair are orthogonal, and t_pair has
-            # zero mean within every ad, advertiser and query.
-            "expected": {"text_variance_explained_by_ad_id": params.rho},
-        }
-        temp["truth_json"].write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        truth = truth_record(params, world.info, paths, moments, clicks)
+        truth_json_file.write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         header = (
             "# Dataset spec written by `nlpctr data simulate`; prepare it with\n"
             f"#   nlpctr data prepare --dataset {paths['spec'].name} --out DIR\n"
         )
-        temp["spec"].write_text(
+        spec_file.write_text(
             header + yaml.safe_dump(spec_for(out, params), sort_keys=False, allow_unicode=True),
             encoding="utf-8",
         )
-        # The log goes last: once it exists, everything beside it is complete.
-        for key in ("truth", "truth_json", "spec", "log"):
-            os.replace(temp[key], paths[key])
-    finally:
-        for path in temp.values():
-            path.unlink(missing_ok=True)
     return truth
 
 
@@ -337,51 +345,119 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _validate(args: argparse.Namespace) -> tuple[Params, Path]:
-    if args.rows <= 0:
-        raise UserError(f"--rows must be a positive number of impressions, got {args.rows}")
-    if not (math.isfinite(args.rho) and 0.0 <= args.rho <= 1.0):
-        raise UserError(f"--redundancy must be between 0 and 1, got {args.rho}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.chunk_rows <= 0:
-        raise UserError(f"--chunk-rows must be positive, got {args.chunk_rows}")
-    if args.impressions_per_row is not None and args.impressions_per_row < 1:
-        raise UserError(f"--impressions-per-row must be >= 1, got {args.impressions_per_row}")
-    if not (math.isfinite(args.text_strength) and args.text_strength >= 0):
-        raise UserError(f"--text-strength must be a finite number >= 0, got {args.text_strength}")
-    if not 0 <= args.numeric_features <= MAX_NUMERIC_FEATURES:
-        raise UserError(
-            f"--numeric-features must be between 0 and {MAX_NUMERIC_FEATURES}, got {args.numeric_features}"
+@dataclass(frozen=True)
+class SimulateRequest:
+    """One `nlpctr data simulate` run: the log's size, redundancy and seed, and where it goes.
+
+    Raises:
+        UserError: a value out of range, or an output that is not a `.parquet` file's name.
+    """
+
+    rows: int
+    rho: float  # the share of the text effect the ad ID also knows, in [0, 1]
+    out: Path  # the log to write, *.parquet; its truth and spec are written beside it
+    seed: int = 0
+    base_logit: float = -2.1
+    text_strength: float = 0.8  # the text effect's standard deviation, in logit units
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    impressions_per_row: int | None = None  # aggregated rows of N impressions (None: binary)
+    numeric_features: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rows <= 0:
+            raise UserError(f"--rows must be a positive number of impressions, got {self.rows}")
+        if not (math.isfinite(self.rho) and 0.0 <= self.rho <= 1.0):
+            raise UserError(f"--redundancy must be between 0 and 1, got {self.rho}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if self.chunk_rows <= 0:
+            raise UserError(f"--chunk-rows must be positive, got {self.chunk_rows}")
+        if self.impressions_per_row is not None and self.impressions_per_row < 1:
+            raise UserError(f"--impressions-per-row must be >= 1, got {self.impressions_per_row}")
+        if not (math.isfinite(self.text_strength) and self.text_strength >= 0):
+            raise UserError(f"--text-strength must be a finite number >= 0, got {self.text_strength}")
+        if not 0 <= self.numeric_features <= MAX_NUMERIC_FEATURES:
+            raise UserError(
+                f"--numeric-features must be between 0 and {MAX_NUMERIC_FEATURES}, "
+                f"got {self.numeric_features}"
+            )
+        if not math.isfinite(self.base_logit):
+            raise UserError(f"--base-logit must be finite, got {self.base_logit}")
+        out = Path(self.out)
+        if out.suffix != ".parquet" or out.name == ".parquet":
+            raise UserError(f"--out must name a .parquet file (e.g. data/sim/log.parquet), got {self.out}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SimulateRequest:
+        return cls(
+            rows=args.rows,
+            rho=args.rho,
+            out=args.out,
+            seed=args.seed,
+            base_logit=args.base_logit,
+            text_strength=args.text_strength,
+            chunk_rows=args.chunk_rows,
+            impressions_per_row=args.impressions_per_row,
+            numeric_features=args.numeric_features,
+            progress=not args.no_progress,
         )
-    if not math.isfinite(args.base_logit):
-        raise UserError(f"--base-logit must be finite, got {args.base_logit}")
-    out: Path = args.out.expanduser().resolve()
-    if out.suffix != ".parquet" or out.name == ".parquet":
-        raise UserError(f"--out must name a .parquet file (e.g. data/sim/log.parquet), got {args.out}")
-    if out.is_dir():
-        raise UserError(f"--out {args.out} is a folder; name the .parquet file to write")
-    # The four files are replaced only when they are this job's own earlier output.
-    claim_output_files(list(_paths(out).values()), "data simulate", is_simulated_log)
-    params = Params(
-        rows=args.rows,
-        rho=float(args.rho),
-        seed=args.seed,
-        base=float(args.base_logit),
-        text_strength=float(args.text_strength),
-        chunk_rows=args.chunk_rows,
-        impressions_per_row=args.impressions_per_row,
-        numeric_features=args.numeric_features,
-    )
-    return params, out
+
+    @property
+    def params(self) -> Params:
+        return Params(
+            rows=self.rows,
+            rho=float(self.rho),
+            seed=self.seed,
+            base=float(self.base_logit),
+            text_strength=float(self.text_strength),
+            chunk_rows=self.chunk_rows,
+            impressions_per_row=self.impressions_per_row,
+            numeric_features=self.numeric_features,
+        )
+
+
+@dataclass(frozen=True)
+class SimulateSummary:
+    """A simulated log: truth.json's content, the files written, and a one-line summary."""
+
+    truth: dict[str, Any]  # <stem>.truth.json
+    paths: dict[str, Path]  # log, truth, truth_json, spec
+    wall_seconds: float
+    summary: str
+
+    def to_dict(self) -> dict[str, Any]:
+        paths = {key: str(path) for key, path in self.paths.items()}
+        return {**self.truth, "paths": paths, "wall_seconds": self.wall_seconds, "summary": self.summary}
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the simulator; returns truth.json's content plus the output paths and a summary."""
-    args = parse_args(argv)
-    params, out = _validate(args)
+    """`nlpctr data simulate`: the flags as a `SimulateRequest` to `simulate`; returns truth.json's
+    content plus the output paths and a summary."""
+    return simulate(SimulateRequest.from_args(parse_args(argv))).to_dict()
+
+
+def simulate(request: SimulateRequest) -> SimulateSummary:
+    """Generate a simulated log with its truth and spec (DESIGN.md, "The simulator").
+
+    Args:
+        request: the log's size, redundancy, seed and output file.
+
+    Returns:
+        truth.json's content, the paths written and a one-line summary.
+
+    Raises:
+        UserError: the output is a folder, or files there that are not this command's earlier
+            output (refused before anything is written), or a folder that cannot be created.
+    """
+    out = Path(request.out).expanduser().resolve()
+    if out.is_dir():
+        raise UserError(f"--out {request.out} is a folder; name the .parquet file to write")
+    # The four files are replaced only when they are this job's own earlier output.
+    claim_output_files(list(_paths(out).values()), "data simulate", is_simulated_log)
+    params = request.params
     started = time.perf_counter()
-    truth = simulate(params, out, progress=not args.no_progress)
+    truth = write_log(params, out, progress=request.progress)
     wall = time.perf_counter() - started
     paths = _paths(out)
     world = truth["world"]
@@ -393,9 +469,4 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         f"variance; {wall:.1f} s -> {out} (+ {paths['truth'].name}, {paths['truth_json'].name}, "
         f"{paths['spec'].name})"
     )
-    return {
-        **truth,
-        "paths": {key: str(path) for key, path in paths.items()},
-        "wall_seconds": round(wall, 3),
-        "summary": summary,
-    }
+    return SimulateSummary(truth, paths, round(wall, 3), summary)

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from nlpctr.config_files import RefusedYaml, load_bounded, yaml_problem
+from nlpctr.config_files import RefusedYaml, is_integer, is_number, load_bounded, yaml_problem
 from nlpctr.datasets import BUNDLED_DATA_DIR
 from nlpctr.errors import UserError
 from nlpctr.models.schema import RESERVED_COLUMNS
@@ -258,7 +258,7 @@ class DatasetSpec:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _known_zone(name: str) -> bool:
@@ -581,7 +581,7 @@ def parse_spec(raw: Any, spec_path: Path, bundled: bool = False) -> DatasetSpec:
         )
 
     max_chars = mapping.get("max_text_chars", 2000)
-    if not isinstance(max_chars, int) or isinstance(max_chars, bool) or max_chars < 1:
+    if not is_integer(max_chars) or max_chars < 1:
         raise _fail(spec_path, "max_text_chars", "expected a positive integer")
 
     max_reject_rate = mapping.get("max_reject_rate", 0.01)

@@ -54,6 +54,7 @@ import torch
 
 import nlpctr
 from nlpctr import prepared
+from nlpctr.atomic import atomic_path, write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.job_outputs import Layout
@@ -71,10 +72,10 @@ from nlpctr.layout import (
 )
 from nlpctr.models import streaming
 from nlpctr.models.checkpoints import CHECKPOINTS
-from nlpctr.models.config import MODES, encoder_config, load_config
-from nlpctr.models.ctr_net import FUSIONS
+from nlpctr.models.config import MODES, Mode, TrainConfig, load_config
+from nlpctr.models.ctr_net import FUSIONS, Fusion
 from nlpctr.models.data import FeatureColumns
-from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS, Placement, placement_of, without_placement
+from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS, Placement
 from nlpctr.models.encoder_source import canonical_name, resolve_encoder
 from nlpctr.models.evaluation import metric_report
 from nlpctr.models.recipe import budget, stage_summary
@@ -155,11 +156,11 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
 class TrainRequest:
     """One `nlpctr train` run, as its flags say it (None: the configuration's value)."""
 
-    mode: str
+    mode: Mode
     data_dir: Path
     run: str
     runs_dir: Path = Path("runs")
-    fusion: str | None = None  # joint mode; defaults to `score`
+    fusion: Fusion | None = None  # joint mode; defaults to `score`
     encoder: str | None = None  # an installed package or a model folder (the config's encoder.name)
     layers: int | None = None
     epochs: int | None = None  # E2: of the LM step
@@ -175,11 +176,11 @@ class TrainRequest:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainRequest:
         return cls(
-            mode=args.mode,
+            mode=Mode(args.mode),
             data_dir=args.data,
             run=args.run,
             runs_dir=args.runs_dir,
-            fusion=args.fusion,
+            fusion=Fusion(args.fusion) if args.fusion else None,
             encoder=args.encoder,
             layers=args.layers,
             epochs=args.epochs,
@@ -195,20 +196,20 @@ class TrainRequest:
 
     def checked(self) -> TrainRequest:
         """The request with joint's default fusion; flags that do not apply to the mode refused."""
-        if self.mode != "joint" and self.fusion is not None:
+        if self.mode != Mode.JOINT and self.fusion is not None:
             raise UserError(f"--fusion applies to --mode joint only (got --mode {self.mode})")
-        if self.mode != "joint" and self.init_from is not None:
+        if self.mode != Mode.JOINT and self.init_from is not None:
             raise UserError(f"--init-from applies to --mode joint only (got --mode {self.mode})")
-        if self.probe_only and (self.mode != "joint" or self.init_from is None):
+        if self.probe_only and (self.mode != Mode.JOINT or self.init_from is None):
             raise UserError("--probe-only applies to --mode joint with --init-from E0RUN (a probe needs E0)")
-        return replace(self, fusion=self.fusion or "score") if self.mode == "joint" else self
+        return replace(self, fusion=self.fusion or Fusion.SCORE) if self.mode == Mode.JOINT else self
 
     def overrides(self) -> dict[str, Any]:
         """The flags that override the configuration, as a config layer."""
         overrides: dict[str, Any] = {}
         if self.epochs is not None:
             # E2's expensive step is the LM's; its CTR step keeps the configured (E0) budget.
-            overrides["lm_loop" if self.mode == "cascade-finetuned" else "loop"] = {"epochs": self.epochs}
+            overrides["lm_loop" if self.mode == Mode.CASCADE_FINETUNED else "loop"] = {"epochs": self.epochs}
         if self.seed is not None:
             for key in ("loop", "lm_loop"):
                 overrides.setdefault(key, {})["seed"] = self.seed
@@ -242,7 +243,7 @@ class RunSetup:
     request: TrainRequest
     data_dir: Path
     manifest: dict[str, Any]
-    config: dict[str, Any]
+    config: TrainConfig
     identity: dict[str, Any]  # config.json: what makes two runs of a name the same run
     run_dir: Path
     slug: str  # the run name as a Feast identifier
@@ -337,6 +338,18 @@ def publisher(data_dir: Path) -> Callable[[LmFeatureMeta], str]:
     return publish
 
 
+def same_run(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether a run folder's config.json names the same run as `identity`: the same flags, and
+    configurations equal once typed (what an older config.json leaves out is the default)."""
+    flags = {k: v for k, v in recorded.items() if k != "config"}
+    if flags != {k: v for k, v in identity.items() if k != "config"}:
+        return False
+    try:
+        return TrainConfig.from_dict(recorded.get("config") or {}).identity() == identity["config"]
+    except UserError:
+        return False
+
+
 def use_streaming(manifest: dict[str, Any], requested: bool | None) -> bool:
     """`--streaming` / `--in-memory` when given, else stream above STREAMING_ROWS impressions."""
     if requested is not None:
@@ -351,7 +364,7 @@ def check_writable(data_dir: Path, mode: str, streamed: bool) -> None:
             data_dir / TRAINING,
             "`train --streaming` writes its training shards there; make it writable, or pass --in-memory",
         )
-    if mode in ("cascade-finetuned", "joint"):
+    if Mode(mode).trains_lm:
         require_writable(
             data_dir / LM_FEATURES,
             f"--mode {mode} writes its LM's feature there and registers it in the store; make it writable",
@@ -364,19 +377,19 @@ def set_up(request: TrainRequest) -> RunSetup:
     manifest = read_manifest(data_dir)
     request = request.checked()
     config = load_config(request.mode, request.config_file, request.overrides())
-    placement = placement_of(config)
+    placement = config.placement
     run_dir = run_dir_of(request.runs_dir, request.run)
     identity = {
         "mode": request.mode,
         "fusion": request.fusion,
         "data_dir": str(data_dir),
-        "config": without_placement(config),
+        "config": config.identity(),
     }
     warm_start = None
     if request.init_from:
         identity["init_from"] = request.init_from
         warm_start = TrainedRun.load(run_dir_of(request.runs_dir, request.init_from), placement)
-        if warm_start.spec["mode"] != "baseline":
+        if warm_start.spec["mode"] != Mode.BASELINE:
             raise UserError(
                 f"--init-from needs an E0 (--mode baseline) run; {request.init_from} is "
                 f"{warm_start.spec['mode']}"
@@ -384,7 +397,7 @@ def set_up(request: TrainRequest) -> RunSetup:
     # A run writes into its folder: a new or empty one, or an earlier run's (its config.json).
     claim_output_dir(run_dir, "train", flag="--runs-dir/--run")
     config_file = run_dir / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) != identity:
+    if config_file.is_file() and not same_run(json.loads(config_file.read_text()), identity):
         raise UserError(
             f"run {request.run} exists with another configuration ({config_file}); "
             f"use another --run or delete {run_dir}"
@@ -402,7 +415,7 @@ def set_up(request: TrainRequest) -> RunSetup:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--runs-dir/--run {run_dir} cannot be created ({exc.strerror})") from None
-    config_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    write_json(config_file, identity)
     slug = lm_feature_slug(request.run)
     return RunSetup(
         request,
@@ -432,13 +445,14 @@ def in_memory(
     test, valid = data.rows("test"), data.rows("valid")
     p_test = predict(model, data, test, texts)
     ctr_train = train_ctr(labels_of(data, data.rows("train")))
-    report = metric_report(labels_of(data, test), p_test, ctr_train, setup.config["evaluation"])
+    report = metric_report(labels_of(data, test), p_test, ctr_train, setup.config.evaluation)
     # validation predictions too: controls are compared on validation, the test split only judges
     frames = [
         pd.DataFrame({"impression_id": data.impression_id[rows.numpy()], "split": split, "p": p})
         for split, rows, p in (("test", test, p_test), ("valid", valid, predict(model, data, valid, texts)))
     ]
-    pd.concat(frames, ignore_index=True).to_parquet(setup.run_dir / PREDICTIONS_FILE, index=False)
+    with atomic_path(setup.run_dir / PREDICTIONS_FILE) as staged:
+        pd.concat(frames, ignore_index=True).to_parquet(staged, index=False)
     return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, frame)
 
 
@@ -450,7 +464,7 @@ def streamed(
         root, columns, setup.fit_inputs, setup.run_dir
     )
     # Only a joint run reads text pairs (for its LM feature); the rest never load the frame.
-    pairs = streaming.unique_text_pairs(root) if setup.request.mode == "joint" else pd.DataFrame()
+    pairs = streaming.unique_text_pairs(root) if setup.request.mode == Mode.JOINT else pd.DataFrame()
     return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, pairs)
 
 
@@ -522,7 +536,7 @@ def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
     else:
         lm_step = train_lm_alone(feature_store.training_frame(setup.data_dir, BASELINE), *lm_args)
     view = lm_view_name(setup.slug)
-    if setup.config["cascade_form"] == "vector":
+    if setup.config.cascade_form == "vector":
         columns = FeatureColumns.for_manifest(setup.manifest, cascade=[f"{view}__lm_embedding"])
     else:
         columns = FeatureColumns.for_manifest(setup.manifest, scores=[f"{view}__lm_score"])
@@ -533,7 +547,7 @@ def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
 
 def train_joint(setup: RunSetup) -> TrainedModel:
     """E3: the LM and E0 trained end to end through a fusion; its LM's output published as a view."""
-    version = encoder_config(setup.config).version
+    version = setup.config.encoder.version
     trained = train_service(setup, BASELINE, FeatureColumns.for_manifest(setup.manifest), version)
     assert trained.texts is not None
     trained.supplementary_view = write_joint_features(
@@ -549,9 +563,6 @@ def train_joint(setup: RunSetup) -> TrainedModel:
     return trained
 
 
-LM_MODES = ("cascade-finetuned", "joint")
-
-
 def lm_budget(trained: TrainedModel, result: FitResult) -> dict[str, Any] | None:
     """The LM recipe's budget per stage: E2's LM step's, or the joint run's own."""
     if trained.lm_step is not None:
@@ -559,11 +570,11 @@ def lm_budget(trained: TrainedModel, result: FitResult) -> dict[str, Any] | None
     return budget(result.stages) if result.stages else None
 
 
-TRAIN_MODE: dict[str, Callable[[RunSetup], TrainedModel]] = {
-    "baseline": train_baseline,
-    "cascade-frozen": train_cascade_frozen,
-    "cascade-finetuned": train_cascade_finetuned,
-    "joint": train_joint,
+TRAIN_MODE: dict[Mode, Callable[[RunSetup], TrainedModel]] = {
+    Mode.BASELINE: train_baseline,
+    Mode.CASCADE_FROZEN: train_cascade_frozen,
+    Mode.CASCADE_FINETUNED: train_cascade_finetuned,
+    Mode.JOINT: train_joint,
 }
 
 
@@ -599,19 +610,19 @@ def _train(request: TrainRequest) -> TrainResult:
         "streaming": setup.streamed,
         "placement": setup.placement.to_dict(),  # where it trained; `TrainedRun.load` picks its own
     }
-    if trained.texts is not None and request.mode == "joint":
+    if trained.texts is not None and request.mode == Mode.JOINT:
         spec["text_with_query"] = trained.texts.with_query  # the width of its pair vectors
-    (run_dir / RUN_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    write_json(run_dir / RUN_FILE, spec)
     wall = time.perf_counter() - started
     report = trained.report
     results = {
         "dataset": manifest["dataset"],
         "run": request.run,
-        "seed": int(config["loop"]["seed"]),
+        "seed": config.loop.seed,
         "split": manifest["split"]["mode"],
         "mode": request.mode,
         "fusion": request.fusion,
-        "layers": int(config["encoder"]["layers"]) if request.mode in LM_MODES else None,
+        "layers": config.encoder.layers if Mode(request.mode).trains_lm else None,
         "epochs": epochs_trained(result),
         "best_epoch": result.best_epoch,
         "best_step": result.best_step,
@@ -621,7 +632,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "history": result.history,
         "stages": result.stages or None,
         "budget": lm_budget(trained, result),
-        "encoder": asdict(encoder_config(config)) if request.mode in LM_MODES else None,
+        "encoder": asdict(config.encoder) if Mode(request.mode).trains_lm else None,
         "wall_seconds": wall,
         "fit_wall_seconds": result.wall_seconds,
         "eval_seconds": result.eval_seconds,
@@ -629,7 +640,7 @@ def _train(request: TrainRequest) -> TrainResult:
         "metrics": {"test": report},
         "lm": trained.lm_step.to_dict() if trained.lm_step else None,
         "supplementary_feature_view": trained.supplementary_view,
-        "config": config,
+        "config": config.to_dict(),
         "placement": setup.placement.to_dict(),
         "provenance": {
             "dataset": manifest["dataset"],
@@ -643,7 +654,7 @@ def _train(request: TrainRequest) -> TrainResult:
             "group": manifest["group"],
         },
     }
-    (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_json(run_dir / RESULTS_FILE, results, sort_keys=False, default=float)
     label = request.mode + (f"/{request.fusion}" if request.fusion else "")
     stages = f"; valid logloss {stage_summary(result.stages)}" if result.stages else ""
     summary = (

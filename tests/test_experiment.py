@@ -304,11 +304,11 @@ def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
 def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_oracle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commands: list[list[str]] = []
+    commands: list[simulate.SimulateRequest] = []
     passed: list[JobOptions] = []
 
-    def fake_protocol(args: Any, protocol: dict, dataset: str, out: Path, options: JobOptions) -> dict:
-        passed.append(options)  # each rho's protocol runs on the user's infrastructure
+    def fake_protocol(args: Any, protocol: dict, dataset: str, out: Path) -> dict:
+        passed.append(args.options)  # each rho's protocol runs on the user's infrastructure
         rho = float(out.name.removeprefix("rho-"))
         share = {"rig": {"estimate": 1.0 - rho, "ci": [0.0, 1.0]}, "auc": {"estimate": 0.5, "ci": None}}
         feature = {
@@ -331,11 +331,11 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
             "controls": [control],
         }
 
-    monkeypatch.setattr(simulate, "run", commands.append)
+    monkeypatch.setattr(simulate, "simulate", commands.append)
     monkeypatch.setattr(rho_sweep, "run_protocol", fake_protocol)
     argv = ["--dataset", "simulated", "--rho", "0,1", "--rows", "500", "--out", str(tmp_path / "sweep")]
     results = experiment.run([*argv, "--impressions-per-row", "20"])
-    assert [c[c.index("--impressions-per-row") + 1] for c in commands] == ["20", "20"]
+    assert [c.impressions_per_row for c in commands] == [20, 20]
     assert passed == [JobOptions(), JobOptions()]
     assert results["impressions_per_row"] == 20
     per_rho = results["simulator"]["per_rho"]
@@ -347,7 +347,7 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
     # 0: one binary impression per row, as before the flag existed.
     commands.clear()
     experiment.run([*argv, "--impressions-per-row", "0", "--out", str(tmp_path / "binary")])
-    assert all("--impressions-per-row" not in c for c in commands)
+    assert all(c.impressions_per_row is None for c in commands)
     with pytest.raises(UserError, match="--impressions-per-row"):
         experiment.run(["--dataset", "upworthy", "--out", str(tmp_path / "x"), "--impressions-per-row", "5"])
     # Extra seeds at some rho: their own folders, and the spread of every control over the seeds.

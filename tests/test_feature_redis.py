@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import yaml
+from builders import SLUG, make_dataset, write_ctr_history, write_embeddings
 from feast.infra.online_stores.redis import RedisOnlineStore
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from test_features import SLUG, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store, store_config

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_features import make_dataset, write_ctr_history, write_embeddings
+from builders import make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.features import render, store
 from nlpctr.features.definitions import Definitions, build_definitions

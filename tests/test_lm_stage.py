@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 import torch
 
-from nlpctr.models.config import load_config, loop_config, recipe_config
+from nlpctr.models.config import load_config
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
 from nlpctr.models.data import FeatureColumns, Tensors, tensorize
-from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.recipe import fit_recipe, plan
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import LoopConfig, fit
@@ -59,13 +59,13 @@ def e0(data: Tensors, tmp_path_factory: pytest.TempPathFactory) -> CtrModel:
 def stages_of(data: Tensors, e0: CtrModel, lm_loop: LoopConfig, tmp_path: Path) -> dict[str, dict]:
     """The recipe (the defaults' probe and LM stage) on a 2-layer MiniLM, its top layer trained."""
     config = load_config("joint")
-    encoder = EncoderConfig(**{**config["encoder"], "layers": 2, "max_length": 24})
+    encoder = dataclasses.replace(config.encoder, layers=2, max_length=24)
     lm = TextEncoder(encoder, trainable=True)
     texts = TextBatcher.for_data(lm, data)
     torch.manual_seed(1)
     model = CtrModel(InputShape(data.vocab_sizes, data.dense.shape[1]), NET, "score", texts.dim)
     model.warm_start(e0)
-    stages = plan(lm_loop, recipe_config(config), warm_started=True, has_tower=True, tower_lr=0.0)
+    stages = plan(lm_loop, config.recipe, warm_started=True, has_tower=True, tower_lr=0.0)
     result = fit_recipe(model, data, stages, tmp_path, texts, progress=False)
     return {s["name"]: s for s in result.stages}
 
@@ -73,7 +73,7 @@ def stages_of(data: Tensors, e0: CtrModel, lm_loop: LoopConfig, tmp_path: Path) 
 def test_the_lm_stage_beats_the_probe_where_the_text_holds_what_frozen_vectors_lack(
     data: Tensors, e0: CtrModel, tmp_path: Path
 ) -> None:
-    lm_loop = dataclasses.replace(loop_config(load_config("joint"), "lm_loop"), epochs=6)
+    lm_loop = dataclasses.replace(load_config("joint").lm_loop, epochs=6)
     stages = stages_of(data, e0, lm_loop, tmp_path)
     probe, lm = stages["head"], stages["lm"]
     assert probe["best_valid_logloss"] < probe["start_valid_logloss"]  # the head learns some of it

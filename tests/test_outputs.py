@@ -432,7 +432,7 @@ def test_experiment_refuses_a_foreign_folder_before_any_work(
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("work started before --out was checked")
 
-    monkeypatch.setattr(simulate, "run", no_work)
+    monkeypatch.setattr(simulate, "simulate", no_work)
     monkeypatch.setattr(experiment, "run_protocol", no_work)
     monkeypatch.setattr(rho_sweep, "run_protocol", no_work)
     spec = write_user_files(tmp_path / "work")
@@ -462,7 +462,7 @@ def test_experiment_takes_an_empty_folder_or_its_own(tmp_path: Path, monkeypatch
         "wall_seconds": 0.0,
     }
 
-    def protocol_stub(args: object, protocol: object, dataset: str, out: Path, options: object) -> dict:
+    def protocol_stub(request: object, protocol: object, dataset: str, out: Path) -> dict:
         started.append(out)
         return results
 

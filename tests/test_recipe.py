@@ -203,9 +203,7 @@ def test_e2_and_e3_plan_the_same_lm_stage() -> None:
     """Equal footing: the LM stage of E2 (no tower) and of E3 (E0's tower frozen) is one budget,
     one optimizer schedule and one pair of learning rates; only the probe and stage 2 differ."""
     config = load_config("joint")
-    from nlpctr.models.config import loop_config, recipe_config
-
-    lm_loop, recipe = loop_config(config, "lm_loop"), recipe_config(config)
+    lm_loop, recipe = config.lm_loop, config.recipe
     e2 = plan(
         dataclasses.replace(lm_loop, early_stop="auc"), recipe, warm_started=True, has_tower=False, tower_lr=0
     )
@@ -229,7 +227,7 @@ def test_e2_and_e3_plan_the_same_lm_stage() -> None:
     assert (
         probe.evals_per_epoch is None and not probe.eval_every_steps and probe.max_batches_per_epoch is None
     )
-    assert load_config("cascade-finetuned")["encoder"] == config["encoder"]  # one LM for both
+    assert load_config("cascade-finetuned").encoder == config.encoder  # one LM for both
 
 
 def test_e2s_lm_recipe_trains_a_scorer_from_the_base_rate(data, tmp_path: Path) -> None:

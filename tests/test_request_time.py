@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from test_features import make_dataset, write_ctr_history
+from builders import make_dataset, write_ctr_history
 
 from nlpctr.errors import UserError
 from nlpctr.features import store

@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from test_features import SLUG, impressions, make_dataset, write_ctr_history, write_embeddings
+from builders import SLUG, impressions, make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store, store_config

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_features import BASE, make_dataset, write_ctr_history, write_embeddings
+from builders import BASE, make_dataset, write_ctr_history, write_embeddings
 from test_streaming import assert_same_frames
 
 from nlpctr.errors import UserError

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
-from test_features import make_dataset, write_ctr_history, write_embeddings
+from builders import make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.features import store, store_config
 from nlpctr.features.local_redis import LocalRedisServer

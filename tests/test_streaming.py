@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from builders import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
 from feast import FeatureStore
-from test_features import BASE, impressions, make_dataset, write_ctr_history, write_embeddings
 from test_trainer import COLUMNS, baseline, synthetic_frame
 
 from nlpctr.features import store, store_config
@@ -25,7 +25,7 @@ from nlpctr.features.job_outputs import Layout
 from nlpctr.models import metrics
 from nlpctr.models.config import deep_merge
 from nlpctr.models.data import tensorize
-from nlpctr.models.evaluation import metric_report, paired_delta
+from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
 from nlpctr.models.runs import Preprocessing
 from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns, unique_text_pairs
 from nlpctr.models.trainer import LoopConfig, fit, predict_split
@@ -186,7 +186,7 @@ def test_streamed_metrics_equal_the_in_memory_report() -> None:
     p[:200] = 0.2  # exact ties
     clicks = rng.binomial(shown, np.clip(p * rng.uniform(0.6, 1.4, n), 0, 1))
     labels = metrics.Labels(shown, clicks, groups)
-    evaluation = {"bootstrap_rounds": 50, "bootstrap_seed": 3, "calibration_bins": 10}
+    evaluation = EvaluationConfig(bootstrap_rounds=50, bootstrap_seed=3, calibration_bins=10)
     expected = metric_report(labels, p, 0.15, evaluation)
     streamed = metrics.StreamingMetrics()
     for start in range(0, n, 700):
@@ -211,7 +211,7 @@ def test_streamed_metrics_equal_the_in_memory_report() -> None:
 
 # ------------------------------------------------------------------------------- the CLI
 
-QUICK_EVAL = {"bootstrap_rounds": 20, "bootstrap_seed": 0, "calibration_bins": 15}
+QUICK_EVAL = EvaluationConfig(bootstrap_rounds=20, bootstrap_seed=0, calibration_bins=15)
 QUICK = {
     "loop": {"epochs": 2, "max_batches_per_epoch": 3, "batch_size": 64},
     "encoder": {"max_length": 16},

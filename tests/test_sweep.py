@@ -3,7 +3,7 @@ the protocol run end to end is in test_experiment.py)."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,6 +14,7 @@ import pytest
 from nlpctr.models import claims, report_sections, sweep
 from nlpctr.models.config import deep_merge
 from nlpctr.pipelines import experiment, rho_sweep
+from nlpctr.pipelines.protocol import ExperimentRequest
 
 RHOS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -151,10 +152,10 @@ def test_a_kept_rho_names_e2s_chosen_checkpoint_as_its_feature() -> None:
 def test_a_rerun_keeps_only_rhos_finished_with_the_same_protocol_and_seed(tmp_path: Path) -> None:
     protocol = experiment.load_protocol(True, None, simulated=True)
     (tmp_path / "results.json").write_text(json.dumps({"protocol": protocol, "seed": 0, "runs": {}}))
-    defaults = argparse.Namespace(rows=None, impressions_per_row=None, seed=0)
+    defaults = ExperimentRequest("simulated", tmp_path)
     assert rho_sweep.finished_rho(tmp_path, protocol, defaults) is not None
     for changed_flag in ({"seed": 1}, {"rows": 10}, {"impressions_per_row": 5}):
-        flags = argparse.Namespace(**{**vars(defaults), **changed_flag})
+        flags = dataclasses.replace(defaults, **changed_flag)
         assert rho_sweep.finished_rho(tmp_path, protocol, flags) is None
     changed = deep_merge(protocol, {"simulator": {"text_strength": 2.0}})
     assert rho_sweep.finished_rho(tmp_path, changed, defaults) is None

@@ -16,13 +16,13 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 import yaml
-from test_features import SLUG, impressions, write_ctr_history, write_embeddings
+from builders import SLUG, impressions, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.models import metrics
 from nlpctr.models.config import load_config
-from nlpctr.models.evaluation import metric_report, paired_delta
+from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
 from nlpctr.models.runs import TrainedRun
 from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines import evaluate, ingest, score_batch, train
@@ -223,10 +223,10 @@ def test_config_layers_merge_in_order(tmp_path: Path) -> None:
     override = tmp_path / "c.yaml"
     override.write_text(yaml.safe_dump({"loop": {"epochs": 5}, "modes": {"joint": {"loop": {"lr": 0.5}}}}))
     joint = load_config("joint", override, {"encoder": {"layers": 1}})
-    assert joint["loop"]["epochs"] == 5  # the user's file beats the defaults
-    assert joint["loop"]["lr"] == 0.5 and joint["loop"]["batch_size"] == 256  # its per-mode section too
-    assert joint["encoder"]["layers"] == 1
-    assert load_config("baseline", override)["loop"]["lr"] == 0.001
+    assert joint.loop.epochs == 5  # the user's file beats the defaults
+    assert joint.loop.lr == 0.5 and joint.loop.batch_size == 256  # its per-mode section too
+    assert joint.encoder.layers == 1
+    assert load_config("baseline", override).loop.lr == 0.001
     override.write_text(yaml.safe_dump({"loop": {"epochz": 5}}))
     with pytest.raises(UserError, match="epochz"):
         load_config("baseline", override)
@@ -241,7 +241,7 @@ def test_counted_bootstrap_equals_resampling_rows() -> None:
     clicks = rng.binomial(impressions_, 0.3)
     labels = metrics.Labels(impressions_, clicks, groups)
     p, q = np.round(rng.random(n), 1).clip(0.05, 0.95), rng.random(n)  # p has ties
-    evaluation = {"bootstrap_rounds": 25, "bootstrap_seed": 3, "calibration_bins": 5}
+    evaluation = EvaluationConfig(bootstrap_rounds=25, bootstrap_seed=3, calibration_bins=5)
     report = metric_report(labels, p, 0.3, evaluation)
     delta = paired_delta(labels, p, q, 0.3, evaluation)
 

@@ -49,7 +49,7 @@ from tree import HERE, ROOT
 
 from nlpctr.models import claims, metrics
 from nlpctr.models.checkpoints import load_checkpoint
-from nlpctr.models.config import deep_merge, encoder_config, load_config, loop_config, recipe_config
+from nlpctr.models.config import TrainConfig, deep_merge, load_config
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import Tensors
 from nlpctr.models.device import Placement
@@ -110,7 +110,7 @@ def gpu_config(work: Path, placement: Placement, smoke: bool) -> tuple[dict[str,
 
 
 def step_seconds(
-    model: torch.nn.Module, settings: EncoderConfig, data: Tensors, with_query: bool, config: dict[str, Any],
+    model: torch.nn.Module, settings: EncoderConfig, data: Tensors, with_query: bool, config: TrainConfig,
     placement: Placement,
 ) -> float:  # fmt: skip
     """Seconds of one stage-1 training step (all LM layers, batch of the loop), timed on a copy."""
@@ -118,7 +118,7 @@ def step_seconds(
     texts = TextBatcher.for_data(lm, data, with_query)
     texts.prefill()  # (the run's prefill then finds the shared cache filled)
     trial = copy.deepcopy(model)
-    lm_loop = loop_config(config, "lm_loop")
+    lm_loop = config.lm_loop
     groups = param_groups(trial, texts, 0.0, lm_loop.lr, lm_loop.lm_lr)
     optimizer = torch.optim.AdamW(groups, fused=True if placement.device.type == "cuda" else None)
     scaler = placement.grad_scaler()
@@ -208,16 +208,16 @@ def run_dataset(
     if args.smoke:
         data = shrink(data, SMOKE_ROWS)
     pre = Preprocessing.from_json(meta["preprocessing"])
-    e0 = build_model(pre, meta["e0_config"], None).to(placement.device)
+    e0 = build_model(pre, TrainConfig.from_dict(meta["e0_config"]), None).to(placement.device)
     e0.load_state_dict(load_checkpoint(folder / "e0.pt", placement.device))
     config, gpu = gpu_config(folder, placement, args.smoke)
-    settings = dataclasses.replace(encoder_config(config), pair_reading=meta["pair_reading"])
+    settings = dataclasses.replace(config.encoder, pair_reading=meta["pair_reading"])
     with_query = bool(meta["with_query"])
     lm = TextEncoder(settings, trainable=True, placement=placement)
     texts = TextBatcher.for_data(lm, data, with_query)
     model = build_model(pre, config, gpu["fusion"], texts.dim).to(placement.device)
     model.warm_start(e0)
-    loop = loop_config(config, "lm_loop")
+    loop = config.lm_loop
     n_batches = math.ceil(data.rows_in("train") / loop.batch_size)
     today = {"lm": 1} if args.smoke else meta["today_steps"]
     multiple = 3 if args.smoke else int(gpu["steps_multiple"])
@@ -235,7 +235,7 @@ def run_dataset(
         eval_every_steps=max(1, smallest // int(gpu["evaluations_per_stage"])),
         warmup_steps=max(1, int(smallest * float(gpu["warmup_share"]))),
     )
-    stages = plan(loop, recipe_config(config), warm_started=True, has_tower=True, tower_lr=0.0)
+    stages = plan(loop, config.recipe, warm_started=True, has_tower=True, tower_lr=0.0)
     print(
         f"[gpu] {name}: {data.rows_in('train'):,} train rows, {len(data.texts):,} texts; plan "
         f"{steps['planned']} LM steps ({steps['multiple_planned']:.1f}x today's {today}) at batch "
@@ -262,13 +262,13 @@ def lm_throughput(fit: FitResult, batch_size: int) -> dict[str, float]:
 
 
 def summarise(
-    name: str, meta: dict, config: dict, data: Tensors, fit: FitResult, plan: dict, calibration: dict | None,
-    placement: Placement, started: float, p: dict[str, np.ndarray], folder: Path,
+    name: str, meta: dict, config: TrainConfig, data: Tensors, fit: FitResult, plan: dict,
+    calibration: dict | None, placement: Placement, started: float, p: dict[str, np.ndarray], folder: Path,
 ) -> dict[str, Any]:  # fmt: skip
     """Test metrics, the claims and the throughput of one dataset."""
     test = data.rows("test")
     labels = labels_of(data, test)
-    evaluation, train_ctr = config["evaluation"], float(meta["train_ctr"])
+    evaluation, train_ctr = config.evaluation, float(meta["train_ctr"])
     reports = {arm: metric_report(labels, values, train_ctr, evaluation) for arm, values in p.items()}
     found = [
         claims.from_delta(
@@ -295,7 +295,7 @@ def summarise(
         "texts": len(data.texts),
         "steps": {**plan, "taken": {s["name"]: s["steps"] for s in fit.stages}},
         "calibration": calibration,
-        "throughput": lm_throughput(fit, loop_config(config, "lm_loop").batch_size),
+        "throughput": lm_throughput(fit, config.lm_loop.batch_size),
         "stages": fit.stages,
         "history": fit.history,
         "test": {
@@ -303,7 +303,7 @@ def summarise(
             for arm, r in reports.items()
         },
         "claims": [c.to_dict() for c in found],
-        "config": {k: config[k] for k in ("lm_loop", "encoder", "recipe")},
+        "config": {k: config.to_dict()[k] for k in ("lm_loop", "encoder", "recipe")},
         "wall_seconds": time.perf_counter() - started,
     }
     truth = folder / "truth.npz"

@@ -4,10 +4,10 @@ inputs, and which a killed run left half-written (`feature_repo/data/nlpctr_stat
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from nlpctr.atomic import write_json
 from nlpctr.features.store_config import repo_dir
 
 STATE_FILE = "nlpctr_state.json"
@@ -33,6 +33,4 @@ def write_state(data_dir: Path, state: dict[str, Any]) -> None:
     """Write the state file whole or not at all (a process killed mid-write leaves the old one)."""
     path = state_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    write_json(path, state)
