@@ -42,6 +42,7 @@ from nlpctr.models.encoder_source import (
     EncoderSource,
     resolve_encoder,
 )
+from nlpctr.models.state_store import PrefixKey, StateStore, active_root
 
 MODEL_NAME = DEFAULT_MODEL_NAME
 MODEL_PACKAGE = DEFAULT_ENCODER
@@ -367,6 +368,16 @@ class TextEncoder(nn.Module):
         dtype = _CACHE_DTYPES[self.config.cache_dtype]
         key = (digest.hexdigest(), self.frozen_layers, self.config.cache_dtype, str(self.device))
         self.state_cache = _shared_cache(key, dtype, self.config.cache_max_mb * 2**20)
+        assert self.frozen_layers is not None
+        self.prefix_key = PrefixKey(
+            self.config.version,
+            self.config.slug,
+            self.frozen_layers,
+            digest.hexdigest(),
+            self.config.cache_dtype,
+            self.device.type,
+            FROZEN_BATCH,
+        )
 
     @property
     def dim(self) -> int:
@@ -455,13 +466,24 @@ class TextEncoder(nn.Module):
         return out
 
     def prefill(self, token_ids: Sequence[Sequence[int]]) -> int:
-        """Compute and cache the prefix states of texts not cached yet; returns how many were new."""
+        """Compute and cache the prefix states of texts not cached yet; returns how many were
+        computed. Within `state_store.persisted_states(root)`, the states stored there are read
+        instead of computed, and those computed are stored."""
         if self.state_cache is None:
             return 0
         cache = self.state_cache
         missing = [k for k in dict.fromkeys(tuple(ids) for ids in token_ids) if cache.get(k) is None]
+        root = active_root()
+        store = StateStore(root, self.prefix_key) if root is not None and missing else None
+        if store is not None:
+            loaded = store.load(missing, self.device)
+            for key, state in loaded.items():
+                cache.put(key, state)  # (past the cache's budget, recomputed when needed, as before)
+            missing = [k for k in missing if k not in loaded]
         for start in range(0, len(missing), ENCODE_CHUNK):
-            self._compute_frozen(missing[start : start + ENCODE_CHUNK])
+            computed = self._compute_frozen(missing[start : start + ENCODE_CHUNK])
+            if store is not None:
+                store.save(computed)
         return len(missing)
 
     def frozen_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -9,6 +9,8 @@ files that describe it.
     DIR/embeddings/<slug>/                 one encoder's text embeddings (`embed`), and its _manifest.json
     DIR/lm_features/<run>/epoch-<k>/       a trained LM's output per text pair (`train`, E2 and E3),
                                            and the run's _meta.json (LmFeatureMeta)
+    DIR/lm_cache/<prefix>/                 a trainable LM's frozen-prefix states per text, computed
+                                           once for every run of DIR (`train`; models/state_store.py)
     DIR/feature_repo/                      the rendered Feast repository (`features apply`)
     DIR/training/<service>/<split>/        streamed training shards, and their _meta.json
     DIR/scored/<run>/, DIR/enriched/<service>/   `score-batch`'s default outputs
@@ -39,6 +41,7 @@ EMBEDDINGS = "embeddings"
 EMBEDDINGS_MANIFEST = "_manifest.json"  # in EMBEDDINGS/<slug>: encoder version, slug, dim, rows
 LM_FEATURES = "lm_features"
 LM_META = "_meta.json"  # in LM_FEATURES/<run>: LmFeatureMeta
+LM_CACHE = "lm_cache"  # its folders: <encoder slug>-frozen<k>-<dtype>-<device>-<weights sha1>
 FEATURE_REPO = "feature_repo"
 TRAINING = "training"
 TRAINING_META = "_meta.json"  # in TRAINING/<service>: what the shards were joined from
@@ -65,6 +68,11 @@ def embeddings_dir(data_dir: Path, slug: str) -> Path:
 def lm_features_dir(data_dir: Path, run: str) -> Path:
     """DIR/lm_features/<run>: one training run's LM features (`run` already a safe slug)."""
     return Path(data_dir) / LM_FEATURES / run
+
+
+def lm_cache_dir(data_dir: Path) -> Path:
+    """DIR/lm_cache: the frozen-prefix states of DIR's texts, one folder per encoder prefix."""
+    return Path(data_dir) / LM_CACHE
 
 
 def require_writable(folder: Path, purpose: str) -> None:

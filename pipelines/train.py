@@ -66,6 +66,7 @@ from nlpctr.layout import (
     TRAINING,
     LmFeatureMeta,
     check_splits,
+    lm_cache_dir,
     lm_features_dir,
     read_manifest,
     require_writable,
@@ -86,6 +87,7 @@ from nlpctr.models.runs import (
     Preprocessing,
     TrainedRun,
 )
+from nlpctr.models.state_store import persisted_states
 from nlpctr.models.streamed_training import train_lm_streaming, train_streaming
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, labels_of, predict
@@ -589,7 +591,9 @@ def train(request: TrainRequest) -> TrainResult:
             empty split, a damaged file, named with the command that rebuilds it), a damaged
             checkpoint to resume from.
     """
-    with prepared.reading(request.data_dir):  # a damaged file named, with its fix
+    # A damaged file named, with its fix; the LM's frozen-prefix states computed once per data
+    # folder and reused by its other runs (models/state_store.py).
+    with prepared.reading(request.data_dir), persisted_states(lm_cache_dir(request.data_dir.resolve())):
         return _train(request)
 
 

@@ -210,6 +210,28 @@ def test_online_feature_lookup_looks_each_distinct_key_up_once(
             assert (got is None and expected is None) or np.allclose(got, expected), name
 
 
+def test_online_feature_lookup_splits_a_batchs_keys_into_bounded_calls(
+    served: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most `call_keys` keys a Feast call, and the batch comes back as one call would give it."""
+    data = served["data"]
+    batch = pa.Table.from_pylist(impressions(data).head(40).to_dict("records"))
+    whole = store.OnlineFeatureLookup(store_config.config_path(data), "cascade_frozen")
+    chunked = store.OnlineFeatureLookup(store_config.config_path(data), "cascade_frozen", call_keys=3)
+    chunked.open()
+    assert chunked.store is not None
+    sent: list[int] = []
+    real = chunked.store.get_online_features
+
+    def counting(**kwargs: Any) -> Any:
+        sent.append(len(next(iter(kwargs["entity_rows"].values()))))
+        return real(**kwargs)
+
+    monkeypatch.setattr(chunked.store, "get_online_features", counting)
+    assert chunked(batch).equals(whole(batch))
+    assert max(sent) == 3 and len(sent) > len(chunked.reads)
+
+
 class _FakeRun:
     """A trained run that scores a row by its position and returns the rows reversed (the job
     must join scores back by impression id, not by order)."""

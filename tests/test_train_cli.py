@@ -20,8 +20,11 @@ from builders import SLUG, impressions, write_ctr_history, write_embeddings
 
 from nlpctr.errors import UserError
 from nlpctr.features import store
+from nlpctr.layout import lm_cache_dir
+from nlpctr.models import encoder as encoder_module
 from nlpctr.models import metrics
 from nlpctr.models.config import load_config
+from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
 from nlpctr.models.runs import TrainedRun
 from nlpctr.models.trainer import LoopConfig
@@ -217,6 +220,27 @@ def test_training_is_deterministic_and_a_changed_config_is_refused(trained: dict
     np.testing.assert_array_equal(a.p, b.p)
     with pytest.raises(UserError, match="another configuration"):
         train.run([*argv, "--run", "e0", "--seed", "7", "--no-progress"])
+
+
+def test_a_rerun_reads_the_frozen_prefix_states_and_predicts_the_same(
+    trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, runs = trained["data"], trained["runs"]
+    folders = sorted(p.name for p in lm_cache_dir(data).iterdir())
+    assert any("-frozen1-" in name for name in folders)  # e3w: 2 layers, the top one trains
+    encoder_module.clear_state_caches()  # a fresh process: only the data folder remembers
+    computed: list[int] = []
+    real = TextEncoder._compute_frozen
+    monkeypatch.setattr(
+        TextEncoder, "_compute_frozen", lambda self, keys: computed.append(len(keys)) or real(self, keys)
+    )
+    own = runs.parent / "e3w.yaml"
+    argv = [*MODES["e3w"], "--data", str(data), "--runs-dir", str(runs), "--config", str(own)]
+    train.run([*argv, "--run", "e3w_again", "--no-progress"])
+    assert computed == []  # every state the run needed was read back
+    a = pd.read_parquet(runs / "e3w" / "predictions.parquet")
+    b = pd.read_parquet(runs / "e3w_again" / "predictions.parquet")
+    np.testing.assert_array_equal(a.p, b.p)
 
 
 def test_config_layers_merge_in_order(tmp_path: Path) -> None:

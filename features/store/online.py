@@ -33,6 +33,9 @@ from nlpctr.features.store.state import fix_command, read_state
 # Feast's online store cannot take a null join key (it sorts keys by value); an impression with
 # no query text is looked up under this id, which no text has, and comes back null.
 MISSING_KEY = ""
+# Distinct keys per `get_online_features` call of a batch lookup: Feast's cost per key grows past
+# a few hundred keys a call (bench/bench_feast.py), and a batch's distinct keys may be thousands.
+CALL_KEYS = 256
 
 
 def service_join_keys(store: FeatureStore, service: FeatureService) -> list[str]:
@@ -237,12 +240,14 @@ class OnlineFeatureLookup:
     Feast's cost is per entity row it returns, so each view of the service is read once per
     batch, for the distinct keys the batch holds (e.g. an ad's text repeated over its
     impressions, or the same embedding view read for the query and the ad text), with Feast's
-    own `get_online_features`; the projections' names and join-key maps are applied here.
+    own `get_online_features`, at most `call_keys` keys a call (its cost per key grows with the
+    call's size: bench/bench_feast.py); the projections' names and join-key maps are applied here.
     """
 
-    def __init__(self, config_path: Path, service: str) -> None:
+    def __init__(self, config_path: Path, service: str, call_keys: int = CALL_KEYS) -> None:
         self.config_path = Path(config_path)
         self.service_name = service
+        self.call_keys = call_keys
         self.store: FeatureStore | None = None
         self.keys: list[str] = []
         self.fields: list[pa.Field] = []
@@ -258,7 +263,6 @@ class OnlineFeatureLookup:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.store is None:
             self.open()
-        assert self.store is not None
         requested = {k: pc.fill_null(pc.cast(batch[k], pa.string()), MISSING_KEY) for k in self.keys}
         types = {field.name: field.type for field in self.fields}
         for read in self.reads:
@@ -269,17 +273,30 @@ class OnlineFeatureLookup:
                 for _, columns, _ in read.projections
             ]
             distinct = pa.concat_tables(asked).group_by(list(read.join_keys), use_threads=False).aggregate([])
-            values = self.store.get_online_features(
-                features=[f"{read.view}:{f}" for f in read.features],
-                entity_rows={k: distinct[k].to_pylist() for k in read.join_keys},
-                full_feature_names=True,
-            ).to_dict()
-            served: dict[str, pa.Array] = {}  # each feature of the view converted once
+            kinds = {f: types[f"{name}__{f}"] for name, _, features in read.projections for f in features}
+            served = self._read_view(read, distinct, kinds)  # each feature of the view converted once
             for (name, _, features), keys in zip(read.projections, asked, strict=True):
                 index = _positions(keys, distinct)
                 for feature in features:
                     column = f"{name}__{feature}"
-                    if feature not in served:
-                        served[feature] = pa.array(values[f"{read.view}__{feature}"], types[column])
                     batch = batch.append_column(pa.field(column, types[column]), served[feature].take(index))
         return batch.select([*batch.column_names[: -len(self.fields)], *types]) if self.fields else batch
+
+    def _read_view(
+        self, read: ViewRead, distinct: pa.Table, kinds: dict[str, pa.DataType]
+    ) -> dict[str, pa.Array]:
+        """Each feature of one view for the `distinct` keys, in their order, `call_keys` a call."""
+        assert self.store is not None
+        parts: dict[str, list[pa.Array]] = {feature: [] for feature in read.features}
+        for start in range(0, distinct.num_rows, self.call_keys):
+            chunk = distinct.slice(start, self.call_keys)
+            values = self.store.get_online_features(
+                features=[f"{read.view}:{f}" for f in read.features],
+                entity_rows={k: chunk[k].to_pylist() for k in read.join_keys},
+                full_feature_names=True,
+            ).to_dict()
+            for feature in read.features:
+                parts[feature].append(pa.array(values[f"{read.view}__{feature}"], kinds[feature]))
+        return {
+            f: pa.concat_arrays(arrays) if arrays else pa.array([], kinds[f]) for f, arrays in parts.items()
+        }
