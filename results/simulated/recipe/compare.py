@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 
 from nlpctr.layout import read_manifest
 from nlpctr.models import metrics
-from nlpctr.models.evaluation import paired_delta
+from nlpctr.models.evaluation import EvaluationConfig, paired_delta
 
 # (variant, what it changes, the variant it is compared with)
 LADDER = [
@@ -28,7 +28,9 @@ LADDER = [
     ("noprobe", "bf16 without the probe (head from zero)", "bf16"),
     ("cold", "joint from the start: no E0 warm start", "bf16"),
 ]
-EVALUATION = {"bootstrap_rounds": 1000, "bootstrap_seed": 0}
+EVALUATION = EvaluationConfig(bootstrap_rounds=1000, bootstrap_seed=0)
+# the recipe the ladder arrives at (models/configs/default.yaml): judged against its probe over seeds
+FINAL = "bf16"
 
 
 def valid_labels(data: Path) -> tuple[pd.DataFrame, str]:
@@ -87,10 +89,10 @@ def compare(rho_dir: Path) -> dict:
     out = {"runs": {n: run_facts(runs / n) for n in p if n != "baseline"}, "comparisons": []}
     out["probe_vs_e0"] = delta(labels, p["probe"], p["baseline"], train_ctr)
     for variant, change, base in LADDER:
-        if variant not in p or base not in p:
+        if variant not in p:
             continue
-        entry = {"variant": variant, "change": change, "against": base}
-        entry["vs_against"] = delta(labels, p[variant], p[base], train_ctr)
+        entry = {"variant": variant, "change": change, "against": base if base in p else None}
+        entry["vs_against"] = delta(labels, p[variant], p[base], train_ctr) if base in p else None
         control = "probe" if facts_autocast(runs / variant) else "probe32"  # the same frozen vectors
         entry["probe"] = control
         entry["vs_probe"] = delta(labels, p[variant], p[control], train_ctr)
@@ -98,11 +100,26 @@ def compare(rho_dir: Path) -> dict:
     return out
 
 
+def over_seeds(results: dict) -> dict:
+    """Per rho, the final recipe's validation log loss minus its probe's, at each seed run."""
+    out: dict = {}
+    for key, result in results.items():
+        rho = key.rsplit("rho-", 1)[-1]
+        for c in result["comparisons"]:
+            if c["variant"] == FINAL:
+                out.setdefault(rho, []).append({"run": key, **c["vs_probe"]})
+    return out
+
+
 def markdown(results: dict) -> str:
-    lines = []
-    for rho, result in results.items():
+    lines = ["### The final recipe (`bf16`) against its probe-only control, per seed", ""]
+    lines += ["| rho | run | Δ valid log loss [95% CI] |", "|---|---|---|"]
+    for rho, entries in over_seeds(results).items():
+        lines += [f"| {rho} | {e['run']} | {fmt(e)} |" for e in entries]
+    lines.append("")
+    for key, result in results.items():
         probe = result["probe_vs_e0"]
-        lines += [f"### rho = {rho}", "", f"Probe-only control vs E0: {fmt(probe)}.", ""]
+        lines += [f"### {key}", "", f"Probe-only control vs E0: {fmt(probe)}.", ""]
         lines += [
             "| variant | change | against | Δ valid log loss vs it [95% CI] | vs the probe [95% CI] "
             "| LM steps | rows | CPU s |",
@@ -112,14 +129,16 @@ def markdown(results: dict) -> str:
             facts = result["runs"][c["variant"]]
             cpu = facts["lm_cpu_seconds"]
             lines.append(
-                f"| {c['variant']} | {c['change']} | {c['against']} | {fmt(c['vs_against'])} "
+                f"| {c['variant']} | {c['change']} | {c['against'] or '-'} | {fmt(c['vs_against'])} "
                 f"| {fmt(c['vs_probe'])} | {facts['lm_steps']} | {facts['lm_rows_seen']:,} | {cpu:.0f} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
-def fmt(d: dict) -> str:
+def fmt(d: dict | None) -> str:
+    if d is None:
+        return "-"
     verdict = "better" if d["better"] else "worse" if d["worse"] else "n.s."
     return f"{d['delta']:+.6f} [{d['ci'][0]:+.6f}, {d['ci'][1]:+.6f}] {verdict}"
 
@@ -129,8 +148,11 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/recipe"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
-    results = {d.name.removeprefix("rho-"): compare(d) for d in sorted(args.runs.glob("rho-*"))}
-    (args.out / "comparisons.json").write_text(json.dumps(results, indent=2) + "\n")
+    # seed 0 in rho-<r>, further seeds in seed-<s>/rho-<r> (run.sh's SEED)
+    folders = sorted(args.runs.glob("rho-*")) + sorted(args.runs.glob("seed-*/rho-*"))
+    results = {str(d.relative_to(args.runs)): compare(d) for d in folders}
+    payload = {"runs": results, "final_vs_probe": over_seeds(results)}
+    (args.out / "comparisons.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / "comparisons.md").write_text(markdown(results))
     print(markdown(results))
 
