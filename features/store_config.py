@@ -167,7 +167,9 @@ def offline_config(offline: str, spark_master: str | None = None) -> dict[str, A
         # The driver's ports serve only this process: bind them to loopback, not every interface.
         conf.update({"spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1"})
     for section in sections.values():
-        section["spark_conf"] = conf
+        # A copy each: one shared dict would be dumped as a YAML anchor and alias, which the
+        # project's own reader (config_files) refuses.
+        section["spark_conf"] = dict(conf)
     return sections
 
 

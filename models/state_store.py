@@ -96,7 +96,11 @@ class PrefixKey:
 
     @property
     def folder_name(self) -> str:
-        return f"{self.slug}-frozen{self.frozen_layers}-{self.dtype}-{self.device}-{self.weights_sha1[:16]}"
+        # Every field of the key in the name: two configurations of one encoder (another
+        # max_length, say) keep their states side by side instead of emptying each other's folder.
+        identity = json.dumps([self.encoder_version, self.weights_sha1, self.batch]).encode()
+        digest = hashlib.sha1(identity).hexdigest()[:16]
+        return f"{self.slug}-frozen{self.frozen_layers}-{self.dtype}-{self.device}-{digest}"
 
     def manifest(self) -> dict[str, Any]:
         return {

@@ -312,8 +312,11 @@ def fit(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     groups = list(param_groups) if param_groups is not None else default_param_groups(model, texts, config)
+    trained = [g for g in groups if g["params"]]
+    # Every group frozen (a recipe stage with all learning rates 0): the planned steps still run,
+    # validated and checkpointed as configured, and update nothing. AdamW refuses no group at all.
     optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        trained or [{"params": [], "lr": 0.0}],
         weight_decay=config.weight_decay,
         fused=config.fused_optimizer or None,
     )
@@ -457,14 +460,15 @@ def fit(
             if auxiliary_loss is not None:
                 loss = loss + auxiliary_loss(batch.text_index, vector)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
+            if trained and scaler is None:
                 loss.backward()
                 optimizer.step()
-            else:
+            elif trained:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-            scheduler.step()
+            if trained:  # nothing to update, nothing to schedule
+                scheduler.step()
             step += 1
             seen += len(batch.impressions)
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()

@@ -153,6 +153,7 @@ def reading(data_dir: Path, folders: Sequence[str] = ALL_FOLDERS) -> contextlib.
     return _checked(lambda: prepared_files(data_dir, folders))
 
 
-def reading_source(path: Path, fix: str) -> contextlib.AbstractContextManager[None]:
-    """`reading` for a parquet source log (`data prepare`): `fix` says what to do about it."""
-    return _checked(lambda: [(Path(path), fix)])
+def reading_source(paths: Sequence[Path], fix: str) -> contextlib.AbstractContextManager[None]:
+    """`reading` for a parquet source log, its one file or its shards (`data prepare`): `fix`
+    says what to do about a damaged one."""
+    return _checked(lambda: [(Path(path), fix) for path in paths])

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -81,6 +82,13 @@ def saved_predictions_path(run_dir: Path) -> Path:
     return path
 
 
+def saved_test_predictions(run_dir: Path) -> pa.Table:
+    """The test rows of a run's saved predictions (the file holds its validation rows too), in
+    the order training wrote them."""
+    table = pq.read_table(saved_predictions_path(run_dir))
+    return table.filter(pc.equal(table["split"], "test"))
+
+
 def saved_predictions(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(saved_predictions_path(run_dir))
 
@@ -139,8 +147,8 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     )
     if args.baseline:
         # Both runs predicted the test shards in their order; the baseline's p lines up row by row.
-        base = pq.read_table(saved_predictions_path(run_dir_of(args.runs_dir, args.baseline)))
-        ours = pq.read_table(run_dir / PREDICTIONS_FILE, columns=["impression_id"])
+        base = saved_test_predictions(run_dir_of(args.runs_dir, args.baseline))
+        ours = saved_test_predictions(run_dir)
         if (
             base.num_rows != ours.num_rows
             or not pc.all(pc.equal(base["impression_id"], ours["impression_id"])).as_py()

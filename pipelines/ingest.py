@@ -36,7 +36,7 @@ from nlpctr import __version__, prepared
 from nlpctr.errors import UserError
 from nlpctr.layout import IMPRESSIONS, REJECTED, write_manifest
 from nlpctr.models.schema import SPLITS, impression_schema
-from nlpctr.pipelines.ingest_source import ReadSourceRecords, check_source
+from nlpctr.pipelines.ingest_source import ReadSourceRecords, check_source, source_files
 from nlpctr.pipelines.ingest_validate import AssignSplits, FindRepeatedIds, TimeCutPoints, ValidateImpressions
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import WriteCounts, read_counts, staged_output
@@ -322,8 +322,13 @@ def source_reading(spec: DatasetSpec) -> contextlib.AbstractContextManager[None]
     damaged line is a dead letter)."""
     if spec.source.format != "parquet":
         return contextlib.nullcontext()
-    fix = f"replace it with a sound copy, or point source.path in {spec.spec_path.name} at one"
-    return prepared.reading_source(spec.source.path, fix)
+    name = spec.spec_path.name
+    fix = "replace it with a sound copy, or " + (
+        f"point source.path in {name} at one"
+        if spec.source.path is not None
+        else f"leave it out of {spec.source.field} in {name}"
+    )
+    return prepared.reading_source(source_files(spec), fix)
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:

@@ -33,9 +33,9 @@ the loop reads them as a stream (`models.streaming.ShardSource`) and test metric
 step fits on E0's shards and writes its features for their unique text pairs).
 
 Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
-from), `checkpoints/`, `predictions.parquet` (test rows), `results.json`; the last two record the
-device and precision used (`placement`), which are not part of the run's identity (`config.json`):
-a run interrupted on one device resumes on another.
+from), `checkpoints/`, `predictions.parquet` (test and validation rows), `results.json`; the last
+two record the device and precision used (`placement`), which are not part of the run's identity
+(`config.json`): a run interrupted on one device resumes on another.
 """
 
 from __future__ import annotations

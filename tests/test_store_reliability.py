@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,7 +67,10 @@ def test_registry_write_failing_midway_leaves_the_previous_registry(
         handle = real_open(file, mode, *args, **kwargs)
         return HalfWrite(handle) if "registry.db" in str(file) and "w" in mode else handle
 
+    # Both ways a registry file gets opened: open() (Feast's own file store) and io.open, which
+    # pathlib's Path.write_bytes goes through (nlpctr.atomic, the atomic registry store's writer).
     monkeypatch.setattr(builtins, "open", open_failing_registry_writes)
+    monkeypatch.setattr(io, "open", open_failing_registry_writes)
     with pytest.raises(OSError, match="injected"):
         store.apply(data)
     monkeypatch.undo()

@@ -248,7 +248,9 @@ def test_train_and_evaluate_stream(prepared: Path, tmp_path: Path) -> None:
         results = train.run([*argv, *layers, "--streaming", "--no-progress"])
         spec = json.loads((runs / name / "run.json").read_text())
         assert spec["streaming"] is True
-        predictions = pd.read_parquet(runs / name / "predictions.parquet")
+        saved = pd.read_parquet(runs / name / "predictions.parquet")  # test and validation rows
+        assert sorted(saved.split.unique()) == ["test", "valid"]
+        predictions = saved.query("split == 'test'")
         assert predictions.impression_id.tolist() == test.impression_id.tolist()
         p[name] = predictions.p.to_numpy()
         in_memory = metric_report(labels, p[name], spec["train_ctr"], QUICK_EVAL)

@@ -146,8 +146,11 @@ def test_a_warm_started_joint_run_starts_at_e0_and_keeps_its_best(trained: dict[
 def test_evaluate_reproduces_train_predictions_and_adds_the_delta(trained: dict[str, Any], name: str) -> None:
     runs = trained["runs"]
     out = evaluate.run(["--run", name, "--baseline", "e0", "--runs-dir", str(runs)])
-    assert out["evaluate"]["max_abs_diff_vs_train_predictions"] <= 1e-6
     results = json.loads((runs / name / "results.json").read_text())
+    # an LM layer in bf16 autocast rounds by its batch's padded length, which evaluate's batches
+    # need not share with train's: a few 1e-6 there, none in float32
+    bf16 = (results.get("encoder") or {}).get("autocast") is not None
+    assert out["evaluate"]["max_abs_diff_vs_train_predictions"] <= (1e-5 if bf16 else 1e-6)
     delta = results["delta_vs_baseline"]
     e0 = json.loads((runs / "e0" / "results.json").read_text())["metrics"]["test"]
     assert delta["delta_auc"] == pytest.approx(results["metrics"]["test"]["auc"] - e0["auc"], abs=1e-9)
@@ -207,8 +210,11 @@ def test_batch_scoring_equals_the_trainers_predictions(trained: dict[str, Any]) 
         result = score_batch.run([*argv, "--out", str(out), "--direct_num_workers", "1"])
         scored = ds.dataset(out, format="parquet").to_table().to_pandas().set_index("impression_id")
         saved = pd.read_parquet(runs / name / "predictions.parquet").set_index("impression_id")
+        saved = saved[saved["split"] == "test"]  # predictions.parquet holds validation's too
         assert result["rows"] == len(saved)
-        np.testing.assert_allclose(scored.p.reindex(saved.index), saved.p, atol=1e-6, rtol=0)
+        encoder = json.loads((runs / name / "results.json").read_text()).get("encoder") or {}
+        atol = 1e-5 if encoder.get("autocast") else 1e-6  # bf16 rounds by batch (see above)
+        np.testing.assert_allclose(scored.p.reindex(saved.index), saved.p, atol=atol, rtol=0)
 
 
 def test_training_is_deterministic_and_a_changed_config_is_refused(trained: dict[str, Any]) -> None:
