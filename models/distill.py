@@ -38,6 +38,7 @@ from nlpctr.models import ceilings, metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
 from nlpctr.models.ctr_net import CtrModel, Fusion
 from nlpctr.models.data import Tensors
+from nlpctr.models.device import seed_run
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.text_batches import TextBatcher, has_query
 from nlpctr.models.trainer import FitResult, LoopConfig, fit, lr_factor
@@ -193,7 +194,7 @@ def fit_feature_kd(
     valid = torch.unique(data.text_index[data.rows("valid")])
     if len(train) == 0 or len(valid) == 0:
         raise UserError("feature-KD needs texts in both the train and the valid split")
-    torch.manual_seed(config.seed)  # dropout
+    seed_run(config.seed)  # dropout
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
         lm.parameters(),

@@ -32,7 +32,7 @@ from nlpctr.models.data import (
     fit_numeric_stats,
     tensorize,
 )
-from nlpctr.models.device import CPU, Placement
+from nlpctr.models.device import CPU, Placement, seed_run
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import TextScorer, predict
@@ -120,13 +120,13 @@ class Preprocessing:
 
 def build_model(pre: Preprocessing, config: TrainConfig, fusion: str | None, text_dim: int = 0) -> CtrModel:
     """The CTR network for these inputs, initialised from the run's seed."""
-    torch.manual_seed(int(config.loop.seed))
+    seed_run(int(config.loop.seed))
     return CtrModel(pre.shape, config.net, fusion=fusion, text_dim=text_dim)
 
 
 def build_scorer(config: TrainConfig, text_dim: int, base_rate: float | None = None) -> TextScorer:
     """E2's click head on the LM's pooled vector, its output bias at `base_rate`'s log-odds."""
-    torch.manual_seed(int(config.lm_loop.seed))
+    seed_run(int(config.lm_loop.seed))
     return TextScorer(text_dim, hidden=config.lm_head_hidden, base_rate=base_rate)
 
 

@@ -47,7 +47,7 @@ from nlpctr.models import metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import BatchSource, Tensors
-from nlpctr.models.device import device_of
+from nlpctr.models.device import device_of, seed_run
 from nlpctr.models.text_batches import TextBatcher
 
 LAST = "last.pt"
@@ -309,7 +309,7 @@ def fit(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     device = device_of(model)
     scaler = texts.lm.placement.grad_scaler() if texts is not None else None
-    torch.manual_seed(config.seed)
+    seed_run(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     groups = list(param_groups) if param_groups is not None else default_param_groups(model, texts, config)
     trained = [g for g in groups if g["params"]]
