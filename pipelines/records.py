@@ -12,14 +12,14 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
-from html import unescape
-from html.parser import HTMLParser
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from nlpctr.config_files import is_integer, is_number
 from nlpctr.models.schema import normalize_text, stable_hash, text_id
-from nlpctr.pipelines.specs import ColumnRule, DatasetSpec, NumericRule, TimestampRule
+from nlpctr.pipelines.spec_rules import ColumnRule, NumericRule, TimestampRule
+from nlpctr.pipelines.specs import DatasetSpec
+from nlpctr.pipelines.text_repair import TEXT_TRANSFORMS
 
 # Reason codes of dead-letter records (docs/USAGE.md documents each).
 MALFORMED_RECORD = "malformed_record"
@@ -49,10 +49,8 @@ MALFORMED_KEY = "__malformed__"
 RAW_KEY = "__raw__"
 # Control characters other than tab and newlines are corruption in a text field.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_C1 = re.compile(r"[\x80-\x9f]")
 # Lone surrogates: undecodable bytes kept by errors="surrogateescape" (source_files reads so).
 SURROGATE = re.compile(r"[\ud800-\udfff]")
-_WHITESPACE = re.compile(r"\s+")
 # Python refuses str() of integers beyond 4300 digits; anything this long is not a value.
 _MAX_INT_BITS = 4096
 _MAX_COUNT = 2**63 - 1  # impressions and clicks are int64 columns
@@ -112,63 +110,6 @@ def malformed(raw: str, message: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- values
-
-
-class _TextOnly(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-
-    def handle_data(self, data: str) -> None:
-        self.parts.append(data)
-
-
-def strip_html(value: str) -> str:
-    """Visible text of an HTML fragment, entities decoded, whitespace collapsed."""
-    parser = _TextOnly()
-    parser.feed(value)
-    parser.close()
-    return _WHITESPACE.sub(" ", unescape(" ".join(parser.parts))).strip()
-
-
-def _cp1252_specials() -> dict[str, int]:
-    specials = {}
-    for byte in range(0x80, 0xA0):
-        try:
-            specials[bytes([byte]).decode("cp1252")] = byte
-        except UnicodeDecodeError:
-            specials[chr(byte)] = byte  # undefined in cp1252: latin-1 passes it through
-    return specials
-
-
-_CP1252_BYTE = _cp1252_specials()
-_CONTINUATION = "\x80-\xbf" + "".join(re.escape(c) for c in _CP1252_BYTE if ord(c) > 0xFF)
-# A UTF-8 lead byte followed by 1-3 continuation bytes, all seen through windows-1252/latin-1.
-_MOJIBAKE = re.compile(f"[\xc2-\xf4][{_CONTINUATION}]{{1,3}}")
-
-
-def fix_mojibake(value: str) -> str:
-    """Repair the commonest mojibake: UTF-8 bytes decoded as windows-1252 ("â€\x9d" -> "”"),
-    and C1 control characters that are windows-1252 punctuation decoded as latin-1
-    (U+0096 -> "–"). What cannot be repaired stays, so the row is still rejected."""
-
-    def utf8(match: re.Match[str]) -> str:
-        raw = bytes(_CP1252_BYTE.get(c, ord(c)) for c in match.group())
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return match.group()
-
-    def cp1252(match: re.Match[str]) -> str:
-        try:
-            return match.group().encode("latin-1").decode("cp1252")
-        except UnicodeDecodeError:
-            return match.group()
-
-    return _C1.sub(cp1252, _MOJIBAKE.sub(utf8, value))
-
-
-TEXT_TRANSFORMS = {"strip_html": strip_html, "fix_mojibake": fix_mojibake}
 
 
 def as_text(value: Any) -> str | None:

@@ -27,7 +27,8 @@ from nlpctr.errors import UserError
 from nlpctr.models.schema import impression_schema
 from nlpctr.pipelines import records as r
 from nlpctr.pipelines import source_files
-from nlpctr.pipelines.specs import LABEL_FORMS, TIMESTAMP_FORMATS, DatasetSpec, load_spec, parse_spec
+from nlpctr.pipelines.spec_rules import LABEL_FORMS, TIMESTAMP_FORMATS
+from nlpctr.pipelines.specs import DatasetSpec, load_spec, parse_spec
 
 FUZZ = settings(
     max_examples=250,

@@ -13,6 +13,7 @@ from nlpctr.models.schema import text_id
 from nlpctr.pipelines import records as r
 from nlpctr.pipelines import source_files
 from nlpctr.pipelines.specs import load_spec
+from nlpctr.pipelines.text_repair import fix_mojibake, strip_html
 
 AGGREGATED = {
     "name": "agg",
@@ -140,7 +141,7 @@ def test_integral_floats_are_counts_and_ids() -> None:
 
 
 def test_timestamp_formats() -> None:
-    from nlpctr.pipelines.specs import TimestampRule
+    from nlpctr.pipelines.spec_rules import TimestampRule
 
     def ts(fmt: str, value: object, **kw: object) -> dt.datetime:
         return r.parse_timestamp(TimestampRule(format=fmt, column="c", **kw), {"c": value})
@@ -172,14 +173,14 @@ def test_json_line_parser() -> None:
 
 
 def test_fix_mojibake_repairs_what_it_can() -> None:
-    assert r.fix_mojibake("Product \u0096 Scooters") == "Product – Scooters"
-    assert r.fix_mojibake("Power\u00e2\u0084\u00a2") == "Power™"
-    assert r.fix_mojibake("café naïve") == "café naïve"
-    assert "\u0081" in r.fix_mojibake("x\u0081y")  # undefined in cp1252: left for rejection
+    assert fix_mojibake("Product \u0096 Scooters") == "Product – Scooters"
+    assert fix_mojibake("Power\u00e2\u0084\u00a2") == "Power™"
+    assert fix_mojibake("café naïve") == "café naïve"
+    assert "\u0081" in fix_mojibake("x\u0081y")  # undefined in cp1252: left for rejection
 
 
 def test_strip_html() -> None:
-    assert r.strip_html("<p>When I saw <em>why</em> &mdash; wow</p>\n<p>ok</p>") == "When I saw why — wow ok"
+    assert strip_html("<p>When I saw <em>why</em> &mdash; wow</p>\n<p>ok</p>") == "When I saw why — wow ok"
 
 
 def test_spec_dir_is_package_data() -> None:

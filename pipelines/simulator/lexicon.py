@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from nlpctr.errors import UserError
-from nlpctr.pipelines.records import fix_mojibake
+from nlpctr.pipelines.text_repair import fix_mojibake
 
 TREC_FILE = Path("trec2013") / "trec2013_impressions.tsv"
 ESCI_FILE = Path("esci_ubi") / "ubi_queries_events.ndjson"
