@@ -206,12 +206,12 @@ def handler_bench(data: Path, rows: int = 2000, batch_size: int = 1024) -> dict[
     vs `OnlineFeatureLookup` called per Arrow batch of `batch_size` rows."""
     import apache_beam as beam
 
-    from nlpctr.pipelines import score_batch
+    from nlpctr.pipelines import score_transforms
 
     online = store.OnlineFeatures(data, "cascade_frozen")
     table = pads.dataset(parquet_files(data / IMPRESSIONS)).to_table().slice(0, rows)
     config = store_config.config_path(data)
-    handler = score_batch.per_element_handler(config, "cascade_frozen", online.keys)
+    handler = score_transforms.per_element_handler(config, "cascade_frozen", online.keys)
     requests = [beam.Row(**{k: r[k] for k in online.keys}) for r in table.select(online.keys).to_pylist()]
     with handler:
         started = time.perf_counter()

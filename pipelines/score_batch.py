@@ -33,17 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import redis.exceptions
-from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
-from apache_beam.transforms.enrichment import Enrichment, EnrichmentSourceHandler
-from apache_beam.transforms.enrichment_handlers.feast_feature_store import FeastFeatureStoreEnrichmentHandler
 from feast import FeatureStore
 
 from nlpctr import prepared
@@ -53,220 +47,31 @@ from nlpctr.features import store_config
 from nlpctr.features.names import CASCADE_FROZEN
 from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
 from nlpctr.models.checkpoints import load_checkpoint
-from nlpctr.models.runs import RUN_FILE, TrainedRun
-from nlpctr.models.schema import SPLITS, impression_schema
-from nlpctr.pipelines.devices import launch_device, worker_placement
+from nlpctr.models.runs import RUN_FILE
+from nlpctr.models.schema import SPLITS
+from nlpctr.pipelines.devices import launch_device
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import staged_output
 from nlpctr.pipelines.ownership import claim_output_dir
+from nlpctr.pipelines.score_transforms import (
+    METRICS_NAMESPACE,
+    CountNulls,
+    EnrichBatches,
+    EnrichFromOnlineStore,
+    ReadImpressionBatches,
+    ReadImpressionRows,
+    ScoreWithRun,
+    output_schema,
+    per_element_handler,
+)
 from nlpctr.prepared import parquet_files
 
-METRICS_NAMESPACE = "nlpctr.score_batch"
 ENRICHMENT_MODES = ("batched", "per-element")
 JOB = "score-batch"
 # Rows enriched together (`--batch-size`): each distinct key of the batch is read once (the more
 # rows, the fewer keys a row: bench/bench_feast.py), and a batch is one row group of the output;
 # 32,768 rows with a 384-d vector are ~60 MB in memory.
 BATCH_ROWS = 32768
-
-
-class EntityRow:
-    """Request row -> Feast entity row for the service's keys (a picklable callable).
-
-    Null keys become a key no entity has: Feast cannot take a null join key.
-    """
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        self.keys = list(keys)
-
-    def __call__(self, row: beam.Row) -> dict[str, str]:
-        values = row._asdict()
-        return {k: feature_store.MISSING_KEY if values.get(k) is None else str(values[k]) for k in self.keys}
-
-
-class KeepFeatures:
-    """Enrichment join: the request row plus the feature columns of the response.
-
-    Beam's default cross join would also compare the entity keys Feast echoes back, and log a
-    warning for every row whose null key we sent as the empty id.
-    """
-
-    def __init__(self, feature_names: Sequence[str]) -> None:
-        self.feature_names = list(feature_names)
-
-    def __call__(self, left: Mapping[str, Any], right: Mapping[str, Any]) -> beam.Row:
-        return beam.Row(**{**left, **{name: right.get(name) for name in self.feature_names}})
-
-
-def per_element_handler(
-    config_path: Path, service: str, keys: Sequence[str]
-) -> FeastFeatureStoreEnrichmentHandler:
-    """Beam's stock Feast handler: one `get_online_features` call per row."""
-    return FeastFeatureStoreEnrichmentHandler(
-        feature_store_yaml_path=str(config_path),
-        feature_service_name=service,
-        # Two projections of one embedding view (ad and query text) share feature names.
-        full_feature_names=True,
-        entity_row_fn=EntityRow(keys),
-    )
-
-
-class EnrichBatches(beam.DoFn):
-    """Arrow batches of impressions -> the same rows plus the served features, `batch_size` rows
-    per lookup (one `feature_store.OnlineFeatureLookup` per worker), one output batch each."""
-
-    def __init__(self, lookup: feature_store.OnlineFeatureLookup, batch_size: int) -> None:
-        self.lookup = lookup
-        self.batch_size = batch_size
-
-    def setup(self) -> None:
-        self.lookup.open()
-
-    def process(self, table: pa.Table) -> Any:
-        for start in range(0, table.num_rows, self.batch_size):
-            yield self.lookup(table.slice(start, self.batch_size))
-
-
-class RowsToBatches(beam.PTransform):
-    """Row dicts -> Arrow batches of `schema` (the per-element path joins the batched one here)."""
-
-    def __init__(self, schema: pa.Schema) -> None:
-        super().__init__()
-        self.schema = schema
-
-    def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        schema = self.schema
-        return (
-            rows
-            | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
-            | "ToTables" >> beam.Map(lambda batch: pa.Table.from_pylist(batch, schema=schema))
-        )
-
-
-class EnrichFromOnlineStore(beam.PTransform):
-    """Row dicts -> the same rows plus one column per served feature, looked up one row at a time
-    in the online store by Beam's `Enrichment` with its stock Feast handler (the reference the
-    batched path is measured against); Arrow batches of `schema` out."""
-
-    def __init__(
-        self, handler: EnrichmentSourceHandler, schema: pa.Schema, feature_names: Sequence[str]
-    ) -> None:
-        super().__init__()
-        self.handler = handler
-        self.schema = schema
-        self.feature_names = list(feature_names)
-
-    def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        return (
-            rows
-            | "ToRows" >> beam.Map(lambda r: beam.Row(**r))
-            | "Enrich" >> Enrichment(self.handler, join_fn=KeepFeatures(self.feature_names))
-            | "ToDicts" >> beam.Map(lambda r: r._asdict())
-            | "ToBatches" >> RowsToBatches(self.schema)
-        )
-
-
-class CountNulls(beam.DoFn):
-    """Count rows and null features of Arrow batches (Beam metrics, read back by the driver)."""
-
-    def __init__(self, feature_names: Sequence[str]) -> None:
-        self.feature_names = list(feature_names)
-
-    def setup(self) -> None:
-        self.rows = Metrics.counter(METRICS_NAMESPACE, "rows")
-        self.rows_with_nulls = Metrics.counter(METRICS_NAMESPACE, "rows_with_nulls")
-        self.nulls = {n: Metrics.counter(METRICS_NAMESPACE, f"null:{n}") for n in self.feature_names}
-
-    def process(self, table: pa.Table) -> Any:
-        self.rows.inc(table.num_rows)
-        any_null = pa.array([False] * table.num_rows)
-        for name in self.feature_names:
-            is_null = table[name].is_null()
-            self.nulls[name].inc(pc.sum(is_null.cast(pa.int64())).as_py() or 0)
-            any_null = pc.or_(any_null, is_null)
-        self.rows_with_nulls.inc(pc.sum(any_null.cast(pa.int64())).as_py() or 0)
-        yield table
-
-
-class ScoreBatches(beam.DoFn):
-    """A trained run's click probability `p` for each row of an Arrow batch (the model loads once
-    per worker, on `device`); scores are joined back by impression id, whatever order the model
-    returns."""
-
-    def __init__(self, run_dir: Path, device: str = "auto") -> None:
-        self.run_dir = Path(run_dir)
-        self.device = device
-
-    def setup(self) -> None:
-        self.trained = TrainedRun.load(self.run_dir, worker_placement(self.device))
-
-    def process(self, table: pa.Table) -> Any:
-        data, p = self.trained.predict_frame(table.to_pandas())
-        by_id = pd.Series(np.asarray(p, dtype=np.float64), index=pd.Index(data.impression_id))
-        scores = by_id.reindex(table["impression_id"].to_pandas())
-        if scores.isna().any():
-            raise RuntimeError("the run returned no score for some rows")  # a defect, not bad input
-        yield table.append_column(pa.field("p", pa.float64()), pa.array(scores.to_numpy(), pa.float64()))
-
-
-def output_schema(
-    context_columns: Sequence[str], service_fields: Sequence[pa.Field], numeric_columns: Sequence[str] = ()
-) -> pa.Schema:
-    """Impression schema plus one nullable column per served feature."""
-    return pa.schema([*impression_schema(context_columns, numeric_columns), *service_fields])
-
-
-def _keep_splits(table: pa.Table, splits: frozenset[str] | None) -> pa.Table:
-    if splits is None:
-        return table
-    return table.filter(pc.is_in(table["split"], value_set=pa.array(sorted(splits), pa.string())))
-
-
-class ReadImpressionBatches(beam.PTransform):
-    """Impressions parquet -> Arrow batches (as the files' row groups come), only rows of
-    `splits` when given."""
-
-    def __init__(self, file_pattern: str, splits: Sequence[str] | None = None) -> None:
-        super().__init__()
-        self.file_pattern = file_pattern
-        self.splits = frozenset(splits) if splits else None
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        splits = self.splits
-        return (
-            pbegin
-            | "Read" >> beam.io.ReadFromParquetBatched(self.file_pattern)
-            | "KeepSplits" >> beam.Map(_keep_splits, splits)
-            | "DropEmpty" >> beam.Filter(lambda t: t.num_rows > 0)
-        )
-
-
-class ReadImpressionRows(beam.PTransform):
-    """Impressions parquet -> row dicts, only those of `splits` when given."""
-
-    def __init__(self, file_pattern: str, splits: Sequence[str] | None = None) -> None:
-        super().__init__()
-        self.file_pattern = file_pattern
-        self.splits = splits
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
-            pbegin
-            | "ReadBatches" >> ReadImpressionBatches(self.file_pattern, self.splits)
-            | "ToRows" >> beam.FlatMap(lambda t: t.to_pylist())
-        )
-
-
-class ScoreWithRun(beam.PTransform):
-    """Enriched Arrow batches -> the same rows plus `p`, the trained run's click probability."""
-
-    def __init__(self, run_dir: Path, device: str = "auto") -> None:
-        super().__init__()
-        self.run_dir = run_dir
-        self.device = device
-
-    def expand(self, batches: beam.PCollection) -> beam.PCollection:
-        return batches | "Score" >> beam.ParDo(ScoreBatches(self.run_dir, self.device))
 
 
 # What a lost or silent Redis raises inside the lookups (redis-py's ConnectionError covers a
@@ -486,6 +291,48 @@ def scored_service(request: ScoreBatchRequest, data_dir: Path) -> tuple[str, Pat
     return trained_service, run_dir
 
 
+def _build(
+    pipeline: beam.Pipeline,
+    request: ScoreBatchRequest,
+    online: feature_store.OnlineFeatures,
+    service: str,
+    schema: pa.Schema,
+    staging: Path,
+    run_dir: Path | None,
+    device: str,
+) -> None:
+    """The job's graph: read, enrich (batched or per element), count nulls, score with the run
+    when there is one, write `schema`'s columns into `staging`."""
+    data_dir = online.data_dir
+    config_path = store_config.config_path(data_dir)
+    pattern = str(data_dir / IMPRESSIONS / "*.parquet")
+    if request.enrichment == "batched":
+        lookup = feature_store.OnlineFeatureLookup(config_path, service)
+        batches = (
+            pipeline
+            | "ReadImpressions" >> ReadImpressionBatches(pattern, request.splits)
+            | "Enrich" >> beam.ParDo(EnrichBatches(lookup, request.batch_size))
+        )
+    else:
+        handler = per_element_handler(config_path, service, online.keys)
+        batches = (
+            pipeline
+            | "ReadImpressions" >> ReadImpressionRows(pattern, request.splits)
+            | "Enrich" >> EnrichFromOnlineStore(handler, schema, online.feature_names)
+        )
+    batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names))
+    if run_dir is not None:
+        batches = batches | "Score" >> ScoreWithRun(run_dir, device)
+        schema = schema.append(pa.field("p", pa.float64()))
+    written = schema
+    _ = (
+        batches
+        | "ToSchema" >> beam.Map(lambda t: t.select(written.names).cast(written))
+        | "Write"
+        >> beam.io.WriteToParquetBatched(str(staging / "part"), written, file_name_suffix=".parquet")
+    )
+
+
 def _score(
     request: ScoreBatchRequest, device: str, data_dir: Path, test_pipeline: beam.Pipeline | None
 ) -> ScoreBatchSummary:
@@ -505,7 +352,6 @@ def _score(
         feature_store.service_fields(online.service),
         manifest.get("numeric_columns", []),
     )
-    config_path = store_config.config_path(data_dir)
     with staged_output(out, JOB, inputs=inputs) as staging:
         started, cpu_started = time.perf_counter(), time.process_time()
         pipeline = (
@@ -513,32 +359,7 @@ def _score(
             if test_pipeline is not None
             else beam.Pipeline(options=PipelineOptions(list(request.beam)))
         )
-        pattern = str(data_dir / IMPRESSIONS / "*.parquet")
-        if request.enrichment == "batched":
-            lookup = feature_store.OnlineFeatureLookup(config_path, service)
-            batches = (
-                pipeline
-                | "ReadImpressions" >> ReadImpressionBatches(pattern, request.splits)
-                | "Enrich" >> beam.ParDo(EnrichBatches(lookup, request.batch_size))
-            )
-        else:
-            handler = per_element_handler(config_path, service, online.keys)
-            batches = (
-                pipeline
-                | "ReadImpressions" >> ReadImpressionRows(pattern, request.splits)
-                | "Enrich" >> EnrichFromOnlineStore(handler, schema, online.feature_names)
-            )
-        batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names))
-        if run_dir is not None:
-            batches = batches | "Score" >> ScoreWithRun(run_dir, device)
-            schema = schema.append(pa.field("p", pa.float64()))
-        written = schema
-        _ = (
-            batches
-            | "ToSchema" >> beam.Map(lambda t: t.select(written.names).cast(written))
-            | "Write"
-            >> beam.io.WriteToParquetBatched(str(staging / "part"), written, file_name_suffix=".parquet")
-        )
+        _build(pipeline, request, online, service, schema, staging, run_dir, device)
         result = run_reporting_store_faults(pipeline, online.store)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         counters = {

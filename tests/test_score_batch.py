@@ -21,7 +21,7 @@ from nlpctr.features import store, store_config
 from nlpctr.layout import read_manifest
 from nlpctr.models.device import CPU, Placement
 from nlpctr.models.schema import impression_schema
-from nlpctr.pipelines import score_batch
+from nlpctr.pipelines import score_batch, score_transforms
 
 
 def _missing(value: Any) -> bool:
@@ -115,12 +115,12 @@ def test_a_store_not_materialised_fails_before_the_pipeline(tmp_path: Path) -> N
 
 def test_entity_row_sends_null_keys_as_an_unknown_id() -> None:
     row = beam.Row(ad_id="a1", query_text_id=None, position=3)
-    assert score_batch.EntityRow(["ad_id", "query_text_id", "position"])(row) == {
+    assert score_transforms.EntityRow(["ad_id", "query_text_id", "position"])(row) == {
         "ad_id": "a1",
         "query_text_id": store.MISSING_KEY,
         "position": "3",
     }
-    joined = score_batch.KeepFeatures(["f__x"])({"ad_id": "a1"}, {"ad_id": "other", "f__x": 1.5, "g": 2})
+    joined = score_transforms.KeepFeatures(["f__x"])({"ad_id": "a1"}, {"ad_id": "other", "f__x": 1.5, "g": 2})
     assert joined._asdict() == {"ad_id": "a1", "f__x": 1.5}
 
 
@@ -150,7 +150,9 @@ def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, 
                 assert (value is None and row[name] is None) or np.allclose(row[name], value), name
 
     lookup = store.OnlineFeatureLookup(store_config.config_path(data), "cascade_frozen")
-    handler = score_batch.per_element_handler(store_config.config_path(data), "cascade_frozen", online.keys)
+    handler = score_transforms.per_element_handler(
+        store_config.config_path(data), "cascade_frozen", online.keys
+    )
     source_schema = impression_schema(read_manifest(data).get("context_columns", []))
     schema = pa.schema([*source_schema, *store.service_fields(online.service)])
     table = pa.Table.from_pylist(rows, schema=source_schema)
@@ -158,14 +160,14 @@ def test_enrich_from_online_store_adds_the_looked_up_features(served: dict[str, 
         batched = (
             pipeline
             | "Batches" >> beam.Create([table.slice(0, 7), table.slice(7)])
-            | "Batched" >> beam.ParDo(score_batch.EnrichBatches(lookup, batch_size=4))
+            | "Batched" >> beam.ParDo(score_transforms.EnrichBatches(lookup, batch_size=4))
             | "BatchedRows" >> beam.FlatMap(lambda t: t.to_pylist())
         )
         assert_that(batched, same_features, label="batched")
         single = (
             pipeline
             | "Rows" >> beam.Create(rows)
-            | "PerElement" >> score_batch.EnrichFromOnlineStore(handler, schema, online.feature_names)
+            | "PerElement" >> score_transforms.EnrichFromOnlineStore(handler, schema, online.feature_names)
             | "PerElementRows" >> beam.FlatMap(lambda t: t.to_pylist())
         )
         assert_that(single, same_features, label="per-element")
@@ -249,14 +251,14 @@ class _FakeRun:
 def test_score_with_run_adds_each_rows_own_probability(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(score_batch, "TrainedRun", _FakeRun)
+    monkeypatch.setattr(score_transforms, "TrainedRun", _FakeRun)
     rows = [{"impression_id": f"i{n}", "position": n % 7, "ad_id": f"a{n % 3}"} for n in range(150)]
     table = pa.Table.from_pylist(rows)
     with BeamTestPipeline() as pipeline:
         scored = (
             pipeline
             | beam.Create([table.slice(0, 100), table.slice(100)])
-            | score_batch.ScoreWithRun(tmp_path / "run")
+            | score_transforms.ScoreWithRun(tmp_path / "run")
             | beam.FlatMap(lambda t: t.to_pylist())
         )
         assert_that(scored, equal_to([{**row, "p": row["position"] / 10} for row in rows]))
@@ -270,7 +272,7 @@ def test_read_impression_rows_keeps_only_the_wanted_splits(served: dict[str, Any
     with BeamTestPipeline() as pipeline:
         ids = (
             pipeline
-            | score_batch.ReadImpressionRows(pattern, ["valid", "test"])
+            | score_transforms.ReadImpressionRows(pattern, ["valid", "test"])
             | beam.Map(lambda r: r["impression_id"])
         )
         assert_that(ids, equal_to(wanted))
