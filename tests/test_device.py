@@ -39,7 +39,7 @@ from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import LAST, LoopConfig, TextScorer, fit, predict
 from nlpctr.pipelines import cli
 from nlpctr.pipelines.devices import launch_device, worker_placement
-from nlpctr.pipelines.embed_text import TextEncoderModelHandler, TokenizedText
+from nlpctr.pipelines.encode_texts import TextEncoderModelHandler, TokenizedText
 from nlpctr.pipelines.protocol import experiment_placement
 
 CUDA = torch.cuda.is_available()  # (at import: tests/conftest.py hides CUDA from unmarked tests)

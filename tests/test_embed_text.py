@@ -22,7 +22,7 @@ from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, embeddings_dir
 from nlpctr.models.encoder import EMBEDDING_DIM, EncoderConfig, TextEncoder
 from nlpctr.models.schema import impression_schema, normalize_text, text_id
-from nlpctr.pipelines import embed_text, unique_texts
+from nlpctr.pipelines import embed_text, encode_texts, unique_texts
 from nlpctr.pipelines.unique_texts import TextIdCollision, UniqueText
 
 CONFIG = EncoderConfig(layers=1)
@@ -356,7 +356,7 @@ def test_encode_texts_runs_one_forward_per_text_in_bounded_batches() -> None:
     ]
     elements = [(text_id(t), UniqueText(n, t)) for n, t in enumerate(texts)]
     direct = dict(zip(texts, TextEncoder(CONFIG).encode(texts, batch_size=8), strict=True))
-    handler = embed_text.TextEncoderModelHandler(CONFIG)
+    handler = encode_texts.TextEncoderModelHandler(CONFIG)
 
     def same_vectors(encoded: list[tuple[str, int, np.ndarray, int]]) -> None:
         assert sorted(e[0] for e in encoded) == sorted(text_id(t) for t in texts)  # each text once
@@ -370,7 +370,7 @@ def test_encode_texts_runs_one_forward_per_text_in_bounded_batches() -> None:
         encoded = (
             pipeline
             | beam.Create(elements)
-            | embed_text.EncodeTexts(handler, batch_size=2)
+            | encode_texts.EncodeTexts(handler, batch_size=2)
             | beam.Map(
                 lambda r: (
                     r.example.text_id,
