@@ -16,9 +16,7 @@ import os
 # transformers import; `local_files_only=True` below also holds if it was imported earlier.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import hashlib
 import importlib.metadata
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from nlpctr.models.encoder_source import (
     EncoderSource,
     resolve_encoder,
 )
+from nlpctr.models.state_cache import CACHE_DTYPES, StateCache, shared_cache, weights_digest
 from nlpctr.models.state_store import PrefixKey, StateStore, active_root
 
 MODEL_NAME = DEFAULT_MODEL_NAME
@@ -53,7 +52,6 @@ _MAX_POSITIONS = 512
 ENCODE_CHUNK = 65_536  # texts tokenised at a time by `TextEncoder.encode`
 Pooling = Literal["mean", "cls"]
 _POOLINGS: tuple[str, ...] = ("mean", "cls")
-_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @cache
@@ -127,9 +125,9 @@ class EncoderConfig:
             raise UserError(
                 f"encoder freeze_embeddings must be true or false, got {self.freeze_embeddings!r}"
             )
-        if self.cache_dtype not in _CACHE_DTYPES:
+        if self.cache_dtype not in CACHE_DTYPES:
             raise UserError(
-                f"encoder cache_dtype must be one of {', '.join(_CACHE_DTYPES)}, got {self.cache_dtype!r}"
+                f"encoder cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}"
             )
         check_integer("encoder cache_max_mb", self.cache_max_mb, low=0)
         if self.autocast not in (None, "bfloat16"):
@@ -238,53 +236,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
 FROZEN_BATCH = 64  # texts of one length run through the frozen prefix together
 
 
-class StateCache:
-    """Hidden states of texts after an encoder's frozen prefix (embeddings + lower layers).
-
-    One (tokens, hidden) tensor per text, its real tokens only (no padding), keyed by its token
-    ids, stored in `dtype`; states past `max_bytes` are not kept (they are recomputed when needed).
-    """
-
-    def __init__(self, dtype: torch.dtype, max_bytes: int) -> None:
-        self.dtype = dtype
-        self.max_bytes = max_bytes
-        self.states: dict[tuple[int, ...], torch.Tensor] = {}
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
-        return self.states.get(key)
-
-    def put(self, key: tuple[int, ...], state: torch.Tensor) -> None:
-        size = state.numel() * state.element_size()
-        if key not in self.states and self.bytes + size <= self.max_bytes:
-            self.states[key] = state
-            self.bytes += size
-
-
-# Encoders with the same frozen prefix (the same weights, e.g. the three E3 fusions of one
-# experiment, or a trained run reloaded for evaluation) share one cache in a process.
-_SHARED_CACHES: OrderedDict[tuple, StateCache] = OrderedDict()
-_SHARED_KEEP = 2  # prefixes kept at once; the least recently attached is dropped first
-
-
-def _shared_cache(key: tuple, dtype: torch.dtype, max_bytes: int) -> StateCache:
-    cache = _SHARED_CACHES.pop(key, None)
-    if cache is None:
-        cache = StateCache(dtype, max_bytes)
-    _SHARED_CACHES[key] = cache
-    while len(_SHARED_CACHES) > _SHARED_KEEP:
-        _SHARED_CACHES.popitem(last=False)
-    return cache
-
-
-def clear_state_caches() -> None:
-    """Drop every cached frozen-prefix state of this process (tests, memory)."""
-    _SHARED_CACHES.clear()
-
-
 class TextEncoder(nn.Module):
     """An encoder (first k layers) plus pooling: texts in, float32 vectors of its width out (384
     for the default MiniLM-L6).
@@ -360,20 +311,16 @@ class TextEncoder(nn.Module):
             self.state_cache = cache
 
     def _attach_cache(self) -> None:
-        digest = hashlib.sha1()
-        for module in self.frozen_modules():
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        dtype = _CACHE_DTYPES[self.config.cache_dtype]
-        key = (digest.hexdigest(), self.frozen_layers, self.config.cache_dtype, str(self.device))
-        self.state_cache = _shared_cache(key, dtype, self.config.cache_max_mb * 2**20)
+        digest = weights_digest(self.frozen_modules())
+        dtype = CACHE_DTYPES[self.config.cache_dtype]
+        key = (digest, self.frozen_layers, self.config.cache_dtype, str(self.device))
+        self.state_cache = shared_cache(key, dtype, self.config.cache_max_mb * 2**20)
         assert self.frozen_layers is not None
         self.prefix_key = PrefixKey(
             self.config.version,
             self.config.slug,
             self.frozen_layers,
-            digest.hexdigest(),
+            digest,
             self.config.cache_dtype,
             self.device.type,
             FROZEN_BATCH,

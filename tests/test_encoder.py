@@ -20,6 +20,7 @@ from nlpctr.models.encoder import (
     model_package_version,
     pool,
 )
+from nlpctr.models.state_cache import clear_state_caches
 
 SHORT = "Cats are great"
 LONG = "This headline about a dog who learned to surf is much longer than the other one, by far"
@@ -174,9 +175,9 @@ TEXTS = [
 
 @pytest.fixture
 def fresh_caches():
-    encoder_module.clear_state_caches()
+    clear_state_caches()
     yield
-    encoder_module.clear_state_caches()
+    clear_state_caches()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ import torch
 import yaml
 from test_trainer import COLUMNS, Interrupted, interrupt_at_evaluation, synthetic_frame
 
-from nlpctr.models import encoder as encoder_module
 from nlpctr.models import metrics
 from nlpctr.models.config import load_config
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
@@ -25,6 +24,7 @@ from nlpctr.models.recipe import (
     param_groups,
     plan,
 )
+from nlpctr.models.state_cache import clear_state_caches
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, LoopConfig, TextScorer, fit, labels_of, predict
 
@@ -159,13 +159,13 @@ def test_an_interrupted_joint_run_resumes_to_the_same_weights(
 ) -> None:
     model, texts = joint_model(data, e0[0], "score")
     expected = fit_joint(model, data, LOOP, GENTLE, tmp_path / "full", texts, True)
-    encoder_module.clear_state_caches()  # the resumed process starts with an empty cache too
+    clear_state_caches()  # the resumed process starts with an empty cache too
     part, part_texts = joint_model(data, e0[0], "score")
     interrupt_at_evaluation(monkeypatch, interrupt_at)
     with pytest.raises(Interrupted):
         fit_joint(part, data, LOOP, GENTLE, tmp_path / "part", part_texts, True)
     monkeypatch.undo()
-    encoder_module.clear_state_caches()
+    clear_state_caches()
     resumed, resumed_texts = joint_model(data, e0[0], "score")  # a fresh process
     result = fit_joint(resumed, data, LOOP, GENTLE, tmp_path / "part", resumed_texts, True)
     assert result.history == expected.history

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlpctr.models import encoder as encoder_module
 from nlpctr.models import state_store
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.state_cache import clear_state_caches
 from nlpctr.models.state_store import MANIFEST, persisted_states
 
 TEXTS = [
@@ -30,9 +30,9 @@ CONFIG = EncoderConfig(layers=2, trainable_layers=1, max_length=16)
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    encoder_module.clear_state_caches()  # each encoder below stands for a fresh process
+    clear_state_caches()  # each encoder below stands for a fresh process
     yield
-    encoder_module.clear_state_caches()
+    clear_state_caches()
 
 
 def tokens(lm: TextEncoder, texts: list[str]) -> list[list[int]]:
@@ -44,7 +44,7 @@ def states_of(lm: TextEncoder, texts: list[str]) -> list[torch.Tensor]:
 
 
 def fresh(config: EncoderConfig = CONFIG) -> TextEncoder:
-    encoder_module.clear_state_caches()
+    clear_state_caches()
     return TextEncoder(config, trainable=True)
 
 

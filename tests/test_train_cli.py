@@ -21,12 +21,12 @@ from builders import SLUG, impressions, write_ctr_history, write_embeddings
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.layout import lm_cache_dir
-from nlpctr.models import encoder as encoder_module
 from nlpctr.models import metrics
 from nlpctr.models.config import load_config
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
 from nlpctr.models.runs import TrainedRun
+from nlpctr.models.state_cache import clear_state_caches
 from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines import evaluate, ingest, score_batch, train
 
@@ -234,7 +234,7 @@ def test_a_rerun_reads_the_frozen_prefix_states_and_predicts_the_same(
     data, runs = trained["data"], trained["runs"]
     folders = sorted(p.name for p in lm_cache_dir(data).iterdir())
     assert any("-frozen1-" in name for name in folders)  # e3w: 2 layers, the top one trains
-    encoder_module.clear_state_caches()  # a fresh process: only the data folder remembers
+    clear_state_caches()  # a fresh process: only the data folder remembers
     computed: list[int] = []
     real = TextEncoder._compute_frozen
     monkeypatch.setattr(
