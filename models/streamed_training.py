@@ -3,7 +3,7 @@
 The shards are the service's point-in-time join, written by the feature store
 (`features.store.write_training_shards`); here they are read as a stream (`models.streaming.
 ShardSource`): the run's preprocessing is fitted on the training shards, the loop reads batches as
-they come, and the test pass accumulates metrics (`metrics.StreamingMetrics`) and writes
+they come, and the test pass accumulates metrics (`streaming_metrics.StreamingMetrics`) and writes
 predictions without keeping either split in memory. E2's LM step runs here too, on E0's shards,
 with the fit and feature writing of `models.training`.
 """
@@ -21,7 +21,7 @@ import torch
 
 from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
-from nlpctr.models import metrics, streaming
+from nlpctr.models import metrics, streaming, streaming_metrics
 from nlpctr.models.checkpoints import CHECKPOINTS
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
@@ -70,10 +70,10 @@ def scored_split(
     split: str,
     texts: TextBatcher | None,
     each: Callable[[Tensors, np.ndarray], None] | None = None,
-) -> metrics.StreamingMetrics:
+) -> streaming_metrics.StreamingMetrics:
     """One in-order pass over a split's shards, its metrics accumulated; each batch and its
     probabilities also go to `each` when given. Nothing else is kept."""
-    scored = metrics.StreamingMetrics()
+    scored = streaming_metrics.StreamingMetrics()
 
     def add(batch: Tensors, p: np.ndarray) -> None:
         labels = metrics.Labels(
@@ -91,7 +91,7 @@ def scored_split(
 
 def streamed_test(
     model: torch.nn.Module, source: streaming.ShardSource, texts: TextBatcher | None, predictions: Path
-) -> metrics.StreamingMetrics:
+) -> streaming_metrics.StreamingMetrics:
     """In-order passes over the test and the validation shards: the test metrics accumulated and
     each batch's predictions appended to `predictions` (parquet, published when complete),
     nothing else kept. Validation predictions are kept for the controls, compared on validation."""

@@ -7,7 +7,7 @@ the same Feast service it was trained on, recomputes the metrics (group-bootstra
 the predictions against the ones `train` saved, and with `--baseline` adds the paired bootstrap
 ΔAUC / ΔRIG / ΔGAUC (95% CIs) to `results.json` under `delta_vs_baseline`. A run trained
 streaming is evaluated the same way: test shards streamed, metrics accumulated
-(`models.metrics.StreamingMetrics`), the LM's vector of each unique text computed once.
+(`models.streaming_metrics.StreamingMetrics`), the LM's vector of each unique text computed once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.models import metrics, streaming
+from nlpctr.models import streaming, streaming_metrics
 from nlpctr.models.evaluation import delta_fields, delta_summary, metric_report, paired_delta
 from nlpctr.models.runs import PREDICTIONS_FILE, RESULTS_FILE, TrainedRun
 from nlpctr.models.streamed_training import streamed_test
@@ -52,7 +52,7 @@ def test_predictions(run_dir: Path) -> tuple[TrainedRun, pd.DataFrame, Any]:
     return trained, pd.DataFrame({"impression_id": data.impression_id, "p": p}), labels
 
 
-def streamed_test_metrics(run_dir: Path) -> tuple[TrainedRun, metrics.StreamingMetrics, float]:
+def streamed_test_metrics(run_dir: Path) -> tuple[TrainedRun, streaming_metrics.StreamingMetrics, float]:
     """A streamed run's model applied to its test shards: (run, metrics, max |p - train's p|)."""
     trained = TrainedRun.load(run_dir)
     root = feature_store.write_training_shards(Path(trained.spec["data_dir"]), trained.spec["service"])

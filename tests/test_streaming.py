@@ -22,7 +22,7 @@ from test_trainer import COLUMNS, baseline, synthetic_frame
 from nlpctr.features import store, store_config
 from nlpctr.features.definitions import build_definitions
 from nlpctr.features.job_outputs import Layout
-from nlpctr.models import metrics
+from nlpctr.models import metrics, streaming_metrics
 from nlpctr.models.config import deep_merge
 from nlpctr.models.data import tensorize
 from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
@@ -188,7 +188,7 @@ def test_streamed_metrics_equal_the_in_memory_report() -> None:
     labels = metrics.Labels(shown, clicks, groups)
     evaluation = EvaluationConfig(bootstrap_rounds=50, bootstrap_seed=3, calibration_bins=10)
     expected = metric_report(labels, p, 0.15, evaluation)
-    streamed = metrics.StreamingMetrics()
+    streamed = streaming_metrics.StreamingMetrics()
     for start in range(0, n, 700):
         chunk = slice(start, start + 700)
         streamed.add(metrics.Labels(shown[chunk], clicks[chunk], groups[chunk]), p[chunk])
