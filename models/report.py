@@ -4,9 +4,9 @@ Every sentence about significance is generated from the CI fields; a section who
 are absent (no simulator sweep, no distillation) is left out. Plots use matplotlib's
 object-oriented Figure (Agg), so nothing touches global pyplot state.
 
-Here the report is assembled; the sections are written in report_sections.py, the plots drawn
-in report_plots.py, and what both share (file names, labels, number formats) is in
-report_format.py.
+Here the report is assembled; the sections are written in report_sections.py (a simulator
+sweep's in report_sweep_sections.py), the plots drawn in report_plots.py, and what both share
+(file names, labels, number formats) is in report_format.py.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from nlpctr.models.report_sections import (
     redundancy_section,
     runs_section,
     significance_statements,
-    simulator_section,
 )
+from nlpctr.models.report_sweep_sections import simulator_section
 
 
 def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:

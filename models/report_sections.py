@@ -10,7 +10,6 @@ from nlpctr.models.report_format import (
     PLOTS,
     SHARE_LABELS,
     SHARE_NOTE,
-    SWEEP_MEASURES,
     dig,
     excludes_zero,
     interval_cell,
@@ -21,7 +20,6 @@ from nlpctr.models.report_format import (
     share_metrics,
     with_ci,
 )
-from nlpctr.models.report_plots import simulator_series, simulator_shares
 
 
 def runs_section(runs: Mapping[str, Any]) -> list[str]:
@@ -355,176 +353,75 @@ def distillation_section(distillation: Mapping[str, Any], teacher: Mapping[str, 
     ]
 
 
-def predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The sweep's stated predictions first: each part's values against ρ, its test and verdict."""
-    lines = [
-        "## Predictions",
-        "",
-        "Trends: exact one-sided permutation test of Spearman's correlation with ρ (p ≤ 0.05). "
-        "Joint vs E2: the paired ΔRIG of the two features over E0 (group bootstrap, 95% CI).",
-        "",
-    ]
-    for prediction in predictions:
-        form = f" ({prediction['form']} form)" if prediction.get("form") else ""
-        lines += [f"**{prediction['id']}**{form}: {prediction['statement']}: **{prediction['verdict']}**", ""]
-        rows = []
-        for part, detail in prediction["parts"].items():
-            if "values" in detail:
-                values = ", ".join(num(v) for v in detail["values"])
-                test = f"Spearman {num(detail['spearman'], 2)}, p {num(detail['p'], 3)}"
-                if detail.get("ci_at_last_rho"):
-                    low, high = (num(v, signed=True) for v in detail["ci_at_last_rho"])
-                    test += f"; ΔRIG at the last ρ [{low}, {high}]"
-                rows.append([part, values, test, detail["verdict"]])
-            else:
-                pair = f"{detail['joint_feature']} − {detail['finetuned_feature']}"
-                estimate = with_ci(detail["delta_rig"], detail["delta_rig_ci"], signed=True)
-                rows.append([f"ρ={part}", pair, f"ΔRIG {estimate}", detail["verdict"]])
-        lines += [markdown_table(["part", "values / pair", "test", "verdict"], rows), ""]
-    return lines
-
-
-def verdicts_by_rho_section(verdicts: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Each claim's and control's estimate, CI and verdict at each ρ."""
-    if not verdicts:
-        return []
-    rhos = list(dict.fromkeys(r for per_rho in verdicts.values() for r in per_rho))
-    rows = []
-    for key, per_rho in verdicts.items():
-        cells = []
-        for r in rhos:
-            v = per_rho.get(r)
-            digits = 6 if key == "lm_stage_beats_probe" else 4
-            cells.append(
-                "–" if v is None else f"{with_ci(v['estimate'], v['ci'], digits, signed=True)} {v['verdict']}"
-            )
-        rows.append([key, *cells])
-    return [
-        "### Claims and controls at each ρ",
-        "",
-        "ΔAUC of the paired features (claims), or Δ validation log loss of the joint run against its "
-        "probe-only control (`lm_stage_beats_probe`: below 0 is better), with the 95% CI and verdict.",
-        "",
-        markdown_table(["claim / control", *(f"ρ={r}" for r in rhos)], rows),
-        "",
-    ]
-
-
-def spread_section(spread: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Across seeds at each ρ: every claim's and control's estimates and verdicts per seed, and
-    each feature's gain over E0 (mean ± sd)."""
-    if not spread:
-        return []
-    lines = ["### Over seeds", ""]
-    for rho, at_rho in spread.items():
-        rows = []
-        for key, value in at_rho.items():
-            if key == "seeds":
-                continue
-            sd = "–" if value.get("sd") is None else num(value["sd"], 6)
-            verdicts = ", ".join(value.get("verdicts") or []) or "–"
-            values = ", ".join(num(v, 6, signed=True) for v in value["values"])
-            rows.append([key, values, num(value["mean"], 6, signed=True), sd, verdicts])
-        lines += [
-            f"ρ = {rho}, seeds {at_rho['seeds']}:",
-            "",
-            markdown_table(["measure", "per seed", "mean", "sd", "verdicts"], rows),
-            "",
-        ]
-    return lines
-
-
-def simulator_section(simulator: Mapping[str, Any]) -> list[str]:
-    series = simulator_series(simulator)
-    header = ["feature", *(f"ρ={float(rho):g}" for rho in simulator["rho"])]
-    lines = ["## Simulator sweep", ""]
-    if simulator.get("predictions"):
-        lines += predictions_section(simulator["predictions"])
-    lines += verdicts_by_rho_section(simulator.get("verdicts_by_rho") or {})
-    lines += spread_section(simulator.get("spread") or {})
-    for measure, title in SWEEP_MEASURES.items():
-        rows = [[feature, *(num(v) for v in values)] for feature, values in series[measure].items()]
-        lines += [f"**{title}** by ρ:", "", markdown_table(header, rows), ""]
-    trends = simulator.get("trends") or {}
-    if trends:
-        rows = [
-            [
-                name,
-                num(t.get("spearman"), 2),
-                "yes" if t.get("rises") else "no",
-                "yes" if t.get("falls") else "no",
-            ]
-            for name, t in trends.items()
-        ]
-        lines += [
-            "Trend against ρ:",
-            "",
-            markdown_table(["feature:measure", "Spearman", "rises", "falls"], rows),
-            "",
-        ]
-    lines += simulator_ceilings_section(simulator)
-    return [*lines, f"![simulator sweep]({PLOTS['simulator']})", ""]
-
-
 def ceilings_section(ceilings: Mapping[str, Any], runs: Mapping[str, Any]) -> list[str]:
-    lines = ["## Ceilings", ""]
+    """How far E0 is from a ceiling: the simulator's oracles, or on real data the split half."""
     base = runs.get("baseline") or {}
     if ceilings.get("kind") == "simulated":
-        lines += [
-            "From the simulator's truth on the test split: the Bayes oracle scores each row with its "
-            "true click probability, the no-text oracle with sigmoid(true logit − text effect); the "
-            "text gain is the gap between them, the most any text feature can add.",
-            "",
-        ]
-        rows = []
-        for name, card in (
-            ("Bayes oracle", ceilings["oracle"]),
-            ("no-text oracle", ceilings["no_text_oracle"]),
-        ):
-            rows.append(
-                [
-                    name,
-                    with_ci(card.get("auc"), card.get("auc_ci")),
-                    num(card.get("logloss"), 5),
-                    with_ci(card.get("rig"), card.get("rig_ci")),
-                    with_ci(card.get("gauc"), card.get("gauc_ci")),
-                ]
-            )
-        if base:
-            rows.append(
-                [
-                    "E0 (baseline)",
-                    with_ci(base.get("auc"), base.get("auc_ci")),
-                    num(base.get("logloss"), 5),
-                    with_ci(base.get("rig"), base.get("rig_ci")),
-                    with_ci(base.get("gauc"), base.get("gauc_ci")),
-                ]
-            )
-        gain = ceilings.get("text_gain") or {}
+        return ["## Ceilings", "", *_simulated_ceilings(ceilings, base), ""]
+    return ["## Ceilings", "", *_split_half_ceiling(ceilings, base), ""]
+
+
+def _simulated_ceilings(ceilings: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
+    """The Bayes and no-text oracles beside E0, the text gain between them and E0's share of it."""
+    lines = [
+        "From the simulator's truth on the test split: the Bayes oracle scores each row with its "
+        "true click probability, the no-text oracle with sigmoid(true logit − text effect); the "
+        "text gain is the gap between them, the most any text feature can add.",
+        "",
+    ]
+    rows = []
+    for name, card in (
+        ("Bayes oracle", ceilings["oracle"]),
+        ("no-text oracle", ceilings["no_text_oracle"]),
+    ):
         rows.append(
             [
-                "text gain (oracle − no-text)",
-                interval_cell(gain.get("auc"), signed=True),
-                interval_cell(gain.get("logloss"), 5, signed=True),
-                interval_cell(gain.get("rig"), signed=True),
-                interval_cell(gain.get("gauc"), signed=True),
+                name,
+                with_ci(card.get("auc"), card.get("auc_ci")),
+                num(card.get("logloss"), 5),
+                with_ci(card.get("rig"), card.get("rig_ci")),
+                with_ci(card.get("gauc"), card.get("gauc_ci")),
             ]
         )
-        header = ["scores", "AUC [95% CI]", "log loss", "RIG [95% CI]", "GAUC [95% CI]"]
-        lines += [markdown_table(header, rows), ""]
-        if ceilings.get("e0_rig_over_no_text_oracle_rig") is not None:
-            near = "is" if ceilings.get("e0_near_no_text_oracle") else "is not"
-            lines.append(
-                f"E0's RIG is {num(ceilings['e0_rig_over_no_text_oracle_rig'], 3)} × the no-text oracle's: "
-                f"E0 {near} near its no-text oracle ({ceilings.get('e0_near_criterion', '')})."
-            )
-        e0_share = ceilings.get("e0_share_of_text_gain") or {}
-        if e0_share:
-            cells = ", ".join(f"{SHARE_LABELS.get(m, m)} {interval_cell(v, 2)}" for m, v in e0_share.items())
-            lines.append(f"E0's own share of the text gain (E0 − no-text oracle, over the gap): {cells}.")
-        return [*lines, ""]
+    if base:
+        rows.append(
+            [
+                "E0 (baseline)",
+                with_ci(base.get("auc"), base.get("auc_ci")),
+                num(base.get("logloss"), 5),
+                with_ci(base.get("rig"), base.get("rig_ci")),
+                with_ci(base.get("gauc"), base.get("gauc_ci")),
+            ]
+        )
+    gain = ceilings.get("text_gain") or {}
+    rows.append(
+        [
+            "text gain (oracle − no-text)",
+            interval_cell(gain.get("auc"), signed=True),
+            interval_cell(gain.get("logloss"), 5, signed=True),
+            interval_cell(gain.get("rig"), signed=True),
+            interval_cell(gain.get("gauc"), signed=True),
+        ]
+    )
+    header = ["scores", "AUC [95% CI]", "log loss", "RIG [95% CI]", "GAUC [95% CI]"]
+    lines += [markdown_table(header, rows), ""]
+    if ceilings.get("e0_rig_over_no_text_oracle_rig") is not None:
+        near = "is" if ceilings.get("e0_near_no_text_oracle") else "is not"
+        lines.append(
+            f"E0's RIG is {num(ceilings['e0_rig_over_no_text_oracle_rig'], 3)} × the no-text oracle's: "
+            f"E0 {near} near its no-text oracle ({ceilings.get('e0_near_criterion', '')})."
+        )
+    e0_share = ceilings.get("e0_share_of_text_gain") or {}
+    if e0_share:
+        cells = ", ".join(f"{SHARE_LABELS.get(m, m)} {interval_cell(v, 2)}" for m, v in e0_share.items())
+        lines.append(f"E0's own share of the text gain (E0 − no-text oracle, over the gap): {cells}.")
+    return lines
+
+
+def _split_half_ceiling(ceilings: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
+    """Real data: the split-half ceiling beside E0 and random scores, and whether it applies."""
     half = ceilings.get("split_half") or {}
-    lines += [
+    lines = [
         "No truth on real data: the split-half ceiling splits each item's test impressions in two "
         "(clicks drawn hypergeometrically), scores one half by the other half's CTR (shrunk toward "
         "its mean) and measures AUC and GAUC there. It includes every non-text cause of an item's "
@@ -567,45 +464,4 @@ def ceilings_section(ceilings: Mapping[str, Any], runs: Mapping[str, Any]) -> li
         if verdict is not True:
             reason = verdict.get("reason") if isinstance(verdict, Mapping) else ""
             lines.append(f"No share of the {metric.upper()} gap: {reason}.")
-    return [*lines, ""]
-
-
-def simulator_ceilings_section(simulator: Mapping[str, Any]) -> list[str]:
-    entries = {f"{float(rho):g}": simulator["per_rho"][f"{float(rho):g}"] for rho in simulator["rho"]}
-    if not any(e.get("ceilings") for e in entries.values()):
-        return []
-    rows = []
-    for rho, entry in entries.items():
-        c = entry.get("ceilings") or {}
-        o, n = c.get("oracle") or {}, c.get("no_text_oracle") or {}
-        e0 = (entry.get("runs") or {}).get("baseline") or {}
-        near = entry.get("e0_near_no_text_oracle")
-        rows.append(
-            [
-                rho,
-                num(o.get("auc")),
-                num(n.get("auc")),
-                num(e0.get("auc")),
-                num(o.get("rig")),
-                num(n.get("rig")),
-                num(e0.get("rig")),
-                num(entry.get("e0_rig_over_no_text_oracle_rig"), 3),
-                "–" if near is None else ("yes" if near else "no"),
-            ]
-        )
-    header = ["ρ", "oracle AUC", "no-text AUC", "E0 AUC", "oracle RIG", "no-text RIG", "E0 RIG"]
-    header += ["E0 RIG / no-text RIG", "E0 near no-text oracle"]
-    lines = ["**Ceilings** by ρ (test split):", "", markdown_table(header, rows), ""]
-    shares = simulator_shares(simulator)
-    header = ["feature", *(f"ρ={rho}" for rho in entries)]
-    for metric, series in shares.items():
-        table = [[name, *(num(v, 2) for v in values)] for name, values in series.items()]
-        lines += [
-            f"**Share of the text gain ({SHARE_LABELS[metric]})** by ρ:",
-            "",
-            markdown_table(header, table),
-            "",
-        ]
-    if shares:
-        lines += [f"![share of the text ceiling against ρ]({PLOTS['simulator_shares']})", ""]
     return lines
