@@ -219,33 +219,20 @@ def _standardise(values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, f
     return ((values - mean) / sd if sd > 0 else np.zeros_like(values)), mean, sd
 
 
-def build_world(pools: Pools, rows: int, seed: int) -> World:
-    """Entities, texts, the auction graph and the entity-level effects, from the seed."""
-    n_ads, n_adv, n_queries = entity_counts(rows)
-    rnd = random.Random(f"nlpctr-simulate:{seed}")  # str seeds hash with sha512: stable across runs
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
-
-    ad_texts, ad_adv, adv_brands = _compose_ads(rnd, pools, n_ads, n_adv)
-    query_texts = _compose_queries(rnd, pools, n_queries, adv_brands)
-    brand_set = frozenset(pools.brands) | frozenset(adv_brands)
-
-    ad_words = [content_words(t) for t in ad_texts]
-    query_words = [content_words(t) for t in query_texts]
-    offset, pair_ad = _candidates(rnd, query_words, ad_words)
-    count = np.diff(offset)
-    pair_query = np.repeat(np.arange(n_queries), count)
-
-    # P(query): Zipf-like over a random order of the queries.
-    rank = rng.permutation(n_queries)
-    p_query = 1.0 / (rank + 10.0)
-    p_query /= p_query.sum()
-    pair_weight = p_query[pair_query] / count[pair_query]
-
-    ad_cues = _cue_arrays([text_cues(t, brand_set) for t in ad_texts])
-    query_cues = _cue_arrays([text_cues(t, brand_set) for t in query_texts])
+def _pair_effect(
+    query_words: list[frozenset[str]],
+    ad_words: list[frozenset[str]],
+    query_cues: dict[str, np.ndarray],
+    ad_cues: dict[str, np.ndarray],
+    pair_query: np.ndarray,
+    pair_ad: np.ndarray,
+    pair_weight: np.ndarray,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The pair-level text effect t_pair of each candidate pair: word overlap and cue agreement,
+    double-centred (no query or ad ID can absorb it) and standardised; with what the centring
+    removed, for the world's info."""
+    n_queries, n_ads = len(query_words), len(ad_words)
     ad_weight = np.bincount(pair_ad, pair_weight, n_ads)
-    t_ad, t_ad_mean, t_ad_sd = _standardise(t_ad_raw(ad_cues), ad_weight)
-
     overlap = np.fromiter(
         (
             len(query_words[q] & ad_words[a]) / len(query_words[q]) if query_words[q] else 0.0
@@ -283,6 +270,48 @@ def build_world(pools: Pools, rows: int, seed: int) -> World:
     )
     t_pair, _, t_pair_sd = _standardise(centred, pair_weight)
 
+    return t_pair, {
+        "raw_sd": math.sqrt(raw_var),
+        "centred_sd": t_pair_sd,
+        "raw_variance_removed": 1.0 - (t_pair_sd**2 / raw_var if raw_var > 0 else 0.0),
+        "centering_iterations": iterations,
+        "centering_residual": residual / t_pair_sd if t_pair_sd > 0 else 0.0,
+        "mean_overlap": float(np.average(overlap, weights=pair_weight)),
+        "share_with_overlap": float(np.average(overlap > 0, weights=pair_weight)),
+    }
+
+
+def build_world(pools: Pools, rows: int, seed: int) -> World:
+    """Entities, texts, the auction graph and the entity-level effects, from the seed."""
+    n_ads, n_adv, n_queries = entity_counts(rows)
+    rnd = random.Random(f"nlpctr-simulate:{seed}")  # str seeds hash with sha512: stable across runs
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+
+    ad_texts, ad_adv, adv_brands = _compose_ads(rnd, pools, n_ads, n_adv)
+    query_texts = _compose_queries(rnd, pools, n_queries, adv_brands)
+    brand_set = frozenset(pools.brands) | frozenset(adv_brands)
+
+    ad_words = [content_words(t) for t in ad_texts]
+    query_words = [content_words(t) for t in query_texts]
+    offset, pair_ad = _candidates(rnd, query_words, ad_words)
+    count = np.diff(offset)
+    pair_query = np.repeat(np.arange(n_queries), count)
+
+    # P(query): Zipf-like over a random order of the queries.
+    rank = rng.permutation(n_queries)
+    p_query = 1.0 / (rank + 10.0)
+    p_query /= p_query.sum()
+    pair_weight = p_query[pair_query] / count[pair_query]
+
+    ad_cues = _cue_arrays([text_cues(t, brand_set) for t in ad_texts])
+    query_cues = _cue_arrays([text_cues(t, brand_set) for t in query_texts])
+    ad_weight = np.bincount(pair_ad, pair_weight, n_ads)
+    t_ad, t_ad_mean, t_ad_sd = _standardise(t_ad_raw(ad_cues), ad_weight)
+
+    t_pair, t_pair_info = _pair_effect(
+        query_words, ad_words, query_cues, ad_cues, pair_query, pair_ad, pair_weight
+    )
+
     u_ad = rng.normal(0.0, SD_AD, n_ads)
     u_adv = rng.normal(0.0, SD_ADVERTISER, n_adv)
     u_query = rng.normal(0.0, SD_QUERY, n_queries)
@@ -302,15 +331,7 @@ def build_world(pools: Pools, rows: int, seed: int) -> World:
             "brands": len(pools.brands),
         },
         "t_ad": {"raw_mean": t_ad_mean, "raw_sd": t_ad_sd},
-        "t_pair": {
-            "raw_sd": math.sqrt(raw_var),
-            "centred_sd": t_pair_sd,
-            "raw_variance_removed": 1.0 - (t_pair_sd**2 / raw_var if raw_var > 0 else 0.0),
-            "centering_iterations": iterations,
-            "centering_residual": residual / t_pair_sd if t_pair_sd > 0 else 0.0,
-            "mean_overlap": float(np.average(overlap, weights=pair_weight)),
-            "share_with_overlap": float(np.average(overlap > 0, weights=pair_weight)),
-        },
+        "t_pair": t_pair_info,
     }
     return World(
         ad_text=pa.array(ad_texts, pa.string()),
