@@ -54,8 +54,8 @@ class FeatureJudge:
     evaluation: EvaluationConfig
     e0_p: np.ndarray  # E0's saved test predictions
     e0_valid_auc: float
-    e0_inputs: list[np.ndarray]  # E0's design matrix on (train, test) rows
-    e0_repr: list[np.ndarray]  # E0's last hidden layer on (train, test) rows
+    e0_inputs: redundancy.TrainTest[redundancy.Matrix]  # E0's design matrix
+    e0_repr: redundancy.TrainTest[np.ndarray]  # E0's last hidden layer
     ceiling: ceilings.Ceiling | None = None  # `measure_ceiling`
     increments: dict[str, np.ndarray] = field(default_factory=dict)  # `<feature>/<form>` -> test p
     valid_gain: dict[str, float] = field(default_factory=dict)  # `<feature>/<form>` -> valid ΔAUC
@@ -103,8 +103,8 @@ class FeatureJudge:
             evaluation=e0.config.evaluation,
             e0_p=e0_p,
             e0_valid_auc=e0_valid_auc,
-            e0_inputs=[redundancy.e0_design_matrix(data, r) for r in rows],
-            e0_repr=[redundancy.e0_representation(e0.model, data, r) for r in rows],
+            e0_inputs=redundancy.TrainTest(*(redundancy.e0_design_matrix(data, r) for r in rows)),
+            e0_repr=redundancy.TrainTest(*(redundancy.e0_representation(e0.model, data, r) for r in rows)),
             placement=placement,
         )
 
@@ -224,12 +224,10 @@ class FeatureJudge:
         delta = paired_delta(self.test_labels, increment, self.e0_p, self.train_ctr, self.evaluation)
         measured = redundancy.measure_feature(
             feature.kind,
-            values[self.train_rows.numpy()],
-            values[self.test_rows.numpy()],
-            labels_of(self.data, self.train_rows),
-            self.test_labels,
-            *self.e0_inputs,
-            *self.e0_repr,
+            redundancy.TrainTest(values[self.train_rows.numpy()], values[self.test_rows.numpy()]),
+            redundancy.TrainTest(labels_of(self.data, self.train_rows), self.test_labels),
+            self.e0_inputs,
+            self.e0_repr,
             delta,
             max_rows=int(self.redundancy_settings["max_rows"]),
             max_components=int(self.redundancy_settings["max_components"]),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,6 +40,7 @@ ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 VARIANCE_COVERED = 0.9  # an embedding is probed through the principal components covering this
 
 Matrix = np.ndarray | sp.spmatrix
+T = TypeVar("T")
 
 
 def subsample(rows: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
@@ -276,22 +277,27 @@ class FeatureRedundancy:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TrainTest(Generic[T]):
+    """One quantity on the train rows and on the test rows (a feature, labels, E0's inputs)."""
+
+    train: T
+    test: T
+
+
 def measure_feature(
     kind: str,
-    feature_train: np.ndarray,
-    feature_test: np.ndarray,
-    labels_train: metrics.Labels,
-    labels_test: metrics.Labels,
-    e0_inputs_train: Matrix,
-    e0_inputs_test: Matrix,
-    e0_representation_train: np.ndarray,
-    e0_representation_test: np.ndarray,
+    feature: TrainTest[np.ndarray],
+    labels: TrainTest[metrics.Labels],
+    e0_inputs: TrainTest[Matrix],
+    e0_representation: TrainTest[np.ndarray],
     delta: Mapping[str, Any],
     max_rows: int = 20_000,
     max_components: int = 16,
     seed: int = 0,
 ) -> FeatureRedundancy:
-    """All measures for one feature; arrays are aligned on the train rows and on the test rows.
+    """All measures for one feature; each pair's arrays are aligned on the train rows and on the
+    test rows.
 
     `delta` is `evaluation.paired_delta` of E0 + feature against E0 on the test rows. The
     logistic fit and the probes use at most `max_rows` train rows, the probes and CKA at most
@@ -299,13 +305,14 @@ def measure_feature(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    train = subsample(np.arange(len(labels_train.impressions)), max_rows, seed)
+    labels_test = labels.test
+    train = subsample(np.arange(len(labels.train.impressions)), max_rows, seed)
     test = subsample(np.arange(len(labels_test.impressions)), max_rows, seed + 1)
-    feature_train, feature_test = np.asarray(feature_train), np.asarray(feature_test)
-    sub_train, sub_test = labels_train.subset(train), labels_test.subset(test)
-    scaler = StandardScaler().fit(e0_representation_train[train], sample_weight=sub_train.impressions)
-    representation_train = scaler.transform(e0_representation_train[train])
-    representation_test = scaler.transform(e0_representation_test[test])
+    feature_train, feature_test = np.asarray(feature.train), np.asarray(feature.test)
+    sub_train, sub_test = labels.train.subset(train), labels_test.subset(test)
+    scaler = StandardScaler().fit(e0_representation.train[train], sample_weight=sub_train.impressions)
+    representation_train = scaler.transform(e0_representation.train[train])
+    representation_test = scaler.transform(e0_representation.test[test])
 
     def ci(key: str) -> list[float] | None:
         value = delta.get(key)
@@ -325,9 +332,9 @@ def measure_feature(
         delta_gauc=number("delta_gauc"),
         delta_gauc_ci=ci("delta_gauc_ci"),
         explained_fraction=explained_fraction(
-            e0_inputs_train[train],
+            e0_inputs.train[train],
             feature_train[train],
-            e0_inputs_test[test],
+            e0_inputs.test[test],
             feature_test[test],
             sub_train,
             sub_test,
@@ -344,7 +351,7 @@ def measure_feature(
             max_components,
             seed,
         ),
-        cka=linear_cka(feature_test[test], e0_representation_test[test], sub_test.impressions),
+        cka=linear_cka(feature_test[test], e0_representation.test[test], sub_test.impressions),
         rows={"train": len(train), "test": len(test), "test_standalone_auc": len(labels_test.impressions)},
     )
 

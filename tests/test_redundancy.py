@@ -132,14 +132,10 @@ def test_measure_feature_separates_a_redundant_feature_from_a_new_one() -> None:
     def measure(feature: np.ndarray) -> r.FeatureRedundancy:
         return r.measure_feature(
             "frozen",
-            feature[train],
-            feature[test],
-            labels.subset(train),
-            labels.subset(test),
-            inputs[train],
-            inputs[test],
-            representation[train],
-            representation[test],
+            r.TrainTest(feature[train], feature[test]),
+            r.TrainTest(labels.subset(train), labels.subset(test)),
+            r.TrainTest(inputs[train], inputs[test]),
+            r.TrainTest(representation[train], representation[test]),
             delta,
             max_rows=1500,
         )
@@ -151,7 +147,8 @@ def test_measure_feature_separates_a_redundant_feature_from_a_new_one() -> None:
     assert new.rows == {"train": 1500, "test": 1000, "test_standalone_auc": 1000}
     assert redundant.to_dict()["delta_auc_ci"] == [0.005, 0.015] and redundant.delta_gauc is None
     with pytest.raises(ValueError, match="kind"):
-        r.measure_feature("other", *([np.zeros(1)] * 2), labels, labels, *([np.zeros(1)] * 4), {})
+        zeros = r.TrainTest(np.zeros(1), np.zeros(1))
+        r.measure_feature("other", zeros, r.TrainTest(labels, labels), zeros, zeros, {})
 
 
 def test_e2_curve_reads_each_form_against_the_peak_auc_checkpoint() -> None:
