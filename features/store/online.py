@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from feast import FeatureService, FeatureStore, FeatureView
+from feast.errors import FeatureServiceNotFoundException
 
 from nlpctr.errors import UserError
 from nlpctr.features.definitions import arrow_type
@@ -68,7 +69,7 @@ def get_service(store: FeatureStore, name: str, data_dir: Path) -> FeatureServic
     """A registered feature service, or a UserError listing the ones there are."""
     try:
         return store.get_feature_service(name, allow_cache=False)
-    except Exception:
+    except FeatureServiceNotFoundException:
         names = sorted(s.name for s in store.list_feature_services())
         raise UserError(
             f"no feature service {name!r} in {Path(data_dir).resolve()} "
