@@ -52,7 +52,7 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from nlpctr.features import store, store_config
-from nlpctr.features.job_outputs import Layout
+from nlpctr.features.job_outputs import JobOutputs
 from nlpctr.features.local_redis import LocalRedisServer
 from nlpctr.features.names import embedding_view_name
 from nlpctr.layout import IMPRESSIONS, embeddings_dir
@@ -158,7 +158,7 @@ class RawRedis:
 def lookup_bench(data: Path, raw: Any, lookups: int, rng: np.random.Generator) -> dict[str, Any]:
     """Feast vs raw reads of the same text ids, 1 and 100 at a time; and the full service."""
     fs = store.open_store(data)
-    layout = Layout.discover(data)
+    layout = JobOutputs.discover(data)
     view = embedding_view_name(layout.embeddings[0].slug)
     texts = pads.dataset(parquet_files(layout.embeddings[0].path)).to_table(columns=["text_id"])
     text_ids = texts["text_id"].to_pylist()
@@ -335,7 +335,7 @@ def enrichment_bench(data: Path, splits: list[str] | None) -> dict[str, Any]:
 def materialize_bench(data: Path) -> dict[str, Any]:
     """Embedding view alone (fresh online store), then every view (the CLI's full materialize)."""
     fs = store.open_store(data)
-    layout = Layout.discover(data)
+    layout = JobOutputs.discover(data)
     view = embedding_view_name(layout.embeddings[0].slug)
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(layout.embeddings[0].path))
     started = time.perf_counter()
@@ -358,7 +358,7 @@ def run_store(data: Path, online: str, args: argparse.Namespace, url: str | None
     result: dict[str, Any] = {"project": applied["project"]}
     result["materialize"] = materialize_bench(data)
     fs = store.open_store(data)
-    view = embedding_view_name(Layout.discover(data).embeddings[0].slug)
+    view = embedding_view_name(JobOutputs.discover(data).embeddings[0].slug)
     raw = RawSqlite(fs, view) if online == "sqlite" else RawRedis(fs, view, ["embedding", "encoder_version"])
     result["lookups"] = lookup_bench(data, raw, args.lookups, np.random.default_rng(1))
     result["handler"] = handler_bench(data)
@@ -453,9 +453,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_feast_"))
     try:
         data = args.data.resolve() if args.data else prepare(workdir)
-        if not Layout.discover(data).embeddings:
+        if not JobOutputs.discover(data).embeddings:
             write_random_embeddings(data)
-        layout = Layout.discover(data)
+        layout = JobOutputs.discover(data)
         results: dict[str, Any] = {
             "dataset": layout.dataset,
             "texts": sum(

@@ -30,13 +30,13 @@ LM feature set (baseline + `lm_<run>`), each with an offline twin `<name>_traini
 that reads the leave-one-out view instead. Twins alias their projections to the serving names,
 so a training frame and an online lookup yield the same column names.
 
-The names these objects use are in names.py; what the jobs wrote (`Layout`) is read in
+The names these objects use are in names.py; what the jobs wrote (`JobOutputs`) is read in
 job_outputs.py. Pure Feast and pyarrow: no Beam here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import 
 from feast.types import Array, Bool, FeastType, Float32, Float64, Int32, Int64, String
 
 from nlpctr.errors import UserError
-from nlpctr.features.job_outputs import Layout, feature_columns
+from nlpctr.features.job_outputs import JobOutputs, feature_columns
 from nlpctr.features.names import (
     BASELINE,
     CASCADE_FROZEN,
@@ -166,8 +166,76 @@ def parquet_source(name: str, path: Path, description: str, offline: str = "duck
     )
 
 
+def _entities(layout: JobOutputs) -> dict[str, Entity]:
+    """One entity per join key: the core ones, the spec's entity columns, the LM views' text ids."""
+    join_keys = {name: key for name, key in CORE_ENTITIES.items()}
+    for column in layout.entities:
+        name = entity_name(column)
+        if name in join_keys and join_keys[name] != column:
+            raise UserError(f"entity column {column!r} clashes with the built-in entity {name!r}")
+        join_keys[name] = column
+    for lm in layout.lm_features:
+        for key in lm.keys:  # the text-id columns of an impression, each its own entity
+            join_keys.setdefault(entity_name(key), key)
+    return {
+        name: Entity(name=name, join_keys=[key], value_type=ValueType.STRING, description=f"keyed by {key}")
+        for name, key in join_keys.items()
+    }
+
+
+@dataclass
+class _Views:
+    """The feature views of one dataset and their parquet sources, added one job output at a time."""
+
+    layout: JobOutputs
+    entities: dict[str, Entity]
+    ttl: timedelta
+    offline: str
+    sources: dict[str, DataSource] = field(default_factory=dict)
+    views: dict[str, FeatureView] = field(default_factory=dict)
+
+    def add(
+        self,
+        name: str,
+        path: Path,
+        key: str | tuple[str, ...],
+        features: tuple[tuple[str, pa.DataType], ...],
+        online: bool,
+        description: str,
+        extra_tags: dict[str, str] | None = None,
+    ) -> FeatureView:
+        """A view of `path`'s `features`, keyed by `key` (one text-id column, or a composite key)."""
+        layout = self.layout
+        source = parquet_source(
+            f"{name}_source",
+            path,
+            f"parquet written by the batch job: {path.relative_to(layout.data_dir)}",
+            self.offline,
+        )
+        keys = (key,) if isinstance(key, str) else key
+        schema = [Field(name=k, dtype=String) for k in keys]
+        schema += [
+            Field(name=col, dtype=feast_type(typ, f"{path.relative_to(layout.data_dir)}:{col}"))
+            for col, typ in features
+        ]
+        tags = {"dataset": layout.dataset, "generated_by": "nlpctr.features.definitions"}
+        view = FeatureView(
+            name=name,
+            entities=[self.entities[entity_name(k)] for k in keys],
+            ttl=self.ttl,
+            schema=schema,
+            source=source,
+            online=online,
+            description=description,
+            tags={**tags, **(extra_tags or {})},
+        )
+        self.sources[source.name] = source
+        self.views[name] = view
+        return view
+
+
 def build_definitions(
-    layout: Layout, *, encoder: str | None = None, ttl: timedelta = timedelta(0), offline: str = "duckdb"
+    layout: JobOutputs, *, encoder: str | None = None, ttl: timedelta = timedelta(0), offline: str = "duckdb"
 ) -> Definitions:
     """Feast objects for what `layout` holds.
 
@@ -178,60 +246,10 @@ def build_definitions(
     non-zero ttl would make training frames null where serving is not. `offline`: the offline store the
     sources are declared for (`parquet_source`).
     """
-    join_keys = {name: key for name, key in CORE_ENTITIES.items()}
-    for column in layout.entities:
-        name = entity_name(column)
-        if name in join_keys and join_keys[name] != column:
-            raise UserError(f"entity column {column!r} clashes with the built-in entity {name!r}")
-        join_keys[name] = column
-    for lm in layout.lm_features:
-        for key in lm.keys:  # the text-id columns of an impression, each its own entity
-            join_keys.setdefault(entity_name(key), key)
-    entities = {
-        name: Entity(name=name, join_keys=[key], value_type=ValueType.STRING, description=f"keyed by {key}")
-        for name, key in join_keys.items()
-    }
-    tags = {"dataset": layout.dataset, "generated_by": "nlpctr.features.definitions"}
-    sources: dict[str, DataSource] = {}
-    views: dict[str, FeatureView] = {}
-
-    def add_view(
-        name: str,
-        path: Path,
-        key: str | tuple[str, ...],
-        features: tuple[tuple[str, pa.DataType], ...],
-        online: bool,
-        description: str,
-        extra_tags: dict[str, str] | None = None,
-    ) -> FeatureView:
-        source = parquet_source(
-            f"{name}_source",
-            path,
-            f"parquet written by the batch job: {path.relative_to(layout.data_dir)}",
-            offline,
-        )
-        keys = (key,) if isinstance(key, str) else key
-        schema = [Field(name=k, dtype=String) for k in keys]
-        schema += [
-            Field(name=col, dtype=feast_type(typ, f"{path.relative_to(layout.data_dir)}:{col}"))
-            for col, typ in features
-        ]
-        view = FeatureView(
-            name=name,
-            entities=[entities[entity_name(k)] for k in keys],
-            ttl=ttl,
-            schema=schema,
-            source=source,
-            online=online,
-            description=description,
-            tags={**tags, **(extra_tags or {})},
-        )
-        sources[source.name] = source
-        views[name] = view
-        return view
-
+    entities = _entities(layout)
+    views = _Views(layout, entities, ttl, offline)
     for ctr in layout.ctr:
-        add_view(
+        views.add(
             ctr_view_name(ctr.entity),
             ctr.path,
             ctr.entity,
@@ -240,7 +258,7 @@ def build_definitions(
             description=f"CTR history of {ctr.entity} from training rows (entity level, what serving reads)",
         )
     if layout.ctr_rows is not None:
-        add_view(
+        views.add(
             CTR_ROWS_VIEW,
             layout.ctr_rows,
             IMPRESSION_ID,
@@ -249,7 +267,7 @@ def build_definitions(
             description="CTR history per impression, leave-one-out on training rows (what training reads)",
         )
     if layout.numeric:
-        add_view(
+        views.add(
             NUMERIC_VIEW,
             layout.impressions,
             IMPRESSION_ID,
@@ -258,7 +276,7 @@ def build_definitions(
             description="the spec's numeric features per impression (standardised by the trainer)",
         )
     for emb in layout.embeddings:
-        add_view(
+        views.add(
             embedding_view_name(emb.slug),
             emb.path,
             TEXT_ID,
@@ -273,7 +291,7 @@ def build_definitions(
         )
 
     for lm in layout.lm_features:
-        add_view(
+        views.add(
             lm_view_name(lm.run),
             lm.path,
             lm.keys,
@@ -284,11 +302,11 @@ def build_definitions(
         )
 
     default_encoder = _default_encoder(layout, encoder)
-    services = _services(layout, views, default_encoder)
-    return Definitions(entities, sources, views, services, default_encoder)
+    services = _services(layout, views.views, default_encoder)
+    return Definitions(entities, views.sources, views.views, services, default_encoder)
 
 
-def _default_encoder(layout: Layout, encoder: str | None) -> str | None:
+def _default_encoder(layout: JobOutputs, encoder: str | None) -> str | None:
     """The slug `cascade_frozen` serves: `encoder` as a slug, or as the encoder (package or
     folder) behind exactly one embedding folder; the only one when `encoder` is None."""
     slugs = [e.slug for e in layout.embeddings]
@@ -320,7 +338,7 @@ def _default_encoder(layout: Layout, encoder: str | None) -> str | None:
 
 
 def _services(
-    layout: Layout, views: dict[str, FeatureView], default_encoder: str | None
+    layout: JobOutputs, views: dict[str, FeatureView], default_encoder: str | None
 ) -> dict[str, FeatureService]:
     row_columns = {name for name, _ in layout.ctr_rows_features}
     serving_ctr: list[Any] = []

@@ -1,4 +1,4 @@
-"""What the batch jobs wrote under a prepared dataset folder (`Layout`), read from files and
+"""What the batch jobs wrote under a prepared dataset folder (`JobOutputs`), read from files and
 schemas only: the inputs the Feast definitions are built from."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class LmFeatureSet:
 
 
 @dataclass(frozen=True)
-class Layout:
+class JobOutputs:
     """What the jobs wrote under a prepared dataset folder, read from files and schemas only."""
 
     data_dir: Path
@@ -102,7 +102,7 @@ class Layout:
         return self.data_dir / IMPRESSIONS
 
     @classmethod
-    def discover(cls, data_dir: Path) -> Layout:
+    def discover(cls, data_dir: Path) -> JobOutputs:
         """Read DIR's manifest and the outputs of the CTR and embedding jobs."""
         data_dir = Path(data_dir).resolve()
         manifest = read_manifest(data_dir)
@@ -255,3 +255,8 @@ def _text_roles(data_dir: Path) -> tuple[str, ...]:
             if values.null_count < len(values):
                 roles.append(role)
     return tuple(roles)
+
+
+# Until pipelines/train.py, restructured on a parallel branch (r27a), imports JobOutputs: the
+# rename would otherwise conflict with that work. Remove once it does.
+Layout = JobOutputs

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from nlpctr.errors import UserError
-from nlpctr.features.job_outputs import Layout
+from nlpctr.features.job_outputs import JobOutputs
 from nlpctr.layout import FEATURE_REPO
 
 CONFIG_FILE = "feature_store.yaml"
@@ -110,7 +110,7 @@ def config_path(data_dir: Path) -> Path:
     return repo_dir(data_dir) / CONFIG_FILE
 
 
-def project_name(layout: Layout) -> str:
+def project_name(layout: JobOutputs) -> str:
     """Feast project of a dataset folder: the dataset name plus a hash of the folder, so two
     prepared copies never share Redis keys."""
     stem = re.sub(r"[^a-z0-9_]", "_", layout.dataset.lower()).strip("_") or "dataset"
@@ -180,7 +180,7 @@ def offline_store_of(config: dict[str, Any]) -> tuple[str, str | None]:
     return offline, None if master == LOCAL_SPARK else master
 
 
-def render_config(layout: Layout, store: StoreChoice) -> dict[str, Any]:
+def render_config(layout: JobOutputs, store: StoreChoice) -> dict[str, Any]:
     """The embedded default (or Redis variant) config with absolute paths for this dataset,
     its offline side from `offline_config`."""
     config = yaml.safe_load(resources.files("nlpctr.features").joinpath(_template(store.online)).read_text())

@@ -31,7 +31,7 @@ from builders import make_dataset, write_ctr_history, write_embeddings
 
 from nlpctr.features import render, store
 from nlpctr.features.definitions import Definitions, build_definitions
-from nlpctr.features.job_outputs import Layout
+from nlpctr.features.job_outputs import JobOutputs
 
 GOLDEN = Path(__file__).parent / "golden" / "repo_definitions.py.golden"
 UPDATE_GOLDEN = os.environ.get("NLPCTR_UPDATE_GOLDEN") == "1"
@@ -74,7 +74,7 @@ def golden_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def rendered(data: Path, **options: Any) -> tuple[str, Path, Definitions]:
     """The module text, the repo folder it belongs in, and the definitions it renders."""
-    layout = Layout.discover(data)
+    layout = JobOutputs.discover(data)
     definitions = build_definitions(layout, **options)
     return render.render_module(definitions, data, layout.dataset), data / "feature_repo", definitions
 

@@ -42,13 +42,13 @@ from feast import FeatureStore
 from nlpctr.errors import UserError
 from nlpctr.features import render, store, store_config
 from nlpctr.features.definitions import build_definitions
-from nlpctr.features.job_outputs import Layout
+from nlpctr.features.job_outputs import JobOutputs
 
 
 def sqlite_dump(data_dir: Path) -> list[tuple[Any, ...]]:
     """Every row of every online table, ordered."""
     path = json.loads(
-        json.dumps(store_config.render_config(Layout.discover(data_dir), store_config.StoreChoice()))
+        json.dumps(store_config.render_config(JobOutputs.discover(data_dir), store_config.StoreChoice()))
     )["online_store"]["path"]
     with sqlite3.connect(path) as conn:
         tables = [
@@ -102,7 +102,7 @@ def test_apply_registers_one_view_per_job_output(trained: dict[str, Any]) -> Non
     assert str(data / "feature_repo" / "data" / "registry.db") in config  # absolute paths
     # The written definitions module declares the same objects (what `feast plan` reads).
     module = data / "feature_repo" / "repo_definitions.py"
-    built = build_definitions(Layout.discover(data))
+    built = build_definitions(JobOutputs.discover(data))
     assert render.differences(module.read_text(), module, built) == []
     assert f"text_embedding_{SLUG}_fv = FeatureView(" in module.read_text()
 
@@ -400,7 +400,7 @@ def test_ttl_is_an_offline_lookback_not_an_online_expiry(tmp_path: Path) -> None
     assert default["ctr_position__position_ctr"].notna().all()
 
     fs = FeatureStore(repo_path=str(store_config.repo_dir(data)))
-    fs.apply(build_definitions(Layout.discover(data), ttl=timedelta(days=30)).objects())
+    fs.apply(build_definitions(JobOutputs.discover(data), ttl=timedelta(days=30)).objects())
     assert fs.get_feature_view("ctr_position").ttl == timedelta(days=30)
     store.materialize(data)
     short = store.historical_features(data, late, "baseline")

@@ -21,7 +21,7 @@ from test_trainer import COLUMNS, baseline, synthetic_frame
 
 from nlpctr.features import store, store_config
 from nlpctr.features.definitions import build_definitions
-from nlpctr.features.job_outputs import Layout
+from nlpctr.features.job_outputs import JobOutputs
 from nlpctr.models import metrics, streaming_metrics
 from nlpctr.models.config import deep_merge
 from nlpctr.models.data import tensorize
@@ -112,7 +112,7 @@ def test_duckdb_join_keeps_feast_snapshot_and_ttl_semantics(tmp_path: Path) -> N
     assert_same_frames(store.training_frame(data, "baseline", offline="duckdb"), frame)
 
     fs = FeatureStore(repo_path=str(store_config.repo_dir(data)))
-    fs.apply(build_definitions(Layout.discover(data), ttl=timedelta(days=20)).objects())
+    fs.apply(build_definitions(JobOutputs.discover(data), ttl=timedelta(days=20)).objects())
     frame = store.training_frame(data, "baseline", offline="file")
     assert frame["ctr_position__position_ctr"].isna().any()
     assert_same_frames(store.write_training_shards(data, "baseline"), frame)

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from feast import FeatureStore
+from feast import FeatureStore, FeatureView
 
 from nlpctr.errors import UserError
 from nlpctr.features.job_outputs import fingerprint
@@ -64,6 +64,55 @@ def _overwriting(store: FeatureStore) -> Iterator[None]:
         config.skip_dedup = before
 
 
+def _mark_unfinished(data_dir: Path, paths: dict[str, Path]) -> None:
+    """Until the end, these views count as half-written: Feast records each view as materialised
+    as soon as its own rows are in, so a run killed (or a Redis lost) midway would otherwise
+    leave a store that says "materialised" beside a view that is only partly there."""
+    state = read_state(data_dir)
+    for name in paths:
+        state.setdefault("materialized", {}).pop(name, None)
+    state["unfinished"] = sorted(set(state.get("unfinished", [])) | set(paths))
+    write_state(data_dir, state)
+
+
+def _mark_finished(store: FeatureStore, data_dir: Path, paths: dict[str, Path]) -> None:
+    """The views are whole: record each source's fingerprint, as the state file and the store."""
+    state = read_state(data_dir)
+    state.setdefault("materialized", {}).update({name: fingerprint(p) for name, p in paths.items()})
+    state["unfinished"] = sorted(set(state.get("unfinished", [])) - set(paths))
+    write_materialized_mark(store)
+    write_state(data_dir, state)
+
+
+def _load(
+    store: FeatureStore,
+    views: list[FeatureView],
+    window: tuple[datetime | None, datetime],
+    first: datetime,
+    incremental: bool,
+) -> str:
+    """Feast's materialisation of `views` up to the window's end: from the window's start when
+    given, else from each view's last end (`incremental`; a view never materialised from
+    `first`), else from `first`, the sources' earliest event time. Returns the mode: window,
+    incremental or full."""
+    start, end = window
+    with online_store_errors(store), spark_errors(store):
+        if start is not None:
+            store.materialize(_utc(start), end, feature_views=[v.name for v in views])
+            return "window"
+        if incremental:
+            fresh = [v.name for v in views if not v.materialization_intervals]
+            seen = [v.name for v in views if v.materialization_intervals]
+            if fresh:
+                store.materialize(first, end, feature_views=fresh)
+            if seen:
+                store.materialize_incremental(end, feature_views=seen)
+            return "incremental"
+        with _overwriting(store):
+            store.materialize(first, end, feature_views=[v.name for v in views])
+        return "full"
+
+
 def materialize(
     data_dir: Path,
     start: datetime | None = None,
@@ -113,40 +162,14 @@ def materialize(
         "materialize writes the store's state there (and SQLite's online store); make it writable",
     )
     probe_online_store(store)
-    # Until the end, these views count as half-written: Feast records each view as materialised
-    # as soon as its own rows are in, so a run killed (or a Redis lost) midway would otherwise
-    # leave a store that says "materialised" beside a view that is only partly there.
-    state = read_state(layout.data_dir)
-    for name in paths:
-        state.setdefault("materialized", {}).pop(name, None)
-    state["unfinished"] = sorted(set(state.get("unfinished", [])) | set(paths))
-    write_state(layout.data_dir, state)
+    _mark_unfinished(layout.data_dir, paths)
     started = datetime.now(UTC)
-    with online_store_errors(store), spark_errors(store):
-        if start is not None:
-            mode = "window"
-            store.materialize(_utc(start), end, feature_views=[v.name for v in views])
-        elif incremental:
-            mode = "incremental"
-            fresh = [v.name for v in views if not v.materialization_intervals]
-            seen = [v.name for v in views if v.materialization_intervals]
-            if fresh:
-                store.materialize(span[0], end, feature_views=fresh)
-            if seen:
-                store.materialize_incremental(end, feature_views=seen)
-        else:
-            mode = "full"
-            with _overwriting(store):
-                store.materialize(span[0], end, feature_views=[v.name for v in views])
+    mode = _load(store, views, (start, end), span[0], incremental)
     seconds = (datetime.now(UTC) - started).total_seconds()
     rows = {
         name: sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(p)) for name, p in paths.items()
     }
-    state = read_state(layout.data_dir)
-    state.setdefault("materialized", {}).update({name: fingerprint(p) for name, p in paths.items()})
-    state["unfinished"] = sorted(set(state.get("unfinished", [])) - set(paths))
-    write_materialized_mark(store)
-    write_state(layout.data_dir, state)
+    _mark_finished(store, layout.data_dir, paths)
     total = sum(rows.values())
     online = store.config.online_store.type
     summary = (

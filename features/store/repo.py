@@ -17,8 +17,8 @@ from feast.repo_config import RepoConfig
 
 from nlpctr.config_files import read_mapping
 from nlpctr.errors import UserError
-from nlpctr.features.definitions import build_definitions
-from nlpctr.features.job_outputs import Layout
+from nlpctr.features.definitions import Definitions, build_definitions
+from nlpctr.features.job_outputs import JobOutputs
 from nlpctr.features.names import embedding_view_name
 from nlpctr.features.registry_store import write_atomically
 from nlpctr.features.render import REPO_MODULE, check_module, read_encoder, render_module
@@ -43,6 +43,49 @@ def _kind(obj: Any) -> str:
     return "DataSource" if isinstance(obj, DataSource) else type(obj).__name__
 
 
+def _write_repo(layout: JobOutputs, config: dict[str, Any], online: str, definitions: Definitions) -> Path:
+    """Write DIR/feature_repo/ (its feature_store.yaml for the `online` store and the rendered
+    definitions module); a registry kept for another online store or project is emptied first.
+    Returns the folder."""
+    repo = repo_dir(layout.data_dir)
+    data = repo / "data"
+    try:
+        old_config = read_store_config(layout.data_dir) if (repo / CONFIG_FILE).is_file() else None
+    except UserError:  # a damaged config: which store it named is unknown, so the registry starts afresh
+        old_config = {}
+    if old_config is not None and (
+        old_config.get("online_store") != config["online_store"]
+        or old_config.get("project") != config["project"]
+    ):
+        shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True, exist_ok=True)
+    write_atomically(repo / CONFIG_FILE, config_text(config, online).encode())
+    module = render_module(definitions, layout.data_dir, layout.dataset)
+    check_module(module, repo / REPO_MODULE, definitions)  # what `feast plan` reads is what we apply
+    write_atomically(repo / REPO_MODULE, module.encode())
+    return repo
+
+
+def _register(repo: Path, definitions: Definitions, data_dir: Path) -> list[Any]:
+    """Apply `definitions` to the registry, deleting what they no longer hold (returned), and
+    forget the materialisation of views that are gone."""
+    feast = FeatureStore(repo_path=str(repo))
+    wanted = {_kind(o) + ":" + o.name for o in definitions.objects()}
+    existing = [
+        *feast.list_feature_services(),
+        *feast.list_feature_views(),
+        *feast.list_data_sources(),
+        *feast.list_entities(),
+    ]
+    stale = [o for o in existing if _kind(o) + ":" + o.name not in wanted]
+    with online_store_errors(feast):
+        feast.apply(definitions.objects(), objects_to_delete=stale, partial=False)
+    state = read_state(data_dir)
+    state["materialized"] = {k: v for k, v in state.get("materialized", {}).items() if k in definitions.views}
+    write_state(data_dir, state)
+    return stale
+
+
 def apply(data_dir: Path, store: StoreChoice | None = None, encoder: str | None = None) -> dict[str, Any]:
     """Render DIR/feature_repo/ and register DIR's entities, views and services with Feast.
 
@@ -65,7 +108,7 @@ def apply(data_dir: Path, store: StoreChoice | None = None, encoder: str | None 
     store = store or StoreChoice()
     online, offline = store.online, store.offline
     check_duckdb_path(data_dir, offline)
-    layout = Layout.discover(data_dir)
+    layout = JobOutputs.discover(data_dir)
     if not layout.ctr and not layout.embeddings:
         raise UserError(
             f"nothing to register in {layout.data_dir}: run `nlpctr ctr-stats --data {layout.data_dir}` "
@@ -78,37 +121,8 @@ def apply(data_dir: Path, store: StoreChoice | None = None, encoder: str | None 
     definitions = build_definitions(layout, encoder=encoder, offline=offline)
     if online == "redis":
         ping_redis(config["online_store"]["connection_string"])  # before touching the old store
-    repo = repo_dir(layout.data_dir)
-    data = repo / "data"
-    try:
-        old_config = read_store_config(layout.data_dir) if (repo / CONFIG_FILE).is_file() else None
-    except UserError:  # a damaged config: which store it named is unknown, so the registry starts afresh
-        old_config = {}
-    if old_config is not None and (
-        old_config.get("online_store") != config["online_store"]
-        or old_config.get("project") != config["project"]
-    ):
-        shutil.rmtree(data, ignore_errors=True)
-    data.mkdir(parents=True, exist_ok=True)
-    write_atomically(repo / CONFIG_FILE, config_text(config, online).encode())
-    module = render_module(definitions, layout.data_dir, layout.dataset)
-    check_module(module, repo / REPO_MODULE, definitions)  # what `feast plan` reads is what we apply
-    write_atomically(repo / REPO_MODULE, module.encode())
-
-    feast = FeatureStore(repo_path=str(repo))
-    wanted = {_kind(o) + ":" + o.name for o in definitions.objects()}
-    existing = [
-        *feast.list_feature_services(),
-        *feast.list_feature_views(),
-        *feast.list_data_sources(),
-        *feast.list_entities(),
-    ]
-    stale = [o for o in existing if _kind(o) + ":" + o.name not in wanted]
-    with online_store_errors(feast):
-        feast.apply(definitions.objects(), objects_to_delete=stale, partial=False)
-    state = read_state(layout.data_dir)
-    state["materialized"] = {k: v for k, v in state.get("materialized", {}).items() if k in definitions.views}
-    write_state(layout.data_dir, state)
+    repo = _write_repo(layout, config, online, definitions)
+    stale = _register(repo, definitions, layout.data_dir)
     views = sorted(definitions.views)
     services = sorted(definitions.services)
     summary = (
@@ -261,10 +275,10 @@ def _first_line(error: BaseException) -> str:
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
-def check_current(store: FeatureStore, data_dir: Path) -> Layout:
+def check_current(store: FeatureStore, data_dir: Path) -> JobOutputs:
     """Refuse a registry that no longer matches what the jobs wrote (views added, removed, or
     an encoder folder now holding another encoder)."""
-    layout = Layout.discover(data_dir)
+    layout = JobOutputs.discover(data_dir)
     registered = {v.name: v for v in store.list_feature_views(allow_cache=False)}
     expected = layout.sources()
     added, gone = sorted(set(expected) - set(registered)), sorted(set(registered) - set(expected))

@@ -70,7 +70,7 @@ def point_in_time_sql(joins: Sequence[ViewJoin], entity: str) -> str:
     row and view, the feature row with the same keys and the latest timestamp <= the row's
     timestamp, null when there is none or (ttl > 0) when it is older than ttl. A null key is
     asked as MISSING_KEY, as online lookups send it. Ties at one key and time are refused by
-    `Layout.check_unique_keys` before we get here.
+    `JobOutputs.check_unique_keys` before we get here.
     """
     ctes, selects, joins_sql = [], [], []
     for i, join in enumerate(joins):
