@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from nlpctr.models import report, report_format, report_plots, report_sections
+from nlpctr.models import report
+from nlpctr.models.report import formatting, plots, sections
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
@@ -350,13 +351,13 @@ def test_write_report_writes_every_section_and_plot(results: dict[str, Any], tmp
         "gauc": share(0.31, [0.12, 0.5])
     }
     written = report.write_report(results, tmp_path)
-    assert {p.name for p in written} == {"report.md", *report_format.PLOTS.values()}
+    assert {p.name for p in written} == {"report.md", *formatting.PLOTS.values()}
     for path in written:
         assert path.parent == tmp_path and path.stat().st_size > 0
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == PNG_HEADER
     text = (tmp_path / "report.md").read_text()
-    for plot in report_format.PLOTS.values():
+    for plot in formatting.PLOTS.values():
         assert f"]({plot})" in text
     # Numbers of the fixture, as the tables print them.
     for cell in (
@@ -447,8 +448,8 @@ def test_report_skips_missing_sections(results: dict[str, Any], tmp_path: Path) 
     written = report.write_report(partial, tmp_path)
     assert {p.name for p in written} == {
         "report.md",
-        report_format.PLOTS["metrics"],
-        report_format.PLOTS["calibration"],
+        formatting.PLOTS["metrics"],
+        formatting.PLOTS["calibration"],
     }
     text = (tmp_path / "report.md").read_text()
     assert "## Runs" in text and "## Simulator" not in text and "## Distillation" not in text
@@ -460,12 +461,12 @@ def test_report_skips_missing_sections(results: dict[str, Any], tmp_path: Path) 
 def test_significance_changes_with_the_interval(results: dict[str, Any]) -> None:
     runs = copy.deepcopy(results["runs"])
     runs["cascade_frozen"]["delta_auc_ci"] = [-0.0001, 0.0040]
-    lines = report_sections.significance_statements(runs)
+    lines = sections.significance_statements(runs)
     assert any(line.startswith("- cascade_frozen: AUC not significantly different") for line in lines)
 
 
 def test_markdown_table() -> None:
-    table = report_format.markdown_table(["a", "b"], [[1, "x"], [2.5, "–"]])
+    table = formatting.markdown_table(["a", "b"], [[1, "x"], [2.5, "–"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | – |"]
 
 
@@ -474,7 +475,7 @@ def test_claims_lead_the_report_with_a_forest_plot(results: dict[str, Any], tmp_
     text = (tmp_path / "report.md").read_text()
     assert text.index("## The paper's claims") < text.index("| run |")
     assert "+0.0012 [+0.0004, +0.0020]" in text and "**holds**" in text
-    forest = tmp_path / report_format.PLOTS["forest"]
+    forest = tmp_path / formatting.PLOTS["forest"]
     assert forest in written and forest.read_bytes().startswith(PNG_HEADER)
-    labels = [label for label, _, _ in report_plots.forest_rows(results["redundancy"], results["claims"])]
+    labels = [label for label, _, _ in plots.forest_rows(results["redundancy"], results["claims"])]
     assert labels[-1] == "joint_feature_beats_finetuned_feature (score)" and len(labels) > 1

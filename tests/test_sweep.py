@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from nlpctr.models import claims, report_sweep_sections, sweep
+from nlpctr.models import claims, sweep
 from nlpctr.models.config import deep_merge
+from nlpctr.models.report import sweep_sections
 from nlpctr.pipelines import experiment, rho_sweep
 from nlpctr.pipelines.protocol import ExperimentRequest
 
@@ -117,7 +118,7 @@ def test_one_contradicting_rho_contradicts_the_joint_prediction() -> None:
 
 def test_the_report_states_each_prediction_with_its_verdict() -> None:
     predictions = sweep.predictions(made_up_sweep([(0.001, 0.002)] * 5))
-    text = "\n".join(report_sweep_sections.predictions_section(predictions))
+    text = "\n".join(sweep_sections.predictions_section(predictions))
     for prediction in predictions:
         assert f"**{prediction['id']}**" in text
     assert "p 0.008" in text  # 1/120, the strongest a 5-point trend can be

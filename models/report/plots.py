@@ -9,7 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from nlpctr.models.report_format import SHARE_LABELS, SWEEP_MEASURES, dig, ordered_runs
+from nlpctr.models.report.formatting import SHARE_LABELS, SWEEP_MEASURES, dig, ordered_runs
 
 DPI = 110
 

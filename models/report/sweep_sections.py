@@ -1,7 +1,7 @@
 """The report's sections on a simulator sweep (results.json's `simulator`): the stated
 predictions and their verdicts, claims and controls at each ρ and over seeds, each feature's
-measures against ρ, and the ceilings by ρ. models/report.py places them after the experiment's
-own sections (models/report_sections.py).
+measures against ρ, and the ceilings by ρ. The report (models/report/__init__.py) places them
+after the experiment's own sections (sections.py).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nlpctr.models.report_format import (
+from nlpctr.models.report.formatting import (
     PLOTS,
     SHARE_LABELS,
     SWEEP_MEASURES,
@@ -17,7 +17,7 @@ from nlpctr.models.report_format import (
     num,
     with_ci,
 )
-from nlpctr.models.report_plots import simulator_series, simulator_shares
+from nlpctr.models.report.plots import simulator_series, simulator_shares
 
 
 def predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -4,9 +4,9 @@ Every sentence about significance is generated from the CI fields; a section who
 are absent (no simulator sweep, no distillation) is left out. Plots use matplotlib's
 object-oriented Figure (Agg), so nothing touches global pyplot state.
 
-Here the report is assembled; the sections are written in report_sections.py (a simulator
-sweep's in report_sweep_sections.py), the plots drawn in report_plots.py, and what both share
-(file names, labels, number formats) is in report_format.py.
+Here the report is assembled; the sections are written in sections.py (a simulator sweep's in
+sweep_sections.py), the plots drawn in plots.py, and what both share (file names, labels,
+number formats) is in formatting.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from nlpctr.atomic import write_atomic
-from nlpctr.models.report_format import PLOTS, markdown_table, num, sentence
-from nlpctr.models.report_plots import (
+from nlpctr.models.report.formatting import PLOTS, markdown_table, num, sentence
+from nlpctr.models.report.plots import (
     plot_calibration,
     plot_conversion,
     plot_e2_curve,
@@ -30,7 +30,7 @@ from nlpctr.models.report_plots import (
     plot_simulator_shares,
     simulator_shares,
 )
-from nlpctr.models.report_sections import (
+from nlpctr.models.report.sections import (
     budget_section,
     ceilings_section,
     claims_section,
@@ -42,7 +42,7 @@ from nlpctr.models.report_sections import (
     runs_section,
     significance_statements,
 )
-from nlpctr.models.report_sweep_sections import simulator_section
+from nlpctr.models.report.sweep_sections import simulator_section
 
 
 def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nlpctr.models.report_format import (
+from nlpctr.models.report.formatting import (
     PLOTS,
     SHARE_LABELS,
     SHARE_NOTE,
