@@ -161,6 +161,7 @@ class SourceRule:
 
 
 def finite_number(value: Any) -> bool:
+    """A number (not a bool) that is finite."""
     return is_number(value) and math.isfinite(value)
 
 
@@ -181,11 +182,13 @@ def shown(value: Any, limit: int = 60) -> str:
 
 
 def spec_error(spec_path: Path, where: str, message: str) -> UserError:
+    """The one-line error naming the spec file and the field (`where`, cut to 80 characters)."""
     where = where if len(where) <= 80 else where[:79] + "…"
     return UserError(f"spec {spec_path.name}: {where}: {message}")
 
 
 def expect_keys(spec_path: Path, where: str, mapping: Any, allowed: set[str]) -> dict[str, Any]:
+    """`mapping` if it is a mapping with no key outside `allowed`; else the error naming the key."""
     if not isinstance(mapping, dict):
         raise spec_error(spec_path, where, f"expected a mapping, got {type(mapping).__name__}")
     unknown = sorted((set(mapping) - allowed), key=str)
@@ -197,6 +200,7 @@ def expect_keys(spec_path: Path, where: str, mapping: Any, allowed: set[str]) ->
 
 
 def str_list(spec_path: Path, where: str, value: Any) -> tuple[str, ...]:
+    """One column name or a non-empty list of them, as a tuple."""
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
@@ -205,6 +209,7 @@ def str_list(spec_path: Path, where: str, value: Any) -> tuple[str, ...]:
 
 
 def column_rule(spec_path: Path, where: str, value: Any) -> ColumnRule:
+    """A target column's rule: a source column's name, or a mapping naming exactly one way to build it."""
     if isinstance(value, str):
         return ColumnRule(column=value)
     mapping = expect_keys(spec_path, where, value, {"column", "hash_of", "concat", "text_id_of", "transform"})
@@ -244,6 +249,7 @@ def strptime_problem(pattern: str) -> str | None:
 
 
 def timestamp_rule(spec_path: Path, value: Any) -> TimestampRule:
+    """The timestamp section: its format and what that format needs (a pattern is checked now)."""
     where = "timestamp"
     mapping = expect_keys(
         spec_path, where, value, {"column", "format", "pattern", "timezone", "base", "offsets"}
@@ -294,6 +300,7 @@ def timestamp_rule(spec_path: Path, value: Any) -> TimestampRule:
 
 
 def label_rule(spec_path: Path, value: Any) -> LabelRule:
+    """The label section: a binary clicked column, or aggregated impressions and clicks."""
     mapping = expect_keys(spec_path, "label", value, {"form", "clicked", "impressions", "clicks"})
     form = mapping.get("form")
     if form not in LABEL_FORMS:
@@ -366,6 +373,8 @@ _NUMERIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
 def numeric_rules(spec_path: Path, value: Any, taken: set[str]) -> dict[str, NumericRule]:
+    """The numeric section: feature name -> rule; a name may not be one of `taken` (schema or
+    context columns)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
