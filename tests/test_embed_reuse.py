@@ -240,3 +240,22 @@ def test_a_stored_file_that_fails_while_read_is_a_dead_letter(tmp_path: Path) ->
     assert out.tag == "unreadable" and "gone.parquet" in out.value
     (out,) = list(embed_reuse.ReadSpellings().process(str(tmp_path / "gone.tsv.gz")))
     assert out.tag == "unreadable"
+
+
+def test_two_worker_processes_and_texts_that_left_the_data(runs: dict[str, Any], tmp_path: Path) -> None:
+    """The new impressions removed again, on two worker processes: the texts only they showed
+    are dropped, the respelled ones are back to their first spelling (encoded again), and the
+    output is the first run's."""
+    data = tmp_path / "data"
+    shutil.copytree(runs["data"], data)
+    (data / "impressions" / "part-9.parquet").unlink()
+    multi = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
+    result = embed_text.run(job_args(data, *multi))
+    first, respelled = runs["first_table"], len(runs["respelled"])
+    assert result["texts_encoded"] == respelled and result["texts_reused"] == first.num_rows - respelled
+    manifest = json.loads((Path(result["out"]) / EMBEDDINGS_MANIFEST).read_text())
+    assert manifest["stored_texts_gone"] == runs["full"]["unique_texts"] - first.num_rows
+    out = read_output(result["out"])
+    for column in ("text_id", "encoder_version", "event_timestamp"):
+        assert out.column(column).equals(first.column(column)), column
+    np.testing.assert_allclose(vectors(out), vectors(first), atol=ATOL, rtol=0)
