@@ -72,7 +72,7 @@ def inputs(scaling: dict[str, Any], redis: dict[str, Any], frames: dict[str, Any
     add("impressions", "impressions per day", 1e9, "rows/day", "ASSUMPTION: the planning target")
     add("texts", "unique texts per day", 50e6, "texts/day", "ASSUMPTION: the planning target")
     add("new_text_share", "share of the day's unique texts never embedded before", 1.0, "",
-        "ASSUMPTION: worst case (a cold start); in steady state only new texts are embedded")  # fmt: skip
+        "ASSUMPTION: worst case (a cold start); a rerun embeds only new texts (embed_reuse)")  # fmt: skip
     for key, stage in (("ingest", "prepare"), ("ctr", "ctr-stats"), ("e0_epoch", "train-e0")):
         per_row = marginal_cpu_per_row(scaling, stage)
         if per_row:

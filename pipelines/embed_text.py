@@ -2,7 +2,7 @@
 
     nlpctr embed --data DIR [--encoder NAME_OR_PATH] [--layers K] [--pooling mean|cls] [--max-length N]
                  [--batch-size B] [--device auto|cpu|cuda[:N]] [--torch-threads T]
-                 [--no-length-grouping] [beam options]
+                 [--no-length-grouping] [--full] [beam options]
 
 Reads `DIR/impressions/*.parquet` (canonical schema), keeps one element per text id (the
 text identity of `models/schema.py`) with the earliest event_timestamp it appears at, so a
@@ -21,7 +21,11 @@ BERT-family model) through RunInference (on `--device`: a GPU when there is one,
 into a hidden staging folder that is renamed into place only after the pipeline succeeds, so
 a failed run never leaves a half-written folder and each encoder version has its own folder.
 Counts are computed inside the pipeline (not from runner metrics, which not every runner
-commits) and checked: forwarded texts == unique texts == rows written.
+commits) and checked: unique texts == reused + encoded texts == rows written.
+
+Incremental (`pipelines/embed_reuse.py`): when the folder already holds this encoder version's
+output, only the texts it lacks are encoded and the stored vectors of the others are reused
+(the output equals a full run's); `--full` re-embeds every text.
 
 The pipeline is built from standard PipelineOptions: DirectRunner here (also
 `--direct_running_mode=multi_processing --direct_num_workers=2`), Flink/Spark/Dataflow
@@ -52,6 +56,7 @@ from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.encoder_source import DEFAULT_ENCODER
+from nlpctr.pipelines import embed_reuse
 from nlpctr.pipelines.devices import launch_device
 from nlpctr.pipelines.encode_texts import Encoded, EncodeTexts, TextEncoderModelHandler
 from nlpctr.pipelines.loopback import run_to_completion
@@ -149,19 +154,23 @@ class EmbedUniqueTexts(beam.PTransform):
         *,
         group_by_length: bool = True,
         num_shards: int = 0,
+        stored: embed_reuse.StoredEmbeddings | None = None,
     ) -> None:
         super().__init__()
         self.impressions_pattern, self.staging, self.handler = impressions_pattern, staging, handler
         self.batch_size, self.group_by_length, self.num_shards = batch_size, group_by_length, num_shards
+        self.stored = stored  # a published folder of this encoder to reuse vectors from
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.PDone:
         staging, handler = self.staging, self.handler
         found = pbegin | "ReadUniqueTexts" >> ReadUniqueTexts(self.impressions_pattern)
         unique, collisions = found["texts"], found["collisions"]
-        results = unique | "EncodeTexts" >> EncodeTexts(
+        split = embed_reuse.reuse_stored(unique, staging, self.stored)
+        results = split.to_encode | "EncodeTexts" >> EncodeTexts(
             handler, self.batch_size, group_by_length=self.group_by_length
         )
-        written = results | "WriteEmbeddings" >> WriteEmbeddings(
+        rows = results if split.reused is None else (results, split.reused) | "WithReused" >> beam.Flatten()
+        written = rows | "WriteEmbeddings" >> WriteEmbeddings(
             str(staging / "part"), handler.config.version, self.num_shards
         )
         _ = (
@@ -174,6 +183,7 @@ class EmbedUniqueTexts(beam.PTransform):
             collisions | "CountCollisions" >> beam.Map(lambda _: ("text_id_collisions", 1)),
             results | "CountInference" >> beam.FlatMap(inference_counts),
             written,
+            *split.counts,
         ]
         return tuple(counts) | "WriteStats" >> WriteCounts(str(staging / STATS_FILE))
 
@@ -239,6 +249,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="batch texts in arrival order instead of by token length (for comparison)",
     )
     parser.add_argument("--num-shards", type=int, default=0, help="output files (0: the runner decides)")
+    parser.add_argument(
+        "--full", action="store_true", help="re-embed every text (default: reuse the stored vectors)"
+    )
     return parser.parse_known_args(argv)
 
 
@@ -258,6 +271,7 @@ class EmbedRequest:
     group_by_length: bool = True  # batch texts of similar token length together
     num_shards: int = 0  # output files (0: the runner decides)
     beam: tuple[str, ...] = ()  # Beam pipeline options
+    reuse: bool = True  # reuse the vectors this encoder already stored there (embed_reuse)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -279,6 +293,7 @@ class EmbedRequest:
             group_by_length=not args.no_length_grouping,
             num_shards=args.num_shards,
             beam=tuple(beam),
+            reuse=not args.full,
         )
 
 
@@ -293,6 +308,7 @@ class EmbedSummary:
     rows_written: int
     forward_passes: int
     texts_encoded: int
+    texts_reused: int  # stored vectors copied (embed_reuse); unique == encoded + reused
     batch_size: int
     device: str
     group_by_length: bool
@@ -353,6 +369,7 @@ def _embed(
     threads = request.torch_threads or default_torch_threads(options)
     handler = TextEncoderModelHandler(config, torch_threads=threads, device=device)
     with staged_output(out, "embed", flag="--data", claim_flag=f"--data {data}:") as staging:
+        stored = embed_reuse.find_stored(out, config) if request.reuse else None
         started = time.perf_counter()
         pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
         _ = pipeline | "EmbedUniqueTexts" >> EmbedUniqueTexts(
@@ -362,6 +379,7 @@ def _embed(
             request.batch_size,
             group_by_length=request.group_by_length,
             num_shards=request.num_shards,
+            stored=stored,
         )
         run_to_completion(pipeline)
         wall = time.perf_counter() - started
@@ -369,6 +387,7 @@ def _embed(
         unique = int(counts.get("unique_texts", 0))
         encoded = int(counts.get("texts_encoded", 0))
         rows = int(counts.get("rows_written", 0))
+        reused = int(counts.get(embed_reuse.TEXTS_REUSED, 0))
         collisions = int(counts.get("text_id_collisions", 0))
         if collisions == 0:
             (staging / COLLISIONS_FILE).unlink(missing_ok=True)
@@ -378,7 +397,7 @@ def _embed(
             )
         if unique + collisions == 0:
             raise UserError(f"{data / IMPRESSIONS} holds no query or ad texts; nothing to embed")
-        if not unique == encoded == rows:
+        if not unique == encoded + reused == rows:
             # A bug (a lost or repeated forward), never the user's: refuse to publish.
             raise RuntimeError(f"embed counts disagree: {counts}")
         manifest = {
@@ -391,6 +410,7 @@ def _embed(
             "source": str(data / IMPRESSIONS),
             "nlpctr_version": __version__,
             "device": device,
+            **embed_reuse.reuse_manifest(counts, stored),
         }
         (staging / EMBEDDINGS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return embed_summary(request, device, out, counts, wall)
@@ -401,6 +421,7 @@ def embed_summary(
 ) -> EmbedSummary:
     """The run's summary from the counts its pipeline summed."""
     unique, encoded = int(counts.get("unique_texts", 0)), int(counts.get("texts_encoded", 0))
+    reused = int(counts.get(embed_reuse.TEXTS_REUSED, 0))
     rows, collisions = int(counts.get("rows_written", 0)), int(counts.get("text_id_collisions", 0))
     slots = counts.get("token_slots", 0)
     forward_seconds = counts.get("forward_seconds", 0.0)
@@ -408,7 +429,8 @@ def embed_summary(
     padding_ratio = (1.0 - counts.get("real_tokens", 0) / slots) if slots else 0.0
     texts_per_second = unique / wall if wall > 0 else 0.0
     summary = (
-        f"embedded {unique} unique texts in {forward_passes} forward passes "
+        f"embedded {unique} unique texts ({encoded} encoded, {reused} reused) "
+        f"in {forward_passes} forward passes "
         f"(padding {padding_ratio:.1%}) -> {rows} rows, {wall:.1f} s, "
         f"{texts_per_second:.0f} texts/s -> {out}"
         + (
@@ -425,6 +447,7 @@ def embed_summary(
         rows_written=rows,
         forward_passes=forward_passes,
         texts_encoded=encoded,
+        texts_reused=reused,
         batch_size=request.batch_size,
         device=device,
         group_by_length=request.group_by_length,

@@ -161,7 +161,8 @@ def test_manifest_and_no_leftovers(first_run: dict[str, Any]) -> None:
 def test_rerun_gives_identical_content(first_run: dict[str, Any], dataset: Path) -> None:
     before = read_output(first_run["out"])
     manifest = (Path(first_run["out"]) / EMBEDDINGS_MANIFEST).read_text()
-    again = embed_text.run(job_args(dataset), test_pipeline=BeamTestPipeline())  # as Beam's examples
+    # As Beam's examples; --full encodes every text again (a plain rerun reuses them: test_embed_reuse).
+    again = embed_text.run(job_args(dataset, "--full"), test_pipeline=BeamTestPipeline())
     assert again["out"] == first_run["out"]
     assert read_output(again["out"]).equals(before)
     assert (Path(again["out"]) / EMBEDDINGS_MANIFEST).read_text() == manifest
