@@ -18,9 +18,9 @@ import torch
 
 import nlpctr
 from nlpctr.errors import UserError
-from nlpctr.layout import LmFeatureMeta, pair_key_columns
+from nlpctr.layout import LmFeatureMeta, RunLayout, pair_key_columns
 from nlpctr.models import metrics
-from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
+from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import TrainConfig
 from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
@@ -189,7 +189,7 @@ def fit_lm_alone(
         raise UserError("cascade-finetuned fine-tunes its LM: recipe.lm_stage must be true")
     lm_loop = replace(inputs.config.lm_loop, early_stop="auc", keep_checkpoints=True)
     stages = plan(lm_loop, recipe, warm_started=True, has_tower=False, tower_lr=0.0)
-    result = fit_recipe(scorer, data, stages, run_dir / CHECKPOINTS / "lm", texts, inputs.progress)
+    result = fit_recipe(scorer, data, stages, RunLayout(run_dir).checkpoints("lm"), texts, inputs.progress)
     return scorer, result
 
 
@@ -219,7 +219,7 @@ def write_lm_checkpoints(
     pairs = text_pairs(rows)
     root = lm_feature_root(data_dir, slug)
     with_query = has_query_text(rows)
-    stage_dir = run_dir / CHECKPOINTS / "lm" / "stage1"
+    stage_dir = RunLayout(run_dir).checkpoints("lm") / "stage1"
     entries = lm_stage_entries(result)
     chosen = max(entries, key=lambda item: item[1]["valid_auc"])[0]  # ties: the earliest
     checkpoints = {}

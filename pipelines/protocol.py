@@ -24,7 +24,7 @@ import yaml
 from nlpctr.atomic import write_atomic, write_json
 from nlpctr.features import store as feature_store
 from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
-from nlpctr.layout import lm_features_dir, read_manifest
+from nlpctr.layout import EXPERIMENT_RESULTS, lm_features_dir, read_manifest
 from nlpctr.models import claims, redundancy, report
 from nlpctr.models.config import Mode
 from nlpctr.models.ctr_net import Fusion
@@ -347,5 +347,5 @@ def run_protocol(
 
 def write_results(results: dict[str, Any], out: Path) -> list[Path]:
     """results.json (written to a temporary name, then renamed), report.md and the plots."""
-    write_json(out / "results.json", results, default=float)
+    write_json(out / EXPERIMENT_RESULTS, results, default=float)
     return report.write_report(results, out)

@@ -51,9 +51,9 @@ from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features import store_config
 from nlpctr.features.names import CASCADE_FROZEN
-from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
+from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, RunLayout, read_manifest
 from nlpctr.models.checkpoints import load_checkpoint
-from nlpctr.models.runs import RUN_FILE, TrainedRun
+from nlpctr.models.runs import TrainedRun
 from nlpctr.models.schema import SPLITS, impression_schema
 from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.loopback import run_to_completion
@@ -440,7 +440,7 @@ def trained_dataset(run_dir: Path, spec: Mapping[str, Any]) -> str | None:
     if "dataset" in spec:
         return str(spec["dataset"])
     try:
-        return str(json.loads((run_dir / "results.json").read_text())["dataset"])
+        return str(json.loads(RunLayout(run_dir).results.read_text())["dataset"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -448,9 +448,9 @@ def trained_dataset(run_dir: Path, spec: Mapping[str, Any]) -> str | None:
 def check_run(run_dir: Path, data_dir: Path, allow_other_dataset: bool) -> dict[str, Any]:
     """A finished run whose checkpoint loads and which was trained on this dataset (or the user
     says to score anyway); returns its run.json. Raises UserError before the pipeline otherwise."""
-    spec_path = run_dir / RUN_FILE
+    spec_path = RunLayout(run_dir).run
     if not spec_path.is_file():
-        raise UserError(f"{run_dir} is not a finished run (no run.json); train it with `nlpctr train`")
+        raise UserError(f"{run_dir} is not a finished run (no {RunLayout.RUN}); train it with `nlpctr train`")
     try:
         spec = json.loads(spec_path.read_text())
         checkpoint = run_dir / spec["checkpoint"]

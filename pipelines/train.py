@@ -65,6 +65,7 @@ from nlpctr.layout import (
     LM_FEATURES,
     TRAINING,
     LmFeatureMeta,
+    RunLayout,
     check_splits,
     lm_cache_dir,
     lm_features_dir,
@@ -72,7 +73,6 @@ from nlpctr.layout import (
     require_writable,
 )
 from nlpctr.models import streaming
-from nlpctr.models.checkpoints import CHECKPOINTS
 from nlpctr.models.config import MODES, Mode, TrainConfig, load_config
 from nlpctr.models.ctr_net import FUSIONS, Fusion
 from nlpctr.models.data import FeatureColumns
@@ -81,9 +81,6 @@ from nlpctr.models.encoder_source import canonical_name, resolve_encoder
 from nlpctr.models.evaluation import metric_report
 from nlpctr.models.recipe import budget, stage_summary
 from nlpctr.models.runs import (
-    PREDICTIONS_FILE,
-    RESULTS_FILE,
-    RUN_FILE,
     Preprocessing,
     TrainedRun,
 )
@@ -398,7 +395,7 @@ def set_up(request: TrainRequest) -> RunSetup:
             )
     # A run writes into its folder: a new or empty one, or an earlier run's (its config.json).
     claim_output_dir(run_dir, "train", flag="--runs-dir/--run")
-    config_file = run_dir / "config.json"
+    config_file = RunLayout(run_dir).config
     if config_file.is_file() and not same_run(json.loads(config_file.read_text()), identity):
         raise UserError(
             f"run {request.run} exists with another configuration ({config_file}); "
@@ -442,7 +439,7 @@ def in_memory(
 ) -> TrainedModel:
     """Train on the service's whole training frame; test it and write the test predictions."""
     pre, data, model, texts, result = fit_ctr(
-        frame, columns, setup.fit_inputs, setup.run_dir / CHECKPOINTS / "ctr"
+        frame, columns, setup.fit_inputs, RunLayout(setup.run_dir).checkpoints("ctr")
     )
     test, valid = data.rows("test"), data.rows("valid")
     p_test = predict(model, data, test, texts)
@@ -453,7 +450,7 @@ def in_memory(
         pd.DataFrame({"impression_id": data.impression_id[rows.numpy()], "split": split, "p": p})
         for split, rows, p in (("test", test, p_test), ("valid", valid, predict(model, data, valid, texts)))
     ]
-    with atomic_path(setup.run_dir / PREDICTIONS_FILE) as staged:
+    with atomic_path(RunLayout(setup.run_dir).predictions) as staged:
         pd.concat(frames, ignore_index=True).to_parquet(staged, index=False)
     return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, frame)
 
@@ -616,7 +613,7 @@ def _train(request: TrainRequest) -> TrainResult:
     }
     if trained.texts is not None and request.mode == Mode.JOINT:
         spec["text_with_query"] = trained.texts.with_query  # the width of its pair vectors
-    write_json(run_dir / RUN_FILE, spec)
+    write_json(RunLayout(run_dir).run, spec)
     wall = time.perf_counter() - started
     report = trained.report
     results = {
@@ -658,7 +655,7 @@ def _train(request: TrainRequest) -> TrainResult:
             "group": manifest["group"],
         },
     }
-    write_json(run_dir / RESULTS_FILE, results, sort_keys=False, default=float)
+    write_json(RunLayout(run_dir).results, results, sort_keys=False, default=float)
     label = request.mode + (f"/{request.fusion}" if request.fusion else "")
     stages = f"; valid logloss {stage_summary(result.stages)}" if result.stages else ""
     summary = (
