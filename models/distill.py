@@ -40,8 +40,9 @@ from nlpctr.models.ctr_net import CtrModel, Fusion
 from nlpctr.models.data import Tensors
 from nlpctr.models.device import seed_run
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.loop import lr_factor
 from nlpctr.models.text_batches import TextBatcher, has_query
-from nlpctr.models.trainer import FitResult, LoopConfig, fit, lr_factor
+from nlpctr.models.trainer import FitResult, LoopConfig, fit
 
 FEATURE_KD_WEIGHTS = "student.pt"
 FEATURE_KD_HISTORY = "history.json"

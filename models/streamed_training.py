@@ -27,7 +27,7 @@ from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.runs import Preprocessing
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, predict_batches
+from nlpctr.models.trainer import FitResult, stream_predictions
 from nlpctr.models.training import (
     FitInputs,
     LmStep,
@@ -85,7 +85,7 @@ def scored_split(
         if each is not None:
             each(batch, p)
 
-    predict_batches(model, source.batches(split, 1024), texts, add)
+    stream_predictions(model, source.batches(split, 1024), texts, add)
     return scored
 
 
