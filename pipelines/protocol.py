@@ -33,7 +33,7 @@ from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import FORMS, NlpFeature, feature_key, frozen_vectors, lm_feature
 from nlpctr.models.training import LmStep
-from nlpctr.pipelines import ctr_stats, distillation, embed_text, ingest, train
+from nlpctr.pipelines import ctr_stats, distillation, embed_text, ingest, train, train_modes
 from nlpctr.pipelines.job_options import JobOptions
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -297,7 +297,7 @@ class Experiment:
                 "spec_hash": self.manifest.get("spec_hash"),
                 "split_mode": self.manifest["split"]["mode"],
                 "split_seed": self.manifest["split"]["seed"],
-                "frozen_encoder": train.frozen_encoder_version(self.data_dir, self.judge.frame.columns),
+                "frozen_encoder": train_modes.frozen_encoder_version(self.data_dir, self.judge.frame.columns),
                 "lm_encoder": lm_run.results["provenance"]["encoder_version"],
                 "code_version": self.code_version,
                 "torch": torch.__version__,
