@@ -40,7 +40,7 @@ from nlpctr.models.ctr_net import CtrModel, Fusion
 from nlpctr.models.data import Tensors
 from nlpctr.models.device import seed_run
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
-from nlpctr.models.loop import lr_factor
+from nlpctr.models.loop import Optimization
 from nlpctr.models.text_batches import TextBatcher, has_query
 from nlpctr.models.trainer import FitResult, LoopConfig, fit
 
@@ -197,19 +197,15 @@ def fit_feature_kd(
         raise UserError("feature-KD needs texts in both the train and the valid split")
     seed_run(config.seed)  # dropout
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(
-        lm.parameters(),
-        lr=config.lm_lr,
-        weight_decay=config.weight_decay,
-        fused=config.fused_optimizer or None,
-    )
-    scaler = lm.placement.grad_scaler()  # fp16 only
     n_batches = math.ceil(len(train) / config.batch_size)
     if config.max_batches_per_epoch:
         n_batches = min(n_batches, config.max_batches_per_epoch)
-    planned = n_batches * config.epochs  # the same schedule as `fit`'s (warmup, then decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.decay, planned)
+    optimization = Optimization.adamw(  # the same schedule as `fit`'s (warmup, then decay)
+        [{"params": list(lm.parameters()), "lr": config.lm_lr}],
+        weight_decay=config.weight_decay,
+        fused=config.fused_optimizer,
+        schedule=(config.warmup_steps, config.decay, n_batches * config.epochs),
+        scaler=lm.placement.grad_scaler(),  # fp16 only
     )
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -227,15 +223,7 @@ def fit_feature_kd(
         ):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             loss = nn.functional.mse_loss(texts.vectors(batch), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            scheduler.step()
+            optimization.step(loss)
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         entry = {
             "epoch": epoch,
