@@ -486,6 +486,12 @@ def scored_service(request: ScoreBatchRequest, data_dir: Path) -> tuple[str, Pat
     return trained_service, run_dir
 
 
+def job_counters(result: PipelineResult) -> dict[str, int]:
+    """The job's counters (`METRICS_NAMESPACE`) by name: rows, null counts."""
+    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    return {c.key.metric.name: c.committed for c in query["counters"]}
+
+
 def _score(
     request: ScoreBatchRequest, device: str, data_dir: Path, test_pipeline: beam.Pipeline | None
 ) -> ScoreBatchSummary:
@@ -541,10 +547,7 @@ def _score(
         )
         result = run_reporting_store_faults(pipeline, online.store)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        counters = {
-            c.key.metric.name: c.committed
-            for c in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
-        }
+        counters = job_counters(result)
     rows = int(counters.get("rows", 0))
     nulls = {n: int(counters.get(f"null:{n}", 0)) for n in online.feature_names}
     with_nulls = int(counters.get("rows_with_nulls", 0))
