@@ -154,7 +154,7 @@ def main() -> None:
     e0_fit = fit(e0, data, config.loop, work, progress=False)
     e0.eval()
     e0_logloss, e0_auc, _ = evaluate(e0, data, None)
-    assert e0_logloss == e0_fit.best["valid_logloss"]
+    assert e0_logloss == e0_fit.best.valid_logloss
     print(
         f"E0: valid log loss {e0_logloss:.6f}, AUC {e0_auc:.4f} ({time.perf_counter() - started:.0f} s)",
         flush=True,

@@ -255,8 +255,3 @@ def _text_roles(data_dir: Path) -> tuple[str, ...]:
             if values.null_count < len(values):
                 roles.append(role)
     return tuple(roles)
-
-
-# Until pipelines/train.py, restructured on a parallel branch (r27a), imports JobOutputs: the
-# rename would otherwise conflict with that work. Remove once it does.
-Layout = JobOutputs

@@ -18,8 +18,9 @@ import torch
 
 from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
+from nlpctr.layout import RunLayout
 
-CHECKPOINTS = "checkpoints"  # RUN/checkpoints/<part>/*.pt
+CHECKPOINTS = RunLayout.CHECKPOINTS  # RUN/checkpoints/<part>/*.pt
 
 
 def run_of(path: Path) -> Path | None:

@@ -40,8 +40,9 @@ from nlpctr.models.ctr_net import CtrModel, Fusion
 from nlpctr.models.data import Tensors
 from nlpctr.models.device import seed_run
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.loop import Optimization
 from nlpctr.models.text_batches import TextBatcher, has_query
-from nlpctr.models.trainer import FitResult, LoopConfig, fit, lr_factor
+from nlpctr.models.trainer import FitResult, LoopConfig, fit
 
 FEATURE_KD_WEIGHTS = "student.pt"
 FEATURE_KD_HISTORY = "history.json"
@@ -167,42 +168,6 @@ def _text_mse(texts: TextBatcher, targets: torch.Tensor, index: torch.Tensor, ba
     return total / (len(index) * targets.shape[1])
 
 
-@dataclass
-class _StudentOptimiser:
-    """AdamW at the LM's rate on `fit`'s schedule (warmup, then decay), with fp16's grad scaler."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None  # fp16 only
-
-    @classmethod
-    def create(cls, lm: TextEncoder, config: LoopConfig, planned: int) -> _StudentOptimiser:
-        """`planned`: the steps of the whole run, which the decay spreads over."""
-        optimizer = torch.optim.AdamW(
-            lm.parameters(),
-            lr=config.lm_lr,
-            weight_decay=config.weight_decay,
-            fused=config.fused_optimizer or None,
-        )
-        scaler = lm.placement.grad_scaler()
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, config.warmup_steps, config.decay, planned)
-        )
-        return cls(optimizer, scheduler, scaler)
-
-    def step(self, loss: torch.Tensor) -> None:
-        """One update from a batch's loss, then one step of the schedule."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-            self.optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.scheduler.step()
-
-
 def fit_feature_kd(
     teacher_lm: TextEncoder,
     data: Tensors,
@@ -235,7 +200,13 @@ def fit_feature_kd(
     n_batches = math.ceil(len(train) / config.batch_size)
     if config.max_batches_per_epoch:
         n_batches = min(n_batches, config.max_batches_per_epoch)
-    optimiser = _StudentOptimiser.create(lm, config, n_batches * config.epochs)
+    optimization = Optimization.adamw(  # the same schedule as `fit`'s (warmup, then decay)
+        [{"params": list(lm.parameters()), "lr": config.lm_lr}],
+        weight_decay=config.weight_decay,
+        fused=config.fused_optimizer,
+        schedule=(config.warmup_steps, config.decay, n_batches * config.epochs),
+        scaler=lm.placement.grad_scaler(),  # fp16 only
+    )
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     weights = checkpoint_dir / FEATURE_KD_WEIGHTS
@@ -252,7 +223,7 @@ def fit_feature_kd(
         ):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             loss = nn.functional.mse_loss(texts.vectors(batch), targets[batch])
-            optimiser.step(loss)
+            optimization.step(loss)
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         entry = {
             "epoch": epoch,

@@ -32,12 +32,13 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from nlpctr.errors import UserError
+from nlpctr.layout import RunLayout
 from nlpctr.models import distill
-from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
+from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import Mode, TrainConfig
 from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.encoder import TextEncoder, pool
-from nlpctr.models.runs import RESULTS_FILE, RUN_FILE, StudentMeta, TrainedRun, build_scorer
+from nlpctr.models.runs import StudentMeta, TrainedRun, build_scorer
 from nlpctr.models.text_batches import Pair, TextBatcher, pair_text
 
 HEAD_WEIGHTS = "click_head.safetensors"
@@ -84,9 +85,9 @@ def _sequential(module: nn.Module) -> nn.Sequential:
 
 
 def _results(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / RESULTS_FILE
+    path = RunLayout(run_dir).results
     if not path.is_file():
-        raise UserError(f"{run_dir} has no {RESULTS_FILE}: the run has not finished; train it again")
+        raise UserError(f"{run_dir} has no {RunLayout.RESULTS}: the run has not finished; train it again")
     return json.loads(path.read_text())
 
 
@@ -97,7 +98,7 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
     Raises:
         UserError: the run has no LM (baseline, cascade-frozen) or has not finished.
     """
-    spec = json.loads((run_dir / RUN_FILE).read_text())
+    spec = json.loads(RunLayout(run_dir).run.read_text())
     mode = spec["mode"]
     if not Mode(mode).trains_lm:
         raise UserError(
@@ -129,7 +130,7 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
         )
     lm_step = _results(run_dir).get("lm") or {}
     chosen = lm_step.get("chosen")  # `step-<k>` of the LM stage (models/recipe.py, stage1)
-    checkpoint = run_dir / CHECKPOINTS / "lm" / "stage1" / f"{chosen}.pt"
+    checkpoint = RunLayout(run_dir).checkpoints("lm") / "stage1" / f"{chosen}.pt"
     if not chosen or not checkpoint.is_file():
         raise UserError(f"{run_dir} has no chosen LM checkpoint ({checkpoint}); train the run again")
     state = load_checkpoint(checkpoint, fix=f"delete the run and retrain it (`rm -r {run_dir}`)")
@@ -162,7 +163,7 @@ def lm_of_student(folder: Path, runs_dir: Path) -> ExportedLM:
     """An E4 student (RUNS/_students/<key>) rebuilt on its teacher's run (`StudentMeta`)."""
     meta = StudentMeta.read(folder)
     teacher_dir = runs_dir / meta.teacher
-    if not (teacher_dir / RUN_FILE).is_file():
+    if not RunLayout(teacher_dir).run.is_file():
         raise UserError(f"student {meta.key}'s teacher run {teacher_dir} is gone; it cannot be rebuilt")
     teacher = TrainedRun.load(teacher_dir)
     assert teacher.lm is not None and teacher.model.fusion is not None

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from nlpctr.errors import UserError
+from nlpctr.layout import RunLayout
 from nlpctr.models import ceilings, distill, metrics, redundancy
 from nlpctr.models.config import Mode, load_config
 from nlpctr.models.data import FeatureColumns, Tensors
@@ -26,7 +27,7 @@ from nlpctr.models.device import CPU, Placement, device_of
 from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature
 from nlpctr.models.recipe import fit_recipe, plan
-from nlpctr.models.runs import PREDICTIONS_FILE, TrainedRun, build_model
+from nlpctr.models.runs import TrainedRun, build_model
 from nlpctr.models.text_batches import FixedVectors
 from nlpctr.models.trainer import labels_of, predict
 from nlpctr.models.training import FitInputs, fit_ctr
@@ -305,7 +306,7 @@ class FeatureJudge:
 def saved_predictions(run_dir: Path, data: Tensors, rows: torch.Tensor) -> np.ndarray:
     """A run's saved predictions (`predictions.parquet`: its test and validation rows) on `rows`
     of `data`, matched by impression_id."""
-    saved = pd.read_parquet(run_dir / PREDICTIONS_FILE).set_index("impression_id")
+    saved = pd.read_parquet(RunLayout(run_dir).predictions).set_index("impression_id")
     p = saved["p"].reindex(data.impression_id[rows.numpy()]).to_numpy()
     if np.isnan(p).any():
         raise RuntimeError(f"run {run_dir.name} did not predict every row asked for")

@@ -26,8 +26,9 @@ from torch import nn
 from nlpctr.errors import UserError
 from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import BatchSource
+from nlpctr.models.loop import Evaluation, ParamGroup
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, LoopConfig, ParamGroup, fit
+from nlpctr.models.trainer import FitResult, LoopConfig, fit
 
 HEAD, LM, ALL = "head", "lm", "all"
 
@@ -186,11 +187,11 @@ def stage_record(stage: PlannedStage, result: FitResult, offset: int, lm_frozen:
         "steps": result.steps,
         "rows_seen": result.rows_seen,
         "evaluations": len(result.history),
-        "start_valid_logloss": result.history[0]["valid_logloss"],
-        "start_valid_auc": result.history[0]["valid_auc"],
-        "best_valid_logloss": best["valid_logloss"],
-        "best_valid_auc": best["valid_auc"],
-        "best_step": best["step"] + offset,
+        "start_valid_logloss": result.history[0].valid_logloss,
+        "start_valid_auc": result.history[0].valid_auc,
+        "best_valid_logloss": best.valid_logloss,
+        "best_valid_auc": best.valid_auc,
+        "best_step": best.step + offset,
         "lr": {"tower": stage.tower_lr, "head": stage.head_lr, "lm": 0.0 if lm_frozen else stage.lm_lr},
         "batch_size": stage.loop.batch_size,
         "warmup_steps": stage.loop.warmup_steps,
@@ -213,7 +214,7 @@ def fit_recipe(
     run's merged history (`stage`, and `step` counted across stages) and `stages` records."""
     lm_frozen = all(not p.requires_grad for p in texts.lm.parameters())
     texts.prefill()  # every text's frozen-prefix states, computed once, the same way on a resume
-    history: list[dict[str, Any]] = []
+    history: list[Evaluation] = []
     records: list[dict[str, Any]] = []
     results: list[FitResult] = []
     offset, start_entry = 0, None
@@ -236,11 +237,9 @@ def fit_recipe(
                 start_entry=start_entry,
             )
         results.append(result)
-        history += [
-            {**entry, "stage": stage.name, "step": entry["step"] + offset} for entry in result.history
-        ]
+        history += [replace(entry, stage=stage.name, step=entry.step + offset) for entry in result.history]
         records.append(stage_record(stage, result, offset, lm_frozen))
-        start_entry = {k: result.best[k] for k in ("valid_logloss", "valid_auc")}
+        start_entry = result.best
         offset += result.steps
     if isinstance(model, CtrModel):
         model.tower.requires_grad_(True)

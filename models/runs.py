@@ -20,6 +20,7 @@ import torch
 
 from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
+from nlpctr.layout import RunLayout
 from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import Mode, TrainConfig
 from nlpctr.models.ctr_net import CtrModel, InputShape
@@ -37,11 +38,7 @@ from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import TextScorer, predict
 
-RUN_FILE = "run.json"  # what `evaluate` and batch scoring rebuild the model from
-RESULTS_FILE = "results.json"
-PREDICTIONS_FILE = "predictions.parquet"
 STUDENTS = "_students"  # RUNS/_students/<key>/: E4's students (`pipelines/distillation.py`)
-STUDENT_FILE = "student.json"  # in a student's folder: `StudentMeta`
 
 
 @dataclass
@@ -150,10 +147,10 @@ class TrainedRun:
             UserError: not a finished run, or its checkpoint missing or damaged.
         """
         directory = Path(directory)
-        path = directory / RUN_FILE
+        path = RunLayout(directory).run
         if not path.is_file():
             raise UserError(
-                f"{directory} is not a finished run (no {RUN_FILE}); train it with `nlpctr train`"
+                f"{directory} is not a finished run (no {RunLayout.RUN}); train it with `nlpctr train`"
             )
         spec = json.loads(path.read_text())
         pre = Preprocessing.from_json(spec["preprocessing"])
@@ -202,19 +199,19 @@ class StudentMeta:
     checkpoint: str  # the best weights, relative to the folder
 
     def write(self, folder: Path) -> Path:
-        path = Path(folder) / STUDENT_FILE
+        path = RunLayout(Path(folder)).student
         write_json(path, asdict(self))
         return path
 
     @classmethod
     def read(cls, folder: Path) -> StudentMeta:
         """The folder's student.json; a UserError naming the fix when it is missing or incomplete."""
-        path = Path(folder) / STUDENT_FILE
+        path = RunLayout(Path(folder)).student
         try:
             content = json.loads(path.read_text())
             return cls(**{k: content[k] for k in ("key", "method", "layers", "teacher", "checkpoint")})
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(
-                f"{folder} has no complete {STUDENT_FILE} (students written before it existed lack it); "
+                f"{folder} has no complete {RunLayout.STUDENT} (students written before it existed lack it); "
                 "re-run the experiment into its folder to train E4 again"
             ) from None

@@ -21,13 +21,13 @@ import torch
 
 from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
+from nlpctr.layout import RunLayout
 from nlpctr.models import metrics, streaming, streaming_metrics
-from nlpctr.models.checkpoints import CHECKPOINTS
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.runs import PREDICTIONS_FILE, Preprocessing
+from nlpctr.models.runs import Preprocessing
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, predict_batches
+from nlpctr.models.trainer import FitResult, stream_predictions
 from nlpctr.models.training import (
     FitInputs,
     LmStep,
@@ -85,7 +85,7 @@ def scored_split(
         if each is not None:
             each(batch, p)
 
-    predict_batches(model, source.batches(split, 1024), texts, add)
+    stream_predictions(model, source.batches(split, 1024), texts, add)
     return scored
 
 
@@ -118,10 +118,10 @@ def train_streaming(
     the run folder as they are made."""
     pre, source = stream_source(root, columns, inputs.manifest, inputs.fill_ctr)
     texts = text_batcher(inputs) if inputs.fusion else None
-    model, result = fit_model(pre, source, texts, inputs, run_dir / CHECKPOINTS / "ctr")
+    model, result = fit_model(pre, source, texts, inputs, RunLayout(run_dir).checkpoints("ctr"))
     _, impressions, clicks = streaming.split_totals(source.root, "train")
     ctr_train = clicks / max(impressions, 1)
-    scored = streamed_test(model, source, texts, run_dir / PREDICTIONS_FILE)
+    scored = streamed_test(model, source, texts, RunLayout(run_dir).predictions)
     evaluation = inputs.config.evaluation
     report = scored.report(
         ctr_train, evaluation.bootstrap_rounds, evaluation.bootstrap_seed, evaluation.calibration_bins

@@ -28,11 +28,11 @@ and the other way round (on CUDA, `last.pt` also keeps the CUDA RNG and the scal
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,15 @@ from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
 from nlpctr.models.ctr_net import binomial_loss
 from nlpctr.models.data import BatchSource, Tensors
 from nlpctr.models.device import device_of, seed_run
+from nlpctr.models.loop import (
+    Evaluation,
+    LoopState,
+    Optimization,
+    ParamGroup,
+    default_train_mode,
+    load_weights,
+    weights_of,
+)
 from nlpctr.models.text_batches import TextBatcher
 
 LAST = "last.pt"
@@ -147,39 +156,26 @@ def forward_batch(
     return model(batch.categorical, batch.dense, batch.cascade, text_vector)
 
 
-def forward_rows(
-    model: nn.Module,
-    data: Tensors,
-    rows: torch.Tensor,
-    texts: TextBatcher | None,
-    text_vector: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Logits of rows; `text_vector` is the rows' LM vectors when the caller has already encoded them."""
-    return forward_batch(model, data.take(rows), texts, text_vector)
-
-
-def predict_batches(
+def stream_predictions(
     model: nn.Module,
     batches: Iterable[Tensors],
     texts: TextBatcher | None,
-    each: Callable[[Tensors, np.ndarray], None] | None = None,
-) -> np.ndarray | None:
-    """Click probabilities of batches, in order; with `each`, hands each batch's probabilities
-    to it and keeps nothing (a pass over more rows than memory holds). Batches run on the
-    model's device; the probabilities come back to the CPU."""
+    each: Callable[[Tensors, np.ndarray], None],
+) -> None:
+    """Hands each batch's click probabilities to `each` and keeps nothing (a pass over more rows
+    than memory holds). Batches run on the model's device; the probabilities come back to the CPU."""
     model.eval()
     if texts is not None:
         texts.lm.eval()
-    out = []
     with torch.inference_mode():
         for batch in batches:
-            p = torch.sigmoid(forward_batch(model, batch, texts)).cpu().numpy().astype(np.float64)
-            if each is not None:
-                each(batch, p)
-            else:
-                out.append(p)
-    if each is not None:
-        return None
+            each(batch, torch.sigmoid(forward_batch(model, batch, texts)).cpu().numpy().astype(np.float64))
+
+
+def predict_batches(model: nn.Module, batches: Iterable[Tensors], texts: TextBatcher | None) -> np.ndarray:
+    """Click probabilities of batches, in order (`stream_predictions` keeps none)."""
+    out: list[np.ndarray] = []
+    stream_predictions(model, batches, texts, lambda _, p: out.append(p))
     return np.concatenate(out) if out else np.empty(0)
 
 
@@ -188,9 +184,7 @@ def predict(
 ) -> np.ndarray:
     """Click probabilities for rows, in order."""
     chunks = (data.take(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size))
-    p = predict_batches(model, chunks, texts)
-    assert p is not None
-    return p
+    return predict_batches(model, chunks, texts)
 
 
 def predict_split(
@@ -200,6 +194,7 @@ def predict_split(
     impressions: list[np.ndarray] = []
     clicks: list[np.ndarray] = []
     groups: list[np.ndarray] = []
+    predictions: list[np.ndarray] = []
 
     def keep(batch: Tensors, p: np.ndarray) -> None:
         impressions.append(batch.impressions.numpy().astype(np.int64))
@@ -207,8 +202,7 @@ def predict_split(
         groups.append(batch.groups)
         predictions.append(p)
 
-    predictions: list[np.ndarray] = []
-    predict_batches(model, data.batches(split, batch_size), texts, keep)
+    stream_predictions(model, data.batches(split, batch_size), texts, keep)
     if not predictions:
         return np.empty(0), metrics.Labels(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, object))
     labels = metrics.Labels(np.concatenate(impressions), np.concatenate(clicks), np.concatenate(groups))
@@ -227,7 +221,7 @@ def labels_of(data: Tensors, rows: torch.Tensor) -> metrics.Labels:
 @dataclass
 class FitResult:
     best_epoch: int  # epoch of the best evaluation (0 for the starting weights)
-    history: list[dict[str, Any]]  # one entry per evaluation
+    history: list[Evaluation]  # one entry per evaluation
     wall_seconds: float
     train_rows_per_s: float
     best_step: int = 0  # optimizer steps before the best evaluation (0: the starting weights)
@@ -240,17 +234,13 @@ class FitResult:
     cpu_seconds: float = 0.0  # process CPU time (all threads), evaluations included
 
     @property
-    def best(self) -> dict[str, Any]:
+    def best(self) -> Evaluation:
         """The best evaluation's history entry."""
         return self.history[self.best_index]
 
-
-def _score(history_entry: Mapping[str, Any], early_stop: str) -> float:
-    """Higher is better."""
-    return history_entry["valid_auc"] if early_stop == "auc" else -history_entry["valid_logloss"]
-
-
-ParamGroup = dict[str, Any]  # torch.optim group: params, lr, optional weight_decay and name
+    def history_json(self) -> list[dict[str, Any]]:
+        """`history` as results.json keeps it."""
+        return [entry.to_json() for entry in self.history]
 
 
 def default_param_groups(model: nn.Module, texts: TextBatcher | None, config: LoopConfig) -> list[ParamGroup]:
@@ -264,19 +254,45 @@ def default_param_groups(model: nn.Module, texts: TextBatcher | None, config: Lo
     return groups
 
 
-def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
-    """The learning rate's multiplier before optimizer step `step` (0-based) of `total` planned."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if decay == "none" or total <= warmup:
-        return 1.0
-    done = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return 1.0 - done if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
-
-
 def step_checkpoint(step: int) -> str:
     """The file of the weights evaluated after `step` optimizer steps (`keep_checkpoints`)."""
     return f"step-{step}.pt"
+
+
+@dataclass
+class _Fit:
+    """What one `fit` holds fixed while `LoopState` changes: the modules, data and schedule."""
+
+    model: nn.Module
+    texts: TextBatcher | None
+    data: BatchSource
+    config: LoopConfig
+    checkpoint_dir: Path
+    optimization: Optimization
+    n_batches: int  # training batches per epoch
+    every: int | None  # optimizer steps between evaluations within an epoch
+    stepwise: bool  # the best weights are `best.pt`, not the best epoch's `epoch-<k>.pt`
+    progress: bool
+    train_mode: Callable[[], None]
+    auxiliary_loss: AuxiliaryLoss | None
+    device: torch.device
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoint_dir / LAST
+
+    def epoch_bar(self, state: LoopState) -> tqdm:
+        return tqdm(
+            total=self.n_batches,
+            initial=state.batches_done,
+            desc=f"epoch {state.epoch + 1}/{self.config.epochs}",
+            disable=not self.progress,
+            leave=False,
+        )
+
+    def evaluates_within_epoch(self, state: LoopState) -> bool:
+        """Whether the step just taken is followed by an evaluation before the epoch's end."""
+        return bool(self.every) and state.step % self.every == 0 and state.batches_done < self.n_batches
 
 
 def fit(
@@ -290,7 +306,7 @@ def fit(
     *,
     param_groups: Sequence[ParamGroup] | None = None,
     train_mode: Callable[[], None] | None = None,
-    start_entry: Mapping[str, Any] | None = None,
+    start_entry: Evaluation | None = None,
 ) -> FitResult:
     """Train on the train split, validate (see the module docstring), keep the best evaluation's
     weights in `model` (and `texts.lm`).
@@ -299,221 +315,185 @@ def fit(
     with `requires_grad=False` (a frozen tower) are left out of the default optimizer groups.
     `auxiliary_loss` gets the batch's `text_index` and LM vectors (in-memory data: indices into
     `data.texts`). `train_mode` puts the modules in training mode (default: `model.train()` and the
-    LM's train mode when it has trainable parameters). `start_entry` (valid_logloss, valid_auc) is
-    the known evaluation of the starting weights: recorded as the step-0 entry, not recomputed.
+    LM's train mode when it has trainable parameters). `start_entry` is the known evaluation of the
+    starting weights: recorded as the step-0 entry, not recomputed.
     """
     if auxiliary_loss is not None and texts is None:
         raise ValueError("auxiliary_loss is computed from the batch's text vectors: pass texts")
     if config.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {config.epochs}")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    device = device_of(model)
-    scaler = texts.lm.placement.grad_scaler() if texts is not None else None
-    seed_run(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    groups = list(param_groups) if param_groups is not None else default_param_groups(model, texts, config)
-    trained = [g for g in groups if g["params"]]
-    # Every group frozen (a recipe stage with all learning rates 0): the planned steps still run,
-    # validated and checkpointed as configured, and update nothing. AdamW refuses no group at all.
-    optimizer = torch.optim.AdamW(
-        trained or [{"params": [], "lr": 0.0}],
-        weight_decay=config.weight_decay,
-        fused=config.fused_optimizer or None,
+    run = _prepare(
+        model,
+        data,
+        config,
+        checkpoint_dir,
+        texts,
+        param_groups=param_groups,
+        train_mode=train_mode,
+        stepwise=config.stepwise or start_entry is not None,
+        progress=progress,
+        auxiliary_loss=auxiliary_loss,
     )
-    train_rows = data.rows_in("train")
-    stepwise = config.stepwise or start_entry is not None
-    n_batches = math.ceil(train_rows / config.batch_size)
+    state = _resume(run)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if not state.history:
+        _evaluate_start(run, state, start_entry)
+    for epoch in range(state.epoch, config.epochs):
+        if state.patience_spent(config.patience):
+            break
+        run.train_mode()
+        state.begin_epoch(epoch)
+        bar = run.epoch_bar(state)
+        for i, batch in enumerate(data.batches("train", config.batch_size, state.generator)):
+            if i >= run.n_batches:
+                break
+            # Trained before an interruption: the same batches, drawn the same way.
+            if i < state.batches_done:
+                continue
+            _step(run, state, batch)
+            bar.set_postfix(loss=f"{state.running:.4f}")
+            bar.update()
+            if run.evaluates_within_epoch(state) and _evaluate_and_keep(run, state):
+                break
+        bar.close()
+        if not state.patience_spent(config.patience):
+            state.end_epoch(run.n_batches)
+            _evaluate_and_keep(run, state)
+        state.batches_done = 0
+    return _result(run, state, started, cpu_started)
+
+
+def _prepare(
+    model: nn.Module,
+    data: BatchSource,
+    config: LoopConfig,
+    checkpoint_dir: Path,
+    texts: TextBatcher | None,
+    *,
+    param_groups: Sequence[ParamGroup] | None,
+    train_mode: Callable[[], None] | None,
+    stepwise: bool,
+    progress: bool,
+    auxiliary_loss: AuxiliaryLoss | None,
+) -> _Fit:
+    """Seed the run and build its optimizer and schedule over the planned steps."""
+    seed_run(config.seed)
+    groups = list(param_groups) if param_groups is not None else default_param_groups(model, texts, config)
+    n_batches = math.ceil(data.rows_in("train") / config.batch_size)
     if config.max_batches_per_epoch:
         n_batches = min(n_batches, config.max_batches_per_epoch)
-    planned = n_batches * config.epochs
-    every = config.evaluation_interval(n_batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.decay, planned)
+    optimization = Optimization.adamw(
+        groups,
+        weight_decay=config.weight_decay,
+        fused=config.fused_optimizer,
+        schedule=(config.warmup_steps, config.decay, n_batches * config.epochs),
+        scaler=texts.lm.placement.grad_scaler() if texts is not None else None,
+    )
+    return _Fit(
+        model=model,
+        texts=texts,
+        data=data,
+        config=config,
+        checkpoint_dir=checkpoint_dir,
+        optimization=optimization,
+        n_batches=n_batches,
+        every=config.evaluation_interval(n_batches),
+        stepwise=stepwise,
+        progress=progress,
+        train_mode=train_mode or partial(default_train_mode, model, texts),
+        auxiliary_loss=auxiliary_loss,
+        device=device_of(model),
     )
 
-    def set_train_mode() -> None:
-        if train_mode is not None:
-            train_mode()
-            return
-        model.train()
-        if texts is not None:
-            texts.lm.train(any(p.requires_grad for p in texts.lm.parameters()))
 
-    history: list[dict[str, Any]] = []
-    best, stale, step, running = -1, 0, 0, None  # best: index into history
-    start_epoch, skip = 0, 0  # skip: batches of start_epoch already trained (a mid-epoch resume)
-    resumed_rows = 0
-    last = checkpoint_dir / LAST
-    if last.exists():
-        state = load_checkpoint(last, device, fix=f"delete {last} to train this run from its start")
-        _load_weights(model, texts, state)
-        optimizer.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if "cuda_rng" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-        if "scaler" in state and scaler is not None:
-            scaler.load_state_dict(state["scaler"])
-        history = json.loads(state["history"])
-        best, stale = int(state.get("best", state.get("best_epoch", -1))), int(state["stale"])
-        step, running = int(state.get("step", 0)), state.get("running")
-        resumed_rows = int(state.get("rows_seen", 0))
-        if state.get("epoch_done", True):  # (checkpoints without the key were written at epoch ends)
-            start_epoch = int(state["epoch"]) + 1
-            generator.set_state(state["generator"].cpu())
-        else:
-            start_epoch, skip = int(state["epoch"]), int(state["batches_done"])
-            generator.set_state(state["epoch_generator"].cpu())
+def _resume(run: _Fit) -> LoopState:
+    """The state `last.pt` left (weights loaded into the modules), or a fresh one."""
+    if not run.last.exists():
+        return LoopState.start(run.config.seed)
+    state = load_checkpoint(run.last, run.device, fix=f"delete {run.last} to train this run from its start")
+    load_weights(run.model, run.texts, state)
+    return LoopState.from_checkpoint(state, run.optimization, run.device)
 
-    started, cpu_started, seen, evaluating = time.perf_counter(), time.process_time(), resumed_rows, 0.0
-    epoch_generator = generator.get_state()
 
-    def record(entry: dict[str, Any], epoch: int, batches_done: int, epoch_done: bool) -> bool:
-        """Keep an evaluation: history, best weights, resume point; True when patience is spent."""
-        nonlocal best, stale
-        history.append(entry)
-        improved = best < 0 or _score(entry, config.early_stop) > _score(history[best], config.early_stop)
-        best, stale = (len(history) - 1, 0) if improved else (best, stale + 1)
-        weights = _weights(model, texts)
-        if config.keep_checkpoints:
-            save_checkpoint(weights, checkpoint_dir / step_checkpoint(step))
-        if not stepwise:
-            save_checkpoint(weights, checkpoint_dir / f"epoch-{epoch}.pt")
-        elif improved:
-            save_checkpoint(weights, checkpoint_dir / BEST)
-        resume = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(),
-            "epoch_generator": epoch_generator,
-            "torch_rng": torch.get_rng_state(),
-            "history": json.dumps(history),
-            "epoch": epoch,
-            "epoch_done": epoch_done,
-            "batches_done": batches_done,
-            "step": step,
-            "rows_seen": seen,
-            "running": running,
-            "best": best,
-            "best_epoch": int(history[best]["epoch"]),
-            "stale": stale,
-        }
-        if device.type == "cuda":  # dropout draws from the device's generator there
-            resume["cuda_rng"] = torch.cuda.get_rng_state(device)
-        if scaler is not None:
-            resume["scaler"] = scaler.state_dict()
-        save_checkpoint({**weights, **resume}, last)
-        return stale >= config.patience
+def _step(run: _Fit, state: LoopState, batch: Tensors) -> None:
+    """One optimizer step on a training batch."""
+    batch = batch.to(run.device)
+    vector = run.texts.batch_vectors(batch) if run.texts is not None else None
+    loss = binomial_loss(forward_batch(run.model, batch, run.texts, vector), batch.impressions, batch.clicks)
+    if run.auxiliary_loss is not None:
+        loss = loss + run.auxiliary_loss(batch.text_index, vector)
+    run.optimization.step(loss)
+    state.step += 1
+    state.batches_done += 1
+    state.rows_seen += len(batch.impressions)
+    state.running = loss.item() if state.running is None else 0.95 * state.running + 0.05 * loss.item()
 
-    def evaluate(epoch: int, batches_done: int, epoch_done: bool) -> bool:
-        nonlocal evaluating
-        began = time.perf_counter()
-        valid_p, valid_labels = predict_split(model, data, "valid", texts)
-        entry = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": None if running is None else float(running),
-            "valid_logloss": metrics.logloss(valid_labels, valid_p),
-            "valid_auc": metrics.auc(valid_labels, valid_p),
-        }
-        evaluating += time.perf_counter() - began
-        if progress:
-            loss = "-" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
-            tqdm.write(
-                f"epoch {epoch + 1} step {step}: train loss {loss}, valid logloss "
-                f"{entry['valid_logloss']:.5f}, valid AUC {entry['valid_auc']:.4f}"
-            )
-        stop = record(entry, epoch, batches_done, epoch_done)
-        set_train_mode()
-        return stop
 
-    stop = stale >= config.patience
-    if not history and (config.eval_at_start or start_entry is not None) and config.epochs > 0:
-        if start_entry is not None:
-            entry = {"epoch": 0, "step": 0, "train_loss": None}
-            entry.update({k: float(start_entry[k]) for k in ("valid_logloss", "valid_auc")})
-            stop = record(entry, 0, 0, False)
-        else:
-            stop = evaluate(0, 0, False)
-    for epoch in range(start_epoch, config.epochs):
-        if stop:
-            break
-        set_train_mode()
-        if not skip:
-            epoch_generator = generator.get_state()
-        bar = tqdm(
-            total=n_batches,
-            initial=skip,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not progress,
-            leave=False,
+def _evaluate_start(run: _Fit, state: LoopState, start_entry: Evaluation | None) -> None:
+    """The step-0 evaluation of the starting weights: known (`start_entry`) or computed when
+    `eval_at_start` asks for it."""
+    if start_entry is not None:
+        _keep(run, state, Evaluation.known_start(start_entry))
+    elif run.config.eval_at_start:
+        _evaluate_and_keep(run, state)
+
+
+def _evaluate_and_keep(run: _Fit, state: LoopState) -> bool:
+    """Validate the current weights and keep the evaluation; True when patience is spent."""
+    began = time.perf_counter()
+    valid_p, valid_labels = predict_split(run.model, run.data, "valid", run.texts)
+    entry = Evaluation(
+        epoch=state.epoch,
+        step=state.step,
+        train_loss=None if state.running is None else float(state.running),
+        valid_logloss=metrics.logloss(valid_labels, valid_p),
+        valid_auc=metrics.auc(valid_labels, valid_p),
+    )
+    state.eval_seconds += time.perf_counter() - began
+    if run.progress:
+        loss = "-" if entry.train_loss is None else f"{entry.train_loss:.4f}"
+        tqdm.write(
+            f"epoch {entry.epoch + 1} step {entry.step}: train loss {loss}, valid logloss "
+            f"{entry.valid_logloss:.5f}, valid AUC {entry.valid_auc:.4f}"
         )
-        for i, batch in enumerate(data.batches("train", config.batch_size, generator)):
-            if i >= n_batches:
-                break
-            if i < skip:  # trained before the interruption: the same batches, drawn the same way
-                continue
-            batch = batch.to(device)
-            vector = texts.batch_vectors(batch) if texts is not None else None
-            loss = binomial_loss(forward_batch(model, batch, texts, vector), batch.impressions, batch.clicks)
-            if auxiliary_loss is not None:
-                loss = loss + auxiliary_loss(batch.text_index, vector)
-            optimizer.zero_grad(set_to_none=True)
-            if trained and scaler is None:
-                loss.backward()
-                optimizer.step()
-            elif trained:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            if trained:  # nothing to update, nothing to schedule
-                scheduler.step()
-            step += 1
-            seen += len(batch.impressions)
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            bar.set_postfix(loss=f"{running:.4f}")
-            bar.update()
-            if every and step % every == 0 and i + 1 < n_batches:
-                stop = evaluate(epoch, i + 1, False)
-                if stop:
-                    break
-        bar.close()
-        skip = 0
-        if not stop:
-            stop = evaluate(epoch, n_batches, True)
+    stop = _keep(run, state, entry)
+    run.train_mode()
+    return stop
 
-    entry = history[best]
-    checkpoint = checkpoint_dir / (BEST if stepwise else f"epoch-{entry['epoch']}.pt")
-    _load_weights(model, texts, load_checkpoint(checkpoint, device))
-    wall = time.perf_counter() - started
+
+def _keep(run: _Fit, state: LoopState, entry: Evaluation) -> bool:
+    """Record an evaluation and checkpoint: its weights as configured, the best, and `last.pt`
+    (the resume point); True when patience is spent."""
+    improved = state.record(entry, run.config.early_stop)
+    weights = weights_of(run.model, run.texts)
+    if run.config.keep_checkpoints:
+        save_checkpoint(weights, run.checkpoint_dir / step_checkpoint(state.step))
+    if not run.stepwise:
+        save_checkpoint(weights, run.checkpoint_dir / f"epoch-{state.epoch}.pt")
+    elif improved:
+        save_checkpoint(weights, run.checkpoint_dir / BEST)
+    save_checkpoint({**weights, **state.to_checkpoint(run.optimization, run.device)}, run.last)
+    return state.patience_spent(run.config.patience)
+
+
+def _result(run: _Fit, state: LoopState, started: float, cpu_started: float) -> FitResult:
+    """Load the best evaluation's weights into the modules and report the fit (timed from
+    `started`, `cpu_started`)."""
+    best = state.best_evaluation
+    checkpoint = run.checkpoint_dir / (BEST if run.stepwise else f"epoch-{best.epoch}.pt")
+    load_weights(run.model, run.texts, load_checkpoint(checkpoint, run.device))
+    wall, seen = time.perf_counter() - started, state.rows_seen
     return FitResult(
-        best_epoch=int(entry["epoch"]),
-        history=history,
+        best_epoch=int(best.epoch),
+        history=state.history,
         wall_seconds=wall,
         train_rows_per_s=seen / wall if wall > 0 and seen else float("nan"),
-        best_step=int(entry["step"]),
-        steps=step,
+        best_step=int(best.step),
+        steps=state.step,
         checkpoint=checkpoint,
-        eval_seconds=evaluating,
-        best_index=best,
+        eval_seconds=state.eval_seconds,
+        best_index=state.best,
         rows_seen=seen,
         cpu_seconds=time.process_time() - cpu_started,
     )
-
-
-def _weights(model: nn.Module, texts: TextBatcher | None) -> dict[str, dict[str, torch.Tensor]]:
-    weights = {"model": model.state_dict()}
-    if texts is not None:
-        weights["lm"] = texts.lm.state_dict()
-    return weights
-
-
-def _load_weights(model: nn.Module, texts: TextBatcher | None, state: dict) -> None:
-    model.load_state_dict(state["model"])
-    if texts is not None and "lm" in state:
-        texts.lm.load_state_dict(state["lm"])
-
-
-def config_dict(config: LoopConfig) -> dict:
-    return asdict(config)

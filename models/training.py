@@ -18,9 +18,9 @@ import torch
 
 import nlpctr
 from nlpctr.errors import UserError
-from nlpctr.layout import LmFeatureMeta, pair_key_columns
+from nlpctr.layout import LmFeatureMeta, RunLayout, pair_key_columns
 from nlpctr.models import metrics
-from nlpctr.models.checkpoints import CHECKPOINTS, load_checkpoint
+from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import TrainConfig
 from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
@@ -34,6 +34,7 @@ from nlpctr.models.lm_features import (
     text_pairs,
     write_lm_features,
 )
+from nlpctr.models.loop import Evaluation
 from nlpctr.models.recipe import LM, fit_recipe, plan
 from nlpctr.models.runs import Preprocessing, TrainedRun, build_model, build_scorer
 from nlpctr.models.text_batches import TextBatcher
@@ -125,8 +126,7 @@ def epochs_trained(result: FitResult) -> int:
     """Epochs a fit went through (summed over the joint recipe's stages)."""
     last: dict[Any, int] = {}
     for entry in result.history:
-        key = entry.get("stage")
-        last[key] = max(last.get(key, 0), int(entry["epoch"]) + 1)
+        last[entry.stage] = max(last.get(entry.stage, 0), int(entry.epoch) + 1)
     return sum(last.values())
 
 
@@ -149,7 +149,7 @@ class LmStep:
 
     checkpoints: dict[str, LmCheckpoint]  # `step-<k>` -> the checkpoint, in step order
     chosen: str  # the checkpoint the view serves: peak standalone validation AUC
-    history: list[dict[str, Any]]  # every evaluation of the recipe (probe and LM stage)
+    history: list[Evaluation]  # every evaluation of the recipe (probe and LM stage)
     stages: list[dict[str, Any]]  # the recipe's stage records (budget: steps, rows, seconds)
     wall_seconds: float
     test_auc_standalone: float
@@ -168,7 +168,7 @@ class LmStep:
             "checkpoints": {name: dict(c.__dict__) for name, c in self.checkpoints.items()},
             "chosen": self.chosen,
             "valid_auc_rising_at_end": self.valid_auc_rising_at_end,
-            "history": self.history,
+            "history": [entry.to_json() for entry in self.history],
             "stages": self.stages,
             "wall_seconds": self.wall_seconds,
             "test_auc_standalone": self.test_auc_standalone,
@@ -189,15 +189,15 @@ def fit_lm_alone(
         raise UserError("cascade-finetuned fine-tunes its LM: recipe.lm_stage must be true")
     lm_loop = replace(inputs.config.lm_loop, early_stop="auc", keep_checkpoints=True)
     stages = plan(lm_loop, recipe, warm_started=True, has_tower=False, tower_lr=0.0)
-    result = fit_recipe(scorer, data, stages, run_dir / CHECKPOINTS / "lm", texts, inputs.progress)
+    result = fit_recipe(scorer, data, stages, RunLayout(run_dir).checkpoints("lm"), texts, inputs.progress)
     return scorer, result
 
 
-def lm_stage_entries(result: FitResult) -> list[tuple[str, dict[str, Any]]]:
+def lm_stage_entries(result: FitResult) -> list[tuple[str, Evaluation]]:
     """(`step-<k>`, evaluation) of each evaluation of the LM stage, k counted within the stage."""
-    entries = [h for h in result.history if h.get("stage") == LM]
-    offset = entries[0]["step"] if entries else 0
-    return [(f"step-{h['step'] - offset}", h) for h in entries]
+    entries = [h for h in result.history if h.stage == LM]
+    offset = entries[0].step if entries else 0
+    return [(f"step-{h.step - offset}", h) for h in entries]
 
 
 def write_lm_checkpoints(
@@ -219,9 +219,9 @@ def write_lm_checkpoints(
     pairs = text_pairs(rows)
     root = lm_feature_root(data_dir, slug)
     with_query = has_query_text(rows)
-    stage_dir = run_dir / CHECKPOINTS / "lm" / "stage1"
+    stage_dir = RunLayout(run_dir).checkpoints("lm") / "stage1"
     entries = lm_stage_entries(result)
-    chosen = max(entries, key=lambda item: item[1]["valid_auc"])[0]  # ties: the earliest
+    chosen = max(entries, key=lambda item: item[1].valid_auc)[0]  # ties: the earliest
     checkpoints = {}
     for name, entry in [*(e for e in entries if e[0] != chosen), *(e for e in entries if e[0] == chosen)]:
         step = int(name.removeprefix("step-"))
@@ -231,7 +231,7 @@ def write_lm_checkpoints(
         outputs = lm_outputs(texts, {"lm_score": scorer.head}, pairs_of(pairs))
         version = f"{slug}@{name}/{encoder.version}/nlpctr=={nlpctr.__version__}"
         write_lm_features(root / name, pairs, outputs, version, with_query)
-        checkpoints[name] = LmCheckpoint(step, entry["valid_auc"], entry["valid_logloss"], str(root / name))
+        checkpoints[name] = LmCheckpoint(step, entry.valid_auc, entry.valid_logloss, str(root / name))
     ordered = dict(sorted(checkpoints.items(), key=lambda item: item[1].step))
     meta = LmFeatureMeta(
         run=slug,

@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
@@ -47,6 +47,8 @@ TRAINING = "training"
 TRAINING_META = "_meta.json"  # in TRAINING/<service>: what the shards were joined from
 SCORED = "scored"
 ENRICHED = "enriched"
+
+EXPERIMENT_RESULTS = "results.json"  # `nlpctr experiment`'s OUT/results.json (and each rho's)
 
 _SPLITS = ("train", "valid", "test")  # models.schema.SPLITS (layout imports nothing from models)
 
@@ -92,6 +94,57 @@ def require_writable(folder: Path, purpose: str) -> None:
         existing = existing.parent
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{folder} is not writable (a read-only filesystem, or not yours): {purpose}")
+
+
+# ------------------------------------------------------------------------------- a run folder
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of a training run's folder RUNS/NAME/ (`nlpctr train`; a student of E4 in
+    RUNS/_students/KEY/ holds its `student` file and checkpoints).
+
+        config.json          what makes two runs of a name the same run (written first)
+        run.json             what `evaluate`, batch scoring and export rebuild the model from
+        results.json         the run's metrics and provenance
+        predictions.parquet  test and validation predictions
+        checkpoints/<part>/  the weights (models/checkpoints.py)
+        student.json         a student's `StudentMeta`
+    """
+
+    root: Path
+
+    CONFIG: ClassVar[str] = "config.json"
+    RUN: ClassVar[str] = "run.json"
+    RESULTS: ClassVar[str] = "results.json"
+    PREDICTIONS: ClassVar[str] = "predictions.parquet"
+    CHECKPOINTS: ClassVar[str] = "checkpoints"
+    STUDENT: ClassVar[str] = "student.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def run(self) -> Path:
+        return self.root / self.RUN
+
+    @property
+    def results(self) -> Path:
+        return self.root / self.RESULTS
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / self.PREDICTIONS
+
+    @property
+    def student(self) -> Path:
+        return self.root / self.STUDENT
+
+    def checkpoints(self, part: str = "") -> Path:
+        """RUN/checkpoints/<part>/ (`ctr`, `lm`; the folder itself without a part)."""
+        folder = self.root / self.CHECKPOINTS
+        return folder / part if part else folder
 
 
 # ------------------------------------------------------------------------------- manifest

@@ -27,9 +27,10 @@ import torch
 from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
+from nlpctr.layout import RunLayout
 from nlpctr.models import streaming, streaming_metrics
 from nlpctr.models.evaluation import delta_fields, delta_summary, metric_report, paired_delta
-from nlpctr.models.runs import PREDICTIONS_FILE, RESULTS_FILE, TrainedRun
+from nlpctr.models.runs import TrainedRun
 from nlpctr.models.streamed_training import streamed_test
 from nlpctr.models.trainer import labels_of
 from nlpctr.pipelines.train import run_dir_of
@@ -76,9 +77,9 @@ def streamed_test_metrics(run_dir: Path) -> tuple[TrainedRun, streaming_metrics.
 
 
 def saved_predictions_path(run_dir: Path) -> Path:
-    path = run_dir / PREDICTIONS_FILE
+    path = RunLayout(run_dir).predictions
     if not path.is_file():
-        raise UserError(f"{run_dir} has no {PREDICTIONS_FILE}; train the run first")
+        raise UserError(f"{run_dir} has no {RunLayout.PREDICTIONS}; train the run first")
     return path
 
 
@@ -105,7 +106,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     report = metric_report(labels, p, trained.spec["train_ctr"], evaluation)
     saved = saved_predictions(run_dir).set_index("impression_id").reindex(predicted["impression_id"])
     max_diff = float(np.max(np.abs(saved["p"].to_numpy() - p))) if len(p) else 0.0
-    results_path = run_dir / RESULTS_FILE
+    results_path = RunLayout(run_dir).results
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("metrics", {})["test"] = report
     results["evaluate"] = {"rows": len(p), "max_abs_diff_vs_train_predictions": max_diff}
@@ -132,7 +133,7 @@ def run_streamed(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     rounds, seed = evaluation.bootstrap_rounds, evaluation.bootstrap_seed
     train_ctr = trained.spec["train_ctr"]
     report = scored.report(train_ctr, rounds, seed, evaluation.calibration_bins)
-    results_path = run_dir / RESULTS_FILE
+    results_path = RunLayout(run_dir).results
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("metrics", {})["test"] = report
     results["evaluate"] = {

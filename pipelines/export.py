@@ -29,7 +29,7 @@ import pyarrow.dataset as ds
 import nlpctr
 from nlpctr.errors import UserError
 from nlpctr.features.names import lm_feature_slug
-from nlpctr.layout import IMPRESSIONS, LmFeatureMeta, lm_features_dir
+from nlpctr.layout import EXPERIMENT_RESULTS, IMPRESSIONS, LmFeatureMeta, RunLayout, lm_features_dir
 from nlpctr.models.export import (
     EXPORT_FILE,
     ONNX_FILE,
@@ -42,7 +42,7 @@ from nlpctr.models.export import (
     save_folder,
 )
 from nlpctr.models.lm_features import pairs_of, text_pairs
-from nlpctr.models.runs import RESULTS_FILE, RUN_FILE, STUDENTS
+from nlpctr.models.runs import STUDENTS
 from nlpctr.pipelines.export_card import model_card
 from nlpctr.pipelines.outputs import staged_output
 from nlpctr.pipelines.ownership import claim_output_dir, is_experiment
@@ -69,13 +69,15 @@ def find(runs_dir: Path, name: str) -> ExportedLM:
         raise UserError(f"--run must be a run's folder name or a student key, got {name!r}")
     if not runs_dir.is_dir():
         raise UserError(f"--runs-dir {runs_dir} is not a folder of runs")
-    if (runs_dir / name / RUN_FILE).is_file():
+    if RunLayout(runs_dir / name).run.is_file():
         return lm_of_run(runs_dir / name)
     if (runs_dir / STUDENTS / name).is_dir():
         return lm_of_student(runs_dir / STUDENTS / name, runs_dir)
     if (runs_dir / name).is_dir():
-        raise UserError(f"run {name} has not finished (no {RUN_FILE} in {runs_dir / name}); train it again")
-    runs = sorted(p.name for p in runs_dir.iterdir() if (p / RUN_FILE).is_file())
+        raise UserError(
+            f"run {name} has not finished (no {RunLayout.RUN} in {runs_dir / name}); train it again"
+        )
+    runs = sorted(p.name for p in runs_dir.iterdir() if RunLayout(p).run.is_file())
     students = sorted(p.name for p in (runs_dir / STUDENTS).glob("*") if p.is_dir())
     raise UserError(
         f"--run {name} is neither a run in {runs_dir} ({', '.join(runs) or 'none'}) nor a student "
@@ -160,11 +162,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     inputs = [runs_dir / args.run, runs_dir / STUDENTS / args.run]
     out = claim_output_dir(args.out, JOB, inputs=inputs)  # before any work
     exported = find(runs_dir, args.run)
-    results = _json(exported.source / RESULTS_FILE) or {}
+    results = _json(RunLayout(exported.source).results) or {}
     recorded = results.get("provenance", {}).get("data_dir")
     data_dir = Path(recorded) if recorded else None
     pairs = check_pairs(data_dir)
-    experiment = _json(runs_dir.parent / "results.json") if is_experiment(runs_dir.parent) else None
+    experiment = _json(runs_dir.parent / EXPERIMENT_RESULTS) if is_experiment(runs_dir.parent) else None
     with staged_output(out, JOB, inputs=inputs) as staging:
         head = save_folder(exported, staging)
         record: dict[str, Any] = {

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nlpctr.errors import UserError
-from nlpctr.layout import CTR_META, EMBEDDINGS_MANIFEST, MANIFEST
+from nlpctr.layout import CTR_META, EMBEDDINGS_MANIFEST, EXPERIMENT_RESULTS, MANIFEST, RunLayout
 
 TOOL = "nlpctr"
 # Hidden (readers of parquet folders skip names starting with "." or "_"), JSON: {"tool", "job"}.
@@ -104,12 +104,12 @@ def is_ctr_history(folder: Path) -> bool:
 
 def is_train_run(folder: Path) -> bool:
     """A `nlpctr train` run folder: the config.json it writes before anything else."""
-    return _has_keys(folder / "config.json", ("mode", "fusion", "data_dir", "config"))
+    return _has_keys(RunLayout(folder).config, ("mode", "fusion", "data_dir", "config"))
 
 
 def is_experiment(folder: Path) -> bool:
     """`nlpctr experiment`'s folder from before it wrote a marker: its results.json."""
-    return _has_keys(folder / "results.json", ("dataset", "protocol", "seed"))
+    return _has_keys(folder / EXPERIMENT_RESULTS, ("dataset", "protocol", "seed"))
 
 
 def is_simulated_log(log: Path) -> bool:

@@ -24,7 +24,7 @@ import yaml
 from nlpctr.atomic import write_atomic, write_json
 from nlpctr.features import store as feature_store
 from nlpctr.features.names import CASCADE_FROZEN, lm_feature_slug
-from nlpctr.layout import lm_features_dir, read_manifest
+from nlpctr.layout import EXPERIMENT_RESULTS, lm_features_dir, read_manifest
 from nlpctr.models import claims, redundancy, report
 from nlpctr.models.config import Mode
 from nlpctr.models.ctr_net import Fusion
@@ -33,7 +33,7 @@ from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import FORMS, NlpFeature, feature_key, frozen_vectors, lm_feature
 from nlpctr.models.training import LmStep
-from nlpctr.pipelines import ctr_stats, distillation, embed_text, ingest, train
+from nlpctr.pipelines import ctr_stats, distillation, embed_text, ingest, train, train_modes
 from nlpctr.pipelines.job_options import JobOptions
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -297,7 +297,7 @@ class Experiment:
                 "spec_hash": self.manifest.get("spec_hash"),
                 "split_mode": self.manifest["split"]["mode"],
                 "split_seed": self.manifest["split"]["seed"],
-                "frozen_encoder": train.frozen_encoder_version(self.data_dir, self.judge.frame.columns),
+                "frozen_encoder": train_modes.frozen_encoder_version(self.data_dir, self.judge.frame.columns),
                 "lm_encoder": lm_run.results["provenance"]["encoder_version"],
                 "code_version": self.code_version,
                 "torch": torch.__version__,
@@ -347,5 +347,5 @@ def run_protocol(
 
 def write_results(results: dict[str, Any], out: Path) -> list[Path]:
     """results.json (written to a temporary name, then renamed), report.md and the plots."""
-    write_json(out / "results.json", results, default=float)
+    write_json(out / EXPERIMENT_RESULTS, results, default=float)
     return report.write_report(results, out)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nlpctr.errors import UserError
+from nlpctr.layout import EXPERIMENT_RESULTS
 from nlpctr.models import sweep
 from nlpctr.models.config import deep_merge
 from nlpctr.models.device import without_placement
@@ -38,7 +39,7 @@ def impressions_per_row(request: ExperimentRequest, settings: Mapping[str, Any])
 def finished_rho(out: Path, protocol: Mapping[str, Any], request: ExperimentRequest) -> dict[str, Any] | None:
     """The results of a rho folder that a run with this protocol and seed finished, else None.
     Only without --rows / --impressions-per-row: the protocol then fixes the simulated log."""
-    done = out / "results.json"
+    done = out / EXPERIMENT_RESULTS
     if request.rows or request.impressions_per_row is not None or not done.is_file():
         return None
     previous = json.loads(done.read_text())

@@ -45,9 +45,8 @@ from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features import store_config
 from nlpctr.features.names import CASCADE_FROZEN
-from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, read_manifest
+from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, RunLayout, read_manifest
 from nlpctr.models.checkpoints import load_checkpoint
-from nlpctr.models.runs import RUN_FILE
 from nlpctr.models.schema import SPLITS
 from nlpctr.pipelines.devices import launch_device
 from nlpctr.pipelines.loopback import run_to_completion
@@ -245,7 +244,7 @@ def trained_dataset(run_dir: Path, spec: Mapping[str, Any]) -> str | None:
     if "dataset" in spec:
         return str(spec["dataset"])
     try:
-        return str(json.loads((run_dir / "results.json").read_text())["dataset"])
+        return str(json.loads(RunLayout(run_dir).results.read_text())["dataset"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -253,9 +252,9 @@ def trained_dataset(run_dir: Path, spec: Mapping[str, Any]) -> str | None:
 def check_run(run_dir: Path, data_dir: Path, allow_other_dataset: bool) -> dict[str, Any]:
     """A finished run whose checkpoint loads and which was trained on this dataset (or the user
     says to score anyway); returns its run.json. Raises UserError before the pipeline otherwise."""
-    spec_path = run_dir / RUN_FILE
+    spec_path = RunLayout(run_dir).run
     if not spec_path.is_file():
-        raise UserError(f"{run_dir} is not a finished run (no run.json); train it with `nlpctr train`")
+        raise UserError(f"{run_dir} is not a finished run (no {RunLayout.RUN}); train it with `nlpctr train`")
     try:
         spec = json.loads(spec_path.read_text())
         checkpoint = run_dir / spec["checkpoint"]
@@ -333,6 +332,12 @@ def _build(
     )
 
 
+def job_counters(result: PipelineResult) -> dict[str, int]:
+    """The job's counters (`METRICS_NAMESPACE`) by name: rows, null counts."""
+    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    return {c.key.metric.name: c.committed for c in query["counters"]}
+
+
 def _score(
     request: ScoreBatchRequest, device: str, data_dir: Path, test_pipeline: beam.Pipeline | None
 ) -> ScoreBatchSummary:
@@ -362,10 +367,7 @@ def _score(
         _build(pipeline, request, online, service, schema, staging, run_dir, device)
         result = run_reporting_store_faults(pipeline, online.store)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        counters = {
-            c.key.metric.name: c.committed
-            for c in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
-        }
+        counters = job_counters(result)
     rows = int(counters.get("rows", 0))
     nulls = {n: int(counters.get(f"null:{n}", 0)) for n in online.feature_names}
     with_nulls = int(counters.get("rows_with_nulls", 0))

@@ -20,7 +20,8 @@ writes the LM's output back the same way (service `joint_<run>`). One loop
 `models/configs/default.yaml` (+ `--config`). `--encoder` (`encoder.name`) is the LM that E2 and
 E3 fine-tune, and the frozen encoder whose vectors E1 reads (its `cascade_frozen_<slug>` service).
 This module turns the flags into a `TrainRequest` (what `nlpctr experiment` builds directly),
-reads the frames from Feast, runs one function per mode and writes the run folder.
+reads the frames from Feast, runs one function per mode (`pipelines/train_modes.py`) and
+writes the run folder.
 
 `--device` and `--precision` (or the config's top-level `device:` and `precision:`) say where the
 models train and at what precision the LM runs (`models/device.py`); `auto` is CUDA when there
@@ -29,7 +30,7 @@ is one, else the CPU at float32, whose outputs are bitwise those of earlier buil
 Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
 point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
 the loop reads them as a stream (`models.streaming.ShardSource`) and test metrics are streamed
-(`models.metrics.StreamingMetrics`), both in `models.streamed_training`; every mode (E2's LM
+(`models.streaming_metrics.StreamingMetrics`), both in `models.streamed_training`; every mode (E2's LM
 step fits on E0's shards and writes its features for their unique text pairs).
 
 Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
@@ -44,63 +45,38 @@ import argparse
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
-
 import nlpctr
 from nlpctr import prepared
-from nlpctr.atomic import atomic_path, write_json
+from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.features.job_outputs import Layout
-from nlpctr.features.names import BASELINE, CASCADE_FROZEN, lm_feature_slug, lm_view_name
+from nlpctr.features.names import lm_feature_slug
 from nlpctr.layout import (
     CTR_HISTORY,
     CTR_META,
     LM_FEATURES,
     TRAINING,
-    LmFeatureMeta,
+    RunLayout,
     check_splits,
     lm_cache_dir,
-    lm_features_dir,
     read_manifest,
     require_writable,
 )
-from nlpctr.models import streaming
-from nlpctr.models.checkpoints import CHECKPOINTS
 from nlpctr.models.config import MODES, Mode, TrainConfig, load_config
 from nlpctr.models.ctr_net import FUSIONS, Fusion
-from nlpctr.models.data import FeatureColumns
-from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS, Placement
-from nlpctr.models.encoder_source import canonical_name, resolve_encoder
-from nlpctr.models.evaluation import metric_report
-from nlpctr.models.recipe import budget, stage_summary
-from nlpctr.models.runs import (
-    PREDICTIONS_FILE,
-    RESULTS_FILE,
-    RUN_FILE,
-    Preprocessing,
-    TrainedRun,
-)
+from nlpctr.models.device import DEVICE_CHOICES, PRECISIONS
+from nlpctr.models.encoder_source import canonical_name
+from nlpctr.models.recipe import stage_summary
+from nlpctr.models.runs import TrainedRun
 from nlpctr.models.state_store import persisted_states
-from nlpctr.models.streamed_training import train_lm_streaming, train_streaming
-from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, labels_of, predict
-from nlpctr.models.training import (
-    FitInputs,
-    LmStep,
-    epochs_trained,
-    fit_ctr,
-    train_ctr,
-    train_lm_alone,
-    write_joint_features,
-)
+from nlpctr.models.trainer import FitResult
+from nlpctr.models.training import LmStep, epochs_trained
 from nlpctr.pipelines.ownership import claim_output_dir
+from nlpctr.pipelines.train_modes import TRAIN_MODE, RunSetup, lm_budget
 
 STREAMING_ROWS = 500_000  # impressions above which `train` streams (a frame of ~1 GB in memory)
 
@@ -144,7 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
-    """`--device` and `--precision` (`models/device.py`), shared with `nlpctr experiment`."""
+    """Add `--device` and `--precision` (`models/device.py`), shared with `nlpctr experiment`.
+
+    Args:
+        parser: the command's parser, which gets the two flags.
+    """
     parser.add_argument("--device", default=None, help=f"{DEVICE_CHOICES} (default: the config's, auto)")
     parser.add_argument(
         "--precision",
@@ -238,54 +218,19 @@ class TrainResult:
     lm_step: LmStep | None  # E2's LM step
 
 
-@dataclass(frozen=True)
-class RunSetup:
-    """A checked request with everything its mode's training reads."""
-
-    request: TrainRequest
-    data_dir: Path
-    manifest: dict[str, Any]
-    config: TrainConfig
-    identity: dict[str, Any]  # config.json: what makes two runs of a name the same run
-    run_dir: Path
-    slug: str  # the run name as a Feast identifier
-    fill_ctr: float
-    streamed: bool
-    warm_start: TrainedRun | None
-    placement: Placement
-
-    @property
-    def fit_inputs(self) -> FitInputs:
-        request = self.request
-        return FitInputs(
-            self.manifest,
-            self.config,
-            self.fill_ctr,
-            request.fusion,
-            request.progress,
-            self.warm_start,
-            self.placement,
-        )
-
-
-@dataclass
-class TrainedModel:
-    """What a mode's training hands back: the model, its test report, and where it came from."""
-
-    service: str
-    pre: Preprocessing
-    model: torch.nn.Module
-    texts: TextBatcher | None
-    fit: FitResult
-    report: dict[str, Any]  # test metrics
-    train_ctr: float
-    encoder_version: str | None
-    text_rows: pd.DataFrame  # rows (their text pairs) a joint run writes its LM feature for
-    lm_step: LmStep | None = None
-    supplementary_view: str | None = None  # joint: the view of its LM's output
-
-
 def run_dir_of(runs_dir: Path, name: str) -> Path:
+    """The folder of run `name` in `runs_dir` (`nlpctr evaluate` finds runs by it too).
+
+    Args:
+        runs_dir: the folder of runs (`--runs-dir`); it need not exist yet.
+        name: the run's name (`--run`), a plain folder name.
+
+    Returns:
+        The absolute path RUNS/NAME.
+
+    Raises:
+        UserError: a name that is not a plain folder name, or a `runs_dir` that is a file.
+    """
     if not name or "/" in name or name.startswith("."):
         raise UserError(f"--run must be a plain folder name, got {name!r}")
     if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
@@ -294,7 +239,11 @@ def run_dir_of(runs_dir: Path, name: str) -> Path:
 
 
 def code_version() -> str:
-    """nlpctr's version plus `git describe` of the checkout when there is one."""
+    """The code a run was trained with (results.json's provenance; `nlpctr experiment` records it).
+
+    Returns:
+        nlpctr's version plus `git describe` of the checkout when there is one.
+    """
     try:
         described = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
@@ -310,7 +259,17 @@ def code_version() -> str:
 
 
 def global_ctr(data_dir: Path) -> float:
-    """The global training CTR the CTR job smoothed toward (what a never-seen key gets)."""
+    """The global training CTR the CTR job smoothed toward (what a never-seen key gets).
+
+    Args:
+        data_dir: a prepared dataset folder.
+
+    Returns:
+        The CTR recorded in its CTR history's meta file.
+
+    Raises:
+        UserError: the folder has no CTR history, or its meta file is damaged.
+    """
     path = data_dir / CTR_HISTORY / CTR_META
     if not path.is_file():
         raise UserError(f"{data_dir} has no CTR history; run `nlpctr ctr-stats --data {data_dir}`")
@@ -318,26 +277,6 @@ def global_ctr(data_dir: Path) -> float:
         return float(json.loads(path.read_text())["global_ctr"])
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is damaged; rerun `nlpctr ctr-stats --data {data_dir}`") from None
-
-
-def frozen_encoder_version(data_dir: Path, columns: Iterable[str]) -> str | None:
-    """The encoder behind a frame's frozen text vectors, from its columns (the embedding view's folder)."""
-    slugs = {c[len("ad_text_") : -len("__embedding")] for c in columns if c.startswith("ad_text_")}
-    versions = [e.encoder_version for e in Layout.discover(data_dir).embeddings if e.slug in slugs]
-    return versions[0] if versions else None
-
-
-def publisher(data_dir: Path) -> Callable[[LmFeatureMeta], str]:
-    """Publishing an LM-feature folder: name the chosen epoch, register the view, materialise it."""
-
-    def publish(meta: LmFeatureMeta) -> str:
-        meta.write(lm_features_dir(data_dir, meta.run))
-        feature_store.reapply(data_dir)
-        view = lm_view_name(meta.run)
-        feature_store.materialize(data_dir, views=[view])
-        return view
-
-    return publish
 
 
 def same_run(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
@@ -374,7 +313,18 @@ def check_writable(data_dir: Path, mode: str, streamed: bool) -> None:
 
 
 def set_up(request: TrainRequest) -> RunSetup:
-    """Check the request, load its configuration and claim its run folder (writing config.json)."""
+    """Check the request, load its configuration and claim its run folder (writing config.json).
+
+    Args:
+        request: the run as its flags (or `nlpctr experiment`) say it.
+
+    Returns:
+        The checked request with everything its mode's training reads.
+
+    Raises:
+        UserError: a bad request or configuration, a run folder holding another configuration or
+            not writable, a data folder that cannot be trained on (named with its fix).
+    """
     data_dir = request.data_dir.resolve()
     manifest = read_manifest(data_dir)
     request = request.checked()
@@ -398,7 +348,7 @@ def set_up(request: TrainRequest) -> RunSetup:
             )
     # A run writes into its folder: a new or empty one, or an earlier run's (its config.json).
     claim_output_dir(run_dir, "train", flag="--runs-dir/--run")
-    config_file = run_dir / "config.json"
+    config_file = RunLayout(run_dir).config
     if config_file.is_file() and not same_run(json.loads(config_file.read_text()), identity):
         raise UserError(
             f"run {request.run} exists with another configuration ({config_file}); "
@@ -434,157 +384,17 @@ def set_up(request: TrainRequest) -> RunSetup:
     )
 
 
-# ------------------------------------------------------------------------------- the two ways to train
-
-
-def in_memory(
-    setup: RunSetup, service: str, frame: pd.DataFrame, columns: FeatureColumns, encoder_version: str | None
-) -> TrainedModel:
-    """Train on the service's whole training frame; test it and write the test predictions."""
-    pre, data, model, texts, result = fit_ctr(
-        frame, columns, setup.fit_inputs, setup.run_dir / CHECKPOINTS / "ctr"
-    )
-    test, valid = data.rows("test"), data.rows("valid")
-    p_test = predict(model, data, test, texts)
-    ctr_train = train_ctr(labels_of(data, data.rows("train")))
-    report = metric_report(labels_of(data, test), p_test, ctr_train, setup.config.evaluation)
-    # validation predictions too: controls are compared on validation, the test split only judges
-    frames = [
-        pd.DataFrame({"impression_id": data.impression_id[rows.numpy()], "split": split, "p": p})
-        for split, rows, p in (("test", test, p_test), ("valid", valid, predict(model, data, valid, texts)))
-    ]
-    with atomic_path(setup.run_dir / PREDICTIONS_FILE) as staged:
-        pd.concat(frames, ignore_index=True).to_parquet(staged, index=False)
-    return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, frame)
-
-
-def streamed(
-    setup: RunSetup, service: str, root: Path, columns: FeatureColumns, encoder_version: str | None
-) -> TrainedModel:
-    """Train and test on the service's training frame written as parquet shards under `root`."""
-    pre, model, texts, result, report, ctr_train = train_streaming(
-        root, columns, setup.fit_inputs, setup.run_dir
-    )
-    # Only a joint run reads text pairs (for its LM feature); the rest never load the frame.
-    pairs = streaming.unique_text_pairs(root) if setup.request.mode == Mode.JOINT else pd.DataFrame()
-    return TrainedModel(service, pre, model, texts, result, report, ctr_train, encoder_version, pairs)
-
-
-def train_service(
-    setup: RunSetup, service: str, columns: FeatureColumns, encoder_version: str | None
-) -> TrainedModel:
-    """Train on a service's training frame: streamed from shards, or loaded in memory."""
-    if setup.streamed:
-        root = feature_store.write_training_shards(setup.data_dir, service)
-        return streamed(setup, service, root, columns, encoder_version)
-    frame = feature_store.training_frame(setup.data_dir, service)
-    return in_memory(setup, service, frame, columns, encoder_version)
-
-
-# ------------------------------------------------------------------------------- one function per mode
-
-
-def train_baseline(setup: RunSetup) -> TrainedModel:
-    """E0: IDs, context and CTR history."""
-    return train_service(setup, BASELINE, FeatureColumns.for_manifest(setup.manifest), None)
-
-
-def frozen_service(data_dir: Path, encoder: str | None) -> str:
-    """E1's service: `cascade_frozen` (the default encoder `features apply` chose), or with
-    `--encoder`, `cascade_frozen_<slug>` of the one embedding folder that encoder wrote."""
-    if encoder is None:
-        return CASCADE_FROZEN
-    identity = resolve_encoder(encoder).identity
-    slugs = [
-        e.slug for e in Layout.discover(data_dir).embeddings if e.encoder_version.startswith(f"{identity}/")
-    ]
-    if len(slugs) == 1:
-        return f"{CASCADE_FROZEN}_{slugs[0]}"
-    if not slugs:
-        raise UserError(
-            f"{data_dir} has no embeddings of --encoder {encoder} ({identity}); run `nlpctr embed "
-            f"--data {data_dir} --encoder {encoder}`, then `nlpctr features apply` and `materialize`"
-        )
-    raise UserError(
-        f"{data_dir} has {len(slugs)} embedding folders of --encoder {encoder} ({', '.join(slugs)}); "
-        f"choose one with `nlpctr features apply --data {data_dir} --encoder SLUG` and train without "
-        "--encoder"
-    )
-
-
-def train_cascade_frozen(setup: RunSetup) -> TrainedModel:
-    """E1: E0's inputs and the frozen encoder's text vectors (the service's `__embedding` columns)."""
-    service = frozen_service(setup.data_dir, setup.request.encoder)
-    if setup.streamed:
-        root = feature_store.write_training_shards(setup.data_dir, service)
-        names = streaming.shard_columns(root)
-    else:
-        frame = feature_store.training_frame(setup.data_dir, service)
-        names = list(frame.columns)
-    cascade = [c for c in names if c.endswith("__embedding")]
-    columns = FeatureColumns.for_manifest(setup.manifest, cascade=cascade)
-    version = frozen_encoder_version(setup.data_dir, names)
-    if setup.streamed:
-        return streamed(setup, service, root, columns, version)
-    return in_memory(setup, service, frame, columns, version)
-
-
-def train_cascade_finetuned(setup: RunSetup) -> TrainedModel:
-    """E2: the LM fine-tuned alone on clicks (on E0's frame), its chosen epoch's feature
-    published, then E0 + it."""
-    lm_args = (setup.fit_inputs, setup.run_dir, setup.data_dir, setup.slug, publisher(setup.data_dir))
-    if setup.streamed:
-        lm_step = train_lm_streaming(feature_store.write_training_shards(setup.data_dir, BASELINE), *lm_args)
-    else:
-        lm_step = train_lm_alone(feature_store.training_frame(setup.data_dir, BASELINE), *lm_args)
-    view = lm_view_name(setup.slug)
-    if setup.config.cascade_form == "vector":
-        columns = FeatureColumns.for_manifest(setup.manifest, cascade=[f"{view}__lm_embedding"])
-    else:
-        columns = FeatureColumns.for_manifest(setup.manifest, scores=[f"{view}__lm_score"])
-    trained = train_service(setup, f"cascade_finetuned_{setup.slug}", columns, lm_step.encoder_version)
-    trained.lm_step = lm_step
-    return trained
-
-
-def train_joint(setup: RunSetup) -> TrainedModel:
-    """E3: the LM and E0 trained end to end through a fusion; its LM's output published as a view."""
-    version = setup.config.encoder.version
-    trained = train_service(setup, BASELINE, FeatureColumns.for_manifest(setup.manifest), version)
-    assert trained.texts is not None
-    trained.supplementary_view = write_joint_features(
-        trained.model,
-        trained.texts,
-        trained.text_rows,
-        setup.config,
-        setup.data_dir,
-        setup.slug,
-        trained.fit.best_step,
-        publisher(setup.data_dir),
-    )
-    return trained
-
-
-def lm_budget(trained: TrainedModel, result: FitResult) -> dict[str, Any] | None:
-    """The LM recipe's budget per stage: E2's LM step's, or the joint run's own."""
-    if trained.lm_step is not None:
-        return budget(trained.lm_step.stages)
-    return budget(result.stages) if result.stages else None
-
-
-TRAIN_MODE: dict[Mode, Callable[[RunSetup], TrainedModel]] = {
-    Mode.BASELINE: train_baseline,
-    Mode.CASCADE_FROZEN: train_cascade_frozen,
-    Mode.CASCADE_FINETUNED: train_cascade_finetuned,
-    Mode.JOINT: train_joint,
-}
-
-
 # ------------------------------------------------------------------------------- the run's files
 
 
 def train(request: TrainRequest) -> TrainResult:
     """Train one run and write its folder: config.json, run.json, checkpoints/, predictions, results.
+
+    Args:
+        request: the run as its flags (or `nlpctr experiment`) say it.
+
+    Returns:
+        The finished run: its results.json content, a one-line summary, the fit and E2's LM step.
 
     Raises:
         UserError: a bad request or configuration, a data folder that cannot be trained on (an
@@ -616,7 +426,7 @@ def _train(request: TrainRequest) -> TrainResult:
     }
     if trained.texts is not None and request.mode == Mode.JOINT:
         spec["text_with_query"] = trained.texts.with_query  # the width of its pair vectors
-    write_json(run_dir / RUN_FILE, spec)
+    write_json(RunLayout(run_dir).run, spec)
     wall = time.perf_counter() - started
     report = trained.report
     results = {
@@ -632,8 +442,8 @@ def _train(request: TrainRequest) -> TrainResult:
         "best_step": result.best_step,
         "steps": result.steps,
         "evaluations": len(result.history),
-        "best_valid_logloss": result.best["valid_logloss"],
-        "history": result.history,
+        "best_valid_logloss": result.best.valid_logloss,
+        "history": result.history_json(),
         "stages": result.stages or None,
         "budget": lm_budget(trained, result),
         "encoder": asdict(config.encoder) if Mode(request.mode).trains_lm else None,
@@ -658,7 +468,7 @@ def _train(request: TrainRequest) -> TrainResult:
             "group": manifest["group"],
         },
     }
-    write_json(run_dir / RESULTS_FILE, results, sort_keys=False, default=float)
+    write_json(RunLayout(run_dir).results, results, sort_keys=False, default=float)
     label = request.mode + (f"/{request.fusion}" if request.fusion else "")
     stages = f"; valid logloss {stage_summary(result.stages)}" if result.stages else ""
     summary = (
@@ -672,6 +482,16 @@ def _train(request: TrainRequest) -> TrainResult:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """`nlpctr train`; returns the run's results with a one-line `summary`."""
+    """`nlpctr train`.
+
+    Args:
+        argv: the command line after `train` (None: sys.argv's).
+
+    Returns:
+        The run's results (results.json's content) with a one-line `summary`.
+
+    Raises:
+        UserError: as `train` raises.
+    """
     trained = train(TrainRequest.from_args(parse_args(argv)))
     return {**trained.results, "summary": trained.summary}

@@ -325,7 +325,7 @@ def test_fp16_scales_the_loss_and_resumes_with_its_scaler(data, tmp_path: Path) 
     assert state["scaler"]["scale"] > 0 and "cuda_rng" not in state
     longer = dataclasses.replace(config, epochs=2)
     result = fit(scorer, data, longer, tmp_path, texts=texts, progress=False)
-    assert [h["epoch"] for h in result.history] == [0, 1] and np.isfinite(result.history[-1]["train_loss"])
+    assert [h.epoch for h in result.history] == [0, 1] and np.isfinite(result.history[-1].train_loss)
     assert all(torch.isfinite(p).all() for p in scorer.parameters())
 
 

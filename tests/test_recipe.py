@@ -76,20 +76,20 @@ def valid_logloss(model: CtrModel, data: Tensors, texts: TextBatcher | None) -> 
 @pytest.mark.parametrize("fusion", ["score", "concat", "gate"])
 def test_a_warm_started_run_never_ends_worse_than_e0(data, e0, fusion: str, tmp_path: Path) -> None:
     e0_model, e0_fit = e0
-    e0_best = e0_fit.best["valid_logloss"]
+    e0_best = e0_fit.best.valid_logloss
     assert valid_logloss(e0_model, data, None) == e0_best
     model, texts = joint_model(data, e0_model, fusion)
     result = fit_joint(model, data, HARMFUL_LOOP, HARMFUL, tmp_path, texts, warm_started=True)
-    assert result.history[0]["valid_logloss"] == e0_best  # step 0 is E0, to the last bit
+    assert result.history[0].valid_logloss == e0_best  # step 0 is E0, to the last bit
     assert [s["name"] for s in result.stages] == ["lm", "all"]
     lm, both = result.stages
     assert lm["start_valid_logloss"] == e0_best and both["start_valid_logloss"] == lm["best_valid_logloss"]
     assert lm["best_valid_logloss"] <= e0_best and both["best_valid_logloss"] <= lm["best_valid_logloss"]
-    assert result.best["valid_logloss"] == both["best_valid_logloss"] <= e0_best
-    assert max(h["valid_logloss"] for h in result.history) > e0_best  # the learning rates did hurt
+    assert result.best.valid_logloss == both["best_valid_logloss"] <= e0_best
+    assert max(h.valid_logloss for h in result.history) > e0_best  # the learning rates did hurt
     # the kept weights (model and LM) reproduce the best evaluation exactly
-    assert valid_logloss(model, data, texts) == result.best["valid_logloss"]
-    steps = [h["step"] for h in result.history]
+    assert valid_logloss(model, data, texts) == result.best.valid_logloss
+    steps = [h.step for h in result.history]
     assert steps == sorted(steps) and result.steps == lm["steps"] + both["steps"] == 16
 
 
@@ -129,11 +129,11 @@ def test_the_probe_stage_trains_the_head_alone_on_vectors_computed_once(
     head = result.stages[0]
     # full epochs at the probe's batch size (the loop's cap of 8 batches does not apply)
     assert head["steps"] == 3 * -(-data.rows_in("train") // 64) and head["batch_size"] == 64
-    assert head["start_valid_logloss"] == e0_fit.best["valid_logloss"]
+    assert head["start_valid_logloss"] == e0_fit.best.valid_logloss
     assert head["best_valid_logloss"] < head["start_valid_logloss"]  # the head learned in full epochs
     assert encoded == [len(texts.units)]  # every text encoded once, then looked up
     # (batches padded otherwise than the table's chunks: the same vectors up to float rounding)
-    assert valid_logloss(model, data, texts) == pytest.approx(result.best["valid_logloss"], rel=1e-6)
+    assert valid_logloss(model, data, texts) == pytest.approx(result.best.valid_logloss, rel=1e-6)
     for a, b in zip(model.tower.parameters(), e0_model.tower.parameters(), strict=True):
         assert torch.equal(a, b)
     for key, value in texts.lm.state_dict().items():
@@ -243,11 +243,11 @@ def test_e2s_lm_recipe_trains_a_scorer_from_the_base_rate(data, tmp_path: Path) 
     stages = plan(loop, recipe, warm_started=True, has_tower=False, tower_lr=0.0)
     result = fit_recipe(scorer, data, stages, tmp_path, texts, progress=False)
     assert [s["name"] for s in result.stages] == ["head", "lm"]
-    lm_entries = [h for h in result.history if h["stage"] == "lm"]
-    offset = lm_entries[0]["step"]
+    lm_entries = [h for h in result.history if h.stage == "lm"]
+    offset = lm_entries[0].step
     for entry in lm_entries:  # every LM-stage evaluation kept as a checkpoint
-        assert (tmp_path / "stage1" / f"step-{entry['step'] - offset}.pt").is_file()
-    assert result.best["valid_auc"] == max(h["valid_auc"] for h in lm_entries)  # peak AUC kept
+        assert (tmp_path / "stage1" / f"step-{entry.step - offset}.pt").is_file()
+    assert result.best.valid_auc == max(h.valid_auc for h in lm_entries)  # peak AUC kept
     budget = result.stages[1]
     assert (
         budget["rows_seen"] == sum(min(32, data.rows_in("train") - 32 * i) for i in range(budget["steps"]))

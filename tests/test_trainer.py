@@ -182,13 +182,13 @@ def test_stepwise_evaluations_keep_the_best_state(data, tmp_path: Path) -> None:
     result = fit(model, data, config, tmp_path, progress=False)
     per_epoch = math.ceil(data.rows_in("train") / 128)
     steps = [0, *range(5, per_epoch, 5), per_epoch, *range(per_epoch + 5 - per_epoch % 5, 2 * per_epoch, 5)]
-    assert [h["step"] for h in result.history] == [*steps, 2 * per_epoch]
-    assert result.history[0]["train_loss"] is None and result.steps == 2 * per_epoch
-    best = min(result.history, key=lambda h: h["valid_logloss"])
+    assert [h.step for h in result.history] == [*steps, 2 * per_epoch]
+    assert result.history[0].train_loss is None and result.steps == 2 * per_epoch
+    best = min(result.history, key=lambda h: h.valid_logloss)
     assert result.best == best and result.checkpoint == tmp_path / "best.pt"
     assert not list(tmp_path.glob("epoch-*.pt"))
     valid = data.rows("valid")
-    assert metrics.logloss(labels_of(data, valid), predict(model, data, valid, None)) == best["valid_logloss"]
+    assert metrics.logloss(labels_of(data, valid), predict(model, data, valid, None)) == best.valid_logloss
 
 
 def test_a_run_interrupted_mid_epoch_resumes_to_the_same_weights(data, tmp_path: Path, monkeypatch) -> None:

@@ -126,7 +126,7 @@ def prepare_set(name: str, data_dir: Path, out: Path, protocol: dict[str, Any], 
         "fill_ctr": inputs.fill_ctr,
         "train_ctr": train_ctr(labels_of(data, data.rows("train"))),
         "e0_config": config.to_dict(),
-        "e0_best_valid_logloss": fit.best["valid_logloss"],
+        "e0_best_valid_logloss": fit.best.valid_logloss,
         "with_query": bool(manifest["spec"]["columns"].get("query_text")),
         "pair_reading": "separate" if name == "simulated" else "cross",  # as the protocol reads them
         "today_steps": TODAY_STEPS[name],

@@ -297,7 +297,7 @@ def summarise(
         "calibration": calibration,
         "throughput": lm_throughput(fit, config.lm_loop.batch_size),
         "stages": fit.stages,
-        "history": fit.history,
+        "history": fit.history_json(),
         "test": {
             arm: {k: r[k] for k in ("auc", "auc_ci", "rig", "rig_ci", "logloss", "gauc")}
             for arm, r in reports.items()
