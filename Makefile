@@ -36,10 +36,13 @@ demo: setup
 	$(BIN)/nlpctr experiment --dataset upworthy --quick --out $(RUNS)/upworthy-quick
 	$(BIN)/nlpctr features get --data $(RUNS)/upworthy-quick/data --service cascade_frozen --impression 0
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them so
+# its module fixtures are built once; TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: setup $(SPARK_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: setup
 	$(BIN)/python bench/bench_embed.py
