@@ -68,11 +68,22 @@ class _QuietOptionalImports(logging.Filter):
         return not record.getMessage().startswith(self.NOISE)
 
 
-def usage() -> str:
+def usage(group: str | None = None) -> str:
+    """The commands, or only those of `group` (`nlpctr data --help`)."""
     lines = ["usage: nlpctr COMMAND [options]  (nlpctr COMMAND --help for its options)", "", "commands:"]
     for words, (_, text) in COMMANDS.items():
-        lines.append(f"  {' '.join(words):<16} {text}")
+        if group is None or words[0] == group:
+            lines.append(f"  {' '.join(words):<16} {text}")
     return "\n".join(lines)
+
+
+def group_help(argv: list[str]) -> str | None:
+    """The group's commands when `argv` names a group of several words (`data`) and asks for
+    help or nothing more; None otherwise."""
+    groups = {words[0] for words in COMMANDS if len(words) > 1}
+    if argv[0] in groups and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        return usage(argv[0])
+    return None
 
 
 def resolve(argv: list[str]) -> tuple[Callable[[list[str]], Any], list[str]]:
@@ -87,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if (group := group_help(argv)) is not None:
+        print(group)
+        return 0 if len(argv) > 1 else 2
     # Weights come from the installed package; never reach for a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

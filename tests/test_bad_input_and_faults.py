@@ -362,3 +362,15 @@ def test_ctrl_c_inside_a_beam_step_is_interrupted_not_a_traceback(
     err = capsys.readouterr().err
     assert err == "nlpctr: interrupted\n"
     assert snapshot(tmp_path) == before  # the staging folder was removed, nothing published
+
+
+def test_a_command_group_lists_its_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """`nlpctr data --help` lists data's commands (it was an 'unknown command'); `nlpctr data`
+    alone lists them too, and exits 2 because no command was named."""
+    assert cli.main(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "data prepare" in out and "data simulate" in out and "train" not in out
+    assert cli.main(["data"]) == 2
+    assert "data prepare" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
