@@ -1,18 +1,10 @@
 """E4 distillation: k-layer students of a joint (E3) teacher, trained three ways.
 
-- SuKD: the student LM learns the teacher's *supplementary* output inside the joint model, with
-  the teacher's E0 tower frozen: click loss + λ · MSE(student's output, teacher's output), where
-  the output is the fusion's logit for `score` and the LM's pooled vector for `concat`/`gate`.
-- No-KD: the same student, same init, same frozen tower, λ = 0.
-- Feature-KD: the same student learns the teacher LM's pooled vector from text alone (MSE); the
-  caller then uses its vectors as a cascade feature, like any frozen encoder's.
-
-Each student is judged as an NLP feature added to E0 (the paper's deployment): its conversion
-rate is its feature gain over the teacher feature's gain, with a paired CI (`conversion`).
-
-Students start from the teacher's embeddings and first k transformer layers. SuKD and No-KD run
-in `models.trainer.fit` (the distance enters through its `auxiliary_loss`), so their checkpoints,
-resume and determinism are fit's. Pure PyTorch: no Beam, no Feast.
+SuKD (click loss + λ · MSE to the teacher's supplementary output, E0's tower frozen), No-KD
+(λ = 0) and feature-KD (the teacher's pooled vector from text alone). Students start from the
+teacher's first k layers; SuKD and No-KD run in `models.trainer.fit`. Driven by
+`pipelines/distillation.py`. Pure PyTorch. The three ways and the conversion rate:
+docs/DESIGN.md, "The experiment protocol" and "Modules in detail", distill.py.
 """
 
 from __future__ import annotations

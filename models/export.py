@@ -1,17 +1,10 @@
 """A trained LM taken away: rebuilt from a run folder or a student's, written as a transformers
 `save_pretrained` folder with its click head, read back the way a user would, and as ONNX.
 
-What an exported LM computes for a (query, ad) pair, in its own terms (`click_head.json`):
-1. the text(s): `cross` reading, one text `query [SEP] ad` (the ad alone without a query);
-   `separate`, the query and the ad apart;
-2. the transformers model (AutoModel) on the tokenised text(s), truncated at `max_length`;
-3. pooling of the last hidden states (masked mean, or [CLS]); a separate reading of a dataset
-   with queries reads the pair as [u_q, u_a, u_q * u_a] (u_q = 0 without a query);
-4. the click head on that vector: E2's scorer and the `score` fusion give a logit (E2's alone,
-   the fusion's added to E0's logit); the `concat`/`gate` fusions give the projected vector that
-   joins E0's tower; a feature-KD student has no head (its pooled vector is the feature).
-This module is the one place that computes 1-4 from the saved files (`FolderScorer`), so the
-command's check and the tests read the folder as a user would. No Beam and no Feast here.
+The one place that computes an exported LM's output from the saved files (`FolderScorer`:
+texts, AutoModel, pooling, click head), so `nlpctr export`'s check and the tests read the
+folder as a user would. No Beam and no Feast. The four steps: docs/DESIGN.md, "Modules in
+detail", models/export.py.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """How much of an NLP feature the CTR model already knows (the redundancy measures of DESIGN.md).
 
-A feature is one value per row (an LM's score, shape (n,)) or a vector (an embedding, (n, d)).
-Rows are aggregated, so every measure weights a row by its impressions: a row with 100
-impressions counts as 100 rows. Everything takes numpy arrays and `metrics.Labels`, so it can
-be checked without training anything; the caller trains E0 and E0 + feature and passes their
-outputs in.
-
-- standalone AUC: an impression-weighted logistic regression on the feature alone;
-- explained fraction: held-out R² of a ridge probe predicting the feature from E0's inputs
-  (`e0_design_matrix`) or from E0's penultimate representation (`e0_representation`);
-- linear CKA between the feature and E0's representation;
-- the E2 curve: standalone AUC against incremental gain across fine-tuning checkpoints.
+A feature is (n,) or (n, d); every measure weights a row by its impressions and takes numpy
+arrays and `metrics.Labels`, so the caller trains E0 and E0 + feature and passes their outputs
+in. Measures (standalone AUC, explained fraction, CKA, the E2 curve): docs/DESIGN.md, "The
+measures" (Redundancy) and "Modules in detail", redundancy.py.
 """
 
 from __future__ import annotations
