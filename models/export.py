@@ -88,6 +88,12 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
     """E2's fine-tuned LM (its chosen epoch, with its click head) or a joint run's LM (with its
     fusion head) from a finished `nlpctr train` run folder.
 
+    Args:
+        run_dir: the run folder, `RUNS/NAME/`.
+
+    Returns:
+        The LM, its click head and how it reads a pair, as an `ExportedLM`.
+
     Raises:
         UserError: the run has no LM (baseline, cascade-frozen) or has not finished.
     """
@@ -153,7 +159,19 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
 
 
 def lm_of_student(folder: Path, runs_dir: Path) -> ExportedLM:
-    """An E4 student (RUNS/_students/<key>) rebuilt on its teacher's run (`StudentMeta`)."""
+    """An E4 student (RUNS/_students/<key>) rebuilt on its teacher's run (`StudentMeta`).
+
+    Args:
+        folder: the student's folder, `RUNS/_students/<key>/`.
+        runs_dir: the experiment's runs folder holding the teacher run.
+
+    Returns:
+        The student as an `ExportedLM` (no head for a feature-KD student).
+
+    Raises:
+        UserError: no complete student.json, the teacher run gone, or the student's checkpoint
+            missing or damaged.
+    """
     meta = StudentMeta.read(folder)
     teacher_dir = runs_dir / meta.teacher
     if not RunLayout(teacher_dir).run.is_file():
@@ -231,7 +249,15 @@ def head_description(exported: ExportedLM) -> dict[str, Any]:
 
 def save_folder(exported: ExportedLM, out: Path) -> dict[str, Any]:
     """The transformers folder (config, safetensors, tokenizer) plus the click head's files;
-    returns the head's description."""
+    returns the head's description.
+
+    Args:
+        exported: the LM and head to save.
+        out: the folder to write into (the caller's staging folder).
+
+    Returns:
+        The head's description, as written to `click_head.json`.
+    """
     exported.lm.model.save_pretrained(out, safe_serialization=True)
     exported.lm.tokenizer.save_pretrained(out)
     description = head_description(exported)
@@ -342,7 +368,19 @@ def export_onnx(folder: Path, path: Path, texts: Sequence[str]) -> dict[str, Any
     """The folder's model (AutoModel), pooling and, when it reads one text's vector, its click
     head as one ONNX graph (inputs input_ids and attention_mask, batch and length dynamic;
     outputs `pooled_vector` and `head_output`); checked with onnxruntime against the folder on
-    `texts`. Returns its inputs, outputs and the largest difference."""
+    `texts`. Returns its inputs, outputs and the largest difference.
+
+    Args:
+        folder: an exported transformers folder (`save_folder`'s).
+        path: the ONNX file to write.
+        texts: sample texts; the first two trace the graph, all of them check it.
+
+    Returns:
+        `file`, `inputs`, `outputs`, `texts_checked` and `max_abs_diff` against the folder.
+
+    Raises:
+        ImportError: onnxruntime is not installed (callers check `onnx_available` first).
+    """
     import onnxruntime
 
     scorer = FolderScorer(folder)

@@ -295,6 +295,24 @@ def measure_feature(
     `delta` is `evaluation.paired_delta` of E0 + feature against E0 on the test rows. The
     logistic fit and the probes use at most `max_rows` train rows, the probes and CKA at most
     `max_rows` test rows (seeded draws); standalone AUC is scored on every test row.
+
+    Args:
+        kind: what the feature is, one of KINDS (a score or a vector).
+        feature: the feature's values on the train and the test rows.
+        labels: the labels of those rows.
+        e0_inputs: E0's inputs on those rows (`e0_design_matrix`).
+        e0_representation: E0's penultimate vectors on those rows.
+        delta: `evaluation.paired_delta` of E0 + feature against E0 on the test rows.
+        max_rows: the row cap of the fits, probes and CKA.
+        max_components: principal components of a vector feature the probes predict.
+        seed: the seed of the row draws.
+
+    Returns:
+        A `FeatureRedundancy`: standalone AUC, the deltas with CIs, both explained fractions,
+        CKA and the rows used.
+
+    Raises:
+        ValueError: `kind` is not one of KINDS.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -298,6 +298,27 @@ def fit(
     `data.texts`). `train_mode` puts the modules in training mode (default: `model.train()` and the
     LM's train mode when it has trainable parameters). `start_entry` is the known evaluation of the
     starting weights: recorded as the step-0 entry, not recomputed.
+
+    Args:
+        model: the network to train (`CtrModel` or `TextScorer`), on its device.
+        data: the rows (`Tensors`) or a shard stream, with train and valid splits.
+        config: the loop's budget, optimizer, schedule and validation settings.
+        checkpoint_dir: where `epoch-<k>.pt` / `best.pt` and `last.pt` go; a `last.pt` there is
+            resumed from.
+        texts: the LM and its text batcher, for runs that read text; None for E0 and cascades.
+        progress: show progress bars.
+        auxiliary_loss: a term added to the click loss from the batch's texts (SuKD).
+        param_groups: optimizer groups replacing the default ones.
+        train_mode: puts the modules in training mode (default: see above).
+        start_entry: the known step-0 evaluation (a later stage of the LM recipe).
+
+    Returns:
+        A `FitResult`: the history, the best evaluation (whose weights `model` now holds), its
+        checkpoint, steps, rows seen and timings.
+
+    Raises:
+        ValueError: `auxiliary_loss` without `texts`, or `config.epochs` < 1.
+        UserError: a damaged `last.pt` in `checkpoint_dir` (`load_checkpoint`).
     """
     if auxiliary_loss is not None and texts is None:
         raise ValueError("auxiliary_loss is computed from the batch's text vectors: pass texts")

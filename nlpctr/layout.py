@@ -142,7 +142,17 @@ class RunLayout:
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
-    """DIR/manifest.json, or a UserError naming the command that writes it."""
+    """DIR/manifest.json, or a UserError naming the command that writes it.
+
+    Args:
+        data_dir: a prepared data folder.
+
+    Returns:
+        The manifest as a dict (counts, split, spec hash, code version, ...).
+
+    Raises:
+        UserError: DIR has no manifest.json.
+    """
     path = Path(data_dir).resolve() / MANIFEST
     if not path.is_file():
         fix = f"nlpctr data prepare --dataset NAME --out {path.parent}"
@@ -170,7 +180,15 @@ def check_splits(manifest: Mapping[str, Any], data_dir: Path) -> None:
 
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
-    """Write `manifest` as FOLDER/manifest.json (sorted keys: runs diff cleanly); returns its path."""
+    """Write `manifest` as FOLDER/manifest.json (sorted keys: runs diff cleanly); returns its path.
+
+    Args:
+        folder: the folder to write into (a job's staging folder).
+        manifest: the manifest's content (JSON-serialisable).
+
+    Returns:
+        The path of the manifest.json written.
+    """
     path = Path(folder) / MANIFEST
     write_json(path, manifest)
     return path
@@ -229,7 +247,19 @@ class LmFeatureMeta:
 
     @classmethod
     def read(cls, folder: Path) -> LmFeatureMeta:
-        """FOLDER/_meta.json; a UserError naming the folder when it is not a complete record."""
+        """FOLDER/_meta.json; a UserError naming the folder when it is not a complete record.
+
+        Args:
+            folder: an LM feature folder, `DIR/lm_features/<run>/`.
+
+        Returns:
+            The record: the run, its kind, chosen checkpoint, checkpoints, keys, model version,
+            validation AUC and fusion.
+
+        Raises:
+            UserError: _meta.json is missing keys, or is not JSON.
+            OSError: _meta.json is missing or unreadable (callers check `exists` first).
+        """
         path = Path(folder) / LM_META
         try:
             content = json.loads(path.read_text())

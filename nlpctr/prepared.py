@@ -149,5 +149,17 @@ def reading(data_dir: Path, folders: Sequence[str] = ALL_FOLDERS) -> contextlib.
 
 def reading_source(paths: Sequence[Path], fix: str) -> contextlib.AbstractContextManager[None]:
     """`reading` for a parquet source log, its one file or its shards (`data prepare`): `fix`
-    says what to do about a damaged one."""
+    says what to do about a damaged one.
+
+    Args:
+        paths: the source log's file or its shards.
+        fix: what the error message says to do about a damaged file.
+
+    Returns:
+        A context manager: footers are checked on entry; a failure inside it that a damaged
+        file explains becomes a UserError naming the file and `fix`, any other is re-raised.
+
+    Raises:
+        UserError: on entry or exit, a damaged file (as above).
+    """
     return _checked(lambda: [(Path(path), fix) for path in paths])
