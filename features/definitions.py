@@ -1,37 +1,11 @@
 """The Feast definitions of one prepared dataset: entities, sources, feature views, services.
 
-The objects are a pure function of what the batch jobs wrote under a dataset folder DIR, so the
-same code serves every dataset spec. `nlpctr features apply --data DIR` writes them out as plain
-declarations, Feast-template style, in `DIR/feature_repo/repo_definitions.py` (features/render.py),
-and checks that the file yields exactly these objects, which keeps the stock `feast` CLI and
-`nlpctr` on one set of objects.
-
-What becomes a view (only what the jobs produced, never a placeholder):
-- `DIR/ctr_history/<entity>/` -> `ctr_<entity>`: entity-level CTR history, the online view;
-- `DIR/ctr_history_rows/` -> `ctr_rows`: row-level leave-one-out history, offline only (training);
-- `DIR/embeddings/<slug>/` -> `text_embedding_<slug>`: one view per encoder, keyed by text_id;
-- the spec's numeric features, columns of `DIR/impressions/` -> `numeric`, keyed by
-  impression_id: a value belongs to its impression (a bid, a price, a search's place in its
-  session), so the point-in-time join matches each impression's own row exactly (one row per
-  id, at the impression's own time). Keyed by an entity instead (the ad), rows of one ad at one
-  time with different values would tie, and Feast breaks such ties arbitrarily
-  (feast-dev/feast#3360). Online it serves the logged impressions; a live request carries
-  its own values;
-- `DIR/lm_features/<run>/epoch-<k>/` -> `lm_<run>`: a trained LM's output (E2's fine-tuned score
-  and pooled vector, or E3's supplementary feature) for the checkpoint `_meta.json` names. The LM
-  reads the (query, ad) pair, so the view has a composite key (query_text_id, ad_text_id), the
-  columns every impression already carries; a missing query is the empty id (the key an online
-  lookup sends for it). Datasets without query text key it by ad_text_id alone.
-
-Services: `baseline` (CTR history, and the numeric features when the spec has any),
-`cascade_frozen` (baseline + the ad's and the query's text embedding), `cascade_frozen_<slug>`
-per encoder, `cascade_finetuned_<run>` / `joint_<run>` per
-LM feature set (baseline + `lm_<run>`), each with an offline twin `<name>_training`
-that reads the leave-one-out view instead. Twins alias their projections to the serving names,
-so a training frame and an online lookup yield the same column names.
-
-The names these objects use are in names.py; what the jobs wrote (`JobOutputs`) is read in
-job_outputs.py. Pure Feast and pyarrow: no Beam here.
+A pure function of what the batch jobs wrote under DIR, so the same code serves every dataset
+spec; `nlpctr features apply` renders it as `DIR/feature_repo/repo_definitions.py`
+(features/render.py). Names are in names.py, the jobs' outputs (`JobOutputs`) in
+job_outputs.py. Pure Feast and pyarrow: no Beam here. Which output becomes which view and
+service, and why `numeric` is keyed by impression: docs/DESIGN.md, "Modules in detail",
+definitions.py.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Feast's local registry file, written whole or not at all.
 
-Feast's `FileRegistryStore` opens `registry.db` for writing (truncating it) and then writes the
-new registry into it, so a process killed, or a disk that fills, between the two leaves a
-half-written registry that no `FeatureStore` can load: every view, service and
-materialisation record of the dataset gone. Every registry write goes through
-`update_registry_proto` (`feast apply`, `nlpctr features apply`, each view's materialisation
-record), so this store writes a temporary file beside the registry, syncs it and renames it
-over the old one: a reader, or the next run after a crash, sees the old registry or the new one.
-
-The rendered `feature_store.yaml` names this class (`registry.registry_store_type`), so the
-stock `feast` CLI run in a dataset's repo writes the registry the same way.
+Every registry write (`update_registry_proto`) goes to a synced temporary file renamed over
+`registry.db`, so a crash leaves the old registry or the new one; the rendered
+`feature_store.yaml` names this class, so the stock `feast` CLI writes the same way. Why Feast's
+own store is not enough: docs/DESIGN.md, "Modules in detail", registry_store.py.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Render a dataset's Feast definitions, `DIR/feature_repo/repo_definitions.py`.
 
-`nlpctr features apply --data DIR` writes two files there: `feature_store.yaml`, the
-configuration (`store_config`), and `repo_definitions.py` (`render_module`), every entity,
-source, feature view and feature service as a plain declaration, the style of Feast's own
-templates (`feast init`):
-
-      ad = Entity(name="ad", join_keys=["ad_id"], ...)
-      ctr_ad_id_source = FileSource(name="ctr_ad_id_source", path=str(DATA_DIR / "ctr_history" / "ad_id"))
-      ctr_ad_id_fv = FeatureView(name="ctr_ad_id", entities=[ad], ttl=timedelta(0), schema=[...], ...)
-      baseline = FeatureService(name="baseline", features=[ctr_ad_id_fv[["ad_id_ctr", ...]], ...])
-
-One source of truth: the module is written out from the Feast objects `build_definitions`
-returns, and executed it yields objects equal to them (`==` and proto for proto), which
-`check_module` verifies at every apply; so `feast plan` / `feast apply` on the repo and `nlpctr
-features apply` register the same thing. A source under the dataset folder is written relative
-to `DATA_DIR`, the folder above the module (`Path(__file__).resolve().parent.parent`): absolute
-when the module runs, yet the file names no machine-specific path.
+`nlpctr features apply --data DIR` writes `feature_store.yaml` (`store_config`) and
+`repo_definitions.py` (`render_module`: plain Feast declarations, `feast init` style) from the
+objects `build_definitions` returns; `check_module` verifies at every apply that the module
+yields equal objects, so `feast apply` and `nlpctr features apply` register the same thing.
+Example output and `DATA_DIR`: docs/DESIGN.md, "Modules in detail", render.py.
 """
 
 from __future__ import annotations

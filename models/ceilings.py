@@ -1,29 +1,10 @@
 """Ceilings: how much of the achievable text gain a model or an NLP feature recovers.
 
-A ΔAUC of +0.002 means nothing until it is set against the most that text could add.
-
-Simulated data (`nlpctr data simulate` writes the true click probability and every logit
-component beside the log, in `<stem>.truth.parquet`):
-- the **Bayes oracle** scores each test row with its true click probability;
-- the **no-text oracle** with sigmoid(true logit - text effect): everything the world knows
-  except the text;
-- the **text ceiling** is the gap between them, and a model's **share of the achievable text
-  gain** is (model - E0) / (oracle - no-text oracle), on RIG and on AUC.
-
-Real data has no truth. The **split-half ceiling** estimates how well an item's own CTR ranks:
-each item's test impressions are split in two (clicks drawn hypergeometrically), one half's CTR,
-shrunk toward that half's mean CTR by `prior_strength` pseudo-impressions, scores the other
-half, whose AUC and GAUC are the ceiling. It is a lower bound of what knowing each item's CTR
-gives (the score is half the data, so noisy) and an upper bound of nothing in particular: it
-includes every non-text cause of an item's CTR (Upworthy's images, for one), so it is a
-ceiling for the whole model, not for text alone. On aggregated logs an item is a row (an
-Upworthy package); on binary logs it is a (group, query, ad) key, whose rows are split, which
-only means something when keys repeat (the splittable share of impressions says how much).
-
-Every CI is a paired group bootstrap with the draws every other CI of a run uses
-(`metrics.group_bootstrap_counts`: the same groups, rounds and seed as
-`metrics.group_bootstrap_indices`); a resample reweights rows by how often their group was
-drawn, so numerator and denominator of a share move together in each round.
+A ΔAUC of +0.002 means nothing until it is set against the most that text could add: the
+Bayes and no-text oracles on simulated data (from `<stem>.truth.parquet`), the split-half
+ceiling on real data, each with a paired group-bootstrap CI. Called by `models/increments.py`
+(and `sweep`, `distill`). Definitions: docs/DESIGN.md, "The measures" (Ceilings)
+and "Modules in detail", ceilings.py.
 """
 
 from __future__ import annotations

@@ -29,7 +29,19 @@ JOINT_FEATURE_BEATS_PROBE_FEATURE = "joint_feature_beats_probe_feature"
 
 
 def verdict(ci: Sequence[float], side: int = 1) -> Verdict:
-    """What a CI says of a claim that the difference lies on `side` of zero."""
+    """What a CI says of a claim that the difference lies on `side` of zero.
+
+    Args:
+        ci: the difference's confidence interval (low, high).
+        side: +1 when the claim is that the difference is positive, -1 negative.
+
+    Returns:
+        HOLDS when the CI lies on `side` of zero, CONTRADICTED when it lies on the other side,
+        else NOT_SIGNIFICANT.
+
+    Raises:
+        ValueError: `side` is not +1 or -1.
+    """
     if side not in (1, -1):
         raise ValueError(f"side is +1 or -1, not {side}")
     low, high = (side * ci[0], side * ci[1])

@@ -1,19 +1,10 @@
 """CTR networks composed from small layers (FuxiCTR style): the E0 tower, text towers, fusions.
 
 Configuration lives in `NetConfig` (filled from YAML by the trainer), not in the code.
-
-- `CtrTower` (E0): an embedding per categorical column (IDs and context) + dense CTR history
-  features -> MLP (optionally after a DCN cross layer) -> penultimate vector h -> logit.
-- Cascade: a precomputed text vector (frozen BERT, or a fine-tuned LM's output read from
-  Feast) enters the tower as dense input after a small linear projection.
-- Joint fusions of a trainable LM's pooled vector v:
-  `score`  logit = tower(x) + head(v);
-  `concat` v (projected) joins the MLP input;
-  `gate`   g(x) * proj(v) joins the MLP input, with g a sigmoid gate conditioned on the CTR features.
-  "Joins the MLP input" is computed as W [x; u] = W_x x + W_u u: the tower keeps E0's shape and
-  the fusion owns W_u (`TextFusion.into_mlp`), so a tower warm-started from E0 computes exactly
-  E0's logits while W_u = 0, and freezing the tower leaves W_u trainable. (With DCN cross layers
-  the vector joins the cross layers' input instead: the tower is widened, the older layout.)
+`CtrTower` is E0; a cascade vector enters it as dense input; a trainable LM's vector joins it
+through a `score`, `concat` or `gate` fusion (`TextFusion`). The fusions, and why a warm-started
+tower computes E0's logits exactly while W_u = 0: docs/DESIGN.md, "Modules in detail",
+ctr_net.py.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """Where torch work runs and at what precision: one resolution of `--device` and `--precision`.
 
-`--device` is `auto` (CUDA when torch sees a GPU, else the CPU), `cpu`, `cuda` or `cuda:N`;
-`--precision` is `bf16`, `fp16` or `fp32` (`auto`: bf16 on CUDA, fp16 on a GPU without bf16,
-fp32 on the CPU). Both are also top-level keys of models/configs/default.yaml and of the
-experiment protocol (models/configs/experiment.yaml); a flag wins over the file.
-
-Precision is the LM's: its transformer layers run under `torch.autocast` at that dtype (above a
-cached frozen prefix, the layers that run each step), and its pooled vector comes back float32.
-The CTR network, the fusion heads, the losses and the optimizer states stay float32, so logits,
-log loss and the checkpoints' master weights are exact; fp16 scales the loss (`GradScaler`).
-On the CPU with fp32 nothing changes: no autocast, no scaler, every tensor already on its device,
-so outputs are bitwise those of a build without this module (tests/test_device.py).
-`encoder.autocast: bfloat16` (the CPU option of the layers above a frozen prefix) still applies
-when the precision is fp32; bf16 or fp16 precision supersedes it.
-
-A job whose workers may have other hardware than the launcher (the embed and score-batch Beam
-jobs) resolves the device again on each worker with `fallback=True`: a GPU asked for and not
-there is one warning line and the CPU, as Beam's PyTorch model handlers do.
+`--device` auto|cpu|cuda|cuda:N, `--precision` bf16|fp16|fp32|auto (also top-level keys of
+models/configs/default.yaml and experiment.yaml; a flag wins). Used by `nlpctr train`,
+`experiment` and, per worker with `fallback=True`, the embed and score-batch Beam jobs. What
+runs at which precision, and why CPU fp32 is bitwise unchanged: docs/DESIGN.md, "Modules in
+detail", device.py; flags: docs/USAGE.md, "On a GPU".
 """
 
 from __future__ import annotations

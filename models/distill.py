@@ -1,18 +1,10 @@
 """E4 distillation: k-layer students of a joint (E3) teacher, trained three ways.
 
-- SuKD: the student LM learns the teacher's *supplementary* output inside the joint model, with
-  the teacher's E0 tower frozen: click loss + λ · MSE(student's output, teacher's output), where
-  the output is the fusion's logit for `score` and the LM's pooled vector for `concat`/`gate`.
-- No-KD: the same student, same init, same frozen tower, λ = 0.
-- Feature-KD: the same student learns the teacher LM's pooled vector from text alone (MSE); the
-  caller then uses its vectors as a cascade feature, like any frozen encoder's.
-
-Each student is judged as an NLP feature added to E0 (the paper's deployment): its conversion
-rate is its feature gain over the teacher feature's gain, with a paired CI (`conversion`).
-
-Students start from the teacher's embeddings and first k transformer layers. SuKD and No-KD run
-in `models.trainer.fit` (the distance enters through its `auxiliary_loss`), so their checkpoints,
-resume and determinism are fit's. Pure PyTorch: no Beam, no Feast.
+SuKD (click loss + λ · MSE to the teacher's supplementary output, E0's tower frozen), No-KD
+(λ = 0) and feature-KD (the teacher's pooled vector from text alone). Students start from the
+teacher's first k layers; SuKD and No-KD run in `models.trainer.fit`. Driven by
+`pipelines/distillation.py`. Pure PyTorch. The three ways and the conversion rate:
+docs/DESIGN.md, "The experiment protocol" and "Modules in detail", distill.py.
 """
 
 from __future__ import annotations
@@ -124,6 +116,23 @@ def fit_joint_student(
     supplementary output of each row's text (`targets`, from `supplementary_outputs` on the same
     `data`, computed here when not given), the MSE averaged over the batch's rows (and vector
     dimensions). Checkpoints are fit's: `{"model", "lm"}` state dicts per epoch.
+
+    Args:
+        teacher_model: the trained joint (E3) `CtrModel`, with its fusion.
+        teacher_lm: the teacher's LM.
+        data: the rows to train and validate on.
+        layers: the student's depth k, 1 to the teacher's layers.
+        distill_weight: λ; 0 for No-KD.
+        config: fit's loop settings.
+        checkpoint_dir: fit's checkpoint folder.
+        targets: the teacher's supplementary outputs per text of `data`; computed when None.
+        progress: show progress bars.
+
+    Returns:
+        A `JointStudent`: the student model (best weights), its LM and fit's result.
+
+    Raises:
+        UserError: λ < 0, a teacher without a text fusion, or `layers` out of range.
     """
     if distill_weight < 0:
         raise UserError(f"distillation weight must be >= 0, got {distill_weight}")
@@ -187,6 +196,22 @@ def fit_feature_kd(
 
     A separate loop, not `fit`: fit iterates over impression rows, with a click loss and
     AUC/log-loss early stopping; this one iterates over unique texts with no click at all.
+
+    Args:
+        teacher_lm: the teacher's LM, whose pooled vectors the student learns.
+        data: the rows whose texts train (train split) and validate (valid split).
+        layers: the student's depth k, 1 to the teacher's layers.
+        config: budget, batch, `lm_lr`, patience, schedule and seed (as above).
+        checkpoint_dir: where `student.pt` and its history go.
+        targets: the teacher's pooled vector per text of `data`; computed when None.
+        progress: show progress bars and one line per epoch.
+
+    Returns:
+        A `FeatureStudent`: the student LM at its best epoch, that epoch, the history and the
+        wall time.
+
+    Raises:
+        UserError: `layers` out of range, or no texts in the train or the valid split.
     """
     targets = targets if targets is not None else pooled_vectors(teacher_lm, data)
     lm = student_encoder(teacher_lm, layers)
@@ -264,7 +289,20 @@ def conversion(
 ) -> dict[str, dict[str, Any]]:
     """(student − E0) / (teacher − E0) on AUC and RIG, each `{estimate, ci}`, where the three are
     test predictions of E0 + the student feature, E0 + the teacher feature and E0 itself. The CI
-    draws the same groups for numerator and denominator (a paired group bootstrap)."""
+    draws the same groups for numerator and denominator (a paired group bootstrap).
+
+    Args:
+        labels: the test rows' labels and groups.
+        student: test predictions of E0 + the student feature.
+        teacher: test predictions of E0 + the teacher feature.
+        baseline: E0's test predictions.
+        train_ctr: the training CTR (RIG's entropy).
+        rounds: bootstrap rounds.
+        seed: the bootstrap's seed (the run's draws).
+
+    Returns:
+        `{"auc": {estimate, ci}, "rig": {estimate, ci}}`.
+    """
     draws = metrics.Draws.of(labels.groups, rounds, seed)
     s, t, e0 = (metrics.resample(labels, p, draws) for p in (student, teacher, baseline))
     out: dict[str, dict[str, Any]] = {}

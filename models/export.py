@@ -1,17 +1,10 @@
 """A trained LM taken away: rebuilt from a run folder or a student's, written as a transformers
 `save_pretrained` folder with its click head, read back the way a user would, and as ONNX.
 
-What an exported LM computes for a (query, ad) pair, in its own terms (`click_head.json`):
-1. the text(s): `cross` reading, one text `query [SEP] ad` (the ad alone without a query);
-   `separate`, the query and the ad apart;
-2. the transformers model (AutoModel) on the tokenised text(s), truncated at `max_length`;
-3. pooling of the last hidden states (masked mean, or [CLS]); a separate reading of a dataset
-   with queries reads the pair as [u_q, u_a, u_q * u_a] (u_q = 0 without a query);
-4. the click head on that vector: E2's scorer and the `score` fusion give a logit (E2's alone,
-   the fusion's added to E0's logit); the `concat`/`gate` fusions give the projected vector that
-   joins E0's tower; a feature-KD student has no head (its pooled vector is the feature).
-This module is the one place that computes 1-4 from the saved files (`FolderScorer`), so the
-command's check and the tests read the folder as a user would. No Beam and no Feast here.
+The one place that computes an exported LM's output from the saved files (`FolderScorer`:
+texts, AutoModel, pooling, click head), so `nlpctr export`'s check and the tests read the
+folder as a user would. No Beam and no Feast. The four steps: docs/DESIGN.md, "Modules in
+detail", models/export.py.
 """
 
 from __future__ import annotations
@@ -95,6 +88,12 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
     """E2's fine-tuned LM (its chosen epoch, with its click head) or a joint run's LM (with its
     fusion head) from a finished `nlpctr train` run folder.
 
+    Args:
+        run_dir: the run folder, `RUNS/NAME/`.
+
+    Returns:
+        The LM, its click head and how it reads a pair, as an `ExportedLM`.
+
     Raises:
         UserError: the run has no LM (baseline, cascade-frozen) or has not finished.
     """
@@ -160,7 +159,19 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
 
 
 def lm_of_student(folder: Path, runs_dir: Path) -> ExportedLM:
-    """An E4 student (RUNS/_students/<key>) rebuilt on its teacher's run (`StudentMeta`)."""
+    """An E4 student (RUNS/_students/<key>) rebuilt on its teacher's run (`StudentMeta`).
+
+    Args:
+        folder: the student's folder, `RUNS/_students/<key>/`.
+        runs_dir: the experiment's runs folder holding the teacher run.
+
+    Returns:
+        The student as an `ExportedLM` (no head for a feature-KD student).
+
+    Raises:
+        UserError: no complete student.json, the teacher run gone, or the student's checkpoint
+            missing or damaged.
+    """
     meta = StudentMeta.read(folder)
     teacher_dir = runs_dir / meta.teacher
     if not RunLayout(teacher_dir).run.is_file():
@@ -238,7 +249,15 @@ def head_description(exported: ExportedLM) -> dict[str, Any]:
 
 def save_folder(exported: ExportedLM, out: Path) -> dict[str, Any]:
     """The transformers folder (config, safetensors, tokenizer) plus the click head's files;
-    returns the head's description."""
+    returns the head's description.
+
+    Args:
+        exported: the LM and head to save.
+        out: the folder to write into (the caller's staging folder).
+
+    Returns:
+        The head's description, as written to `click_head.json`.
+    """
     exported.lm.model.save_pretrained(out, safe_serialization=True)
     exported.lm.tokenizer.save_pretrained(out)
     description = head_description(exported)
@@ -349,7 +368,19 @@ def export_onnx(folder: Path, path: Path, texts: Sequence[str]) -> dict[str, Any
     """The folder's model (AutoModel), pooling and, when it reads one text's vector, its click
     head as one ONNX graph (inputs input_ids and attention_mask, batch and length dynamic;
     outputs `pooled_vector` and `head_output`); checked with onnxruntime against the folder on
-    `texts`. Returns its inputs, outputs and the largest difference."""
+    `texts`. Returns its inputs, outputs and the largest difference.
+
+    Args:
+        folder: an exported transformers folder (`save_folder`'s).
+        path: the ONNX file to write.
+        texts: sample texts; the first two trace the graph, all of them check it.
+
+    Returns:
+        `file`, `inputs`, `outputs`, `texts_checked` and `max_abs_diff` against the folder.
+
+    Raises:
+        ImportError: onnxruntime is not installed (callers check `onnx_available` first).
+    """
     import onnxruntime
 
     scorer = FolderScorer(folder)

@@ -1,15 +1,9 @@
 """The LM recipe of E2 and E3, one for both arms so that their LMs compare on equal footing.
 
-LP-FT (Kumar et al. 2022): stage 0 (`head`, the probe) trains the click head alone on the frozen
-LM's vectors, each text encoded once; stage 1 (`lm`) then trains the LM's trainable layers with
-the head on `lm_loop`'s budget and optimizer (batch, steps, warmup and decay), the same for E2
-(`TextScorer`: clicks alone) and E3 (`CtrModel` with a fusion: E0's tower frozen, so the LM fits
-what E0 misses). E3 may add stage 2 (`all`: the tower too, at its own small rate). A cold E3 (no
-E0 to start from) is one stage `all` on `lm_loop`'s budget with the tower at `loop.lr`.
-
-Every stage is one `models.trainer.fit`: validated at its step 0 (a later stage's step 0 is the
-stage before's best, recorded, not recomputed), it keeps its best state, so a warm-started run
-never ends worse on validation than where it started. Design: docs/DESIGN.md, "Joint training".
+LP-FT: stage 0 (`head`, the probe), stage 1 (`lm`, on `lm_loop`'s budget), for E3 optionally
+stage 2 (`all`); each stage is one `models.trainer.fit`, validated at its step 0 and keeping
+its best state. Driven by `pipelines/train_modes.py`. Design: docs/DESIGN.md, "The experiment
+protocol" (One LM, one recipe; Joint training rule) and "Modules in detail", recipe.py.
 """
 
 from __future__ import annotations

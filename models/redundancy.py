@@ -1,16 +1,9 @@
 """How much of an NLP feature the CTR model already knows (the redundancy measures of DESIGN.md).
 
-A feature is one value per row (an LM's score, shape (n,)) or a vector (an embedding, (n, d)).
-Rows are aggregated, so every measure weights a row by its impressions: a row with 100
-impressions counts as 100 rows. Everything takes numpy arrays and `metrics.Labels`, so it can
-be checked without training anything; the caller trains E0 and E0 + feature and passes their
-outputs in.
-
-- standalone AUC: an impression-weighted logistic regression on the feature alone;
-- explained fraction: held-out R² of a ridge probe predicting the feature from E0's inputs
-  (`e0_design_matrix`) or from E0's penultimate representation (`e0_representation`);
-- linear CKA between the feature and E0's representation;
-- the E2 curve: standalone AUC against incremental gain across fine-tuning checkpoints.
+A feature is (n,) or (n, d); every measure weights a row by its impressions and takes numpy
+arrays and `metrics.Labels`, so the caller trains E0 and E0 + feature and passes their outputs
+in. Measures (standalone AUC, explained fraction, CKA, the E2 curve): docs/DESIGN.md, "The
+measures" (Redundancy) and "Modules in detail", redundancy.py.
 """
 
 from __future__ import annotations
@@ -302,6 +295,24 @@ def measure_feature(
     `delta` is `evaluation.paired_delta` of E0 + feature against E0 on the test rows. The
     logistic fit and the probes use at most `max_rows` train rows, the probes and CKA at most
     `max_rows` test rows (seeded draws); standalone AUC is scored on every test row.
+
+    Args:
+        kind: what the feature is, one of KINDS (a score or a vector).
+        feature: the feature's values on the train and the test rows.
+        labels: the labels of those rows.
+        e0_inputs: E0's inputs on those rows (`e0_design_matrix`).
+        e0_representation: E0's penultimate vectors on those rows.
+        delta: `evaluation.paired_delta` of E0 + feature against E0 on the test rows.
+        max_rows: the row cap of the fits, probes and CKA.
+        max_components: principal components of a vector feature the probes predict.
+        seed: the seed of the row draws.
+
+    Returns:
+        A `FeatureRedundancy`: standalone AUC, the deltas with CIs, both explained fractions,
+        CKA and the rows used.
+
+    Raises:
+        ValueError: `kind` is not one of KINDS.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

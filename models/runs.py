@@ -143,6 +143,14 @@ class TrainedRun:
     def load(cls, directory: Path, placement: Placement = CPU) -> TrainedRun:
         """The run in `directory`, its weights loaded onto `placement`'s device.
 
+        Args:
+            directory: a run folder, `RUNS/NAME/`.
+            placement: the device and precision to load onto (default: the CPU at fp32).
+
+        Returns:
+            The run: its run.json, configuration, preprocessing, model (in eval mode) and, for
+            a joint run, its LM.
+
         Raises:
             UserError: not a finished run, or its checkpoint missing or damaged.
         """

@@ -2,24 +2,11 @@
 data folder (E2, each E3 fusion, the probe, a rerun, another process) computes them once.
 
     DIR/lm_cache/<slug>-frozen<k>-<dtype>-<device>-<weights sha1>/
-        _manifest.json                 what the states depend on (`PrefixKey.manifest`)
-        <sha1 of its texts>.safetensors  one shard per prefill that computed something:
-                                         tokens (int32, every text's ids end to end), lengths
-                                         (int32, tokens per text), states (tokens x hidden, in
-                                         the cache's dtype); a CRC-32 of the three in its metadata
+        _manifest.json, <sha1 of its texts>.safetensors (tokens, lengths, states; CRC-32)
 
-A folder is keyed like an embedding folder: by the encoder (its slug), how much of it is frozen
-(`k` layers and the embeddings), the SHA-1 of the frozen weights, the cache dtype and the device
-type; its manifest also records the library versions and the batch size the states were computed
-with, and a folder whose manifest disagrees (torch upgraded, say) is emptied and refilled. A
-shard is written under a temporary name and renamed, so readers never see half of one; a
-damaged shard (truncated, zeroed, a CRC mismatch) is removed and its texts are recomputed, with
-one warning. The cache is an optimisation: a folder that cannot be written (read-only, full)
-gives one warning and the run goes on computing. The states are stored exactly as computed,
-so a run that loads them sees the same bits as the run that computed them.
-
-Torch and safetensors only (no Beam, no Feast). Which folder (`persisted_states`) is the
-caller's to say: `nlpctr train` names its data folder's.
+Torch and safetensors only; the caller names the folder (`persisted_states`; `nlpctr train`:
+its data folder's). Keying, damage handling and why it is bit-exact: docs/DESIGN.md, "Modules
+in detail", state_store.py.
 """
 
 from __future__ import annotations

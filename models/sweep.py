@@ -1,20 +1,10 @@
 """The simulator sweep's analysis: what each rho keeps, the trend of each measure against rho,
 and the three predictions docs/RESULTS.md states before the results, each with a verdict.
 
-The simulator's knob rho is the share of the text effect that the ad ID also carries. So as rho
-rises, E0's ID and history features know more of what the text says, and:
-
-1. `explained_fraction_rises`: E0 explains more of each click-trained NLP feature (E2's chosen
-   checkpoint, every joint fusion);
-2. `incremental_gain_falls`: every NLP feature adds less over E0 (ΔRIG), towards 0 at rho = 1;
-3. `joint_share_at_least_e2`: at rho >= 0.5 the joint feature recovers at least the E2 feature's
-   share of the text ceiling (the paired ΔRIG of the two features over E0, same test rows and
-   draws: the shares share one denominator, so their difference has this sign).
-
-A trend's verdict is an exact one-sided permutation test of Spearman's correlation with rho
-(n points, all n! orders equally likely under no trend): "holds" when p <= `TREND_ALPHA` in the
-predicted direction, "contradicted" when p <= `TREND_ALPHA` in the other, else "not
-significant". With 5 values of rho, p <= 0.05 needs Spearman >= 0.9.
+Predictions: `explained_fraction_rises`, `incremental_gain_falls`, `joint_share_at_least_e2`;
+a trend's verdict is an exact one-sided permutation test of Spearman's correlation with rho at
+`TREND_ALPHA`. Called by `pipelines/rho_sweep.py`. The predictions stated in full and the test:
+docs/DESIGN.md, "Modules in detail", sweep.py.
 """
 
 from __future__ import annotations

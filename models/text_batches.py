@@ -1,19 +1,10 @@
 """How an LM reads a row's (query, ad) texts, and rows -> the LM's vectors.
 
-Two readings of a pair (`encoder.pair_reading`):
-- `cross`: one text, the query then the ad (`query [SEP] ad`, truncated as one), one pooled
-  vector of the LM's width d;
-- `separate`: the query and the ad encoded apart by the same LM, the pair read as
-  [u_q, u_a, u_q * u_a] (3d): what E1 gives E0 (two vectors), plus their product, from which a
-  linear read-out finds the query-ad agreement that a frozen cross-encoding hides
-  (results/simulated/joint-budget/capacity.json: R^2 of the simulator's pair effect 0.095
-  against 0.013). In data without query texts both readings are the ad's vector alone (d).
-
-`TextBatcher` encodes each text a batch needs once: a pair's units (its one cross text, or its
-query and its ad) are deduplicated across the batch before the LM runs. At inference it also
-keeps each text's vector for as long as the LM's weights do not change (`cache`), so a finished
-run's test pass and the write-back of its LM feature encode each text once between them, and a
-validation pass encodes a text repeated across its batches once.
+Two readings of a pair (`encoder.pair_reading`): `cross` (`query [SEP] ad`, one vector, d) and
+`separate` ([u_q, u_a, u_q * u_a], 3d). `TextBatcher` encodes each text a batch needs once and,
+at inference, caches vectors while the LM's weights do not change. Used by `models.trainer`
+and the LM feature write-back. Why `separate`: docs/DESIGN.md, "Modules in detail",
+text_batches.py (its measurement: docs/RESULTS.md).
 """
 
 from __future__ import annotations

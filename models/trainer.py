@@ -1,29 +1,10 @@
 """One training loop for every mode (nanoGPT style: plain PyTorch, no framework).
 
-Modes differ only in the model handed in and whether an LM encodes the row's text:
-- baseline / cascade: `CtrModel` on ID, context, CTR-history (and cascade vector) inputs;
-- lm (the E2 standalone LM): `TextScorer`, the LM plus a head, on text alone;
-- joint: `CtrModel` with a text fusion, LM fine-tuned end to end.
-
-Each unique text of a batch is encoded once and padded to the batch's longest text.
-
-Validation runs at every epoch end and, with `eval_every_steps` = K, every K optimizer steps;
-with `eval_at_start`, also on the starting weights (step 0: a warm start is a candidate, so a
-run never keeps a state worse than the one it started from). Each evaluation is one `history`
-entry (epoch, step, train loss, valid log loss and AUC); the best one's weights are kept and
-early stopping counts `patience` evaluations without improvement. Checkpoints are state dicts
-(loadable with `weights_only=True`): per epoch (`epoch-<k>.pt`) when validating at epoch ends
-only, else `best.pt`; `last.pt`, written at every evaluation, also holds the optimizer and RNG
-states and the position in the epoch, so an interrupted run resumes where it stopped (mid-epoch
-included) and ends with the same weights as an uninterrupted one. An optional `auxiliary_loss`
-adds a term computed from the batch's texts to the click loss (SuKD's distance to a teacher, in
-`models/distill.py`); `param_groups` replaces the default optimizer groups (the CTR network at
-`lr`, the LM at `lm_lr`), e.g. the LM recipe's tower / head / LM (`models/recipe.py`).
-
-The loop runs where the model is (`models/device.py`): each batch moves to the model's device,
-the LM runs at its own precision (`TextEncoder.placement`; fp16 adds a `GradScaler`), and
-checkpoints load onto that device (`map_location`), so a run started on a GPU resumes on a CPU
-and the other way round (on CUDA, `last.pt` also keeps the CUDA RNG and the scaler's state).
+`fit` trains baseline / cascade (`CtrModel`), lm (E2's `TextScorer`) and joint (`CtrModel` with
+a text fusion) runs alike; `models.training`, `models.streamed_training`, `models.recipe` and
+`models.distill` drive it. Checkpoints: `epoch-<k>.pt` or `best.pt`, and `last.pt` (optimizer,
+RNG and position, for an exact resume). Validation, early stopping, resume, `auxiliary_loss`,
+`param_groups` and device placement: docs/DESIGN.md, "Modules in detail", trainer.py.
 """
 
 from __future__ import annotations
@@ -317,6 +298,27 @@ def fit(
     `data.texts`). `train_mode` puts the modules in training mode (default: `model.train()` and the
     LM's train mode when it has trainable parameters). `start_entry` is the known evaluation of the
     starting weights: recorded as the step-0 entry, not recomputed.
+
+    Args:
+        model: the network to train (`CtrModel` or `TextScorer`), on its device.
+        data: the rows (`Tensors`) or a shard stream, with train and valid splits.
+        config: the loop's budget, optimizer, schedule and validation settings.
+        checkpoint_dir: where `epoch-<k>.pt` / `best.pt` and `last.pt` go; a `last.pt` there is
+            resumed from.
+        texts: the LM and its text batcher, for runs that read text; None for E0 and cascades.
+        progress: show progress bars.
+        auxiliary_loss: a term added to the click loss from the batch's texts (SuKD).
+        param_groups: optimizer groups replacing the default ones.
+        train_mode: puts the modules in training mode (default: see above).
+        start_entry: the known step-0 evaluation (a later stage of the LM recipe).
+
+    Returns:
+        A `FitResult`: the history, the best evaluation (whose weights `model` now holds), its
+        checkpoint, steps, rows seen and timings.
+
+    Raises:
+        ValueError: `auxiliary_loss` without `texts`, or `config.epochs` < 1.
+        UserError: a damaged `last.pt` in `checkpoint_dir` (`load_checkpoint`).
     """
     if auxiliary_loss is not None and texts is None:
         raise ValueError("auxiliary_loss is computed from the batch's text vectors: pass texts")

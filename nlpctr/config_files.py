@@ -53,6 +53,13 @@ def load_bounded(path: Path, noun: str = "the file") -> Any:
     """The YAML document in `path`, bounded (see the module docstring); `noun` names it in the
     size message ("a spec").
 
+    Args:
+        path: the YAML file.
+        noun: how the size message names it.
+
+    Returns:
+        The parsed document (None for an empty file).
+
     Raises:
         RefusedYaml: over MAX_BYTES, an alias, nested deeper than MAX_DEPTH.
         yaml.YAMLError: not YAML.
@@ -111,6 +118,14 @@ def read_yaml(path: Path, what: str, fix: str) -> Any:
 
 def read_mapping(path: Path, what: str, fix: str) -> dict[str, Any]:
     """`read_yaml` of a file that holds a mapping (an empty file: an empty one).
+
+    Args:
+        path: the YAML file.
+        what: how the message names the file (e.g. "--config FILE").
+        fix: what the message says to do.
+
+    Returns:
+        The mapping; an empty dict for an empty file.
 
     Raises:
         UserError: as `read_yaml`, and when the document is a list, a number or a text.

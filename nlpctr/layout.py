@@ -1,22 +1,13 @@
 """The on-disk layout of a prepared data folder DIR: every name the jobs write there, and the
 files that describe it.
 
-    DIR/manifest.json                      `data prepare`'s manifest (read_manifest, write_manifest)
-    DIR/impressions/*.parquet              the canonical impressions (`data prepare`)
-    DIR/rejected/*.jsonl                   the records `data prepare` rejected, with the reason
-    DIR/ctr_history/<entity>/              entity-level CTR history (`ctr-stats`), and its _meta.json
-    DIR/ctr_history_rows/                  row-level leave-one-out CTR history (`ctr-stats`)
-    DIR/embeddings/<slug>/                 one encoder's text embeddings (`embed`), and its _manifest.json
-    DIR/lm_features/<run>/epoch-<k>/       a trained LM's output per text pair (`train`, E2 and E3),
-                                           and the run's _meta.json (LmFeatureMeta)
-    DIR/lm_cache/<prefix>/                 a trainable LM's frozen-prefix states per text, computed
-                                           once for every run of DIR (`train`; models/state_store.py)
-    DIR/feature_repo/                      the rendered Feast repository (`features apply`)
-    DIR/training/<service>/<split>/        streamed training shards, and their _meta.json
-    DIR/scored/<run>/, DIR/enriched/<service>/   `score-batch`'s default outputs
+    DIR/manifest.json, impressions/, rejected/, ctr_history/<entity>/, ctr_history_rows/,
+    embeddings/<slug>/, lm_features/<run>/epoch-<k>/, lm_cache/<prefix>/, feature_repo/,
+    training/<service>/<split>/, scored/<run>/, enriched/<service>/
 
-Metadata files start with "_" so that parquet dataset readers (pyarrow, Feast) skip them.
-Imports nothing from nlpctr but its errors, so that every layer can use it.
+Metadata files start with "_" so that parquet readers skip them. Imports nothing from nlpctr
+but its errors, so every layer can use it. Which job writes each: docs/DESIGN.md, "Modules in
+detail", layout.py.
 """
 
 from __future__ import annotations
@@ -151,7 +142,17 @@ class RunLayout:
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
-    """DIR/manifest.json, or a UserError naming the command that writes it."""
+    """DIR/manifest.json, or a UserError naming the command that writes it.
+
+    Args:
+        data_dir: a prepared data folder.
+
+    Returns:
+        The manifest as a dict (counts, split, spec hash, code version, ...).
+
+    Raises:
+        UserError: DIR has no manifest.json.
+    """
     path = Path(data_dir).resolve() / MANIFEST
     if not path.is_file():
         fix = f"nlpctr data prepare --dataset NAME --out {path.parent}"
@@ -179,7 +180,15 @@ def check_splits(manifest: Mapping[str, Any], data_dir: Path) -> None:
 
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
-    """Write `manifest` as FOLDER/manifest.json (sorted keys: runs diff cleanly); returns its path."""
+    """Write `manifest` as FOLDER/manifest.json (sorted keys: runs diff cleanly); returns its path.
+
+    Args:
+        folder: the folder to write into (a job's staging folder).
+        manifest: the manifest's content (JSON-serialisable).
+
+    Returns:
+        The path of the manifest.json written.
+    """
     path = Path(folder) / MANIFEST
     write_json(path, manifest)
     return path
@@ -238,7 +247,19 @@ class LmFeatureMeta:
 
     @classmethod
     def read(cls, folder: Path) -> LmFeatureMeta:
-        """FOLDER/_meta.json; a UserError naming the folder when it is not a complete record."""
+        """FOLDER/_meta.json; a UserError naming the folder when it is not a complete record.
+
+        Args:
+            folder: an LM feature folder, `DIR/lm_features/<run>/`.
+
+        Returns:
+            The record: the run, its kind, chosen checkpoint, checkpoints, keys, model version,
+            validation AUC and fusion.
+
+        Raises:
+            UserError: _meta.json is missing keys, or is not JSON.
+            OSError: _meta.json is missing or unreadable (callers check `exists` first).
+        """
         path = Path(folder) / LM_META
         try:
             content = json.loads(path.read_text())

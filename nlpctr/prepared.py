@@ -1,16 +1,10 @@
 """The one reader of a prepared data folder's parquet files (and of a parquet source log): it
 tells a damaged file from a bug, and names the file and the command that rebuilds it.
 
-Every command that reads DIR's parquet runs its reads inside `reading(DIR, folders)`:
-- on entry, each file's footer is read (cheap): a truncated, zeroed or overwritten file fails
-  there, before the command writes anything;
-- a failure inside the block (Beam, Feast, DuckDB or pyarrow meeting a page damaged behind a sound
-  footer, however the engine wrapped it) is checked against every file the block read, in full; a
-  damaged one is a UserError naming it and its fix, anything else is re-raised unchanged.
-`reading_source` does the same for the parquet log `data prepare` reads. The engines keep reading
-the files themselves (Beam's parquet IO, Feast's DuckDB store, DuckDB's `read_parquet`): the
-check runs where they read, once per command, not once per engine. Imports nothing from nlpctr but
-its errors and the layout.
+Every command that reads DIR's parquet runs its reads inside `reading(DIR, folders)`
+(`reading_source` for `data prepare`'s log): footers checked on entry, a failure inside the
+block checked against the files read. Imports nothing from nlpctr but its errors and the
+layout. Details: docs/DESIGN.md, "Modules in detail", prepared.py.
 """
 
 from __future__ import annotations
@@ -155,5 +149,17 @@ def reading(data_dir: Path, folders: Sequence[str] = ALL_FOLDERS) -> contextlib.
 
 def reading_source(paths: Sequence[Path], fix: str) -> contextlib.AbstractContextManager[None]:
     """`reading` for a parquet source log, its one file or its shards (`data prepare`): `fix`
-    says what to do about a damaged one."""
+    says what to do about a damaged one.
+
+    Args:
+        paths: the source log's file or its shards.
+        fix: what the error message says to do about a damaged file.
+
+    Returns:
+        A context manager: footers are checked on entry; a failure inside it that a damaged
+        file explains becomes a UserError naming the file and `fix`, any other is re-raised.
+
+    Raises:
+        UserError: on entry or exit, a damaged file (as above).
+    """
     return _checked(lambda: [(Path(path), fix) for path in paths])

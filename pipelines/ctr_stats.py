@@ -1,19 +1,12 @@
 """Historical CTR features per declared entity, from training rows only (Beam).
 
-    nlpctr ctr-stats --data DIR [--prior-strength 10] [beam options, e.g. --runner
-        nlpctr.pipelines.dask_runner.DaskRunner]
+    nlpctr ctr-stats --data DIR [--prior-strength 10] [beam options]
 
-For each entity in the manifest (test_id, image_id, ad_id, query_id, position, ...) it sums
-impressions and clicks over the *training* rows and smooths the CTR toward the global
-training CTR p0:  ctr = (clicks + m * p0) / (impressions + m).
-
-Two outputs, both ready to become Feast feature views:
-- `DIR/ctr_history/<entity>/`: one row per entity key (what serving looks up). Its
-  event_timestamp is the snapshot time: the earliest impression in the dataset, so every
-  impression's point-in-time join sees the snapshot (the within-group split is not temporal).
-- `DIR/ctr_history_rows/`: one row per impression (what training frames join). Training rows
-  are leave-one-out: their own impressions and clicks are subtracted first, so a row never
-  sees its own label. Valid/test rows get exactly the entity-level values.
+ctr = (clicks + m * p0) / (impressions + m) per entity key over training rows, written as
+`DIR/ctr_history/<entity>/` (entity level, online) and `DIR/ctr_history_rows/` (per row,
+leave-one-out for training rows). Second job of docs/DESIGN.md, "Data flow"; timestamps and
+leave-one-out: docs/USAGE.md, "CTR history features" and docs/DESIGN.md, "Modules in detail",
+ctr_stats.py.
 """
 
 from __future__ import annotations

@@ -2,29 +2,11 @@
 Dask distributed unchanged:
 
     nlpctr data prepare ... --runner nlpctr.pipelines.dask_runner.DaskRunner \
-        --dask_client_address tcp://HOST:PORT      # a running Dask scheduler
-    (without --dask_client_address, Dask starts a LocalCluster of worker processes in-process)
+        --dask_client_address tcp://HOST:PORT      # without it, an in-process LocalCluster
 
-Dask schedules and executes the work (worker processes, its shuffle for GroupByKey); this
-module only translates the Beam graph, as `apache_beam.runners.dask` does, and fixes what
-that translation gets wrong in Beam 2.77 (each found by running these jobs on it):
-
-1. `beam.io.Read` (every file source) is translated to nothing, so a pipeline that reads a
-   file fails at construction. Here a bounded source is split and each split read in a task.
-2. A ParDo's tagged outputs (`with_outputs`, `Partition`) all land in one bag that every
-   consumer reads: rejected rows would be written as impressions. Here each output is a
-   filtered view of the ParDo's (tag, value) bag.
-3. Elements emitted by `finish_bundle` are dropped (the outputs are collected before it
-   runs). Beam's file sinks report their written files from `finish_bundle`, so nothing was
-   finalised and their temp folders were left behind; `BatchElements` lost its last batch.
-4. Only the bag of the last visited transform is computed, so a pipeline with several
-   sinks (impressions, dead letters, counts) runs one of them. Here every leaf is computed.
-5. A side input is recomputed inside every task that reads it (`list(bag)` in a worker).
-   Here it is computed once, as a delayed value that Dask passes to every task.
-
-GroupByKey with string keys, which apache/beam#29365 reports broken, groups correctly now:
-Dask bags hash keys with `tokenize`, the same in every process (checked by the tests).
-Windowing is global only, as in the upstream runner; the nlpctr jobs are batch jobs.
+Only translates the Beam graph, as `apache_beam.runners.dask` does; Dask schedules and runs it.
+The five translation gaps it fixes (file reads, tagged outputs, finish_bundle, several sinks,
+side inputs): docs/DESIGN.md, "Modules in detail", dask_runner.py.
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """Incremental embedding: reuse the vectors `nlpctr embed` already published for the same encoder.
 
-A rerun after new impressions were added encodes only the texts its published folder
-`DIR/embeddings/<slug>/` does not hold yet. Inside the job's pipeline (`reuse_stored`), the
-unique texts are joined by text id (CoGroupByKey) with the stored vectors and with the stored
-spelling digests, and routed: a text whose stored vector was computed from the same spelling is
-"reused" (its vector copied, its event_timestamp the current data's first impression, as a full
-run would write it), every other text goes "to encode". The reused rows are flattened with the
-encoded ones ahead of WriteEmbeddings, so the output is the full run's.
-
-Why spellings: a text id names a normalised text (NFKC, case-folded), but the encoder reads
-the text's earliest spelling, which new impressions can change (an earlier or tied sighting
-with another spelling); the tokens, and so the vector, may then differ. Every run writes
-`_spellings-*.tsv.gz` (text id, digest of the spelling it encoded) beside its parquet
-(underscore names: parquet readers, Feast and Spark skip them, and not `.parquet`, which
-DuckDB's folder glob would read as data), and a stored vector is reused only under the same
-digest.
-
-Reuse needs the published folder of the same encoder: its `_manifest.json` names this
-`encoder_version` and `slug` (else a full run: vectors of another encoder are never reused),
-its parquet footers and schema read, its row count matches the manifest, and it has its
-spelling files. Anything else is a full run with one warning line (`find_stored`). A stored
-file whose pages turn out unreadable while the job runs is counted and its texts encoded.
+Inside the embedding pipeline (`reuse_stored`), unique texts are joined by text id with the
+stored vectors and spelling digests (`_spellings-*.tsv.gz`) and routed "reused" or "to encode";
+the output equals a full run's. `find_stored` decides whether a folder can be reused at all.
+Why spellings, and when reuse falls back to a full run: docs/DESIGN.md, "Modules in detail",
+embed_reuse.py.
 """
 
 from __future__ import annotations

@@ -1,35 +1,13 @@
 """Embed every unique query and ad text once with the frozen encoder (Beam RunInference).
 
-    nlpctr embed --data DIR [--encoder NAME_OR_PATH] [--layers K] [--pooling mean|cls] [--max-length N]
-                 [--batch-size B] [--device auto|cpu|cuda[:N]] [--torch-threads T]
-                 [--no-length-grouping] [--full] [beam options]
+    nlpctr embed --data DIR [--encoder NAME_OR_PATH] [--layers K] [--device auto|cpu|cuda[:N]]
+                 [--full] [beam options]
 
-Reads `DIR/impressions/*.parquet` (canonical schema), keeps one element per text id (the
-text identity of `models/schema.py`) with the earliest event_timestamp it appears at, so a
-Feast point-in-time join sees the embedding from the first impression on (`unique_texts`;
-an id that two different texts share is a dead letter, not embedded), tokenises, batches
-texts of similar token length together (Beam's SortAndBatchElements), runs the encoder
-of `models/encoder.py` (MiniLM-L6, or `--encoder`: an installed package or a folder holding a
-BERT-family model) through RunInference (on `--device`: a GPU when there is one, float32;
-`pipelines/devices.py`) and writes
-
-    DIR/embeddings/<EncoderConfig.slug>/part-*.parquet   text_id, embedding (list<float32>, width),
-                                                         encoder_version, event_timestamp (us, UTC)
-    DIR/embeddings/<EncoderConfig.slug>/_manifest.json  provenance and counts
-    DIR/embeddings/<EncoderConfig.slug>/_collisions.jsonl  text ids two texts share (only if any)
-
-into a hidden staging folder that is renamed into place only after the pipeline succeeds, so
-a failed run never leaves a half-written folder and each encoder version has its own folder.
-Counts are computed inside the pipeline (not from runner metrics, which not every runner
-commits) and checked: unique texts == reused + encoded texts == rows written.
-
-Incremental (`pipelines/embed_reuse.py`): when the folder already holds this encoder version's
-output, only the texts it lacks are encoded and the stored vectors of the others are reused
-(the output equals a full run's); `--full` re-embeds every text.
-
-The pipeline is built from standard PipelineOptions: DirectRunner here (also
-`--direct_running_mode=multi_processing --direct_num_workers=2`), Flink/Spark/Dataflow
-unchanged.
+Reads `DIR/impressions/`, writes `DIR/embeddings/<EncoderConfig.slug>/` (part-*.parquet,
+_manifest.json, _collisions.jsonl if any) through a staging folder; reuses stored vectors of
+the same encoder (`pipelines/embed_reuse.py`). Third Beam job of the flow (docs/DESIGN.md,
+"Data flow"); flags: docs/USAGE.md, "Frozen-BERT embeddings"; contracts: docs/DESIGN.md,
+"Modules in detail", embed_text.py.
 """
 
 from __future__ import annotations

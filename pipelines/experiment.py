@@ -1,41 +1,13 @@
 """The whole experiment protocol in one command (DESIGN.md, "Experiment protocol").
 
-    nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [--encoder NAME_OR_PATH]
-                      [--no-progress] [--device auto|cpu|cuda[:N]] [--precision bf16|fp16|fp32]
-                      [--online sqlite|redis [--redis-url HOST:PORT]] [--offline duckdb|spark
-                      [--spark-master URL]] [Beam pipeline options]
+    nlpctr experiment --dataset NAME [--quick] [--seed S] --out DIR [--config FILE] [...]
     nlpctr experiment --dataset simulated [--rho 0,0.5,1] [--rows N] [--quick] --out DIR
 
-prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
-materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint per fusion (each
-`nlpctr train`, through Feast) -> E4 distillation (SuKD, feature-KD, no-KD per student depth) ->
-redundancy of every NLP feature. Writes `DIR/results.json`, `DIR/report.md` and PNG plots; data
-under `DIR/data/`, runs under `DIR/runs/`. Sizes come from `models/configs/experiment.yaml`
-(`--quick`: its `quick:` section, a small LM and few steps). `--encoder` (the protocol's `encoder`)
-is the frozen encoder the embedding job runs and the LM that E2, E3 and E4 train.
-`--device`/`--precision` (or the protocol's `device:`/`precision:`) place every job and run
-(`models/device.py`); results.json records them under `provenance.placement`.
-
-The store flags are `nlpctr features apply`'s: the protocol's Feast repository is rendered for
-them, so materialisation, training frames and online lookups use the chosen stores. Any other
-flag must be a Beam pipeline option (`--runner`, `--direct_num_workers`, ...); it is passed to
-every Beam job the protocol runs (prepare, ctr-stats, embed), after the job's own flags.
-
-DIR must be new, empty, or an earlier experiment's folder (marked by a hidden `.nlpctr-output`
-file, or its results.json); anything else is refused before any work starts.
-
-`--dataset simulated` runs the redundancy sweep instead: for each rho a simulated log
-(`nlpctr data simulate`), the protocol without E4, then the trend of each measure against rho,
-which must follow the known redundancy (`DIR/rho-<r>/` per value, the sweep in `DIR/results.json`).
-
-Redundancy increments (E0 + one feature) are trained in memory on the cascade-frozen training
-frame, the LM features joined on their (query_text_id, ad_text_id) key: each LM feature has one
-row per key, stamped at the key's first impression, so this join gives what Feast's
-point-in-time join gives (E2's chosen checkpoint, trained both ways, is checked to agree).
-
-This module is the command (flags, protocol sizes, the summary); one dataset's protocol is
-`pipelines/protocol.py`, E4 `pipelines/distillation.py`, the sweep `pipelines/rho_sweep.py`, and
-the analysis they call lives in `models/` (`increments`, `nlp_features`, `redundancy`, `claims`).
+The command (flags, protocol sizes, the summary): prepare -> CTR history -> embeddings -> Feast
+-> E0..E3 -> E4 -> redundancy, written to `DIR/results.json`, `DIR/report.md` and plots. One
+dataset's protocol is `pipelines/protocol.py`, E4 `pipelines/distillation.py`, the sweep
+`pipelines/rho_sweep.py`. Flags: docs/USAGE.md, "The experiment"; output folder rules and the
+increments' join: docs/DESIGN.md, "Modules in detail", experiment.py.
 """
 
 from __future__ import annotations

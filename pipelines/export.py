@@ -2,17 +2,10 @@
 
     nlpctr export --run RUN --out DIR [--runs-dir runs] [--onnx]
 
-RUN is a finished `nlpctr train` run in --runs-dir with an LM (cascade-finetuned: E2's LM at its
-chosen epoch with its click scorer; joint: the LM with its fusion head), or the key of an
-experiment's student (`RUNS/_students/<key>`, e.g. `sukd_L1`; --runs-dir is then the
-experiment's `runs/`). DIR gets `save_pretrained`'s files (config.json, model.safetensors, the
-tokenizer), `click_head.safetensors` and `click_head.json`, `nlpctr_export.json` and a model
-card (README.md); with --onnx, `model.onnx` too (`pip install 'nlpctr[onnx]'`).
-
-Before DIR is published the folder is read back with transformers alone (`FolderScorer`) and
-its outputs compared with the run's model and with the LM feature the run wrote, on up to
-CHECK_PAIRS text pairs of its data; the differences are in nlpctr_export.json and the card.
-DIR must be new, empty or an earlier export (its nlpctr_export.json): nothing else is replaced.
+RUN is a finished train run with an LM (E2, E3) or an experiment's student
+(`RUNS/_students/<key>`). DIR is checked by reading it back (`FolderScorer`) before it is
+published; it must be new, empty or an earlier export. The folder's files: docs/USAGE.md,
+"Exporting an LM"; the check: docs/DESIGN.md, "Modules in detail", export.py.
 """
 
 from __future__ import annotations

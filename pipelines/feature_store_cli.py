@@ -1,17 +1,12 @@
 """`nlpctr features ...`: the Feast store of a prepared dataset.
 
-    nlpctr features apply --data DIR [--online sqlite|redis --redis-url HOST:PORT]
-                          [--encoder SLUG|NAME_OR_PATH] [--offline duckdb|spark [--spark-master URL]]
+    nlpctr features apply --data DIR [--online sqlite|redis --redis-url HOST:PORT] [...]
     nlpctr features materialize --data DIR [--start ISO --end ISO | --incremental]
-    nlpctr features get --data DIR --service NAME (--entity KEY=VALUE ... | --impression ID ...) [--json]
+    nlpctr features get --data DIR --service NAME (--entity KEY=VALUE ... | --impression ID ...)
 
-`apply` renders DIR/feature_repo/ (a stock Feast repo: `feast -c DIR/feature_repo
-feature-views list`, `feast -c DIR/feature_repo serve` work on it) and registers the views the
-jobs' outputs back. `get` is an online lookup: give each key the service needs; give a key
-several times to look up several rows (a key given once applies to every row). Unknown keys
-come back null and are counted. A text can stand for its id (`--entity query_text="..."`); one
-the store has never embedded gets its vector computed at lookup time by the view's encoder.
-With `--impression`, `--entity` overrides that impression's keys (e.g. another query text).
+The CLI face of `features.store` (apply, materialize, online lookups). Usage in full:
+docs/USAGE.md, "Feast store"; `get`'s key rules: docs/DESIGN.md, "Modules in detail",
+feature_store_cli.py.
 """
 
 from __future__ import annotations

@@ -2,18 +2,10 @@
 
     nlpctr data prepare --dataset upworthy --out data/upworthy [--seed 0] [beam options]
 
-The pipeline is built from standard PipelineOptions, so `--runner` picks DirectRunner (the
-default), Dask (`--runner nlpctr.pipelines.dask_runner.DaskRunner [--dask_client_address
-tcp://HOST:PORT]`), FlinkRunner, SparkRunner or DataflowRunner without code changes. Every
-source record ends as exactly one written row or one rejected record; the manifest's counts
-are computed inside the pipeline and checked: rows_in == rows_written + rows_rejected.
-
-Memory stays flat as the log grows: the source is read twice, first to find the impression
-ids that occur more than once (64-bit hashes in a combiner), then to stream every row to the
-sink; only the rows of repeated ids go through a shuffle (GroupByKey) to be deduplicated.
-Those kept rows are written as `impressions/deduped-*.parquet` beside `impressions/part-*`.
-The first read also finds the hashed ids (hash_of, text_id_of) that two different source
-values share; their rows become `id_hash_collision` dead letters (`ingest_validate`).
+First Beam job of the flow (docs/DESIGN.md, "Data flow"); any runner via `--runner`. Every
+source record ends as one written row or one rejected record (rows_in == rows_written +
+rows_rejected, checked). Outputs: docs/USAGE.md, "Outputs of `nlpctr data prepare`"; the
+two-pass deduplication: docs/DESIGN.md, "Modules in detail", ingest.py.
 """
 
 from __future__ import annotations

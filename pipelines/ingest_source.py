@@ -3,13 +3,9 @@ checks on the files themselves (exist, are readable, are not compressed some unr
 are of one format, have the columns the spec names) that run before any pipeline, so each
 fails in one line.
 
-A source is one literal file (`source.path`), or shards: every file under `source.folder`
-(names starting with '.' or '_', such as Spark's `_SUCCESS`, skipped), the files
-`source.glob` matches, or the list `source.shards`. Shards are resolved once, sorted, and read
-by Beam's IO as a list (`ReadAllFromParquet`, `ReadAllFromText`, `fileio.MatchAll`).
-
-Rows are parsed by `source_files` (CSV/TSV, JSON lines) or joined from UBI events (`ubi`);
-`records.map_record` validates them (`ingest_validate`).
+Used by `pipelines/ingest.py`; rows are parsed by `source_files` or `ubi` and validated by
+`records.map_record`. Shards: docs/USAGE.md, "Sharded sources"; docs/DESIGN.md, "Modules in
+detail", ingest_source.py.
 """
 
 from __future__ import annotations

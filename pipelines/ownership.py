@@ -1,15 +1,9 @@
 """Which folders and files a job may write: its own, never a user's.
 
-The rule: a job writes (or replaces) only an output it creates, or one that holds its own
-earlier output, recognised by what the job writes there (`data prepare`'s manifest.json, the
-embedding job's _manifest.json, a run's config.json, ...; `RECOGNISED`), or by the marker file
-`MARKER` (a hidden JSON file naming the tool and the job). An existing empty folder is fine.
-Everything else is refused with a `UserError` before anything is written, moved or deleted:
-a non-empty folder that is not the job's output, a path that is a file, the current folder
-(or one holding it), a folder holding an input of the run (the spec, the source log), a path
-under /proc or /sys, a location that is not writable.
-
+A job writes only an output it creates or one holding its own earlier output (`RECOGNISED`
+files, or the `MARKER` file); anything else is a `UserError` before anything is written.
 Beam-free on purpose: `nlpctr data simulate` checks its output files without importing Beam.
+The refused cases: docs/DESIGN.md, "Modules in detail", ownership.py.
 """
 
 from __future__ import annotations

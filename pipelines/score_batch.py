@@ -1,24 +1,11 @@
 """Batch enrichment: impressions + online features, read the way serving reads them (Beam).
 
     nlpctr score-batch --data DIR [--service cascade_frozen] [--enrichment batched|per-element]
-                       [--batch-size 32768] [--splits test ...] [--out PATH]
                        [--run NAME [--runs-dir runs] [--device auto|cpu|cuda[:N]]] [beam options]
 
-Each impression is enriched from the Feast online store with `get_online_features`, so a batch
-job sees exactly the values a live model would. `batched` (the default) reads the impressions as
-Arrow batches and looks up each view once per `--batch-size` rows, each distinct key once (in
-calls of a few hundred keys, where Feast's cost per key is lowest), never turning a row into a
-Python object. `per-element` is Beam's stock `Enrichment` transform with its
-`FeastFeatureStoreEnrichmentHandler`: one lookup per row, each paying Feast's fixed per-call cost
-and Beam's per-element one (bench/bench_feast.py measures both). With `--run`, the run's trained
-model (rebuilt from `RUNS/NAME/run.json`; a joint run's LM reads the row's texts) scores the
-enriched batches and a `p` column is added; the service defaults to the one the run trained on.
-The model loads once per worker on `--device` (a GPU when there is one; a worker without the GPU
-asked for warns once and scores on its CPU, `pipelines/devices.py`), float32 on any device.
-
-Writes `DIR/enriched/<service>/part-*.parquet` (`DIR/scored/<run>/` with --run; or --out): the
-impression columns plus `<projection>__<feature>` columns (and `p`), the names `training_frame()`
-gives. Unknown keys come back null and are counted per feature.
+Writes `DIR/enriched/<service>/part-*.parquet` (`DIR/scored/<run>/` with --run, or --out): the
+impression columns, `<projection>__<feature>` columns and, with --run, `p`. The two enrichment
+modes and model loading: docs/DESIGN.md, "Modules in detail", score_batch.py.
 """
 
 from __future__ import annotations

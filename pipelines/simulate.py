@@ -3,67 +3,10 @@
     nlpctr data simulate --rows 1000000 --redundancy 0.5 --seed 0 --out data/sim/log.parquet
     nlpctr data simulate --rows 20000 --redundancy 0.5 --impressions-per-row 50 --out data/sim/agg.parquet
 
-It validates the redundancy measures of DESIGN.md: how much of an NLP feature the ID
-features already know, and what text adds over them, are known here by construction.
-
-The world (sized from --rows, kept in memory)
-- Texts are composed from the REAL texts under the data root: TREC 2013 queries and result
-  titles, ESCI shopping queries and product titles, Upworthy headlines (cleaned, deduped).
-- Advertisers have a brand (harvested from real product titles) and a house style: how often
-  their ads add a number, a superlative, a deal, a question, a "you" phrase or the brand.
-  An ad is a real title (from its advertiser's source) plus those fragments; its text is fixed.
-- A query is a real query, sometimes with commercial, numeric or question modifiers or a brand.
-- Each query has up to 12 eligible ads (an auction's candidates): about half share a content
-  word with it (an inverted index over ad words), the rest are random, so within one ad the
-  query-ad overlap varies. P(query) is Zipf-like; P(ad | query) is uniform over its candidates.
-
-The click model (per impression; every coefficient is written to <stem>.truth.json)
-    logit = base + u_ad + u_advertiser + u_query + pos(position) + dev(device) + text
-    text  = beta * (sqrt(rho) * T_ad + sqrt(1 - rho) * T_pair)
-    click ~ Bernoulli(sigmoid(logit))
-    (--impressions-per-row N: clicks ~ Binomial(N, sigmoid(logit)) on a row of N impressions)
-- u_* ~ N(0, sd_*^2) per entity; pos = -0.8 ln(position); dev is fixed per device.
-- --numeric-features K adds columns numeric_1..numeric_K (float, >= 0, right-skewed) drawn per
-  row independently of everything else, and numeric = sum_k w_k (log1p(numeric_k) - 2) to the
-  logit (w_k = 0.5 * (-0.6)^(k-1), in truth.json); the spec maps them with log1p.
-- T_ad depends only on the ad's own text: a weighted sum of lexical cues (contains a number,
-  a superlative, a deal word, a brand-ish token, a "you" word, a question mark, and a length
-  penalty), standardised to mean 0 / variance 1 over impressions.
-- T_pair depends on the query-ad pair's texts: the share of the query's content words that
-  the ad contains, plus word-class agreement (numeric query x ad with a number, question query
-  x informative ad, commercial query x deal ad, branded query x branded ad). It is then
-  double-centred by weighted backfitting over the auction graph, so that its impression-weighted
-  mean is 0 within every ad, advertiser and query: no ID (nor its historical CTR) can know it.
-  The part removed by centering is reported (`t_pair.raw_variance_removed`). Standardised.
-- T_ad and T_pair are orthogonal over impressions, so the text effect has variance beta^2 for
-  every rho, and the share of it an ad ID can explain is exactly rho (population R^2 of text on
-  the ad's mean text effect): rho = 0 -> text is fully supplementary; rho = 1 -> text adds
-  nothing the ad ID does not know. Nothing is defined through an embedding: every cue is a
-  fixed word class, length or lexical overlap, which a language model can learn from the text.
-- Position and device are drawn independently of the ad and query, so they do not confound.
-
-Aggregated rows (--impressions-per-row N): each row is one (query, ad, position, device,
-day) cell shown N times, with `impressions` = N and `clicks` ~ Binomial(N, p) instead of
-`clicked`, and the spec reads it as `label: {form: aggregated, ...}`. The world (entity counts)
-is sized from --rows as before, so each ad gets N times the impressions: E0's ID and CTR
-history features become precise at a row count the CPU can train on. The truth is per row,
-unchanged (every impression of a row has the same click probability).
-
-Outputs, beside FILE (written to temporary names first and renamed, so a crash leaves none;
-existing files are replaced only when they are this command's earlier output, named by the
-<stem>.truth.json it wrote, else the run is refused before anything is written)
-- FILE: the log (impression_id, event_time, query_id, query_text, ad_id, ad_text,
-  advertiser_id, position, device, clicked | impressions + clicks), time-ordered over 30 days
-  from 2024-03-01 UTC.
-- <stem>.truth.parquet: impression_id + base, ad/advertiser/query/position/device/text
-  effects (and numeric_effect with --numeric-features), t_ad, t_pair, logit, click_prob, rho
-  (components sum to the logit).
-- <stem>.truth.json: rho, seed, rows, coefficients, entity counts, realised CTR, variance of
-  each logit component and its share of the logit's variance.
-- <stem>.spec.yaml: a dataset spec for `nlpctr data prepare --dataset <stem>.spec.yaml`.
-
-Rows are generated and written in chunks (--chunk-rows), so memory stays bounded; the same
-seed, rows and chunk size give byte-identical files.
+First step of `nlpctr experiment --dataset simulated`: writes FILE, <stem>.truth.parquet,
+<stem>.truth.json and <stem>.spec.yaml (for `nlpctr data prepare`); the generator is
+`pipelines/simulator/`. The world, the click model (logit = ... + beta * (sqrt(rho) * T_ad +
+sqrt(1 - rho) * T_pair)) and the output files: docs/DESIGN.md, "Modules in detail", simulate.py.
 """
 
 from __future__ import annotations

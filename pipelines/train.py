@@ -1,42 +1,13 @@
 """Train a CTR model on a prepared dataset's Feast features, and evaluate it offline.
 
-    nlpctr train --mode {baseline,cascade-frozen,cascade-finetuned,joint} [--fusion score|concat|gate]
-                 [--encoder NAME_OR_PATH] [--layers K] [--epochs N] [--seed S] --data DIR --run NAME
-                 [--runs-dir runs] [--config FILE] [--streaming | --in-memory] [--device auto|cpu|cuda[:N]]
-                 [--precision bf16|fp16|fp32] [--probe-only] [--no-progress]
+    nlpctr train --mode {baseline,cascade-frozen,cascade-finetuned,joint} --data DIR --run NAME [...]
     nlpctr evaluate --run NAME [--baseline RUN] [--runs-dir runs]
 
-Modes (DESIGN.md, experiment protocol): `baseline` (E0) reads the `baseline` service;
-`cascade-frozen` (E1) reads `cascade_frozen` (+ frozen text vectors); `cascade-finetuned` (E2)
-first fine-tunes the LM alone on clicks by the LM recipe (`models.recipe`: the probe, then the LM
-stage, checkpointed every quarter epoch), writes each checkpoint's score and pooled vector per
-text pair to `DIR/lm_features/<run>/step-<k>/`, registers the peak-validation-AUC one as the Feast
-view `lm_<run>` (service `cascade_finetuned_<run>`), then trains E0 + that feature (its
-`cascade_form`); `joint` (E3) trains the LM with E0 through a fusion by the same recipe
-(warm-started from `--init-from E0RUN`: the probe and the LM stage with E0's tower frozen, each
-validated from step 0 on and keeping its best state; `--probe-only` stops after the probe) and
-writes the LM's output back the same way (service `joint_<run>`). One loop
-(`models.trainer.fit`) trains everything, driven by `models.training`; configuration comes from
-`models/configs/default.yaml` (+ `--config`). `--encoder` (`encoder.name`) is the LM that E2 and
-E3 fine-tune, and the frozen encoder whose vectors E1 reads (its `cascade_frozen_<slug>` service).
-This module turns the flags into a `TrainRequest` (what `nlpctr experiment` builds directly),
-reads the frames from Feast, runs one function per mode (`pipelines/train_modes.py`) and
-writes the run folder.
-
-`--device` and `--precision` (or the config's top-level `device:` and `precision:`) say where the
-models train and at what precision the LM runs (`models/device.py`); `auto` is CUDA when there
-is one, else the CPU at float32, whose outputs are bitwise those of earlier builds.
-
-Above STREAMING_ROWS impressions (or with `--streaming`) the training frame is not loaded: the
-point-in-time join runs in DuckDB into parquet shards (`features.store.write_training_shards`),
-the loop reads them as a stream (`models.streaming.ShardSource`) and test metrics are streamed
-(`models.streaming_metrics.StreamingMetrics`), both in `models.streamed_training`; every mode (E2's LM
-step fits on E0's shards and writes its features for their unique text pairs).
-
-Writes `RUNS/NAME/`: `config.json`, `run.json` (what `evaluate` and batch scoring rebuild the model
-from), `checkpoints/`, `predictions.parquet` (test and validation rows), `results.json`; the last
-two record the device and precision used (`placement`), which are not part of the run's identity
-(`config.json`): a run interrupted on one device resumes on another.
+Turns the flags into a `TrainRequest` (what `nlpctr experiment` builds directly), reads the frames
+from Feast, runs one function per mode (`pipelines/train_modes.py`) and writes `RUNS/NAME/`
+(config.json, run.json, checkpoints/, predictions.parquet, results.json). All flags:
+docs/USAGE.md, "Training and evaluation"; the modes, streaming and placement: docs/DESIGN.md,
+"Modules in detail", train.py.
 """
 
 from __future__ import annotations

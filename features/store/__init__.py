@@ -1,26 +1,13 @@
 """One prepared dataset's Feast store: apply, materialise, look up, build training frames.
 
-    apply(DIR)            renders DIR/feature_repo/ (feature_store.yaml + definitions module), registers
-    materialize(DIR)      loads the online views from parquet into SQLite or Redis
-    OnlineFeatures(DIR, service).get(rows)   online lookup with null counts
-    training_frame(DIR, service)             point-in-time join of impressions with the features
-    write_training_shards(DIR, service)      the same join in DuckDB, bounded memory, into parquet shards
+    apply(DIR)  materialize(DIR)  OnlineFeatures(DIR, service).get(rows)
+    training_frame(DIR, service)  write_training_shards(DIR, service)
 
-Feast does the point-in-time joins, materialisation and serving. What is written here is what
-Feast does not do: refuse a store that is missing, stale or unreachable with a message that
-names the fix, keep entity rows intact, and count what an online lookup could not find.
-No Beam here (pipelines/ uses this package, not the other way round).
-
-The modules, each importing only those above it:
-- state: nlpctr's own record of what is materialised, beside Feast's registry;
-- connection: reaching the online store (Redis probes, errors that name the fix);
-- repo: apply / reapply, open_store, check_current;
-- materialization: materialize;
-- online: OnlineFeatures (row dicts), OnlineFeatureLookup (Arrow batches) and the service helpers;
-- offline: historical_features and training_frame (Feast's offline store);
-- shards: write_training_shards (the same join in DuckDB);
-- spark_shards: the same shards written by Feast's Spark store, on a store applied for Spark.
-This module is the package's interface: callers use `store.<name>`.
+Feast does the joins, materialisation and serving; this package refuses a missing, stale or
+unreachable store with a message naming the fix, keeps entity rows intact and counts what a
+lookup could not find. No Beam here. Callers use `store.<name>`; the modules (state,
+connection, repo, materialization, online, offline, shards, spark_shards): docs/DESIGN.md,
+"Modules in detail", features/store.
 """
 
 import warnings

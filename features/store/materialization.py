@@ -130,6 +130,22 @@ def materialize(
 
     A full run replaces every key's value, even one stored at the same event time: a re-run
     job's corrected rows keep their data-time timestamps (see `_overwriting`).
+
+    Args:
+        data_dir: a prepared dataset folder whose store has been applied.
+        start: the window's start (with `end`); None for the full range.
+        end: the window's end; default now (or just past the latest event time).
+        incremental: load from each view's last materialised end.
+        views: the names of the online views to load; None for all of them.
+
+    Returns:
+        `mode` (full, incremental or window), `end`, `online_store`, `views`, `source_rows` per
+        view, `seconds` and a one-line `summary`.
+
+    Raises:
+        UserError: no store or an out-of-date one (`open_store`, `check_current`), duplicate keys
+            in a source, no online views or no rows in them, `start` not before `end`, an
+            unwritable store folder or an unreachable online store.
     """
     store = open_store(data_dir)
     check_duckdb_path(data_dir, store.config.offline_store.type)

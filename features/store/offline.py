@@ -32,6 +32,20 @@ def historical_features(
     the distinct (keys, time) pairs of its view, and the answers are mapped back onto every
     row; a row with no value at its time gets nulls, as a point-in-time join should give. The
     DuckDB store keeps every row, returned in no set order; the same mapping orders them.
+
+    Args:
+        data_dir: a prepared dataset folder whose store has been applied.
+        entity_df: rows with `event_timestamp` and the service's join keys.
+        service: the feature service to join (its offline twin, for training).
+        offline: an offline store to use instead of the applied one (see `open_store`).
+
+    Returns:
+        `entity_df` with a fresh index, followed by one `<projection>__<feature>` column per feature.
+
+    Raises:
+        UserError: no store or an out-of-date one, an unknown service, or join keys missing from
+            `entity_df`.
+        RuntimeError: Feast returned duplicate rows for one request (a bug, not bad input).
     """
     store = open_store(data_dir, offline)
     check_duckdb_path(data_dir, store.config.offline_store.type)
@@ -87,6 +101,18 @@ def training_frame(
 
     Columns: every impression column, then `<projection>__<feature>`, the same names an online
     lookup of `service` gives. `offline`: as in `historical_features`.
+
+    Args:
+        data_dir: a prepared dataset folder whose store has been applied.
+        service: a serving service (its `_training` twin is joined) or the twin itself.
+        splits: the splits to keep (e.g. ["train"]); None for every row.
+        offline: as in `historical_features`.
+
+    Returns:
+        One row per selected impression, the impression columns then the features.
+
+    Raises:
+        UserError: DIR has no impressions, or as `historical_features`.
     """
     data_dir = Path(data_dir).resolve()
     twin = service if service.endswith(TRAINING_SUFFIX) else training_service_name(service)

@@ -262,6 +262,19 @@ class OnlineFeatureLookup:
         self.reads = view_reads(self.store, service)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """The batch with the service's features appended (the store is opened on first use).
+
+        Args:
+            batch: impressions holding the service's join-key columns.
+
+        Returns:
+            `batch` plus one `<projection>__<feature>` column per served feature, null where
+            a key is unknown.
+
+        Raises:
+            Exception: Feast's own, unchanged (an unknown service, an unreachable online store): the
+            batch job reports them (`score_batch.run_reporting_store_faults`).
+        """
         if self.store is None:
             self.open()
         requested = {k: pc.fill_null(pc.cast(batch[k], pa.string()), MISSING_KEY) for k in self.keys}

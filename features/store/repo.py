@@ -166,6 +166,18 @@ def open_store(data_dir: Path, offline: str | None = None) -> FeatureStore:
     `offline` swaps the rendered config's offline store for DuckDB's or the file store's, in
     this process only: how the benchmark and the tests run one retrieval through each; None
     keeps what feature_store.yaml says. Spark is chosen at apply, since its sources differ.
+
+    Args:
+        data_dir: a prepared dataset folder on which `apply` has run.
+        offline: "duckdb" or "file" to swap the offline store for this process; None keeps the
+            applied one.
+
+    Returns:
+        The Feast `FeatureStore` of DIR/feature_repo/.
+
+    Raises:
+        UserError: DIR has no feature store yet (no feature_store.yaml or registry), Spark is
+            applied but not installed, or `offline` asks to switch to or from Spark.
     """
     path = config_path(data_dir)
     registry = repo_dir(data_dir) / "data" / "registry.db"

@@ -1,20 +1,11 @@
 """Vectors of texts the store has never seen, computed when they are looked up.
 
-A lookup row may carry a text itself (`ad_text`, `query_text`) instead of, or beside, its id.
-Its id is derived (`models.schema.text_id`, what the embedding job keys by), and where a
-service's embedding view has no vector for it (a query typed for the first time), the vector
-is computed here by the encoder that wrote the view: rebuilt from the embedding folder's
-manifest and checked to give the view's `encoder_version`, so a request-time vector is what
-`nlpctr embed` would have stored for that text (tests/test_request_time.py, to 1e-5).
-
-Why in the lookup path and not a Feast on-demand feature view over a request source: the
-embedding view is read twice per row under two projections (the ad's and the query's text),
-which an on-demand view would have to re-declare per role; Feast also runs an on-demand view
-on the offline path, where every training row would need its texts as request data; and its
-function would live in the generated repository, putting torch into every Feast process
-(`feast serve`, materialisation). Here the encoder loads once per `OnlineFeatures`, on the
-first row that needs it, and fills the very column a trained model reads. Computed vectors are
-returned, not written to the online store: the offline store never saw them.
+A lookup row may carry `ad_text` / `query_text`; where the service's embedding view has no
+vector for its derived id, the view's own encoder (rebuilt from the embedding manifest and
+checked against its `encoder_version`) computes it, once loaded per `OnlineFeatures`. Computed
+vectors are returned, never written to the online store. Usage: docs/USAGE.md, "Texts first
+seen at request time"; why not a Feast on-demand view: docs/DESIGN.md, "Modules in detail",
+request_time.py.
 """
 
 from __future__ import annotations

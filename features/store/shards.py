@@ -132,6 +132,18 @@ def write_training_shards(
     of SHARD_ROWS rows. On a store applied for Spark, Feast's Spark store does the join and
     Spark writes `<split>/part-*.parquet` (`spark_shards`). Reuses the shards when the
     impressions and every source are unchanged.
+
+    Args:
+        data_dir: a prepared dataset folder whose store has been applied.
+        service: a serving service; its training twin is joined.
+        memory_limit: DuckDB's memory limit for the join (it spills past it).
+
+    Returns:
+        The shards folder, `DIR/training/<service>/` (`training_shards_dir`).
+
+    Raises:
+        UserError: no store or an out-of-date one, an unknown service, DIR has no impressions, or
+            duplicate keys in a source.
     """
     data_dir = Path(data_dir).resolve()
     store = open_store(data_dir)

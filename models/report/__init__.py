@@ -46,7 +46,15 @@ from nlpctr.models.report.sweep_sections import simulator_section
 
 
 def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """Write report.md and the PNGs for the sections `results` has; returns the paths written."""
+    """Write report.md and the PNGs for the sections `results` has; returns the paths written.
+
+    Args:
+        results: an experiment's results.json content (one dataset's protocol or the sweep).
+        out_dir: the folder that gets report.md and the plots; created if missing.
+
+    Returns:
+        The paths written: report.md first, then the plots.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
