@@ -97,7 +97,10 @@ def lm_of_run(run_dir: Path) -> ExportedLM:
     Raises:
         UserError: the run has no LM (baseline, cascade-frozen) or has not finished.
     """
-    spec = json.loads(RunLayout(run_dir).run.read_text())
+    path = RunLayout(run_dir).run
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a finished run (no {RunLayout.RUN}); train it with `nlpctr train`")
+    spec = json.loads(path.read_text())
     mode = spec["mode"]
     if not Mode(mode).trains_lm:
         raise UserError(
