@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,18 @@ def _text_mse(texts: TextBatcher, targets: torch.Tensor, index: torch.Tensor, ba
     return total / (len(index) * targets.shape[1])
 
 
+def _feature_kd_epoch(
+    texts: TextBatcher, targets: torch.Tensor, batches: Iterator[torch.Tensor], optimization: Optimization
+) -> float:
+    """One epoch of feature-KD steps; the running (EMA) training MSE, NaN when no step ran."""
+    running = None
+    for batch in batches:
+        loss = nn.functional.mse_loss(texts.vectors(batch), targets[batch])
+        optimization.step(loss)
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+    return float(running if running is not None else float("nan"))
+
+
 def fit_feature_kd(
     teacher_lm: TextEncoder,
     data: Tensors,
@@ -186,30 +198,20 @@ def fit_feature_kd(
     targets: torch.Tensor | None = None,
     progress: bool = True,
 ) -> FeatureStudent:
-    """Feature-KD: a k-layer student learns the teacher LM's pooled vector (MSE) from text alone.
-
-    Trains on the unique texts of the train rows (shuffled, `config.batch_size` texts a batch,
-    AdamW at `config.lm_lr`, `config.seed`), early-stops on the valid rows' texts after
-    `config.patience` epochs without a lower MSE, and keeps the best epoch. `config.lr` and
-    `config.early_stop` do not apply. Writes the best student's state dict to
-    `checkpoint_dir/student.pt` (loadable with weights_only=True) and the history beside it.
-
-    A separate loop, not `fit`: fit iterates over impression rows, with a click loss and
-    AUC/log-loss early stopping; this one iterates over unique texts with no click at all.
+    """Feature-KD: a k-layer student learns the teacher LM's pooled vector (MSE) over unique texts,
+    with no click (so not `fit`), keeping its best epoch on the valid texts.
 
     Args:
         teacher_lm: the teacher's LM, whose pooled vectors the student learns.
         data: the rows whose texts train (train split) and validate (valid split).
         layers: the student's depth k, 1 to the teacher's layers.
-        config: budget, batch, `lm_lr`, patience, schedule and seed (as above).
-        checkpoint_dir: where `student.pt` and its history go.
+        config: batch, `lm_lr`, schedule, patience and seed (`lr`, `early_stop` do not apply).
+        checkpoint_dir: where `student.pt` (weights_only-loadable) and its history go.
         targets: the teacher's pooled vector per text of `data`; computed when None.
         progress: show progress bars and one line per epoch.
 
     Returns:
-        A `FeatureStudent`: the student LM at its best epoch, that epoch, the history and the
-        wall time.
-
+        A `FeatureStudent`: the student at its best epoch, that epoch, the history, the wall time.
     Raises:
         UserError: `layers` out of range, or no texts in the train or the valid split.
     """
@@ -242,17 +244,11 @@ def fit_feature_kd(
             break
         lm.train()
         order = train[torch.randperm(len(train), generator=generator)]
-        running = None
-        for step in tqdm(
-            range(n_batches), desc=f"feature-KD epoch {epoch + 1}", disable=not progress, leave=False
-        ):
-            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            loss = nn.functional.mse_loss(texts.vectors(batch), targets[batch])
-            optimization.step(loss)
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        bar = tqdm(range(n_batches), desc=f"feature-KD epoch {epoch + 1}", disable=not progress, leave=False)
+        batches = (order[step * config.batch_size : (step + 1) * config.batch_size] for step in bar)
         entry = {
             "epoch": epoch,
-            "train_mse": float(running if running is not None else float("nan")),
+            "train_mse": _feature_kd_epoch(texts, targets, batches, optimization),
             "valid_mse": _text_mse(texts, targets, valid, config.batch_size),
         }
         history.append(entry)

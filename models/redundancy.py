@@ -278,6 +278,16 @@ class TrainTest(Generic[T]):
     test: T
 
 
+def _number(delta: Mapping[str, Any], key: str) -> float | None:
+    value = delta.get(key)
+    return None if value is None else float(value)
+
+
+def _ci(delta: Mapping[str, Any], key: str) -> list[float] | None:
+    value = delta.get(key)
+    return None if value is None else [float(v) for v in value]
+
+
 def measure_feature(
     kind: str,
     feature: TrainTest[np.ndarray],
@@ -289,12 +299,8 @@ def measure_feature(
     max_components: int = 16,
     seed: int = 0,
 ) -> FeatureRedundancy:
-    """All measures for one feature; each pair's arrays are aligned on the train rows and on the
-    test rows.
-
-    `delta` is `evaluation.paired_delta` of E0 + feature against E0 on the test rows. The
-    logistic fit and the probes use at most `max_rows` train rows, the probes and CKA at most
-    `max_rows` test rows (seeded draws); standalone AUC is scored on every test row.
+    """All measures for one feature; each pair's arrays are aligned on the train and test rows.
+    Standalone AUC is scored on every test row; the rest on seeded draws of at most `max_rows`.
 
     Args:
         kind: what the feature is, one of KINDS (a score or a vector).
@@ -303,13 +309,12 @@ def measure_feature(
         e0_inputs: E0's inputs on those rows (`e0_design_matrix`).
         e0_representation: E0's penultimate vectors on those rows.
         delta: `evaluation.paired_delta` of E0 + feature against E0 on the test rows.
-        max_rows: the row cap of the fits, probes and CKA.
+        max_rows: the row cap of the logistic fit and probes (train) and of probes and CKA (test).
         max_components: principal components of a vector feature the probes predict.
         seed: the seed of the row draws.
 
     Returns:
-        A `FeatureRedundancy`: standalone AUC, the deltas with CIs, both explained fractions,
-        CKA and the rows used.
+        A `FeatureRedundancy`: standalone AUC, deltas with CIs, explained fractions, CKA, rows.
 
     Raises:
         ValueError: `kind` is not one of KINDS.
@@ -325,23 +330,15 @@ def measure_feature(
     representation_train = scaler.transform(e0_representation.train[train])
     representation_test = scaler.transform(e0_representation.test[test])
 
-    def ci(key: str) -> list[float] | None:
-        value = delta.get(key)
-        return None if value is None else [float(v) for v in value]
-
-    def number(key: str) -> float | None:
-        value = delta.get(key)
-        return None if value is None else float(value)
-
     return FeatureRedundancy(
         kind=kind,
         standalone_auc=standalone_auc(feature_train[train], sub_train, feature_test, labels_test, seed),
-        delta_auc=number("delta_auc"),
-        delta_auc_ci=ci("delta_auc_ci"),
-        delta_rig=number("delta_rig"),
-        delta_rig_ci=ci("delta_rig_ci"),
-        delta_gauc=number("delta_gauc"),
-        delta_gauc_ci=ci("delta_gauc_ci"),
+        delta_auc=_number(delta, "delta_auc"),
+        delta_auc_ci=_ci(delta, "delta_auc_ci"),
+        delta_rig=_number(delta, "delta_rig"),
+        delta_rig_ci=_ci(delta, "delta_rig_ci"),
+        delta_gauc=_number(delta, "delta_gauc"),
+        delta_gauc_ci=_ci(delta, "delta_gauc_ci"),
         explained_fraction=explained_fraction(
             e0_inputs.train[train],
             feature_train[train],

@@ -289,28 +289,20 @@ def fit(
     train_mode: Callable[[], None] | None = None,
     start_entry: Evaluation | None = None,
 ) -> FitResult:
-    """Train on the train split, validate (see the module docstring), keep the best evaluation's
-    weights in `model` (and `texts.lm`).
-
-    `data` is in-memory `Tensors` or a stream of parquet shards; the loop is the same. Parameters
-    with `requires_grad=False` (a frozen tower) are left out of the default optimizer groups.
-    `auxiliary_loss` gets the batch's `text_index` and LM vectors (in-memory data: indices into
-    `data.texts`). `train_mode` puts the modules in training mode (default: `model.train()` and the
-    LM's train mode when it has trainable parameters). `start_entry` is the known evaluation of the
-    starting weights: recorded as the step-0 entry, not recomputed.
+    """Train on the train split, validate, and keep the best evaluation's weights in `model` (and
+    `texts.lm`); the same loop for in-memory `Tensors` and streamed shards.
 
     Args:
-        model: the network to train (`CtrModel` or `TextScorer`), on its device.
+        model: the network (`CtrModel`, `TextScorer`); frozen parameters stay out of the optimizer.
         data: the rows (`Tensors`) or a shard stream, with train and valid splits.
         config: the loop's budget, optimizer, schedule and validation settings.
-        checkpoint_dir: where `epoch-<k>.pt` / `best.pt` and `last.pt` go; a `last.pt` there is
-            resumed from.
+        checkpoint_dir: where `epoch-<k>.pt` / `best.pt` and `last.pt` go; a `last.pt` is resumed.
         texts: the LM and its text batcher, for runs that read text; None for E0 and cascades.
         progress: show progress bars.
-        auxiliary_loss: a term added to the click loss from the batch's texts (SuKD).
+        auxiliary_loss: a term added to the click loss from the batch's `text_index` and LM vectors.
         param_groups: optimizer groups replacing the default ones.
-        train_mode: puts the modules in training mode (default: see above).
-        start_entry: the known step-0 evaluation (a later stage of the LM recipe).
+        train_mode: puts the modules in training mode (default: the model's, a trainable LM's).
+        start_entry: the known evaluation of the starting weights, recorded as step 0.
 
     Returns:
         A `FitResult`: the history, the best evaluation (whose weights `model` now holds), its

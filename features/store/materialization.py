@@ -120,27 +120,21 @@ def materialize(
     incremental: bool = False,
     views: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Load the online views of DIR into the online store.
-
-    Default: the whole of every source (from its earliest event time), which is what a re-run
-    job needs, since its rows keep data-time timestamps. `incremental`: from each view's last
-    materialised end; a view never materialised gets the full range, because Feast would start a
-    ttl=0 view at "now - 1 year" and skip older data. `start`/`end`: an explicit window.
-    `views` limits it to these views (a trainer publishing one new LM feature view).
-
-    A full run replaces every key's value, even one stored at the same event time: a re-run
-    job's corrected rows keep their data-time timestamps (see `_overwriting`).
+    """Load the online views of DIR into the online store. A full run (the default) loads every
+    source from its earliest event time and replaces every key's value, even one stored at the
+    same event time, since a re-run job's corrected rows keep data-time timestamps
+    (`_overwriting`); a view never materialised gets the full range even when `incremental`
+    (Feast would start a ttl=0 view at "now - 1 year").
 
     Args:
         data_dir: a prepared dataset folder whose store has been applied.
-        start: the window's start (with `end`); None for the full range.
-        end: the window's end; default now (or just past the latest event time).
+        start, end: an explicit window (default: the full range, up to now or the latest event).
         incremental: load from each view's last materialised end.
         views: the names of the online views to load; None for all of them.
 
     Returns:
-        `mode` (full, incremental or window), `end`, `online_store`, `views`, `source_rows` per
-        view, `seconds` and a one-line `summary`.
+        `mode` (full/incremental/window), `end`, `online_store`, `views`, `source_rows`, `seconds`,
+        `summary`.
 
     Raises:
         UserError: no store or an out-of-date one (`open_store`, `check_current`), duplicate keys
@@ -152,11 +146,8 @@ def materialize(
     layout = check_current(store, data_dir)
     layout.check_unique_keys()
     only = set(views) if views is not None else None
-    views = [
-        v
-        for v in store.list_feature_views(allow_cache=False)
-        if v.online and (only is None or v.name in only)
-    ]
+    listed = store.list_feature_views(allow_cache=False)
+    views = [v for v in listed if v.online and (only is None or v.name in only)]
     if not views:
         raise UserError(f"no online feature views in {layout.data_dir}; run {fix_command('apply', data_dir)}")
     paths = {v.name: Path(v.batch_source.path) for v in views}
