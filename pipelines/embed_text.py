@@ -13,7 +13,6 @@ the same encoder (`pipelines/embed_reuse.py`). Third Beam job of the flow (docs/
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from nlpctr import __version__, prepared
+from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
 from nlpctr.models.encoder import EncoderConfig
@@ -390,7 +390,7 @@ def _embed(
             "device": device,
             **embed_reuse.reuse_manifest(counts, stored),
         }
-        (staging / EMBEDDINGS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_json(staging / EMBEDDINGS_MANIFEST, manifest)
     return embed_summary(request, device, out, counts, wall)
 
 
