@@ -39,6 +39,7 @@ EVALUATION = EvaluationConfig(bootstrap_rounds=1000, bootstrap_seed=0)
 FINAL = "bf16"
 # judged against the probe at every seed too: the final recipe and its longer variant
 ACROSS_SEEDS = (FINAL, "steps400")
+EARLY = 50  # LM steps: the window in which lm_start looks for the start's disruption
 
 
 def valid_labels(data: Path) -> tuple[pd.DataFrame, str]:
@@ -69,6 +70,29 @@ def run_facts(run: Path) -> dict:
         "lm_cpu_seconds": lm.get("cpu_seconds"),
         "lm_wall_seconds": lm.get("wall_seconds"),
         "stages": results["stages"],
+        "lm_start": lm_start(results["history"]),
+    }
+
+
+def lm_start(history: list[dict]) -> dict | None:
+    """How the LM stage's first steps move validation log loss from where the probe left it: the
+    change at its first evaluation and its worst within `EARLY` steps, the steps it takes to get
+    back below its start, and its best; None for a run without an LM stage."""
+    lm = [e for e in history if e.get("stage") not in (None, "head")]
+    if len(lm) < 2:
+        return None
+    start, first = lm[0]["step"], lm[0]["valid_logloss"]
+    early = [e["valid_logloss"] - first for e in lm[1:] if e["step"] - start <= EARLY] or [
+        lm[1]["valid_logloss"] - first
+    ]
+    back = next((e["step"] - start for e in lm[1:] if e["valid_logloss"] < first), None)
+    return {
+        "start_valid_logloss": first,
+        "first_eval_step": lm[1]["step"] - start,
+        "first_eval_change": lm[1]["valid_logloss"] - first,
+        "worst_early_change": max(early),
+        "steps_back_below_start": back,
+        "best_change": min(e["valid_logloss"] for e in lm) - first,
     }
 
 
@@ -141,6 +165,7 @@ def markdown(results: dict) -> str:
         for rho, entries in by_rho.items():
             lines += [f"| {variant} | {rho} | {e['run']} | {fmt(e)} |" for e in entries]
     lines.append("")
+    lines += start_table(results)
     for key, result in results.items():
         probe, c = result["probe_vs_e0"], result["ceiling"]
         lines += [f"### {key}", "", f"Probe-only control vs E0: {fmt(probe)}."]
@@ -165,6 +190,28 @@ def markdown(results: dict) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def start_table(results: dict) -> list[str]:
+    """The LM stage's first steps, per run of ACROSS_SEEDS (and layers2), as markdown lines."""
+    lines = [
+        f"### The LM stage's start: validation log loss against the probe's state (first {EARLY} steps)",
+        "",
+        "| run | variant | first evaluation (step) | worst early | steps back below the start | best |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, result in results.items():
+        for variant in (*ACROSS_SEEDS, "layers2"):
+            start = result["runs"].get(variant, {}).get("lm_start")
+            if start is None:
+                continue
+            back = start["steps_back_below_start"]
+            lines.append(
+                f"| {key} | {variant} | {start['first_eval_change']:+.5f} ({start['first_eval_step']}) "
+                f"| {start['worst_early_change']:+.5f} | {back if back is not None else 'never'} "
+                f"| {start['best_change']:+.5f} |"
+            )
+    return [*lines, ""]
 
 
 def fmt(d: dict | None) -> str:
