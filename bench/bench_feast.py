@@ -59,6 +59,8 @@ from nlpctr.layout import IMPRESSIONS, embeddings_dir
 from nlpctr.prepared import parquet_files
 
 DIM = 384
+# The measurements, (a) to (e) above; --parts picks some.
+PARTS = ("materialize", "lookups", "handler", "enrichment", "ratio", "training_frame")
 
 
 def prepare(root: Path) -> Path:
@@ -356,15 +358,24 @@ def materialize_bench(data: Path) -> dict[str, Any]:
 def run_store(data: Path, online: str, args: argparse.Namespace, url: str | None) -> dict[str, Any]:
     applied = store.apply(data, store_config.StoreChoice(online=online, redis_url=url))
     result: dict[str, Any] = {"project": applied["project"]}
-    result["materialize"] = materialize_bench(data)
-    fs = store.open_store(data)
-    view = embedding_view_name(JobOutputs.discover(data).embeddings[0].slug)
-    raw = RawSqlite(fs, view) if online == "sqlite" else RawRedis(fs, view, ["embedding", "encoder_version"])
-    result["lookups"] = lookup_bench(data, raw, args.lookups, np.random.default_rng(1))
-    result["handler"] = handler_bench(data)
-    result["enrichment"] = enrichment_bench(data, args.enrich_splits)
-    result["ratio"] = ratio_bench(data, args.enrich_splits, args.rounds, args.feast_batches)
-    if online == "sqlite":
+    parts = set(args.parts)
+    if "materialize" in parts:
+        result["materialize"] = materialize_bench(data)
+    else:
+        store.materialize(data)  # the lookups below need a materialised store all the same
+    if "lookups" in parts:
+        fs = store.open_store(data)
+        view = embedding_view_name(JobOutputs.discover(data).embeddings[0].slug)
+        features = ["embedding", "encoder_version"]
+        raw = RawSqlite(fs, view) if online == "sqlite" else RawRedis(fs, view, features)
+        result["lookups"] = lookup_bench(data, raw, args.lookups, np.random.default_rng(1))
+    if "handler" in parts:
+        result["handler"] = handler_bench(data)
+    if "enrichment" in parts:
+        result["enrichment"] = enrichment_bench(data, args.enrich_splits)
+    if "ratio" in parts:
+        result["ratio"] = ratio_bench(data, args.enrich_splits, args.rounds, args.feast_batches)
+    if online == "sqlite" and "training_frame" in parts:
         started = time.perf_counter()
         frame = store.training_frame(data, "cascade_frozen")
         result["training_frame"] = {
@@ -375,52 +386,73 @@ def run_store(data: Path, online: str, args: argparse.Namespace, url: str | None
     return result
 
 
-def table(results: dict[str, Any]) -> str:
+def store_lines(m: dict[str, Any], lookups: dict[str, Any]) -> list[str]:
+    """The materialize and lookup parts, (a) to (c), as lines."""
     lines = []
-    for online, r in results["stores"].items():
-        m = r["materialize"]
-        lines.append(f"[{online}]")
+    if m:
         lines.append(
             f"  materialize: {m['embedding_rows']} x {DIM}-d embeddings "
             f"{m['embedding_rows_per_s']:.0f} rows/s "
             f"({m['embedding_seconds']:.1f} s); all views {m['all_views_rows_per_s']:.0f} rows/s"
         )
-        for n in (1, 100):
-            x = r["lookups"][f"{n}_entities"]
-            lines.append(
-                f"  lookup {n:>3} text ids: feast p50 {x['feast']['p50_ms']:.2f} ms "
-                f"p99 {x['feast']['p99_ms']:.2f} ms"
-                f" | raw p50 {x['raw']['p50_ms']:.2f} ms p99 {x['raw']['p99_ms']:.2f} ms"
-                f" | ratio p50 {x['ratio_p50']:.1f}x p99 {x['ratio_p99']:.1f}x"
-            )
-        for n in (1, 100):
-            x = r["lookups"][f"cascade_frozen_{n}_rows"]
-            lines.append(f"  cascade_frozen {n:>3} rows: p50 {x['p50_ms']:.2f} ms p99 {x['p99_ms']:.2f} ms")
-        h, e = r["handler"], r["enrichment"]
+    for n in (1, 100) if lookups else ():
+        x = lookups[f"{n}_entities"]
+        lines.append(
+            f"  lookup {n:>3} text ids: feast p50 {x['feast']['p50_ms']:.2f} ms "
+            f"p99 {x['feast']['p99_ms']:.2f} ms"
+            f" | raw p50 {x['raw']['p50_ms']:.2f} ms p99 {x['raw']['p99_ms']:.2f} ms"
+            f" | ratio p50 {x['ratio_p50']:.1f}x p99 {x['ratio_p99']:.1f}x"
+        )
+    for n in (1, 100) if lookups else ():
+        x = lookups[f"cascade_frozen_{n}_rows"]
+        lines.append(f"  cascade_frozen {n:>3} rows: p50 {x['p50_ms']:.2f} ms p99 {x['p99_ms']:.2f} ms")
+    return lines
+
+
+def enrichment_lines(h: dict[str, Any], e: dict[str, Any]) -> list[str]:
+    """The handler and enrichment parts, (d), as lines."""
+    lines = []
+    if h:
         lines.append(
             f"  handler only: per-element {h['per-element_ms_per_row']:.2f} ms/row, batched "
             f"{h['batched_ms_per_row']:.3f} ms/row ({h['speedup']:.0f}x)"
         )
+    if e:
         lines.append(
             f"  Beam enrichment ({e['batched']['rows']} rows, end to end): per-element "
             f"{e['per-element']['rows_per_s']:.0f} rows/s, batched {e['batched']['rows_per_s']:.0f} rows/s "
             f"({e['speedup']:.1f}x)"
         )
-        q = r["ratio"]
-        for clock in ("wall", "cpu"):
-            c = q[clock]
-            ms = c["ms_per_row"]
-            feast = ", ".join(
-                f"{k.removeprefix('feast_batch_')} rows {v:.3f}"
-                for k, v in ms.items()
-                if k.startswith("feast_batch_")
-            )
-            lines.append(
-                f"  ratio by {clock} ({q['rows']} rows, medians of {q['rounds']} interleaved rounds): "
-                f"score-batch end to end {ms['enrichment_end_to_end']:.3f} ms/row, lookup alone "
-                f"{ms['lookup_only']:.3f}, Feast's batched call ({feast}) -> ratio "
-                f"{c['ratio_end_to_end']:.2f} (lookup alone {c['ratio_lookup_only']:.2f})"
-            )
+    return lines
+
+
+def ratio_lines(q: dict[str, Any]) -> list[str]:
+    """The ratio, (d'), by each clock."""
+    lines = []
+    for clock in ("wall", "cpu"):
+        c = q[clock]
+        ms = c["ms_per_row"]
+        feast = ", ".join(
+            f"{k.removeprefix('feast_batch_')} rows {v:.3f}"
+            for k, v in ms.items()
+            if k.startswith("feast_batch_")
+        )
+        lines.append(
+            f"  ratio by {clock} ({q['rows']} rows, medians of {q['rounds']} interleaved rounds): "
+            f"score-batch end to end {ms['enrichment_end_to_end']:.3f} ms/row, lookup alone "
+            f"{ms['lookup_only']:.3f}, Feast's batched call ({feast}) -> ratio "
+            f"{c['ratio_end_to_end']:.2f} (lookup alone {c['ratio_lookup_only']:.2f})"
+        )
+    return lines
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    for online, r in results["stores"].items():
+        lines.append(f"[{online}]")
+        lines += store_lines(r.get("materialize", {}), r.get("lookups", {}))
+        lines += enrichment_lines(r.get("handler", {}), r.get("enrichment", {}))
+        lines += ratio_lines(r["ratio"]) if "ratio" in r else []
         if "training_frame" in r:
             t = r["training_frame"]
             lines.append(
@@ -447,6 +479,9 @@ def main() -> None:
         nargs="+",
         default=[128, 256, 1024],
         help="rows per Feast call (the fastest is the reference)",
+    )
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench_feast.json"))
     args = parser.parse_args()
