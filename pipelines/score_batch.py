@@ -297,7 +297,7 @@ def _build(
         batches = (
             pipeline
             | "ReadImpressions" >> ReadImpressionBatches(pattern, request.splits)
-            | "Enrich" >> beam.ParDo(EnrichBatches(lookup, request.batch_size))
+            | "Enrich" >> beam.ParDo(EnrichBatches(lookup, request.batch_size)).with_output_types(pa.Table)
         )
     else:
         handler = per_element_handler(config_path, service, online.keys)
@@ -306,14 +306,16 @@ def _build(
             | "ReadImpressions" >> ReadImpressionRows(pattern, request.splits)
             | "Enrich" >> EnrichFromOnlineStore(handler, schema, online.feature_names)
         )
-    batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names))
+    batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names)).with_output_types(
+        pa.Table
+    )
     if run_dir is not None:
         batches = batches | "Score" >> ScoreWithRun(run_dir, device)
         schema = schema.append(pa.field("p", pa.float64()))
     written = schema
     _ = (
         batches
-        | "ToSchema" >> beam.Map(lambda t: t.select(written.names).cast(written))
+        | "ToSchema" >> beam.Map(lambda t: t.select(written.names).cast(written)).with_output_types(pa.Table)
         | "Write"
         >> beam.io.WriteToParquetBatched(str(staging / "part"), written, file_name_suffix=".parquet")
     )
