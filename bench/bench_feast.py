@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_feast.py [--data DIR] [--lookups 300] [--no-redis]
         [--enrich-splits valid test] [--rounds 3] [--feast-batches 128 256 1024]
+        [--parts materialize lookups handler enrichment ratio training_frame]
         [--out runs/bench/bench_feast.json]
 
 Without --data it prepares Upworthy (12,353 unique headlines) in a temporary folder, runs the
@@ -20,7 +21,8 @@ for Redis (when redis-server is on PATH: started on a free loopback port, stoppe
       `score-batch` (batched) end to end against Feast's own batched call over the impressions
       (`get_online_features(features=<service>, entity_rows=<a batch's rows>).to_dict()`, at
       each of --feast-batches rows a call; the fastest is the reference), and the batched
-      lookup alone (`OnlineFeatureLookup`, no pipeline), in ms per row;
+      lookup alone (`OnlineFeatureLookup`, no pipeline), in ms per row; and where the job's
+      time goes (enrichment_ratio.py);
   (e) (SQLite run) `training_frame` wall time over every impression (Feast's file offline store).
 Prints a table and writes a JSON.
 """
@@ -43,9 +45,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from enrichment_ratio import ratio_bench, ratio_lines  # (bench/ is this script's folder: on sys.path)
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
@@ -233,85 +235,6 @@ def handler_bench(data: Path, rows: int = 2000, batch_size: int = 1024) -> dict[
     }
 
 
-def feast_batched(fs: Any, online: store.OnlineFeatures, table: pa.Table, batch: int) -> tuple[float, float]:
-    """Feast's own batched call over every row of `table`, `batch` rows a call, as a caller who
-    holds the rows in Arrow makes it (keys as Python strings, a null key as the unknown id); the
-    values taken out with `to_dict()`. Returns (wall, CPU) ms per row."""
-    started, cpu = time.perf_counter(), time.process_time()
-    for start in range(0, table.num_rows, batch):
-        rows = table.slice(start, batch)
-        entity_rows = {
-            k: [store.MISSING_KEY if v is None else str(v) for v in rows[k].to_pylist()] for k in online.keys
-        }
-        fs.get_online_features(
-            features=online.service, entity_rows=entity_rows, full_feature_names=True
-        ).to_dict()
-    return per_row(started, cpu, table.num_rows)
-
-
-def per_row(started: float, cpu: float, rows: int) -> tuple[float, float]:
-    """(wall, CPU) ms per row since `started` (perf_counter) and `cpu` (process_time)."""
-    return (time.perf_counter() - started) * 1000 / rows, (time.process_time() - cpu) * 1000 / rows
-
-
-def lookup_only(data: Path, table: pa.Table, batch: int) -> tuple[float, float]:
-    """`OnlineFeatureLookup` over Arrow batches of `batch` rows, no pipeline; (wall, CPU) ms per row."""
-    lookup = store.OnlineFeatureLookup(store_config.config_path(data), "cascade_frozen")
-    lookup.open()
-    started, cpu = time.perf_counter(), time.process_time()
-    for start in range(0, table.num_rows, batch):
-        lookup(table.slice(start, batch))
-    return per_row(started, cpu, table.num_rows)
-
-
-def ratio_bench(
-    data: Path, splits: list[str] | None, rounds: int, feast_batches: list[int]
-) -> dict[str, Any]:
-    """The goal's ratio: `score-batch` (batched) end to end per row over Feast's own batched
-    call per row on the same rows, each measured `rounds` times, interleaved (medians), by wall
-    time and by this process's CPU time (the machine is shared: CPU time is the steadier)."""
-    from nlpctr.pipelines import score_batch
-
-    online = store.OnlineFeatures(data, "cascade_frozen")
-    table = pads.dataset(parquet_files(data / IMPRESSIONS)).to_table()
-    if splits:
-        table = table.filter(pc.is_in(table["split"], value_set=pa.array(splits)))
-    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
-
-    def record(name: str, measured: tuple[float, float]) -> None:
-        times["wall"].setdefault(name, []).append(measured[0])
-        times["cpu"].setdefault(name, []).append(measured[1])
-
-    for turn in range(rounds):
-        for batch in feast_batches:
-            record(f"feast_batch_{batch}", feast_batched(online.store, online, table, batch))
-        record("lookup_only", lookup_only(data, table, score_batch.BATCH_ROWS))
-        result = score_batch.run(
-            [
-                *("--data", str(data), *(("--splits", *splits) if splits else ())),
-                *("--out", str(data / f"enriched_ratio_{turn}"), "--direct_num_workers", "1"),
-            ]
-        )
-        assert result["rows"] == table.num_rows
-        rows = result["rows"]
-        record(
-            "enrichment_end_to_end",
-            (result["wall_seconds"] * 1000 / rows, result["cpu_seconds"] * 1000 / rows),
-        )
-    out: dict[str, Any] = {"rows": table.num_rows, "rounds": rounds, "batch_rows": score_batch.BATCH_ROWS}
-    for clock, measured in times.items():
-        medians = {name: float(np.median(values)) for name, values in measured.items()}
-        feast = min(medians[f"feast_batch_{b}"] for b in feast_batches)
-        out[clock] = {
-            "ms_per_row": medians,
-            "ms_per_row_each_round": measured,
-            "feast_best_ms_per_row": feast,
-            "ratio_end_to_end": medians["enrichment_end_to_end"] / feast,
-            "ratio_lookup_only": medians["lookup_only"] / feast,
-        }
-    return out
-
-
 def enrichment_bench(data: Path, splits: list[str] | None) -> dict[str, Any]:
     """`nlpctr score-batch` end to end (pipeline included) in each mode, side by side."""
     from nlpctr.pipelines import score_batch
@@ -422,26 +345,6 @@ def enrichment_lines(h: dict[str, Any], e: dict[str, Any]) -> list[str]:
             f"  Beam enrichment ({e['batched']['rows']} rows, end to end): per-element "
             f"{e['per-element']['rows_per_s']:.0f} rows/s, batched {e['batched']['rows_per_s']:.0f} rows/s "
             f"({e['speedup']:.1f}x)"
-        )
-    return lines
-
-
-def ratio_lines(q: dict[str, Any]) -> list[str]:
-    """The ratio, (d'), by each clock."""
-    lines = []
-    for clock in ("wall", "cpu"):
-        c = q[clock]
-        ms = c["ms_per_row"]
-        feast = ", ".join(
-            f"{k.removeprefix('feast_batch_')} rows {v:.3f}"
-            for k, v in ms.items()
-            if k.startswith("feast_batch_")
-        )
-        lines.append(
-            f"  ratio by {clock} ({q['rows']} rows, medians of {q['rounds']} interleaved rounds): "
-            f"score-batch end to end {ms['enrichment_end_to_end']:.3f} ms/row, lookup alone "
-            f"{ms['lookup_only']:.3f}, Feast's batched call ({feast}) -> ratio "
-            f"{c['ratio_end_to_end']:.2f} (lookup alone {c['ratio_lookup_only']:.2f})"
         )
     return lines
 
