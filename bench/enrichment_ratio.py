@@ -16,6 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from nlpctr.features import store, store_config
+from nlpctr.features.store.online import CALL_KEYS
 from nlpctr.layout import IMPRESSIONS
 from nlpctr.prepared import parquet_files
 
@@ -64,8 +65,8 @@ def feast_distinct_calls(data: Path, table: pa.Table) -> tuple[float, float]:
             for _, columns, _ in read.projections
         ]
         keys = pa.concat_tables(asked).group_by(list(read.join_keys)).aggregate([])
-        for start in range(0, keys.num_rows, store.CALL_KEYS):
-            chunk = keys.slice(start, store.CALL_KEYS)
+        for start in range(0, keys.num_rows, CALL_KEYS):
+            chunk = keys.slice(start, CALL_KEYS)
             rows = {
                 k: [store.MISSING_KEY if v is None else str(v) for v in chunk[k].to_pylist()]
                 for k in chunk.column_names
