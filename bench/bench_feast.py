@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_feast.py [--data DIR] [--lookups 300] [--no-redis]
         [--enrich-splits valid test] [--rounds 3] [--feast-batches 128 256 1024]
         [--parts materialize lookups handler enrichment ratio training_frame]
-        [--out runs/bench/bench_feast.json]
+        [--out runs/bench/bench_feast.json] [--ratio-md bench/results/enrichment.md]
 
 Without --data it prepares Upworthy (12,353 unique headlines) in a temporary folder, runs the
 ctr-stats job, and writes random 384-d float32 vectors in the embed job's layout wherever the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -47,7 +48,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from enrichment_ratio import ratio_bench, ratio_lines  # (bench/ is this script's folder: on sys.path)
+from enrichment_ratio import (
+    ratio_bench,
+    ratio_lines,
+    ratio_markdown,
+)  # (bench/ is this script's folder: on sys.path)
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
@@ -387,6 +392,9 @@ def main() -> None:
         "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench_feast.json"))
+    parser.add_argument(
+        "--ratio-md", type=Path, default=None, help="also write the ratio's report here (SQLite)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench_feast_"))
     try:
@@ -400,7 +408,12 @@ def main() -> None:
                 pq.ParquetFile(f).metadata.num_rows for f in parquet_files(layout.embeddings[0].path)
             ),
             "dim": layout.embeddings[0].dim,
-            "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+            "machine": {
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "load_average_start": os.getloadavg()[0],  # a shared machine: what else ran
+            },
             "stores": {},
         }
         results["stores"]["sqlite"] = run_store(data, "sqlite", args, None)
@@ -412,11 +425,17 @@ def main() -> None:
                 server.stop()
         elif not args.no_redis:
             print("redis-server not on PATH: Redis skipped", file=sys.stderr)
+        results["machine"]["load_average_end"] = os.getloadavg()[0]
         print(f"{results['dataset']}: {results['texts']} texts x {results['dim']}-d")
         print(table(results))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"-> {args.out}")
+        if args.ratio_md and "ratio" in results["stores"]["sqlite"]:
+            args.ratio_md.write_text(
+                ratio_markdown(results["stores"]["sqlite"]["ratio"], results["machine"], "SQLite")
+            )
+            print(f"-> {args.ratio_md}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -180,3 +180,53 @@ def ratio_lines(q: dict[str, Any]) -> list[str]:
             f"{c['lookup_over_its_feast_calls']:.2f}); end to end = {parts}",
         ]
     return lines
+
+
+def ratio_markdown(q: dict[str, Any], machine: dict[str, Any], store_name: str) -> str:
+    """The ratio as a short report: the side-by-side table by each clock, and the breakdown."""
+    wall, cpu = q["wall"], q["cpu"]
+    names = {
+        **{
+            k: f"Feast's batched call, {k.removeprefix('feast_batch_')} rows a call"
+            for k in wall["ms_per_row"]
+            if k.startswith("feast_batch_")
+        },
+        "feast_distinct_calls": "Feast's calls the lookup makes (distinct keys, `to_dict()`), alone",
+        "lookup_only": "`OnlineFeatureLookup` alone (no pipeline)",
+        "read_only": "reading the impressions alone",
+        "write_only": "writing the enriched rows alone",
+        "enrichment_end_to_end": "**`score-batch` end to end**",
+    }
+    lines = [
+        f"# Batched enrichment against Feast's own batched call ({store_name}, {q['rows']:,} impressions)",
+        "",
+        f"`bench/bench_feast.py --parts ratio` (bench/enrichment_ratio.py): medians of {q['rounds']} "
+        f"interleaved rounds, ms per impression; {machine['platform']}, {machine['cpus']} CPUs, "
+        f"shared: load average {machine['load_average_start']:.1f} at the start and "
+        f"{machine['load_average_end']:.1f} at the end, so the wall clock mostly measures waiting "
+        "for a core and CPU time (this process's) is the steadier figure.",
+        "",
+        "| measured | wall ms/row | CPU ms/row |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {names[k]} | {v:.3f} | {cpu['ms_per_row'][k]:.3f} |" for k, v in wall["ms_per_row"].items()]
+    lines += [
+        "",
+        "**Ratio, `score-batch` end to end over Feast's best batched call: "
+        f"{wall['ratio_end_to_end']:.2f} by wall, {cpu['ratio_end_to_end']:.2f} by CPU** (goal ≤ 1.2); the "
+        "lookup alone "
+        f"{wall['ratio_lookup_only']:.2f} / {cpu['ratio_lookup_only']:.2f}, and "
+        f"{wall['lookup_over_its_feast_calls']:.2f} / {cpu['lookup_over_its_feast_calls']:.2f} of the Feast "
+        "calls it makes (it reads each view once per distinct key, and takes the values from the response's "
+        "protos instead of `to_dict()`).",
+        "",
+        "Where the job's time goes, ms/row (the rest: Beam's pipeline build, start-up and per-step "
+        "overhead, null counting, the staged output): "
+        + "; ".join(
+            f"{k} {wall['breakdown_ms_per_row'][k]:.3f} wall / {v:.3f} CPU"
+            for k, v in cpu["breakdown_ms_per_row"].items()
+        )
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
