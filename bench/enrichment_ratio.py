@@ -200,7 +200,7 @@ def ratio_markdown(q: dict[str, Any], machine: dict[str, Any], store_name: str) 
     lines = [
         f"# Batched enrichment against Feast's own batched call ({store_name}, {q['rows']:,} impressions)",
         "",
-        f"`bench/bench_feast.py --parts ratio` (bench/enrichment_ratio.py): medians of {q['rounds']} "
+        f"`bench/bench_feast.py`, its ratio (d') (bench/enrichment_ratio.py): medians of {q['rounds']} "
         f"interleaved rounds, ms per impression; {machine['platform']}, {machine['cpus']} CPUs, "
         f"shared: load average {machine['load_average_start']:.1f} at the start and "
         f"{machine['load_average_end']:.1f} at the end, so the wall clock mostly measures waiting "
