@@ -3,17 +3,10 @@
     .venv/bin/python bench/bench_state_store.py --data DIR [--trainable-layers 2] [--student-layers 2]
         [--out bench/results/state_store]
 
-DIR is a prepared, materialised dataset (as for bench_joint.py). Each run below stands for a
-new process (the in-memory caches are dropped first) of one data folder, all on one state root:
-  - `joint_builds`: a joint run's prefill (`TextBatcher.prefill`, as `fit_recipe` starts) on an
-    empty root: every text's states computed and written;
-  - `joint_reuses`: a second joint run with the same encoder prefix: read back, none computed,
-    bit for bit the first run's states;
-  - `encoder_changed`: the same prefix with another encoder version (`max_length` + 8): its own
-    folder, every state computed again (the first folder stays);
-  - `student`: an E4 student of the first run's LM (`distill.student_encoder`): every layer of a
-    student trains, so it has no frozen prefix and neither reads nor writes states.
-Writes `OUT.json` and `OUT.md`.
+DIR is a prepared, materialised dataset (as for bench_joint.py). Four prefills on one state
+root, each as a new process (`measure` describes them): a joint run that builds the states, a
+second that reads them back, another encoder version, and an E4 student. Writes `OUT.json` and
+`OUT.md`.
 """
 
 from __future__ import annotations
@@ -71,7 +64,16 @@ def fresh(config: EncoderConfig) -> TextEncoder:
 
 
 def measure(data: Tensors, root: Path, trainable: int, student_layers: int) -> dict[str, dict[str, Any]]:
-    """The four runs, in order, on one root."""
+    """The four runs, in order, on one root:
+    - `joint_builds`: a joint run's prefill (`TextBatcher.prefill`, as `fit_recipe` starts) on an
+      empty root: every text's states computed and written;
+    - `joint_reuses`: a second joint run with the same encoder prefix: read back, none computed,
+      bit for bit the first run's states;
+    - `encoder_changed`: the same prefix with another encoder version (`max_length` + 8): its
+      own folder, every state computed again (the first folder stays);
+    - `student`: an E4 student of the first run's LM (`distill.student_encoder`): every layer of
+      a student trains, so it has no frozen prefix and neither reads nor writes states.
+    """
     config = EncoderConfig(layers=6, trainable_layers=trainable, freeze_embeddings=True)
     runs: dict[str, dict[str, Any]] = {}
     first = fresh(config)
