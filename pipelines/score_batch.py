@@ -141,7 +141,7 @@ class ScoreBatchRequest:
     data: Path  # a prepared dataset folder, its store applied and materialised
     service: str | None = None  # None: the run's, else cascade_frozen
     enrichment: str = "batched"  # or per-element (Beam's stock Enrichment)
-    batch_size: int = 1024  # rows per online lookup (batched)
+    batch_size: int = BATCH_ROWS  # rows per online lookup (batched), as the CLI's default
     splits: tuple[str, ...] | None = None  # only these splits
     out: Path | None = None  # None: DIR/enriched/SERVICE (DIR/scored/RUN with a run)
     run: str | None = None  # score with this trained run (runs_dir/NAME)
