@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_feast.py [--data DIR] [--lookups 300] [--no-redis]
         [--enrich-splits valid test] [--rounds 3] [--feast-batches 128 256 1024]
-        [--out runs/bench/bench_feast.json]
+        [--parts materialize lookups handler enrichment ratio training_frame]
+        [--out runs/bench/bench_feast.json] [--ratio-md bench/results/enrichment.md]
 
 Without --data it prepares Upworthy (12,353 unique headlines) in a temporary folder, runs the
 ctr-stats job, and writes random 384-d float32 vectors in the embed job's layout wherever the
@@ -20,7 +21,8 @@ for Redis (when redis-server is on PATH: started on a free loopback port, stoppe
       `score-batch` (batched) end to end against Feast's own batched call over the impressions
       (`get_online_features(features=<service>, entity_rows=<a batch's rows>).to_dict()`, at
       each of --feast-batches rows a call; the fastest is the reference), and the batched
-      lookup alone (`OnlineFeatureLookup`, no pipeline), in ms per row;
+      lookup alone (`OnlineFeatureLookup`, no pipeline), in ms per row; and where the job's
+      time goes (enrichment_ratio.py);
   (e) (SQLite run) `training_frame` wall time over every impression (Feast's file offline store).
 Prints a table and writes a JSON.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -43,9 +46,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from enrichment_ratio import (
+    ratio_bench,
+    ratio_lines,
+    ratio_markdown,
+)  # (bench/ is this script's folder: on sys.path)
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
@@ -59,6 +66,8 @@ from nlpctr.layout import IMPRESSIONS, embeddings_dir
 from nlpctr.prepared import parquet_files
 
 DIM = 384
+# The measurements, (a) to (e) above; --parts picks some.
+PARTS = ("materialize", "lookups", "handler", "enrichment", "ratio", "training_frame")
 
 
 def prepare(root: Path) -> Path:
@@ -231,85 +240,6 @@ def handler_bench(data: Path, rows: int = 2000, batch_size: int = 1024) -> dict[
     }
 
 
-def feast_batched(fs: Any, online: store.OnlineFeatures, table: pa.Table, batch: int) -> tuple[float, float]:
-    """Feast's own batched call over every row of `table`, `batch` rows a call, as a caller who
-    holds the rows in Arrow makes it (keys as Python strings, a null key as the unknown id); the
-    values taken out with `to_dict()`. Returns (wall, CPU) ms per row."""
-    started, cpu = time.perf_counter(), time.process_time()
-    for start in range(0, table.num_rows, batch):
-        rows = table.slice(start, batch)
-        entity_rows = {
-            k: [store.MISSING_KEY if v is None else str(v) for v in rows[k].to_pylist()] for k in online.keys
-        }
-        fs.get_online_features(
-            features=online.service, entity_rows=entity_rows, full_feature_names=True
-        ).to_dict()
-    return per_row(started, cpu, table.num_rows)
-
-
-def per_row(started: float, cpu: float, rows: int) -> tuple[float, float]:
-    """(wall, CPU) ms per row since `started` (perf_counter) and `cpu` (process_time)."""
-    return (time.perf_counter() - started) * 1000 / rows, (time.process_time() - cpu) * 1000 / rows
-
-
-def lookup_only(data: Path, table: pa.Table, batch: int) -> tuple[float, float]:
-    """`OnlineFeatureLookup` over Arrow batches of `batch` rows, no pipeline; (wall, CPU) ms per row."""
-    lookup = store.OnlineFeatureLookup(store_config.config_path(data), "cascade_frozen")
-    lookup.open()
-    started, cpu = time.perf_counter(), time.process_time()
-    for start in range(0, table.num_rows, batch):
-        lookup(table.slice(start, batch))
-    return per_row(started, cpu, table.num_rows)
-
-
-def ratio_bench(
-    data: Path, splits: list[str] | None, rounds: int, feast_batches: list[int]
-) -> dict[str, Any]:
-    """The goal's ratio: `score-batch` (batched) end to end per row over Feast's own batched
-    call per row on the same rows, each measured `rounds` times, interleaved (medians), by wall
-    time and by this process's CPU time (the machine is shared: CPU time is the steadier)."""
-    from nlpctr.pipelines import score_batch
-
-    online = store.OnlineFeatures(data, "cascade_frozen")
-    table = pads.dataset(parquet_files(data / IMPRESSIONS)).to_table()
-    if splits:
-        table = table.filter(pc.is_in(table["split"], value_set=pa.array(splits)))
-    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
-
-    def record(name: str, measured: tuple[float, float]) -> None:
-        times["wall"].setdefault(name, []).append(measured[0])
-        times["cpu"].setdefault(name, []).append(measured[1])
-
-    for turn in range(rounds):
-        for batch in feast_batches:
-            record(f"feast_batch_{batch}", feast_batched(online.store, online, table, batch))
-        record("lookup_only", lookup_only(data, table, score_batch.BATCH_ROWS))
-        result = score_batch.run(
-            [
-                *("--data", str(data), *(("--splits", *splits) if splits else ())),
-                *("--out", str(data / f"enriched_ratio_{turn}"), "--direct_num_workers", "1"),
-            ]
-        )
-        assert result["rows"] == table.num_rows
-        rows = result["rows"]
-        record(
-            "enrichment_end_to_end",
-            (result["wall_seconds"] * 1000 / rows, result["cpu_seconds"] * 1000 / rows),
-        )
-    out: dict[str, Any] = {"rows": table.num_rows, "rounds": rounds, "batch_rows": score_batch.BATCH_ROWS}
-    for clock, measured in times.items():
-        medians = {name: float(np.median(values)) for name, values in measured.items()}
-        feast = min(medians[f"feast_batch_{b}"] for b in feast_batches)
-        out[clock] = {
-            "ms_per_row": medians,
-            "ms_per_row_each_round": measured,
-            "feast_best_ms_per_row": feast,
-            "ratio_end_to_end": medians["enrichment_end_to_end"] / feast,
-            "ratio_lookup_only": medians["lookup_only"] / feast,
-        }
-    return out
-
-
 def enrichment_bench(data: Path, splits: list[str] | None) -> dict[str, Any]:
     """`nlpctr score-batch` end to end (pipeline included) in each mode, side by side."""
     from nlpctr.pipelines import score_batch
@@ -356,15 +286,24 @@ def materialize_bench(data: Path) -> dict[str, Any]:
 def run_store(data: Path, online: str, args: argparse.Namespace, url: str | None) -> dict[str, Any]:
     applied = store.apply(data, store_config.StoreChoice(online=online, redis_url=url))
     result: dict[str, Any] = {"project": applied["project"]}
-    result["materialize"] = materialize_bench(data)
-    fs = store.open_store(data)
-    view = embedding_view_name(JobOutputs.discover(data).embeddings[0].slug)
-    raw = RawSqlite(fs, view) if online == "sqlite" else RawRedis(fs, view, ["embedding", "encoder_version"])
-    result["lookups"] = lookup_bench(data, raw, args.lookups, np.random.default_rng(1))
-    result["handler"] = handler_bench(data)
-    result["enrichment"] = enrichment_bench(data, args.enrich_splits)
-    result["ratio"] = ratio_bench(data, args.enrich_splits, args.rounds, args.feast_batches)
-    if online == "sqlite":
+    parts = set(args.parts)
+    if "materialize" in parts:
+        result["materialize"] = materialize_bench(data)
+    else:
+        store.materialize(data)  # the lookups below need a materialised store all the same
+    if "lookups" in parts:
+        fs = store.open_store(data)
+        view = embedding_view_name(JobOutputs.discover(data).embeddings[0].slug)
+        features = ["embedding", "encoder_version"]
+        raw = RawSqlite(fs, view) if online == "sqlite" else RawRedis(fs, view, features)
+        result["lookups"] = lookup_bench(data, raw, args.lookups, np.random.default_rng(1))
+    if "handler" in parts:
+        result["handler"] = handler_bench(data)
+    if "enrichment" in parts:
+        result["enrichment"] = enrichment_bench(data, args.enrich_splits)
+    if "ratio" in parts:
+        result["ratio"] = ratio_bench(data, args.enrich_splits, args.rounds, args.feast_batches)
+    if online == "sqlite" and "training_frame" in parts:
         started = time.perf_counter()
         frame = store.training_frame(data, "cascade_frozen")
         result["training_frame"] = {
@@ -375,52 +314,53 @@ def run_store(data: Path, online: str, args: argparse.Namespace, url: str | None
     return result
 
 
-def table(results: dict[str, Any]) -> str:
+def store_lines(m: dict[str, Any], lookups: dict[str, Any]) -> list[str]:
+    """The materialize and lookup parts, (a) to (c), as lines."""
     lines = []
-    for online, r in results["stores"].items():
-        m = r["materialize"]
-        lines.append(f"[{online}]")
+    if m:
         lines.append(
             f"  materialize: {m['embedding_rows']} x {DIM}-d embeddings "
             f"{m['embedding_rows_per_s']:.0f} rows/s "
             f"({m['embedding_seconds']:.1f} s); all views {m['all_views_rows_per_s']:.0f} rows/s"
         )
-        for n in (1, 100):
-            x = r["lookups"][f"{n}_entities"]
-            lines.append(
-                f"  lookup {n:>3} text ids: feast p50 {x['feast']['p50_ms']:.2f} ms "
-                f"p99 {x['feast']['p99_ms']:.2f} ms"
-                f" | raw p50 {x['raw']['p50_ms']:.2f} ms p99 {x['raw']['p99_ms']:.2f} ms"
-                f" | ratio p50 {x['ratio_p50']:.1f}x p99 {x['ratio_p99']:.1f}x"
-            )
-        for n in (1, 100):
-            x = r["lookups"][f"cascade_frozen_{n}_rows"]
-            lines.append(f"  cascade_frozen {n:>3} rows: p50 {x['p50_ms']:.2f} ms p99 {x['p99_ms']:.2f} ms")
-        h, e = r["handler"], r["enrichment"]
+    for n in (1, 100) if lookups else ():
+        x = lookups[f"{n}_entities"]
+        lines.append(
+            f"  lookup {n:>3} text ids: feast p50 {x['feast']['p50_ms']:.2f} ms "
+            f"p99 {x['feast']['p99_ms']:.2f} ms"
+            f" | raw p50 {x['raw']['p50_ms']:.2f} ms p99 {x['raw']['p99_ms']:.2f} ms"
+            f" | ratio p50 {x['ratio_p50']:.1f}x p99 {x['ratio_p99']:.1f}x"
+        )
+    for n in (1, 100) if lookups else ():
+        x = lookups[f"cascade_frozen_{n}_rows"]
+        lines.append(f"  cascade_frozen {n:>3} rows: p50 {x['p50_ms']:.2f} ms p99 {x['p99_ms']:.2f} ms")
+    return lines
+
+
+def enrichment_lines(h: dict[str, Any], e: dict[str, Any]) -> list[str]:
+    """The handler and enrichment parts, (d), as lines."""
+    lines = []
+    if h:
         lines.append(
             f"  handler only: per-element {h['per-element_ms_per_row']:.2f} ms/row, batched "
             f"{h['batched_ms_per_row']:.3f} ms/row ({h['speedup']:.0f}x)"
         )
+    if e:
         lines.append(
             f"  Beam enrichment ({e['batched']['rows']} rows, end to end): per-element "
             f"{e['per-element']['rows_per_s']:.0f} rows/s, batched {e['batched']['rows_per_s']:.0f} rows/s "
             f"({e['speedup']:.1f}x)"
         )
-        q = r["ratio"]
-        for clock in ("wall", "cpu"):
-            c = q[clock]
-            ms = c["ms_per_row"]
-            feast = ", ".join(
-                f"{k.removeprefix('feast_batch_')} rows {v:.3f}"
-                for k, v in ms.items()
-                if k.startswith("feast_batch_")
-            )
-            lines.append(
-                f"  ratio by {clock} ({q['rows']} rows, medians of {q['rounds']} interleaved rounds): "
-                f"score-batch end to end {ms['enrichment_end_to_end']:.3f} ms/row, lookup alone "
-                f"{ms['lookup_only']:.3f}, Feast's batched call ({feast}) -> ratio "
-                f"{c['ratio_end_to_end']:.2f} (lookup alone {c['ratio_lookup_only']:.2f})"
-            )
+    return lines
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    for online, r in results["stores"].items():
+        lines.append(f"[{online}]")
+        lines += store_lines(r.get("materialize", {}), r.get("lookups", {}))
+        lines += enrichment_lines(r.get("handler", {}), r.get("enrichment", {}))
+        lines += ratio_lines(r["ratio"]) if "ratio" in r else []
         if "training_frame" in r:
             t = r["training_frame"]
             lines.append(
@@ -448,7 +388,13 @@ def main() -> None:
         default=[128, 256, 1024],
         help="rows per Feast call (the fastest is the reference)",
     )
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench_feast.json"))
+    parser.add_argument(
+        "--ratio-md", type=Path, default=None, help="also write the ratio's report here (SQLite)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench_feast_"))
     try:
@@ -462,7 +408,12 @@ def main() -> None:
                 pq.ParquetFile(f).metadata.num_rows for f in parquet_files(layout.embeddings[0].path)
             ),
             "dim": layout.embeddings[0].dim,
-            "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+            "machine": {
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "load_average_start": os.getloadavg()[0],  # a shared machine: what else ran
+            },
             "stores": {},
         }
         results["stores"]["sqlite"] = run_store(data, "sqlite", args, None)
@@ -474,11 +425,17 @@ def main() -> None:
                 server.stop()
         elif not args.no_redis:
             print("redis-server not on PATH: Redis skipped", file=sys.stderr)
+        results["machine"]["load_average_end"] = os.getloadavg()[0]
         print(f"{results['dataset']}: {results['texts']} texts x {results['dim']}-d")
         print(table(results))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"-> {args.out}")
+        if args.ratio_md and "ratio" in results["stores"]["sqlite"]:
+            args.ratio_md.write_text(
+                ratio_markdown(results["stores"]["sqlite"]["ratio"], results["machine"], "SQLite")
+            )
+            print(f"-> {args.ratio_md}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -39,6 +39,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ from nlpctr.models.trainer import LoopConfig, fit, labels_of, predict
 from nlpctr.pipelines.train import global_ctr
 
 TARGET_SPEEDUP = 3.0
+OLD = LoopConfig(lr=1e-3, lm_lr=5e-5)  # today's trainer: the old `loop` defaults
 
 
 class Trainer:
@@ -128,28 +130,34 @@ def evaluate(model: CtrModel, data: Tensors, texts: TextBatcher | None) -> tuple
     return metrics.logloss(labels, p), metrics.auc(labels, p), seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument(
-        "--steps", type=int, default=100, help="timed steps of each trainer (after 2 warm-up)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/joint"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.torch_threads)
-    started = time.perf_counter()
+@dataclass
+class Prepared:
+    """The dataset as the trainers see it, and the E0 they warm-start from."""
 
-    manifest = read_manifest(args.data)
-    frame = training_frame(args.data, BASELINE)
+    manifest: dict[str, Any]
+    pre: Preprocessing
+    data: Tensors
+    e0: CtrModel
+    e0_logloss: float
+    e0_auc: float
+
+
+def load_data(data_dir: Path) -> tuple[dict[str, Any], Preprocessing, Tensors]:
+    """The prepared folder's baseline training frame, fitted and as tensors (as `nlpctr train`)."""
+    manifest = read_manifest(data_dir)
+    frame = training_frame(data_dir, BASELINE)
     pre = Preprocessing.fit(
-        frame, FeatureColumns.for_manifest(manifest), manifest["group"], global_ctr(args.data)
+        frame, FeatureColumns.for_manifest(manifest), manifest["group"], global_ctr(data_dir)
     )
-    data = pre.tensorize(frame)
+    return manifest, pre, pre.tensorize(frame)
+
+
+def prepare_e0(data_dir: Path, work: Path) -> Prepared:
+    """The data and a quick E0 (the quick protocol's E0 loop) trained in `work`."""
+    started = time.perf_counter()
+    manifest, pre, data = load_data(data_dir)
     config = load_config("baseline", None, {"loop": {"epochs": 8, "patience": 2}})  # quick E0
     e0 = build_model(pre, config, None)
-    work = args.out.parent / "work" / "bench_joint_e0"
     shutil.rmtree(work, ignore_errors=True)  # never resume an E0 of other data
     e0_fit = fit(e0, data, config.loop, work, progress=False)
     e0.eval()
@@ -159,32 +167,33 @@ def main() -> None:
         f"E0: valid log loss {e0_logloss:.6f}, AUC {e0_auc:.4f} ({time.perf_counter() - started:.0f} s)",
         flush=True,
     )
+    return Prepared(manifest, pre, data, e0, e0_logloss, e0_auc)
 
-    joint = load_config("joint")
-    trainers: list[Trainer] = []
-    prefill: dict[str, float] = {}
 
-    # today's trainer: 3 layers fine-tuned with their embeddings, the old defaults, unfused AdamW
+def today_trainer(p: Prepared, joint: Any) -> Trainer:
+    """Today's trainer: 3 layers fine-tuned with their embeddings, the old defaults, unfused AdamW."""
     lm = TextEncoder(EncoderConfig(layers=3), trainable=True)
-    model = warm_model(pre, joint, e0, lm.dim)
-    old = LoopConfig(lr=1e-3, lm_lr=5e-5)
+    model = warm_model(p.pre, joint, p.e0, lm.dim)
     optimizer = torch.optim.AdamW(
         [
-            {"params": list(model.parameters()), "lr": old.lr},
-            {"params": list(lm.parameters()), "lr": old.lm_lr},
+            {"params": list(model.parameters()), "lr": OLD.lr},
+            {"params": list(lm.parameters()), "lr": OLD.lm_lr},
         ],
-        weight_decay=old.weight_decay,
+        weight_decay=OLD.weight_decay,
     )
 
     def train_all(model: CtrModel = model, lm: TextEncoder = lm) -> None:
         model.train()
         lm.train()
 
-    today = Trainer("today", model, lm, optimizer, step_batched, train_all, TextBatcher.for_data(lm, data))
-    trainers.append(today)
+    return Trainer("today", model, lm, optimizer, step_batched, train_all, TextBatcher.for_data(lm, p.data))
 
-    # the new recipe's stage 1, top 2 and top 1 layers trained on cached states (and top 2 in bf16)
+
+def recipe_trainers(p: Prepared, joint: Any) -> tuple[list[Trainer], dict[str, tuple[float, float]]]:
+    """The new recipe's stage 1, top 2 and top 1 layers trained on cached states (and top 2 in
+    bf16), and each prefill's (wall, CPU) seconds."""
     recipe = joint.lm_loop  # the LM stage's rates: head `lr`, LM `lm_lr`
+    trainers, prefill = [], {}
     for name, top, autocast in (
         ("new_top2", 2, None),
         ("new_top1", 1, None),
@@ -192,13 +201,13 @@ def main() -> None:
     ):
         settings = EncoderConfig(layers=6, trainable_layers=top, freeze_embeddings=True, autocast=autocast)
         lm = TextEncoder(settings, trainable=True)
-        texts = TextBatcher.for_data(lm, data)
+        texts = TextBatcher.for_data(lm, p.data)
         began, cpu = time.perf_counter(), time.thread_time()
         if texts.prefill():  # (new_top2_bf16 shares new_top2's frozen prefix, hence its cache)
             prefill[name] = (time.perf_counter() - began, time.thread_time() - cpu)
-        model = warm_model(pre, joint, e0, lm.dim)
+        model = warm_model(p.pre, joint, p.e0, lm.dim)
         groups = param_groups(model, texts, 0.0, recipe.lr, recipe.lm_lr)
-        optimizer = torch.optim.AdamW(groups, weight_decay=old.weight_decay, fused=True)
+        optimizer = torch.optim.AdamW(groups, weight_decay=OLD.weight_decay, fused=True)
 
         def stage1_mode(model: CtrModel = model, lm: TextEncoder = lm) -> None:
             model.train()
@@ -206,38 +215,36 @@ def main() -> None:
             lm.train()
 
         trainers.append(Trainer(name, model, lm, optimizer, step_batched, stage1_mode, texts))
-    print(
-        f"prefill: {', '.join(f'{k} {v[0]:.1f} s ({v[1]:.1f} CPU-s)' for k, v in prefill.items())}",
-        flush=True,
-    )
+    return trainers, prefill
 
-    # the naive loop over the same model as new_top2
+
+def naive_trainer(p: Prepared, joint: Any) -> Trainer:
+    """The naive loop over the same model as new_top2."""
+    recipe = joint.lm_loop
     lm = TextEncoder(EncoderConfig(layers=6), trainable=True)
     lm.model.embeddings.requires_grad_(False)
     for layer in list(lm.model.encoder.layer)[:4]:
         layer.requires_grad_(False)
-    model = warm_model(pre, joint, e0, lm.dim)
+    model = warm_model(p.pre, joint, p.e0, lm.dim)
     model.tower.requires_grad_(False)
     optimizer = torch.optim.AdamW(
         [
             {"params": list(model.fusion.parameters()), "lr": recipe.lr},  # type: ignore[union-attr]
             {"params": [p for p in lm.parameters() if p.requires_grad], "lr": recipe.lm_lr},
         ],
-        weight_decay=old.weight_decay,
+        weight_decay=OLD.weight_decay,
     )
 
     def naive_mode(model: CtrModel = model, lm: TextEncoder = lm) -> None:
         model.train()
         lm.train()
 
-    naive_texts = TextBatcher.for_data(lm, data)  # validation only: the whole encoder, every text
-    trainers.append(Trainer("naive", model, lm, optimizer, step_naive, naive_mode, naive_texts))
+    naive_texts = TextBatcher.for_data(lm, p.data)  # validation only: the whole encoder, every text
+    return Trainer("naive", model, lm, optimizer, step_naive, naive_mode, naive_texts)
 
-    generator = torch.Generator().manual_seed(0)
-    train_rows = data.rows("train")
-    order = train_rows[torch.randperm(len(train_rows), generator=generator)]
-    batches = [order[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.steps + 2)]
-    unique = float(np.mean([len(torch.unique(data.text_index[b])) for b in batches]))
+
+def run_steps(trainers: list[Trainer], batches: list[torch.Tensor], data: Tensors) -> None:
+    """Every trainer's steps, interleaved, the first two of each untimed (warm-up)."""
     for trainer in trainers:
         trainer.train_mode()
     torch.manual_seed(0)
@@ -252,8 +259,11 @@ def main() -> None:
         if (i + 1) % 20 == 0:
             print(f"step {i + 1}/{len(batches)}", flush=True)
 
-    epoch_rows = len(train_rows)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+
+def trainer_rows(
+    trainers: list[Trainer], data: Tensors, prefill: dict[str, tuple[float, float]], epoch_rows: int
+) -> dict[str, dict[str, Any]]:
+    """Each trainer's rates, validation after its steps, and its prefill charged to one epoch."""
     rows: dict[str, dict[str, Any]] = {}
     for trainer in trainers:
         trainer.model.eval()
@@ -281,17 +291,49 @@ def main() -> None:
     for entry in rows.values():
         entry["speedup_vs_today"] = entry["rows_per_s"] / base["rows_per_s"]
         entry["cpu_speedup_vs_today"] = entry["rows_per_cpu_s"] / base["rows_per_cpu_s"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument(
+        "--steps", type=int, default=100, help="timed steps of each trainer (after 2 warm-up)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/joint"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    started = time.perf_counter()
+    p = prepare_e0(args.data, args.out.parent / "work" / "bench_joint_e0")
+    joint = load_config("joint")
+    today = today_trainer(p, joint)  # (built in this order: each draws its head's init from torch's RNG)
+    recipe, prefill = recipe_trainers(p, joint)
+    print(
+        f"prefill: {', '.join(f'{k} {v[0]:.1f} s ({v[1]:.1f} CPU-s)' for k, v in prefill.items())}",
+        flush=True,
+    )
+    trainers = [today, *recipe, naive_trainer(p, joint)]
+
+    generator = torch.Generator().manual_seed(0)
+    train_rows = p.data.rows("train")
+    order = train_rows[torch.randperm(len(train_rows), generator=generator)]
+    batches = [order[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.steps + 2)]
+    unique = float(np.mean([len(torch.unique(p.data.text_index[b])) for b in batches]))
+    run_steps(trainers, batches, p.data)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
     result = {
-        "dataset": manifest["dataset"],
+        "dataset": p.manifest["dataset"],
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine,
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "train_rows": epoch_rows,
-        "unique_texts": len(data.texts),
+        "train_rows": len(train_rows),
+        "unique_texts": len(p.data.texts),
         "mean_unique_texts_per_batch": unique,
-        "e0": {"valid_logloss": e0_logloss, "valid_auc": e0_auc},
-        "trainers": rows,
+        "e0": {"valid_logloss": p.e0_logloss, "valid_auc": p.e0_auc},
+        "trainers": trainer_rows(trainers, p.data, prefill, len(train_rows)),
         "target_speedup": TARGET_SPEEDUP,
         "wall_seconds": time.perf_counter() - started,
     }

@@ -141,7 +141,7 @@ class ScoreBatchRequest:
     data: Path  # a prepared dataset folder, its store applied and materialised
     service: str | None = None  # None: the run's, else cascade_frozen
     enrichment: str = "batched"  # or per-element (Beam's stock Enrichment)
-    batch_size: int = 1024  # rows per online lookup (batched)
+    batch_size: int = BATCH_ROWS  # rows per online lookup (batched), as the CLI's default
     splits: tuple[str, ...] | None = None  # only these splits
     out: Path | None = None  # None: DIR/enriched/SERVICE (DIR/scored/RUN with a run)
     run: str | None = None  # score with this trained run (runs_dir/NAME)
@@ -297,7 +297,7 @@ def _build(
         batches = (
             pipeline
             | "ReadImpressions" >> ReadImpressionBatches(pattern, request.splits)
-            | "Enrich" >> beam.ParDo(EnrichBatches(lookup, request.batch_size))
+            | "Enrich" >> beam.ParDo(EnrichBatches(lookup, request.batch_size)).with_output_types(pa.Table)
         )
     else:
         handler = per_element_handler(config_path, service, online.keys)
@@ -306,14 +306,16 @@ def _build(
             | "ReadImpressions" >> ReadImpressionRows(pattern, request.splits)
             | "Enrich" >> EnrichFromOnlineStore(handler, schema, online.feature_names)
         )
-    batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names))
+    batches = batches | "CountNulls" >> beam.ParDo(CountNulls(online.feature_names)).with_output_types(
+        pa.Table
+    )
     if run_dir is not None:
         batches = batches | "Score" >> ScoreWithRun(run_dir, device)
         schema = schema.append(pa.field("p", pa.float64()))
     written = schema
     _ = (
         batches
-        | "ToSchema" >> beam.Map(lambda t: t.select(written.names).cast(written))
+        | "ToSchema" >> beam.Map(lambda t: t.select(written.names).cast(written)).with_output_types(pa.Table)
         | "Write"
         >> beam.io.WriteToParquetBatched(str(staging / "part"), written, file_name_suffix=".parquet")
     )

@@ -4,6 +4,7 @@ frame's vectors."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +295,39 @@ def test_run_uses_the_test_pipeline_it_is_given(served: dict[str, Any], tmp_path
     assert CountingPipeline.runs == 1
     frame = ds.dataset(out, format="parquet").to_table().to_pandas()
     assert result["rows"] == len(frame) == int((impressions(data).split == "test").sum())
+
+
+def test_arrow_batches_travel_with_their_own_coder(
+    served: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's batches are typed `pa.Table` and coded by `ArrowTableCoder`: a round trip keeps
+    the table, and Beam weighs a batch by its byte count instead of pickling it."""
+    table = pa.table(
+        {"id": ["a", None], "vector": pa.array([[1.5, -2.0], None], pa.list_(pa.float32()))}
+    ).replace_schema_metadata({"k": "v"})
+    coder = beam.coders.registry.get_coder(pa.Table)
+    assert isinstance(coder, score_transforms.ArrowTableCoder)
+    assert coder.decode(coder.encode(table)).equals(table, check_metadata=True)
+    assert coder.estimate_size(table) == table.nbytes
+    pipeline = beam.Pipeline()
+    pattern = str(served["data"] / "impressions" / "*.parquet")
+    batches = pipeline | score_transforms.ReadImpressionBatches(pattern, ["test"])
+    assert batches.element_type is pa.Table
+    # Run: no Arrow batch is pickled (Beam's default coder pickles what it weighs).
+    pickled: list[type] = []
+    dumps = pickle.dumps
+
+    def spying(value: Any, *args: Any, **kwargs: Any) -> bytes:
+        pickled.append(type(value))
+        return dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(pickle, "dumps", spying)  # what Beam's PickleCoder calls
+    with BeamTestPipeline() as run:
+        rows = (
+            run | score_transforms.ReadImpressionBatches(pattern, ["test"]) | beam.Map(lambda t: t.num_rows)
+        )
+        assert_that(
+            rows | beam.CombineGlobally(sum),
+            equal_to([int((impressions(served["data"]).split == "test").sum())]),
+        )
+    assert pa.Table not in pickled

@@ -7,15 +7,19 @@ no vector for gets one computed at lookup time by the encoder behind the view
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from feast import FeatureService, FeatureStore, FeatureView
 from feast.errors import FeatureServiceNotFoundException
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.type_map import feast_value_type_to_python_type
 
 from nlpctr.errors import UserError
 from nlpctr.features.definitions import arrow_type
@@ -293,7 +297,9 @@ class OnlineFeatureLookup:
                 index = _positions(keys, distinct)
                 for feature in features:
                     column = f"{name}__{feature}"
-                    batch = batch.append_column(pa.field(column, types[column]), served[feature].take(index))
+                    batch = batch.append_column(
+                        pa.field(column, types[column]), take_rows(served[feature], index)
+                    )
         return batch.select([*batch.column_names[: -len(self.fields)], *types]) if self.fields else batch
 
     def _read_view(
@@ -301,16 +307,98 @@ class OnlineFeatureLookup:
     ) -> dict[str, pa.Array]:
         """Each feature of one view for the `distinct` keys, in their order, `call_keys` a call."""
         assert self.store is not None
-        parts: dict[str, list[pa.Array]] = {feature: [] for feature in read.features}
+        names = [f"{read.view}__{f}" for f in read.features]
+        values: dict[str, list[ValueProto]] = {name: [] for name in names}
         for start in range(0, distinct.num_rows, self.call_keys):
             chunk = distinct.slice(start, self.call_keys)
-            values = self.store.get_online_features(
+            response = self.store.get_online_features(
                 features=[f"{read.view}:{f}" for f in read.features],
                 entity_rows={k: chunk[k].to_pylist() for k in read.join_keys},
                 full_feature_names=True,
-            ).to_dict()
-            for feature in read.features:
-                parts[feature].append(pa.array(values[f"{read.view}__{feature}"], kinds[feature]))
-        return {
-            f: pa.concat_arrays(arrays) if arrays else pa.array([], kinds[f]) for f, arrays in parts.items()
-        }
+            ).proto
+            # The response's own protos, not `to_dict()`: that converts the echoed join keys too,
+            # and every float of a vector to a Python float that Arrow then converts back.
+            for name, vector in zip(response.metadata.feature_names.val, response.results, strict=True):
+                if name in values:
+                    values[name].extend(vector.values)
+        return {f: arrow_column(values[name], kinds[f]) for f, name in zip(read.features, names, strict=True)}
+
+
+# Value kinds whose Python value is the field itself (what Feast's `to_dict()` returns for them).
+SCALAR_KINDS = frozenset({"double_val", "float_val", "int64_val", "int32_val", "string_val", "bool_val"})
+# Arrow value types filled from a list kind whose values are fixed-width on the wire (protobuf
+# packs repeated scalars): the kind, and the values' little-endian dtype.
+PACKED_LISTS: dict[pa.DataType, tuple[str, str]] = {
+    pa.float32(): ("float_list_val", "<f4"),
+    pa.float64(): ("double_list_val", "<f8"),
+}
+
+
+def arrow_column(values: Sequence[ValueProto], kind: pa.DataType) -> pa.Array:
+    """Feast response values as one Arrow array of `kind`, equal to `pa.array(<to_dict()'s
+    list>, kind)`: lists of floats straight from their packed bytes, other kinds through the
+    Python value `to_dict()` gives."""
+    if pa.types.is_list(kind):
+        packed = packed_lists(values, kind)
+        if packed is not None:
+            return packed
+    return pa.array([python_value(v) for v in values], kind)
+
+
+def python_value(value: ValueProto) -> Any:
+    """The Python value Feast's `to_dict()` gives for one response value."""
+    which = value.WhichOneof("val")
+    if which is None:
+        return None
+    return getattr(value, which) if which in SCALAR_KINDS else feast_value_type_to_python_type(value)
+
+
+def packed_lists(values: Sequence[ValueProto], kind: pa.ListType) -> pa.Array | None:
+    """A list array of `kind` read from each value's packed wire bytes, or None when a value is
+    not a packed list of `kind`'s value type (the caller converts those through Python)."""
+    if kind.value_type not in PACKED_LISTS:
+        return None
+    expected, dtype = PACKED_LISTS[kind.value_type]
+    width = np.dtype(dtype).itemsize
+    bodies: list[bytes] = []
+    lengths = np.zeros(len(values) + 1, np.int32)
+    nulls = np.zeros(len(values), np.bool_)
+    for i, value in enumerate(values):
+        which = value.WhichOneof("val")
+        if which is None:
+            nulls[i] = True
+            continue
+        if which != expected:
+            return None
+        items = getattr(value, which)
+        wire, size = items.SerializeToString(), width * len(items.val)
+        if size and wire[:-size] != packed_header(size):
+            return None
+        bodies.append(wire[len(wire) - size :])
+        lengths[i + 1] = len(items.val)
+    flat = pa.array(np.frombuffer(b"".join(bodies), dtype), kind.value_type)
+    offsets = pa.array(np.cumsum(lengths, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat, type=kind, mask=pa.array(nulls) if nulls.any() else None)
+
+
+@functools.cache
+def packed_header(size: int) -> bytes:
+    """A packed repeated field 1 of `size` bytes: its tag (field 1, length-delimited), then the
+    size as a varint."""
+    varint = bytearray()
+    while size > 0x7F:
+        varint.append(size & 0x7F | 0x80)
+        size >>= 7
+    return b"\x0a" + bytes(varint) + bytes([size])
+
+
+def take_rows(array: pa.Array, index: pa.Array) -> pa.Array:
+    """`array.take(index)`. A list array whose lists all have one length is taken as a fixed-size
+    list, ~10x faster: Arrow takes variable lists one at a time."""
+    if pa.types.is_list(array.type) and len(array):
+        bounds = pc.min_max(pc.list_value_length(array))
+        width = bounds["min"].as_py()
+        if width is not None and width == bounds["max"].as_py():
+            fixed = pa.list_(array.type.value_field, width)
+            return array.cast(fixed).take(index).cast(array.type)
+    return array.take(index)
