@@ -26,7 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr import prepared
 from nlpctr.errors import UserError
-from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, read_manifest
+from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, Manifest
 from nlpctr.models.schema import SPLITS
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import staged_output
@@ -306,15 +306,15 @@ def ctr_stats(request: CtrStatsRequest, test_pipeline: beam.Pipeline | None = No
             folder that is not the job's to replace.
     """
     data_dir = Path(request.data).resolve()
-    manifest = read_manifest(data_dir)
+    manifest = Manifest.read(data_dir)
     with prepared.reading(data_dir, [IMPRESSIONS]):  # a damaged file named, with its fix
         return _ctr_stats(request, data_dir, manifest, test_pipeline)
 
 
 def _ctr_stats(
-    request: CtrStatsRequest, data_dir: Path, manifest: dict[str, Any], test_pipeline: beam.Pipeline | None
+    request: CtrStatsRequest, data_dir: Path, manifest: Manifest, test_pipeline: beam.Pipeline | None
 ) -> CtrStatsSummary:
-    entities = tuple(manifest["entities"])
+    entities = manifest.entities
     columns = ["impression_id", "event_timestamp", "split", "impressions", "clicks", *entities]
     # Before any work: each output is new, empty or this job's earlier output; both are swapped
     # in together, so a crash before that leaves the old ones untouched.
@@ -339,7 +339,7 @@ def _ctr_stats(
     meta = json.loads((data_dir / CTR_HISTORY / CTR_META).read_text())
     wall = time.perf_counter() - started
     summary = (
-        f"ctr-stats {manifest['dataset']}: {len(entities)} entities ({', '.join(entities)}), "
+        f"ctr-stats {manifest.dataset}: {len(entities)} entities ({', '.join(entities)}), "
         f"global train CTR {meta['global_ctr']:.4f}, prior strength {request.prior_strength:g}; "
         f"{wall:.1f} s -> {data_dir / CTR_HISTORY}"
     )

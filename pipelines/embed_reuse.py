@@ -10,7 +10,6 @@ embed_reuse.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import zlib
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.pvalue import TaggedOutput
 
-from nlpctr.layout import EMBEDDINGS_MANIFEST
+from nlpctr.layout import EMBEDDINGS_MANIFEST, EmbeddingsManifest
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.pipelines.unique_texts import UniqueText
 from nlpctr.prepared import damage, parquet_files
@@ -108,14 +107,17 @@ class _NotReusable(Exception):
 
 
 def _check_stored(out: Path, config: EncoderConfig) -> StoredEmbeddings:
-    manifest = _read_manifest(out / EMBEDDINGS_MANIFEST)
-    if manifest.get("slug") != config.slug or manifest.get("encoder_version") != config.version:
+    manifest = EmbeddingsManifest.read(out)
+    if manifest is None:
+        raise _NotReusable(f"{EMBEDDINGS_MANIFEST} is missing, unreadable or not a JSON object")
+    if manifest.slug != config.slug or manifest.encoder_version != config.version:
         raise _NotReusable(
-            f"written by encoder {manifest.get('encoder_version')!r}, this run's is {config.version!r}"
+            f"written by encoder {manifest.encoder_version!r}, this run's is {config.version!r}"
         )
-    dim, rows = manifest.get("dim"), manifest.get("rows")
-    if not isinstance(dim, int) or dim != config.source.width or not isinstance(rows, int):
-        raise _NotReusable(f"{EMBEDDINGS_MANIFEST} records no usable dim/rows ({dim!r}, {rows!r})")
+    dim, rows = manifest.dim, manifest.rows
+    if dim is None or dim != config.source.width or rows is None:
+        shown = manifest.content.get("dim"), manifest.content.get("rows")
+        raise _NotReusable(f"{EMBEDDINGS_MANIFEST} records no usable dim/rows ({shown[0]!r}, {shown[1]!r})")
     files = parquet_files(out)
     stored_rows = 0
     for file in files:
@@ -142,16 +144,6 @@ def _check_stored(out: Path, config: EncoderConfig) -> StoredEmbeddings:
         dim=dim,
         rows=rows,
     )
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _NotReusable(f"{path.name} is missing or unreadable: {type(exc).__name__}") from None
-    if not isinstance(manifest, dict):
-        raise _NotReusable(f"{path.name} is not a JSON object")
-    return manifest
 
 
 # ------------------------------------------------------------------------------- reading

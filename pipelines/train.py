@@ -31,10 +31,10 @@ from nlpctr.layout import (
     CTR_META,
     LM_FEATURES,
     TRAINING,
+    Manifest,
     RunLayout,
     check_splits,
     lm_cache_dir,
-    read_manifest,
     require_writable,
 )
 from nlpctr.models.config import MODES, Mode, TrainConfig, load_config
@@ -262,11 +262,11 @@ def same_run(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
         return False
 
 
-def use_streaming(manifest: dict[str, Any], requested: bool | None) -> bool:
+def use_streaming(manifest: Manifest, requested: bool | None) -> bool:
     """`--streaming` / `--in-memory` when given, else stream above STREAMING_ROWS impressions."""
     if requested is not None:
         return requested
-    return int(manifest.get("rows_written", 0)) > STREAMING_ROWS
+    return manifest.rows_written > STREAMING_ROWS
 
 
 def check_writable(data_dir: Path, mode: str, streamed: bool) -> None:
@@ -297,7 +297,7 @@ def set_up(request: TrainRequest) -> RunSetup:
             not writable, a data folder that cannot be trained on (named with its fix).
     """
     data_dir = request.data_dir.resolve()
-    manifest = read_manifest(data_dir)
+    manifest = Manifest.read(data_dir)
     request = request.checked()
     config = load_config(request.mode, request.config_file, request.overrides())
     placement = config.placement
@@ -388,7 +388,7 @@ def _train(request: TrainRequest) -> TrainResult:
     spec = {
         **setup.identity,
         "service": trained.service,
-        "dataset": manifest["dataset"],  # score-batch refuses another dataset's rows
+        "dataset": manifest.dataset,  # score-batch refuses another dataset's rows
         "checkpoint": str(result.checkpoint.relative_to(run_dir)),
         "preprocessing": trained.pre.to_json(),
         "train_ctr": trained.train_ctr,
@@ -401,10 +401,10 @@ def _train(request: TrainRequest) -> TrainResult:
     wall = time.perf_counter() - started
     report = trained.report
     results = {
-        "dataset": manifest["dataset"],
+        "dataset": manifest.dataset,
         "run": request.run,
         "seed": config.loop.seed,
-        "split": manifest["split"]["mode"],
+        "split": manifest.split.mode,
         "mode": request.mode,
         "fusion": request.fusion,
         "layers": config.encoder.layers if Mode(request.mode).trains_lm else None,
@@ -428,22 +428,22 @@ def _train(request: TrainRequest) -> TrainResult:
         "config": config.to_dict(),
         "placement": setup.placement.to_dict(),
         "provenance": {
-            "dataset": manifest["dataset"],
+            "dataset": manifest.dataset,
             "data_dir": str(setup.data_dir),
-            "spec_hash": manifest.get("spec_hash"),
-            "split_mode": manifest["split"]["mode"],
-            "split_seed": manifest["split"]["seed"],
+            "spec_hash": manifest.spec_hash,
+            "split_mode": manifest.split.mode,
+            "split_seed": manifest.split.seed,
             "encoder_version": trained.encoder_version,
             "code_version": code_version(),
             "feature_service": trained.service,
-            "group": manifest["group"],
+            "group": manifest.group,
         },
     }
     write_json(RunLayout(run_dir).results, results, sort_keys=False, default=float)
     label = request.mode + (f"/{request.fusion}" if request.fusion else "")
     stages = f"; valid logloss {stage_summary(result.stages)}" if result.stages else ""
     summary = (
-        f"train {request.run} ({label}, {manifest['dataset']}): test AUC {report['auc']:.4f} "
+        f"train {request.run} ({label}, {manifest.dataset}): test AUC {report['auc']:.4f} "
         f"[{report['auc_ci'][0]:.4f}, {report['auc_ci'][1]:.4f}], GAUC {report['gauc']:.4f}, "
         f"logloss {report['logloss']:.4f}, RIG {report['rig']:.4f}, calibration "
         f"{report['calibration']['ratio']:.3f}; best epoch {result.best_epoch + 1}/{epochs_trained(result)}"

@@ -22,7 +22,7 @@ from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.job_outputs import JobOutputs
 from nlpctr.features.names import BASELINE, CASCADE_FROZEN, lm_view_name
-from nlpctr.layout import LmFeatureMeta, RunLayout, lm_features_dir
+from nlpctr.layout import LmFeatureMeta, Manifest, RunLayout, lm_features_dir
 from nlpctr.models import streaming
 from nlpctr.models.config import Mode, TrainConfig
 from nlpctr.models.data import FeatureColumns
@@ -53,7 +53,7 @@ class RunSetup:
 
     request: TrainRequest
     data_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     config: TrainConfig
     identity: dict[str, Any]  # config.json: what makes two runs of a name the same run
     run_dir: Path

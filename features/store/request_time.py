@@ -10,7 +10,6 @@ request_time.py.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from feast import FeatureService, FeatureStore
 
 from nlpctr.errors import UserError
 from nlpctr.features.names import EMBEDDING, TEXT_ID, TEXT_ROLES
-from nlpctr.layout import EMBEDDINGS_MANIFEST, embeddings_dir
+from nlpctr.layout import EMBEDDINGS_MANIFEST, EmbeddingsManifest, embeddings_dir
 from nlpctr.models.encoder_source import DEFAULT_ENCODER
 from nlpctr.models.schema import normalize_text, text_id
 
@@ -103,15 +102,12 @@ def encoder_config_of(folder: Path, view: str, encoder_version: str) -> EncoderC
     version (a changed package or folder would give other vectors: refused, not mixed)."""
     from nlpctr.models.encoder import EncoderConfig
 
-    try:
-        manifest = json.loads((folder / EMBEDDINGS_MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if not isinstance(manifest, dict):
+    manifest = EmbeddingsManifest.read(folder)
+    if manifest is None:
         raise UserError(f"{folder / EMBEDDINGS_MANIFEST} cannot be read; re-run `nlpctr embed` for {view}")
-    fields = manifest.get("encoder")
-    if not isinstance(fields, dict):
-        legacy = _LEGACY_VERSION.fullmatch(str(manifest.get("encoder_version", "")))
+    fields = manifest.encoder
+    if fields is None:
+        legacy = _LEGACY_VERSION.fullmatch(manifest.encoder_version or "")
         if legacy is None:
             raise UserError(f"{folder} does not record its encoder; re-run `nlpctr embed` for {view}")
         fields = {
