@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +30,11 @@ from nlpctr.models.data import BatchSource, Tensors
 from nlpctr.models.device import device_of, seed_run
 from nlpctr.models.loop import (
     Evaluation,
+    EvaluationEntry,
     LoopState,
     Optimization,
     ParamGroup,
+    StageRecord,
     default_train_mode,
     load_weights,
     weights_of,
@@ -209,7 +210,7 @@ class FitResult:
     steps: int = 0  # optimizer steps taken
     checkpoint: Path | None = None  # the best weights: `epoch-<k>.pt` or `best.pt`
     eval_seconds: float = 0.0  # of wall_seconds, spent validating
-    stages: list[dict[str, Any]] = field(default_factory=list)  # the LM recipe's (models/recipe.py)
+    stages: list[StageRecord] = field(default_factory=list)  # the LM recipe's (models/recipe.py)
     best_index: int = -1  # of the best evaluation in `history`
     rows_seen: int = 0  # training rows the optimizer steps read
     cpu_seconds: float = 0.0  # process CPU time (all threads), evaluations included
@@ -219,7 +220,7 @@ class FitResult:
         """The best evaluation's history entry."""
         return self.history[self.best_index]
 
-    def history_json(self) -> list[dict[str, Any]]:
+    def history_json(self) -> list[EvaluationEntry]:
         """`history` as results.json keeps it."""
         return [entry.to_json() for entry in self.history]
 

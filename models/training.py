@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 import nlpctr
+from nlpctr.atomic import JsonObject
 from nlpctr.compat import as_manifest
 from nlpctr.errors import UserError
 from nlpctr.layout import LmFeatureMeta, Manifest, RunLayout, pair_key_columns
@@ -35,7 +36,7 @@ from nlpctr.models.lm_features import (
     text_pairs,
     write_lm_features,
 )
-from nlpctr.models.loop import Evaluation
+from nlpctr.models.loop import Evaluation, StageRecord
 from nlpctr.models.recipe import LM, fit_recipe, plan
 from nlpctr.models.runs import Preprocessing, TrainedRun, build_model, build_scorer
 from nlpctr.models.text_batches import TextBatcher
@@ -154,7 +155,7 @@ class LmStep:
     checkpoints: dict[str, LmCheckpoint]  # `step-<k>` -> the checkpoint, in step order
     chosen: str  # the checkpoint the view serves: peak standalone validation AUC
     history: list[Evaluation]  # every evaluation of the recipe (probe and LM stage)
-    stages: list[dict[str, Any]]  # the recipe's stage records (budget: steps, rows, seconds)
+    stages: list[StageRecord]  # the recipe's stage records (budget: steps, rows, seconds)
     wall_seconds: float
     test_auc_standalone: float
     feature_view: str  # the published view of the chosen checkpoint
@@ -166,7 +167,7 @@ class LmStep:
         aucs = [c.valid_auc for c in self.checkpoints.values()]
         return len(aucs) > 1 and aucs[-1] > aucs[-2]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """The `lm` section of the run's results.json."""
         return {
             "checkpoints": {name: dict(c.__dict__) for name, c in self.checkpoints.items()},

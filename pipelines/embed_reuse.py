@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import apache_beam as beam
 import numpy as np
@@ -27,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.pvalue import TaggedOutput
 
+from nlpctr.atomic import JsonObject
 from nlpctr.layout import EMBEDDINGS_MANIFEST, EmbeddingsManifest
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.pipelines.unique_texts import UniqueText
@@ -200,11 +201,19 @@ class ReadSpellings(beam.DoFn):
             yield TaggedOutput("unreadable", f"{path}: {exc}")
 
 
+class StoredJoin(TypedDict):
+    """What `JoinStored` (a CoGroupByKey) gathers for one text id."""
+
+    text: Iterable[UniqueText]  # the text in the data (none once it left it)
+    vector: Iterable[np.ndarray]  # its stored vector, if any
+    spelling: Iterable[str]  # the stored spelling's digest, if any
+
+
 class RouteTexts(beam.DoFn):
     """CoGroupByKey of one text id -> the text to encode (main output), or its reused row
     ("reused"); counter pairs ("counts") for what was dropped or respelled."""
 
-    def process(self, element: tuple[str, dict[str, Any]]) -> Iterator[Any]:
+    def process(self, element: tuple[str, StoredJoin]) -> Iterator[Any]:
         text_id, grouped = element
         texts = list(grouped["text"])
         vectors = list(grouped["vector"])
@@ -291,7 +300,7 @@ def reuse_stored(unique: beam.PCollection, staging: Path, stored: StoredEmbeddin
     return ReuseSplit(routed.to_encode, routed.reused, counts)
 
 
-def reuse_manifest(counts: dict[str, float], stored: StoredEmbeddings | None) -> dict[str, Any]:
+def reuse_manifest(counts: dict[str, float], stored: StoredEmbeddings | None) -> JsonObject:
     """The manifest's record of what this run reused and encoded (and logs what it could not reuse).
 
     Args:
@@ -302,7 +311,7 @@ def reuse_manifest(counts: dict[str, float], stored: StoredEmbeddings | None) ->
         Entries for `_manifest.json`: texts_encoded, texts_reused and, when reused, the counts
         of stored texts that were respelled, dropped or unreadable.
     """
-    entry: dict[str, Any] = {
+    entry: JsonObject = {
         "texts_encoded": int(counts.get("texts_encoded", 0)),
         TEXTS_REUSED: int(counts.get(TEXTS_REUSED, 0)),
         "reused_from_previous_run": stored is not None,

@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -29,7 +28,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from nlpctr import __version__, prepared
-from nlpctr.atomic import write_json
+from nlpctr.atomic import JsonObject, write_json
 from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
 from nlpctr.models.encoder import EncoderConfig
@@ -300,11 +299,11 @@ class EmbedSummary:
     forward_texts_per_second: float
     summary: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return asdict(self)
 
 
-def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> JsonObject:
     """`nlpctr embed`: the flags as an `EmbedRequest` to `embed`; returns its summary.
     `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
     Beam's own examples."""

@@ -18,7 +18,6 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,7 +26,7 @@ import yaml
 from tqdm import tqdm
 
 from nlpctr import __version__
-from nlpctr.atomic import atomic_path
+from nlpctr.atomic import JsonObject, atomic_path
 from nlpctr.errors import UserError
 from nlpctr.pipelines.ownership import claim_output_files, is_simulated_log
 from nlpctr.pipelines.simulator.clicks import (
@@ -63,7 +62,7 @@ DEFAULT_CHUNK_ROWS = 200_000
 # ------------------------------------------------------------------------------- outputs
 
 
-def spec_for(log_path: Path, params: Params) -> dict[str, Any]:
+def spec_for(log_path: Path, params: Params) -> JsonObject:
     """The dataset spec of the simulated log; source.path is relative to the spec file."""
     stem = log_path.name.removesuffix(".parquet")
     name = re.sub(r"[^A-Za-z0-9_-]", "_", stem).strip("_-")
@@ -116,8 +115,8 @@ def _paths(out: Path) -> dict[str, Path]:
 
 
 def truth_record(
-    params: Params, world_info: dict[str, Any], paths: dict[str, Path], moments: Moments, clicks: int
-) -> dict[str, Any]:
+    params: Params, world_info: JsonObject, paths: dict[str, Path], moments: Moments, clicks: int
+) -> JsonObject:
     """truth.json's content: the model, its coefficients, the world, and the realised moments."""
     logit_var = moments.variance("logit")
     return {
@@ -192,7 +191,7 @@ def truth_record(
     }
 
 
-def write_log(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
+def write_log(params: Params, out: Path, progress: bool = True) -> JsonObject:
     """Generate the world and the rows; write all four files; return truth.json's content."""
     pools = load_pools(data_root())
     world = build_world(pools, params.rows, params.seed)
@@ -364,17 +363,17 @@ class SimulateRequest:
 class SimulateSummary:
     """A simulated log: truth.json's content, the files written, and a one-line summary."""
 
-    truth: dict[str, Any]  # <stem>.truth.json
+    truth: JsonObject  # <stem>.truth.json
     paths: dict[str, Path]  # log, truth, truth_json, spec
     wall_seconds: float
     summary: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         paths = {key: str(path) for key, path in self.paths.items()}
         return {**self.truth, "paths": paths, "wall_seconds": self.wall_seconds, "summary": self.summary}
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> JsonObject:
     """`nlpctr data simulate`: the flags as a `SimulateRequest` to `simulate`; returns truth.json's
     content plus the output paths and a summary."""
     return simulate(SimulateRequest.from_args(parse_args(argv))).to_dict()

@@ -18,11 +18,10 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import nlpctr
 from nlpctr import prepared
-from nlpctr.atomic import write_json
+from nlpctr.atomic import JsonObject, write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.names import lm_feature_slug
@@ -157,9 +156,9 @@ class TrainRequest:
             raise UserError("--probe-only applies to --mode joint with --init-from E0RUN (a probe needs E0)")
         return replace(self, fusion=self.fusion or Fusion.SCORE) if self.mode == Mode.JOINT else self
 
-    def overrides(self) -> dict[str, Any]:
+    def overrides(self) -> JsonObject:
         """The flags that override the configuration, as a config layer."""
-        overrides: dict[str, Any] = {}
+        overrides: JsonObject = {}
         if self.epochs is not None:
             # E2's expensive step is the LM's; its CTR step keeps the configured (E0) budget.
             overrides["lm_loop" if self.mode == Mode.CASCADE_FINETUNED else "loop"] = {"epochs": self.epochs}
@@ -183,7 +182,7 @@ class TrainResult:
     """A finished run: what its results.json holds, and the typed parts callers read."""
 
     run_dir: Path
-    results: dict[str, Any]  # RUN/results.json
+    results: JsonObject  # RUN/results.json
     summary: str  # one line
     fit: FitResult
     lm_step: LmStep | None  # E2's LM step
@@ -250,7 +249,7 @@ def global_ctr(data_dir: Path) -> float:
         raise UserError(f"{path} is damaged; rerun `nlpctr ctr-stats --data {data_dir}`") from None
 
 
-def same_run(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
+def same_run(recorded: JsonObject, identity: JsonObject) -> bool:
     """Whether a run folder's config.json names the same run as `identity`: the same flags, and
     configurations equal once typed (what an older config.json leaves out is the default)."""
     flags = {k: v for k, v in recorded.items() if k != "config"}
@@ -452,7 +451,7 @@ def _train(request: TrainRequest) -> TrainResult:
     return TrainResult(run_dir, results, summary, result, trained.lm_step)
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> JsonObject:
     """`nlpctr train`.
 
     Args:

@@ -11,13 +11,14 @@ request_time.py.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from feast import FeatureService, FeatureStore
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.features.names import EMBEDDING, TEXT_ID, TEXT_ROLES
 from nlpctr.layout import EMBEDDINGS_MANIFEST, EmbeddingsManifest, embeddings_dir
@@ -74,8 +75,9 @@ def text_fields(keys: Sequence[str]) -> list[str]:
     return [role for role, column in TEXT_ROLES.items() if column in keys]
 
 
-def ids_from_texts(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows with each given text's id filled in (`text_id`); a row's own id must agree with it."""
+def ids_from_texts(rows: Sequence[JsonObject], keys: Sequence[str]) -> list[JsonObject]:
+    """Entity rows as a request gives them (before they are checked), with each given text's id
+    filled in (`text_id`); a row's own id must agree with it."""
     out = []
     for row in rows:
         row = dict(row)
@@ -146,9 +148,7 @@ class RequestTimeVectors:
             self.encoders[projection.view] = TextEncoder(config)
         return self.encoders[projection.view]
 
-    def fill(
-        self, values: MutableMapping[str, list[Any]], rows: Sequence[Mapping[str, Any]]
-    ) -> dict[str, int]:
+    def fill(self, values: MutableMapping[str, list[Any]], rows: Sequence[JsonObject]) -> dict[str, int]:
         """Fill each null embedding whose row carries its text; returns how many per column."""
         computed: dict[str, int] = {}
         for projection in self.projections:
