@@ -30,6 +30,7 @@ from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, Manifest
 from nlpctr.models.schema import SPLITS, ImpressionRow
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import staged_output
 
@@ -302,7 +303,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     `summary` line. `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam
     options, as in Beam's own examples."""
     args, beam_args = parse_args(argv)
-    request = CtrStatsRequest(args.data, args.prior_strength, tuple(beam_args))
+    request = request_from_args(CtrStatsRequest, args, beam=tuple(beam_args))
     return ctr_stats(request, test_pipeline).to_dict()
 
 

@@ -36,6 +36,7 @@ from nlpctr.models.encoder_source import DEFAULT_ENCODER
 from nlpctr.pipelines import embed_reuse
 from nlpctr.pipelines.devices import launch_device
 from nlpctr.pipelines.encode_texts import Encoded, EncodeTexts, TextEncoderModelHandler
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import WriteCounts, read_counts, staged_output
 from nlpctr.pipelines.unique_texts import INPUT_COLUMNS, ReadUniqueTexts, TextIdCollision
@@ -261,14 +262,11 @@ class EmbedRequest:
         encoder = EncoderConfig(
             layers=args.layers, pooling=args.pooling, max_length=args.max_length, name=args.encoder
         )
-        return cls(
-            data=args.data,
+        return request_from_args(
+            cls,
+            args,
             encoder=encoder,
-            batch_size=args.batch_size,
-            device=args.device,
-            torch_threads=args.torch_threads,
             group_by_length=not args.no_length_grouping,
-            num_shards=args.num_shards,
             beam=tuple(beam),
             reuse=not args.full,
         )

@@ -29,6 +29,7 @@ from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.layout import IMPRESSIONS, REJECTED, Manifest, SplitRecord
 from nlpctr.models.schema import SPLITS, impression_schema
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.ingest_source import ReadSourceRecords, check_source, source_files
 from nlpctr.pipelines.ingest_validate import AssignSplits, FindRepeatedIds, TimeCutPoints, ValidateImpressions
 from nlpctr.pipelines.loopback import run_to_completion
@@ -293,17 +294,7 @@ class PrepareRequest:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, beam: Sequence[str]) -> PrepareRequest:
-        return cls(
-            dataset=args.dataset,
-            out=args.out,
-            seed=args.seed,
-            split_mode=args.split_mode,
-            max_reject_rate=args.max_reject_rate,
-            max_text_chars=args.max_text_chars,
-            truncate_long_text=args.truncate_long_text,
-            num_shards=args.num_shards,
-            beam=tuple(beam),
-        )
+        return request_from_args(cls, args, beam=tuple(beam))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from nlpctr import __version__
 from nlpctr.atomic import JsonObject, atomic_path
 from nlpctr.errors import UserError
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.ownership import claim_output_files, is_simulated_log
 from nlpctr.pipelines.simulator.clicks import (
     DAYS,
@@ -332,18 +333,7 @@ class SimulateRequest:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimulateRequest:
-        return cls(
-            rows=args.rows,
-            rho=args.rho,
-            out=args.out,
-            seed=args.seed,
-            base_logit=args.base_logit,
-            text_strength=args.text_strength,
-            chunk_rows=args.chunk_rows,
-            impressions_per_row=args.impressions_per_row,
-            numeric_features=args.numeric_features,
-            progress=not args.no_progress,
-        )
+        return request_from_args(cls, args, progress=not args.no_progress)
 
     @property
     def params(self) -> Params:

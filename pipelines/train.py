@@ -45,6 +45,7 @@ from nlpctr.models.runs import TrainedRun
 from nlpctr.models.state_store import persisted_states
 from nlpctr.models.trainer import FitResult
 from nlpctr.models.training import LmStep, epochs_trained
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.ownership import claim_output_dir
 from nlpctr.pipelines.train_modes import TRAIN_MODE, RunSetup, lm_budget
 
@@ -127,23 +128,14 @@ class TrainRequest:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainRequest:
-        return cls(
+        return request_from_args(
+            cls,
+            args,
             mode=Mode(args.mode),
             data_dir=args.data,
-            run=args.run,
-            runs_dir=args.runs_dir,
             fusion=Fusion(args.fusion) if args.fusion else None,
-            encoder=args.encoder,
-            layers=args.layers,
-            epochs=args.epochs,
-            seed=args.seed,
             config_file=args.config,
-            init_from=args.init_from,
-            streaming=args.streaming,
             progress=not args.no_progress,
-            probe_only=args.probe_only,
-            device=args.device,
-            precision=args.precision,
         )
 
     def checked(self) -> TrainRequest:
