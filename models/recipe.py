@@ -24,6 +24,7 @@ from nlpctr.models.data import BatchSource
 from nlpctr.models.loop import Evaluation, ParamGroup, StageRates, StageRecord
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, LoopConfig, fit
+from nlpctr.progress import note
 
 HEAD, LM, ALL = "head", "lm", "all"
 
@@ -217,9 +218,8 @@ def fit_recipe(
     for stage in stages:
         with texts.frozen_lm() if stage.name == HEAD else nullcontext():
             groups = param_groups(model, texts, stage.tower_lr, stage.head_lr, stage.lm_lr)
-            if progress:
-                rates = ", ".join(f"{g['name']} {g['lr']:g}" for g in groups)
-                print(f"{stage.folder} ({stage.name}): lr {rates}", flush=True)
+            rates = ", ".join(f"{g.get('name', '')} {g['lr']:g}" for g in groups)
+            note(f"{stage.folder} ({stage.name}): lr {rates}", show=progress)
             result = fit(
                 model,
                 data,

@@ -40,6 +40,8 @@ from nlpctr.models.loop import (
     weights_of,
 )
 from nlpctr.models.text_batches import TextBatcher
+from nlpctr.progress import bar as progress_bar
+from nlpctr.progress import note as progress_note
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -264,11 +266,11 @@ class _Fit:
         return self.checkpoint_dir / LAST
 
     def epoch_bar(self, state: LoopState) -> tqdm:
-        return tqdm(
+        return progress_bar(
+            show=self.progress,
             total=self.n_batches,
             initial=state.batches_done,
             desc=f"epoch {state.epoch + 1}/{self.config.epochs}",
-            disable=not self.progress,
             leave=False,
         )
 
@@ -446,12 +448,12 @@ def _evaluate_and_keep(run: _Fit, state: LoopState) -> bool:
         valid_auc=metrics.auc(valid_labels, valid_p),
     )
     state.eval_seconds += time.perf_counter() - began
-    if run.progress:
-        loss = "-" if entry.train_loss is None else f"{entry.train_loss:.4f}"
-        tqdm.write(
-            f"epoch {entry.epoch + 1} step {entry.step}: train loss {loss}, valid logloss "
-            f"{entry.valid_logloss:.5f}, valid AUC {entry.valid_auc:.4f}"
-        )
+    loss = "-" if entry.train_loss is None else f"{entry.train_loss:.4f}"
+    progress_note(
+        f"epoch {entry.epoch + 1} step {entry.step}: train loss {loss}, valid logloss "
+        f"{entry.valid_logloss:.5f}, valid AUC {entry.valid_auc:.4f}",
+        show=run.progress,
+    )
     stop = _keep(run, state, entry)
     run.train_mode()
     return stop

@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from tqdm import tqdm
 
 from nlpctr import __version__
 from nlpctr.atomic import JsonObject, atomic_path
@@ -56,6 +55,7 @@ from nlpctr.pipelines.simulator.world import (
     build_world,
 )
 from nlpctr.pipelines.specs import data_root
+from nlpctr.progress import bar as progress_bar
 
 DEFAULT_CHUNK_ROWS = 200_000
 
@@ -218,7 +218,7 @@ def write_log(params: Params, out: Path, progress: bool = True) -> JsonObject:
             pq.ParquetWriter(truth_file, truth_schema(params), compression="zstd") as truth_writer,
         ):
             starts = range(0, params.rows, params.chunk_rows)
-            for start in tqdm(starts, desc="simulate", unit="chunk", disable=None if progress else True):
+            for start in progress_bar(starts, show=progress, desc="simulate", unit="chunk"):
                 stop = min(start + params.chunk_rows, params.rows)
                 log, truth = simulate_chunk(world, params, start, stop)
                 log_writer.write_table(log, row_group_size=params.chunk_rows)
