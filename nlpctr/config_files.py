@@ -5,8 +5,8 @@ A file is read bounded and safe (at most 64 KiB, no aliases, nesting at most 32 
 of nested aliases expand into 10^9 strings, and the composer recurses), and every problem is one
 line: a YAML error by line and column (never the quoted text: the file may not be YAML at all), a
 binary file, a list or a number where a mapping belongs, and a key nothing reads, named with the
-nearest key that something does. Imports nothing from nlpctr but its errors, so every layer can
-use it.
+nearest key that something does. Imports nothing from nlpctr but its errors (and JsonObject), so
+every layer can use it.
 """
 
 from __future__ import annotations

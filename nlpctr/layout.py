@@ -5,9 +5,10 @@ files that describe it.
     embeddings/<slug>/, lm_features/<run>/epoch-<k>/, lm_cache/<prefix>/, feature_repo/,
     training/<service>/<split>/, scored/<run>/, enriched/<service>/
 
-Metadata files start with "_" so that parquet readers skip them. Imports nothing from nlpctr
-but its errors, so every layer can use it. Which job writes each: docs/DESIGN.md, "Modules in
-detail", layout.py.
+Metadata files start with "_" so that parquet readers skip them. Its records: `Manifest`,
+`EmbeddingsManifest`, `LmFeatureMeta`, `RunLayout`. Imports nothing from nlpctr but its errors,
+atomic writer and compat shims, so every layer can use it. Which job writes each:
+docs/DESIGN.md, "Modules in detail", layout.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from nlpctr.atomic import JsonObject, write_json
+from nlpctr.compat import lm_meta_checkpoints
 from nlpctr.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -411,8 +413,7 @@ class LmFeatureMeta:
             run=str(content.get("run", Path(folder).name)),
             kind=str(content["kind"]),
             chosen=str(content["chosen"]),
-            # (`epochs`: the folders' name before E2 checkpointed within epochs)
-            checkpoints=tuple(content.get("checkpoints", content.get("epochs", [content["chosen"]]))),
+            checkpoints=lm_meta_checkpoints(content),
             keys=tuple(content["keys"]),
             model_version=str(content["model_version"]),
             valid_auc=content.get("valid_auc"),

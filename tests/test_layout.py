@@ -148,3 +148,19 @@ def test_embeddings_manifest_has_one_reader(tmp_path: Path) -> None:
     (tmp_path / EMBEDDINGS_MANIFEST).write_text(json.dumps({"encoder_version": "v", "dim": 8, "rows": "x"}))
     read = EmbeddingsManifest.read(tmp_path)
     assert read is not None and (read.encoder_version, read.dim, read.rows, read.slug) == ("v", 8, None, None)
+
+
+def test_the_compat_shims_read_older_files_into_todays_records() -> None:
+    from nlpctr.compat import as_manifest, encoder_fields_of_version, lm_meta_checkpoints
+
+    record = Manifest.from_json(FULL_MANIFEST)
+    assert as_manifest(record) is record and as_manifest(FULL_MANIFEST) == record
+    assert encoder_fields_of_version("minilm@1/layers=2/pooling=mean/max_length=32", "minilm") == {
+        "name": "minilm", "layers": 2, "pooling": "mean", "max_length": 32,
+    }  # fmt: skip
+    assert encoder_fields_of_version("minilm@1", "minilm") is None
+    assert lm_meta_checkpoints({"chosen": "epoch-1", "epochs": ["epoch-0", "epoch-1"]}) == (
+        "epoch-0",
+        "epoch-1",
+    )
+    assert lm_meta_checkpoints({"chosen": "step-9"}) == ("step-9",)

@@ -10,7 +10,6 @@ request_time.py.
 
 from __future__ import annotations
 
-import re
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from feast import FeatureService, FeatureStore
 
 from nlpctr.atomic import JsonObject
+from nlpctr.compat import encoder_fields_of_version
 from nlpctr.errors import UserError
 from nlpctr.features.names import EMBEDDING, TEXT_ID, TEXT_ROLES
 from nlpctr.layout import EMBEDDINGS_MANIFEST, EmbeddingsManifest, embeddings_dir
@@ -29,10 +29,6 @@ if TYPE_CHECKING:  # torch is imported only when a vector has to be computed
     from nlpctr.models.encoder import EncoderConfig, TextEncoder
 
 ROLE_OF_ID = {column: role for role, column in TEXT_ROLES.items()}  # ad_text_id -> ad_text
-# An embedding manifest from before it recorded its encoder: the version string says it.
-_LEGACY_VERSION = re.compile(
-    r"(?P<identity>.+)/layers=(?P<layers>\d+)/pooling=(?P<pooling>\w+)/max_length=(?P<n>\d+)"
-)
 
 
 @dataclass(frozen=True)
@@ -109,15 +105,9 @@ def encoder_config_of(folder: Path, view: str, encoder_version: str) -> EncoderC
         raise UserError(f"{folder / EMBEDDINGS_MANIFEST} cannot be read; re-run `nlpctr embed` for {view}")
     fields = manifest.encoder
     if fields is None:
-        legacy = _LEGACY_VERSION.fullmatch(manifest.encoder_version or "")
-        if legacy is None:
-            raise UserError(f"{folder} does not record its encoder; re-run `nlpctr embed` for {view}")
-        fields = {
-            "name": DEFAULT_ENCODER,
-            "layers": int(legacy["layers"]),
-            "pooling": legacy["pooling"],
-            "max_length": int(legacy["n"]),
-        }
+        fields = encoder_fields_of_version(manifest.encoder_version or "", DEFAULT_ENCODER)
+    if fields is None:
+        raise UserError(f"{folder} does not record its encoder; re-run `nlpctr embed` for {view}")
     try:
         config = EncoderConfig(**fields)
     except (UserError, TypeError) as exc:
