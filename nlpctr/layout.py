@@ -288,6 +288,15 @@ class Manifest:
         """
         return cls.from_json(read_manifest(data_dir))
 
+    @classmethod
+    def find(cls, data_dir: Path) -> Manifest | None:
+        """DIR's manifest, or None where it has none that reads as one (a rebuild hint, a model
+        card: what they say without it is still true)."""
+        try:
+            return cls.read(data_dir)
+        except (UserError, OSError, ValueError, TypeError, AttributeError):
+            return None
+
 
 @dataclass(frozen=True)
 class EmbeddingsManifest:

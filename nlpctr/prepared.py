@@ -82,10 +82,8 @@ def rebuild_hint(data_dir: Path, file: Path) -> str:
 
 def _spec_path(data_dir: Path) -> str:
     """The spec DIR was prepared from, as its manifest records it ("SPEC" when it cannot say)."""
-    try:
-        return Manifest.read(data_dir).spec_path or "SPEC"
-    except (UserError, OSError, ValueError, TypeError, AttributeError):
-        return "SPEC"
+    manifest = Manifest.find(data_dir)
+    return (manifest.spec_path if manifest else "") or "SPEC"
 
 
 def _embed_flags(folder: Path) -> str:

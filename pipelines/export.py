@@ -22,7 +22,7 @@ import nlpctr
 from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.features.names import lm_feature_slug
-from nlpctr.layout import EXPERIMENT_RESULTS, IMPRESSIONS, LmFeatureMeta, RunLayout, lm_features_dir
+from nlpctr.layout import EXPERIMENT_RESULTS, IMPRESSIONS, LmFeatureMeta, Manifest, RunLayout, lm_features_dir
 from nlpctr.models.export import (
     EXPORT_FILE,
     ONNX_FILE,
@@ -185,7 +185,7 @@ def run(argv: list[str] | None = None) -> JsonObject:
             head,
             record,
             results,
-            _json(data_dir / "manifest.json") if data_dir else None,
+            Manifest.find(data_dir) if data_dir else None,
             experiment,
             feature,
         )

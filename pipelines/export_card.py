@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nlpctr.atomic import JsonObject
+from nlpctr.layout import Manifest
 from nlpctr.models.encoder_source import DEFAULT_ENCODER
 from nlpctr.models.export import EXPORT_FILE, HEAD_FILE, HEAD_WEIGHTS, ONNX_FILE, ExportedLM
 from nlpctr.models.nlp_features import FORMS
@@ -68,7 +69,7 @@ def _usage(exported: ExportedLM, head: JsonObject) -> list[str]:
     ]
 
 
-def _training_data(results: JsonObject, manifest: JsonObject | None) -> list[str]:
+def _training_data(results: JsonObject, manifest: Manifest | None) -> list[str]:
     provenance = results.get("provenance", {})
     lines = [
         "## Training data",
@@ -77,10 +78,10 @@ def _training_data(results: JsonObject, manifest: JsonObject | None) -> list[str
         f"`{provenance.get('spec_hash')}`), split `{provenance.get('split_mode')}` with seed "
         f"{provenance.get('split_seed')}, groups `{provenance.get('group')}`",
     ]
-    split = (manifest or {}).get("split", {})
-    if split.get("rows"):
-        rows = ", ".join(f"{name} {count:,}" for name, count in split["rows"].items())
-        impressions = ", ".join(f"{name} {count:,}" for name, count in split.get("impressions", {}).items())
+    split = manifest.split if manifest else None
+    if split and split.rows:
+        rows = ", ".join(f"{name} {count:,}" for name, count in split.rows.items())
+        impressions = ", ".join(f"{name} {count:,}" for name, count in split.impressions.items())
         lines.append(f"- rows: {rows}; impressions: {impressions}")
     lines += [
         f"- features: the Feast service `{provenance.get('feature_service')}`",
@@ -171,7 +172,7 @@ def model_card(
     head: JsonObject,
     record: JsonObject,
     results: JsonObject,
-    manifest: JsonObject | None,
+    manifest: Manifest | None,
     experiment: JsonObject | None,
     feature: str | None,
 ) -> str:
