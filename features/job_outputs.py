@@ -4,6 +4,7 @@ schemas only: the inputs the Feast definitions are built from."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from nlpctr.layout import (
     IMPRESSIONS,
     LM_FEATURES,
     LmFeatureMeta,
-    read_manifest,
+    Manifest,
 )
 from nlpctr.prepared import parquet_files
 
@@ -105,8 +106,8 @@ class JobOutputs:
     def discover(cls, data_dir: Path) -> JobOutputs:
         """Read DIR's manifest and the outputs of the CTR and embedding jobs."""
         data_dir = Path(data_dir).resolve()
-        manifest = read_manifest(data_dir)
-        entities = tuple(dict.fromkeys(manifest.get("entities", [])))
+        manifest = Manifest.read(data_dir)
+        entities = tuple(dict.fromkeys(manifest.entities))
         ctr = []
         for entity in entities:
             path = data_dir / CTR_HISTORY / entity
@@ -124,7 +125,7 @@ class JobOutputs:
             embeddings.append(_embedding_set(path))
         return cls(
             data_dir=data_dir,
-            dataset=str(manifest.get("dataset", data_dir.name)),
+            dataset=manifest.dataset or data_dir.name,
             entities=entities,
             ctr=tuple(ctr),
             ctr_rows=ctr_rows,
@@ -132,7 +133,7 @@ class JobOutputs:
             embeddings=tuple(embeddings),
             text_roles=_text_roles(data_dir),
             lm_features=_lm_feature_sets(data_dir / LM_FEATURES),
-            numeric=_numeric_columns(data_dir, manifest.get("numeric_columns", [])),
+            numeric=_numeric_columns(data_dir, manifest.numeric_columns),
         )
 
     def sources(self) -> dict[str, Path]:
@@ -228,7 +229,7 @@ def _lm_feature_sets(root: Path) -> tuple[LmFeatureSet, ...]:
     return tuple(sets)
 
 
-def _numeric_columns(data_dir: Path, names: list[str]) -> tuple[tuple[str, pa.DataType], ...]:
+def _numeric_columns(data_dir: Path, names: Sequence[str]) -> tuple[tuple[str, pa.DataType], ...]:
     """The manifest's numeric features as typed impression columns."""
     if not names:
         return ()

@@ -17,10 +17,10 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.features.job_outputs import JobOutputs
 from nlpctr.layout import FEATURE_REPO
@@ -89,11 +89,14 @@ class StoreChoice:
             )
 
     @classmethod
-    def of_config(cls, config: dict[str, Any]) -> StoreChoice:
-        """The choice a rendered feature_store.yaml was applied with."""
+    def of_config(cls, config: JsonObject) -> StoreChoice:
+        """The choice a rendered feature_store.yaml (as parsed) was applied with."""
         online = config.get("online_store", {}).get("type", "sqlite")
         redis_url = config["online_store"].get("connection_string") if online == "redis" else None
-        offline, spark_master = offline_store_of(config)
+        offline = config.get("offline_store", {}).get("type", "duckdb")
+        conf = config["offline_store"].get("spark_conf", {}) if offline == "spark" else {}
+        spark = conf.get("spark.master")
+        spark_master = None if spark == LOCAL_SPARK else spark
         return cls(online=online, redis_url=redis_url, offline=offline, spark_master=spark_master)
 
 
@@ -148,7 +151,7 @@ def require_spark(java: bool = True) -> None:
         )
 
 
-def offline_config(offline: str, spark_master: str | None = None) -> dict[str, Any]:
+def offline_config(offline: str, spark_master: str | None = None) -> JsonObject:
     """The `offline_store` (and, for Spark, `batch_engine`) sections of feature_store.yaml for
     `offline`, one of OFFLINE_STORES; `spark_master` is the Spark cluster's master URL (None:
     `local[*]`, Spark in this process's JVM)."""
@@ -173,14 +176,7 @@ def offline_config(offline: str, spark_master: str | None = None) -> dict[str, A
     return sections
 
 
-def offline_store_of(config: dict[str, Any]) -> tuple[str, str | None]:
-    """(offline store, Spark master or None) of a rendered feature_store.yaml."""
-    offline = config.get("offline_store", {}).get("type", "duckdb")
-    master = config["offline_store"].get("spark_conf", {}).get("spark.master") if offline == "spark" else None
-    return offline, None if master == LOCAL_SPARK else master
-
-
-def render_config(layout: JobOutputs, store: StoreChoice) -> dict[str, Any]:
+def render_config(layout: JobOutputs, store: StoreChoice) -> JsonObject:
     """The embedded default (or Redis variant) config with absolute paths for this dataset,
     its offline side from `offline_config`."""
     config = yaml.safe_load(resources.files("nlpctr.features").joinpath(_template(store.online)).read_text())
@@ -198,9 +194,9 @@ def render_config(layout: JobOutputs, store: StoreChoice) -> dict[str, Any]:
     return {**config, **sections}
 
 
-def config_text(config: dict[str, Any], online: str = "sqlite") -> str:
-    """feature_store.yaml as apply writes it (`config` from `render_config(..., online)`)."""
+def config_text(config: JsonObject, store: StoreChoice) -> str:
+    """feature_store.yaml as apply writes it (`config` from `render_config(..., store)`)."""
     return (
-        f"# Rendered by `nlpctr features apply` from nlpctr/features/{_template(online)}; "
+        f"# Rendered by `nlpctr features apply` from nlpctr/features/{_template(store.online)}; "
         "re-run apply rather than edit.\n" + yaml.safe_dump(config, sort_keys=False)
     )

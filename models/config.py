@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Any
 
+from nlpctr.atomic import JsonObject
 from nlpctr.config_files import LEAF, Schema, check_integer, check_keys, read_mapping
 from nlpctr.errors import UserError
 from nlpctr.models.ctr_net import NetConfig
@@ -85,7 +85,7 @@ class TrainConfig:
         check_integer("lm_head_hidden", self.lm_head_hidden)
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> TrainConfig:
+    def from_dict(cls, config: JsonObject) -> TrainConfig:
         """The typed config of a merged mapping (a run's `config` in run.json); what it leaves out
         is the dataclasses' default.
 
@@ -112,11 +112,11 @@ class TrainConfig:
         except TypeError as exc:
             raise UserError(f"bad training config: {exc}") from None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """Every setting as plain JSON values (what config.json, run.json and results.json hold)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> JsonObject:
         """`to_dict` without where the run runs: a run started on one device resumes on another."""
         return {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_KEYS}
 
@@ -126,8 +126,8 @@ class TrainConfig:
         return Placement.resolve(self.device, self.precision)
 
 
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """`override` over `base`, recursing into nested mappings."""
+def deep_merge(base: JsonObject, override: JsonObject) -> JsonObject:
+    """`override` over `base` (two parsed YAML layers), recursing into nested mappings."""
     out = copy.deepcopy(dict(base))
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
@@ -137,13 +137,13 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
-def key_tree(document: Mapping[str, Any]) -> dict[str, Any]:
+def key_tree(document: JsonObject) -> Schema:
     """The keys of a YAML document as a schema (`config_files.check_keys`): its mappings are
     sections, everything else a value."""
     return {k: key_tree(v) if isinstance(v, Mapping) and v else LEAF for k, v in document.items()}
 
 
-def _fields(cls: type) -> dict[str, Any]:
+def _fields(cls: type) -> Schema:
     return dict.fromkeys((f.name for f in dataclasses.fields(cls)), LEAF)
 
 
@@ -170,7 +170,7 @@ def training_schema() -> Schema:
     return {**schema, "modes": {mode: dict(schema) for mode in MODES}}
 
 
-def read_config_file(path: Path, flag: str = "--config") -> dict[str, Any]:
+def read_config_file(path: Path, flag: str = "--config") -> JsonObject:
     """A user's training config: a YAML mapping whose every key something reads.
 
     Raises:
@@ -183,7 +183,7 @@ def read_config_file(path: Path, flag: str = "--config") -> dict[str, Any]:
 
 
 def load_config(
-    mode: str, config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
+    mode: str, config_file: Path | None = None, overrides: JsonObject | None = None
 ) -> TrainConfig:
     """The dataclass defaults <- default.yaml <- its `modes.<mode>` <- `config_file` <- its
     `modes.<mode>` <- the command line (`overrides`).
@@ -206,17 +206,15 @@ def load_config(
     return merged_config(mode, layers, overrides)
 
 
-def _defaults() -> dict[str, Any]:
+def _defaults() -> JsonObject:
     return read_mapping(DEFAULT_CONFIG, str(DEFAULT_CONFIG), "reinstall nlpctr")
 
 
-def merged_config(
-    mode: str, layers: list[Mapping[str, Any]], overrides: Mapping[str, Any] | None = None
-) -> TrainConfig:
+def merged_config(mode: str, layers: list[JsonObject], overrides: JsonObject | None = None) -> TrainConfig:
     """Each layer and then its `modes.<mode>` over the ones before, then `overrides`; checked."""
     if mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    config: dict[str, Any] = {}
+    config: JsonObject = {}
     for layer in layers:
         per_mode = layer.get("modes") or {}
         config = deep_merge(config, {k: v for k, v in layer.items() if k != "modes"})
@@ -225,7 +223,7 @@ def merged_config(
     return TrainConfig.from_dict(config)
 
 
-def check_training_config(config: Mapping[str, Any], what: str) -> None:
+def check_training_config(config: JsonObject, what: str) -> None:
     """Check a training config that is not read from a file (the experiment protocol's
     `train_config`) as `load_config` would, for every mode, before any run starts.
 

@@ -21,6 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlpctr.atomic import JsonObject
+from nlpctr.compat import as_manifest
+from nlpctr.layout import Manifest
 from nlpctr.models.schema import SPLITS
 
 
@@ -35,21 +38,22 @@ class FeatureColumns:
 
     @classmethod
     def for_manifest(
-        cls, manifest: dict, cascade: Sequence[str] = (), scores: Sequence[str] = ()
+        cls, manifest: Manifest | JsonObject, cascade: Sequence[str] = (), scores: Sequence[str] = ()
     ) -> FeatureColumns:
         """E0's inputs for a prepared dataset: ids, context columns, each entity's CTR history and
         the spec's numeric features, under the names a Feast lookup gives them
         (`ctr_<entity>__<entity>_ctr`, `numeric__<feature>`)."""
-        ids = ["ad_id"] + (["query_id"] if manifest["spec"]["columns"].get("query_id") else [])
-        categorical = tuple(dict.fromkeys([*ids, *manifest["context_columns"]]))
-        entities = manifest["entities"]
+        manifest = as_manifest(manifest)
+        ids = ["ad_id"] + (["query_id"] if manifest.spec_column("query_id") else [])
+        categorical = tuple(dict.fromkeys([*ids, *manifest.context_columns]))
+        entities = manifest.entities
         return cls(
             categorical=categorical,
             ctr=tuple(f"ctr_{e}__{e}_ctr" for e in entities),
             counts=tuple(f"ctr_{e}__{e}_impressions" for e in entities),
             cascade=tuple(cascade),
             scores=tuple(scores),
-            numeric=tuple(f"numeric__{n}" for n in manifest.get("numeric_columns", [])),
+            numeric=tuple(f"numeric__{n}" for n in manifest.numeric_columns),
         )
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class Placement:
         """A loss scaler for fp16 (whose gradients underflow without one); None otherwise."""
         return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """What a run records (run.json, results.json): the device, its name, the precision, torch."""
         cuda = self.device.type == "cuda"
         return {
@@ -160,15 +160,19 @@ class Placement:
 CPU = Placement()
 
 
-def placement_of(config: Mapping[str, Any] | Any) -> Placement:
-    """The placement a config's top-level `device` and `precision` name (absent: auto): a mapping's
-    keys, or a `TrainConfig`'s fields."""
-    if isinstance(config, Mapping):
-        return Placement.resolve(config.get("device", "auto"), config.get("precision", "auto"))
+class Placed(Protocol):
+    """A configuration that names where it runs (`TrainConfig`)."""
+
+    device: str
+    precision: str
+
+
+def placement_of(config: Placed) -> Placement:
+    """The placement a config's `device` and `precision` name (`TrainConfig.placement`)."""
     return Placement.resolve(config.device, config.precision)
 
 
-def without_placement(config: Mapping[str, Any]) -> dict[str, Any]:
+def without_placement(config: JsonObject) -> JsonObject:
     """A config without its device and precision keys: where a run ran is not what it is, so a
     run started on one device resumes on another."""
     return {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}

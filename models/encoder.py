@@ -31,6 +31,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
+from nlpctr.atomic import JsonObject
 from nlpctr.config_files import check_integer, is_integer
 from nlpctr.errors import UserError
 from nlpctr.models.device import CPU, Placement
@@ -166,7 +167,7 @@ class EncoderConfig:
         assert self.layers is not None  # set by __post_init__
         return self.source.slug(self.layers, self.pooling, self.max_length)
 
-    def fields(self) -> dict[str, object]:
+    def fields(self) -> JsonObject:
         """The identity fields, as an embedding manifest records them to rebuild this encoder."""
         return {
             "name": self.name,

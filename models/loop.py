@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
@@ -21,7 +21,86 @@ from torch import nn
 if TYPE_CHECKING:
     from nlpctr.models.text_batches import TextBatcher
 
-ParamGroup = dict[str, Any]  # torch.optim group: params, lr, optional weight_decay and name
+
+# Optional keys by a total=False subclass, not NotRequired: under postponed annotations Python
+# 3.11's TypedDict cannot see NotRequired.
+class _Group(TypedDict):
+    params: list[nn.Parameter]
+    lr: float
+
+
+class ParamGroup(_Group, total=False):
+    """A torch.optim parameter group as the trainer builds it: its parameters and rate, and a name."""
+
+    name: str
+    weight_decay: float
+
+
+class _Entry(TypedDict):
+    epoch: int
+    step: int
+    train_loss: float | None
+    valid_logloss: float
+    valid_auc: float
+
+
+class EvaluationEntry(_Entry, total=False):
+    """An `Evaluation` as results.json's `history` (and `last.pt`) keeps it."""
+
+    stage: str
+
+
+class StageRates(TypedDict):
+    """A recipe stage's learning rates (0.0 where a part is frozen)."""
+
+    tower: float
+    head: float
+    lm: float
+
+
+class StageRecord(TypedDict):
+    """What results.json keeps of one LM-recipe stage (`models/recipe.py` `stage_record`)."""
+
+    name: str
+    steps: int
+    rows_seen: int
+    evaluations: int
+    start_valid_logloss: float
+    start_valid_auc: float
+    best_valid_logloss: float
+    best_valid_auc: float
+    best_step: int
+    lr: StageRates
+    batch_size: int
+    warmup_steps: int
+    decay: str
+    wall_seconds: float
+    cpu_seconds: float
+
+
+class _LoopFields(TypedDict):
+    optimizer: dict[str, Any]  # torch's own state_dict formats, saved and loaded as they are
+    scheduler: dict[str, Any]
+    generator: torch.Tensor
+    epoch_generator: torch.Tensor
+    torch_rng: torch.Tensor
+    history: str  # the EvaluationEntry list as JSON text
+    epoch: int
+    epoch_done: bool
+    batches_done: int
+    step: int
+    rows_seen: int
+    running: float | None
+    best: int
+    best_epoch: int
+    stale: int
+
+
+class LoopCheckpoint(_LoopFields, total=False):
+    """The resume part of `last.pt`, beside the weights (`LoopState.to_checkpoint`)."""
+
+    cuda_rng: torch.Tensor  # on CUDA
+    scaler: dict[str, Any]  # with fp16's GradScaler
 
 
 def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
@@ -34,15 +113,25 @@ def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
     return 1.0 - done if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def weights_of(model: nn.Module, texts: TextBatcher | None) -> dict[str, dict[str, torch.Tensor]]:
+class _ModelWeights(TypedDict):
+    model: dict[str, torch.Tensor]
+
+
+class Weights(_ModelWeights, total=False):
+    """A checkpoint's weights: the model's state dict and, with a trainable LM, the LM's."""
+
+    lm: dict[str, torch.Tensor]
+
+
+def weights_of(model: nn.Module, texts: TextBatcher | None) -> Weights:
     """A checkpoint's weights: the model's and, with texts, the LM's."""
-    weights = {"model": model.state_dict()}
+    weights: Weights = {"model": model.state_dict()}
     if texts is not None:
         weights["lm"] = texts.lm.state_dict()
     return weights
 
 
-def load_weights(model: nn.Module, texts: TextBatcher | None, state: Mapping[str, Any]) -> None:
+def load_weights(model: nn.Module, texts: TextBatcher | None, state: Weights) -> None:
     model.load_state_dict(state["model"])
     if texts is not None and "lm" in state:
         texts.lm.load_state_dict(state["lm"])
@@ -70,8 +159,8 @@ class Evaluation:
         """Higher is better."""
         return self.valid_auc if early_stop == "auc" else -self.valid_logloss
 
-    def to_json(self) -> dict[str, Any]:
-        entry = {
+    def to_json(self) -> EvaluationEntry:
+        entry: EvaluationEntry = {
             "epoch": self.epoch,
             "step": self.step,
             "train_loss": self.train_loss,
@@ -83,7 +172,7 @@ class Evaluation:
         return entry
 
     @classmethod
-    def from_json(cls, entry: Mapping[str, Any]) -> Evaluation:
+    def from_json(cls, entry: EvaluationEntry) -> Evaluation:
         return cls(**entry)
 
     @classmethod
@@ -187,9 +276,9 @@ class LoopState:
     def end_epoch(self, batches: int) -> None:
         self.batches_done, self.epoch_done = batches, True
 
-    def to_checkpoint(self, optimization: Optimization, device: torch.device) -> dict[str, Any]:
+    def to_checkpoint(self, optimization: Optimization, device: torch.device) -> LoopCheckpoint:
         """The resume part of `last.pt` (beside the weights)."""
-        state = {
+        state: LoopCheckpoint = {
             "optimizer": optimization.optimizer.state_dict(),
             "scheduler": optimization.scheduler.state_dict(),
             "generator": self.generator.get_state(),
@@ -214,7 +303,7 @@ class LoopState:
 
     @classmethod
     def from_checkpoint(
-        cls, state: Mapping[str, Any], optimization: Optimization, device: torch.device
+        cls, state: LoopCheckpoint, optimization: Optimization, device: torch.device
     ) -> LoopState:
         """The state `to_checkpoint` wrote, positioned where training continues; restores the
         optimizer, schedule, scaler and the process's RNGs in place."""

@@ -9,20 +9,22 @@ protocol" (One LM, one recipe; Joint training rule) and "Modules in detail", rec
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from torch import nn
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import BatchSource
-from nlpctr.models.loop import Evaluation, ParamGroup
+from nlpctr.models.loop import Evaluation, ParamGroup, StageRates, StageRecord
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import FitResult, LoopConfig, fit
+from nlpctr.progress import note
 
 HEAD, LM, ALL = "head", "lm", "all"
 
@@ -56,7 +58,7 @@ class RecipeConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> RecipeConfig:
+    def from_dict(cls, values: JsonObject | None) -> RecipeConfig:
         values = dict(values or {})
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
@@ -173,7 +175,7 @@ def _train_mode(model: nn.Module, texts: TextBatcher, frozen_tower: bool) -> Cal
     return train_mode
 
 
-def stage_record(stage: PlannedStage, result: FitResult, offset: int, lm_frozen: bool) -> dict[str, Any]:
+def stage_record(stage: PlannedStage, result: FitResult, offset: int, lm_frozen: bool) -> StageRecord:
     """What results.json keeps of a stage: its steps, rows, seconds and validation at start and best."""
     best = result.best
     return {
@@ -209,16 +211,15 @@ def fit_recipe(
     lm_frozen = all(not p.requires_grad for p in texts.lm.parameters())
     texts.prefill()  # every text's frozen-prefix states, computed once, the same way on a resume
     history: list[Evaluation] = []
-    records: list[dict[str, Any]] = []
+    records: list[StageRecord] = []
     results: list[FitResult] = []
     offset, start_entry = 0, None
     started = time.perf_counter()
     for stage in stages:
         with texts.frozen_lm() if stage.name == HEAD else nullcontext():
             groups = param_groups(model, texts, stage.tower_lr, stage.head_lr, stage.lm_lr)
-            if progress:
-                rates = ", ".join(f"{g['name']} {g['lr']:g}" for g in groups)
-                print(f"{stage.folder} ({stage.name}): lr {rates}", flush=True)
+            rates = ", ".join(f"{g.get('name', '')} {g['lr']:g}" for g in groups)
+            note(f"{stage.folder} ({stage.name}): lr {rates}", show=progress)
             result = fit(
                 model,
                 data,
@@ -272,18 +273,31 @@ BUDGET_KEYS = (
 )
 
 
-def budget(stages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+class StageBudget(TypedDict):
+    """A stage's budget, the `BUDGET_KEYS` of its `StageRecord`."""
+
+    steps: int
+    rows_seen: int
+    batch_size: int
+    lr: StageRates
+    warmup_steps: int
+    decay: str
+    wall_seconds: float
+    cpu_seconds: float
+
+
+def budget(stages: list[StageRecord]) -> dict[str, StageBudget]:
     """Each stage's budget (steps, rows seen, batch, rates, schedule, seconds), by stage name:
     what results.json records so that two arms' budgets can be compared."""
-    return {s["name"]: {k: s[k] for k in BUDGET_KEYS} for s in stages}
+    return {s["name"]: StageBudget(**{k: s[k] for k in BUDGET_KEYS}) for s in stages}
 
 
-def lm_stage_of(result: FitResult) -> dict[str, Any] | None:
+def lm_stage_of(result: FitResult) -> StageRecord | None:
     """The record of a run's LM stage (`lm` or a cold `all`), None for a probe-only run."""
     return next((s for s in result.stages if s["name"] in (LM, ALL)), None)
 
 
-def stage_summary(stages: list[dict[str, Any]]) -> str:
+def stage_summary(stages: list[StageRecord]) -> str:
     """`head 0.25178 -> 0.24700 (4396 steps); lm ...` for one-line summaries."""
     return "; ".join(
         f"{s['name']} {s['start_valid_logloss']:.5f} -> {s['best_valid_logloss']:.5f} ({s['steps']} steps)"

@@ -6,9 +6,11 @@ no torch, so any layer can import it.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import unicodedata
 from collections.abc import Iterable
+from typing import TypedDict
 
 import pyarrow as pa
 
@@ -35,6 +37,30 @@ DERIVED_FIELDS: tuple[pa.Field, ...] = (
     pa.field("ad_text_id", pa.string(), nullable=False),
     pa.field("split", pa.string(), nullable=False),
 )
+
+
+class _ImpressionFields(TypedDict):
+    impression_id: str
+    event_timestamp: dt.datetime
+    query_id: str | None
+    query_text: str | None
+    ad_id: str
+    ad_text: str
+    impressions: int
+    clicks: int
+    query_text_id: str | None
+    ad_text_id: str
+
+
+# (A total=False subclass, not NotRequired: under postponed annotations Python 3.11 cannot see it.)
+class ImpressionRow(_ImpressionFields, total=False):
+    """One row of `impressions/` as the Beam jobs carry it: the fields above (tests/test_records.py
+    keeps the two equal). The dataset's context (str | None) and numeric (float | None) columns
+    ride beside them under their own names; `split` is set once the row is assigned one."""
+
+    split: str
+
+
 CORE_COLUMNS: tuple[str, ...] = tuple(f.name for f in CORE_FIELDS + LABEL_FIELDS)
 RESERVED_COLUMNS: frozenset[str] = frozenset(f.name for f in CORE_FIELDS + LABEL_FIELDS + DERIVED_FIELDS)
 

@@ -23,7 +23,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
@@ -31,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import nlpctr
+from nlpctr.atomic import JsonObject
 
 LOG = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class PrefixKey:
         digest = hashlib.sha1(identity).hexdigest()[:16]
         return f"{self.slug}-frozen{self.frozen_layers}-{self.dtype}-{self.device}-{digest}"
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> JsonObject:
         return {
             "kind": KIND,
             "encoder_version": self.encoder_version,

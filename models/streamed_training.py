@@ -21,7 +21,7 @@ import torch
 
 from nlpctr.atomic import atomic_path
 from nlpctr.errors import UserError
-from nlpctr.layout import RunLayout
+from nlpctr.layout import Manifest, RunLayout
 from nlpctr.models import metrics, streaming, streaming_metrics
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
@@ -39,7 +39,7 @@ from nlpctr.models.training import (
 
 
 def stream_source(
-    root: Path, columns: FeatureColumns, manifest: dict[str, Any], fill_ctr: float
+    root: Path, columns: FeatureColumns, manifest: Manifest, fill_ctr: float
 ) -> tuple[Preprocessing, streaming.ShardSource]:
     """The run's preprocessing of `columns` fitted on the training shards under `root`, and a
     stream of Tensors over the shards."""
@@ -49,7 +49,7 @@ def stream_source(
         if width is None:
             raise UserError(f"feature column {column} is null on every row; re-run the job behind it")
         dims.append(width)
-    group = manifest["group"]
+    group = manifest.group
     vocabularies = streaming.fit_vocabularies(root, columns.categorical)
     numeric = streaming.fit_numeric_stats(root, columns.numeric)
     pre = Preprocessing(columns, vocabularies, fill_ctr, tuple(dims), group, numeric)
@@ -60,7 +60,7 @@ def text_batcher(inputs: FitInputs) -> TextBatcher:
     """A trainable LM reading streamed batches: each batch's texts tokenised as they come (rows
     are not all in memory); at inference each text's vector is kept while the weights hold."""
     lm = TextEncoder(inputs.config.encoder, trainable=True, placement=inputs.placement)
-    with_query = bool(inputs.manifest["spec"]["columns"].get("query_text"))
+    with_query = bool(inputs.manifest.spec_column("query_text"))
     return TextBatcher(lm, with_query)
 
 

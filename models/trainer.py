@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,14 +30,18 @@ from nlpctr.models.data import BatchSource, Tensors
 from nlpctr.models.device import device_of, seed_run
 from nlpctr.models.loop import (
     Evaluation,
+    EvaluationEntry,
     LoopState,
     Optimization,
     ParamGroup,
+    StageRecord,
     default_train_mode,
     load_weights,
     weights_of,
 )
 from nlpctr.models.text_batches import TextBatcher
+from nlpctr.progress import bar as progress_bar
+from nlpctr.progress import note as progress_note
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -209,7 +212,7 @@ class FitResult:
     steps: int = 0  # optimizer steps taken
     checkpoint: Path | None = None  # the best weights: `epoch-<k>.pt` or `best.pt`
     eval_seconds: float = 0.0  # of wall_seconds, spent validating
-    stages: list[dict[str, Any]] = field(default_factory=list)  # the LM recipe's (models/recipe.py)
+    stages: list[StageRecord] = field(default_factory=list)  # the LM recipe's (models/recipe.py)
     best_index: int = -1  # of the best evaluation in `history`
     rows_seen: int = 0  # training rows the optimizer steps read
     cpu_seconds: float = 0.0  # process CPU time (all threads), evaluations included
@@ -219,7 +222,7 @@ class FitResult:
         """The best evaluation's history entry."""
         return self.history[self.best_index]
 
-    def history_json(self) -> list[dict[str, Any]]:
+    def history_json(self) -> list[EvaluationEntry]:
         """`history` as results.json keeps it."""
         return [entry.to_json() for entry in self.history]
 
@@ -263,11 +266,11 @@ class _Fit:
         return self.checkpoint_dir / LAST
 
     def epoch_bar(self, state: LoopState) -> tqdm:
-        return tqdm(
+        return progress_bar(
+            show=self.progress,
             total=self.n_batches,
             initial=state.batches_done,
             desc=f"epoch {state.epoch + 1}/{self.config.epochs}",
-            disable=not self.progress,
             leave=False,
         )
 
@@ -445,12 +448,12 @@ def _evaluate_and_keep(run: _Fit, state: LoopState) -> bool:
         valid_auc=metrics.auc(valid_labels, valid_p),
     )
     state.eval_seconds += time.perf_counter() - began
-    if run.progress:
-        loss = "-" if entry.train_loss is None else f"{entry.train_loss:.4f}"
-        tqdm.write(
-            f"epoch {entry.epoch + 1} step {entry.step}: train loss {loss}, valid logloss "
-            f"{entry.valid_logloss:.5f}, valid AUC {entry.valid_auc:.4f}"
-        )
+    loss = "-" if entry.train_loss is None else f"{entry.train_loss:.4f}"
+    progress_note(
+        f"epoch {entry.epoch + 1} step {entry.step}: train loss {loss}, valid logloss "
+        f"{entry.valid_logloss:.5f}, valid AUC {entry.valid_auc:.4f}",
+        show=run.progress,
+    )
     stop = _keep(run, state, entry)
     run.train_mode()
     return stop

@@ -17,8 +17,10 @@ import pandas as pd
 import torch
 
 import nlpctr
+from nlpctr.atomic import JsonObject
+from nlpctr.compat import as_manifest
 from nlpctr.errors import UserError
-from nlpctr.layout import LmFeatureMeta, RunLayout, pair_key_columns
+from nlpctr.layout import LmFeatureMeta, Manifest, RunLayout, pair_key_columns
 from nlpctr.models import metrics
 from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import TrainConfig
@@ -34,7 +36,7 @@ from nlpctr.models.lm_features import (
     text_pairs,
     write_lm_features,
 )
-from nlpctr.models.loop import Evaluation
+from nlpctr.models.loop import Evaluation, StageRecord
 from nlpctr.models.recipe import LM, fit_recipe, plan
 from nlpctr.models.runs import Preprocessing, TrainedRun, build_model, build_scorer
 from nlpctr.models.text_batches import TextBatcher
@@ -48,13 +50,16 @@ Publish = Callable[[LmFeatureMeta], str]
 class FitInputs:
     """What a CTR fit reads besides its rows, in memory or streamed."""
 
-    manifest: dict[str, Any]  # the data folder's (its group column)
+    manifest: Manifest  # the data folder's (its group column)
     config: TrainConfig
     fill_ctr: float  # the CTR that stands in for missing history
     fusion: str | None = None  # joint: how the trainable LM joins the tower
     progress: bool = True
     warm_start: TrainedRun | None = None  # joint: the E0 run its tower starts from
     placement: Placement = CPU  # where the models train and at what precision (models/device.py)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "manifest", as_manifest(self.manifest))  # nlpctr/compat.py
 
 
 def fit_model(
@@ -74,7 +79,7 @@ def fit_ctr(
     frame: pd.DataFrame, columns: FeatureColumns, inputs: FitInputs, checkpoints: Path
 ) -> tuple[Preprocessing, Tensors, torch.nn.Module, TextBatcher | None, FitResult]:
     """Tensors, model (with a trainable LM when there is a fusion) and the fitted loop."""
-    pre = Preprocessing.fit(frame, columns, inputs.manifest["group"], inputs.fill_ctr)
+    pre = Preprocessing.fit(frame, columns, inputs.manifest.group, inputs.fill_ctr)
     data = pre.tensorize(frame)
     texts = None
     if inputs.fusion:
@@ -150,7 +155,7 @@ class LmStep:
     checkpoints: dict[str, LmCheckpoint]  # `step-<k>` -> the checkpoint, in step order
     chosen: str  # the checkpoint the view serves: peak standalone validation AUC
     history: list[Evaluation]  # every evaluation of the recipe (probe and LM stage)
-    stages: list[dict[str, Any]]  # the recipe's stage records (budget: steps, rows, seconds)
+    stages: list[StageRecord]  # the recipe's stage records (budget: steps, rows, seconds)
     wall_seconds: float
     test_auc_standalone: float
     feature_view: str  # the published view of the chosen checkpoint
@@ -162,7 +167,7 @@ class LmStep:
         aucs = [c.valid_auc for c in self.checkpoints.values()]
         return len(aucs) > 1 and aucs[-1] > aucs[-2]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """The `lm` section of the run's results.json."""
         return {
             "checkpoints": {name: dict(c.__dict__) for name, c in self.checkpoints.items()},
@@ -261,7 +266,7 @@ def train_lm_alone(
     on shards): fit, standalone test AUC, every checkpoint's features written, the best published."""
     manifest = inputs.manifest
     columns = FeatureColumns.for_manifest(manifest)
-    pre = Preprocessing.fit(frame, columns, manifest["group"], inputs.fill_ctr)
+    pre = Preprocessing.fit(frame, columns, manifest.group, inputs.fill_ctr)
     data = pre.tensorize(frame)
     lm = TextEncoder(inputs.config.encoder, trainable=True, placement=inputs.placement)
     texts = TextBatcher.for_data(lm, data)

@@ -14,6 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# A JSON (or YAML) object where a file is read or written, before it is validated into (or after it
+# is serialised from) a typed record: the one place a str-keyed dict of any values is the right type.
+JsonObject = dict[str, Any]
+
 
 @contextmanager
 def atomic_path(path: Path, *, sync: bool = False) -> Iterator[Path]:

@@ -5,8 +5,8 @@ A file is read bounded and safe (at most 64 KiB, no aliases, nesting at most 32 
 of nested aliases expand into 10^9 strings, and the composer recurses), and every problem is one
 line: a YAML error by line and column (never the quoted text: the file may not be YAML at all), a
 binary file, a list or a number where a mapping belongs, and a key nothing reads, named with the
-nearest key that something does. Imports nothing from nlpctr but its errors, so every layer can
-use it.
+nearest key that something does. Imports nothing from nlpctr but its errors (and JsonObject), so
+every layer can use it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 
 MAX_BYTES = 64 * 1024
@@ -116,7 +117,7 @@ def read_yaml(path: Path, what: str, fix: str) -> Any:
         raise UserError(f"{what} cannot be read ({exc.strerror}); check the path") from None
 
 
-def read_mapping(path: Path, what: str, fix: str) -> dict[str, Any]:
+def read_mapping(path: Path, what: str, fix: str) -> JsonObject:
     """`read_yaml` of a file that holds a mapping (an empty file: an empty one).
 
     Args:
@@ -163,10 +164,10 @@ def nearest(key: str, known: Iterable[str]) -> str | None:
 # A schema is a nested mapping of the keys something reads: a mapping value is a section whose
 # keys are checked in turn; LEAF is any value (a number, a list, or a mapping read as a whole).
 LEAF = None
-Schema = Mapping[str, Any]
+Schema = Mapping[str, "Schema | None"]
 
 
-def check_keys(given: Mapping[str, Any], schema: Schema, what: str, where: str = "") -> None:
+def check_keys(given: JsonObject, schema: Schema, what: str, where: str = "") -> None:
     """Refuse a key `schema` does not know (naming the nearest known key), and a value that is not a
     mapping where a section belongs.
 

@@ -5,9 +5,10 @@ files that describe it.
     embeddings/<slug>/, lm_features/<run>/epoch-<k>/, lm_cache/<prefix>/, feature_repo/,
     training/<service>/<split>/, scored/<run>/, enriched/<service>/
 
-Metadata files start with "_" so that parquet readers skip them. Imports nothing from nlpctr
-but its errors, so every layer can use it. Which job writes each: docs/DESIGN.md, "Modules in
-detail", layout.py.
+Metadata files start with "_" so that parquet readers skip them. Its records: `Manifest`,
+`EmbeddingsManifest`, `LmFeatureMeta`, `RunLayout`. Imports nothing from nlpctr but its errors,
+atomic writer and compat shims, so every layer can use it. Which job writes each:
+docs/DESIGN.md, "Modules in detail", layout.py.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from nlpctr.atomic import write_json
+from nlpctr.atomic import JsonObject, write_json
+from nlpctr.compat import lm_meta_checkpoints
 from nlpctr.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -141,14 +143,15 @@ class RunLayout:
 # ------------------------------------------------------------------------------- manifest
 
 
-def read_manifest(data_dir: Path) -> dict[str, Any]:
-    """DIR/manifest.json, or a UserError naming the command that writes it.
+def read_manifest(data_dir: Path) -> JsonObject:
+    """DIR/manifest.json as parsed, or a UserError naming the command that writes it (the parse
+    edge of `Manifest.read`).
 
     Args:
         data_dir: a prepared data folder.
 
     Returns:
-        The manifest as a dict (counts, split, spec hash, code version, ...).
+        The manifest's JSON object (counts, split, spec hash, code version, ...).
 
     Raises:
         UserError: DIR has no manifest.json.
@@ -160,7 +163,7 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_splits(manifest: Mapping[str, Any], data_dir: Path) -> None:
+def check_splits(manifest: Manifest, data_dir: Path) -> None:
     """Refuse a data folder with an empty split (its manifest's row counts): a run trains on one,
     chooses its checkpoint on another and is tested on the third, so a metric on nothing would
     end it half-built.
@@ -168,7 +171,7 @@ def check_splits(manifest: Mapping[str, Any], data_dir: Path) -> None:
     Raises:
         UserError: naming the empty splits and the fix.
     """
-    rows = (manifest.get("split") or {}).get("rows") or {}
+    rows = manifest.split.rows
     empty = [split for split in _SPLITS if split in rows and not rows[split]]
     if empty:
         counts = ", ".join(f"{split} {int(rows.get(split, 0)):,}" for split in _SPLITS)
@@ -179,7 +182,7 @@ def check_splits(manifest: Mapping[str, Any], data_dir: Path) -> None:
         )
 
 
-def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
+def write_manifest(folder: Path, manifest: JsonObject) -> Path:
     """Write `manifest` as FOLDER/manifest.json (sorted keys: runs diff cleanly); returns its path.
 
     Args:
@@ -192,6 +195,153 @@ def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
     path = Path(folder) / MANIFEST
     write_json(path, manifest)
     return path
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """The manifest's `split`: how the rows were split and the counts per split."""
+
+    mode: str = ""  # within_group | cold_group | time
+    seed: int = 0
+    fractions: tuple[float, ...] = ()
+    group: str | None = None
+    rows: Mapping[str, int] = field(default_factory=dict)
+    impressions: Mapping[str, int] = field(default_factory=dict)
+    clicks: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """DIR/manifest.json, written by `nlpctr data prepare`: the dataset, its columns, the counts
+    (rows_in == rows_written + rows_rejected), the split, the spec and the code that wrote it.
+    A key an older or hand-made manifest lacks reads as its default."""
+
+    dataset: str = ""
+    description: str = ""
+    spec_path: str = ""
+    spec_hash: str | None = None
+    spec: JsonObject = field(default_factory=dict)  # the dataset spec as its YAML holds it
+    source: str = ""
+    source_layout: str = "path"
+    rows_in: int = 0
+    rows_written: int = 0
+    rows_rejected: int = 0
+    rejected_by_reason: Mapping[str, int] = field(default_factory=dict)
+    rows_truncated: Mapping[str, int] = field(default_factory=dict)
+    id_hash_collisions: Mapping[str, int] = field(default_factory=dict)  # per id column
+    source_stats: Mapping[str, int] = field(default_factory=dict)
+    split: SplitRecord = field(default_factory=SplitRecord)
+    context_columns: tuple[str, ...] = ()
+    numeric_columns: tuple[str, ...] = ()  # served by the `numeric` feature view
+    entities: tuple[str, ...] = ()
+    group: str | None = None
+    label_form: str | None = None
+    limits: Mapping[str, int | bool] = field(default_factory=dict)  # max_text_chars, truncate_long_text
+    code_version: str = ""
+    wall_seconds: float = 0.0
+    max_reject_rate: float | None = None
+
+    def spec_column(self, target: str) -> str | None:
+        """The source column the spec maps onto a canonical column (`query_id`, ...), if any."""
+        return (self.spec.get("columns") or {}).get(target)
+
+    @property
+    def aggregated(self) -> bool:
+        """Rows that carry impression and click counts (Upworthy), not one impression each."""
+        return (self.label_form or (self.spec.get("label") or {}).get("form")) == "aggregated"
+
+    def to_json(self) -> JsonObject:
+        """The file's content: every field (written with sorted keys by `write_manifest`)."""
+        content = {f.name: getattr(self, f.name) for f in fields(self)}
+        content["split"] = {f.name: getattr(self.split, f.name) for f in fields(self.split)}
+        # Tuples and mappings as the lists and objects JSON holds (what the file always held).
+        return json.loads(json.dumps(content))
+
+    def write(self, folder: Path) -> Path:
+        """Write FOLDER/manifest.json (`write_manifest`); returns its path."""
+        return write_manifest(folder, self.to_json())
+
+    @classmethod
+    def from_json(cls, content: JsonObject) -> Manifest:
+        """The record of a parsed manifest; unknown keys are ignored, missing ones default."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in content.items() if k in known}
+        split_known = {f.name for f in fields(SplitRecord)}
+        split = {k: v for k, v in (content.get("split") or {}).items() if k in split_known}
+        for name in ("context_columns", "numeric_columns", "entities"):
+            values[name] = tuple(values.get(name) or ())
+        values["split"] = SplitRecord(**{**split, "fractions": tuple(split.get("fractions") or ())})
+        return cls(**values)
+
+    @classmethod
+    def read(cls, data_dir: Path) -> Manifest:
+        """DIR/manifest.json (`read_manifest`) as a record.
+
+        Args:
+            data_dir: a prepared data folder.
+
+        Returns:
+            The manifest.
+
+        Raises:
+            UserError: DIR has no manifest.json.
+        """
+        return cls.from_json(read_manifest(data_dir))
+
+    @classmethod
+    def find(cls, data_dir: Path) -> Manifest | None:
+        """DIR's manifest, or None where it has none that reads as one (a rebuild hint, a model
+        card: what they say without it is still true)."""
+        try:
+            return cls.read(data_dir)
+        except (UserError, OSError, ValueError, TypeError, AttributeError):
+            return None
+
+
+@dataclass(frozen=True)
+class EmbeddingsManifest:
+    """DIR/embeddings/<slug>/_manifest.json, written by `nlpctr embed`: the encoder that wrote the
+    vectors (its version, slug, width and fields), the row count and what the run reused. Older
+    folders record fewer keys: those read as None."""
+
+    encoder_version: str | None = None
+    slug: str | None = None
+    dim: int | None = None
+    rows: int | None = None
+    encoder: JsonObject | None = None  # EncoderConfig's fields (what rebuilds the encoder)
+    content: JsonObject = field(default_factory=dict, repr=False, compare=False)  # as written
+
+    @classmethod
+    def read(cls, folder: Path) -> EmbeddingsManifest | None:
+        """FOLDER/_manifest.json, or None when it is missing, unreadable or not a JSON object (the
+        callers each say what that means for them).
+
+        Args:
+            folder: an embeddings folder, DIR/embeddings/<slug>.
+
+        Returns:
+            The record; its `dim` and `rows` None unless they are integers.
+        """
+        try:
+            content = json.loads((Path(folder) / EMBEDDINGS_MANIFEST).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        if not isinstance(content, dict):
+            return None
+
+        def integer(key: str) -> int | None:
+            value = content.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        version, slug, encoder = content.get("encoder_version"), content.get("slug"), content.get("encoder")
+        return cls(
+            encoder_version=None if version is None else str(version),
+            slug=None if slug is None else str(slug),
+            dim=integer("dim"),
+            rows=integer("rows"),
+            encoder=encoder if isinstance(encoder, dict) else None,
+            content=content,
+        )
 
 
 # ------------------------------------------------------------------------------- LM features
@@ -216,9 +366,9 @@ class LmFeatureMeta:
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         object.__setattr__(self, "keys", tuple(self.keys))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """The file's content: the fields, with the optional ones only when set."""
-        content: dict[str, Any] = {
+        content: JsonObject = {
             "run": self.run,
             "kind": self.kind,
             "chosen": self.chosen,
@@ -272,8 +422,7 @@ class LmFeatureMeta:
             run=str(content.get("run", Path(folder).name)),
             kind=str(content["kind"]),
             chosen=str(content["chosen"]),
-            # (`epochs`: the folders' name before E2 checkpointed within epochs)
-            checkpoints=tuple(content.get("checkpoints", content.get("epochs", [content["chosen"]]))),
+            checkpoints=lm_meta_checkpoints(content),
             keys=tuple(content["keys"]),
             model_version=str(content["model_version"]),
             valid_auc=content.get("valid_auc"),

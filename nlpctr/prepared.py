@@ -10,7 +10,6 @@ layout. Details: docs/DESIGN.md, "Modules in detail", prepared.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,11 +22,11 @@ from nlpctr.layout import (
     CTR_HISTORY,
     CTR_HISTORY_ROWS,
     EMBEDDINGS,
-    EMBEDDINGS_MANIFEST,
     IMPRESSIONS,
     LM_FEATURES,
-    MANIFEST,
     TRAINING,
+    EmbeddingsManifest,
+    Manifest,
 )
 
 # Every folder of DIR that holds parquet a command reads (not `scored/`, `enriched/`: outputs).
@@ -65,7 +64,7 @@ def rebuild_hint(data_dir: Path, file: Path) -> str:
     data_dir = Path(data_dir)
     top, *rest = file.relative_to(data_dir).parts
     if top == IMPRESSIONS:
-        spec = _manifest(data_dir).get("spec_path") or "SPEC"
+        spec = _spec_path(data_dir)
         return f"rerun `nlpctr data prepare --dataset {spec} --out {data_dir}`"
     if top in (CTR_HISTORY, CTR_HISTORY_ROWS):
         return f"rerun `nlpctr ctr-stats --data {data_dir}`"
@@ -81,20 +80,16 @@ def rebuild_hint(data_dir: Path, file: Path) -> str:
     return "rebuild it with the command that wrote it"
 
 
-def _manifest(data_dir: Path) -> dict:
-    try:
-        content = json.loads((data_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
-    return content if isinstance(content, dict) else {}
+def _spec_path(data_dir: Path) -> str:
+    """The spec DIR was prepared from, as its manifest records it ("SPEC" when it cannot say)."""
+    manifest = Manifest.find(data_dir)
+    return (manifest.spec_path if manifest else "") or "SPEC"
 
 
 def _embed_flags(folder: Path) -> str:
     """`--layers K --pooling P --max-length L` from the encoder version an embedding folder records."""
-    try:
-        version = str(json.loads((folder / EMBEDDINGS_MANIFEST).read_text()).get("encoder_version", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
+    manifest = EmbeddingsManifest.read(folder)
+    version = (manifest.encoder_version if manifest else None) or ""
     found = dict(re.findall(r"(layers|pooling|max_length)=([\w.]+)", version))
     return "".join(f" --{k.replace('_', '-')} {v}" for k, v in found.items())
 

@@ -12,22 +12,25 @@ ctr_stats.py.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr import prepared
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
-from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, read_manifest
-from nlpctr.models.schema import SPLITS
+from nlpctr.layout import CTR_HISTORY, CTR_HISTORY_ROWS, CTR_META, IMPRESSIONS, Manifest
+from nlpctr.models.schema import SPLITS, ImpressionRow
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import staged_output
 
@@ -50,6 +53,19 @@ def entity_schema(entity: str) -> pa.Schema:
             pa.field(f"{entity}_ctr", pa.float64(), nullable=False),
         ]
     )
+
+
+# A row of ctr_history/<entity>/: the key under the entity's name, then `<entity>_impressions`,
+# `_clicks` and `_ctr` (entity_schema); every column is named by the entity.
+EntityHistoryRow = dict[str, str | int | float | dt.datetime]
+
+
+class CtrHistoryRow(TypedDict):
+    """A row of ctr_history_rows/ (row_schema; tests/test_records.py keeps the two equal): the
+    impression, then per entity `<entity>_ctr` (float) and `<entity>_impressions` (int) beside it."""
+
+    impression_id: str
+    event_timestamp: dt.datetime
 
 
 def row_schema(entities: Iterable[str]) -> pa.Schema:
@@ -93,10 +109,10 @@ class EntityTotals(beam.PTransform):
 def _entity_row(
     key_and_totals: tuple[str, tuple[int, int]],
     entity: str,
-    snapshot: Any,
+    snapshot: dt.datetime,
     prior: dict[str, float],
     prior_strength: float,
-) -> dict[str, Any]:
+) -> EntityHistoryRow:
     key, (impressions, clicks) = key_and_totals
     return {
         entity: key,
@@ -108,16 +124,16 @@ def _entity_row(
 
 
 def _row_history(
-    row: dict[str, Any],
+    row: ImpressionRow,
     entities: tuple[str, ...],
     prior: dict[str, float],
     prior_strength: float,
     *totals_by_entity: dict[str, tuple[int, int]],
-) -> dict[str, Any]:
+) -> CtrHistoryRow:
     """One impression's CTR history: per entity, the smoothed CTR and count of the entity's
     training totals, leave-one-out for a training row (its own impressions and clicks are
     subtracted, so it never sees its own label)."""
-    history: dict[str, Any] = {
+    history: CtrHistoryRow = {
         "impression_id": row["impression_id"],
         "event_timestamp": row["event_timestamp"],
     }
@@ -278,16 +294,16 @@ class CtrStatsSummary:
     wall_seconds: float
     summary: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {**asdict(self), "entities": list(self.entities)}
 
 
-def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> JsonObject:
     """`nlpctr ctr-stats`: the flags as a `CtrStatsRequest` to `ctr_stats`; returns its meta and a
     `summary` line. `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam
     options, as in Beam's own examples."""
     args, beam_args = parse_args(argv)
-    request = CtrStatsRequest(args.data, args.prior_strength, tuple(beam_args))
+    request = request_from_args(CtrStatsRequest, args, beam=tuple(beam_args))
     return ctr_stats(request, test_pipeline).to_dict()
 
 
@@ -306,15 +322,15 @@ def ctr_stats(request: CtrStatsRequest, test_pipeline: beam.Pipeline | None = No
             folder that is not the job's to replace.
     """
     data_dir = Path(request.data).resolve()
-    manifest = read_manifest(data_dir)
+    manifest = Manifest.read(data_dir)
     with prepared.reading(data_dir, [IMPRESSIONS]):  # a damaged file named, with its fix
         return _ctr_stats(request, data_dir, manifest, test_pipeline)
 
 
 def _ctr_stats(
-    request: CtrStatsRequest, data_dir: Path, manifest: dict[str, Any], test_pipeline: beam.Pipeline | None
+    request: CtrStatsRequest, data_dir: Path, manifest: Manifest, test_pipeline: beam.Pipeline | None
 ) -> CtrStatsSummary:
-    entities = tuple(manifest["entities"])
+    entities = manifest.entities
     columns = ["impression_id", "event_timestamp", "split", "impressions", "clicks", *entities]
     # Before any work: each output is new, empty or this job's earlier output; both are swapped
     # in together, so a crash before that leaves the old ones untouched.
@@ -339,7 +355,7 @@ def _ctr_stats(
     meta = json.loads((data_dir / CTR_HISTORY / CTR_META).read_text())
     wall = time.perf_counter() - started
     summary = (
-        f"ctr-stats {manifest['dataset']}: {len(entities)} entities ({', '.join(entities)}), "
+        f"ctr-stats {manifest.dataset}: {len(entities)} entities ({', '.join(entities)}), "
         f"global train CTR {meta['global_ctr']:.4f}, prior strength {request.prior_strength:g}; "
         f"{wall:.1f} s -> {data_dir / CTR_HISTORY}"
     )

@@ -10,13 +10,12 @@ embed_reuse.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import apache_beam as beam
 import numpy as np
@@ -28,7 +27,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.pvalue import TaggedOutput
 
-from nlpctr.layout import EMBEDDINGS_MANIFEST
+from nlpctr.atomic import JsonObject
+from nlpctr.layout import EMBEDDINGS_MANIFEST, EmbeddingsManifest
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.pipelines.unique_texts import UniqueText
 from nlpctr.prepared import damage, parquet_files
@@ -108,14 +108,17 @@ class _NotReusable(Exception):
 
 
 def _check_stored(out: Path, config: EncoderConfig) -> StoredEmbeddings:
-    manifest = _read_manifest(out / EMBEDDINGS_MANIFEST)
-    if manifest.get("slug") != config.slug or manifest.get("encoder_version") != config.version:
+    manifest = EmbeddingsManifest.read(out)
+    if manifest is None:
+        raise _NotReusable(f"{EMBEDDINGS_MANIFEST} is missing, unreadable or not a JSON object")
+    if manifest.slug != config.slug or manifest.encoder_version != config.version:
         raise _NotReusable(
-            f"written by encoder {manifest.get('encoder_version')!r}, this run's is {config.version!r}"
+            f"written by encoder {manifest.encoder_version!r}, this run's is {config.version!r}"
         )
-    dim, rows = manifest.get("dim"), manifest.get("rows")
-    if not isinstance(dim, int) or dim != config.source.width or not isinstance(rows, int):
-        raise _NotReusable(f"{EMBEDDINGS_MANIFEST} records no usable dim/rows ({dim!r}, {rows!r})")
+    dim, rows = manifest.dim, manifest.rows
+    if dim is None or dim != config.source.width or rows is None:
+        shown = manifest.content.get("dim"), manifest.content.get("rows")
+        raise _NotReusable(f"{EMBEDDINGS_MANIFEST} records no usable dim/rows ({shown[0]!r}, {shown[1]!r})")
     files = parquet_files(out)
     stored_rows = 0
     for file in files:
@@ -142,16 +145,6 @@ def _check_stored(out: Path, config: EncoderConfig) -> StoredEmbeddings:
         dim=dim,
         rows=rows,
     )
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _NotReusable(f"{path.name} is missing or unreadable: {type(exc).__name__}") from None
-    if not isinstance(manifest, dict):
-        raise _NotReusable(f"{path.name} is not a JSON object")
-    return manifest
 
 
 # ------------------------------------------------------------------------------- reading
@@ -208,11 +201,19 @@ class ReadSpellings(beam.DoFn):
             yield TaggedOutput("unreadable", f"{path}: {exc}")
 
 
+class StoredJoin(TypedDict):
+    """What `JoinStored` (a CoGroupByKey) gathers for one text id."""
+
+    text: Iterable[UniqueText]  # the text in the data (none once it left it)
+    vector: Iterable[np.ndarray]  # its stored vector, if any
+    spelling: Iterable[str]  # the stored spelling's digest, if any
+
+
 class RouteTexts(beam.DoFn):
     """CoGroupByKey of one text id -> the text to encode (main output), or its reused row
     ("reused"); counter pairs ("counts") for what was dropped or respelled."""
 
-    def process(self, element: tuple[str, dict[str, Any]]) -> Iterator[Any]:
+    def process(self, element: tuple[str, StoredJoin]) -> Iterator[Any]:
         text_id, grouped = element
         texts = list(grouped["text"])
         vectors = list(grouped["vector"])
@@ -299,7 +300,7 @@ def reuse_stored(unique: beam.PCollection, staging: Path, stored: StoredEmbeddin
     return ReuseSplit(routed.to_encode, routed.reused, counts)
 
 
-def reuse_manifest(counts: dict[str, float], stored: StoredEmbeddings | None) -> dict[str, Any]:
+def reuse_manifest(counts: dict[str, float], stored: StoredEmbeddings | None) -> JsonObject:
     """The manifest's record of what this run reused and encoded (and logs what it could not reuse).
 
     Args:
@@ -310,7 +311,7 @@ def reuse_manifest(counts: dict[str, float], stored: StoredEmbeddings | None) ->
         Entries for `_manifest.json`: texts_encoded, texts_reused and, when reused, the counts
         of stored texts that were respelled, dropped or unreadable.
     """
-    entry: dict[str, Any] = {
+    entry: JsonObject = {
         "texts_encoded": int(counts.get("texts_encoded", 0)),
         TEXTS_REUSED: int(counts.get(TEXTS_REUSED, 0)),
         "reused_from_previous_run": stored is not None,

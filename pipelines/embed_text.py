@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -29,7 +28,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from nlpctr import __version__, prepared
-from nlpctr.atomic import write_json
+from nlpctr.atomic import JsonObject, write_json
 from nlpctr.errors import UserError
 from nlpctr.layout import EMBEDDINGS_MANIFEST, IMPRESSIONS, embeddings_dir
 from nlpctr.models.encoder import EncoderConfig
@@ -37,6 +36,7 @@ from nlpctr.models.encoder_source import DEFAULT_ENCODER
 from nlpctr.pipelines import embed_reuse
 from nlpctr.pipelines.devices import launch_device
 from nlpctr.pipelines.encode_texts import Encoded, EncodeTexts, TextEncoderModelHandler
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.loopback import run_to_completion
 from nlpctr.pipelines.outputs import WriteCounts, read_counts, staged_output
 from nlpctr.pipelines.unique_texts import INPUT_COLUMNS, ReadUniqueTexts, TextIdCollision
@@ -262,14 +262,11 @@ class EmbedRequest:
         encoder = EncoderConfig(
             layers=args.layers, pooling=args.pooling, max_length=args.max_length, name=args.encoder
         )
-        return cls(
-            data=args.data,
+        return request_from_args(
+            cls,
+            args,
             encoder=encoder,
-            batch_size=args.batch_size,
-            device=args.device,
-            torch_threads=args.torch_threads,
             group_by_length=not args.no_length_grouping,
-            num_shards=args.num_shards,
             beam=tuple(beam),
             reuse=not args.full,
         )
@@ -300,11 +297,11 @@ class EmbedSummary:
     forward_texts_per_second: float
     summary: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return asdict(self)
 
 
-def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> JsonObject:
     """`nlpctr embed`: the flags as an `EmbedRequest` to `embed`; returns its summary.
     `test_pipeline` (a `TestPipeline`) replaces the pipeline built from the Beam options, as in
     Beam's own examples."""

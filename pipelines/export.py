@@ -13,16 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
 import nlpctr
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.features.names import lm_feature_slug
-from nlpctr.layout import EXPERIMENT_RESULTS, IMPRESSIONS, LmFeatureMeta, RunLayout, lm_features_dir
+from nlpctr.layout import EXPERIMENT_RESULTS, IMPRESSIONS, LmFeatureMeta, Manifest, RunLayout, lm_features_dir
 from nlpctr.models.export import (
     EXPORT_FILE,
     ONNX_FILE,
@@ -78,7 +78,7 @@ def find(runs_dir: Path, name: str) -> ExportedLM:
     )
 
 
-def _json(path: Path) -> dict[str, Any] | None:
+def _json(path: Path) -> JsonObject | None:
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -122,7 +122,7 @@ def written_feature(exported: ExportedLM, data_dir: Path | None, pairs: pd.DataF
 
 def checks(
     exported: ExportedLM, folder: Path, pairs: pd.DataFrame, data_dir: Path | None
-) -> list[dict[str, Any]]:
+) -> list[JsonObject]:
     """The exported folder, read back with transformers, against the run's model and its feature."""
     texts = pairs_of(pairs)
     _, reference = exported.outputs(texts)
@@ -146,7 +146,7 @@ def checks(
     return out
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> JsonObject:
     """`nlpctr export`; returns what it wrote with a one-line `summary`."""
     args = parse_args(argv)
     if args.onnx:
@@ -162,7 +162,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     experiment = _json(runs_dir.parent / EXPERIMENT_RESULTS) if is_experiment(runs_dir.parent) else None
     with staged_output(out, JOB, inputs=inputs) as staging:
         head = save_folder(exported, staging)
-        record: dict[str, Any] = {
+        record: JsonObject = {
             "run": exported.name,
             "kind": exported.kind,
             "source": str(exported.source),
@@ -185,7 +185,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             head,
             record,
             results,
-            _json(data_dir / "manifest.json") if data_dir else None,
+            Manifest.find(data_dir) if data_dir else None,
             experiment,
             feature,
         )
@@ -201,7 +201,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     return {**record, "out": str(out), "summary": summary}
 
 
-def _feature_name(exported: ExportedLM, results: dict[str, Any]) -> str | None:
+def _feature_name(exported: ExportedLM, results: JsonObject) -> str | None:
     """The experiment's name for this LM's feature (its redundancy entry)."""
     if exported.kind == "cascade_finetuned" and results.get("lm"):  # one entry per E2 checkpoint
         return f"{exported.name}@{results['lm']['chosen']}"

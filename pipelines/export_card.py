@@ -6,9 +6,11 @@ to an experiment, the experiment's results.json; nothing is written that those f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from nlpctr.atomic import JsonObject
+from nlpctr.layout import Manifest
 from nlpctr.models.encoder_source import DEFAULT_ENCODER
 from nlpctr.models.export import EXPORT_FILE, HEAD_FILE, HEAD_WEIGHTS, ONNX_FILE, ExportedLM
 from nlpctr.models.nlp_features import FORMS
@@ -26,7 +28,7 @@ def _ci(value: Any, ci: Sequence[float] | None, digits: int = 4, signed: bool = 
     return f"{shown} [{ci[0]:{sign}.{digits}f}, {ci[1]:{sign}.{digits}f}]" if ci else shown
 
 
-def _of(entry: Mapping[str, Any], key: str, signed: bool = False, digits: int = 4) -> str:
+def _of(entry: JsonObject, key: str, signed: bool = False, digits: int = 4) -> str:
     """`entry[key]` with its CI (`entry[key + "_ci"]`)."""
     return _ci(entry.get(key), entry.get(f"{key}_ci"), digits, signed)
 
@@ -39,7 +41,7 @@ def _front_matter(exported: ExportedLM) -> list[str]:
     return lines
 
 
-def _usage(exported: ExportedLM, head: Mapping[str, Any]) -> list[str]:
+def _usage(exported: ExportedLM, head: JsonObject) -> list[str]:
     config = exported.lm.config
     if head["pair_reading"] == "separate":
         text = "each of the query and the ad apart, then [u_query, u_ad, u_query * u_ad]"
@@ -67,7 +69,7 @@ def _usage(exported: ExportedLM, head: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _training_data(results: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> list[str]:
+def _training_data(results: JsonObject, manifest: Manifest | None) -> list[str]:
     provenance = results.get("provenance", {})
     lines = [
         "## Training data",
@@ -76,10 +78,10 @@ def _training_data(results: Mapping[str, Any], manifest: Mapping[str, Any] | Non
         f"`{provenance.get('spec_hash')}`), split `{provenance.get('split_mode')}` with seed "
         f"{provenance.get('split_seed')}, groups `{provenance.get('group')}`",
     ]
-    split = (manifest or {}).get("split", {})
-    if split.get("rows"):
-        rows = ", ".join(f"{name} {count:,}" for name, count in split["rows"].items())
-        impressions = ", ".join(f"{name} {count:,}" for name, count in split.get("impressions", {}).items())
+    split = manifest.split if manifest else None
+    if split and split.rows:
+        rows = ", ".join(f"{name} {count:,}" for name, count in split.rows.items())
+        impressions = ", ".join(f"{name} {count:,}" for name, count in split.impressions.items())
         lines.append(f"- rows: {rows}; impressions: {impressions}")
     lines += [
         f"- features: the Feast service `{provenance.get('feature_service')}`",
@@ -90,7 +92,7 @@ def _training_data(results: Mapping[str, Any], manifest: Mapping[str, Any] | Non
     return lines
 
 
-def _metrics(exported: ExportedLM, results: Mapping[str, Any]) -> list[str]:
+def _metrics(exported: ExportedLM, results: JsonObject) -> list[str]:
     test = results.get("metrics", {}).get("test", {})
     calibration = test.get("calibration") or {}
     model = "E0 + this LM's feature (E2)" if exported.kind == "cascade_finetuned" else "the joint model (E3)"
@@ -112,7 +114,7 @@ def _metrics(exported: ExportedLM, results: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _experiment(exported: ExportedLM, experiment: Mapping[str, Any], feature: str | None) -> list[str]:
+def _experiment(exported: ExportedLM, experiment: JsonObject, feature: str | None) -> list[str]:
     lines: list[str] = []
     student = experiment.get("distillation", {}).get(exported.name) if exported.kind == "student" else None
     if student:
@@ -167,11 +169,11 @@ def _experiment(exported: ExportedLM, experiment: Mapping[str, Any], feature: st
 
 def model_card(
     exported: ExportedLM,
-    head: Mapping[str, Any],
-    record: Mapping[str, Any],
-    results: Mapping[str, Any],
-    manifest: Mapping[str, Any] | None,
-    experiment: Mapping[str, Any] | None,
+    head: JsonObject,
+    record: JsonObject,
+    results: JsonObject,
+    manifest: Manifest | None,
+    experiment: JsonObject | None,
     feature: str | None,
 ) -> str:
     """README.md of an export (`record` is its nlpctr_export.json)."""

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from nlpctr import prepared
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.names import CASCADE_FROZEN
@@ -151,14 +152,14 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> JsonObject:
     """`nlpctr features apply|materialize|get`; returns a dict whose `summary` the CLI prints."""
     args = parser().parse_args(argv)
     with prepared.reading(args.data, prepared.STORE_FOLDERS):  # a damaged file named, with its fix
         return _run(args)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _run(args: argparse.Namespace) -> JsonObject:
     if args.command == "apply":
         return store.apply(args.data, store_choice(args), encoder=args.encoder)
     if args.command == "materialize":
@@ -182,7 +183,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         rows = given
     result = lookup.get(rows)
-    out: dict[str, Any] = {
+    out: JsonObject = {
         "service": args.service,
         "rows": result.rows,
         "features": result.feature_names,

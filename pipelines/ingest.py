@@ -25,9 +25,11 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from nlpctr import __version__, prepared
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
-from nlpctr.layout import IMPRESSIONS, REJECTED, write_manifest
+from nlpctr.layout import IMPRESSIONS, REJECTED, Manifest, SplitRecord
 from nlpctr.models.schema import SPLITS, impression_schema
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.ingest_source import ReadSourceRecords, check_source, source_files
 from nlpctr.pipelines.ingest_validate import AssignSplits, FindRepeatedIds, TimeCutPoints, ValidateImpressions
 from nlpctr.pipelines.loopback import run_to_completion
@@ -141,64 +143,71 @@ class PrepareImpressions(beam.PTransform):
 
 
 def manifest_from_counts(
-    spec: DatasetSpec, counts: dict[str, int], seed: int, split_mode: str, limits: Limits, wall_s: float
-) -> dict[str, Any]:
+    spec: DatasetSpec,
+    counts: dict[str, int],
+    seed: int,
+    split_mode: str,
+    limits: Limits,
+    wall_s: float,
+    max_reject_rate: float,
+) -> Manifest:
     rows_in = counts.get("rows_in", 0)
     rows_written = counts.get("rows_written", 0)
     rejected_by_reason = {
         k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("rejected:")
     }
     rows_rejected = sum(rejected_by_reason.values())
-    return {
-        "dataset": spec.name,
-        "description": spec.description,
-        "spec_path": str(spec.spec_path),
-        "spec_hash": spec.spec_hash,
-        "spec": spec.raw,
-        "source": spec.source.location,
-        "source_layout": spec.source.layout,
-        "rows_in": rows_in,
-        "rows_written": rows_written,
-        "rows_rejected": rows_rejected,
-        "rejected_by_reason": rejected_by_reason,
-        "rows_truncated": {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("truncated:")},
+    return Manifest(
+        dataset=spec.name,
+        description=spec.description,
+        spec_path=str(spec.spec_path),
+        spec_hash=spec.spec_hash,
+        spec=spec.raw,
+        source=spec.source.location,
+        source_layout=spec.source.layout,
+        rows_in=rows_in,
+        rows_written=rows_written,
+        rows_rejected=rows_rejected,
+        rejected_by_reason=rejected_by_reason,
+        rows_truncated={k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("truncated:")},
         # Ids (per column) that two different source values hashed to; their rows are the
         # id_hash_collision dead letters.
-        "id_hash_collisions": {
+        id_hash_collisions={
             k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("id_hash_collisions:")
         },
-        "source_stats": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("source:")},
-        "split": {
-            "mode": split_mode,
-            "seed": seed,
-            "fractions": list(spec.split_fractions),
-            "group": spec.group,
-            "rows": {s: counts.get(f"split:{s}", 0) for s in SPLITS},
-            "impressions": {s: counts.get(f"split_impressions:{s}", 0) for s in SPLITS},
-            "clicks": {s: counts.get(f"split_clicks:{s}", 0) for s in SPLITS},
-        },
-        "context_columns": list(spec.context_columns),
+        source_stats={k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("source:")},
+        split=SplitRecord(
+            mode=split_mode,
+            seed=seed,
+            fractions=tuple(spec.split_fractions),
+            group=spec.group,
+            rows={s: counts.get(f"split:{s}", 0) for s in SPLITS},
+            impressions={s: counts.get(f"split_impressions:{s}", 0) for s in SPLITS},
+            clicks={s: counts.get(f"split_clicks:{s}", 0) for s in SPLITS},
+        ),
+        context_columns=tuple(spec.context_columns),
         # Numeric features: columns of the impressions, served by the `numeric` feature view.
-        "numeric_columns": list(spec.numeric_columns),
-        "entities": list(spec.entities),
-        "group": spec.group,
-        "label_form": spec.label.form,
-        "limits": {"max_text_chars": limits.max_text_chars, "truncate_long_text": limits.truncate_long_text},
-        "code_version": __version__,
-        "wall_seconds": round(wall_s, 3),
-    }
+        numeric_columns=tuple(spec.numeric_columns),
+        entities=tuple(spec.entities),
+        group=spec.group,
+        label_form=spec.label.form,
+        limits={"max_text_chars": limits.max_text_chars, "truncate_long_text": limits.truncate_long_text},
+        code_version=__version__,
+        wall_seconds=round(wall_s, 3),
+        max_reject_rate=max_reject_rate,
+    )
 
 
-def rejection_message(manifest: dict[str, Any], max_reject_rate: float, out: Path, failed: Path) -> str:
+def rejection_message(manifest: Manifest, max_reject_rate: float, out: Path, failed: Path) -> str:
     """Why a run wrote nothing: no rows at all, every row rejected, or too many rejected."""
-    rows_in, rejected = manifest["rows_in"], manifest["rows_rejected"]
-    reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
+    rows_in, rejected = manifest.rows_in, manifest.rows_rejected
+    reasons = ", ".join(f"{k}={v}" for k, v in manifest.rejected_by_reason.items()) or "none"
     if rows_in == 0:
         return (
-            f"source {Path(manifest['source']).name} has no rows; nothing was written to {out}; "
-            f"point source.{manifest.get('source_layout', 'path')} at a log that holds records"
+            f"source {Path(manifest.source).name} has no rows; nothing was written to {out}; "
+            f"point source.{manifest.source_layout} at a log that holds records"
         )
-    if manifest["rows_written"] == 0:
+    if manifest.rows_written == 0:
         return (
             f"all {rows_in} rows were rejected (reasons: {reasons}); nothing was written to {out}; "
             f"the rejected records are in {failed / REJECTED}/; fix the source or the spec"
@@ -285,28 +294,19 @@ class PrepareRequest:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, beam: Sequence[str]) -> PrepareRequest:
-        return cls(
-            dataset=args.dataset,
-            out=args.out,
-            seed=args.seed,
-            split_mode=args.split_mode,
-            max_reject_rate=args.max_reject_rate,
-            max_text_chars=args.max_text_chars,
-            truncate_long_text=args.truncate_long_text,
-            num_shards=args.num_shards,
-            beam=tuple(beam),
-        )
+        return request_from_args(cls, args, beam=tuple(beam))
 
 
 @dataclass(frozen=True)
 class PrepareSummary:
     """What a prepare run wrote: its manifest (`DIR/manifest.json`) and a one-line summary."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest
     summary: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.manifest, "summary": self.summary}
+    def to_dict(self) -> JsonObject:
+        """The manifest's JSON and the summary (what `nlpctr data prepare` prints)."""
+        return {**self.manifest.to_json(), "summary": self.summary}
 
 
 def source_reading(spec: DatasetSpec) -> contextlib.AbstractContextManager[None]:
@@ -323,7 +323,7 @@ def source_reading(spec: DatasetSpec) -> contextlib.AbstractContextManager[None]
     return prepared.reading_source(source_files(spec), fix)
 
 
-def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> JsonObject:
     """`nlpctr data prepare`: the flags as a `PrepareRequest` to `prepare`; returns the manifest
     with a one-line `summary`. `test_pipeline` (a `TestPipeline`) replaces the pipeline built from
     the Beam options, as in Beam's own examples."""
@@ -374,15 +374,15 @@ def prepare(request: PrepareRequest, test_pipeline: beam.Pipeline | None = None)
             )
             run_to_completion(pipeline)
             counts = read_counts(staging / STATS_FILE)
+            wall = time.perf_counter() - started
             manifest = manifest_from_counts(
-                spec, counts, request.seed, split_mode, limits, time.perf_counter() - started
+                spec, counts, request.seed, split_mode, limits, wall, max_reject_rate
             )
-            if manifest["rows_in"] != manifest["rows_written"] + manifest["rows_rejected"]:
+            if manifest.rows_in != manifest.rows_written + manifest.rows_rejected:
                 raise RuntimeError(f"ingest lost rows: {counts}")  # a bug, not a user error
-            manifest["max_reject_rate"] = max_reject_rate
-            write_manifest(staging, manifest)
-            rate = manifest["rows_rejected"] / max(manifest["rows_in"], 1)
-            if manifest["rows_written"] == 0 or rate > max_reject_rate:
+            manifest.write(staging)
+            rate = manifest.rows_rejected / max(manifest.rows_in, 1)
+            if manifest.rows_written == 0 or rate > max_reject_rate:
                 claim_output_dir(failed, JOB, flag="the dead-letter folder")  # still ours (or absent)?
                 shutil.rmtree(failed, ignore_errors=True)
                 (staging / MARKER).unlink(missing_ok=True)  # recognised by its manifest, like DIR
@@ -392,11 +392,11 @@ def prepare(request: PrepareRequest, test_pipeline: beam.Pipeline | None = None)
     # (removed only when it is recognisably that: its manifest is this job's).
     if failed.is_dir() and not failed.is_symlink() and is_output_of(failed, JOB):
         shutil.rmtree(failed, ignore_errors=True)
-    reasons = ", ".join(f"{k}={v}" for k, v in manifest["rejected_by_reason"].items()) or "none"
-    splits = ", ".join(f"{k}={v}" for k, v in manifest["split"]["rows"].items())
+    reasons = ", ".join(f"{k}={v}" for k, v in manifest.rejected_by_reason.items()) or "none"
+    splits = ", ".join(f"{k}={v}" for k, v in manifest.split.rows.items())
     summary = (
-        f"prepared {spec.name}: {manifest['rows_in']} rows in, {manifest['rows_written']} written, "
-        f"{manifest['rows_rejected']} rejected ({reasons}); splits {splits}; "
-        f"{manifest['wall_seconds']:.1f} s -> {out}"
+        f"prepared {spec.name}: {manifest.rows_in} rows in, {manifest.rows_written} written, "
+        f"{manifest.rows_rejected} rejected ({reasons}); splits {splits}; "
+        f"{manifest.wall_seconds:.1f} s -> {out}"
     )
     return PrepareSummary(manifest, summary)

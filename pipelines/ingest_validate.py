@@ -13,6 +13,7 @@ queries) into one.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -22,7 +23,8 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from nlpctr.models.schema import SPLITS, unit_interval
+from nlpctr.atomic import JsonObject
+from nlpctr.models.schema import SPLITS, ImpressionRow, unit_interval
 from nlpctr.pipelines.records import (
     DUPLICATE_IMPRESSION_ID,
     ID_HASH_COLLISION,
@@ -45,7 +47,7 @@ class MapToSchema(beam.DoFn):
         self.spec = spec
         self.limits = limits
 
-    def process(self, record: dict[str, Any], collided: frozenset[tuple[str, int]]) -> Iterator[Any]:
+    def process(self, record: JsonObject, collided: frozenset[tuple[str, int]]) -> Iterator[Any]:
         result = map_record(self.spec, record, self.limits)
         if isinstance(result, Rejection):
             yield beam.pvalue.TaggedOutput(self.REJECTED, result)
@@ -207,7 +209,7 @@ class FindRepeatedIds(beam.PTransform):
     def expand(self, records: beam.pvalue.PCollection) -> dict[str, beam.pvalue.PCollection]:
         spec, limits = self.spec, self.limits
 
-        def valid_rows(record: dict[str, Any]) -> list[Mapped]:
+        def valid_rows(record: JsonObject) -> list[Mapped]:
             result = map_record(spec, record, limits)
             return [] if isinstance(result, Rejection) else [result]
 
@@ -342,14 +344,14 @@ class AssignSplits(beam.PTransform):
             )
         if self.mode == "cold_group":
 
-            def by_group(row: dict[str, Any]) -> dict[str, Any]:
+            def by_group(row: ImpressionRow) -> ImpressionRow:
                 # A row with no group value is its own group.
                 key = row.get(group) or f"row:{row['impression_id']}"
                 return {**row, "split": split_of(unit_interval(seed, "group", key), fractions)}
 
             return rows | "SplitGroups" >> beam.Map(by_group)
 
-        def by_time(row: dict[str, Any], cuts: tuple[Any, Any]) -> dict[str, Any]:
+        def by_time(row: ImpressionRow, cuts: tuple[dt.datetime, dt.datetime]) -> ImpressionRow:
             ts = row["event_timestamp"]
             split = SPLITS[0] if ts <= cuts[0] else SPLITS[1] if ts <= cuts[1] else SPLITS[2]
             return {**row, "split": split}

@@ -13,8 +13,8 @@ import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.layout import CTR_META, EMBEDDINGS_MANIFEST, EXPERIMENT_RESULTS, MANIFEST, RunLayout
 
@@ -41,7 +41,7 @@ def write_marker(folder: Path, job: str) -> None:
     (folder / MARKER).write_text(json.dumps({"tool": TOOL, "job": job}, sort_keys=True) + "\n")
 
 
-def read_marker(folder: Path) -> dict[str, Any] | None:
+def read_marker(folder: Path) -> JsonObject | None:
     """The marker's content when `folder` holds this tool's marker, else None."""
     content = _read_json(folder / MARKER)
     return content if content is not None and content.get("tool") == TOOL else None
@@ -52,7 +52,7 @@ def has_marker(folder: Path, job: str | None = None) -> bool:
     return marker is not None and (job is None or marker.get("job") == job)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> JsonObject | None:
     try:
         if not path.is_file() or path.stat().st_size > 64 * 2**20:
             return None

@@ -12,11 +12,12 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from nlpctr.atomic import JsonObject
 from nlpctr.config_files import is_integer, is_number
-from nlpctr.models.schema import normalize_text, stable_hash, text_id
+from nlpctr.models.schema import ImpressionRow, normalize_text, stable_hash, text_id
 from nlpctr.pipelines.spec_rules import ColumnRule, NumericRule, TimestampRule
 from nlpctr.pipelines.specs import DatasetSpec
 from nlpctr.pipelines.text_repair import TEXT_TRANSFORMS
@@ -60,18 +61,24 @@ MAX_NUMERIC = 1e15
 _DECIMAL = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*")
 
 
+class DeadLetter(TypedDict):
+    """One line of `rejected/*.jsonl`: why a source record was rejected, and the record."""
+
+    reason: str  # a reason code above
+    message: str
+    record: JsonObject  # the source record, made JSON-safe (`json_safe`)
+
+
 @dataclass(frozen=True)
 class Rejection:
     reason: str
     message: str
-    record: dict[str, Any]
+    record: JsonObject  # the source record as read, before validation
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"reason": self.reason, "message": self.message, "record": json_safe(self.record)},
-            sort_keys=True,
-            ensure_ascii=True,
-        )
+        """The dead letter as one JSON line."""
+        letter = DeadLetter(reason=self.reason, message=self.message, record=json_safe(self.record))
+        return json.dumps(letter, sort_keys=True, ensure_ascii=True)
 
 
 class _Invalid(Exception):
@@ -103,7 +110,7 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
-def malformed(raw: str, message: str) -> dict[str, Any]:
+def malformed(raw: str, message: str) -> JsonObject:
     """A source record that could not be split into fields (undecodable bytes in its text are
     escaped: a lone surrogate cannot cross a pipeline boundary)."""
     return {MALFORMED_KEY: message, RAW_KEY: json_safe(raw)}
@@ -131,7 +138,7 @@ def as_text(value: Any) -> str | None:
     return str(value)
 
 
-def _source_text(column: str, record: dict[str, Any]) -> str | None:
+def _source_text(column: str, record: JsonObject) -> str | None:
     """A source column's value as text for an id, a text or a context column. A JSON object
     or list (or a parquet struct/list) is not text: printing it would invent a value."""
     value = record.get(column)
@@ -173,11 +180,11 @@ def concat_id(parts: list[str]) -> str:
 _HASH_SEPARATOR = "\x1f"
 
 
-def _column_value(rule: ColumnRule, record: dict[str, Any]) -> str | None:
+def _column_value(rule: ColumnRule, record: JsonObject) -> str | None:
     return _column_value_and_preimage(rule, record)[0]
 
 
-def _column_value_and_preimage(rule: ColumnRule, record: dict[str, Any]) -> tuple[str | None, str | None]:
+def _column_value_and_preimage(rule: ColumnRule, record: JsonObject) -> tuple[str | None, str | None]:
     """A target column's value, and for a hashed one (hash_of, text_id_of) the exact string its
     hash was computed from (None otherwise): two pre-images under one id are a collision."""
     preimage = None
@@ -235,7 +242,7 @@ def parse_count(value: Any, column: str) -> int:
     return number
 
 
-def parse_numeric(name: str, rule: NumericRule, record: dict[str, Any]) -> float | None:
+def parse_numeric(name: str, rule: NumericRule, record: JsonObject) -> float | None:
     """A numeric feature's value: a finite number (an int, a float, or a decimal string such as
     '1.5e3'), log1p'd when the rule says so; None for a missing value of an optional feature.
     bad_numeric otherwise, naming the column and what is wrong."""
@@ -285,7 +292,7 @@ def _zone(name: str) -> dt.tzinfo:
         raise _Invalid(BAD_TIMESTAMP, f"unknown timezone {name!r}") from None
 
 
-def parse_timestamp(rule: TimestampRule, record: dict[str, Any]) -> dt.datetime:
+def parse_timestamp(rule: TimestampRule, record: JsonObject) -> dt.datetime:
     """event_timestamp as an aware UTC datetime with microsecond precision."""
     try:
         if rule.format == "offset":
@@ -363,9 +370,9 @@ class Mapped:
     duplicate's dead letter holds the original row, not the mapped one), and, per id column
     built by a hash, the string hashed: (column, pre-image) pairs, for the collision check."""
 
-    row: dict[str, Any]
+    row: ImpressionRow
     truncated: tuple[str, ...]
-    source: dict[str, Any] | None = None
+    source: JsonObject | None = None
     hashed: tuple[tuple[str, str], ...] = ()
 
 
@@ -389,7 +396,7 @@ def _check_text(column: str, value: str, limits: Limits) -> tuple[str, bool]:
     return value, False
 
 
-def map_record(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped | Rejection:
+def map_record(spec: DatasetSpec, record: JsonObject, limits: Limits) -> Mapped | Rejection:
     """Map one source record onto the canonical schema, or say why it cannot be."""
     if MALFORMED_KEY in record:
         reason = BAD_ENCODING if "UTF-8" in str(record[MALFORMED_KEY]) else MALFORMED_RECORD
@@ -400,8 +407,8 @@ def map_record(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Map
         return Rejection(invalid.reason, invalid.message, record)
 
 
-def _map(spec: DatasetSpec, record: dict[str, Any], limits: Limits) -> Mapped:
-    row: dict[str, Any] = {}
+def _map(spec: DatasetSpec, record: JsonObject, limits: Limits) -> Mapped:
+    row: ImpressionRow = {}  # filled field by field below
     truncated: list[str] = []
     preimages: dict[str, str | None] = {}
     for target in ("impression_id", "query_id", "ad_id"):

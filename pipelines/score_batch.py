@@ -160,18 +160,11 @@ class ScoreBatchRequest:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, beam: Sequence[str]) -> ScoreBatchRequest:
-        return cls(
-            data=args.data,
-            service=args.service,
-            enrichment=args.enrichment,
-            batch_size=args.batch_size,
-            splits=tuple(args.splits) if args.splits else None,
-            out=args.out,
-            run=args.run,
-            runs_dir=args.runs_dir,
-            allow_other_dataset=args.allow_other_dataset,
-            device=args.device,
-            beam=tuple(beam),
+        # Imported here: this module's import block is left to the enrichment work under way.
+        from nlpctr.pipelines.flags import request_from_args
+
+        return request_from_args(
+            cls, args, splits=tuple(args.splits) if args.splits else None, beam=tuple(beam)
         )
 
 

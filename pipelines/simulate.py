@@ -18,17 +18,16 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from tqdm import tqdm
 
 from nlpctr import __version__
-from nlpctr.atomic import atomic_path
+from nlpctr.atomic import JsonObject, atomic_path
 from nlpctr.errors import UserError
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.ownership import claim_output_files, is_simulated_log
 from nlpctr.pipelines.simulator.clicks import (
     DAYS,
@@ -56,6 +55,7 @@ from nlpctr.pipelines.simulator.world import (
     build_world,
 )
 from nlpctr.pipelines.specs import data_root
+from nlpctr.progress import bar as progress_bar
 
 DEFAULT_CHUNK_ROWS = 200_000
 
@@ -63,7 +63,7 @@ DEFAULT_CHUNK_ROWS = 200_000
 # ------------------------------------------------------------------------------- outputs
 
 
-def spec_for(log_path: Path, params: Params) -> dict[str, Any]:
+def spec_for(log_path: Path, params: Params) -> JsonObject:
     """The dataset spec of the simulated log; source.path is relative to the spec file."""
     stem = log_path.name.removesuffix(".parquet")
     name = re.sub(r"[^A-Za-z0-9_-]", "_", stem).strip("_-")
@@ -116,8 +116,8 @@ def _paths(out: Path) -> dict[str, Path]:
 
 
 def truth_record(
-    params: Params, world_info: dict[str, Any], paths: dict[str, Path], moments: Moments, clicks: int
-) -> dict[str, Any]:
+    params: Params, world_info: JsonObject, paths: dict[str, Path], moments: Moments, clicks: int
+) -> JsonObject:
     """truth.json's content: the model, its coefficients, the world, and the realised moments."""
     logit_var = moments.variance("logit")
     return {
@@ -192,7 +192,7 @@ def truth_record(
     }
 
 
-def write_log(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
+def write_log(params: Params, out: Path, progress: bool = True) -> JsonObject:
     """Generate the world and the rows; write all four files; return truth.json's content."""
     pools = load_pools(data_root())
     world = build_world(pools, params.rows, params.seed)
@@ -218,7 +218,7 @@ def write_log(params: Params, out: Path, progress: bool = True) -> dict[str, Any
             pq.ParquetWriter(truth_file, truth_schema(params), compression="zstd") as truth_writer,
         ):
             starts = range(0, params.rows, params.chunk_rows)
-            for start in tqdm(starts, desc="simulate", unit="chunk", disable=None if progress else True):
+            for start in progress_bar(starts, show=progress, desc="simulate", unit="chunk"):
                 stop = min(start + params.chunk_rows, params.rows)
                 log, truth = simulate_chunk(world, params, start, stop)
                 log_writer.write_table(log, row_group_size=params.chunk_rows)
@@ -333,18 +333,7 @@ class SimulateRequest:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimulateRequest:
-        return cls(
-            rows=args.rows,
-            rho=args.rho,
-            out=args.out,
-            seed=args.seed,
-            base_logit=args.base_logit,
-            text_strength=args.text_strength,
-            chunk_rows=args.chunk_rows,
-            impressions_per_row=args.impressions_per_row,
-            numeric_features=args.numeric_features,
-            progress=not args.no_progress,
-        )
+        return request_from_args(cls, args, progress=not args.no_progress)
 
     @property
     def params(self) -> Params:
@@ -364,17 +353,17 @@ class SimulateRequest:
 class SimulateSummary:
     """A simulated log: truth.json's content, the files written, and a one-line summary."""
 
-    truth: dict[str, Any]  # <stem>.truth.json
+    truth: JsonObject  # <stem>.truth.json
     paths: dict[str, Path]  # log, truth, truth_json, spec
     wall_seconds: float
     summary: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         paths = {key: str(path) for key, path in self.paths.items()}
         return {**self.truth, "paths": paths, "wall_seconds": self.wall_seconds, "summary": self.summary}
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> JsonObject:
     """`nlpctr data simulate`: the flags as a `SimulateRequest` to `simulate`; returns truth.json's
     content plus the output paths and a summary."""
     return simulate(SimulateRequest.from_args(parse_args(argv))).to_dict()

@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+from nlpctr.atomic import JsonObject
 from nlpctr.pipelines.records import SURROGATE, json_safe, malformed
 
 # A JSON record nested deeper than this is malformed: the code that walks a record (json_safe, the
@@ -76,7 +77,7 @@ def compression_of(head: bytes) -> str | None:
     return next((name for magic, name in _COMPRESSED if magic.match(head)), None)
 
 
-def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[dict[str, Any]]:
+def parse_delimited(data: bytes, delimiter: str, source: str) -> Iterator[JsonObject]:
     """Records of a CSV/TSV file with a header row, gzipped or not. Undecodable bytes survive
     as surrogates so the row carrying them is rejected as bad_encoding instead of failing the
     whole file. A row that cannot be parsed becomes a malformed marker that keeps its original
@@ -152,7 +153,7 @@ def has_lines(path: str) -> bool:
         return any(line.strip() for line in handle)
 
 
-def parse_json_line(line: bytes | str) -> dict[str, Any] | None:
+def parse_json_line(line: bytes | str) -> JsonObject | None:
     """One JSONL record; None for a blank line, a malformed marker for anything unparseable.
     A byte order mark (a file saved as "UTF-8 with BOM") is not part of the record."""
     if isinstance(line, bytes):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from nlpctr.atomic import JsonObject
 from nlpctr.config_files import is_number
 from nlpctr.errors import UserError
 
@@ -187,7 +188,7 @@ def spec_error(spec_path: Path, where: str, message: str) -> UserError:
     return UserError(f"spec {spec_path.name}: {where}: {message}")
 
 
-def expect_keys(spec_path: Path, where: str, mapping: Any, allowed: set[str]) -> dict[str, Any]:
+def expect_keys(spec_path: Path, where: str, mapping: Any, allowed: set[str]) -> JsonObject:
     """`mapping` if it is a mapping with no key outside `allowed`; else the error naming the key."""
     if not isinstance(mapping, dict):
         raise spec_error(spec_path, where, f"expected a mapping, got {type(mapping).__name__}")

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from nlpctr.atomic import JsonObject
 from nlpctr.config_files import RefusedYaml, is_integer, load_bounded, yaml_problem
 from nlpctr.datasets import BUNDLED_DATA_DIR
 from nlpctr.errors import UserError
@@ -82,7 +83,7 @@ class DatasetSpec:
     forbidden: tuple[str, ...]
     notes: str
     spec_path: Path
-    raw: dict[str, Any] = field(repr=False)
+    raw: JsonObject = field(repr=False)
     numeric: dict[str, NumericRule] = field(default_factory=dict)
 
     @property
@@ -183,7 +184,7 @@ def _context_columns(spec_path: Path, value: Any) -> dict[str, ColumnRule]:
 
 
 def _group_and_entities(
-    spec_path: Path, mapping: dict[str, Any], context: dict[str, ColumnRule]
+    spec_path: Path, mapping: JsonObject, context: dict[str, ColumnRule]
 ) -> tuple[str, tuple[str, ...]]:
     """`group` (what the split keeps together) and `entities`: each a mapped id or context column."""
     known_targets = {"ad_id", "query_id", *context}

@@ -18,11 +18,10 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import nlpctr
 from nlpctr import prepared
-from nlpctr.atomic import write_json
+from nlpctr.atomic import JsonObject, write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.names import lm_feature_slug
@@ -31,10 +30,10 @@ from nlpctr.layout import (
     CTR_META,
     LM_FEATURES,
     TRAINING,
+    Manifest,
     RunLayout,
     check_splits,
     lm_cache_dir,
-    read_manifest,
     require_writable,
 )
 from nlpctr.models.config import MODES, Mode, TrainConfig, load_config
@@ -46,6 +45,7 @@ from nlpctr.models.runs import TrainedRun
 from nlpctr.models.state_store import persisted_states
 from nlpctr.models.trainer import FitResult
 from nlpctr.models.training import LmStep, epochs_trained
+from nlpctr.pipelines.flags import request_from_args
 from nlpctr.pipelines.ownership import claim_output_dir
 from nlpctr.pipelines.train_modes import TRAIN_MODE, RunSetup, lm_budget
 
@@ -128,23 +128,14 @@ class TrainRequest:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainRequest:
-        return cls(
+        return request_from_args(
+            cls,
+            args,
             mode=Mode(args.mode),
             data_dir=args.data,
-            run=args.run,
-            runs_dir=args.runs_dir,
             fusion=Fusion(args.fusion) if args.fusion else None,
-            encoder=args.encoder,
-            layers=args.layers,
-            epochs=args.epochs,
-            seed=args.seed,
             config_file=args.config,
-            init_from=args.init_from,
-            streaming=args.streaming,
             progress=not args.no_progress,
-            probe_only=args.probe_only,
-            device=args.device,
-            precision=args.precision,
         )
 
     def checked(self) -> TrainRequest:
@@ -157,9 +148,9 @@ class TrainRequest:
             raise UserError("--probe-only applies to --mode joint with --init-from E0RUN (a probe needs E0)")
         return replace(self, fusion=self.fusion or Fusion.SCORE) if self.mode == Mode.JOINT else self
 
-    def overrides(self) -> dict[str, Any]:
+    def overrides(self) -> JsonObject:
         """The flags that override the configuration, as a config layer."""
-        overrides: dict[str, Any] = {}
+        overrides: JsonObject = {}
         if self.epochs is not None:
             # E2's expensive step is the LM's; its CTR step keeps the configured (E0) budget.
             overrides["lm_loop" if self.mode == Mode.CASCADE_FINETUNED else "loop"] = {"epochs": self.epochs}
@@ -183,7 +174,7 @@ class TrainResult:
     """A finished run: what its results.json holds, and the typed parts callers read."""
 
     run_dir: Path
-    results: dict[str, Any]  # RUN/results.json
+    results: JsonObject  # RUN/results.json
     summary: str  # one line
     fit: FitResult
     lm_step: LmStep | None  # E2's LM step
@@ -250,7 +241,7 @@ def global_ctr(data_dir: Path) -> float:
         raise UserError(f"{path} is damaged; rerun `nlpctr ctr-stats --data {data_dir}`") from None
 
 
-def same_run(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
+def same_run(recorded: JsonObject, identity: JsonObject) -> bool:
     """Whether a run folder's config.json names the same run as `identity`: the same flags, and
     configurations equal once typed (what an older config.json leaves out is the default)."""
     flags = {k: v for k, v in recorded.items() if k != "config"}
@@ -262,11 +253,11 @@ def same_run(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
         return False
 
 
-def use_streaming(manifest: dict[str, Any], requested: bool | None) -> bool:
+def use_streaming(manifest: Manifest, requested: bool | None) -> bool:
     """`--streaming` / `--in-memory` when given, else stream above STREAMING_ROWS impressions."""
     if requested is not None:
         return requested
-    return int(manifest.get("rows_written", 0)) > STREAMING_ROWS
+    return manifest.rows_written > STREAMING_ROWS
 
 
 def check_writable(data_dir: Path, mode: str, streamed: bool) -> None:
@@ -297,7 +288,7 @@ def set_up(request: TrainRequest) -> RunSetup:
             not writable, a data folder that cannot be trained on (named with its fix).
     """
     data_dir = request.data_dir.resolve()
-    manifest = read_manifest(data_dir)
+    manifest = Manifest.read(data_dir)
     request = request.checked()
     config = load_config(request.mode, request.config_file, request.overrides())
     placement = config.placement
@@ -388,7 +379,7 @@ def _train(request: TrainRequest) -> TrainResult:
     spec = {
         **setup.identity,
         "service": trained.service,
-        "dataset": manifest["dataset"],  # score-batch refuses another dataset's rows
+        "dataset": manifest.dataset,  # score-batch refuses another dataset's rows
         "checkpoint": str(result.checkpoint.relative_to(run_dir)),
         "preprocessing": trained.pre.to_json(),
         "train_ctr": trained.train_ctr,
@@ -401,10 +392,10 @@ def _train(request: TrainRequest) -> TrainResult:
     wall = time.perf_counter() - started
     report = trained.report
     results = {
-        "dataset": manifest["dataset"],
+        "dataset": manifest.dataset,
         "run": request.run,
         "seed": config.loop.seed,
-        "split": manifest["split"]["mode"],
+        "split": manifest.split.mode,
         "mode": request.mode,
         "fusion": request.fusion,
         "layers": config.encoder.layers if Mode(request.mode).trains_lm else None,
@@ -428,22 +419,22 @@ def _train(request: TrainRequest) -> TrainResult:
         "config": config.to_dict(),
         "placement": setup.placement.to_dict(),
         "provenance": {
-            "dataset": manifest["dataset"],
+            "dataset": manifest.dataset,
             "data_dir": str(setup.data_dir),
-            "spec_hash": manifest.get("spec_hash"),
-            "split_mode": manifest["split"]["mode"],
-            "split_seed": manifest["split"]["seed"],
+            "spec_hash": manifest.spec_hash,
+            "split_mode": manifest.split.mode,
+            "split_seed": manifest.split.seed,
             "encoder_version": trained.encoder_version,
             "code_version": code_version(),
             "feature_service": trained.service,
-            "group": manifest["group"],
+            "group": manifest.group,
         },
     }
     write_json(RunLayout(run_dir).results, results, sort_keys=False, default=float)
     label = request.mode + (f"/{request.fusion}" if request.fusion else "")
     stages = f"; valid logloss {stage_summary(result.stages)}" if result.stages else ""
     summary = (
-        f"train {request.run} ({label}, {manifest['dataset']}): test AUC {report['auc']:.4f} "
+        f"train {request.run} ({label}, {manifest.dataset}): test AUC {report['auc']:.4f} "
         f"[{report['auc_ci'][0]:.4f}, {report['auc_ci'][1]:.4f}], GAUC {report['gauc']:.4f}, "
         f"logloss {report['logloss']:.4f}, RIG {report['rig']:.4f}, calibration "
         f"{report['calibration']['ratio']:.3f}; best epoch {result.best_epoch + 1}/{epochs_trained(result)}"
@@ -452,7 +443,7 @@ def _train(request: TrainRequest) -> TrainResult:
     return TrainResult(run_dir, results, summary, result, trained.lm_step)
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> JsonObject:
     """`nlpctr train`.
 
     Args:

@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from nlpctr.atomic import atomic_path
+from nlpctr.atomic import JsonObject, atomic_path
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features.job_outputs import JobOutputs
 from nlpctr.features.names import BASELINE, CASCADE_FROZEN, lm_view_name
-from nlpctr.layout import LmFeatureMeta, RunLayout, lm_features_dir
+from nlpctr.layout import LmFeatureMeta, Manifest, RunLayout, lm_features_dir
 from nlpctr.models import streaming
 from nlpctr.models.config import Mode, TrainConfig
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.device import Placement
 from nlpctr.models.encoder_source import resolve_encoder
 from nlpctr.models.evaluation import metric_report
-from nlpctr.models.recipe import budget
+from nlpctr.models.recipe import StageBudget, budget
 from nlpctr.models.runs import Preprocessing, TrainedRun
 from nlpctr.models.streamed_training import train_lm_streaming, train_streaming
 from nlpctr.models.text_batches import TextBatcher
@@ -53,9 +53,9 @@ class RunSetup:
 
     request: TrainRequest
     data_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     config: TrainConfig
-    identity: dict[str, Any]  # config.json: what makes two runs of a name the same run
+    identity: JsonObject  # config.json: what makes two runs of a name the same run
     run_dir: Path
     slug: str  # the run name as a Feast identifier
     fill_ctr: float
@@ -255,7 +255,7 @@ def train_joint(setup: RunSetup) -> TrainedModel:
     return trained
 
 
-def lm_budget(trained: TrainedModel, result: FitResult) -> dict[str, Any] | None:
+def lm_budget(trained: TrainedModel, result: FitResult) -> dict[str, StageBudget] | None:
     """The LM recipe's budget per stage: E2's LM step's, or the joint run's own."""
     if trained.lm_step is not None:
         return budget(trained.lm_step.stages)

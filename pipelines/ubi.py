@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from nlpctr.atomic import JsonObject
 from nlpctr.pipelines.records import MALFORMED_KEY
 from nlpctr.pipelines.source_files import parse_json_line
 
@@ -24,7 +25,7 @@ MALFORMED = "malformed"
 OTHER_EVENT = "other_event"
 
 
-def _object(doc: dict[str, Any]) -> dict[str, Any]:
+def _object(doc: JsonObject) -> JsonObject:
     attributes = doc.get("event_attributes")
     if not isinstance(attributes, dict):
         return {}
@@ -32,7 +33,7 @@ def _object(doc: dict[str, Any]) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-def _ordinal(doc: dict[str, Any]) -> Any:
+def _ordinal(doc: JsonObject) -> Any:
     attributes = doc.get("event_attributes")
     position = attributes.get("position") if isinstance(attributes, dict) else None
     return position.get("ordinal") if isinstance(position, dict) else None
@@ -94,7 +95,7 @@ def label_impressions(key: Any, grouped: dict[str, Iterable[Any]]) -> Iterable[t
         yield ("record", {**record, "clicked": 1 if clicks else 0})
 
 
-def fill_title(object_id: str, grouped: dict[str, Iterable[Any]]) -> Iterable[dict[str, Any]]:
+def fill_title(object_id: str, grouped: dict[str, Iterable[Any]]) -> Iterable[JsonObject]:
     titles = sorted({t for t in grouped[TITLE] if t})  # sorted: deterministic when they differ
     for record in grouped["records"]:
         if not record.get("title") and titles:
@@ -102,7 +103,7 @@ def fill_title(object_id: str, grouped: dict[str, Iterable[Any]]) -> Iterable[di
         yield record
 
 
-def fill_query(query_id: str, grouped: dict[str, Iterable[Any]]) -> Iterable[dict[str, Any]]:
+def fill_query(query_id: str, grouped: dict[str, Iterable[Any]]) -> Iterable[JsonObject]:
     texts = sorted({t for t in grouped[QUERY] if t})
     for record in grouped["records"]:
         if not record.get("user_query") and texts:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from nlpctr.errors import UserError
+from nlpctr.layout import Manifest
 from nlpctr.pipelines import ingest, ingest_source, records, source_files
 from nlpctr.pipelines.specs import DatasetSpec, load_spec, parse_spec
 
@@ -385,10 +386,10 @@ def test_every_row_rejected_says_nothing_was_written(tmp_path: Path) -> None:
 def test_the_rejection_message_never_shows_a_rate_over_an_equal_limit() -> None:
     manifest = {"rows_in": 100_000, "rows_written": 98_996, "rows_rejected": 1004,
                 "rejected_by_reason": {"x": 1004}, "source": "/d/log.csv"}  # fmt: skip
-    message = ingest.rejection_message(manifest, 0.01, Path("/o"), Path("/o.failed"))
+    message = ingest.rejection_message(Manifest.from_json(manifest), 0.01, Path("/o"), Path("/o.failed"))
     assert "(1.0040%) > --max-reject-rate 1.0000%" in message  # not "1.00% > 1.00%"
     no_rows = ingest.rejection_message(
-        {**manifest, "rows_in": 0, "rows_written": 0}, 0.01, Path("/o"), Path("/f")
+        Manifest.from_json({**manifest, "rows_in": 0, "rows_written": 0}), 0.01, Path("/o"), Path("/f")
     )
     assert no_rows.startswith("source log.csv has no rows; nothing was written to /o")
 

@@ -9,9 +9,12 @@ import pytest
 
 from nlpctr.errors import UserError
 from nlpctr.layout import (
+    EMBEDDINGS_MANIFEST,
     LM_META,
     MANIFEST,
+    EmbeddingsManifest,
     LmFeatureMeta,
+    Manifest,
     lm_features_dir,
     pair_key_columns,
     read_manifest,
@@ -110,3 +113,54 @@ def test_pair_key_columns() -> None:
     columns = pair_key_columns()
     columns.append("column")  # callers get their own list
     assert pair_key_columns() == ["query_text_id", "ad_text_id"]
+
+
+FULL_MANIFEST = {
+    "dataset": "trec", "description": "d", "spec_path": "/s.yaml", "spec_hash": "abc",
+    "spec": {"columns": {"query_id": "qid", "ad_id": "doc"}, "label": {"form": "binary"}},
+    "source": "/log.csv", "source_layout": "path", "rows_in": 5, "rows_written": 4, "rows_rejected": 1,
+    "rejected_by_reason": {"missing_text": 1}, "rows_truncated": {}, "id_hash_collisions": {},
+    "source_stats": {"lines": 5},
+    "split": {"mode": "within_group", "seed": 0, "fractions": [0.8, 0.1, 0.1], "group": "query_id",
+              "rows": {"train": 2, "valid": 1, "test": 1}, "impressions": {"train": 2, "valid": 1, "test": 1},
+              "clicks": {"train": 1, "valid": 0, "test": 1}},
+    "context_columns": ["position"], "numeric_columns": [], "entities": ["ad_id", "query_id"],
+    "group": "query_id", "label_form": "binary",
+    "limits": {"max_text_chars": 1000, "truncate_long_text": False}, "code_version": "0.1.0",
+    "wall_seconds": 1.25, "max_reject_rate": 0.5,
+}  # fmt: skip
+
+
+def test_manifest_record_writes_the_bytes_the_dict_wrote(tmp_path: Path) -> None:
+    manifest = Manifest.from_json(FULL_MANIFEST)
+    assert manifest.split.rows["train"] == 2 and manifest.entities == ("ad_id", "query_id")
+    assert manifest.spec_column("query_id") == "qid" and manifest.spec_column("query_text") is None
+    assert manifest.to_json() == FULL_MANIFEST
+    manifest.write(tmp_path)
+    assert (tmp_path / MANIFEST).read_text() == json.dumps(FULL_MANIFEST, indent=2, sort_keys=True) + "\n"
+    assert Manifest.read(tmp_path) == manifest
+
+
+def test_embeddings_manifest_has_one_reader(tmp_path: Path) -> None:
+    assert EmbeddingsManifest.read(tmp_path) is None  # missing
+    (tmp_path / EMBEDDINGS_MANIFEST).write_text("[1]")
+    assert EmbeddingsManifest.read(tmp_path) is None  # not an object
+    (tmp_path / EMBEDDINGS_MANIFEST).write_text(json.dumps({"encoder_version": "v", "dim": 8, "rows": "x"}))
+    read = EmbeddingsManifest.read(tmp_path)
+    assert read is not None and (read.encoder_version, read.dim, read.rows, read.slug) == ("v", 8, None, None)
+
+
+def test_the_compat_shims_read_older_files_into_todays_records() -> None:
+    from nlpctr.compat import as_manifest, encoder_fields_of_version, lm_meta_checkpoints
+
+    record = Manifest.from_json(FULL_MANIFEST)
+    assert as_manifest(record) is record and as_manifest(FULL_MANIFEST) == record
+    assert encoder_fields_of_version("minilm@1/layers=2/pooling=mean/max_length=32", "minilm") == {
+        "name": "minilm", "layers": 2, "pooling": "mean", "max_length": 32,
+    }  # fmt: skip
+    assert encoder_fields_of_version("minilm@1", "minilm") is None
+    assert lm_meta_checkpoints({"chosen": "epoch-1", "epochs": ["epoch-0", "epoch-1"]}) == (
+        "epoch-0",
+        "epoch-1",
+    )
+    assert lm_meta_checkpoints({"chosen": "step-9"}) == ("step-9",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from pathlib import Path
 
@@ -185,3 +186,18 @@ def test_strip_html() -> None:
 
 def test_spec_dir_is_package_data() -> None:
     assert (Path(r.__file__).parent / "specs" / "upworthy.yaml").is_file()
+
+
+def test_row_types_name_the_fields_of_their_schemas() -> None:
+    """A TypedDict and the pyarrow schema (or writer) of the same rows must not drift apart."""
+    from nlpctr.models.recipe import BUDGET_KEYS, StageBudget
+    from nlpctr.models.schema import ImpressionRow, impression_schema
+    from nlpctr.pipelines.ctr_stats import CtrHistoryRow, row_schema
+
+    typed = ImpressionRow.__required_keys__ | ImpressionRow.__optional_keys__
+    assert typed == set(impression_schema([]).names)
+    assert ImpressionRow.__optional_keys__ == {"split"}  # set when the row is assigned one
+    assert set(CtrHistoryRow.__annotations__) == set(row_schema([]).names)
+    letter = json.loads(r.Rejection(r.MISSING_ID, "m", {"a": 1}).to_json())
+    assert set(letter) == set(r.DeadLetter.__annotations__)
+    assert tuple(StageBudget.__annotations__) == BUDGET_KEYS

@@ -6,13 +6,13 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from feast import FeatureStore, FeatureView
 
+from nlpctr.atomic import JsonObject
 from nlpctr.errors import UserError
 from nlpctr.features.job_outputs import fingerprint
 from nlpctr.features.names import TIMESTAMP
@@ -119,7 +119,7 @@ def materialize(
     end: datetime | None = None,
     incremental: bool = False,
     views: Sequence[str] | None = None,
-) -> dict[str, Any]:
+) -> JsonObject:
     """Load the online views of DIR into the online store. A full run (the default) loads every
     source from its earliest event time and replaces every key's value, even one stored at the
     same event time, since a re-run job's corrected rows keep data-time timestamps

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -56,7 +57,7 @@ def historical_features(
     if missing:
         raise UserError(f"the entity frame lacks {', '.join(missing)} (service {service} joins on {keys})")
     frame = entity_df.reset_index(drop=True)
-    features: dict[str, Any] = {}
+    features: dict[str, np.ndarray] = {}  # joined columns, in the frame's row order
     groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[Any]] = {}
     for projection in feature_service.feature_view_projections:
         groups.setdefault((projection.name, tuple(sorted(projection.join_key_map.items()))), []).append(

@@ -15,6 +15,7 @@ from feast import FeatureStore
 from feast.data_source import DataSource
 from feast.repo_config import RepoConfig
 
+from nlpctr.atomic import JsonObject
 from nlpctr.config_files import read_mapping
 from nlpctr.errors import UserError
 from nlpctr.features.definitions import Definitions, build_definitions
@@ -30,7 +31,6 @@ from nlpctr.features.store_config import (
     config_path,
     config_text,
     offline_config,
-    offline_store_of,
     render_config,
     repo_dir,
     require_spark,
@@ -43,8 +43,8 @@ def _kind(obj: Any) -> str:
     return "DataSource" if isinstance(obj, DataSource) else type(obj).__name__
 
 
-def _write_repo(layout: JobOutputs, config: dict[str, Any], online: str, definitions: Definitions) -> Path:
-    """Write DIR/feature_repo/ (its feature_store.yaml for the `online` store and the rendered
+def _write_repo(layout: JobOutputs, config: JsonObject, store: StoreChoice, definitions: Definitions) -> Path:
+    """Write DIR/feature_repo/ (its feature_store.yaml for `store` and the rendered
     definitions module); a registry kept for another online store or project is emptied first.
     Returns the folder."""
     repo = repo_dir(layout.data_dir)
@@ -59,7 +59,7 @@ def _write_repo(layout: JobOutputs, config: dict[str, Any], online: str, definit
     ):
         shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True, exist_ok=True)
-    write_atomically(repo / CONFIG_FILE, config_text(config, online).encode())
+    write_atomically(repo / CONFIG_FILE, config_text(config, store).encode())
     module = render_module(definitions, layout.data_dir, layout.dataset)
     check_module(module, repo / REPO_MODULE, definitions)  # what `feast plan` reads is what we apply
     write_atomically(repo / REPO_MODULE, module.encode())
@@ -86,7 +86,7 @@ def _register(repo: Path, definitions: Definitions, data_dir: Path) -> list[Any]
     return stale
 
 
-def apply(data_dir: Path, store: StoreChoice | None = None, encoder: str | None = None) -> dict[str, Any]:
+def apply(data_dir: Path, store: StoreChoice | None = None, encoder: str | None = None) -> JsonObject:
     """Render DIR/feature_repo/ and register DIR's entities, views and services with Feast.
 
     Objects from an earlier apply that the jobs' outputs no longer back are deleted. If the
@@ -121,7 +121,7 @@ def apply(data_dir: Path, store: StoreChoice | None = None, encoder: str | None 
     definitions = build_definitions(layout, encoder=encoder, offline=offline)
     if online == "redis":
         ping_redis(config["online_store"]["connection_string"])  # before touching the old store
-    repo = _write_repo(layout, config, online, definitions)
+    repo = _write_repo(layout, config, store, definitions)
     stale = _register(repo, definitions, layout.data_dir)
     views = sorted(definitions.views)
     services = sorted(definitions.services)
@@ -148,7 +148,7 @@ def apply(data_dir: Path, store: StoreChoice | None = None, encoder: str | None 
     }
 
 
-def reapply(data_dir: Path) -> dict[str, Any]:
+def reapply(data_dir: Path) -> JsonObject:
     """`apply` again with the stores and encoder the last apply chose (after a job, such as a
     trainer, adds a view); a fresh dataset gets the defaults."""
     repo = repo_dir(data_dir)
@@ -186,7 +186,7 @@ def open_store(data_dir: Path, offline: str | None = None) -> FeatureStore:
             f"{Path(data_dir).resolve()} has no feature store yet: run {fix_command('apply', data_dir)}"
         )
     config = read_store_config(data_dir)
-    applied, _ = offline_store_of(config)
+    applied = StoreChoice.of_config(config).offline
     if applied == "spark":
         require_spark(java=False)  # Java is checked where Spark starts (`spark_errors`)
     if offline is None or offline == applied:
@@ -218,7 +218,7 @@ def _reapply_hint(data_dir: Path) -> str:
     return f"re-apply: {fix_command('apply', data_dir)} (with the --online/--offline it was applied with)"
 
 
-def read_store_config(data_dir: Path) -> dict[str, Any]:
+def read_store_config(data_dir: Path) -> JsonObject:
     """DIR's feature_store.yaml, read by the project's YAML reader.
 
     Raises:

@@ -10,18 +10,18 @@ request_time.py.
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from feast import FeatureService, FeatureStore
 
+from nlpctr.atomic import JsonObject
+from nlpctr.compat import encoder_fields_of_version
 from nlpctr.errors import UserError
 from nlpctr.features.names import EMBEDDING, TEXT_ID, TEXT_ROLES
-from nlpctr.layout import EMBEDDINGS_MANIFEST, embeddings_dir
+from nlpctr.layout import EMBEDDINGS_MANIFEST, EmbeddingsManifest, embeddings_dir
 from nlpctr.models.encoder_source import DEFAULT_ENCODER
 from nlpctr.models.schema import normalize_text, text_id
 
@@ -29,10 +29,6 @@ if TYPE_CHECKING:  # torch is imported only when a vector has to be computed
     from nlpctr.models.encoder import EncoderConfig, TextEncoder
 
 ROLE_OF_ID = {column: role for role, column in TEXT_ROLES.items()}  # ad_text_id -> ad_text
-# An embedding manifest from before it recorded its encoder: the version string says it.
-_LEGACY_VERSION = re.compile(
-    r"(?P<identity>.+)/layers=(?P<layers>\d+)/pooling=(?P<pooling>\w+)/max_length=(?P<n>\d+)"
-)
 
 
 @dataclass(frozen=True)
@@ -75,8 +71,9 @@ def text_fields(keys: Sequence[str]) -> list[str]:
     return [role for role, column in TEXT_ROLES.items() if column in keys]
 
 
-def ids_from_texts(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows with each given text's id filled in (`text_id`); a row's own id must agree with it."""
+def ids_from_texts(rows: Sequence[JsonObject], keys: Sequence[str]) -> list[JsonObject]:
+    """Entity rows as a request gives them (before they are checked), with each given text's id
+    filled in (`text_id`); a row's own id must agree with it."""
     out = []
     for row in rows:
         row = dict(row)
@@ -103,23 +100,14 @@ def encoder_config_of(folder: Path, view: str, encoder_version: str) -> EncoderC
     version (a changed package or folder would give other vectors: refused, not mixed)."""
     from nlpctr.models.encoder import EncoderConfig
 
-    try:
-        manifest = json.loads((folder / EMBEDDINGS_MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if not isinstance(manifest, dict):
+    manifest = EmbeddingsManifest.read(folder)
+    if manifest is None:
         raise UserError(f"{folder / EMBEDDINGS_MANIFEST} cannot be read; re-run `nlpctr embed` for {view}")
-    fields = manifest.get("encoder")
-    if not isinstance(fields, dict):
-        legacy = _LEGACY_VERSION.fullmatch(str(manifest.get("encoder_version", "")))
-        if legacy is None:
-            raise UserError(f"{folder} does not record its encoder; re-run `nlpctr embed` for {view}")
-        fields = {
-            "name": DEFAULT_ENCODER,
-            "layers": int(legacy["layers"]),
-            "pooling": legacy["pooling"],
-            "max_length": int(legacy["n"]),
-        }
+    fields = manifest.encoder
+    if fields is None:
+        fields = encoder_fields_of_version(manifest.encoder_version or "", DEFAULT_ENCODER)
+    if fields is None:
+        raise UserError(f"{folder} does not record its encoder; re-run `nlpctr embed` for {view}")
     try:
         config = EncoderConfig(**fields)
     except (UserError, TypeError) as exc:
@@ -150,9 +138,7 @@ class RequestTimeVectors:
             self.encoders[projection.view] = TextEncoder(config)
         return self.encoders[projection.view]
 
-    def fill(
-        self, values: MutableMapping[str, list[Any]], rows: Sequence[Mapping[str, Any]]
-    ) -> dict[str, int]:
+    def fill(self, values: MutableMapping[str, list[Any]], rows: Sequence[JsonObject]) -> dict[str, int]:
         """Fill each null embedding whose row carries its text; returns how many per column."""
         computed: dict[str, int] = {}
         for projection in self.projections:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from nlpctr.atomic import write_json
+from nlpctr.atomic import JsonObject, write_json
 from nlpctr.features.store_config import repo_dir
 
 STATE_FILE = "nlpctr_state.json"
@@ -23,13 +22,13 @@ def state_path(data_dir: Path) -> Path:
     return repo_dir(data_dir) / "data" / STATE_FILE
 
 
-def read_state(data_dir: Path) -> dict[str, Any]:
+def read_state(data_dir: Path) -> JsonObject:
     """The state file of DIR's store; an empty record before the first apply."""
     path = state_path(data_dir)
     return json.loads(path.read_text()) if path.is_file() else {"materialized": {}}
 
 
-def write_state(data_dir: Path, state: dict[str, Any]) -> None:
+def write_state(data_dir: Path, state: JsonObject) -> None:
     """Write the state file whole or not at all (a process killed mid-write leaves the old one)."""
     path = state_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)

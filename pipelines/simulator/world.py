@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from nlpctr.atomic import JsonObject
 from nlpctr.pipelines.simulator.lexicon import (
     AD_FRAGMENTS,
     BRAND_SUFFIXES,
@@ -65,7 +65,7 @@ class World:
     u_ad: np.ndarray
     u_advertiser: np.ndarray
     u_query: np.ndarray
-    info: dict[str, Any]
+    info: JsonObject
 
 
 def entity_counts(rows: int) -> tuple[int, int, int]:
