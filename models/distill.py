@@ -3,7 +3,7 @@
 SuKD (click loss + λ · MSE to the teacher's supplementary output, E0's tower frozen), No-KD
 (λ = 0) and feature-KD (the teacher's pooled vector from text alone). Students start from the
 teacher's first k layers; SuKD and No-KD run in `models.trainer.fit`. Driven by
-`pipelines/distillation.py`. Pure PyTorch. The three ways and the conversion rate:
+`pipelines/experiment/students.py`. Pure PyTorch. The three ways and the conversion rate:
 docs/DESIGN.md, "The experiment protocol" and "Modules in detail", distill.py.
 """
 

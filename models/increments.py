@@ -43,7 +43,7 @@ class FeatureJudge:
     runs_dir: Path
     train_config_file: Path  # the protocol's `train_config`: E0's configuration, as every run's
     seed: int
-    redundancy_settings: Mapping[str, Any]  # the protocol's `redundancy:` (max_rows, max_components)
+    redundancy_settings: redundancy.RedundancySettings  # the protocol's `redundancy:`
     e0: TrainedRun
     data: Tensors
     test_rows: torch.Tensor
@@ -72,7 +72,7 @@ class FeatureJudge:
         baseline_run: str,
         train_config_file: Path,
         seed: int,
-        redundancy_settings: Mapping[str, Any],
+        redundancy_settings: redundancy.RedundancySettings,
         placement: Placement = CPU,
     ) -> FeatureJudge:
         """E0 (`runs_dir/baseline_run`) on `frame`, sorted by impression_id."""
@@ -230,8 +230,8 @@ class FeatureJudge:
             self.e0_inputs,
             self.e0_repr,
             delta,
-            max_rows=int(self.redundancy_settings["max_rows"]),
-            max_components=int(self.redundancy_settings["max_components"]),
+            max_rows=int(self.redundancy_settings.max_rows),
+            max_components=int(self.redundancy_settings.max_components),
             seed=self.seed,
         ).to_dict()
         key = feature.key(form)

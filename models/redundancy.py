@@ -250,6 +250,14 @@ def linear_cka(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) 
 
 
 @dataclass(frozen=True)
+class RedundancySettings:
+    """The experiment protocol's `redundancy:`: the sample each probe and CKA uses."""
+
+    max_rows: int  # rows (a seeded sample) per split
+    max_components: int  # principal components of an embedding a probe predicts
+
+
+@dataclass(frozen=True)
 class FeatureRedundancy:
     """Every redundancy measure of one NLP feature against E0 (one entry of results.json)."""
 

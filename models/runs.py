@@ -38,7 +38,7 @@ from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import TextScorer, predict
 
-STUDENTS = "_students"  # RUNS/_students/<key>/: E4's students (`pipelines/distillation.py`)
+STUDENTS = "_students"  # RUNS/_students/<key>/: E4's students (`pipelines/experiment/students.py`)
 
 
 @dataclass

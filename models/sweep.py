@@ -3,7 +3,7 @@ and the three predictions docs/RESULTS.md states before the results, each with a
 
 Predictions: `explained_fraction_rises`, `incremental_gain_falls`, `joint_share_at_least_e2`;
 a trend's verdict is an exact one-sided permutation test of Spearman's correlation with rho at
-`TREND_ALPHA`. Called by `pipelines/rho_sweep.py`. The predictions stated in full and the test:
+`TREND_ALPHA`. Called by `pipelines/experiment/sweep.py`. The predictions stated in full and the test:
 docs/DESIGN.md, "Modules in detail", sweep.py.
 """
 

@@ -10,9 +10,12 @@ pooled vector, and its click score: its own head's, or a probe's on its vectors)
 from __future__ import annotations
 
 import shutil
+import typing
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,15 +23,14 @@ import torch
 from nlpctr.models import claims, distill
 from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.data import Tensors
+from nlpctr.models.device import Placement
 from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature, feature_key
 from nlpctr.models.runs import STUDENTS, StudentMeta, TrainedRun
 from nlpctr.models.text_batches import TextBatcher, pair_units
 from nlpctr.models.trainer import LoopConfig, predict
-
-if TYPE_CHECKING:  # (the protocol calls this stage; a runtime import would be circular)
-    from nlpctr.models.increments import FeatureJudge
-    from nlpctr.pipelines.protocol import Experiment
+from nlpctr.pipelines.experiment.config import Protocol
 
 # A student's conversion rate when the teacher feature gains nothing significant over E0.
 NOT_DISTILLED = {
@@ -40,13 +42,28 @@ NOT_DISTILLED = {
 }
 
 
-def teacher_run(protocol: Mapping[str, Any], valid_gain: Mapping[str, float]) -> str:
+class Experiment(typing.Protocol):
+    """What E4 reads of the running protocol (`protocol.Experiment`), stated here so that this
+    stage needs no import of the module that calls it."""
+
+    protocol: Protocol
+    judge: FeatureJudge
+    runs: dict[str, dict[str, Any]]
+    runs_dir: Path
+    placement: Placement
+    seed: int
+    progress: bool
+
+    def stage(self, name: str) -> AbstractContextManager[None]: ...
+
+
+def teacher_run(protocol: Protocol, valid_gain: Mapping[str, float]) -> str:
     """E4's teacher: the joint run named by `distill.teacher_fusion`, or with `best`, the one
     whose LM feature (score form) adds most to E0 on validation (the test split only judges)."""
-    fusion = protocol["distill"]["teacher_fusion"]
-    if fusion in protocol["fusions"]:  # (checked when E4 runs; else `best`)
+    fusion = protocol.distill.teacher_fusion
+    if fusion in protocol.fusions:  # (checked when E4 runs; else `best`)
         return f"joint_{fusion}"
-    candidates = [f"joint_{f}" for f in protocol["fusions"]]
+    candidates = [f"joint_{f}" for f in protocol.fusions]
     return max(candidates, key=lambda run: valid_gain[feature_key(run, SCORE)])  # ties: the first listed
 
 
@@ -56,21 +73,21 @@ def student_feature(
     """One student trained (`models/distill.py`) into `RUNS/_students/<key>/` (with the
     `student.json` that `nlpctr export` rebuilds it from): its feature on the shared frame's rows,
     its end-to-end test predictions and its LM. Feature-KD's end to end is E0 + its vector."""
-    settings = exp.protocol["distill"]
+    settings = exp.protocol.distill
     folder = exp.runs_dir / STUDENTS / key
     shutil.rmtree(folder, ignore_errors=True)  # a student never resumes another's weights
     teacher_name = teacher.directory.name
     rows_of_text = data.text_index.numpy()
     if method == "featurekd":
-        text_loop = LoopConfig(**{**settings["feature_kd"], "seed": exp.seed})
+        text_loop = LoopConfig(**{**settings.feature_kd, "seed": exp.seed})
         student = distill.fit_feature_kd(
             teacher.lm, data, layers, text_loop, folder, targets.vectors, exp.progress
         )
         vectors = distill.pooled_vectors(student.lm, data).cpu().numpy()[rows_of_text]
         StudentMeta(key, method, layers, teacher_name, distill.FEATURE_KD_WEIGHTS).write(folder)
         return NlpFeature(key, "student", vectors), np.empty(0), student.lm
-    joint_loop = LoopConfig(**{**settings["loop"], "seed": exp.seed})
-    weight = float(settings["weight"]) if method == "sukd" else 0.0
+    joint_loop = LoopConfig(**{**settings.loop, "seed": exp.seed})
+    weight = float(settings.weight) if method == "sukd" else 0.0
     joint = distill.fit_joint_student(
         teacher.model,
         teacher.lm,
@@ -130,7 +147,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
     significantly positive in that form.
     """
     protocol, judge = exp.protocol, exp.judge
-    settings = protocol["distill"]
+    settings = protocol.distill
     teacher_name = teacher_run(protocol, judge.valid_gain)
     teacher = TrainedRun.load(exp.runs_dir / teacher_name, exp.placement)
     assert teacher.lm is not None
@@ -140,7 +157,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
         distill.pooled_vectors(teacher.lm, data),
     )
     reading = teacher.lm.config.pair_reading  # encoder-only throughput: the texts the LM encodes
-    pairs = data.texts[: int(settings["throughput_texts"])]
+    pairs = data.texts[: int(settings.throughput_texts)]
     sample = [text for q, a in pairs for text in pair_units(q, a, reading) if text is not None]
     distillable = {
         form: claims.verdict(measures[feature_key(teacher_name, form)]["delta_auc_ci"]) == claims.HOLDS
@@ -148,7 +165,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
     }
     out: dict[str, Any] = {}
     speeds: dict[int, tuple[float, float]] = {}
-    for layers in (int(k) for k in settings["students"]):
+    for layers in (int(k) for k in settings.students):
         for method in ("sukd", "nokd", "featurekd"):
             key = f"{method}_L{layers}"
             with exp.stage(f"distill_{key}"):
@@ -173,18 +190,17 @@ def teacher_entry(
 ) -> dict[str, Any]:
     """What the report says of the teacher: how it was chosen, end to end, and as a feature per form."""
     protocol, judge = exp.protocol, exp.judge
-    settings = protocol["distill"]
     run = exp.runs[teacher_name]
     return {
         "run": teacher_name,
         "fusion": teacher_name.removeprefix("joint_"),
         "selected_by": "validation ΔAUC of its LM feature (score form) over E0"
-        if settings["teacher_fusion"] == "best"
+        if protocol.distill.teacher_fusion == "best"
         else "distill.teacher_fusion",
         "valid_delta_auc": {
-            f"joint_{f}": judge.valid_gain[feature_key(f"joint_{f}", SCORE)] for f in protocol["fusions"]
+            f"joint_{f}": judge.valid_gain[feature_key(f"joint_{f}", SCORE)] for f in protocol.fusions
         },
-        "layers": int(protocol["lm_layers"]),
+        "layers": int(protocol.lm_layers),
         "auc": run["auc"],
         "rig": run["rig"],
         "gauc": run["gauc"],

@@ -3,7 +3,7 @@
 prepare (Beam) -> CTR history (Beam) -> frozen embeddings (Beam RunInference) -> Feast apply and
 materialize -> E0 baseline, E1 cascade-frozen, E2 cascade-finetuned, E3 joint per fusion (each a
 `nlpctr train` run, through Feast) -> redundancy of every NLP feature -> E4 distillation
-(`pipelines/distillation.py`) -> the paper's claims. Each Beam job is called through its typed
+(`students.py`) -> the paper's claims. Each Beam job is called through its typed
 entry (`ingest.prepare`, `ctr_stats.ctr_stats`, `embed_text.embed`), each training run as a
 `train.TrainRequest`; the analysis is `models.increments.FeatureJudge`'s.
 """
@@ -11,11 +11,12 @@ entry (`ingest.prepare`, `ctr_stats.ctr_stats`, `embed_text.embed`), each traini
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.increments import FeatureJudge
 from nlpctr.models.nlp_features import FORMS, NlpFeature, feature_key, frozen_vectors, lm_feature
 from nlpctr.models.training import LmStep
-from nlpctr.pipelines import ctr_stats, distillation, embed_text, ingest, train, train_modes
+from nlpctr.pipelines import ctr_stats, embed_text, ingest, train, train_modes
+from nlpctr.pipelines.experiment import students
+from nlpctr.pipelines.experiment.config import Protocol
 from nlpctr.pipelines.job_options import JobOptions
 from nlpctr.pipelines.ownership import claim_output_dir
 
@@ -66,24 +69,24 @@ class ExperimentRequest:
     options: JobOptions = field(default_factory=JobOptions)
 
 
-class PlacementFlags(Protocol):
+class PlacementFlags(typing.Protocol):
     """`--device` and `--precision` as given (None: not given)."""
 
     device: str | None
     precision: str | None
 
 
-def experiment_placement(flags: PlacementFlags, protocol: dict[str, Any]) -> Placement:
+def experiment_placement(flags: PlacementFlags, protocol: Protocol) -> Placement:
     """Where every job and run of the experiment goes: `--device`/`--precision`, else the protocol's."""
-    device = flags.device if flags.device is not None else protocol.get("device")
-    precision = flags.precision if flags.precision is not None else protocol.get("precision")
+    device = flags.device if flags.device is not None else protocol.device
+    precision = flags.precision if flags.precision is not None else protocol.precision
     return Placement.resolve(device, precision)
 
 
 class Experiment:
     """One dataset through the protocol; each step records its wall time in `timings`."""
 
-    def __init__(self, request: ExperimentRequest, protocol: dict[str, Any], out: Path) -> None:
+    def __init__(self, request: ExperimentRequest, protocol: Protocol, out: Path) -> None:
         self.request, self.protocol, self.out = request, protocol, out
         self.options = request.options  # the user's Beam options and stores, for every job
         self.placement = experiment_placement(request, protocol)
@@ -115,7 +118,7 @@ class Experiment:
         with self.stage("ctr_stats"):
             ctr_stats.ctr_stats(ctr_stats.CtrStatsRequest(data, beam=beam))
         with self.stage("embed"):
-            encoder = EncoderConfig(name=self.protocol["encoder"], layers=int(self.protocol["embed_layers"]))
+            encoder = EncoderConfig(name=self.protocol.encoder, layers=int(self.protocol.embed_layers))
             device = str(self.placement.device)
             embed_text.embed(embed_text.EmbedRequest(data, encoder, device=device, beam=beam))
         with self.stage("feast_apply_materialize"):
@@ -128,15 +131,15 @@ class Experiment:
     def train(
         self, run: str, mode: Mode, fusion: Fusion | None = None, probe_only: bool = False
     ) -> train.TrainResult:
-        layers = "lm_layers" if mode.trains_lm else None  # E2 and E3: one LM
-        warm_start = mode == Mode.JOINT and (self.protocol["joint_init_from_baseline"] or probe_only)
+        layers = self.protocol.lm_layers if mode.trains_lm else None  # E2 and E3: one LM
+        warm_start = mode == Mode.JOINT and (self.protocol.joint_init_from_baseline or probe_only)
         request = train.TrainRequest(
             mode=mode,
             data_dir=self.data_dir,
             run=run,
             runs_dir=self.runs_dir,
             fusion=fusion,
-            layers=int(self.protocol[layers]) if layers else None,
+            layers=int(layers) if layers else None,
             seed=self.seed,
             config_file=self.train_config_file,
             init_from=BASELINE_RUN if warm_start else None,
@@ -152,11 +155,11 @@ class Experiment:
 
     def train_runs(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.train_config_file, yaml.safe_dump(self.protocol["train_config"], sort_keys=True))
+        write_atomic(self.train_config_file, yaml.safe_dump(self.protocol.train_config, sort_keys=True))
         self.trained[BASELINE_RUN] = self.train(BASELINE_RUN, Mode.BASELINE)
         self.trained[E1_RUN] = self.train(E1_RUN, Mode.CASCADE_FROZEN)
         self.trained[E2_RUN] = self.train(E2_RUN, Mode.CASCADE_FINETUNED)
-        for fusion in self.protocol["fusions"]:
+        for fusion in self.protocol.fusions:
             self.trained[f"joint_{fusion}"] = self.train(f"joint_{fusion}", Mode.JOINT, Fusion(fusion))
         # the probe-only control: the score fusion's head on the frozen LM, E0 frozen
         self.trained[JOINT_PROBE] = self.train(JOINT_PROBE, Mode.JOINT, Fusion.SCORE, probe_only=True)
@@ -175,7 +178,7 @@ class Experiment:
             BASELINE_RUN,
             self.train_config_file,
             self.seed,
-            self.protocol["redundancy"],
+            self.protocol.redundancy,
             self.placement,
         )
         with self.stage("ceilings"):
@@ -230,7 +233,7 @@ class Experiment:
                 measures.update(judge.judge(feature))
                 if folder == e2.chosen:
                     self.feast_agreement = self.served_agreement(name, judge.increments)
-        for run in [*(f"joint_{f}" for f in self.protocol["fusions"]), JOINT_PROBE]:
+        for run in [*(f"joint_{f}" for f in self.protocol.fusions), JOINT_PROBE]:
             with self.stage(f"redundancy_{run}"):
                 folder = f"step-{self.trained[run].fit.best_step}"
                 kind = "probe" if run == JOINT_PROBE else "joint"
@@ -249,8 +252,8 @@ class Experiment:
         """The paper's claims (`models/claims.py`), each judged in both forms of NLP features."""
         e2 = self.trained[E2_RUN].lm_step
         assert e2 is not None
-        students = (int(k) for k in self.protocol["distill"]["students"])
-        return [c.to_dict() for c in claims.protocol_claims(self.judge, e2.chosen, teacher, students)]
+        depths = (int(k) for k in self.protocol.distill.students)
+        return [c.to_dict() for c in claims.protocol_claims(self.judge, e2.chosen, teacher, depths)]
 
     def controls(self) -> list[dict[str, Any]]:
         """Each learned part beside its simpler control: the joint run against its probe-only
@@ -279,7 +282,7 @@ class Experiment:
 
     def results(self, dataset: str, started: float, **sections: Any) -> dict[str, Any]:
         assert self.judge.ceiling is not None
-        lm_run = self.trained[f"joint_{self.protocol['fusions'][0]}"]
+        lm_run = self.trained[f"joint_{self.protocol.fusions[0]}"]
         return {
             "dataset": self.manifest["dataset"],
             "source": dataset,
@@ -291,7 +294,7 @@ class Experiment:
             "runs": self.runs,
             "ceilings": self.judge.ceiling.summary(),
             **sections,
-            "protocol": self.protocol,
+            "protocol": self.protocol.to_dict(),
             "provenance": {
                 "dataset": self.manifest["dataset"],
                 "spec_hash": self.manifest.get("spec_hash"),
@@ -324,9 +327,7 @@ def e2_points(e2: LmStep, measures: dict[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
-def run_protocol(
-    request: ExperimentRequest, protocol: dict[str, Any], dataset: str, out: Path
-) -> dict[str, Any]:
+def run_protocol(request: ExperimentRequest, protocol: Protocol, dataset: str, out: Path) -> dict[str, Any]:
     """One dataset: prepare, E0-E3, redundancy, and E4 when the protocol asks for it; every job
     on `request.options`' infrastructure (Beam options, stores)."""
     started = time.perf_counter()
@@ -336,9 +337,9 @@ def run_protocol(
     exp.train_runs()
     measures, curve = exp.redundancy()
     sections: dict[str, Any] = {"redundancy": measures, "e2_curve": curve}
-    if protocol["distill"]["students"]:
-        sections["distillation"], sections["teacher"] = distillation.distil(exp, measures)
-    sections["claims"] = exp.claims(distillation.teacher_run(protocol, exp.judge.valid_gain))
+    if protocol.distill.students:
+        sections["distillation"], sections["teacher"] = students.distil(exp, measures)
+    sections["claims"] = exp.claims(students.teacher_run(protocol, exp.judge.valid_gain))
     sections["controls"] = exp.controls()
     results = exp.results(dataset, started, **sections)
     write_results(results, out)
