@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from nlpctr.errors import UserError
+from nlpctr.models.results import ExperimentResults
+from nlpctr.models.sweep import SweepResults
 from nlpctr.pipelines.experiment.config import Protocol, load_protocol, parse_rho
 from nlpctr.pipelines.experiment.protocol import (
     BASELINE_RUN,
@@ -90,7 +91,7 @@ def request_of(args: argparse.Namespace) -> ExperimentRequest:
     )
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> ExperimentResults | SweepResults:
     """`nlpctr experiment`: the flags as an `ExperimentRequest` to `experiment`; returns the
     results with a one-line `summary`."""
     args = parse_args(argv)
@@ -100,7 +101,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     return experiment(request_of(args), protocol)
 
 
-def experiment(request: ExperimentRequest, protocol: Protocol) -> dict[str, Any]:
+def experiment(request: ExperimentRequest, protocol: Protocol) -> ExperimentResults | SweepResults:
     """The protocol on one dataset, or the sweep over rho on simulated logs.
 
     Args:
@@ -124,17 +125,17 @@ def experiment(request: ExperimentRequest, protocol: Protocol) -> dict[str, Any]
         inputs = [spec.spec_path, *spec.source.inputs]
     claim_output_dir(request.out, JOB, inputs=inputs, create=True)
     if request.dataset == SIMULATED:
-        results = run_sweep(request, protocol)
-        simulator = results["simulator"]
+        swept = run_sweep(request, protocol)
+        simulator = swept["simulator"]
         shown = ", ".join(f"{p['id']}/{p['form']} {p['verdict']}" for p in simulator["predictions"])
         control = simulator["verdicts_by_rho"].get("lm_stage_beats_probe", {})
         beats = ", ".join(f"rho {r} {v['verdict']}" for r, v in control.items())
-        results["summary"] = (
-            f"experiment simulated: {len(simulator['rho'])} rho values x {results['rows']} rows, seeds "
-            f"{simulator.get('seeds', [results['seed']])}; predictions: {shown}; LM stage beats the probe: "
-            f"{beats}; {results['wall_seconds']:.0f} s -> {request.out}/report.md"
+        swept["summary"] = (
+            f"experiment simulated: {len(simulator['rho'])} rho values x {swept['rows']} rows, seeds "
+            f"{simulator.get('seeds', [swept['seed']])}; predictions: {shown}; LM stage beats the probe: "
+            f"{beats}; {swept['wall_seconds']:.0f} s -> {request.out}/report.md"
         )
-        return results
+        return swept
     results = run_protocol(request, protocol, request.dataset, request.out)
     runs = results["runs"]
     best = max((k for k in runs if k != BASELINE_RUN), key=lambda k: runs[k]["auc"])

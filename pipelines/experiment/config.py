@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 from nlpctr.config_files import LEAF, Schema, check_keys, is_integer, read_mapping
 from nlpctr.errors import UserError
@@ -22,6 +22,7 @@ from nlpctr.models.ctr_net import FUSIONS
 from nlpctr.models.encoder import EncoderConfig
 from nlpctr.models.encoder_source import resolve_encoder
 from nlpctr.models.redundancy import RedundancySettings
+from nlpctr.models.results import ProtocolDocument
 from nlpctr.models.trainer import LoopConfig
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "models" / "configs" / "experiment.yaml"
@@ -128,47 +129,6 @@ class Protocol:
     def without_students(self) -> Protocol:
         """The protocol without E4 (the sweep's, unless `simulator.distill`)."""
         return dataclasses.replace(self, distill=dataclasses.replace(self.distill, students=()))
-
-
-class DistillDocument(TypedDict):
-    """`DistillSettings` in results.json."""
-
-    teacher_fusion: str
-    students: list[int]
-    weight: float
-    loop: dict[str, int | float | str]
-    feature_kd: dict[str, int | float | str]
-    throughput_texts: int
-
-
-class SimulatorDocument(TypedDict):
-    """`SimulatorSettings` in results.json."""
-
-    rho: list[float]
-    rows: int
-    fusions: list[str] | None
-    text_strength: float
-    impressions_per_row: int | None
-    distill: bool
-    seeds: list[int] | None
-    seed_rho: list[float] | None
-    train_config: dict[str, Any] | None
-
-
-class ProtocolDocument(TypedDict):
-    """`Protocol.to_dict`: results.json's `protocol`, a finished rho's identity in the sweep."""
-
-    encoder: str
-    device: str | None
-    precision: str | None
-    embed_layers: int
-    lm_layers: int
-    fusions: list[str]
-    joint_init_from_baseline: bool
-    train_config: dict[str, Any]
-    distill: DistillDocument
-    redundancy: dict[str, int]
-    simulator: SimulatorDocument
 
 
 def _tuple(value: Any) -> Any:

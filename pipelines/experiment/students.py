@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,21 +24,22 @@ from nlpctr.models.ctr_net import Fusion
 from nlpctr.models.data import Tensors
 from nlpctr.models.device import Placement
 from nlpctr.models.encoder import TextEncoder
-from nlpctr.models.increments import FeatureJudge
+from nlpctr.models.increments import Conversion, FeatureJudge, RedundancyMeasure
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature, feature_key
+from nlpctr.models.results import RunEntry, StudentEntry, StudentForm, TeacherEntry
 from nlpctr.models.runs import STUDENTS, StudentMeta, TrainedRun
 from nlpctr.models.text_batches import TextBatcher, pair_units
 from nlpctr.models.trainer import LoopConfig, predict
 from nlpctr.pipelines.experiment.config import Protocol
 
 # A student's conversion rate when the teacher feature gains nothing significant over E0.
-NOT_DISTILLED = {
-    "conversion_auc": None,
-    "conversion_auc_ci": None,
-    "conversion_rig": None,
-    "conversion_rig_ci": None,
-    "conversion_note": distill.NOTHING_TO_DISTIL,
-}
+NOT_DISTILLED = Conversion(
+    conversion_auc=None,
+    conversion_auc_ci=None,
+    conversion_rig=None,
+    conversion_rig_ci=None,
+    conversion_note=distill.NOTHING_TO_DISTIL,
+)
 
 
 class Experiment(typing.Protocol):
@@ -48,7 +48,7 @@ class Experiment(typing.Protocol):
 
     protocol: Protocol
     judge: FeatureJudge
-    runs: dict[str, dict[str, Any]]
+    runs: dict[str, RunEntry]
     runs_dir: Path
     placement: Placement
     seed: int
@@ -123,22 +123,28 @@ class Targets:
 
 
 def student_forms(
-    judge: FeatureJudge, measures: Mapping[str, Any], key: str, teacher: str, distillable: Mapping[str, bool]
-) -> dict[str, dict[str, Any]]:
+    judge: FeatureJudge,
+    measures: Mapping[str, RedundancyMeasure],
+    key: str,
+    teacher: str,
+    distillable: Mapping[str, bool],
+) -> dict[str, StudentForm]:
     """Per form, the student feature's gain over E0 and its conversion rate against the teacher
     feature's, or "nothing to distil" where the teacher feature's own gain is not significant."""
-    out = {}
+    out: dict[str, StudentForm] = {}
     for form in FORMS:
-        entry = judge.feature_entry(measures[feature_key(key, form)])
+        gain = judge.feature_entry(measures[feature_key(key, form)])
         if distillable[form]:
-            entry.update(judge.conversion(feature_key(key, form), feature_key(teacher, form)))
+            rate = judge.conversion(feature_key(key, form), feature_key(teacher, form))
         else:
-            entry.update(NOT_DISTILLED)
-        out[form] = entry
+            rate = NOT_DISTILLED
+        out[form] = StudentForm(**gain, **rate)
     return out
 
 
-def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def distil(
+    exp: Experiment, measures: dict[str, RedundancyMeasure]
+) -> tuple[dict[str, StudentEntry], TeacherEntry]:
     """SuKD, No-KD and feature-KD students of the teacher LM (`teacher_run`).
 
     Every student's output is measured as an NLP feature added to E0 in both forms (into
@@ -163,7 +169,7 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
         form: claims.verdict(measures[feature_key(teacher_name, form)]["delta_auc_ci"]) == claims.HOLDS
         for form in FORMS
     }
-    out: dict[str, Any] = {}
+    out: dict[str, StudentEntry] = {}
     speeds: dict[int, tuple[float, float]] = {}
     for layers in (int(k) for k in settings.students):
         for method in ("sukd", "nokd", "featurekd"):
@@ -178,32 +184,42 @@ def distil(exp: Experiment, measures: dict[str, Any]) -> tuple[dict[str, Any], d
                         distill.inference_rows_per_s(lm, sample),
                         distill.inference_rows_per_s(teacher.lm, sample),
                     )
-                entry = judge.student_entry(method, layers, p)
-                entry.update(student_forms(judge, measures, key, teacher_name, distillable))
-                entry["rows_per_s"], entry["teacher_rows_per_s"] = speeds[layers]
-                out[key] = entry
+                end_to_end = judge.student_entry(method, layers, p)
+                forms = student_forms(judge, measures, key, teacher_name, distillable)
+                out[key] = StudentEntry(
+                    **end_to_end,
+                    score=forms[SCORE],
+                    vector=forms[VECTOR],
+                    rows_per_s=speeds[layers][0],
+                    teacher_rows_per_s=speeds[layers][1],
+                )
     return out, teacher_entry(exp, teacher_name, measures, distillable)
 
 
 def teacher_entry(
-    exp: Experiment, teacher_name: str, measures: Mapping[str, Any], distillable: Mapping[str, bool]
-) -> dict[str, Any]:
+    exp: Experiment,
+    teacher_name: str,
+    measures: Mapping[str, RedundancyMeasure],
+    distillable: Mapping[str, bool],
+) -> TeacherEntry:
     """What the report says of the teacher: how it was chosen, end to end, and as a feature per form."""
     protocol, judge = exp.protocol, exp.judge
     run = exp.runs[teacher_name]
-    return {
-        "run": teacher_name,
-        "fusion": teacher_name.removeprefix("joint_"),
-        "selected_by": "validation ΔAUC of its LM feature (score form) over E0"
+    score, vector = (judge.feature_entry(measures[feature_key(teacher_name, form)]) for form in FORMS)
+    return TeacherEntry(
+        run=teacher_name,
+        fusion=teacher_name.removeprefix("joint_"),
+        selected_by="validation ΔAUC of its LM feature (score form) over E0"
         if protocol.distill.teacher_fusion == "best"
         else "distill.teacher_fusion",
-        "valid_delta_auc": {
+        valid_delta_auc={
             f"joint_{f}": judge.valid_gain[feature_key(f"joint_{f}", SCORE)] for f in protocol.fusions
         },
-        "layers": int(protocol.lm_layers),
-        "auc": run["auc"],
-        "rig": run["rig"],
-        "gauc": run["gauc"],
-        **{form: judge.feature_entry(measures[feature_key(teacher_name, form)]) for form in FORMS},
-        "nothing_to_distil": {form: not ok for form, ok in distillable.items()},
-    }
+        layers=int(protocol.lm_layers),
+        auc=run["auc"],
+        rig=run["rig"],
+        gauc=run["gauc"],
+        score=score,
+        vector=vector,
+        nothing_to_distil={form: not ok for form, ok in distillable.items()},
+    )

@@ -11,13 +11,14 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from nlpctr.errors import UserError
 from nlpctr.layout import EXPERIMENT_RESULTS
 from nlpctr.models import sweep
 from nlpctr.models.device import without_placement
 from nlpctr.models.nlp_features import FORMS
+from nlpctr.models.results import ExperimentResults
+from nlpctr.models.sweep import SimulatorSection, SweepResults
 from nlpctr.pipelines import simulate
 from nlpctr.pipelines.experiment.config import Protocol, SimulatorSettings
 from nlpctr.pipelines.experiment.protocol import JOB, ExperimentRequest, run_protocol, write_results
@@ -35,22 +36,22 @@ def impressions_per_row(request: ExperimentRequest, settings: SimulatorSettings)
     return value
 
 
-def finished_rho(out: Path, protocol: Protocol, request: ExperimentRequest) -> dict[str, Any] | None:
+def finished_rho(out: Path, protocol: Protocol, request: ExperimentRequest) -> ExperimentResults | None:
     """The results of a rho folder that a run with this protocol and seed finished, else None.
     Only without --rows / --impressions-per-row: the protocol then fixes the simulated log."""
     done = out / EXPERIMENT_RESULTS
     if request.rows or request.impressions_per_row is not None or not done.is_file():
         return None
-    previous = json.loads(done.read_text())
+    previous: ExperimentResults = json.loads(done.read_text())
     # Where it ran is not what it computed: a sweep resumed on another device keeps its finished rho.
-    kept = without_placement(previous.get("protocol") or {})
+    kept = without_placement(previous.get("protocol") or {})  # (a file from before it was recorded)
     same = kept == without_placement(protocol.to_dict())
     return previous if same and previous.get("seed") == int(request.seed) else None
 
 
 def run_rho(
     request: ExperimentRequest, protocol: Protocol, out: Path, rho: float, seed: int
-) -> dict[str, Any]:
+) -> ExperimentResults:
     """One rho at one seed: its simulated log and the protocol on it, on `request.options`'
     infrastructure (kept when finished before)."""
     settings = protocol.simulator
@@ -75,7 +76,7 @@ def run_rho(
     return run_protocol(at_seed, protocol, str(log.with_name("log.spec.yaml")), out)
 
 
-def run_sweep(request: ExperimentRequest, protocol: Protocol) -> dict[str, Any]:
+def run_sweep(request: ExperimentRequest, protocol: Protocol) -> SweepResults:
     """The protocol (without E4) on a simulated log per rho, and the trends against rho; then the
     protocol's extra seeds (`simulator.seeds`) at the rho values of `simulator.seed_rho`, and the
     spread of every claim, control and gain over the seeds (`DIR/seed-<s>/rho-<r>/`)."""
@@ -98,7 +99,7 @@ def run_sweep(request: ExperimentRequest, protocol: Protocol) -> dict[str, Any]:
             per_seed[other] = {
                 r: sweep.entry(run_rho(request, protocol, folder / f"rho-{r:g}", r, other)) for r in extra_rho
             }
-    simulator: dict[str, Any] = {
+    simulator: SimulatorSection = {
         "rho": rhos,
         "per_rho": {f"{r:g}": per_rho[r] for r in rhos},
         "trends": sweep.trends(per_rho),
@@ -113,7 +114,7 @@ def run_sweep(request: ExperimentRequest, protocol: Protocol) -> dict[str, Any]:
             if s != seed
         }
         simulator["spread"] = sweep.spread(per_seed)
-    results = {
+    results: SweepResults = {
         "dataset": SIMULATED,
         "seed": seed,
         "quick": bool(request.quick),
