@@ -8,10 +8,12 @@ compares two features in one form (`score` or `vector`, `models.nlp_features`) a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+from nlpctr.models.evaluation import PairedDelta
 
 if TYPE_CHECKING:  # (increments trains models; this module only reads what they left)
     from nlpctr.models.increments import FeatureJudge
@@ -53,6 +55,36 @@ def verdict(ci: Sequence[float], side: int = 1) -> Verdict:
     return NOT_SIGNIFICANT
 
 
+class ClaimDetail(TypedDict, total=False):
+    """What a claim compared: the two features (and how they were chosen) at one width."""
+
+    dim: int  # the width both features reach E0 at
+    best_feature_checkpoint: str
+    peak_auc_checkpoint: str
+    same_checkpoint: bool
+    valid_delta_auc: dict[str, float]  # E2's checkpoints' validation gains
+    joint_feature: str
+    finetuned_feature: str
+    probe_feature: str
+    layers: int  # the students' depth
+    sukd: str
+    other: str
+
+
+class ClaimRecord(TypedDict):
+    """A `Claim` in results.json (`claims`, and the feature controls of `controls`)."""
+
+    id: str
+    form: str
+    statement: str
+    estimate: float
+    ci: list[float]
+    verdict: Verdict
+    delta_rig: float | None
+    delta_rig_ci: list[float] | None
+    detail: ClaimDetail
+
+
 @dataclass(frozen=True)
 class Claim:
     """One claim: a paired ΔAUC with its CI (ΔRIG beside it) and the verdict of the AUC's CI."""
@@ -65,21 +97,21 @@ class Claim:
     verdict: Verdict
     delta_rig: float | None = None
     delta_rig_ci: tuple[float, float] | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: ClaimDetail = field(default_factory=ClaimDetail)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ClaimRecord:
         out = asdict(self)
         out["ci"] = list(self.ci)
         out["delta_rig_ci"] = list(self.delta_rig_ci) if self.delta_rig_ci is not None else None
-        return out
+        return ClaimRecord(**out)
 
 
 def from_delta(
     claim_id: str,
     statement: str,
-    delta: Mapping[str, Any],
+    delta: PairedDelta,
     side: int = 1,
-    detail: Mapping[str, Any] | None = None,
+    detail: ClaimDetail | None = None,
     form: str = "score",
 ) -> Claim:
     """A claim from a paired delta (`models.evaluation.paired_delta` fields: delta_auc, _ci, ...)."""
@@ -94,18 +126,18 @@ def from_delta(
         verdict=verdict(ci, side),
         delta_rig=float(delta["delta_rig"]) if delta.get("delta_rig") is not None else None,
         delta_rig_ci=(float(rig_ci[0]), float(rig_ci[1])) if rig_ci is not None else None,
-        detail=dict(detail or {}),
+        detail=ClaimDetail(**(detail or {})),
     )
 
 
 def _compare(
-    judge: FeatureJudge, form: str, claim_id: str, statement: str, a: str, b: str, detail: dict[str, Any]
+    judge: FeatureJudge, form: str, claim_id: str, statement: str, a: str, b: str, detail: ClaimDetail
 ) -> Claim:
     """Feature `a` against feature `b` in `form`, added to E0 each; both must reach E0 at one width."""
     key_a, key_b = f"{a}/{form}", f"{b}/{form}"
     if judge.dims[key_a] != judge.dims[key_b]:
         raise ValueError(f"{claim_id}: {key_a} is {judge.dims[key_a]}-d, {key_b} {judge.dims[key_b]}-d")
-    detail = {**detail, "dim": judge.dims[key_a]}
+    detail = ClaimDetail(**{**detail, "dim": judge.dims[key_a]})
     return from_delta(claim_id, statement, judge.paired(key_a, key_b), detail=detail, form=form)
 
 

@@ -3,7 +3,7 @@
 SuKD (click loss + λ · MSE to the teacher's supplementary output, E0's tower frozen), No-KD
 (λ = 0) and feature-KD (the teacher's pooled vector from text alone). Students start from the
 teacher's first k layers; SuKD and No-KD run in `models.trainer.fit`. Driven by
-`pipelines/distillation.py`. Pure PyTorch. The three ways and the conversion rate:
+`pipelines/experiment/students.py`. Pure PyTorch. The three ways and the conversion rate:
 docs/DESIGN.md, "The experiment protocol" and "Modules in detail", distill.py.
 """
 
@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from nlpctr.atomic import write_atomic
 from nlpctr.config_files import is_integer
 from nlpctr.errors import UserError
-from nlpctr.models import ceilings, metrics
+from nlpctr.models import metrics
 from nlpctr.models.checkpoints import load_checkpoint, save_checkpoint
 from nlpctr.models.ctr_net import CtrModel, Fusion
 from nlpctr.models.data import Tensors
@@ -282,7 +281,7 @@ def conversion(
     train_ctr: float,
     rounds: int,
     seed: int,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, metrics.Estimate]:
     """(student − E0) / (teacher − E0) on AUC and RIG, each `{estimate, ci}`, where the three are
     test predictions of E0 + the student feature, E0 + the teacher feature and E0 itself. The CI
     draws the same groups for numerator and denominator (a paired group bootstrap).
@@ -301,12 +300,10 @@ def conversion(
     """
     draws = metrics.Draws.of(labels.groups, rounds, seed)
     s, t, e0 = (metrics.resample(labels, p, draws) for p in (student, teacher, baseline))
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, metrics.Estimate] = {}
     for metric in ("auc", "rig"):
         (sv, sd), (tv, td), (bv, bd) = (r.value(metric, train_ctr) for r in (s, t, e0))
-        out[metric] = draws.interval(
-            float(ceilings.ratio(sv - bv, tv - bv)), ceilings.ratio(sd - bd, td - bd)
-        )
+        out[metric] = draws.interval(float(metrics.ratio(sv - bv, tv - bv)), metrics.ratio(sd - bd, td - bd))
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
@@ -30,9 +30,48 @@ class EvaluationConfig:
         check_integer("evaluation.bootstrap_seed", self.bootstrap_seed, low=0)
 
 
+class Calibration(TypedDict):
+    """Predicted over observed CTR, the ECE and the reliability curve (`metrics.calibration_bins`)."""
+
+    ratio: float
+    ece: float
+    curve: list[dict[str, float]]
+
+
+class MetricReport(TypedDict):
+    """One model's test metrics (`metric_report`; streamed: `StreamingMetrics.report`)."""
+
+    rows: int
+    impressions: int
+    clicks: int
+    auc: float
+    auc_ci: list[float]
+    gauc: float
+    gauc_ci: list[float]
+    logloss: float
+    rig: float
+    rig_ci: list[float]
+    calibration: Calibration
+
+
+class PairedDelta(TypedDict):
+    """A model over a baseline on the same rows (`paired_delta`); `significant` is the AUC's."""
+
+    delta_auc: float
+    delta_auc_ci: list[float]
+    delta_auc_significant: bool
+    delta_rig: float
+    delta_rig_ci: list[float]
+    delta_rig_significant: bool
+    delta_gauc: float
+    delta_gauc_ci: list[float]
+    delta_gauc_significant: bool
+    significant: bool
+
+
 def metric_report(
     labels: metrics.Labels, predictions: np.ndarray, train_ctr: float, evaluation: EvaluationConfig
-) -> dict[str, Any]:
+) -> MetricReport:
     """AUC, GAUC, log loss, RIG (with group-bootstrap CIs) and calibration of one split."""
     draws = metrics.Draws.for_labels(labels, evaluation.bootstrap_rounds, evaluation.bootstrap_seed)
     result = metrics.resample(labels, predictions, draws)
@@ -63,7 +102,7 @@ def paired_delta(
     baseline: np.ndarray,
     train_ctr: float,
     evaluation: EvaluationConfig,
-) -> dict[str, Any]:
+) -> PairedDelta:
     """ΔAUC, ΔRIG, ΔGAUC of a model over a baseline on the same rows, paired group bootstrap."""
     draws = metrics.Draws.for_labels(labels, evaluation.bootstrap_rounds, evaluation.bootstrap_seed)
     model, base = (metrics.resample(labels, p, draws) for p in (predictions, baseline))
@@ -74,18 +113,24 @@ def paired_delta(
     return delta_fields(intervals)
 
 
-def delta_fields(intervals: Mapping[str, metrics.Interval]) -> dict[str, Any]:
-    """`delta_<metric>`, `_ci`, `_significant` per interval; `significant` is the AUC's."""
-    out: dict[str, Any] = {}
-    for name, interval in intervals.items():
-        out[f"delta_{name}"] = interval.estimate
-        out[f"delta_{name}_ci"] = interval.as_list()
-        out[f"delta_{name}_significant"] = interval.significant
-    out["significant"] = intervals["auc"].significant
-    return out
+def delta_fields(intervals: Mapping[str, metrics.Interval]) -> PairedDelta:
+    """`delta_<metric>`, `_ci`, `_significant` of the `auc`, `rig` and `gauc` intervals."""
+    auc, rig, gauc = intervals["auc"], intervals["rig"], intervals["gauc"]
+    return {
+        "delta_auc": auc.estimate,
+        "delta_auc_ci": auc.as_list(),
+        "delta_auc_significant": auc.significant,
+        "delta_rig": rig.estimate,
+        "delta_rig_ci": rig.as_list(),
+        "delta_rig_significant": rig.significant,
+        "delta_gauc": gauc.estimate,
+        "delta_gauc_ci": gauc.as_list(),
+        "delta_gauc_significant": gauc.significant,
+        "significant": auc.significant,
+    }
 
 
-def delta_summary(baseline: str, delta: Mapping[str, Any]) -> str:
+def delta_summary(baseline: str, delta: PairedDelta) -> str:
     """The `; ΔAUC vs RUN ...` clause of a one-line summary."""
     lo, hi = delta["delta_auc_ci"]
     return (

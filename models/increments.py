@@ -9,10 +9,9 @@ the test split only judges. `FeatureJudge` holds E0's side of every comparison, 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -24,13 +23,92 @@ from nlpctr.models import ceilings, distill, metrics, redundancy
 from nlpctr.models.config import Mode, load_config
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.device import CPU, Placement, device_of
-from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
+from nlpctr.models.evaluation import EvaluationConfig, MetricReport, PairedDelta, metric_report, paired_delta
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature
 from nlpctr.models.recipe import fit_recipe, plan
 from nlpctr.models.runs import TrainedRun, build_model
 from nlpctr.models.text_batches import FixedVectors
 from nlpctr.models.trainer import labels_of, predict
 from nlpctr.models.training import FitInputs, fit_ctr
+
+
+class RunReport(MetricReport):
+    """A run's test metrics on the shared frame and its paired delta over E0 (None: E0 itself)."""
+
+    delta_auc_vs_baseline: float | None
+    delta_auc_ci: list[float] | None
+    delta_rig_vs_baseline: float | None
+    delta_rig_ci: list[float] | None
+    delta_gauc: float | None
+    delta_gauc_ci: list[float] | None
+    significant: bool | None
+    delta_auc_significant: NotRequired[bool]
+    delta_rig_significant: NotRequired[bool]
+    delta_gauc_significant: NotRequired[bool]
+    share_of_text_gain: NotRequired[dict[str, metrics.Estimate]]
+
+
+class ValidLoglossDelta(TypedDict):
+    """A run against its control on validation log loss (and AUC), paired group bootstrap."""
+
+    run: str
+    control: str
+    run_valid_logloss: float
+    control_valid_logloss: float
+    delta_valid_logloss: float
+    delta_valid_logloss_ci: list[float]
+    delta_valid_auc: float
+    delta_valid_auc_ci: list[float]
+
+
+class RedundancyMeasure(redundancy.FeatureRedundancyRecord):
+    """One entry of results.json's `redundancy` (`<feature>/<form>`): the feature's redundancy
+    with E0 and its gain over E0 in that form."""
+
+    significant: bool
+    share_of_text_gain: dict[str, metrics.Estimate]
+    valid_delta_auc: float | None
+    feature: str
+    form: str
+    dim: int  # the width E0 receives
+    score_source: str | None  # score form: the LM's own head or a probe's
+
+
+class Conversion(TypedDict):
+    """A student feature's gain over E0 as a share of the teacher feature's (None: nothing to distil)."""
+
+    conversion_auc: float | None
+    conversion_auc_ci: list[float] | None
+    conversion_rig: float | None
+    conversion_rig_ci: list[float] | None
+    conversion_note: NotRequired[str]
+
+
+class FeatureGain(TypedDict):
+    """A feature's gain over E0 in one form, as the distillation section shows it."""
+
+    dim: int
+    feature_delta_auc: float | None
+    feature_delta_auc_ci: list[float] | None
+    feature_delta_rig: float | None
+    feature_delta_rig_ci: list[float] | None
+    score_source: str | None
+
+
+class StudentReport(TypedDict):
+    """A student end to end on the test split, and its delta over E0."""
+
+    method: str
+    layers: int
+    auc: float
+    auc_ci: list[float]
+    rig: float
+    gauc: float
+    logloss: float
+    delta_auc: float | None
+    delta_auc_ci: list[float] | None
+    delta_rig: float | None
+    delta_rig_ci: list[float] | None
 
 
 @dataclass
@@ -43,7 +121,7 @@ class FeatureJudge:
     runs_dir: Path
     train_config_file: Path  # the protocol's `train_config`: E0's configuration, as every run's
     seed: int
-    redundancy_settings: Mapping[str, Any]  # the protocol's `redundancy:` (max_rows, max_components)
+    redundancy_settings: redundancy.RedundancySettings  # the protocol's `redundancy:`
     e0: TrainedRun
     data: Tensors
     test_rows: torch.Tensor
@@ -72,7 +150,7 @@ class FeatureJudge:
         baseline_run: str,
         train_config_file: Path,
         seed: int,
-        redundancy_settings: Mapping[str, Any],
+        redundancy_settings: redundancy.RedundancySettings,
         placement: Placement = CPU,
     ) -> FeatureJudge:
         """E0 (`runs_dir/baseline_run`) on `frame`, sorted by impression_id."""
@@ -117,7 +195,7 @@ class FeatureJudge:
             self.manifest, test, self.test_labels, self.e0_p, self.train_ctr, self.evaluation, self.seed
         )
 
-    def share(self, p: np.ndarray) -> Any:
+    def share(self, p: np.ndarray) -> dict[str, metrics.Estimate]:
         assert self.ceiling is not None, "measure_ceiling first"
         return self.ceiling.share(p)
 
@@ -125,7 +203,7 @@ class FeatureJudge:
         """A run's saved test predictions, on the shared frame's test rows."""
         return saved_predictions(self.runs_dir / run, self.data, self.test_rows)
 
-    def valid_logloss_delta(self, run: str, control: str) -> dict[str, Any]:
+    def valid_logloss_delta(self, run: str, control: str) -> ValidLoglossDelta:
         """Validation log loss of run `run` minus its control's (negative: the run is better), with a
         paired group-bootstrap CI: what says whether a learned stage beats its simpler control,
         judged on the split that selects (the test split only judges the features)."""
@@ -146,20 +224,38 @@ class FeatureJudge:
             "delta_valid_auc_ci": delta["delta_auc_ci"],
         }
 
-    def e0_report(self) -> dict[str, Any]:
-        return metric_report(self.test_labels, self.e0_p, self.train_ctr, self.evaluation)
+    def e0_report(self) -> RunReport:
+        """E0's test metrics; its deltas over itself are None."""
+        return RunReport(
+            **metric_report(self.test_labels, self.e0_p, self.train_ctr, self.evaluation),
+            delta_auc_vs_baseline=None,
+            delta_auc_ci=None,
+            delta_rig_vs_baseline=None,
+            delta_rig_ci=None,
+            delta_gauc=None,
+            delta_gauc_ci=None,
+            significant=None,
+        )
 
-    def report_of(self, p: np.ndarray) -> dict[str, Any]:
+    def report_of(self, p: np.ndarray) -> RunReport:
         """Test metrics of predictions `p` and their paired delta over E0's."""
-        entry = metric_report(self.test_labels, p, self.train_ctr, self.evaluation)
         delta = paired_delta(self.test_labels, p, self.e0_p, self.train_ctr, self.evaluation)
-        entry["delta_auc_vs_baseline"] = delta["delta_auc"]
-        entry["delta_rig_vs_baseline"] = delta["delta_rig"]
-        entry.update({k: v for k, v in delta.items() if k not in ("delta_auc", "delta_rig")})
-        entry["share_of_text_gain"] = self.share(p)
-        return entry
+        return RunReport(
+            **metric_report(self.test_labels, p, self.train_ctr, self.evaluation),
+            delta_auc_vs_baseline=delta["delta_auc"],
+            delta_rig_vs_baseline=delta["delta_rig"],
+            delta_auc_ci=delta["delta_auc_ci"],
+            delta_auc_significant=delta["delta_auc_significant"],
+            delta_rig_ci=delta["delta_rig_ci"],
+            delta_rig_significant=delta["delta_rig_significant"],
+            delta_gauc=delta["delta_gauc"],
+            delta_gauc_ci=delta["delta_gauc_ci"],
+            delta_gauc_significant=delta["delta_gauc_significant"],
+            significant=delta["significant"],
+            share_of_text_gain=self.share(p),
+        )
 
-    def judge(self, feature: NlpFeature) -> dict[str, dict[str, Any]]:
+    def judge(self, feature: NlpFeature) -> dict[str, RedundancyMeasure]:
         """The feature in both forms, each added to E0 and measured (`<name>/<form>` -> measures);
         a feature without a click head of its own gets a probe's score first."""
         if feature.score is None:
@@ -218,33 +314,38 @@ class FeatureJudge:
         )
         return predict(model, data, data.rows("test"), None)
 
-    def measure(self, feature: NlpFeature, form: str, increment: np.ndarray) -> dict[str, Any]:
+    def measure(self, feature: NlpFeature, form: str, increment: np.ndarray) -> RedundancyMeasure:
         """Standalone AUC, incremental gain (E0 + feature vs E0), explained fraction and CKA of
         the feature in `form`; `dim` is the width E0 receives."""
         values = feature.form(form)
         delta = paired_delta(self.test_labels, increment, self.e0_p, self.train_ctr, self.evaluation)
-        measured = redundancy.measure_feature(
+        record = redundancy.measure_feature(
             feature.kind,
             redundancy.TrainTest(values[self.train_rows.numpy()], values[self.test_rows.numpy()]),
             redundancy.TrainTest(labels_of(self.data, self.train_rows), self.test_labels),
             self.e0_inputs,
             self.e0_repr,
             delta,
-            max_rows=int(self.redundancy_settings["max_rows"]),
-            max_components=int(self.redundancy_settings["max_components"]),
+            max_rows=int(self.redundancy_settings.max_rows),
+            max_components=int(self.redundancy_settings.max_components),
             seed=self.seed,
-        ).to_dict()
+        )
         key = feature.key(form)
-        measured["significant"] = delta["significant"]
-        measured["share_of_text_gain"] = self.share(increment)
-        measured["valid_delta_auc"] = self.valid_gain.get(key)
-        measured.update(feature=feature.name, form=form, dim=int(values.shape[1]) if values.ndim == 2 else 1)
-        measured["score_source"] = feature.score_source if form == SCORE else None
+        measured = RedundancyMeasure(
+            **record.to_dict(),
+            significant=delta["significant"],
+            share_of_text_gain=self.share(increment),
+            valid_delta_auc=self.valid_gain.get(key),
+            feature=feature.name,
+            form=form,
+            dim=int(values.shape[1]) if values.ndim == 2 else 1,
+            score_source=feature.score_source if form == SCORE else None,
+        )
         self.increments[key] = increment
         self.dims[key] = measured["dim"]
         return measured
 
-    def paired(self, feature: str, other: str) -> dict[str, Any]:
+    def paired(self, feature: str, other: str) -> PairedDelta:
         """Paired test delta between E0 + `feature` and E0 + `other` (group bootstrap)."""
         return paired_delta(
             self.test_labels,
@@ -254,7 +355,7 @@ class FeatureJudge:
             self.evaluation,
         )
 
-    def conversion(self, student: str, teacher: str) -> dict[str, Any]:
+    def conversion(self, student: str, teacher: str) -> Conversion:
         """The student feature's gain over E0 as a share of the teacher feature's, paired CIs."""
         rounds, seed = self.evaluation.bootstrap_rounds, self.evaluation.bootstrap_seed
         rates = distill.conversion(
@@ -273,7 +374,7 @@ class FeatureJudge:
             "conversion_rig_ci": rates["rig"]["ci"],
         }
 
-    def student_entry(self, method: str, layers: int, p: np.ndarray) -> dict[str, Any]:
+    def student_entry(self, method: str, layers: int, p: np.ndarray) -> StudentReport:
         """A student end to end (`p`; for feature-KD that is E0 + its vector)."""
         entry = self.report_of(p)
         return {
@@ -291,7 +392,7 @@ class FeatureJudge:
         }
 
     @staticmethod
-    def feature_entry(measured: Mapping[str, Any]) -> dict[str, Any]:
+    def feature_entry(measured: RedundancyMeasure) -> FeatureGain:
         """A feature's gain over E0 in one form, as the distillation section shows it."""
         return {
             "dim": measured["dim"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import NotRequired, TypedDict
 
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
@@ -292,7 +292,7 @@ class Draws:
             raise ValueError("rows of a group the bootstrap draws do not know")
         return index
 
-    def interval(self, estimate: float, values: np.ndarray) -> dict[str, Any]:
+    def interval(self, estimate: float, values: np.ndarray) -> Estimate:
         """{estimate, ci}: the percentile interval of the per-round values (NaN rounds ignored)."""
         finite = np.asarray(values, dtype=np.float64)
         finite = finite[np.isfinite(finite)]
@@ -301,8 +301,32 @@ class Draws:
         low, high = np.quantile(finite, [(1 - self.level) / 2, (1 + self.level) / 2])
         return {"estimate": float(estimate), "ci": [float(low), float(high)]}
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> BootstrapSettings:
         return {"rounds": self.rounds, "seed": self.seed, "level": self.level}
+
+
+class Estimate(TypedDict):
+    """An estimate and its percentile CI as results.json holds them (None: not finite, no rounds)."""
+
+    estimate: float | None
+    ci: list[float] | None
+    reason: NotRequired[str]  # why there is none (a split-half share that is not meaningful)
+
+
+class BootstrapSettings(TypedDict):
+    """The group bootstrap behind a set of `Estimate`s."""
+
+    rounds: int
+    seed: int
+    level: float
+
+
+def ratio(numerator: np.ndarray | float, denominator: np.ndarray | float) -> np.ndarray:
+    """numerator / denominator elementwise, NaN where the denominator is 0 (a share of no gain)."""
+    num = np.asarray(numerator, dtype=np.float64)
+    den = np.asarray(denominator, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
 
 
 def finite_or_none(value: float) -> float | None:

@@ -8,9 +8,9 @@ measures" (Redundancy) and "Modules in detail", redundancy.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypedDict, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +25,7 @@ from nlpctr.models import metrics
 from nlpctr.models.ctr_net import CtrModel
 from nlpctr.models.data import Tensors
 from nlpctr.models.device import device_of
+from nlpctr.models.evaluation import PairedDelta
 from nlpctr.models.schema import SPLITS
 
 KINDS = ("frozen", "cascade_finetuned", "joint", "probe", "student")
@@ -250,6 +251,14 @@ def linear_cka(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) 
 
 
 @dataclass(frozen=True)
+class RedundancySettings:
+    """The experiment protocol's `redundancy:`: the sample each probe and CKA uses."""
+
+    max_rows: int  # rows (a seeded sample) per split
+    max_components: int  # principal components of an embedding a probe predicts
+
+
+@dataclass(frozen=True)
 class FeatureRedundancy:
     """Every redundancy measure of one NLP feature against E0 (one entry of results.json)."""
 
@@ -266,8 +275,25 @@ class FeatureRedundancy:
     cka: float
     rows: dict[str, int]
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> FeatureRedundancyRecord:
+        return FeatureRedundancyRecord(**asdict(self))
+
+
+class FeatureRedundancyRecord(TypedDict):
+    """`FeatureRedundancy` as results.json holds it."""
+
+    kind: str
+    standalone_auc: float
+    delta_auc: float | None
+    delta_auc_ci: list[float] | None
+    delta_rig: float | None
+    delta_rig_ci: list[float] | None
+    delta_gauc: float | None
+    delta_gauc_ci: list[float] | None
+    explained_fraction: float
+    explained_fraction_representation: float
+    cka: float
+    rows: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -278,13 +304,11 @@ class TrainTest(Generic[T]):
     test: T
 
 
-def _number(delta: Mapping[str, Any], key: str) -> float | None:
-    value = delta.get(key)
+def _number(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _ci(delta: Mapping[str, Any], key: str) -> list[float] | None:
-    value = delta.get(key)
+def _ci(value: Sequence[float] | None) -> list[float] | None:
     return None if value is None else [float(v) for v in value]
 
 
@@ -294,7 +318,7 @@ def measure_feature(
     labels: TrainTest[metrics.Labels],
     e0_inputs: TrainTest[Matrix],
     e0_representation: TrainTest[np.ndarray],
-    delta: Mapping[str, Any],
+    delta: PairedDelta,
     max_rows: int = 20_000,
     max_components: int = 16,
     seed: int = 0,
@@ -333,12 +357,12 @@ def measure_feature(
     return FeatureRedundancy(
         kind=kind,
         standalone_auc=standalone_auc(feature_train[train], sub_train, feature_test, labels_test, seed),
-        delta_auc=_number(delta, "delta_auc"),
-        delta_auc_ci=_ci(delta, "delta_auc_ci"),
-        delta_rig=_number(delta, "delta_rig"),
-        delta_rig_ci=_ci(delta, "delta_rig_ci"),
-        delta_gauc=_number(delta, "delta_gauc"),
-        delta_gauc_ci=_ci(delta, "delta_gauc_ci"),
+        delta_auc=_number(delta.get("delta_auc")),
+        delta_auc_ci=_ci(delta.get("delta_auc_ci")),
+        delta_rig=_number(delta.get("delta_rig")),
+        delta_rig_ci=_ci(delta.get("delta_rig_ci")),
+        delta_gauc=_number(delta.get("delta_gauc")),
+        delta_gauc_ci=_ci(delta.get("delta_gauc_ci")),
         explained_fraction=explained_fraction(
             e0_inputs.train[train],
             feature_train[train],
@@ -367,9 +391,43 @@ def measure_feature(
 # ------------------------------------------------------------------------------- the E2 curve
 
 
-def e2_curve(
-    points: Sequence[Mapping[str, Any]], forms: Sequence[str] = ("score", "vector")
-) -> dict[str, Any]:
+class E2PointForm(TypedDict):
+    """One checkpoint's feature in one form: standalone, and as a gain over E0 (test, valid)."""
+
+    standalone_auc: float
+    delta_auc: float | None
+    delta_rig: float | None
+    valid_delta_auc: float | None
+
+
+class E2Point(TypedDict):
+    """One E2 checkpoint on the curve; `chosen`: E2's rule (peak standalone validation AUC)."""
+
+    checkpoint: str
+    step: int
+    chosen: bool
+    valid_auc_standalone: float | None
+    score: E2PointForm
+    vector: E2PointForm
+
+
+class E2CurveForm(TypedDict):
+    best_valid_feature_checkpoint: str
+    best_test_delta_auc_checkpoint: str
+    best_test_delta_rig_checkpoint: str
+    peak_auc_is_best_feature: bool
+
+
+class E2Curve(TypedDict):
+    """results.json's `e2_curve` (`e2_curve`)."""
+
+    points: list[E2Point]
+    peak_auc_checkpoint: str
+    valid_auc_rising_at_end: bool
+    forms: dict[str, E2CurveForm]
+
+
+def e2_curve(points: Sequence[E2Point], forms: Sequence[str] = ("score", "vector")) -> E2Curve:
     """Standalone AUC against incremental gain across E2's checkpoints.
 
     Each point is {checkpoint, step, chosen, valid_auc_standalone, <form>: {standalone_auc,
@@ -382,10 +440,10 @@ def e2_curve(
     names = [point["checkpoint"] for point in points]
     peak = next((p["checkpoint"] for p in points if p.get("chosen")), names[0])
 
-    def best(form: str, key: str) -> Any:
+    def best(form: str, key: str) -> str:
         return names[int(np.nanargmax([float(point[form][key]) for point in points]))]
 
-    per_form = {}
+    per_form: dict[str, E2CurveForm] = {}
     for form in forms:
         valid_best = best(form, "valid_delta_auc")
         per_form[form] = {

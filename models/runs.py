@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,18 @@ from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.models.trainer import TextScorer, predict
 
-STUDENTS = "_students"  # RUNS/_students/<key>/: E4's students (`pipelines/distillation.py`)
+STUDENTS = "_students"  # RUNS/_students/<key>/: E4's students (`pipelines/experiment/students.py`)
+
+
+class PreprocessingRecord(TypedDict):
+    """`Preprocessing` in run.json."""
+
+    columns: dict[str, list[str]]  # FeatureColumns' fields
+    vocabularies: Vocabularies
+    fill_ctr: float
+    cascade_dims: list[int]
+    group: str
+    numeric_stats: NotRequired[list[list[float]]]  # (mean, sd) per numeric column; older runs lack it
 
 
 @dataclass
@@ -90,7 +101,7 @@ class Preprocessing:
             cascade_dims=self.cascade_dims,
         )
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> PreprocessingRecord:
         return {
             "columns": {k: list(v) for k, v in asdict(self.columns).items()},
             "vocabularies": self.vocabularies,
@@ -101,7 +112,7 @@ class Preprocessing:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Preprocessing:
+    def from_json(cls, data: PreprocessingRecord) -> Preprocessing:
         columns = FeatureColumns(**{k: tuple(v) for k, v in data["columns"].items()})
         # Runs saved before numeric features had none.
         numeric = tuple((float(m), float(sd)) for m, sd in data.get("numeric_stats", []))

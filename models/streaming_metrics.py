@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nlpctr.models.evaluation import MetricReport
 from nlpctr.models.metrics import EPS, Interval, Labels, binned_aucs, entropy, weighted_mean_ci
 
 SCORE_BINS = 1 << 20
@@ -194,7 +195,7 @@ class StreamingMetrics:
             "gauc": weighted_mean_ci(group_auc - baseline.group_aucs()[0], weights, rounds, seed, level),
         }
 
-    def report(self, train_ctr: float, rounds: int, seed: int, calibration_bins: int) -> dict:
+    def report(self, train_ctr: float, rounds: int, seed: int, calibration_bins: int) -> MetricReport:
         """The keys of `evaluation.metric_report`, streamed."""
         intervals = self.bootstrap(train_ctr, rounds, seed)
         aucs, weights = self.group_aucs()

@@ -31,7 +31,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("nlpctr.pipelines.train", "train E0/E1/E2/E3 on Feast features; writes runs/NAME/"),
     ("evaluate",): ("nlpctr.pipelines.evaluate", "re-evaluate a run on test, paired delta vs a baseline"),
     ("experiment",): (
-        "nlpctr.pipelines.experiment",
+        "nlpctr.pipelines.experiment.command",
         "the whole protocol: prepare .. E0-E4 .. redundancy; results.json, report.md, plots",
     ),
     ("ceilings",): (

@@ -24,7 +24,7 @@ from nlpctr.features.store_config import StoreChoice
 from nlpctr.models import checkpoints
 from nlpctr.models.config import load_config
 from nlpctr.pipelines import cli, ctr_stats, ingest, ingest_validate, records, source_files
-from nlpctr.pipelines.experiment import load_protocol
+from nlpctr.pipelines.experiment.config import load_protocol
 from nlpctr.pipelines.specs import load_spec
 
 

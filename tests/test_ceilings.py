@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from nlpctr.errors import UserError
-from nlpctr.models import ceilings, metrics
+from nlpctr.models import ceilings, metrics, split_half
 from nlpctr.pipelines import cli, ingest, simulate
 
 
@@ -141,7 +141,7 @@ def items_frame(spread: float, seed: int = 0, groups: int = 60, per_group: int =
 
 def test_split_half_ceiling_finds_the_item_ctr_structure() -> None:
     frame = items_frame(spread=0.4)
-    result = ceilings.split_half_ceiling(frame, "test_id", seed=0)
+    result = split_half.split_half_ceiling(frame, "test_id", seed=0)
     labels = metrics.Labels(
         frame["impressions"].to_numpy(), frame["clicks"].to_numpy(), frame["test_id"].to_numpy()
     )
@@ -152,15 +152,15 @@ def test_split_half_ceiling_finds_the_item_ctr_structure() -> None:
     assert abs(result["random"]["gauc"] - 0.5) < 0.01 and abs(result["random"]["auc"] - 0.5) < 0.03
     assert result["seed"] == 0
     # Reproducible from the seed; another seed is another split.
-    assert ceilings.split_half_ceiling(frame, "test_id", seed=0) == result
-    assert ceilings.split_half_ceiling(frame, "test_id", seed=1)["gauc"] != result["gauc"]
+    assert split_half.split_half_ceiling(frame, "test_id", seed=0) == result
+    assert split_half.split_half_ceiling(frame, "test_id", seed=1)["gauc"] != result["gauc"]
 
 
 def test_split_half_ceiling_is_near_half_without_structure() -> None:
     # Every item of a group has the same CTR: nothing to rank. The half that scores never sees
     # the half it is judged on, so the ceiling stays at ~0.5 where in-sample scoring overfits.
     frame = items_frame(spread=0.0, seed=2, groups=200)
-    result = ceilings.split_half_ceiling(frame, "test_id", seed=0)
+    result = split_half.split_half_ceiling(frame, "test_id", seed=0)
     assert abs(result["gauc"] - 0.5) < 0.01
     assert result["in_sample"]["gauc"] > result["gauc"] + 0.005
 
@@ -178,15 +178,15 @@ def test_split_half_of_binary_rows_splits_keys_and_says_when_it_does_not_apply()
     )
     ctr = sigmoid(-2 + rng.normal(0, 1.0, 150))
     keyed["clicks"] = rng.binomial(1, ctr[keyed["query_id"].astype(int) * 5 + keyed["ad_id"].astype(int)])
-    repeated = ceilings.split_half_ceiling(keyed, "query_id", ["query_id", "ad_id"], seed=0)
+    repeated = split_half.split_half_ceiling(keyed, "query_id", ["query_id", "ad_id"], seed=0)
     assert repeated["applicable"] and repeated["items"] == 150 and repeated["gauc"] > 0.6
     unique = keyed.assign(ad_id=keyed["impression_id"])  # every key shown once
-    single = ceilings.split_half_ceiling(unique, "query_id", ["query_id", "ad_id"], seed=0)
+    single = split_half.split_half_ceiling(unique, "query_id", ["query_id", "ad_id"], seed=0)
     assert not single["applicable"] and single["splittable_impression_share"] == 0.0
     labels = metrics.Labels(
         unique["impressions"].to_numpy(), unique["clicks"].to_numpy(), unique["query_id"].to_numpy()
     )
-    ceiling = ceilings.SplitHalfCeiling(
+    ceiling = split_half.SplitHalfCeiling(
         unique, labels, np.full(rows, 0.1), "query_id", ["query_id", "ad_id"], rounds=20
     )
     share = ceiling.share(np.full(rows, 0.2))
@@ -201,7 +201,7 @@ def test_split_half_share_of_the_gap_above_e0() -> None:
     e0 = np.full(
         len(frame), frame["clicks"].sum() / frame["impressions"].sum()
     )  # knows nothing within a group
-    ceiling = ceilings.SplitHalfCeiling(frame, labels, e0, "test_id", rounds=40)
+    ceiling = split_half.SplitHalfCeiling(frame, labels, e0, "test_id", rounds=40)
     summary = ceiling.summary()
     assert summary["meaningful"]["gauc"] is True and summary["e0_gap"]["gauc"]["ci"][0] > 0
     truth = ceiling.share(frame["true_ctr"].to_numpy())["gauc"]

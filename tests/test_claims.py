@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from nlpctr.models import claims
@@ -113,20 +115,27 @@ def test_protocol_claims_refuse_features_of_unequal_width() -> None:
 
 
 def test_the_teacher_is_chosen_on_validation() -> None:
-    from nlpctr.pipelines.distillation import teacher_run
+    from nlpctr.pipelines.experiment.config import Protocol, load_protocol
+    from nlpctr.pipelines.experiment.students import teacher_run
 
-    protocol = {"fusions": ["score", "concat", "gate"], "distill": {"teacher_fusion": "best"}}
+    full = load_protocol(False, None)
+
+    def protocol(teacher_fusion: str) -> Protocol:
+        distill = replace(full.distill, teacher_fusion=teacher_fusion)
+        return replace(full, fusions=("score", "concat", "gate"), distill=distill)
+
     gains = {"joint_score/score": 0.001, "joint_concat/score": 0.003, "joint_gate/score": 0.002}
-    assert teacher_run(protocol, gains) == "joint_concat"
-    assert teacher_run({**protocol, "distill": {"teacher_fusion": "gate"}}, gains) == "joint_gate"
-    assert teacher_run(protocol, {**gains, "joint_score/score": 0.003}) == "joint_score"  # ties: the first
+    assert teacher_run(protocol("best"), gains) == "joint_concat"
+    assert teacher_run(protocol("gate"), gains) == "joint_gate"
+    tied = {**gains, "joint_score/score": 0.003}
+    assert teacher_run(protocol("best"), tied) == "joint_score"  # ties: the first
 
 
 def test_nothing_to_distil_where_the_teacher_feature_gains_nothing_significant() -> None:
     """The conversion rate divides by the teacher feature's gain: none is given in a form where
     that gain's CI includes 0, and the entry says why."""
     from nlpctr.models.increments import FeatureJudge
-    from nlpctr.pipelines.distillation import student_forms
+    from nlpctr.pipelines.experiment.students import student_forms
 
     class Judge:
         feature_entry = staticmethod(FeatureJudge.feature_entry)

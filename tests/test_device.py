@@ -40,7 +40,8 @@ from nlpctr.models.trainer import LAST, LoopConfig, TextScorer, fit, predict
 from nlpctr.pipelines import cli
 from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.encode_texts import TextEncoderModelHandler, TokenizedText
-from nlpctr.pipelines.protocol import experiment_placement
+from nlpctr.pipelines.experiment.config import load_protocol
+from nlpctr.pipelines.experiment.protocol import experiment_placement
 
 CUDA = torch.cuda.is_available()  # (at import: tests/conftest.py hides CUDA from unmarked tests)
 
@@ -84,10 +85,12 @@ def test_the_yaml_sets_them_and_a_flag_wins(no_cuda: None, tmp_path: Path) -> No
     assert placement_of(load_config("joint", own)) == Placement(torch.device("cpu"), "bf16")
     assert placement_of(load_config("joint", own, {"precision": "fp32"})) == CPU  # the flag's layer
     flags = argparse.Namespace(device=None, precision=None)
-    assert experiment_placement(flags, {"device": "cpu", "precision": "auto"}) == CPU
-    with pytest.raises(UserError, match="--device cuda: torch "):
-        experiment_placement(flags, {"device": "cuda", "precision": "auto"})  # experiment.yaml
-    assert experiment_placement(argparse.Namespace(device="cpu", precision=None), {"device": "cuda"}) == CPU
+    protocol = load_protocol(True, None)
+    assert experiment_placement(flags, dataclasses.replace(protocol, device="cpu", precision="auto")) == CPU
+    with pytest.raises(UserError, match="--device cuda: torch "):  # experiment.yaml's values
+        experiment_placement(flags, dataclasses.replace(protocol, device="cuda", precision="auto"))
+    cuda = dataclasses.replace(protocol, device="cuda", precision=None)
+    assert experiment_placement(argparse.Namespace(device="cpu", precision=None), cuda) == CPU
 
 
 @pytest.mark.parametrize(

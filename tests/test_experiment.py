@@ -17,7 +17,10 @@ import yaml
 
 from nlpctr.errors import UserError
 from nlpctr.models import claims
-from nlpctr.pipelines import experiment, rho_sweep, simulate
+from nlpctr.pipelines import simulate
+from nlpctr.pipelines.experiment import command
+from nlpctr.pipelines.experiment import config as config_module
+from nlpctr.pipelines.experiment import sweep as rho_sweep
 from nlpctr.pipelines.job_options import JobOptions
 
 
@@ -69,7 +72,7 @@ def protocol_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) ->
     simulate.run(["--rows", "3000", "--rho", "0.3", "--out", str(log), "--no-progress"])
     out = root / "out"
     spec = str(log.with_name("log.spec.yaml"))
-    experiment.run(
+    command.run(
         ["--dataset", spec, "--quick", "--config", str(tiny_config), "--out", str(out), "--no-progress"]
     )
     return {"out": out, "results": json.loads((out / "results.json").read_text())}
@@ -251,7 +254,7 @@ def test_students_deeper_than_the_teacher_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"lm_layers": 1, "distill": {"students": [1, 2]}}))
     with pytest.raises(UserError, match="students of 2 layers"):
-        experiment.load_protocol(quick=True, config_file=config)
+        config_module.load_protocol(quick=True, config_file=config)
 
 
 def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_oracle(
@@ -290,7 +293,7 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
     one_seed = tmp_path / "one_seed.yaml"
     one_seed.write_text(yaml.safe_dump({"simulator": {"seeds": [0]}}))
     argv = ["--dataset", "simulated", "--rho", "0,1", "--rows", "500", "--out", str(tmp_path / "sweep")]
-    results = experiment.run([*argv, "--impressions-per-row", "20", "--config", str(one_seed)])
+    results = command.run([*argv, "--impressions-per-row", "20", "--config", str(one_seed)])
     assert [c.impressions_per_row for c in commands] == [20, 20]
     assert passed == [JobOptions(), JobOptions()]
     assert results["impressions_per_row"] == 20
@@ -302,15 +305,15 @@ def test_sweep_simulates_aggregated_rows_and_reports_e0_against_its_no_text_orac
     assert "seeds" not in results["simulator"]  # one seed unless the protocol names others
     # 0: one binary impression per row, as before the flag existed.
     commands.clear()
-    experiment.run([*argv, "--impressions-per-row", "0", "--out", str(tmp_path / "binary")])
+    command.run([*argv, "--impressions-per-row", "0", "--out", str(tmp_path / "binary")])
     assert all(c.impressions_per_row is None for c in commands)
     with pytest.raises(UserError, match="--impressions-per-row"):
-        experiment.run(["--dataset", "upworthy", "--out", str(tmp_path / "x"), "--impressions-per-row", "5"])
+        command.run(["--dataset", "upworthy", "--out", str(tmp_path / "x"), "--impressions-per-row", "5"])
     # Extra seeds at some rho: their own folders, and the spread of every control over the seeds.
     seeds = tmp_path / "seeds.yaml"
     seeds.write_text(yaml.safe_dump({"simulator": {"seeds": [0, 1, 2], "seed_rho": [1.0]}}))
     out = tmp_path / "seeded"
-    results = experiment.run([*argv, "--out", str(out), "--config", str(seeds)])
+    results = command.run([*argv, "--out", str(out), "--config", str(seeds)])
     assert results["simulator"]["seeds"] == [0, 1, 2] and set(results["simulator"]["per_seed"]) == {"1", "2"}
     assert (out / "seed-1" / "rho-1").is_dir() and not (out / "seed-1" / "rho-0").exists()
     spread = results["simulator"]["spread"]

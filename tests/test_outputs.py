@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from nlpctr.errors import UserError
-from nlpctr.pipelines import cli, experiment, outputs, ownership, rho_sweep, simulate, train
+from nlpctr.pipelines import cli, outputs, ownership, simulate, train
+from nlpctr.pipelines.experiment import command
+from nlpctr.pipelines.experiment import sweep as rho_sweep
 
 LOG_CSV = """id,ad,title,ts,n,k,test
 1,a1,Good headline one,2024-01-01T00:00:00Z,10,2,t1
@@ -433,7 +435,7 @@ def test_experiment_refuses_a_foreign_folder_before_any_work(
         raise AssertionError("work started before --out was checked")
 
     monkeypatch.setattr(simulate, "simulate", no_work)
-    monkeypatch.setattr(experiment, "run_protocol", no_work)
+    monkeypatch.setattr(command, "run_protocol", no_work)
     monkeypatch.setattr(rho_sweep, "run_protocol", no_work)
     spec = write_user_files(tmp_path / "work")
     foreign = tmp_path / "foreign"
@@ -466,10 +468,10 @@ def test_experiment_takes_an_empty_folder_or_its_own(tmp_path: Path, monkeypatch
         started.append(out)
         return results
 
-    monkeypatch.setattr(experiment, "run_protocol", protocol_stub)
+    monkeypatch.setattr(command, "run_protocol", protocol_stub)
     spec = write_user_files(tmp_path / "work")
     (tmp_path / "empty").mkdir()
-    experiment.run(["--dataset", str(spec), "--quick", "--out", str(tmp_path / "empty")])
+    command.run(["--dataset", str(spec), "--quick", "--out", str(tmp_path / "empty")])
     assert started == [tmp_path / "empty"]
     assert ownership.has_marker(tmp_path / "empty", "experiment")
     # An experiment folder from before the marker: recognised by its results.json.

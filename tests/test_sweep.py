@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from nlpctr.models import claims, sweep
-from nlpctr.models.config import deep_merge
 from nlpctr.models.report import sweep_sections
-from nlpctr.pipelines import experiment, rho_sweep
-from nlpctr.pipelines.protocol import ExperimentRequest
+from nlpctr.pipelines.experiment import sweep as rho_sweep
+from nlpctr.pipelines.experiment.config import load_protocol
+from nlpctr.pipelines.experiment.protocol import ExperimentRequest
 
 RHOS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -126,7 +126,7 @@ def test_the_report_states_each_prediction_with_its_verdict() -> None:
 
 def test_the_sweep_sets_its_lm_budget_and_quick_cuts_it() -> None:
     def lm_epochs(quick: bool, simulated: bool) -> Any:
-        return experiment.load_protocol(quick, None, simulated=simulated)["train_config"]["lm_loop"]["epochs"]
+        return load_protocol(quick, None, simulated=simulated).train_config["lm_loop"]["epochs"]
 
     assert lm_epochs(True, True) == lm_epochs(True, False) < lm_epochs(False, True) <= lm_epochs(False, False)
 
@@ -151,13 +151,17 @@ def test_a_kept_rho_names_e2s_chosen_checkpoint_as_its_feature() -> None:
 
 
 def test_a_rerun_keeps_only_rhos_finished_with_the_same_protocol_and_seed(tmp_path: Path) -> None:
-    protocol = experiment.load_protocol(True, None, simulated=True)
-    (tmp_path / "results.json").write_text(json.dumps({"protocol": protocol, "seed": 0, "runs": {}}))
+    protocol = load_protocol(True, None, simulated=True)
+    (tmp_path / "results.json").write_text(
+        json.dumps({"protocol": protocol.to_dict(), "seed": 0, "runs": {}})
+    )
     defaults = ExperimentRequest("simulated", tmp_path)
     assert rho_sweep.finished_rho(tmp_path, protocol, defaults) is not None
     for changed_flag in ({"seed": 1}, {"rows": 10}, {"impressions_per_row": 5}):
         flags = dataclasses.replace(defaults, **changed_flag)
         assert rho_sweep.finished_rho(tmp_path, protocol, flags) is None
-    changed = deep_merge(protocol, {"simulator": {"text_strength": 2.0}})
+    changed = dataclasses.replace(
+        protocol, simulator=dataclasses.replace(protocol.simulator, text_strength=2.0)
+    )
     assert rho_sweep.finished_rho(tmp_path, changed, defaults) is None
     assert rho_sweep.finished_rho(tmp_path / "nothing", protocol, defaults) is None

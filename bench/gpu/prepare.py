@@ -52,7 +52,7 @@ from nlpctr.models.device import CPU  # noqa: E402
 from nlpctr.models.trainer import labels_of  # noqa: E402
 from nlpctr.models.training import FitInputs, fit_ctr, train_ctr  # noqa: E402
 from nlpctr.pipelines import ctr_stats, feature_store_cli, ingest, simulate  # noqa: E402
-from nlpctr.pipelines.experiment import load_protocol  # noqa: E402
+from nlpctr.pipelines.experiment.config import Protocol, load_protocol  # noqa: E402
 from nlpctr.pipelines.train import global_ctr  # noqa: E402
 
 DATASETS = ("upworthy", "simulated")
@@ -64,16 +64,16 @@ CARRY_LIMIT = 64 * 2**20  # what a device call carries, tree included
 TODAY_STEPS = {"upworthy": {"lm": 968}, "simulated": {"lm": 600}}
 
 
-def prepare_data(name: str, root: Path, sim_rows: int, protocol: dict[str, Any], progress: bool) -> Path:
+def prepare_data(name: str, root: Path, sim_rows: int, protocol: Protocol, progress: bool) -> Path:
     """The protocol's data steps for one dataset under `root`; returns the prepared data folder."""
     data = root / f"{name}-data"
     quiet = [] if progress else ["--no-progress"]
     if name == "simulated":
-        settings = protocol["simulator"]
+        settings = protocol.simulator
         log = root / "simulated-log" / "log.parquet"
         flags = ["--rows", str(sim_rows), "--rho", str(SIM_RHO), "--seed", "0", "--out", str(log)]
-        flags += ["--text-strength", str(settings["text_strength"])]
-        flags += ["--impressions-per-row", str(settings["impressions_per_row"])]
+        flags += ["--text-strength", str(settings.text_strength)]
+        flags += ["--impressions-per-row", str(settings.impressions_per_row)]
         simulate.run(flags + quiet)
         source = str(log.with_name("log.spec.yaml"))
     else:
@@ -111,7 +111,7 @@ def prepare_set(name: str, data_dir: Path, out: Path, protocol: dict[str, Any], 
     frame = feature_store.training_frame(data_dir, BASELINE)
     out.mkdir(parents=True, exist_ok=True)
     train_config = out / "train_config.yaml"
-    train_config.write_text(yaml.safe_dump(protocol["train_config"], sort_keys=True))
+    train_config.write_text(yaml.safe_dump(protocol.train_config, sort_keys=True))
     placement = {"device": "cpu", "precision": "fp32", "loop": {"seed": 0}}
     config = load_config("baseline", train_config, placement)
     inputs = FitInputs(manifest, config, global_ctr(data_dir), progress=progress, placement=CPU)
@@ -178,7 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             protocol = load_protocol(False, None, simulated=name == "simulated")
-            rows = args.sim_rows or int(protocol["simulator"]["rows"])
+            rows = args.sim_rows or int(protocol.simulator.rows)
             data_dir = prepare_data(name, Path(tmp), rows, protocol, not args.no_progress)
             texts += prepare_set(name, data_dir, work / name, protocol, not args.no_progress)
             print(f"{name}: {folder_bytes(work / name) / 2**20:.1f} MiB", flush=True)

@@ -12,9 +12,7 @@ number formats) is in formatting.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from nlpctr.atomic import write_atomic
 from nlpctr.models.report.formatting import PLOTS, markdown_table, num, sentence
@@ -43,9 +41,11 @@ from nlpctr.models.report.sections import (
     significance_statements,
 )
 from nlpctr.models.report.sweep_sections import simulator_section
+from nlpctr.models.results import ExperimentResults
+from nlpctr.models.sweep import SweepResults
 
 
-def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+def write_report(results: ExperimentResults | SweepResults, out_dir: Path) -> list[Path]:
     """Write report.md and the PNGs for the sections `results` has; returns the paths written.
 
     Args:

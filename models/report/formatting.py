@@ -3,8 +3,12 @@ formatting of numbers with their CIs and of markdown tables."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
+
+from nlpctr.models.increments import RedundancyMeasure
+from nlpctr.models.metrics import Estimate
+from nlpctr.models.results import RunEntry
 
 PLOTS = {
     "forest": "paired_differences.png",
@@ -17,6 +21,9 @@ PLOTS = {
     "simulator_shares": "simulator_shares.png",
     "joint_curves": "joint_curves.png",
 }
+
+
+Shared = RunEntry | RedundancyMeasure  # an entry with a `share_of_text_gain`
 
 
 RUN_ORDER = ("baseline", "cascade_frozen", "cascade_finetuned", "joint_score", "joint_concat", "joint_gate")
@@ -72,26 +79,19 @@ def excludes_zero(ci: Sequence[float] | None) -> bool | None:
     return ci[0] > 0 or ci[1] < 0
 
 
-def ordered_runs(runs: Mapping[str, Any]) -> list[str]:
+def ordered_runs(runs: Collection[str]) -> list[str]:
+    """Run names (a mapping's keys) in the protocol's order, then any others sorted."""
     return [r for r in RUN_ORDER if r in runs] + sorted(r for r in runs if r not in RUN_ORDER)
 
 
-def dig(mapping: Mapping[str, Any] | None, *keys: str) -> Any:
-    """mapping[k1][k2]...: None where a level is missing or None."""
-    value: Any = mapping
-    for key in keys:
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(key)
-    return value
-
-
-def interval_cell(interval: Mapping[str, Any] | None, digits: int = 4, signed: bool = False) -> str:
+def interval_cell(interval: Estimate | None, digits: int = 4, signed: bool = False) -> str:
     """An {estimate, ci} entry as `value [low, high]`."""
-    return with_ci(dig(interval, "estimate"), dig(interval, "ci"), digits, signed)
+    if not isinstance(interval, Mapping):
+        return with_ci(None, None, digits, signed)
+    return with_ci(interval.get("estimate"), interval.get("ci"), digits, signed)
 
 
-def share_metrics(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+def share_metrics(entries: Sequence[Shared]) -> list[str]:
     """The metrics the entries' `share_of_text_gain` is given on (simulated: rig, auc; real: gauc, auc)."""
     found: dict[str, None] = {}
     for entry in entries:
@@ -99,8 +99,9 @@ def share_metrics(entries: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(found)
 
 
-def share_cell(entry: Mapping[str, Any], metric: str) -> str:
-    share = dig(entry, "share_of_text_gain", metric) or {}
+def share_cell(entry: Shared, metric: str) -> str:
+    """A run's or a feature's share of the text gain on `metric`; n/a where it is not meaningful."""
+    share = (entry.get("share_of_text_gain") or {}).get(metric) or {}
     if share.get("estimate") is None:
         return "–" if not share.get("reason") else "n/a"
     return interval_cell(share, digits=2)

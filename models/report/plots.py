@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from matplotlib.figure import Figure
 
-from nlpctr.models.report.formatting import SHARE_LABELS, SWEEP_MEASURES, dig, ordered_runs
+from nlpctr.models.ceilings import share_estimate
+from nlpctr.models.claims import ClaimRecord
+from nlpctr.models.increments import RedundancyMeasure
+from nlpctr.models.redundancy import E2Curve
+from nlpctr.models.report.formatting import SHARE_LABELS, SWEEP_MEASURES, ordered_runs
+from nlpctr.models.results import RunEntry, StudentEntry
+from nlpctr.models.sweep import SimulatorSection
 
 DPI = 110
 
@@ -20,7 +25,7 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def plot_metric_bars(runs: Mapping[str, Any], path: Path) -> Path:
+def plot_metric_bars(runs: Mapping[str, RunEntry], path: Path) -> Path:
     """AUC, RIG and GAUC per run, with 95% CI error bars."""
     names = ordered_runs(runs)
     figure = Figure(figsize=(12, 4))
@@ -46,7 +51,7 @@ def plot_metric_bars(runs: Mapping[str, Any], path: Path) -> Path:
 
 
 def forest_rows(
-    redundancy: Mapping[str, Any], claims: Sequence[Mapping[str, Any]]
+    redundancy: Mapping[str, RedundancyMeasure], claims: Sequence[ClaimRecord]
 ) -> list[tuple[str, float, tuple[float, float]]]:
     """(label, ΔAUC, CI) of every feature's gain over E0, then of every claim's paired difference."""
     rows = [
@@ -61,7 +66,9 @@ def forest_rows(
     return rows
 
 
-def plot_forest(redundancy: Mapping[str, Any], claims: Sequence[Mapping[str, Any]], path: Path) -> Path:
+def plot_forest(
+    redundancy: Mapping[str, RedundancyMeasure], claims: Sequence[ClaimRecord], path: Path
+) -> Path:
     """Paired differences with their 95% CIs: each feature's gain over E0, then the claims.
 
     Paired CIs, unlike the CIs of absolute metrics, show the differences the test can resolve.
@@ -80,7 +87,7 @@ def plot_forest(redundancy: Mapping[str, Any], claims: Sequence[Mapping[str, Any
     return _save(figure, path)
 
 
-def plot_calibration(runs: Mapping[str, Any], path: Path) -> Path:
+def plot_calibration(runs: Mapping[str, RunEntry], path: Path) -> Path:
     """Observed against predicted CTR per run (equal-impression bins), with the diagonal."""
     figure = Figure(figsize=(5.5, 5))
     axes = figure.add_subplot(1, 1, 1)
@@ -100,7 +107,7 @@ def plot_calibration(runs: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_e2_curve(curve: Mapping[str, Any], path: Path) -> Path:
+def plot_e2_curve(curve: E2Curve, path: Path) -> Path:
     """Incremental ΔAUC and ΔRIG (each form) against the LM's standalone validation AUC across
     E2's checkpoints; the peak-AUC checkpoint starred."""
     points = curve["points"]
@@ -127,7 +134,7 @@ def plot_e2_curve(curve: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_explained_fraction(redundancy: Mapping[str, Any], path: Path) -> Path:
+def plot_explained_fraction(redundancy: Mapping[str, RedundancyMeasure], path: Path) -> Path:
     """Held-out R² of each feature from E0's inputs and from E0's representation."""
     names = list(redundancy)
     figure = Figure(figsize=(max(6, 1.2 * len(names)), 4))
@@ -151,7 +158,7 @@ def plot_explained_fraction(redundancy: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_conversion(distillation: Mapping[str, Any], path: Path) -> Path:
+def plot_conversion(distillation: Mapping[str, StudentEntry], path: Path) -> Path:
     """Each student's feature gain over E0 (ΔAUC, 95% CI) against its layers, one line per method,
     one panel per form: what the conversion rate divides, shown even when there is nothing to distil."""
     forms = [f for f in ("score", "vector") if any(f in e for e in distillation.values())]
@@ -180,7 +187,7 @@ def plot_conversion(distillation: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_joint_curves(runs: Mapping[str, Any], path: Path) -> Path:
+def plot_joint_curves(runs: Mapping[str, RunEntry], path: Path) -> Path:
     """Validation log loss against training steps for each joint run, E0's best as a line."""
     joint = [n for n in ordered_runs(runs) if runs[n].get("valid_curve")]
     figure = Figure(figsize=(5 * len(joint), 4))
@@ -202,7 +209,7 @@ def plot_joint_curves(runs: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def simulator_series(simulator: Mapping[str, Any]) -> dict[str, dict[str, list[float | None]]]:
+def simulator_series(simulator: SimulatorSection) -> dict[str, dict[str, list[float | None]]]:
     """{measure: {feature: [value per rho]}} from the sweep's `per_rho[f"{rho:g}"]["redundancy"]`."""
     per_rho = [simulator["per_rho"][f"{float(rho):g}"].get("redundancy") or {} for rho in simulator["rho"]]
     features = list(dict.fromkeys(feature for measures in per_rho for feature in measures))
@@ -212,7 +219,7 @@ def simulator_series(simulator: Mapping[str, Any]) -> dict[str, dict[str, list[f
     }
 
 
-def plot_simulator(simulator: Mapping[str, Any], path: Path) -> Path:
+def plot_simulator(simulator: SimulatorSection, path: Path) -> Path:
     """Each redundancy measure of each feature against the simulator's redundancy knob ρ."""
     series = simulator_series(simulator)
     figure = Figure(figsize=(10, 8))
@@ -227,7 +234,7 @@ def plot_simulator(simulator: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def simulator_shares(simulator: Mapping[str, Any]) -> dict[str, dict[str, list[float | None]]]:
+def simulator_shares(simulator: SimulatorSection) -> dict[str, dict[str, list[float | None]]]:
     """{metric: {feature or E0: [share of the text gain per rho]}}; E0's is its own share over the
     no-text oracle (what its IDs already know of the text)."""
     out: dict[str, dict[str, list[float | None]]] = {}
@@ -235,13 +242,12 @@ def simulator_shares(simulator: Mapping[str, Any]) -> dict[str, dict[str, list[f
     features = list(dict.fromkeys(f for e in entries for f in (e.get("redundancy") or {})))
     for metric in ("rig", "auc"):
         series: dict[str, list[float | None]] = {}
-        e0 = [dig(e, "ceilings", "e0_share_of_text_gain", metric, "estimate") for e in entries]
+        e0 = [share_estimate((e.get("ceilings") or {}).get("e0_share_of_text_gain"), metric) for e in entries]
         if any(v is not None for v in e0):
             series["E0 itself (vs no-text oracle)"] = e0
         for feature in features:
-            values = [
-                dig(e, "redundancy", feature, "share_of_text_gain", metric, "estimate") for e in entries
-            ]
+            measured = [(e.get("redundancy") or {}).get(feature) or {} for e in entries]
+            values = [share_estimate(m.get("share_of_text_gain"), metric) for m in measured]
             if any(v is not None for v in values):
                 series[feature] = values
         if series:
@@ -249,7 +255,7 @@ def simulator_shares(simulator: Mapping[str, Any]) -> dict[str, dict[str, list[f
     return out
 
 
-def plot_simulator_shares(simulator: Mapping[str, Any], path: Path) -> Path:
+def plot_simulator_shares(simulator: SimulatorSection, path: Path) -> Path:
     """Each feature's share of the achievable text gain (RIG, AUC) against ρ, and E0's own."""
     series = simulator_shares(simulator)
     figure = Figure(figsize=(10, 4))

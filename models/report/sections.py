@@ -4,13 +4,15 @@ significance is generated from the CI fields."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
+from nlpctr.models.ceilings import CeilingSummary, OracleSummary
+from nlpctr.models.claims import ClaimRecord
+from nlpctr.models.increments import RedundancyMeasure
+from nlpctr.models.redundancy import E2Curve
 from nlpctr.models.report.formatting import (
     PLOTS,
     SHARE_LABELS,
     SHARE_NOTE,
-    dig,
     excludes_zero,
     interval_cell,
     markdown_table,
@@ -20,9 +22,11 @@ from nlpctr.models.report.formatting import (
     share_metrics,
     with_ci,
 )
+from nlpctr.models.results import Control, RunEntry, StudentEntry, TeacherEntry
+from nlpctr.models.split_half import SplitHalfSummary
 
 
-def runs_section(runs: Mapping[str, Any]) -> list[str]:
+def runs_section(runs: Mapping[str, RunEntry]) -> list[str]:
     rows = []
     for name in ordered_runs(runs):
         run = runs[name]
@@ -58,7 +62,7 @@ def runs_section(runs: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def budget_section(runs: Mapping[str, Any]) -> list[str]:
+def budget_section(runs: Mapping[str, RunEntry]) -> list[str]:
     """Each LM arm's width and budget: its LM, and per recipe stage the steps, rows, batch, rates
     and CPU seconds; compared arms (E2, E3, the probe-only control) share them by construction."""
     rows = []
@@ -94,7 +98,7 @@ def budget_section(runs: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def joint_stages_section(runs: Mapping[str, Any]) -> list[str]:
+def joint_stages_section(runs: Mapping[str, RunEntry]) -> list[str]:
     """Per joint run and stage: steps, validation log loss at the stage's start and at its best."""
     baseline = (runs.get("baseline") or {}).get("best_valid_logloss")
     rows = []
@@ -132,7 +136,7 @@ def joint_stages_section(runs: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def significance_statements(runs: Mapping[str, Any]) -> list[str]:
+def significance_statements(runs: Mapping[str, RunEntry]) -> list[str]:
     """One line per run and metric whose difference from E0 has a CI, read from that CI."""
     lines = []
     for name in ordered_runs(runs):
@@ -160,7 +164,7 @@ def significance_statements(runs: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def claims_section(claims: Sequence[Mapping[str, Any]]) -> list[str]:
+def claims_section(claims: Sequence[ClaimRecord]) -> list[str]:
     """The paper's claims first: each a paired ΔAUC with its CI, ΔRIG beside it, and the verdict,
     decided within one form (the features' score, or their vector) at one width."""
     rows = [
@@ -191,7 +195,7 @@ def claims_section(claims: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def controls_section(controls: Sequence[Mapping[str, Any]]) -> list[str]:
+def controls_section(controls: Sequence[Control]) -> list[str]:
     """Each learned part beside its simpler control: the joint run's LM stage against the probe
     alone, on validation log loss (paired CI), and their features added to E0 (test)."""
     if not controls:
@@ -225,7 +229,7 @@ def controls_section(controls: Sequence[Mapping[str, Any]]) -> list[str]:
     return [*lines, markdown_table(header, rows), ""]
 
 
-def redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
+def redundancy_section(redundancy: Mapping[str, RedundancyMeasure]) -> list[str]:
     rows = [
         [
             m.get("feature", name),
@@ -264,7 +268,7 @@ def redundancy_section(redundancy: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def e2_section(curve: Mapping[str, Any]) -> list[str]:
+def e2_section(curve: E2Curve) -> list[str]:
     forms = list(curve.get("forms") or {})
     rows = []
     for p in curve["points"]:
@@ -295,7 +299,7 @@ def e2_section(curve: Mapping[str, Any]) -> list[str]:
     return [*lines, "", f"![E2 curve]({PLOTS['e2_curve']})", ""]
 
 
-def distillation_section(distillation: Mapping[str, Any], teacher: Mapping[str, Any] | None) -> list[str]:
+def distillation_section(distillation: Mapping[str, StudentEntry], teacher: TeacherEntry | None) -> list[str]:
     lines = ["## Distillation", ""]
     forms = [f for f in ("score", "vector") if any(f in e for e in distillation.values())]
     if teacher:
@@ -353,15 +357,15 @@ def distillation_section(distillation: Mapping[str, Any], teacher: Mapping[str, 
     ]
 
 
-def ceilings_section(ceilings: Mapping[str, Any], runs: Mapping[str, Any]) -> list[str]:
+def ceilings_section(ceilings: CeilingSummary, runs: Mapping[str, RunEntry]) -> list[str]:
     """How far E0 is from a ceiling: the simulator's oracles, or on real data the split half."""
-    base = runs.get("baseline") or {}
+    base = runs.get("baseline")
     if ceilings.get("kind") == "simulated":
         return ["## Ceilings", "", *_simulated_ceilings(ceilings, base), ""]
     return ["## Ceilings", "", *_split_half_ceiling(ceilings, base), ""]
 
 
-def _simulated_ceilings(ceilings: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
+def _simulated_ceilings(ceilings: OracleSummary, base: RunEntry | None) -> list[str]:
     """The Bayes and no-text oracles beside E0, the text gain between them and E0's share of it."""
     lines = [
         "From the simulator's truth on the test split: the Bayes oracle scores each row with its "
@@ -418,9 +422,10 @@ def _simulated_ceilings(ceilings: Mapping[str, Any], base: Mapping[str, Any]) ->
     return lines
 
 
-def _split_half_ceiling(ceilings: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
+def _split_half_ceiling(ceilings: SplitHalfSummary, base: RunEntry | None) -> list[str]:
     """Real data: the split-half ceiling beside E0 and random scores, and whether it applies."""
     half = ceilings.get("split_half") or {}
+    in_sample, noise = half.get("in_sample") or {}, half.get("random") or {}
     lines = [
         "No truth on real data: the split-half ceiling splits each item's test impressions in two "
         "(clicks drawn hypergeometrically), scores one half by the other half's CTR (shrunk toward "
@@ -436,10 +441,10 @@ def _split_half_ceiling(ceilings: Mapping[str, Any], base: Mapping[str, Any]) ->
         ],
         [
             "in sample (optimistic)",
-            num(dig(half, "in_sample", "auc")),
-            num(dig(half, "in_sample", "gauc")),
+            num(in_sample.get("auc")),
+            num(in_sample.get("gauc")),
         ],
-        ["random scores", num(dig(half, "random", "auc")), num(dig(half, "random", "gauc"))],
+        ["random scores", num(noise.get("auc")), num(noise.get("gauc"))],
     ]
     if base:
         rows.append(

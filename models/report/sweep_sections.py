@@ -7,7 +7,6 @@ after the experiment's own sections (sections.py).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from nlpctr.models.report.formatting import (
     PLOTS,
@@ -18,9 +17,10 @@ from nlpctr.models.report.formatting import (
     with_ci,
 )
 from nlpctr.models.report.plots import simulator_series, simulator_shares
+from nlpctr.models.sweep import Prediction, RhoVerdict, SimulatorSection, SpreadAtRho
 
 
-def predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:
+def predictions_section(predictions: Sequence[Prediction]) -> list[str]:
     """The sweep's stated predictions first: each part's values against ρ, its test and verdict."""
     lines = [
         "## Predictions",
@@ -49,7 +49,7 @@ def predictions_section(predictions: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def verdicts_by_rho_section(verdicts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def verdicts_by_rho_section(verdicts: Mapping[str, Mapping[str, RhoVerdict]]) -> list[str]:
     """Each claim's and control's estimate, CI and verdict at each ρ."""
     if not verdicts:
         return []
@@ -75,7 +75,7 @@ def verdicts_by_rho_section(verdicts: Mapping[str, Mapping[str, Any]]) -> list[s
     ]
 
 
-def spread_section(spread: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def spread_section(spread: Mapping[str, SpreadAtRho]) -> list[str]:
     """Across seeds at each ρ: every claim's and control's estimates and verdicts per seed, and
     each feature's gain over E0 (mean ± sd)."""
     if not spread:
@@ -84,7 +84,7 @@ def spread_section(spread: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for rho, at_rho in spread.items():
         rows = []
         for key, value in at_rho.items():
-            if key == "seeds":
+            if key == "seeds" or isinstance(value, list):  # the seeds themselves
                 continue
             sd = "–" if value.get("sd") is None else num(value["sd"], 6)
             verdicts = ", ".join(value.get("verdicts") or []) or "–"
@@ -99,7 +99,7 @@ def spread_section(spread: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def simulator_section(simulator: Mapping[str, Any]) -> list[str]:
+def simulator_section(simulator: SimulatorSection) -> list[str]:
     series = simulator_series(simulator)
     header = ["feature", *(f"ρ={float(rho):g}" for rho in simulator["rho"])]
     lines = ["## Simulator sweep", ""]
@@ -131,7 +131,7 @@ def simulator_section(simulator: Mapping[str, Any]) -> list[str]:
     return [*lines, f"![simulator sweep]({PLOTS['simulator']})", ""]
 
 
-def simulator_ceilings_section(simulator: Mapping[str, Any]) -> list[str]:
+def simulator_ceilings_section(simulator: SimulatorSection) -> list[str]:
     entries = {f"{float(rho):g}": simulator["per_rho"][f"{float(rho):g}"] for rho in simulator["rho"]}
     if not any(e.get("ceilings") for e in entries.values()):
         return []
