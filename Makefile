@@ -45,12 +45,13 @@ demo: setup
 	$(BIN)/nlpctr features get --data $(RUNS)/upworthy-quick/data --service cascade_frozen --impression 0
 
 # The suite in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them so
-# its module fixtures are built once; TEST_WORKERS=0 runs it in this process.
+# its module fixtures are built once, handed out in collection order (tests/conftest.py puts the
+# longest first) rather than by test count; TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: setup
 	$(BIN)/python bench/bench_embed.py
