@@ -3,9 +3,12 @@ device, so `--device auto` is the CPU and every number a test compares is the CP
 goldens and reruns included). Tests marked `gpu` see the machine's GPUs (tests/test_device.py;
 those that need one are skipped, with the reason, where there is none).
 
-Under pytest-xdist (`make test`) the longest files are handed out first (`LONGEST_FIRST`)."""
+Under pytest-xdist (`make test`) each worker runs torch on one thread, its subprocesses too: the
+workers fill the cores between them. The longest files are handed out first (`LONGEST_FIRST`)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -18,6 +21,11 @@ LONGEST_FIRST = (
     "test_gpu_bench.py",
     "test_spark_store.py",
 )
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers with torch's default threads each (one per core) would oversubscribe the cores.
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
