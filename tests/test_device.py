@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import torch
 from apache_beam.options.pipeline_options import PipelineOptions
-from device_golden import GOLDEN, digest, prepare, train_runs
+from device_golden import GOLDEN, THREADS, digest, prepare, train_runs
 from test_trainer import COLUMNS, baseline, synthetic_frame
 
 from nlpctr.errors import UserError
@@ -54,6 +54,15 @@ def needs_cuda(test: Any) -> Any:
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_FP32 = ["--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _the_goldens_threads() -> Iterator[None]:
+    """Every run here at the golden's thread count (an xdist worker runs one: tests/conftest.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
