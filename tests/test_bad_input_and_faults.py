@@ -135,6 +135,25 @@ def test_a_materialize_window_ending_before_it_starts_changes_nothing(
     store.OnlineFeatures(data, "baseline")  # lookups are still served
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--start", "yesterday"], "--start: 'yesterday'"),
+        (["--start", "2024-03-01", "--end", "2024-13-01"], "--end: '2024-13-01'"),
+    ],
+)
+def test_a_materialize_time_that_is_not_iso_is_one_line(
+    folder: dict[str, Any], capsys: pytest.CaptureFixture[str], flags: list[str], named: str
+) -> None:
+    """The project's one line, not argparse's usage and error (3 lines)."""
+    data = folder["data"]
+    state = data / "feature_repo" / "data" / "nlpctr_state.json"
+    before = state.read_bytes()
+    err = one_line(capsys, "features", "materialize", "--data", str(data), *flags)
+    assert named in err and "is not an ISO-8601 time" in err and "usage:" not in err
+    assert state.read_bytes() == before
+
+
 # ------------------------------------------------------------------------------- 6: source values
 
 AGGREGATED = {**SPEC, "label": {"form": "aggregated", "impressions": "n", "clicks": "k"}}
