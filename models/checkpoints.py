@@ -9,6 +9,7 @@ traceback. No Beam and no Feast here.
 
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -81,12 +82,21 @@ def save_checkpoint(state: Any, path: Path) -> None:
             left, and the message says what to free or fix.
     """
     path = Path(path)
+    # Serialised in memory first: torch's own file writer reports a full disk as a RuntimeError
+    # without an errno ("unexpected pos ..."); Python's write raises the OSError that names it.
+    serialised = io.BytesIO()
+    torch.save(state, serialised)
     try:
         with atomic_path(path) as staging:  # a crash never leaves half a checkpoint
-            torch.save(state, staging)
+            _write(staging, serialised.getbuffer())
     except OSError as exc:
         raise UserError(
             f"checkpoint {path} could not be written ({exc.strerror or exc}); nothing half-written was kept; "
             f"free space on that disk (or make {path.parent} writable) and rerun the same command: "
             "training resumes from its last complete checkpoint"
         ) from None
+
+
+def _write(staging: Path, data: memoryview) -> None:
+    with open(staging, "wb") as handle:
+        handle.write(data)

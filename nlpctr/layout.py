@@ -182,6 +182,45 @@ def check_splits(manifest: Manifest, data_dir: Path) -> None:
         )
 
 
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """Which dataset a prepared folder holds (its manifest's), or a run was trained on (its
+    run.json's): the spec's name and hash. The name alone is not enough: `data simulate` names
+    every spec after its file's stem, so two simulated logs are both `log`."""
+
+    dataset: str | None
+    spec_hash: str | None = None  # None: a run written before run.json recorded it
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest) -> DatasetIdentity:
+        return cls(manifest.dataset, manifest.spec_hash)
+
+    @classmethod
+    def of_run(cls, run_dir: Path, spec: JsonObject) -> DatasetIdentity:
+        """A run's, from its run.json (`spec`); runs older than run.json's `dataset` key give
+        their results.json's name, and None where neither says."""
+        if "dataset" in spec:
+            return cls(str(spec["dataset"]), spec.get("spec_hash"))
+        try:
+            return cls(str(json.loads(RunLayout(run_dir).results.read_text())["dataset"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls(None)
+
+    def to_json(self) -> JsonObject:
+        return {"dataset": self.dataset, "spec_hash": self.spec_hash}
+
+    def admits(self, data: DatasetIdentity) -> bool:
+        """Whether a run trained on this dataset applies to a folder holding `data`: the same
+        name, and the same spec hash where the run recorded one (older runs: the name only)."""
+        return self.dataset == data.dataset and self.spec_hash in (None, data.spec_hash)
+
+    def describe(self, where: object = None) -> str:
+        """The name, with the spec hash where one is known (two of one name told apart) and
+        `where` it is, when given."""
+        detail = ", ".join(str(d) for d in (self.spec_hash and f"spec {self.spec_hash}", where) if d)
+        return f"{self.dataset!r}" + (f" ({detail})" if detail else "")
+
+
 def write_manifest(folder: Path, manifest: JsonObject) -> Path:
     """Write `manifest` as FOLDER/manifest.json (sorted keys: runs diff cleanly); returns its path.
 

@@ -27,7 +27,7 @@ import torch
 from nlpctr.atomic import write_json
 from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
-from nlpctr.layout import RunLayout
+from nlpctr.layout import DatasetIdentity, Manifest, RunLayout
 from nlpctr.models import streaming, streaming_metrics
 from nlpctr.models.evaluation import delta_fields, delta_summary, metric_report, paired_delta
 from nlpctr.models.runs import TrainedRun
@@ -94,11 +94,28 @@ def saved_predictions(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(saved_predictions_path(run_dir))
 
 
+def check_data_folder(trained: TrainedRun) -> None:
+    """Refuse a run whose data folder holds another dataset than it was trained on: re-prepared
+    from another spec since (another log of the same name included), its test rows would be
+    scored and the metrics written into the run's results.json without a word."""
+    data_dir = Path(trained.spec["data_dir"])
+    here = DatasetIdentity.of_manifest(Manifest.read(data_dir))
+    recorded = DatasetIdentity.of_run(trained.directory, trained.spec)
+    if not recorded.admits(here):
+        raise UserError(
+            f"run {trained.directory.name} was trained on dataset {recorded.describe()} in {data_dir}, "
+            f"which now holds {here.describe()}: its metrics would be another dataset's; prepare "
+            f"{data_dir} again from the run's spec, or train a new run on the folder as it is"
+        )
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Recompute a run's test metrics (and the delta vs a baseline) into its results.json."""
     args = parse_args(argv)
     run_dir = run_dir_of(args.runs_dir, args.run)
-    if TrainedRun.load(run_dir).spec.get("streaming"):
+    trained = TrainedRun.load(run_dir)
+    check_data_folder(trained)
+    if trained.spec.get("streaming"):
         return run_streamed(args, run_dir)
     trained, predicted, labels = test_predictions(run_dir)
     evaluation = trained.config.evaluation

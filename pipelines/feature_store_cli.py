@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,20 @@ from nlpctr.layout import IMPRESSIONS
 SUBCOMMANDS = ("apply", "materialize", "get")
 
 
-def _timestamp(text: str) -> datetime:
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+def _timestamp(flag: str) -> Callable[[str], datetime]:
+    """`flag`'s type: an ISO-8601 time. A bad one raises UserError, not argparse's error, so the
+    CLI prints its one line (argparse's would be its usage and two more lines)."""
+
+    def parse(text: str) -> datetime:
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            raise UserError(
+                f"{flag}: {text[:40]!r} is not an ISO-8601 time; give one such as 2024-03-01 or "
+                "2024-03-01T12:00:00 (naive = UTC)"
+            ) from None
+
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,8 +65,10 @@ def parser() -> argparse.ArgumentParser:
 
     mat = sub.add_parser("materialize", help="load the online views into the online store")
     mat.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
-    mat.add_argument("--start", type=_timestamp, default=None, help="window start (ISO-8601; naive = UTC)")
-    mat.add_argument("--end", type=_timestamp, default=None, help="window end (default: now)")
+    mat.add_argument(
+        "--start", type=_timestamp("--start"), default=None, help="window start (ISO-8601; naive = UTC)"
+    )
+    mat.add_argument("--end", type=_timestamp("--end"), default=None, help="window end (default: now)")
     mat.add_argument("--incremental", action="store_true", help="from each view's last materialised end")
 
     get = sub.add_parser("get", help="online lookup of a feature service")

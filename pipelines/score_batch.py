@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from nlpctr.errors import UserError
 from nlpctr.features import store as feature_store
 from nlpctr.features import store_config
 from nlpctr.features.names import CASCADE_FROZEN
-from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, RunLayout, read_manifest
+from nlpctr.layout import ENRICHED, IMPRESSIONS, SCORED, DatasetIdentity, Manifest, RunLayout, read_manifest
 from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.schema import SPLITS
 from nlpctr.pipelines.devices import launch_device
@@ -219,16 +219,6 @@ def score_batch(request: ScoreBatchRequest, test_pipeline: beam.Pipeline | None 
         return _score(request, device, data_dir, test_pipeline)
 
 
-def trained_dataset(run_dir: Path, spec: Mapping[str, Any]) -> str | None:
-    """The dataset a run was trained on: its run.json's, or (older runs) its results.json's."""
-    if "dataset" in spec:
-        return str(spec["dataset"])
-    try:
-        return str(json.loads(RunLayout(run_dir).results.read_text())["dataset"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def check_run(run_dir: Path, data_dir: Path, allow_other_dataset: bool) -> dict[str, Any]:
     """A finished run whose checkpoint loads and which was trained on this dataset (or the user
     says to score anyway); returns its run.json. Raises UserError before the pipeline otherwise."""
@@ -244,13 +234,14 @@ def check_run(run_dir: Path, data_dir: Path, allow_other_dataset: bool) -> dict[
             f"{spec_path} is damaged; delete the run and retrain it (`rm -r {run_dir}`, then rerun its "
             "`nlpctr train`)"
         ) from None
-    here = read_manifest(data_dir).get("dataset")
-    trained = trained_dataset(run_dir, spec)
-    if trained != here and not allow_other_dataset:
+    here = DatasetIdentity.of_manifest(Manifest.read(data_dir))
+    trained = DatasetIdentity.of_run(run_dir, spec)
+    if not trained.admits(here) and not allow_other_dataset:
         raise UserError(
-            f"run {run_dir.name} was trained on dataset {trained!r} ({spec.get('data_dir')}), not on "
-            f"{here!r} ({data_dir}): its ID vocabularies and CTR history mean nothing here, so its scores "
-            "would be wrong without a word; score a folder of its own dataset, or pass --allow-other-dataset"
+            f"run {run_dir.name} was trained on dataset {trained.describe(spec.get('data_dir'))}, "
+            f"not on {here.describe(data_dir)}: its ID vocabularies and CTR history mean nothing "
+            "here, so its scores would be wrong without a word; score a folder of its own dataset, or "
+            "pass --allow-other-dataset"
         )
     load_checkpoint(checkpoint)  # missing or damaged: one line now, not inside a worker
     return {**spec, "service": service}

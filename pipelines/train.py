@@ -30,6 +30,7 @@ from nlpctr.layout import (
     CTR_META,
     LM_FEATURES,
     TRAINING,
+    DatasetIdentity,
     Manifest,
     RunLayout,
     check_splits,
@@ -379,7 +380,9 @@ def _train(request: TrainRequest) -> TrainResult:
     spec = {
         **setup.identity,
         "service": trained.service,
-        "dataset": manifest.dataset,  # score-batch refuses another dataset's rows
+        # score-batch and evaluate refuse another dataset's rows: one of another name, or of
+        # the same name prepared from another spec (two simulated logs are both `log`)
+        **DatasetIdentity.of_manifest(manifest).to_json(),
         "checkpoint": str(result.checkpoint.relative_to(run_dir)),
         "preprocessing": trained.pre.to_json(),
         "train_ctr": trained.train_ctr,

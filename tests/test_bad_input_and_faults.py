@@ -135,6 +135,25 @@ def test_a_materialize_window_ending_before_it_starts_changes_nothing(
     store.OnlineFeatures(data, "baseline")  # lookups are still served
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--start", "yesterday"], "--start: 'yesterday'"),
+        (["--start", "2024-03-01", "--end", "2024-13-01"], "--end: '2024-13-01'"),
+    ],
+)
+def test_a_materialize_time_that_is_not_iso_is_one_line(
+    folder: dict[str, Any], capsys: pytest.CaptureFixture[str], flags: list[str], named: str
+) -> None:
+    """The project's one line, not argparse's usage and error (3 lines)."""
+    data = folder["data"]
+    state = data / "feature_repo" / "data" / "nlpctr_state.json"
+    before = state.read_bytes()
+    err = one_line(capsys, "features", "materialize", "--data", str(data), *flags)
+    assert named in err and "is not an ISO-8601 time" in err and "usage:" not in err
+    assert state.read_bytes() == before
+
+
 # ------------------------------------------------------------------------------- 6: source values
 
 AGGREGATED = {**SPEC, "label": {"form": "aggregated", "impressions": "n", "clicks": "k"}}
@@ -258,22 +277,44 @@ def test_a_full_disk_during_train_leaves_no_half_written_checkpoint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     saved = []
-    real_save = checkpoints.torch.save
+    real_write = checkpoints._write
 
-    def fills_the_disk(state: Any, path: Path) -> None:
+    def fills_the_disk(staging: Path, data: memoryview) -> None:
         if saved:  # the first checkpoint is written; the second meets a full disk half-way
-            Path(path).write_bytes(b"PK\x03\x04 half")
+            Path(staging).write_bytes(b"PK\x03\x04 half")
             raise OSError(errno.ENOSPC, "No space left on device")
-        saved.append(path)
-        real_save(state, path)
+        saved.append(staging)
+        real_write(staging, data)
 
-    monkeypatch.setattr(checkpoints.torch, "save", fills_the_disk)
+    monkeypatch.setattr(checkpoints, "_write", fills_the_disk)
     err = one_line(capsys, *train_args(folder["data"], tmp_path / "runs", folder["config"], "full"))
     assert "could not be written (No space left on device); nothing half-written was kept" in err
     written = sorted((tmp_path / "runs" / "full" / "checkpoints" / "ctr").iterdir())
     assert [p.name for p in written] == ["epoch-0.pt"]  # whole, and nothing else
     monkeypatch.undo()
     assert "model" in checkpoints.load_checkpoint(written[0])
+
+
+def test_a_checkpoint_write_the_filesystem_refuses_is_one_line(tmp_path: Path) -> None:
+    """A real failed write, not a patched one: torch's own file writer reports it as a
+    RuntimeError without an errno ("unexpected pos"), so the checkpoint is serialised first and
+    written by Python, whose OSError names the cause. RLIMIT_FSIZE stands in for a full disk."""
+    import resource
+    import signal
+
+    import torch
+
+    state = {"w": torch.zeros(20_000)}  # about 80 KB
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, limits[1]))
+    try:
+        with pytest.raises(UserError, match=r"could not be written \(File too large\); nothing half"):
+            checkpoints.save_checkpoint(state, tmp_path / "ckpt.pt")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert list(tmp_path.iterdir()) == []  # no staging file, no half checkpoint
 
 
 def test_a_machine_fault_beam_wrapped_is_recognised() -> None:

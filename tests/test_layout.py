@@ -12,6 +12,7 @@ from nlpctr.layout import (
     EMBEDDINGS_MANIFEST,
     LM_META,
     MANIFEST,
+    DatasetIdentity,
     EmbeddingsManifest,
     LmFeatureMeta,
     Manifest,
@@ -164,3 +165,20 @@ def test_the_compat_shims_read_older_files_into_todays_records() -> None:
         "epoch-1",
     )
     assert lm_meta_checkpoints({"chosen": "step-9"}) == ("step-9",)
+
+
+def test_a_run_applies_to_its_dataset_by_name_and_spec_hash(tmp_path: Path) -> None:
+    """A run that recorded its spec hash needs it to match; one written before (name only, or
+    older still: its results.json's name) keeps the name check."""
+    folder = DatasetIdentity.of_manifest(
+        Manifest.from_json({"dataset": "log", "spec_hash": "aaaa", "rows_in": 3})
+    )
+    run = DatasetIdentity.of_run(tmp_path, {"dataset": "log", "spec_hash": "aaaa"})
+    assert run.admits(folder) and run.to_json() == {"dataset": "log", "spec_hash": "aaaa"}
+    assert not DatasetIdentity.of_run(tmp_path, {"dataset": "log", "spec_hash": "bbbb"}).admits(folder)
+    assert not DatasetIdentity.of_run(tmp_path, {"dataset": "other", "spec_hash": "aaaa"}).admits(folder)
+    assert DatasetIdentity.of_run(tmp_path, {"dataset": "log"}).admits(folder)  # before spec_hash
+    assert DatasetIdentity.of_run(tmp_path, {}) == DatasetIdentity(None)  # neither file says
+    (tmp_path / "results.json").write_text(json.dumps({"dataset": "log"}))
+    assert DatasetIdentity.of_run(tmp_path, {}).admits(folder)  # before run.json's `dataset`
+    assert folder.describe("/d") == "'log' (spec aaaa, /d)" and DatasetIdentity("x").describe() == "'x'"

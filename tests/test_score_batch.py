@@ -4,7 +4,9 @@ frame's vectors."""
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +15,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+import yaml
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from builders import SLUG, impressions, make_dataset, write_ctr_history, write_embeddings
+from test_damaged_files import QUICK, one_line, train_args
 
 from nlpctr.errors import UserError
 from nlpctr.features import store, store_config
 from nlpctr.layout import read_manifest
 from nlpctr.models.device import CPU, Placement
 from nlpctr.models.schema import impression_schema
-from nlpctr.pipelines import score_batch, score_transforms
+from nlpctr.pipelines import cli, score_batch, score_transforms
 
 
 def _missing(value: Any) -> bool:
@@ -331,3 +335,59 @@ def test_arrow_batches_travel_with_their_own_coder(
             equal_to([int((impressions(served["data"]).split == "test").sum())]),
         )
     assert pa.Table not in pickled
+
+
+# ------------------------------------------------------------------------------- another log of one name
+
+
+def simulated_folder(root: Path, seed: int) -> Path:
+    """A simulated log (its spec named `log`, after the file's stem, whatever the seed) prepared,
+    with its CTR history and a materialised store: what `train --mode baseline` reads."""
+    log = root / "log.parquet"
+    beam_args = ("--direct_num_workers", "1")
+    simulate = ["--rows", "300", "--rho", "0.5", "--seed", str(seed), "--out", str(log), "--no-progress"]
+    assert cli.main(["data", "simulate", *simulate]) == 0
+    data = root / "d"
+    assert (
+        cli.main(
+            ["data", "prepare", "--dataset", str(root / "log.spec.yaml"), "--out", str(data), *beam_args]
+        )
+        == 0
+    )
+    assert cli.main(["ctr-stats", "--data", str(data), *beam_args]) == 0
+    assert cli.main(["features", "apply", "--data", str(data)]) == 0
+    assert cli.main(["features", "materialize", "--data", str(data)]) == 0
+    return data
+
+
+def test_a_run_is_refused_on_another_log_of_the_same_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two simulated logs are both `log`: the spec hash train records in run.json tells them apart,
+    for score-batch (unless --allow-other-dataset) and for evaluate (the run's folder re-prepared)."""
+    ours, other = simulated_folder(tmp_path / "a", seed=0), simulated_folder(tmp_path / "b", seed=1)
+    manifests = read_manifest(ours), read_manifest(other)
+    assert manifests[0]["dataset"] == manifests[1]["dataset"] == "log"
+    assert manifests[0]["spec_hash"] != manifests[1]["spec_hash"]
+    config, runs = tmp_path / "quick.yaml", tmp_path / "runs"
+    config.write_text(yaml.safe_dump(QUICK))
+    assert cli.main(train_args(ours, runs, config, "e0")) == 0
+    spec = json.loads((runs / "e0" / "run.json").read_text())
+    assert (spec["dataset"], spec["spec_hash"]) == ("log", manifests[0]["spec_hash"])
+    argv = ["score-batch", "--data", str(other), "--run", "e0", "--runs-dir", str(runs)]
+    err = one_line(capsys, *argv)
+    assert f"'log' (spec {manifests[0]['spec_hash']}, {ours})" in err
+    assert (
+        f"not on 'log' (spec {manifests[1]['spec_hash']}, {other})" in err and "--allow-other-dataset" in err
+    )
+    assert not (other / "scored").exists()
+    assert cli.main([*argv, "--direct_num_workers", "1", "--allow-other-dataset"]) == 0
+    assert ds.dataset(other / "scored" / "e0", format="parquet").count_rows() == 300
+    assert cli.main([*argv[:2], str(ours), *argv[3:], "--direct_num_workers", "1"]) == 0  # its own: scored
+    # The run's own folder re-prepared from the other log: evaluate refuses, results.json kept.
+    results = (runs / "e0" / "results.json").read_bytes()
+    shutil.move(ours, tmp_path / "a" / "kept")
+    shutil.copytree(other, ours)
+    err = one_line(capsys, "evaluate", "--run", "e0", "--runs-dir", str(runs))
+    assert f"in {ours}, which now holds 'log' (spec {manifests[1]['spec_hash']})" in err
+    assert (runs / "e0" / "results.json").read_bytes() == results
