@@ -39,6 +39,9 @@ EVALUATION = EvaluationConfig(bootstrap_rounds=1000, bootstrap_seed=0)
 FINAL = "bf16"
 # judged against the probe at every seed too: the final recipe and its longer variant
 ACROSS_SEEDS = (FINAL, "steps400")
+# 40-step runs of the LM stage's start at seed 1, rho 0 (start/README.md): as bf16, without the LM's
+# dropout, with the head at lr 1e-4
+START_VARIANTS = ("d_base", "d_nodrop", "d_headlow")
 EARLY = 50  # LM steps: the window in which lm_start looks for the start's disruption
 
 
@@ -116,7 +119,7 @@ def compare(rho_dir: Path) -> dict:
     )
     runs = rho_dir / "runs"
     train_ctr = float(json.loads((runs / "baseline" / "run.json").read_text())["train_ctr"])
-    names = ["baseline", "probe", "probe32", *(v for v, _, _ in LADDER)]
+    names = ["baseline", "probe", "probe32", *(v for v, _, _ in LADDER), *START_VARIANTS]
     p = {n: predictions(runs / n, rows.index) for n in names if (runs / n / "results.json").is_file()}
     out = {"runs": {n: run_facts(runs / n) for n in p if n != "baseline"}, "comparisons": []}
     out["probe_vs_e0"] = delta(labels, p["probe"], p["baseline"], train_ctr)
@@ -193,7 +196,7 @@ def markdown(results: dict) -> str:
 
 
 def start_table(results: dict) -> list[str]:
-    """The LM stage's first steps, per run of ACROSS_SEEDS (and layers2), as markdown lines."""
+    """The LM stage's first steps, per run of ACROSS_SEEDS, layers2 and START_VARIANTS, as markdown."""
     lines = [
         f"### The LM stage's start: validation log loss against the probe's state (first {EARLY} steps)",
         "",
@@ -201,7 +204,7 @@ def start_table(results: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for key, result in results.items():
-        for variant in (*ACROSS_SEEDS, "layers2"):
+        for variant in (*ACROSS_SEEDS, "layers2", *START_VARIANTS):
             start = result["runs"].get(variant, {}).get("lm_start")
             if start is None:
                 continue
