@@ -33,6 +33,7 @@ LADDER = [
     ("noprobe", "bf16 without the probe (head from zero)", "bf16"),
     ("cold", "joint from the start: no E0 warm start", "bf16"),
     ("steps400", "+ twice the LM steps (10 epochs of 40: 400 steps, 400,000 rows)", "bf16"),
+    ("lm1e4", "the LM at a peak lr of 1e-4 instead of 3e-4 (its start rises half as much)", "bf16"),
 ]
 EVALUATION = EvaluationConfig(bootstrap_rounds=1000, bootstrap_seed=0)
 # the recipe the ladder arrives at (models/configs/default.yaml): judged against its probe over seeds
@@ -40,8 +41,8 @@ FINAL = "bf16"
 # judged against the probe at every seed too: the final recipe and its longer variant
 ACROSS_SEEDS = (FINAL, "steps400")
 # 40-step runs of the LM stage's start at seed 1, rho 0 (start/README.md): as bf16, without the LM's
-# dropout, with the head at lr 1e-4
-START_VARIANTS = ("d_base", "d_nodrop", "d_headlow")
+# dropout, with the head at lr 1e-4, with the LM at lr 1e-4 and 3e-5
+START_VARIANTS = ("d_base", "d_nodrop", "d_headlow", "d_lmlow", "d_lm3e5")
 EARLY = 50  # LM steps: the window in which lm_start looks for the start's disruption
 
 
