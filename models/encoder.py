@@ -420,18 +420,27 @@ class TextEncoder(nn.Module):
         if self.state_cache is None:
             return 0
         cache = self.state_cache
-        missing = [k for k in dict.fromkeys(tuple(ids) for ids in token_ids) if cache.get(k) is None]
+        wanted = list(dict.fromkeys(tuple(ids) for ids in token_ids))
+        missing = [k for k in wanted if cache.get(k) is None]
         root = active_root()
-        store = StateStore(root, self.prefix_key) if root is not None and missing else None
-        if store is not None:
-            loaded = store.load(missing, self.device)
+        store = StateStore(root, self.prefix_key) if root is not None else None
+        kept = cache.kept.setdefault(str(store.folder), set()) if store is not None else set()
+        to_read = [k for k in wanted if k not in kept or cache.get(k) is None]
+        if store is not None and to_read:
+            loaded = store.load(to_read, self.device)
+            kept.update(loaded)
             for key, state in loaded.items():
                 cache.put(key, state)  # (past the cache's budget, recomputed when needed, as before)
             missing = [k for k in missing if k not in loaded]
+            # States this process holds from a run of another data folder: kept here as well.
+            held = {k: s for k in to_read if k not in loaded and (s := cache.get(k)) is not None}
+            store.save(held)
+            kept.update(held)
         for start in range(0, len(missing), ENCODE_CHUNK):
             computed = self._compute_frozen(missing[start : start + ENCODE_CHUNK])
             if store is not None:
                 store.save(computed)
+                kept.update(computed)
         return len(missing)
 
     def frozen_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -39,6 +39,9 @@ class StateCache:
         self.max_bytes = max_bytes
         self.states: dict[tuple[int, ...], torch.Tensor] = {}
         self.bytes = 0
+        # Per store folder, the texts known to be kept there (read from it or written to it):
+        # a state this process holds from another data folder's run is not in this one's yet.
+        self.kept: dict[str, set[tuple[int, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self.states)

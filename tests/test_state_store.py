@@ -88,6 +88,20 @@ def test_new_texts_are_computed_and_kept_beside_the_old(tmp_path: Path) -> None:
         assert torch.equal(got, want)  # computed alone either way
 
 
+def test_states_held_from_another_data_folder_are_kept_in_this_one(tmp_path: Path) -> None:
+    lm = fresh()
+    with persisted_states(tmp_path / "a"):
+        assert lm.prefill(tokens(lm, TEXTS)) == len(TEXTS)
+    with persisted_states(tmp_path / "b"):  # the same process, another data folder
+        again = TextEncoder(CONFIG, trainable=True)  # shares the process's cache
+        assert again.prefill(tokens(again, TEXTS)) == 0  # nothing computed: all in memory
+        assert again.prefill(tokens(again, TEXTS)) == 0
+    assert len(shards(tmp_path / "b")) == 1  # ... and kept in b's store too, once
+    with persisted_states(tmp_path / "b"):
+        later = fresh()  # another process, reading b only
+        assert later.prefill(tokens(later, TEXTS)) == 0
+
+
 @pytest.mark.parametrize("damage", ["truncated", "zeroed", "flipped"])
 def test_a_damaged_shard_is_rebuilt_not_a_crash(tmp_path: Path, damage: str, caplog) -> None:
     with persisted_states(tmp_path):
