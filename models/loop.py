@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 if TYPE_CHECKING:
     from nlpctr.models.text_batches import TextBatcher
@@ -74,6 +76,7 @@ class StageRecord(TypedDict):
     batch_size: int
     warmup_steps: int
     decay: str
+    ema_decay: float
     wall_seconds: float
     cpu_seconds: float
 
@@ -101,6 +104,7 @@ class LoopCheckpoint(_LoopFields, total=False):
 
     cuda_rng: torch.Tensor  # on CUDA
     scaler: dict[str, Any]  # with fp16's GradScaler
+    average: list[torch.Tensor]  # with `ema_decay`: the averaged weights (`WeightAverage.shadow`)
 
 
 def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
@@ -231,6 +235,50 @@ class Optimization:
 
 
 @dataclass
+class WeightAverage:
+    """An exponential moving average of the trained parameters (Polyak averaging), validated and
+    kept in place of the raw weights: at a high learning rate the raw weights' step-to-step noise
+    costs validation more than their progress gains (docs/RESULTS.md, "The LM stage's start");
+    the average keeps the progress and averages the noise out. Training steps the raw weights."""
+
+    params: list[nn.Parameter]
+    shadow: list[torch.Tensor]
+    decay: float
+
+    @classmethod
+    def of(cls, groups: Sequence[ParamGroup], decay: float) -> WeightAverage | None:
+        """The average of the groups' parameters, starting at their values; None when `decay` is 0."""
+        if decay <= 0:
+            return None
+        params = [p for group in groups for p in group["params"]]
+        return cls(params, [p.detach().clone() for p in params], decay)
+
+    def update(self) -> None:
+        """Move the average towards the weights an optimizer step just left."""
+        get_ema_multi_avg_fn(self.decay)(self.shadow, [p.detach() for p in self.params], None)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the parameters hold the average; the raw weights come back after."""
+        raw = [p.detach().clone() for p in self.params]
+        _copy(self.params, self.shadow)
+        try:
+            yield
+        finally:
+            _copy(self.params, raw)
+
+    def load(self, shadow: Sequence[torch.Tensor]) -> None:
+        """The average a checkpoint kept (`LoopState.to_checkpoint`)."""
+        _copy(self.shadow, shadow)
+
+
+@torch.no_grad()
+def _copy(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)
+
+
+@dataclass
 class LoopState:
     """Everything the loop mutates. The position (`epoch`, `batches_done`) is where training
     continues: a resume skips the epoch's batches already trained, drawn in the same order."""
@@ -276,7 +324,9 @@ class LoopState:
     def end_epoch(self, batches: int) -> None:
         self.batches_done, self.epoch_done = batches, True
 
-    def to_checkpoint(self, optimization: Optimization, device: torch.device) -> LoopCheckpoint:
+    def to_checkpoint(
+        self, optimization: Optimization, device: torch.device, average: WeightAverage | None = None
+    ) -> LoopCheckpoint:
         """The resume part of `last.pt` (beside the weights)."""
         state: LoopCheckpoint = {
             "optimizer": optimization.optimizer.state_dict(),
@@ -299,18 +349,26 @@ class LoopState:
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         if optimization.scaler is not None:
             state["scaler"] = optimization.scaler.state_dict()
+        if average is not None:
+            state["average"] = [t.detach().clone() for t in average.shadow]
         return state
 
     @classmethod
     def from_checkpoint(
-        cls, state: LoopCheckpoint, optimization: Optimization, device: torch.device
+        cls,
+        state: LoopCheckpoint,
+        optimization: Optimization,
+        device: torch.device,
+        average: WeightAverage | None = None,
     ) -> LoopState:
         """The state `to_checkpoint` wrote, positioned where training continues; restores the
-        optimizer, schedule, scaler and the process's RNGs in place."""
+        optimizer, schedule, scaler, weight average and the process's RNGs in place."""
         optimization.optimizer.load_state_dict(state["optimizer"])
         optimization.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state and optimization.scaler is not None:
             optimization.scaler.load_state_dict(state["scaler"])
+        if average is not None and "average" in state:
+            average.load(state["average"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)

@@ -192,6 +192,7 @@ def stage_record(stage: PlannedStage, result: FitResult, offset: int, lm_frozen:
         "batch_size": stage.loop.batch_size,
         "warmup_steps": stage.loop.warmup_steps,
         "decay": stage.loop.decay,
+        "ema_decay": stage.loop.ema_decay,
         "wall_seconds": result.wall_seconds,
         "cpu_seconds": result.cpu_seconds,
     }

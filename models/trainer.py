@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,7 @@ from nlpctr.models.loop import (
     Optimization,
     ParamGroup,
     StageRecord,
+    WeightAverage,
     default_train_mode,
     load_weights,
     weights_of,
@@ -73,6 +75,7 @@ class LoopConfig:
     decay: str = "none"  # after warmup: "none" (constant), "linear" or "cosine" to 0 at the planned last step
     keep_checkpoints: bool = False  # also keep every evaluation's weights (`step-<k>.pt`)
     evals_per_epoch: int | None = None  # also validate this many times per epoch, evenly spaced
+    ema_decay: float = 0.0  # > 0: validate and keep an average of the weights (`WeightAverage`)
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "patience": self.patience}
@@ -91,6 +94,8 @@ class LoopConfig:
         check_integer("warmup_steps", self.warmup_steps, low=0)
         if self.decay not in DECAYS:
             raise UserError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        if not is_number(self.ema_decay) or not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be a number in [0, 1), got {self.ema_decay!r}")
         if self.early_stop not in ("logloss", "auc"):
             raise UserError(f"early_stop must be logloss or auc, got {self.early_stop!r}")
 
@@ -260,10 +265,15 @@ class _Fit:
     train_mode: Callable[[], None]
     auxiliary_loss: AuxiliaryLoss | None
     device: torch.device
+    average: WeightAverage | None  # with `ema_decay`: what is validated and kept
 
     @property
     def last(self) -> Path:
         return self.checkpoint_dir / LAST
+
+    def evaluated(self) -> AbstractContextManager[None]:
+        """The weights that are validated and kept in place within the block."""
+        return self.average.applied() if self.average is not None else nullcontext()
 
     def epoch_bar(self, state: LoopState) -> tqdm:
         return progress_bar(
@@ -401,6 +411,7 @@ def _prepare(
         train_mode=train_mode or partial(default_train_mode, model, texts),
         auxiliary_loss=auxiliary_loss,
         device=device_of(model),
+        average=WeightAverage.of(groups, config.ema_decay),
     )
 
 
@@ -410,7 +421,7 @@ def _resume(run: _Fit) -> LoopState:
         return LoopState.start(run.config.seed)
     state = load_checkpoint(run.last, run.device, fix=f"delete {run.last} to train this run from its start")
     load_weights(run.model, run.texts, state)
-    return LoopState.from_checkpoint(state, run.optimization, run.device)
+    return LoopState.from_checkpoint(state, run.optimization, run.device, run.average)
 
 
 def _step(run: _Fit, state: LoopState, batch: Tensors) -> None:
@@ -421,6 +432,8 @@ def _step(run: _Fit, state: LoopState, batch: Tensors) -> None:
     if run.auxiliary_loss is not None:
         loss = loss + run.auxiliary_loss(batch.text_index, vector)
     run.optimization.step(loss)
+    if run.average is not None:
+        run.average.update()
     state.step += 1
     state.batches_done += 1
     state.rows_seen += len(batch.impressions)
@@ -432,36 +445,39 @@ def _evaluate_start(run: _Fit, state: LoopState, start_entry: Evaluation | None)
     `eval_at_start` asks for it."""
     if start_entry is not None:
         _keep(run, state, Evaluation.known_start(start_entry))
+        _save_last(run, state)
     elif run.config.eval_at_start:
         _evaluate_and_keep(run, state)
 
 
 def _evaluate_and_keep(run: _Fit, state: LoopState) -> bool:
-    """Validate the current weights and keep the evaluation; True when patience is spent."""
+    """Validate the current weights (or their average) and keep the evaluation; True when
+    patience is spent."""
     began = time.perf_counter()
-    valid_p, valid_labels = predict_split(run.model, run.data, "valid", run.texts)
-    entry = Evaluation(
-        epoch=state.epoch,
-        step=state.step,
-        train_loss=None if state.running is None else float(state.running),
-        valid_logloss=metrics.logloss(valid_labels, valid_p),
-        valid_auc=metrics.auc(valid_labels, valid_p),
-    )
-    state.eval_seconds += time.perf_counter() - began
-    loss = "-" if entry.train_loss is None else f"{entry.train_loss:.4f}"
-    progress_note(
-        f"epoch {entry.epoch + 1} step {entry.step}: train loss {loss}, valid logloss "
-        f"{entry.valid_logloss:.5f}, valid AUC {entry.valid_auc:.4f}",
-        show=run.progress,
-    )
-    stop = _keep(run, state, entry)
+    with run.evaluated():
+        valid_p, valid_labels = predict_split(run.model, run.data, "valid", run.texts)
+        entry = Evaluation(
+            epoch=state.epoch,
+            step=state.step,
+            train_loss=None if state.running is None else float(state.running),
+            valid_logloss=metrics.logloss(valid_labels, valid_p),
+            valid_auc=metrics.auc(valid_labels, valid_p),
+        )
+        state.eval_seconds += time.perf_counter() - began
+        loss = "-" if entry.train_loss is None else f"{entry.train_loss:.4f}"
+        progress_note(
+            f"epoch {entry.epoch + 1} step {entry.step}: train loss {loss}, valid logloss "
+            f"{entry.valid_logloss:.5f}, valid AUC {entry.valid_auc:.4f}",
+            show=run.progress,
+        )
+        _keep(run, state, entry)
+    _save_last(run, state)
     run.train_mode()
-    return stop
+    return state.patience_spent(run.config.patience)
 
 
-def _keep(run: _Fit, state: LoopState, entry: Evaluation) -> bool:
-    """Record an evaluation and checkpoint: its weights as configured, the best, and `last.pt`
-    (the resume point); True when patience is spent."""
+def _keep(run: _Fit, state: LoopState, entry: Evaluation) -> None:
+    """Record an evaluation and checkpoint the weights it validated: as configured, and the best."""
     improved = state.record(entry, run.config.early_stop)
     weights = weights_of(run.model, run.texts)
     if run.config.keep_checkpoints:
@@ -470,8 +486,12 @@ def _keep(run: _Fit, state: LoopState, entry: Evaluation) -> bool:
         save_checkpoint(weights, run.checkpoint_dir / f"epoch-{state.epoch}.pt")
     elif improved:
         save_checkpoint(weights, run.checkpoint_dir / BEST)
-    save_checkpoint({**weights, **state.to_checkpoint(run.optimization, run.device)}, run.last)
-    return state.patience_spent(run.config.patience)
+
+
+def _save_last(run: _Fit, state: LoopState) -> None:
+    """`last.pt`, the resume point: the weights training steps, and the loop's state."""
+    resume = state.to_checkpoint(run.optimization, run.device, run.average)
+    save_checkpoint({**weights_of(run.model, run.texts), **resume}, run.last)
 
 
 def _result(run: _Fit, state: LoopState, started: float, cpu_started: float) -> FitResult:

@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from nlpctr.errors import UserError
 from nlpctr.models import metrics, trainer
 from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig, binomial_loss
 from nlpctr.models.data import FeatureColumns, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import LoopConfig, TextScorer, fit, labels_of, predict
+from nlpctr.models.trainer import LoopConfig, TextScorer, fit, labels_of, predict, step_checkpoint
 
 COLUMNS = FeatureColumns(categorical=("ad_id", "position"), ctr=("ad_id_ctr",), counts=("ad_id_impressions",))
 WORDS_GOOD = ["free", "best", "new", "sale", "official"]
@@ -191,8 +192,13 @@ def test_stepwise_evaluations_keep_the_best_state(data, tmp_path: Path) -> None:
     assert metrics.logloss(labels_of(data, valid), predict(model, data, valid, None)) == best.valid_logloss
 
 
-def test_a_run_interrupted_mid_epoch_resumes_to_the_same_weights(data, tmp_path: Path, monkeypatch) -> None:
-    config = LoopConfig(epochs=2, batch_size=128, patience=20, eval_every_steps=5, eval_at_start=True)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_a_run_interrupted_mid_epoch_resumes_to_the_same_weights(
+    data, tmp_path: Path, monkeypatch, ema_decay: float
+) -> None:
+    config = LoopConfig(
+        epochs=2, batch_size=128, patience=20, eval_every_steps=5, eval_at_start=True, ema_decay=ema_decay
+    )
     full = baseline(data)
     expected = fit(full, data, config, tmp_path / "full", progress=False)
     interrupt_at_evaluation(monkeypatch, 4)  # after the evaluations at steps 0, 5, 10
@@ -206,3 +212,25 @@ def test_a_run_interrupted_mid_epoch_resumes_to_the_same_weights(data, tmp_path:
     assert result.history == expected.history  # every evaluation, to the last bit
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_an_averaged_run_validates_and_keeps_the_average_not_the_last_step(data, tmp_path: Path) -> None:
+    config = LoopConfig(
+        epochs=1, batch_size=128, lr=3e-3, patience=20, eval_every_steps=5, eval_at_start=True,
+        ema_decay=0.8, keep_checkpoints=True,
+    )  # fmt: skip
+    model = baseline(data)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(model, data, config, tmp_path, progress=False)
+    last = result.history[-1]
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)["model"]  # what training stepped
+    averaged = torch.load(tmp_path / step_checkpoint(last.step), weights_only=True)["model"]
+    trained = [k for k, v in start.items() if v.is_floating_point() and not torch.equal(raw[k], v)]
+    assert trained and all(not torch.equal(raw[k], averaged[k]) for k in trained)
+    valid = data.rows("valid")
+    for weights, differs in ((averaged, False), (raw, True)):
+        model.load_state_dict(weights)
+        logloss = metrics.logloss(labels_of(data, valid), predict(model, data, valid, None))
+        assert (logloss != last.valid_logloss) is differs  # the history validated the average
+    with pytest.raises(UserError, match="ema_decay"):
+        LoopConfig(ema_decay=1.0)
