@@ -120,6 +120,7 @@ def plan(
             warmup_steps=0,
             decay="none",
             keep_checkpoints=False,
+            ema_decay=0.0,  # the LM stage's: the probe is the same stage as its control's
         )
         stages.append(PlannedStage(HEAD, "stage0", probe_loop, 0.0, probe.lr, 0.0))
     if recipe.lm_stage:
