@@ -34,12 +34,17 @@ LADDER = [
     ("cold", "joint from the start: no E0 warm start", "bf16"),
     ("steps400", "+ twice the LM steps (10 epochs of 40: 400 steps, 400,000 rows)", "bf16"),
     ("lm1e4", "the LM at a peak lr of 1e-4 instead of 3e-4 (its start rises half as much)", "bf16"),
+    ("ema95", "+ validated and kept on an average of the LM stage's weights (EMA, decay 0.95)", "bf16"),
+    ("ema95lr1e3", "+ the average (EMA, decay 0.95) and the LM at a peak lr of 1e-3", "bf16"),
+    ("ema95layers2", "ema95 with the top 2 layers trained", "ema95"),
+    ("lr1e3", "the LM at a peak lr of 1e-3, no average (ema95lr1e3 without it)", "bf16"),
 ]
 EVALUATION = EvaluationConfig(bootstrap_rounds=1000, bootstrap_seed=0)
 # the recipe the ladder arrives at (models/configs/default.yaml): judged against its probe over seeds
-FINAL = "bf16"
-# judged against the probe at every seed too: the final recipe and its longer variant
-ACROSS_SEEDS = (FINAL, "steps400")
+FINAL = "ema95lr1e3"
+# judged against the probe at every seed too: the ladder's recipe before the average, its longer
+# variant, and the recipe with the average at a higher LM rate
+ACROSS_SEEDS = ("bf16", "steps400", "ema95lr1e3")
 # 40-step runs of the LM stage's start at seed 1, rho 0 (start/README.md): as bf16, without the LM's
 # dropout, with the head at lr 1e-4, with the LM at lr 1e-4 and 3e-5
 START_VARIANTS = ("d_base", "d_nodrop", "d_headlow", "d_lmlow", "d_lm3e5")
@@ -163,7 +168,8 @@ def over_seeds(results: dict) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["### The final recipe (`bf16`) and `steps400` against the probe-only control, per seed", ""]
+    named = ", ".join(f"`{v}`" for v in ACROSS_SEEDS)
+    lines = [f"### {named} against the probe-only control, per seed (final recipe: `{FINAL}`)", ""]
     lines += ["| variant | rho | run | Δ valid log loss [95% CI] |", "|---|---|---|---|"]
     for variant, by_rho in over_seeds(results).items():
         for rho, entries in by_rho.items():
@@ -205,7 +211,7 @@ def start_table(results: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for key, result in results.items():
-        for variant in (*ACROSS_SEEDS, "layers2", *START_VARIANTS):
+        for variant in (*ACROSS_SEEDS, "layers2", "ema95", "lr1e3", *START_VARIANTS):
             start = result["runs"].get(variant, {}).get("lm_start")
             if start is None:
                 continue

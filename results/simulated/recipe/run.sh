@@ -26,7 +26,7 @@ for rho in ${RHOS:-0 0.5}; do
   if [ ! -f "$d/runs/baseline/results.json" ]; then
     $nlpctr train --mode baseline --data "$d/data" --run baseline --runs-dir "$d/runs" --seed "$seed" --no-progress
   fi
-  for v in ${VARIANTS:-probe probe32 today schedule rows32 batch1024 lr bf16 layers2 noprobe cold steps400}; do
+  for v in ${VARIANTS:-probe probe32 today schedule rows32 batch1024 lr bf16 layers2 noprobe cold steps400 lm1e4 ema95 lr1e3 ema95lr1e3 ema95layers2}; do
     [ -f "$d/runs/$v/results.json" ] && continue
     init=(--init-from baseline)
     [ "$v" = cold ] && init=()
