@@ -51,18 +51,24 @@ START_VARIANTS = ("d_base", "d_nodrop", "d_headlow", "d_lmlow", "d_lm3e5")
 EARLY = 50  # LM steps: the window in which lm_start looks for the start's disruption
 
 
-def valid_labels(data: Path) -> tuple[pd.DataFrame, str]:
+def split_rows(data: Path, split: str) -> tuple[pd.DataFrame, str]:
     group = read_manifest(data)["group"]
     rows = ds.dataset(data / "impressions", format="parquet").to_table().to_pandas()
-    rows = rows[rows["split"] == "valid"].sort_values("impression_id").set_index("impression_id")
+    rows = rows[rows["split"] == split].sort_values("impression_id").set_index("impression_id")
     return rows, group
+
+
+def labels_of(rows: pd.DataFrame, group: str) -> metrics.Labels:
+    return metrics.Labels(
+        rows["impressions"].to_numpy(np.int64), rows["clicks"].to_numpy(np.int64), rows[group].to_numpy()
+    )
 
 
 def predictions(run: Path, index: pd.Index) -> np.ndarray:
     saved = pd.read_parquet(run / "predictions.parquet").set_index("impression_id")["p"]
     p = saved.reindex(index).to_numpy()
     if np.isnan(p).any():
-        raise SystemExit(f"{run} has no validation predictions: rerun it")
+        raise SystemExit(f"{run} lacks predictions of some rows of the split: rerun it")
     return p
 
 
@@ -119,10 +125,8 @@ def delta(labels: metrics.Labels, a: np.ndarray, b: np.ndarray, train_ctr: float
 
 
 def compare(rho_dir: Path) -> dict:
-    rows, group = valid_labels(rho_dir / "data")
-    labels = metrics.Labels(
-        rows["impressions"].to_numpy(np.int64), rows["clicks"].to_numpy(np.int64), rows[group].to_numpy()
-    )
+    rows, group = split_rows(rho_dir / "data", "valid")
+    labels = labels_of(rows, group)
     runs = rho_dir / "runs"
     train_ctr = float(json.loads((runs / "baseline" / "run.json").read_text())["train_ctr"])
     names = ["baseline", "probe", "probe32", *(v for v, _, _ in LADDER), *START_VARIANTS]
@@ -141,6 +145,15 @@ def compare(rho_dir: Path) -> dict:
         entry["probe"] = control
         entry["vs_probe"] = delta(labels, p[variant], p[control], train_ctr)
         out["comparisons"].append(entry)
+    # The test split, which no selection saw (the recipe and each run's best state were chosen on
+    # validation): the same comparison against the probe, as a check on that selection.
+    test, _ = split_rows(rho_dir / "data", "test")
+    test_labels, test_probe = labels_of(test, group), predictions(runs / "probe", test.index)
+    out["test_vs_probe"] = {
+        v: delta(test_labels, predictions(runs / v, test.index), test_probe, train_ctr)
+        for v in ACROSS_SEEDS
+        if v in p
+    }
     return out
 
 
@@ -163,17 +176,20 @@ def over_seeds(results: dict) -> dict:
         rho = key.rsplit("rho-", 1)[-1]
         for c in result["comparisons"]:
             if c["variant"] in ACROSS_SEEDS:
-                out.setdefault(c["variant"], {}).setdefault(rho, []).append({"run": key, **c["vs_probe"]})
+                test = result["test_vs_probe"][c["variant"]]
+                entry = {"run": key, **c["vs_probe"], "test": test}
+                out.setdefault(c["variant"], {}).setdefault(rho, []).append(entry)
     return out
 
 
 def markdown(results: dict) -> str:
     named = ", ".join(f"`{v}`" for v in ACROSS_SEEDS)
     lines = [f"### {named} against the probe-only control, per seed (final recipe: `{FINAL}`)", ""]
-    lines += ["| variant | rho | run | Δ valid log loss [95% CI] |", "|---|---|---|---|"]
+    lines += ["| variant | rho | run | Δ valid log loss [95% CI] | Δ test log loss [95% CI] |"]
+    lines.append("|---|---|---|---|---|")
     for variant, by_rho in over_seeds(results).items():
         for rho, entries in by_rho.items():
-            lines += [f"| {variant} | {rho} | {e['run']} | {fmt(e)} |" for e in entries]
+            lines += [f"| {variant} | {rho} | {e['run']} | {fmt(e)} | {fmt(e['test'])} |" for e in entries]
     lines.append("")
     lines += start_table(results)
     for key, result in results.items():
