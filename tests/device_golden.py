@@ -65,6 +65,7 @@ _LOOP = {
     "decay": "none",
     "keep_checkpoints": False,
     "evals_per_epoch": None,
+    "ema_decay": 0.0,
 }
 CONFIG: dict[str, Any] = {
     "net": {"embedding_dim": 8, "hidden": [16, 8], "dropout": 0.1, "cross_layers": 0, "text_projection": 8},
