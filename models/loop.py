@@ -247,10 +247,11 @@ class WeightAverage:
 
     @classmethod
     def of(cls, groups: Sequence[ParamGroup], decay: float) -> WeightAverage | None:
-        """The average of the groups' parameters, starting at their values; None when `decay` is 0."""
-        if decay <= 0:
-            return None
+        """The average of the groups' parameters, starting at their values; None when `decay` is 0
+        or nothing trains (a stage with every rate at 0)."""
         params = [p for group in groups for p in group["params"]]
+        if decay <= 0 or not params:
+            return None
         return cls(params, [p.detach().clone() for p in params], decay)
 
     def update(self) -> None:
