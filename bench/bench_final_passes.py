@@ -33,9 +33,9 @@ from nlpctr.models.config import load_config
 from nlpctr.models.data import FeatureColumns
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.lm_features import lm_outputs, pairs_of, text_pairs
+from nlpctr.models.prediction import predict
 from nlpctr.models.runs import Preprocessing, build_model
 from nlpctr.models.text_batches import CACHED_TEXTS, TextBatcher
-from nlpctr.models.trainer import predict
 from nlpctr.pipelines.train import global_ctr
 
 

@@ -54,10 +54,11 @@ from nlpctr.models.config import load_config
 from nlpctr.models.ctr_net import CtrModel, binomial_loss
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.prediction import labels_of, predict
 from nlpctr.models.recipe import param_groups
 from nlpctr.models.runs import Preprocessing, build_model
 from nlpctr.models.text_batches import TextBatcher, pair_text
-from nlpctr.models.trainer import LoopConfig, fit, labels_of, predict
+from nlpctr.models.trainer import LoopConfig, fit
 from nlpctr.pipelines.train import global_ctr
 
 TARGET_SPEEDUP = 3.0

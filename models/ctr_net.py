@@ -9,6 +9,7 @@ ctr_net.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -266,3 +267,21 @@ def binomial_loss(logits: torch.Tensor, impressions: torch.Tensor, clicks: torch
     positive = nn.functional.softplus(-logits)  # -log sigmoid(z)
     negative = nn.functional.softplus(logits)  # -log(1 - sigmoid(z))
     return (clicks * positive + (impressions - clicks) * negative).sum() / impressions.sum()
+
+
+class TextScorer(nn.Module):
+    """The E2 LM head: a logit from the pooled text vector alone. With `base_rate`, its output
+    bias starts at that click rate's log-odds, so training starts from the base rate instead of
+    spending its first steps learning it from p = 0.5."""
+
+    def __init__(self, text_dim: int, hidden: int = 64, base_rate: float | None = None) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(text_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        if base_rate is not None:
+            if not 0.0 < base_rate < 1.0:
+                raise ValueError(f"base_rate must be in (0, 1), got {base_rate}")
+            with torch.no_grad():
+                self.head[-1].bias.fill_(math.log(base_rate / (1.0 - base_rate)))
+
+    def forward(self, text_vector: torch.Tensor) -> torch.Tensor:
+        return self.head(text_vector).squeeze(-1)

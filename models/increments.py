@@ -25,10 +25,10 @@ from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.device import CPU, Placement, device_of
 from nlpctr.models.evaluation import EvaluationConfig, MetricReport, PairedDelta, metric_report, paired_delta
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature
+from nlpctr.models.prediction import labels_of, predict
 from nlpctr.models.recipe import fit_recipe, plan
 from nlpctr.models.runs import TrainedRun, build_model
 from nlpctr.models.text_batches import FixedVectors
-from nlpctr.models.trainer import labels_of, predict
 from nlpctr.models.training import FitInputs, fit_ctr
 
 

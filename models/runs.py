@@ -23,7 +23,7 @@ from nlpctr.errors import UserError
 from nlpctr.layout import RunLayout
 from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import Mode, TrainConfig
-from nlpctr.models.ctr_net import CtrModel, InputShape
+from nlpctr.models.ctr_net import CtrModel, InputShape, TextScorer
 from nlpctr.models.data import (
     FeatureColumns,
     NumericStats,
@@ -35,8 +35,8 @@ from nlpctr.models.data import (
 )
 from nlpctr.models.device import CPU, Placement, seed_run
 from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.prediction import predict
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import TextScorer, predict
 
 STUDENTS = "_students"  # RUNS/_students/<key>/: E4's students (`pipelines/experiment/students.py`)
 

@@ -25,9 +25,10 @@ from nlpctr.layout import Manifest, RunLayout
 from nlpctr.models import metrics, streaming, streaming_metrics
 from nlpctr.models.data import FeatureColumns, Tensors
 from nlpctr.models.encoder import TextEncoder
+from nlpctr.models.prediction import stream_predictions
 from nlpctr.models.runs import Preprocessing
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, stream_predictions
+from nlpctr.models.trainer import FitResult
 from nlpctr.models.training import (
     FitInputs,
     LmStep,

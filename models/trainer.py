@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -41,6 +40,7 @@ from nlpctr.models.loop import (
     load_weights,
     weights_of,
 )
+from nlpctr.models.prediction import forward_batch, predict_split
 from nlpctr.models.text_batches import TextBatcher
 from nlpctr.progress import bar as progress_bar
 from nlpctr.progress import note as progress_note
@@ -110,101 +110,6 @@ class LoopConfig:
         if self.evals_per_epoch:
             intervals.append(max(math.ceil(batches_per_epoch / self.evals_per_epoch), 1))
         return min(intervals) if intervals else None
-
-
-class TextScorer(nn.Module):
-    """The E2 LM head: a logit from the pooled text vector alone. With `base_rate`, its output
-    bias starts at that click rate's log-odds, so training starts from the base rate instead of
-    spending its first steps learning it from p = 0.5."""
-
-    def __init__(self, text_dim: int, hidden: int = 64, base_rate: float | None = None) -> None:
-        super().__init__()
-        self.head = nn.Sequential(nn.Linear(text_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-        if base_rate is not None:
-            if not 0.0 < base_rate < 1.0:
-                raise ValueError(f"base_rate must be in (0, 1), got {base_rate}")
-            with torch.no_grad():
-                self.head[-1].bias.fill_(math.log(base_rate / (1.0 - base_rate)))
-
-    def forward(self, text_vector: torch.Tensor) -> torch.Tensor:
-        return self.head(text_vector).squeeze(-1)
-
-
-def forward_batch(
-    model: nn.Module, batch: Tensors, texts: TextBatcher | None, text_vector: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Logits of a batch (moved to the model's device); `text_vector` is its rows' LM vectors when
-    the caller has encoded them."""
-    batch = batch.to(device_of(model))
-    if text_vector is None and texts is not None:
-        text_vector = texts.batch_vectors(batch)
-    if isinstance(model, TextScorer):  # reads the text alone, none of the row's other inputs
-        if text_vector is None:
-            raise ValueError("a TextScorer scores the rows' text vectors: pass texts")
-        return model(text_vector)
-    return model(batch.categorical, batch.dense, batch.cascade, text_vector)
-
-
-def stream_predictions(
-    model: nn.Module,
-    batches: Iterable[Tensors],
-    texts: TextBatcher | None,
-    each: Callable[[Tensors, np.ndarray], None],
-) -> None:
-    """Hands each batch's click probabilities to `each` and keeps nothing (a pass over more rows
-    than memory holds). Batches run on the model's device; the probabilities come back to the CPU."""
-    model.eval()
-    if texts is not None:
-        texts.lm.eval()
-    with torch.inference_mode():
-        for batch in batches:
-            each(batch, torch.sigmoid(forward_batch(model, batch, texts)).cpu().numpy().astype(np.float64))
-
-
-def predict_batches(model: nn.Module, batches: Iterable[Tensors], texts: TextBatcher | None) -> np.ndarray:
-    """Click probabilities of batches, in order (`stream_predictions` keeps none)."""
-    out: list[np.ndarray] = []
-    stream_predictions(model, batches, texts, lambda _, p: out.append(p))
-    return np.concatenate(out) if out else np.empty(0)
-
-
-def predict(
-    model: nn.Module, data: Tensors, rows: torch.Tensor, texts: TextBatcher | None, batch_size: int = 1024
-) -> np.ndarray:
-    """Click probabilities for rows, in order."""
-    chunks = (data.take(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size))
-    return predict_batches(model, chunks, texts)
-
-
-def predict_split(
-    model: nn.Module, data: BatchSource, split: str, texts: TextBatcher | None, batch_size: int = 1024
-) -> tuple[np.ndarray, metrics.Labels]:
-    """Probabilities and labels of a split's rows, in the source's order."""
-    impressions: list[np.ndarray] = []
-    clicks: list[np.ndarray] = []
-    groups: list[np.ndarray] = []
-    predictions: list[np.ndarray] = []
-
-    def keep(batch: Tensors, p: np.ndarray) -> None:
-        impressions.append(batch.impressions.numpy().astype(np.int64))
-        clicks.append(batch.clicks.numpy().astype(np.int64))
-        groups.append(batch.groups)
-        predictions.append(p)
-
-    stream_predictions(model, data.batches(split, batch_size), texts, keep)
-    if not predictions:
-        return np.empty(0), metrics.Labels(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, object))
-    labels = metrics.Labels(np.concatenate(impressions), np.concatenate(clicks), np.concatenate(groups))
-    return np.concatenate(predictions), labels
-
-
-def labels_of(data: Tensors, rows: torch.Tensor) -> metrics.Labels:
-    index = rows.numpy()
-    return metrics.Labels(
-        data.impressions[rows].numpy().astype(np.int64),
-        data.clicks[rows].numpy().astype(np.int64),
-        data.groups[index],
-    )
 
 
 @dataclass

@@ -24,7 +24,7 @@ from nlpctr.layout import LmFeatureMeta, Manifest, RunLayout, pair_key_columns
 from nlpctr.models import metrics
 from nlpctr.models.checkpoints import load_checkpoint
 from nlpctr.models.config import TrainConfig
-from nlpctr.models.ctr_net import Fusion
+from nlpctr.models.ctr_net import Fusion, TextScorer
 from nlpctr.models.data import BatchSource, FeatureColumns, Tensors
 from nlpctr.models.device import CPU, Placement
 from nlpctr.models.encoder import TextEncoder
@@ -37,10 +37,11 @@ from nlpctr.models.lm_features import (
     write_lm_features,
 )
 from nlpctr.models.loop import Evaluation, StageRecord
+from nlpctr.models.prediction import labels_of, predict
 from nlpctr.models.recipe import LM, fit_recipe, plan
 from nlpctr.models.runs import Preprocessing, TrainedRun, build_model, build_scorer
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, TextScorer, fit, labels_of, predict, step_checkpoint
+from nlpctr.models.trainer import FitResult, fit, step_checkpoint
 
 # Registers an LM-feature folder (its meta) with the feature store; returns the view's name.
 Publish = Callable[[LmFeatureMeta], str]

@@ -30,9 +30,9 @@ from nlpctr.features import store as feature_store
 from nlpctr.layout import DatasetIdentity, Manifest, RunLayout
 from nlpctr.models import streaming, streaming_metrics
 from nlpctr.models.evaluation import delta_fields, delta_summary, metric_report, paired_delta
+from nlpctr.models.prediction import labels_of
 from nlpctr.models.runs import TrainedRun
 from nlpctr.models.streamed_training import streamed_test
-from nlpctr.models.trainer import labels_of
 from nlpctr.pipelines.train import run_dir_of
 
 

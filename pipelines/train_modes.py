@@ -29,11 +29,12 @@ from nlpctr.models.data import FeatureColumns
 from nlpctr.models.device import Placement
 from nlpctr.models.encoder_source import resolve_encoder
 from nlpctr.models.evaluation import metric_report
+from nlpctr.models.prediction import labels_of, predict
 from nlpctr.models.recipe import StageBudget, budget
 from nlpctr.models.runs import Preprocessing, TrainedRun
 from nlpctr.models.streamed_training import train_lm_streaming, train_streaming
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, labels_of, predict
+from nlpctr.models.trainer import FitResult
 from nlpctr.models.training import (
     FitInputs,
     LmStep,

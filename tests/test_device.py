@@ -31,12 +31,14 @@ from test_trainer import COLUMNS, baseline, synthetic_frame
 from nlpctr.errors import UserError
 from nlpctr.features import store
 from nlpctr.models.config import load_config
+from nlpctr.models.ctr_net import TextScorer
 from nlpctr.models.data import tensorize
 from nlpctr.models.device import CPU, Placement, placement_of, resolve_device, resolve_precision
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.prediction import predict
 from nlpctr.models.runs import TrainedRun
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import LAST, LoopConfig, TextScorer, fit, predict
+from nlpctr.models.trainer import LAST, LoopConfig, fit
 from nlpctr.pipelines import cli
 from nlpctr.pipelines.devices import launch_device, worker_placement
 from nlpctr.pipelines.encode_texts import TextEncoderModelHandler, TokenizedText

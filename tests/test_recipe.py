@@ -13,9 +13,10 @@ from test_trainer import COLUMNS, Interrupted, interrupt_at_evaluation, syntheti
 
 from nlpctr.models import metrics
 from nlpctr.models.config import load_config
-from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig
+from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig, TextScorer
 from nlpctr.models.data import Tensors, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.prediction import labels_of, predict
 from nlpctr.models.recipe import (
     ProbeConfig,
     RecipeConfig,
@@ -26,7 +27,7 @@ from nlpctr.models.recipe import (
 )
 from nlpctr.models.state_cache import clear_state_caches
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import FitResult, LoopConfig, TextScorer, fit, labels_of, predict
+from nlpctr.models.trainer import FitResult, LoopConfig, fit
 
 NET = NetConfig(hidden=(32,))
 LOOP = LoopConfig(epochs=1, batch_size=32, patience=10, max_batches_per_epoch=8, eval_every_steps=3)

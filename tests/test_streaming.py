@@ -26,9 +26,10 @@ from nlpctr.models import metrics, streaming_metrics
 from nlpctr.models.config import deep_merge
 from nlpctr.models.data import tensorize
 from nlpctr.models.evaluation import EvaluationConfig, metric_report, paired_delta
+from nlpctr.models.prediction import predict_split
 from nlpctr.models.runs import Preprocessing
 from nlpctr.models.streaming import ShardSource, fit_vocabularies, needed_columns, unique_text_pairs
-from nlpctr.models.trainer import LoopConfig, fit, predict_split
+from nlpctr.models.trainer import LoopConfig, fit
 from nlpctr.pipelines import evaluate, train
 
 # ------------------------------------------------------------------------------- the join

@@ -12,11 +12,12 @@ import torch
 
 from nlpctr.errors import UserError
 from nlpctr.models import metrics, trainer
-from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig, binomial_loss
+from nlpctr.models.ctr_net import CtrModel, InputShape, NetConfig, TextScorer, binomial_loss
 from nlpctr.models.data import FeatureColumns, tensorize
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
+from nlpctr.models.prediction import labels_of, predict
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import LoopConfig, TextScorer, fit, labels_of, predict, step_checkpoint
+from nlpctr.models.trainer import LoopConfig, fit, step_checkpoint
 
 COLUMNS = FeatureColumns(categorical=("ad_id", "position"), ctr=("ad_id_ctr",), counts=("ad_id_impressions",))
 WORDS_GOOD = ["free", "best", "new", "sale", "official"]

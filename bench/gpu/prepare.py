@@ -49,7 +49,7 @@ from nlpctr.models import ceilings  # noqa: E402
 from nlpctr.models.config import load_config  # noqa: E402
 from nlpctr.models.data import FeatureColumns, Tensors  # noqa: E402
 from nlpctr.models.device import CPU  # noqa: E402
-from nlpctr.models.trainer import labels_of  # noqa: E402
+from nlpctr.models.prediction import labels_of  # noqa: E402
 from nlpctr.models.training import FitInputs, fit_ctr, train_ctr  # noqa: E402
 from nlpctr.pipelines import ctr_stats, feature_store_cli, ingest, simulate  # noqa: E402
 from nlpctr.pipelines.experiment.config import Protocol, load_protocol  # noqa: E402

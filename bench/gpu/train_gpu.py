@@ -55,10 +55,11 @@ from nlpctr.models.data import Tensors
 from nlpctr.models.device import Placement
 from nlpctr.models.encoder import EncoderConfig, TextEncoder
 from nlpctr.models.evaluation import metric_report, paired_delta
+from nlpctr.models.prediction import labels_of, predict
 from nlpctr.models.recipe import fit_recipe, param_groups, plan
 from nlpctr.models.runs import Preprocessing, build_model
 from nlpctr.models.text_batches import TextBatcher
-from nlpctr.models.trainer import BEST, FitResult, labels_of, predict
+from nlpctr.models.trainer import BEST, FitResult
 
 DATASETS = ("upworthy", "simulated")
 CALIBRATION_STEPS, CALIBRATION_WARMUP = 20, 3

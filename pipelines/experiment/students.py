@@ -26,10 +26,11 @@ from nlpctr.models.device import Placement
 from nlpctr.models.encoder import TextEncoder
 from nlpctr.models.increments import Conversion, FeatureJudge, RedundancyMeasure
 from nlpctr.models.nlp_features import FORMS, SCORE, VECTOR, NlpFeature, feature_key
+from nlpctr.models.prediction import predict
 from nlpctr.models.results import RunEntry, StudentEntry, StudentForm, TeacherEntry
 from nlpctr.models.runs import STUDENTS, StudentMeta, TrainedRun
 from nlpctr.models.text_batches import TextBatcher, pair_units
-from nlpctr.models.trainer import LoopConfig, predict
+from nlpctr.models.trainer import LoopConfig
 from nlpctr.pipelines.experiment.config import Protocol
 
 # A student's conversion rate when the teacher feature gains nothing significant over E0.
